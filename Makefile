@@ -1,0 +1,50 @@
+# README's two commands: `make demo` and `make test`. Every target creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PEER_VENV := .venv-peer
+PEER_PY := $(PEER_VENV)/bin/python
+# JAX's persistent compilation cache: repeated test runs skip most XLA compile time.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+
+.PHONY: venv demo test test-all bench peer lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m instseg_jax.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 --dist loadfile -q -m 'slow or not slow'
+
+bench: $(STAMP)
+	$(PY) experiments/benchmarks/ops.py
+
+# torch + torchvision in their own environment: large, never a dependency of the package.
+$(PEER_PY):
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install --quiet --upgrade pip
+
+peer: $(PEER_PY)
+	$(PEER_PY) -m pip install --quiet torch torchvision
+	$(PEER_PY) -m pip install --quiet -e '.[dev]'
+	$(PEER_PY) experiments/benchmarks/ops.py --peer
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(PEER_VENV) .cache .pytest_cache

@@ -1,0 +1,1 @@
+"""instseg_jax."""

@@ -1,0 +1,91 @@
+"""Losses with an explicit weight (or validity) mask and an explicit normaliser.
+
+Every loss computes an element-wise (or per-instance) loss, multiplies it by ``weights`` (bool
+or float, broadcast against it; None means all ones) and returns sum / ``normalizer``. The
+caller chooses the normaliser (number of sampled anchors, of foreground RoIs, ...), because
+that choice is part of a method's definition and padding must never enter it implicitly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from instseg_jax.ops.boxes import paired_generalized_box_iou
+
+
+def _reduce(loss: jnp.ndarray, weights, normalizer) -> jnp.ndarray:
+    if weights is not None:
+        loss = loss * jnp.asarray(weights, loss.dtype)
+    return loss.sum() / normalizer
+
+
+def binary_cross_entropy_with_logits(
+    logits: jnp.ndarray, targets: jnp.ndarray, weights=None, normalizer=1.0
+) -> jnp.ndarray:
+    """Sum of -[t log s(x) + (1 - t) log(1 - s(x))] (numerically stable form) / normalizer."""
+    targets = targets.astype(logits.dtype)
+    loss = jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    return _reduce(loss, weights, normalizer)
+
+
+def sigmoid_focal_loss(
+    logits: jnp.ndarray,
+    targets: jnp.ndarray,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    weights=None,
+    normalizer=1.0,
+) -> jnp.ndarray:
+    """Focal loss (Lin et al. 2017) on logits and {0, 1} targets; alpha < 0 disables alpha."""
+    targets = targets.astype(logits.dtype)
+    probs = jax.nn.sigmoid(logits)
+    ce = jnp.maximum(logits, 0.0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    p_t = probs * targets + (1.0 - probs) * (1.0 - targets)
+    loss = ce * (1.0 - p_t) ** gamma
+    if alpha >= 0:
+        loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
+    return _reduce(loss, weights, normalizer)
+
+
+def smooth_l1_loss(
+    predictions: jnp.ndarray, targets: jnp.ndarray, beta: float = 1.0, weights=None,
+    normalizer=1.0,
+) -> jnp.ndarray:
+    """Huber-style smooth L1: 0.5 x^2 / beta where |x| < beta, else |x| - 0.5 beta; beta 0 is L1."""
+    diff = jnp.abs(predictions - targets)
+    if beta < 1e-5:
+        loss = diff
+    else:
+        loss = jnp.where(diff < beta, 0.5 * diff**2 / beta, diff - 0.5 * beta)
+    return _reduce(loss, weights, normalizer)
+
+
+def giou_loss(
+    predicted_boxes: jnp.ndarray, target_boxes: jnp.ndarray, weights=None, normalizer=1.0
+) -> jnp.ndarray:
+    """Sum of 1 - GIoU over paired boxes [..., 4] (xyxy) / normalizer; weights are per box."""
+    loss = 1.0 - paired_generalized_box_iou(predicted_boxes, target_boxes)
+    return _reduce(loss, weights, normalizer)
+
+
+def dice_loss(
+    logits: jnp.ndarray,
+    targets: jnp.ndarray,
+    weights=None,
+    normalizer=1.0,
+    smooth: float = 1.0,
+    squared: bool = False,
+) -> jnp.ndarray:
+    """Per-instance dice loss of mask logits[N, ...] against {0, 1} targets[N, ...].
+
+    loss_n = 1 - (2 sum(p t) + smooth) / (sum(p^k) + sum(t^k) + smooth) with p = sigmoid(logits)
+    over all but the first axis; k = 2 when ``squared`` (SOLO, CondInst), else 1 (MaskFormer).
+    ``weights`` are per instance [N].
+    """
+    probs = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)
+    targets = targets.reshape(targets.shape[0], -1).astype(probs.dtype)
+    power = 2 if squared else 1
+    numerator = 2.0 * (probs * targets).sum(axis=1) + smooth
+    denominator = (probs**power).sum(axis=1) + (targets**power).sum(axis=1) + smooth
+    return _reduce(1.0 - numerator / denominator, weights, normalizer)

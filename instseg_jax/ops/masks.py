@@ -1,0 +1,103 @@
+"""Instance masks: paste RoI masks into images, crop masks into RoI targets, boxes of masks, IoU."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from instseg_jax.ops.roi_align import roi_align
+
+# Exact float32 products on every backend (TPUs default to bfloat16 passes in matmuls).
+_EXACT = jax.lax.Precision.HIGHEST
+
+
+def _paste_weights(start, length, mask_side: int, num_pixels: int):
+    """float32[K, num_pixels, mask_side] bilinear weights of one axis for pasting.
+
+    Pixel p (centre p + 0.5) maps to mask coordinate u = (p + 0.5 - start) / length * M - 0.5
+    (mask cell centres at integer u). Neighbours outside [0, M) contribute 0, so the pasted
+    value fades to zero across the box border, as grid_sample with zero padding does.
+    Boxes with length <= 0 get all-zero weights.
+    """
+    centres = jnp.arange(num_pixels, dtype=jnp.float32) + 0.5  # [P]
+    safe_length = jnp.where(length > 0, length, 1.0)
+    u = (centres[None, :] - start[:, None]) / safe_length[:, None] * mask_side - 0.5  # [K, P]
+    low = jnp.floor(u)
+    frac = u - low
+    low = low.astype(jnp.int32)
+    # one_hot of an index outside [0, M) is all zeros: the zero padding.
+    weights = jax.nn.one_hot(low, mask_side) * (1.0 - frac)[..., None] + jax.nn.one_hot(
+        low + 1, mask_side
+    ) * frac[..., None]
+    return weights * (length > 0)[:, None, None]
+
+
+def paste_mask_probabilities(
+    masks: jnp.ndarray, boxes: jnp.ndarray, image_hw: Sequence[int]
+) -> jnp.ndarray:
+    """float32[K, H, W] soft masks: masks[K, M, M] resampled bilinearly into boxes[K, 4].
+
+    image_hw is a static (H, W). Zero outside each box's footprint.
+    """
+    height, width = (int(v) for v in image_hw)
+    side = masks.shape[-1]
+    masks = masks.astype(jnp.float32)
+    wy = _paste_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], masks.shape[-2], height)
+    wx = _paste_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], side, width)
+    rows = jnp.einsum("kym,kmn->kyn", wy, masks, precision=_EXACT)  # [K, H, M]
+    return jnp.einsum("kyn,kxn->kyx", rows, wx, precision=_EXACT)  # [K, H, W]
+
+
+def paste_masks(
+    masks: jnp.ndarray,
+    boxes: jnp.ndarray,
+    image_hw: Sequence[int],
+    threshold: float = 0.5,
+) -> jnp.ndarray:
+    """bool[K, H, W]: RoI masks[K, M, M] (probabilities) pasted into boxes[K, 4] of an image.
+
+    Bilinear sampling at image pixel centres inside each box, zero outside the mask,
+    foreground where the sampled value >= threshold. image_hw = (H, W) is static.
+    """
+    return paste_mask_probabilities(masks, boxes, image_hw) >= threshold
+
+
+def crop_and_resize_masks(
+    masks: jnp.ndarray, boxes: jnp.ndarray, size: int, sampling_ratio: int = 2
+) -> jnp.ndarray:
+    """float32[N, size, size] mask targets: masks[N, H, W] each cropped to its own boxes[N, 4].
+
+    The crop is an aligned RoIAlign of mask n inside box n (values in [0, 1]; threshold at 0.5
+    for a binary target), the way detectron2 builds its Mask R-CNN targets.
+    """
+    pooled = roi_align(
+        masks.astype(jnp.float32)[..., None], boxes[:, None, :], size, 1.0,
+        sampling_ratio=sampling_ratio, aligned=True,
+    )  # [N, 1, size, size, 1]
+    return pooled[:, 0, :, :, 0]
+
+
+def masks_to_boxes(masks: jnp.ndarray) -> jnp.ndarray:
+    """float32[K, 4] tight boxes [xmin, ymin, xmax + 1, ymax + 1] of masks[K, H, W]; 0 if empty."""
+    masks = masks.astype(bool)
+    rows = masks.any(axis=2)  # [K, H]
+    cols = masks.any(axis=1)  # [K, W]
+    height, width = masks.shape[1:]
+    y_min = jnp.argmax(rows, axis=1)
+    y_max = height - 1 - jnp.argmax(rows[:, ::-1], axis=1)
+    x_min = jnp.argmax(cols, axis=1)
+    x_max = width - 1 - jnp.argmax(cols[:, ::-1], axis=1)
+    boxes = jnp.stack([x_min, y_min, x_max + 1, y_max + 1], axis=1).astype(jnp.float32)
+    return jnp.where(rows.any(axis=1)[:, None], boxes, 0.0)
+
+
+def mask_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """float32[N, M] IoU of binary masks a[N, H, W] and b[M, H, W]; 0 where the union is empty."""
+    a = a.reshape(a.shape[0], -1).astype(jnp.float32)
+    b = b.reshape(b.shape[0], -1).astype(jnp.float32)
+    intersection = jnp.matmul(a, b.T, precision=_EXACT)
+    union = a.sum(axis=1)[:, None] + b.sum(axis=1)[None, :] - intersection
+    positive = union > 0
+    return jnp.where(positive, intersection / jnp.where(positive, union, 1.0), 0.0)

@@ -1,0 +1,274 @@
+"""RoIAlign with static shapes: by gathers (default) or by one-hot weight matrices (einsum).
+
+Semantics are those of detectron2's ROIAlign / torchvision's roi_align with a fixed
+``sampling_ratio``:
+
+- a box (x0, y0, x1, y1) in image pixels is scaled by ``spatial_scale``; ``aligned=True`` then
+  shifts it by -0.5 so that pixel centres sit at integer feature coordinates (the half-pixel
+  correction); ``aligned=False`` is the legacy form that forces every box to at least 1x1;
+- each of the ``oh x ow`` bins is the mean of ``sampling_ratio**2`` bilinear samples placed at
+  the centres of a regular sub-grid of the bin;
+- a sample outside [-1, size] along either axis contributes 0; otherwise it is clamped into
+  the map (below 0 to 0, at or beyond size - 1 to size - 1) and interpolated.
+
+Bilinear weights factor into a y part and an x part, and so does the zero rule, so both forms
+build per-axis (index, weight) pairs and never loop over boxes in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from instseg_jax.ops.boxes import box_area
+
+# Exact float32 products on every backend (TPUs default to bfloat16 passes in matmuls).
+_EXACT = jax.lax.Precision.HIGHEST
+
+
+def _pair(size) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    oh, ow = size
+    return int(oh), int(ow)
+
+
+def _axis_samples(start, length, bins: int, sampling_ratio: int, size):
+    """Sample positions of one axis for boxes start[...], length[...] on a map of ``size`` cells.
+
+    Returns (low, high) int32[..., bins, sampling_ratio] neighbour indices and
+    (w_low, w_high) float32[..., bins, sampling_ratio] bilinear weights, already zero for
+    samples outside [-1, size] and divided by sampling_ratio (the mean over this axis).
+    """
+    dtype = length.dtype
+    # Sample s of bin b sits at (b + (s + 0.5) / sampling_ratio) bin widths from the start.
+    steps = jnp.arange(bins, dtype=dtype)[:, None] + (
+        jnp.arange(sampling_ratio, dtype=dtype)[None, :] + 0.5
+    ) / sampling_ratio  # [bins, sr]
+    bin_size = length / bins
+    coords = start[..., None, None] + steps * bin_size[..., None, None]  # [..., bins, sr]
+    size_f = jnp.asarray(size, dtype)[..., None, None]
+    size_i = jnp.asarray(size, jnp.int32)[..., None, None]
+    inside = (coords >= -1.0) & (coords <= size_f)
+    coords = jnp.maximum(coords, 0.0)
+    low = jnp.floor(coords).astype(jnp.int32)
+    at_last = low >= size_i - 1
+    low = jnp.where(at_last, size_i - 1, low)
+    high = jnp.where(at_last, size_i - 1, low + 1)
+    frac = jnp.where(at_last, 0.0, coords - low.astype(dtype))
+    scale = inside.astype(dtype) / sampling_ratio
+    return low, high, (1.0 - frac) * scale, frac * scale
+
+
+def _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned, heights, widths):
+    """Per-axis samples of boxes[..., 4] (image pixels) on maps of heights/widths [...]."""
+    if not isinstance(sampling_ratio, int) or sampling_ratio <= 0:
+        raise ValueError(
+            f"sampling_ratio must be a positive int under static shapes, got {sampling_ratio!r}"
+        )
+    oh, ow = _pair(output_size)
+    offset = 0.5 if aligned else 0.0
+    scaled = boxes * jnp.asarray(spatial_scale, boxes.dtype)[..., None] - offset
+    x0, y0, x1, y1 = (scaled[..., i] for i in range(4))
+    box_w = x1 - x0
+    box_h = y1 - y0
+    if not aligned:
+        box_w = jnp.maximum(box_w, 1.0)
+        box_h = jnp.maximum(box_h, 1.0)
+    ys = _axis_samples(y0, box_h, oh, sampling_ratio, heights)
+    xs = _axis_samples(x0, box_w, ow, sampling_ratio, widths)
+    return ys, xs
+
+
+def _gather_pool(flat_features, row_base, widths, ys, xs):
+    """Bins from flat_features[T, D] by gathers.
+
+    row_base int32[B, R] is the flat row of each box's map origin, widths int32[B, R] its map
+    width; ys / xs come from `_axis_samples` with shapes [B, R, oh, sr].
+    Returns [B, R, oh, ow, D].
+    """
+    y_low, y_high, wy_low, wy_high = ys
+    x_low, x_high, wx_low, wx_high = xs
+    rows = jnp.stack([y_low, y_high], axis=-1)  # [B, R, oh, sr, 2]
+    cols = jnp.stack([x_low, x_high], axis=-1)  # [B, R, ow, sr, 2]
+    wy = jnp.stack([wy_low, wy_high], axis=-1)
+    wx = jnp.stack([wx_low, wx_high], axis=-1)
+    base = row_base[:, :, None, None, None, None, None, None]
+    width = widths[:, :, None, None, None, None, None, None]
+    index = (
+        base
+        + rows[:, :, :, :, :, None, None, None] * width
+        + cols[:, :, None, None, None, :, :, :]
+    )  # [B, R, oh, sr, 2, ow, sr, 2]
+    weights = wy[:, :, :, :, :, None, None, None] * wx[:, :, None, None, None, :, :, :]
+    values = jnp.take(flat_features, index, axis=0, mode="clip")  # [B, R, oh, sr, 2, ow, sr, 2, D]
+    weighted = values * weights[..., None].astype(values.dtype)
+    return weighted.sum(axis=(3, 4, 6, 7))  # [B, R, oh, ow, D]
+
+
+def _one_hot_weights(low, high, w_low, w_high, size: int):
+    """float[..., bins, size]: row i holds the averaged bilinear weights of bin i on each cell."""
+    hot = jax.nn.one_hot(low, size, dtype=w_low.dtype) * w_low[..., None] + jax.nn.one_hot(
+        high, size, dtype=w_low.dtype
+    ) * w_high[..., None]  # [..., bins, sr, size]
+    return hot.sum(axis=-2)
+
+
+def _einsum_pool(features, ys, xs, chunk_size: int):
+    """Bins of features[B, H, W, D] as Wy @ F @ Wx^T with one-hot weight matrices.
+
+    The box axis is processed in chunks so that the [chunk, oh, W, D] intermediate stays small.
+    """
+    _, height, width, _ = features.shape
+    wy = _one_hot_weights(*ys, height)  # [B, R, oh, H]
+    wx = _one_hot_weights(*xs, width)  # [B, R, ow, W]
+    num_boxes = wy.shape[1]
+    chunk = max(1, min(chunk_size, num_boxes))
+    padded = -(-num_boxes // chunk) * chunk
+    if padded != num_boxes:
+        pad = ((0, 0), (0, padded - num_boxes), (0, 0), (0, 0))
+        wy = jnp.pad(wy, pad)
+        wx = jnp.pad(wx, pad)
+
+    def split(x):  # [B, R', ...] -> [R'/chunk, B, chunk, ...]
+        x = x.reshape((x.shape[0], padded // chunk, chunk) + x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    def pool_chunk(weights):
+        wy_c, wx_c = weights
+        rows = jnp.einsum("brih,bhwd->briwd", wy_c, features.astype(wy_c.dtype),
+                          precision=_EXACT)
+        return jnp.einsum("briwd,brjw->brijd", rows, wx_c, precision=_EXACT)  # [B, chunk, oh, ow, D]
+
+    pooled = jax.lax.map(pool_chunk, (split(wy), split(wx)))  # [R'/chunk, B, chunk, oh, ow, D]
+    pooled = jnp.moveaxis(pooled, 0, 1).reshape((features.shape[0], padded) + pooled.shape[3:])
+    return pooled[:, :num_boxes].astype(features.dtype)
+
+
+def roi_align(
+    features: jnp.ndarray,
+    boxes: jnp.ndarray,
+    output_size,
+    spatial_scale: float,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    method: str = "gather",
+    chunk_size: int = 64,
+) -> jnp.ndarray:
+    """Pool float32[B, R, oh, ow, D] bins from features[B, H, W, D] inside boxes[B, R, 4].
+
+    Args:
+      features: float32[B, H, W, D] one feature map, NHWC.
+      boxes: float32[B, R, 4] xyxy in image pixels; box r of image b pools from map b.
+      output_size: int or (oh, ow).
+      spatial_scale: feature cells per image pixel (1 / stride).
+      sampling_ratio: samples per bin along each axis; a fixed positive int (static shapes).
+      aligned: True for the half-pixel-corrected form, False for the legacy one.
+      method: "gather" (default; gathers with separable weights) or "einsum" (one-hot weight
+        matrices contracted with the map: the same numbers, the TPU-friendly form).
+      chunk_size: boxes per step of the einsum form (bounds its memory), unused by "gather".
+    """
+    if features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4:
+        raise ValueError(
+            f"roi_align expects features[B,H,W,D] and boxes[B,R,4], got {features.shape} and "
+            f"{boxes.shape}"
+        )
+    if features.shape[0] != boxes.shape[0]:
+        raise ValueError(f"batch of features {features.shape[0]} != batch of boxes {boxes.shape[0]}")
+    batch, height, width, depth = features.shape
+    num_boxes = boxes.shape[1]
+    ys, xs = _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned,
+                           height, width)
+    if method == "gather":
+        row_base = jnp.broadcast_to(
+            (jnp.arange(batch, dtype=jnp.int32) * (height * width))[:, None], (batch, num_boxes)
+        )
+        widths = jnp.full((batch, num_boxes), width, jnp.int32)
+        return _gather_pool(features.reshape(-1, depth), row_base, widths, ys, xs)
+    if method == "einsum":
+        return _einsum_pool(features, ys, xs, chunk_size)
+    raise ValueError(f"roi_align method must be 'gather' or 'einsum', got {method!r}")
+
+
+def fpn_level(
+    boxes: jnp.ndarray,
+    min_level: int = 2,
+    max_level: int = 5,
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+) -> jnp.ndarray:
+    """int32[...] pyramid level of boxes[..., 4]: floor(k0 + log2(sqrt(area) / s0 + 1e-8)).
+
+    The FPN paper's rule (eq. 1) as detectron2 writes it, clamped to [min_level, max_level];
+    empty boxes go to min_level.
+    """
+    sizes = jnp.sqrt(box_area(boxes))
+    levels = jnp.floor(canonical_level + jnp.log2(sizes / canonical_size + 1e-8))
+    return jnp.clip(levels, min_level, max_level).astype(jnp.int32)
+
+
+def multilevel_roi_align(
+    features_by_level: Sequence[jnp.ndarray],
+    boxes: jnp.ndarray,
+    output_size,
+    min_level: int = 2,
+    sampling_ratio: int = 2,
+    aligned: bool = True,
+    method: str = "gather",
+    levels: jnp.ndarray | None = None,
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+    chunk_size: int = 64,
+) -> jnp.ndarray:
+    """Pool float32[B, R, oh, ow, D] bins of boxes[B, R, 4], each from its own pyramid level.
+
+    Args:
+      features_by_level: maps [B, H_l, W_l, D] of levels min_level, min_level + 1, ...; level l
+        has stride 2**l (spatial scale 2**-l).
+      boxes: float32[B, R, 4] xyxy image pixels.
+      levels: optional int32[B, R] absolute level of each box (e.g. torchvision's mapper);
+        default `fpn_level` with the canonical size and level given, clamped to the levels there.
+      method: "gather" pools each box once, from one flat table holding every level; "einsum"
+        contracts each level with weights zeroed for boxes of other levels and sums.
+    """
+    num_levels = len(features_by_level)
+    max_level = min_level + num_levels - 1
+    batch, num_boxes = boxes.shape[:2]
+    depth = features_by_level[0].shape[-1]
+    if levels is None:
+        levels = fpn_level(boxes, min_level, max_level, canonical_size, canonical_level)
+    level_index = jnp.clip(levels - min_level, 0, num_levels - 1)  # [B, R]
+    heights = jnp.asarray([f.shape[1] for f in features_by_level], jnp.int32)[level_index]
+    widths = jnp.asarray([f.shape[2] for f in features_by_level], jnp.int32)[level_index]
+    scales = jnp.asarray([2.0 ** -(min_level + i) for i in range(num_levels)], boxes.dtype)
+    ys, xs = _sample_grids(boxes, scales[level_index], output_size, sampling_ratio, aligned,
+                           heights, widths)
+    if method == "gather":
+        flat = jnp.concatenate([f.reshape(-1, depth) for f in features_by_level], axis=0)
+        level_rows = [f.shape[1] * f.shape[2] for f in features_by_level]
+        level_start = [0]
+        for rows in level_rows[:-1]:
+            level_start.append(level_start[-1] + batch * rows)
+        row_base = (
+            jnp.asarray(level_start, jnp.int32)[level_index]
+            + jnp.arange(batch, dtype=jnp.int32)[:, None]
+            * jnp.asarray(level_rows, jnp.int32)[level_index]
+        )
+        return _gather_pool(flat, row_base, widths, ys, xs)
+    if method == "einsum":
+        pooled = None
+        for i, level_features in enumerate(features_by_level):
+            on_level = (level_index == i)[..., None, None]
+            # Boxes of other levels get zero weights (their indices were computed for their own
+            # level's size, so they are clamped into this one before the one-hot).
+            h, w = level_features.shape[1:3]
+            ys_l = (jnp.minimum(ys[0], h - 1), jnp.minimum(ys[1], h - 1),
+                    ys[2] * on_level, ys[3] * on_level)
+            xs_l = (jnp.minimum(xs[0], w - 1), jnp.minimum(xs[1], w - 1),
+                    xs[2] * on_level, xs[3] * on_level)
+            part = _einsum_pool(level_features, ys_l, xs_l, chunk_size)
+            pooled = part if pooled is None else pooled + part
+        return pooled
+    raise ValueError(f"multilevel_roi_align method must be 'gather' or 'einsum', got {method!r}")
