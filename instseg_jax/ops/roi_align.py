@@ -38,8 +38,9 @@ def _pair(size) -> tuple[int, int]:
 def _axis_samples(start, length, bins: int, sampling_ratio: int, size):
     """Sample positions of one axis for boxes start[...], length[...] on a map of ``size`` cells.
 
-    Returns (low, high) int32[..., bins, sampling_ratio] neighbour indices and
-    (w_low, w_high) float32[..., bins, sampling_ratio] bilinear weights, already zero for
+    Every sample reads two neighbouring cells ``first`` and ``first + 1`` (size must be >= 2).
+    Returns first int32[..., bins, sampling_ratio] and the weights (w_first, w_second)
+    float32[..., bins, sampling_ratio] of the two cells: bilinear weights, already zero for
     samples outside [-1, size] and divided by sampling_ratio (the mean over this axis).
     """
     dtype = length.dtype
@@ -54,12 +55,18 @@ def _axis_samples(start, length, bins: int, sampling_ratio: int, size):
     inside = (coords >= -1.0) & (coords <= size_f)
     coords = jnp.maximum(coords, 0.0)
     low = jnp.floor(coords).astype(jnp.int32)
-    at_last = low >= size_i - 1
-    low = jnp.where(at_last, size_i - 1, low)
-    high = jnp.where(at_last, size_i - 1, low + 1)
-    frac = jnp.where(at_last, 0.0, coords - low.astype(dtype))
     scale = inside.astype(dtype) / sampling_ratio
-    return low, high, (1.0 - frac) * scale, frac * scale
+    # At or beyond the last cell the sample is clamped onto it: read the pair (last-1, last)
+    # with all the weight on the second cell, so that every read stays inside the map (a
+    # 1-cell axis reads (0, 1) with the weight on cell 0; the caller pads that map).
+    last = size_i - 1
+    at_last = low >= last
+    first = jnp.where(at_last, jnp.maximum(last - 1, 0), low)
+    on_second = at_last & (last > first)
+    frac = coords - low.astype(dtype)
+    w_first = jnp.where(at_last, jnp.where(on_second, 0.0, scale), (1.0 - frac) * scale)
+    w_second = jnp.where(at_last, jnp.where(on_second, scale, 0.0), frac * scale)
+    return first, w_first, w_second
 
 
 def _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned, heights, widths):
@@ -82,37 +89,75 @@ def _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned, he
     return ys, xs
 
 
+def _at_least_two_cells(features):
+    """Zero-pad a map with a single row or column so that every pair read stays inside it.
+
+    The padding only ever gets zero weight, so results are unchanged.
+    """
+    pad_h = max(0, 2 - features.shape[1])
+    pad_w = max(0, 2 - features.shape[2])
+    if pad_h or pad_w:
+        features = jnp.pad(features, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    return features
+
+
 def _gather_pool(flat_features, row_base, widths, ys, xs):
-    """Bins from flat_features[T, D] by gathers.
+    """Bins from flat_features[T, D] by gathers of 2-cell slices.
 
     row_base int32[B, R] is the flat row of each box's map origin, widths int32[B, R] its map
-    width; ys / xs come from `_axis_samples` with shapes [B, R, oh, sr].
-    Returns [B, R, oh, ow, D].
+    row length; ys / xs come from `_axis_samples` with shapes [B, R, oh, sr] / [B, R, ow, sr].
+    A sample reads two slices of two consecutive cells (its 2x2 neighbourhood): one gather index
+    per slice instead of one per cell. Returns [B, R, oh, ow, D].
     """
-    y_low, y_high, wy_low, wy_high = ys
-    x_low, x_high, wx_low, wx_high = xs
-    rows = jnp.stack([y_low, y_high], axis=-1)  # [B, R, oh, sr, 2]
-    cols = jnp.stack([x_low, x_high], axis=-1)  # [B, R, ow, sr, 2]
-    wy = jnp.stack([wy_low, wy_high], axis=-1)
-    wx = jnp.stack([wx_low, wx_high], axis=-1)
-    base = row_base[:, :, None, None, None, None, None, None]
-    width = widths[:, :, None, None, None, None, None, None]
-    index = (
-        base
-        + rows[:, :, :, :, :, None, None, None] * width
-        + cols[:, :, None, None, None, :, :, :]
-    )  # [B, R, oh, sr, 2, ow, sr, 2]
-    weights = wy[:, :, :, :, :, None, None, None] * wx[:, :, None, None, None, :, :, :]
-    values = jnp.take(flat_features, index, axis=0, mode="clip")  # [B, R, oh, sr, 2, ow, sr, 2, D]
+    y_first, wy_first, wy_second = ys
+    x_first, wx_first, wx_second = xs
+    depth = flat_features.shape[-1]
+    top_left = (
+        row_base[:, :, None, None, None, None]
+        + y_first[:, :, :, :, None, None] * widths[:, :, None, None, None, None]
+        + x_first[:, :, None, None, :, :]
+    )  # [B, R, oh, sr, ow, sr]
+    starts = jnp.stack([top_left, top_left + widths[:, :, None, None, None, None]], axis=-1)
+
+    def two_cells(start):
+        return jax.lax.dynamic_slice_in_dim(flat_features, start, 2, axis=0)
+
+    values = jax.vmap(two_cells)(starts.reshape(-1))  # [n, 2, D]
+    values = values.reshape(starts.shape + (2, depth))  # [B, R, oh, sr, ow, sr, 2, 2, D]
+    wy = jnp.stack([wy_first, wy_second], axis=-1)  # [B, R, oh, sr, 2]
+    wx = jnp.stack([wx_first, wx_second], axis=-1)  # [B, R, ow, sr, 2]
+    weights = wy[:, :, :, :, None, None, :, None] * wx[:, :, None, None, :, :, None, :]
     weighted = values * weights[..., None].astype(values.dtype)
-    return weighted.sum(axis=(3, 4, 6, 7))  # [B, R, oh, ow, D]
+    return weighted.sum(axis=(3, 5, 6, 7))  # [B, R, oh, ow, D]
 
 
-def _one_hot_weights(low, high, w_low, w_high, size: int):
+def _gather_from_levels(features_by_level, level_index, ys, xs):
+    """Gather-form bins of boxes whose samples ys / xs lie on map level_index int32[B, R].
+
+    All levels go into one flat [T, D] table (each map padded to >= 2 cells per axis), so a box
+    is pooled once from its own level: no box is computed on a level it does not belong to.
+    """
+    padded = [_at_least_two_cells(f) for f in features_by_level]
+    batch, depth = padded[0].shape[0], padded[0].shape[-1]
+    flat = (padded[0].reshape(-1, depth) if len(padded) == 1
+            else jnp.concatenate([f.reshape(-1, depth) for f in padded], axis=0))
+    cells = [f.shape[1] * f.shape[2] for f in padded]  # cells of one image's map per level
+    level_start = [0]
+    for level_cells in cells[:-1]:
+        level_start.append(level_start[-1] + batch * level_cells)
+    row_base = (
+        jnp.asarray(level_start, jnp.int32)[level_index]
+        + jnp.arange(batch, dtype=jnp.int32)[:, None] * jnp.asarray(cells, jnp.int32)[level_index]
+    )  # [B, R]
+    row_length = jnp.asarray([f.shape[2] for f in padded], jnp.int32)[level_index]
+    return _gather_pool(flat, row_base, row_length, ys, xs)
+
+
+def _one_hot_weights(first, w_first, w_second, size: int):
     """float[..., bins, size]: row i holds the averaged bilinear weights of bin i on each cell."""
-    hot = jax.nn.one_hot(low, size, dtype=w_low.dtype) * w_low[..., None] + jax.nn.one_hot(
-        high, size, dtype=w_low.dtype
-    ) * w_high[..., None]  # [..., bins, sr, size]
+    hot = jax.nn.one_hot(first, size, dtype=w_first.dtype) * w_first[..., None] + jax.nn.one_hot(
+        first + 1, size, dtype=w_first.dtype
+    ) * w_second[..., None]  # [..., bins, sr, size]
     return hot.sum(axis=-2)
 
 
@@ -177,16 +222,13 @@ def roi_align(
         )
     if features.shape[0] != boxes.shape[0]:
         raise ValueError(f"batch of features {features.shape[0]} != batch of boxes {boxes.shape[0]}")
-    batch, height, width, depth = features.shape
+    batch, height, width, _ = features.shape
     num_boxes = boxes.shape[1]
     ys, xs = _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned,
                            height, width)
     if method == "gather":
-        row_base = jnp.broadcast_to(
-            (jnp.arange(batch, dtype=jnp.int32) * (height * width))[:, None], (batch, num_boxes)
-        )
-        widths = jnp.full((batch, num_boxes), width, jnp.int32)
-        return _gather_pool(features.reshape(-1, depth), row_base, widths, ys, xs)
+        level_index = jnp.zeros((batch, num_boxes), jnp.int32)
+        return _gather_from_levels([features], level_index, ys, xs)
     if method == "einsum":
         return _einsum_pool(features, ys, xs, chunk_size)
     raise ValueError(f"roi_align method must be 'gather' or 'einsum', got {method!r}")
@@ -235,8 +277,6 @@ def multilevel_roi_align(
     """
     num_levels = len(features_by_level)
     max_level = min_level + num_levels - 1
-    batch, num_boxes = boxes.shape[:2]
-    depth = features_by_level[0].shape[-1]
     if levels is None:
         levels = fpn_level(boxes, min_level, max_level, canonical_size, canonical_level)
     level_index = jnp.clip(levels - min_level, 0, num_levels - 1)  # [B, R]
@@ -246,17 +286,7 @@ def multilevel_roi_align(
     ys, xs = _sample_grids(boxes, scales[level_index], output_size, sampling_ratio, aligned,
                            heights, widths)
     if method == "gather":
-        flat = jnp.concatenate([f.reshape(-1, depth) for f in features_by_level], axis=0)
-        level_rows = [f.shape[1] * f.shape[2] for f in features_by_level]
-        level_start = [0]
-        for rows in level_rows[:-1]:
-            level_start.append(level_start[-1] + batch * rows)
-        row_base = (
-            jnp.asarray(level_start, jnp.int32)[level_index]
-            + jnp.arange(batch, dtype=jnp.int32)[:, None]
-            * jnp.asarray(level_rows, jnp.int32)[level_index]
-        )
-        return _gather_pool(flat, row_base, widths, ys, xs)
+        return _gather_from_levels(features_by_level, level_index, ys, xs)
     if method == "einsum":
         pooled = None
         for i, level_features in enumerate(features_by_level):
@@ -264,10 +294,8 @@ def multilevel_roi_align(
             # Boxes of other levels get zero weights (their indices were computed for their own
             # level's size, so they are clamped into this one before the one-hot).
             h, w = level_features.shape[1:3]
-            ys_l = (jnp.minimum(ys[0], h - 1), jnp.minimum(ys[1], h - 1),
-                    ys[2] * on_level, ys[3] * on_level)
-            xs_l = (jnp.minimum(xs[0], w - 1), jnp.minimum(xs[1], w - 1),
-                    xs[2] * on_level, xs[3] * on_level)
+            ys_l = (jnp.minimum(ys[0], h - 1), ys[1] * on_level, ys[2] * on_level)
+            xs_l = (jnp.minimum(xs[0], w - 1), xs[1] * on_level, xs[2] * on_level)
             part = _einsum_pool(level_features, ys_l, xs_l, chunk_size)
             pooled = part if pooled is None else pooled + part
         return pooled

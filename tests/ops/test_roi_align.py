@@ -1,0 +1,187 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instseg_jax import ops
+from tests.ops import reference as ref
+
+METHODS = ["gather", "einsum"]
+
+
+def assert_close(got, want, rtol=1e-5):
+    got = np.asarray(got, np.float64)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+def random_case(seed, batch=2, height=13, width=17, depth=3, num_boxes=6, scale=0.5):
+    """Boxes in image pixels (map * 1/scale), some partly or fully outside, some tiny."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(batch, height, width, depth)).astype(np.float32)
+    img_h, img_w = height / scale, width / scale
+    xy = rng.uniform([-0.3 * img_w, -0.3 * img_h], [1.1 * img_w, 1.1 * img_h],
+                     (batch, num_boxes, 2))
+    wh = rng.uniform(0.0, 0.8, (batch, num_boxes, 2)) * [img_w, img_h]
+    wh[:, 0] = rng.uniform(0.0, 1.5, (batch, 2))  # smaller than one feature cell
+    boxes = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
+    boxes[:, 1] = [-40, -40, -20, -20]  # fully outside, above the left corner
+    return features, boxes
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize(("output_size", "sampling_ratio"), [(7, 2), ((3, 5), 1), (4, 3)])
+def test_roi_align_matches_reference(method, seed, aligned, output_size, sampling_ratio):
+    features, boxes = random_case(seed)
+    got = ops.roi_align(features, boxes, output_size, 0.5, sampling_ratio, aligned, method=method)
+    want = ref.roi_align(features, boxes, output_size, 0.5, sampling_ratio, aligned)
+    assert got.shape == want.shape
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_border_rule(method):
+    """Samples in [-1, 0) read cell 0, beyond size read 0; samples in (size-1, size] clamp."""
+    features = np.arange(1, 5, dtype=np.float32).reshape(1, 1, 4, 1) * np.ones((1, 4, 1, 1))
+    features = features.astype(np.float32)  # value = x + 1 on every row
+    # 1x1 bins, 1 sample, aligned=False: the sample sits at the box centre.
+    def sample_at(x):
+        box = np.array([[[x - 0.5, 1.0, x + 0.5, 2.0]]], np.float32)
+        out = ops.roi_align(features, box, 1, 1.0, 1, aligned=False, method=method)
+        return float(out[0, 0, 0, 0, 0])
+
+    assert sample_at(-0.5) == 1.0  # clamped to the border cell
+    assert sample_at(-1.0) == 1.0  # -1 itself is still inside
+    assert sample_at(-1.25) == 0.0  # beyond -1 counts as zero
+    assert sample_at(3.5) == 4.0  # between the last cell and size: clamped
+    assert sample_at(4.0) == 4.0  # size itself is inside
+    assert sample_at(4.25) == 0.0
+    assert sample_at(1.25) == pytest.approx(2.25)
+
+
+def test_half_pixel_offset_of_aligned_mode():
+    """aligned=True samples a 2-px box at stride 1 around pixel centres, legacy does not."""
+    features = np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    box = np.array([[[1.0, 1.0, 3.0, 3.0]]], np.float32)
+    aligned = ops.roi_align(features, box, 1, 1.0, 1, aligned=True)
+    legacy = ops.roi_align(features, box, 1, 1.0, 1, aligned=False)
+    # Centre of the box is (2, 2) in pixels: aligned reads feature coordinate 1.5, legacy 2.0.
+    assert float(aligned[0, 0, 0, 0, 0]) == pytest.approx(1.5 * 4 + 1.5)
+    assert float(legacy[0, 0, 0, 0, 0]) == pytest.approx(2.0 * 4 + 2.0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_single_cell_maps_and_zero_area_boxes(method):
+    features = np.full((1, 1, 1, 2), 3.0, np.float32)
+    boxes = np.array([[[0, 0, 0, 0], [0.2, 0.2, 0.4, 0.9], [-3, -3, -2, -2]]], np.float32)
+    for aligned in (True, False):
+        got = ops.roi_align(features, boxes, 2, 1.0, 2, aligned, method=method)
+        assert_close(got, ref.roi_align(features, boxes, 2, 1.0, 2, aligned))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_is_the_exact_adjoint(method):
+    features, boxes = random_case(3, batch=2, height=9, width=11, num_boxes=4)
+    cotangent = np.random.default_rng(9).normal(size=(2, 4, 5, 5, 3)).astype(np.float32)
+    _, vjp = jax.vjp(lambda f: ops.roi_align(f, boxes, 5, 0.5, 2, True, method=method), features)
+    (grad,) = vjp(jnp.asarray(cotangent))
+    want = ref.roi_align_adjoint(cotangent, features.shape, boxes, 5, 0.5, 2, True)
+    assert_close(grad, want)
+
+
+def test_gradient_matches_finite_differences():
+    features, boxes = random_case(4, batch=1, height=6, width=7, depth=2, num_boxes=3)
+    weights = np.random.default_rng(1).normal(size=(1, 3, 2, 2, 2)).astype(np.float32)
+
+    def loss(f):
+        return jnp.sum(jnp.sin(ops.roi_align(f, boxes, 2, 0.5, 2, True)) * weights)
+
+    grad = np.asarray(jax.grad(loss)(jnp.asarray(features)), np.float64)
+    rng = np.random.default_rng(2)
+    for _ in range(5):  # central differences along random directions
+        direction = rng.normal(size=features.shape).astype(np.float32)
+        eps = 1e-2
+        numeric = (float(loss(features + eps * direction)) - float(loss(features - eps * direction)))
+        numeric /= 2 * eps
+        assert numeric == pytest.approx(float((grad * direction).sum()), rel=2e-3, abs=2e-3)
+
+
+def test_jit_and_vmap():
+    features, boxes = random_case(5)
+    single = lambda f, b: ops.roi_align(f[None], b[None], 3, 0.5)[0]
+    batched = jax.jit(jax.vmap(single))(features, boxes)
+    assert_close(batched, ref.roi_align(features, boxes, 3, 0.5))
+
+
+def test_rejects_bad_arguments():
+    features, boxes = random_case(0)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        ops.roi_align(features, boxes, 7, 0.5, sampling_ratio=0)
+    with pytest.raises(ValueError, match="method"):
+        ops.roi_align(features, boxes, 7, 0.5, method="loop")
+    with pytest.raises(ValueError, match=r"boxes\[B,R,4\]"):
+        ops.roi_align(features, boxes[0], 7, 0.5)
+
+
+def test_fpn_level_matches_formula():
+    rng = np.random.default_rng(6)
+    sizes = np.concatenate([[0.0, 1.0, 111.9, 112.0, 224.0, 447.9, 448.0, 2000.0],
+                            rng.uniform(1, 900, 30)])
+    boxes = np.stack([np.zeros_like(sizes), np.zeros_like(sizes), sizes, sizes], 1)
+    boxes = boxes.astype(np.float32)
+    got = np.asarray(ops.fpn_level(boxes))
+    want = [ref.fpn_level(b, 2, 5, 224, 4) for b in boxes]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ops.fpn_level(boxes[:8]), [2, 2, 2, 3, 4, 4, 5, 5])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_multilevel_pools_each_box_from_its_level(method, aligned):
+    rng = np.random.default_rng(7)
+    canvas = 64
+    features = [rng.normal(size=(2, canvas // 2**lv, canvas // 2**lv, 3)).astype(np.float32)
+                for lv in range(2, 6)]  # P2..P5; P5 is 2x2
+    xy = rng.uniform(-8, canvas, (2, 12, 2))
+    wh = np.exp(rng.uniform(np.log(0.5), np.log(80), (2, 12, 1))) * rng.uniform(0.5, 1.5, (2, 12, 2))
+    boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+    got = ops.multilevel_roi_align(features, boxes, (2, 3), sampling_ratio=2, aligned=aligned,
+                                   method=method, canonical_size=16)
+    levels = [[ref.fpn_level(boxes[b, r], 2, 5, 16, 4) for r in range(12)] for b in range(2)]
+    assert len({lv for row in levels for lv in row}) >= 3, "test boxes should span levels"
+    for b in range(2):
+        for r in range(12):
+            lv = levels[b][r]
+            want = ref.roi_align(features[lv - 2][b:b + 1], boxes[b:b + 1, r:r + 1], (2, 3),
+                                 2.0**-lv, 2, aligned)
+            assert_close(got[b, r], want[0, 0])
+
+
+def test_multilevel_accepts_explicit_levels():
+    rng = np.random.default_rng(8)
+    features = [rng.normal(size=(1, 16 // 2**i, 16 // 2**i, 2)).astype(np.float32)
+                for i in range(3)]
+    boxes = np.array([[[0, 0, 8, 8], [2, 2, 30, 30]]], np.float32)
+    levels = np.array([[4, 2]], np.int32)
+    got = ops.multilevel_roi_align(features, boxes, 2, levels=levels)
+    for r, lv in enumerate([4, 2]):
+        want = ref.roi_align(features[lv - 2], boxes[:, r:r + 1], 2, 2.0**-lv, 2, True)
+        assert_close(got[0, r], want[0, 0])
+
+
+def test_multilevel_gradient_is_the_exact_adjoint():
+    rng = np.random.default_rng(10)
+    features = [rng.normal(size=(1, 16 // 2**i, 16 // 2**i, 2)).astype(np.float32)
+                for i in range(3)]
+    boxes = np.array([[[0, 0, 3, 3], [1, 1, 9, 10], [0, 0, 15, 16], [4, 2, 6, 5]]], np.float32)
+    cot = rng.normal(size=(1, 4, 2, 2, 2)).astype(np.float32)
+    _, vjp = jax.vjp(lambda f: ops.multilevel_roi_align(f, boxes, 2, canonical_size=8), features)
+    (grads,) = vjp(jnp.asarray(cot))
+    levels = [ref.fpn_level(b, 2, 4, 8, 4) for b in boxes[0]]
+    for i, grad in enumerate(grads):
+        on_level = [r for r in range(4) if levels[r] == i + 2]
+        want = ref.roi_align_adjoint(cot[:, on_level], features[i].shape, boxes[:, on_level], 2,
+                                     2.0 ** -(i + 2), 2, True)
+        assert_close(grad, want)
