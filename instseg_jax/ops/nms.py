@@ -22,6 +22,10 @@ def _descending_order(scores: jnp.ndarray) -> jnp.ndarray:
 
 
 def _greedy_nms(boxes, scores, classes, valid, iou_threshold, max_output):
+    boxes = jnp.asarray(boxes)
+    scores = jnp.asarray(scores)
+    classes = None if classes is None else jnp.asarray(classes)
+    valid = None if valid is None else jnp.asarray(valid)
     num_boxes = boxes.shape[0]
     if num_boxes == 0 or max_output == 0:
         return jnp.full((max_output,), -1, jnp.int32), jnp.zeros((), jnp.int32)
@@ -104,6 +108,7 @@ def matrix_nms(
     gaussian f(x) = exp(-sigma x^2); linear f(x) = 1 - x (denominator kept >= 1e-6).
     Empty masks have IoU 0 with everything (padding decays nothing).
     """
+    masks, classes, scores = jnp.asarray(masks), jnp.asarray(classes), jnp.asarray(scores)
     num = masks.shape[0]
     order = _descending_order(scores)
     ious = mask_iou(masks[order], masks[order])  # [N, N]
@@ -138,6 +143,7 @@ def fast_nms(
 
     Returns (indices int32[max_output], count int32) as `nms` does.
     """
+    boxes_or_masks, scores = jnp.asarray(boxes_or_masks), jnp.asarray(scores)
     num = scores.shape[0]
     order = _descending_order(scores)
     items = boxes_or_masks[order]
@@ -149,7 +155,7 @@ def fast_nms(
         raise ValueError(f"fast_nms takes boxes[N,4] or masks[N,H,W], got {boxes_or_masks.shape}")
     above = jnp.triu(jnp.ones((num, num), bool), k=1)
     if classes is not None:
-        sorted_classes = classes[order]
+        sorted_classes = jnp.asarray(classes)[order]
         above = above & (sorted_classes[:, None] == sorted_classes[None, :])
     max_iou = jnp.where(above, ious, 0.0).max(axis=0)  # [N]
     keep = max_iou <= iou_threshold

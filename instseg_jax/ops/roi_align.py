@@ -215,6 +215,7 @@ def roi_align(
         matrices contracted with the map: the same numbers, the TPU-friendly form).
       chunk_size: boxes per step of the einsum form (bounds its memory), unused by "gather".
     """
+    features, boxes = jnp.asarray(features), jnp.asarray(boxes)
     if features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4:
         raise ValueError(
             f"roi_align expects features[B,H,W,D] and boxes[B,R,4], got {features.shape} and "
@@ -275,6 +276,8 @@ def multilevel_roi_align(
       method: "gather" pools each box once, from one flat table holding every level; "einsum"
         contracts each level with weights zeroed for boxes of other levels and sums.
     """
+    features_by_level = [jnp.asarray(f) for f in features_by_level]
+    boxes = jnp.asarray(boxes)
     num_levels = len(features_by_level)
     max_level = min_level + num_levels - 1
     if levels is None:

@@ -259,7 +259,12 @@ def paste_mask(mask, box, image_hw) -> np.ndarray:
 
 
 def match(iou_matrix, thresholds, labels, allow_low_quality, gt_valid=None):
-    """detectron2 Matcher, one prediction at a time."""
+    """detectron2 Matcher, one prediction at a time.
+
+    Thresholds are compared at the IoU matrix's precision, as torch compares a float32 tensor
+    with a Python float (0.7 becomes float32(0.7)).
+    """
+    thresholds = [float(np.asarray(t, np.asarray(iou_matrix).dtype)) for t in thresholds]
     iou_matrix = np.asarray(iou_matrix, np.float64)
     num_gt, num_pred = iou_matrix.shape
     valid_rows = [g for g in range(num_gt) if gt_valid is None or gt_valid[g]]
