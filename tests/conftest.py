@@ -4,7 +4,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
 if _cache:

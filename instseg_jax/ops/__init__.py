@@ -39,11 +39,11 @@ from instseg_jax.ops.nms import batched_nms, fast_nms, matrix_nms, nms
 from instseg_jax.ops.roi_align import fpn_level, multilevel_roi_align, roi_align
 
 __all__ = [
+    "batched_nms",
     "binary_cross_entropy_with_logits",
     "box_area",
     "box_ioa",
     "box_iou",
-    "batched_nms",
     "cell_anchors",
     "clip_boxes",
     "crop_and_resize_masks",

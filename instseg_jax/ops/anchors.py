@@ -58,8 +58,9 @@ def grid_anchors(
     anchor ``a`` (size-major, then ratio) at (y, x): the layout of a conv head's
     [h, w, A] output flattened.
     """
-    return jnp.asarray(_grid_anchors_np(feature_hw, stride, sizes, aspect_ratios, offset),
-                       dtype=jnp.float32)
+    return jnp.asarray(
+        _grid_anchors_np(feature_hw, stride, sizes, aspect_ratios, offset), dtype=jnp.float32
+    )
 
 
 def level_shapes(canvas_hw: Sequence[int], strides: Sequence[int]) -> list[tuple[int, int]]:

@@ -40,7 +40,7 @@ def _intersection_and_union(a: jnp.ndarray, b: jnp.ndarray) -> tuple[jnp.ndarray
 
 
 def paired_box_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """float32[...] IoU of a[..., 4] with b[..., 4], element by element (broadcast); 0 if no union."""
+    """float32[...] IoU of a[..., 4] and b[..., 4] element by element (broadcast); 0 if no union."""
     intersection, union = _intersection_and_union(a, b)
     return _safe_divide(intersection, union)
 

@@ -49,7 +49,10 @@ def sigmoid_focal_loss(
 
 
 def smooth_l1_loss(
-    predictions: jnp.ndarray, targets: jnp.ndarray, beta: float = 1.0, weights=None,
+    predictions: jnp.ndarray,
+    targets: jnp.ndarray,
+    beta: float = 1.0,
+    weights=None,
     normalizer=1.0,
 ) -> jnp.ndarray:
     """Huber-style smooth L1: 0.5 x^2 / beta where |x| < beta, else |x| - 0.5 beta; beta 0 is L1."""

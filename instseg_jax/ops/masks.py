@@ -28,9 +28,10 @@ def _paste_weights(start, length, mask_side: int, num_pixels: int):
     frac = u - low
     low = low.astype(jnp.int32)
     # one_hot of an index outside [0, M) is all zeros: the zero padding.
-    weights = jax.nn.one_hot(low, mask_side) * (1.0 - frac)[..., None] + jax.nn.one_hot(
-        low + 1, mask_side
-    ) * frac[..., None]
+    weights = (
+        jax.nn.one_hot(low, mask_side) * (1.0 - frac)[..., None]
+        + jax.nn.one_hot(low + 1, mask_side) * frac[..., None]
+    )
     return weights * (length > 0)[:, None, None]
 
 
@@ -73,8 +74,12 @@ def crop_and_resize_masks(
     for a binary target), the way detectron2 builds its Mask R-CNN targets.
     """
     pooled = roi_align(
-        masks.astype(jnp.float32)[..., None], boxes[:, None, :], size, 1.0,
-        sampling_ratio=sampling_ratio, aligned=True,
+        masks.astype(jnp.float32)[..., None],
+        boxes[:, None, :],
+        size,
+        1.0,
+        sampling_ratio=sampling_ratio,
+        aligned=True,
     )  # [N, 1, size, size, 1]
     return pooled[:, 0, :, :, 0]
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from instseg_jax.ops.boxes import box_area
 
@@ -45,9 +46,10 @@ def _axis_samples(start, length, bins: int, sampling_ratio: int, size):
     """
     dtype = length.dtype
     # Sample s of bin b sits at (b + (s + 0.5) / sampling_ratio) bin widths from the start.
-    steps = jnp.arange(bins, dtype=dtype)[:, None] + (
-        jnp.arange(sampling_ratio, dtype=dtype)[None, :] + 0.5
-    ) / sampling_ratio  # [bins, sr]
+    steps = (
+        jnp.arange(bins, dtype=dtype)[:, None]
+        + (jnp.arange(sampling_ratio, dtype=dtype)[None, :] + 0.5) / sampling_ratio
+    )  # [bins, sr]
     bin_size = length / bins
     coords = start[..., None, None] + steps * bin_size[..., None, None]  # [..., bins, sr]
     size_f = jnp.asarray(size, dtype)[..., None, None]
@@ -101,39 +103,84 @@ def _at_least_two_cells(features):
     return features
 
 
-@jax.custom_vjp
-def _pool_bilinear(flat_features, index, weight):
-    """Bins [B, R, oh, ow, D] = sum over samples and neighbours of weight * flat_features[index].
+# Boxes are pooled in chunks of about this many gathered bytes: the samples of one chunk stay in
+# cache between the gathers and the reduction (and the scatter-add of the backward pass), which
+# measured 1.5-2x faster on CPU than one pass over all boxes (experiments/benchmarks/ops.py).
+_CHUNK_BYTES = 4 * 1024 * 1024
 
-    index int32[B, R, oh, sr, ow, sr, 4] and weight [B, R, oh, sr, ow, sr, 4] are the four
-    bilinear neighbours of every sample (weights already hold the 1/sr^2 of the bin mean).
-    The forward pass is four gathers whose rows XLA scales and sums in one fused loop; the
-    backward pass is one scatter-add of all neighbour rows, which XLA runs faster than the four
-    scatters that differentiating the forward would give.
-    """
+
+def _chunks(index, weight, bytes_per_row):
+    """Split index/weight [N, ...] into [num_chunks, chunk, ...] (padding has zero weight)."""
+    num = index.shape[0]
+    per_box = bytes_per_row * int(np.prod(index.shape[1:]))
+    chunk = int(max(1, min(num, _CHUNK_BYTES // max(per_box, 1))))
+    padded = -(-num // chunk) * chunk
+    if padded != num:
+        pad = [(0, padded - num)] + [(0, 0)] * (index.ndim - 1)
+        index = jnp.pad(index, pad)
+        weight = jnp.pad(weight, pad)
+    split = lambda x: x.reshape((padded // chunk, chunk) + x.shape[1:])
+    return split(index), split(weight), padded
+
+
+def _pool_chunk(flat_features, index, weight):
+    """[n, oh, ow, D] bins of one chunk: four fused gathers, scaled, summed, reduced over sr."""
     samples = None
     for k in range(4):
         term = jnp.take(flat_features, index[..., k], axis=0, mode="clip") * weight[..., k, None]
-        samples = term if samples is None else samples + term  # [B, R, oh, sr, ow, sr, D]
-    return samples.sum(axis=(3, 5))
+        samples = term if samples is None else samples + term  # [n, oh, sr, ow, sr, D]
+    return samples.sum(axis=(2, 4))
+
+
+@jax.custom_vjp
+def _pool_bilinear(flat_features, index, weight):
+    """Bins [N, oh, ow, D] = sum over samples and neighbours of weight * flat_features[index].
+
+    index int32[N, oh, sr, ow, sr, 4] and weight [N, oh, sr, ow, sr, 4] are the four bilinear
+    neighbours of every sample of N boxes (weights already hold the 1/sr^2 of the bin mean).
+    Forward: four gathers per chunk of boxes that XLA fuses with the products and the sum.
+    Backward: a scatter-add of every neighbour row, chunk by chunk into one gradient buffer.
+    """
+    return _pool_bilinear_fwd(flat_features, index, weight)[0]
 
 
 def _pool_bilinear_fwd(flat_features, index, weight):
-    return _pool_bilinear(flat_features, index, weight), (flat_features, index, weight)
+    num = index.shape[0]
+    row_bytes = flat_features.shape[-1] * flat_features.dtype.itemsize
+    index_c, weight_c, _ = _chunks(index, weight, row_bytes)
+    pooled = jax.lax.map(lambda c: _pool_chunk(flat_features, *c), (index_c, weight_c))
+    pooled = pooled.reshape((-1,) + pooled.shape[2:])[:num]
+    return pooled, (flat_features, index, weight)
 
 
 def _pool_bilinear_bwd(residuals, cotangent):
     flat_features, index, weight = residuals
     depth = flat_features.shape[-1]
-    spread = cotangent[:, :, :, None, :, None, None, :]  # [B, R, oh, 1, ow, 1, 1, D]
-    updates = (spread * weight[..., None]).reshape(-1, depth)
-    grad_features = jnp.zeros_like(flat_features).at[index.reshape(-1)].add(
-        updates, mode="promise_in_bounds"
+    row_bytes = depth * flat_features.dtype.itemsize
+    index_c, weight_c, padded = _chunks(index, weight, row_bytes)
+    if padded != cotangent.shape[0]:
+        cotangent = jnp.pad(cotangent, [(0, padded - cotangent.shape[0])] + [(0, 0)] * 3)
+    cotangent_c = cotangent.reshape(index_c.shape[:2] + cotangent.shape[1:])
+
+    def spread(g):  # [n, oh, ow, D] -> [n, oh, 1, ow, 1, 1, D]
+        return g[:, :, None, :, None, None, :]
+
+    def scatter_chunk(i, grad):
+        updates = (spread(cotangent_c[i]) * weight_c[i][..., None]).reshape(-1, depth)
+        return grad.at[index_c[i].reshape(-1)].add(updates, mode="promise_in_bounds")
+
+    grad_features = jax.lax.fori_loop(
+        0, index_c.shape[0], scatter_chunk, jnp.zeros_like(flat_features)
     )
+
     # The weights depend on the box coordinates: their cotangent carries the box gradient
-    # (XLA drops this part when nothing asks for it).
-    gathered = jnp.take(flat_features, index, axis=0, mode="clip")  # [..., 4, D]
-    grad_weight = (gathered * spread).sum(axis=-1)
+    # (a separate pass, which XLA drops when nothing asks for box gradients).
+    def weight_chunk(c):
+        idx, g = c
+        return (jnp.take(flat_features, idx, axis=0, mode="clip") * spread(g)).sum(axis=-1)
+
+    grad_weight = jax.lax.map(weight_chunk, (index_c, cotangent_c))
+    grad_weight = grad_weight.reshape((-1,) + grad_weight.shape[2:])[: index.shape[0]]
     return grad_features, None, grad_weight
 
 
@@ -154,12 +201,21 @@ def _gather_pool(flat_features, row_base, widths, ys, xs):
     row_start = row_base[:, :, None, None] + y_first * widths[:, :, None, None]  # [B,R,oh,sr]
     top_left = row_start[grid] + x_first[cols]  # [B, R, oh, sr, ow, sr]
     below = widths[:, :, None, None, None, None]
+    batch, num_boxes, oh = y_first.shape[:3]
+    ow = x_first.shape[2]
     index = jnp.stack([top_left, top_left + 1, top_left + below, top_left + below + 1], -1)
     weight = jnp.stack(
-        [wy_first[grid] * wx_first[cols], wy_first[grid] * wx_second[cols],
-         wy_second[grid] * wx_first[cols], wy_second[grid] * wx_second[cols]], -1
+        [
+            wy_first[grid] * wx_first[cols],
+            wy_first[grid] * wx_second[cols],
+            wy_second[grid] * wx_first[cols],
+            wy_second[grid] * wx_second[cols],
+        ],
+        -1,
     ).astype(flat_features.dtype)  # [B, R, oh, sr, ow, sr, 4]
-    return _pool_bilinear(flat_features, index, weight)
+    flat_boxes = lambda x: x.reshape((batch * num_boxes,) + x.shape[2:])
+    pooled = _pool_bilinear(flat_features, flat_boxes(index), flat_boxes(weight))
+    return pooled.reshape(batch, num_boxes, oh, ow, -1)
 
 
 def _gather_from_levels(features_by_level, level_index, ys, xs):
@@ -170,8 +226,11 @@ def _gather_from_levels(features_by_level, level_index, ys, xs):
     """
     padded = [_at_least_two_cells(f) for f in features_by_level]
     batch, depth = padded[0].shape[0], padded[0].shape[-1]
-    flat = (padded[0].reshape(-1, depth) if len(padded) == 1
-            else jnp.concatenate([f.reshape(-1, depth) for f in padded], axis=0))
+    flat = (
+        padded[0].reshape(-1, depth)
+        if len(padded) == 1
+        else jnp.concatenate([f.reshape(-1, depth) for f in padded], axis=0)
+    )
     cells = [f.shape[1] * f.shape[2] for f in padded]  # cells of one image's map per level
     level_start = [0]
     for level_cells in cells[:-1]:
@@ -186,9 +245,10 @@ def _gather_from_levels(features_by_level, level_index, ys, xs):
 
 def _one_hot_weights(first, w_first, w_second, size: int):
     """float[..., bins, size]: row i holds the averaged bilinear weights of bin i on each cell."""
-    hot = jax.nn.one_hot(first, size, dtype=w_first.dtype) * w_first[..., None] + jax.nn.one_hot(
-        first + 1, size, dtype=w_first.dtype
-    ) * w_second[..., None]  # [..., bins, sr, size]
+    hot = (
+        jax.nn.one_hot(first, size, dtype=w_first.dtype) * w_first[..., None]
+        + jax.nn.one_hot(first + 1, size, dtype=w_first.dtype) * w_second[..., None]
+    )  # [..., bins, sr, size]
     return hot.sum(axis=-2)
 
 
@@ -214,9 +274,10 @@ def _einsum_pool(features, ys, xs, chunk_size: int):
 
     def pool_chunk(weights):
         wy_c, wx_c = weights
-        rows = jnp.einsum("brih,bhwd->briwd", wy_c, features.astype(wy_c.dtype),
-                          precision=_EXACT)
-        return jnp.einsum("briwd,brjw->brijd", rows, wx_c, precision=_EXACT)  # [B, chunk, oh, ow, D]
+        rows = jnp.einsum("brih,bhwd->briwd", wy_c, features.astype(wy_c.dtype), precision=_EXACT)
+        return jnp.einsum(
+            "briwd,brjw->brijd", rows, wx_c, precision=_EXACT
+        )  # [B, chunk, oh, ow, D]
 
     pooled = jax.lax.map(pool_chunk, (split(wy), split(wx)))  # [R'/chunk, B, chunk, oh, ow, D]
     pooled = jnp.moveaxis(pooled, 0, 1).reshape((features.shape[0], padded) + pooled.shape[3:])
@@ -253,11 +314,14 @@ def roi_align(
             f"{boxes.shape}"
         )
     if features.shape[0] != boxes.shape[0]:
-        raise ValueError(f"batch of features {features.shape[0]} != batch of boxes {boxes.shape[0]}")
+        raise ValueError(
+            f"batch of features {features.shape[0]} != batch of boxes {boxes.shape[0]}"
+        )
     batch, height, width, _ = features.shape
     num_boxes = boxes.shape[1]
-    ys, xs = _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned,
-                           height, width)
+    ys, xs = _sample_grids(
+        boxes, spatial_scale, output_size, sampling_ratio, aligned, height, width
+    )
     if method == "gather":
         level_index = jnp.zeros((batch, num_boxes), jnp.int32)
         return _gather_from_levels([features], level_index, ys, xs)
@@ -317,8 +381,9 @@ def multilevel_roi_align(
     heights = jnp.asarray([f.shape[1] for f in features_by_level], jnp.int32)[level_index]
     widths = jnp.asarray([f.shape[2] for f in features_by_level], jnp.int32)[level_index]
     scales = jnp.asarray([2.0 ** -(min_level + i) for i in range(num_levels)], boxes.dtype)
-    ys, xs = _sample_grids(boxes, scales[level_index], output_size, sampling_ratio, aligned,
-                           heights, widths)
+    ys, xs = _sample_grids(
+        boxes, scales[level_index], output_size, sampling_ratio, aligned, heights, widths
+    )
     if method == "gather":
         return _gather_from_levels(features_by_level, level_index, ys, xs)
     if method == "einsum":

@@ -54,7 +54,12 @@ def encode(target, source, weights) -> list[float]:
     tw, th = target[2] - target[0], target[3] - target[1]
     tx, ty = target[0] + tw / 2, target[1] + th / 2
     wx, wy, ww, wh = weights
-    return [wx * (tx - sx) / sw, wy * (ty - sy) / sh, ww * math.log(tw / sw), wh * math.log(th / sh)]
+    return [
+        wx * (tx - sx) / sw,
+        wy * (ty - sy) / sh,
+        ww * math.log(tw / sw),
+        wh * math.log(th / sh),
+    ]
 
 
 def decode(delta, source, weights, clamp) -> list[float]:
@@ -130,22 +135,25 @@ def roi_align(features, boxes, output_size, spatial_scale, sampling_ratio=2, ali
     for b in range(batch):
         flat = features[b].reshape(height * width, depth)
         for r in range(boxes.shape[1]):
-            m = roi_align_matrix((height, width), boxes[b, r], (oh, ow), spatial_scale,
-                                 sampling_ratio, aligned)
+            m = roi_align_matrix(
+                (height, width), boxes[b, r], (oh, ow), spatial_scale, sampling_ratio, aligned
+            )
             out[b, r] = (m @ flat).reshape(oh, ow, depth)
     return out
 
 
-def roi_align_adjoint(cotangent, features_shape, boxes, output_size, spatial_scale,
-                      sampling_ratio=2, aligned=True):
+def roi_align_adjoint(
+    cotangent, features_shape, boxes, output_size, spatial_scale, sampling_ratio=2, aligned=True
+):
     """float64[B, H, W, D]: the transpose of `roi_align` applied to cotangent[B, R, oh, ow, D]."""
     batch, height, width, depth = features_shape
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
     grad = np.zeros((batch, height * width, depth))
     for b in range(batch):
         for r in range(boxes.shape[1]):
-            m = roi_align_matrix((height, width), boxes[b, r], (oh, ow), spatial_scale,
-                                 sampling_ratio, aligned)
+            m = roi_align_matrix(
+                (height, width), boxes[b, r], (oh, ow), spatial_scale, sampling_ratio, aligned
+            )
             grad[b] += m.T @ np.asarray(cotangent[b, r], np.float64).reshape(oh * ow, depth)
     return grad.reshape(features_shape)
 

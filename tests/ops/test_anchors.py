@@ -37,7 +37,13 @@ def test_cell_anchor_order_is_size_major_and_ratio_is_h_over_w():
 
 def test_multilevel_anchors_cover_p2_to_p6():
     levels = ops.multilevel_anchors((64, 96))
-    assert [a.shape[0] for a in levels] == [16 * 24 * 3, 8 * 12 * 3, 4 * 6 * 3, 2 * 3 * 3, 1 * 2 * 3]
+    assert [a.shape[0] for a in levels] == [
+        16 * 24 * 3,
+        8 * 12 * 3,
+        4 * 6 * 3,
+        2 * 3 * 3,
+        1 * 2 * 3,
+    ]
     # Odd canvases round the feature size up, like a stride-2 "same" conv.
     assert ops.level_shapes((65, 33), (4, 64)) == [(17, 9), (2, 1)]
     with pytest.raises(ValueError, match="one size tuple per stride"):

@@ -36,7 +36,7 @@ def test_padded_ground_truth_never_matches():
     iou = iou_matrix(3)
     gt_valid = np.array([True, False, True, False, True])
     matched, labels = ops.match(iou, gt_valid=gt_valid)
-    want_matched, want_labels = ref.match(iou, (0.3, 0.7), (0, -1, 1), True, gt_valid)
+    _want_matched, want_labels = ref.match(iou, (0.3, 0.7), (0, -1, 1), True, gt_valid)
     np.testing.assert_array_equal(labels, want_labels)
     assert not np.isin(np.asarray(matched)[np.asarray(labels) == 1], [1, 3]).any()
     _, labels = ops.match(iou, gt_valid=np.zeros(5, bool))
@@ -60,8 +60,14 @@ def test_match_rejects_bad_thresholds():
 
 @pytest.mark.parametrize(
     ("num_pos", "num_neg", "num_samples", "fraction"),
-    [(100, 500, 256, 0.5), (10, 500, 256, 0.5), (10, 20, 256, 0.25), (0, 0, 16, 0.5),
-     (300, 3, 64, 0.25), (5, 5, 4, 1.0)],
+    [
+        (100, 500, 256, 0.5),
+        (10, 500, 256, 0.5),
+        (10, 20, 256, 0.25),
+        (0, 0, 16, 0.5),
+        (300, 3, 64, 0.25),
+        (5, 5, 4, 1.0),
+    ],
 )
 def test_sample_balanced_counts_and_members(num_pos, num_neg, num_samples, fraction):
     rng = np.random.default_rng(num_pos + num_neg)
@@ -78,7 +84,7 @@ def test_sample_balanced_counts_and_members(num_pos, num_neg, num_samples, fract
     assert len(chosen) == want_pos + want_neg
     assert len(set(chosen.tolist())) == len(chosen), "no index drawn twice"
     np.testing.assert_array_equal(labels[chosen], [1] * want_pos + [0] * want_neg)
-    assert valid[: want_pos + want_neg].all() and not valid[want_pos + want_neg:].any()
+    assert valid[: want_pos + want_neg].all() and not valid[want_pos + want_neg :].any()
     assert (indices[~valid] == 0).all()
 
 

@@ -93,7 +93,7 @@ def test_dice_loss(squared):
 
 
 def test_losses_have_finite_gradients(logits_targets):
-    x, t, w = logits_targets
+    x, t, _w = logits_targets
     for fn in (ops.binary_cross_entropy_with_logits, ops.sigmoid_focal_loss, ops.dice_loss):
         grad = jax.grad(lambda z, fn=fn: fn(z * 30, t, weights=None))(jnp.asarray(x))
         assert np.isfinite(np.asarray(grad)).all()

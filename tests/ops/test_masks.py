@@ -48,8 +48,9 @@ def test_crop_and_resize_matches_reference_roi_align():
     boxes = np.array([[2, 3, 15, 18], [0, 0, 24, 20], [10.5, 4.25, 11.5, 5.75]], np.float32)
     got = np.asarray(ops.crop_and_resize_masks(masks, boxes, 7))
     for n in range(3):
-        want = ref.roi_align(masks[n][None, :, :, None].astype(np.float32), boxes[None, n:n + 1],
-                             7, 1.0, 2, True)[0, 0, :, :, 0]
+        want = ref.roi_align(
+            masks[n][None, :, :, None].astype(np.float32), boxes[None, n : n + 1], 7, 1.0, 2, True
+        )[0, 0, :, :, 0]
         np.testing.assert_allclose(got[n], want, rtol=1e-5, atol=1e-6)
 
 

@@ -37,8 +37,7 @@ def test_nms_equals_greedy_reference(seed, threshold):
 
 
 def test_tied_scores_keep_lower_index_first():
-    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]],
-                     np.float32)
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], np.float32)
     scores = np.array([0.5, 0.5, 0.5, 0.5], np.float32)
     assert as_list(*ops.nms(boxes, scores, 0.5, 4)) == [0, 3]
     # Reversed input order: the lowest index still wins the tie.
@@ -89,7 +88,7 @@ def random_masks(seed, n=12, size=16):
     for i in range(n):
         y, x = rng.integers(0, size - 4, 2)
         h, w = rng.integers(3, 9, 2)
-        masks[i, y:y + h, x:x + w] = True
+        masks[i, y : y + h, x : x + w] = True
     masks[-1] = False  # an empty mask
     masks[3] = masks[2]  # a duplicate
     return masks
@@ -103,8 +102,9 @@ def test_matrix_nms_matches_reference(kernel, seed):
     classes = rng.integers(0, 2, len(masks)).astype(np.int32)
     classes[3] = classes[2]
     scores = rng.uniform(0.1, 1, len(masks)).astype(np.float32)
-    got = jax.jit(ops.matrix_nms, static_argnames=("kernel",))(masks, classes, scores,
-                                                               kernel=kernel, sigma=2.0)
+    got = jax.jit(ops.matrix_nms, static_argnames=("kernel",))(
+        masks, classes, scores, kernel=kernel, sigma=2.0
+    )
     want = ref.matrix_nms(masks, classes, scores, kernel, 2.0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert float(got[np.argmax(scores)]) == pytest.approx(float(scores.max()))

@@ -20,8 +20,9 @@ def random_case(seed, batch=2, height=13, width=17, depth=3, num_boxes=6, scale=
     rng = np.random.default_rng(seed)
     features = rng.normal(size=(batch, height, width, depth)).astype(np.float32)
     img_h, img_w = height / scale, width / scale
-    xy = rng.uniform([-0.3 * img_w, -0.3 * img_h], [1.1 * img_w, 1.1 * img_h],
-                     (batch, num_boxes, 2))
+    xy = rng.uniform(
+        [-0.3 * img_w, -0.3 * img_h], [1.1 * img_w, 1.1 * img_h], (batch, num_boxes, 2)
+    )
     wh = rng.uniform(0.0, 0.8, (batch, num_boxes, 2)) * [img_w, img_h]
     wh[:, 0] = rng.uniform(0.0, 1.5, (batch, 2))  # smaller than one feature cell
     boxes = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
@@ -46,6 +47,7 @@ def test_border_rule(method):
     """Samples in [-1, 0) read cell 0, beyond size read 0; samples in (size-1, size] clamp."""
     features = np.arange(1, 5, dtype=np.float32).reshape(1, 1, 4, 1) * np.ones((1, 4, 1, 1))
     features = features.astype(np.float32)  # value = x + 1 on every row
+
     # 1x1 bins, 1 sample, aligned=False: the sample sits at the box centre.
     def sample_at(x):
         box = np.array([[[x - 0.5, 1.0, x + 0.5, 2.0]]], np.float32)
@@ -103,7 +105,7 @@ def test_gradient_matches_finite_differences():
     for _ in range(5):  # central differences along random directions
         direction = rng.normal(size=features.shape).astype(np.float32)
         eps = 1e-2
-        numeric = (float(loss(features + eps * direction)) - float(loss(features - eps * direction)))
+        numeric = float(loss(features + eps * direction)) - float(loss(features - eps * direction))
         numeric /= 2 * eps
         assert numeric == pytest.approx(float((grad * direction).sum()), rel=2e-3, abs=2e-3)
 
@@ -127,8 +129,9 @@ def test_rejects_bad_arguments():
 
 def test_fpn_level_matches_formula():
     rng = np.random.default_rng(6)
-    sizes = np.concatenate([[0.0, 1.0, 111.9, 112.0, 224.0, 447.9, 448.0, 2000.0],
-                            rng.uniform(1, 900, 30)])
+    sizes = np.concatenate(
+        [[0.0, 1.0, 111.9, 112.0, 224.0, 447.9, 448.0, 2000.0], rng.uniform(1, 900, 30)]
+    )
     boxes = np.stack([np.zeros_like(sizes), np.zeros_like(sizes), sizes, sizes], 1)
     boxes = boxes.astype(np.float32)
     got = np.asarray(ops.fpn_level(boxes))
@@ -142,39 +145,52 @@ def test_fpn_level_matches_formula():
 def test_multilevel_pools_each_box_from_its_level(method, aligned):
     rng = np.random.default_rng(7)
     canvas = 64
-    features = [rng.normal(size=(2, canvas // 2**lv, canvas // 2**lv, 3)).astype(np.float32)
-                for lv in range(2, 6)]  # P2..P5; P5 is 2x2
+    features = [
+        rng.normal(size=(2, canvas // 2**lv, canvas // 2**lv, 3)).astype(np.float32)
+        for lv in range(2, 6)
+    ]  # P2..P5; P5 is 2x2
     xy = rng.uniform(-8, canvas, (2, 12, 2))
-    wh = np.exp(rng.uniform(np.log(0.5), np.log(80), (2, 12, 1))) * rng.uniform(0.5, 1.5, (2, 12, 2))
+    wh = np.exp(rng.uniform(np.log(0.5), np.log(80), (2, 12, 1))) * rng.uniform(
+        0.5, 1.5, (2, 12, 2)
+    )
     boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
-    got = ops.multilevel_roi_align(features, boxes, (2, 3), sampling_ratio=2, aligned=aligned,
-                                   method=method, canonical_size=16)
+    got = ops.multilevel_roi_align(
+        features, boxes, (2, 3), sampling_ratio=2, aligned=aligned, method=method, canonical_size=16
+    )
     levels = [[ref.fpn_level(boxes[b, r], 2, 5, 16, 4) for r in range(12)] for b in range(2)]
     assert len({lv for row in levels for lv in row}) >= 3, "test boxes should span levels"
     for b in range(2):
         for r in range(12):
             lv = levels[b][r]
-            want = ref.roi_align(features[lv - 2][b:b + 1], boxes[b:b + 1, r:r + 1], (2, 3),
-                                 2.0**-lv, 2, aligned)
+            want = ref.roi_align(
+                features[lv - 2][b : b + 1],
+                boxes[b : b + 1, r : r + 1],
+                (2, 3),
+                2.0**-lv,
+                2,
+                aligned,
+            )
             assert_close(got[b, r], want[0, 0])
 
 
 def test_multilevel_accepts_explicit_levels():
     rng = np.random.default_rng(8)
-    features = [rng.normal(size=(1, 16 // 2**i, 16 // 2**i, 2)).astype(np.float32)
-                for i in range(3)]
+    features = [
+        rng.normal(size=(1, 16 // 2**i, 16 // 2**i, 2)).astype(np.float32) for i in range(3)
+    ]
     boxes = np.array([[[0, 0, 8, 8], [2, 2, 30, 30]]], np.float32)
     levels = np.array([[4, 2]], np.int32)
     got = ops.multilevel_roi_align(features, boxes, 2, levels=levels)
     for r, lv in enumerate([4, 2]):
-        want = ref.roi_align(features[lv - 2], boxes[:, r:r + 1], 2, 2.0**-lv, 2, True)
+        want = ref.roi_align(features[lv - 2], boxes[:, r : r + 1], 2, 2.0**-lv, 2, True)
         assert_close(got[0, r], want[0, 0])
 
 
 def test_multilevel_gradient_is_the_exact_adjoint():
     rng = np.random.default_rng(10)
-    features = [rng.normal(size=(1, 16 // 2**i, 16 // 2**i, 2)).astype(np.float32)
-                for i in range(3)]
+    features = [
+        rng.normal(size=(1, 16 // 2**i, 16 // 2**i, 2)).astype(np.float32) for i in range(3)
+    ]
     boxes = np.array([[[0, 0, 3, 3], [1, 1, 9, 10], [0, 0, 15, 16], [4, 2, 6, 5]]], np.float32)
     cot = rng.normal(size=(1, 4, 2, 2, 2)).astype(np.float32)
     _, vjp = jax.vjp(lambda f: ops.multilevel_roi_align(f, boxes, 2, canonical_size=8), features)
@@ -182,8 +198,9 @@ def test_multilevel_gradient_is_the_exact_adjoint():
     levels = [ref.fpn_level(b, 2, 4, 8, 4) for b in boxes[0]]
     for i, grad in enumerate(grads):
         on_level = [r for r in range(4) if levels[r] == i + 2]
-        want = ref.roi_align_adjoint(cot[:, on_level], features[i].shape, boxes[:, on_level], 2,
-                                     2.0 ** -(i + 2), 2, True)
+        want = ref.roi_align_adjoint(
+            cot[:, on_level], features[i].shape, boxes[:, on_level], 2, 2.0 ** -(i + 2), 2, True
+        )
         assert_close(grad, want)
 
 
