@@ -8,7 +8,7 @@ PEER_PY := $(PEER_VENV)/bin/python
 # JAX's persistent compilation cache: repeated test runs skip most XLA compile time.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: venv demo test test-all bench peer lint clean
+.PHONY: venv data demo test test-all bench peer lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): $(PY) pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The real nuclei set, converted from ../shared/data/dsb2018_nuclei (or --src) to COCO files.
+data: $(STAMP)
+	$(PY) data/prepare_nuclei.py
 
 demo: $(STAMP)
 	$(PY) -m instseg_jax.demo
@@ -31,6 +35,8 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/ops.py
+	$(MAKE) data
+	$(PY) experiments/benchmarks/input.py
 
 # torch + torchvision in their own environment: large, never a dependency of the package.
 $(PEER_PY):

@@ -1,0 +1,193 @@
+"""Random-access source over a COCO instances JSON and its image folder (host side, NumPy).
+
+A record is a plain dict that pickles cheaply into grain workers: the image path and sizes,
+and per annotation its xyxy box, contiguous class index, crowd flag, id and raw segmentation
+(polygons, compressed or uncompressed RLE). Masks are decoded later, by the transforms, in
+the workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from instseg_jax.input import report
+from instseg_jax.input.images import DataError, decode_image
+
+
+
+class CocoSource:
+    """Records of a COCO instances file.
+
+    Args:
+      annotation_file: COCO instances JSON.
+      image_dir: folder the images' ``file_name`` are relative to.
+      keep_empty: keep images without (non-crowd) annotations. Keep them for evaluation (they
+        still count for false positives); training configs usually drop them.
+      check_files: fail now, naming the first missing image file, rather than mid-training.
+    """
+
+    def __init__(
+        self,
+        annotation_file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        keep_empty: bool = True,
+        check_files: bool = True,
+    ):
+        self.annotation_file = Path(annotation_file)
+        self.image_dir = Path(image_dir)
+        try:
+            document = json.loads(self.annotation_file.read_text())
+        except FileNotFoundError as error:
+            raise DataError(f"{self.annotation_file}: annotation file not found") from error
+        except json.JSONDecodeError as error:
+            raise DataError(f"{self.annotation_file}: not valid JSON ({error})") from error
+        for field in ("images", "annotations", "categories"):
+            if field not in document:
+                raise DataError(f"{self.annotation_file}: no '{field}' list; not a COCO "
+                                "instances file")
+        categories = sorted(document["categories"], key=lambda c: c["id"])
+        self.category_ids = [int(c["id"]) for c in categories]
+        self.class_names = [str(c["name"]) for c in categories]
+        self._class_of = {cid: i for i, cid in enumerate(self.category_ids)}
+
+        by_image: dict[int, list[dict]] = {}
+        for ann in document["annotations"]:
+            if ann["category_id"] not in self._class_of:
+                raise DataError(
+                    f"{self.annotation_file}: annotation id {ann.get('id')} has category_id "
+                    f"{ann['category_id']}, which is not in 'categories' "
+                    f"{self.category_ids}; add the category or fix the annotation"
+                )
+            by_image.setdefault(ann["image_id"], []).append(ann)
+
+        self.records: list[dict] = []
+        self.num_empty_dropped = 0
+        for image in sorted(document["images"], key=lambda im: im["id"]):
+            anns = sorted(by_image.get(image["id"], []), key=lambda a: a["id"])
+            if not keep_empty and not any(not a.get("iscrowd", 0) for a in anns):
+                self.num_empty_dropped += 1
+                continue
+            self.records.append(self._record(image, anns))
+        if check_files:
+            for record in self.records:
+                if not os.path.exists(record["path"]):
+                    raise DataError(
+                        f"{record['path']}: image file of image id {record['image_id']} is "
+                        f"missing (file_name in {self.annotation_file}); restore the file or "
+                        "remove the image from the annotations"
+                    )
+
+    def _record(self, image: dict, anns: Sequence[dict]) -> dict:
+        boxes = np.zeros((len(anns), 4), np.float32)
+        for i, ann in enumerate(anns):
+            x, y, w, h = (float(v) for v in ann.get("bbox", (0, 0, 0, 0)))
+            boxes[i] = (x, y, x + w, y + h)
+        return {
+            "image_id": int(image["id"]),
+            "path": str(self.image_dir / image["file_name"]),
+            "height": int(image["height"]),
+            "width": int(image["width"]),
+            "boxes": boxes,
+            "classes": np.array([self._class_of[a["category_id"]] for a in anns], np.int32),
+            "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in anns], bool),
+            "ann_ids": np.array([int(a["id"]) for a in anns], np.int64),
+            "segmentations": [a.get("segmentation") for a in anns],
+        }
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def category_id(self, class_index) -> np.ndarray:
+        """Dataset category ids of contiguous class indices (for results files)."""
+        return np.asarray(self.category_ids)[np.asarray(class_index)]
+
+    def load(self, index: int, counts: np.ndarray | None = None) -> dict:
+        """Decoded example: image uint8[H, W, 3], masks bool[n, H, W], xyxy boxes, classes,
+        crowd flags. Bad annotations are dropped or clipped and counted in ``counts``.
+        Raises UnreadableImage (naming the file) when the image cannot be decoded."""
+        counts = report.new_counts() if counts is None else counts
+        record = self.records[index]
+        image = decode_image(record["path"])
+        height, width = image.shape[:2]
+        if (height, width) != (record["height"], record["width"]):
+            raise DataError(
+                f"{record['path']}: image is {height}x{width} but {self.annotation_file} says "
+                f"{record['height']}x{record['width']} for image id {record['image_id']}; fix "
+                "the height/width fields"
+            )
+        instances = decode_instances(record["segmentations"], record["boxes"], height, width,
+                                     counts)
+        keep = instances.pop("keep")
+        return {
+            "image": image,
+            **instances,
+            "classes": record["classes"][keep],
+            "iscrowd": record["iscrowd"][keep],
+            "image_id": record["image_id"],
+        }
+
+
+def decode_instances(segmentations, boxes, height: int, width: int, counts: np.ndarray) -> dict:
+    """Masks bool[n, H, W] and tight xyxy boxes float32[n, 4] of the usable annotations.
+
+    Annotations with a zero-area box or no segmentation, and segmentations with no pixel inside
+    the image, are dropped; boxes reaching outside the image are replaced by the mask's box.
+    Each case is counted. ``keep`` int64[n] indexes the kept annotations.
+    """
+    keep, masks, tight = [], [], []
+    for i, segmentation in enumerate(segmentations):
+        x0, y0, x1, y1 = boxes[i]
+        if segmentation is None or x1 - x0 <= 0 or y1 - y0 <= 0:
+            report.count(counts, "zero_area_annotation")
+            continue
+        mask = decode_segmentation(segmentation, height, width)
+        if not mask.any():
+            report.count(counts, "empty_mask")
+            continue
+        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+            report.count(counts, "clipped_annotation")
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        keep.append(i)
+        masks.append(mask)
+        # The tight box of the mask: inside the image and consistent with the mask.
+        tight.append((cols[0], rows[0], cols[-1] + 1, rows[-1] + 1))
+    return {
+        "masks": np.stack(masks) if masks else np.zeros((0, height, width), bool),
+        "boxes": np.asarray(tight, np.float32).reshape(-1, 4),
+        "keep": np.asarray(keep, np.int64),
+    }
+
+
+def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
+    """bool[H, W] of a COCO segmentation: polygons, uncompressed or compressed RLE.
+
+    Polygons are rasterised by pycocotools, which clips them to the image.
+    """
+    if isinstance(segmentation, list):  # polygons
+        polygons = [p for p in segmentation if len(p) >= 6]
+        if not polygons:
+            return np.zeros((height, width), bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)  # uncompressed RLE
+    elif isinstance(segmentation, dict):
+        rle = dict(segmentation)
+        if isinstance(rle["counts"], str):
+            rle["counts"] = rle["counts"].encode("ascii")
+    else:
+        raise DataError(f"unknown segmentation format {type(segmentation).__name__}")
+    return mask_utils.decode(rle).astype(bool)

@@ -1,0 +1,227 @@
+"""The grain input pipeline: seeded, sharded per process, fixed batches, exactly resumable.
+
+Every batch is a pure function of (seed, position in the stream): global example g of the
+training stream is example ``perm(seed, epoch)[g mod n]`` of epoch ``g // n``, augmented with a
+generator seeded by (seed, epoch, example index). Workers only change where that function runs,
+so the stream does not depend on the number of workers, and restoring the iterator state (the
+next position) continues it exactly.
+
+Process p of P takes slots [p * B/P, (p + 1) * B/P) of every global batch of B examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from instseg_jax.input import report
+from instseg_jax.input.images import UnreadableImage
+from instseg_jax.input.transforms import TransformConfig, transform
+
+log = logging.getLogger(__name__)
+
+# How many following examples to try in place of an unreadable one before giving up.
+_MAX_CONSECUTIVE_UNREADABLE = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """Where a process's local example l sits in the global stream."""
+
+    num_examples: int
+    global_batch: int
+    process_index: int
+    process_count: int
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.process_count
+
+    def global_index(self, local_index: int) -> int:
+        step, slot = divmod(local_index, self.local_batch)
+        return step * self.global_batch + self.process_index * self.local_batch + slot
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The shuffle of one epoch: a permutation keyed only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_examples)
+
+
+def _padding_example(config: TransformConfig) -> dict:
+    """An all-zero example with example_valid False (fills the last evaluation batch)."""
+    height, width = config.canvas_hw
+    n = config.max_instances
+    mask_hw = ((config.mask_size, config.mask_size) if config.mask_format == "box_crop"
+               else (height // 4, width // 4))
+    return {
+        "image": np.zeros((height, width, 3), np.uint8),
+        "image_hw": np.zeros(2, np.int32),
+        "orig_hw": np.zeros(2, np.int32),
+        "scale": np.float32(1.0),
+        "crop_offset": np.zeros(2, np.int32),
+        "flipped": np.bool_(False),
+        "image_id": np.int64(-1),
+        "example_valid": np.bool_(False),
+        "gt_boxes": np.zeros((n, 4), np.float32),
+        "gt_classes": np.zeros((n,), np.int32),
+        "gt_valid": np.zeros((n,), bool),
+        "gt_masks": np.zeros((n, *mask_hw), np.uint8),
+    }
+
+
+class ExampleMaker:
+    """local example index -> fixed-shape example dict (runs in the grain workers)."""
+
+    def __init__(self, source, config: TransformConfig, spec: StreamSpec, seed: int,
+                 train: bool, strict: bool):
+        self.source = source
+        self.config = config
+        self.spec = spec
+        self.seed = seed
+        self.train = train
+        self.strict = strict
+
+    def __call__(self, local_index: int) -> dict:
+        counts = report.new_counts()
+        g = self.spec.global_index(int(local_index))
+        n = self.spec.num_examples
+        if not self.train and g >= n:
+            example = _padding_example(self.config)
+            example["issues"] = counts
+            return example
+        epoch, position = divmod(g, n) if self.train else (0, g)
+        for attempt in range(_MAX_CONSECUTIVE_UNREADABLE):
+            # An unreadable image is replaced by the next example of the same order: the
+            # replacement is as deterministic as the stream itself.
+            pos = (position + attempt) % n
+            index = int(epoch_order(self.seed, epoch, n)[pos]) if self.train else pos
+            try:
+                decoded = self.source.load(index, counts)
+                break
+            except UnreadableImage as error:
+                if self.strict:
+                    raise
+                report.count(counts, "unreadable_image")
+                log.warning("skipped: %s", error)
+        else:
+            raise UnreadableImage(f"{_MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images "
+                                  f"from example {position} of epoch {epoch}; check the data")
+        rng = np.random.default_rng([self.seed, epoch, index])
+        example = transform(decoded, self.config, rng, counts)
+        example["issues"] = counts
+        return example
+
+
+def stack_examples(examples) -> dict:
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+
+class InputPipeline:
+    """Batches of a source for one process: an iterator with get_state / set_state.
+
+    Args:
+      source: anything with ``__len__`` and ``load(index, counts) -> decoded example``
+        (CocoSource, SyntheticSource, the TFDS source).
+      config: the transform settings (config.train selects the training stream: shuffled,
+        augmented, endless; otherwise one ordered pass, the last batch padded with
+        example_valid=False).
+      global_batch: B over all processes; must divide by the process count.
+      num_workers: grain worker processes (0: in this process).
+      strict: raise on an unreadable image instead of skipping and counting it.
+      process_index, process_count: default jax.process_index() / jax.process_count().
+    """
+
+    def __init__(self, source, config: TransformConfig, global_batch: int, seed: int = 0,
+                 num_workers: int = 0, strict: bool = False, process_index: int | None = None,
+                 process_count: int | None = None, worker_buffer: int = 2):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index = jax.process_index() if process_index is None else process_index
+            process_count = jax.process_count() if process_count is None else process_count
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} does not divide over "
+                             f"{process_count} processes; change input.global_batch")
+        if len(source) == 0:
+            raise ValueError("the source has no examples")
+        self.config = config
+        self.spec = StreamSpec(len(source), global_batch, process_index, process_count)
+        self.train = config.train
+        if self.train:
+            self.num_batches = None
+            num_local = 2**62  # endless: positions are computed, never materialised
+        else:
+            self.num_batches = -(-len(source) // global_batch)
+            num_local = self.num_batches * self.spec.local_batch
+        maker = ExampleMaker(source, config, self.spec, seed, self.train, strict)
+        dataset = (grain.MapDataset.range(num_local).map(maker)
+                   .batch(self.spec.local_batch, drop_remainder=False, batch_fn=stack_examples))
+        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if num_workers > 0:
+            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=num_workers, per_worker_buffer_size=worker_buffer))
+        self._dataset = dataset
+        self._iterator = None
+        self.step = 0
+        self.epoch_counts = report.new_counts()
+        self.total_counts = report.new_counts()
+        self._reported_epoch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def _ensure_iterator(self):
+        if self._iterator is None:
+            self._iterator = iter(self._dataset)
+        return self._iterator
+
+    def epoch_of_step(self, step: int) -> int:
+        return (step * self.spec.global_batch) // self.spec.num_examples
+
+    def __next__(self) -> dict:
+        if self.num_batches is not None and self.step >= self.num_batches:
+            raise StopIteration
+        batch = next(self._ensure_iterator())
+        issues = batch.pop("issues").sum(axis=0)
+        epoch = self.epoch_of_step(self.step) if self.train else 0
+        if self.train and epoch > self._reported_epoch:
+            self._report_epoch()
+            self._reported_epoch = epoch
+        self.epoch_counts += issues
+        self.total_counts += issues
+        self.step += 1
+        if self.num_batches is not None and self.step == self.num_batches:
+            self._report_epoch()
+        return batch
+
+    def _report_epoch(self):
+        log.info("input epoch %d: %s", self._reported_epoch, report.summary(self.epoch_counts))
+        self.epoch_counts = report.new_counts()
+
+    def get_state(self) -> dict:
+        """JSON-serialisable position of the stream (and the issue counts so far)."""
+        return {
+            "step": self.step,
+            "grain": self._ensure_iterator().get_state(),
+            "epoch_counts": self.epoch_counts.tolist(),
+            "total_counts": self.total_counts.tolist(),
+            "reported_epoch": self._reported_epoch,
+        }
+
+    def set_state(self, state: dict) -> None:
+        self._ensure_iterator().set_state(state["grain"])
+        self.step = int(state["step"])
+        self.epoch_counts = np.asarray(state["epoch_counts"], np.int32)
+        self.total_counts = np.asarray(state["total_counts"], np.int32)
+        self._reported_epoch = int(state["reported_epoch"])
+
+    def close(self) -> None:
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None

@@ -1,0 +1,40 @@
+"""Counts of bad or trimmed input, gathered per example and summarised per epoch.
+
+Every example carries an int32 vector of these counts through the workers; the pipeline sums
+them on the host, so nothing is dropped without being counted and reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ISSUE_KINDS = (
+    "unreadable_image",  # decode failed or file truncated: the example was replaced (skipped)
+    "zero_area_annotation",  # bbox or segmentation of zero area: annotation dropped
+    "clipped_annotation",  # bbox reaching outside the image: clipped to it
+    "empty_mask",  # segmentation with no pixel inside the image (e.g. polygon outside): dropped
+    "crowd_dropped",  # crowd instances left out of training targets
+    "crowd_only_image",  # training image whose only instances are crowd: no targets left
+    "degenerate_box",  # box under 1 px after resize / crop: dropped
+    "image_over_instance_limit",  # images with more than N instances (N largest kept)
+    "instances_over_limit",  # instances dropped by that limit
+)
+_INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
+
+
+def new_counts() -> np.ndarray:
+    return np.zeros(len(ISSUE_KINDS), np.int32)
+
+
+def count(counts: np.ndarray, kind: str, amount: int = 1) -> None:
+    counts[_INDEX[kind]] += amount
+
+
+def summary(counts: np.ndarray) -> str:
+    """One line naming every non-zero count, or 'no data issues'."""
+    parts = [f"{kind}={int(n)}" for kind, n in zip(ISSUE_KINDS, counts, strict=True) if n]
+    return ", ".join(parts) if parts else "no data issues"
+
+
+def as_dict(counts: np.ndarray) -> dict[str, int]:
+    return {kind: int(n) for kind, n in zip(ISSUE_KINDS, counts, strict=True)}

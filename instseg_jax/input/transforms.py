@@ -1,0 +1,199 @@
+"""Example -> fixed-shape training / evaluation example (host side, NumPy).
+
+Geometry is one affine map per example: scale s, then a crop offset (large-scale jitter) and an
+optional horizontal flip, then padding to the canvas. Canvas pixel (x, y) is original pixel
+((x + ox) / s, (y + oy) / s) (before the flip), so predictions map back exactly.
+
+Full-resolution masks never leave this module: box-crop targets are sampled straight from the
+original masks inside each box's pre-image, and stride-4 masks from the original masks at the
+pre-images of the stride-4 cell centres.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image
+
+from instseg_jax.input import report
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformConfig:
+    """Fields of the `input` config section that shape an example."""
+
+    canvas_hw: tuple[int, int] = (512, 512)
+    max_instances: int = 100  # N: instances padded (or trimmed, largest kept) to this
+    mask_format: str = "box_crop"  # "box_crop": uint8[N, Mc, Mc]; "stride4": uint8[N, H/4, W/4]
+    mask_size: int = 112  # Mc
+    train: bool = True
+    resize: str = "short_side"  # "short_side" or "lsj" (large-scale jitter)
+    short_side: tuple[int, ...] = (512,)  # training draws one; evaluation uses the first
+    max_long_side: int = 512
+    lsj_scale: tuple[float, float] = (0.1, 2.0)
+    hflip: float = 0.5  # probability, training only
+    drop_crowd: bool = True  # training only: crowd regions are not targets
+    min_box_size: float = 1.0
+
+    def __post_init__(self):
+        if self.mask_format not in ("box_crop", "stride4"):
+            raise ValueError(f"input.mask_format must be 'box_crop' or 'stride4', got "
+                             f"{self.mask_format!r}")
+        if self.resize not in ("short_side", "lsj"):
+            raise ValueError(f"input.resize must be 'short_side' or 'lsj', got {self.resize!r}")
+        if self.mask_format == "stride4" and (self.canvas_hw[0] % 4 or self.canvas_hw[1] % 4):
+            raise ValueError(f"input.canvas_hw {self.canvas_hw} must be divisible by 4 for "
+                             "stride-4 masks")
+
+
+def _geometry(config: TransformConfig, orig_hw, rng):
+    """(scale, (oy, ox) crop offset, flip) for an image of orig_hw."""
+    height, width = orig_hw
+    canvas_h, canvas_w = config.canvas_hw
+    fit = min(canvas_h / height, canvas_w / width)
+    offset = (0, 0)
+    if config.train and config.resize == "lsj":
+        scale = fit * rng.uniform(*config.lsj_scale)
+        scaled_h, scaled_w = round(height * scale), round(width * scale)
+        offset = (int(rng.integers(0, max(scaled_h - canvas_h, 0) + 1)),
+                  int(rng.integers(0, max(scaled_w - canvas_w, 0) + 1)))
+    else:
+        short = config.short_side[int(rng.integers(len(config.short_side)))] if config.train \
+            else config.short_side[0]
+        scale = min(short / min(height, width), config.max_long_side / max(height, width), fit)
+    flip = bool(config.train and rng.uniform() < config.hflip)
+    return scale, offset, flip
+
+
+def _resize_image(image, scale, offset, config):
+    """uint8[H, W, 3] canvas, and the (h, w) of its valid region."""
+    canvas_h, canvas_w = config.canvas_hw
+    height, width = image.shape[:2]
+    scaled_h, scaled_w = max(1, round(height * scale)), max(1, round(width * scale))
+    resized = np.asarray(Image.fromarray(image).resize((scaled_w, scaled_h), Image.BILINEAR))
+    oy, ox = offset
+    window = resized[oy:oy + canvas_h, ox:ox + canvas_w]
+    canvas = np.zeros((canvas_h, canvas_w, 3), np.uint8)
+    canvas[: window.shape[0], : window.shape[1]] = window
+    return canvas, window.shape[:2]
+
+
+def _bilinear_sample(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """float32[len(ys), len(xs)] of a bool mask at pixel-centre coordinates, zero outside."""
+    height, width = mask.shape
+    y = ys - 0.5
+    x = xs - 0.5
+    y0 = np.floor(y).astype(np.int64)
+    x0 = np.floor(x).astype(np.int64)
+    fy = (y - y0).astype(np.float32)
+    fx = (x - x0).astype(np.float32)
+    padded = np.pad(mask, 1).astype(np.float32)  # one zero cell around: outside reads zero
+    r0 = np.clip(y0 + 1, 0, height + 1)
+    r1 = np.clip(y0 + 2, 0, height + 1)
+    c0 = np.clip(x0 + 1, 0, width + 1)
+    c1 = np.clip(x0 + 2, 0, width + 1)
+    top = padded[r0][:, c0] * (1 - fx) + padded[r0][:, c1] * fx
+    bottom = padded[r1][:, c0] * (1 - fx) + padded[r1][:, c1] * fx
+    return top * (1 - fy)[:, None] + bottom * fy[:, None]
+
+
+def box_crop_target(mask: np.ndarray, box, size: int) -> np.ndarray:
+    """uint8[size, size] {0, 1}: mask[H, W] sampled at the bin centres of box (xyxy, mask px)."""
+    x0, y0, x1, y1 = box
+    steps = (np.arange(size) + 0.5) / size
+    ys = y0 + steps * (y1 - y0)
+    xs = x0 + steps * (x1 - x0)
+    return (_bilinear_sample(mask, ys, xs) >= 0.5).astype(np.uint8)
+
+
+def transform(example: dict, config: TransformConfig, rng: np.random.Generator,
+              counts: np.ndarray) -> dict:
+    """A fixed-shape example (the per-example slice of DESIGN's Batch) from a decoded one."""
+    image = example["image"]
+    orig_hw = image.shape[:2]
+    scale, (oy, ox), flip = _geometry(config, orig_hw, rng)
+    canvas, (valid_h, valid_w) = _resize_image(image, scale, (oy, ox), config)
+
+    boxes = example["boxes"].astype(np.float64)
+    masks = example["masks"]
+    classes = example["classes"]
+    keep = np.ones(len(boxes), bool)
+    if config.train and config.drop_crowd:
+        crowd = example["iscrowd"].astype(bool)
+        if crowd.any():
+            report.count(counts, "crowd_dropped", int(crowd.sum()))
+            if crowd.all():
+                report.count(counts, "crowd_only_image")
+        keep &= ~crowd
+
+    # Boxes on the canvas: the visible part of each mask's tight box, clipped to the valid
+    # region (a crop can cut an instance: its target covers what is left in the window).
+    canvas_boxes = boxes * scale - np.array([ox, oy, ox, oy])
+    canvas_boxes = np.clip(canvas_boxes, 0, np.array([valid_w, valid_h, valid_w, valid_h]))
+    sizes = canvas_boxes[:, 2:] - canvas_boxes[:, :2]
+    degenerate = keep & ((sizes < config.min_box_size).any(axis=1))
+    if degenerate.any():
+        report.count(counts, "degenerate_box", int(degenerate.sum()))
+    keep &= ~degenerate
+
+    kept = np.flatnonzero(keep)
+    limit = config.max_instances
+    if len(kept) > limit:
+        report.count(counts, "image_over_instance_limit")
+        report.count(counts, "instances_over_limit", len(kept) - limit)
+        areas = masks[kept].reshape(len(kept), -1).sum(axis=1)
+        largest = np.argsort(-areas, kind="stable")[:limit]
+        kept = np.sort(kept[largest])
+
+    gt_boxes = np.zeros((limit, 4), np.float32)
+    gt_classes = np.zeros((limit,), np.int32)
+    gt_valid = np.zeros((limit,), bool)
+    count = len(kept)
+    gt_boxes[:count] = canvas_boxes[kept]
+    gt_classes[:count] = classes[kept]
+    gt_valid[:count] = True
+
+    canvas_h, canvas_w = config.canvas_hw
+    if config.mask_format == "box_crop":
+        size = config.mask_size
+        gt_masks = np.zeros((limit, size, size), np.uint8)
+        for slot, i in enumerate(kept):
+            # The box's pre-image in original pixels: sample the original mask there.
+            pre_image = (gt_boxes[slot] + np.array([ox, oy, ox, oy])) / scale
+            gt_masks[slot] = box_crop_target(masks[i], pre_image, size)
+    else:
+        # Stride-4 cell centres on the canvas, mapped back (through the flip) to the original.
+        centres_y = (np.arange(canvas_h // 4) + 0.5) * 4
+        centres_x = (np.arange(canvas_w // 4) + 0.5) * 4
+        source_x = valid_w - centres_x if flip else centres_x
+        ys = (centres_y + oy) / scale
+        xs = (source_x + ox) / scale
+        inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
+        gt_masks = np.zeros((limit, canvas_h // 4, canvas_w // 4), np.uint8)
+        for slot, i in enumerate(kept):
+            gt_masks[slot] = ((_bilinear_sample(masks[i], ys, xs) >= 0.5) & inside)
+
+    if flip:
+        canvas[:, :valid_w] = canvas[:, :valid_w][:, ::-1]
+        flipped = gt_boxes.copy()
+        flipped[:, 0] = valid_w - gt_boxes[:, 2]
+        flipped[:, 2] = valid_w - gt_boxes[:, 0]
+        gt_boxes = np.where(gt_valid[:, None], flipped, 0.0).astype(np.float32)
+        if config.mask_format == "box_crop":
+            gt_masks = gt_masks[:, :, ::-1]
+
+    return {
+        "image": canvas,
+        "image_hw": np.array([valid_h, valid_w], np.int32),
+        "orig_hw": np.array(orig_hw, np.int32),
+        "scale": np.float32(scale),
+        "crop_offset": np.array([oy, ox], np.int32),
+        "flipped": np.bool_(flip),
+        "image_id": np.int64(example["image_id"]),
+        "example_valid": np.bool_(True),
+        "gt_boxes": gt_boxes,
+        "gt_classes": gt_classes,
+        "gt_valid": gt_valid,
+        "gt_masks": np.ascontiguousarray(gt_masks),
+    }
