@@ -118,6 +118,14 @@ class ExampleMaker:
         return example
 
 
+def _absl_flags_ready() -> None:
+    """grain's worker processes read absl flags; outside an absl app they were never parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def stack_examples(examples) -> dict:
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
@@ -164,6 +172,7 @@ class InputPipeline:
                    .batch(self.spec.local_batch, drop_remainder=False, batch_fn=stack_examples))
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if num_workers > 0:
+            _absl_flags_ready()
             dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=num_workers, per_worker_buffer_size=worker_buffer))
         self._dataset = dataset
