@@ -88,8 +88,14 @@ def convert(src: Path, out: Path, require_both_kinds: bool = True) -> dict[str, 
         file_name = f"{image_id}.png"
         Image.fromarray(rgb).save(out / "images" / file_name, format="PNG", optimize=False)
         splits[split]["images"].append(
-            {"id": numeric_id, "file_name": file_name, "height": height, "width": width,
-             "source_id": image_id, "kind": kind}
+            {
+                "id": numeric_id,
+                "file_name": file_name,
+                "height": height,
+                "width": width,
+                "source_id": image_id,
+                "kind": kind,
+            }
         )
         mask_paths = sorted((image_dir / "masks").glob("*.png"))
         if not mask_paths:
@@ -101,10 +107,16 @@ def convert(src: Path, out: Path, require_both_kinds: bool = True) -> dict[str, 
                 continue
             rle = encode(mask)
             splits[split]["annotations"].append(
-                {"id": next_ann_id, "image_id": numeric_id, "category_id": CATEGORY["id"],
-                 "segmentation": rle, "area": int(mask_utils.area(rle)),
-                 "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
-                 "source_mask": mask_path.stem}
+                {
+                    "id": next_ann_id,
+                    "image_id": numeric_id,
+                    "category_id": CATEGORY["id"],
+                    "segmentation": rle,
+                    "area": int(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                    "source_mask": mask_path.stem,
+                }
             )
             next_ann_id += 1
     for split, found in kinds.items():
@@ -112,8 +124,10 @@ def convert(src: Path, out: Path, require_both_kinds: bool = True) -> dict[str, 
             raise SystemExit(f"split {split} has image kinds {sorted(found)}; expected both")
     for split, content in splits.items():
         document = {
-            "info": {"description": f"DSB 2018 stage1_train nuclei, {split} split",
-                     "source": "BBBC038 / Kaggle DSB 2018 (CC0)"},
+            "info": {
+                "description": f"DSB 2018 stage1_train nuclei, {split} split",
+                "source": "BBBC038 / Kaggle DSB 2018 (CC0)",
+            },
             "licenses": [{"id": 1, "name": "CC0 1.0"}],
             "categories": [CATEGORY],
             **content,
@@ -125,8 +139,12 @@ def convert(src: Path, out: Path, require_both_kinds: bool = True) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, default=None,
-                        help=f"stage1_train folder (default: {DEFAULT_SRC} when it exists)")
+    parser.add_argument(
+        "--src",
+        type=Path,
+        default=None,
+        help=f"stage1_train folder (default: {DEFAULT_SRC} when it exists)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     src = args.src or DEFAULT_SRC
@@ -141,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     splits = convert(src, args.out)
     for split, content in splits.items():
-        print(f"{split}: {len(content['images'])} images, {len(content['annotations'])} nuclei "
-              f"-> {args.out / 'annotations' / (split + '.json')}")
+        print(
+            f"{split}: {len(content['images'])} images, {len(content['annotations'])} nuclei "
+            f"-> {args.out / 'annotations' / (split + '.json')}"
+        )
     return 0
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
 if _cache:
@@ -27,8 +27,9 @@ def nuclei_dir(tmp_path_factory) -> Path:
         pytest.skip(f"no nuclei source at {SHARED_NUCLEI}")
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prepare_nuclei",
-                                                  REPO / "data" / "prepare_nuclei.py")
+    spec = importlib.util.spec_from_file_location(
+        "prepare_nuclei", REPO / "data" / "prepare_nuclei.py"
+    )
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
     out = tmp_path_factory.mktemp("nuclei")

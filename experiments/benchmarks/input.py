@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import append_results, machine_line, markdown_table  # noqa: E402
+from common import append_results, machine_line, markdown_table
 
-from instseg_jax.input.coco import CocoSource  # noqa: E402
-from instseg_jax.input.pipeline import InputPipeline  # noqa: E402
-from instseg_jax.input.transforms import TransformConfig  # noqa: E402
+from instseg_jax.input.coco import CocoSource
+from instseg_jax.input.pipeline import InputPipeline
+from instseg_jax.input.transforms import TransformConfig
 
 NUCLEI = Path(__file__).resolve().parents[2] / "data" / "nuclei"
 
@@ -36,12 +36,25 @@ def main() -> None:
     if not annotations.exists():
         raise SystemExit(f"{annotations} missing: run `make data` first")
     source = CocoSource(annotations, NUCLEI / "images", keep_empty=False)
-    config = TransformConfig(canvas_hw=(512, 512), short_side=(512,), max_long_side=512,
-                             max_instances=128, mask_format="box_crop", mask_size=112)
+    config = TransformConfig(
+        canvas_hw=(512, 512),
+        short_side=(512,),
+        max_long_side=512,
+        max_instances=128,
+        mask_format="box_crop",
+        mask_size=112,
+    )
     rows = []
     for workers in sorted({0, args.workers}):
-        pipeline = InputPipeline(source, config, args.batch, seed=0, num_workers=workers,
-                                 process_index=0, process_count=1)
+        pipeline = InputPipeline(
+            source,
+            config,
+            args.batch,
+            seed=0,
+            num_workers=workers,
+            process_index=0,
+            process_count=1,
+        )
         next(pipeline)  # start-up (worker spawn) is not throughput
         times = []
         start = time.perf_counter()
@@ -56,8 +69,10 @@ def main() -> None:
         rows.append([str(workers), f"{rate:.1f}", f"{median:.1f}"])
         print(f"workers {workers}: {rate:.1f} images/s overall, {median:.1f} median", flush=True)
     table = markdown_table(rows, ["workers", "images/s (whole run)", "images/s (median batch)"])
-    header = machine_line() + (f"; nuclei train split, canvas 512x512, batch {args.batch}, "
-                               f"{args.batches} batches, box-crop targets 112x112, N=128")
+    header = machine_line() + (
+        f"; nuclei train split, canvas 512x512, batch {args.batch}, "
+        f"{args.batches} batches, box-crop targets 112x112, N=128"
+    )
     print(header)
     print(table)
     if not args.no_write:

@@ -20,7 +20,6 @@ from instseg_jax.input import report
 from instseg_jax.input.images import DataError, decode_image
 
 
-
 class CocoSource:
     """Records of a COCO instances file.
 
@@ -49,8 +48,9 @@ class CocoSource:
             raise DataError(f"{self.annotation_file}: not valid JSON ({error})") from error
         for field in ("images", "annotations", "categories"):
             if field not in document:
-                raise DataError(f"{self.annotation_file}: no '{field}' list; not a COCO "
-                                "instances file")
+                raise DataError(
+                    f"{self.annotation_file}: no '{field}' list; not a COCO instances file"
+                )
         categories = sorted(document["categories"], key=lambda c: c["id"])
         self.category_ids = [int(c["id"]) for c in categories]
         self.class_names = [str(c["name"]) for c in categories]
@@ -128,8 +128,9 @@ class CocoSource:
                 f"{record['height']}x{record['width']} for image id {record['image_id']}; fix "
                 "the height/width fields"
             )
-        instances = decode_instances(record["segmentations"], record["boxes"], height, width,
-                                     counts)
+        instances = decode_instances(
+            record["segmentations"], record["boxes"], height, width, counts
+        )
         keep = instances.pop("keep")
         return {
             "image": image,

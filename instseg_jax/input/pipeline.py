@@ -57,8 +57,11 @@ def _padding_example(config: TransformConfig) -> dict:
     """An all-zero example with example_valid False (fills the last evaluation batch)."""
     height, width = config.canvas_hw
     n = config.max_instances
-    mask_hw = ((config.mask_size, config.mask_size) if config.mask_format == "box_crop"
-               else (height // 4, width // 4))
+    mask_hw = (
+        (config.mask_size, config.mask_size)
+        if config.mask_format == "box_crop"
+        else (height // 4, width // 4)
+    )
     return {
         "image": np.zeros((height, width, 3), np.uint8),
         "image_hw": np.zeros(2, np.int32),
@@ -78,8 +81,15 @@ def _padding_example(config: TransformConfig) -> dict:
 class ExampleMaker:
     """local example index -> fixed-shape example dict (runs in the grain workers)."""
 
-    def __init__(self, source, config: TransformConfig, spec: StreamSpec, seed: int,
-                 train: bool, strict: bool):
+    def __init__(
+        self,
+        source,
+        config: TransformConfig,
+        spec: StreamSpec,
+        seed: int,
+        train: bool,
+        strict: bool,
+    ):
         self.source = source
         self.config = config
         self.spec = spec
@@ -110,8 +120,10 @@ class ExampleMaker:
                 report.count(counts, "unreadable_image")
                 log.warning("skipped: %s", error)
         else:
-            raise UnreadableImage(f"{_MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images "
-                                  f"from example {position} of epoch {epoch}; check the data")
+            raise UnreadableImage(
+                f"{_MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images "
+                f"from example {position} of epoch {epoch}; check the data"
+            )
         rng = np.random.default_rng([self.seed, epoch, index])
         example = transform(decoded, self.config, rng, counts)
         example["issues"] = counts
@@ -145,17 +157,28 @@ class InputPipeline:
       process_index, process_count: default jax.process_index() / jax.process_count().
     """
 
-    def __init__(self, source, config: TransformConfig, global_batch: int, seed: int = 0,
-                 num_workers: int = 0, strict: bool = False, process_index: int | None = None,
-                 process_count: int | None = None, worker_buffer: int = 2):
+    def __init__(
+        self,
+        source,
+        config: TransformConfig,
+        global_batch: int,
+        seed: int = 0,
+        num_workers: int = 0,
+        strict: bool = False,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        worker_buffer: int = 2,
+    ):
         if process_index is None or process_count is None:
             import jax
 
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if global_batch % process_count:
-            raise ValueError(f"global batch {global_batch} does not divide over "
-                             f"{process_count} processes; change input.global_batch")
+            raise ValueError(
+                f"global batch {global_batch} does not divide over "
+                f"{process_count} processes; change input.global_batch"
+            )
         if len(source) == 0:
             raise ValueError("the source has no examples")
         self.config = config
@@ -168,13 +191,19 @@ class InputPipeline:
             self.num_batches = -(-len(source) // global_batch)
             num_local = self.num_batches * self.spec.local_batch
         maker = ExampleMaker(source, config, self.spec, seed, self.train, strict)
-        dataset = (grain.MapDataset.range(num_local).map(maker)
-                   .batch(self.spec.local_batch, drop_remainder=False, batch_fn=stack_examples))
+        dataset = (
+            grain.MapDataset.range(num_local)
+            .map(maker)
+            .batch(self.spec.local_batch, drop_remainder=False, batch_fn=stack_examples)
+        )
         dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if num_workers > 0:
             _absl_flags_ready()
-            dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=num_workers, per_worker_buffer_size=worker_buffer))
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=num_workers, per_worker_buffer_size=worker_buffer
+                )
+            )
         self._dataset = dataset
         self._iterator = None
         self.step = 0

@@ -36,8 +36,14 @@ class SyntheticSource:
 
     class_names: Sequence[str] = CLASS_NAMES
 
-    def __init__(self, length: int = 64, canvas_hw=(128, 128), seed: int = 0,
-                 max_shapes: int = 8, min_size: int = 8):
+    def __init__(
+        self,
+        length: int = 64,
+        canvas_hw=(128, 128),
+        seed: int = 0,
+        max_shapes: int = 8,
+        min_size: int = 8,
+    ):
         self.length = int(length)
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
         self.seed = int(seed)

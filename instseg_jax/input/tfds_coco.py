@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,23 +42,25 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
     """COCO-format instance segmentation, one example per image."""
 
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = []  # configs are made per dataset, see TfdsCocoSource.build
+    BUILDER_CONFIGS: ClassVar[list] = []  # configs are made per dataset: TfdsCocoSource.build
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description="COCO instances with RLE masks",
-            features=tfds.features.FeaturesDict({
-                "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
-                "file_name": tfds.features.Text(),
-                "image_id": np.int64,
-                "height": np.int32,
-                "width": np.int32,
-                "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
-                "classes": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "iscrowd": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
-                "ann_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
-                "rle_counts": tfds.features.Sequence(tfds.features.Text()),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image_bytes": tfds.features.Tensor(shape=(), dtype=np.object_),
+                    "file_name": tfds.features.Text(),
+                    "image_id": np.int64,
+                    "height": np.int32,
+                    "width": np.int32,
+                    "boxes": tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
+                    "classes": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "iscrowd": tfds.features.Tensor(shape=(None,), dtype=np.bool_),
+                    "ann_ids": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+                    "rle_counts": tfds.features.Sequence(tfds.features.Text()),
+                }
+            ),
             metadata=tfds.core.MetadataDict(
                 class_names=list(self.builder_config.class_names),
                 category_ids=list(self.builder_config.category_ids),
@@ -66,8 +69,10 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # files are local; nothing is downloaded
-        return {split: self._generate_examples(Path(ann), Path(images))
-                for split, (ann, images) in self.builder_config.splits.items()}
+        return {
+            split: self._generate_examples(Path(ann), Path(images))
+            for split, (ann, images) in self.builder_config.splits.items()
+        }
 
     def _generate_examples(self, annotation_file: Path, image_dir: Path):
         source = CocoSource(annotation_file, image_dir, keep_empty=True)
@@ -80,26 +85,30 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
                 mask = decode_segmentation(segmentation, record["height"], record["width"])
                 rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
                 rles.append(rle["counts"].decode("ascii"))
-            yield record["image_id"], {
-                "image_bytes": Path(record["path"]).read_bytes(),
-                "file_name": Path(record["path"]).name,
-                "image_id": record["image_id"],
-                "height": record["height"],
-                "width": record["width"],
-                "boxes": record["boxes"].reshape(-1, 4),
-                "classes": record["classes"],
-                "iscrowd": record["iscrowd"],
-                "ann_ids": record["ann_ids"],
-                "rle_counts": rles,
-            }
+            yield (
+                record["image_id"],
+                {
+                    "image_bytes": Path(record["path"]).read_bytes(),
+                    "file_name": Path(record["path"]).name,
+                    "image_id": record["image_id"],
+                    "height": record["height"],
+                    "width": record["width"],
+                    "boxes": record["boxes"].reshape(-1, 4),
+                    "classes": record["classes"],
+                    "iscrowd": record["iscrowd"],
+                    "ann_ids": record["ann_ids"],
+                    "rle_counts": rles,
+                },
+            )
 
 
 class TfdsCocoSource:
     """Random-access source over a built split, with the same load() as CocoSource."""
 
     def __init__(self, name: str, split: str, data_dir: str | Path):
-        self.data_source = tfds.data_source(f"coco_instances/{name}", split=split,
-                                            data_dir=str(data_dir))
+        self.data_source = tfds.data_source(
+            f"coco_instances/{name}", split=split, data_dir=str(data_dir)
+        )
         metadata = self.data_source.dataset_info.metadata
         self.class_names = list(metadata["class_names"])
         self.category_ids = list(metadata["category_ids"])
@@ -109,8 +118,10 @@ class TfdsCocoSource:
         """Write the array_record shards of ``splits`` (skipped when already built)."""
         first = CocoSource(*next(iter(splits.values())), check_files=False)
         config = CocoInstancesConfig(
-            name=name, splits={k: (str(a), str(i)) for k, (a, i) in splits.items()},
-            class_names=tuple(first.class_names), category_ids=tuple(first.category_ids),
+            name=name,
+            splits={k: (str(a), str(i)) for k, (a, i) in splits.items()},
+            class_names=tuple(first.class_names),
+            category_ids=tuple(first.category_ids),
         )
         builder = CocoInstances(config=config, data_dir=str(data_dir), file_format="array_record")
         builder.download_and_prepare()
@@ -133,10 +144,13 @@ class TfdsCocoSource:
         try:
             image = decode_image(io.BytesIO(example["image_bytes"]))
         except UnreadableImage as error:
-            raise UnreadableImage(f"{example['file_name']} (tfds example {index}): {error}") \
-                from error
-        rles = [{"size": [height, width], "counts": c} if c else None
-                for c in _as_strings(example["rle_counts"])]
+            raise UnreadableImage(
+                f"{example['file_name']} (tfds example {index}): {error}"
+            ) from error
+        rles = [
+            {"size": [height, width], "counts": c} if c else None
+            for c in _as_strings(example["rle_counts"])
+        ]
         instances = decode_instances(rles, example["boxes"], height, width, counts)
         keep = instances.pop("keep")
         return {

@@ -38,13 +38,15 @@ class TransformConfig:
 
     def __post_init__(self):
         if self.mask_format not in ("box_crop", "stride4"):
-            raise ValueError(f"input.mask_format must be 'box_crop' or 'stride4', got "
-                             f"{self.mask_format!r}")
+            raise ValueError(
+                f"input.mask_format must be 'box_crop' or 'stride4', got {self.mask_format!r}"
+            )
         if self.resize not in ("short_side", "lsj"):
             raise ValueError(f"input.resize must be 'short_side' or 'lsj', got {self.resize!r}")
         if self.mask_format == "stride4" and (self.canvas_hw[0] % 4 or self.canvas_hw[1] % 4):
-            raise ValueError(f"input.canvas_hw {self.canvas_hw} must be divisible by 4 for "
-                             "stride-4 masks")
+            raise ValueError(
+                f"input.canvas_hw {self.canvas_hw} must be divisible by 4 for stride-4 masks"
+            )
 
 
 def _geometry(config: TransformConfig, orig_hw, rng):
@@ -56,11 +58,16 @@ def _geometry(config: TransformConfig, orig_hw, rng):
     if config.train and config.resize == "lsj":
         scale = fit * rng.uniform(*config.lsj_scale)
         scaled_h, scaled_w = round(height * scale), round(width * scale)
-        offset = (int(rng.integers(0, max(scaled_h - canvas_h, 0) + 1)),
-                  int(rng.integers(0, max(scaled_w - canvas_w, 0) + 1)))
+        offset = (
+            int(rng.integers(0, max(scaled_h - canvas_h, 0) + 1)),
+            int(rng.integers(0, max(scaled_w - canvas_w, 0) + 1)),
+        )
     else:
-        short = config.short_side[int(rng.integers(len(config.short_side)))] if config.train \
+        short = (
+            config.short_side[int(rng.integers(len(config.short_side)))]
+            if config.train
             else config.short_side[0]
+        )
         scale = min(short / min(height, width), config.max_long_side / max(height, width), fit)
     flip = bool(config.train and rng.uniform() < config.hflip)
     return scale, offset, flip
@@ -73,7 +80,7 @@ def _resize_image(image, scale, offset, config):
     scaled_h, scaled_w = max(1, round(height * scale)), max(1, round(width * scale))
     resized = np.asarray(Image.fromarray(image).resize((scaled_w, scaled_h), Image.BILINEAR))
     oy, ox = offset
-    window = resized[oy:oy + canvas_h, ox:ox + canvas_w]
+    window = resized[oy : oy + canvas_h, ox : ox + canvas_w]
     canvas = np.zeros((canvas_h, canvas_w, 3), np.uint8)
     canvas[: window.shape[0], : window.shape[1]] = window
     return canvas, window.shape[:2]
@@ -107,8 +114,9 @@ def box_crop_target(mask: np.ndarray, box, size: int) -> np.ndarray:
     return (_bilinear_sample(mask, ys, xs) >= 0.5).astype(np.uint8)
 
 
-def transform(example: dict, config: TransformConfig, rng: np.random.Generator,
-              counts: np.ndarray) -> dict:
+def transform(
+    example: dict, config: TransformConfig, rng: np.random.Generator, counts: np.ndarray
+) -> dict:
     """A fixed-shape example (the per-example slice of DESIGN's Batch) from a decoded one."""
     image = example["image"]
     orig_hw = image.shape[:2]
@@ -172,7 +180,7 @@ def transform(example: dict, config: TransformConfig, rng: np.random.Generator,
         inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
         gt_masks = np.zeros((limit, canvas_h // 4, canvas_w // 4), np.uint8)
         for slot, i in enumerate(kept):
-            gt_masks[slot] = ((_bilinear_sample(masks[i], ys, xs) >= 0.5) & inside)
+            gt_masks[slot] = (_bilinear_sample(masks[i], ys, xs) >= 0.5) & inside
 
     if flip:
         canvas[:, :valid_w] = canvas[:, :valid_w][:, ::-1]

@@ -57,13 +57,13 @@ def test_masks_survive_pixel_exact_and_reruns_are_byte_identical(tmp_path):
             np.testing.assert_array_equal(mask_utils.decode(rle).astype(bool), want)
             assert ann["area"] == int(want.sum()) and ann["iscrowd"] == 0
             rows, cols = np.flatnonzero(want.any(1)), np.flatnonzero(want.any(0))
-            assert ann["bbox"] == [cols[0], rows[0], cols[-1] - cols[0] + 1,
-                                   rows[-1] - rows[0] + 1]
+            assert ann["bbox"] == [cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1]
             checked += 1
         for image in document["images"]:
             rgb = np.asarray(Image.open(tmp_path / "a" / "images" / image["file_name"]))
-            original = np.asarray(Image.open(
-                src / image["source_id"] / "images" / image["file_name"]).convert("RGB"))
+            original = np.asarray(
+                Image.open(src / image["source_id"] / "images" / image["file_name"]).convert("RGB")
+            )
             np.testing.assert_array_equal(rgb, original)
     assert checked > 50
 
@@ -73,10 +73,14 @@ def test_split_is_stable_about_85_15_and_has_both_kinds():
     splits = [prepare.split_of(i) for i in ids]
     assert 0.10 < splits.count("val") / len(ids) < 0.20
     # Known ids keep their split on every machine (SHA-256, not Python's salted hash()).
-    assert prepare.split_of("00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e") \
+    assert (
+        prepare.split_of("00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e")
         == "val"
-    assert prepare.split_of("00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552") \
+    )
+    assert (
+        prepare.split_of("00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552")
         == "train"
+    )
     assert splits.count("val") == 79  # of 538: 14.7%
     kinds = {"train": set(), "val": set()}
     for image_id, split in zip(ids, splits, strict=True):

@@ -10,10 +10,17 @@ from instseg_jax.input.pipeline import InputPipeline
 from instseg_jax.input.synthetic import SyntheticSource
 from instseg_jax.input.transforms import TransformConfig
 
-TRAIN = TransformConfig(canvas_hw=(48, 48), short_side=(40, 48), max_long_side=48,
-                        max_instances=6, mask_size=8)
-EVAL = TransformConfig(canvas_hw=(48, 48), train=False, short_side=(48,), max_long_side=48,
-                       max_instances=6, mask_size=8)
+TRAIN = TransformConfig(
+    canvas_hw=(48, 48), short_side=(40, 48), max_long_side=48, max_instances=6, mask_size=8
+)
+EVAL = TransformConfig(
+    canvas_hw=(48, 48),
+    train=False,
+    short_side=(48,),
+    max_long_side=48,
+    max_instances=6,
+    mask_size=8,
+)
 
 
 def source(n=10):
@@ -33,8 +40,9 @@ def assert_same(batches_a, batches_b):
 
 
 def test_batches_have_the_design_shapes():
-    batch = next(InputPipeline(source(), TRAIN, global_batch=4, seed=0, process_index=0,
-                               process_count=1))
+    batch = next(
+        InputPipeline(source(), TRAIN, global_batch=4, seed=0, process_index=0, process_count=1)
+    )
     assert batch["image"].shape == (4, 48, 48, 3) and batch["image"].dtype == np.uint8
     assert batch["gt_boxes"].shape == (4, 6, 4) and batch["gt_boxes"].dtype == np.float32
     assert batch["gt_classes"].dtype == np.int32 and batch["gt_valid"].dtype == bool
@@ -45,8 +53,9 @@ def test_batches_have_the_design_shapes():
 
 def test_stream_is_independent_of_workers_and_reshuffled_each_epoch():
     single = take(InputPipeline(source(), TRAIN, 4, seed=7, process_index=0, process_count=1), 6)
-    workers = InputPipeline(source(), TRAIN, 4, seed=7, num_workers=2, process_index=0,
-                            process_count=1)
+    workers = InputPipeline(
+        source(), TRAIN, 4, seed=7, num_workers=2, process_index=0, process_count=1
+    )
     assert_same(single, take(workers, 6))
     workers.close()
     ids = np.concatenate([b["image_id"] for b in single])  # 24 examples = 2.4 epochs of 10
@@ -60,8 +69,9 @@ def test_stream_is_independent_of_workers_and_reshuffled_each_epoch():
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_restored_iterator_continues_exactly(num_workers):
     def make():
-        return InputPipeline(source(), TRAIN, 4, seed=3, num_workers=num_workers,
-                             process_index=0, process_count=1)
+        return InputPipeline(
+            source(), TRAIN, 4, seed=3, num_workers=num_workers, process_index=0, process_count=1
+        )
 
     reference = make()
     expected = take(reference, 7)
@@ -78,8 +88,10 @@ def test_restored_iterator_continues_exactly(num_workers):
 
 def test_processes_split_every_global_batch():
     whole = take(InputPipeline(source(), TRAIN, 4, seed=1, process_index=0, process_count=1), 3)
-    parts = [take(InputPipeline(source(), TRAIN, 4, seed=1, process_index=p, process_count=2), 3)
-             for p in range(2)]
+    parts = [
+        take(InputPipeline(source(), TRAIN, 4, seed=1, process_index=p, process_count=2), 3)
+        for p in range(2)
+    ]
     for step in range(3):
         for key in whole[step]:
             joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
@@ -115,16 +127,18 @@ class FlakySource:
 
 
 def test_unreadable_images_are_skipped_counted_and_reported(caplog):
-    pipeline = InputPipeline(FlakySource({2, 5}), TRAIN, 5, seed=0, process_index=0,
-                             process_count=1)
+    pipeline = InputPipeline(
+        FlakySource({2, 5}), TRAIN, 5, seed=0, process_index=0, process_count=1
+    )
     with caplog.at_level(logging.INFO, logger="instseg_jax.input.pipeline"):
         batches = take(pipeline, 3)  # 15 examples: all of epoch 0 reported at step 2
     ids = np.concatenate([b["image_id"] for b in batches[:2]])
     assert not {2, 5} & set(ids.tolist())
     assert "input epoch 0: unreadable_image=2" in caplog.text
     assert "broken_2.png" in caplog.text
-    strict = InputPipeline(FlakySource(range(10)), TRAIN, 5, strict=True, process_index=0,
-                           process_count=1)
+    strict = InputPipeline(
+        FlakySource(range(10)), TRAIN, 5, strict=True, process_index=0, process_count=1
+    )
     with pytest.raises(UnreadableImage, match="broken_"):
         next(strict)
 
@@ -138,13 +152,22 @@ def test_truncated_file_in_a_coco_set_is_skipped(tmp_path):
         images.append({"id": i + 1, "file_name": f"{i}.png", "height": 20, "width": 20})
     data = (tmp_path / "2.png").read_bytes()
     (tmp_path / "2.png").write_bytes(data[:40])
-    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 5, 5],
-             "segmentation": [[2, 2, 7, 2, 7, 7, 2, 7]]}]
-    (tmp_path / "a.json").write_text(json.dumps(
-        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}))
+    anns = [
+        {
+            "id": 1,
+            "image_id": 1,
+            "category_id": 1,
+            "bbox": [2, 2, 5, 5],
+            "segmentation": [[2, 2, 7, 2, 7, 7, 2, 7]],
+        }
+    ]
+    (tmp_path / "a.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]})
+    )
     coco = CocoSource(tmp_path / "a.json", tmp_path)
-    config = TransformConfig(canvas_hw=(24, 24), short_side=(20,), max_long_side=24,
-                             max_instances=2, mask_size=4)
+    config = TransformConfig(
+        canvas_hw=(24, 24), short_side=(20,), max_long_side=24, max_instances=2, mask_size=4
+    )
     pipeline = InputPipeline(coco, config, 4, process_index=0, process_count=1)
     batch = next(pipeline)
     assert 3 not in batch["image_id"].tolist()

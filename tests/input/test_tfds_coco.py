@@ -14,8 +14,9 @@ def test_tfds_source_reads_back_the_coco_source(nuclei_dir, tmp_path):
 
     annotations = nuclei_dir / "annotations" / "val.json"
     coco = CocoSource(annotations, nuclei_dir / "images")
-    tfds_source = TfdsCocoSource.build("nuclei", {"val": (annotations, nuclei_dir / "images")},
-                                       data_dir=tmp_path)
+    tfds_source = TfdsCocoSource.build(
+        "nuclei", {"val": (annotations, nuclei_dir / "images")}, data_dir=tmp_path
+    )
     assert len(tfds_source) == len(coco) == 79
     assert tfds_source.class_names == coco.class_names == ["nucleus"]
     by_id = {tfds_source.load(i)["image_id"]: i for i in range(len(tfds_source))}
@@ -38,7 +39,8 @@ def test_tfds_source_reads_back_the_coco_source(nuclei_dir, tmp_path):
         assert "tensorflow" not in sys.modules
         print(len(source), example["masks"].shape[1:] == example["image"].shape[:2])
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["79", "True"]

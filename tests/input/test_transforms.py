@@ -12,14 +12,25 @@ def rectangle_example(hw=(60, 80), rects=((10, 5, 30, 25),)):
         masks[i, y0:y1, x0:x1] = True
     image = np.zeros((*hw, 3), np.uint8)
     image[..., 0] = np.arange(hw[1])[None, :]  # red = column: shows flips
-    return {"image": image, "masks": masks, "boxes": np.array(rects, np.float32),
-            "classes": np.arange(len(rects), dtype=np.int32),
-            "iscrowd": np.zeros(len(rects), bool), "image_id": 5}
+    return {
+        "image": image,
+        "masks": masks,
+        "boxes": np.array(rects, np.float32),
+        "classes": np.arange(len(rects), dtype=np.int32),
+        "iscrowd": np.zeros(len(rects), bool),
+        "image_id": 5,
+    }
 
 
 def test_eval_geometry_maps_back_exactly():
-    config = TransformConfig(canvas_hw=(128, 128), train=False, short_side=(120,),
-                             max_long_side=128, max_instances=4, mask_size=8)
+    config = TransformConfig(
+        canvas_hw=(128, 128),
+        train=False,
+        short_side=(120,),
+        max_long_side=128,
+        max_instances=4,
+        mask_size=8,
+    )
     out = transform(rectangle_example(), config, np.random.default_rng(0), report.new_counts())
     scale = float(out["scale"])
     assert scale == pytest.approx(min(120 / 60, 128 / 80))
@@ -45,12 +56,20 @@ def test_box_crop_of_an_ellipse_matches_direct_sampling():
 def test_flip_moves_boxes_masks_and_pixels_together():
     example = rectangle_example(rects=((10, 5, 30, 25), (50, 10, 60, 40)))
     example["masks"][0, 5:25, 10:15] = False  # asymmetric: a notch on the left side
-    base = dict(canvas_hw=(64, 96), short_side=(60,), max_long_side=96, max_instances=3,
-                mask_size=10, resize="short_side")
-    plain = transform(example, TransformConfig(**base, hflip=0.0), np.random.default_rng(0),
-                      report.new_counts())
-    flipped = transform(example, TransformConfig(**base, hflip=1.0), np.random.default_rng(0),
-                        report.new_counts())
+    base = dict(
+        canvas_hw=(64, 96),
+        short_side=(60,),
+        max_long_side=96,
+        max_instances=3,
+        mask_size=10,
+        resize="short_side",
+    )
+    plain = transform(
+        example, TransformConfig(**base, hflip=0.0), np.random.default_rng(0), report.new_counts()
+    )
+    flipped = transform(
+        example, TransformConfig(**base, hflip=1.0), np.random.default_rng(0), report.new_counts()
+    )
     width = int(plain["image_hw"][1])
     np.testing.assert_array_equal(flipped["image"][:, :width], plain["image"][:, :width][:, ::-1])
     b = plain["gt_boxes"][:2]
@@ -58,19 +77,34 @@ def test_flip_moves_boxes_masks_and_pixels_together():
     np.testing.assert_allclose(flipped["gt_boxes"][:2, 2], width - b[:, 0])
     np.testing.assert_array_equal(flipped["gt_masks"], plain["gt_masks"][:, :, ::-1])
     strided = dict(base, mask_format="stride4")
-    plain4 = transform(example, TransformConfig(**strided, hflip=0.0), np.random.default_rng(0),
-                       report.new_counts())
-    flip4 = transform(example, TransformConfig(**strided, hflip=1.0), np.random.default_rng(0),
-                      report.new_counts())
+    plain4 = transform(
+        example,
+        TransformConfig(**strided, hflip=0.0),
+        np.random.default_rng(0),
+        report.new_counts(),
+    )
+    flip4 = transform(
+        example,
+        TransformConfig(**strided, hflip=1.0),
+        np.random.default_rng(0),
+        report.new_counts(),
+    )
     assert plain4["gt_masks"].shape == (3, 16, 24)
-    np.testing.assert_array_equal(flip4["gt_masks"][:, :, :width // 4],
-                                  plain4["gt_masks"][:, :, :width // 4][:, :, ::-1])
+    np.testing.assert_array_equal(
+        flip4["gt_masks"][:, :, : width // 4], plain4["gt_masks"][:, :, : width // 4][:, :, ::-1]
+    )
 
 
 def test_instance_limit_keeps_the_largest_and_counts():
     rects = [(0, 0, 4, 4), (10, 10, 30, 30), (40, 0, 45, 50), (50, 50, 52, 52)]
-    config = TransformConfig(canvas_hw=(80, 80), train=False, short_side=(60,),
-                             max_long_side=80, max_instances=2, mask_size=4)
+    config = TransformConfig(
+        canvas_hw=(80, 80),
+        train=False,
+        short_side=(60,),
+        max_long_side=80,
+        max_instances=2,
+        mask_size=4,
+    )
     counts = report.new_counts()
     out = transform(rectangle_example(rects=rects), config, np.random.default_rng(0), counts)
     assert out["gt_classes"].tolist() == [1, 2]  # the two largest, in their original order
@@ -81,8 +115,14 @@ def test_instance_limit_keeps_the_largest_and_counts():
 def test_crowd_and_degenerate_instances_are_dropped_for_training():
     example = rectangle_example(rects=((10, 5, 30, 25), (40, 40, 60, 50), (70, 0, 71, 1)))
     example["iscrowd"][1] = True
-    config = TransformConfig(canvas_hw=(32, 32), short_side=(24,), max_long_side=32,
-                             max_instances=3, mask_size=4, hflip=0.0)
+    config = TransformConfig(
+        canvas_hw=(32, 32),
+        short_side=(24,),
+        max_long_side=32,
+        max_instances=3,
+        mask_size=4,
+        hflip=0.0,
+    )
     counts = report.new_counts()
     out = transform(example, config, np.random.default_rng(0), counts)
     assert out["gt_valid"].tolist() == [True, False, False]
@@ -97,8 +137,14 @@ def test_crowd_and_degenerate_instances_are_dropped_for_training():
 
 def test_large_scale_jitter_crops_consistently():
     source = SyntheticSource(4, (96, 96), seed=1)
-    config = TransformConfig(canvas_hw=(64, 64), resize="lsj", lsj_scale=(1.5, 2.0),
-                             max_instances=10, mask_size=16, hflip=0.0)
+    config = TransformConfig(
+        canvas_hw=(64, 64),
+        resize="lsj",
+        lsj_scale=(1.5, 2.0),
+        max_instances=10,
+        mask_size=16,
+        hflip=0.0,
+    )
     for i in range(4):
         example = source.load(i)
         out = transform(example, config, np.random.default_rng(i), report.new_counts())
