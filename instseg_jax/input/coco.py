@@ -20,7 +20,21 @@ from instseg_jax.input import report
 from instseg_jax.input.images import DataError, decode_image
 
 
-class CocoSource:
+class CategoryIds:
+    """Contiguous class index <-> the dataset's category id (sources set ``category_ids``)."""
+
+    category_ids: list[int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def category_id(self, class_index) -> np.ndarray:
+        """Dataset category ids of contiguous class indices (for results files)."""
+        return np.asarray(self.category_ids)[np.asarray(class_index)]
+
+
+class CocoSource(CategoryIds):
     """Records of a COCO instances file.
 
     Args:
@@ -105,14 +119,6 @@ class CocoSource:
 
     def __getitem__(self, index: int) -> dict:
         return self.records[index]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
-
-    def category_id(self, class_index) -> np.ndarray:
-        """Dataset category ids of contiguous class indices (for results files)."""
-        return np.asarray(self.category_ids)[np.asarray(class_index)]
 
     def load(self, index: int, counts: np.ndarray | None = None) -> dict:
         """Decoded example: image uint8[H, W, 3], masks bool[n, H, W], xyxy boxes, classes,

@@ -25,7 +25,12 @@ import tensorflow_datasets as tfds
 from pycocotools import mask as mask_utils
 
 from instseg_jax.input import report
-from instseg_jax.input.coco import CocoSource, decode_instances, decode_segmentation
+from instseg_jax.input.coco import (
+    CategoryIds,
+    CocoSource,
+    decode_instances,
+    decode_segmentation,
+)
 from instseg_jax.input.images import UnreadableImage, decode_image
 
 
@@ -102,7 +107,7 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
             )
 
 
-class TfdsCocoSource:
+class TfdsCocoSource(CategoryIds):
     """Random-access source over a built split, with the same load() as CocoSource."""
 
     def __init__(self, name: str, split: str, data_dir: str | Path):
@@ -129,13 +134,6 @@ class TfdsCocoSource:
 
     def __len__(self) -> int:
         return len(self.data_source)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
-
-    def category_id(self, class_index) -> np.ndarray:
-        return np.asarray(self.category_ids)[np.asarray(class_index)]
 
     def load(self, index: int, counts: np.ndarray | None = None) -> dict:
         counts = report.new_counts() if counts is None else counts
