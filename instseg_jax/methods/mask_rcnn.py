@@ -1,0 +1,176 @@
+"""Mask R-CNN (and Faster R-CNN with mask_on=False) as one Flax module plus its loss.
+
+    outputs = MaskRCNN(cfg).apply(variables, batch, train=True, key=key)
+    loss, metrics = loss_fn(outputs, batch, cfg)
+
+The forward pass is static-shape end to end: per-level top-k and padded NMS for proposals,
+sampled anchors and RoIs of fixed counts, RoIAlign by gathers; RoI sampling and target building
+run inside the model under stop_gradient and their targets travel in ``outputs``.
+Defaults follow detectron2's mask_rcnn_R_50_FPN; every one is a config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from instseg_jax import ops
+from instseg_jax.backbones.fpn import FPN
+from instseg_jax.backbones.resnet import ResNet
+from instseg_jax.methods import roi_heads, rpn
+
+# RGB pixel statistics of ImageNet (0-255), those of torchvision's and detectron2's models.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+# What the input pipeline must produce for this method.
+MASK_FORMAT = "box_crop"
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskRCNNConfig:
+    num_classes: int
+    canvas_hw: tuple[int, int] = (800, 800)
+    mask_on: bool = True
+    depth: int = 50
+    width: int = 64
+    norm: str = "frozen_bn"
+    freeze_at: int = 2
+    fpn_channels: int = 256
+    anchor_sizes: tuple = ((32,), (64,), (128,), (256,), (512,))
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    rpn_pre_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 1000
+    rpn_post_nms_topk_train: int = 1000
+    rpn_post_nms_topk_test: int = 1000
+    rpn_nms_threshold: float = 0.7
+    rpn_batch_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    roi_batch_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    roi_iou_threshold: float = 0.5
+    box_pool_size: int = 7
+    box_fc_dim: int = 1024
+    mask_pool_size: int = 14
+    mask_fg_per_image: int = 128
+    mask_head_convs: int = 4
+    sampling_ratio: int = 2
+    aligned: bool = True
+    compute_dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, model_config, num_classes: int, canvas_hw) -> MaskRCNNConfig:
+        """From the `model` section of an experiment config (a ConfigDict or dict)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(model_config).items() if k in fields}
+        for key in ("anchor_sizes", "aspect_ratios"):
+            if key in values:
+                values[key] = _as_tuple(values[key])
+        unknown = set(dict(model_config)) - fields
+        if unknown:
+            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: "
+                             f"{sorted(fields)}")
+        return cls(num_classes=num_classes, canvas_hw=tuple(canvas_hw), **values)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+
+def _as_tuple(value):
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+class MaskRCNN(nn.Module):
+    cfg: MaskRCNNConfig
+
+    def setup(self):
+        cfg = self.cfg
+        if cfg.canvas_hw[0] % 64 or cfg.canvas_hw[1] % 64:
+            raise ValueError(f"input.canvas_hw {cfg.canvas_hw} must be divisible by 64 "
+                             "(P6 has stride 64)")
+        self.backbone = ResNet(cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype)
+        self.fpn = FPN(cfg.fpn_channels, cfg.dtype)
+        self.rpn_head = rpn.RPNHead(len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0]),
+                                    cfg.dtype)
+        self.box_head = roi_heads.BoxHead(cfg.num_classes, cfg.box_fc_dim, cfg.dtype)
+        if cfg.mask_on:
+            self.mask_head = roi_heads.MaskHead(cfg.num_classes, cfg.fpn_channels,
+                                                cfg.mask_head_convs, cfg.dtype)
+
+    def anchors(self):
+        return ops.multilevel_anchors(self.cfg.canvas_hw, (4, 8, 16, 32, 64),
+                                      self.cfg.anchor_sizes, self.cfg.aspect_ratios)
+
+    def features(self, image):
+        """FPN features {"p2".."p6"} of uint8 images [B, H, W, 3] (normalised here)."""
+        x = (image.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
+        return self.fpn(self.backbone(x.astype(self.cfg.dtype)))
+
+    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+        cfg = self.cfg
+        features = self.features(batch["image"])
+        logits, deltas = self.rpn_head(features)  # [B, T], [B, T, 4]
+        anchors_by_level = self.anchors()
+        proposal_boxes, proposal_scores, proposal_valid = rpn.proposals(
+            logits, deltas, anchors_by_level, batch["image_hw"],
+            cfg.rpn_pre_nms_topk_train if train else cfg.rpn_pre_nms_topk_test,
+            cfg.rpn_post_nms_topk_train if train else cfg.rpn_post_nms_topk_test,
+            cfg.rpn_nms_threshold)
+        outputs = {"proposal_boxes": proposal_boxes, "proposal_scores": proposal_scores,
+                   "proposal_valid": proposal_valid}
+        if not train:
+            pooled = roi_heads.pool(features, proposal_boxes, cfg.box_pool_size,
+                                    cfg.sampling_ratio, cfg.aligned)
+            outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
+            return outputs
+        if key is None:
+            raise ValueError("training needs a key for anchor and RoI sampling")
+        anchor_key, roi_key = jax.random.split(key)
+        anchors = jnp.concatenate(anchors_by_level)
+        labels, target_deltas = rpn.anchor_targets(
+            anchors, batch["gt_boxes"], batch["gt_valid"], anchor_key, cfg.rpn_batch_per_image,
+            cfg.rpn_positive_fraction)
+        outputs.update(rpn_logits=logits, rpn_deltas=deltas, rpn_labels=labels,
+                       rpn_target_deltas=target_deltas)
+        rois = roi_heads.sample_rois(
+            proposal_boxes, proposal_valid, batch["gt_boxes"], batch["gt_classes"],
+            batch["gt_valid"], roi_key, cfg.roi_batch_per_image, cfg.roi_positive_fraction,
+            cfg.roi_iou_threshold, cfg.num_classes)
+        pooled = roi_heads.pool(features, rois["boxes"], cfg.box_pool_size, cfg.sampling_ratio,
+                                cfg.aligned)  # [B, R, 7, 7, D]
+        outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
+        outputs["rois"] = rois
+        if cfg.mask_on:
+            fg = cfg.mask_fg_per_image
+            mask_pooled = roi_heads.pool(features, rois["boxes"][:, :fg], cfg.mask_pool_size,
+                                         cfg.sampling_ratio, cfg.aligned)  # [B, F, 14, 14, D]
+            outputs["mask_logits"] = self.mask_head(mask_pooled)  # [B, F, 28, 28, C]
+            outputs["mask_targets"], outputs["mask_valid"] = roi_heads.mask_targets(
+                batch["gt_masks"], batch["gt_boxes"], rois, fg, 2 * cfg.mask_pool_size)
+        return outputs
+
+
+def loss_fn(outputs: dict, batch: dict, cfg: MaskRCNNConfig) -> tuple[jnp.ndarray, dict]:
+    """Total loss and metrics (each loss term, RoI classification accuracy)."""
+    del batch  # every target was built inside the model
+    losses = rpn.rpn_losses(outputs["rpn_logits"], outputs["rpn_deltas"], outputs["rpn_labels"],
+                            outputs["rpn_target_deltas"], cfg.rpn_batch_per_image)
+    box, metrics = roi_heads.box_losses(outputs["class_logits"], outputs["box_deltas"],
+                                        outputs["rois"])
+    losses.update(box)
+    if cfg.mask_on:
+        fg = cfg.mask_fg_per_image
+        losses["loss_mask"] = roi_heads.mask_loss(
+            outputs["mask_logits"], outputs["rois"]["classes"][:, :fg], outputs["mask_targets"],
+            outputs["mask_valid"])
+    total = sum(losses.values())
+    metrics.update(losses)
+    metrics["num_fg_rois"] = jnp.mean(jnp.sum(outputs["rois"]["foreground"], axis=1)
+                                      .astype(jnp.float32))
+    return total, metrics
+

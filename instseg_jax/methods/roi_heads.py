@@ -1,0 +1,160 @@
+"""Mask R-CNN's RoI heads: RoI sampling, box head, mask head, their targets and losses.
+
+Shapes: B batch, P proposals, N ground-truth slots, R sampled RoIs per image, F foreground RoIs
+for the mask loss (the first F sampled, which sample_balanced puts first), C classes (class C is
+background in the box classifier), Mc ground-truth box-crop side, M = 28 mask side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from instseg_jax import ops
+
+BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+POOLED_LEVELS = ("p2", "p3", "p4", "p5")
+
+
+def sample_rois(proposal_boxes, proposal_valid, gt_boxes, gt_classes, gt_valid, key,
+                num_rois: int, positive_fraction: float, iou_threshold: float,
+                num_classes: int):
+    """Training RoIs: ground truth appended to the proposals, matched at iou_threshold, then
+    num_rois sampled per image (positives first).
+
+    Returns a dict of [B, R] arrays: boxes [.., 4], classes (C for background), matched gt
+    index, target deltas [.., 4] (box-head weights), foreground and valid flags.
+    """
+    def one_image(props, props_valid, boxes, classes, valid, image_key):
+        candidates = jnp.concatenate([props, boxes])  # [P + N, 4]
+        candidate_valid = jnp.concatenate([props_valid, valid])
+        iou = ops.box_iou(boxes, candidates)  # [N, P + N]
+        matched, labels = ops.match(iou, (iou_threshold,), (0, 1), False, gt_valid=valid)
+        labels = jnp.where(candidate_valid, labels, -1)
+        chosen, chosen_valid = ops.sample_balanced(labels, num_rois, positive_fraction,
+                                                   image_key)
+        roi_boxes = candidates[chosen]
+        roi_gt = matched[chosen]
+        foreground = chosen_valid & (labels[chosen] == 1)
+        roi_classes = jnp.where(foreground, classes[roi_gt], num_classes)
+        deltas = ops.encode_boxes(boxes[roi_gt], roi_boxes, BOX_WEIGHTS)
+        return {
+            "boxes": roi_boxes,
+            "classes": roi_classes,
+            "gt_index": roi_gt,
+            "target_deltas": jnp.where(foreground[:, None], deltas, 0.0),
+            "foreground": foreground,
+            "valid": chosen_valid,
+        }
+
+    keys = jax.random.split(key, gt_boxes.shape[0])
+    rois = jax.vmap(one_image)(proposal_boxes, proposal_valid, gt_boxes, gt_classes, gt_valid,
+                               keys)
+    return jax.tree.map(jax.lax.stop_gradient, rois)
+
+
+def pool(features: dict, boxes, size: int, sampling_ratio: int, aligned: bool):
+    """[B, R, size, size, D] RoIAlign of boxes[B, R, 4] from P2..P5, each box on its level."""
+    return ops.multilevel_roi_align([features[k] for k in POOLED_LEVELS], boxes, size,
+                                    min_level=2, sampling_ratio=sampling_ratio, aligned=aligned)
+
+
+class BoxHead(nn.Module):
+    """2 x FC-1024 on 7x7 pooled features, then class logits [.., C+1] and class-specific
+    deltas [.., C, 4]."""
+
+    num_classes: int
+    fc_dim: int = 1024
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled):  # [B, R, 7, 7, D]
+        b, r = pooled.shape[:2]
+        x = pooled.reshape(b, r, -1).astype(self.dtype)
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+        x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc1")(x))
+        x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc2")(x))
+        logits = nn.Dense(self.num_classes + 1, dtype=self.dtype,
+                          kernel_init=nn.initializers.normal(0.01), name="cls_score")(x)
+        deltas = nn.Dense(self.num_classes * 4, dtype=self.dtype,
+                          kernel_init=nn.initializers.normal(0.001), name="bbox_pred")(x)
+        return (logits.astype(jnp.float32),
+                deltas.reshape(b, r, self.num_classes, 4).astype(jnp.float32))
+
+
+class MaskHead(nn.Module):
+    """4 x conv3x3-256 + ReLU, 2x2 stride-2 deconv + ReLU, 1x1 conv to one logit map per class:
+    [B, F, 14, 14, D] -> [B, F, 28, 28, C]."""
+
+    num_classes: int
+    channels: int = 256
+    num_convs: int = 4
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled):
+        b, f, h, w, d = pooled.shape
+        x = pooled.reshape(b * f, h, w, d).astype(self.dtype)
+        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        for i in range(self.num_convs):
+            x = nn.relu(nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
+                                dtype=self.dtype, kernel_init=init, name=f"conv{i + 1}")(x))
+        x = nn.relu(nn.ConvTranspose(self.channels, (2, 2), (2, 2), dtype=self.dtype,
+                                     kernel_init=init, name="deconv")(x))  # [B*F, 28, 28, D]
+        x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
+                    kernel_init=nn.initializers.normal(0.001), name="predictor")(x)
+        return x.reshape(b, f, 2 * h, 2 * w, self.num_classes).astype(jnp.float32)
+
+
+def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
+    """float32[B, F, size, size] {0, 1} targets of the first F RoIs, and their validity.
+
+    Each RoI samples its matched ground truth's box crop (uint8[B, N, Mc, Mc], the mask inside
+    the ground-truth box) at the RoI's bins: the RoI is mapped into the crop's frame and pooled
+    with aligned RoIAlign, then thresholded at 0.5 as detectron2 does. Full-resolution masks
+    never reach the device.
+    """
+    b, _, crop, _ = gt_crops.shape
+    index = rois["gt_index"][:, :num_fg]  # [B, F]
+    boxes = rois["boxes"][:, :num_fg]
+    valid = rois["foreground"][:, :num_fg]
+    gt = jnp.take_along_axis(gt_boxes, index[..., None], axis=1)  # [B, F, 4]
+    crops = jnp.take_along_axis(gt_crops, index[..., None, None], axis=1)  # [B, F, Mc, Mc]
+    scale = crop / jnp.maximum(gt[..., 2:] - gt[..., :2], 1e-6)  # crop cells per pixel
+    in_crop = (boxes - jnp.concatenate([gt[..., :2]] * 2, -1)) * jnp.concatenate([scale] * 2, -1)
+    pooled = ops.roi_align(crops.reshape(b * num_fg, crop, crop, 1).astype(jnp.float32),
+                           in_crop.reshape(b * num_fg, 1, 4), size, 1.0, 2, True)
+    targets = (pooled.reshape(b, num_fg, size, size) >= 0.5).astype(jnp.float32)
+    return jax.lax.stop_gradient(targets), valid
+
+
+def box_losses(logits, deltas, rois: dict):
+    """Softmax cross-entropy over sampled RoIs and L1 on the ground-truth class's deltas of the
+    foreground ones, both divided by the number of sampled RoIs (detectron2's normalisation)."""
+    valid = rois["valid"]
+    normalizer = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(log_probs, rois["classes"][..., None], axis=-1)[..., 0]
+    loss_cls = jnp.sum(nll * valid) / normalizer
+    num_classes = deltas.shape[2]
+    cls = jnp.clip(rois["classes"], 0, num_classes - 1)
+    chosen = jnp.take_along_axis(deltas, cls[..., None, None], axis=2)[:, :, 0]  # [B, R, 4]
+    loss_box = ops.smooth_l1_loss(chosen, rois["target_deltas"], beta=0.0,
+                                  weights=rois["foreground"][..., None], normalizer=normalizer)
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == rois["classes"]) * valid) / normalizer
+    return {"loss_cls": loss_cls, "loss_box_reg": loss_box}, {"cls_accuracy": accuracy}
+
+
+def mask_loss(mask_logits, classes, targets, valid):
+    """Mean per-pixel BCE of the ground-truth class's mask logits over foreground RoIs."""
+    num_classes = mask_logits.shape[-1]
+    cls = jnp.clip(classes, 0, num_classes - 1)
+    logits = jnp.take_along_axis(mask_logits, cls[:, :, None, None, None], axis=-1)[..., 0]
+    pixels = targets.shape[-1] * targets.shape[-2]
+    normalizer = jnp.maximum(valid.sum(), 1).astype(jnp.float32) * pixels
+    return ops.binary_cross_entropy_with_logits(logits, targets,
+                                                weights=valid[:, :, None, None],
+                                                normalizer=normalizer)

@@ -1,0 +1,79 @@
+"""Flax building blocks: frozen batch norm, group norm, conv-norm-act.
+
+FrozenBatchNorm keeps its statistics and affine terms in the "frozen" collection, not in
+"params": imported weights stay fixed and no optimizer ever sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+class FrozenBatchNorm(nn.Module):
+    """y = (x - mean) / sqrt(var + eps) * scale + bias, all four fixed (collection "frozen")."""
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        depth = x.shape[-1]
+        scale = self.variable("frozen", "scale", lambda: jnp.ones((depth,), jnp.float32))
+        bias = self.variable("frozen", "bias", lambda: jnp.zeros((depth,), jnp.float32))
+        mean = self.variable("frozen", "mean", lambda: jnp.zeros((depth,), jnp.float32))
+        var = self.variable("frozen", "var", lambda: jnp.ones((depth,), jnp.float32))
+        multiplier = scale.value * (1.0 / jnp.sqrt(var.value + self.epsilon))
+        shift = bias.value - mean.value * multiplier
+        return (x * multiplier.astype(self.dtype) + shift.astype(self.dtype)).astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm with up to ``groups`` groups (fewer for narrow test models: min(groups, C))."""
+
+    groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        groups = min(self.groups, x.shape[-1])
+        if x.shape[-1] % groups:
+            raise ValueError(f"{x.shape[-1]} channels do not split into {groups} groups; "
+                             "use a width divisible by 32")
+        return nn.GroupNorm(num_groups=groups, dtype=self.dtype, name="gn")(x)
+
+
+def make_norm(kind: str, dtype: Dtype, groups: int = 32):
+    """A norm layer constructor by config name: "frozen_bn", "group_norm" or "none"."""
+    if kind == "frozen_bn":
+        return lambda name=None: FrozenBatchNorm(dtype=dtype, name=name)
+    if kind == "group_norm":
+        return lambda name=None: GroupNorm(groups, dtype, name=name)
+    if kind == "none":
+        return lambda name=None: (lambda x: x)
+    raise ValueError(f"model.norm must be 'frozen_bn', 'group_norm' or 'none', got {kind!r}")
+
+
+class ConvNorm(nn.Module):
+    """Conv (no bias when normalised) -> norm -> optional ReLU, NHWC."""
+
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    norm: str = "group_norm"
+    relu: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        pad = self.kernel // 2
+        x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                    padding=((pad, pad), (pad, pad)), use_bias=self.norm == "none",
+                    dtype=self.dtype, kernel_init=nn.initializers.variance_scaling(
+                        2.0, "fan_out", "normal"), name="conv")(x)
+        x = make_norm(self.norm, self.dtype)(name="norm")(x)
+        return nn.relu(x) if self.relu else x
