@@ -12,13 +12,27 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="showcase of the ops on a seeded synthetic scene")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="demo_out")
+    train = commands.add_parser("train", help="train a model from an experiment config")
+    train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
+    train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
+    train.add_argument("--max-steps", type=int, default=None,
+                       help="stop early at this step (default: schedule.total_steps)")
     commands.add_parser("version", help="print the package and JAX versions")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    overrides = [r for r in rest if r.startswith("--config.")]
+    unknown = [r for r in rest if not r.startswith("--config.")]
+    if unknown or (overrides and args.command != "train"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    args.overrides = overrides
 
     if args.command == "demo":
         from instseg_jax import demo as demo_module
 
         demo_module.main(["--seed", str(args.seed), "--out", args.out])
+    elif args.command == "train":
+        from instseg_jax import train as train_module
+
+        return train_module.main(args)
     elif args.command == "version":
         import jax
 

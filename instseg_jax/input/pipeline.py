@@ -53,7 +53,7 @@ def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_examples)
 
 
-def _padding_example(config: TransformConfig) -> dict:
+def padding_example(config: TransformConfig) -> dict:
     """An all-zero example with example_valid False (fills the last evaluation batch)."""
     height, width = config.canvas_hw
     n = config.max_instances
@@ -102,7 +102,7 @@ class ExampleMaker:
         g = self.spec.global_index(int(local_index))
         n = self.spec.num_examples
         if not self.train and g >= n:
-            example = _padding_example(self.config)
+            example = padding_example(self.config)
             example["issues"] = counts
             return example
         epoch, position = divmod(g, n) if self.train else (0, g)

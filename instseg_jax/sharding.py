@@ -1,0 +1,59 @@
+"""Device mesh, shardings and multi-host start-up.
+
+One mesh axis, "data", over every device of every process: the batch is split along it and
+parameters are replicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+
+def maybe_initialize_distributed(config_mesh=None) -> None:
+    """jax.distributed.initialize() when the config or the environment asks for it.
+
+    Environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (all three), or a
+    cluster JAX detects by itself when config.mesh.distributed is True.
+    """
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    wanted = bool(config_mesh and config_mesh.get("distributed", False))
+    if not (address or wanted):
+        return
+    if address:
+        if os.environ.get("JAX_CPU_COLLECTIVES", "gloo") and jax.default_backend() == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    else:
+        jax.distributed.initialize()
+    log.info("process %d of %d, %d local of %d devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec("data"))
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+    """Host-local numpy batch -> global jax.Arrays sharded over "data"."""
+    sharding = data_sharded(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

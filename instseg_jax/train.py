@@ -1,0 +1,277 @@
+"""The trainer: mesh, data, init, one jitted step, loop, checkpoints, metrics.
+
+    instseg-jax train --config experiments/maskrcnn_nuclei.py[:arg] --workdir DIR \
+        [--config.optim.lr=0.01 ...]
+
+A run started on a workdir that holds checkpoints resumes from the latest one: parameters,
+optimizer state, step and the input stream's position, so it continues as if never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from instseg_jax import config as config_lib
+from instseg_jax import rng, sharding
+from instseg_jax.backbones.resnet import frozen_prefixes
+from instseg_jax.checkpoint import Checkpointer, abstract
+from instseg_jax.input.coco import CocoSource
+from instseg_jax.input.pipeline import InputPipeline, padding_example
+from instseg_jax.input.synthetic import SyntheticSource
+from instseg_jax.input.transforms import TransformConfig
+from instseg_jax.methods import mask_rcnn
+from instseg_jax.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped after too many non-finite losses in a row."""
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_source(input_config, train: bool):
+    kind = input_config.source
+    if kind == "synthetic":
+        return SyntheticSource(input_config.synthetic_length, tuple(input_config.synthetic_hw),
+                               seed=input_config.synthetic_seed)
+    if kind == "coco":
+        split = input_config.train_split if train else input_config.eval_split
+        return CocoSource(split.annotations, split.images, keep_empty=not train)
+    raise ValueError(f"input.source must be 'synthetic' or 'coco', got {kind!r}")
+
+
+def transform_config(config, train: bool) -> TransformConfig:
+    i = config.input
+    return TransformConfig(
+        canvas_hw=tuple(i.canvas_hw), max_instances=i.max_instances,
+        mask_format=mask_rcnn.MASK_FORMAT, mask_size=i.mask_size, train=train,
+        resize=i.resize if train else "short_side", short_side=tuple(i.short_side),
+        max_long_side=i.max_long_side, lsj_scale=tuple(i.lsj_scale),
+        hflip=i.hflip, drop_crowd=True)
+
+
+def model_config(config, num_classes: int) -> mask_rcnn.MaskRCNNConfig:
+    if config.method != "mask_rcnn":
+        raise ValueError(f"config.method {config.method!r}: only 'mask_rcnn' exists so far")
+    return mask_rcnn.MaskRCNNConfig.from_config(config.model, num_classes, config.input.canvas_hw)
+
+
+def learning_rate(config) -> optax.Schedule:
+    """Linear warmup from lr * warmup_factor, then step decay or cosine to the end."""
+    s, lr = config.schedule, config.optim.lr
+    if s.decay == "step":
+        boundaries = {int(b): s.gamma for b in s.steps}
+        after = optax.piecewise_constant_schedule(lr, boundaries)
+    elif s.decay == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(s.total_steps, 1))
+    else:
+        raise ValueError(f"schedule.decay must be 'step' or 'cosine', got {s.decay!r}")
+    if s.warmup_steps <= 0:
+        return after
+
+    def schedule(step):
+        warm = lr * (s.warmup_factor + (1 - s.warmup_factor) * step / s.warmup_steps)
+        return jnp.where(step < s.warmup_steps, warm, after(step))
+
+    return schedule
+
+
+def _path_names(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def optimizer(config, params) -> optax.GradientTransformation:
+    """SGD with momentum (or AdamW), weight decay off for norm parameters, frozen stages fixed,
+    optional global-norm clipping."""
+    o = config.optim
+    schedule = learning_rate(config)
+    frozen = frozen_prefixes(config.model.get("freeze_at", 0))
+
+    def label(path, _):
+        names = _path_names(path)
+        parts = names.split("/")
+        if parts[0] == "backbone" and any(p.startswith(frozen) for p in parts[1:2]) and frozen:
+            return "frozen"
+        return "train"
+
+    def decays(params_tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: not any(n in ("norm", "gn") for n in _path_names(path).split("/")),
+            params_tree)
+
+    if o.name == "sgd":
+        train = optax.chain(
+            optax.add_decayed_weights(o.weight_decay, mask=decays),
+            optax.sgd(schedule, momentum=o.momentum))
+    elif o.name == "adamw":
+        train = optax.adamw(schedule, weight_decay=o.weight_decay, mask=decays)
+    else:
+        raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
+    if o.clip_norm > 0:
+        train = optax.chain(optax.clip_by_global_norm(o.clip_norm), train)
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- state and step
+
+# Host-side bookkeeping that the training step never reads (int64 ids do not exist on device).
+HOST_ONLY = ("image_id",)
+
+
+def device_fields(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in HOST_ONLY}
+
+
+
+def init_state(model, tx, batch_shapes, config, mesh):
+    """Train state created directly in its (replicated) sharding."""
+    def init(seed_key):
+        dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_shapes)
+        variables = model.init(seed_key, dummy, train=True,
+                               key=rng.stream(config.seed, "sampling"))
+        params = variables["params"]
+        return {
+            "params": params,
+            "frozen": variables.get("frozen", {}),
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "sampling_key": jax.random.key_data(rng.stream(config.seed, "sampling")),
+        }
+
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng.stream(config.seed,
+                                                                             "params"))
+
+
+def make_train_step(model, tx, cfg, mesh, state_sharding):
+    def step_fn(state, batch):
+        key = rng.step_key(jax.random.wrap_key_data(state["sampling_key"]), state["step"])
+
+        def loss(params):
+            outputs = model.apply({"params": params, "frozen": state["frozen"]}, batch,
+                                  train=True, key=key)
+            return mask_rcnn.loss_fn(outputs, batch, cfg)
+
+        (total, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
+        finite = jnp.isfinite(total) & jnp.all(jnp.asarray(
+            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        # A non-finite loss or gradient leaves parameters and optimizer state as they were.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = dict(state, params=keep(params, state["params"]),
+                         opt_state=keep(opt_state, state["opt_state"]), step=state["step"] + 1)
+        metrics = dict(metrics, loss=total, nonfinite=1.0 - finite.astype(jnp.float32),
+                       grad_norm=optax.global_norm(grads))
+        return new_state, metrics
+
+    return jax.jit(step_fn, in_shardings=(state_sharding, sharding.data_sharded(mesh)),
+                   out_shardings=(state_sharding, sharding.replicated(mesh)),
+                   donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, max_steps: int | None = None,
+          progress: bool = True) -> dict:
+    """Train until config.schedule.total_steps (or max_steps, for tests); returns the state."""
+    workdir = Path(workdir)
+    sharding.maybe_initialize_distributed(config.mesh)
+    mesh = sharding.make_mesh()
+    if jax.process_index() == 0:
+        config_lib.save(config, workdir)
+    source = build_source(config.input, train=True)
+    tconfig = transform_config(config, train=True)
+    pipeline = InputPipeline(source, tconfig, config.input.global_batch, seed=config.seed,
+                             num_workers=config.input.num_workers)
+    cfg = model_config(config, source.num_classes)
+    model = mask_rcnn.MaskRCNN(cfg)
+
+    example = device_fields(padding_example(tconfig))
+    batch_shapes = {k: jax.ShapeDtypeStruct((config.input.global_batch, *np.shape(v)),
+                                            np.asarray(v).dtype)
+                    for k, v in example.items()}
+    tx = optimizer(config, _param_shapes(model, batch_shapes, config))
+    state = init_state(model, tx, batch_shapes, config, mesh)
+    state_sharding = sharding.replicated(mesh)
+
+    ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
+                        config.checkpoint.use_async)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, abstract(state, state_sharding))
+        pipeline.set_state(data_state)
+        log.info("resumed from step %d in %s", latest, ckpt.directory)
+    start = int(state["step"])
+    total = int(max_steps if max_steps is not None else config.schedule.total_steps)
+    step_fn = make_train_step(model, tx, cfg, mesh, state_sharding)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    schedule = learning_rate(config)
+    nonfinite_run = 0
+    bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0,
+               desc="train", unit="step")
+    last = time.perf_counter()
+    try:
+        for step in range(start, total):
+            batch = sharding.global_batch(device_fields(next(pipeline)), mesh)
+            state, metrics = step_fn(state, batch)
+            step_done = step + 1
+            if step_done % config.log_every == 0 or step_done == total:
+                metrics = jax.device_get(metrics)
+                now = time.perf_counter()
+                elapsed = (now - last) / (config.log_every if step_done % config.log_every == 0
+                                          else max(step_done - start, 1))
+                last = now
+                record = {k: float(v) for k, v in metrics.items()}
+                record.update(lr=float(schedule(step)), step_time=elapsed,
+                              images_per_second=config.input.global_batch / max(elapsed, 1e-9))
+                writer.write(step_done, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                img_s=f"{record['images_per_second']:.1f}")
+                nonfinite_run = nonfinite_run + 1 if record["nonfinite"] else 0
+                if record["nonfinite"]:
+                    log.warning("step %d: non-finite loss, update skipped (%d in a row)",
+                                step_done, nonfinite_run)
+                if nonfinite_run >= config.max_nonfinite_in_a_row:
+                    raise NonFiniteLoss(
+                        f"{nonfinite_run} non-finite losses in a row up to step {step_done}; "
+                        f"stopped. The last good checkpoint in {ckpt.directory} is intact: "
+                        "lower optim.lr or raise optim.clip_norm and resume")
+            bar.update(1)
+            ckpt.save(step_done, state, pipeline.get_state(), force=step_done == total)
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+        pipeline.close()
+    return state
+
+
+def _param_shapes(model, batch_shapes, config):
+    """Abstract parameter tree (shapes only: nothing is computed)."""
+    def init(seed_key):
+        dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_shapes)
+        return model.init(seed_key, dummy, train=True,
+                          key=rng.stream(config.seed, "sampling"))["params"]
+
+    return jax.eval_shape(init, rng.stream(config.seed, "params"))
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config = config_lib.load(args.config, args.overrides)
+    train(config, args.workdir, max_steps=args.max_steps)
+    return 0
