@@ -26,9 +26,10 @@ def maybe_initialize_distributed(config_mesh=None) -> None:
     wanted = bool(config_mesh and config_mesh.get("distributed", False))
     if not (address or wanted):
         return
+    # CPU processes exchange gradients through gloo (affects CPU devices only). Nothing here may
+    # touch the backend before initialize().
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if address:
-        if os.environ.get("JAX_CPU_COLLECTIVES", "gloo") and jax.default_backend() == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=address,
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

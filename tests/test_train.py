@@ -1,0 +1,156 @@
+"""The trainer: determinism, golden losses, sharding over 8 devices and 2 processes, resume
+after SIGKILL, and (slow) loss descent. Every run uses experiments/maskrcnn_nuclei.py:smoke."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from instseg_jax import config as config_lib
+from instseg_jax import train as train_lib
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = "experiments/maskrcnn_nuclei.py:smoke"
+DRIVER = str(REPO / "tests" / "train_driver.py")
+GOLDEN = REPO / "tests" / "fixtures" / "golden_smoke.json"
+LOSSES = ("loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask")
+
+
+def flat(state) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+
+
+def metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().split("\n")
+            if line]
+
+
+def run_driver(workdir, steps, out, *overrides, env=None):
+    command = [sys.executable, DRIVER, SMOKE, str(workdir), str(steps), str(out), *overrides]
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=600):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def five_steps(tmp_path_factory):
+    """Two runs of 5 steps with seed 0 and one with seed 1."""
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("other", 1)):
+        workdir = tmp_path_factory.mktemp(name)
+        config = config_lib.load(SMOKE, [f"--config.seed={seed}"])
+        runs[name] = (flat(train_lib.train(config, workdir, max_steps=5, progress=False)),
+                      metrics(workdir))
+    return runs
+
+
+def test_same_seed_gives_bitwise_identical_parameters(five_steps):
+    a, b, other = five_steps["a"][0], five_steps["b"][0], five_steps["other"][0]
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert any(not np.array_equal(a[k], other[k]) for k in a)
+
+
+def test_golden_losses(five_steps):
+    """Stored losses of the smoke run (steps 1 and 5). A change must be explained in the
+    commit that updates tests/fixtures/golden_smoke.json."""
+    logged = {m["step"]: m for m in five_steps["a"][1]}
+    golden = json.loads(GOLDEN.read_text())
+    for step, values in golden.items():
+        for name in LOSSES:
+            assert logged[int(step)][name] == pytest.approx(values[name], rel=2e-4), (step, name)
+
+
+def test_eight_devices_equal_one(tmp_path):
+    """3 steps at global batch 8: 8 fake CPU devices vs 1 device (relative difference <= 1e-5)."""
+    overrides = ["--config.input.global_batch=8"]
+    one = run_driver(tmp_path / "one", 3, tmp_path / "one.npz", *overrides)
+    finish(one)
+    eight = run_driver(tmp_path / "eight", 3, tmp_path / "eight.npz", *overrides,
+                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    output = finish(eight)
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "eight.npz")
+    worst = max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)) for k in a.files)
+    assert worst <= 1e-5, (worst, output[-2000:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    """jax.distributed with 2 CPU processes (gloo), global batch 2 split between them."""
+    port = free_port()
+    processes = [
+        run_driver(tmp_path / "multi", 3, tmp_path / f"multi{i}.npz",
+                   env={"JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+        for i in range(2)
+    ]
+    for process in processes:
+        finish(process)
+    finish(run_driver(tmp_path / "single", 3, tmp_path / "single.npz"))
+    a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi0.npz")
+    worst = max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)) for k in a.files)
+    assert worst <= 1e-5
+
+
+def kill_when(process, ready, timeout=300):
+    start = time.time()
+    while not ready():
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.time() - start < timeout, "the run never reached the kill point"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_resume_after_sigkill_between_and_during_saves(tmp_path):
+    steps = 8  # checkpoints every 2 steps in the smoke config
+    finish(run_driver(tmp_path / "straight", steps, tmp_path / "straight.npz"))
+    workdir = tmp_path / "killed"
+    checkpoints = workdir / "checkpoints"
+
+    def logged_steps():
+        path = workdir / "metrics.jsonl"
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    # Between saves: after step 3 is logged (checkpoint 2 done, 4 not yet).
+    kill_when(run_driver(workdir, steps, tmp_path / "x.npz"), lambda: logged_steps() >= 3)
+    # During a save: as soon as a temporary checkpoint folder appears.
+    def saving():
+        return checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
+
+    kill_when(run_driver(workdir, steps, tmp_path / "x.npz"), saving)
+    finish(run_driver(workdir, steps, tmp_path / "resumed.npz"))
+    a, b = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "resumed.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.slow
+def test_hundred_steps_lower_every_loss(tmp_path):
+    config = config_lib.load(SMOKE)
+    train_lib.train(config, tmp_path, max_steps=100, progress=False)
+    logged = metrics(tmp_path)
+    for name in LOSSES:
+        first = np.mean([m[name] for m in logged[:10]])
+        last = np.mean([m[name] for m in logged[-10:]])
+        assert last < first, (name, first, last)
