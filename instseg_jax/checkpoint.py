@@ -20,8 +20,11 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=every_steps,
-                enable_async_checkpointing=use_async, create=True),
+                max_to_keep=keep,
+                save_interval_steps=every_steps,
+                enable_async_checkpointing=use_async,
+                create=True,
+            ),
         )
 
     def latest_step(self) -> int | None:
@@ -30,8 +33,9 @@ class Checkpointer:
     def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
         return self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            ),
             force=force,
         )
 
@@ -56,5 +60,4 @@ class Checkpointer:
 
 def abstract(state, sharding):
     """ShapeDtypeStructs of a state, with a sharding, for restoring into."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        state)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)

@@ -15,8 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     train = commands.add_parser("train", help="train a model from an experiment config")
     train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
-    train.add_argument("--max-steps", type=int, default=None,
-                       help="stop early at this step (default: schedule.total_steps)")
+    train.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop early at this step (default: schedule.total_steps)",
+    )
     commands.add_parser("version", help="print the package and JAX versions")
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]

@@ -55,8 +55,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
         node = node[part]
     field = parts[-1]
     if field not in node:
-        raise KeyError(f"override {override!r}: no field {field!r}; fields here: "
-                       f"{sorted(node.keys())}")
+        raise KeyError(
+            f"override {override!r}: no field {field!r}; fields here: {sorted(node.keys())}"
+        )
     value = parse_value(text)
     current = node[field]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -64,8 +65,9 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
     if current is not None and value is not None and type(current) is not type(value):
-        raise TypeError(f"override {override!r}: {key} is {type(current).__name__}, got "
-                        f"{type(value).__name__}")
+        raise TypeError(
+            f"override {override!r}: {key} is {type(current).__name__}, got {type(value).__name__}"
+        )
     with config.unlocked() if config.is_locked else _null():
         node[field] = value
 

@@ -55,17 +55,23 @@ def _field_bytes(number: int, payload: bytes) -> bytes:
     return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def encode_event(wall_time: float, step: int, scalars: dict | None = None,
-                 file_version: str | None = None) -> bytes:
+def encode_event(
+    wall_time: float, step: int, scalars: dict | None = None, file_version: str | None = None
+) -> bytes:
     """Serialized tensorboard Event: wall_time (1), step (2), file_version (3), summary (5)."""
     out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
     if file_version is not None:
         out += _field_bytes(3, file_version.encode())
     if scalars:
         values = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
-                         + struct.pack("<f", float(value)))
-            for tag, value in scalars.items())
+            _field_bytes(
+                1,
+                _field_bytes(1, tag.encode())
+                + _varint(2 << 3 | 5)
+                + struct.pack("<f", float(value)),
+            )
+            for tag, value in scalars.items()
+        )
         out += _field_bytes(5, values)
     return out
 
@@ -73,8 +79,9 @@ def encode_event(wall_time: float, step: int, scalars: dict | None = None,
 def frame_record(data: bytes) -> bytes:
     """TFRecord framing: length, masked CRC of the length, data, masked CRC of the data."""
     length = struct.pack("<Q", len(data))
-    return (length + struct.pack("<I", masked_crc(length)) + data
-            + struct.pack("<I", masked_crc(data)))
+    return (
+        length + struct.pack("<I", masked_crc(length)) + data + struct.pack("<I", masked_crc(data))
+    )
 
 
 class MetricsWriter:
@@ -91,11 +98,12 @@ class MetricsWriter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.jsonl = (self.workdir / "metrics.jsonl").open("a")
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self.events = (self.workdir / "tensorboard" / name)
+        self.events = self.workdir / "tensorboard" / name
         self.events.parent.mkdir(exist_ok=True)
         self.event_file = self.events.open("ab")
-        self.event_file.write(frame_record(encode_event(time.time(), 0,
-                                                        file_version="brain.Event:2")))
+        self.event_file.write(
+            frame_record(encode_event(time.time(), 0, file_version="brain.Event:2"))
+        )
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:

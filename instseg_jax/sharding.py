@@ -37,8 +37,13 @@ def maybe_initialize_distributed(config_mesh=None) -> None:
         )
     else:
         jax.distributed.initialize()
-    log.info("process %d of %d, %d local of %d devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d, %d local of %d devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def make_mesh() -> Mesh:
@@ -57,4 +62,5 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Host-local numpy batch -> global jax.Arrays sharded over "data"."""
     sharding = data_sharded(mesh)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )

@@ -44,8 +44,11 @@ class NonFiniteLoss(RuntimeError):
 def build_source(input_config, train: bool):
     kind = input_config.source
     if kind == "synthetic":
-        return SyntheticSource(input_config.synthetic_length, tuple(input_config.synthetic_hw),
-                               seed=input_config.synthetic_seed)
+        return SyntheticSource(
+            input_config.synthetic_length,
+            tuple(input_config.synthetic_hw),
+            seed=input_config.synthetic_seed,
+        )
     if kind == "coco":
         split = input_config.train_split if train else input_config.eval_split
         return CocoSource(split.annotations, split.images, keep_empty=not train)
@@ -55,11 +58,18 @@ def build_source(input_config, train: bool):
 def transform_config(config, train: bool) -> TransformConfig:
     i = config.input
     return TransformConfig(
-        canvas_hw=tuple(i.canvas_hw), max_instances=i.max_instances,
-        mask_format=mask_rcnn.MASK_FORMAT, mask_size=i.mask_size, train=train,
-        resize=i.resize if train else "short_side", short_side=tuple(i.short_side),
-        max_long_side=i.max_long_side, lsj_scale=tuple(i.lsj_scale),
-        hflip=i.hflip, drop_crowd=True)
+        canvas_hw=tuple(i.canvas_hw),
+        max_instances=i.max_instances,
+        mask_format=mask_rcnn.MASK_FORMAT,
+        mask_size=i.mask_size,
+        train=train,
+        resize=i.resize if train else "short_side",
+        short_side=tuple(i.short_side),
+        max_long_side=i.max_long_side,
+        lsj_scale=tuple(i.lsj_scale),
+        hflip=i.hflip,
+        drop_crowd=True,
+    )
 
 
 def model_config(config, num_classes: int) -> mask_rcnn.MaskRCNNConfig:
@@ -109,12 +119,14 @@ def optimizer(config, params) -> optax.GradientTransformation:
     def decays(params_tree):
         return jax.tree_util.tree_map_with_path(
             lambda path, _: not any(n in ("norm", "gn") for n in _path_names(path).split("/")),
-            params_tree)
+            params_tree,
+        )
 
     if o.name == "sgd":
         train = optax.chain(
             optax.add_decayed_weights(o.weight_decay, mask=decays),
-            optax.sgd(schedule, momentum=o.momentum))
+            optax.sgd(schedule, momentum=o.momentum),
+        )
     elif o.name == "adamw":
         train = optax.adamw(schedule, weight_decay=o.weight_decay, mask=decays)
     else:
@@ -135,13 +147,12 @@ def device_fields(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in HOST_ONLY}
 
 
-
 def init_state(model, tx, batch_shapes, config, mesh):
     """Train state created directly in its (replicated) sharding."""
+
     def init(seed_key):
         dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_shapes)
-        variables = model.init(seed_key, dummy, train=True,
-                               key=rng.stream(config.seed, "sampling"))
+        variables = model.init(seed_key, dummy, train=True, key=rng.stream(config.seed, "sampling"))
         params = variables["params"]
         return {
             "params": params,
@@ -151,8 +162,7 @@ def init_state(model, tx, batch_shapes, config, mesh):
             "sampling_key": jax.random.key_data(rng.stream(config.seed, "sampling")),
         }
 
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng.stream(config.seed,
-                                                                             "params"))
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng.stream(config.seed, "params"))
 
 
 def make_train_step(model, tx, cfg, mesh, state_sharding):
@@ -160,33 +170,50 @@ def make_train_step(model, tx, cfg, mesh, state_sharding):
         key = rng.step_key(jax.random.wrap_key_data(state["sampling_key"]), state["step"])
 
         def loss(params):
-            outputs = model.apply({"params": params, "frozen": state["frozen"]}, batch,
-                                  train=True, key=key)
+            outputs = model.apply(
+                {"params": params, "frozen": state["frozen"]}, batch, train=True, key=key
+            )
             return mask_rcnn.loss_fn(outputs, batch, cfg)
 
         (total, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
-        finite = jnp.isfinite(total) & jnp.all(jnp.asarray(
-            [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        finite = jnp.isfinite(total) & jnp.all(
+            jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # A non-finite loss or gradient leaves parameters and optimizer state as they were.
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = dict(state, params=keep(params, state["params"]),
-                         opt_state=keep(opt_state, state["opt_state"]), step=state["step"] + 1)
-        metrics = dict(metrics, loss=total, nonfinite=1.0 - finite.astype(jnp.float32),
-                       grad_norm=optax.global_norm(grads))
+        new_state = dict(
+            state,
+            params=keep(params, state["params"]),
+            opt_state=keep(opt_state, state["opt_state"]),
+            step=state["step"] + 1,
+        )
+        metrics = dict(
+            metrics,
+            loss=total,
+            nonfinite=1.0 - finite.astype(jnp.float32),
+            grad_norm=optax.tree.norm(grads),
+        )
         return new_state, metrics
 
-    return jax.jit(step_fn, in_shardings=(state_sharding, sharding.data_sharded(mesh)),
-                   out_shardings=(state_sharding, sharding.replicated(mesh)),
-                   donate_argnums=0)
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, sharding.data_sharded(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 # ----------------------------------------------------------------------------- loop
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, max_steps: int | None = None,
-          progress: bool = True) -> dict:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Train until config.schedule.total_steps (or max_steps, for tests); returns the state."""
     workdir = Path(workdir)
     sharding.maybe_initialize_distributed(config.mesh)
@@ -195,21 +222,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, max_steps: int
         config_lib.save(config, workdir)
     source = build_source(config.input, train=True)
     tconfig = transform_config(config, train=True)
-    pipeline = InputPipeline(source, tconfig, config.input.global_batch, seed=config.seed,
-                             num_workers=config.input.num_workers)
+    pipeline = InputPipeline(
+        source,
+        tconfig,
+        config.input.global_batch,
+        seed=config.seed,
+        num_workers=config.input.num_workers,
+    )
     cfg = model_config(config, source.num_classes)
     model = mask_rcnn.MaskRCNN(cfg)
 
     example = device_fields(padding_example(tconfig))
-    batch_shapes = {k: jax.ShapeDtypeStruct((config.input.global_batch, *np.shape(v)),
-                                            np.asarray(v).dtype)
-                    for k, v in example.items()}
+    batch_shapes = {
+        k: jax.ShapeDtypeStruct((config.input.global_batch, *np.shape(v)), np.asarray(v).dtype)
+        for k, v in example.items()
+    }
     tx = optimizer(config, _param_shapes(model, batch_shapes, config))
     state = init_state(model, tx, batch_shapes, config, mesh)
     state_sharding = sharding.replicated(mesh)
 
-    ckpt = Checkpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
-                        config.checkpoint.use_async)
+    ckpt = Checkpointer(
+        workdir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.use_async
+    )
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, abstract(state, state_sharding))
@@ -221,8 +255,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, max_steps: int
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     schedule = learning_rate(config)
     nonfinite_run = 0
-    bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0,
-               desc="train", unit="step")
+    bar = tqdm(
+        total=total,
+        initial=start,
+        disable=not progress or jax.process_index() != 0,
+        desc="train",
+        unit="step",
+    )
     last = time.perf_counter()
     try:
         for step in range(start, total):
@@ -232,24 +271,35 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, max_steps: int
             if step_done % config.log_every == 0 or step_done == total:
                 metrics = jax.device_get(metrics)
                 now = time.perf_counter()
-                elapsed = (now - last) / (config.log_every if step_done % config.log_every == 0
-                                          else max(step_done - start, 1))
+                elapsed = (now - last) / (
+                    config.log_every
+                    if step_done % config.log_every == 0
+                    else max(step_done - start, 1)
+                )
                 last = now
                 record = {k: float(v) for k, v in metrics.items()}
-                record.update(lr=float(schedule(step)), step_time=elapsed,
-                              images_per_second=config.input.global_batch / max(elapsed, 1e-9))
+                record.update(
+                    lr=float(schedule(step)),
+                    step_time=elapsed,
+                    images_per_second=config.input.global_batch / max(elapsed, 1e-9),
+                )
                 writer.write(step_done, record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                img_s=f"{record['images_per_second']:.1f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_second']:.1f}"
+                )
                 nonfinite_run = nonfinite_run + 1 if record["nonfinite"] else 0
                 if record["nonfinite"]:
-                    log.warning("step %d: non-finite loss, update skipped (%d in a row)",
-                                step_done, nonfinite_run)
+                    log.warning(
+                        "step %d: non-finite loss, update skipped (%d in a row)",
+                        step_done,
+                        nonfinite_run,
+                    )
                 if nonfinite_run >= config.max_nonfinite_in_a_row:
                     raise NonFiniteLoss(
                         f"{nonfinite_run} non-finite losses in a row up to step {step_done}; "
                         f"stopped. The last good checkpoint in {ckpt.directory} is intact: "
-                        "lower optim.lr or raise optim.clip_norm and resume")
+                        "lower optim.lr or raise optim.clip_norm and resume"
+                    )
             bar.update(1)
             ckpt.save(step_done, state, pipeline.get_state(), force=step_done == total)
     finally:
@@ -262,10 +312,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, max_steps: int
 
 def _param_shapes(model, batch_shapes, config):
     """Abstract parameter tree (shapes only: nothing is computed)."""
+
     def init(seed_key):
         dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_shapes)
-        return model.init(seed_key, dummy, train=True,
-                          key=rng.stream(config.seed, "sampling"))["params"]
+        return model.init(seed_key, dummy, train=True, key=rng.stream(config.seed, "sampling"))[
+            "params"
+        ]
 
     return jax.eval_shape(init, rng.stream(config.seed, "params"))
 

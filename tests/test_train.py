@@ -25,19 +25,30 @@ LOSSES = ("loss", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "l
 
 
 def flat(state) -> dict:
-    return {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+    return {
+        jax.tree_util.keystr(p): np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
 
 
 def metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().split("\n")
-            if line]
+    return [
+        json.loads(line)
+        for line in (Path(workdir) / "metrics.jsonl").read_text().split("\n")
+        if line
+    ]
 
 
 def run_driver(workdir, steps, out, *overrides, env=None):
     command = [sys.executable, DRIVER, SMOKE, str(workdir), str(steps), str(out), *overrides]
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(process, timeout=600):
@@ -53,8 +64,10 @@ def five_steps(tmp_path_factory):
     for name, seed in (("a", 0), ("b", 0), ("other", 1)):
         workdir = tmp_path_factory.mktemp(name)
         config = config_lib.load(SMOKE, [f"--config.seed={seed}"])
-        runs[name] = (flat(train_lib.train(config, workdir, max_steps=5, progress=False)),
-                      metrics(workdir))
+        runs[name] = (
+            flat(train_lib.train(config, workdir, max_steps=5, progress=False)),
+            metrics(workdir),
+        )
     return runs
 
 
@@ -81,8 +94,13 @@ def test_eight_devices_equal_one(tmp_path):
     overrides = ["--config.input.global_batch=8"]
     one = run_driver(tmp_path / "one", 3, tmp_path / "one.npz", *overrides)
     finish(one)
-    eight = run_driver(tmp_path / "eight", 3, tmp_path / "eight.npz", *overrides,
-                       env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    eight = run_driver(
+        tmp_path / "eight",
+        3,
+        tmp_path / "eight.npz",
+        *overrides,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    )
     output = finish(eight)
     a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "eight.npz")
     worst = max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)) for k in a.files)
@@ -99,9 +117,16 @@ def test_two_processes_equal_one(tmp_path):
     """jax.distributed with 2 CPU processes (gloo), global batch 2 split between them."""
     port = free_port()
     processes = [
-        run_driver(tmp_path / "multi", 3, tmp_path / f"multi{i}.npz",
-                   env={"JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-                        "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
+        run_driver(
+            tmp_path / "multi",
+            3,
+            tmp_path / f"multi{i}.npz",
+            env={
+                "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+        )
         for i in range(2)
     ]
     for process in processes:
@@ -134,6 +159,7 @@ def test_resume_after_sigkill_between_and_during_saves(tmp_path):
 
     # Between saves: after step 3 is logged (checkpoint 2 done, 4 not yet).
     kill_when(run_driver(workdir, steps, tmp_path / "x.npz"), lambda: logged_steps() >= 3)
+
     # During a save: as soon as a temporary checkpoint folder appears.
     def saving():
         return checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
@@ -147,10 +173,53 @@ def test_resume_after_sigkill_between_and_during_saves(tmp_path):
 
 @pytest.mark.slow
 def test_hundred_steps_lower_every_loss(tmp_path):
-    config = config_lib.load(SMOKE)
+    """Mean of the last 10 steps below the mean of the first 10, for every term.
+
+    detectron2 normalises the box-regression loss by all sampled RoIs, so it first rises as
+    proposals improve: real foreground proposals with non-zero targets replace the appended
+    ground-truth boxes, whose targets are zero. To see it fall within 100 steps the run uses
+    4 repeated scenes, AdamW at 3e-3 and a 256-wide box head (measured: 0.49 -> 0.34).
+    """
+    config = config_lib.load(
+        SMOKE,
+        [
+            "--config.input.synthetic_length=4",
+            "--config.optim.name=adamw",
+            "--config.optim.lr=0.003",
+            "--config.model.box_fc_dim=256",
+        ],
+    )
     train_lib.train(config, tmp_path, max_steps=100, progress=False)
     logged = metrics(tmp_path)
     for name in LOSSES:
         first = np.mean([m[name] for m in logged[:10]])
         last = np.mean([m[name] for m in logged[-10:]])
         assert last < first, (name, first, last)
+
+
+def test_nonfinite_losses_skip_updates_then_stop_with_the_checkpoint_intact(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from instseg_jax.checkpoint import Checkpointer
+
+    config = config_lib.load(
+        SMOKE,
+        [
+            "--config.optim.lr=1e12",
+            "--config.schedule.warmup_steps=0",
+            "--config.max_nonfinite_in_a_row=2",
+        ],
+    )
+    with pytest.raises(train_lib.NonFiniteLoss, match="non-finite losses in a row"):
+        train_lib.train(config, tmp_path, max_steps=40, progress=False)
+    logged = metrics(tmp_path)
+    assert logged[-1]["nonfinite"] == 1.0 and logged[-2]["nonfinite"] == 1.0
+    checkpointer = Checkpointer(tmp_path, 2, 2)
+    step = checkpointer.latest_step()
+    assert step is not None and step < logged[-1]["step"]
+    restored = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+    )
+    leaves = jax.tree.leaves(restored["state"]["params"])
+    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
+    checkpointer.close()

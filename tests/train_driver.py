@@ -1,6 +1,6 @@
 """Runs a training in this process and saves the final parameters (used by test_train.py).
 
-    python tests/train_driver.py CONFIG WORKDIR MAX_STEPS OUT.npz [--config.a.b=v ...]
+python tests/train_driver.py CONFIG WORKDIR MAX_STEPS OUT.npz [--config.a.b=v ...]
 """
 
 import sys
@@ -13,8 +13,10 @@ from instseg_jax import train as train_lib
 
 
 def flat_params(state) -> dict:
-    return {jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
-            for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
 
 
 def main(argv):

@@ -17,8 +17,12 @@ class FPN(nn.Module):
     def __call__(self, features: dict) -> dict:
         names = ["res2", "res3", "res4", "res5"]
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # c2_xavier_fill
-        laterals = [nn.Conv(self.channels, (1, 1), dtype=self.dtype, kernel_init=init,
-                            name=f"lateral{i + 2}")(features[n]) for i, n in enumerate(names)]
+        laterals = [
+            nn.Conv(
+                self.channels, (1, 1), dtype=self.dtype, kernel_init=init, name=f"lateral{i + 2}"
+            )(features[n])
+            for i, n in enumerate(names)
+        ]
         merged = [None] * 4
         merged[3] = laterals[3]
         for i in (2, 1, 0):
@@ -27,8 +31,13 @@ class FPN(nn.Module):
             merged[i] = laterals[i] + upsampled
         outputs = {}
         for i in range(4):
-            outputs[f"p{i + 2}"] = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
-                                           dtype=self.dtype, kernel_init=init,
-                                           name=f"output{i + 2}")(merged[i])
+            outputs[f"p{i + 2}"] = nn.Conv(
+                self.channels,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                kernel_init=init,
+                name=f"output{i + 2}",
+            )(merged[i])
         outputs["p6"] = outputs["p5"][:, ::2, ::2, :]  # [B, H/64, W/64, D]
         return outputs

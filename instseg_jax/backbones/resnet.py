@@ -23,8 +23,9 @@ class BasicBlock(nn.Module):
     def __call__(self, x):
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = ConvNorm(self.features, 1, self.stride, self.norm, False, self.dtype,
-                                name="shortcut")(x)
+            shortcut = ConvNorm(
+                self.features, 1, self.stride, self.norm, False, self.dtype, name="shortcut"
+            )(x)
         y = ConvNorm(self.features, 3, self.stride, self.norm, True, self.dtype, name="conv1")(x)
         y = ConvNorm(self.features, 3, 1, self.norm, False, self.dtype, name="conv2")(y)
         return nn.relu(y + shortcut)
@@ -41,8 +42,9 @@ class Bottleneck(nn.Module):
         width = self.features // 4
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = ConvNorm(self.features, 1, self.stride, self.norm, False, self.dtype,
-                                name="shortcut")(x)
+            shortcut = ConvNorm(
+                self.features, 1, self.stride, self.norm, False, self.dtype, name="shortcut"
+            )(x)
         y = ConvNorm(width, 1, 1, self.norm, True, self.dtype, name="conv1")(x)
         y = ConvNorm(width, 3, self.stride, self.norm, True, self.dtype, name="conv2")(y)
         y = ConvNorm(self.features, 1, 1, self.norm, False, self.dtype, name="conv3")(y)
@@ -66,8 +68,9 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.depth not in STAGES:
-            raise ValueError(f"model.backbone.depth must be one of {sorted(STAGES)}, got "
-                             f"{self.depth}")
+            raise ValueError(
+                f"model.backbone.depth must be one of {sorted(STAGES)}, got {self.depth}"
+            )
         bottleneck = self.depth >= 50
         block = Bottleneck if bottleneck else BasicBlock
         x = ConvNorm(self.width, 7, 2, self.norm, True, self.dtype, name="stem")(x)
@@ -79,8 +82,7 @@ class ResNet(nn.Module):
             features = self.width * 2**stage * (4 if bottleneck else 1)
             for i in range(blocks):
                 stride = 2 if (i == 0 and stage > 0) else 1
-                x = block(features, stride, self.norm, self.dtype,
-                          name=f"res{stage + 2}_{i}")(x)
+                x = block(features, stride, self.norm, self.dtype, name=f"res{stage + 2}_{i}")(x)
             if self.freeze_at >= stage + 2:
                 x = jax.lax.stop_gradient(x)
             outputs[f"res{stage + 2}"] = x  # [B, H/2^(stage+2), W/2^(stage+2), features]

@@ -12,6 +12,7 @@ Defaults follow detectron2's mask_rcnn_R_50_FPN; every one is a config field.
 from __future__ import annotations
 
 import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,8 +71,9 @@ class MaskRCNNConfig:
                 values[key] = _as_tuple(values[key])
         unknown = set(dict(model_config)) - fields
         if unknown:
-            raise ValueError(f"unknown model config fields {sorted(unknown)}; known: "
-                             f"{sorted(fields)}")
+            raise ValueError(
+                f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}"
+            )
         return cls(num_classes=num_classes, canvas_hw=tuple(canvas_hw), **values)
 
     @property
@@ -91,20 +93,22 @@ class MaskRCNN(nn.Module):
     def setup(self):
         cfg = self.cfg
         if cfg.canvas_hw[0] % 64 or cfg.canvas_hw[1] % 64:
-            raise ValueError(f"input.canvas_hw {cfg.canvas_hw} must be divisible by 64 "
-                             "(P6 has stride 64)")
+            raise ValueError(
+                f"input.canvas_hw {cfg.canvas_hw} must be divisible by 64 (P6 has stride 64)"
+            )
         self.backbone = ResNet(cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype)
         self.fpn = FPN(cfg.fpn_channels, cfg.dtype)
-        self.rpn_head = rpn.RPNHead(len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0]),
-                                    cfg.dtype)
+        self.rpn_head = rpn.RPNHead(len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0]), cfg.dtype)
         self.box_head = roi_heads.BoxHead(cfg.num_classes, cfg.box_fc_dim, cfg.dtype)
         if cfg.mask_on:
-            self.mask_head = roi_heads.MaskHead(cfg.num_classes, cfg.fpn_channels,
-                                                cfg.mask_head_convs, cfg.dtype)
+            self.mask_head = roi_heads.MaskHead(
+                cfg.num_classes, cfg.fpn_channels, cfg.mask_head_convs, cfg.dtype
+            )
 
     def anchors(self):
-        return ops.multilevel_anchors(self.cfg.canvas_hw, (4, 8, 16, 32, 64),
-                                      self.cfg.anchor_sizes, self.cfg.aspect_ratios)
+        return ops.multilevel_anchors(
+            self.cfg.canvas_hw, (4, 8, 16, 32, 64), self.cfg.anchor_sizes, self.cfg.aspect_ratios
+        )
 
     def features(self, image):
         """FPN features {"p2".."p6"} of uint8 images [B, H, W, 3] (normalised here)."""
@@ -117,15 +121,23 @@ class MaskRCNN(nn.Module):
         logits, deltas = self.rpn_head(features)  # [B, T], [B, T, 4]
         anchors_by_level = self.anchors()
         proposal_boxes, proposal_scores, proposal_valid = rpn.proposals(
-            logits, deltas, anchors_by_level, batch["image_hw"],
+            logits,
+            deltas,
+            anchors_by_level,
+            batch["image_hw"],
             cfg.rpn_pre_nms_topk_train if train else cfg.rpn_pre_nms_topk_test,
             cfg.rpn_post_nms_topk_train if train else cfg.rpn_post_nms_topk_test,
-            cfg.rpn_nms_threshold)
-        outputs = {"proposal_boxes": proposal_boxes, "proposal_scores": proposal_scores,
-                   "proposal_valid": proposal_valid}
+            cfg.rpn_nms_threshold,
+        )
+        outputs = {
+            "proposal_boxes": proposal_boxes,
+            "proposal_scores": proposal_scores,
+            "proposal_valid": proposal_valid,
+        }
         if not train:
-            pooled = roi_heads.pool(features, proposal_boxes, cfg.box_pool_size,
-                                    cfg.sampling_ratio, cfg.aligned)
+            pooled = roi_heads.pool(
+                features, proposal_boxes, cfg.box_pool_size, cfg.sampling_ratio, cfg.aligned
+            )
             outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
             return outputs
         if key is None:
@@ -133,44 +145,70 @@ class MaskRCNN(nn.Module):
         anchor_key, roi_key = jax.random.split(key)
         anchors = jnp.concatenate(anchors_by_level)
         labels, target_deltas = rpn.anchor_targets(
-            anchors, batch["gt_boxes"], batch["gt_valid"], anchor_key, cfg.rpn_batch_per_image,
-            cfg.rpn_positive_fraction)
-        outputs.update(rpn_logits=logits, rpn_deltas=deltas, rpn_labels=labels,
-                       rpn_target_deltas=target_deltas)
+            anchors,
+            batch["gt_boxes"],
+            batch["gt_valid"],
+            anchor_key,
+            cfg.rpn_batch_per_image,
+            cfg.rpn_positive_fraction,
+        )
+        outputs.update(
+            rpn_logits=logits, rpn_deltas=deltas, rpn_labels=labels, rpn_target_deltas=target_deltas
+        )
         rois = roi_heads.sample_rois(
-            proposal_boxes, proposal_valid, batch["gt_boxes"], batch["gt_classes"],
-            batch["gt_valid"], roi_key, cfg.roi_batch_per_image, cfg.roi_positive_fraction,
-            cfg.roi_iou_threshold, cfg.num_classes)
-        pooled = roi_heads.pool(features, rois["boxes"], cfg.box_pool_size, cfg.sampling_ratio,
-                                cfg.aligned)  # [B, R, 7, 7, D]
+            proposal_boxes,
+            proposal_valid,
+            batch["gt_boxes"],
+            batch["gt_classes"],
+            batch["gt_valid"],
+            roi_key,
+            cfg.roi_batch_per_image,
+            cfg.roi_positive_fraction,
+            cfg.roi_iou_threshold,
+            cfg.num_classes,
+        )
+        pooled = roi_heads.pool(
+            features, rois["boxes"], cfg.box_pool_size, cfg.sampling_ratio, cfg.aligned
+        )  # [B, R, 7, 7, D]
         outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
         outputs["rois"] = rois
         if cfg.mask_on:
             fg = cfg.mask_fg_per_image
-            mask_pooled = roi_heads.pool(features, rois["boxes"][:, :fg], cfg.mask_pool_size,
-                                         cfg.sampling_ratio, cfg.aligned)  # [B, F, 14, 14, D]
+            mask_pooled = roi_heads.pool(
+                features, rois["boxes"][:, :fg], cfg.mask_pool_size, cfg.sampling_ratio, cfg.aligned
+            )  # [B, F, 14, 14, D]
             outputs["mask_logits"] = self.mask_head(mask_pooled)  # [B, F, 28, 28, C]
             outputs["mask_targets"], outputs["mask_valid"] = roi_heads.mask_targets(
-                batch["gt_masks"], batch["gt_boxes"], rois, fg, 2 * cfg.mask_pool_size)
+                batch["gt_masks"], batch["gt_boxes"], rois, fg, 2 * cfg.mask_pool_size
+            )
         return outputs
 
 
 def loss_fn(outputs: dict, batch: dict, cfg: MaskRCNNConfig) -> tuple[jnp.ndarray, dict]:
     """Total loss and metrics (each loss term, RoI classification accuracy)."""
     del batch  # every target was built inside the model
-    losses = rpn.rpn_losses(outputs["rpn_logits"], outputs["rpn_deltas"], outputs["rpn_labels"],
-                            outputs["rpn_target_deltas"], cfg.rpn_batch_per_image)
-    box, metrics = roi_heads.box_losses(outputs["class_logits"], outputs["box_deltas"],
-                                        outputs["rois"])
+    losses = rpn.rpn_losses(
+        outputs["rpn_logits"],
+        outputs["rpn_deltas"],
+        outputs["rpn_labels"],
+        outputs["rpn_target_deltas"],
+        cfg.rpn_batch_per_image,
+    )
+    box, metrics = roi_heads.box_losses(
+        outputs["class_logits"], outputs["box_deltas"], outputs["rois"]
+    )
     losses.update(box)
     if cfg.mask_on:
         fg = cfg.mask_fg_per_image
         losses["loss_mask"] = roi_heads.mask_loss(
-            outputs["mask_logits"], outputs["rois"]["classes"][:, :fg], outputs["mask_targets"],
-            outputs["mask_valid"])
+            outputs["mask_logits"],
+            outputs["rois"]["classes"][:, :fg],
+            outputs["mask_targets"],
+            outputs["mask_valid"],
+        )
     total = sum(losses.values())
     metrics.update(losses)
-    metrics["num_fg_rois"] = jnp.mean(jnp.sum(outputs["rois"]["foreground"], axis=1)
-                                      .astype(jnp.float32))
+    metrics["num_fg_rois"] = jnp.mean(
+        jnp.sum(outputs["rois"]["foreground"], axis=1).astype(jnp.float32)
+    )
     return total, metrics
-

@@ -19,23 +19,32 @@ BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 POOLED_LEVELS = ("p2", "p3", "p4", "p5")
 
 
-def sample_rois(proposal_boxes, proposal_valid, gt_boxes, gt_classes, gt_valid, key,
-                num_rois: int, positive_fraction: float, iou_threshold: float,
-                num_classes: int):
+def sample_rois(
+    proposal_boxes,
+    proposal_valid,
+    gt_boxes,
+    gt_classes,
+    gt_valid,
+    key,
+    num_rois: int,
+    positive_fraction: float,
+    iou_threshold: float,
+    num_classes: int,
+):
     """Training RoIs: ground truth appended to the proposals, matched at iou_threshold, then
     num_rois sampled per image (positives first).
 
     Returns a dict of [B, R] arrays: boxes [.., 4], classes (C for background), matched gt
     index, target deltas [.., 4] (box-head weights), foreground and valid flags.
     """
+
     def one_image(props, props_valid, boxes, classes, valid, image_key):
         candidates = jnp.concatenate([props, boxes])  # [P + N, 4]
         candidate_valid = jnp.concatenate([props_valid, valid])
         iou = ops.box_iou(boxes, candidates)  # [N, P + N]
         matched, labels = ops.match(iou, (iou_threshold,), (0, 1), False, gt_valid=valid)
         labels = jnp.where(candidate_valid, labels, -1)
-        chosen, chosen_valid = ops.sample_balanced(labels, num_rois, positive_fraction,
-                                                   image_key)
+        chosen, chosen_valid = ops.sample_balanced(labels, num_rois, positive_fraction, image_key)
         roi_boxes = candidates[chosen]
         roi_gt = matched[chosen]
         foreground = chosen_valid & (labels[chosen] == 1)
@@ -51,15 +60,20 @@ def sample_rois(proposal_boxes, proposal_valid, gt_boxes, gt_classes, gt_valid, 
         }
 
     keys = jax.random.split(key, gt_boxes.shape[0])
-    rois = jax.vmap(one_image)(proposal_boxes, proposal_valid, gt_boxes, gt_classes, gt_valid,
-                               keys)
+    rois = jax.vmap(one_image)(proposal_boxes, proposal_valid, gt_boxes, gt_classes, gt_valid, keys)
     return jax.tree.map(jax.lax.stop_gradient, rois)
 
 
 def pool(features: dict, boxes, size: int, sampling_ratio: int, aligned: bool):
     """[B, R, size, size, D] RoIAlign of boxes[B, R, 4] from P2..P5, each box on its level."""
-    return ops.multilevel_roi_align([features[k] for k in POOLED_LEVELS], boxes, size,
-                                    min_level=2, sampling_ratio=sampling_ratio, aligned=aligned)
+    return ops.multilevel_roi_align(
+        [features[k] for k in POOLED_LEVELS],
+        boxes,
+        size,
+        min_level=2,
+        sampling_ratio=sampling_ratio,
+        aligned=aligned,
+    )
 
 
 class BoxHead(nn.Module):
@@ -77,12 +91,22 @@ class BoxHead(nn.Module):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
         x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc1")(x))
         x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc2")(x))
-        logits = nn.Dense(self.num_classes + 1, dtype=self.dtype,
-                          kernel_init=nn.initializers.normal(0.01), name="cls_score")(x)
-        deltas = nn.Dense(self.num_classes * 4, dtype=self.dtype,
-                          kernel_init=nn.initializers.normal(0.001), name="bbox_pred")(x)
-        return (logits.astype(jnp.float32),
-                deltas.reshape(b, r, self.num_classes, 4).astype(jnp.float32))
+        logits = nn.Dense(
+            self.num_classes + 1,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.01),
+            name="cls_score",
+        )(x)
+        deltas = nn.Dense(
+            self.num_classes * 4,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.001),
+            name="bbox_pred",
+        )(x)
+        return (
+            logits.astype(jnp.float32),
+            deltas.reshape(b, r, self.num_classes, 4).astype(jnp.float32),
+        )
 
 
 class MaskHead(nn.Module):
@@ -100,12 +124,28 @@ class MaskHead(nn.Module):
         x = pooled.reshape(b * f, h, w, d).astype(self.dtype)
         init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         for i in range(self.num_convs):
-            x = nn.relu(nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
-                                dtype=self.dtype, kernel_init=init, name=f"conv{i + 1}")(x))
-        x = nn.relu(nn.ConvTranspose(self.channels, (2, 2), (2, 2), dtype=self.dtype,
-                                     kernel_init=init, name="deconv")(x))  # [B*F, 28, 28, D]
-        x = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype,
-                    kernel_init=nn.initializers.normal(0.001), name="predictor")(x)
+            x = nn.relu(
+                nn.Conv(
+                    self.channels,
+                    (3, 3),
+                    padding=((1, 1), (1, 1)),
+                    dtype=self.dtype,
+                    kernel_init=init,
+                    name=f"conv{i + 1}",
+                )(x)
+            )
+        x = nn.relu(
+            nn.ConvTranspose(
+                self.channels, (2, 2), (2, 2), dtype=self.dtype, kernel_init=init, name="deconv"
+            )(x)
+        )  # [B*F, 28, 28, D]
+        x = nn.Conv(
+            self.num_classes,
+            (1, 1),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.001),
+            name="predictor",
+        )(x)
         return x.reshape(b, f, 2 * h, 2 * w, self.num_classes).astype(jnp.float32)
 
 
@@ -125,8 +165,14 @@ def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
     crops = jnp.take_along_axis(gt_crops, index[..., None, None], axis=1)  # [B, F, Mc, Mc]
     scale = crop / jnp.maximum(gt[..., 2:] - gt[..., :2], 1e-6)  # crop cells per pixel
     in_crop = (boxes - jnp.concatenate([gt[..., :2]] * 2, -1)) * jnp.concatenate([scale] * 2, -1)
-    pooled = ops.roi_align(crops.reshape(b * num_fg, crop, crop, 1).astype(jnp.float32),
-                           in_crop.reshape(b * num_fg, 1, 4), size, 1.0, 2, True)
+    pooled = ops.roi_align(
+        crops.reshape(b * num_fg, crop, crop, 1).astype(jnp.float32),
+        in_crop.reshape(b * num_fg, 1, 4),
+        size,
+        1.0,
+        2,
+        True,
+    )
     targets = (pooled.reshape(b, num_fg, size, size) >= 0.5).astype(jnp.float32)
     return jax.lax.stop_gradient(targets), valid
 
@@ -142,8 +188,13 @@ def box_losses(logits, deltas, rois: dict):
     num_classes = deltas.shape[2]
     cls = jnp.clip(rois["classes"], 0, num_classes - 1)
     chosen = jnp.take_along_axis(deltas, cls[..., None, None], axis=2)[:, :, 0]  # [B, R, 4]
-    loss_box = ops.smooth_l1_loss(chosen, rois["target_deltas"], beta=0.0,
-                                  weights=rois["foreground"][..., None], normalizer=normalizer)
+    loss_box = ops.smooth_l1_loss(
+        chosen,
+        rois["target_deltas"],
+        beta=0.0,
+        weights=rois["foreground"][..., None],
+        normalizer=normalizer,
+    )
     accuracy = jnp.sum((jnp.argmax(logits, -1) == rois["classes"]) * valid) / normalizer
     return {"loss_cls": loss_cls, "loss_box_reg": loss_box}, {"cls_accuracy": accuracy}
 
@@ -155,6 +206,6 @@ def mask_loss(mask_logits, classes, targets, valid):
     logits = jnp.take_along_axis(mask_logits, cls[:, :, None, None, None], axis=-1)[..., 0]
     pixels = targets.shape[-1] * targets.shape[-2]
     normalizer = jnp.maximum(valid.sum(), 1).astype(jnp.float32) * pixels
-    return ops.binary_cross_entropy_with_logits(logits, targets,
-                                                weights=valid[:, :, None, None],
-                                                normalizer=normalizer)
+    return ops.binary_cross_entropy_with_logits(
+        logits, targets, weights=valid[:, :, None, None], normalizer=normalizer
+    )

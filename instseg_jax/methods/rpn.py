@@ -28,28 +28,46 @@ class RPNHead(nn.Module):
         """Returns objectness float32[B, T] and deltas float32[B, T, 4] in anchor order."""
         init = nn.initializers.normal(0.01)
         channels = features[LEVELS[0]].shape[-1]
-        shared = nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                         kernel_init=init, name="conv")
-        objectness = nn.Conv(self.num_anchors, (1, 1), dtype=self.dtype, kernel_init=init,
-                             name="objectness")
-        deltas = nn.Conv(self.num_anchors * 4, (1, 1), dtype=self.dtype, kernel_init=init,
-                         name="deltas")
+        shared = nn.Conv(
+            channels,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            dtype=self.dtype,
+            kernel_init=init,
+            name="conv",
+        )
+        objectness = nn.Conv(
+            self.num_anchors, (1, 1), dtype=self.dtype, kernel_init=init, name="objectness"
+        )
+        deltas = nn.Conv(
+            self.num_anchors * 4, (1, 1), dtype=self.dtype, kernel_init=init, name="deltas"
+        )
         logits, boxes = [], []
         for level in LEVELS:
             x = nn.relu(shared(features[level]))  # [B, h, w, D]
             b = x.shape[0]
             logits.append(objectness(x).reshape(b, -1))  # [B, h*w*A], (y, x, a) order
             boxes.append(deltas(x).reshape(b, -1, 4))  # [B, h*w*A, 4]
-        return (jnp.concatenate(logits, 1).astype(jnp.float32),
-                jnp.concatenate(boxes, 1).astype(jnp.float32))
+        return (
+            jnp.concatenate(logits, 1).astype(jnp.float32),
+            jnp.concatenate(boxes, 1).astype(jnp.float32),
+        )
 
 
 def level_sizes(anchors_by_level) -> list[int]:
     return [int(a.shape[0]) for a in anchors_by_level]
 
 
-def proposals(logits, deltas, anchors_by_level, image_hw, pre_nms_topk: int,
-              post_nms_topk: int, nms_threshold: float, min_size: float = 0.0):
+def proposals(
+    logits,
+    deltas,
+    anchors_by_level,
+    image_hw,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_threshold: float,
+    min_size: float = 0.0,
+):
     """Proposals of one batch, no gradient.
 
     Per level keep the top pre_nms_topk anchors by objectness, decode, clip to the image's
@@ -67,9 +85,10 @@ def proposals(logits, deltas, anchors_by_level, image_hw, pre_nms_topk: int,
         boxes, scores, level_ids = [], [], []
         for level, (start, size) in enumerate(zip(starts, sizes, strict=True)):
             k = min(pre_nms_topk, size)
-            top, index = jax.lax.top_k(logit[start:start + size], k)  # [k]
-            decoded = ops.decode_boxes(delta[start:start + size][index],
-                                       anchors_by_level[level][index])
+            top, index = jax.lax.top_k(logit[start : start + size], k)  # [k]
+            decoded = ops.decode_boxes(
+                delta[start : start + size][index], anchors_by_level[level][index]
+            )
             boxes.append(ops.clip_boxes(decoded, hw))
             scores.append(top)
             level_ids.append(jnp.full((k,), level, jnp.int32))
@@ -78,29 +97,42 @@ def proposals(logits, deltas, anchors_by_level, image_hw, pre_nms_topk: int,
         level_ids = jnp.concatenate(level_ids)
         wh = boxes[:, 2:] - boxes[:, :2]
         usable = (wh > min_size).all(axis=1) & jnp.isfinite(scores)
-        keep, count = ops.batched_nms(boxes, scores, level_ids, nms_threshold, post_nms_topk,
-                                      valid=usable)
+        keep, count = ops.batched_nms(
+            boxes, scores, level_ids, nms_threshold, post_nms_topk, valid=usable
+        )
         valid = jnp.arange(post_nms_topk) < count
         safe = jnp.where(valid, keep, 0)
-        return (jnp.where(valid[:, None], boxes[safe], 0.0),
-                jnp.where(valid, scores[safe], -jnp.inf), valid)
+        return (
+            jnp.where(valid[:, None], boxes[safe], 0.0),
+            jnp.where(valid, scores[safe], -jnp.inf),
+            valid,
+        )
 
     return jax.vmap(one_image)(logits, deltas, image_hw.astype(jnp.float32))
 
 
-def anchor_targets(anchors, gt_boxes, gt_valid, key, batch_per_image: int,
-                   positive_fraction: float, thresholds=(0.3, 0.7)):
+def anchor_targets(
+    anchors,
+    gt_boxes,
+    gt_valid,
+    key,
+    batch_per_image: int,
+    positive_fraction: float,
+    thresholds=(0.3, 0.7),
+):
     """Sampled anchor labels and regression targets.
 
     anchors [T, 4]; gt_boxes [B, N, 4]; gt_valid bool[B, N].
     Returns labels int32[B, T] (1 positive, 0 negative, -1 not sampled) and
     target deltas float32[B, T, 4] (meaningful where labels == 1).
     """
+
     def one_image(boxes, valid, image_key):
         iou = ops.box_iou(boxes, anchors)  # [N, T]
         matched, labels = ops.match(iou, thresholds, (0, -1, 1), True, gt_valid=valid)
-        chosen, chosen_valid = ops.sample_balanced(labels, batch_per_image, positive_fraction,
-                                                   image_key)
+        chosen, chosen_valid = ops.sample_balanced(
+            labels, batch_per_image, positive_fraction, image_key
+        )
         # A max-scatter: padding slots (index 0, not valid) never unmark a real sample.
         picked = jnp.zeros(labels.shape, jnp.int32).at[chosen].max(chosen_valid.astype(jnp.int32))
         sampled = jnp.where(picked > 0, labels, -1)
@@ -117,7 +149,9 @@ def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int):
     normalizer = batch_per_image * logits.shape[0]
     sampled = labels >= 0
     objectness = ops.binary_cross_entropy_with_logits(
-        logits, labels == 1, weights=sampled, normalizer=normalizer)
-    regression = ops.smooth_l1_loss(deltas, target_deltas, beta=0.0,
-                                    weights=(labels == 1)[..., None], normalizer=normalizer)
+        logits, labels == 1, weights=sampled, normalizer=normalizer
+    )
+    regression = ops.smooth_l1_loss(
+        deltas, target_deltas, beta=0.0, weights=(labels == 1)[..., None], normalizer=normalizer
+    )
     return {"loss_rpn_cls": objectness, "loss_rpn_loc": regression}

@@ -42,8 +42,10 @@ class GroupNorm(nn.Module):
     def __call__(self, x):
         groups = min(self.groups, x.shape[-1])
         if x.shape[-1] % groups:
-            raise ValueError(f"{x.shape[-1]} channels do not split into {groups} groups; "
-                             "use a width divisible by 32")
+            raise ValueError(
+                f"{x.shape[-1]} channels do not split into {groups} groups; "
+                "use a width divisible by 32"
+            )
         return nn.GroupNorm(num_groups=groups, dtype=self.dtype, name="gn")(x)
 
 
@@ -54,7 +56,7 @@ def make_norm(kind: str, dtype: Dtype, groups: int = 32):
     if kind == "group_norm":
         return lambda name=None: GroupNorm(groups, dtype, name=name)
     if kind == "none":
-        return lambda name=None: (lambda x: x)
+        return lambda name=None: lambda x: x
     raise ValueError(f"model.norm must be 'frozen_bn', 'group_norm' or 'none', got {kind!r}")
 
 
@@ -71,9 +73,15 @@ class ConvNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         pad = self.kernel // 2
-        x = nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
-                    padding=((pad, pad), (pad, pad)), use_bias=self.norm == "none",
-                    dtype=self.dtype, kernel_init=nn.initializers.variance_scaling(
-                        2.0, "fan_out", "normal"), name="conv")(x)
+        x = nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            (self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=self.norm == "none",
+            dtype=self.dtype,
+            kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            name="conv",
+        )(x)
         x = make_norm(self.norm, self.dtype)(name="norm")(x)
         return nn.relu(x) if self.relu else x

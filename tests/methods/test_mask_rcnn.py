@@ -13,9 +13,14 @@ SMOKE = "experiments/maskrcnn_nuclei.py:smoke"
 
 def first_batch(config):
     source = train_lib.build_source(config.input, train=True)
-    pipeline = train_lib.InputPipeline(source, train_lib.transform_config(config, True),
-                                       config.input.global_batch, seed=config.seed,
-                                       process_index=0, process_count=1)
+    pipeline = train_lib.InputPipeline(
+        source,
+        train_lib.transform_config(config, True),
+        config.input.global_batch,
+        seed=config.seed,
+        process_index=0,
+        process_count=1,
+    )
     return source, train_lib.device_fields(next(pipeline))
 
 
@@ -74,10 +79,13 @@ def test_inference_outputs_have_static_shapes():
 
 def test_optimizer_freezes_stages_and_skips_decay_on_norms():
     config = config_lib.load(SMOKE)
-    params = {"backbone": {"stem": {"conv": {"kernel": jnp.ones(3)},
-                                    "norm": {"gn": {"scale": jnp.ones(3)}}},
-                           "res2_0": {"conv1": {"conv": {"kernel": jnp.ones(3)}}}},
-              "box_head": {"fc1": {"kernel": jnp.ones(3)}}}
+    params = {
+        "backbone": {
+            "stem": {"conv": {"kernel": jnp.ones(3)}, "norm": {"gn": {"scale": jnp.ones(3)}}},
+            "res2_0": {"conv1": {"conv": {"kernel": jnp.ones(3)}}},
+        },
+        "box_head": {"fc1": {"kernel": jnp.ones(3)}},
+    }
     tx = train_lib.optimizer(config, params)
     state = tx.init(params)
     grads = jax.tree.map(jnp.zeros_like, params)
