@@ -223,3 +223,13 @@ def test_nonfinite_losses_skip_updates_then_stop_with_the_checkpoint_intact(tmp_
     leaves = jax.tree.leaves(restored["state"]["params"])
     assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
     checkpointer.close()
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_close_losses(tmp_path):
+    config = config_lib.load(SMOKE, ["--config.model.compute_dtype=bfloat16"])
+    state = train_lib.train(config, tmp_path, max_steps=1, progress=False)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state["params"])} == {np.dtype("float32")}
+    golden = json.loads(GOLDEN.read_text())["1"]
+    first = metrics(tmp_path)[0]
+    for name in LOSSES:  # bfloat16 activations: within a few percent of the float32 run
+        assert first[name] == pytest.approx(golden[name], rel=0.05, abs=0.01), name
