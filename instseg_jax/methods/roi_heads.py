@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from instseg_jax import ops
+from instseg_jax.nn.layers import Deconv2x2
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 POOLED_LEVELS = ("p2", "p3", "p4", "p5")
@@ -134,14 +135,11 @@ class MaskHead(nn.Module):
                     name=f"conv{i + 1}",
                 )(x)
             )
-        x = nn.relu(
-            nn.ConvTranspose(
-                self.channels, (2, 2), (2, 2), dtype=self.dtype, kernel_init=init, name="deconv"
-            )(x)
-        )  # [B*F, 28, 28, D]
-        x = nn.Conv(
+        x = nn.relu(Deconv2x2(self.channels, self.dtype, init, name="deconv")(x))  # [B*F,28,28,D]
+        # A 1x1 convolution written as a Dense layer over channels: the same numbers, but XLA's
+        # CPU convolution gradient for a few output maps took seconds where a matmul takes ms.
+        x = nn.Dense(
             self.num_classes,
-            (1, 1),
             dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.001),
             name="predictor",

@@ -36,12 +36,12 @@ class RPNHead(nn.Module):
             kernel_init=init,
             name="conv",
         )
-        objectness = nn.Conv(
-            self.num_anchors, (1, 1), dtype=self.dtype, kernel_init=init, name="objectness"
+        # 1x1 convolutions as Dense layers over channels (same numbers; XLA's CPU gradient of a
+        # convolution with few output maps is far slower than the matmul's).
+        objectness = nn.Dense(
+            self.num_anchors, dtype=self.dtype, kernel_init=init, name="objectness"
         )
-        deltas = nn.Conv(
-            self.num_anchors * 4, (1, 1), dtype=self.dtype, kernel_init=init, name="deltas"
-        )
+        deltas = nn.Dense(self.num_anchors * 4, dtype=self.dtype, kernel_init=init, name="deltas")
         logits, boxes = [], []
         for level in LEVELS:
             x = nn.relu(shared(features[level]))  # [B, h, w, D]
