@@ -21,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="stop early at this step (default: schedule.total_steps)",
     )
+    evaluate = commands.add_parser("eval", help="COCO bbox/segm evaluation with pycocotools")
+    evaluate.add_argument("--workdir", help="a training workdir to evaluate")
+    evaluate.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
+    evaluate.add_argument("--results", help="a COCO results JSON to evaluate on its own")
+    evaluate.add_argument("--annotations", help="the ground-truth COCO JSON for --results")
     commands.add_parser("version", help="print the package and JAX versions")
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
@@ -37,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from instseg_jax import train as train_module
 
         return train_module.main(args)
+    elif args.command == "eval":
+        from instseg_jax import evaluate as evaluate_module
+
+        return evaluate_module.main(args)
     elif args.command == "version":
         import jax
 

@@ -147,6 +147,10 @@ def mask_rcnn_base() -> ml_collections.ConfigDict:
     c.model.mask_head_convs = 4
     c.model.sampling_ratio = 2
     c.model.aligned = True
+    c.model.score_threshold = 0.05
+    c.model.test_pre_nms_topk = 1000
+    c.model.test_nms_threshold = 0.5
+    c.model.detections_per_image = 100
     c.model.compute_dtype = "float32"
 
     c.optim = ml_collections.ConfigDict()

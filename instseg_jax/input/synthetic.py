@@ -114,3 +114,45 @@ class SyntheticSource:
             "iscrowd": np.zeros(len(masks), bool),
             "image_id": int(index),
         }
+
+
+def write_coco(source: SyntheticSource, folder, split: str = "val") -> tuple:
+    """Write a synthetic source as PNG images + a COCO instances JSON (RLE masks).
+
+    For evaluation tests and for the demo when no real data exists. Returns the
+    (annotation file, image folder) pair.
+    """
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index in range(len(source)):
+        example = source.load(index)
+        name = f"{split}_{index:05d}.png"
+        Image.fromarray(example["image"]).save(folder / "images" / name)
+        height, width = example["image"].shape[:2]
+        images.append({"id": index + 1, "file_name": name, "height": height, "width": width})
+        for mask, cls in zip(example["masks"], example["classes"], strict=True):
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": int(cls) + 1,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
+    path = folder / f"{split}.json"
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return path, folder / "images"

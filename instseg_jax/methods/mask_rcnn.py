@@ -59,6 +59,10 @@ class MaskRCNNConfig:
     mask_head_convs: int = 4
     sampling_ratio: int = 2
     aligned: bool = True
+    score_threshold: float = 0.05
+    test_pre_nms_topk: int = 1000
+    test_nms_threshold: float = 0.5
+    detections_per_image: int = 100
     compute_dtype: str = "float32"
 
     @classmethod
@@ -115,6 +119,61 @@ class MaskRCNN(nn.Module):
         x = (image.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
         return self.fpn(self.backbone(x.astype(self.cfg.dtype)))
 
+    def detect(self, features, outputs: dict, batch: dict) -> dict:
+        """Detections (DESIGN's structure) from the box head's outputs on the proposals.
+
+        Per-class softmax scores above score_threshold, class-specific boxes clipped to the
+        image, the top pre_nms_topk (box, class) pairs, class-aware NMS, K = detections_per_image
+        kept; masks are the mask head's probabilities of the kept class in each kept box.
+        Boxes are returned in original image pixels.
+        """
+        cfg = self.cfg
+        b, p, _ = outputs["class_logits"].shape
+        c = cfg.num_classes
+        probs = jax.nn.softmax(outputs["class_logits"])[..., :c]  # [B, P, C], no background
+        boxes = ops.decode_boxes(
+            outputs["box_deltas"], outputs["proposal_boxes"], roi_heads.BOX_WEIGHTS
+        )  # [B, P, C, 4]
+        hw = batch["image_hw"].astype(jnp.float32)[:, None, None, :]
+        boxes = ops.clip_boxes(boxes, hw)
+        usable = outputs["proposal_valid"][..., None] & (probs > cfg.score_threshold)
+        scores = jnp.where(usable, probs, -1.0).reshape(b, p * c)
+        boxes = boxes.reshape(b, p * c, 4)
+        classes = jnp.tile(jnp.arange(c, dtype=jnp.int32), p)
+        k_pre = min(cfg.test_pre_nms_topk, p * c)
+        k = cfg.detections_per_image
+
+        def one_image(image_scores, image_boxes):
+            top, index = jax.lax.top_k(image_scores, k_pre)
+            keep, count = ops.batched_nms(
+                image_boxes[index], top, classes[index], cfg.test_nms_threshold, k, valid=top > 0
+            )
+            valid = jnp.arange(k) < count
+            chosen = index[jnp.where(valid, keep, 0)]
+            return (
+                jnp.where(valid[:, None], image_boxes[chosen], 0.0),
+                jnp.where(valid, image_scores[chosen], 0.0),
+                jnp.where(valid, classes[chosen], 0),
+                valid,
+            )
+
+        det_boxes, det_scores, det_classes, det_valid = jax.vmap(one_image)(scores, boxes)
+        detections = {"scores": det_scores, "classes": det_classes, "valid": det_valid}
+        if cfg.mask_on:
+            pooled = roi_heads.pool(
+                features, det_boxes, cfg.mask_pool_size, cfg.sampling_ratio, cfg.aligned
+            )  # [B, K, 14, 14, D]
+            logits = self.mask_head(pooled)  # [B, K, 28, 28, C]
+            chosen = jnp.take_along_axis(logits, det_classes[:, :, None, None, None], axis=-1)
+            detections["masks"] = jax.nn.sigmoid(chosen[..., 0])  # [B, K, 28, 28]
+        # Canvas -> original pixels: undo the crop offset and the scale, clip to the image.
+        offset = batch["crop_offset"][:, ::-1].astype(jnp.float32)  # (ox, oy)
+        scale = batch["scale"][:, None, None]
+        original = (det_boxes + jnp.tile(offset, 2)[:, None, :]) / scale
+        original = ops.clip_boxes(original, batch["orig_hw"][:, None, :])
+        detections["boxes"] = jnp.where(det_valid[..., None], original, 0.0)
+        return detections
+
     def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
         cfg = self.cfg
         features = self.features(batch["image"])
@@ -139,6 +198,7 @@ class MaskRCNN(nn.Module):
                 features, proposal_boxes, cfg.box_pool_size, cfg.sampling_ratio, cfg.aligned
             )
             outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
+            outputs["detections"] = self.detect(features, outputs, batch)
             return outputs
         if key is None:
             raise ValueError("training needs a key for anchor and RoI sampling")
