@@ -53,9 +53,4 @@ def get_config(arg=None):
     c.schedule.decay = "cosine"
     c.checkpoint.every_steps = 500
     c.log_every = 10
-    if arg == "smoke":
-        c = config_lib.smoke(c)
-    elif arg:
-        raise ValueError(f"unknown argument {arg!r}; use 'smoke' or nothing")
-    c.lock()
-    return c
+    return config_lib.finish(c, arg)

@@ -20,9 +20,4 @@ def get_config(arg=None):
     c.input.train_split.images = "data/coco/train2017"
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
-    if arg == "smoke":
-        c = config_lib.smoke(c)
-    elif arg:
-        raise ValueError(f"unknown argument {arg!r}; use 'smoke' or nothing")
-    c.lock()
-    return c
+    return config_lib.finish(c, arg)

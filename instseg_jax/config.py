@@ -218,3 +218,13 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.checkpoint.keep = 2
     c.log_every = 1
     return c
+
+
+def finish(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """An experiment's last step: apply its argument (only `smoke` so far) and lock."""
+    if arg == "smoke":
+        c = smoke(c)
+    elif arg:
+        raise ValueError(f"unknown experiment argument {arg!r}; use 'smoke' or nothing")
+    c.lock()
+    return c
