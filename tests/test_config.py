@@ -1,0 +1,49 @@
+import json
+
+import pytest
+
+from instseg_jax import config as config_lib
+
+NUCLEI = "experiments/maskrcnn_nuclei.py"
+
+
+def test_overrides_apply_with_types_checked(tmp_path):
+    c = config_lib.load(
+        NUCLEI,
+        [
+            "--config.optim.lr=0.01",
+            "--config.input.canvas_hw=(128, 128)",
+            "--config.optim.clip_norm=1",
+            "--config.model.norm=frozen_bn",
+        ],
+    )
+    assert c.optim.lr == 0.01 and c.input.canvas_hw == (128, 128) and c.optim.clip_norm == 1.0
+    assert c.model.norm == "frozen_bn"
+    with pytest.raises(KeyError, match="no field 'lrr'"):
+        config_lib.load(NUCLEI, ["--config.optim.lrr=0.1"])
+    with pytest.raises(KeyError, match="no section 'optimizer'"):
+        config_lib.load(NUCLEI, ["--config.optimizer.lr=0.1"])
+    with pytest.raises(TypeError, match=r"optim\.lr is float, got str"):
+        config_lib.load(NUCLEI, ["--config.optim.lr=fast"])
+    with pytest.raises(ValueError, match=r"a\.b=value"):
+        config_lib.load(NUCLEI, ["--config.optim.lr"])
+    with pytest.raises(FileNotFoundError, match=r"experiments/nope\.py"):
+        config_lib.load("experiments/nope.py")
+    saved = json.loads(config_lib.save(c, tmp_path).read_text())
+    assert saved["optim"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        NUCLEI,
+        f"{NUCLEI}:smoke",
+        "experiments/maskrcnn_r50_fpn_coco_1x.py",
+        "experiments/maskrcnn_r50_fpn_coco_1x.py:smoke",
+    ],
+)
+def test_experiments_load_locked(spec):
+    c = config_lib.load(spec)
+    assert c.is_locked and c.method == "mask_rcnn"
+    with pytest.raises(ValueError, match="unknown experiment argument"):
+        config_lib.load(spec.split(":")[0] + ":bogus")
