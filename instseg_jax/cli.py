@@ -26,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
     evaluate.add_argument("--results", help="a COCO results JSON to evaluate on its own")
     evaluate.add_argument("--annotations", help="the ground-truth COCO JSON for --results")
+    predict = commands.add_parser("predict", help="detections and overlay PNGs for images")
+    predict.add_argument("--workdir", help="a training workdir (latest checkpoint)")
+    predict.add_argument(
+        "--checkpoint", dest="checkpoint_path", help="a checkpoint folder: DIR/checkpoints/STEP"
+    )
+    predict.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    predict.add_argument("--out", required=True, help="folder for <name>.json and <name>.png")
+    predict.add_argument("--score-threshold", type=float, default=0.5)
     commands.add_parser("version", help="print the package and JAX versions")
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
@@ -46,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from instseg_jax import evaluate as evaluate_module
 
         return evaluate_module.main(args)
+    elif args.command == "predict":
+        from instseg_jax import predict as predict_module
+
+        return predict_module.main(args)
     elif args.command == "version":
         import jax
 
