@@ -105,6 +105,7 @@ def mask_rcnn_base() -> ml_collections.ConfigDict:
 
     c.input = ml_collections.ConfigDict()
     c.input.source = "coco"  # "coco" or "synthetic"
+    c.input.eval_source = ""  # the evaluation split's kind when it differs from `source`
     c.input.train_split = ml_collections.ConfigDict({"annotations": "", "images": ""})
     c.input.eval_split = ml_collections.ConfigDict({"annotations": "", "images": ""})
     c.input.synthetic_length = 64

@@ -11,6 +11,7 @@ resolution and RLE-encoded) and calls COCOeval.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -140,6 +141,57 @@ def main_results(results_file: str, annotations_file: str) -> dict:
     return {k: named(v) for k, v in stats.items()}
 
 
+@functools.lru_cache(maxsize=4)
+def inference_fn(cfg):
+    """The jitted detections function of a model config (compiled once per config)."""
+    from instseg_jax.methods import mask_rcnn
+
+    model = mask_rcnn.MaskRCNN(cfg)
+    return jax.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
+
+
+def plot_ap(workdir: str | Path) -> Path:
+    """AP-versus-step PNG of every eval_<step>.json in a workdir (bbox and segm AP, AP50)."""
+    from PIL import Image, ImageDraw
+
+    workdir = Path(workdir)
+    reports = sorted(
+        (json.loads(p.read_text()) for p in workdir.glob("eval_*.json")), key=lambda r: r["step"]
+    )
+    width, height, margin = 640, 400, 48
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
+    steps = [r["step"] for r in reports] or [0]
+    top_step = max(max(steps), 1)
+
+    def point(step, value):
+        x = margin + (width - 1.5 * margin) * step / top_step
+        y = (height - margin) - (height - 1.5 * margin) * value
+        return x, y
+
+    for value in (0.0, 0.25, 0.5, 0.75, 1.0):
+        x, y = point(0, value)
+        draw.text((4, y - 6), f"{value:.2f}", fill="black")
+    draw.text((width // 2 - 20, height - margin + 8), f"step (max {top_step})", fill="black")
+    series = [
+        ("bbox", "AP", (0, 90, 200)),
+        ("bbox", "AP50", (120, 170, 230)),
+        ("segm", "AP", (200, 40, 40)),
+        ("segm", "AP50", (240, 150, 150)),
+    ]
+    for row, (iou_type, stat, colour) in enumerate(series):
+        points = [point(r["step"], r[iou_type][stat]) for r in reports if iou_type in r]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((margin + 8, margin // 2 + 4 + 12 * row), f"{iou_type} {stat}", fill=colour)
+    path = workdir / "ap_vs_step.png"
+    picture.save(path)
+    return path
+
+
 def evaluate_model(
     config,
     variables,
@@ -167,8 +219,7 @@ def evaluate_model(
         process_count=1,
     )
     cfg = train_lib.model_config(config, source.num_classes)
-    model = train_lib.mask_rcnn.MaskRCNN(cfg)
-    infer = jax.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
+    infer = inference_fn(cfg)
     results = []
     total = pipeline.num_batches if max_batches is None else min(max_batches, pipeline.num_batches)
     for index, batch in enumerate(tqdm(pipeline, total=total, desc="eval", unit="batch")):

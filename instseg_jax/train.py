@@ -9,6 +9,7 @@ optimizer state, step and the input stream's position, so it continues as if nev
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -42,7 +43,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 def build_source(input_config, train: bool):
-    kind = input_config.source
+    # Evaluation may read another kind of source than training (input.eval_source).
+    kind = input_config.source if train else (input_config.eval_source or input_config.source)
     if kind == "synthetic":
         return SyntheticSource(
             input_config.synthetic_length,
@@ -255,6 +257,7 @@ def train(
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     schedule = learning_rate(config)
     nonfinite_run = 0
+    best = _best_so_far(workdir)
     bar = tqdm(
         total=total,
         initial=start,
@@ -302,12 +305,43 @@ def train(
                     )
             bar.update(1)
             ckpt.save(step_done, state, pipeline.get_state(), force=step_done == total)
+            every = config.eval.every_steps
+            if every > 0 and (step_done % every == 0 or step_done == total):
+                best = periodic_eval(config, state, workdir, step_done, best, pipeline)
     finally:
         bar.close()
         ckpt.close()
         writer.close()
         pipeline.close()
     return state
+
+
+def _best_so_far(workdir: Path) -> dict:
+    path = workdir / "best.json"
+    return json.loads(path.read_text()) if path.exists() else {"step": None, "AP": -1.0}
+
+
+def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline) -> dict:
+    """Evaluate the current parameters on the eval split; keep the best checkpoint by mask AP
+    (box AP for Faster R-CNN) in workdir/best and redraw the AP-versus-step plot."""
+    from instseg_jax import evaluate
+
+    if jax.process_count() > 1:
+        log.warning("periodic evaluation runs in single-process training only; skipped")
+        return best
+    variables = {"params": state["params"], "frozen": state["frozen"]}
+    report = evaluate.evaluate_model(config, variables, workdir, step, print_tables=True)
+    evaluate.plot_ap(workdir)
+    key = "segm" if "segm" in report else "bbox"
+    ap = report[key]["AP"]
+    log.info("step %d: %s AP %.4f (best %.4f)", step, key, ap, best["AP"])
+    if ap > best["AP"]:
+        best = {"step": step, "AP": ap, "iou_type": key}
+        keeper = Checkpointer(workdir / "best", every_steps=1, keep=1, use_async=False)
+        keeper.save(step, state, pipeline.get_state(), force=True)
+        keeper.close()
+        (workdir / "best.json").write_text(json.dumps(best) + "\n")
+    return best
 
 
 def _param_shapes(model, batch_shapes, config):

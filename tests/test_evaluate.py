@@ -176,3 +176,30 @@ def test_evaluate_model_runs_a_split_and_writes_the_report(synthetic_coco, tmp_p
     assert set(report) == {"bbox", "segm"} and len(report["segm"]) == 12
     saved = json.loads((tmp_path / "eval_3.json").read_text())
     assert saved["step"] == 3 and saved["bbox"] == report["bbox"]
+
+
+def test_periodic_evaluation_keeps_the_best_checkpoint_and_plots(synthetic_coco, tmp_path):
+    from PIL import Image
+
+    from instseg_jax import config as config_lib
+    from instseg_jax import train as train_lib
+
+    annotations, images = synthetic_coco
+    config = config_lib.load(
+        "experiments/maskrcnn_nuclei.py:smoke",
+        [
+            f"--config.input.eval_split.annotations={annotations}",
+            f"--config.input.eval_split.images={images}",
+            "--config.eval.every_steps=2",
+            "--config.eval.global_batch=4",
+            "--config.model.score_threshold=0.0",
+            "--config.input.eval_source=coco",
+        ],
+    )  # train on synthetic scenes, eval their COCO export
+    train_lib.train(config, tmp_path, max_steps=4, progress=False)
+    reports = {s: json.loads((tmp_path / f"eval_{s}.json").read_text()) for s in (2, 4)}
+    best = json.loads((tmp_path / "best.json").read_text())
+    aps = {s: r["segm"]["AP"] for s, r in reports.items()}
+    assert best["AP"] == max(aps.values()) and aps[best["step"]] == best["AP"]
+    assert (tmp_path / "best" / "checkpoints" / str(best["step"])).is_dir()
+    assert Image.open(tmp_path / "ap_vs_step.png").size == (640, 400)
