@@ -44,7 +44,9 @@ class NonFiniteLoss(RuntimeError):
 
 def build_source(input_config, train: bool):
     # Evaluation may read another kind of source than training (input.eval_source).
-    kind = input_config.source if train else (input_config.eval_source or input_config.source)
+    kind = input_config.source
+    if not train and input_config.get("eval_source"):
+        kind = input_config.eval_source
     if kind == "synthetic":
         return SyntheticSource(
             input_config.synthetic_length,
