@@ -13,7 +13,8 @@ of 2 convolutions (the mask head's convolution gradients dominate a CPU step: wi
 warmup steps and cosine decay over 2400 steps, which fit in about an hour on the 2-core CPU.
 
 Result: not yet measured (the evaluation pieces are the next issue).
-`:smoke` shrinks everything to synthetic scenes for tests.
+`:demo` is the 400-step budget of `make demo`; `:smoke` shrinks everything to synthetic scenes
+for tests.
 """
 
 from instseg_jax import config as config_lib
@@ -53,4 +54,9 @@ def get_config(arg=None):
     c.schedule.decay = "cosine"
     c.checkpoint.every_steps = 500
     c.log_every = 10
+    if arg == "demo":  # `make demo`: the same model on a budget that fits ~10 minutes here
+        c.schedule.total_steps = 400
+        c.schedule.warmup_steps = 50
+        c.checkpoint.every_steps = 200
+        return config_lib.finish(c, None)
     return config_lib.finish(c, arg)

@@ -9,9 +9,10 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instseg-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="showcase of the ops on a seeded synthetic scene")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = commands.add_parser("demo", help="train, evaluate and draw Mask R-CNN on nuclei")
+    demo.add_argument("--src", default=None, help="a stage1_train folder (optional)")
     demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--ops", action="store_true", help="only the ops showcase (seconds)")
     train = commands.add_parser("train", help="train a model from an experiment config")
     train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
@@ -43,9 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
 
     if args.command == "demo":
-        from instseg_jax import demo as demo_module
+        if args.ops:
+            from instseg_jax import ops_showcase
 
-        demo_module.main(["--seed", str(args.seed), "--out", args.out])
+            ops_showcase.main(["--out", args.out])
+        else:
+            from instseg_jax import demo as demo_module
+
+            return demo_module.main(["--out", args.out] + (["--src", args.src] if args.src else []))
     elif args.command == "train":
         from instseg_jax import train as train_module
 

@@ -85,8 +85,19 @@ def test_ops_export_the_contract_names_and_leading_parameters():
     assert inspect.signature(ops.matrix_nms).parameters["kernel"].default == "gaussian"
 
 
-def test_demo_runs(tmp_path):
+def test_ops_showcase_runs(tmp_path):
+    from instseg_jax import ops_showcase
+
+    ops_showcase.main(["--out", str(tmp_path)])
+    assert (tmp_path / "ops_demo.png").stat().st_size > 0
+
+
+def test_demo_pipeline_runs_end_to_end_on_a_smoke_budget(tmp_path, capsys):
+    """make demo's code path (train, restore, evaluate, overlays) on synthetic scenes."""
     from instseg_jax import demo
 
-    demo.main(["--out", str(tmp_path)])
-    assert (tmp_path / "ops_demo.png").stat().st_size > 0
+    assert demo.main(["--smoke", "--out", str(tmp_path), "--overlays", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Average Precision" in printed and "segm AP" in printed
+    assert len(list(tmp_path.glob("*.png"))) == 2
+    assert (tmp_path / "run" / "eval_4.json").exists()
