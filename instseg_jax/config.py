@@ -212,6 +212,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.mask_fg_per_image = 8
     c.model.mask_head_convs = 1
     c.optim.lr = 0.01
+    c.optim.clip_norm = 0.0
     c.schedule.total_steps = 100
     c.schedule.warmup_steps = 10
     c.schedule.steps = (80,)

@@ -163,6 +163,7 @@ def init_state(model, tx, batch_shapes, config, mesh):
             "frozen": variables.get("frozen", {}),
             "opt_state": tx.init(params),
             "step": jnp.zeros((), jnp.int32),
+            "nonfinite_run": jnp.zeros((), jnp.int32),
             "sampling_key": jax.random.key_data(rng.stream(config.seed, "sampling")),
         }
 
@@ -192,9 +193,12 @@ def make_train_step(model, tx, cfg, mesh, state_sharding):
             params=keep(params, state["params"]),
             opt_state=keep(opt_state, state["opt_state"]),
             step=state["step"] + 1,
+            # Counted on device every step, read by the host at logging steps.
+            nonfinite_run=jnp.where(finite, 0, state["nonfinite_run"] + 1),
         )
         metrics = dict(
             metrics,
+            nonfinite_run=new_state["nonfinite_run"],
             loss=total,
             nonfinite=1.0 - finite.astype(jnp.float32),
             grad_norm=optax.tree.norm(grads),
@@ -292,10 +296,10 @@ def train(
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_second']:.1f}"
                 )
-                nonfinite_run = nonfinite_run + 1 if record["nonfinite"] else 0
-                if record["nonfinite"]:
+                nonfinite_run = int(record["nonfinite_run"])
+                if nonfinite_run:
                     log.warning(
-                        "step %d: non-finite loss, update skipped (%d in a row)",
+                        "step %d: non-finite loss, updates skipped (%d in a row)",
                         step_done,
                         nonfinite_run,
                     )
