@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import sys
 from pathlib import Path
@@ -73,9 +74,7 @@ def main(argv=None) -> int:
         val_images = NUCLEI / "images"
         names = [
             im["file_name"]
-            for im in __import__("json").loads((NUCLEI / "annotations" / "val.json").read_text())[
-                "images"
-            ]
+            for im in json.loads((NUCLEI / "annotations" / "val.json").read_text())["images"]
         ]
     else:
         annotations, val_images = write_coco(

@@ -54,6 +54,13 @@ def paste(masks: np.ndarray, boxes: np.ndarray, image_hw) -> np.ndarray:
     return np.asarray(_paste_one(masks, boxes, dummy))
 
 
+def paste_and_encode(masks: np.ndarray, boxes: np.ndarray, image_hw):
+    """(bool[K, H, W] pasted masks, their K compressed RLEs with str counts)."""
+    pasted = paste(masks, boxes, image_hw)
+    rles = mask_utils.encode(np.asfortranarray(pasted.transpose(1, 2, 0).astype(np.uint8)))
+    return pasted, [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
+
+
 def detections_to_results(detections: dict, image_ids, orig_hw, category_ids) -> list[dict]:
     """COCO results of one batch of detections (host arrays); padding never reaches them.
 
@@ -72,8 +79,7 @@ def detections_to_results(detections: dict, image_ids, orig_hw, category_ids) ->
         classes = np.asarray(detections["classes"][b])[keep]
         rles = None
         if "masks" in detections:
-            pasted = paste(np.asarray(detections["masks"][b])[keep], boxes, orig_hw[b])
-            rles = mask_utils.encode(np.asfortranarray(pasted.transpose(1, 2, 0).astype(np.uint8)))
+            _, rles = paste_and_encode(np.asarray(detections["masks"][b])[keep], boxes, orig_hw[b])
         for i in range(len(keep)):
             x0, y0, x1, y1 = (float(v) for v in boxes[i])
             result = {
@@ -83,11 +89,7 @@ def detections_to_results(detections: dict, image_ids, orig_hw, category_ids) ->
                 "score": float(scores[i]),
             }
             if rles is not None:
-                rle = rles[i]
-                result["segmentation"] = {
-                    "size": rle["size"],
-                    "counts": rle["counts"].decode("ascii"),
-                }
+                result["segmentation"] = rles[i]
             results.append(result)
     return results
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from instseg_jax import evaluate
@@ -121,27 +120,23 @@ def predict(
                 detections["valid"][b] & (detections["scores"][b] >= score_threshold)
             )
             boxes = detections["boxes"][b][keep]
-            masks = (
-                evaluate.paste(detections["masks"][b][keep], boxes, originals[b].shape[:2])
-                if "masks" in detections
-                else np.zeros((0, *originals[b].shape[:2]), bool)
-            )
-            rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+            hw = originals[b].shape[:2]
+            if "masks" in detections:
+                masks, rles = evaluate.paste_and_encode(detections["masks"][b][keep], boxes, hw)
+            else:  # Faster R-CNN: boxes only
+                masks, rles = np.zeros((0, *hw), bool), [None] * len(keep)
             names = [class_names[c] for c in detections["classes"][b][keep]]
             scores = detections["scores"][b][keep]
             record = {
                 "image": str(path),
-                "height": int(originals[b].shape[0]),
-                "width": int(originals[b].shape[1]),
+                "height": int(hw[0]),
+                "width": int(hw[1]),
                 "detections": [
                     {
                         "box": [float(v) for v in boxes[i]],
                         "score": float(scores[i]),
                         "class": names[i],
-                        "mask": {
-                            "size": rles[i]["size"],
-                            "counts": rles[i]["counts"].decode("ascii"),
-                        },
+                        "mask": rles[i],
                     }
                     for i in range(len(keep))
                 ],

@@ -151,12 +151,22 @@ def device_fields(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in HOST_ONLY}
 
 
-def init_state(model, tx, batch_shapes, config, mesh):
-    """Train state created directly in its (replicated) sharding."""
+def init_variables_fn(model, batch_shapes, config):
+    """seed key -> model variables, from zero batches of batch_shapes (shapes only matter)."""
 
     def init(seed_key):
         dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_shapes)
-        variables = model.init(seed_key, dummy, train=True, key=rng.stream(config.seed, "sampling"))
+        return model.init(seed_key, dummy, train=True, key=rng.stream(config.seed, "sampling"))
+
+    return init
+
+
+def init_state_fn(model, tx, batch_shapes, config):
+    """seed key -> the train state: params, frozen statistics, optimizer state, counters."""
+    init_variables = init_variables_fn(model, batch_shapes, config)
+
+    def init(seed_key):
+        variables = init_variables(seed_key)
         params = variables["params"]
         return {
             "params": params,
@@ -167,7 +177,7 @@ def init_state(model, tx, batch_shapes, config, mesh):
             "sampling_key": jax.random.key_data(rng.stream(config.seed, "sampling")),
         }
 
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))(rng.stream(config.seed, "params"))
+    return init
 
 
 def make_train_step(model, tx, cfg, mesh, state_sharding):
@@ -245,18 +255,25 @@ def train(
         k: jax.ShapeDtypeStruct((config.input.global_batch, *np.shape(v)), np.asarray(v).dtype)
         for k, v in example.items()
     }
-    tx = optimizer(config, _param_shapes(model, batch_shapes, config))
-    state = init_state(model, tx, batch_shapes, config, mesh)
+    params_key = rng.stream(config.seed, "params")
+    param_shapes = jax.eval_shape(init_variables_fn(model, batch_shapes, config), params_key)[
+        "params"
+    ]
+    tx = optimizer(config, param_shapes)
+    init_state = init_state_fn(model, tx, batch_shapes, config)
     state_sharding = sharding.replicated(mesh)
 
     ckpt = Checkpointer(
         workdir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.use_async
     )
     latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, abstract(state, state_sharding))
+    if latest is not None:  # restore into shapes only: no parameters are initialised for nothing
+        target = abstract(jax.eval_shape(init_state, params_key), state_sharding)
+        state, data_state = ckpt.restore(latest, target)
         pipeline.set_state(data_state)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
+    else:  # created directly in the replicated sharding
+        state = jax.jit(init_state, out_shardings=state_sharding)(params_key)
     start = int(state["step"])
     total = int(max_steps if max_steps is not None else config.schedule.total_steps)
     step_fn = make_train_step(model, tx, cfg, mesh, state_sharding)
@@ -348,18 +365,6 @@ def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline)
         keeper.close()
         (workdir / "best.json").write_text(json.dumps(best) + "\n")
     return best
-
-
-def _param_shapes(model, batch_shapes, config):
-    """Abstract parameter tree (shapes only: nothing is computed)."""
-
-    def init(seed_key):
-        dummy = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), batch_shapes)
-        return model.init(seed_key, dummy, train=True, key=rng.stream(config.seed, "sampling"))[
-            "params"
-        ]
-
-    return jax.eval_shape(init, rng.stream(config.seed, "params"))
 
 
 def main(args) -> int:
