@@ -35,6 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--images", nargs="+", required=True, help="image files or folders")
     predict.add_argument("--out", required=True, help="folder for <name>.json and <name>.png")
     predict.add_argument("--score-threshold", type=float, default=0.5)
+    importer = commands.add_parser(
+        "import-weights", help="convert another library's Mask R-CNN weights to a workdir"
+    )
+    importer.add_argument("library", choices=["torchvision"], help="where the weights come from")
+    importer.add_argument(
+        "file", help="maskrcnn_resnet50_fpn state_dict: .pth (needs torch) or .npz"
+    )
+    importer.add_argument("--out", required=True, help="workdir for config.json + checkpoint")
+    importer.add_argument(
+        "--canvas",
+        type=int,
+        nargs=2,
+        default=(1344, 1344),
+        metavar=("H", "W"),
+        help="static input canvas (multiples of 32; default fits 800x1333 either way)",
+    )
     commands.add_parser("version", help="print the package and JAX versions")
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
@@ -64,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         from instseg_jax import predict as predict_module
 
         return predict_module.main(args)
+    elif args.command == "import-weights":
+        from instseg_jax.weights import torchvision as tv
+
+        try:
+            out = tv.import_weights(args.file, args.out, tuple(args.canvas))
+        except (tv.StateDictError, FileNotFoundError, ImportError) as error:
+            print(f"instseg-jax import-weights: {error}", file=sys.stderr)
+            return 2
+        print(f"wrote {out}/config.json and {out}/checkpoints/0 (from {args.file})")
+        print(f"next: instseg-jax eval --workdir {out}  |  instseg-jax predict --workdir {out} ...")
     elif args.command == "version":
         import jax
 

@@ -121,6 +121,12 @@ def mask_rcnn_base() -> ml_collections.ConfigDict:
     c.input.max_long_side = 1333
     c.input.lsj_scale = (0.1, 2.0)
     c.input.hflip = 0.5
+    c.input.resize_rule = "detectron2"  # or "torchvision" (see input/transforms.py)
+    c.input.pad_value = (0, 0, 0)
+    # An explicit class map (class index i <-> category_ids[i], named class_names[i]) for
+    # imported models whose classes are not the dataset's; empty: the dataset's categories.
+    c.input.category_ids = ()
+    c.input.class_names = ()
 
     c.model = ml_collections.ConfigDict()
     c.model.mask_on = True
@@ -153,6 +159,14 @@ def mask_rcnn_base() -> ml_collections.ConfigDict:
     c.model.test_nms_threshold = 0.5
     c.model.detections_per_image = 100
     c.model.compute_dtype = "float32"
+    # detectron2's conventions; instseg_jax.weights.torchvision.apply_preset switches them.
+    c.model.stage_blocks = ()
+    c.model.anchor_style = "detectron2"
+    c.model.level_mapper = "detectron2"
+    c.model.rpn_min_size = 0.0
+    c.model.test_min_box_size = 0.0
+    c.model.box_rescale = "scale"
+    c.model.mask_paste = "detectron2"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"

@@ -48,20 +48,27 @@ def _paste_one(masks, boxes, hw_dummy):
     return ops.paste_masks(masks, boxes, hw_dummy.shape)
 
 
-def paste(masks: np.ndarray, boxes: np.ndarray, image_hw) -> np.ndarray:
-    """bool[K, H, W] of RoI mask probabilities [K, M, M] in boxes [K, 4] (original pixels)."""
+def paste(masks: np.ndarray, boxes: np.ndarray, image_hw, method: str = "detectron2") -> np.ndarray:
+    """bool[K, H, W] of RoI mask probabilities [K, M, M] in boxes [K, 4] (original pixels),
+    thresholded at 0.5; method "torchvision" pastes as torchvision's paste_masks_in_image."""
+    if method == "torchvision":
+        from instseg_jax.weights import torchvision as tv
+
+        return tv.paste_masks(masks, boxes, image_hw) > 0.5
     dummy = np.zeros(tuple(int(v) for v in image_hw), np.bool_)
     return np.asarray(_paste_one(masks, boxes, dummy))
 
 
-def paste_and_encode(masks: np.ndarray, boxes: np.ndarray, image_hw):
+def paste_and_encode(masks: np.ndarray, boxes: np.ndarray, image_hw, method="detectron2"):
     """(bool[K, H, W] pasted masks, their K compressed RLEs with str counts)."""
-    pasted = paste(masks, boxes, image_hw)
+    pasted = paste(masks, boxes, image_hw, method)
     rles = mask_utils.encode(np.asfortranarray(pasted.transpose(1, 2, 0).astype(np.uint8)))
     return pasted, [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
 
 
-def detections_to_results(detections: dict, image_ids, orig_hw, category_ids) -> list[dict]:
+def detections_to_results(
+    detections: dict, image_ids, orig_hw, category_ids, paste_method: str = "detectron2"
+) -> list[dict]:
     """COCO results of one batch of detections (host arrays); padding never reaches them.
 
     detections: boxes [B, K, 4] original pixels, scores [B, K], classes [B, K], valid [B, K],
@@ -79,7 +86,9 @@ def detections_to_results(detections: dict, image_ids, orig_hw, category_ids) ->
         classes = np.asarray(detections["classes"][b])[keep]
         rles = None
         if "masks" in detections:
-            _, rles = paste_and_encode(np.asarray(detections["masks"][b])[keep], boxes, orig_hw[b])
+            _, rles = paste_and_encode(
+                np.asarray(detections["masks"][b])[keep], boxes, orig_hw[b], paste_method
+            )
         for i in range(len(keep)):
             x0, y0, x1, y1 = (float(v) for v in boxes[i])
             result = {
@@ -220,7 +229,8 @@ def evaluate_model(
         process_index=0,
         process_count=1,
     )
-    cfg = train_lib.model_config(config, source.num_classes)
+    category_ids, _ = train_lib.class_map(config, source)
+    cfg = train_lib.model_config(config, len(category_ids))
     infer = inference_fn(cfg)
     results = []
     total = pipeline.num_batches if max_batches is None else min(max_batches, pipeline.num_batches)
@@ -229,7 +239,9 @@ def evaluate_model(
             break
         detections = jax.device_get(infer(variables, train_lib.device_fields(batch)))
         ids = np.where(batch["example_valid"], batch["image_id"], -1)
-        results += detections_to_results(detections, ids, batch["orig_hw"], source.category_ids)
+        results += detections_to_results(
+            detections, ids, batch["orig_hw"], category_ids, cfg.mask_paste
+        )
     annotations = getattr(source, "annotation_file", None)
     if annotations is None:
         raise ValueError("evaluation needs a COCO source with an annotation file")

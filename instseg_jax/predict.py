@@ -122,7 +122,9 @@ def predict(
             boxes = detections["boxes"][b][keep]
             hw = originals[b].shape[:2]
             if "masks" in detections:
-                masks, rles = evaluate.paste_and_encode(detections["masks"][b][keep], boxes, hw)
+                masks, rles = evaluate.paste_and_encode(
+                    detections["masks"][b][keep], boxes, hw, cfg.mask_paste
+                )
             else:  # Faster R-CNN: boxes only
                 masks, rles = np.zeros((0, *hw), bool), [None] * len(keep)
             names = [class_names[c] for c in detections["classes"][b][keep]]
@@ -161,9 +163,11 @@ def main(args) -> int:
     else:
         raise SystemExit("give --workdir DIR or --checkpoint DIR/checkpoints/STEP")
     config, variables, step = evaluate.restore_variables(workdir, step)
-    source = train_lib.build_source(config.input, train=False)
-    result = predict(
-        config, variables, args.images, args.out, args.score_threshold, list(source.class_names)
+    # An imported model carries its class names; a trained one takes its data's.
+    source = (
+        None if config.input.get("category_ids") else train_lib.build_source(config.input, False)
     )
+    _, class_names = train_lib.class_map(config, source)
+    result = predict(config, variables, args.images, args.out, args.score_threshold, class_names)
     print(f"wrote {result['written']} image(s) to {args.out}; skipped {len(result['skipped'])}")
     return 0

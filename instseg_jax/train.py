@@ -73,7 +73,26 @@ def transform_config(config, train: bool) -> TransformConfig:
         lsj_scale=tuple(i.lsj_scale),
         hflip=i.hflip,
         drop_crowd=True,
+        resize_rule=i.get("resize_rule", "detectron2"),
+        pad_value=tuple(i.get("pad_value", (0, 0, 0))),
     )
+
+
+def class_map(config, source=None) -> tuple[list[int], list[str]]:
+    """(category id, name) of every class index: config.input's explicit map when it has one
+    (imported models), else the source's categories."""
+    ids = list(config.input.get("category_ids", ()) or ())
+    if ids:
+        names = list(config.input.get("class_names", ()) or ())
+        if len(names) != len(ids):
+            raise ValueError(
+                f"input.class_names has {len(names)} names for {len(ids)} input.category_ids; "
+                "give one name per category id"
+            )
+        return [int(i) for i in ids], [str(n) for n in names]
+    if source is None:
+        raise ValueError("no input.category_ids in the config and no data source to read them")
+    return list(source.category_ids), list(source.class_names)
 
 
 def model_config(config, num_classes: int) -> mask_rcnn.MaskRCNNConfig:
@@ -247,6 +266,13 @@ def train(
         seed=config.seed,
         num_workers=config.input.num_workers,
     )
+    category_ids, _ = class_map(config, source)
+    if category_ids != list(source.category_ids):
+        raise ValueError(
+            f"input.category_ids {category_ids[:5]}... differ from the training data's categories "
+            f"{list(source.category_ids)[:5]}...: training uses the dataset's class map; clear "
+            "input.category_ids and input.class_names"
+        )
     cfg = model_config(config, source.num_classes)
     model = mask_rcnn.MaskRCNN(cfg)
 

@@ -56,7 +56,8 @@ class ResNet(nn.Module):
 
     depth: 18, 34, 50 or 101. width: channels of res2 before expansion (64 as published;
     narrower for tests). freeze_at: 0 trains everything, 1 freezes the stem, 2 the stem and
-    res2 (detectron2's default): their outputs pass through stop_gradient.
+    res2 (detectron2's default): their outputs pass through stop_gradient. stage_blocks:
+    blocks per stage when not those of `depth` (depth then only picks the block kind).
     """
 
     depth: int = 50
@@ -64,9 +65,12 @@ class ResNet(nn.Module):
     norm: str = "frozen_bn"
     freeze_at: int = 2
     dtype: Any = jnp.float32
+    stage_blocks: tuple = ()
 
     @nn.compact
     def __call__(self, x):
+        if self.stage_blocks and len(self.stage_blocks) != 4:
+            raise ValueError(f"model.stage_blocks needs 4 counts, got {self.stage_blocks}")
         if self.depth not in STAGES:
             raise ValueError(
                 f"model.backbone.depth must be one of {sorted(STAGES)}, got {self.depth}"
@@ -78,7 +82,7 @@ class ResNet(nn.Module):
         if self.freeze_at >= 1:
             x = jax.lax.stop_gradient(x)
         outputs = {}
-        for stage, blocks in enumerate(STAGES[self.depth]):
+        for stage, blocks in enumerate(self.stage_blocks or STAGES[self.depth]):
             features = self.width * 2**stage * (4 if bottleneck else 1)
             for i in range(blocks):
                 stride = 2 if (i == 0 and stage > 0) else 1

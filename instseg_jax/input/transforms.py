@@ -12,6 +12,7 @@ pre-images of the stride-4 cell centres.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from PIL import Image
@@ -35,11 +36,19 @@ class TransformConfig:
     hflip: float = 0.5  # probability, training only
     drop_crowd: bool = True  # training only: crowd regions are not targets
     min_box_size: float = 1.0
+    # "detectron2": rounded sizes, PIL bilinear; "torchvision": floor(size * scale) and torch's
+    # bilinear interpolation (align_corners=False, no antialiasing) on float pixels.
+    resize_rule: str = "detectron2"
+    pad_value: tuple[int, int, int] = (0, 0, 0)  # RGB of the canvas outside the image
 
     def __post_init__(self):
         if self.mask_format not in ("box_crop", "stride4"):
             raise ValueError(
                 f"input.mask_format must be 'box_crop' or 'stride4', got {self.mask_format!r}"
+            )
+        if self.resize_rule not in ("detectron2", "torchvision"):
+            raise ValueError(
+                f"input.resize_rule must be 'detectron2' or 'torchvision', got {self.resize_rule!r}"
             )
         if self.resize not in ("short_side", "lsj"):
             raise ValueError(f"input.resize must be 'short_side' or 'lsj', got {self.resize!r}")
@@ -77,13 +86,49 @@ def _resize_image(image, scale, offset, config):
     """uint8[H, W, 3] canvas, and the (h, w) of its valid region."""
     canvas_h, canvas_w = config.canvas_hw
     height, width = image.shape[:2]
-    scaled_h, scaled_w = max(1, round(height * scale)), max(1, round(width * scale))
-    resized = np.asarray(Image.fromarray(image).resize((scaled_w, scaled_h), Image.BILINEAR))
+    if config.resize_rule == "torchvision":
+        scaled_h, scaled_w = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+        resized = resize_bilinear(image.astype(np.float32), (scaled_h, scaled_w))
+        resized = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+    else:
+        scaled_h, scaled_w = max(1, round(height * scale)), max(1, round(width * scale))
+        resized = np.asarray(Image.fromarray(image).resize((scaled_w, scaled_h), Image.BILINEAR))
     oy, ox = offset
     window = resized[oy : oy + canvas_h, ox : ox + canvas_w]
-    canvas = np.zeros((canvas_h, canvas_w, 3), np.uint8)
+    canvas = np.empty((canvas_h, canvas_w, 3), np.uint8)
+    canvas[:] = np.asarray(config.pad_value, np.uint8)
     canvas[: window.shape[0], : window.shape[1]] = window
     return canvas, window.shape[:2]
+
+
+def _torch_bilinear_taps(in_size: int, out_size: int):
+    """(first, second, w_first, w_second) of torch's bilinear resize along one axis
+    (align_corners=False, size given): float32 source = max((i + 0.5) * in/out - 0.5, 0)."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    source = np.maximum(
+        scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+        np.float32(0),
+    )
+    first = source.astype(np.int64)
+    second = np.minimum(first + 1, in_size - 1)
+    w_second = source - first.astype(np.float32)
+    return first, second, np.float32(1) - w_second, w_second
+
+
+def resize_bilinear(image: np.ndarray, out_hw) -> np.ndarray:
+    """float32[h, w, ...] resize of float image[H, W, ...] as torch.nn.functional.interpolate
+    (mode="bilinear", align_corners=False, antialias=False) does it."""
+    out_h, out_w = (int(v) for v in out_hw)
+    y0, y1, wy0, wy1 = _torch_bilinear_taps(image.shape[0], out_h)
+    x0, x1, wx0, wx1 = _torch_bilinear_taps(image.shape[1], out_w)
+    extra = (1,) * (image.ndim - 2)
+    wy0, wy1 = wy0.reshape((-1, 1) + extra), wy1.reshape((-1, 1) + extra)
+    wx0, wx1 = wx0.reshape((1, -1) + extra), wx1.reshape((1, -1) + extra)
+    top, bottom = image[y0], image[y1]
+    return (
+        wy0 * (wx0 * top[:, x0] + wx1 * top[:, x1])
+        + wy1 * (wx0 * bottom[:, x0] + wx1 * bottom[:, x1])
+    ).astype(np.float32)
 
 
 def _bilinear_sample(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:

@@ -64,13 +64,35 @@ class MaskRCNNConfig:
     test_nms_threshold: float = 0.5
     detections_per_image: int = 100
     compute_dtype: str = "float32"
+    # Conventions that differ between detectron2 (the defaults) and torchvision; the torchvision
+    # preset (instseg_jax.weights.torchvision.apply_preset) switches all of them.
+    stage_blocks: tuple = ()  # residual blocks per stage; () = those of `depth`
+    anchor_style: str = "detectron2"  # "torchvision": rounded cell anchors, strides canvas // grid
+    level_mapper: str = "detectron2"  # "torchvision": eps 1e-6 added after the log2
+    rpn_min_size: float = 0.0  # proposals need w, h > 0 and >= this (torchvision 1e-3)
+    test_min_box_size: float = 0.0  # detections need w, h >= this (torchvision 1e-2)
+    box_rescale: str = "scale"  # "per_axis": original / resized size per axis (torchvision)
+    mask_paste: str = "detectron2"  # host-side paste: "detectron2" or "torchvision"
+
+    def __post_init__(self):
+        choices = {
+            "anchor_style": ("detectron2", "torchvision"),
+            "level_mapper": ("detectron2", "torchvision"),
+            "box_rescale": ("scale", "per_axis"),
+            "mask_paste": ("detectron2", "torchvision"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
 
     @classmethod
     def from_config(cls, model_config, num_classes: int, canvas_hw) -> MaskRCNNConfig:
         """From the `model` section of an experiment config (a ConfigDict or dict)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in dict(model_config).items() if k in fields}
-        for key in ("anchor_sizes", "aspect_ratios"):
+        for key in ("anchor_sizes", "aspect_ratios", "stage_blocks"):
             if key in values:
                 values[key] = _as_tuple(values[key])
         unknown = set(dict(model_config)) - fields
@@ -96,11 +118,13 @@ class MaskRCNN(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        if cfg.canvas_hw[0] % 64 or cfg.canvas_hw[1] % 64:
+        if cfg.canvas_hw[0] % 32 or cfg.canvas_hw[1] % 32:
             raise ValueError(
-                f"input.canvas_hw {cfg.canvas_hw} must be divisible by 64 (P6 has stride 64)"
+                f"input.canvas_hw {cfg.canvas_hw} must be divisible by 32 (P5 has stride 32)"
             )
-        self.backbone = ResNet(cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype)
+        self.backbone = ResNet(
+            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
+        )
         self.fpn = FPN(cfg.fpn_channels, cfg.dtype)
         self.rpn_head = rpn.RPNHead(len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0]), cfg.dtype)
         self.box_head = roi_heads.BoxHead(cfg.num_classes, cfg.box_fc_dim, cfg.dtype)
@@ -110,12 +134,22 @@ class MaskRCNN(nn.Module):
             )
 
     def anchors(self):
+        cfg = self.cfg
+        if cfg.anchor_style == "torchvision":
+            return ops.torchvision_anchors(cfg.canvas_hw, cfg.anchor_sizes, cfg.aspect_ratios)
         return ops.multilevel_anchors(
-            self.cfg.canvas_hw, (4, 8, 16, 32, 64), self.cfg.anchor_sizes, self.cfg.aspect_ratios
+            cfg.canvas_hw, (4, 8, 16, 32, 64), cfg.anchor_sizes, cfg.aspect_ratios
+        )
+
+    def pool(self, features, boxes, size: int):
+        cfg = self.cfg
+        return roi_heads.pool(
+            features, boxes, size, cfg.sampling_ratio, cfg.aligned, cfg.level_mapper
         )
 
     def features(self, image):
-        """FPN features {"p2".."p6"} of uint8 images [B, H, W, 3] (normalised here)."""
+        """FPN features {"p2".."p6"} of images [B, H, W, 3] in 0-255 RGB, uint8 or float
+        (normalised here)."""
         x = (image.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
         return self.fpn(self.backbone(x.astype(self.cfg.dtype)))
 
@@ -137,10 +171,13 @@ class MaskRCNN(nn.Module):
         hw = batch["image_hw"].astype(jnp.float32)[:, None, None, :]
         boxes = ops.clip_boxes(boxes, hw)
         usable = outputs["proposal_valid"][..., None] & (probs > cfg.score_threshold)
+        if cfg.test_min_box_size > 0:
+            wh = boxes[..., 2:] - boxes[..., :2]
+            usable &= (wh >= cfg.test_min_box_size).all(axis=-1)
         scores = jnp.where(usable, probs, -1.0).reshape(b, p * c)
         boxes = boxes.reshape(b, p * c, 4)
         classes = jnp.tile(jnp.arange(c, dtype=jnp.int32), p)
-        k_pre = min(cfg.test_pre_nms_topk, p * c)
+        k_pre = min(cfg.test_pre_nms_topk or p * c, p * c)  # 0: every (box, class) pair
         k = cfg.detections_per_image
 
         def one_image(image_scores, image_boxes):
@@ -160,16 +197,20 @@ class MaskRCNN(nn.Module):
         det_boxes, det_scores, det_classes, det_valid = jax.vmap(one_image)(scores, boxes)
         detections = {"scores": det_scores, "classes": det_classes, "valid": det_valid}
         if cfg.mask_on:
-            pooled = roi_heads.pool(
-                features, det_boxes, cfg.mask_pool_size, cfg.sampling_ratio, cfg.aligned
-            )  # [B, K, 14, 14, D]
+            pooled = self.pool(features, det_boxes, cfg.mask_pool_size)  # [B, K, 14, 14, D]
             logits = self.mask_head(pooled)  # [B, K, 28, 28, C]
             chosen = jnp.take_along_axis(logits, det_classes[:, :, None, None, None], axis=-1)
             detections["masks"] = jax.nn.sigmoid(chosen[..., 0])  # [B, K, 28, 28]
         # Canvas -> original pixels: undo the crop offset and the scale, clip to the image.
         offset = batch["crop_offset"][:, ::-1].astype(jnp.float32)  # (ox, oy)
-        scale = batch["scale"][:, None, None]
-        original = (det_boxes + jnp.tile(offset, 2)[:, None, :]) / scale
+        if cfg.box_rescale == "per_axis":  # torchvision: original / resized size, per axis
+            ratio = batch["orig_hw"].astype(jnp.float32) / batch["image_hw"].astype(jnp.float32)
+            original = (det_boxes + jnp.tile(offset, 2)[:, None, :]) * jnp.tile(ratio[:, ::-1], 2)[
+                :, None, :
+            ]
+        else:
+            scale = batch["scale"][:, None, None]
+            original = (det_boxes + jnp.tile(offset, 2)[:, None, :]) / scale
         original = ops.clip_boxes(original, batch["orig_hw"][:, None, :])
         detections["boxes"] = jnp.where(det_valid[..., None], original, 0.0)
         return detections
@@ -187,6 +228,7 @@ class MaskRCNN(nn.Module):
             cfg.rpn_pre_nms_topk_train if train else cfg.rpn_pre_nms_topk_test,
             cfg.rpn_post_nms_topk_train if train else cfg.rpn_post_nms_topk_test,
             cfg.rpn_nms_threshold,
+            cfg.rpn_min_size,
         )
         outputs = {
             "proposal_boxes": proposal_boxes,
@@ -194,9 +236,7 @@ class MaskRCNN(nn.Module):
             "proposal_valid": proposal_valid,
         }
         if not train:
-            pooled = roi_heads.pool(
-                features, proposal_boxes, cfg.box_pool_size, cfg.sampling_ratio, cfg.aligned
-            )
+            pooled = self.pool(features, proposal_boxes, cfg.box_pool_size)
             outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
             outputs["detections"] = self.detect(features, outputs, batch)
             return outputs
@@ -227,15 +267,13 @@ class MaskRCNN(nn.Module):
             cfg.roi_iou_threshold,
             cfg.num_classes,
         )
-        pooled = roi_heads.pool(
-            features, rois["boxes"], cfg.box_pool_size, cfg.sampling_ratio, cfg.aligned
-        )  # [B, R, 7, 7, D]
+        pooled = self.pool(features, rois["boxes"], cfg.box_pool_size)  # [B, R, 7, 7, D]
         outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
         outputs["rois"] = rois
         if cfg.mask_on:
             fg = cfg.mask_fg_per_image
-            mask_pooled = roi_heads.pool(
-                features, rois["boxes"][:, :fg], cfg.mask_pool_size, cfg.sampling_ratio, cfg.aligned
+            mask_pooled = self.pool(
+                features, rois["boxes"][:, :fg], cfg.mask_pool_size
             )  # [B, F, 14, 14, D]
             outputs["mask_logits"] = self.mask_head(mask_pooled)  # [B, F, 28, 28, C]
             outputs["mask_targets"], outputs["mask_valid"] = roi_heads.mask_targets(

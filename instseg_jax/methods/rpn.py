@@ -71,8 +71,8 @@ def proposals(
     """Proposals of one batch, no gradient.
 
     Per level keep the top pre_nms_topk anchors by objectness, decode, clip to the image's
-    valid region, then NMS across all of them with levels kept apart (detectron2's batched NMS
-    over level ids), keeping post_nms_topk per image.
+    valid region, drop boxes with a side of 0 or below min_size, then NMS across all of them
+    with levels kept apart (batched NMS over level ids), keeping post_nms_topk per image.
 
     Returns boxes float32[B, P, 4], scores float32[B, P] (logits), valid bool[B, P].
     """
@@ -96,7 +96,7 @@ def proposals(
         scores = jnp.concatenate(scores)
         level_ids = jnp.concatenate(level_ids)
         wh = boxes[:, 2:] - boxes[:, :2]
-        usable = (wh > min_size).all(axis=1) & jnp.isfinite(scores)
+        usable = ((wh > 0) & (wh >= min_size)).all(axis=1) & jnp.isfinite(scores)
         keep, count = ops.batched_nms(
             boxes, scores, level_ids, nms_threshold, post_nms_topk, valid=usable
         )

@@ -4,7 +4,13 @@ Every op is plain ``jnp``, traceable under ``jit``, ``vmap`` and ``grad``, float
 given in its docstring as ``dtype[dims] meaning``.
 """
 
-from instseg_jax.ops.anchors import cell_anchors, grid_anchors, level_shapes, multilevel_anchors
+from instseg_jax.ops.anchors import (
+    cell_anchors,
+    grid_anchors,
+    level_shapes,
+    multilevel_anchors,
+    torchvision_anchors,
+)
 from instseg_jax.ops.assign import match, sample_balanced
 from instseg_jax.ops.boxes import (
     box_area,
@@ -72,6 +78,7 @@ __all__ = [
     "sample_balanced",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
+    "torchvision_anchors",
     "xywh_to_xyxy",
     "xyxy_to_cxcywh",
     "xyxy_to_xywh",

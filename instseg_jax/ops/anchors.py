@@ -87,3 +87,38 @@ def multilevel_anchors(
         grid_anchors(shape, stride, level_sizes, aspect_ratios, offset)
         for shape, stride, level_sizes in zip(shapes, strides, sizes, strict=True)
     ]
+
+
+def torchvision_anchors(
+    canvas_hw: Sequence[int],
+    sizes: Sequence[Sequence[float]] = DEFAULT_SIZES,
+    aspect_ratios: Sequence[float] = DEFAULT_ASPECT_RATIOS,
+) -> list[jnp.ndarray]:
+    """Anchors of P2..P6 as torchvision's AnchorGenerator makes them for a padded image of
+    canvas_hw: float32 cell anchors ratio-major then size, rounded half-to-even to integers;
+    each level's stride is canvas // grid per axis (so P6 of an 800-row canvas, 13 rows, has
+    stride 61 along y), and location (y, x) sits at (x * stride_x, y * stride_y).
+
+    Returns one float32[h_l*w_l*A, 4] per level, rows (y, x, a) as in `grid_anchors`.
+    """
+    ratios = np.asarray(aspect_ratios, np.float32)
+    h_ratios = np.sqrt(ratios)
+    w_ratios = np.float32(1.0) / h_ratios
+    shapes = level_shapes(canvas_hw, DEFAULT_STRIDES)
+    if len(sizes) != len(shapes):
+        raise ValueError(f"need one size tuple per level P2..P6, got {len(sizes)}")
+    levels = []
+    for (h, w), level_sizes in zip(shapes, sizes, strict=True):
+        scales = np.asarray(level_sizes, np.float32)
+        ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
+        hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
+        cells = np.round(np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2))  # [A, 4]
+        stride_y, stride_x = int(canvas_hw[0]) // h, int(canvas_hw[1]) // w
+        grid_y, grid_x = np.meshgrid(
+            np.arange(h, dtype=np.float32) * stride_y,
+            np.arange(w, dtype=np.float32) * stride_x,
+            indexing="ij",
+        )
+        shifts = np.stack([grid_x, grid_y, grid_x, grid_y], axis=-1).reshape(-1, 1, 4)
+        levels.append(jnp.asarray((shifts + cells[None]).reshape(-1, 4), dtype=jnp.float32))
+    return levels

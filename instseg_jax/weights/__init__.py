@@ -1,0 +1,1 @@
+"""Importers of weights trained by other libraries."""
