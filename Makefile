@@ -8,7 +8,7 @@ PEER_PY := $(PEER_VENV)/bin/python
 # JAX's persistent compilation cache: repeated test runs skip most XLA compile time.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: venv data demo test test-all bench peer lint clean
+.PHONY: venv data demo test test-all bench peer peer-env parity lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,10 +44,19 @@ $(PEER_PY):
 	$(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_PY) -m pip install --quiet --upgrade pip
 
-peer: $(PEER_PY)
+peer-env: $(PEER_PY)
 	$(PEER_PY) -m pip install --quiet torch torchvision
 	$(PEER_PY) -m pip install --quiet -e '.[dev]'
+
+# Side-by-side speed against torchvision: ops, then the whole Mask R-CNN.
+peer: peer-env
 	$(PEER_PY) experiments/benchmarks/ops.py --peer
+	$(PEER_PY) experiments/benchmarks/vs_torchvision.py
+
+# Converted torchvision weights against torchvision itself (features, proposals, detections).
+parity: peer-env
+	$(MAKE) data
+	$(PEER_PY) experiments/parity/torchvision.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -92,7 +92,12 @@ def class_map(config, source=None) -> tuple[list[int], list[str]]:
         return [int(i) for i in ids], [str(n) for n in names]
     if source is None:
         raise ValueError("no input.category_ids in the config and no data source to read them")
-    return list(source.category_ids), list(source.class_names)
+    return source_class_map(source)
+
+
+def source_class_map(source) -> tuple[list[int], list[str]]:
+    ids = source.category_id(np.arange(source.num_classes))
+    return [int(i) for i in ids], list(source.class_names)
 
 
 def model_config(config, num_classes: int) -> mask_rcnn.MaskRCNNConfig:
@@ -267,10 +272,11 @@ def train(
         num_workers=config.input.num_workers,
     )
     category_ids, _ = class_map(config, source)
-    if category_ids != list(source.category_ids):
+    source_ids, _ = source_class_map(source)
+    if category_ids != source_ids:
         raise ValueError(
             f"input.category_ids {category_ids[:5]}... differ from the training data's categories "
-            f"{list(source.category_ids)[:5]}...: training uses the dataset's class map; clear "
+            f"{source_ids[:5]}...: training uses the dataset's class map; clear "
             "input.category_ids and input.class_names"
         )
     cfg = model_config(config, source.num_classes)

@@ -1,0 +1,304 @@
+"""Mask R-CNN R50-FPN speed, ours against torchvision, side by side (`make peer` environment).
+
+    .venv-peer/bin/python experiments/benchmarks/vs_torchvision.py [--record]
+
+Same architecture and settings on both sides: torchvision's maskrcnn_resnet50_fpn with seeded
+random weights (experiments/parity/torchvision.py's), and ours with those weights converted
+under the torchvision preset, on square synthetic scenes at 512x512 and 800x800 (torchvision's
+min_size = max_size = the side, so neither side resizes). Timed interleaved in one process,
+medians:
+
+- inference of 1 image, end to end: torchvision's model(images) (normalise, pad, RPN, heads,
+  masks pasted at the image size) against our jitted forward plus our jitted paste of the K
+  mask slots at the image size;
+- a training step at batch 2 (SGD momentum; ours one jitted step with the gradient, update and
+  non-finite guard; torchvision's forward, backward and optimizer.step());
+- inference at 800x800 with 1, 10 and 100 detections (score thresholds read off torchvision's
+  own score list, so both sides keep the same detections): our shapes are static, so our time
+  should not move;
+- achieved FLOP/s (XLA's count of our compiled programs, the same architecture on both sides)
+  against the machine's measured 3x3-convolution throughput (the faster of XLA and torch on a
+  ResNet-sized convolution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from instseg_jax import evaluate, sharding  # noqa: E402
+from instseg_jax import train as train_lib  # noqa: E402
+from instseg_jax.input import report  # noqa: E402
+from instseg_jax.input.pipeline import stack_examples  # noqa: E402
+from instseg_jax.input.synthetic import SyntheticSource  # noqa: E402
+from instseg_jax.input.transforms import transform  # noqa: E402
+from instseg_jax.methods.mask_rcnn import MaskRCNN  # noqa: E402
+from instseg_jax.weights import torchvision as tv  # noqa: E402
+
+
+def torch_side():
+    """experiments/parity/torchvision.py as a module (its file name shadows the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "tv_parity", ROOT / "experiments" / "parity" / "torchvision.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def scenes(side: int, count: int, max_instances: int):
+    source = SyntheticSource(count, (side, side), seed=11, max_shapes=max_instances)
+    return [source.load(i) for i in range(count)]
+
+
+def our_config(arch, side: int, batch: int, score_threshold: float):
+    config = tv.coco_config(arch, (side, side))
+    config.input.short_side = (side,)
+    config.input.max_long_side = side
+    config.input.global_batch = batch
+    config.input.max_instances = 16
+    config.input.mask_size = 56
+    config.input.hflip = 0.0
+    config.model.score_threshold = score_threshold
+    return config
+
+
+def our_batch(config, examples, train: bool):
+    tconfig = train_lib.transform_config(config, train=train)
+    out = [
+        transform(e, tconfig, np.random.default_rng(i), report.new_counts())
+        for i, e in enumerate(examples)
+    ]
+    return {k: jnp.asarray(v) for k, v in train_lib.device_fields(stack_examples(out)).items()}
+
+
+def flops_of(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def conv_ceiling(torch) -> dict:
+    """FLOP/s of one ResNet-sized 3x3 convolution (batch 2, 100x100, 256 -> 256) in XLA and
+    in torch: the machine's convolution throughput is the faster of the two."""
+    x = jnp.ones((2, 100, 100, 256), jnp.float32)
+    w = jnp.ones((3, 3, 256, 256), jnp.float32) * 0.01
+    conv = jax.jit(
+        lambda a, b: jax.lax.conv_general_dilated(
+            a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    )
+    tx = torch.ones(2, 256, 100, 100)
+    tw = torch.ones(256, 256, 3, 3) * 0.01
+    flops = 2 * 2 * 100 * 100 * 256 * 256 * 9
+    with torch.no_grad():
+        t = common.time_interleaved(
+            {
+                "xla": lambda: jax.block_until_ready(conv(x, w)),
+                "torch": lambda: torch.nn.functional.conv2d(tx, tw, padding=1),
+            },
+            rounds=7,
+        )
+    return {name: flops / seconds for name, seconds in t.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sides", type=int, nargs="+", default=[512, 800])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", action="store_true")
+    parser.add_argument("--skip-train", action="store_true")
+    args = parser.parse_args(argv)
+    side_module = torch_side()
+    torch = side_module.torch
+    torchvision = side_module.torchvision
+
+    model = side_module.seeded_model(args.seed, 0.05)
+    variables, arch = tv.convert({k: v.numpy() for k, v in model.state_dict().items()}, "seeded")
+    variables = jax.tree.map(jnp.asarray, variables)
+    ceiling = conv_ceiling(torch)
+    best_conv = max(ceiling.values())
+    print(f"conv throughput: { ({k: f'{v / 1e9:.1f} GFLOP/s' for k, v in ceiling.items()}) }")
+    rows, notes = [], []
+    mesh = sharding.make_mesh()
+    for side in args.sides:
+        examples = scenes(side, 2, 8)
+        model.transform.min_size = (side,)
+        model.transform.max_size = side
+        # ------------------------------------------------------------------ inference
+        model.eval()
+        model.roi_heads.score_thresh = 0.05
+        config = our_config(arch, side, 1, 0.05)
+        cfg = train_lib.model_config(config, arch["num_classes"])
+        net = MaskRCNN(cfg)
+        batch = our_batch(config, examples[:1], train=False)
+        forward = jax.jit(lambda v, b, net=net: net.apply(v, b, train=False)["detections"])
+        compiled = forward.lower(variables, batch).compile()
+        infer_flops = flops_of(compiled)
+        dummy = np.zeros((side, side), np.bool_)
+
+        def ours_infer(compiled=compiled, batch=batch, dummy=dummy):
+            det = compiled(variables, batch)
+            pasted = evaluate._paste_one(det["masks"][0], det["boxes"][0], dummy)
+            return jax.block_until_ready(pasted)
+
+        image = torch.from_numpy(examples[0]["image"]).permute(2, 0, 1).float() / 255.0
+
+        def theirs_infer(image=image):
+            with torch.no_grad():
+                return model([image])
+
+        t = common.time_interleaved(
+            {"ours": ours_infer, "theirs": theirs_infer}, rounds=args.rounds
+        )
+        rows.append(row(f"inference {side}x{side}, 1 image", t, infer_flops, best_conv, 1))
+        print(rows[-1], flush=True)
+        # ------------------------------------------------------------------ detection counts
+        if side == max(args.sides):
+            model.roi_heads.score_thresh = 0.0
+            scores = np.sort(theirs_infer()[0]["scores"].numpy())[::-1]
+            for count in (1, 10, 100):
+                threshold = float((scores[count - 1] + scores[count]) / 2)
+                model.roi_heads.score_thresh = threshold
+                config_k = our_config(arch, side, 1, threshold)
+                net_k = MaskRCNN(train_lib.model_config(config_k, arch["num_classes"]))
+                fwd_k = jax.jit(lambda v, b, n=net_k: n.apply(v, b, train=False)["detections"])
+                compiled_k = fwd_k.lower(variables, batch).compile()
+                ours_k = int(np.asarray(compiled_k(variables, batch)["valid"]).sum())
+                theirs_k = len(theirs_infer()[0]["scores"])
+
+                def ours_count(c=compiled_k, batch=batch, dummy=dummy):
+                    det = c(variables, batch)
+                    pasted = evaluate._paste_one(det["masks"][0], det["boxes"][0], dummy)
+                    return jax.block_until_ready(pasted)
+
+                t = common.time_interleaved(
+                    {"ours": ours_count, "theirs": theirs_infer}, rounds=args.rounds
+                )
+                rows.append(
+                    row(
+                        f"inference {side}x{side}, {theirs_k} detections (ours {ours_k})",
+                        t,
+                        infer_flops,
+                        best_conv,
+                        1,
+                    )
+                )
+                print(rows[-1], flush=True)
+        if args.skip_train:
+            continue
+        # ------------------------------------------------------------------ training step
+        config = our_config(arch, side, 2, 0.05)
+        cfg = train_lib.model_config(config, arch["num_classes"])
+        net = MaskRCNN(cfg)
+        batch = our_batch(config, examples, train=True)
+        tx = train_lib.optimizer(config, variables["params"])
+        state = {
+            "params": variables["params"],
+            "frozen": variables["frozen"],
+            "opt_state": tx.init(variables["params"]),
+            "step": jnp.zeros((), jnp.int32),
+            "nonfinite_run": jnp.zeros((), jnp.int32),
+            "sampling_key": jax.random.key_data(jax.random.key(0)),
+        }
+        state = jax.tree.map(jnp.copy, state)  # the step donates its state
+        replicated = sharding.replicated(mesh)
+        step = train_lib.make_train_step(net, tx, cfg, mesh, replicated)
+        compiled_step = step.lower(state, batch).compile()
+        train_flops = flops_of(compiled_step)
+        holder = {"state": state}
+
+        def ours_train(compiled_step=compiled_step, batch=batch, holder=holder):
+            holder["state"], metrics = compiled_step(holder["state"], batch)
+            return jax.block_until_ready(metrics["loss"])
+
+        model.train()
+        optimizer = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
+        )
+        images = [torch.from_numpy(e["image"]).permute(2, 0, 1).float() / 255.0 for e in examples]
+        targets = [
+            {
+                "boxes": torch.from_numpy(e["boxes"].astype(np.float32)),
+                "labels": torch.from_numpy(e["classes"].astype(np.int64) + 1),
+                "masks": torch.from_numpy(e["masks"].astype(np.uint8)),
+            }
+            for e in examples
+        ]
+
+        def theirs_train(images=images, targets=targets, optimizer=optimizer):
+            losses = model(images, targets)
+            total = sum(losses.values())
+            optimizer.zero_grad()
+            total.backward()
+            optimizer.step()
+            return float(total)
+
+        t = common.time_interleaved(
+            {"ours": ours_train, "theirs": theirs_train}, rounds=args.rounds
+        )
+        rows.append(row(f"training step {side}x{side}, batch 2", t, train_flops, best_conv, 2))
+        print(rows[-1], flush=True)
+        model.eval()
+    columns = [
+        "case",
+        "ours (s)",
+        "torchvision (s)",
+        "ours / torchvision time",
+        "ours ÷ torchvision images/s",
+        "our GFLOP",
+        "ours GFLOP/s (% conv peak)",
+        "torchvision GFLOP/s (% conv peak)",
+    ]
+    table = common.markdown_table(rows, columns)
+    print(table)
+    if args.record:
+        notes.append(
+            f"Convolution throughput measured in the same run (3x3, 256->256, batch 2 at 100x100): "
+            f"XLA {ceiling['xla'] / 1e9:.1f} GFLOP/s, torch {ceiling['torch'] / 1e9:.1f} GFLOP/s; "
+            "the percentages are of the faster. FLOPs are XLA's count of our compiled program "
+            "(the same architecture runs on both sides)."
+        )
+        common.append_results(
+            "Mask R-CNN R50-FPN vs torchvision: `.venv-peer/bin/python "
+            "experiments/benchmarks/vs_torchvision.py --record`",
+            common.machine_line(
+                {"torch": torch.__version__, "torchvision": torchvision.__version__}
+            )
+            + f"; medians of {args.rounds} interleaved rounds",
+            table,
+            "\n".join(notes),
+        )
+    return 0
+
+
+def row(name, t, flops, best_conv, images) -> list[str]:
+    ours, theirs = t["ours"], t["theirs"]
+    return [
+        name,
+        f"{ours:.2f}",
+        f"{theirs:.2f}",
+        f"{ours / theirs:.2f}",
+        f"{theirs / ours:.2f}x",
+        f"{flops / 1e9:.0f}",
+        f"{flops / ours / 1e9:.1f} ({100 * flops / ours / best_conv:.0f}%)",
+        f"{flops / theirs / 1e9:.1f} ({100 * flops / theirs / best_conv:.0f}%)",
+    ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
