@@ -18,6 +18,7 @@ detections counts as a failure. With --record the figures are appended to RESULT
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -121,9 +122,9 @@ def tiny_model(score_threshold: float) -> MaskRCNN:
 
 
 @torch.no_grad()
-def torchvision_outputs(model: MaskRCNN, image: np.ndarray) -> dict:
+def torchvision_outputs(model: MaskRCNN, image: np.ndarray, dtype=torch.float32) -> dict:
     """Everything `parity.compare` needs, in its terms (NHWC features, NumPy)."""
-    tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+    tensor = torch.from_numpy(image).permute(2, 0, 1).to(dtype) / 255.0
     images, _ = model.transform([tensor])
     features = model.backbone(images.tensors)
     feature_list = list(features.values())
@@ -213,6 +214,28 @@ def make_fixture(path: Path, seed: int) -> None:
     print(json.dumps(figures, indent=1, default=str))
 
 
+def check_import_from_pth(model, variables) -> None:
+    """The .pth path end to end: torch.save, `import_weights` (torch.load weights_only) and
+    `restore_variables` give back exactly the converted arrays."""
+    import tempfile
+
+    import jax
+
+    from instseg_jax import evaluate
+
+    with tempfile.TemporaryDirectory() as folder:
+        pth = Path(folder) / "model.pth"
+        torch.save(model.state_dict(), pth)
+        tv.import_weights(pth, Path(folder) / "imported")
+        _, restored, _ = evaluate.restore_variables(Path(folder) / "imported")
+    a = jax.tree_util.tree_leaves_with_path(variables)
+    b = dict(jax.tree_util.tree_leaves_with_path(restored))
+    assert len(a) == len(b), (len(a), len(b))
+    for path, value in a:
+        np.testing.assert_array_equal(np.asarray(b[path]), value, err_msg=str(path))
+    print(f"import-weights from a .pth restores all {len(a)} converted arrays exactly")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", help="a real maskrcnn_resnet50_fpn .pth (else random)")
@@ -223,6 +246,11 @@ def main(argv=None) -> int:
     parser.add_argument("--make-fixture", type=Path, help="write the CI fixture and stop")
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument(
+        "--no-float64",
+        action="store_true",
+        help="skip the float64 torchvision reference (float32 noise floor of both sides)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.make_fixture:
@@ -241,6 +269,9 @@ def main(argv=None) -> int:
         kind = f"seeded random weights (seed {args.seed})"
     state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
     variables, arch = tv.convert(state_dict, kind)
+    check_import_from_pth(model, variables)
+    # The same model in float64: what float32 arithmetic alone moves, on either side.
+    model64 = None if args.no_float64 else copy.deepcopy(model).double()
     rows, all_failures = [], []
     for name, image in test_images(args.nuclei, args.synthetic):
         start = time.perf_counter()
@@ -248,6 +279,19 @@ def main(argv=None) -> int:
         ours = parity.run_converted(variables, arch, image, args.score_threshold)
         figures = parity.compare(ours, theirs)
         figures["image"] = f"{name} {image.shape[0]}x{image.shape[1]}"
+        if model64 is not None:
+            exact = torchvision_outputs(model64, image, torch.float64)
+            for label, candidate in (("ours", ours), ("torchvision", theirs)):
+                versus = parity.compare(candidate, exact)
+                figures[f"{label}_vs_f64"] = {
+                    k: versus[k]
+                    for k in (
+                        "feature_rel_error",
+                        "proposal_max_px",
+                        "box_max_px",
+                        "score_max_diff",
+                    )
+                }
         figures["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps(figures, default=str), flush=True)
         rows.append(figures)
@@ -263,6 +307,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def with_f64(r: dict, key: str) -> str:
+    """'ours vs torchvision' [ (ours vs float64 torchvision / float32 vs float64 torchvision) ]"""
+    text = f"{r[key]:.1e}"
+    if "ours_vs_f64" in r:
+        text += f" ({r['ours_vs_f64'][key]:.1e} / {r['torchvision_vs_f64'][key]:.1e})"
+    return text
+
+
 def record(rows: list[dict], kind: str, args) -> None:
     import common
 
@@ -270,12 +322,12 @@ def record(rows: list[dict], kind: str, args) -> None:
         [
             [
                 r["image"],
-                f"{r['feature_rel_error']:.1e}",
-                f"{r['proposal_max_px']:.1e}",
+                with_f64(r, "feature_rel_error"),
+                with_f64(r, "proposal_max_px"),
                 f"{r['num_detections'][1]}",
                 f"{r['matched_detections']}",
-                f"{r['box_max_px']:.1e}",
-                f"{r['score_max_diff']:.1e}",
+                with_f64(r, "box_max_px"),
+                with_f64(r, "score_max_diff"),
                 f"{r['mask_iou_min']:.4f}",
                 "pass" if not r["failures"] else "; ".join(r["failures"]),
             ]
@@ -301,7 +353,9 @@ def record(rows: list[dict], kind: str, args) -> None:
         table,
         "Tolerances: features <= 1e-4 relative, proposals <= 1e-3 px, boxes <= 0.01 px, "
         "scores <= 1e-4, pasted-mask IoU >= 0.99; every detection of torchvision must be "
-        "matched (same label, IoU >= 0.9) and the counts equal.",
+        "matched (same label, IoU >= 0.9) and the counts equal. In brackets: ours against "
+        "torchvision run in float64, then torchvision's own float32 against its float64 (the "
+        "float32 noise floor).",
     )
 
 
