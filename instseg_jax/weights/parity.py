@@ -26,15 +26,22 @@ TOLERANCES = {"features": 1e-4, "proposals": 1e-3, "boxes": 1e-2, "scores": 1e-4
 
 
 def converted_config(
-    arch: dict, padded_hw, score_threshold: float = 0.05, min_size=800, max_size=1333
+    arch: dict,
+    padded_hw,
+    score_threshold: float = 0.05,
+    min_size=800,
+    max_size=1333,
+    overrides: dict | None = None,
 ):
-    """MaskRCNNConfig of converted weights on a canvas equal to torchvision's padded batch."""
+    """MaskRCNNConfig of converted weights on a canvas equal to torchvision's padded batch
+    (``overrides``: model fields to change, e.g. to show what a convention is worth)."""
     from instseg_jax import train as train_lib
 
     config = tv.coco_config(arch, padded_hw)
     config.input.short_side = (min_size,)
     config.input.max_long_side = max_size
     config.model.score_threshold = score_threshold
+    config.model.update(overrides or {})
     return train_lib.model_config(config, arch["num_classes"])
 
 
@@ -45,6 +52,7 @@ def run_converted(
     score_threshold: float = 0.05,
     min_size: int = 800,
     max_size: int = 1333,
+    overrides: dict | None = None,
 ) -> dict:
     """Our model with converted weights on uint8 image[H, W, 3], fed exactly as torchvision
     feeds its own (float resize, mean-colour padding to a multiple of 32)."""
@@ -54,7 +62,7 @@ def run_converted(
     from instseg_jax.methods.mask_rcnn import MaskRCNN
 
     pixels, (h, w) = tv.preprocess(image, min_size, max_size)
-    cfg = converted_config(arch, pixels.shape[:2], score_threshold, min_size, max_size)
+    cfg = converted_config(arch, pixels.shape[:2], score_threshold, min_size, max_size, overrides)
     model = MaskRCNN(cfg)
     batch = {
         "image": jnp.asarray(pixels[None]),
