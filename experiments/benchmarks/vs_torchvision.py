@@ -84,6 +84,18 @@ def our_batch(config, examples, train: bool):
     return {k: jnp.asarray(v) for k, v in train_lib.device_fields(stack_examples(out)).items()}
 
 
+def halfway(scores_descending, count: int) -> float:
+    below = scores_descending[count] if count < len(scores_descending) else 0.0
+    return float((scores_descending[count - 1] + below) / 2)
+
+
+def our_forward(arch, side: int, threshold: float, variables, batch):
+    config = our_config(arch, side, 1, threshold)
+    net = MaskRCNN(train_lib.model_config(config, arch["num_classes"]))
+    forward = jax.jit(lambda v, b: net.apply(v, b, train=False)["detections"])
+    return forward.lower(variables, batch).compile()
+
+
 def flops_of(compiled) -> float:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):
@@ -166,7 +178,9 @@ def main(argv=None) -> int:
         t = common.time_interleaved(
             {"ours": ours_infer, "theirs": theirs_infer}, rounds=args.rounds
         )
-        rows.append(row(f"inference {side}x{side}, 1 image", t, infer_flops, best_conv, 1))
+        rows.append(
+            row(f"inference {side}x{side}, 1 image", t, infer_flops, best_conv, 1, theirs_infer)
+        )
         print(rows[-1], flush=True)
         # Where the time goes: the backbone + FPN alone on both sides.
         features = jax.jit(lambda v, x, net=net: net.apply(v, x, method=MaskRCNN.features))
@@ -190,20 +204,22 @@ def main(argv=None) -> int:
                 flops_of(compiled_features),
                 best_conv,
                 1,
+                theirs_backbone,
             )
         )
         print(rows[-1], flush=True)
         # ------------------------------------------------------------------ detection counts
         if side == max(args.sides):
+            # Random weights give near-equal scores (gaps below float32 noise), so each side
+            # takes its threshold from its own scores: halfway between its count-th and next
+            # score keeps exactly `count` (greedy NMS keeps by score), both capped at 100.
             model.roi_heads.score_thresh = 0.0
-            scores = np.sort(theirs_infer()[0]["scores"].numpy())[::-1]
+            theirs_scores = np.sort(theirs_infer()[0]["scores"].numpy())[::-1]
+            ours_all = our_forward(arch, side, 0.0, variables, batch)
+            ours_scores = np.sort(np.asarray(ours_all(variables, batch)["scores"][0]))[::-1]
             for count in (1, 10, 100):
-                threshold = float((scores[count - 1] + scores[count]) / 2)
-                model.roi_heads.score_thresh = threshold
-                config_k = our_config(arch, side, 1, threshold)
-                net_k = MaskRCNN(train_lib.model_config(config_k, arch["num_classes"]))
-                fwd_k = jax.jit(lambda v, b, n=net_k: n.apply(v, b, train=False)["detections"])
-                compiled_k = fwd_k.lower(variables, batch).compile()
+                model.roi_heads.score_thresh = halfway(theirs_scores, count)
+                compiled_k = our_forward(arch, side, halfway(ours_scores, count), variables, batch)
                 ours_k = int(np.asarray(compiled_k(variables, batch)["valid"]).sum())
                 theirs_k = len(theirs_infer()[0]["scores"])
 
@@ -222,36 +238,13 @@ def main(argv=None) -> int:
                         infer_flops,
                         best_conv,
                         1,
+                        theirs_infer,
                     )
                 )
                 print(rows[-1], flush=True)
         if args.skip_train:
             continue
         # ------------------------------------------------------------------ training step
-        config = our_config(arch, side, 2, 0.05)
-        cfg = train_lib.model_config(config, arch["num_classes"])
-        net = MaskRCNN(cfg)
-        batch = our_batch(config, examples, train=True)
-        tx = train_lib.optimizer(config, variables["params"])
-        state = {
-            "params": variables["params"],
-            "frozen": variables["frozen"],
-            "opt_state": tx.init(variables["params"]),
-            "step": jnp.zeros((), jnp.int32),
-            "nonfinite_run": jnp.zeros((), jnp.int32),
-            "sampling_key": jax.random.key_data(jax.random.key(0)),
-        }
-        state = jax.tree.map(jnp.copy, state)  # the step donates its state
-        replicated = sharding.replicated(mesh)
-        step = train_lib.make_train_step(net, tx, cfg, mesh, replicated)
-        compiled_step = step.lower(state, batch).compile()
-        train_flops = flops_of(compiled_step)
-        holder = {"state": state}
-
-        def ours_train(compiled_step=compiled_step, batch=batch, holder=holder):
-            holder["state"], metrics = compiled_step(holder["state"], batch)
-            return jax.block_until_ready(metrics["loss"])
-
         model.train()
         optimizer = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
@@ -272,13 +265,84 @@ def main(argv=None) -> int:
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
-            return float(total)
+            return float(total.detach())
 
-        t = common.time_interleaved(
-            {"ours": ours_train, "theirs": theirs_train}, rounds=args.rounds
-        )
-        rows.append(row(f"training step {side}x{side}, batch 2", t, train_flops, best_conv, 2))
-        print(rows[-1], flush=True)
+        def theirs_loss(images=images, targets=targets):
+            with torch.no_grad():
+                return float(sum(model(images, targets).values()))
+
+        # Static shapes: our mask head trains on a fixed number of RoIs per image (the preset's
+        # 128 = 25% of 512, torchvision's maximum); torchvision trains on the positives there
+        # are. The second row sizes our budget to these scenes' positives.
+        for mask_rois in (128, 32):
+            config = our_config(arch, side, 2, 0.05)
+            config.model.mask_fg_per_image = mask_rois
+            cfg = train_lib.model_config(config, arch["num_classes"])
+            net = MaskRCNN(cfg)
+            batch = our_batch(config, examples, train=True)
+            tx = train_lib.optimizer(config, variables["params"])
+            state = {
+                "params": variables["params"],
+                "frozen": variables["frozen"],
+                "opt_state": tx.init(variables["params"]),
+                "step": jnp.zeros((), jnp.int32),
+                "nonfinite_run": jnp.zeros((), jnp.int32),
+                "sampling_key": jax.random.key_data(jax.random.key(0)),
+            }
+            state = jax.tree.map(jnp.copy, state)  # the step donates its state
+            step = train_lib.make_train_step(net, tx, cfg, mesh, sharding.replicated(mesh))
+            compiled_step = step.lower(state, batch).compile()
+            train_flops = flops_of(compiled_step)
+            holder = {"state": state}
+
+            def ours_train(compiled_step=compiled_step, batch=batch, holder=holder):
+                holder["state"], metrics = compiled_step(holder["state"], batch)
+                holder["fg"] = float(metrics["num_fg_rois"])
+                return jax.block_until_ready(metrics["loss"])
+
+            t = common.time_interleaved(
+                {"ours": ours_train, "theirs": theirs_train}, rounds=args.rounds
+            )
+            rows.append(
+                row(
+                    f"training step {side}x{side}, batch 2, our mask RoIs {mask_rois}/image "
+                    f"(positives: {holder['fg']:.0f}/image)",
+                    t,
+                    train_flops,
+                    best_conv,
+                    2,
+                    theirs_train,
+                )
+            )
+            print(rows[-1], flush=True)
+            if mask_rois == 128:  # where the time goes: the loss without its gradient
+                params, frozen = variables["params"], variables["frozen"]
+
+                def loss_only(p, b, net=net, cfg=cfg, frozen=frozen):
+                    outputs = net.apply(
+                        {"params": p, "frozen": frozen}, b, train=True, key=jax.random.key(0)
+                    )
+                    return train_lib.mask_rcnn.loss_fn(outputs, b, cfg)[0]
+
+                compiled_loss = jax.jit(loss_only).lower(params, batch).compile()
+
+                def ours_loss(c=compiled_loss, batch=batch, params=params):
+                    return jax.block_until_ready(c(params, batch))
+
+                t = common.time_interleaved(
+                    {"ours": ours_loss, "theirs": theirs_loss}, rounds=args.rounds
+                )
+                rows.append(
+                    row(
+                        f"of which the loss alone (no gradient) {side}x{side}",
+                        t,
+                        flops_of(compiled_loss),
+                        best_conv,
+                        2,
+                        theirs_loss,
+                    )
+                )
+                print(rows[-1], flush=True)
         model.eval()
     columns = [
         "case",
@@ -286,7 +350,7 @@ def main(argv=None) -> int:
         "torchvision (s)",
         "ours / torchvision time",
         "ours ÷ torchvision images/s",
-        "our GFLOP",
+        "GFLOP ours / torchvision",
         "ours GFLOP/s (% conv peak)",
         "torchvision GFLOP/s (% conv peak)",
     ]
@@ -297,8 +361,9 @@ def main(argv=None) -> int:
             f"Convolution throughput measured in the same run (3x3, 256->256, batch 2 at 100x100): "
             f"XLA {ceiling['xla'] / 1e9:.1f} GFLOP/s, torch {ceiling['torch'] / 1e9:.1f} GFLOP/s "
             f"(2048^2 float32 matmul through XLA: {ceiling['matmul'] / 1e9:.1f} GFLOP/s); "
-            "the percentages are of the faster convolution. FLOPs are XLA's count of our compiled program "
-            "(the same architecture runs on both sides)."
+            "the percentages are of the faster convolution. FLOPs: XLA's count of our compiled "
+            "program, and torch.utils.flop_counter's count of one torchvision call (it counts "
+            "convolutions and matmuls only)."
         )
         common.append_results(
             "Mask R-CNN R50-FPN vs torchvision: `.venv-peer/bin/python "
@@ -313,17 +378,27 @@ def main(argv=None) -> int:
     return 0
 
 
-def row(name, t, flops, best_conv, images) -> list[str]:
+def torch_flops(fn) -> float:
+    """FLOPs torch's own counter sees in one call (convolutions and matmuls, with backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def row(name, t, flops, best_conv, images, theirs_fn=None) -> list[str]:
     ours, theirs = t["ours"], t["theirs"]
+    theirs_flops = torch_flops(theirs_fn) if theirs_fn is not None else float("nan")
     return [
         name,
         f"{ours:.2f}",
         f"{theirs:.2f}",
         f"{ours / theirs:.2f}",
         f"{theirs / ours:.2f}x",
-        f"{flops / 1e9:.0f}",
+        f"{flops / 1e9:.0f} / {theirs_flops / 1e9:.0f}",
         f"{flops / ours / 1e9:.1f} ({100 * flops / ours / best_conv:.0f}%)",
-        f"{flops / theirs / 1e9:.1f} ({100 * flops / theirs / best_conv:.0f}%)",
+        f"{theirs_flops / theirs / 1e9:.1f} ({100 * theirs_flops / theirs / best_conv:.0f}%)",
     ]
 
 
