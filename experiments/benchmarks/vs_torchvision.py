@@ -47,6 +47,17 @@ from instseg_jax.input.transforms import transform  # noqa: E402
 from instseg_jax.methods.mask_rcnn import MaskRCNN  # noqa: E402
 from instseg_jax.weights import torchvision as tv  # noqa: E402
 
+COLUMNS = [
+    "case",
+    "ours (s)",
+    "torchvision (s)",
+    "ours / torchvision time",
+    "ours ÷ torchvision images/s",
+    "GFLOP ours / torchvision",
+    "ours GFLOP/s (% conv peak)",
+    "torchvision GFLOP/s (% conv peak)",
+]
+
 
 def torch_side():
     """experiments/parity/torchvision.py as a module (its file name shadows the package)."""
@@ -82,6 +93,76 @@ def our_batch(config, examples, train: bool):
         for i, e in enumerate(examples)
     ]
     return {k: jnp.asarray(v) for k, v in train_lib.device_fields(stack_examples(out)).items()}
+
+
+def backbone_grad(args, model, variables, arch, best_conv, torch, torchvision) -> int:
+    """Backbone+FPN forward and backward (gradient of the feature sum w.r.t. the trainable
+    parameters; res2 and the stem frozen on both sides), batch 2."""
+    rows = []
+    model.train()
+    for side in args.sides:
+        config = our_config(arch, side, 2, 0.05)
+        net = MaskRCNN(train_lib.model_config(config, arch["num_classes"]))
+        frozen = variables["frozen"]
+        image = jnp.asarray(
+            np.random.default_rng(0).integers(0, 256, (2, side, side, 3)), jnp.float32
+        )
+
+        def feature_sum(params, x, net=net, frozen=frozen):
+            features = net.apply({"params": params, "frozen": frozen}, x, method=MaskRCNN.features)
+            return sum(jnp.sum(f) for f in features.values())
+
+        forward = jax.jit(feature_sum).lower(variables["params"], image).compile()
+        grad = jax.jit(jax.grad(feature_sum)).lower(variables["params"], image).compile()
+        tensor = (torch.from_numpy(np.asarray(image)).permute(0, 3, 1, 2) / 255.0 - 0.45) / 0.225
+
+        def theirs_forward(x=tensor):
+            with torch.no_grad():
+                return sum(f.sum() for f in model.backbone(x).values())
+
+        def theirs_grad(x=tensor):
+            model.zero_grad()
+            total = sum(f.sum() for f in model.backbone(x).values())
+            total.backward()
+            return float(total.detach())
+
+        for name, ours_fn, theirs_fn, compiled in (
+            ("forward", forward, theirs_forward, forward),
+            ("forward+backward", grad, theirs_grad, grad),
+        ):
+            t = common.time_interleaved(
+                {
+                    "ours": lambda f=ours_fn, x=image: jax.block_until_ready(
+                        f(variables["params"], x)
+                    ),
+                    "theirs": theirs_fn,
+                },
+                rounds=args.rounds,
+            )
+            rows.append(
+                row(
+                    f"backbone+FPN {name} {side}x{side}, batch 2",
+                    t,
+                    flops_of(compiled),
+                    best_conv,
+                    2,
+                    theirs_fn,
+                )
+            )
+            print(rows[-1], flush=True)
+    table = common.markdown_table(rows, COLUMNS)
+    print(table)
+    if args.record:
+        common.append_results(
+            "Backbone+FPN gradient vs torchvision: `.venv-peer/bin/python "
+            "experiments/benchmarks/vs_torchvision.py --backbone-grad --record`",
+            common.machine_line(
+                {"torch": torch.__version__, "torchvision": torchvision.__version__}
+            )
+            + f"; medians of {args.rounds} interleaved rounds",
+            table,
+        )
+    return 0
 
 
 def halfway(scores_descending, count: int) -> float:
@@ -134,6 +215,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument(
+        "--backbone-grad",
+        action="store_true",
+        help="only time backbone+FPN forward+backward on both sides (the training gap's source)",
+    )
     args = parser.parse_args(argv)
     side_module = torch_side()
     torch = side_module.torch
@@ -146,6 +232,8 @@ def main(argv=None) -> int:
     ceiling["matmul"] = common.measure_ceilings()["matmul_flops"]
     best_conv = max(ceiling["xla"], ceiling["torch"])
     print(f"conv throughput: { ({k: f'{v / 1e9:.1f} GFLOP/s' for k, v in ceiling.items()}) }")
+    if args.backbone_grad:
+        return backbone_grad(args, model, variables, arch, best_conv, torch, torchvision)
     rows, notes = [], []
     mesh = sharding.make_mesh()
     for side in args.sides:
@@ -344,17 +432,7 @@ def main(argv=None) -> int:
                 )
                 print(rows[-1], flush=True)
         model.eval()
-    columns = [
-        "case",
-        "ours (s)",
-        "torchvision (s)",
-        "ours / torchvision time",
-        "ours ÷ torchvision images/s",
-        "GFLOP ours / torchvision",
-        "ours GFLOP/s (% conv peak)",
-        "torchvision GFLOP/s (% conv peak)",
-    ]
-    table = common.markdown_table(rows, columns)
+    table = common.markdown_table(rows, COLUMNS)
     print(table)
     if args.record:
         notes.append(
