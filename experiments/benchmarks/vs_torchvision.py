@@ -130,26 +130,16 @@ def backbone_grad(args, model, variables, arch, best_conv, torch, torchvision) -
             ("forward", forward, theirs_forward, forward),
             ("forward+backward", grad, theirs_grad, grad),
         ):
-            t = common.time_interleaved(
-                {
-                    "ours": lambda f=ours_fn, x=image: jax.block_until_ready(
-                        f(variables["params"], x)
-                    ),
-                    "theirs": theirs_fn,
-                },
-                rounds=args.rounds,
+            measure(
+                rows,
+                f"backbone+FPN {name} {side}x{side}, batch 2",
+                lambda f=ours_fn, x=image: jax.block_until_ready(f(variables["params"], x)),
+                theirs_fn,
+                flops_of(compiled),
+                best_conv,
+                2,
+                args.rounds,
             )
-            rows.append(
-                row(
-                    f"backbone+FPN {name} {side}x{side}, batch 2",
-                    t,
-                    flops_of(compiled),
-                    best_conv,
-                    2,
-                    theirs_fn,
-                )
-            )
-            print(rows[-1], flush=True)
     table = common.markdown_table(rows, COLUMNS)
     print(table)
     if args.record:
@@ -263,13 +253,16 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return model([image])
 
-        t = common.time_interleaved(
-            {"ours": ours_infer, "theirs": theirs_infer}, rounds=args.rounds
+        measure(
+            rows,
+            f"inference {side}x{side}, 1 image",
+            ours_infer,
+            theirs_infer,
+            infer_flops,
+            best_conv,
+            1,
+            args.rounds,
         )
-        rows.append(
-            row(f"inference {side}x{side}, 1 image", t, infer_flops, best_conv, 1, theirs_infer)
-        )
-        print(rows[-1], flush=True)
         # Where the time goes: the backbone + FPN alone on both sides.
         features = jax.jit(lambda v, x, net=net: net.apply(v, x, method=MaskRCNN.features))
         compiled_features = features.lower(variables, batch["image"]).compile()
@@ -282,20 +275,16 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return model.backbone(x)
 
-        t = common.time_interleaved(
-            {"ours": ours_backbone, "theirs": theirs_backbone}, rounds=args.rounds
+        measure(
+            rows,
+            f"of which backbone+FPN {side}x{side}",
+            ours_backbone,
+            theirs_backbone,
+            flops_of(compiled_features),
+            best_conv,
+            1,
+            args.rounds,
         )
-        rows.append(
-            row(
-                f"of which backbone+FPN {side}x{side}",
-                t,
-                flops_of(compiled_features),
-                best_conv,
-                1,
-                theirs_backbone,
-            )
-        )
-        print(rows[-1], flush=True)
         # ------------------------------------------------------------------ detection counts
         if side == max(args.sides):
             # Random weights give near-equal scores (gaps below float32 noise), so each side
@@ -316,20 +305,16 @@ def main(argv=None) -> int:
                     pasted = evaluate._paste_one(det["masks"][0], det["boxes"][0], dummy)
                     return jax.block_until_ready(pasted)
 
-                t = common.time_interleaved(
-                    {"ours": ours_count, "theirs": theirs_infer}, rounds=args.rounds
+                measure(
+                    rows,
+                    f"inference {side}x{side}, {theirs_k} detections (ours {ours_k})",
+                    ours_count,
+                    theirs_infer,
+                    infer_flops,
+                    best_conv,
+                    1,
+                    args.rounds,
                 )
-                rows.append(
-                    row(
-                        f"inference {side}x{side}, {theirs_k} detections (ours {ours_k})",
-                        t,
-                        infer_flops,
-                        best_conv,
-                        1,
-                        theirs_infer,
-                    )
-                )
-                print(rows[-1], flush=True)
         if args.skip_train:
             continue
         # ------------------------------------------------------------------ training step
@@ -388,21 +373,18 @@ def main(argv=None) -> int:
                 holder["fg"] = float(metrics["num_fg_rois"])
                 return jax.block_until_ready(metrics["loss"])
 
-            t = common.time_interleaved(
-                {"ours": ours_train, "theirs": theirs_train}, rounds=args.rounds
+            ours_train()  # also reads the number of positives for the row's name
+            measure(
+                rows,
+                f"training step {side}x{side}, batch 2, our mask RoIs {mask_rois}/image "
+                f"(positives: {holder['fg']:.0f}/image)",
+                ours_train,
+                theirs_train,
+                train_flops,
+                best_conv,
+                2,
+                args.rounds,
             )
-            rows.append(
-                row(
-                    f"training step {side}x{side}, batch 2, our mask RoIs {mask_rois}/image "
-                    f"(positives: {holder['fg']:.0f}/image)",
-                    t,
-                    train_flops,
-                    best_conv,
-                    2,
-                    theirs_train,
-                )
-            )
-            print(rows[-1], flush=True)
             if mask_rois == 128:  # where the time goes: the loss without its gradient
                 params, frozen = variables["params"], variables["frozen"]
 
@@ -417,20 +399,16 @@ def main(argv=None) -> int:
                 def ours_loss(c=compiled_loss, batch=batch, params=params):
                     return jax.block_until_ready(c(params, batch))
 
-                t = common.time_interleaved(
-                    {"ours": ours_loss, "theirs": theirs_loss}, rounds=args.rounds
+                measure(
+                    rows,
+                    f"of which the loss alone (no gradient) {side}x{side}",
+                    ours_loss,
+                    theirs_loss,
+                    flops_of(compiled_loss),
+                    best_conv,
+                    2,
+                    args.rounds,
                 )
-                rows.append(
-                    row(
-                        f"of which the loss alone (no gradient) {side}x{side}",
-                        t,
-                        flops_of(compiled_loss),
-                        best_conv,
-                        2,
-                        theirs_loss,
-                    )
-                )
-                print(rows[-1], flush=True)
         model.eval()
     table = common.markdown_table(rows, COLUMNS)
     print(table)
@@ -454,6 +432,13 @@ def main(argv=None) -> int:
             "\n".join(notes),
         )
     return 0
+
+
+def measure(rows, name, ours, theirs, flops, best_conv, images, rounds) -> None:
+    """Time ours and theirs interleaved, append the row and print it."""
+    t = common.time_interleaved({"ours": ours, "theirs": theirs}, rounds=rounds)
+    rows.append(row(name, t, flops, best_conv, images, theirs))
+    print(rows[-1], flush=True)
 
 
 def torch_flops(fn) -> float:
