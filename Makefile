@@ -48,7 +48,7 @@ peer-env: $(PEER_PY)
 	$(PEER_PY) -m pip install --quiet torch torchvision
 	$(PEER_PY) -m pip install --quiet -e '.[dev]'
 
-# Side-by-side speed against torchvision: ops, then the whole Mask R-CNN.
+# Side-by-side speed against torchvision: ops, then the whole Mask R-CNN (about 30 min on 2 cores).
 peer: peer-env
 	$(PEER_PY) experiments/benchmarks/ops.py --peer
 	$(PEER_PY) experiments/benchmarks/vs_torchvision.py

@@ -256,6 +256,15 @@ def test_import_weights_cli_then_predict(fixture, tmp_path):
     record = json.loads((tmp_path / "p" / "scene.json").read_text())
     assert record["height"] == 100 and record["detections"]
     assert all(d["class"].startswith("class_") for d in record["detections"])
+    # `eval --workdir` on the imported checkpoint, its eval split pointed at synthetic scenes.
+    from instseg_jax.input.synthetic import SyntheticSource, write_coco
+
+    annotations, image_dir = write_coco(SyntheticSource(3, (96, 120), seed=5), tmp_path / "coco")
+    config["input"]["eval_split"] = {"annotations": str(annotations), "images": str(image_dir)}
+    (out / "config.json").write_text(json.dumps(config))
+    subprocess.run(run + ["eval", "--workdir", str(out)], check=True, capture_output=True)
+    report = json.loads((out / "eval_0.json").read_text())
+    assert set(report) >= {"bbox", "segm"} and 0.0 <= report["segm"]["AP"] <= 1.0
     bad = tmp_path / "bad.npz"
     np.savez(bad, **{k: v for k, v in state_dict.items() if "fc7" not in k})
     failed = subprocess.run(
