@@ -190,18 +190,22 @@ def init_state_fn(model, tx, batch_shapes, config):
     init_variables = init_variables_fn(model, batch_shapes, config)
 
     def init(seed_key):
-        variables = init_variables(seed_key)
-        params = variables["params"]
-        return {
-            "params": params,
-            "frozen": variables.get("frozen", {}),
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "nonfinite_run": jnp.zeros((), jnp.int32),
-            "sampling_key": jax.random.key_data(rng.stream(config.seed, "sampling")),
-        }
+        return state_from_variables(init_variables(seed_key), tx, config)
 
     return init
+
+
+def state_from_variables(variables: dict, tx, config) -> dict:
+    """The train state at step 0 around given variables (fresh or imported)."""
+    params = variables["params"]
+    return {
+        "params": params,
+        "frozen": variables.get("frozen", {}),
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "nonfinite_run": jnp.zeros((), jnp.int32),
+        "sampling_key": jax.random.key_data(rng.stream(config.seed, "sampling")),
+    }
 
 
 def make_train_step(model, tx, cfg, mesh, state_sharding):

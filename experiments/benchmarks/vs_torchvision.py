@@ -167,6 +167,18 @@ def our_forward(arch, side: int, threshold: float, variables, batch):
     return forward.lower(variables, batch).compile()
 
 
+def end_to_end(compiled, variables, batch, side: int):
+    """Our inference as a user gets it: the compiled forward, then the K mask slots pasted at
+    the image size (jitted, static K)."""
+    dummy = np.zeros((side, side), np.bool_)
+
+    def run():
+        det = compiled(variables, batch)
+        return jax.block_until_ready(evaluate._paste_one(det["masks"][0], det["boxes"][0], dummy))
+
+    return run
+
+
 def flops_of(compiled) -> float:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, list):
@@ -234,18 +246,11 @@ def main(argv=None) -> int:
         model.eval()
         model.roi_heads.score_thresh = 0.05
         config = our_config(arch, side, 1, 0.05)
-        cfg = train_lib.model_config(config, arch["num_classes"])
-        net = MaskRCNN(cfg)
+        net = MaskRCNN(train_lib.model_config(config, arch["num_classes"]))
         batch = our_batch(config, examples[:1], train=False)
-        forward = jax.jit(lambda v, b, net=net: net.apply(v, b, train=False)["detections"])
-        compiled = forward.lower(variables, batch).compile()
+        compiled = our_forward(arch, side, 0.05, variables, batch)
         infer_flops = flops_of(compiled)
-        dummy = np.zeros((side, side), np.bool_)
-
-        def ours_infer(compiled=compiled, batch=batch, dummy=dummy):
-            det = compiled(variables, batch)
-            pasted = evaluate._paste_one(det["masks"][0], det["boxes"][0], dummy)
-            return jax.block_until_ready(pasted)
+        ours_infer = end_to_end(compiled, variables, batch, side)
 
         image = torch.from_numpy(examples[0]["image"]).permute(2, 0, 1).float() / 255.0
 
@@ -299,16 +304,10 @@ def main(argv=None) -> int:
                 compiled_k = our_forward(arch, side, halfway(ours_scores, count), variables, batch)
                 ours_k = int(np.asarray(compiled_k(variables, batch)["valid"]).sum())
                 theirs_k = len(theirs_infer()[0]["scores"])
-
-                def ours_count(c=compiled_k, batch=batch, dummy=dummy):
-                    det = c(variables, batch)
-                    pasted = evaluate._paste_one(det["masks"][0], det["boxes"][0], dummy)
-                    return jax.block_until_ready(pasted)
-
                 measure(
                     rows,
                     f"inference {side}x{side}, {theirs_k} detections (ours {ours_k})",
-                    ours_count,
+                    end_to_end(compiled_k, variables, batch, side),
                     theirs_infer,
                     infer_flops,
                     best_conv,
@@ -354,14 +353,7 @@ def main(argv=None) -> int:
             net = MaskRCNN(cfg)
             batch = our_batch(config, examples, train=True)
             tx = train_lib.optimizer(config, variables["params"])
-            state = {
-                "params": variables["params"],
-                "frozen": variables["frozen"],
-                "opt_state": tx.init(variables["params"]),
-                "step": jnp.zeros((), jnp.int32),
-                "nonfinite_run": jnp.zeros((), jnp.int32),
-                "sampling_key": jax.random.key_data(jax.random.key(0)),
-            }
+            state = train_lib.state_from_variables(variables, tx, config)
             state = jax.tree.map(jnp.copy, state)  # the step donates its state
             step = train_lib.make_train_step(net, tx, cfg, mesh, sharding.replicated(mesh))
             compiled_step = step.lower(state, batch).compile()

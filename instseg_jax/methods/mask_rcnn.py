@@ -203,14 +203,12 @@ class MaskRCNN(nn.Module):
             detections["masks"] = jax.nn.sigmoid(chosen[..., 0])  # [B, K, 28, 28]
         # Canvas -> original pixels: undo the crop offset and the scale, clip to the image.
         offset = batch["crop_offset"][:, ::-1].astype(jnp.float32)  # (ox, oy)
+        uncropped = det_boxes + jnp.tile(offset, 2)[:, None, :]
         if cfg.box_rescale == "per_axis":  # torchvision: original / resized size, per axis
             ratio = batch["orig_hw"].astype(jnp.float32) / batch["image_hw"].astype(jnp.float32)
-            original = (det_boxes + jnp.tile(offset, 2)[:, None, :]) * jnp.tile(ratio[:, ::-1], 2)[
-                :, None, :
-            ]
+            original = uncropped * jnp.tile(ratio[:, ::-1], 2)[:, None, :]  # (rx, ry, rx, ry)
         else:
-            scale = batch["scale"][:, None, None]
-            original = (det_boxes + jnp.tile(offset, 2)[:, None, :]) / scale
+            original = uncropped / batch["scale"][:, None, None]
         original = ops.clip_boxes(original, batch["orig_hw"][:, None, :])
         detections["boxes"] = jnp.where(det_valid[..., None], original, 0.0)
         return detections

@@ -65,14 +65,6 @@ def sample_rois(
     return jax.tree.map(jax.lax.stop_gradient, rois)
 
 
-def torchvision_levels(boxes):
-    """int32[...] levels of torchvision's MultiScaleRoIAlign mapper: the FPN rule with its eps
-    (1e-6) added after the log2 rather than inside it, clamped to P2..P5."""
-    sizes = jnp.sqrt(ops.box_area(boxes))
-    levels = jnp.floor(4.0 + jnp.log2(sizes / 224.0) + 1e-6)
-    return jnp.clip(levels, 2, 5).astype(jnp.int32)
-
-
 def pool(
     features: dict,
     boxes,
@@ -81,8 +73,9 @@ def pool(
     aligned: bool,
     level_mapper: str = "detectron2",
 ):
-    """[B, R, size, size, D] RoIAlign of boxes[B, R, 4] from P2..P5, each box on its level."""
-    levels = torchvision_levels(boxes) if level_mapper == "torchvision" else None
+    """[B, R, size, size, D] RoIAlign of boxes[B, R, 4] from P2..P5, each box on its level
+    (level_mapper: the `ops.fpn_level` rule, "detectron2" or "torchvision")."""
+    levels = ops.fpn_level(boxes, 2, 5, rule=level_mapper)
     return ops.multilevel_roi_align(
         [features[k] for k in POOLED_LEVELS],
         boxes,

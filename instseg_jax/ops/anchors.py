@@ -34,14 +34,18 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> np.n
     return np.asarray(anchors, dtype=np.float64)
 
 
-def _grid_anchors_np(feature_hw, stride, sizes, aspect_ratios, offset) -> np.ndarray:
+def _place_cells(cells, feature_hw, stride_yx, offset: float = 0.0) -> np.ndarray:
+    """float64[h*w*A, 4]: cell anchors [A, 4] centred on every location of an h x w grid."""
     height, width = (int(v) for v in feature_hw)
-    cells = cell_anchors(sizes, aspect_ratios)  # [A, 4]
-    xs = (np.arange(width, dtype=np.float64) + offset) * stride
-    ys = (np.arange(height, dtype=np.float64) + offset) * stride
+    xs = (np.arange(width, dtype=np.float64) + offset) * stride_yx[1]
+    ys = (np.arange(height, dtype=np.float64) + offset) * stride_yx[0]
     grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")  # [h, w], row-major locations
     shifts = np.stack([grid_x, grid_y, grid_x, grid_y], axis=-1).reshape(-1, 1, 4)
-    return (shifts + cells[None]).reshape(-1, 4)  # [h*w*A, 4]
+    return (shifts + np.asarray(cells, np.float64)[None]).reshape(-1, 4)  # [h*w*A, 4]
+
+
+def _grid_anchors_np(feature_hw, stride, sizes, aspect_ratios, offset) -> np.ndarray:
+    return _place_cells(cell_anchors(sizes, aspect_ratios), feature_hw, (stride, stride), offset)
 
 
 def grid_anchors(
@@ -113,12 +117,7 @@ def torchvision_anchors(
         ws = (w_ratios[:, None] * scales[None, :]).reshape(-1)
         hs = (h_ratios[:, None] * scales[None, :]).reshape(-1)
         cells = np.round(np.stack([-ws, -hs, ws, hs], axis=1) / np.float32(2))  # [A, 4]
-        stride_y, stride_x = int(canvas_hw[0]) // h, int(canvas_hw[1]) // w
-        grid_y, grid_x = np.meshgrid(
-            np.arange(h, dtype=np.float32) * stride_y,
-            np.arange(w, dtype=np.float32) * stride_x,
-            indexing="ij",
-        )
-        shifts = np.stack([grid_x, grid_y, grid_x, grid_y], axis=-1).reshape(-1, 1, 4)
-        levels.append(jnp.asarray((shifts + cells[None]).reshape(-1, 4), dtype=jnp.float32))
+        # Integer cells and shifts: the float64 sum is exact, so float32 gets torch's values.
+        strides = (int(canvas_hw[0]) // h, int(canvas_hw[1]) // w)
+        levels.append(jnp.asarray(_place_cells(cells, (h, w), strides), dtype=jnp.float32))
     return levels

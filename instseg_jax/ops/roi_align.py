@@ -336,14 +336,22 @@ def fpn_level(
     max_level: int = 5,
     canonical_size: float = 224.0,
     canonical_level: int = 4,
+    rule: str = "detectron2",
 ) -> jnp.ndarray:
     """int32[...] pyramid level of boxes[..., 4]: floor(k0 + log2(sqrt(area) / s0 + 1e-8)).
 
     The FPN paper's rule (eq. 1) as detectron2 writes it, clamped to [min_level, max_level];
-    empty boxes go to min_level.
+    empty boxes go to min_level. rule="torchvision" is its MultiScaleRoIAlign's variant,
+    floor(k0 + log2(sqrt(area) / s0) + 1e-6): the eps after the log2, which moves boxes just
+    below a level's lower edge up to that level.
     """
     sizes = jnp.sqrt(box_area(boxes))
-    levels = jnp.floor(canonical_level + jnp.log2(sizes / canonical_size + 1e-8))
+    if rule == "torchvision":
+        levels = jnp.floor(canonical_level + jnp.log2(sizes / canonical_size) + 1e-6)
+    elif rule == "detectron2":
+        levels = jnp.floor(canonical_level + jnp.log2(sizes / canonical_size + 1e-8))
+    else:
+        raise ValueError(f"fpn_level rule must be 'detectron2' or 'torchvision', got {rule!r}")
     return jnp.clip(levels, min_level, max_level).astype(jnp.int32)
 
 

@@ -95,11 +95,9 @@ def test_level_mappers_differ_just_below_a_level_boundary():
     """torchvision adds its eps after the log2, detectron2 inside it: a box a few ulps below
     112 px (level 3's lower edge) is level 3 for torchvision and level 2 for detectron2 (the
     fixture has no such box, so this is checked here)."""
-    from instseg_jax.methods import roi_heads
-
     side = np.float32(112.0) * np.float32(1 - 3e-7)
     boxes = np.asarray([[[0.0, 0.0, side, side], [0.0, 0.0, 112.0, 112.0], [5, 5, 60, 40]]])
-    assert np.asarray(roi_heads.torchvision_levels(boxes)).tolist() == [[3, 3, 2]]
+    assert np.asarray(ops.fpn_level(boxes, rule="torchvision")).tolist() == [[3, 3, 2]]
     assert np.asarray(ops.fpn_level(boxes)).tolist() == [[2, 3, 2]]
     # The reference: torchvision's formula in float64 NumPy.
     area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
