@@ -12,10 +12,11 @@ AP / 34.1 mask AP for this recipe; this file has not reproduced it yet.
 """
 
 from instseg_jax import config as config_lib
+from instseg_jax.methods import mask_rcnn
 
 
 def get_config(arg=None):
-    c = config_lib.mask_rcnn_base()
+    c = mask_rcnn.base_config()
     c.input.train_split.annotations = "data/coco/annotations/instances_train2017.json"
     c.input.train_split.images = "data/coco/train2017"
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"

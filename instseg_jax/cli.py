@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
     evaluate.add_argument("--results", help="a COCO results JSON to evaluate on its own")
     evaluate.add_argument("--annotations", help="the ground-truth COCO JSON for --results")
+    evaluate.add_argument(
+        "--max-dets",
+        type=int,
+        default=None,
+        help="COCOeval's largest maxDets (default: the config's eval.max_detections, else 100); "
+        "above 100, AP and AR at it are reported beside COCO's maxDets=100 table",
+    )
     predict = commands.add_parser("predict", help="detections and overlay PNGs for images")
     predict.add_argument("--workdir", help="a training workdir (latest checkpoint)")
     predict.add_argument(
@@ -34,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     predict.add_argument("--images", nargs="+", required=True, help="image files or folders")
     predict.add_argument("--out", required=True, help="folder for <name>.json and <name>.png")
-    predict.add_argument("--score-threshold", type=float, default=0.5)
+    predict.add_argument(
+        "--score-threshold", type=float, default=0.5, help="keep detections >= this (default 0.5)"
+    )
     importer = commands.add_parser(
         "import-weights", help="convert another library's Mask R-CNN weights to a workdir"
     )
@@ -58,7 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
+    from instseg_jax.config import UserError
+    from instseg_jax.input.images import DataError
 
+    try:
+        return _run(args)
+    except (UserError, DataError) as error:
+        # A user's mistake (a config field, a missing or malformed file): one line, status 2.
+        print(f"instseg-jax {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "demo":
         if args.ops:
             from instseg_jax import ops_showcase

@@ -53,8 +53,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
+    from instseg_jax import builders, evaluate, predict
     from instseg_jax import config as config_lib
-    from instseg_jax import evaluate, predict
     from instseg_jax import train as train_lib
     from instseg_jax.input.synthetic import SyntheticSource, write_coco
 
@@ -99,8 +99,8 @@ def main(argv=None) -> int:
     print(f"evaluating step {step} on the val split")
     report = evaluate.evaluate_model(config, variables, workdir, step)
     files = [Path(val_images) / n for n in names[: args.overlays]]
-    source = train_lib.build_source(config.input, train=False)
-    predict.predict(config, variables, files, out, 0.5, list(source.class_names))
+    _, class_names = builders.workdir_class_map(workdir, config)
+    predict.predict(config, variables, files, out, 0.5, class_names)
     segm = report.get("segm", {})
     print(f"segm AP {segm.get('AP', 0):.3f}, AP50 {segm.get('AP50', 0):.3f}; overlays in {out}/")
     return 0

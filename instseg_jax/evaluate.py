@@ -1,20 +1,21 @@
 """Predictions -> COCO results -> pycocotools COCOeval (bbox, then segm).
 
-    instseg-jax eval --results preds.json --annotations gt.json
-    instseg-jax eval --workdir DIR [--checkpoint STEP]
+    instseg-jax eval --results preds.json --annotations gt.json [--max-dets 300]
+    instseg-jax eval --workdir DIR [--checkpoint STEP] [--max-dets 300]
 
-Metrics, RLE and areas are pycocotools', never re-implemented: this module only turns
-detections into COCO results (boxes as xywh in original pixels, masks pasted at the original
-resolution and RLE-encoded) and calls COCOeval.
+Metrics, RLE and areas are pycocotools', never re-implemented: this module runs a model over a
+split (instseg_jax.detections turns its Detections into COCO results at the original pixels)
+and calls COCOeval. Any source evaluates: a COCO split through its annotation file, the
+synthetic scenes through their exact masks, turned into a COCO ground truth in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import logging
+import time
 from pathlib import Path
 
 import jax
@@ -23,7 +24,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from instseg_jax import ops
+from instseg_jax import builders, detections
+from instseg_jax.config import UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,95 +45,66 @@ STAT_NAMES = (
 )
 
 
-@jax.jit
-def _paste_one(masks, boxes, hw_dummy):
-    return ops.paste_masks(masks, boxes, hw_dummy.shape)
-
-
-def paste(masks: np.ndarray, boxes: np.ndarray, image_hw, method: str = "detectron2") -> np.ndarray:
-    """bool[K, H, W] of RoI mask probabilities [K, M, M] in boxes [K, 4] (original pixels),
-    thresholded at 0.5; method "torchvision" pastes as torchvision's paste_masks_in_image."""
-    if method == "torchvision":
-        from instseg_jax.weights import torchvision as tv
-
-        return tv.paste_masks(masks, boxes, image_hw) > 0.5
-    dummy = np.zeros(tuple(int(v) for v in image_hw), np.bool_)
-    return np.asarray(_paste_one(masks, boxes, dummy))
-
-
-def paste_and_encode(masks: np.ndarray, boxes: np.ndarray, image_hw, method="detectron2"):
-    """(bool[K, H, W] pasted masks, their K compressed RLEs with str counts)."""
-    pasted = paste(masks, boxes, image_hw, method)
-    rles = mask_utils.encode(np.asfortranarray(pasted.transpose(1, 2, 0).astype(np.uint8)))
-    return pasted, [{"size": r["size"], "counts": r["counts"].decode("ascii")} for r in rles]
-
-
-def detections_to_results(
-    detections: dict, image_ids, orig_hw, category_ids, paste_method: str = "detectron2"
-) -> list[dict]:
-    """COCO results of one batch of detections (host arrays); padding never reaches them.
-
-    detections: boxes [B, K, 4] original pixels, scores [B, K], classes [B, K], valid [B, K],
-    optional masks [B, K, M, M]. image_ids [B] (-1 or example_valid False: skipped).
-    """
-    results = []
-    for b, image_id in enumerate(np.asarray(image_ids)):
-        if image_id < 0:
-            continue
-        keep = np.flatnonzero(np.asarray(detections["valid"][b]))
-        if keep.size == 0:
-            continue
-        boxes = np.asarray(detections["boxes"][b])[keep]
-        scores = np.asarray(detections["scores"][b])[keep]
-        classes = np.asarray(detections["classes"][b])[keep]
-        rles = None
-        if "masks" in detections:
-            _, rles = paste_and_encode(
-                np.asarray(detections["masks"][b])[keep], boxes, orig_hw[b], paste_method
-            )
-        for i in range(len(keep)):
-            x0, y0, x1, y1 = (float(v) for v in boxes[i])
-            result = {
-                "image_id": int(image_id),
-                "category_id": int(category_ids[classes[i]]),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "score": float(scores[i]),
-            }
-            if rles is not None:
-                result["segmentation"] = rles[i]
-            results.append(result)
-    return results
-
-
 def coco_evaluate(
     annotations: str | Path | COCO,
     results: list[dict] | str | Path,
     iou_types=None,
     print_tables: bool = True,
+    max_detections: int = 100,
 ) -> dict[str, list[float]]:
-    """pycocotools' 12 stats per IoU type; bbox then segm. iou_types default from the results:
-    bbox only when they carry no segmentation."""
+    """pycocotools' 12 stats per IoU type, bbox then segm, with maxDets (1, 10, 100).
+
+    iou_types default from the results: bbox only when they carry no segmentation.
+    max_detections D above 100 adds a fourth maxDets: the 12 stats stay COCO's (at 100) and
+    three more follow, AP, AP50 and AR at D (pycocotools' own precision and recall arrays).
+    """
     gt = annotations if isinstance(annotations, COCO) else _quiet(COCO, str(annotations))
     if isinstance(results, str | Path):
         results = json.loads(Path(results).read_text())
     if iou_types is None:
         has_masks = bool(results) and all("segmentation" in r for r in results)
         iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+    extra = max_detections > 100
     stats = {}
     for iou_type in iou_types:
         if not results:
-            stats[iou_type] = [0.0] * 12
+            stats[iou_type] = [0.0] * (15 if extra else 12)
             continue
-        detections = _quiet(gt.loadRes, [dict(r) for r in results])
-        evaluator = COCOeval(gt, detections, iou_type)
+        detections_coco = _quiet(gt.loadRes, [dict(r) for r in results])
+        evaluator = COCOeval(gt, detections_coco, iou_type)
+        evaluator.params.maxDets = (
+            [1, 10, 100, max_detections] if extra else [1, 10, max_detections]
+        )
         with _maybe_quiet(not print_tables):
             evaluator.evaluate()
             evaluator.accumulate()
             if print_tables:
                 print(f"-- {iou_type} --")
             evaluator.summarize()
-        stats[iou_type] = [float(v) for v in evaluator.stats]
+        values = [float(v) for v in evaluator.stats]
+        if extra:
+            values += _at_max_detections(evaluator)
+            if print_tables:
+                ap, ap50, ar = values[12:]
+                print(
+                    f" at maxDets={max_detections}: AP {ap:.3f}  AP50 {ap50:.3f}  AR {ar:.3f}"
+                    " (the table above is COCO's maxDets=100)"
+                )
+        stats[iou_type] = values
     return stats
+
+
+def _at_max_detections(evaluator: COCOeval) -> list[float]:
+    """AP, AP50 and AR over all areas at the last maxDets, from accumulate()'s arrays."""
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [T, R, K] area "all", last maxDets
+    recall = evaluator.eval["recall"][:, :, 0, -1]  # [T, K]
+
+    def mean(values):
+        values = values[values > -1]
+        return float(values.mean()) if values.size else -1.0
+
+    iou50 = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
+    return [mean(precision), mean(precision[iou50]), mean(recall)]
 
 
 def _quiet(fn, *args):
@@ -143,22 +116,91 @@ def _maybe_quiet(quiet: bool):
     return contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
 
 
-def named(stats: list[float]) -> dict[str, float]:
-    return dict(zip(STAT_NAMES, stats, strict=True))
+def named(stats: list[float], max_detections: int = 100) -> dict[str, float]:
+    names = STAT_NAMES
+    if len(stats) == 15:
+        names += tuple(f"{n}@{max_detections}" for n in ("AP", "AP50", "AR"))
+    return dict(zip(names, stats, strict=True))
 
 
-def main_results(results_file: str, annotations_file: str) -> dict:
-    stats = coco_evaluate(annotations_file, results_file)
-    return {k: named(v) for k, v in stats.items()}
+def main_results(results_file: str, annotations_file: str, max_detections: int = 100) -> dict:
+    for path, flag in ((results_file, "--results"), (annotations_file, "--annotations")):
+        if not Path(path).is_file():
+            raise UserError(f"{flag} {path}: file not found")
+    stats = coco_evaluate(annotations_file, results_file, max_detections=max_detections)
+    return {k: named(v, max_detections) for k, v in stats.items()}
 
 
-@functools.lru_cache(maxsize=4)
-def inference_fn(cfg):
-    """The jitted detections function of a model config (compiled once per config)."""
-    from instseg_jax.methods import mask_rcnn
+def ground_truth(source) -> COCO:
+    """pycocotools' COCO of an evaluation source: its annotation file when it has one, else
+    (synthetic scenes) its exact masks, RLE-encoded in memory."""
+    annotation_file = getattr(source, "annotation_file", None)
+    if annotation_file is not None:
+        return _quiet(COCO, str(annotation_file))
+    images, annotations = [], []
+    for index in range(len(source)):
+        example = source.load(index)
+        height, width = example["image"].shape[:2]
+        image_id = int(example["image_id"])
+        images.append({"id": image_id, "height": height, "width": width})
+        category_ids = source.category_id(example["classes"])
+        for mask, category, crowd in zip(
+            example["masks"], category_ids, example["iscrowd"], strict=True
+        ):
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(category),
+                    "segmentation": rle,
+                    "area": float(mask_utils.area(rle)),
+                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+                    "iscrowd": int(crowd),
+                }
+            )
+    categories = [
+        {"id": int(i), "name": n}
+        for i, n in zip(
+            source.category_id(np.arange(source.num_classes)), source.class_names, strict=True
+        )
+    ]
+    gt = COCO()
+    gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    _quiet(gt.createIndex)
+    return gt
 
-    model = mask_rcnn.MaskRCNN(cfg)
-    return jax.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
+
+def run_inference(config, variables, source, num_classes: int, max_batches=None, desc="eval"):
+    """Yield (host batch, host Detections) over a source at the test size, in order; the last
+    batch is padded with example_valid False. The time spent waiting for the device (and the
+    input pipeline) is added to run_inference.timing["device_s"] of the generator's caller."""
+    from tqdm import tqdm
+
+    from instseg_jax.input.pipeline import InputPipeline
+
+    pipeline = InputPipeline(
+        source,
+        builders.transform_config(config, train=False),
+        config.eval.global_batch,
+        seed=config.seed,
+        num_workers=0,
+        process_index=0,
+        process_count=1,
+    )
+    infer = builders.inference_fn(config, num_classes)
+    total = pipeline.num_batches if max_batches is None else min(max_batches, pipeline.num_batches)
+    bar = tqdm(total=total, desc=desc, unit="batch", leave=False)
+    try:
+        for _ in range(total):
+            start = time.perf_counter()
+            batch = next(pipeline)
+            found = jax.device_get(infer(variables, builders.device_fields(batch)))
+            yield batch, found, time.perf_counter() - start
+            bar.update(1)
+    finally:
+        bar.close()
+        pipeline.close()
 
 
 def plot_ap(workdir: str | Path) -> Path:
@@ -210,47 +252,53 @@ def evaluate_model(
     step: int = 0,
     print_tables: bool = True,
     max_batches: int | None = None,
+    class_map=None,
 ) -> dict:
-    """Run the model over the eval split (last batch padded and ignored), evaluate bbox and segm
-    with COCOeval, write workdir/eval_<step>.json; returns {iou_type: {stat: value}}."""
-    from tqdm import tqdm
-
-    from instseg_jax import train as train_lib
-    from instseg_jax.input.pipeline import InputPipeline
-
-    source = train_lib.build_source(config.input, train=False)
-    tconfig = train_lib.transform_config(config, train=False)
-    pipeline = InputPipeline(
-        source,
-        tconfig,
-        config.eval.global_batch,
-        seed=config.seed,
-        num_workers=0,
-        process_index=0,
-        process_count=1,
-    )
-    category_ids, _ = train_lib.class_map(config, source)
-    cfg = train_lib.model_config(config, len(category_ids))
-    infer = inference_fn(cfg)
-    results = []
-    total = pipeline.num_batches if max_batches is None else min(max_batches, pipeline.num_batches)
-    for index, batch in enumerate(tqdm(pipeline, total=total, desc="eval", unit="batch")):
-        if index >= total:
-            break
-        detections = jax.device_get(infer(variables, train_lib.device_fields(batch)))
-        ids = np.where(batch["example_valid"], batch["image_id"], -1)
-        results += detections_to_results(
-            detections, ids, batch["orig_hw"], category_ids, cfg.mask_paste
+    """Run the model over the eval split at the test size, evaluate bbox (and segm when the
+    method makes masks) with COCOeval, write workdir/eval_<step>.json; returns
+    {iou_type: {stat: value}, "timing": {...}}. class_map: (category ids, names) of the
+    model's classes (default: the workdir's, else the config's or the eval data's)."""
+    source = builders.build_source(config.input, train=False)
+    if class_map is None:
+        class_map = (
+            builders.workdir_class_map(workdir, config)
+            if workdir is not None
+            else builders.class_map(config, source)
         )
-    annotations = getattr(source, "annotation_file", None)
-    if annotations is None:
-        raise ValueError("evaluation needs a COCO source with an annotation file")
-    gt = _quiet(COCO, str(annotations))
+    category_ids = class_map[0]
+    cfg = builders.model_config(config, len(category_ids))
+    paste_rule = getattr(cfg, "mask_paste", "detectron2")
+    max_detections = int(config.eval.get("max_detections", 100))
+    results, device_s, paste_s, has_masks = [], 0.0, 0.0, False
+    for batch, found, waited in run_inference(
+        config, variables, source, len(category_ids), max_batches
+    ):
+        device_s += waited
+        start = time.perf_counter()
+        results += detections.detections_to_results(found, batch, category_ids, paste_rule)
+        paste_s += time.perf_counter() - start
+        has_masks = detections.structures.mask_payload(found) is not None
+    start = time.perf_counter()
+    gt = ground_truth(source)
     if max_batches is not None:  # evaluate only the images that were run
         seen = sorted({r["image_id"] for r in results})
         gt.imgs = {i: gt.imgs[i] for i in seen}
-    stats = coco_evaluate(gt, results, ("bbox", "segm") if cfg.mask_on else ("bbox",), print_tables)
-    report = {k: named(v) for k, v in stats.items()}
+    iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+    stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections)
+    cocoeval_s = time.perf_counter() - start
+    report = {k: named(v, max_detections) for k, v in stats.items()}
+    report["timing"] = {
+        "images": len(source) if max_batches is None else None,
+        "device_s": round(device_s, 3),
+        "paste_rle_s": round(paste_s, 3),
+        "cocoeval_s": round(cocoeval_s, 3),
+    }
+    if print_tables:
+        t = report["timing"]
+        print(
+            f"time: device {t['device_s']:.1f} s, paste+RLE {t['paste_rle_s']:.1f} s, "
+            f"COCOeval {t['cocoeval_s']:.1f} s"
+        )
     if workdir is not None:
         path = Path(workdir) / f"eval_{step}.json"
         path.write_text(json.dumps({"step": step, **report}, indent=2) + "\n")
@@ -266,11 +314,21 @@ def restore_variables(workdir: str | Path, step: int | None = None):
     from instseg_jax.checkpoint import Checkpointer
 
     workdir = Path(workdir)
+    if not (workdir / "config.json").is_file():
+        raise UserError(
+            f"{workdir}: no config.json; give a workdir written by `instseg-jax train` or "
+            "`instseg-jax import-weights`"
+        )
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     checkpointer = Checkpointer(workdir, 1, 10, use_async=False)
+    available = checkpointer.manager.all_steps()
     step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint")
+    if step is None or step not in available:
+        checkpointer.close()
+        raise UserError(
+            f"{workdir}/checkpoints: no checkpoint {'' if step is None else step} "
+            f"(available steps: {sorted(available) or 'none'})"
+        )
     restored = checkpointer.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
     )
@@ -281,16 +339,20 @@ def restore_variables(workdir: str | Path, step: int | None = None):
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    max_detections = args.max_dets
     if args.results:
         if not args.annotations:
-            raise SystemExit("--results needs --annotations (the ground-truth COCO JSON)")
-        report = main_results(args.results, args.annotations)
+            raise UserError("--results needs --annotations (the ground-truth COCO JSON)")
+        report = main_results(args.results, args.annotations, max_detections or 100)
     else:
         if not args.workdir:
-            raise SystemExit(
+            raise UserError(
                 "give --workdir DIR [--checkpoint STEP], or --results and --annotations"
             )
         config, variables, step = restore_variables(args.workdir, args.checkpoint)
+        if max_detections:
+            with config.unlocked() if config.is_locked else contextlib.nullcontext():
+                config.eval.max_detections = max_detections
         report = evaluate_model(config, variables, args.workdir, step)
     print(json.dumps(report, indent=2))
     return 0

@@ -3,8 +3,9 @@
     instseg-jax predict --workdir DIR --images FILES_OR_DIRS --out OUT
     instseg-jax predict --checkpoint DIR/checkpoints/STEP --images ... --out OUT
 
-Any image size: each image is resized and padded into the model's canvas and the detections
-are mapped back to its own pixels. Per image: OUT/<name>.json (boxes xyxy, scores, class names,
+Any image size: each image goes through the evaluation pipeline (resized to the test size and
+padded into the model's canvas) and its detections are mapped back to its own pixels by the
+same code as evaluation's. Per image: OUT/<name>.json (boxes xyxy, scores, class names,
 RLE masks) and OUT/<name>.png (translucent masks, boxes, class and score labels). Files that
 cannot be read are reported and skipped; the run goes on with the rest.
 """
@@ -15,17 +16,13 @@ import json
 import logging
 from pathlib import Path
 
-import jax
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from instseg_jax import evaluate
-from instseg_jax import train as train_lib
-from instseg_jax.input import report
-from instseg_jax.input.images import DataError, decode_image
-from instseg_jax.input.pipeline import padding_example, stack_examples
-from instseg_jax.input.transforms import transform
+from instseg_jax import builders, detections, evaluate
+from instseg_jax.config import UserError
+from instseg_jax.input.images import DataError, UnreadableImage, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -55,119 +52,129 @@ def image_files(paths) -> list[Path]:
     return files
 
 
-def overlay(image: np.ndarray, boxes, scores, names, masks) -> Image.Image:
-    """RGB overlay: translucent coloured masks, box outlines, "name score" labels."""
+def overlay(image: np.ndarray, instances, class_names) -> Image.Image:
+    """RGB overlay of detections.image_instances: translucent coloured masks, box outlines,
+    "name score" labels."""
     canvas = image.astype(np.float32)
-    for i, mask in enumerate(masks):
-        colour = PALETTE[i % len(PALETTE)]
-        canvas[mask] = 0.55 * canvas[mask] + 0.45 * colour
+    for i, instance in enumerate(instances):
+        region = instance["region"]
+        if region is None:
+            continue
+        top, left = instance["top"], instance["left"]
+        window = canvas[top : top + region.shape[0], left : left + region.shape[1]]
+        window[region] = 0.55 * window[region] + 0.45 * PALETTE[i % len(PALETTE)]
     picture = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(picture)
-    for i, (box, score, name) in enumerate(zip(boxes, scores, names, strict=True)):
+    for i, instance in enumerate(instances):
         colour = tuple(int(v) for v in PALETTE[i % len(PALETTE)])
-        draw.rectangle([float(v) for v in box], outline=colour, width=1)
-        draw.text((float(box[0]) + 1, float(box[1]) + 1), f"{name} {score:.2f}", fill=colour)
+        box, label = instance["box"], f"{class_names[instance['class']]} {instance['score']:.2f}"
+        draw.rectangle(box, outline=colour, width=1)
+        draw.text((box[0] + 1, box[1] + 1), label, fill=colour)
     return picture
+
+
+class ImageFiles:
+    """A source of unannotated image files for the inference pipeline (image_id = position in
+    the list); a file that cannot be read is UnreadableImage, which the pipeline counts and
+    turns into a padding slot."""
+
+    def __init__(self, files):
+        self.files = [Path(f) for f in files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int, counts=None) -> dict:
+        del counts
+        try:
+            image = decode_image(self.files[index])
+        except DataError as error:  # a missing file is as unreadable as a corrupt one here
+            raise UnreadableImage(str(error)) from error
+        h, w = image.shape[:2]
+        return {
+            "image": image,
+            "masks": np.zeros((0, h, w), bool),
+            "boxes": np.zeros((0, 4), np.float32),
+            "classes": np.zeros(0, np.int32),
+            "iscrowd": np.zeros(0, bool),
+            "image_id": index,
+        }
 
 
 def predict(
     config, variables, images, out: str | Path, score_threshold: float = 0.5, class_names=None
 ) -> dict:
-    """Detect on image files; returns counts of written and skipped files."""
+    """Detect on image files through the evaluation pipeline (same test size, same mapping to
+    original pixels); returns the written files and the skipped ones."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tconfig = train_lib.transform_config(config, train=False)
-    num_classes = len(class_names)
-    cfg = train_lib.model_config(config, num_classes)
-    model = train_lib.mask_rcnn.MaskRCNN(cfg)
-    infer = jax.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
     files = image_files(images)
-    batch_size = config.eval.global_batch
-    written, skipped = 0, []
+    if not files:
+        raise UserError(f"--images {' '.join(map(str, images))}: no image files found")
+    cfg = builders.model_config(config, len(class_names))
+    paste_rule = getattr(cfg, "mask_paste", "detectron2")
+    written, seen = 0, set()
     bar = tqdm(total=len(files), desc="predict", unit="img")
-    for start in range(0, len(files), batch_size):
-        chunk, examples, originals = [], [], []
-        for path in files[start : start + batch_size]:
-            try:
-                image = decode_image(path)
-            except (DataError, OSError) as error:
-                log.warning("skipped %s: %s", path, error)
-                skipped.append(str(path))
-                bar.update(1)
+    for batch, found, _ in evaluate.run_inference(
+        config, variables, ImageFiles(files), len(class_names), desc="device"
+    ):
+        for b, index in enumerate(batch["image_id"]):
+            if index < 0 or not batch["example_valid"][b]:
                 continue
-            h, w = image.shape[:2]
-            decoded = {
-                "image": image,
-                "masks": np.zeros((0, h, w), bool),
-                "boxes": np.zeros((0, 4), np.float32),
-                "classes": np.zeros(0, np.int32),
-                "iscrowd": np.zeros(0, bool),
-                "image_id": len(chunk),
-            }
-            examples.append(
-                transform(decoded, tconfig, np.random.default_rng(0), report.new_counts())
-            )
-            chunk.append(path)
-            originals.append(image)
-        if not chunk:
-            continue
-        while len(examples) < batch_size:  # static batch: pad with ignored examples
-            examples.append(padding_example(tconfig))
-        batch = train_lib.device_fields(stack_examples(examples))
-        detections = jax.device_get(infer(variables, batch))
-        for b, path in enumerate(chunk):
-            keep = np.flatnonzero(
-                detections["valid"][b] & (detections["scores"][b] >= score_threshold)
-            )
-            boxes = detections["boxes"][b][keep]
-            hw = originals[b].shape[:2]
-            if "masks" in detections:
-                masks, rles = evaluate.paste_and_encode(
-                    detections["masks"][b][keep], boxes, hw, cfg.mask_paste
-                )
-            else:  # Faster R-CNN: boxes only
-                masks, rles = np.zeros((0, *hw), bool), [None] * len(keep)
-            names = [class_names[c] for c in detections["classes"][b][keep]]
-            scores = detections["scores"][b][keep]
-            record = {
-                "image": str(path),
-                "height": int(hw[0]),
-                "width": int(hw[1]),
-                "detections": [
-                    {
-                        "box": [float(v) for v in boxes[i]],
-                        "score": float(scores[i]),
-                        "class": names[i],
-                        "mask": rles[i],
-                    }
-                    for i in range(len(keep))
-                ],
-            }
-            (out / f"{path.stem}.json").write_text(json.dumps(record))
-            overlay(originals[b], boxes, scores, names, masks).save(out / f"{path.stem}.png")
+            path = files[int(index)]
+            seen.add(int(index))
+            geometry = detections.ImageGeometry.of_batch(batch, b)
+            instances = [
+                i
+                for i in detections.image_instances(found, b, geometry, paste_rule)
+                if i["score"] >= score_threshold
+            ]
+            _write(path, out, geometry.orig_hw, instances, class_names)
             written += 1
             bar.update(1)
     bar.close()
+    skipped = [str(f) for i, f in enumerate(files) if i not in seen]
     if skipped:
         log.warning("%d file(s) could not be read: %s", len(skipped), ", ".join(skipped))
     return {"written": written, "skipped": skipped}
+
+
+def _write(path: Path, out: Path, hw, instances, class_names) -> None:
+    """OUT/<stem>.json and OUT/<stem>.png of one image's detections."""
+    buffer = np.zeros(hw, np.uint8, order="F")
+    records = []
+    for instance in instances:
+        rle = None
+        if instance["region"] is not None:
+            rle = detections.encode_region(
+                instance["region"], instance["top"], instance["left"], buffer
+            )
+        records.append(
+            {
+                "box": instance["box"],
+                "score": instance["score"],
+                "class": class_names[instance["class"]],
+                "mask": rle,
+            }
+        )
+    record = {"image": str(path), "height": int(hw[0]), "width": int(hw[1]), "detections": records}
+    (out / f"{path.stem}.json").write_text(json.dumps(record))
+    overlay(decode_image(path), instances, class_names).save(out / f"{path.stem}.png")
 
 
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.checkpoint_path:
         path = Path(args.checkpoint_path)
+        if not path.name.isdigit():
+            raise UserError(f"--checkpoint {path}: expected DIR/checkpoints/STEP")
         workdir, step = path.parent.parent, int(path.name)
     elif args.workdir:
         workdir, step = Path(args.workdir), None
     else:
-        raise SystemExit("give --workdir DIR or --checkpoint DIR/checkpoints/STEP")
+        raise UserError("give --workdir DIR or --checkpoint DIR/checkpoints/STEP")
     config, variables, step = evaluate.restore_variables(workdir, step)
-    # An imported model carries its class names; a trained one takes its data's.
-    source = (
-        None if config.input.get("category_ids") else train_lib.build_source(config.input, False)
-    )
-    _, class_names = train_lib.class_map(config, source)
+    _, class_names = builders.workdir_class_map(workdir, config)
     result = predict(config, variables, args.images, args.out, args.score_threshold, class_names)
     print(f"wrote {result['written']} image(s) to {args.out}; skipped {len(result['skipped'])}")
     return 0

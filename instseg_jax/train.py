@@ -21,15 +21,12 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from instseg_jax import builders, evaluate, rng, sharding
 from instseg_jax import config as config_lib
-from instseg_jax import rng, sharding
 from instseg_jax.backbones.resnet import frozen_prefixes
+from instseg_jax.builders import device_fields
 from instseg_jax.checkpoint import Checkpointer, abstract
-from instseg_jax.input.coco import CocoSource
 from instseg_jax.input.pipeline import InputPipeline, padding_example
-from instseg_jax.input.synthetic import SyntheticSource
-from instseg_jax.input.transforms import TransformConfig
-from instseg_jax.methods import mask_rcnn
 from instseg_jax.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -39,71 +36,7 @@ class NonFiniteLoss(RuntimeError):
     """Training stopped after too many non-finite losses in a row."""
 
 
-# ----------------------------------------------------------------------------- building
-
-
-def build_source(input_config, train: bool):
-    # Evaluation may read another kind of source than training (input.eval_source).
-    kind = input_config.source
-    if not train and input_config.get("eval_source"):
-        kind = input_config.eval_source
-    if kind == "synthetic":
-        return SyntheticSource(
-            input_config.synthetic_length,
-            tuple(input_config.synthetic_hw),
-            seed=input_config.synthetic_seed,
-        )
-    if kind == "coco":
-        split = input_config.train_split if train else input_config.eval_split
-        return CocoSource(split.annotations, split.images, keep_empty=not train)
-    raise ValueError(f"input.source must be 'synthetic' or 'coco', got {kind!r}")
-
-
-def transform_config(config, train: bool) -> TransformConfig:
-    i = config.input
-    return TransformConfig(
-        canvas_hw=tuple(i.canvas_hw),
-        max_instances=i.max_instances,
-        mask_format=mask_rcnn.MASK_FORMAT,
-        mask_size=i.mask_size,
-        train=train,
-        resize=i.resize if train else "short_side",
-        short_side=tuple(i.short_side),
-        max_long_side=i.max_long_side,
-        lsj_scale=tuple(i.lsj_scale),
-        hflip=i.hflip,
-        drop_crowd=True,
-        resize_rule=i.get("resize_rule", "detectron2"),
-        pad_value=tuple(i.get("pad_value", (0, 0, 0))),
-    )
-
-
-def class_map(config, source=None) -> tuple[list[int], list[str]]:
-    """(category id, name) of every class index: config.input's explicit map when it has one
-    (imported models), else the source's categories."""
-    ids = list(config.input.get("category_ids", ()) or ())
-    if ids:
-        names = list(config.input.get("class_names", ()) or ())
-        if len(names) != len(ids):
-            raise ValueError(
-                f"input.class_names has {len(names)} names for {len(ids)} input.category_ids; "
-                "give one name per category id"
-            )
-        return [int(i) for i in ids], [str(n) for n in names]
-    if source is None:
-        raise ValueError("no input.category_ids in the config and no data source to read them")
-    return source_class_map(source)
-
-
-def source_class_map(source) -> tuple[list[int], list[str]]:
-    ids = source.category_id(np.arange(source.num_classes))
-    return [int(i) for i in ids], list(source.class_names)
-
-
-def model_config(config, num_classes: int) -> mask_rcnn.MaskRCNNConfig:
-    if config.method != "mask_rcnn":
-        raise ValueError(f"config.method {config.method!r}: only 'mask_rcnn' exists so far")
-    return mask_rcnn.MaskRCNNConfig.from_config(config.model, num_classes, config.input.canvas_hw)
+# ----------------------------------------------------------------------------- optimizer
 
 
 def learning_rate(config) -> optax.Schedule:
@@ -167,13 +100,6 @@ def optimizer(config, params) -> optax.GradientTransformation:
 
 # ----------------------------------------------------------------------------- state and step
 
-# Host-side bookkeeping that the training step never reads (int64 ids do not exist on device).
-HOST_ONLY = ("image_id",)
-
-
-def device_fields(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in HOST_ONLY}
-
 
 def init_variables_fn(model, batch_shapes, config):
     """seed key -> model variables, from zero batches of batch_shapes (shapes only matter)."""
@@ -208,7 +134,9 @@ def state_from_variables(variables: dict, tx, config) -> dict:
     }
 
 
-def make_train_step(model, tx, cfg, mesh, state_sharding):
+def make_train_step(model, loss_fn, tx, cfg, mesh, state_sharding):
+    """The jitted step (state, batch) -> (state, metrics) of a model and its method's loss_fn."""
+
     def step_fn(state, batch):
         key = rng.step_key(jax.random.wrap_key_data(state["sampling_key"]), state["step"])
 
@@ -216,7 +144,7 @@ def make_train_step(model, tx, cfg, mesh, state_sharding):
             outputs = model.apply(
                 {"params": params, "frozen": state["frozen"]}, batch, train=True, key=key
             )
-            return mask_rcnn.loss_fn(outputs, batch, cfg)
+            return loss_fn(outputs, batch, cfg)
 
         (total, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
         finite = jnp.isfinite(total) & jnp.all(
@@ -266,8 +194,8 @@ def train(
     mesh = sharding.make_mesh()
     if jax.process_index() == 0:
         config_lib.save(config, workdir)
-    source = build_source(config.input, train=True)
-    tconfig = transform_config(config, train=True)
+    source = builders.build_source(config.input, train=True)
+    tconfig = builders.transform_config(config, train=True)
     pipeline = InputPipeline(
         source,
         tconfig,
@@ -275,16 +203,17 @@ def train(
         seed=config.seed,
         num_workers=config.input.num_workers,
     )
-    category_ids, _ = class_map(config, source)
-    source_ids, _ = source_class_map(source)
+    category_ids, _ = builders.class_map(config, source)
+    source_ids, source_names = builders.source_class_map(source)
     if category_ids != source_ids:
         raise ValueError(
             f"input.category_ids {category_ids[:5]}... differ from the training data's categories "
             f"{source_ids[:5]}...: training uses the dataset's class map; clear "
             "input.category_ids and input.class_names"
         )
-    cfg = model_config(config, source.num_classes)
-    model = mask_rcnn.MaskRCNN(cfg)
+    if jax.process_index() == 0:
+        builders.write_class_map(workdir, source_ids, source_names)
+    method, cfg, model = builders.build_model(config, source.num_classes)
 
     example = device_fields(padding_example(tconfig))
     batch_shapes = {
@@ -312,7 +241,7 @@ def train(
         state = jax.jit(init_state, out_shardings=state_sharding)(params_key)
     start = int(state["step"])
     total = int(max_steps if max_steps is not None else config.schedule.total_steps)
-    step_fn = make_train_step(model, tx, cfg, mesh, state_sharding)
+    step_fn = make_train_step(model, method.loss_fn, tx, cfg, mesh, state_sharding)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     schedule = learning_rate(config)
     nonfinite_run = 0
@@ -383,8 +312,6 @@ def _best_so_far(workdir: Path) -> dict:
 def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline) -> dict:
     """Evaluate the current parameters on the eval split; keep the best checkpoint by mask AP
     (box AP for Faster R-CNN) in workdir/best and redraw the AP-versus-step plot."""
-    from instseg_jax import evaluate
-
     if jax.process_count() > 1:
         log.warning("periodic evaluation runs in single-process training only; skipped")
         return best

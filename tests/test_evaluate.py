@@ -7,8 +7,10 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from instseg_jax import evaluate
+from instseg_jax import builders, detections, evaluate
+from instseg_jax import train as train_lib
 from instseg_jax.input.synthetic import SyntheticSource, write_coco
+from instseg_jax.methods import mask_rcnn
 
 
 @pytest.fixture(scope="module")
@@ -109,17 +111,30 @@ def test_eval_results_equals_pycocotools(synthetic_coco, tmp_path, capsys):
         assert list(report[iou_type].values()) == [float(v) for v in direct.stats]
 
 
+def host_batch(image_ids, orig_hw):
+    """Batch geometry of original images placed unscaled on the canvas."""
+    orig_hw = np.asarray(orig_hw, np.int32)
+    return {
+        "image": np.zeros((len(image_ids), 96, 96, 3), np.uint8),
+        "image_id": np.asarray(image_ids, np.int64),
+        "example_valid": np.asarray(image_ids) >= 0,
+        "orig_hw": orig_hw,
+        "image_hw": orig_hw,
+        "scale": np.ones(len(image_ids), np.float32),
+        "crop_offset": np.zeros((len(image_ids), 2), np.int32),
+        "flipped": np.zeros(len(image_ids), bool),
+    }
+
+
 def test_detections_to_results_skips_padding_and_pastes_masks():
-    detections = {
+    found = {
         "boxes": np.array([[[10, 20, 30, 60], [0, 0, 0, 0]]], np.float32),
         "scores": np.array([[0.8, 0.0]], np.float32),
         "classes": np.array([[1, 0]], np.int32),
         "valid": np.array([[True, False]]),
         "masks": np.ones((1, 2, 28, 28), np.float32),
     }
-    results = evaluate.detections_to_results(
-        detections, np.array([7]), np.array([[80, 50]]), [3, 9]
-    )
+    results = detections.detections_to_results(found, host_batch([7], [[80, 50]]), [3, 9])
     assert len(results) == 1
     (r,) = results
     assert r["image_id"] == 7 and r["category_id"] == 9
@@ -131,17 +146,13 @@ def test_detections_to_results_skips_padding_and_pastes_masks():
     )
     assert pasted.shape == (80, 50)
     assert pasted[20:60, 10:30].all() and pasted.sum() == 20 * 40
-    assert (
-        evaluate.detections_to_results(detections, np.array([-1]), np.array([[80, 50]]), [3, 9])
-        == []
-    )
+    assert detections.detections_to_results(found, host_batch([-1], [[80, 50]]), [3, 9]) == []
 
 
 def test_evaluate_model_runs_a_split_and_writes_the_report(synthetic_coco, tmp_path):
     import jax
 
     from instseg_jax import config as config_lib
-    from instseg_jax import train as train_lib
 
     annotations, images = synthetic_coco
     config = config_lib.load(
@@ -154,26 +165,26 @@ def test_evaluate_model_runs_a_split_and_writes_the_report(synthetic_coco, tmp_p
             "--config.model.score_threshold=0.0",
         ],
     )
-    source = train_lib.build_source(config.input, train=False)
-    cfg = train_lib.model_config(config, source.num_classes)
-    model = train_lib.mask_rcnn.MaskRCNN(cfg)
+    source = builders.build_source(config.input, train=False)
+    cfg = builders.model_config(config, source.num_classes)
+    model = mask_rcnn.Model(cfg)
     batch = next(
         train_lib.InputPipeline(
-            source, train_lib.transform_config(config, False), 4, process_index=0, process_count=1
+            source, builders.transform_config(config, False), 4, process_index=0, process_count=1
         )
     )
-    batch = train_lib.device_fields(batch)
+    batch = builders.device_fields(batch)
     variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
-    detections = model.apply(variables, batch, train=False)["detections"]
+    found = model.apply(variables, batch, train=False)["detections"]
     k = cfg.detections_per_image
-    assert detections["boxes"].shape == (4, k, 4) and detections["masks"].shape == (4, k, 28, 28)
-    valid = np.asarray(detections["valid"])
+    assert found["boxes"].shape == (4, k, 4) and found["masks"].shape == (4, k, 28, 28)
+    valid = np.asarray(found["valid"])
     assert valid.any()
-    boxes = np.asarray(detections["boxes"])
+    boxes = np.asarray(found["boxes"])
     orig = np.asarray(batch["orig_hw"])
     assert (boxes[..., 2] <= orig[:, None, 1] + 1e-3).all() and (boxes[~valid] == 0).all()
     report = evaluate.evaluate_model(config, variables, tmp_path, step=3, print_tables=False)
-    assert set(report) == {"bbox", "segm"} and len(report["segm"]) == 12
+    assert set(report) == {"bbox", "segm", "timing"} and len(report["segm"]) == 12
     saved = json.loads((tmp_path / "eval_3.json").read_text())
     assert saved["step"] == 3 and saved["bbox"] == report["bbox"]
 
@@ -182,7 +193,6 @@ def test_periodic_evaluation_keeps_the_best_checkpoint_and_plots(synthetic_coco,
     from PIL import Image
 
     from instseg_jax import config as config_lib
-    from instseg_jax import train as train_lib
 
     annotations, images = synthetic_coco
     config = config_lib.load(

@@ -41,7 +41,7 @@ def main() -> None:
         short_side=(512,),
         max_long_side=512,
         max_instances=128,
-        mask_format="box_crop",
+        box_masks=True,
         mask_size=112,
     )
     rows = []

@@ -38,13 +38,18 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from instseg_jax import evaluate, sharding  # noqa: E402
+from instseg_jax import (  # noqa: E402
+    builders,
+    detections,
+    sharding,
+)
 from instseg_jax import train as train_lib  # noqa: E402
 from instseg_jax.input import report  # noqa: E402
 from instseg_jax.input.pipeline import stack_examples  # noqa: E402
 from instseg_jax.input.synthetic import SyntheticSource  # noqa: E402
 from instseg_jax.input.transforms import transform  # noqa: E402
 from instseg_jax.methods.mask_rcnn import MaskRCNN  # noqa: E402
+from instseg_jax.methods.mask_rcnn import loss_fn as mask_rcnn_loss  # noqa: E402
 from instseg_jax.weights import torchvision as tv  # noqa: E402
 
 COLUMNS = [
@@ -87,12 +92,12 @@ def our_config(arch, side: int, batch: int, score_threshold: float):
 
 
 def our_batch(config, examples, train: bool):
-    tconfig = train_lib.transform_config(config, train=train)
+    tconfig = builders.transform_config(config, train=train)
     out = [
         transform(e, tconfig, np.random.default_rng(i), report.new_counts())
         for i, e in enumerate(examples)
     ]
-    return {k: jnp.asarray(v) for k, v in train_lib.device_fields(stack_examples(out)).items()}
+    return {k: jnp.asarray(v) for k, v in builders.device_fields(stack_examples(out)).items()}
 
 
 def backbone_grad(args, model, variables, arch, best_conv, torch, torchvision) -> int:
@@ -102,7 +107,7 @@ def backbone_grad(args, model, variables, arch, best_conv, torch, torchvision) -
     model.train()
     for side in args.sides:
         config = our_config(arch, side, 2, 0.05)
-        net = MaskRCNN(train_lib.model_config(config, arch["num_classes"]))
+        net = MaskRCNN(builders.model_config(config, arch["num_classes"]))
         frozen = variables["frozen"]
         image = jnp.asarray(
             np.random.default_rng(0).integers(0, 256, (2, side, side, 3)), jnp.float32
@@ -162,19 +167,21 @@ def halfway(scores_descending, count: int) -> float:
 
 def our_forward(arch, side: int, threshold: float, variables, batch):
     config = our_config(arch, side, 1, threshold)
-    net = MaskRCNN(train_lib.model_config(config, arch["num_classes"]))
+    net = MaskRCNN(builders.model_config(config, arch["num_classes"]))
     forward = jax.jit(lambda v, b: net.apply(v, b, train=False)["detections"])
     return forward.lower(variables, batch).compile()
 
 
 def end_to_end(compiled, variables, batch, side: int):
-    """Our inference as a user gets it: the compiled forward, then the K mask slots pasted at
-    the image size (jitted, static K)."""
-    dummy = np.zeros((side, side), np.bool_)
+    """Our inference as a user gets it: the compiled forward, then the valid detections' masks
+    pasted at the image size (instseg_jax.detections, host side)."""
 
     def run():
-        det = compiled(variables, batch)
-        return jax.block_until_ready(evaluate._paste_one(det["masks"][0], det["boxes"][0], dummy))
+        det = jax.device_get(compiled(variables, batch))
+        return [
+            detections.paste_box_mask(det["masks"][0, k], det["boxes"][0, k], (side, side))
+            for k in np.flatnonzero(det["valid"][0])
+        ]
 
     return run
 
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
         model.eval()
         model.roi_heads.score_thresh = 0.05
         config = our_config(arch, side, 1, 0.05)
-        net = MaskRCNN(train_lib.model_config(config, arch["num_classes"]))
+        net = MaskRCNN(builders.model_config(config, arch["num_classes"]))
         batch = our_batch(config, examples[:1], train=False)
         compiled = our_forward(arch, side, 0.05, variables, batch)
         infer_flops = flops_of(compiled)
@@ -349,13 +356,15 @@ def main(argv=None) -> int:
         for mask_rois in (128, 32):
             config = our_config(arch, side, 2, 0.05)
             config.model.mask_fg_per_image = mask_rois
-            cfg = train_lib.model_config(config, arch["num_classes"])
+            cfg = builders.model_config(config, arch["num_classes"])
             net = MaskRCNN(cfg)
             batch = our_batch(config, examples, train=True)
             tx = train_lib.optimizer(config, variables["params"])
             state = train_lib.state_from_variables(variables, tx, config)
             state = jax.tree.map(jnp.copy, state)  # the step donates its state
-            step = train_lib.make_train_step(net, tx, cfg, mesh, sharding.replicated(mesh))
+            step = train_lib.make_train_step(
+                net, mask_rcnn_loss, tx, cfg, mesh, sharding.replicated(mesh)
+            )
             compiled_step = step.lower(state, batch).compile()
             train_flops = flops_of(compiled_step)
             holder = {"state": state}
@@ -384,7 +393,7 @@ def main(argv=None) -> int:
                     outputs = net.apply(
                         {"params": p, "frozen": frozen}, b, train=True, key=jax.random.key(0)
                     )
-                    return train_lib.mask_rcnn.loss_fn(outputs, b, cfg)[0]
+                    return mask_rcnn_loss(outputs, b, cfg)[0]
 
                 compiled_loss = jax.jit(loss_only).lower(params, batch).compile()
 

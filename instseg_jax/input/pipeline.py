@@ -57,11 +57,14 @@ def padding_example(config: TransformConfig) -> dict:
     """An all-zero example with example_valid False (fills the last evaluation batch)."""
     height, width = config.canvas_hw
     n = config.max_instances
-    mask_hw = (
-        (config.mask_size, config.mask_size)
-        if config.mask_format == "box_crop"
-        else (height // 4, width // 4)
-    )
+    extra = {}
+    if config.box_masks:
+        extra["gt_masks"] = np.zeros((n, config.mask_size, config.mask_size), np.uint8)
+    if config.full_mask_stride:
+        s = config.full_mask_stride
+        extra["gt_full_masks"] = np.zeros((n, height // s, width // s), np.uint8)
+    if config.centers:
+        extra["gt_centers"] = np.zeros((n, 2), np.float32)
     return {
         "image": np.zeros((height, width, 3), np.uint8),
         "image_hw": np.zeros(2, np.int32),
@@ -74,7 +77,7 @@ def padding_example(config: TransformConfig) -> dict:
         "gt_boxes": np.zeros((n, 4), np.float32),
         "gt_classes": np.zeros((n,), np.int32),
         "gt_valid": np.zeros((n,), bool),
-        "gt_masks": np.zeros((n, *mask_hw), np.uint8),
+        **extra,
     }
 
 
@@ -106,11 +109,27 @@ class ExampleMaker:
             example["issues"] = counts
             return example
         epoch, position = divmod(g, n) if self.train else (0, g)
+        if not self.train:
+            # Evaluation and prediction visit every example once, in order: an unreadable one
+            # becomes a padding slot (counted), never a second copy of its neighbour.
+            try:
+                decoded = self.source.load(position, counts)
+            except UnreadableImage as error:
+                if self.strict:
+                    raise
+                report.count(counts, "unreadable_image")
+                log.warning("skipped: %s", error)
+                example = padding_example(self.config)
+                example["issues"] = counts
+                return example
+            example = transform(decoded, self.config, np.random.default_rng(0), counts)
+            example["issues"] = counts
+            return example
         for attempt in range(_MAX_CONSECUTIVE_UNREADABLE):
             # An unreadable image is replaced by the next example of the same order: the
             # replacement is as deterministic as the stream itself.
             pos = (position + attempt) % n
-            index = int(epoch_order(self.seed, epoch, n)[pos]) if self.train else pos
+            index = int(epoch_order(self.seed, epoch, n)[pos])
             try:
                 decoded = self.source.load(index, counts)
                 break

@@ -4,9 +4,11 @@ Geometry is one affine map per example: scale s, then a crop offset (large-scale
 optional horizontal flip, then padding to the canvas. Canvas pixel (x, y) is original pixel
 ((x + ox) / s, (y + oy) / s) (before the flip), so predictions map back exactly.
 
+What an example carries besides image, boxes and classes is what the method's INPUTS ask
+(structures.Inputs): box-crop masks, full masks at a stride, mass centres, or several of them.
 Full-resolution masks never leave this module: box-crop targets are sampled straight from the
-original masks inside each box's pre-image, and stride-4 masks from the original masks at the
-pre-images of the stride-4 cell centres.
+original masks inside each box's pre-image, and stride-s masks from the original masks at the
+pre-images of the stride-s cell centres.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ class TransformConfig:
 
     canvas_hw: tuple[int, int] = (512, 512)
     max_instances: int = 100  # N: instances padded (or trimmed, largest kept) to this
-    mask_format: str = "box_crop"  # "box_crop": uint8[N, Mc, Mc]; "stride4": uint8[N, H/4, W/4]
+    box_masks: bool = True  # gt_masks uint8[N, Mc, Mc]
+    full_mask_stride: int = 0  # s > 0: gt_full_masks uint8[N, H/s, W/s]
+    centers: bool = False  # gt_centers float32[N, 2]
     mask_size: int = 112  # Mc
     train: bool = True
     resize: str = "short_side"  # "short_side" or "lsj" (large-scale jitter)
-    short_side: tuple[int, ...] = (512,)  # training draws one; evaluation uses the first
+    short_side: tuple[int, ...] = (512,)  # training draws one; evaluation uses the first (the
+    # test size: builders pass input.test_short_side here for evaluation)
     max_long_side: int = 512
     lsj_scale: tuple[float, float] = (0.1, 2.0)
     hflip: float = 0.5  # probability, training only
@@ -42,19 +47,17 @@ class TransformConfig:
     pad_value: tuple[int, int, int] = (0, 0, 0)  # RGB of the canvas outside the image
 
     def __post_init__(self):
-        if self.mask_format not in ("box_crop", "stride4"):
-            raise ValueError(
-                f"input.mask_format must be 'box_crop' or 'stride4', got {self.mask_format!r}"
-            )
         if self.resize_rule not in ("detectron2", "torchvision"):
             raise ValueError(
                 f"input.resize_rule must be 'detectron2' or 'torchvision', got {self.resize_rule!r}"
             )
         if self.resize not in ("short_side", "lsj"):
             raise ValueError(f"input.resize must be 'short_side' or 'lsj', got {self.resize!r}")
-        if self.mask_format == "stride4" and (self.canvas_hw[0] % 4 or self.canvas_hw[1] % 4):
+        stride = self.full_mask_stride
+        if stride and (self.canvas_hw[0] % stride or self.canvas_hw[1] % stride):
             raise ValueError(
-                f"input.canvas_hw {self.canvas_hw} must be divisible by 4 for stride-4 masks"
+                f"input.canvas_hw {self.canvas_hw} must be divisible by {stride} for the "
+                f"method's stride-{stride} masks"
             )
 
 
@@ -207,25 +210,25 @@ def transform(
     gt_classes[:count] = classes[kept]
     gt_valid[:count] = True
 
-    canvas_h, canvas_w = config.canvas_hw
-    if config.mask_format == "box_crop":
+    extra = {}
+    if config.box_masks:
         size = config.mask_size
-        gt_masks = np.zeros((limit, size, size), np.uint8)
+        box_masks = np.zeros((limit, size, size), np.uint8)
         for slot, i in enumerate(kept):
             # The box's pre-image in original pixels: sample the original mask there.
             pre_image = (gt_boxes[slot] + np.array([ox, oy, ox, oy])) / scale
-            gt_masks[slot] = box_crop_target(masks[i], pre_image, size)
-    else:
-        # Stride-4 cell centres on the canvas, mapped back (through the flip) to the original.
-        centres_y = (np.arange(canvas_h // 4) + 0.5) * 4
-        centres_x = (np.arange(canvas_w // 4) + 0.5) * 4
-        source_x = valid_w - centres_x if flip else centres_x
-        ys = (centres_y + oy) / scale
-        xs = (source_x + ox) / scale
-        inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
-        gt_masks = np.zeros((limit, canvas_h // 4, canvas_w // 4), np.uint8)
-        for slot, i in enumerate(kept):
-            gt_masks[slot] = (_bilinear_sample(masks[i], ys, xs) >= 0.5) & inside
+            box_masks[slot] = box_crop_target(masks[i], pre_image, size)
+        if flip:
+            box_masks = box_masks[:, :, ::-1]
+        extra["gt_masks"] = box_masks
+    if config.full_mask_stride:
+        extra["gt_full_masks"] = _strided_masks(
+            masks, kept, config, scale, (oy, ox), (valid_h, valid_w), flip
+        )
+    if config.centers:
+        extra["gt_centers"] = _mass_centres(
+            masks, kept, limit, scale, (oy, ox), (valid_h, valid_w), flip
+        )
 
     if flip:
         canvas[:, :valid_w] = canvas[:, :valid_w][:, ::-1]
@@ -233,8 +236,6 @@ def transform(
         flipped[:, 0] = valid_w - gt_boxes[:, 2]
         flipped[:, 2] = valid_w - gt_boxes[:, 0]
         gt_boxes = np.where(gt_valid[:, None], flipped, 0.0).astype(np.float32)
-        if config.mask_format == "box_crop":
-            gt_masks = gt_masks[:, :, ::-1]
 
     return {
         "image": canvas,
@@ -248,5 +249,40 @@ def transform(
         "gt_boxes": gt_boxes,
         "gt_classes": gt_classes,
         "gt_valid": gt_valid,
-        "gt_masks": np.ascontiguousarray(gt_masks),
+        **{k: np.ascontiguousarray(v) for k, v in extra.items()},
     }
+
+
+def _strided_masks(masks, kept, config, scale, offset, valid_hw, flip) -> np.ndarray:
+    """uint8[N, H/s, W/s]: each kept mask at the stride-s cell centres of the canvas, mapped
+    back (through the flip) to the original; cells outside the valid region are 0."""
+    stride = config.full_mask_stride
+    canvas_h, canvas_w = config.canvas_hw
+    (oy, ox), (valid_h, valid_w) = offset, valid_hw
+    centres_y = (np.arange(canvas_h // stride) + 0.5) * stride
+    centres_x = (np.arange(canvas_w // stride) + 0.5) * stride
+    source_x = valid_w - centres_x if flip else centres_x
+    ys = (centres_y + oy) / scale
+    xs = (source_x + ox) / scale
+    inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
+    out = np.zeros((config.max_instances, canvas_h // stride, canvas_w // stride), np.uint8)
+    for slot, i in enumerate(kept):
+        out[slot] = (_bilinear_sample(masks[i], ys, xs) >= 0.5) & inside
+    return out
+
+
+def _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip) -> np.ndarray:
+    """float32[N, 2] (x, y) canvas mass centre of the visible part of each kept mask (centres
+    of its pixels that land in the valid region, averaged); padding slots are 0."""
+    (oy, ox), (valid_h, valid_w) = offset, valid_hw
+    out = np.zeros((limit, 2), np.float32)
+    for slot, i in enumerate(kept):
+        ys, xs = np.nonzero(masks[i])
+        x = (xs + 0.5) * scale - ox
+        y = (ys + 0.5) * scale - oy
+        visible = (x >= 0) & (x < valid_w) & (y >= 0) & (y < valid_h)
+        if visible.any():  # a kept instance has a box of >= 1 px in the window
+            x, y = x[visible], y[visible]
+        cx = float(x.mean())
+        out[slot] = (valid_w - cx if flip else cx, float(y.mean()))
+    return out

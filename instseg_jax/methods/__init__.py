@@ -1,0 +1,52 @@
+"""Every method by its `config.method` name. Adding a method is one module here plus one line
+in METHODS; the trainer, evaluation, prediction and importers only ever call `get`.
+
+A method module provides (see README "Adding a method"):
+  Config          frozen dataclass; Config.from_config(model_section, num_classes, canvas_hw)
+                  rejects unknown fields with the list of known ones
+  INPUTS          structures.Inputs: what the input pipeline must produce for it
+  Model           Flax module: Model(cfg).apply(variables, batch, train=True, key=key) -> outputs
+                  (targets built inside, under stop_gradient); train=False -> outputs with
+                  "detections" (structures.py's Detections, K fixed slots)
+  loss_fn         loss_fn(outputs, batch, cfg) -> (scalar loss, metrics dict)
+  base_config()   the method's reference experiment config (ml_collections.ConfigDict)
+  smoke(config)   shrinks a config of the method to seconds on a CPU (tests)
+
+`config.method` may also be an importable module path ("mypackage.my_method"): a method that
+lives outside this package (a research prototype, a test) runs through every command unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from instseg_jax.config import ConfigValueError
+from instseg_jax.methods import mask_rcnn
+
+METHODS: dict[str, ModuleType] = {
+    "mask_rcnn": mask_rcnn,
+}
+
+REQUIRED = ("Config", "INPUTS", "Model", "loss_fn", "base_config", "smoke")
+
+
+def get(name: str) -> ModuleType:
+    """The method module of `config.method`: a METHODS key or an importable module path."""
+    if name in METHODS:
+        return METHODS[name]
+    if "." not in name:
+        raise ConfigValueError(
+            f"config.method {name!r} is not a method; known: {sorted(METHODS)} "
+            "(or give an importable module path such as 'mypackage.my_method')"
+        )
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:
+        raise ConfigValueError(
+            f"config.method {name!r}: cannot import the module ({error})"
+        ) from error
+    missing = [attr for attr in REQUIRED if not hasattr(module, attr)]
+    if missing:
+        raise ConfigValueError(f"config.method {name!r}: the module lacks {missing}")
+    return module

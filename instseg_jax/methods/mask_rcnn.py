@@ -1,6 +1,6 @@
-"""Mask R-CNN (and Faster R-CNN with mask_on=False) as one Flax module plus its loss.
+"""Mask R-CNN (and Faster R-CNN with mask_on=False): the method module (methods/__init__.py).
 
-    outputs = MaskRCNN(cfg).apply(variables, batch, train=True, key=key)
+    outputs = Model(cfg).apply(variables, batch, train=True, key=key)
     loss, metrics = loss_fn(outputs, batch, cfg)
 
 The forward pass is static-shape end to end: per-level top-k and padded NMS for proposals,
@@ -16,8 +16,10 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from instseg_jax import ops
+from instseg_jax import config as config_lib
+from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPN
 from instseg_jax.backbones.resnet import ResNet
 from instseg_jax.methods import roi_heads, rpn
@@ -26,8 +28,8 @@ from instseg_jax.methods import roi_heads, rpn
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
-# What the input pipeline must produce for this method.
-MASK_FORMAT = "box_crop"
+# Mask targets are RoIAligned from box crops of input.mask_size (never full-resolution masks).
+INPUTS = structures.Inputs(box_masks=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class MaskRCNNConfig:
     sampling_ratio: int = 2
     aligned: bool = True
     score_threshold: float = 0.05
-    test_pre_nms_topk: int = 1000
+    test_pre_nms_topk: int = 0  # 0: every (box, class) pair above the threshold (detectron2)
     test_nms_threshold: float = 0.5
     detections_per_image: int = 100
     compute_dtype: str = "float32"
@@ -83,7 +85,7 @@ class MaskRCNNConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise config_lib.ConfigValueError(
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
 
@@ -97,7 +99,7 @@ class MaskRCNNConfig:
                 values[key] = _as_tuple(values[key])
         unknown = set(dict(model_config)) - fields
         if unknown:
-            raise ValueError(
+            raise config_lib.ConfigValueError(
                 f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}"
             )
         return cls(num_classes=num_classes, canvas_hw=tuple(canvas_hw), **values)
@@ -200,16 +202,20 @@ class MaskRCNN(nn.Module):
             pooled = self.pool(features, det_boxes, cfg.mask_pool_size)  # [B, K, 14, 14, D]
             logits = self.mask_head(pooled)  # [B, K, 28, 28, C]
             chosen = jnp.take_along_axis(logits, det_classes[:, :, None, None, None], axis=-1)
-            detections["masks"] = jax.nn.sigmoid(chosen[..., 0])  # [B, K, 28, 28]
-        # Canvas -> original pixels: undo the crop offset and the scale, clip to the image.
-        offset = batch["crop_offset"][:, ::-1].astype(jnp.float32)  # (ox, oy)
-        uncropped = det_boxes + jnp.tile(offset, 2)[:, None, :]
-        if cfg.box_rescale == "per_axis":  # torchvision: original / resized size, per axis
-            ratio = batch["orig_hw"].astype(jnp.float32) / batch["image_hw"].astype(jnp.float32)
-            original = uncropped * jnp.tile(ratio[:, ::-1], 2)[:, None, :]  # (rx, ry, rx, ry)
-        else:
-            original = uncropped / batch["scale"][:, None, None]
-        original = ops.clip_boxes(original, batch["orig_hw"][:, None, :])
+            masks = jax.nn.sigmoid(chosen[..., 0])  # [B, K, 28, 28]
+            if "flipped" in batch:  # a mirrored canvas (round-trip tests): mirror the masks back
+                flipped = batch["flipped"][:, None, None, None]
+                masks = jnp.where(flipped, masks[..., ::-1], masks)
+            detections["masks"] = masks
+        original = ops.canvas_to_original_boxes(
+            det_boxes,
+            batch["image_hw"],
+            batch["orig_hw"],
+            batch["scale"],
+            batch["crop_offset"],
+            batch.get("flipped"),
+            per_axis=cfg.box_rescale == "per_axis",
+        )
         detections["boxes"] = jnp.where(det_valid[..., None], original, 0.0)
         return detections
 
@@ -308,3 +314,45 @@ def loss_fn(outputs: dict, batch: dict, cfg: MaskRCNNConfig) -> tuple[jnp.ndarra
         jnp.sum(outputs["rois"]["foreground"], axis=1).astype(jnp.float32)
     )
     return total, metrics
+
+
+# ----------------------------------------------------------------------------- method interface
+
+Config = MaskRCNNConfig
+Model = MaskRCNN
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """detectron2's Mask R-CNN R50-FPN 1x defaults; experiments start from here."""
+    c = config_lib.base()
+    c.method = "mask_rcnn"
+    c.model = ml_collections.ConfigDict()
+    # Every model field with its default: the dataclass is the one list of them.
+    for field in dataclasses.fields(MaskRCNNConfig):
+        if field.name not in ("num_classes", "canvas_hw"):  # from the data and input.canvas_hw
+            c.model[field.name] = field.default
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a Mask R-CNN config to seconds on a CPU: synthetic scenes, ResNet-18 of width 16,
+    a 128x128 canvas, few anchors and RoIs."""
+    c = config_lib.smoke_common(c)
+    m = c.model
+    m.depth = 18
+    m.width = 16
+    m.norm = "group_norm"
+    m.freeze_at = 1
+    m.fpn_channels = 32
+    m.anchor_sizes = ((16,), (32,), (64,), (128,), (256,))
+    m.rpn_pre_nms_topk_train = 200
+    m.rpn_pre_nms_topk_test = 100
+    m.rpn_post_nms_topk_train = 64
+    m.rpn_post_nms_topk_test = 50
+    m.rpn_batch_per_image = 64
+    m.roi_batch_per_image = 32
+    m.box_fc_dim = 64
+    m.mask_fg_per_image = 8
+    m.mask_head_convs = 1
+    m.detections_per_image = 100
+    return c

@@ -168,3 +168,35 @@ def cxcywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
     """[..., 4] (cx, cy, w, h) -> (x0, y0, x1, y1)."""
     half = 0.5 * boxes[..., 2:]
     return jnp.concatenate([boxes[..., :2] - half, boxes[..., :2] + half], axis=-1)
+
+
+def canvas_to_original_boxes(
+    boxes: jnp.ndarray,
+    image_hw: jnp.ndarray,
+    orig_hw: jnp.ndarray,
+    scale: jnp.ndarray,
+    crop_offset: jnp.ndarray,
+    flipped: jnp.ndarray | None = None,
+    per_axis: bool = False,
+) -> jnp.ndarray:
+    """float32[B, K, 4] xyxy original-image pixels of canvas boxes[B, K, 4], clipped to it.
+
+    The inverse of the input transforms' geometry (instseg_jax.input.transforms): undo the flip
+    (bool[B]) inside the valid region image_hw int32[B, 2], add the crop offset int32[B, 2]
+    (oy, ox), divide by scale float32[B]. per_axis (torchvision's rule) rescales each axis by
+    orig_hw / image_hw instead of 1 / scale.
+    """
+    if flipped is not None:
+        valid_w = image_hw[:, 1].astype(jnp.float32)[:, None]
+        mirrored = jnp.stack(
+            [valid_w - boxes[..., 2], boxes[..., 1], valid_w - boxes[..., 0], boxes[..., 3]], -1
+        )
+        boxes = jnp.where(flipped[:, None, None], mirrored, boxes)
+    offset = crop_offset[:, ::-1].astype(jnp.float32)  # (ox, oy)
+    uncropped = boxes + jnp.tile(offset, 2)[:, None, :]
+    if per_axis:
+        ratio = orig_hw.astype(jnp.float32) / image_hw.astype(jnp.float32)
+        original = uncropped * jnp.tile(ratio[:, ::-1], 2)[:, None, :]  # (rx, ry, rx, ry)
+    else:
+        original = uncropped / scale[:, None, None]
+    return clip_boxes(original, orig_hw[:, None, :])

@@ -35,14 +35,16 @@ def converted_config(
 ):
     """MaskRCNNConfig of converted weights on a canvas equal to torchvision's padded batch
     (``overrides``: model fields to change, e.g. to show what a convention is worth)."""
-    from instseg_jax import train as train_lib
+    from instseg_jax import builders
 
     config = tv.coco_config(arch, padded_hw)
     config.input.short_side = (min_size,)
     config.input.max_long_side = max_size
+    config.input.test_short_side = min_size
+    config.input.test_max_long_side = max_size
     config.model.score_threshold = score_threshold
     config.model.update(overrides or {})
-    return train_lib.model_config(config, arch["num_classes"])
+    return builders.model_config(config, arch["num_classes"])
 
 
 def run_converted(
@@ -87,8 +89,23 @@ def run_converted(
         "boxes": boxes,
         "scores": det["scores"][0][keep],
         "labels": det["classes"][0][keep] + 1,
-        "masks": tv.paste_masks(det["masks"][0][keep], boxes, image.shape[:2]),
+        "masks": np.stack(
+            [
+                _pasted(m, box, image.shape[:2])
+                for m, box in zip(det["masks"][0][keep], boxes, strict=True)
+            ]
+        )
+        if len(keep)
+        else np.zeros((0, *image.shape[:2]), bool),
     }
+
+
+def _pasted(mask, box, image_hw) -> np.ndarray:
+    """bool[H, W]: one mask pasted by torchvision's rule into a full image."""
+    region, top, left = tv.paste_mask_region(mask, box, image_hw)
+    out = np.zeros(tuple(image_hw), bool)
+    out[top : top + region.shape[0], left : left + region.shape[1]] = region
+    return out
 
 
 def _iou(a, b):

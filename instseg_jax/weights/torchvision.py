@@ -14,7 +14,7 @@ bilinear without antialiasing) and padding (the mean colour, i.e. zeros after no
 its RPN (1000 per level, 1000 after NMS 0.7 at test, boxes of at least 1e-3) and RoI-head
 settings (score > 0.05 over every proposal and class, boxes of at least 1e-2, NMS 0.5, 100 per
 image, boxes rescaled by original/resized size per axis) and its mask paste
-(`paste_masks`). experiments/parity/torchvision.py measures the agreement.
+(`paste_mask_region`). experiments/parity/torchvision.py measures the agreement.
 
 Class layout: torchvision's heads put the background at index 0 of 91 outputs whose index is
 the COCO category id (with "N/A" gaps); ours put it last, so class i here is category i + 1.
@@ -327,6 +327,8 @@ def apply_preset(config) -> None:
     i.resize_rule = "torchvision"
     i.short_side = (800,)
     i.max_long_side = 1333
+    i.test_short_side = 800
+    i.test_max_long_side = 1333
     i.pad_value = PAD_VALUE
     m.norm = "frozen_bn"
     m.freeze_at = 2  # trainable_backbone_layers=3: conv1 and layer1 frozen
@@ -360,7 +362,9 @@ def apply_preset(config) -> None:
 def coco_config(arch: dict, canvas_hw=(1344, 1344)):
     """The experiment config of an imported model: detectron2's COCO base with the torchvision
     preset, the architecture read from the weights and torchvision's class map."""
-    c = config_lib.mask_rcnn_base()
+    from instseg_jax.methods import mask_rcnn
+
+    c = mask_rcnn.base_config()
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
     c.input.canvas_hw = tuple(canvas_hw)
@@ -383,12 +387,14 @@ def import_weights(weights: str | Path, out: str | Path, canvas_hw=(1344, 1344))
     import jax
     import jax.numpy as jnp
 
+    from instseg_jax import builders
     from instseg_jax.checkpoint import Checkpointer
 
     variables, arch = convert(load_state_dict(weights), str(weights))
     config = coco_config(arch, canvas_hw)
     out = Path(out)
     config_lib.save(config, out)
+    builders.write_class_map(out, config.input.category_ids, config.input.class_names)
     state = {
         "params": jax.tree.map(jnp.asarray, variables["params"]),
         "frozen": jax.tree.map(jnp.asarray, variables["frozen"]),
@@ -426,35 +432,30 @@ def preprocess(image: np.ndarray, min_size: int = 800, max_size: int = 1333, div
     return canvas, (h, w)
 
 
-def paste_masks(masks: np.ndarray, boxes: np.ndarray, image_hw) -> np.ndarray:
-    """float32[K, H, W] probabilities: torchvision's paste_masks_in_image (padding 1) of
-    masks[K, M, M] in boxes[K, 4] (original pixels).
+def paste_mask_region(mask: np.ndarray, box, image_hw):
+    """(bool[h, w] region, top, left): torchvision's paste_masks_in_image (padding 1) of one
+    mask[M, M] of probabilities in box (xyxy, original pixels), thresholded at 0.5.
 
     The mask grows by one zero cell per side and its box by (M + 2) / M about its centre; the
     box is truncated to integers and the mask resized bilinearly to (y1 - y0 + 1, x1 - x0 + 1)
     pixels at (x0, y0).
     """
-    masks = np.asarray(masks, np.float32)
-    boxes = np.asarray(boxes, np.float32)
+    mask = np.asarray(mask, np.float32)
+    box = np.asarray(box, np.float32)
     height, width = (int(v) for v in image_hw)
-    out = np.zeros((len(masks), height, width), np.float32)
-    if len(masks) == 0:
-        return out
-    side = masks.shape[-1]
-    padded = np.pad(masks, ((0, 0), (1, 1), (1, 1)))
+    side = mask.shape[-1]
+    padded = np.pad(mask, ((1, 1), (1, 1)))
     scale = np.float32((side + 2) / side)
-    half_w = (boxes[:, 2] - boxes[:, 0]) * np.float32(0.5) * scale
-    half_h = (boxes[:, 3] - boxes[:, 1]) * np.float32(0.5) * scale
-    cx = (boxes[:, 2] + boxes[:, 0]) * np.float32(0.5)
-    cy = (boxes[:, 3] + boxes[:, 1]) * np.float32(0.5)
-    grown = np.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], axis=1)
-    grown = np.trunc(grown).astype(np.int64)  # torch's .to(int64) truncates toward zero
-    for k, (x0, y0, x1, y1) in enumerate(grown):
-        w, h = max(int(x1 - x0 + 1), 1), max(int(y1 - y0 + 1), 1)
-        resized = resize_bilinear(padded[k], (h, w))
-        left, right = max(x0, 0), min(x1 + 1, width)
-        top, bottom = max(y0, 0), min(y1 + 1, height)
-        if right <= left or bottom <= top:
-            continue
-        out[k, top:bottom, left:right] = resized[top - y0 : bottom - y0, left - x0 : right - x0]
-    return out
+    half_w = (box[2] - box[0]) * np.float32(0.5) * scale
+    half_h = (box[3] - box[1]) * np.float32(0.5) * scale
+    cx = (box[2] + box[0]) * np.float32(0.5)
+    cy = (box[3] + box[1]) * np.float32(0.5)
+    grown = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], np.float32)
+    x0, y0, x1, y1 = (int(v) for v in np.trunc(grown))  # torch's .to(int64) truncates
+    w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+    left, right = max(x0, 0), min(x1 + 1, width)
+    top, bottom = max(y0, 0), min(y1 + 1, height)
+    if right <= left or bottom <= top:
+        return np.zeros((0, 0), bool), 0, 0
+    resized = resize_bilinear(padded, (h, w))
+    return resized[top - y0 : bottom - y0, left - x0 : right - x0] > 0.5, top, left

@@ -76,7 +76,7 @@ def test_flip_moves_boxes_masks_and_pixels_together():
     np.testing.assert_allclose(flipped["gt_boxes"][:2, 0], width - b[:, 2])
     np.testing.assert_allclose(flipped["gt_boxes"][:2, 2], width - b[:, 0])
     np.testing.assert_array_equal(flipped["gt_masks"], plain["gt_masks"][:, :, ::-1])
-    strided = dict(base, mask_format="stride4")
+    strided = dict(base, box_masks=False, full_mask_stride=4)
     plain4 = transform(
         example,
         TransformConfig(**strided, hflip=0.0),
@@ -89,9 +89,10 @@ def test_flip_moves_boxes_masks_and_pixels_together():
         np.random.default_rng(0),
         report.new_counts(),
     )
-    assert plain4["gt_masks"].shape == (3, 16, 24)
+    assert "gt_masks" not in plain4 and plain4["gt_full_masks"].shape == (3, 16, 24)
     np.testing.assert_array_equal(
-        flip4["gt_masks"][:, :, : width // 4], plain4["gt_masks"][:, :, : width // 4][:, :, ::-1]
+        flip4["gt_full_masks"][:, :, : width // 4],
+        plain4["gt_full_masks"][:, :, : width // 4][:, :, ::-1],
     )
 
 

@@ -5,38 +5,40 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instseg_jax import builders
 from instseg_jax import config as config_lib
 from instseg_jax import train as train_lib
+from instseg_jax.methods import mask_rcnn
 
 SMOKE = "experiments/maskrcnn_nuclei.py:smoke"
 
 
 def first_batch(config):
-    source = train_lib.build_source(config.input, train=True)
+    source = builders.build_source(config.input, train=True)
     pipeline = train_lib.InputPipeline(
         source,
-        train_lib.transform_config(config, True),
+        builders.transform_config(config, True),
         config.input.global_batch,
         seed=config.seed,
         process_index=0,
         process_count=1,
     )
-    return source, train_lib.device_fields(next(pipeline))
+    return source, builders.device_fields(next(pipeline))
 
 
 @pytest.mark.parametrize("mask_on", [True, False])
 def test_one_step_has_finite_loss_and_gradients_where_expected(mask_on):
     config = config_lib.load(SMOKE, [f"--config.model.mask_on={mask_on}"])
     source, batch = first_batch(config)
-    cfg = train_lib.model_config(config, source.num_classes)
-    model = train_lib.mask_rcnn.MaskRCNN(cfg)
+    cfg = builders.model_config(config, source.num_classes)
+    model = mask_rcnn.Model(cfg)
     variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
     params = variables["params"]
     assert ("mask_head" in params) == mask_on
 
     def loss(p):
         outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
-        return train_lib.mask_rcnn.loss_fn(outputs, batch, cfg)
+        return mask_rcnn.loss_fn(outputs, batch, cfg)
 
     (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     assert np.isfinite(float(total))
@@ -62,8 +64,8 @@ def test_one_step_has_finite_loss_and_gradients_where_expected(mask_on):
 def test_inference_outputs_have_static_shapes():
     config = config_lib.load(SMOKE)
     source, batch = first_batch(config)
-    cfg = train_lib.model_config(config, source.num_classes)
-    model = train_lib.mask_rcnn.MaskRCNN(cfg)
+    cfg = builders.model_config(config, source.num_classes)
+    model = mask_rcnn.Model(cfg)
     variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
     out = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
     p = cfg.rpn_post_nms_topk_test

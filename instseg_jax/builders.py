@@ -1,0 +1,152 @@
+"""Everything built from an experiment config, in one place: the data source, the transform
+settings, the class map, the method, its model and its jitted inference. train, evaluate,
+predict, demo and the weight importers all build through here, so none of them names a method.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from types import ModuleType
+
+import jax
+import numpy as np
+
+from instseg_jax import methods
+from instseg_jax.input.coco import CocoSource
+from instseg_jax.input.synthetic import SyntheticSource
+from instseg_jax.input.transforms import TransformConfig
+
+# Host-side bookkeeping that a jitted step never reads (int64 ids do not exist on device).
+HOST_ONLY = ("image_id",)
+CLASSES_FILE = "classes.json"
+
+
+def device_fields(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in HOST_ONLY}
+
+
+def method(config) -> ModuleType:
+    """The method module of config.method (methods.METHODS or an importable module path)."""
+    return methods.get(config.method)
+
+
+def build_source(input_config, train: bool):
+    """The training or evaluation split's source; input.eval_source may name another kind
+    for evaluation than for training."""
+    kind = input_config.source
+    if not train and input_config.get("eval_source"):
+        kind = input_config.eval_source
+    if kind == "synthetic":
+        return SyntheticSource(
+            input_config.synthetic_length,
+            tuple(input_config.synthetic_hw),
+            seed=input_config.synthetic_seed,
+        )
+    if kind == "coco":
+        split = input_config.train_split if train else input_config.eval_split
+        field = "train_split" if train else "eval_split"
+        if not split.annotations:
+            raise ValueError(
+                f"input.{field}.annotations is empty: give a COCO instances JSON with "
+                f"--config.input.{field}.annotations=FILE (and .images=FOLDER)"
+            )
+        return CocoSource(split.annotations, split.images, keep_empty=not train)
+    raise ValueError(f"input.source must be 'synthetic' or 'coco', got {kind!r}")
+
+
+def transform_config(config, train: bool) -> TransformConfig:
+    """Transform settings of the training or the test-time pipeline. What it produces besides
+    images and boxes is what the method's INPUTS ask; evaluation resizes to the test size."""
+    i = config.input
+    inputs = method(config).INPUTS
+    # Workdirs written before the test size existed evaluate as they did then.
+    short_side = tuple(i.short_side) if train else (int(i.get("test_short_side", i.short_side[0])),)
+    test_long = int(i.get("test_max_long_side", i.max_long_side))
+    return TransformConfig(
+        canvas_hw=tuple(i.canvas_hw),
+        max_instances=i.max_instances,
+        box_masks=inputs.box_masks,
+        full_mask_stride=inputs.full_mask_stride,
+        centers=inputs.centers,
+        mask_size=i.mask_size,
+        train=train,
+        resize=i.resize if train else "short_side",
+        short_side=short_side,
+        max_long_side=i.max_long_side if train else test_long,
+        lsj_scale=tuple(i.lsj_scale),
+        hflip=i.hflip,
+        drop_crowd=True,
+        resize_rule=i.get("resize_rule", "detectron2"),
+        pad_value=tuple(i.get("pad_value", (0, 0, 0))),
+    )
+
+
+def class_map(config, source=None) -> tuple[list[int], list[str]]:
+    """(category id, name) of every class index: config.input's explicit map when it has one
+    (imported models), else the source's categories."""
+    ids = list(config.input.get("category_ids", ()) or ())
+    if ids:
+        names = list(config.input.get("class_names", ()) or ())
+        if len(names) != len(ids):
+            raise ValueError(
+                f"input.class_names has {len(names)} names for {len(ids)} input.category_ids; "
+                "give one name per category id"
+            )
+        return [int(i) for i in ids], [str(n) for n in names]
+    if source is None:
+        raise ValueError("no input.category_ids in the config and no data source to read them")
+    return source_class_map(source)
+
+
+def source_class_map(source) -> tuple[list[int], list[str]]:
+    ids = source.category_id(np.arange(source.num_classes))
+    return [int(i) for i in ids], list(source.class_names)
+
+
+def write_class_map(workdir, category_ids, class_names) -> Path:
+    """Record a workdir's class map, so eval and predict need neither the data nor the paths
+    it was trained with."""
+    path = Path(workdir) / CLASSES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"category_ids": [int(i) for i in category_ids], "class_names": list(class_names)}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def workdir_class_map(workdir, config) -> tuple[list[int], list[str]]:
+    """The class map a workdir was trained (or imported) with; workdirs older than classes.json
+    fall back to the config's explicit map or its evaluation data."""
+    path = Path(workdir) / CLASSES_FILE
+    if path.exists():
+        document = json.loads(path.read_text())
+        return [int(i) for i in document["category_ids"]], list(document["class_names"])
+    if config.input.get("category_ids"):
+        return class_map(config)
+    return class_map(config, build_source(config.input, train=False))
+
+
+def model_config(config, num_classes: int):
+    """The method's frozen config dataclass from the experiment's `model` section."""
+    return method(config).Config.from_config(config.model, num_classes, config.input.canvas_hw)
+
+
+def build_model(config, num_classes: int):
+    """(method module, its model config, the Flax model)."""
+    module = method(config)
+    cfg = model_config(config, num_classes)
+    return module, cfg, module.Model(cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def _inference_fn(model_class, cfg):
+    model = model_class(cfg)
+    return jax.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
+
+
+def inference_fn(config, num_classes: int):
+    """The jitted detections function (variables, device batch) -> Detections, compiled once
+    per (method, model config)."""
+    module = method(config)
+    return _inference_fn(module.Model, model_config(config, num_classes))

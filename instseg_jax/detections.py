@@ -1,0 +1,248 @@
+"""Detections (structures.py) -> binary masks, RLE and COCO results at the original image's
+pixels. Host side, NumPy: nothing here compiles, whatever the image sizes or detection counts.
+
+Memory stays bounded: masks are resampled one at a time and only over the pixels they can
+cover (a box-relative mask inside its box; a canvas mask inside the pre-image of its cells that
+reach 0.5), and one uint8 H x W buffer per image is reused for RLE encoding, so a 4000x3000
+photo with 100 detections never holds more than one full-resolution mask.
+
+Both payloads use one separable bilinear resampler (two taps per axis):
+  masks         pixel centre p + 0.5 maps to mask coordinate u = (p + 0.5 - x0) / w * M - 0.5;
+                neighbours outside [0, M) read 0 (the mask fades out across its box border),
+                exactly as `ops.paste_masks` on device
+  canvas_masks  pixel centre of the original image -> canvas (scale, crop offset, flip) ->
+                stride-s cell coordinate; coordinates are clamped to the cells whose centres
+                lie inside the valid region, so padding never bleeds into a mask. The taps are
+                computed once per image and shared by its K masks.
+Foreground is value >= 0.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from instseg_jax import structures
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    """Where an original image sits on the canvas (one example of a Batch)."""
+
+    orig_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+    canvas_hw: tuple[int, int]
+    scale: float
+    crop_offset: tuple[int, int]  # (oy, ox)
+    flipped: bool = False
+
+    @classmethod
+    def of_batch(cls, batch: dict, b: int) -> ImageGeometry:
+        return cls(
+            orig_hw=tuple(int(v) for v in batch["orig_hw"][b]),
+            image_hw=tuple(int(v) for v in batch["image_hw"][b]),
+            canvas_hw=tuple(int(v) for v in np.shape(batch["image"])[1:3]),
+            scale=float(batch["scale"][b]),
+            crop_offset=tuple(int(v) for v in batch["crop_offset"][b]),
+            flipped=bool(batch["flipped"][b]) if "flipped" in batch else False,
+        )
+
+
+def _taps(coords: np.ndarray, size: int, clamp_to: int | None = None):
+    """Bilinear taps (i0, i1, w0, w1) of float32 grid coordinates (cell centres at integers).
+
+    clamp_to=None: taps outside [0, size) get weight 0 (zero padding);
+    clamp_to=n: coordinates are clamped to [0, n - 1] first (edge replication within n cells).
+    """
+    coords = coords.astype(np.float32)
+    if clamp_to is not None:
+        coords = np.clip(coords, 0, max(clamp_to - 1, 0)).astype(np.float32)
+    low = np.floor(coords)
+    frac = (coords - low).astype(np.float32)
+    i0 = low.astype(np.int64)
+    i1 = i0 + 1
+    w0 = (np.float32(1) - frac) * ((i0 >= 0) & (i0 < size))
+    w1 = frac * ((i1 >= 0) & (i1 < size))
+    return np.clip(i0, 0, size - 1), np.clip(i1, 0, size - 1), w0, w1
+
+
+def _resample(grid: np.ndarray, y_taps, x_taps) -> np.ndarray:
+    """float32[len(y), len(x)]: grid[h, w] sampled at the taps, rows first."""
+    y0, y1, wy0, wy1 = y_taps
+    x0, x1, wx0, wx1 = x_taps
+    rows = wy0[:, None] * grid[y0] + wy1[:, None] * grid[y1]  # [Y, w]
+    return rows[:, x0] * wx0[None, :] + rows[:, x1] * wx1[None, :]  # [Y, X]
+
+
+def paste_box_mask(mask: np.ndarray, box, image_hw):
+    """(bool[h, w] region, top, left): a box-relative mask[M, M] of probabilities pasted into
+    box (xyxy, image pixels), over the rows and columns it can reach."""
+    height, width = (int(v) for v in image_hw)
+    side_y, side_x = mask.shape
+    x0, y0, x1, y1 = (np.float32(v) for v in box)
+    box_w, box_h = x1 - x0, y1 - y0
+    if not (box_w > 0 and box_h > 0):
+        return np.zeros((0, 0), bool), 0, 0
+    # A pixel is reached when its centre maps within one cell of [0, M): u in (-1, M).
+    top = max(int(np.floor(y0 - box_h / side_y)) - 1, 0)
+    bottom = min(int(np.ceil(y1 + box_h / side_y)) + 1, height)
+    left = max(int(np.floor(x0 - box_w / side_x)) - 1, 0)
+    right = min(int(np.ceil(x1 + box_w / side_x)) + 1, width)
+    if bottom <= top or right <= left:
+        return np.zeros((0, 0), bool), 0, 0
+    ys = np.arange(top, bottom, dtype=np.float32) + np.float32(0.5)
+    xs = np.arange(left, right, dtype=np.float32) + np.float32(0.5)
+    u_y = (ys - y0) / box_h * np.float32(side_y) - np.float32(0.5)
+    u_x = (xs - x0) / box_w * np.float32(side_x) - np.float32(0.5)
+    values = _resample(np.asarray(mask, np.float32), _taps(u_y, side_y), _taps(u_x, side_x))
+    return values >= 0.5, top, left
+
+
+class CanvasResampler:
+    """Canvas masks [h_s, w_s] of one image -> regions of its original pixels (shared taps)."""
+
+    def __init__(self, geometry: ImageGeometry, mask_hw):
+        g = geometry
+        h_s, w_s = (int(v) for v in mask_hw)
+        stride_y, stride_x = g.canvas_hw[0] / h_s, g.canvas_hw[1] / w_s
+        oy, ox = g.crop_offset
+        height, width = g.orig_hw
+        valid_h, valid_w = g.image_hw
+        canvas_y = (np.arange(height, dtype=np.float64) + 0.5) * g.scale - oy
+        canvas_x = (np.arange(width, dtype=np.float64) + 0.5) * g.scale - ox
+        if g.flipped:
+            canvas_x = valid_w - canvas_x
+        # Cells whose centres lie inside the valid region; coordinates clamp into them.
+        cells_y = max(int(np.ceil(valid_h / stride_y - 0.5)), 1)
+        cells_x = max(int(np.ceil(valid_w / stride_x - 0.5)), 1)
+        self.y_taps = _taps(canvas_y / stride_y - 0.5, h_s, clamp_to=min(cells_y, h_s))
+        self.x_taps = _taps(canvas_x / stride_x - 0.5, w_s, clamp_to=min(cells_x, w_s))
+        self.orig_hw = (height, width)
+
+    def region(self, mask: np.ndarray):
+        """(bool[h, w] region, top, left) of one canvas mask of probabilities."""
+        mask = np.asarray(mask, np.float32)
+        rows_hit = (mask >= 0.5).any(axis=1)
+        cols_hit = (mask >= 0.5).any(axis=0)
+        if not rows_hit.any():
+            return np.zeros((0, 0), bool), 0, 0
+        # A pixel can reach 0.5 only when one of its two taps per axis is a cell >= 0.5.
+        y_rows = _pixels_touching(self.y_taps, rows_hit)
+        x_cols = _pixels_touching(self.x_taps, cols_hit)
+        if y_rows is None or x_cols is None:
+            return np.zeros((0, 0), bool), 0, 0
+        (top, bottom), (left, right) = y_rows, x_cols
+        y_taps = tuple(t[top:bottom] for t in self.y_taps)
+        x_taps = tuple(t[left:right] for t in self.x_taps)
+        return _resample(mask, y_taps, x_taps) >= 0.5, top, left
+
+
+def _pixels_touching(taps, cells_hit: np.ndarray):
+    """[first, last + 1) of the pixels with a tap on a hit cell, or None."""
+    i0, i1, w0, w1 = taps
+    touching = (cells_hit[i0] & (w0 > 0)) | (cells_hit[i1] & (w1 > 0))
+    where = np.flatnonzero(touching)
+    return (int(where[0]), int(where[-1]) + 1) if where.size else None
+
+
+def encode_region(region: np.ndarray, top: int, left: int, buffer: np.ndarray) -> dict:
+    """Compressed RLE (str counts) of a region placed in an image; buffer is a zeroed
+    Fortran-ordered uint8[H, W] that is zeroed again on return."""
+    h, w = region.shape
+    window = buffer[top : top + h, left : left + w]
+    window[...] = region
+    rle = mask_utils.encode(buffer)
+    window[...] = 0
+    return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+
+
+def paste_box_mask_torchvision(mask: np.ndarray, box, image_hw):
+    """As paste_box_mask, by torchvision's paste_masks_in_image (the torchvision preset)."""
+    from instseg_jax.weights import torchvision as tv
+
+    return tv.paste_mask_region(mask, box, image_hw)
+
+
+PASTE_RULES = {"detectron2": paste_box_mask, "torchvision": paste_box_mask_torchvision}
+
+
+def image_instances(detections: dict, b: int, geometry: ImageGeometry, paste_rule="detectron2"):
+    """Per valid detection of image b, in slot order: dict(box xyxy original pixels, score,
+    class, region bool[h, w] or None, top, left). Boxes of methods without them come from the
+    pasted masks."""
+    keep = np.flatnonzero(np.asarray(detections["valid"][b]))
+    payload = structures.mask_payload(detections)
+    scores = np.asarray(detections["scores"][b])
+    classes = np.asarray(detections["classes"][b])
+    boxes = np.asarray(detections["boxes"][b]) if "boxes" in detections else None
+    resampler = None
+    if payload == "canvas_masks" and keep.size:
+        resampler = CanvasResampler(geometry, np.shape(detections["canvas_masks"])[2:4])
+    paste = PASTE_RULES[paste_rule]
+    out = []
+    for k in keep:
+        region, top, left = None, 0, 0
+        if payload == "masks":
+            region, top, left = paste(
+                np.asarray(detections["masks"][b, k]), boxes[k], geometry.orig_hw
+            )
+        elif payload == "canvas_masks":
+            region, top, left = resampler.region(np.asarray(detections["canvas_masks"][b, k]))
+        if boxes is not None:
+            box = [float(v) for v in boxes[k]]
+        else:
+            box = _tight_box(region, top, left)
+        out.append(
+            {
+                "box": box,
+                "score": float(scores[k]),
+                "class": int(classes[k]),
+                "region": region,
+                "top": top,
+                "left": left,
+            }
+        )
+    return out
+
+
+def _tight_box(region, top: int, left: int) -> list[float]:
+    """xyxy box of a region's pixels (max side + 1, as COCO's mask boxes); zeros if empty."""
+    if region is None or not region.any():
+        return [0.0, 0.0, 0.0, 0.0]
+    rows = np.flatnonzero(region.any(axis=1))
+    cols = np.flatnonzero(region.any(axis=0))
+    return [
+        float(left + cols[0]),
+        float(top + rows[0]),
+        float(left + cols[-1] + 1),
+        float(top + rows[-1] + 1),
+    ]
+
+
+def detections_to_results(
+    detections: dict, batch: dict, category_ids, paste_rule: str = "detectron2"
+) -> list[dict]:
+    """COCO results of one batch of host detections; padding examples and slots never reach
+    them. batch: the host Batch the detections came from (image_id, example_valid, geometry)."""
+    results = []
+    for b, image_id in enumerate(np.asarray(batch["image_id"])):
+        if image_id < 0 or not bool(batch["example_valid"][b]):
+            continue
+        geometry = ImageGeometry.of_batch(batch, b)
+        buffer = np.zeros(geometry.orig_hw, np.uint8, order="F")
+        for instance in image_instances(detections, b, geometry, paste_rule):
+            x0, y0, x1, y1 = instance["box"]
+            result = {
+                "image_id": int(image_id),
+                "category_id": int(category_ids[instance["class"]]),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": instance["score"],
+            }
+            if instance["region"] is not None:
+                result["segmentation"] = encode_region(
+                    instance["region"], instance["top"], instance["left"], buffer
+                )
+            results.append(result)
+    return results

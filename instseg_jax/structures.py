@@ -1,0 +1,73 @@
+"""The two contracts every method shares: what the input pipeline hands a model (Batch) and what
+a model's evaluation pass hands back (Detections). Field by field, as `dtype[dims] meaning`.
+
+Shape letters: B batch, H W canvas, N max ground-truth instances, K detections, C classes (no
+background), M box-relative mask side, Mc box-crop target side, s mask stride.
+
+Batch (host NumPy, then a global jax.Array sharded over the `data` mesh axis):
+  image          uint8[B,H,W,3]   RGB canvas; the image sits at the top-left, padding after it
+  image_hw       int32[B,2]       (h, w) of the valid region on the canvas
+  orig_hw        int32[B,2]       (h, w) of the original image
+  scale          float32[B]       canvas pixels per original pixel
+  crop_offset    int32[B,2]       (oy, ox) of the crop window in the scaled image (large-scale
+                                  jitter); canvas (x, y) = scaled (x + ox, y + oy)
+  flipped        bool[B]          the canvas is the horizontal mirror of the valid region
+  image_id       int64[B]         dataset image id (host only; -1 for padding)
+  example_valid  bool[B]          False for the padding of an evaluation's last batch
+  gt_boxes       float32[B,N,4]   xyxy canvas pixels of the kept instances
+  gt_classes     int32[B,N]       class index in [0, C)
+  gt_valid       bool[B,N]        real instance (True) or padding
+  gt_masks       uint8[B,N,Mc,Mc] when INPUTS.box_masks: each mask cropped to its own box
+  gt_full_masks  uint8[B,N,H/s,W/s] when INPUTS.full_mask_stride = s: masks at the centres of
+                                  the stride-s cells of the canvas
+  gt_centers     float32[B,N,2]   when INPUTS.centers: (x, y) canvas mass centre of each mask
+
+Detections (a dict; K fixed by the method's config):
+  boxes          float32[B,K,4]   xyxy in original image pixels; a method that predicts no boxes
+                                  may leave the field out: the host takes them from the masks
+  scores         float32[B,K]
+  classes        int32[B,K]       class index in [0, C)
+  valid          bool[B,K]        a real detection (True) or a padding slot
+and at most one mask payload:
+  masks          float32[B,K,M,M] box-relative mask probabilities (Mask R-CNN's M = 28):
+                                  resampled bilinearly into each box at the original size
+  canvas_masks   float32 or bfloat16[B,K,H/s,W/s] probabilities on the canvas at stride s
+                                  (s = H / the payload's height): the host undoes the stride, the
+                                  padding, the crop, the flip and the resize
+
+`instseg_jax.detections` turns either payload into binary masks and RLE at the original image's
+pixels (host side, one image and one mask at a time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MASK_PAYLOADS = ("masks", "canvas_masks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a method needs from the input pipeline besides image, boxes and classes.
+
+    box_masks: gt_masks, each instance's mask cropped to its box and resized to
+      input.mask_size (Mc) square.
+    full_mask_stride: s > 0 gives gt_full_masks at stride s of the canvas; 0 leaves them out.
+    centers: gt_centers, the mass centre of each instance's mask on the canvas.
+    """
+
+    box_masks: bool = False
+    full_mask_stride: int = 0
+    centers: bool = False
+
+    def __post_init__(self):
+        if self.full_mask_stride < 0:
+            raise ValueError(f"full_mask_stride must be >= 0, got {self.full_mask_stride}")
+
+
+def mask_payload(detections: dict) -> str | None:
+    """The name of the detections' mask payload, or None for boxes only."""
+    present = [name for name in MASK_PAYLOADS if name in detections]
+    if len(present) > 1:
+        raise ValueError(f"detections carry more than one mask payload: {present}")
+    return present[0] if present else None
