@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -46,6 +47,8 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
         raise ConfigFileNotFound(f"config file {file} not found (expected experiments/<name>.py)")
     module_spec = importlib.util.spec_from_file_location(f"experiment_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
+    # Registered like an import, so dataclasses and pickling inside the file can find it.
+    sys.modules[module_spec.name] = module
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigValueError(f"{file} has no get_config(arg) function")
@@ -109,7 +112,7 @@ def validate(config: ml_collections.ConfigDict, source: str = "config") -> None:
         raise ConfigValueError(f"{source}: input.global_batch must be > 0")
     if not config.method:
         raise ConfigValueError(
-            f"{source}: config.method is empty; name a method (e.g. 'mask_rcnn')"
+            f"{source}: config.method is empty; name a method (instseg_jax/methods/__init__.py lists them)"
         )
 
 

@@ -12,8 +12,9 @@ Both payloads use one separable bilinear resampler (two taps per axis):
                 exactly as `ops.paste_masks` on device
   canvas_masks  pixel centre of the original image -> canvas (scale, crop offset, flip) ->
                 stride-s cell coordinate; coordinates are clamped to the cells whose centres
-                lie inside the valid region, so padding never bleeds into a mask. The taps are
-                computed once per image and shared by its K masks.
+                lie inside the valid region, so padding never bleeds into a mask, and pixels a
+                crop cut off the canvas stay 0. The taps are computed once per image and
+                shared by its K masks.
 Foreground is value >= 0.5.
 """
 
@@ -117,8 +118,13 @@ class CanvasResampler:
         # Cells whose centres lie inside the valid region; coordinates clamp into them.
         cells_y = max(int(np.ceil(valid_h / stride_y - 0.5)), 1)
         cells_x = max(int(np.ceil(valid_w / stride_x - 0.5)), 1)
-        self.y_taps = _taps(canvas_y / stride_y - 0.5, h_s, clamp_to=min(cells_y, h_s))
-        self.x_taps = _taps(canvas_x / stride_x - 0.5, w_s, clamp_to=min(cells_x, w_s))
+        y_taps = _taps(canvas_y / stride_y - 0.5, h_s, clamp_to=min(cells_y, h_s))
+        x_taps = _taps(canvas_x / stride_x - 0.5, w_s, clamp_to=min(cells_x, w_s))
+        # Pixels cropped out of the canvas (large-scale jitter) were never seen: zero weights.
+        seen_y = ((canvas_y >= 0) & (canvas_y < valid_h)).astype(np.float32)
+        seen_x = ((canvas_x >= 0) & (canvas_x < valid_w)).astype(np.float32)
+        self.y_taps = (*y_taps[:2], y_taps[2] * seen_y, y_taps[3] * seen_y)
+        self.x_taps = (*x_taps[:2], x_taps[2] * seen_x, x_taps[3] * seen_x)
         self.orig_hw = (height, width)
 
     def region(self, mask: np.ndarray):

@@ -203,9 +203,8 @@ class MaskRCNN(nn.Module):
             logits = self.mask_head(pooled)  # [B, K, 28, 28, C]
             chosen = jnp.take_along_axis(logits, det_classes[:, :, None, None, None], axis=-1)
             masks = jax.nn.sigmoid(chosen[..., 0])  # [B, K, 28, 28]
-            if "flipped" in batch:  # a mirrored canvas (round-trip tests): mirror the masks back
-                flipped = batch["flipped"][:, None, None, None]
-                masks = jnp.where(flipped, masks[..., ::-1], masks)
+            if "flipped" in batch:  # a mirrored canvas: masks relative to the unmirrored boxes
+                masks = ops.mirror_box_masks(masks, batch["flipped"])
             detections["masks"] = masks
         original = ops.canvas_to_original_boxes(
             det_boxes,

@@ -39,6 +39,7 @@ from instseg_jax.ops.masks import (
     crop_and_resize_masks,
     mask_iou,
     masks_to_boxes,
+    mirror_box_masks,
     paste_mask_probabilities,
     paste_masks,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "masks_to_boxes",
     "match",
     "matrix_nms",
+    "mirror_box_masks",
     "multilevel_anchors",
     "multilevel_roi_align",
     "nms",

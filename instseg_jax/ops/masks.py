@@ -65,6 +65,12 @@ def paste_masks(
     return paste_mask_probabilities(masks, boxes, image_hw) >= threshold
 
 
+def mirror_box_masks(masks: jnp.ndarray, flipped: jnp.ndarray) -> jnp.ndarray:
+    """masks[B, K, M, M] box-relative, mirrored along x in the images where flipped bool[B]:
+    a box-relative mask predicted on a mirrored canvas, made relative to the unmirrored box."""
+    return jnp.where(flipped[:, None, None, None], masks[..., ::-1], masks)
+
+
 def crop_and_resize_masks(
     masks: jnp.ndarray, boxes: jnp.ndarray, size: int, sampling_ratio: int = 2
 ) -> jnp.ndarray:
