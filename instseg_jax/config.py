@@ -112,7 +112,8 @@ def validate(config: ml_collections.ConfigDict, source: str = "config") -> None:
         raise ConfigValueError(f"{source}: input.global_batch must be > 0")
     if not config.method:
         raise ConfigValueError(
-            f"{source}: config.method is empty; name a method (instseg_jax/methods/__init__.py lists them)"
+            f"{source}: config.method is empty; name a method "
+            "(instseg_jax/methods/__init__.py lists them)"
         )
 
 
