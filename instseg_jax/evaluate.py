@@ -172,9 +172,9 @@ def ground_truth(source) -> COCO:
 
 
 def run_inference(config, variables, source, num_classes: int, max_batches=None, desc="eval"):
-    """Yield (host batch, host Detections) over a source at the test size, in order; the last
-    batch is padded with example_valid False. The time spent waiting for the device (and the
-    input pipeline) is added to run_inference.timing["device_s"] of the generator's caller."""
+    """Yield (host batch, host Detections, seconds) over a source at the test size, in order;
+    the last batch is padded with example_valid False. seconds: the batch's input pipeline and
+    device time (its compilation too, on the first batch)."""
     from tqdm import tqdm
 
     from instseg_jax.input.pipeline import InputPipeline

@@ -157,3 +157,26 @@ def test_large_scale_jitter_crops_consistently():
             assert mask_crop.any(), "every kept box holds part of its instance"
             pre = (box + [ox, oy, ox, oy]) / scale
             assert (pre[2:] - pre[:2] > 0).all()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_one_example_carries_every_kind_of_target_a_method_asks_for(flip):
+    """Box crops, stride-4 full masks and mass centres together; centres against float64
+    means of the masks' pixel centres mapped onto the canvas (scale 1.6, then the flip)."""
+    example = rectangle_example(rects=((10, 5, 30, 25), (40, 30, 75, 58)))
+    example["masks"][1, 30:40, 40:50] = False  # an L-shape: its centre is not its box's
+    config = TransformConfig(
+        canvas_hw=(96, 128), train=True, short_side=(96,), max_long_side=128, hflip=float(flip),
+        max_instances=3, mask_size=16, box_masks=True, full_mask_stride=4, centers=True,
+    )  # fmt: skip
+    out = transform(example, config, np.random.default_rng(0), report.new_counts())
+    assert out["gt_masks"].shape == (3, 16, 16) and out["gt_full_masks"].shape == (3, 24, 32)
+    scale, valid_w = float(out["scale"]), int(out["image_hw"][1])
+    assert scale == pytest.approx(1.6) and bool(out["flipped"]) == flip
+    for slot, mask in enumerate(example["masks"]):
+        ys, xs = np.nonzero(mask)
+        x = (xs.astype(np.float64) + 0.5).mean() * scale
+        y = (ys.astype(np.float64) + 0.5).mean() * scale
+        expected = (valid_w - x if flip else x, y)
+        np.testing.assert_allclose(out["gt_centers"][slot], expected, rtol=1e-5)
+    np.testing.assert_array_equal(out["gt_centers"][2], [0, 0])
