@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from instseg_jax import methods
+from instseg_jax.config import ConfigValueError
 from instseg_jax.input.coco import CocoSource
 from instseg_jax.input.synthetic import SyntheticSource
 from instseg_jax.input.transforms import TransformConfig
@@ -48,12 +49,12 @@ def build_source(input_config, train: bool):
         split = input_config.train_split if train else input_config.eval_split
         field = "train_split" if train else "eval_split"
         if not split.annotations:
-            raise ValueError(
+            raise ConfigValueError(
                 f"input.{field}.annotations is empty: give a COCO instances JSON with "
                 f"--config.input.{field}.annotations=FILE (and .images=FOLDER)"
             )
         return CocoSource(split.annotations, split.images, keep_empty=not train)
-    raise ValueError(f"input.source must be 'synthetic' or 'coco', got {kind!r}")
+    raise ConfigValueError(f"input.source must be 'synthetic' or 'coco', got {kind!r}")
 
 
 def transform_config(config, train: bool) -> TransformConfig:
@@ -61,9 +62,9 @@ def transform_config(config, train: bool) -> TransformConfig:
     images and boxes is what the method's INPUTS ask; evaluation resizes to the test size."""
     i = config.input
     inputs = method(config).INPUTS
-    # Workdirs written before the test size existed evaluate as they did then.
-    short_side = tuple(i.short_side) if train else (int(i.get("test_short_side", i.short_side[0])),)
-    test_long = int(i.get("test_max_long_side", i.max_long_side))
+    # Workdirs written before the test size existed get detectron2's (MIN/MAX_SIZE_TEST).
+    short_side = tuple(i.short_side) if train else (int(i.get("test_short_side", 800)),)
+    test_long = int(i.get("test_max_long_side", 1333))
     return TransformConfig(
         canvas_hw=tuple(i.canvas_hw),
         max_instances=i.max_instances,
@@ -90,13 +91,15 @@ def class_map(config, source=None) -> tuple[list[int], list[str]]:
     if ids:
         names = list(config.input.get("class_names", ()) or ())
         if len(names) != len(ids):
-            raise ValueError(
+            raise ConfigValueError(
                 f"input.class_names has {len(names)} names for {len(ids)} input.category_ids; "
                 "give one name per category id"
             )
         return [int(i) for i in ids], [str(n) for n in names]
     if source is None:
-        raise ValueError("no input.category_ids in the config and no data source to read them")
+        raise ConfigValueError(
+            "no input.category_ids in the config and no data source to read them"
+        )
     return source_class_map(source)
 
 
@@ -137,6 +140,12 @@ def build_model(config, num_classes: int):
     module = method(config)
     cfg = model_config(config, num_classes)
     return module, cfg, module.Model(cfg)
+
+
+def paste_rule(cfg) -> str:
+    """How box-relative masks are pasted: a method config's optional `mask_paste` field
+    ("detectron2" by default, "torchvision" under the torchvision preset)."""
+    return getattr(cfg, "mask_paste", "detectron2")
 
 
 @functools.lru_cache(maxsize=4)

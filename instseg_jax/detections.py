@@ -174,13 +174,22 @@ def paste_box_mask_torchvision(mask: np.ndarray, box, image_hw):
 PASTE_RULES = {"detectron2": paste_box_mask, "torchvision": paste_box_mask_torchvision}
 
 
-def image_instances(detections: dict, b: int, geometry: ImageGeometry, paste_rule="detectron2"):
-    """Per valid detection of image b, in slot order: dict(box xyxy original pixels, score,
-    class, region bool[h, w] or None, top, left). Boxes of methods without them come from the
-    pasted masks."""
-    keep = np.flatnonzero(np.asarray(detections["valid"][b]))
-    payload = structures.mask_payload(detections)
+def image_instances(
+    detections: dict,
+    b: int,
+    geometry: ImageGeometry,
+    paste_rule: str = "detectron2",
+    min_score: float | None = None,
+):
+    """Per valid detection of image b (with score >= min_score when given), in slot order:
+    dict(box xyxy original pixels, score, class, region bool[h, w] or None, top, left). Boxes
+    of methods without them come from the pasted masks."""
     scores = np.asarray(detections["scores"][b])
+    wanted = np.asarray(detections["valid"][b])
+    if min_score is not None:
+        wanted = wanted & (scores >= min_score)  # never paste what is thrown away
+    keep = np.flatnonzero(wanted)
+    payload = structures.mask_payload(detections)
     classes = np.asarray(detections["classes"][b])
     boxes = np.asarray(detections["boxes"][b]) if "boxes" in detections else None
     resampler = None

@@ -58,9 +58,19 @@ def coco_evaluate(
     max_detections D above 100 adds a fourth maxDets: the 12 stats stay COCO's (at 100) and
     three more follow, AP, AP50 and AR at D (pycocotools' own precision and recall arrays).
     """
-    gt = annotations if isinstance(annotations, COCO) else _quiet(COCO, str(annotations))
+    if max_detections < 100:
+        raise UserError(
+            f"maxDets {max_detections}: COCO's tables are at maxDets 100; give 100 or more "
+            "(eval.max_detections or --max-dets)"
+        )
+    gt = annotations if isinstance(annotations, COCO) else _load_coco(annotations)
     if isinstance(results, str | Path):
-        results = json.loads(Path(results).read_text())
+        try:
+            results = json.loads(Path(results).read_text())
+        except json.JSONDecodeError as error:
+            raise UserError(f"{results}: not a JSON list of COCO results ({error})") from error
+        if not isinstance(results, list):
+            raise UserError(f"{results}: expected a JSON list of COCO results")
     if iou_types is None:
         has_masks = bool(results) and all("segmentation" in r for r in results)
         iou_types = ("bbox", "segm") if has_masks else ("bbox",)
@@ -72,9 +82,7 @@ def coco_evaluate(
             continue
         detections_coco = _quiet(gt.loadRes, [dict(r) for r in results])
         evaluator = COCOeval(gt, detections_coco, iou_type)
-        evaluator.params.maxDets = (
-            [1, 10, 100, max_detections] if extra else [1, 10, max_detections]
-        )
+        evaluator.params.maxDets = [1, 10, 100, max_detections] if extra else [1, 10, 100]
         with _maybe_quiet(not print_tables):
             evaluator.evaluate()
             evaluator.accumulate()
@@ -105,6 +113,13 @@ def _at_max_detections(evaluator: COCOeval) -> list[float]:
 
     iou50 = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
     return [mean(precision), mean(precision[iou50]), mean(recall)]
+
+
+def _load_coco(path) -> COCO:
+    try:
+        return _quiet(COCO, str(path))
+    except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as error:
+        raise UserError(f"{path}: not a COCO annotation file ({error!r})") from error
 
 
 def _quiet(fn, *args):
@@ -172,9 +187,9 @@ def ground_truth(source) -> COCO:
 
 
 def run_inference(config, variables, source, num_classes: int, max_batches=None, desc="eval"):
-    """Yield (host batch, host Detections, seconds) over a source at the test size, in order;
-    the last batch is padded with example_valid False. seconds: the batch's input pipeline and
-    device time (its compilation too, on the first batch)."""
+    """Yield (host batch, host Detections, (input seconds, device seconds)) over a source at the
+    test size, in order; the last batch is padded with example_valid False. Device seconds
+    include the compilation on the first batch."""
     from tqdm import tqdm
 
     from instseg_jax.input.pipeline import InputPipeline
@@ -195,8 +210,9 @@ def run_inference(config, variables, source, num_classes: int, max_batches=None,
         for _ in range(total):
             start = time.perf_counter()
             batch = next(pipeline)
+            loaded = time.perf_counter()
             found = jax.device_get(infer(variables, builders.device_fields(batch)))
-            yield batch, found, time.perf_counter() - start
+            yield batch, found, (loaded - start, time.perf_counter() - loaded)
             bar.update(1)
     finally:
         bar.close()
@@ -266,39 +282,39 @@ def evaluate_model(
             else builders.class_map(config, source)
         )
     category_ids = class_map[0]
-    cfg = builders.model_config(config, len(category_ids))
-    paste_rule = getattr(cfg, "mask_paste", "detectron2")
+    paste_rule = builders.paste_rule(builders.model_config(config, len(category_ids)))
     max_detections = int(config.eval.get("max_detections", 100))
-    results, device_s, paste_s, has_masks = [], 0.0, 0.0, False
-    for batch, found, waited in run_inference(
+    results, has_masks = [], False
+    seconds = {"input_s": 0.0, "device_s": 0.0, "paste_rle_s": 0.0}
+    for batch, found, (input_s, device_s) in run_inference(
         config, variables, source, len(category_ids), max_batches
     ):
-        device_s += waited
+        slots = found["valid"].shape[1]
+        if not results and max_detections > slots:
+            log.warning(
+                "maxDets %d is above the model's %d detection slots: AP at %d equals AP at %d",
+                max_detections, slots, max_detections, slots,
+            )  # fmt: skip
+        seconds["input_s"] += input_s
+        seconds["device_s"] += device_s
         start = time.perf_counter()
         results += detections.detections_to_results(found, batch, category_ids, paste_rule)
-        paste_s += time.perf_counter() - start
+        seconds["paste_rle_s"] += time.perf_counter() - start
         has_masks = detections.structures.mask_payload(found) is not None
     start = time.perf_counter()
     gt = ground_truth(source)
+    seconds["ground_truth_s"] = time.perf_counter() - start
     if max_batches is not None:  # evaluate only the images that were run
         seen = sorted({r["image_id"] for r in results})
         gt.imgs = {i: gt.imgs[i] for i in seen}
     iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+    start = time.perf_counter()
     stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections)
-    cocoeval_s = time.perf_counter() - start
+    seconds["cocoeval_s"] = time.perf_counter() - start
     report = {k: named(v, max_detections) for k, v in stats.items()}
-    report["timing"] = {
-        "images": len(source) if max_batches is None else None,
-        "device_s": round(device_s, 3),
-        "paste_rle_s": round(paste_s, 3),
-        "cocoeval_s": round(cocoeval_s, 3),
-    }
+    report["timing"] = {k: round(v, 3) for k, v in seconds.items()}
     if print_tables:
-        t = report["timing"]
-        print(
-            f"time: device {t['device_s']:.1f} s, paste+RLE {t['paste_rle_s']:.1f} s, "
-            f"COCOeval {t['cocoeval_s']:.1f} s"
-        )
+        print("time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in seconds.items()))
     if workdir is not None:
         path = Path(workdir) / f"eval_{step}.json"
         path.write_text(json.dumps({"step": step, **report}, indent=2) + "\n")
@@ -340,6 +356,8 @@ def restore_variables(workdir: str | Path, step: int | None = None):
 def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     max_detections = args.max_dets
+    if max_detections is not None and max_detections < 100:
+        raise UserError(f"--max-dets {max_detections}: give 100 (COCO's) or more")
     if args.results:
         if not args.annotations:
             raise UserError("--results needs --annotations (the ground-truth COCO JSON)")
@@ -350,7 +368,7 @@ def main(args) -> int:
                 "give --workdir DIR [--checkpoint STEP], or --results and --annotations"
             )
         config, variables, step = restore_variables(args.workdir, args.checkpoint)
-        if max_detections:
+        if max_detections is not None:
             with config.unlocked() if config.is_locked else contextlib.nullcontext():
                 config.eval.max_detections = max_detections
         report = evaluate_model(config, variables, args.workdir, step)

@@ -111,8 +111,7 @@ def predict(
     files = image_files(images)
     if not files:
         raise UserError(f"--images {' '.join(map(str, images))}: no image files found")
-    cfg = builders.model_config(config, len(class_names))
-    paste_rule = getattr(cfg, "mask_paste", "detectron2")
+    paste_rule = builders.paste_rule(builders.model_config(config, len(class_names)))
     written, seen = 0, set()
     bar = tqdm(total=len(files), desc="predict", unit="img")
     for batch, found, _ in evaluate.run_inference(
@@ -124,11 +123,9 @@ def predict(
             path = files[int(index)]
             seen.add(int(index))
             geometry = detections.ImageGeometry.of_batch(batch, b)
-            instances = [
-                i
-                for i in detections.image_instances(found, b, geometry, paste_rule)
-                if i["score"] >= score_threshold
-            ]
+            instances = detections.image_instances(
+                found, b, geometry, paste_rule, min_score=score_threshold
+            )
             _write(path, out, geometry.orig_hw, instances, class_names)
             written += 1
             bar.update(1)

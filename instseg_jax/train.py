@@ -48,7 +48,9 @@ def learning_rate(config) -> optax.Schedule:
     elif s.decay == "cosine":
         after = optax.cosine_decay_schedule(lr, max(s.total_steps, 1))
     else:
-        raise ValueError(f"schedule.decay must be 'step' or 'cosine', got {s.decay!r}")
+        raise config_lib.ConfigValueError(
+            f"schedule.decay must be 'step' or 'cosine', got {s.decay!r}"
+        )
     if s.warmup_steps <= 0:
         return after
 
@@ -91,7 +93,7 @@ def optimizer(config, params) -> optax.GradientTransformation:
     elif o.name == "adamw":
         train = optax.adamw(schedule, weight_decay=o.weight_decay, mask=decays)
     else:
-        raise ValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
+        raise config_lib.ConfigValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
     if o.clip_norm > 0:
         train = optax.chain(optax.clip_by_global_norm(o.clip_norm), train)
     labels = jax.tree_util.tree_map_with_path(label, params)
@@ -206,7 +208,7 @@ def train(
     category_ids, _ = builders.class_map(config, source)
     source_ids, source_names = builders.source_class_map(source)
     if category_ids != source_ids:
-        raise ValueError(
+        raise config_lib.ConfigValueError(
             f"input.category_ids {category_ids[:5]}... differ from the training data's categories "
             f"{source_ids[:5]}...: training uses the dataset's class map; clear "
             "input.category_ids and input.class_names"

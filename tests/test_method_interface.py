@@ -168,9 +168,13 @@ def _last_line(text: str) -> str:
         (["train", "--config", "experiments/nope.py", "--workdir", "x"], "nope.py"),
         (["train", "--config", TOY, "--workdir", "x", "--config.model.widht=3"], "widht"),
         (["predict", "--workdir", "no/such/workdir", "--images", "a.png", "--out", "o"], "no "),
+        (["eval", "--workdir", "w", "--max-dets", "50"], "--max-dets 50"),
+        (["eval", "--results", "{tmp}/bad.json", "--annotations", "{tmp}/bad.json"], "bad.json"),
     ],
 )
 def test_user_mistakes_end_in_one_line_and_status_2(argv, expected, capsys, tmp_path):
+    (tmp_path / "bad.json").write_text("{not json")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert expected in _last_line(captured.err)

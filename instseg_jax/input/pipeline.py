@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from instseg_jax.config import ConfigValueError
 from instseg_jax.input import report
 from instseg_jax.input.images import UnreadableImage
 from instseg_jax.input.transforms import TransformConfig, transform
@@ -194,12 +195,14 @@ class InputPipeline:
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if global_batch % process_count:
-            raise ValueError(
+            raise ConfigValueError(
                 f"global batch {global_batch} does not divide over "
                 f"{process_count} processes; change input.global_batch"
             )
         if len(source) == 0:
-            raise ValueError("the source has no examples")
+            raise ConfigValueError(
+                f"the data source has no examples ({getattr(source, 'annotation_file', source)})"
+            )
         self.config = config
         self.spec = StreamSpec(len(source), global_batch, process_index, process_count)
         self.train = config.train

@@ -19,6 +19,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from instseg_jax.config import ConfigValueError
 from instseg_jax.input import report
 
 
@@ -48,14 +49,16 @@ class TransformConfig:
 
     def __post_init__(self):
         if self.resize_rule not in ("detectron2", "torchvision"):
-            raise ValueError(
+            raise ConfigValueError(
                 f"input.resize_rule must be 'detectron2' or 'torchvision', got {self.resize_rule!r}"
             )
         if self.resize not in ("short_side", "lsj"):
-            raise ValueError(f"input.resize must be 'short_side' or 'lsj', got {self.resize!r}")
+            raise ConfigValueError(
+                f"input.resize must be 'short_side' or 'lsj', got {self.resize!r}"
+            )
         stride = self.full_mask_stride
         if stride and (self.canvas_hw[0] % stride or self.canvas_hw[1] % stride):
-            raise ValueError(
+            raise ConfigValueError(
                 f"input.canvas_hw {self.canvas_hw} must be divisible by {stride} for the "
                 f"method's stride-{stride} masks"
             )
@@ -281,8 +284,10 @@ def _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip) -> np.ndarr
         x = (xs + 0.5) * scale - ox
         y = (ys + 0.5) * scale - oy
         visible = (x >= 0) & (x < valid_w) & (y >= 0) & (y < valid_h)
-        if visible.any():  # a kept instance has a box of >= 1 px in the window
-            x, y = x[visible], y[visible]
-        cx = float(x.mean())
-        out[slot] = (valid_w - cx if flip else cx, float(y.mean()))
+        if visible.any():
+            cx, cy = float(x[visible].mean()), float(y[visible].mean())
+        else:  # a sliver between pixel centres: the centre of its pixels clipped to the window
+            cx = float(np.clip(x, 0, valid_w).mean())
+            cy = float(np.clip(y, 0, valid_h).mean())
+        out[slot] = (valid_w - cx if flip else cx, cy)
     return out

@@ -12,13 +12,19 @@ A method module provides (see README "Adding a method"):
   base_config()   the method's reference experiment config (ml_collections.ConfigDict)
   smoke(config)   shrinks a config of the method to seconds on a CPU (tests)
 
-`config.method` may also be an importable module path ("mypackage.my_method"): a method that
-lives outside this package (a research prototype, a test) runs through every command unchanged.
+Config must be hashable (tuples, not lists: the jitted inference is cached per config); an
+optional `mask_paste` field picks the host-side paste rule of box-relative masks.
+
+`config.method` may also be an importable module path ("mypackage.my_method", installed or
+under the working directory): a method that lives outside this package (a research prototype,
+a test) runs through every command unchanged.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from types import ModuleType
 
 from instseg_jax.config import ConfigValueError
@@ -41,7 +47,14 @@ def get(name: str) -> ModuleType:
             "(or give an importable module path such as 'mypackage.my_method')"
         )
     try:
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            # The `instseg-jax` script does not put the working directory on sys.path.
+            if os.getcwd() in sys.path:
+                raise
+            sys.path.append(os.getcwd())
+            module = importlib.import_module(name)
     except ImportError as error:
         raise ConfigValueError(
             f"config.method {name!r}: cannot import the module ({error})"
