@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-import jax
 import numpy as np
 
-from instseg_jax import methods
+from instseg_jax import compilation, methods
 from instseg_jax.config import ConfigValueError
 from instseg_jax.input.coco import CocoSource
 from instseg_jax.input.synthetic import SyntheticSource
@@ -151,7 +150,7 @@ def paste_rule(cfg) -> str:
 @functools.lru_cache(maxsize=4)
 def _inference_fn(model_class, cfg):
     model = model_class(cfg)
-    return jax.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
+    return compilation.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
 
 
 def inference_fn(config, num_classes: int):

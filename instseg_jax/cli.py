@@ -9,11 +9,27 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instseg-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train, evaluate and draw Mask R-CNN on nuclei")
+    # Every command that compiles a model shares JAX's persistent compilation cache.
+    compiles = argparse.ArgumentParser(add_help=False)
+    compiles.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="JAX's persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else "
+        "~/.cache/instseg_jax/jax): a second run of a config skips most compilation",
+    )
+    compiles.add_argument(
+        "--no-compile-cache", action="store_true", help="compile everything afresh"
+    )
+    demo = commands.add_parser(
+        "demo", parents=[compiles], help="train, evaluate and draw Mask R-CNN on nuclei"
+    )
     demo.add_argument("--src", default=None, help="a stage1_train folder (optional)")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--ops", action="store_true", help="only the ops showcase (seconds)")
-    train = commands.add_parser("train", help="train a model from an experiment config")
+    train = commands.add_parser(
+        "train", parents=[compiles], help="train a model from an experiment config"
+    )
     train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
     train.add_argument(
@@ -22,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="stop early at this step (default: schedule.total_steps)",
     )
-    evaluate = commands.add_parser("eval", help="COCO bbox/segm evaluation with pycocotools")
+    evaluate = commands.add_parser(
+        "eval", parents=[compiles], help="COCO bbox/segm evaluation with pycocotools"
+    )
     evaluate.add_argument("--workdir", help="a training workdir to evaluate")
     evaluate.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
     evaluate.add_argument("--results", help="a COCO results JSON to evaluate on its own")
@@ -34,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         help="COCOeval's largest maxDets (default: the config's eval.max_detections, else 100); "
         "above 100, AP and AR at it are reported beside COCO's maxDets=100 table",
     )
-    predict = commands.add_parser("predict", help="detections and overlay PNGs for images")
+    predict = commands.add_parser(
+        "predict", parents=[compiles], help="detections and overlay PNGs for images"
+    )
     predict.add_argument("--workdir", help="a training workdir (latest checkpoint)")
     predict.add_argument(
         "--checkpoint", dest="checkpoint_path", help="a checkpoint folder: DIR/checkpoints/STEP"
@@ -79,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if not getattr(args, "no_compile_cache", True):
+        from instseg_jax import compilation
+
+        compilation.enable_persistent_cache(args.compile_cache)
     if args.command == "demo":
         if args.ops:
             from instseg_jax import ops_showcase

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from instseg_jax import builders, evaluate, rng, sharding
+from instseg_jax import builders, compilation, evaluate, rng, sharding
 from instseg_jax import config as config_lib
 from instseg_jax.backbones.resnet import frozen_prefixes
 from instseg_jax.builders import device_fields
@@ -136,8 +136,9 @@ def state_from_variables(variables: dict, tx, config) -> dict:
     }
 
 
-def make_train_step(model, loss_fn, tx, cfg, mesh, state_sharding):
-    """The jitted step (state, batch) -> (state, metrics) of a model and its method's loss_fn."""
+def step_function(model, loss_fn, tx, cfg):
+    """The training step (state, batch) -> (state, metrics) of a model and its method's
+    loss_fn, before jit (make_train_step compiles it)."""
 
     def step_fn(state, batch):
         key = rng.step_key(jax.random.wrap_key_data(state["sampling_key"]), state["step"])
@@ -173,8 +174,13 @@ def make_train_step(model, loss_fn, tx, cfg, mesh, state_sharding):
         )
         return new_state, metrics
 
-    return jax.jit(
-        step_fn,
+    return step_fn
+
+
+def make_train_step(model, loss_fn, tx, cfg, mesh, state_sharding):
+    """The jitted, state-donating training step on the `data` mesh."""
+    return compilation.jit(
+        step_function(model, loss_fn, tx, cfg),
         in_shardings=(state_sharding, sharding.data_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,

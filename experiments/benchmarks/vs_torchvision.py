@@ -38,11 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from instseg_jax import (  # noqa: E402
-    builders,
-    detections,
-    sharding,
-)
+from instseg_jax import builders, compilation, detections, sharding  # noqa: E402
 from instseg_jax import train as train_lib  # noqa: E402
 from instseg_jax.input import report  # noqa: E402
 from instseg_jax.input.pipeline import stack_examples  # noqa: E402
@@ -117,8 +113,8 @@ def backbone_grad(args, model, variables, arch, best_conv, torch, torchvision) -
             features = net.apply({"params": params, "frozen": frozen}, x, method=MaskRCNN.features)
             return sum(jnp.sum(f) for f in features.values())
 
-        forward = jax.jit(feature_sum).lower(variables["params"], image).compile()
-        grad = jax.jit(jax.grad(feature_sum)).lower(variables["params"], image).compile()
+        forward = compilation.jit(feature_sum).lower(variables["params"], image).compile()
+        grad = compilation.jit(jax.grad(feature_sum)).lower(variables["params"], image).compile()
         tensor = (torch.from_numpy(np.asarray(image)).permute(0, 3, 1, 2) / 255.0 - 0.45) / 0.225
 
         def theirs_forward(x=tensor):
@@ -168,7 +164,7 @@ def halfway(scores_descending, count: int) -> float:
 def our_forward(arch, side: int, threshold: float, variables, batch):
     config = our_config(arch, side, 1, threshold)
     net = MaskRCNN(builders.model_config(config, arch["num_classes"]))
-    forward = jax.jit(lambda v, b: net.apply(v, b, train=False)["detections"])
+    forward = compilation.jit(lambda v, b: net.apply(v, b, train=False)["detections"])
     return forward.lower(variables, batch).compile()
 
 
@@ -276,7 +272,7 @@ def main(argv=None) -> int:
             args.rounds,
         )
         # Where the time goes: the backbone + FPN alone on both sides.
-        features = jax.jit(lambda v, x, net=net: net.apply(v, x, method=MaskRCNN.features))
+        features = compilation.jit(lambda v, x, net=net: net.apply(v, x, method=MaskRCNN.features))
         compiled_features = features.lower(variables, batch["image"]).compile()
         normalised = model.transform([image])[0].tensors
 
@@ -395,7 +391,7 @@ def main(argv=None) -> int:
                     )
                     return mask_rcnn_loss(outputs, b, cfg)[0]
 
-                compiled_loss = jax.jit(loss_only).lower(params, batch).compile()
+                compiled_loss = compilation.jit(loss_only).lower(params, batch).compile()
 
                 def ours_loss(c=compiled_loss, batch=batch, params=params):
                     return jax.block_until_ready(c(params, batch))

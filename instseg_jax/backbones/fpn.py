@@ -8,6 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from instseg_jax.nn.layers import Conv
+
 
 class FPN(nn.Module):
     channels: int = 256
@@ -18,9 +20,9 @@ class FPN(nn.Module):
         names = ["res2", "res3", "res4", "res5"]
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # c2_xavier_fill
         laterals = [
-            nn.Conv(
-                self.channels, (1, 1), dtype=self.dtype, kernel_init=init, name=f"lateral{i + 2}"
-            )(features[n])
+            Conv(self.channels, (1, 1), dtype=self.dtype, kernel_init=init, name=f"lateral{i + 2}")(
+                features[n]
+            )
             for i, n in enumerate(names)
         ]
         merged = [None] * 4
@@ -31,7 +33,7 @@ class FPN(nn.Module):
             merged[i] = laterals[i] + upsampled
         outputs = {}
         for i in range(4):
-            outputs[f"p{i + 2}"] = nn.Conv(
+            outputs[f"p{i + 2}"] = Conv(
                 self.channels,
                 (3, 3),
                 padding=((1, 1), (1, 1)),

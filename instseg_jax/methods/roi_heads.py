@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from instseg_jax import ops
-from instseg_jax.nn.layers import Deconv2x2
+from instseg_jax.nn.layers import Conv, Deconv2x2
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 POOLED_LEVELS = ("p2", "p3", "p4", "p5")
@@ -136,7 +136,7 @@ class MaskHead(nn.Module):
         init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         for i in range(self.num_convs):
             x = nn.relu(
-                nn.Conv(
+                Conv(
                     self.channels,
                     (3, 3),
                     padding=((1, 1), (1, 1)),

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from instseg_jax import ops
+from instseg_jax.nn.layers import Conv
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 
@@ -28,7 +29,7 @@ class RPNHead(nn.Module):
         """Returns objectness float32[B, T] and deltas float32[B, T, 4] in anchor order."""
         init = nn.initializers.normal(0.01)
         channels = features[LEVELS[0]].shape[-1]
-        shared = nn.Conv(
+        shared = Conv(
             channels,
             (3, 3),
             padding=((1, 1), (1, 1)),

@@ -61,6 +61,7 @@ def run_converted(
     import jax
     import jax.numpy as jnp
 
+    from instseg_jax import compilation
     from instseg_jax.methods.mask_rcnn import MaskRCNN
 
     pixels, (h, w) = tv.preprocess(image, min_size, max_size)
@@ -73,10 +74,10 @@ def run_converted(
         "scale": jnp.asarray([h / image.shape[0]], jnp.float32),
         "crop_offset": jnp.zeros((1, 2), jnp.int32),
     }
-    features = jax.jit(lambda v, x: model.apply(v, x, method=MaskRCNN.features))(
+    features = compilation.jit(lambda v, x: model.apply(v, x, method=MaskRCNN.features))(
         variables, batch["image"]
     )
-    outputs = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+    outputs = compilation.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
     outputs, features = jax.device_get((outputs, features))
     valid = outputs["proposal_valid"][0]
     det = outputs["detections"]
