@@ -34,9 +34,11 @@ from instseg_jax.input.pipeline import padding_example
 REPO = Path(__file__).resolve().parents[2]
 
 
-def step_program(experiment: str, batch_size: int, train: bool, options: dict | None = None):
+def step_program(
+    experiment: str, batch_size: int, train: bool, options: dict | None = None, concrete=False
+):
     """(jitted function, its arguments) of an experiment's training or evaluation step on a
-    padding batch (shapes are all that compilation needs)."""
+    padding batch; the state is shapes only unless concrete (compilation needs no values)."""
     config = config_lib.load(str(REPO / "experiments" / experiment))
     method, cfg, model = builders.build_model(config, 1 if "nuclei" in experiment else 80)
     tconfig = builders.transform_config(config, train)
@@ -50,9 +52,16 @@ def step_program(experiment: str, batch_size: int, train: bool, options: dict | 
             lambda: model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
         )
         return fn, (variables, batch)
-    variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
-    tx = train_lib.optimizer(config, variables["params"])
-    state = train_lib.state_from_variables(variables, tx, config)
+
+    def init_state():
+        variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+        return train_lib.state_from_variables(variables, tx, config)
+
+    param_shapes = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+    )["params"]
+    tx = train_lib.optimizer(config, param_shapes)
+    state = jax.jit(init_state)() if concrete else jax.eval_shape(init_state)
     mesh = sharding.make_mesh()
     replicated = sharding.replicated(mesh)
     step = jax.jit(
@@ -100,7 +109,7 @@ def main(argv=None) -> int:
     state_key = {}
     steps = {}
     for label, opts in (("XLA defaults", None), ("compile option", options or None)):
-        fn, (state, batch) = step_program("maskrcnn_nuclei.py", 4, True, opts)
+        fn, (state, batch) = step_program("maskrcnn_nuclei.py", 4, True, opts, concrete=True)
         compiled = fn.lower(state, batch).compile()
         state_key[label] = state
         steps[label] = (compiled, batch)
