@@ -309,9 +309,12 @@ def loss_fn(outputs: dict, batch: dict, cfg: MaskRCNNConfig) -> tuple[jnp.ndarra
         )
     total = sum(losses.values())
     metrics.update(losses)
-    metrics["num_fg_rois"] = jnp.mean(
-        jnp.sum(outputs["rois"]["foreground"], axis=1).astype(jnp.float32)
-    )
+    num_fg = jnp.sum(outputs["rois"]["foreground"], axis=1).astype(jnp.float32)  # [B]
+    metrics["num_fg_rois"] = jnp.mean(num_fg)
+    if cfg.mask_on:  # foreground RoIs the mask head's static budget of slots left out
+        metrics["mask_rois_over_budget"] = jnp.mean(
+            jnp.maximum(num_fg - cfg.mask_fg_per_image, 0.0)
+        )
     return total, metrics
 
 

@@ -102,3 +102,20 @@ def test_optimizer_freezes_stages_and_skips_decay_on_norms():
     updates, _ = tx.update(grads, tx.init(params), params)
     assert float(jnp.abs(updates["backbone"]["stem"]["norm"]["gn"]["scale"]).sum()) == 0
     assert float(jnp.abs(updates["backbone"]["stem"]["conv"]["kernel"]).sum()) > 0
+
+
+def test_foreground_rois_beyond_the_mask_budget_are_counted():
+    """A budget of 2 mask slots: the metric counts, per image, the foreground RoIs left out."""
+    config = config_lib.load(SMOKE, ["--config.model.mask_fg_per_image=2"])
+    source, batch = first_batch(config)
+    cfg = builders.model_config(config, source.num_classes)
+    model = mask_rcnn.Model(cfg)
+    variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+    outputs = jax.jit(lambda v, b: model.apply(v, b, train=True, key=jax.random.key(2)))(
+        variables, batch
+    )
+    _, metrics = mask_rcnn.loss_fn(outputs, batch, cfg)
+    per_image = [int(row.sum()) for row in np.asarray(outputs["rois"]["foreground"])]
+    expected = sum(max(n - 2, 0) for n in per_image) / len(per_image)
+    assert max(per_image) > 2  # the case exercises the budget
+    assert float(metrics["mask_rois_over_budget"]) == pytest.approx(expected)
