@@ -129,8 +129,9 @@ def predict(
             _write(path, out, geometry.orig_hw, instances, class_names)
             written += 1
             bar.update(1)
-    bar.close()
     skipped = [str(f) for i, f in enumerate(files) if i not in seen]
+    bar.update(len(skipped))
+    bar.close()
     if skipped:
         log.warning("%d file(s) could not be read: %s", len(skipped), ", ".join(skipped))
     return {"written": written, "skipped": skipped}
