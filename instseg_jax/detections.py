@@ -125,7 +125,6 @@ class CanvasResampler:
         seen_x = ((canvas_x >= 0) & (canvas_x < valid_w)).astype(np.float32)
         self.y_taps = (*y_taps[:2], y_taps[2] * seen_y, y_taps[3] * seen_y)
         self.x_taps = (*x_taps[:2], x_taps[2] * seen_x, x_taps[3] * seen_x)
-        self.orig_hw = (height, width)
 
     def region(self, mask: np.ndarray):
         """(bool[h, w] region, top, left) of one canvas mask of probabilities."""

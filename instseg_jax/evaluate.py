@@ -20,12 +20,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from instseg_jax import builders, detections
+from instseg_jax import builders, detections, structures
 from instseg_jax.config import UserError
+from instseg_jax.input.coco import mask_annotation
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def ground_truth(source) -> COCO:
     (synthetic scenes) its exact masks, RLE-encoded in memory."""
     annotation_file = getattr(source, "annotation_file", None)
     if annotation_file is not None:
-        return _quiet(COCO, str(annotation_file))
+        return _load_coco(annotation_file)
     images, annotations = [], []
     for index in range(len(source)):
         example = source.load(index)
@@ -162,24 +162,11 @@ def ground_truth(source) -> COCO:
         for mask, category, crowd in zip(
             example["masks"], category_ids, example["iscrowd"], strict=True
         ):
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": int(category),
-                    "segmentation": rle,
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "iscrowd": int(crowd),
-                }
+                mask_annotation(mask, len(annotations) + 1, image_id, category, crowd)
             )
-    categories = [
-        {"id": int(i), "name": n}
-        for i, n in zip(
-            source.category_id(np.arange(source.num_classes)), source.class_names, strict=True
-        )
-    ]
+    ids, names = builders.source_class_map(source)
+    categories = [{"id": i, "name": n} for i, n in zip(ids, names, strict=True)]
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
     _quiet(gt.createIndex)
@@ -300,7 +287,7 @@ def evaluate_model(
         start = time.perf_counter()
         results += detections.detections_to_results(found, batch, category_ids, paste_rule)
         seconds["paste_rle_s"] += time.perf_counter() - start
-        has_masks = detections.structures.mask_payload(found) is not None
+        has_masks = structures.mask_payload(found) is not None
     start = time.perf_counter()
     gt = ground_truth(source)
     seconds["ground_truth_s"] = time.perf_counter() - start

@@ -179,6 +179,23 @@ def decode_instances(segmentations, boxes, height: int, width: int, counts: np.n
     }
 
 
+def mask_annotation(
+    mask: np.ndarray, annotation_id: int, image_id: int, category_id: int, iscrowd: bool = False
+) -> dict:
+    """A COCO annotation of a bool mask[H, W]: compressed RLE (str counts, JSON-ready), with
+    area and box from pycocotools."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {
+        "id": int(annotation_id),
+        "image_id": int(image_id),
+        "category_id": int(category_id),
+        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+        "area": float(mask_utils.area(rle)),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "iscrowd": int(iscrowd),
+    }
+
+
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """bool[H, W] of a COCO segmentation: polygons, uncompressed or compressed RLE.
 

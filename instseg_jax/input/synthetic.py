@@ -126,7 +126,8 @@ def write_coco(source: SyntheticSource, folder, split: str = "val") -> tuple:
     from pathlib import Path
 
     from PIL import Image
-    from pycocotools import mask as mask_utils
+
+    from instseg_jax.input.coco import mask_annotation
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -138,18 +139,7 @@ def write_coco(source: SyntheticSource, folder, split: str = "val") -> tuple:
         height, width = example["image"].shape[:2]
         images.append({"id": index + 1, "file_name": name, "height": height, "width": width})
         for mask, cls in zip(example["masks"], example["classes"], strict=True):
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": index + 1,
-                    "category_id": int(cls) + 1,
-                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append(mask_annotation(mask, len(annotations) + 1, index + 1, cls + 1))
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
     path = folder / f"{split}.json"
     path.write_text(
