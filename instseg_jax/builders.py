@@ -148,13 +148,40 @@ def paste_rule(cfg) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _inference_fn(model_class, cfg):
-    model = model_class(cfg)
+def _inference_fn(module, cfg):
+    model = module.Model(cfg)
+    if hasattr(module, "make_inference"):  # the method runs its own jitted programs
+        return module.make_inference(model)
     return compilation.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
 
 
 def inference_fn(config, num_classes: int):
-    """The jitted detections function (variables, device batch) -> Detections, compiled once
-    per (method, model config)."""
+    """The detections function (variables, device batch) -> Detections, compiled once per
+    (method, model config): one jitted forward, or the method's `make_inference` (optional in
+    the method interface) when it splits inference into several programs."""
     module = method(config)
-    return _inference_fn(module.Model, model_config(config, num_classes))
+    return _inference_fn(module, model_config(config, num_classes))
+
+
+def instances_per_image(source, max_instances: int, sample: int = 1000) -> np.ndarray:
+    """Instances per training image, each at most max_instances (the padded batch keeps no
+    more): from the annotations when the source has them (`instances_per_image()`), else
+    counted on up to `sample` evenly spaced loaded examples."""
+    if hasattr(source, "instances_per_image"):
+        counts = np.asarray(source.instances_per_image())
+    else:
+        picks = np.unique(np.linspace(0, len(source) - 1, min(sample, len(source))).astype(int))
+        counts = np.asarray(
+            [int((~np.asarray(source.load(int(i))["iscrowd"], bool)).sum()) for i in picks]
+        )
+    return np.minimum(counts, max_instances)
+
+
+def defaults_from_data(config, source) -> list[str]:
+    """Fill the method's config fields left to the training data (the optional
+    `defaults_from_data(config, instances_per_image)` of the method interface); returns what
+    was chosen, for the log."""
+    hook = getattr(method(config), "defaults_from_data", None)
+    if hook is None:
+        return []
+    return hook(config, instances_per_image(source, config.input.max_instances))

@@ -200,9 +200,11 @@ def train(
     workdir = Path(workdir)
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh()
-    if jax.process_index() == 0:
-        config_lib.save(config, workdir)
     source = builders.build_source(config.input, train=True)
+    for note in builders.defaults_from_data(config, source):
+        log.info("%s", note)
+    if jax.process_index() == 0:  # with the values chosen from the data
+        config_lib.save(config, workdir)
     tconfig = builders.transform_config(config, train=True)
     pipeline = InputPipeline(
         source,

@@ -117,6 +117,10 @@ class CocoSource(CategoryIds):
     def __len__(self) -> int:
         return len(self.records)
 
+    def instances_per_image(self) -> np.ndarray:
+        """Non-crowd annotations of every record, from the annotation file alone."""
+        return np.asarray([int((~r["iscrowd"]).sum()) for r in self.records], np.int64)
+
     def __getitem__(self, index: int) -> dict:
         return self.records[index]
 

@@ -12,14 +12,17 @@ Defaults follow detectron2's mask_rcnn_R_50_FPN; every one is a config field.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from instseg_jax import compilation, ops, structures
 from instseg_jax import config as config_lib
-from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPN
 from instseg_jax.backbones.resnet import ResNet
 from instseg_jax.methods import roi_heads, rpn
@@ -57,7 +60,10 @@ class MaskRCNNConfig:
     box_pool_size: int = 7
     box_fc_dim: int = 1024
     mask_pool_size: int = 14
-    mask_fg_per_image: int = 128
+    # Static mask-head slots per training image; 0 = chosen from the training data when training
+    # starts (`defaults_from_data`). The first slots take the sampled positives, which come in
+    # random order, so a budget below the positives trains on a uniform random subset of them.
+    mask_fg_per_image: int = 0
     mask_head_convs: int = 4
     sampling_ratio: int = 2
     aligned: bool = True
@@ -65,6 +71,10 @@ class MaskRCNNConfig:
     test_pre_nms_topk: int = 0  # 0: every (box, class) pair above the threshold (detectron2)
     test_nms_threshold: float = 0.5
     detections_per_image: int = 100
+    # Inference runs the mask head on this many slots when the detections of every image of
+    # the batch fit (else on all detections_per_image): two compiled sizes picked on the host.
+    # 0 = always all slots.
+    test_mask_slots_small: int = 16
     compute_dtype: str = "float32"
     # Conventions that differ between detectron2 (the defaults) and torchvision; the torchvision
     # preset (instseg_jax.weights.torchvision.apply_preset) switches all of them.
@@ -156,12 +166,29 @@ class MaskRCNN(nn.Module):
         return self.fpn(self.backbone(x.astype(self.cfg.dtype)))
 
     def detect(self, features, outputs: dict, batch: dict) -> dict:
+        """Detections with masks on all K slots (see `select_detections`)."""
+        detections, canvas_boxes = self.select_detections(outputs, batch)
+        if self.cfg.mask_on:
+            detections["masks"] = self.box_masks(
+                features, canvas_boxes, detections["classes"], batch.get("flipped")
+            )
+        return detections
+
+    def detect_boxes(self, batch: dict):
+        """Inference up to the kept boxes: (Detections without masks, FPN features, the kept
+        boxes on the canvas [B, K, 4]); `box_masks` completes them (make_inference)."""
+        features, outputs = self.proposals_and_boxes(batch)
+        detections, canvas_boxes = self.select_detections(outputs, batch)
+        return detections, {k: features[k] for k in roi_heads.POOLED_LEVELS}, canvas_boxes
+
+    def select_detections(self, outputs: dict, batch: dict):
         """Detections (DESIGN's structure) from the box head's outputs on the proposals.
 
         Per-class softmax scores above score_threshold, class-specific boxes clipped to the
         image, the top pre_nms_topk (box, class) pairs, class-aware NMS, K = detections_per_image
-        kept; masks are the mask head's probabilities of the kept class in each kept box.
-        Boxes are returned in original image pixels.
+        kept (valid ones first); masks (added by `detect`) are the mask head's probabilities of
+        the kept class in each kept box. Returns the Detections, boxes in original image pixels,
+        and the kept boxes on the canvas.
         """
         cfg = self.cfg
         b, p, _ = outputs["class_logits"].shape
@@ -198,14 +225,21 @@ class MaskRCNN(nn.Module):
 
         det_boxes, det_scores, det_classes, det_valid = jax.vmap(one_image)(scores, boxes)
         detections = {"scores": det_scores, "classes": det_classes, "valid": det_valid}
-        if cfg.mask_on:
-            pooled = self.pool(features, det_boxes, cfg.mask_pool_size)  # [B, K, 14, 14, D]
-            logits = self.mask_head(pooled)  # [B, K, 28, 28, C]
-            chosen = jnp.take_along_axis(logits, det_classes[:, :, None, None, None], axis=-1)
-            masks = jax.nn.sigmoid(chosen[..., 0])  # [B, K, 28, 28]
-            if "flipped" in batch:  # a mirrored canvas: masks relative to the unmirrored boxes
-                masks = ops.mirror_box_masks(masks, batch["flipped"])
-            detections["masks"] = masks
+        detections["boxes"] = self.original_boxes(det_boxes, det_valid, batch)
+        return detections, det_boxes
+
+    def box_masks(self, features, canvas_boxes, classes, flipped=None):
+        """[B, S, 28, 28] mask probabilities of classes[B, S] in canvas_boxes[B, S, 4]."""
+        cfg = self.cfg
+        pooled = self.pool(features, canvas_boxes, cfg.mask_pool_size)  # [B, S, 14, 14, D]
+        logits = self.mask_head(pooled)  # [B, S, 28, 28, C]
+        chosen = jnp.take_along_axis(logits, classes[:, :, None, None, None], axis=-1)
+        masks = jax.nn.sigmoid(chosen[..., 0])
+        if flipped is not None:  # a mirrored canvas: masks relative to the unmirrored boxes
+            masks = ops.mirror_box_masks(masks, flipped)
+        return masks
+
+    def original_boxes(self, det_boxes, det_valid, batch):
         original = ops.canvas_to_original_boxes(
             det_boxes,
             batch["image_hw"],
@@ -213,12 +247,18 @@ class MaskRCNN(nn.Module):
             batch["scale"],
             batch["crop_offset"],
             batch.get("flipped"),
-            per_axis=cfg.box_rescale == "per_axis",
+            per_axis=self.cfg.box_rescale == "per_axis",
         )
-        detections["boxes"] = jnp.where(det_valid[..., None], original, 0.0)
-        return detections
+        return jnp.where(det_valid[..., None], original, 0.0)
 
-    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+    def proposals_and_boxes(self, batch: dict):
+        """Inference's features and outputs: proposals and the box head on them."""
+        features, outputs = self.proposals(batch, train=False)
+        pooled = self.pool(features, outputs["proposal_boxes"], self.cfg.box_pool_size)
+        outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
+        return features, outputs
+
+    def proposals(self, batch: dict, train: bool):
         cfg = self.cfg
         features = self.features(batch["image"])
         logits, deltas = self.rpn_head(features)  # [B, T], [B, T, 4]
@@ -237,16 +277,28 @@ class MaskRCNN(nn.Module):
             "proposal_boxes": proposal_boxes,
             "proposal_scores": proposal_scores,
             "proposal_valid": proposal_valid,
+            "rpn_logits": logits,
+            "rpn_deltas": deltas,
         }
+        return features, outputs
+
+    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+        cfg = self.cfg
         if not train:
-            pooled = self.pool(features, proposal_boxes, cfg.box_pool_size)
-            outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
+            features, outputs = self.proposals_and_boxes(batch)
             outputs["detections"] = self.detect(features, outputs, batch)
             return outputs
+        features, outputs = self.proposals(batch, train=True)
+        proposal_boxes, proposal_valid = outputs["proposal_boxes"], outputs["proposal_valid"]
+        if cfg.mask_on and cfg.mask_fg_per_image <= 0:
+            raise config_lib.ConfigValueError(
+                "model.mask_fg_per_image is 0 (chosen from the training data when `instseg-jax "
+                "train` starts); outside the trainer give it a positive number of mask RoIs"
+            )
         if key is None:
             raise ValueError("training needs a key for anchor and RoI sampling")
         anchor_key, roi_key = jax.random.split(key)
-        anchors = jnp.concatenate(anchors_by_level)
+        anchors = jnp.concatenate(self.anchors())
         labels, target_deltas = rpn.anchor_targets(
             anchors,
             batch["gt_boxes"],
@@ -255,9 +307,7 @@ class MaskRCNN(nn.Module):
             cfg.rpn_batch_per_image,
             cfg.rpn_positive_fraction,
         )
-        outputs.update(
-            rpn_logits=logits, rpn_deltas=deltas, rpn_labels=labels, rpn_target_deltas=target_deltas
-        )
+        outputs.update(rpn_labels=labels, rpn_target_deltas=target_deltas)
         rois = roi_heads.sample_rois(
             proposal_boxes,
             proposal_valid,
@@ -312,9 +362,9 @@ def loss_fn(outputs: dict, batch: dict, cfg: MaskRCNNConfig) -> tuple[jnp.ndarra
     num_fg = jnp.sum(outputs["rois"]["foreground"], axis=1).astype(jnp.float32)  # [B]
     metrics["num_fg_rois"] = jnp.mean(num_fg)
     if cfg.mask_on:  # foreground RoIs the mask head's static budget of slots left out
-        metrics["mask_rois_over_budget"] = jnp.mean(
-            jnp.maximum(num_fg - cfg.mask_fg_per_image, 0.0)
-        )
+        over = jnp.maximum(num_fg - cfg.mask_fg_per_image, 0.0)
+        metrics["mask_rois_over_budget"] = jnp.mean(over)
+        metrics["mask_rois_over_budget_fraction"] = jnp.sum(over) / jnp.maximum(jnp.sum(num_fg), 1)
     return total, metrics
 
 
@@ -322,6 +372,87 @@ def loss_fn(outputs: dict, batch: dict, cfg: MaskRCNNConfig) -> tuple[jnp.ndarra
 
 Config = MaskRCNNConfig
 Model = MaskRCNN
+
+
+MASK_BUDGET_QUANTILE = 0.95
+
+
+def mask_budget_from_data(instances_per_image, roi_batch_per_image: int, positive_fraction: float):
+    """The training mask budget's documented rule: the 95th percentile of instances per
+    training image (after input.max_instances), rounded up to a multiple of 8, at least 8 and
+    at most the positives a sampled RoI batch can hold (roi_batch_per_image x
+    positive_fraction). About one mask RoI per instance in 95% of images; the positives
+    beyond it are counted in the metrics (mask_rois_over_budget, ..._fraction)."""
+    cap = max(int(roi_batch_per_image * positive_fraction), 1)
+    counts = np.asarray(instances_per_image, np.float64)
+    quantile = float(np.quantile(counts, MASK_BUDGET_QUANTILE)) if counts.size else cap
+    return int(min(max(8 * math.ceil(quantile / 8), 8), cap))
+
+
+def defaults_from_data(config: ml_collections.ConfigDict, instances_per_image) -> list[str]:
+    """Fill the config fields left to the training data (method interface, optional); returns
+    what was chosen, for the log."""
+    m = config.model
+    if not m.get("mask_on", True) or m.mask_fg_per_image > 0:
+        return []
+    m.mask_fg_per_image = mask_budget_from_data(
+        instances_per_image, m.roi_batch_per_image, m.roi_positive_fraction
+    )
+    counts = np.asarray(instances_per_image)
+    return [
+        f"model.mask_fg_per_image = {m.mask_fg_per_image} mask RoIs per image, from the data: "
+        f"95th percentile of instances per training image "
+        f"{np.quantile(counts, MASK_BUDGET_QUANTILE) if counts.size else 0:.0f} "
+        f"(median {np.median(counts) if counts.size else 0:.0f}, max "
+        f"{counts.max() if counts.size else 0}, {counts.size} images); set it to override"
+    ]
+
+
+def make_inference(model: MaskRCNN):
+    """(variables, device batch) -> Detections, with the mask head on a budget that fits.
+
+    Two jitted programs: boxes (backbone to NMS), then the mask head on the first S slots,
+    S = test_mask_slots_small when every image's detections fit in it (read on the host:
+    valid detections are a prefix of the K slots), else all K. The masks of the valid slots
+    are those of the one-program forward; slots beyond S hold zeros (they are not valid).
+    """
+    cfg = model.cfg
+    k = cfg.detections_per_image
+
+    def boxes_fn(variables, batch):
+        return model.apply(variables, batch, method=MaskRCNN.detect_boxes)
+
+    boxes = compilation.jit(boxes_fn)
+
+    @functools.cache
+    def masks(slots: int):
+        def masks_fn(variables, features, canvas_boxes, classes, flipped):
+            out = model.apply(
+                variables,
+                features,
+                canvas_boxes[:, :slots],
+                classes[:, :slots],
+                flipped,
+                method=MaskRCNN.box_masks,
+            )
+            return jnp.pad(out, ((0, 0), (0, k - slots), (0, 0), (0, 0)))
+
+        return compilation.jit(masks_fn)
+
+    budgets = sorted({s for s in (cfg.test_mask_slots_small, k) if 0 < s <= k})
+
+    def infer(variables, batch):
+        detections, features, canvas_boxes = boxes(variables, batch)
+        if not cfg.mask_on:
+            return detections
+        count = int(np.max(np.sum(np.asarray(detections["valid"]), axis=1), initial=0))
+        slots = next(s for s in budgets if s >= count)
+        detections["masks"] = masks(slots)(
+            variables, features, canvas_boxes, detections["classes"], batch.get("flipped")
+        )
+        return detections
+
+    return infer
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -1,5 +1,8 @@
 """Smoke tests of Mask R-CNN and Faster R-CNN: init, one jitted step, losses and gradients."""
 
+import dataclasses
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +122,71 @@ def test_foreground_rois_beyond_the_mask_budget_are_counted():
     expected = sum(max(n - 2, 0) for n in per_image) / len(per_image)
     assert max(per_image) > 2  # the case exercises the budget
     assert float(metrics["mask_rois_over_budget"]) == pytest.approx(expected)
+    left_out = sum(max(n - 2, 0) for n in per_image) / sum(per_image)
+    assert float(metrics["mask_rois_over_budget_fraction"]) == pytest.approx(left_out)
+
+
+def test_mask_budget_rule_from_instances_per_image():
+    """95th percentile of instances per image, up to a multiple of 8, within [8, the cap]."""
+    rule = mask_rcnn.mask_budget_from_data
+    # 100 images with 1..100 instances: numpy's linear 95th percentile is 95.05 -> 96.
+    assert rule(np.arange(1, 101), 512, 0.25) == 96
+    assert rule(np.arange(1, 101), 256, 0.25) == 64  # capped at 256 x 0.25 positives
+    assert rule([1, 2, 3], 512, 0.25) == 8  # at least 8
+    assert rule([17] * 20, 512, 0.25) == 24
+
+
+def test_training_fills_a_zero_mask_budget_from_the_data(tmp_path):
+    """model.mask_fg_per_image = 0: the trainer measures the training split and saves the
+    chosen budget in the run's config; the model itself refuses to train on 0."""
+    config = config_lib.load(SMOKE, ["--config.model.mask_fg_per_image=0"])
+    source = builders.build_source(config.input, train=True)
+    counts = [len(source.load(i)["boxes"]) for i in range(len(source))]
+    expected = mask_rcnn.mask_budget_from_data(
+        np.minimum(counts, config.input.max_instances),
+        config.model.roi_batch_per_image,
+        config.model.roi_positive_fraction,
+    )
+    train_lib.train(config, tmp_path, max_steps=1, progress=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["mask_fg_per_image"] == expected
+
+    zero = config_lib.load(SMOKE, ["--config.model.mask_fg_per_image=0"])
+    _, batch = first_batch(zero)
+    model = mask_rcnn.Model(builders.model_config(zero, source.num_classes))
+    with pytest.raises(config_lib.ConfigValueError, match="mask_fg_per_image"):
+        model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+
+
+def test_inference_on_a_small_mask_budget_matches_all_slots():
+    """make_inference runs the mask head on test_mask_slots_small slots when the detections fit
+    and on all K otherwise; either way the valid detections and their masks are those of the
+    one-program forward (float32 noise apart: two compilations fuse differently)."""
+    config = config_lib.load(SMOKE, ["--config.model.score_threshold=0.0"])
+    source, batch = first_batch(config)
+    batch = {k: v for k, v in batch.items() if not k.startswith("gt_")}
+    cfg = builders.model_config(config, source.num_classes)
+    model = mask_rcnn.Model(cfg)
+    variables = model.init(jax.random.key(0), batch, train=False)
+    forward = jax.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
+    everything = jax.device_get(forward(variables, batch))
+    scores = np.sort(everything["scores"][0])[::-1]
+    assert everything["valid"].sum(axis=1).min() > cfg.test_mask_slots_small  # both paths run
+    # A threshold between the 5th and 6th best score of image 0 keeps 5 there (and <= K).
+    few = dataclasses.replace(cfg, score_threshold=float((scores[4] + scores[5]) / 2))
+    for model_cfg in (cfg, few):
+        reference = jax.device_get(
+            jax.jit(lambda v, b, c=model_cfg: mask_rcnn.Model(c).apply(v, b, train=False))(
+                variables, batch
+            )["detections"]
+        )
+        infer = mask_rcnn.make_inference(mask_rcnn.Model(model_cfg))
+        staged = jax.device_get(infer(variables, batch))
+        valid = reference["valid"]
+        np.testing.assert_array_equal(staged["valid"], valid)
+        np.testing.assert_array_equal(staged["classes"], reference["classes"])
+        np.testing.assert_allclose(staged["boxes"], reference["boxes"], atol=1e-3)
+        np.testing.assert_allclose(staged["scores"], reference["scores"], atol=1e-5)
+        np.testing.assert_allclose(staged["masks"][valid], reference["masks"][valid], atol=1e-5)
+    assert valid.sum(axis=1).max() <= cfg.test_mask_slots_small  # the last case: small budget
+    assert not staged["masks"][:, cfg.test_mask_slots_small :].any()  # never computed
