@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from instseg_jax.nn.layers import ConvNorm
+from instseg_jax.nn.layers import ConvNorm, max_pool_3x3_s2
 
 STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -78,7 +78,7 @@ class ResNet(nn.Module):
         bottleneck = self.depth >= 50
         block = Bottleneck if bottleneck else BasicBlock
         x = ConvNorm(self.width, 7, 2, self.norm, True, self.dtype, name="stem")(x)
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # [B, H/4, W/4, w]
+        x = max_pool_3x3_s2(x)  # [B, H/4, W/4, w]
         if self.freeze_at >= 1:
             x = jax.lax.stop_gradient(x)
         outputs = {}

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from instseg_jax import ops
-from instseg_jax.nn.layers import Conv, Deconv2x2
+from instseg_jax.nn.layers import Conv, Deconv2x2, depth_to_space_2x2
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 POOLED_LEVELS = ("p2", "p3", "p4", "p5")
@@ -145,7 +145,10 @@ class MaskHead(nn.Module):
                     name=f"conv{i + 1}",
                 )(x)
             )
-        x = nn.relu(Deconv2x2(self.channels, self.dtype, init, name="deconv")(x))  # [B*F,28,28,D]
+        # The deconvolution stays in its matmul layout [B*F, 14, 14, 2, 2, D] through the ReLU
+        # and the per-pixel predictor; only the C-channel logits are rearranged to 28x28 (the
+        # D-channel rearrangement and its gradient were a tenth of the nuclei training step).
+        x = nn.relu(Deconv2x2(self.channels, self.dtype, init, blocked=True, name="deconv")(x))
         # A 1x1 convolution written as a Dense layer over channels: the same numbers, but XLA's
         # CPU convolution gradient for a few output maps took seconds where a matmul takes ms.
         x = nn.Dense(
@@ -154,6 +157,7 @@ class MaskHead(nn.Module):
             kernel_init=nn.initializers.normal(0.001),
             name="predictor",
         )(x)
+        x = depth_to_space_2x2(x)  # [B*F, 28, 28, C]
         return x.reshape(b, f, 2 * h, 2 * w, self.num_classes).astype(jnp.float32)
 
 

@@ -133,16 +133,98 @@ class Deconv2x2(nn.Module):
     The blocks do not overlap, so this is exactly a transposed convolution; written as a matmul,
     its weight gradient is a matmul too (XLA's CPU transposed-convolution weight gradient was
     10x slower in the mask head).
+
+    blocked=True returns the matmul's layout [N, H, W, 2, 2, out] (tap (a, b) of pixel (i, j)),
+    for callers that apply per-pixel layers before `depth_to_space_2x2`: the transpose, and its
+    gradient's, then move fewer channels.
     """
 
     features: int
     dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    blocked: bool = False
 
     @nn.compact
     def __call__(self, x):  # [N, H, W, C] -> [N, 2H, 2W, features]
-        n, h, w, c = x.shape
+        c = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (2, 2, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = jnp.einsum("nhwc,abco->nhawbo", x.astype(self.dtype), kernel.astype(self.dtype))
-        return y.reshape(n, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+        y = jnp.einsum("nhwc,abco->nhwabo", x.astype(self.dtype), kernel.astype(self.dtype))
+        y = y + bias.astype(self.dtype)
+        return y if self.blocked else depth_to_space_2x2(y)
+
+
+def depth_to_space_2x2(y):
+    """[N, H, W, 2, 2, C] (tap (a, b) of pixel (i, j)) -> [N, 2H, 2W, C] (pixel (2i+a, 2j+b))."""
+    n, h, w, _, _, c = y.shape
+    return y.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c)
+
+
+def _pool_taps(padded, out_hw):
+    """The 9 strided views [B, oh, ow, C] of a padded map: tap (dy, dx) of every 3x3 window of
+    stride 2, in row-major window order."""
+    n, _, _, c = padded.shape
+    oh, ow = out_hw
+    return [
+        jax.lax.slice(
+            padded, (0, dy, dx, 0), (n, dy + 2 * oh - 1, dx + 2 * ow - 1, c), (1, 2, 2, 1)
+        )
+        for dy in range(3)
+        for dx in range(3)
+    ]
+
+
+def _pool_geometry(x):
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return padded, ((x.shape[1] + 1) // 2, (x.shape[2] + 1) // 2)
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x):
+    """ResNet's stem max pool (3x3 windows, stride 2, padding 1) on [B, H, W, C].
+
+    The same numbers as flax.linen.max_pool. Its gradient goes to the first maximum of each
+    window in row-major order, as torch's and detectron2's max pool do, and is built from the
+    9 strided views of the map: XLA:CPU's gradient of a reduce-window max (a variadic
+    reduce-window carrying indices) took 3x longer in the nuclei training step.
+    """
+    padded, out_hw = _pool_geometry(x)
+    taps = _pool_taps(padded, out_hw)
+    out = taps[0]
+    for tap in taps[1:]:
+        out = jnp.maximum(out, tap)
+    return out
+
+
+def _max_pool_fwd(x):
+    out = max_pool_3x3_s2(x)
+    return out, (x, out)
+
+
+def _max_pool_bwd(residuals, g):
+    x, out = residuals
+    padded, out_hw = _pool_geometry(x)
+    hp, wp = padded.shape[1:3]
+    oh, ow = out_hw
+    taken = jnp.zeros(out.shape, bool)
+    grad = jnp.zeros(padded.shape, g.dtype)
+    for index, tap in enumerate(_pool_taps(padded, out_hw)):
+        dy, dx = divmod(index, 3)
+        first = (tap == out) & ~taken
+        taken = taken | first
+        # Back to the padded grid: row i of the view is row dy + 2i (interior padding 1).
+        placed = jax.lax.pad(
+            jnp.where(first, g, 0.0),
+            jnp.zeros((), g.dtype),
+            (
+                (0, 0, 0),
+                (dy, hp - dy - (2 * oh - 1), 1),
+                (dx, wp - dx - (2 * ow - 1), 1),
+                (0, 0, 0),
+            ),
+        )
+        grad = grad + placed
+    return (grad[:, 1:-1, 1:-1, :],)
+
+
+max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -2,7 +2,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from instseg_jax.nn import layers
 from instseg_jax.nn.layers import Deconv2x2, FrozenBatchNorm
 
 
@@ -40,3 +42,37 @@ def test_frozen_batch_norm_uses_fixed_statistics():
     want = (x - f["mean"]) / jnp.sqrt(f["var"] + 1e-5) * f["scale"] + f["bias"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert "params" not in layer.init(jax.random.key(0), x)
+
+
+def reference_max_pool(x, cotangent):
+    """float64 NumPy max pool 3x3 / stride 2 / padding 1 and its gradient, which goes to the
+    first maximum of each window in row-major order (torch's rule)."""
+    n, h, w, c = x.shape
+    oh, ow = (h + 1) // 2, (w + 1) // 2
+    padded = np.full((n, h + 2, w + 2, c), -np.inf)
+    padded[:, 1:-1, 1:-1] = x
+    out = np.zeros((n, oh, ow, c))
+    grad = np.zeros_like(padded)
+    for b in range(n):
+        for i in range(oh):
+            for j in range(ow):
+                for k in range(c):
+                    window = padded[b, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3, k]
+                    dy, dx = np.unravel_index(np.argmax(window), (3, 3))  # first maximum
+                    out[b, i, j, k] = window[dy, dx]
+                    grad[b, 2 * i + dy, 2 * j + dx, k] += cotangent[b, i, j, k]
+    return out, grad[:, 1:-1, 1:-1]
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 8, 3), (1, 6, 7, 2)])
+def test_stem_max_pool_matches_a_float64_reference_with_ties(shape):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, shape).astype(np.float32)  # many ties inside windows
+    oh, ow = (shape[1] + 1) // 2, (shape[2] + 1) // 2
+    cotangent = rng.normal(size=(shape[0], oh, ow, shape[3])).astype(np.float32)
+    expected_out, expected_grad = reference_max_pool(x.astype(np.float64), cotangent)
+    out, vjp = jax.vjp(layers.max_pool_3x3_s2, jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(out), expected_out)
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(cotangent))[0]), expected_grad, atol=1e-6)
+    flax_out = nn.max_pool(jnp.asarray(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(flax_out))
