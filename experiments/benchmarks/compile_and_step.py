@@ -35,11 +35,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def step_program(
-    experiment: str, batch_size: int, train: bool, options: dict | None = None, concrete=False
+    experiment: str,
+    batch_size: int,
+    train: bool,
+    options: dict | None = None,
+    concrete=False,
+    overrides=(),
 ):
     """(jitted function, its arguments) of an experiment's training or evaluation step on a
     padding batch; the state is shapes only unless concrete (compilation needs no values)."""
-    config = config_lib.load(str(REPO / "experiments" / experiment))
+    config = config_lib.load(str(REPO / "experiments" / experiment), list(overrides))
     method, cfg, model = builders.build_model(config, 1 if "nuclei" in experiment else 80)
     tconfig = builders.transform_config(config, train)
     example = builders.device_fields(padding_example(tconfig))

@@ -186,9 +186,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-append", action="store_true")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. --config.input.canvas_hw='(800, 800)'"
+    )
     args = parser.parse_args(argv)
     options = compilation.compiler_options()
-    fn, (state, batch) = step_program(args.experiment, args.batch, True, options, concrete=True)
+    fn, (state, batch) = step_program(
+        args.experiment, args.batch, True, options, concrete=True, overrides=args.overrides
+    )
     compiled = fn.lower(state, batch).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
@@ -227,8 +232,8 @@ def main(argv=None) -> int:
     peak_conv = conv_peak(options or None)
     achieved = flops / step_s
     header = (
-        f"{machine_line()}; experiments/{args.experiment}, batch {args.batch}, "
-        f"option {options or 'not accepted by this jax'}"
+        f"{machine_line()}; experiments/{args.experiment} {' '.join(args.overrides)}, "
+        f"batch {args.batch}, option {options or 'not accepted by this jax'}"
     )
     summary = (
         f"Median step {step_s:.3f} s over {args.steps} steps; XLA counts {flops / 1e9:.1f} GFLOP "
@@ -250,7 +255,8 @@ def main(argv=None) -> int:
     if not args.no_append:
         append_results(
             "Training step profile (`python experiments/benchmarks/profile_step.py "
-            f"--experiment {args.experiment} --batch {args.batch}`)",
+            f"--experiment {args.experiment} --batch {args.batch} "
+            f"{' '.join(args.overrides)}`)".replace(" `)", "`)"),
             header,
             tables,
             summary,

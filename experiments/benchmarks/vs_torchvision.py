@@ -9,13 +9,16 @@ min_size = max_size = the side, so neither side resizes). Timed interleaved in o
 medians:
 
 - inference of 1 image, end to end: torchvision's model(images) (normalise, pad, RPN, heads,
-  masks pasted at the image size) against our jitted forward plus our jitted paste of the K
-  mask slots at the image size;
+  masks pasted at the image size) against our inference as evaluate and predict run it (the
+  method's make_inference: boxes, then the mask head on 16 or all 100 slots, picked on the
+  host) plus the host paste of the valid detections' masks at the image size;
 - a training step at batch 2 (SGD momentum; ours one jitted step with the gradient, update and
-  non-finite guard; torchvision's forward, backward and optimizer.step());
-- inference at 800x800 with 1, 10 and 100 detections (score thresholds read off torchvision's
-  own score list, so both sides keep the same detections): our shapes are static, so our time
-  should not move;
+  non-finite guard; torchvision's forward, backward and optimizer.step()), ours with the
+  default mask budget (model.mask_fg_per_image = 0: chosen from the training data by the
+  rule of methods/mask_rcnn.mask_budget_from_data, here from 64 scenes of the same
+  generator) and with 128 slots (detectron2's maximum);
+- inference at 800x800 with 1, 10 and 100 detections (score thresholds read off each side's
+  own score list, so both sides keep the same number of detections);
 - achieved FLOP/s (XLA's count of our compiled programs, the same architecture on both sides)
   against the machine's measured 3x3-convolution throughput (the faster of XLA and torch on a
   ResNet-sized convolution).
@@ -47,6 +50,8 @@ from instseg_jax.input.transforms import transform  # noqa: E402
 from instseg_jax.methods.mask_rcnn import MaskRCNN  # noqa: E402
 from instseg_jax.methods.mask_rcnn import loss_fn as mask_rcnn_loss  # noqa: E402
 from instseg_jax.weights import torchvision as tv  # noqa: E402
+
+K_SLOTS = 100  # detections_per_image of the preset
 
 COLUMNS = [
     "case",
@@ -162,18 +167,48 @@ def halfway(scores_descending, count: int) -> float:
 
 
 def our_forward(arch, side: int, threshold: float, variables, batch):
+    """Our inference as evaluate and predict run it (builders.inference_fn), warmed up so
+    that both of its mask-slot programs are compiled before timing."""
     config = our_config(arch, side, 1, threshold)
+    infer = builders.inference_fn(config, arch["num_classes"])
+    jax.block_until_ready(infer(variables, batch))
+    return infer
+
+
+def inference_flops(arch, side: int, threshold: float, variables, batch) -> float:
+    """XLA's FLOP count of what our inference runs: the boxes program, then the mask program
+    on the slots make_inference picks for this many detections."""
+    config = our_config(arch, side, 1, threshold)
+    cfg = builders.model_config(config, arch["num_classes"])
+    net = MaskRCNN(cfg)
+    boxes = compilation.jit(lambda v, b: net.apply(v, b, method=MaskRCNN.detect_boxes))
+    boxes = boxes.lower(variables, batch).compile()
+    detections, features, canvas_boxes = boxes(variables, batch)
+    count = int(np.asarray(detections["valid"]).sum(axis=1).max())
+    slots = cfg.test_mask_slots_small if count <= cfg.test_mask_slots_small else K_SLOTS
+    masks = compilation.jit(
+        lambda v, f, bx, c: net.apply(
+            v, f, bx[:, :slots], c[:, :slots], None, method=MaskRCNN.box_masks
+        )
+    )
+    masks = masks.lower(variables, features, canvas_boxes, detections["classes"]).compile()
+    return flops_of(boxes) + flops_of(masks)
+
+
+def scores_only(arch, side: int, variables, batch):
+    """Our detection scores at threshold 0, without the mask head."""
+    config = our_config(arch, side, 1, 0.0)
     net = MaskRCNN(builders.model_config(config, arch["num_classes"]))
-    forward = compilation.jit(lambda v, b: net.apply(v, b, train=False)["detections"])
-    return forward.lower(variables, batch).compile()
+    boxes = compilation.jit(lambda v, b: net.apply(v, b, method=MaskRCNN.detect_boxes)[0])
+    return np.asarray(boxes(variables, batch)["scores"][0])
 
 
-def end_to_end(compiled, variables, batch, side: int):
-    """Our inference as a user gets it: the compiled forward, then the valid detections' masks
-    pasted at the image size (instseg_jax.detections, host side)."""
+def end_to_end(infer, variables, batch, side: int):
+    """Our inference as a user gets it: detections, then the valid detections' masks pasted
+    at the image size (instseg_jax.detections, host side)."""
 
     def run():
-        det = jax.device_get(compiled(variables, batch))
+        det = jax.device_get(infer(variables, batch))
         return [
             detections.paste_box_mask(det["masks"][0, k], det["boxes"][0, k], (side, side))
             for k in np.flatnonzero(det["valid"][0])
@@ -190,22 +225,26 @@ def flops_of(compiled) -> float:
 
 
 def conv_ceiling(torch) -> dict:
-    """FLOP/s of one ResNet-sized 3x3 convolution (batch 2, 100x100, 256 -> 256) in XLA and
-    in torch: the machine's convolution throughput is the faster of the two."""
+    """FLOP/s of one ResNet-sized 3x3 convolution (batch 2, 100x100, 256 -> 256) in XLA
+    (YNNPACK, XLA's default, and Eigen, under the package's CPU compile option) and in torch:
+    the machine's convolution throughput is the fastest of them."""
     x = jnp.ones((2, 100, 100, 256), jnp.float32)
     w = jnp.ones((3, 3, 256, 256), jnp.float32) * 0.01
-    conv = jax.jit(
-        lambda a, b: jax.lax.conv_general_dilated(
+
+    def conv(a, b):
+        return jax.lax.conv_general_dilated(
             a, b, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
         )
-    )
+
+    xla_default, xla_option = jax.jit(conv), compilation.jit(conv)
     tx = torch.ones(2, 256, 100, 100)
     tw = torch.ones(256, 256, 3, 3) * 0.01
     flops = 2 * 2 * 100 * 100 * 256 * 256 * 9
     with torch.no_grad():
         t = common.time_interleaved(
             {
-                "xla": lambda: jax.block_until_ready(conv(x, w)),
+                "xla default": lambda: jax.block_until_ready(xla_default(x, w)),
+                "xla option": lambda: jax.block_until_ready(xla_option(x, w)),
                 "torch": lambda: torch.nn.functional.conv2d(tx, tw, padding=1),
             },
             rounds=7,
@@ -216,7 +255,7 @@ def conv_ceiling(torch) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sides", type=int, nargs="+", default=[512, 800])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
@@ -235,7 +274,7 @@ def main(argv=None) -> int:
     variables = jax.tree.map(jnp.asarray, variables)
     ceiling = conv_ceiling(torch)
     ceiling["matmul"] = common.measure_ceilings()["matmul_flops"]
-    best_conv = max(ceiling["xla"], ceiling["torch"])
+    best_conv = max(ceiling["xla default"], ceiling["xla option"], ceiling["torch"])
     print(f"conv throughput: { ({k: f'{v / 1e9:.1f} GFLOP/s' for k, v in ceiling.items()}) }")
     if args.backbone_grad:
         return backbone_grad(args, model, variables, arch, best_conv, torch, torchvision)
@@ -252,7 +291,7 @@ def main(argv=None) -> int:
         net = MaskRCNN(builders.model_config(config, arch["num_classes"]))
         batch = our_batch(config, examples[:1], train=False)
         compiled = our_forward(arch, side, 0.05, variables, batch)
-        infer_flops = flops_of(compiled)
+        infer_flops = inference_flops(arch, side, 0.05, variables, batch)
         ours_infer = end_to_end(compiled, variables, batch, side)
 
         image = torch.from_numpy(examples[0]["image"]).permute(2, 0, 1).float() / 255.0
@@ -300,11 +339,11 @@ def main(argv=None) -> int:
             # score keeps exactly `count` (greedy NMS keeps by score), both capped at 100.
             model.roi_heads.score_thresh = 0.0
             theirs_scores = np.sort(theirs_infer()[0]["scores"].numpy())[::-1]
-            ours_all = our_forward(arch, side, 0.0, variables, batch)
-            ours_scores = np.sort(np.asarray(ours_all(variables, batch)["scores"][0]))[::-1]
+            ours_scores = np.sort(scores_only(arch, side, variables, batch))[::-1]
             for count in (1, 10, 100):
                 model.roi_heads.score_thresh = halfway(theirs_scores, count)
-                compiled_k = our_forward(arch, side, halfway(ours_scores, count), variables, batch)
+                threshold = halfway(ours_scores, count)
+                compiled_k = our_forward(arch, side, threshold, variables, batch)
                 ours_k = int(np.asarray(compiled_k(variables, batch)["valid"]).sum())
                 theirs_k = len(theirs_infer()[0]["scores"])
                 measure(
@@ -312,7 +351,7 @@ def main(argv=None) -> int:
                     f"inference {side}x{side}, {theirs_k} detections (ours {ours_k})",
                     end_to_end(compiled_k, variables, batch, side),
                     theirs_infer,
-                    infer_flops,
+                    inference_flops(arch, side, threshold, variables, batch),
                     best_conv,
                     1,
                     args.rounds,
@@ -346,10 +385,11 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 return float(sum(model(images, targets).values()))
 
-        # Static shapes: our mask head trains on a fixed number of RoIs per image (the preset's
-        # 128 = 25% of 512, torchvision's maximum); torchvision trains on the positives there
-        # are. The second row sizes our budget to these scenes' positives.
-        for mask_rois in (128, 32):
+        # Static shapes: our mask head trains on a fixed number of RoIs per image; torchvision
+        # trains on the positives there are. The default budget comes from the training data
+        # (the trainer's rule on 64 scenes of this generator); 128 is detectron2's maximum.
+        default_budget = default_mask_budget(arch, side)
+        for mask_rois in (default_budget, 128):
             config = our_config(arch, side, 2, 0.05)
             config.model.mask_fg_per_image = mask_rois
             cfg = builders.model_config(config, arch["num_classes"])
@@ -368,13 +408,15 @@ def main(argv=None) -> int:
             def ours_train(compiled_step=compiled_step, batch=batch, holder=holder):
                 holder["state"], metrics = compiled_step(holder["state"], batch)
                 holder["fg"] = float(metrics["num_fg_rois"])
+                holder["over"] = float(metrics["mask_rois_over_budget_fraction"])
                 return jax.block_until_ready(metrics["loss"])
 
             ours_train()  # also reads the number of positives for the row's name
+            label = "default, from the data" if mask_rois == default_budget else "detectron2's"
             measure(
                 rows,
-                f"training step {side}x{side}, batch 2, our mask RoIs {mask_rois}/image "
-                f"(positives: {holder['fg']:.0f}/image)",
+                f"training step {side}x{side}, batch 2, our mask RoIs {mask_rois}/image ({label}; "
+                f"positives {holder['fg']:.0f}/image, {100 * holder['over']:.0f}% beyond budget)",
                 ours_train,
                 theirs_train,
                 train_flops,
@@ -382,7 +424,7 @@ def main(argv=None) -> int:
                 2,
                 args.rounds,
             )
-            if mask_rois == 128:  # where the time goes: the loss without its gradient
+            if mask_rois == default_budget:  # where the time goes: the loss without its gradient
                 params, frozen = variables["params"], variables["frozen"]
 
                 def loss_only(p, b, net=net, cfg=cfg, frozen=frozen):
@@ -412,11 +454,13 @@ def main(argv=None) -> int:
     if args.record:
         notes.append(
             f"Convolution throughput measured in the same run (3x3, 256->256, batch 2 at 100x100): "
-            f"XLA {ceiling['xla'] / 1e9:.1f} GFLOP/s, torch {ceiling['torch'] / 1e9:.1f} GFLOP/s "
-            f"(2048^2 float32 matmul through XLA: {ceiling['matmul'] / 1e9:.1f} GFLOP/s); "
-            "the percentages are of the faster convolution. FLOPs: XLA's count of our compiled "
-            "program, and torch.utils.flop_counter's count of one torchvision call (it counts "
-            "convolutions and matmuls only)."
+            f"XLA default (YNNPACK) {ceiling['xla default'] / 1e9:.1f} GFLOP/s, XLA with the CPU "
+            f"compile option (Eigen) {ceiling['xla option'] / 1e9:.1f} GFLOP/s, torch "
+            f"{ceiling['torch'] / 1e9:.1f} GFLOP/s (2048^2 float32 matmul through XLA: "
+            f"{ceiling['matmul'] / 1e9:.1f} GFLOP/s); the percentages are of the fastest "
+            "convolution. FLOPs: XLA's count of our compiled program (for inference: the boxes "
+            "program and the 100-slot mask program), and torch.utils.flop_counter's count of one "
+            "torchvision call (it counts convolutions and matmuls only)."
         )
         common.append_results(
             "Mask R-CNN R50-FPN vs torchvision: `.venv-peer/bin/python "
@@ -429,6 +473,17 @@ def main(argv=None) -> int:
             "\n".join(notes),
         )
     return 0
+
+
+def default_mask_budget(arch, side: int) -> int:
+    """The budget `instseg-jax train` would choose (model.mask_fg_per_image = 0) for a training
+    set of this benchmark's scenes: builders.defaults_from_data on 64 of them."""
+    config = our_config(arch, side, 2, 0.05)
+    config.model.mask_fg_per_image = 0
+    train_source = SyntheticSource(64, (side, side), seed=12, max_shapes=8)
+    for note in builders.defaults_from_data(config, train_source):
+        print(note, flush=True)
+    return int(config.model.mask_fg_per_image)
 
 
 def measure(rows, name, ours, theirs, flops, best_conv, images, rounds) -> None:
