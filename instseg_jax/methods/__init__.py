@@ -15,6 +15,14 @@ A method module provides (see README "Adding a method"):
 Config must be hashable (tuples, not lists: the jitted inference is cached per config); an
 optional `mask_paste` field picks the host-side paste rule of box-relative masks.
 
+Optional, used when present:
+  defaults_from_data(config, instances_per_image) -> list of log lines
+                  fills config fields left to the training data when training starts (Mask
+                  R-CNN: model.mask_fg_per_image = 0); the run's config.json keeps the values
+  make_inference(model) -> (variables, device batch) -> Detections
+                  inference as several jitted programs orchestrated on the host (Mask R-CNN:
+                  the mask head on a small or the full slot budget); default: one jitted forward
+
 `config.method` may also be an importable module path ("mypackage.my_method", installed or
 under the working directory): a method that lives outside this package (a research prototype,
 a test) runs through every command unchanged.
