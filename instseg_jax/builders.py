@@ -177,6 +177,20 @@ def instances_per_image(source, max_instances: int, sample: int = 1000) -> np.nd
     return np.minimum(counts, max_instances)
 
 
+def source_summary(source) -> str:
+    """One line on a training source: images, instances, crowd regions, images skipped."""
+    if hasattr(source, "records"):  # a COCO file: counted from the annotations alone
+        instances = int(sum((~r["iscrowd"]).sum() for r in source.records))
+        crowd = int(sum(r["iscrowd"].sum() for r in source.records))
+        where = getattr(source, "annotation_file", "")
+        return (
+            f"{where}: {len(source)} images, {instances} instances, {crowd} crowd regions "
+            f"(not training targets), {getattr(source, 'num_empty_dropped', 0)} images without "
+            "instances skipped"
+        )
+    return f"{type(source).__name__}: {len(source)} images"
+
+
 def defaults_from_data(config, source) -> list[str]:
     """Fill the method's config fields left to the training data (the optional
     `defaults_from_data(config, instances_per_image)` of the method interface); returns what

@@ -3,14 +3,67 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+OVERRIDES_HELP = """\
+Any config field can be overridden after the options: --config.FIELD=VALUE, e.g.
+  --config.input.train_split.annotations=DATA/annotations.json
+  --config.input.train_split.images=DATA/images --config.optim.lr=0.005
+  --config.input.canvas_hw='(512, 512)'
+Fields and defaults: instseg_jax/config.py (input, optim, schedule, eval, ...), the method's
+Config dataclass (model.*, e.g. instseg_jax/methods/mask_rcnn.py) and the experiment file;
+a run's workdir/config.json lists every field it used."""
+
+# Loggers of the libraries under the CLI: their INFO lines (orbax's checkpoint chatter, absl's)
+# only with --verbose.
+LIBRARY_LOGGERS = ("absl", "orbax", "jax", "grain", "tensorflow_datasets")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each message (tests and notebooks replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(verbose: bool) -> None:
+    """The package's INFO messages on stderr (absl, imported by orbax, sets the root logger to
+    WARNING, so a root-level basicConfig would show nothing); other libraries at WARNING
+    unless verbose."""
+    package = logging.getLogger("instseg_jax")
+    if not any(getattr(h, "_instseg_cli", False) for h in package.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        handler._instseg_cli = True
+        package.addHandler(handler)
+    package.setLevel(logging.DEBUG if verbose else logging.INFO)
+    package.propagate = False
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    except ImportError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instseg-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help="also show the libraries' INFO messages"
+    )
     # Every command that compiles a model shares JAX's persistent compilation cache.
-    compiles = argparse.ArgumentParser(add_help=False)
+    compiles = argparse.ArgumentParser(add_help=False, parents=[common])
     compiles.add_argument(
         "--compile-cache",
         metavar="DIR",
@@ -22,13 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         "--no-compile-cache", action="store_true", help="compile everything afresh"
     )
     demo = commands.add_parser(
-        "demo", parents=[compiles], help="train, evaluate and draw Mask R-CNN on nuclei"
+        "demo",
+        parents=[compiles],
+        formatter_class=formatter,
+        help="train, evaluate and draw Mask R-CNN on nuclei",
     )
     demo.add_argument("--src", default=None, help="a stage1_train folder (optional)")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--ops", action="store_true", help="only the ops showcase (seconds)")
     train = commands.add_parser(
-        "train", parents=[compiles], help="train a model from an experiment config"
+        "train",
+        parents=[compiles],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a model from an experiment config",
+        description="Train a model from an experiment config.",
+        epilog=OVERRIDES_HELP,
     )
     train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
@@ -39,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         help="stop early at this step (default: schedule.total_steps)",
     )
     evaluate = commands.add_parser(
-        "eval", parents=[compiles], help="COCO bbox/segm evaluation with pycocotools"
+        "eval",
+        parents=[compiles],
+        formatter_class=formatter,
+        help="COCO bbox/segm evaluation with pycocotools",
     )
     evaluate.add_argument("--workdir", help="a training workdir to evaluate")
     evaluate.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
@@ -53,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         "above 100, AP and AR at it are reported beside COCO's maxDets=100 table",
     )
     predict = commands.add_parser(
-        "predict", parents=[compiles], help="detections and overlay PNGs for images"
+        "predict",
+        parents=[compiles],
+        formatter_class=formatter,
+        help="detections and overlay PNGs for images",
     )
     predict.add_argument("--workdir", help="a training workdir (latest checkpoint)")
     predict.add_argument(
@@ -62,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     predict.add_argument("--images", nargs="+", required=True, help="image files or folders")
     predict.add_argument("--out", required=True, help="folder for <name>.json and <name>.png")
     predict.add_argument(
-        "--score-threshold", type=float, default=0.5, help="keep detections >= this (default 0.5)"
+        "--score-threshold", type=float, default=0.5, help="keep detections >= this"
     )
     importer = commands.add_parser(
-        "import-weights", help="convert another library's Mask R-CNN weights to a workdir"
+        "import-weights",
+        parents=[common],
+        formatter_class=formatter,
+        help="convert another library's Mask R-CNN weights to a workdir",
     )
     importer.add_argument("library", choices=["torchvision"], help="where the weights come from")
     importer.add_argument(
@@ -80,13 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("H", "W"),
         help="static input canvas (multiples of 32; default fits 800x1333 either way)",
     )
-    commands.add_parser("version", help="print the package and JAX versions")
+    commands.add_parser("version", parents=[common], help="print the package and JAX versions")
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
     if unknown or (overrides and args.command != "train"):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
+    configure_logging(args.verbose)
     from instseg_jax.config import UserError
     from instseg_jax.input.images import DataError
 

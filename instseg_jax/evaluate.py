@@ -340,14 +340,23 @@ def restore_variables(workdir: str | Path, step: int | None = None):
     return config, {"params": state["params"], "frozen": state.get("frozen", {})}, step
 
 
+def evaluation_data(config) -> str:
+    """Where a config's evaluation ground truth comes from, in words."""
+    kind = config.input.get("eval_source") or config.input.source
+    if kind == "coco":
+        split = config.input.eval_split
+        return f"{split.annotations} (images in {split.images})"
+    return f"{kind} scenes generated in memory"
+
+
 def main(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     max_detections = args.max_dets
     if max_detections is not None and max_detections < 100:
         raise UserError(f"--max-dets {max_detections}: give 100 (COCO's) or more")
     if args.results:
         if not args.annotations:
             raise UserError("--results needs --annotations (the ground-truth COCO JSON)")
+        print(f"evaluating {args.results} against {args.annotations}", flush=True)
         report = main_results(args.results, args.annotations, max_detections or 100)
     else:
         if not args.workdir:
@@ -355,6 +364,11 @@ def main(args) -> int:
                 "give --workdir DIR [--checkpoint STEP], or --results and --annotations"
             )
         config, variables, step = restore_variables(args.workdir, args.checkpoint)
+        print(
+            f"evaluating {Path(args.workdir) / 'checkpoints' / str(step)} on "
+            f"{evaluation_data(config)}",
+            flush=True,
+        )
         if max_detections is not None:
             with config.unlocked() if config.is_locked else contextlib.nullcontext():
                 config.eval.max_detections = max_detections

@@ -161,7 +161,6 @@ def _write(path: Path, out: Path, hw, instances, class_names) -> None:
 
 
 def main(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.checkpoint_path:
         path = Path(args.checkpoint_path)
         if not path.name.isdigit():

@@ -9,6 +9,7 @@ optimizer state, step and the input stream's position, so it continues as if nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -190,6 +191,29 @@ def make_train_step(model, loss_fn, tx, cfg, mesh, state_sharding):
 # ----------------------------------------------------------------------------- loop
 
 
+def startup_summary(config, source, class_names, param_shapes, mesh, workdir, resumed, total):
+    """What a run is about to do, printed before its step compiles."""
+    data = builders.source_summary(source)
+    names = ", ".join(class_names[:10]) + (
+        f", ... ({len(class_names)})" if len(class_names) > 10 else ""
+    )
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes))
+    canvas = tuple(config.input.canvas_hw)
+    return [
+        f"data: {data}",
+        f"classes ({len(class_names)}): {names}",
+        f"input: canvas {canvas[0]}x{canvas[1]}, global batch {config.input.global_batch}, "
+        f"up to {config.input.max_instances} instances per image",
+        f"model: {config.method}, {params / 1e6:.2f} M trainable parameters",
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}), {jax.process_count()} process(es), mesh "
+        f"{dict(mesh.shape)}",
+        f"workdir: {workdir}; "
+        + (f"resuming from step {resumed}" if resumed is not None else "starting at step 0")
+        + f", training to step {total}",
+    ]
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -201,18 +225,7 @@ def train(
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh()
     source = builders.build_source(config.input, train=True)
-    for note in builders.defaults_from_data(config, source):
-        log.info("%s", note)
-    if jax.process_index() == 0:  # with the values chosen from the data
-        config_lib.save(config, workdir)
-    tconfig = builders.transform_config(config, train=True)
-    pipeline = InputPipeline(
-        source,
-        tconfig,
-        config.input.global_batch,
-        seed=config.seed,
-        num_workers=config.input.num_workers,
-    )
+    data_notes = builders.defaults_from_data(config, source)
     category_ids, _ = builders.class_map(config, source)
     source_ids, source_names = builders.source_class_map(source)
     if category_ids != source_ids:
@@ -221,8 +234,21 @@ def train(
             f"{source_ids[:5]}...: training uses the dataset's class map; clear "
             "input.category_ids and input.class_names"
         )
-    if jax.process_index() == 0:
+    with config.unlocked() if config.is_locked else contextlib.nullcontext():
+        # config.json records the class map the run used, not the empty "from the data".
+        config.input.category_ids = tuple(source_ids)
+        config.input.class_names = tuple(source_names)
+    if jax.process_index() == 0:  # with the values chosen from the data
+        config_lib.save(config, workdir)
         builders.write_class_map(workdir, source_ids, source_names)
+    tconfig = builders.transform_config(config, train=True)
+    pipeline = InputPipeline(
+        source,
+        tconfig,
+        config.input.global_batch,
+        seed=config.seed,
+        num_workers=config.input.num_workers,
+    )
     method, cfg, model = builders.build_model(config, source.num_classes)
 
     example = device_fields(padding_example(tconfig))
@@ -251,6 +277,12 @@ def train(
         state = jax.jit(init_state, out_shardings=state_sharding)(params_key)
     start = int(state["step"])
     total = int(max_steps if max_steps is not None else config.schedule.total_steps)
+    if jax.process_index() == 0:
+        summary = startup_summary(
+            config, source, source_names, param_shapes, mesh, workdir, latest, total
+        )
+        for line in summary + data_notes:
+            log.info("%s", line)
     step_fn = make_train_step(model, method.loss_fn, tx, cfg, mesh, state_sharding)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     schedule = learning_rate(config)
@@ -341,7 +373,6 @@ def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline)
 
 
 def main(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = config_lib.load(args.config, args.overrides)
     train(config, args.workdir, max_steps=args.max_steps)
     return 0

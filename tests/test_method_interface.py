@@ -33,8 +33,14 @@ def write_images(folder: Path, sizes) -> Path:
 def test_a_method_from_outside_the_package_trains_evaluates_and_predicts(tmp_path, capsys):
     workdir = tmp_path / "toy"
     assert cli.main(["train", "--config", TOY, "--workdir", str(workdir), "--max-steps", "3"]) == 0
+    # The start-up summary reaches the user (the CLI's logging is visible by default).
+    logged = capsys.readouterr().err
+    for line in ("data: SyntheticSource", "classes (3):", "model: tests.methods.toy_canvas"):
+        assert line in logged, logged
+    assert "starting at step 0, training to step 3" in logged
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["method"] == "tests.methods.toy_canvas"
+    assert saved["input"]["class_names"] == list(SyntheticSource.class_names)  # the map used
     assert (workdir / "checkpoints" / "3").is_dir()
     assert json.loads((workdir / "classes.json").read_text())["class_names"] == list(
         SyntheticSource.class_names
@@ -44,6 +50,7 @@ def test_a_method_from_outside_the_package_trains_evaluates_and_predicts(tmp_pat
     capsys.readouterr()
     assert cli.main(["eval", "--workdir", str(workdir)]) == 0
     printed = capsys.readouterr().out
+    assert f"evaluating {workdir / 'checkpoints' / '3'} on synthetic scenes" in printed
     report = json.loads(printed[printed.index("{\n") :])
     assert set(report) == {"bbox", "segm", "timing"}
     assert json.loads((workdir / "eval_3.json").read_text())["segm"] == report["segm"]
