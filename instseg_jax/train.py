@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,6 +194,47 @@ def make_train_step(model, loss_fn, tx, cfg, mesh, state_sharding):
 # ----------------------------------------------------------------------------- loop
 
 
+class TrainingStopped(Exception):
+    """Training ended early on SIGINT or SIGTERM, after writing a checkpoint."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+class StopRequests:
+    """SIGINT and SIGTERM ask the training loop to stop after its current step (it then writes
+    a checkpoint and shuts the loader down); a second SIGINT stops at once. The previous
+    handlers come back on exit. Outside the main thread (no signals there) it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signal.Signals(signum).name
+        log.warning(
+            "%s received: stopping after the current step and writing a checkpoint "
+            "(Ctrl-C again to stop at once)",
+            self.received,
+        )
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def startup_summary(config, source, class_names, param_shapes, mesh, workdir, resumed, total):
     """What a run is about to do, printed before its step compiles."""
     data = builders.source_summary(source)
@@ -296,7 +340,10 @@ def train(
         unit="step",
     )
     last = time.perf_counter()
+    stopped_at = None
+    stops = StopRequests()
     try:
+        stops.__enter__()
         for step in range(start, total):
             batch = sharding.global_batch(device_fields(next(pipeline)), mesh)
             state, metrics = step_fn(state, batch)
@@ -317,6 +364,9 @@ def train(
                     images_per_second=config.input.global_batch / max(elapsed, 1e-9),
                 )
                 writer.write(step_done, record)
+                # The bar moves on completed steps only (metrics are on the host now), so its
+                # rate and ETA do not count dispatched-but-unfinished work.
+                bar.update(step_done - bar.n)
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_second']:.1f}"
                 )
@@ -333,16 +383,27 @@ def train(
                         f"stopped. The last good checkpoint in {ckpt.directory} is intact: "
                         "lower optim.lr or raise optim.clip_norm and resume"
                     )
-            bar.update(1)
-            ckpt.save(step_done, state, pipeline.get_state(), force=step_done == total)
+            stopping = stops.received is not None
+            ckpt.save(step_done, state, pipeline.get_state(), force=step_done == total or stopping)
+            if stopping:
+                bar.update(step_done - bar.n)
+                stopped_at = step_done
+                break
             every = config.eval.every_steps
             if every > 0 and (step_done % every == 0 or step_done == total):
                 best = periodic_eval(config, state, workdir, step_done, best, pipeline)
     finally:
+        stops.__exit__(None, None, None)
         bar.close()
         ckpt.close()
         writer.close()
         pipeline.close()
+    if stopped_at is not None:
+        raise TrainingStopped(
+            f"stopped at step {stopped_at} on {stops.received}; checkpoint written in "
+            f"{ckpt.directory}: run the same command to resume",
+            stops.received,
+        )
     return state
 
 
@@ -374,5 +435,9 @@ def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline)
 
 def main(args) -> int:
     config = config_lib.load(args.config, args.overrides)
-    train(config, args.workdir, max_steps=args.max_steps)
+    try:
+        train(config, args.workdir, max_steps=args.max_steps)
+    except TrainingStopped as stopped:
+        print(f"instseg-jax train: {stopped}", file=sys.stderr)
+        return 130 if stopped.signal_name == "SIGINT" else 143
     return 0

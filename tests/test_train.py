@@ -137,6 +137,24 @@ def test_two_processes_equal_one(tmp_path):
     assert worst <= 1e-5
 
 
+def children(pid: int) -> list[int]:
+    """Every descendant process of pid (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
 def kill_when(process, ready, timeout=300):
     start = time.time()
     while not ready():
@@ -147,8 +165,10 @@ def kill_when(process, ready, timeout=300):
     process.wait()
 
 
-def test_resume_after_sigkill_between_and_during_saves(tmp_path):
-    steps = 8  # checkpoints every 2 steps in the smoke config
+def test_resume_after_sigkill_sigint_and_sigterm(tmp_path):
+    """SIGKILL between and during saves loses at most the steps since the last checkpoint;
+    SIGINT and SIGTERM stop cleanly with a checkpoint; the resumed run equals a straight one."""
+    steps = 14  # checkpoints every 2 steps in the smoke config
     finish(run_driver(tmp_path / "straight", steps, tmp_path / "straight.npz"))
     workdir = tmp_path / "killed"
     checkpoints = workdir / "checkpoints"
@@ -165,6 +185,44 @@ def test_resume_after_sigkill_between_and_during_saves(tmp_path):
         return checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
 
     kill_when(run_driver(workdir, steps, tmp_path / "x.npz"), saving)
+
+    # Ctrl-C, then SIGTERM, on the CLI with loader workers: each stops after its step with a
+    # checkpoint of that step, a clear message and no process left behind.
+    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        before = logged_steps()
+        cli = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "instseg_jax.cli",
+                "train",
+                "--config",
+                SMOKE,
+                "--workdir",
+                str(workdir),
+                "--max-steps",
+                str(steps),
+                "--config.input.num_workers=2",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        start = time.time()
+        while logged_steps() < before + 1:
+            assert cli.poll() is None, cli.communicate()[0][-3000:]
+            assert time.time() - start < 300, "the run never logged a step"
+            time.sleep(0.01)
+        family = children(cli.pid)
+        cli.send_signal(sig)
+        output, _ = cli.communicate(timeout=60)
+        assert cli.returncode == status, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        stopped = int(output.split("stopped at step ")[1].split(" ")[0])
+        assert (checkpoints / str(stopped)).is_dir(), sorted(p.name for p in checkpoints.iterdir())
+        assert stopped < steps
+        assert not [pid for pid in family if Path(f"/proc/{pid}").exists()], "orphans left"
     finish(run_driver(workdir, steps, tmp_path / "resumed.npz"))
     a, b = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "resumed.npz")
     for key in a.files:
