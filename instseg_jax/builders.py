@@ -180,7 +180,7 @@ def instances_per_image(source, max_instances: int, sample: int = 1000) -> np.nd
 def source_summary(source) -> str:
     """One line on a training source: images, instances, crowd regions, images skipped."""
     if hasattr(source, "records"):  # a COCO file: counted from the annotations alone
-        instances = int(sum((~r["iscrowd"]).sum() for r in source.records))
+        instances = int(source.instances_per_image().sum())
         crowd = int(sum(r["iscrowd"].sum() for r in source.records))
         where = getattr(source, "annotation_file", "")
         return (

@@ -53,8 +53,6 @@ from instseg_jax.methods.mask_rcnn import MaskRCNN  # noqa: E402
 from instseg_jax.methods.mask_rcnn import loss_fn as mask_rcnn_loss  # noqa: E402
 from instseg_jax.weights import torchvision as tv  # noqa: E402
 
-K_SLOTS = 100  # detections_per_image of the preset
-
 COLUMNS = [
     "case",
     "ours (s)",
@@ -189,7 +187,8 @@ def inference_flops(arch, side: int, threshold: float, variables, batch) -> floa
     boxes = boxes.lower(variables, batch).compile()
     detections, features, canvas_boxes = boxes(variables, batch)
     count = int(np.asarray(detections["valid"]).sum(axis=1).max())
-    slots = cfg.test_mask_slots_small if count <= cfg.test_mask_slots_small else K_SLOTS
+    small = cfg.test_mask_slots_small
+    slots = small if count <= small else cfg.detections_per_image
     masks = compilation.jit(
         lambda v, f, bx, c: net.apply(
             v, f, bx[:, :slots], c[:, :slots], None, method=MaskRCNN.box_masks
