@@ -40,10 +40,15 @@ def test_overrides_apply_with_types_checked(tmp_path):
         f"{NUCLEI}:smoke",
         "experiments/maskrcnn_r50_fpn_coco_1x.py",
         "experiments/maskrcnn_r50_fpn_coco_1x.py:smoke",
+        "experiments/solov2_nuclei.py",
+        "experiments/solov2_nuclei.py:smoke",
+        "experiments/solov2_r50_fpn_coco_1x.py",
+        "experiments/solov2_r50_fpn_coco_1x.py:smoke",
     ],
 )
 def test_experiments_load_locked(spec):
     c = config_lib.load(spec)
-    assert c.is_locked and c.method == "mask_rcnn"
+    expected = "solov2" if "solov2" in spec else "mask_rcnn"
+    assert c.is_locked and c.method == expected
     with pytest.raises(ValueError, match="unknown experiment argument"):
         config_lib.load(spec.split(":")[0] + ":bogus")

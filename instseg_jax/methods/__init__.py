@@ -36,10 +36,11 @@ import sys
 from types import ModuleType
 
 from instseg_jax.config import ConfigValueError
-from instseg_jax.methods import mask_rcnn
+from instseg_jax.methods import mask_rcnn, solov2
 
 METHODS: dict[str, ModuleType] = {
     "mask_rcnn": mask_rcnn,
+    "solov2": solov2,
 }
 
 REQUIRED = ("Config", "INPUTS", "Model", "loss_fn", "base_config", "smoke")

@@ -79,16 +79,18 @@ def dice_loss(
     normalizer=1.0,
     smooth: float = 1.0,
     squared: bool = False,
+    eps: float = 0.0,
 ) -> jnp.ndarray:
     """Per-instance dice loss of mask logits[N, ...] against {0, 1} targets[N, ...].
 
-    loss_n = 1 - (2 sum(p t) + smooth) / (sum(p^k) + sum(t^k) + smooth) with p = sigmoid(logits)
-    over all but the first axis; k = 2 when ``squared`` (SOLO, CondInst), else 1 (MaskFormer).
+    loss_n = 1 - (2 sum(p t) + smooth) / (sum(p^k) + sum(t^k) + smooth + eps) with
+    p = sigmoid(logits) over all but the first axis; k = 2 when ``squared`` (SOLO, CondInst),
+    else 1 (MaskFormer). SOLO's reference has smooth 0 and eps 2e-3 (1e-3 on each sum).
     ``weights`` are per instance [N].
     """
     probs = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)
     targets = targets.reshape(targets.shape[0], -1).astype(probs.dtype)
     power = 2 if squared else 1
     numerator = 2.0 * (probs * targets).sum(axis=1) + smooth
-    denominator = (probs**power).sum(axis=1) + (targets**power).sum(axis=1) + smooth
+    denominator = (probs**power).sum(axis=1) + (targets**power).sum(axis=1) + smooth + eps
     return _reduce(1.0 - numerator / denominator, weights, normalizer)

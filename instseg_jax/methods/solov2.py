@@ -1,0 +1,532 @@
+"""SOLOv2 (Wang et al. 2020, "SOLOv2: Dynamic and Fast Instance Segmentation"): the method
+module (methods/__init__.py). Box-free: every cell of an S x S grid per level classifies the
+instance whose centre falls in it and predicts a 1x1 kernel that, applied to one shared mask
+feature map at stride 4, gives that instance's mask. Defaults follow mmdetection's
+configs/solov2/solov2_r50_fpn_1x_coco.py and WXinlong/SOLO; every one is a config field.
+
+Static shapes:
+  grid cells     S = sum(num_grids^2) cells over all levels (3872 with the defaults); the
+                 category scores are [B, S, C] and the kernels [B, S, E].
+  positives      a fixed budget of `positive_slots_per_image` (cell, instance) pairs per training
+                 image, a uniform random subset when more pairs are positive; what the budget
+                 left out is counted in the metrics (`positive_pairs_over_budget`, `..._fraction`)
+                 and its cells still train the category branch.
+  candidates     test time ranks the (cell, class) scores, computes the masks of the best
+                 `test_candidates`, rescores them by maskness and runs Matrix NMS on that fixed
+                 pool; `detections_per_image` slots with a `valid` flag come out, as canvas masks
+                 at stride 4 (the host derives the boxes from them).
+
+Where two instances claim one cell (their centre regions overlap on a level), the reference's
+loop runs over the instances in order and writes the cell's class each time, and appends a mask
+target for each: the cell takes the class of the later instance (the higher slot), and both
+(cell, instance) pairs train that cell's kernel. The same happens here.
+
+Deviations, each with its reason:
+  - The grid spans the fixed canvas (input.canvas_hw), as the reference's spans its padded batch
+    (which is as large as the batch's largest image); on a canvas much larger than the images
+    the cells are coarser than the reference's.
+  - Mass centres are those of the mask's pixel centres (pixel i at i + 0.5, the convention of
+    gt_centers); the reference averages integer pixel indices (half a pixel up and left).
+  - Test time masks only the `test_candidates` best (cell, class) scores above score_threshold
+    (ranked before maskness); the reference masks every score above the threshold and keeps the
+    best 500 after maskness (nms_pre). With the defaults both rank 500.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from instseg_jax import ops, structures
+from instseg_jax import config as config_lib
+from instseg_jax.backbones.fpn import FPN
+from instseg_jax.backbones.resnet import ResNet
+from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.ops import dense
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+MASK_STRIDE = 4
+
+INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE, centers=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SOLOv2Config:
+    num_classes: int
+    canvas_hw: tuple[int, int] = (1344, 1344)
+    depth: int = 50
+    width: int = 64
+    norm: str = "frozen_bn"
+    freeze_at: int = 2
+    stage_blocks: tuple = ()  # residual blocks per stage; () = those of `depth`
+    fpn_channels: int = 256
+    # FPN P2..P6 resampled bilinearly to these strides (P2 halved, P6 doubled to P5's size).
+    level_strides: tuple = (8, 8, 16, 32, 32)
+    num_grids: tuple = (40, 36, 24, 16, 12)
+    # sqrt(box area) in canvas pixels, both ends inclusive; ranges overlap, so an instance may
+    # be a positive on two levels.
+    scale_ranges: tuple = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+    center_scale: float = 0.2  # positives: cells of the centre region, box x this, around the mass centre
+    head_channels: int = 512
+    head_convs: int = 4
+    mask_feature_channels: int = 128
+    mask_channels: int = 256  # E: channels of the mask feature map and length of each kernel
+    positive_slots_per_image: int = 256
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    mask_loss_weight: float = 3.0
+    dice_eps: float = 1e-3  # added to each of the two squared sums of the dice denominator
+    score_threshold: float = 0.1
+    test_candidates: int = 500
+    mask_threshold: float = 0.5
+    matrix_nms_kernel: str = "gaussian"
+    matrix_nms_sigma: float = 2.0
+    keep_score_threshold: float = 0.05
+    detections_per_image: int = 100
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        levels = len(self.num_grids)
+        if not (len(self.level_strides) == len(self.scale_ranges) == levels == 5):
+            raise config_lib.ConfigValueError(
+                "model.level_strides, model.num_grids and model.scale_ranges need one entry per "
+                f"FPN level P2..P6 (5), got {len(self.level_strides)}, {levels}, "
+                f"{len(self.scale_ranges)}"
+            )
+        for stride in self.level_strides:
+            if self.canvas_hw[0] % stride or self.canvas_hw[1] % stride:
+                raise config_lib.ConfigValueError(
+                    f"input.canvas_hw {self.canvas_hw} must be divisible by every "
+                    f"model.level_strides entry {self.level_strides}"
+                )
+        if self.canvas_hw[0] % 64 or self.canvas_hw[1] % 64:
+            raise config_lib.ConfigValueError(
+                f"input.canvas_hw {self.canvas_hw} must be divisible by 64 (P6 has stride 64)"
+            )
+        if self.matrix_nms_kernel not in ("gaussian", "linear"):
+            raise config_lib.ConfigValueError(
+                "model.matrix_nms_kernel must be 'gaussian' or 'linear', got "
+                f"{self.matrix_nms_kernel!r}"
+            )
+        if self.positive_slots_per_image <= 0:
+            raise config_lib.ConfigValueError("model.positive_slots_per_image must be > 0")
+
+    @classmethod
+    def from_config(cls, model_config, num_classes: int, canvas_hw) -> SOLOv2Config:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "canvas_hw"}
+        values = dict(model_config)
+        unknown = set(values) - fields
+        if unknown:
+            raise config_lib.ConfigValueError(
+                f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}"
+            )
+        values = {k: _as_tuple(v) for k, v in values.items()}
+        return cls(num_classes=num_classes, canvas_hw=tuple(canvas_hw), **values)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def num_cells(self) -> int:
+        return sum(g * g for g in self.num_grids)
+
+    def cell_strides(self) -> np.ndarray:
+        """float32[S]: the stride of each grid cell's level (the test's minimum mask area)."""
+        return np.concatenate(
+            [np.full(g * g, s, np.float32) for g, s in zip(self.num_grids, self.level_strides)]
+        )
+
+
+def _as_tuple(value):
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
+
+
+def coordinates(h: int, w: int, dtype) -> jnp.ndarray:
+    """[1, h, w, 2] CoordConv channels (x, y), each spanning [-1, 1] over the map."""
+    x = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=jnp.float32)[None, :], (h, w))
+    y = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, h, dtype=jnp.float32)[:, None], (h, w))
+    return jnp.stack([x, y], axis=-1)[None].astype(dtype)
+
+
+def _head_init():
+    return nn.initializers.normal(0.01)
+
+
+class Tower(nn.Module):
+    """`convs` x (conv3x3 without bias, GroupNorm 32, ReLU), then a conv3x3 predictor."""
+
+    channels: int
+    convs: int
+    outputs: int
+    bias_init: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.convs):
+            x = Conv(
+                self.channels,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=_head_init(),
+                name=f"conv{i}",
+            )(x)
+            x = nn.relu(GroupNorm(32, self.dtype, name=f"norm{i}")(x))
+        return Conv(
+            self.outputs,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            dtype=self.dtype,
+            kernel_init=_head_init(),
+            bias_init=nn.initializers.constant(self.bias_init),
+            name="predict",
+        )(x)
+
+
+class MaskFeatureBranch(nn.Module):
+    """SOLOv2's unified mask feature: P2..P5 each brought to stride 4 (level i: i rounds of
+    conv3x3-GN-ReLU and 2x bilinear upsampling; P2 one conv; CoordConv channels on P5), summed,
+    then conv1x1-GN-ReLU to E channels: [B, H/4, W/4, E]."""
+
+    channels: int
+    outputs: int
+    dtype: jnp.dtype = jnp.float32
+
+    def conv_norm(self, x, features, kernel, name):
+        pad = kernel // 2
+        x = Conv(
+            features,
+            (kernel, kernel),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=_head_init(),
+            name=f"{name}_conv",
+        )(x)
+        return nn.relu(GroupNorm(32, self.dtype, name=f"{name}_norm")(x))
+
+    @nn.compact
+    def __call__(self, features: dict) -> jnp.ndarray:
+        total = None
+        for level in range(4):
+            x = features[f"p{level + 2}"]
+            if level == 3:
+                x = jnp.concatenate([x, coordinates(*x.shape[1:3], x.dtype).repeat(x.shape[0], 0)], -1)
+            if level == 0:
+                x = self.conv_norm(x, self.channels, 3, "level0")
+            for step in range(level):
+                x = self.conv_norm(x, self.channels, 3, f"level{level}_{step}")
+                x = dense.resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
+            total = x if total is None else total + x
+        return self.conv_norm(total, self.outputs, 1, "fuse")
+
+
+class SOLOv2(nn.Module):
+    cfg: SOLOv2Config
+
+    def setup(self):
+        cfg = self.cfg
+        self.backbone = ResNet(
+            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
+        )
+        self.fpn = FPN(cfg.fpn_channels, cfg.dtype)
+        prior = -math.log((1 - 0.01) / 0.01)
+        self.category_tower = Tower(
+            cfg.head_channels, cfg.head_convs, cfg.num_classes, prior, cfg.dtype
+        )
+        self.kernel_tower = Tower(cfg.head_channels, cfg.head_convs, cfg.mask_channels, 0.0, cfg.dtype)
+        self.mask_branch = MaskFeatureBranch(cfg.mask_feature_channels, cfg.mask_channels, cfg.dtype)
+
+    def predict(self, image):
+        """(category logits [B, S, C], kernels [B, S, E], mask features [B, H/4, W/4, E]) of
+        images [B, H, W, 3] in 0-255 RGB; cells run level by level, row-major within a grid."""
+        cfg = self.cfg
+        x = (image.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
+        features = self.fpn(self.backbone(x.astype(cfg.dtype)))
+        b = image.shape[0]
+        logits, kernels = [], []
+        for level, (stride, grid) in enumerate(zip(cfg.level_strides, cfg.num_grids)):
+            feature = features[f"p{level + 2}"]
+            feature = dense.resize_bilinear(
+                feature, (cfg.canvas_hw[0] // stride, cfg.canvas_hw[1] // stride)
+            )
+            coords = coordinates(*feature.shape[1:3], feature.dtype).repeat(b, 0)
+            on_grid = dense.resize_bilinear(jnp.concatenate([feature, coords], -1), (grid, grid))
+            kernels.append(self.kernel_tower(on_grid).reshape(b, grid * grid, -1))
+            logits.append(self.category_tower(on_grid[..., :-2]).reshape(b, grid * grid, -1))
+        mask_features = self.mask_branch(features)
+        return (
+            jnp.concatenate(logits, 1).astype(jnp.float32),
+            jnp.concatenate(kernels, 1),
+            mask_features,
+        )
+
+    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+        cfg = self.cfg
+        logits, kernels, mask_features = self.predict(batch["image"])
+        outputs = {"category_logits": logits}
+        if not train:
+            outputs["detections"] = detect(logits, kernels, mask_features, batch, cfg)
+            return outputs
+        if key is None:
+            raise ValueError("training needs a key for the choice of positive slots")
+        targets = jax.lax.stop_gradient(
+            jax.vmap(
+                lambda boxes, classes, valid, centers, masks, k: grid_targets(
+                    boxes, classes, valid, centers, masks.any(axis=(1, 2)), cfg, k
+                )
+            )(
+                batch["gt_boxes"],
+                batch["gt_classes"],
+                batch["gt_valid"],
+                batch["gt_centers"],
+                batch["gt_full_masks"],
+                jax.random.split(key, batch["image"].shape[0]),
+            )
+        )
+        slot_kernels = jnp.take_along_axis(kernels, targets["slot_cell"][..., None], axis=1)
+        outputs["mask_logits"] = dense.dynamic_masks(mask_features, slot_kernels).astype(
+            jnp.float32
+        )  # [B, P, H/4, W/4]
+        outputs["mask_targets"] = jnp.take_along_axis(
+            batch["gt_full_masks"], targets["slot_instance"][..., None, None], axis=1
+        )
+        outputs["targets"] = targets
+        return outputs
+
+
+def grid_targets(gt_boxes, gt_classes, gt_valid, gt_centers, gt_nonempty, cfg: SOLOv2Config, key):
+    """One image's SOLO targets (the reference's rules; module docstring for the overlaps).
+
+    gt_boxes float32[N, 4] canvas xyxy, gt_classes int32[N], gt_valid bool[N],
+    gt_centers float32[N, 2] (x, y) canvas mass centres, gt_nonempty bool[N] (mask not empty).
+    An instance is on level l when lo_l <= sqrt(w h) <= hi_l. On a level of grid g over the
+    canvas H x W, the cell of a point is (floor(y / H g), floor(x / W g)) (the reference's
+    (y / H) // (1 / g)); its positives are the cells of the centre region (mass centre +- half
+    the box x center_scale) clipped to the 3x3 cells around the centre's cell.
+
+    Returns a dict: cell_labels int32[S] (class, or C for background), positive bool[S],
+    slot_cell / slot_instance int32[P], slot_valid bool[P] (P = positive_slots_per_image; a
+    random subset of the positive (cell, instance) pairs when they overflow), pairs int32 (all
+    positive pairs) and overflow int32 (pairs without a slot).
+    """
+    c = cfg.num_classes
+    h_canvas, w_canvas = (float(v) for v in cfg.canvas_hw)
+    w = jnp.maximum(gt_boxes[:, 2] - gt_boxes[:, 0], 0.0)
+    h = jnp.maximum(gt_boxes[:, 3] - gt_boxes[:, 1], 0.0)
+    area = jnp.sqrt(w * h)
+    cx, cy = gt_centers[:, 0], gt_centers[:, 1]
+    half_w = 0.5 * w * cfg.center_scale
+    half_h = 0.5 * h * cfg.center_scale
+    usable = gt_valid & gt_nonempty
+    cells, instances, valid = [], [], []
+    offset = 0
+    n = gt_boxes.shape[0]
+    for grid, (lo, hi) in zip(cfg.num_grids, cfg.scale_ranges):
+        unit = 1.0 / grid
+
+        def cell_of(coordinate, size, unit=unit):
+            return jnp.floor_divide(coordinate / size, unit).astype(jnp.int32)
+
+        on_level = usable & (area >= lo) & (area <= hi)
+        centre_y, centre_x = cell_of(cy, h_canvas), cell_of(cx, w_canvas)
+        top = jnp.maximum(jnp.maximum(cell_of(cy - half_h, h_canvas), 0), centre_y - 1)
+        down = jnp.minimum(jnp.minimum(cell_of(cy + half_h, h_canvas), grid - 1), centre_y + 1)
+        left = jnp.maximum(jnp.maximum(cell_of(cx - half_w, w_canvas), 0), centre_x - 1)
+        right = jnp.minimum(jnp.minimum(cell_of(cx + half_w, w_canvas), grid - 1), centre_x + 1)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                i, j = centre_y + dy, centre_x + dx
+                inside = (i >= top) & (i <= down) & (j >= left) & (j <= right)
+                cells.append(offset + jnp.clip(i, 0, grid - 1) * grid + jnp.clip(j, 0, grid - 1))
+                instances.append(jnp.arange(n, dtype=jnp.int32))
+                valid.append(on_level & inside)
+        offset += grid * grid
+    cells = jnp.concatenate(cells)  # [9 L N] pairs, level by level
+    instances = jnp.concatenate(instances)
+    valid = jnp.concatenate(valid)
+    # The later instance's class wins a shared cell: the largest instance slot + 1 per cell.
+    winner = jnp.zeros((offset,), jnp.int32).at[cells].max(jnp.where(valid, instances + 1, 0))
+    positive = winner > 0
+    cell_labels = jnp.where(positive, gt_classes[jnp.maximum(winner - 1, 0)], c)
+    chosen, slot_valid, overflow = dense.budgeted_select(valid, cfg.positive_slots_per_image, key)
+    return {
+        "cell_labels": cell_labels.astype(jnp.int32),
+        "positive": positive,
+        "slot_cell": jnp.where(slot_valid, cells[chosen], 0),
+        "slot_instance": jnp.where(slot_valid, instances[chosen], 0),
+        "slot_valid": slot_valid,
+        "pairs": valid.sum().astype(jnp.int32),
+        "overflow": overflow,
+    }
+
+
+def points_nms(scores: jnp.ndarray) -> jnp.ndarray:
+    """The reference's 2x2 peak filter on a grid of scores [B, g, g, C]: a cell keeps its score
+    only when no cell above, left or above-left of it scores higher."""
+    padded = jnp.pad(scores, ((0, 0), (1, 0), (1, 0), (0, 0)), constant_values=-jnp.inf)
+    peak = jnp.maximum(
+        jnp.maximum(padded[:, 1:, 1:], padded[:, :-1, 1:]),
+        jnp.maximum(padded[:, 1:, :-1], padded[:, :-1, :-1]),
+    )
+    return jnp.where(peak == scores, scores, 0.0)
+
+
+def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config) -> dict:
+    """Detections with canvas masks at stride 4 (structures.py), K = detections_per_image.
+
+    Per image: category probabilities through the 2x2 peak filter; the best test_candidates
+    (cell, class) scores above score_threshold get their masks (sigmoid of kernel x features);
+    masks of no more pixels above mask_threshold than their level's stride are dropped; score x
+    maskness (mean probability over the mask's pixels); Matrix NMS on the binary masks; scores
+    >= keep_score_threshold kept, the best K in descending order.
+    """
+    b, s, c = logits.shape
+    probs = jax.nn.sigmoid(logits)
+    filtered, start = [], 0
+    for grid in cfg.num_grids:
+        level = probs[:, start : start + grid * grid].reshape(b, grid, grid, c)
+        filtered.append(points_nms(level).reshape(b, grid * grid, c))
+        start += grid * grid
+    scores = jnp.concatenate(filtered, 1).reshape(b, s * c)
+    q = min(cfg.test_candidates, s * c)
+    k = cfg.detections_per_image
+    cell_strides = jnp.asarray(cfg.cell_strides())
+
+    def one_image(image_scores, image_kernels, features):
+        top, index = jax.lax.top_k(image_scores, q)
+        cell, cls = index // c, (index % c).astype(jnp.int32)
+        masks = jax.nn.sigmoid(
+            dense.dynamic_masks(features[None], image_kernels[cell][None])[0].astype(jnp.float32)
+        )  # [Q, h, w]
+        binary = masks > cfg.mask_threshold
+        area = binary.sum(axis=(1, 2)).astype(jnp.float32)
+        valid = (top > cfg.score_threshold) & (area > cell_strides[cell])
+        maskness = (masks * binary).sum(axis=(1, 2)) / jnp.maximum(area, 1.0)
+        rescored = jnp.where(valid, top * maskness, 0.0)
+        decayed = ops.matrix_nms(
+            binary & valid[:, None, None],
+            cls,
+            rescored,
+            cfg.matrix_nms_kernel,
+            cfg.matrix_nms_sigma,
+        )
+        kept = valid & (decayed >= cfg.keep_score_threshold)
+        best, slot = jax.lax.top_k(jnp.where(kept, decayed, -1.0), min(k, q))
+        slot_valid = best >= 0
+        pad = k - slot.shape[0]
+        return (
+            jnp.pad(jnp.where(slot_valid, best, 0.0), (0, pad)),
+            jnp.pad(jnp.where(slot_valid, cls[slot], 0), (0, pad)),
+            jnp.pad(slot_valid, (0, pad)),
+            jnp.pad(
+                jnp.where(slot_valid[:, None, None], masks[slot], 0.0),
+                ((0, pad), (0, 0), (0, 0)),
+            ),
+        )
+
+    det_scores, det_classes, det_valid, det_masks = jax.vmap(one_image)(
+        scores, kernels, mask_features
+    )
+    return {
+        "scores": det_scores,
+        "classes": det_classes,
+        "valid": det_valid,
+        "canvas_masks": det_masks,
+    }
+
+
+def loss_fn(outputs: dict, batch: dict, cfg: SOLOv2Config) -> tuple[jnp.ndarray, dict]:
+    """Focal loss over every grid cell / (positive cells in the batch + 1) and dice loss
+    (squared, weight 3) averaged over the trained (cell, instance) pairs of the batch."""
+    del batch  # every target was built inside the model
+    targets = outputs["targets"]
+    logits = outputs["category_logits"]  # [B, S, C]
+    labels = targets["cell_labels"]
+    one_hot = jax.nn.one_hot(labels, cfg.num_classes, dtype=logits.dtype)  # background: zeros
+    num_positive = targets["positive"].sum().astype(jnp.float32)
+    loss_cls = ops.sigmoid_focal_loss(
+        logits, one_hot, cfg.focal_alpha, cfg.focal_gamma, normalizer=num_positive + 1.0
+    )
+    b, p = targets["slot_valid"].shape
+    slot_valid = targets["slot_valid"].reshape(b * p)
+    mask_logits = outputs["mask_logits"].reshape((b * p,) + outputs["mask_logits"].shape[2:])
+    mask_targets = outputs["mask_targets"].reshape(mask_logits.shape)
+    trained = slot_valid.sum().astype(jnp.float32)
+    loss_mask = cfg.mask_loss_weight * ops.dice_loss(
+        mask_logits,
+        mask_targets,
+        weights=slot_valid,
+        normalizer=jnp.maximum(trained, 1.0),
+        smooth=0.0,
+        squared=True,
+        eps=2.0 * cfg.dice_eps,
+    )
+    pairs = targets["pairs"].sum().astype(jnp.float32)
+    over = targets["overflow"].sum().astype(jnp.float32)
+    metrics = {
+        "loss_cls": loss_cls,
+        "loss_mask": loss_mask,
+        "positive_cells": num_positive / b,
+        "positive_pairs": pairs / b,
+        "positive_pairs_over_budget": over / b,
+        "positive_pairs_over_budget_fraction": over / jnp.maximum(pairs, 1.0),
+    }
+    return loss_cls + loss_mask, metrics
+
+
+# ----------------------------------------------------------------------------- method interface
+
+Config = SOLOv2Config
+Model = SOLOv2
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """mmdetection's SOLOv2 R50-FPN 1x COCO settings; experiments start from here."""
+    c = config_lib.base()
+    c.method = "solov2"
+    c.model = ml_collections.ConfigDict()
+    for field in dataclasses.fields(SOLOv2Config):
+        if field.name not in ("num_classes", "canvas_hw"):
+            c.model[field.name] = field.default
+    # mmdetection's 1x schedule for SOLOv2: lr 0.01 at batch 16, 12 epochs (decays at 8 and
+    # 11), 500 linear warmup iterations from lr x 0.001 (in steps of 7330 iterations/epoch).
+    c.optim.lr = 0.01
+    c.schedule.total_steps = 90_000
+    c.schedule.warmup_steps = 500
+    c.schedule.steps = (60_000, 82_500)
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a SOLOv2 config to seconds on a CPU: synthetic scenes, ResNet-18 of width 16, a
+    128x128 canvas, narrow heads, small grids."""
+    c = config_lib.smoke_common(c)
+    m = c.model
+    m.depth = 18
+    m.width = 16
+    m.norm = "group_norm"
+    m.freeze_at = 1
+    m.fpn_channels = 32
+    m.num_grids = (12, 10, 8, 6, 4)
+    m.scale_ranges = ((1, 32), (16, 64), (32, 128), (64, 256), (128, 512))
+    m.head_channels = 32
+    m.head_convs = 1
+    m.mask_feature_channels = 32
+    m.mask_channels = 32
+    m.positive_slots_per_image = 32
+    m.test_candidates = 100
+    m.detections_per_image = 50
+    return c

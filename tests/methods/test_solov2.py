@@ -1,0 +1,238 @@
+"""SOLOv2: grid targets and test-time selection against float64 NumPy loops of the reference's
+rules (tests/methods/solo_reference.py), the smoke step, and (slow) over-fitting 4 scenes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instseg_jax import builders
+from instseg_jax import config as config_lib
+from instseg_jax.methods import solov2
+from tests.methods import solo_reference as reference
+from tests.methods.test_mask_rcnn import first_batch
+
+SMOKE = "experiments/solov2_nuclei.py:smoke"
+
+SCENE_CFG = solov2.SOLOv2Config(
+    num_classes=3,
+    canvas_hw=(64, 64),
+    num_grids=(8, 6, 4, 2, 2),
+    scale_ranges=((1, 16), (8, 32), (16, 64), (32, 128), (64, 256)),
+    positive_slots_per_image=16,
+)
+
+
+def targets(cfg, boxes, classes, centers, nonempty, valid=None, key=None):
+    n = len(boxes)
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid)
+    return jax.jit(solov2.grid_targets, static_argnums=5)(
+        jnp.asarray(boxes, jnp.float32),
+        jnp.asarray(classes, jnp.int32),
+        jnp.asarray(valid),
+        jnp.asarray(centers, jnp.float32),
+        jnp.asarray(nonempty),
+        cfg,
+        key,
+    )
+
+
+def trained_pairs(out):
+    valid = np.asarray(out["slot_valid"])
+    return sorted(
+        zip(
+            np.asarray(out["slot_cell"])[valid].tolist(),
+            np.asarray(out["slot_instance"])[valid].tolist(),
+            strict=True,
+        )
+    )
+
+
+# A 64x64 canvas; grids 8, 6, 4, 2, 2 (cells of 8, 10.7, 16, 32, 32 px); level offsets
+# 0, 64, 100, 116, 120.
+#   A class 0, box 10 px around (9, 9): sqrt area 10 is on levels 0 (1-16) and 1 (8-32); level 0
+#     cell (1, 1) = 9, level 1 cell (0, 0) = 64.
+#   B class 1, box 40 px, mass centre (36, 44) off the box centre: levels 2 (16-64) and 3
+#     (32-128); centre region x 36 +- 4, y 44 +- 4: level 2 column 2 (32/16 .. 40/16), rows 2 and
+#     3 (40/16 = 2.5 .. 48/16 = 3) -> cells 100 + 10 = 110 and 100 + 14 = 114; level 3 cell
+#     (1, 1) = 119.
+#   C class 2, 6 px box around (9.5, 9.5), after A: level 0 cell 9 again; the cell takes C's
+#     class and both (9, A) and (9, C) train.
+#   D class 1: an empty mask (no positives); E: padding (no positives).
+SCENE = {
+    "boxes": [[4, 4, 14, 14], [20, 20, 60, 60], [6.5, 6.5, 12.5, 12.5], [40, 4, 50, 14], [0, 0, 8, 8]],
+    "classes": [0, 1, 2, 1, 0],
+    "centers": [[9, 9], [36, 44], [9.5, 9.5], [45, 9], [4, 4]],
+    "nonempty": [True, True, True, False, True],
+    "valid": [True, True, True, True, False],
+}
+SCENE_PAIRS = sorted([(9, 0), (64, 0), (9, 2), (110, 1), (114, 1), (119, 1)])
+
+
+def test_grid_targets_of_a_hand_made_scene():
+    out = targets(SCENE_CFG, **SCENE)
+    labels = np.asarray(out["cell_labels"])
+    expected = np.full(SCENE_CFG.num_cells, 3)
+    expected[[9, 64, 110, 114, 119]] = [2, 0, 1, 1, 1]
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_array_equal(np.asarray(out["positive"]), expected < 3)
+    assert trained_pairs(out) == SCENE_PAIRS
+    assert int(out["pairs"]) == 6 and int(out["overflow"]) == 0
+
+
+def test_the_reference_loop_agrees_on_the_hand_made_scene():
+    # The NumPy loop is the independent side of the random scenes below: check it too.
+    keep = np.asarray(SCENE["valid"])
+    labels, pairs = reference.grid_targets(
+        np.asarray(SCENE["boxes"])[keep],
+        np.asarray(SCENE["classes"])[keep],
+        np.asarray(SCENE["centers"])[keep],
+        np.asarray(SCENE["nonempty"])[keep],
+        SCENE_CFG.canvas_hw,
+        SCENE_CFG.num_grids,
+        SCENE_CFG.scale_ranges,
+        SCENE_CFG.center_scale,
+        3,
+    )
+    assert sorted(pairs) == SCENE_PAIRS
+    assert labels[9] == 2 and labels[64] == 0
+
+
+def test_a_positive_budget_takes_a_random_subset_and_counts_the_rest():
+    cfg = dataclasses.replace(SCENE_CFG, positive_slots_per_image=4)
+    seen = set()
+    for seed in range(6):
+        out = targets(cfg, **SCENE, key=jax.random.key(seed))
+        chosen = trained_pairs(out)
+        assert len(chosen) == 4 and len(set(chosen)) == 4
+        assert set(chosen) <= set(SCENE_PAIRS)
+        assert int(out["overflow"]) == 2 and int(out["pairs"]) == 6
+        seen |= set(chosen)
+    assert seen == set(SCENE_PAIRS)  # every pair gets its turn
+
+
+@pytest.mark.parametrize("seed,center_scale", [(0, 0.2), (1, 0.2), (2, 0.6), (3, 0.6)])
+def test_grid_targets_match_the_reference_loop_on_random_scenes(seed, center_scale):
+    rng = np.random.default_rng(seed)
+    cfg = dataclasses.replace(
+        SCENE_CFG,
+        center_scale=center_scale,
+        canvas_hw=(128, 192),
+        num_grids=(20, 12, 8, 6, 4),
+        scale_ranges=((1, 24), (12, 48), (24, 96), (48, 192), (96, 512)),
+        positive_slots_per_image=512,
+    )
+    n = 24
+    # Elongated boxes too: their centre regions span more than the 3x3 cells around the centre.
+    size = rng.uniform(3, 90, (n, 2)) * rng.choice([1.0, 0.2], (n, 2))
+    size[: n // 4, 1] = rng.uniform(60, 127, n // 4)
+    x0 = rng.uniform(0, 192 - size[:, 0])
+    y0 = rng.uniform(0, 128 - size[:, 1])
+    boxes = np.stack([x0, y0, x0 + size[:, 0], y0 + size[:, 1]], 1)
+    # Mass centres anywhere inside the box (occluded shapes are lopsided).
+    centers = np.stack(
+        [rng.uniform(boxes[:, 0], boxes[:, 2]), rng.uniform(boxes[:, 1], boxes[:, 3])], 1
+    )
+    classes = rng.integers(0, 3, n)
+    nonempty = rng.random(n) > 0.1
+    out = targets(cfg, boxes, classes, centers, nonempty)
+    labels, pairs = reference.grid_targets(
+        boxes.astype(np.float32), classes, centers.astype(np.float32), nonempty,
+        cfg.canvas_hw, cfg.num_grids, cfg.scale_ranges, cfg.center_scale, 3,
+    )
+    assert len(pairs) > n  # the scene exercises several cells per instance and shared cells
+    clamped = sum(
+        1 for b in boxes if 0.5 * (b[3] - b[1]) * center_scale > 1.5 * 128 / cfg.num_grids[1]
+    )
+    assert clamped > 0 or center_scale < 0.5  # some centre regions reach past the 3x3 cells
+    np.testing.assert_array_equal(np.asarray(out["cell_labels"]), labels)
+    assert trained_pairs(out) == sorted(pairs)
+
+
+def test_points_nms_matches_the_reference_peak_filter():
+    rng = np.random.default_rng(0)
+    scores = rng.random((2, 7, 7, 3)).astype(np.float32)
+    scores[0, 2:4, 2:4, 0] = 0.5  # ties keep every tied cell
+    out = np.asarray(solov2.points_nms(jnp.asarray(scores)))
+    for b in range(2):
+        np.testing.assert_array_equal(out[b], reference.points_nms(scores[b]))
+
+
+def test_detect_matches_the_reference_test_procedure():
+    rng = np.random.default_rng(1)
+    cfg = dataclasses.replace(SCENE_CFG, test_candidates=10_000, detections_per_image=30)
+    s, c, e = cfg.num_cells, cfg.num_classes, 6
+    h, w = (v // 4 for v in cfg.canvas_hw)
+    # Features: smooth blobs, so masks are regions that overlap each other partly.
+    yy, xx = np.mgrid[0:h, 0:w] / 16.0
+    features = np.stack(
+        [np.cos(3 * xx + k) + np.sin(2 * yy * (k + 1)) for k in range(e)], -1
+    ).astype(np.float32)
+    kernels = rng.normal(0, 1.5, (s, e)).astype(np.float32)
+    logits = rng.normal(-3.0, 1.5, (s, c)).astype(np.float32)
+    out = solov2.detect(
+        jnp.asarray(logits)[None], jnp.asarray(kernels)[None], jnp.asarray(features)[None],
+        {}, cfg,
+    )
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    filtered, start = [], 0
+    for grid in cfg.num_grids:
+        level = probs[start : start + grid * grid].reshape(grid, grid, c)
+        filtered.append(reference.points_nms(level).reshape(-1, c))
+        start += grid * grid
+    expected = reference.detect(
+        np.concatenate(filtered), kernels.astype(np.float64), features.astype(np.float64),
+        cfg.cell_strides().astype(np.float64), cfg,
+    )
+    valid = np.asarray(out["valid"][0])
+    assert 5 <= len(expected) <= cfg.detections_per_image
+    assert valid.sum() == len(expected) and valid[: len(expected)].all()
+    for slot, (score, cls, mask) in enumerate(expected):
+        assert float(out["scores"][0, slot]) == pytest.approx(score, rel=1e-4)
+        assert int(out["classes"][0, slot]) == cls
+        probability = np.asarray(out["canvas_masks"][0, slot])
+        decided = np.abs(probability - 0.5) > 1e-5
+        np.testing.assert_array_equal((probability > 0.5)[decided], mask[decided])
+
+
+def smoke_setup():
+    config = config_lib.load(SMOKE)
+    source, batch = first_batch(config)
+    cfg = builders.model_config(config, source.num_classes)
+    model = solov2.Model(cfg)
+    variables = jax.jit(
+        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
+    )(batch)
+    return cfg, model, variables, batch
+
+
+def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
+    cfg, model, variables, batch = smoke_setup()
+
+    def loss(p):
+        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
+        return solov2.loss_fn(outputs, batch, cfg)
+
+    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables["params"]
+    )
+    assert np.isfinite(float(total))
+    assert float(total) == pytest.approx(float(metrics["loss_cls"] + metrics["loss_mask"]))
+    assert float(metrics["positive_cells"]) > 0 and float(metrics["positive_pairs"]) > 0
+
+    def magnitude(tree):
+        return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
+
+    for name in ("fpn", "category_tower", "kernel_tower", "mask_branch"):
+        assert magnitude(grads[name]) > 0, name
+    for name, group in grads["backbone"].items():
+        assert (magnitude(group) > 0) == (name != "stem"), name  # smoke: freeze_at=1
+
+    out = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+    det = out["detections"]
+    k, (h, w) = cfg.detections_per_image, (v // 4 for v in cfg.canvas_hw)
+    assert det["canvas_masks"].shape == (2, k, h, w)
+    assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
+    assert "boxes" not in det  # the host derives them from the masks
