@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from instseg_jax import ops, structures
 from instseg_jax import config as config_lib
+from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPN
 from instseg_jax.backbones.resnet import ResNet
 from instseg_jax.nn.layers import Conv, GroupNorm
@@ -73,7 +73,9 @@ class SOLOv2Config:
     # sqrt(box area) in canvas pixels, both ends inclusive; ranges overlap, so an instance may
     # be a positive on two levels.
     scale_ranges: tuple = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
-    center_scale: float = 0.2  # positives: cells of the centre region, box x this, around the mass centre
+    center_scale: float = (
+        0.2  # positives: cells of the centre region, box x this, around the mass centre
+    )
     head_channels: int = 512
     head_convs: int = 4
     mask_feature_channels: int = 128
@@ -145,7 +147,10 @@ class SOLOv2Config:
     def cell_strides(self) -> np.ndarray:
         """float32[S]: the stride of each grid cell's level (the test's minimum mask area)."""
         return np.concatenate(
-            [np.full(g * g, s, np.float32) for g, s in zip(self.num_grids, self.level_strides)]
+            [
+                np.full(g * g, s, np.float32)
+                for g, s in zip(self.num_grids, self.level_strides, strict=True)
+            ]
         )
 
 
@@ -227,7 +232,9 @@ class MaskFeatureBranch(nn.Module):
         for level in range(4):
             x = features[f"p{level + 2}"]
             if level == 3:
-                x = jnp.concatenate([x, coordinates(*x.shape[1:3], x.dtype).repeat(x.shape[0], 0)], -1)
+                x = jnp.concatenate(
+                    [x, coordinates(*x.shape[1:3], x.dtype).repeat(x.shape[0], 0)], -1
+                )
             if level == 0:
                 x = self.conv_norm(x, self.channels, 3, "level0")
             for step in range(level):
@@ -250,8 +257,12 @@ class SOLOv2(nn.Module):
         self.category_tower = Tower(
             cfg.head_channels, cfg.head_convs, cfg.num_classes, prior, cfg.dtype
         )
-        self.kernel_tower = Tower(cfg.head_channels, cfg.head_convs, cfg.mask_channels, 0.0, cfg.dtype)
-        self.mask_branch = MaskFeatureBranch(cfg.mask_feature_channels, cfg.mask_channels, cfg.dtype)
+        self.kernel_tower = Tower(
+            cfg.head_channels, cfg.head_convs, cfg.mask_channels, 0.0, cfg.dtype
+        )
+        self.mask_branch = MaskFeatureBranch(
+            cfg.mask_feature_channels, cfg.mask_channels, cfg.dtype
+        )
 
     def predict(self, image):
         """(category logits [B, S, C], kernels [B, S, E], mask features [B, H/4, W/4, E]) of
@@ -261,7 +272,7 @@ class SOLOv2(nn.Module):
         features = self.fpn(self.backbone(x.astype(cfg.dtype)))
         b = image.shape[0]
         logits, kernels = [], []
-        for level, (stride, grid) in enumerate(zip(cfg.level_strides, cfg.num_grids)):
+        for level, (stride, grid) in enumerate(zip(cfg.level_strides, cfg.num_grids, strict=True)):
             feature = features[f"p{level + 2}"]
             feature = dense.resize_bilinear(
                 feature, (cfg.canvas_hw[0] // stride, cfg.canvas_hw[1] // stride)
@@ -338,7 +349,7 @@ def grid_targets(gt_boxes, gt_classes, gt_valid, gt_centers, gt_nonempty, cfg: S
     cells, instances, valid = [], [], []
     offset = 0
     n = gt_boxes.shape[0]
-    for grid, (lo, hi) in zip(cfg.num_grids, cfg.scale_ranges):
+    for grid, (lo, hi) in zip(cfg.num_grids, cfg.scale_ranges, strict=True):
         unit = 1.0 / grid
 
         def cell_of(coordinate, size, unit=unit):

@@ -14,7 +14,7 @@ def grid_targets(boxes, classes, centers, nonempty, canvas_hw, grids, ranges, ce
     labels = []
     pairs = []
     offset = 0
-    for grid, (lo, hi) in zip(grids, ranges):
+    for grid, (lo, hi) in zip(grids, ranges, strict=True):
         level_labels = np.full((grid, grid), c, np.int64)
         for n, box in enumerate(boxes):
             x0, y0, x1, y1 = (float(v) for v in box)
@@ -66,9 +66,7 @@ def matrix_nms(masks, classes, scores, sigma):
         for i in range(j):
             if classes[i] != classes[j]:
                 continue
-            comp = max(
-                [iou[m, i] for m in range(i) if classes[m] == classes[i]], default=0.0
-            )
+            comp = max([iou[m, i] for m in range(i) if classes[m] == classes[i]], default=0.0)
             decay[j] = min(decay[j], np.exp(-sigma * (iou[i, j] ** 2 - comp**2)))
     return scores * decay
 
@@ -85,7 +83,11 @@ def detect(probs, kernels, features, cell_strides, cfg):
     area = binary.sum(axis=(1, 2)).astype(np.float64)
     keep = area > cell_strides[cells]
     masks, binary, area, scores, classes = (
-        masks[keep], binary[keep], area[keep], scores[keep], classes[keep]
+        masks[keep],
+        binary[keep],
+        area[keep],
+        scores[keep],
+        classes[keep],
     )
     scores = scores * (masks * binary).sum(axis=(1, 2)) / area
     order = np.argsort(-scores, kind="stable")[: cfg.test_candidates]

@@ -62,7 +62,13 @@ def trained_pairs(out):
 #     class and both (9, A) and (9, C) train.
 #   D class 1: an empty mask (no positives); E: padding (no positives).
 SCENE = {
-    "boxes": [[4, 4, 14, 14], [20, 20, 60, 60], [6.5, 6.5, 12.5, 12.5], [40, 4, 50, 14], [0, 0, 8, 8]],
+    "boxes": [
+        [4, 4, 14, 14],
+        [20, 20, 60, 60],
+        [6.5, 6.5, 12.5, 12.5],
+        [40, 4, 50, 14],
+        [0, 0, 8, 8],
+    ],
     "classes": [0, 1, 2, 1, 0],
     "centers": [[9, 9], [36, 44], [9.5, 9.5], [45, 9], [4, 4]],
     "nonempty": [True, True, True, False, True],
@@ -139,8 +145,15 @@ def test_grid_targets_match_the_reference_loop_on_random_scenes(seed, center_sca
     nonempty = rng.random(n) > 0.1
     out = targets(cfg, boxes, classes, centers, nonempty)
     labels, pairs = reference.grid_targets(
-        boxes.astype(np.float32), classes, centers.astype(np.float32), nonempty,
-        cfg.canvas_hw, cfg.num_grids, cfg.scale_ranges, cfg.center_scale, 3,
+        boxes.astype(np.float32),
+        classes,
+        centers.astype(np.float32),
+        nonempty,
+        cfg.canvas_hw,
+        cfg.num_grids,
+        cfg.scale_ranges,
+        cfg.center_scale,
+        3,
     )
     assert len(pairs) > n  # the scene exercises several cells per instance and shared cells
     clamped = sum(
@@ -173,8 +186,11 @@ def test_detect_matches_the_reference_test_procedure():
     kernels = rng.normal(0, 1.5, (s, e)).astype(np.float32)
     logits = rng.normal(-3.0, 1.5, (s, c)).astype(np.float32)
     out = solov2.detect(
-        jnp.asarray(logits)[None], jnp.asarray(kernels)[None], jnp.asarray(features)[None],
-        {}, cfg,
+        jnp.asarray(logits)[None],
+        jnp.asarray(kernels)[None],
+        jnp.asarray(features)[None],
+        {},
+        cfg,
     )
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     filtered, start = [], 0
@@ -183,8 +199,11 @@ def test_detect_matches_the_reference_test_procedure():
         filtered.append(reference.points_nms(level).reshape(-1, c))
         start += grid * grid
     expected = reference.detect(
-        np.concatenate(filtered), kernels.astype(np.float64), features.astype(np.float64),
-        cfg.cell_strides().astype(np.float64), cfg,
+        np.concatenate(filtered),
+        kernels.astype(np.float64),
+        features.astype(np.float64),
+        cfg.cell_strides().astype(np.float64),
+        cfg,
     )
     valid = np.asarray(out["valid"][0])
     assert 5 <= len(expected) <= cfg.detections_per_image
@@ -215,9 +234,7 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
         outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
         return solov2.loss_fn(outputs, batch, cfg)
 
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables["params"]
-    )
+    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     assert np.isfinite(float(total))
     assert float(total) == pytest.approx(float(metrics["loss_cls"] + metrics["loss_mask"]))
     assert float(metrics["positive_cells"]) > 0 and float(metrics["positive_pairs"]) > 0
