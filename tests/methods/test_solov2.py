@@ -277,3 +277,15 @@ def test_overfits_four_scenes(tmp_path):
         ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
+
+
+@pytest.mark.slow
+def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"))
+    import coco_step
+
+    result = coco_step.run_one("solov2", rounds=1)
+    assert np.isfinite(result["loss"]) and result["step_s"] > 0

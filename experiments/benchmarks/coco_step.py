@@ -1,0 +1,83 @@
+"""Each method's COCO-scale experiment at its real input size on this machine: compile time and
+training step time (DESIGN "How a method earns its row", step 4).
+
+    python experiments/benchmarks/coco_step.py [--methods mask_rcnn,solov2] [--rounds 3]
+
+One training step (gradient, update, non-finite guard) of the experiment's model at batch 2 on
+its canvas (1344x1344 for the COCO 1x files), 80 classes, on a padding batch with concrete
+initial weights; the first call's compilation is timed with JAX's persistent cache off, then
+the median of `rounds` steps. tests/methods/test_*.py run `run_one` with one round (slow tier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax
+from common import append_results, machine_line, markdown_table
+from compile_and_step import step_program
+
+EXPERIMENTS = {
+    "mask_rcnn": "maskrcnn_r50_fpn_coco_1x.py",
+    "solov2": "solov2_r50_fpn_coco_1x.py",
+}
+BATCH = 2
+
+
+def run_one(method: str, rounds: int = 3) -> dict:
+    """{compile_s, step_s (median), loss (first step)} of a method's COCO experiment."""
+    fn, (state, batch) = step_program(EXPERIMENTS[method], BATCH, True, concrete=True)
+    start = time.perf_counter()
+    compiled = fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    times, loss = [], None
+    for _ in range(rounds):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+        loss = float(metrics["loss"]) if loss is None else loss
+    return {"compile_s": compile_s, "step_s": statistics.median(times), "loss": loss}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default=",".join(EXPERIMENTS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args(argv)
+    jax.config.update("jax_enable_compilation_cache", False)
+    rows = []
+    for method in args.methods.split(","):
+        result = run_one(method, args.rounds)
+        rows.append(
+            [
+                f"{method} (`experiments/{EXPERIMENTS[method]}`)",
+                f"{result['compile_s']:.1f}",
+                f"{result['step_s']:.2f}",
+                f"{result['loss']:.3f}",
+            ]
+        )
+        print(rows[-1], flush=True)
+    table = markdown_table(
+        rows, ["experiment, batch 2 at 1344x1344", "compile s", "median step s", "first loss"]
+    )
+    print(table)
+    if not args.no_append:
+        append_results(
+            "COCO-scale training step of each method "
+            "(`python experiments/benchmarks/coco_step.py`)",
+            machine_line({"rounds": str(args.rounds)}),
+            table,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
