@@ -6,8 +6,10 @@
 
 Batch 16, lr 0.02, 90k steps with decays at 60k and 80k, 1000 warmup steps, FrozenBN ResNet-50
 with the stem and res2 frozen (ImageNet weights are imported with the torchvision importer of
-a later issue; from scratch, use GroupNorm and a longer schedule). detectron2 reports 37.2 box
-AP / 34.1 mask AP for this recipe; this file has not reproduced it yet.
+a later issue; from scratch, use GroupNorm and a longer schedule). detectron2's model zoo reports
+38.6 box AP / 35.2 mask AP for this recipe (MODEL_ZOO.md, mask_rcnn_R_50_FPN_1x, COCO val2017;
+torchvision's maskrcnn_resnet50_fpn COCO_V1 weights: 37.9 / 34.6); this file has not
+reproduced it yet.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 

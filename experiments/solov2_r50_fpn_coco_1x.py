@@ -10,8 +10,9 @@ decays at epochs 8 and 11, 500 warmup steps; FrozenBN ResNet-50 with the stem an
 (mmdetection freezes the stem and stage 1 of an ImageNet ResNet-50: ImageNet weights are imported
 with the torchvision importer; from scratch use GroupNorm and a longer schedule); single-scale
 800 x 1333 input on the 1344 x 1344 canvas (the module docstring of instseg_jax/methods/solov2.py
-says what the fixed canvas changes about the grids). The paper reports 34.8 mask AP for R50 1x
-(mmdetection's model: 34.8); this file has not reproduced it.
+says what the fixed canvas changes about the grids). mmdetection's configs/solov2/README.md and
+WXinlong/SOLO's README report 34.8 mask AP for R50 1x on COCO val2017 (37.5 for R50 3x with
+multi-scale training); this file has not reproduced it.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
