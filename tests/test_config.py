@@ -44,11 +44,15 @@ def test_overrides_apply_with_types_checked(tmp_path):
         "experiments/solov2_nuclei.py:smoke",
         "experiments/solov2_r50_fpn_coco_1x.py",
         "experiments/solov2_r50_fpn_coco_1x.py:smoke",
+        "experiments/yolact_nuclei.py",
+        "experiments/yolact_nuclei.py:smoke",
+        "experiments/yolact_r50_coco.py",
+        "experiments/yolact_r50_coco.py:smoke",
     ],
 )
 def test_experiments_load_locked(spec):
     c = config_lib.load(spec)
-    expected = "solov2" if "solov2" in spec else "mask_rcnn"
+    expected = next((m for m in ("solov2", "yolact") if m in spec), "mask_rcnn")
     assert c.is_locked and c.method == expected
     with pytest.raises(ValueError, match="unknown experiment argument"):
         config_lib.load(spec.split(":")[0] + ":bogus")

@@ -26,6 +26,7 @@ from compile_and_step import step_program
 EXPERIMENTS = {
     "mask_rcnn": "maskrcnn_r50_fpn_coco_1x.py",
     "solov2": "solov2_r50_fpn_coco_1x.py",
+    "yolact": "yolact_r50_coco.py",
 }
 BATCH = 2
 

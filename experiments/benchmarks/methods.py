@@ -37,7 +37,11 @@ from instseg_jax import train as train_lib
 from instseg_jax.input.pipeline import InputPipeline
 
 REPO = Path(__file__).resolve().parents[2]
-EXPERIMENTS = {"mask_rcnn": "maskrcnn_nuclei.py", "solov2": "solov2_nuclei.py"}
+EXPERIMENTS = {
+    "mask_rcnn": "maskrcnn_nuclei.py",
+    "solov2": "solov2_nuclei.py",
+    "yolact": "yolact_nuclei.py",
+}
 
 
 def first_batch(config, source, train: bool):

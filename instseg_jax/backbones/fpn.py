@@ -1,4 +1,4 @@
-"""Feature pyramid: P2..P5 from res2..res5 (lateral 1x1, top-down sum, output 3x3), P6 by
+"""Feature pyramids. FPN: P2..P5 from res2..res5 (lateral 1x1, top-down sum, output 3x3), P6 by
 stride-2 subsampling of P5 (detectron2's LastLevelMaxPool: a 1x1 max-pool of stride 2)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from instseg_jax.nn.layers import Conv
+from instseg_jax.ops.dense import resize_bilinear
 
 
 class FPN(nn.Module):
@@ -42,4 +43,51 @@ class FPN(nn.Module):
                 name=f"output{i + 2}",
             )(merged[i])
         outputs["p6"] = outputs["p5"][:, ::2, ::2, :]  # [B, H/64, W/64, D]
+        return outputs
+
+
+class FPNP3P7(nn.Module):
+    """Feature pyramid P3..P7 (RetinaNet's, and YOLACT's in mmdetection): P3..P5 from res3..res5
+    (lateral 1x1, top-down sum with 2x bilinear upsampling, output 3x3), P6 a stride-2 3x3
+    convolution on res5, P7 one on P6 (add_extra_convs="on_input", no ReLU between)."""
+
+    channels: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: dict) -> dict:
+        names = ["res3", "res4", "res5"]
+        init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")  # xavier_uniform
+        laterals = [
+            Conv(self.channels, (1, 1), dtype=self.dtype, kernel_init=init, name=f"lateral{i + 3}")(
+                features[n]
+            )
+            for i, n in enumerate(names)
+        ]
+        merged = [None] * 3
+        merged[2] = laterals[2]
+        for i in (1, 0):
+            merged[i] = laterals[i] + resize_bilinear(merged[i + 1], laterals[i].shape[1:3])
+        outputs = {}
+        for i in range(3):
+            outputs[f"p{i + 3}"] = Conv(
+                self.channels,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                kernel_init=init,
+                name=f"output{i + 3}",
+            )(merged[i])
+        previous = features["res5"]
+        for level in (6, 7):
+            previous = Conv(
+                self.channels,
+                (3, 3),
+                (2, 2),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                kernel_init=init,
+                name=f"extra{level}",
+            )(previous)
+            outputs[f"p{level}"] = previous
         return outputs

@@ -36,11 +36,12 @@ import sys
 from types import ModuleType
 
 from instseg_jax.config import ConfigValueError
-from instseg_jax.methods import mask_rcnn, solov2
+from instseg_jax.methods import mask_rcnn, solov2, yolact
 
 METHODS: dict[str, ModuleType] = {
     "mask_rcnn": mask_rcnn,
     "solov2": solov2,
+    "yolact": yolact,
 }
 
 REQUIRED = ("Config", "INPUTS", "Model", "loss_fn", "base_config", "smoke")

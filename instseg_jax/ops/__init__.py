@@ -43,7 +43,7 @@ from instseg_jax.ops.masks import (
     paste_mask_probabilities,
     paste_masks,
 )
-from instseg_jax.ops.nms import batched_nms, fast_nms, matrix_nms, nms
+from instseg_jax.ops.nms import batched_nms, fast_nms, matrix_nms, nms, per_class_fast_nms
 from instseg_jax.ops.roi_align import fpn_level, multilevel_roi_align, roi_align
 
 __all__ = [
@@ -78,6 +78,7 @@ __all__ = [
     "paired_generalized_box_iou",
     "paste_mask_probabilities",
     "paste_masks",
+    "per_class_fast_nms",
     "roi_align",
     "sample_balanced",
     "sigmoid_focal_loss",

@@ -167,3 +167,44 @@ def fast_nms(
         slots = jnp.concatenate([slots, jnp.full((max_output - num,), -1, jnp.int32)])
     slots = slots[:max_output]
     return jnp.where(jnp.arange(max_output) < count, slots, -1), count
+
+
+def per_class_fast_nms(
+    boxes: jnp.ndarray,
+    scores: jnp.ndarray,
+    top_k: int,
+    iou_threshold: float,
+    score_threshold: float,
+    max_output: int,
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """YOLACT's test-time selection: Fast NMS in each class, then the best over all classes.
+
+    boxes float32[M, 4] candidates shared by every class, scores float32[M, C]. Per class, the
+    top_k candidates by score (ties: lower index first); one is dropped when its IoU with a
+    higher-scoring one of the top_k is > iou_threshold (whether or not that one was dropped)
+    or when its score is <= score_threshold (after the suppression, as mmdetection's
+    fast_nms); the kept (candidate, class) pairs of all classes, best first, fill max_output.
+
+    Returns (candidate indices int32[max_output], classes int32[max_output],
+    scores float32[max_output], valid bool[max_output]); invalid slots hold index 0, class 0,
+    score 0.
+    """
+    m, c = scores.shape
+    k = min(top_k, m)
+    top, index = jax.lax.top_k(scores.T, k)  # [C, k], each class's best candidates
+    candidates = boxes[index]  # [C, k, 4]
+    ious = jax.vmap(box_iou)(candidates, candidates)  # [C, k, k]
+    above = jnp.triu(jnp.ones((k, k), bool), k=1)  # row i ranks above column j
+    max_iou = jnp.where(above[None], ious, 0.0).max(axis=1)  # [C, k]
+    keep = (max_iou <= iou_threshold) & (top > score_threshold)
+    flat = jnp.where(keep, top, -1.0).reshape(c * k)
+    n = min(max_output, c * k)
+    best, slot = jax.lax.top_k(flat, n)
+    valid = best >= 0
+    pad = max_output - n
+    return (
+        jnp.pad(jnp.where(valid, index.reshape(-1)[slot], 0), (0, pad)).astype(jnp.int32),
+        jnp.pad(jnp.where(valid, slot // k, 0), (0, pad)).astype(jnp.int32),
+        jnp.pad(jnp.where(valid, best, 0.0), (0, pad)),
+        jnp.pad(valid, (0, pad)),
+    )
