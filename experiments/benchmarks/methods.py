@@ -101,16 +101,31 @@ def setup(name: str, workdir: str | None):
     jax.block_until_ready(infer(variables, device_batch))
     compile_infer = time.perf_counter() - start
 
-    def inference():
-        found = jax.device_get(infer(variables, device_batch))
+    def device():
+        return jax.device_get(infer(variables, device_batch))
+
+    found = device()
+
+    def host():
         return detections.detections_to_results(
             found, eval_batch, category_ids, builders.paste_rule(cfg)
         )
 
+    def inference():
+        return detections.detections_to_results(
+            device(), eval_batch, category_ids, builders.paste_rule(cfg)
+        )
+
     count = len(inference())
+    parts = {"device": device, "host": host}
+    if hasattr(model, "predict"):  # the network alone, before selection and mask assembly
+        network = jax.jit(lambda v, image: model.apply(v, image, method=type(model).predict))
+        jax.block_until_ready(network(variables, device_batch["image"]))
+        parts["network"] = lambda: jax.block_until_ready(network(variables, device_batch["image"]))
     return {
         "step": lambda: jax.block_until_ready(step_fn(state, train_batch)),
         "inference": inference,
+        "parts": parts,
         "compile_train": compile_train,
         "compile_infer": compile_infer,
         "weights": weights,
@@ -123,19 +138,23 @@ def setup(name: str, workdir: str | None):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", action="append", default=[], help="METHOD=WORKDIR")
+    parser.add_argument("--methods", default=",".join(EXPERIMENTS))
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     jax.config.update("jax_enable_compilation_cache", False)
     workdirs = dict(item.split("=", 1) for item in args.workdir)
-    unknown = set(workdirs) - set(EXPERIMENTS)
+    names = args.methods.split(",")
+    unknown = (set(workdirs) | set(names)) - set(EXPERIMENTS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {sorted(EXPERIMENTS)}")
-    methods = {name: setup(name, workdirs.get(name)) for name in EXPERIMENTS}
+    methods = {name: setup(name, workdirs.get(name)) for name in names}
     candidates = {}
     for name, m in methods.items():
         candidates[f"{name} step"] = m["step"]
         candidates[f"{name} inference"] = m["inference"]
+        for part, fn in m["parts"].items():
+            candidates[f"{name} {part}"] = fn
     medians = time_interleaved(candidates, args.rounds)
     rows = []
     for name, m in methods.items():
@@ -162,6 +181,31 @@ def main(argv=None) -> int:
         "compile inference s",
     ]
     table = markdown_table(rows, columns)
+    # Where inference time goes (per image, ms): the device program(s) and copy, the host's
+    # RLE conversion, and (methods with a `predict`) the network alone inside the device time.
+    part_rows = []
+    for name, m in methods.items():
+        per_image = {p: 1000 * medians[f"{name} {p}"] / m["eval_batch"] for p in m["parts"]}
+        network = per_image.get("network")
+        part_rows.append(
+            [
+                name,
+                f"{per_image['device']:.1f}",
+                "-" if network is None else f"{network:.1f}",
+                "-" if network is None else f"{per_image['device'] - network:.1f}",
+                f"{per_image['host']:.1f}",
+            ]
+        )
+    table += "\n\n" + markdown_table(
+        part_rows,
+        [
+            "method",
+            "device ms / image",
+            "of which network (backbone, pyramid, heads)",
+            "of which selection, NMS, masks",
+            "host RLE ms / image",
+        ],
+    )
     print(table)
     if not args.no_append:
         append_results(
