@@ -29,6 +29,8 @@ import numpy as np
 
 from instseg_jax import config as config_lib
 from instseg_jax.input.transforms import resize_bilinear
+from instseg_jax.weights import resnet
+from instseg_jax.weights.resnet import _conv, _f32
 
 # torchvision's COCO_V1 category names: index = COCO category id, 0 the background.
 COCO_CATEGORY_NAMES = (
@@ -131,20 +133,16 @@ def architecture(state_dict: dict) -> dict:
     }
 
 
+BODY = "backbone.body."
+
+
+def _body_layout(arch: dict) -> dict:
+    return {"bottleneck": True, "stage_blocks": arch["stage_blocks"], "width": arch["width"]}
+
+
 def expected_keys(arch: dict) -> list[str]:
     """Every key of torchvision's Mask R-CNN with this architecture, in module order."""
-    keys = ["backbone.body.conv1.weight"]
-    bn = ("weight", "bias", "running_mean", "running_var")
-    keys += [f"backbone.body.bn1.{k}" for k in bn]
-    for stage, count in enumerate(arch["stage_blocks"], start=1):
-        for block in range(count):
-            prefix = f"backbone.body.layer{stage}.{block}"
-            for i in (1, 2, 3):
-                keys.append(f"{prefix}.conv{i}.weight")
-                keys += [f"{prefix}.bn{i}.{k}" for k in bn]
-            if block == 0:
-                keys.append(f"{prefix}.downsample.0.weight")
-                keys += [f"{prefix}.downsample.1.{k}" for k in bn]
+    keys = resnet.body_keys(_body_layout(arch), BODY)
     for kind in ("inner", "layer"):
         for i in range(4):
             keys += [
@@ -167,16 +165,8 @@ def expected_keys(arch: dict) -> list[str]:
     return keys
 
 
-def _conv(w):  # torch [O, I, kh, kw] -> flax [kh, kw, I, O]
-    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)), dtype=np.float32)
-
-
 def _dense_1x1(w):  # torch 1x1 conv [O, I, 1, 1] -> Dense kernel [I, O]
     return np.ascontiguousarray(w[:, :, 0, 0].T, dtype=np.float32)
-
-
-def _f32(x):
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
@@ -213,32 +203,7 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
     params: dict = {"backbone": {}, "fpn": {}, "rpn_head": {}, "box_head": {}, "mask_head": {}}
     frozen: dict = {"backbone": {}}
 
-    def norm(prefix):
-        return {
-            "scale": _f32(sd[f"{prefix}.weight"]),
-            "bias": _f32(sd[f"{prefix}.bias"]),
-            "mean": _f32(sd[f"{prefix}.running_mean"]),
-            "var": _f32(sd[f"{prefix}.running_var"]),
-        }
-
-    body = "backbone.body"
-    params["backbone"]["stem"] = {"conv": {"kernel": _conv(sd[f"{body}.conv1.weight"])}}
-    frozen["backbone"]["stem"] = {"norm": norm(f"{body}.bn1")}
-    for stage, count in enumerate(arch["stage_blocks"], start=1):
-        for block in range(count):
-            torch_prefix = f"{body}.layer{stage}.{block}"
-            name = f"res{stage + 1}_{block}"
-            p, f = {}, {}
-            for i in (1, 2, 3):
-                p[f"conv{i}"] = {"conv": {"kernel": _conv(sd[f"{torch_prefix}.conv{i}.weight"])}}
-                f[f"conv{i}"] = {"norm": norm(f"{torch_prefix}.bn{i}")}
-            if block == 0:
-                p["shortcut"] = {
-                    "conv": {"kernel": _conv(sd[f"{torch_prefix}.downsample.0.weight"])}
-                }
-                f["shortcut"] = {"norm": norm(f"{torch_prefix}.downsample.1")}
-            params["backbone"][name] = p
-            frozen["backbone"][name] = f
+    params["backbone"], frozen["backbone"] = resnet.convert_body(sd, _body_layout(arch), BODY)
     for i in range(4):
         for kind, ours in (("inner", "lateral"), ("layer", "output")):
             prefix = f"backbone.fpn.{kind}_blocks.{i}.0"

@@ -1,0 +1,153 @@
+"""torchvision ResNet weights -> our ResNet (backbones/resnet.py): the backbone initialisation of
+any method (`--config.model.backbone_weights=FILE`) and the body of torchvision's Mask R-CNN.
+
+Accepted: a torchvision classification checkpoint of resnet18/34/50/101 (keys conv1, bn1,
+layer1..4, fc; fc is dropped), as a .pth state_dict (read with weights_only=True) or an .npz of
+the same keys; a detection checkpoint's "backbone.body." prefix is accepted too. Files come from
+torchvision's model zoo (e.g. `torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url`, fetched
+once on a machine with internet; nothing is downloaded at run time).
+
+Batch-norm statistics and affine terms go to the FrozenBatchNorm layers (collection "frozen"),
+which is why a pretrained backbone needs model.norm = "frozen_bn" (detectron2's and
+torchvision's recipe): GroupNorm normalises per image and group, and ImageNet BN statistics have
+no GroupNorm equivalent, so the converted convolutions would see features of another scale.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+from instseg_jax.backbones.resnet import STAGES
+from instseg_jax.config import ConfigValueError
+
+
+class BackboneWeightsError(ConfigValueError):
+    """A weights file that does not fit the configured backbone (names file, key or field)."""
+
+
+def _conv(w):  # torch [O, I, kh, kw] -> flax [kh, kw, I, O]
+    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)), dtype=np.float32)
+
+
+def _f32(x):
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _norm(sd, prefix):
+    return {
+        "scale": _f32(sd[f"{prefix}.weight"]),
+        "bias": _f32(sd[f"{prefix}.bias"]),
+        "mean": _f32(sd[f"{prefix}.running_mean"]),
+        "var": _f32(sd[f"{prefix}.running_var"]),
+    }
+
+
+def body_layout(sd: dict, prefix: str = "") -> dict:
+    """{"bottleneck": bool, "stage_blocks": (4 counts), "width": res2 channels} of the ResNet
+    keys under `prefix` (e.g. "backbone.body.")."""
+    keys = sd.keys()
+
+    def blocks(stage):
+        regex = re.compile(rf"^{re.escape(prefix)}layer{stage}\.(\d+)\.conv1\.weight$")
+        return len({m.group(1) for k in keys if (m := regex.match(k))})
+
+    return {
+        "bottleneck": any(
+            re.match(rf"^{re.escape(prefix)}layer1\.0\.conv3\.weight$", k) for k in keys
+        ),
+        "stage_blocks": tuple(blocks(s) for s in (1, 2, 3, 4)),
+        "width": int(sd[f"{prefix}conv1.weight"].shape[0]),
+    }
+
+
+def body_keys(layout: dict, prefix: str = "") -> list[str]:
+    """Every key of a torchvision ResNet body with this layout, in module order."""
+    bn = ("weight", "bias", "running_mean", "running_var")
+    keys = [f"{prefix}conv1.weight"] + [f"{prefix}bn1.{k}" for k in bn]
+    convs = (1, 2, 3) if layout["bottleneck"] else (1, 2)
+    for stage, count in enumerate(layout["stage_blocks"], start=1):
+        for block in range(count):
+            base = f"{prefix}layer{stage}.{block}"
+            for i in convs:
+                keys += [f"{base}.conv{i}.weight"] + [f"{base}.bn{i}.{k}" for k in bn]
+            if block == 0 and (stage > 1 or layout["bottleneck"]):
+                keys += [f"{base}.downsample.0.weight"]
+                keys += [f"{base}.downsample.1.{k}" for k in bn]
+    return keys
+
+
+def convert_body(sd: dict, layout: dict, prefix: str = "") -> tuple[dict, dict]:
+    """(params, frozen) of our ResNet from the torchvision body keys under `prefix`."""
+    params = {"stem": {"conv": {"kernel": _conv(sd[f"{prefix}conv1.weight"])}}}
+    frozen = {"stem": {"norm": _norm(sd, f"{prefix}bn1")}}
+    convs = (1, 2, 3) if layout["bottleneck"] else (1, 2)
+    for stage, count in enumerate(layout["stage_blocks"], start=1):
+        for block in range(count):
+            base = f"{prefix}layer{stage}.{block}"
+            p, f = {}, {}
+            for i in convs:
+                p[f"conv{i}"] = {"conv": {"kernel": _conv(sd[f"{base}.conv{i}.weight"])}}
+                f[f"conv{i}"] = {"norm": _norm(sd, f"{base}.bn{i}")}
+            if f"{base}.downsample.0.weight" in sd:
+                p["shortcut"] = {"conv": {"kernel": _conv(sd[f"{base}.downsample.0.weight"])}}
+                f["shortcut"] = {"norm": _norm(sd, f"{base}.downsample.1")}
+            params[f"res{stage + 1}_{block}"] = p
+            frozen[f"res{stage + 1}_{block}"] = f
+    return params, frozen
+
+
+def load_backbone(path: str | Path, model_config) -> tuple[dict, dict, str]:
+    """(params, frozen, description) of the backbone in a torchvision ResNet weights file,
+    checked against the experiment's model section (depth, width, stage_blocks, norm)."""
+    from instseg_jax.weights.torchvision import load_state_dict
+
+    field = "model.backbone_weights"
+    if model_config.get("norm", "frozen_bn") != "frozen_bn":
+        raise BackboneWeightsError(
+            f"{field}={path}: model.norm is {model_config.norm!r}; pretrained ResNet weights "
+            "carry batch-norm statistics, which only FrozenBatchNorm keeps: set "
+            "--config.model.norm=frozen_bn (GroupNorm has no equivalent of ImageNet statistics)"
+        )
+    try:
+        sd = load_state_dict(path)
+    except FileNotFoundError as error:
+        raise BackboneWeightsError(f"{field}: {error}") from None
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if "num_batches_tracked" not in k}
+    prefix = "backbone.body." if "backbone.body.conv1.weight" in sd else ""
+    if f"{prefix}conv1.weight" not in sd:
+        raise BackboneWeightsError(
+            f"{field}={path}: not a torchvision ResNet state_dict (no conv1.weight; first keys: "
+            f"{sorted(sd)[:3]})"
+        )
+    layout = body_layout(sd, prefix)
+    depth = int(model_config.get("depth", 50))
+    expected_blocks = tuple(model_config.get("stage_blocks", ()) or STAGES[depth])
+    wanted = {
+        "bottleneck": depth >= 50,
+        "stage_blocks": expected_blocks,
+        "width": int(model_config.get("width", 64)),
+    }
+    for name, value in layout.items():
+        if value != wanted[name]:
+            raise BackboneWeightsError(
+                f"{field}={path}: the file's ResNet has {name} {value}, the config's (model.depth "
+                f"{depth}, model.width {wanted['width']}) {wanted[name]}; set model.depth to the "
+                "file's ResNet (18, 34, 50 or 101)"
+            )
+    expected = body_keys(layout, prefix)
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise BackboneWeightsError(
+            f"{field}={path}: missing key {missing[0]!r} ({len(missing)} missing in all)"
+        )
+    params, frozen = convert_body(sd, layout, prefix)
+    dropped = sorted(set(sd) - set(expected))
+    description = (
+        f"{path}: torchvision ResNet ({'bottleneck' if layout['bottleneck'] else 'basic'} "
+        f"blocks {layout['stage_blocks']}, width {layout['width']}), {len(expected)} tensors"
+        + (f"; not used: {len(dropped)} ({', '.join(dropped[:3])}...)" if dropped else "")
+    )
+    return params, frozen, description
