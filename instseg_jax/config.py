@@ -4,6 +4,7 @@ validate, and save the result into the workdir."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -191,6 +192,46 @@ def base() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.distributed = False
     return c
+
+
+# Fields of every method's `model` section that the trainer reads, not the model.
+TRAINER_MODEL_FIELDS = {
+    # A torchvision ResNet weights file (.pth or .npz) to initialise the backbone when training
+    # starts (instseg_jax/weights/resnet.py); "" = random initialisation.
+    "backbone_weights": "",
+}
+
+
+def model_section(config_class) -> ml_collections.ConfigDict:
+    """A method's `model` section: every field of its Config dataclass with its default (the
+    dataclass is the one list of them) and the trainer's model fields."""
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(config_class):
+        if field.name not in ("num_classes", "canvas_hw"):  # from the data and input.canvas_hw
+            section[field.name] = field.default
+    section.update(TRAINER_MODEL_FIELDS)
+    return section
+
+
+def method_config(config_class, model_config, num_classes: int, canvas_hw):
+    """A method's frozen Config from an experiment's `model` section: unknown fields are
+    rejected with the list of known ones, lists become tuples (the Config must hash)."""
+    fields = {f.name for f in dataclasses.fields(config_class)} - {"num_classes", "canvas_hw"}
+    values = {k: v for k, v in dict(model_config).items() if k not in TRAINER_MODEL_FIELDS}
+    unknown = set(values) - fields
+    if unknown:
+        raise ConfigValueError(
+            f"unknown model config fields {sorted(unknown)}; known: "
+            f"{sorted(fields | set(TRAINER_MODEL_FIELDS))}"
+        )
+    values = {k: _as_tuple(v) for k, v in values.items()}
+    return config_class(num_classes=num_classes, canvas_hw=tuple(canvas_hw), **values)
+
+
+def _as_tuple(value):
+    if isinstance(value, list | tuple):
+        return tuple(_as_tuple(v) for v in value)
+    return value
 
 
 def smoke_common(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -32,6 +32,7 @@ from instseg_jax.builders import device_fields
 from instseg_jax.checkpoint import Checkpointer, abstract
 from instseg_jax.input.pipeline import InputPipeline, padding_example
 from instseg_jax.metrics import MetricsWriter
+from instseg_jax.weights.resnet import BackboneWeightsError, load_backbone
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,43 @@ def init_variables_fn(model, batch_shapes, config):
 
 
 def init_state_fn(model, tx, batch_shapes, config):
-    """seed key -> the train state: params, frozen statistics, optimizer state, counters."""
+    """(seed key, optional backbone weights) -> the train state: params, frozen statistics,
+    optimizer state, counters. Backbone weights {"params", "frozen"} replace the initialised
+    ResNet's (weights/resnet.py: model.backbone_weights)."""
     init_variables = init_variables_fn(model, batch_shapes, config)
 
-    def init(seed_key):
-        return state_from_variables(init_variables(seed_key), tx, config)
+    def init(seed_key, backbone=None):
+        variables = init_variables(seed_key)
+        if backbone is not None:
+            variables = with_backbone(variables, backbone)
+        return state_from_variables(variables, tx, config)
 
     return init
+
+
+def with_backbone(variables: dict, backbone: dict) -> dict:
+    """variables with their "backbone" parameters and frozen statistics replaced; every
+    method's ResNet is its "backbone" submodule. The shapes must agree leaf by leaf."""
+    out = dict(variables)
+    for collection in ("params", "frozen"):
+        initialised = variables.get(collection, {}).get("backbone")
+        loaded = backbone[collection]
+        if initialised is None:
+            raise BackboneWeightsError(
+                f"model.backbone_weights: the model has no backbone {collection} to replace"
+            )
+        want = jax.tree_util.tree_flatten_with_path(initialised)[0]
+        have = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+        for path, leaf in want:
+            if path not in have or np.shape(have[path]) != np.shape(leaf):
+                name = "/".join(str(getattr(k, "key", k)) for k in path)
+                got = np.shape(have[path]) if path in have else "nothing"
+                raise BackboneWeightsError(
+                    f"model.backbone_weights: backbone {collection} {name} needs shape "
+                    f"{np.shape(leaf)}, the file gives {got}"
+                )
+        out[collection] = {**variables[collection], "backbone": loaded}
+    return out
 
 
 def state_from_variables(variables: dict, tx, config) -> dict:
@@ -318,7 +349,12 @@ def train(
         pipeline.set_state(data_state)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
     else:  # created directly in the replicated sharding
-        state = jax.jit(init_state, out_shardings=state_sharding)(params_key)
+        backbone = None
+        if config.model.get("backbone_weights"):
+            params, frozen, description = load_backbone(config.model.backbone_weights, config.model)
+            backbone = {"params": params, "frozen": frozen}
+            data_notes.append(f"backbone initialised from {description}")
+        state = jax.jit(init_state, out_shardings=state_sharding)(params_key, backbone)
     start = int(state["step"])
     total = int(max_steps if max_steps is not None else config.schedule.total_steps)
     if jax.process_index() == 0:

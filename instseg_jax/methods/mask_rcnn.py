@@ -101,28 +101,11 @@ class MaskRCNNConfig:
 
     @classmethod
     def from_config(cls, model_config, num_classes: int, canvas_hw) -> MaskRCNNConfig:
-        """From the `model` section of an experiment config (a ConfigDict or dict)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(model_config).items() if k in fields}
-        for key in ("anchor_sizes", "aspect_ratios", "stage_blocks"):
-            if key in values:
-                values[key] = _as_tuple(values[key])
-        unknown = set(dict(model_config)) - fields
-        if unknown:
-            raise config_lib.ConfigValueError(
-                f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}"
-            )
-        return cls(num_classes=num_classes, canvas_hw=tuple(canvas_hw), **values)
+        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
 
     @property
     def dtype(self):
         return jnp.dtype(self.compute_dtype)
-
-
-def _as_tuple(value):
-    if isinstance(value, list | tuple):
-        return tuple(_as_tuple(v) for v in value)
-    return value
 
 
 class MaskRCNN(nn.Module):
@@ -459,11 +442,7 @@ def base_config() -> ml_collections.ConfigDict:
     """detectron2's Mask R-CNN R50-FPN 1x defaults; experiments start from here."""
     c = config_lib.base()
     c.method = "mask_rcnn"
-    c.model = ml_collections.ConfigDict()
-    # Every model field with its default: the dataclass is the one list of them.
-    for field in dataclasses.fields(MaskRCNNConfig):
-        if field.name not in ("num_classes", "canvas_hw"):  # from the data and input.canvas_hw
-            c.model[field.name] = field.default
+    c.model = config_lib.model_section(MaskRCNNConfig)
     return c
 
 

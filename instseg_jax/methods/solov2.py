@@ -126,15 +126,7 @@ class SOLOv2Config:
 
     @classmethod
     def from_config(cls, model_config, num_classes: int, canvas_hw) -> SOLOv2Config:
-        fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "canvas_hw"}
-        values = dict(model_config)
-        unknown = set(values) - fields
-        if unknown:
-            raise config_lib.ConfigValueError(
-                f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}"
-            )
-        values = {k: _as_tuple(v) for k, v in values.items()}
-        return cls(num_classes=num_classes, canvas_hw=tuple(canvas_hw), **values)
+        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
 
     @property
     def dtype(self):
@@ -152,12 +144,6 @@ class SOLOv2Config:
                 for g, s in zip(self.num_grids, self.level_strides, strict=True)
             ]
         )
-
-
-def _as_tuple(value):
-    if isinstance(value, list | tuple):
-        return tuple(_as_tuple(v) for v in value)
-    return value
 
 
 def coordinates(h: int, w: int, dtype) -> jnp.ndarray:
@@ -514,10 +500,7 @@ def base_config() -> ml_collections.ConfigDict:
     """mmdetection's SOLOv2 R50-FPN 1x COCO settings; experiments start from here."""
     c = config_lib.base()
     c.method = "solov2"
-    c.model = ml_collections.ConfigDict()
-    for field in dataclasses.fields(SOLOv2Config):
-        if field.name not in ("num_classes", "canvas_hw"):
-            c.model[field.name] = field.default
+    c.model = config_lib.model_section(SOLOv2Config)
     # mmdetection's 1x schedule for SOLOv2: lr 0.01 at batch 16, 12 epochs (decays at 8 and
     # 11), 500 linear warmup iterations from lr x 0.001 (in steps of 7330 iterations/epoch).
     c.optim.lr = 0.01

@@ -99,15 +99,7 @@ class YOLACTConfig:
 
     @classmethod
     def from_config(cls, model_config, num_classes: int, canvas_hw) -> YOLACTConfig:
-        fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "canvas_hw"}
-        values = dict(model_config)
-        unknown = set(values) - fields
-        if unknown:
-            raise config_lib.ConfigValueError(
-                f"unknown model config fields {sorted(unknown)}; known: {sorted(fields)}"
-            )
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        return cls(num_classes=num_classes, canvas_hw=tuple(canvas_hw), **values)
+        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
 
     @property
     def dtype(self):
@@ -500,10 +492,7 @@ def base_config() -> ml_collections.ConfigDict:
     """mmdetection's YOLACT R50 1x8 COCO settings (aspect-preserving input, module docstring)."""
     c = config_lib.base()
     c.method = "yolact"
-    c.model = ml_collections.ConfigDict()
-    for field in dataclasses.fields(YOLACTConfig):
-        if field.name not in ("num_classes", "canvas_hw"):
-            c.model[field.name] = field.default
+    c.model = config_lib.model_section(YOLACTConfig)
     c.input.canvas_hw = (640, 640)
     c.input.short_side = (550,)
     c.input.max_long_side = 550
