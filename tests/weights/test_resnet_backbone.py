@@ -91,7 +91,7 @@ def test_the_comparison_fails_with_a_wrong_statistic(tmp_path):
 )
 def test_bad_weights_or_configs_are_refused_by_name(tmp_path, section, drop, message):
     path = write_state_dict(tmp_path, "basic", drop=drop)
-    with pytest.raises(BackboneWeightsError, match="model.backbone_weights") as error:
+    with pytest.raises(BackboneWeightsError, match=r"model\.backbone_weights") as error:
         load_backbone(path, model_section("basic", **section))
     assert message in str(error.value)
 
