@@ -8,6 +8,18 @@ import json
 
 from instseg_jax import cli
 
+# The scenes drawn at 4x their size on a 512 canvas, for methods whose masks live on a stride-4
+# grid of the canvas: at 1x the smallest shapes (8 px) are 2 x 2 cells, and a mask edge can sit
+# up to 2 px from the true one, which caps IoU near 0.8 whatever the training (measured: SOLOv2
+# segm AP 0.66 at 1x, 0.82 at 2x with AP75 = 1.0).
+CANVAS_4X = [
+    "--config.input.canvas_hw=(512, 512)",
+    "--config.input.short_side=(448,)",
+    "--config.input.max_long_side=512",
+    "--config.input.test_short_side=448",
+    "--config.input.test_max_long_side=512",
+]
+
 
 def overfit_report(experiment: str, workdir, steps: int, overrides=()) -> dict:
     """COCO report {"bbox": ..., "segm": ...} of `experiment`:smoke trained `steps` steps on

@@ -257,7 +257,7 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 
 @pytest.mark.slow
 def test_overfits_four_scenes(tmp_path):
-    from tests.methods.overfit import overfit_report
+    from tests.methods.overfit import CANVAS_4X, overfit_report
 
     report = overfit_report(
         "experiments/solov2_nuclei.py",
@@ -266,14 +266,11 @@ def test_overfits_four_scenes(tmp_path):
         overrides=[
             "--config.optim.name=adamw",
             "--config.optim.lr=0.002",
-            # Scenes at twice their size: canvas masks live at stride 4, and the smallest
-            # shapes (8 px) would be 2 x 2 cells, whose IoU with the exact mask tops out
-            # below COCO's strictest thresholds whatever the training.
-            "--config.input.canvas_hw=(256, 256)",
-            "--config.input.short_side=(224,)",
-            "--config.input.max_long_side=256",
-            "--config.input.test_short_side=224",
-            "--config.input.test_max_long_side=256",
+            # The reference's grids and COCO scale ranges halved, for shapes of 32-230 px.
+            "--config.model.num_grids=(40, 36, 24, 16, 12)",
+            "--config.model.scale_ranges=((1, 48), (24, 96), (48, 192), (96, 384), (192, 2048))",
+            "--config.model.positive_slots_per_image=64",
+            *CANVAS_4X,
         ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]

@@ -184,7 +184,7 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 
 @pytest.mark.slow
 def test_overfits_four_scenes(tmp_path):
-    from tests.methods.overfit import overfit_report
+    from tests.methods.overfit import CANVAS_4X, overfit_report
 
     report = overfit_report(
         "experiments/yolact_nuclei.py",
@@ -193,11 +193,8 @@ def test_overfits_four_scenes(tmp_path):
         overrides=[
             "--config.optim.name=adamw",
             "--config.optim.lr=0.002",
-            "--config.input.canvas_hw=(256, 256)",
-            "--config.input.short_side=(224,)",
-            "--config.input.max_long_side=256",
-            "--config.input.test_short_side=224",
-            "--config.input.test_max_long_side=256",
+            "--config.model.anchor_sizes=(24, 48, 96, 192, 384)",  # the reference's
+            *CANVAS_4X,
         ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
