@@ -212,26 +212,36 @@ class InputPipeline:
         else:
             self.num_batches = -(-len(source) // global_batch)
             num_local = self.num_batches * self.spec.local_batch
-        maker = ExampleMaker(source, config, self.spec, seed, self.train, strict)
-        dataset = (
-            grain.MapDataset.range(num_local)
-            .map(maker)
-            .batch(self.spec.local_batch, drop_remainder=False, batch_fn=stack_examples)
-        )
-        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        if num_workers > 0:
-            _absl_flags_ready()
-            dataset = dataset.mp_prefetch(
-                grain.MultiprocessingOptions(
-                    num_workers=num_workers, per_worker_buffer_size=worker_buffer
-                )
-            )
-        self._dataset = dataset
+        self._maker = ExampleMaker(source, config, self.spec, seed, self.train, strict)
+        self._num_local = num_local
+        self._num_workers = num_workers
+        self._worker_buffer = worker_buffer
+        self._dataset = self._stream_from(0)
         self._iterator = None
         self.step = 0
         self.epoch_counts = report.new_counts()
         self.total_counts = report.new_counts()
         self._reported_epoch = 0
+
+    def _stream_from(self, step: int):
+        """The grain dataset of this process's batches from batch `step` on. Every batch is a
+        pure function of its position, so a stream rebuilt at a position continues exactly,
+        whatever the number of workers before and after."""
+        local = self.spec.local_batch
+        dataset = (
+            grain.MapDataset.range(step * local, self._num_local)
+            .map(self._maker)
+            .batch(local, drop_remainder=False, batch_fn=stack_examples)
+        )
+        dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if self._num_workers > 0:
+            _absl_flags_ready()
+            dataset = dataset.mp_prefetch(
+                grain.MultiprocessingOptions(
+                    num_workers=self._num_workers, per_worker_buffer_size=self._worker_buffer
+                )
+            )
+        return dataset
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -268,15 +278,17 @@ class InputPipeline:
         """JSON-serialisable position of the stream (and the issue counts so far)."""
         return {
             "step": self.step,
-            "grain": self._ensure_iterator().get_state(),
             "epoch_counts": self.epoch_counts.tolist(),
             "total_counts": self.total_counts.tolist(),
             "reported_epoch": self._reported_epoch,
         }
 
     def set_state(self, state: dict) -> None:
-        self._ensure_iterator().set_state(state["grain"])
+        """Continue at a saved position (get_state); the stream is rebuilt there, so the number
+        of workers may differ from the saving run's (a saved "grain" entry is not needed)."""
+        self.close()
         self.step = int(state["step"])
+        self._dataset = self._stream_from(self.step)
         self.epoch_counts = np.asarray(state["epoch_counts"], np.int32)
         self.total_counts = np.asarray(state["total_counts"], np.int32)
         self._reported_epoch = int(state["reported_epoch"])

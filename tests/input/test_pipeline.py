@@ -86,6 +86,24 @@ def test_restored_iterator_continues_exactly(num_workers):
     resumed.close()
 
 
+@pytest.mark.parametrize("saved_with, resumed_with", [(0, 2), (2, 0), (2, 1)])
+def test_a_run_resumes_with_another_number_of_workers(saved_with, resumed_with):
+    def make(workers):
+        return InputPipeline(
+            source(), TRAIN, 4, seed=3, num_workers=workers, process_index=0, process_count=1
+        )
+
+    expected = take(make(0), 6)
+    first = make(saved_with)
+    take(first, 2)
+    state = json.loads(json.dumps(first.get_state()))
+    first.close()
+    resumed = make(resumed_with)
+    resumed.set_state(state)
+    assert_same(take(resumed, 4), expected[2:])
+    resumed.close()
+
+
 def test_processes_split_every_global_batch():
     whole = take(InputPipeline(source(), TRAIN, 4, seed=1, process_index=0, process_count=1), 3)
     parts = [
