@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -295,8 +296,27 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train until config.schedule.total_steps (or max_steps, for tests); returns the state."""
+    """Train until config.schedule.total_steps (or max_steps, for tests); returns the state.
+
+    A run that fails before writing its first checkpoint removes the workdir it created (a
+    misspelt model field, an unreadable weights file, an interrupted compilation): nothing was
+    trained, and a half-made workdir would make the next attempt resume from nothing."""
     workdir = Path(workdir)
+    created = not workdir.exists()
+    try:
+        return _train(config, workdir, max_steps, progress)
+    except BaseException:
+        if created and jax.process_index() == 0 and not _has_checkpoint(workdir):
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+
+
+def _has_checkpoint(workdir: Path) -> bool:
+    folder = workdir / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def _train(config, workdir: Path, max_steps, progress) -> dict:
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh()
     source = builders.build_source(config.input, train=True)

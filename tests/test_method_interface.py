@@ -185,3 +185,23 @@ def test_user_mistakes_end_in_one_line_and_status_2(argv, expected, capsys, tmp_
     assert cli.main(argv) == 2
     captured = capsys.readouterr()
     assert expected in _last_line(captured.err)
+
+
+def test_a_failed_start_leaves_no_workdir_behind(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = [
+        "train",
+        "--config",
+        "experiments/maskrcnn_nuclei.py:smoke",
+        "--workdir",
+        str(workdir),
+        "--config.model.norm=frozen_bn",
+        f"--config.model.backbone_weights={tmp_path / 'missing.pth'}",
+    ]
+    assert cli.main(argv) == 2
+    assert "missing.pth" in _last_line(capsys.readouterr().err)
+    assert not workdir.exists()  # config.json had been written before the weights were read
+    # A workdir the user made is theirs: it stays.
+    workdir.mkdir()
+    assert cli.main(argv) == 2
+    assert workdir.is_dir()
