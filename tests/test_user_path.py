@@ -1,0 +1,203 @@
+"""A new user's path through the CLI on a COCO dataset of JPEG photos made here (3 classes,
+polygons, a crowd region in RLE, images of different sizes): train, eval and predict as README
+says, the start-up summary and the data report, four user mistakes ending in one line without
+a traceback (and no workdir left behind), and a clean stop on Ctrl-C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+from instseg_jax import cli
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = "experiments/maskrcnn_nuclei.py:smoke"
+CLASSES = [(3, "cat"), (7, "dog"), (9, "bird")]  # sparse category ids, as real files have
+SIZES = [(120, 160), (150, 100), (96, 128), (140, 140), (110, 170), (128, 96)]
+
+
+def make_dataset(root: Path) -> Path:
+    """JPEG photos of coloured polygons on noise, and their COCO instances JSON."""
+    rng = np.random.default_rng(0)
+    images_dir = root / "photos"
+    images_dir.mkdir(parents=True)
+    images, annotations = [], []
+    for image_id, (h, w) in enumerate(SIZES, start=1):
+        pixels = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+        photo = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(photo)
+        for k in range(3):
+            cx, cy = rng.uniform(0.25, 0.75) * w, rng.uniform(0.25, 0.75) * h
+            r = rng.uniform(12, 24)
+            angles = np.sort(rng.uniform(0, 2 * np.pi, 6))
+            points = [(cx + r * np.cos(a), cy + r * np.sin(a)) for a in angles]
+            category, _ = CLASSES[(image_id + k) % 3]
+            draw.polygon(points, fill=tuple(int(v) for v in rng.integers(120, 255, 3)))
+            xs, ys = [p[0] for p in points], [p[1] for p in points]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category,
+                    "segmentation": [[float(v) for p in points for v in p]],
+                    "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                    "area": 3.0 * r * r,
+                    "iscrowd": 0,
+                }
+            )
+        name = f"photo_{image_id}.jpg"
+        photo.save(images_dir / name, quality=90)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+    crowd = np.zeros(SIZES[0], np.uint8, order="F")
+    crowd[5:25, 5:40] = 1
+    rle = mask_utils.encode(crowd)
+    annotations.append(
+        {
+            "id": len(annotations) + 1,
+            "image_id": 1,
+            "category_id": 3,
+            "segmentation": {"size": list(SIZES[0]), "counts": rle["counts"].decode()},
+            "bbox": [5.0, 5.0, 35.0, 20.0],
+            "area": float(crowd.sum()),
+            "iscrowd": 1,
+        }
+    )
+    document = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n} for i, n in CLASSES],
+    }
+    annotation_file = root / "annotations.json"
+    annotation_file.write_text(json.dumps(document))
+    return annotation_file
+
+
+def data_overrides(annotations: Path, images: Path) -> list[str]:
+    return [
+        "--config.input.source=coco",
+        f"--config.input.train_split.annotations={annotations}",
+        f"--config.input.train_split.images={images}",
+        f"--config.input.eval_split.annotations={annotations}",
+        f"--config.input.eval_split.images={images}",
+    ]
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_new_users_path_on_a_coco_dataset_of_photos(tmp_path, capsys):
+    annotations = make_dataset(tmp_path)
+    images = tmp_path / "photos"
+    workdir = tmp_path / "run"
+    data = data_overrides(annotations, images)
+
+    # Train as README says; 4 steps cross the end of the first epoch (6 images, batch 2).
+    argv = ["train", "--config", SMOKE, "--workdir", str(workdir), "--max-steps", "4", *data]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"data: {annotations}: 6 images, 18 instances, 1 crowd regions" in err, err
+    assert "classes (3): cat, dog, bird" in err
+    assert "starting at step 0, training to step 4" in err
+    assert "input epoch 0:" in err  # the per-epoch data report reaches the user
+    assert "Traceback" not in err
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["input"]["category_ids"] == [3, 7, 9]
+
+    assert cli.main(["eval", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert f"evaluating {workdir / 'checkpoints' / '4'} on {annotations}" in out
+    report = json.loads(out[out.index("{\n") :])
+    assert set(report) == {"bbox", "segm", "timing"}
+
+    preds = tmp_path / "preds"
+    argv = ["predict", "--workdir", str(workdir), "--images", str(images), "--out", str(preds)]
+    assert cli.main([*argv, "--score-threshold", "0.0"]) == 0
+    records = {p.stem: json.loads(p.read_text()) for p in preds.glob("*.json")}
+    assert len(records) == 6
+    for image_id, (h, w) in enumerate(SIZES, start=1):
+        record = records[f"photo_{image_id}"]
+        assert (record["height"], record["width"]) == (h, w)
+    capsys.readouterr()
+
+    # Four mistakes: one line each, exit status 2, no workdir left behind.
+    bad_json = tmp_path / "not_coco.json"
+    bad_json.write_text(json.dumps({"images": []}))
+    results = tmp_path / "results.json"
+    results.write_text("[]")
+    mistakes = [
+        (
+            ["train", "--config", SMOKE, "--workdir", str(tmp_path / "m1")]
+            + data_overrides(tmp_path / "missing.json", images),
+            "missing.json",
+        ),
+        (
+            ["train", "--config", SMOKE, "--workdir", str(tmp_path / "m2")]
+            + data_overrides(bad_json, images),
+            "not_coco.json",
+        ),
+        (
+            ["train", "--config", SMOKE, "--workdir", str(tmp_path / "m3"), *data]
+            + ["--config.input.train_split.anotations=x.json"],
+            "anotations",
+        ),
+        (
+            ["eval", "--results", str(results), "--annotations", str(tmp_path / "gone.json")],
+            "gone.json",
+        ),
+    ]
+    for argv, named in mistakes:
+        assert cli.main(argv) == 2, argv
+        assert named in one_line(capsys.readouterr().err)
+    for name in ("m1", "m2", "m3"):
+        assert not (tmp_path / name).exists(), name
+
+
+@pytest.mark.parametrize("workers", [1])
+def test_ctrl_c_on_the_photo_dataset_stops_cleanly(tmp_path, workers):
+    annotations = make_dataset(tmp_path)
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "instseg_jax.cli",
+        "train",
+        "--config",
+        SMOKE,
+        "--workdir",
+        str(workdir),
+        "--max-steps",
+        "50",
+        f"--config.input.num_workers={workers}",
+        *data_overrides(annotations, tmp_path / "photos"),
+    ]
+    run = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = workdir / "metrics.jsonl"
+    start = time.time()
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert run.poll() is None, run.communicate()[0][-3000:]
+        assert time.time() - start < 300, "the run never logged a step"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode == 130, output[-3000:]
+    assert "Traceback" not in output
+    stopped = int(output.split("stopped at step ")[1].split(" ")[0])
+    assert (workdir / "checkpoints" / str(stopped)).is_dir()
