@@ -201,3 +201,13 @@ def test_ctrl_c_on_the_photo_dataset_stops_cleanly(tmp_path, workers):
     assert "Traceback" not in output
     stopped = int(output.split("stopped at step ")[1].split(" ")[0])
     assert (workdir / "checkpoints" / str(stopped)).is_dir()
+    assert "leaked shared_memory" not in output, output[-2000:]
+
+    # The same command resumes and finishes; no shared memory is left behind at the end.
+    command[command.index("--max-steps") + 1] = str(stopped + 2)
+    finished = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"resuming from step {stopped}" in finished.stderr
+    assert "leaked shared_memory" not in finished.stderr, finished.stderr[-2000:]

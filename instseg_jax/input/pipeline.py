@@ -257,7 +257,10 @@ class InputPipeline:
     def __next__(self) -> dict:
         if self.num_batches is not None and self.step >= self.num_batches:
             raise StopIteration
-        batch = next(self._ensure_iterator())
+        # Plain arrays: a worker's batch arrives in shared memory, which is unlinked only when
+        # its last reference goes; a batch kept alive until the interpreter exits (a device
+        # array on CPU may alias it) would leave the segment behind ("leaked shared_memory").
+        batch = {k: np.array(v) for k, v in next(self._ensure_iterator()).items()}
         issues = batch.pop("issues").sum(axis=0)
         epoch = self.epoch_of_step(self.step) if self.train else 0
         if self.train and epoch > self._reported_epoch:
