@@ -28,26 +28,8 @@ from instseg_jax.methods import mask_rcnn
 
 
 def get_config(arg=None):
-    c = mask_rcnn.base_config()
-    c.input.source = "coco"
-    c.input.train_split.annotations = "data/nuclei/annotations/train.json"
-    c.input.train_split.images = "data/nuclei/images"
-    c.input.eval_split.annotations = "data/nuclei/annotations/val.json"
-    c.input.eval_split.images = "data/nuclei/images"
-    c.input.canvas_hw = (256, 256)
-    c.input.global_batch = 4
-    c.input.num_workers = 1
-    c.input.max_instances = 128
+    c = config_lib.nuclei_experiment(mask_rcnn.base_config(), arg)
     c.input.mask_size = 56
-    c.input.short_side = (224, 256)
-    c.input.max_long_side = 256
-    c.input.test_short_side = 256  # the canvas holds every val image at 256 (largest fits)
-    c.input.test_max_long_side = 256
-    c.model.depth = 18
-    c.model.width = 64
-    c.model.norm = "group_norm"
-    c.model.freeze_at = 0
-    c.model.fpn_channels = 128
     c.model.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
     c.model.rpn_pre_nms_topk_train = 1000
     c.model.rpn_post_nms_topk_train = 500
@@ -57,18 +39,10 @@ def get_config(arg=None):
     c.model.mask_fg_per_image = 32
     c.model.mask_head_convs = 2
     c.model.box_fc_dim = 512
-    # Up to 101 nuclei per val image: 200 detection slots, and COCOeval at maxDets 200 beside
-    # COCO's 100.
+    # Up to 101 nuclei per val image: 200 detection slots.
     c.model.detections_per_image = 200
-    c.eval.max_detections = 200
     c.optim.lr = 0.02
-    c.optim.clip_norm = 10.0  # from-scratch GroupNorm at lr 0.02 spiked to grad norm 45, then NaN
     c.schedule.total_steps = 2000
-    c.schedule.warmup_steps = 200
-    c.schedule.decay = "cosine"
-    c.checkpoint.every_steps = 500
-    c.eval.every_steps = 0 if arg else 500  # AP on the val split during the full run
-    c.log_every = 10
     if arg == "demo":  # `make demo`: the same model on a budget that fits ~10 minutes here
         c.schedule.total_steps = 400
         c.schedule.warmup_steps = 100

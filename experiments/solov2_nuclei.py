@@ -24,26 +24,8 @@ from instseg_jax.methods import solov2
 
 
 def get_config(arg=None):
-    c = solov2.base_config()
-    c.input.source = "coco"
-    c.input.train_split.annotations = "data/nuclei/annotations/train.json"
-    c.input.train_split.images = "data/nuclei/images"
-    c.input.eval_split.annotations = "data/nuclei/annotations/val.json"
-    c.input.eval_split.images = "data/nuclei/images"
-    c.input.canvas_hw = (256, 256)
-    c.input.global_batch = 4
-    c.input.num_workers = 1
-    c.input.max_instances = 128
-    c.input.short_side = (224, 256)
-    c.input.max_long_side = 256
-    c.input.test_short_side = 256
-    c.input.test_max_long_side = 256
+    c = config_lib.nuclei_experiment(solov2.base_config(), arg)
     m = c.model
-    m.depth = 18
-    m.width = 64
-    m.norm = "group_norm"
-    m.freeze_at = 0
-    m.fpn_channels = 128
     m.scale_ranges = ((1, 24), (12, 48), (24, 96), (48, 192), (96, 512))
     m.head_channels = 128
     m.head_convs = 2
@@ -52,13 +34,6 @@ def get_config(arg=None):
     m.positive_slots_per_image = 256
     m.min_mask_area_per_stride = 0.0  # a 6 px nucleus covers 2 x 2 cells at stride 4
     m.detections_per_image = 200
-    c.eval.max_detections = 200
     c.optim.lr = 0.01
-    c.optim.clip_norm = 10.0
     c.schedule.total_steps = 3500
-    c.schedule.warmup_steps = 200
-    c.schedule.decay = "cosine"
-    c.checkpoint.every_steps = 500
-    c.eval.every_steps = 0 if arg else 500
-    c.log_every = 10
     return config_lib.finish(c, arg)

@@ -23,38 +23,13 @@ from instseg_jax.methods import yolact
 
 
 def get_config(arg=None):
-    c = yolact.base_config()
-    c.input.source = "coco"
-    c.input.train_split.annotations = "data/nuclei/annotations/train.json"
-    c.input.train_split.images = "data/nuclei/images"
-    c.input.eval_split.annotations = "data/nuclei/annotations/val.json"
-    c.input.eval_split.images = "data/nuclei/images"
-    c.input.canvas_hw = (256, 256)
-    c.input.global_batch = 4
-    c.input.num_workers = 1
-    c.input.max_instances = 128
-    c.input.short_side = (224, 256)
-    c.input.max_long_side = 256
-    c.input.test_short_side = 256
-    c.input.test_max_long_side = 256
+    c = config_lib.nuclei_experiment(yolact.base_config(), arg)
     m = c.model
-    m.depth = 18
-    m.width = 64
-    m.norm = "group_norm"
-    m.freeze_at = 0
-    m.fpn_channels = 128
     m.anchor_sizes = (8, 16, 32, 64, 128)
     m.proto_channels = 128
     m.detections_per_image = 200
-    c.eval.max_detections = 200
     c.optim.lr = 0.01
     c.optim.weight_decay = 1e-4
-    c.optim.clip_norm = 10.0
     c.schedule.total_steps = 5500
-    c.schedule.warmup_steps = 200
     c.schedule.warmup_factor = 0.001
-    c.schedule.decay = "cosine"
-    c.checkpoint.every_steps = 500
-    c.eval.every_steps = 0 if arg else 500
-    c.log_every = 10
     return config_lib.finish(c, arg)

@@ -104,17 +104,18 @@ def setup(name: str, workdir: str | None):
     def device():
         return jax.device_get(infer(variables, device_batch))
 
-    found = device()
-
-    def host():
+    def to_results(found):
         return detections.detections_to_results(
             found, eval_batch, category_ids, builders.paste_rule(cfg)
         )
 
+    found = device()
+
+    def host():
+        return to_results(found)
+
     def inference():
-        return detections.detections_to_results(
-            device(), eval_batch, category_ids, builders.paste_rule(cfg)
-        )
+        return to_results(device())
 
     count = len(inference())
     parts = {"device": device, "host": host}

@@ -12,6 +12,17 @@ from instseg_jax.nn.layers import ConvNorm, max_pool_3x3_s2
 
 STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
+# RGB pixel statistics of ImageNet (0-255), those of torchvision's and detectron2's models.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+def normalize(image, dtype, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Images [B, H, W, 3] in 0-255 RGB (uint8 or float) -> (image - mean) / std in dtype, the
+    input every method's ResNet expects."""
+    x = (image.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
+    return x.astype(dtype)
+
 
 class BasicBlock(nn.Module):
     features: int

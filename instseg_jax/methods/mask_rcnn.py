@@ -24,12 +24,8 @@ import numpy as np
 from instseg_jax import compilation, ops, structures
 from instseg_jax import config as config_lib
 from instseg_jax.backbones.fpn import FPN
-from instseg_jax.backbones.resnet import ResNet
+from instseg_jax.backbones.resnet import ResNet, normalize
 from instseg_jax.methods import roi_heads, rpn
-
-# RGB pixel statistics of ImageNet (0-255), those of torchvision's and detectron2's models.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 # Mask targets are RoIAligned from box crops of input.mask_size (never full-resolution masks).
 INPUTS = structures.Inputs(box_masks=True)
@@ -145,8 +141,7 @@ class MaskRCNN(nn.Module):
     def features(self, image):
         """FPN features {"p2".."p6"} of images [B, H, W, 3] in 0-255 RGB, uint8 or float
         (normalised here)."""
-        x = (image.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
-        return self.fpn(self.backbone(x.astype(self.cfg.dtype)))
+        return self.fpn(self.backbone(normalize(image, self.cfg.dtype)))
 
     def detect(self, features, outputs: dict, batch: dict) -> dict:
         """Detections with masks on all K slots (see `select_detections`)."""

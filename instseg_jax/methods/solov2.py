@@ -46,12 +46,10 @@ import numpy as np
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPN
-from instseg_jax.backbones.resnet import ResNet
+from instseg_jax.backbones.resnet import ResNet, normalize
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 MASK_STRIDE = 4
 
 INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE, centers=True)
@@ -254,8 +252,7 @@ class SOLOv2(nn.Module):
         """(category logits [B, S, C], kernels [B, S, E], mask features [B, H/4, W/4, E]) of
         images [B, H, W, 3] in 0-255 RGB; cells run level by level, row-major within a grid."""
         cfg = self.cfg
-        x = (image.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
-        features = self.fpn(self.backbone(x.astype(cfg.dtype)))
+        features = self.fpn(self.backbone(normalize(image, cfg.dtype)))
         b = image.shape[0]
         logits, kernels = [], []
         for level, (stride, grid) in enumerate(zip(cfg.level_strides, cfg.num_grids, strict=True)):

@@ -44,11 +44,11 @@ import ml_collections
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPNP3P7
-from instseg_jax.backbones.resnet import ResNet
+from instseg_jax.backbones.resnet import ResNet, normalize
 from instseg_jax.nn.layers import Conv
 from instseg_jax.ops import dense
 
-PIXEL_MEAN = (123.68, 116.78, 103.94)
+PIXEL_MEAN = (123.68, 116.78, 103.94)  # the reference's (ImageNet's, rounded differently)
 PIXEL_STD = (58.40, 57.12, 57.38)
 PROTO_STRIDE = 4
 LEVEL_STRIDES = (8, 16, 32, 64, 128)
@@ -120,6 +120,14 @@ def _xavier():
     return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
 
+def _conv3x3_relu(x, channels: int, dtype, name: str):
+    """A Xavier-initialised 3x3 convolution and ReLU, created in the calling compact module."""
+    conv = Conv(
+        channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dtype, kernel_init=_xavier(), name=name
+    )
+    return nn.relu(conv(x))
+
+
 class PredictionHead(nn.Module):
     """Shared over P3..P7: head_convs x (conv3x3 + ReLU), then three conv3x3 predictors: class
     logits (C + 1, background last), box deltas (4) and tanh mask coefficients, per anchor."""
@@ -135,16 +143,7 @@ class PredictionHead(nn.Module):
     def __call__(self, x):
         b = x.shape[0]
         for i in range(self.convs):
-            x = nn.relu(
-                Conv(
-                    self.channels,
-                    (3, 3),
-                    padding=((1, 1), (1, 1)),
-                    dtype=self.dtype,
-                    kernel_init=_xavier(),
-                    name=f"conv{i}",
-                )(x)
-            )
+            x = _conv3x3_relu(x, self.channels, self.dtype, f"conv{i}")
 
         def predict(outputs, name):
             # Normal(0.01) predictors (RetinaNet's): the reference's Xavier init assumes
@@ -178,27 +177,9 @@ class Protonet(nn.Module):
     def __call__(self, p3):
         x = p3
         for i in range(3):
-            x = nn.relu(
-                Conv(
-                    self.channels,
-                    (3, 3),
-                    padding=((1, 1), (1, 1)),
-                    dtype=self.dtype,
-                    kernel_init=_xavier(),
-                    name=f"conv{i}",
-                )(x)
-            )
+            x = _conv3x3_relu(x, self.channels, self.dtype, f"conv{i}")
         x = nn.relu(dense.resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2])))
-        x = nn.relu(
-            Conv(
-                self.channels,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                dtype=self.dtype,
-                kernel_init=_xavier(),
-                name="conv3",
-            )(x)
-        )
+        x = _conv3x3_relu(x, self.channels, self.dtype, "conv3")
         return nn.relu(Conv(self.num_protos, (1, 1), dtype=self.dtype, name="protos")(x))
 
 
@@ -225,8 +206,7 @@ class YOLACT(nn.Module):
     def predict(self, image):
         """Per anchor over P3..P7 (level by level): class logits [B, T, C + 1], box deltas
         [B, T, 4], coefficients [B, T, num_protos]; prototypes [B, H/4, W/4, num_protos]; P3."""
-        x = (image.astype(jnp.float32) - jnp.asarray(PIXEL_MEAN)) / jnp.asarray(PIXEL_STD)
-        features = self.fpn(self.backbone(x.astype(self.cfg.dtype)))
+        features = self.fpn(self.backbone(normalize(image, self.cfg.dtype, PIXEL_MEAN, PIXEL_STD)))
         outs = [self.head(features[f"p{level}"]) for level in range(3, 8)]
         logits, deltas, coefficients = (
             jnp.concatenate([o[i] for o in outs], axis=1).astype(jnp.float32) for i in range(3)

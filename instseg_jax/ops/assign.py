@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from instseg_jax.ops.dense import budgeted_select
+
 
 def match(
     iou: jnp.ndarray,
@@ -80,14 +82,9 @@ def sample_balanced(
     pos_key, neg_key = jax.random.split(key)
     take = min(num_samples, num)
 
-    def random_members(member, subkey):
-        # Members get a random priority in [0, 1), others 2: the top ones are a uniform draw.
-        priority = jnp.where(member, jax.random.uniform(subkey, (num,)), 2.0)
-        _, chosen = jax.lax.top_k(-priority, take)
-        return chosen.astype(jnp.int32)
-
-    positives = random_members(positive, pos_key)
-    negatives = random_members(negative, neg_key)
+    # A uniform random draw of each kind, in random order (the tail past its members is unused).
+    positives, _, _ = budgeted_select(positive, take, pos_key)
+    negatives, _, _ = budgeted_select(negative, take, neg_key)
     num_pos = jnp.minimum(positive.sum(), int(num_samples * positive_fraction))
     num_neg = jnp.minimum(negative.sum(), num_samples - num_pos)
     slot = jnp.arange(num_samples)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from instseg_jax import config as config_lib
+from instseg_jax.backbones.resnet import IMAGENET_MEAN
 from instseg_jax.input.transforms import resize_bilinear
 from instseg_jax.weights import resnet
 from instseg_jax.weights.resnet import _conv, _f32
@@ -386,13 +387,11 @@ def preprocess(image: np.ndarray, min_size: int = 800, max_size: int = 1333, div
     """(float32[Hp, Wp, 3] pixels, (h, w)) as torchvision feeds its model, in 0-255 units: the
     image resized in float by torch's bilinear rule and padded to a multiple of ``divisor``
     with the mean colour (zeros after normalisation)."""
-    from instseg_jax.methods.mask_rcnn import PIXEL_MEAN
-
     h, w = resized_size(image.shape[:2], min_size, max_size)
     resized = resize_bilinear(image.astype(np.float32), (h, w))
     hp, wp = -(-h // divisor) * divisor, -(-w // divisor) * divisor
     canvas = np.empty((hp, wp, 3), np.float32)
-    canvas[:] = np.asarray(PIXEL_MEAN, np.float32)
+    canvas[:] = np.asarray(IMAGENET_MEAN, np.float32)
     canvas[:h, :w] = resized
     return canvas, (h, w)
 

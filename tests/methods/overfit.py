@@ -1,10 +1,13 @@
-"""Over-fitting check shared by every method (DESIGN "How a method earns its row", step 3):
-train an experiment's smoke model on 4 fixed synthetic scenes through the CLI and evaluate
-it on the same 4 scenes (their exact masks are the ground truth)."""
+"""Checks every method runs the same way (DESIGN "How a method earns its row"): over-fitting
+(step 3: an experiment's smoke model trained on 4 fixed synthetic scenes through the CLI and
+evaluated on the same scenes, whose exact masks are the ground truth) and the COCO
+experiment's step at its real input size (step 4)."""
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 from instseg_jax import cli
 
@@ -38,3 +41,11 @@ def overfit_report(experiment: str, workdir, steps: int, overrides=()) -> dict:
     assert cli.main([*argv, *fixed, *overrides]) == 0
     assert cli.main(["eval", "--workdir", str(workdir)]) == 0
     return json.loads((workdir / f"eval_{steps}.json").read_text())
+
+
+def coco_step_result(method: str) -> dict:
+    """experiments/benchmarks/coco_step.py's one-round figures of a method's COCO experiment."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"))
+    import coco_step
+
+    return coco_step.run_one(method, rounds=1)

@@ -202,11 +202,7 @@ def test_overfits_four_scenes(tmp_path):
 
 @pytest.mark.slow
 def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
-    import sys
-    from pathlib import Path
+    from tests.methods.overfit import coco_step_result
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments" / "benchmarks"))
-    import coco_step
-
-    result = coco_step.run_one("yolact", rounds=1)
+    result = coco_step_result("yolact")
     assert np.isfinite(result["loss"]) and result["step_s"] > 0
