@@ -4,7 +4,7 @@ training step time (DESIGN "How a method earns its row", step 4).
     python experiments/benchmarks/coco_step.py [--methods mask_rcnn,solov2] [--rounds 3]
 
 One training step (gradient, update, non-finite guard) of the experiment's model at batch 2 on
-its canvas (1344x1344 for the COCO 1x files), 80 classes, on a padding batch with concrete
+its canvas (1344x1344 for the COCO 1x files, 640x640 for YOLACT's 550), 80 classes, on a padding batch with concrete
 initial weights; the first call's compilation is timed with JAX's persistent cache off, then
 the median of `rounds` steps. tests/methods/test_*.py run `run_one` with one round (slow tier).
 """
@@ -32,8 +32,9 @@ BATCH = 2
 
 
 def run_one(method: str, rounds: int = 3) -> dict:
-    """{compile_s, step_s (median), loss (first step)} of a method's COCO experiment."""
+    """{canvas, compile_s, step_s (median), loss (first step)} of a method's COCO experiment."""
     fn, (state, batch) = step_program(EXPERIMENTS[method], BATCH, True, concrete=True)
+    canvas = "x".join(str(n) for n in batch["image"].shape[1:3])
     start = time.perf_counter()
     compiled = fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -44,7 +45,7 @@ def run_one(method: str, rounds: int = 3) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
         loss = float(metrics["loss"]) if loss is None else loss
-    return {"compile_s": compile_s, "step_s": statistics.median(times), "loss": loss}
+    return {"canvas": canvas, "compile_s": compile_s, "step_s": statistics.median(times), "loss": loss}
 
 
 def main(argv=None) -> int:
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
         rows.append(
             [
                 f"{method} (`experiments/{EXPERIMENTS[method]}`)",
+                result["canvas"],
                 f"{result['compile_s']:.1f}",
                 f"{result['step_s']:.2f}",
                 f"{result['loss']:.3f}",
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         )
         print(rows[-1], flush=True)
     table = markdown_table(
-        rows, ["experiment, batch 2 at 1344x1344", "compile s", "median step s", "first loss"]
+        rows, ["experiment, batch 2", "canvas", "compile s", "median step s", "first loss"]
     )
     print(table)
     if not args.no_append:
