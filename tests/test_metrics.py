@@ -68,7 +68,15 @@ def test_jsonl_and_event_file_round_trip(tmp_path):
         assert payload_crc == masked(payload)
         events.append(Event.FromString(payload))
         offset += 16 + length
+    assert events_file.name.startswith("events.out.tfevents.")
     assert events[0].file_version == "brain.Event:2"
-    assert [e.step for e in events[1:]] == [1, 2]
-    scalars = {v.tag: v.simple_value for v in events[2].summary.value}
-    assert scalars["loss"] == 1.25 and scalars["lr"] == pytest.approx(0.02)
+    scalars = {}
+    for event in events[1:]:
+        for value in event.summary.value:
+            scalars[event.step, value.tag] = value.simple_value
+    assert scalars == {
+        (1, "loss"): 2.5,
+        (1, "lr"): pytest.approx(0.01),
+        (2, "loss"): 1.25,
+        (2, "lr"): pytest.approx(0.02),
+    }
