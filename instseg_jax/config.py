@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -40,8 +39,13 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
     """Config of ``path/to/experiment.py[:arg]`` with dotted overrides ``a.b=value`` applied.
 
     The experiment module defines get_config(arg) -> ConfigDict. Overrides must name existing
-    fields; values are parsed as Python literals and must keep the field's type.
+    fields; a string field takes the text as it is, other values are parsed as Python literals
+    and must keep the field's type.
     """
+    # ml_collections' config_flags loads the same "file.py:arg" specs, but only while absl
+    # parses the whole command line (ours is argparse), through the deprecated load_module under
+    # one shared module name, and it turns a missing file or a ValueError from get_config into
+    # a deferred error or a traceback inside the message: the user errors below stay one line.
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
@@ -60,49 +64,54 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
     return config
 
 
-def parse_value(text: str):
+def parse_value(text: str, field_type: type = object):
+    """An override's text as the field's value: verbatim for a string field (as ml_collections'
+    config_flags does: ``--config.x=2018`` into a string field is "2018"), else a Python
+    literal, falling back to the bare text."""
+    if field_type is str:
+        return text
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return text  # a bare string
+        return text
 
 
 def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
-    """Apply ``a.b.c=value`` (a leading ``config.`` or ``--config.`` is accepted)."""
+    """Apply ``a.b.c=value`` (a leading ``config.`` or ``--config.`` is accepted).
+
+    The assignment and its type check are ConfigDict's own (int widens to float, a list
+    becomes a tuple, a None field takes anything); a lock forbids only new fields, so
+    existing ones are set as they are. The walk to the field is here so that a wrong name
+    is answered with the names that exist, and a bool is refused for a number field, which
+    ConfigDict would take (bool is an int subclass).
+    """
     key, sep, text = override.removeprefix("--").removeprefix("config.").partition("=")
     if not sep:
         raise ConfigValueError(f"override {override!r} must look like a.b=value")
-    parts = key.split(".")
+    *sections, field = key.split(".")
     node = config
-    for part in parts[:-1]:
-        if part not in node:
-            raise ConfigKeyError(f"override {override!r}: no section {part!r} in the config")
+    for part in sections:
+        if not isinstance(node.get(part), ml_collections.ConfigDict):
+            raise ConfigKeyError(
+                f"override {override!r}: no section {part!r} in the config; sections here: "
+                f"{sorted(k for k, v in node.items() if isinstance(v, ml_collections.ConfigDict))}"
+            )
         node = node[part]
-    field = parts[-1]
     if field not in node:
         raise ConfigKeyError(
             f"override {override!r}: no field {field!r}; fields here: {sorted(node.keys())}"
         )
-    value = parse_value(text)
-    current = node[field]
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    if current is not None and value is not None and type(current) is not type(value):
-        raise ConfigTypeError(
-            f"override {override!r}: {key} is {type(current).__name__}, got {type(value).__name__}"
-        )
-    with config.unlocked() if config.is_locked else _null():
+    field_type = node.get_type(field)
+    value = parse_value(text, field_type)
+    mismatch = ConfigTypeError(
+        f"override {override!r}: {key} is {field_type.__name__}, got {type(value).__name__}"
+    )
+    if isinstance(value, bool) and field_type in (int, float):
+        raise mismatch
+    try:
         node[field] = value
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    except TypeError:
+        raise mismatch from None
 
 
 def validate(config: ml_collections.ConfigDict, source: str = "config") -> None:
@@ -121,7 +130,7 @@ def validate(config: ml_collections.ConfigDict, source: str = "config") -> None:
 def save(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
     path = Path(workdir) / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list) + "\n")
+    path.write_text(config.to_json(indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -31,6 +31,34 @@ def test_overrides_apply_with_types_checked(tmp_path):
         config_lib.load("experiments/nope.py")
     saved = json.loads(config_lib.save(c, tmp_path).read_text())
     assert saved["optim"]["lr"] == 0.01
+    assert saved["input"]["canvas_hw"] == [128, 128]
+
+
+def test_override_errors_name_what_exists():
+    with pytest.raises(KeyError, match=r"no section 'optimizer'.*sections here: \[.*'optim'"):
+        config_lib.load(NUCLEI, ["--config.optimizer.lr=0.1"])
+    with pytest.raises(KeyError, match=r"no section 'lr'"):
+        config_lib.load(NUCLEI, ["--config.optim.lr.x=0.1"])
+    with pytest.raises(KeyError, match=r"no field 'lrr'; fields here: \[.*'lr'"):
+        config_lib.load(NUCLEI, ["--config.optim.lrr=0.1"])
+
+
+def test_override_bool_is_not_a_number():
+    # ConfigDict alone would take True for an int or float field (bool subclasses int).
+    with pytest.raises(TypeError, match=r"seed is int, got bool"):
+        config_lib.load(NUCLEI, ["--config.seed=True"])
+    with pytest.raises(TypeError, match=r"optim\.lr is float, got bool"):
+        config_lib.load(NUCLEI, ["--config.optim.lr=True"])
+    with pytest.raises(TypeError, match=r"model\.mask_on is bool, got int"):
+        config_lib.load(NUCLEI, ["--config.model.mask_on=1"])
+
+
+def test_string_field_takes_the_text_as_it_is():
+    c = config_lib.load(
+        NUCLEI,
+        ["--config.input.train_split.images=2018", "--config.input.eval_split.images=[val]"],
+    )
+    assert c.input.train_split.images == "2018" and c.input.eval_split.images == "[val]"
 
 
 @pytest.mark.parametrize(
