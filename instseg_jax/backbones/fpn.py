@@ -47,17 +47,31 @@ class FPN(nn.Module):
 
 
 class FPNP3P7(nn.Module):
-    """Feature pyramid P3..P7 (RetinaNet's, and YOLACT's in mmdetection): P3..P5 from res3..res5
-    (lateral 1x1, top-down sum with 2x bilinear upsampling, output 3x3), P6 a stride-2 3x3
-    convolution on res5, P7 one on P6 (add_extra_convs="on_input", no ReLU between)."""
+    """Feature pyramid P3..P7: P3..P5 from res3..res5 (lateral 1x1, top-down sum with 2x
+    upsampling, output 3x3), P6 a stride-2 3x3 convolution, P7 one on P6.
+
+    The defaults are YOLACT's (mmdetection's add_extra_convs="on_input" with dbolya/yolact's
+    bilinear upsampling): P6 from res5, no ReLU before P7, Xavier init. FCOS (AdelaiDet and
+    torchvision alike) takes P6 from P5 (`extra_input="p5"`), applies a ReLU before P7,
+    upsamples by nearest neighbour and initialises with fan_in (detectron2's c2_xavier_fill).
+    """
 
     channels: int = 256
     dtype: Any = jnp.float32
+    extra_input: str = "res5"  # "res5" or "p5": what P6 is computed from
+    relu_before_p7: bool = False
+    upsample: str = "bilinear"  # or "nearest"
+    init_fan: str = "fan_avg"  # "fan_avg" (xavier_uniform) or "fan_in" (kaiming_uniform a=1)
 
     @nn.compact
     def __call__(self, features: dict) -> dict:
+        if self.extra_input not in ("res5", "p5") or self.upsample not in ("bilinear", "nearest"):
+            raise ValueError(
+                f"FPNP3P7: extra_input must be 'res5' or 'p5' (got {self.extra_input!r}) and "
+                f"upsample 'bilinear' or 'nearest' (got {self.upsample!r})"
+            )
         names = ["res3", "res4", "res5"]
-        init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")  # xavier_uniform
+        init = nn.initializers.variance_scaling(1.0, self.init_fan, "uniform")
         laterals = [
             Conv(self.channels, (1, 1), dtype=self.dtype, kernel_init=init, name=f"lateral{i + 3}")(
                 features[n]
@@ -67,7 +81,12 @@ class FPNP3P7(nn.Module):
         merged = [None] * 3
         merged[2] = laterals[2]
         for i in (1, 0):
-            merged[i] = laterals[i] + resize_bilinear(merged[i + 1], laterals[i].shape[1:3])
+            if self.upsample == "nearest":
+                h, w = laterals[i].shape[1:3]
+                upsampled = merged[i + 1].repeat(2, axis=1).repeat(2, axis=2)[:, :h, :w]
+            else:
+                upsampled = resize_bilinear(merged[i + 1], laterals[i].shape[1:3])
+            merged[i] = laterals[i] + upsampled
         outputs = {}
         for i in range(3):
             outputs[f"p{i + 3}"] = Conv(
@@ -78,8 +97,10 @@ class FPNP3P7(nn.Module):
                 kernel_init=init,
                 name=f"output{i + 3}",
             )(merged[i])
-        previous = features["res5"]
+        previous = features["res5"] if self.extra_input == "res5" else outputs["p5"]
         for level in (6, 7):
+            if level == 7 and self.relu_before_p7:
+                previous = nn.relu(previous)
             previous = Conv(
                 self.channels,
                 (3, 3),
@@ -89,5 +110,5 @@ class FPNP3P7(nn.Module):
                 kernel_init=init,
                 name=f"extra{level}",
             )(previous)
-            outputs[f"p{level}"] = previous
+            outputs[f"p{level}"] = previous  # before the ReLU that feeds P7
         return outputs

@@ -38,6 +38,7 @@ class GroupNorm(nn.Module):
 
     groups: int = 32
     dtype: Dtype = jnp.float32
+    epsilon: float = 1e-6  # flax's default; torch's (and detectron2's) is 1e-5
 
     @nn.compact
     def __call__(self, x):
@@ -47,7 +48,7 @@ class GroupNorm(nn.Module):
                 f"{x.shape[-1]} channels do not split into {groups} groups; "
                 "use a width divisible by 32"
             )
-        return nn.GroupNorm(num_groups=groups, dtype=self.dtype, name="gn")(x)
+        return nn.GroupNorm(num_groups=groups, epsilon=self.epsilon, dtype=self.dtype, name="gn")(x)
 
 
 def make_norm(kind: str, dtype: Dtype, groups: int = 32):

@@ -1,0 +1,455 @@
+"""FCOS (Tian et al. 2019, "FCOS: Fully Convolutional One-Stage Object Detection"): the method
+module (methods/__init__.py), boxes only. Every location of P3..P7 predicts class scores, its
+distances to the four sides of a box (in units of its level's stride) and a centerness. The
+defaults follow AdelaiDet's configs/FCOS-Detection/R_50_1x.yaml (FCOS with the improvements
+it ships on: centre sampling, GIoU, centerness on the regression tower, normalised regression
+targets); every one is a config field, and `TORCHVISION` lists the conventions torchvision's
+`fcos_resnet50_fpn` differs by (weights/torchvision.py switches them on import).
+
+Static shapes:
+  locations    T = sum over P3..P7 of h x w locations; assignment is a padded [T, N] test of
+               every location against every ground-truth slot (padding never matches).
+  test         per level the best `candidates_per_level` (location, class) pairs above the
+               score threshold, ranked by class score x centerness (a fixed top_k whose slots
+               below the threshold stay invalid), boxes decoded and clipped to the image,
+               class-aware NMS over all levels, the best `detections_per_image`.
+
+Assignment (both references): a location is positive for a ground truth when it lies strictly
+inside the box, within `center_sampling_radius` strides of the box centre on both axes (the
+centre region clipped to the box, i.e. the intersection of the two), and the largest of its
+four distances lies in its level's range of `sizes_of_interest` ([0, 64], [64, 128], ...,
+[512, inf); AdelaiDet's closed bounds). A location that several ground truths claim takes the
+smallest box (the first slot among equal areas).
+
+Losses: sigmoid focal loss (alpha 0.25, gamma 2) over all locations and classes / the number of
+positives in the global batch (at least 1); GIoU loss over the positives weighted by their
+centerness targets / the sum of those targets (`box_loss_weighting="centerness"`; torchvision:
+"none", / positives); centerness BCE over the positives / positives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from instseg_jax import config as config_lib
+from instseg_jax import ops, structures
+from instseg_jax.backbones.fpn import FPNP3P7
+from instseg_jax.backbones.resnet import ResNet, normalize
+from instseg_jax.nn.layers import Conv, GroupNorm
+
+LEVEL_STRIDES = (8, 16, 32, 64, 128)
+
+INPUTS = structures.Inputs()
+
+# The conventions by which torchvision's fcos_resnet50_fpn differs from AdelaiDet's FCOS.
+TORCHVISION = {
+    "location_offset": 0.0,  # its anchors (stride-sized squares) are centred on i x stride
+    "level_scales": False,  # no learnable scale per level
+    "score_threshold": 0.2,  # on sqrt(class score x centerness), not on the class score
+    "score_threshold_on": "combined",
+    "box_loss_weighting": "none",
+    "freeze_at": 2,  # trainable_backbone_layers=3
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FCOSConfig:
+    num_classes: int
+    canvas_hw: tuple[int, int] = (1344, 1344)
+    depth: int = 50
+    width: int = 64
+    norm: str = "frozen_bn"
+    freeze_at: int = 2
+    stage_blocks: tuple = ()
+    fpn_channels: int = 256
+    head_convs: int = 4
+    location_offset: float = 0.5  # locations at (i + offset) x stride: AdelaiDet's stride // 2
+    level_scales: bool = True  # a learnable scalar per level on the regression output
+    sizes_of_interest: tuple = (64, 128, 256, 512)  # level boundaries of max(l, t, r, b)
+    center_sampling_radius: float = 1.5  # in strides; 0 turns centre sampling off
+    prior_prob: float = 0.01
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_loss_weighting: str = "centerness"  # or "none"
+    score_threshold: float = 0.05
+    score_threshold_on: str = "class"  # "class": class score; "combined": sqrt(class x ctr)
+    candidates_per_level: int = 1000
+    nms_threshold: float = 0.6
+    detections_per_image: int = 100
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.canvas_hw[0] % 128 or self.canvas_hw[1] % 128:
+            raise config_lib.ConfigValueError(
+                f"input.canvas_hw {self.canvas_hw} must be divisible by 128 (P7 has stride 128)"
+            )
+        if len(self.sizes_of_interest) != len(LEVEL_STRIDES) - 1:
+            raise config_lib.ConfigValueError(
+                f"model.sizes_of_interest needs {len(LEVEL_STRIDES) - 1} boundaries between "
+                f"the levels P3..P7, got {self.sizes_of_interest}"
+            )
+        if self.box_loss_weighting not in ("centerness", "none"):
+            raise config_lib.ConfigValueError(
+                f"model.box_loss_weighting must be 'centerness' or 'none', got "
+                f"{self.box_loss_weighting!r}"
+            )
+        if self.score_threshold_on not in ("class", "combined"):
+            raise config_lib.ConfigValueError(
+                f"model.score_threshold_on must be 'class' or 'combined', got "
+                f"{self.score_threshold_on!r}"
+            )
+
+    @classmethod
+    def from_config(cls, model_config, num_classes: int, canvas_hw) -> FCOSConfig:
+        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    def level_shapes(self) -> list[tuple[int, int]]:
+        return ops.level_shapes(self.canvas_hw, LEVEL_STRIDES)
+
+    def locations(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(float32[T, 2] (x, y) canvas locations, level by level and row-major within one;
+        float32[T] their strides; float32[T, 2] the (low, high) range of max(l, t, r, b))."""
+        bounds = (0.0, *(float(s) for s in self.sizes_of_interest), math.inf)
+        points, strides, ranges = [], [], []
+        levels = zip(self.level_shapes(), LEVEL_STRIDES, strict=True)
+        for level, ((h, w), stride) in enumerate(levels):
+            ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+            xy = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float64)
+            points.append((xy + self.location_offset) * stride)
+            strides.append(np.full(h * w, stride, np.float64))
+            ranges.append(np.tile([bounds[level], bounds[level + 1]], (h * w, 1)))
+        return (
+            np.concatenate(points).astype(np.float32),
+            np.concatenate(strides).astype(np.float32),
+            np.concatenate(ranges).astype(np.float32),
+        )
+
+
+class Head(nn.Module):
+    """Shared over P3..P7: a classification and a regression tower of `convs` x (conv3x3 with
+    bias, GroupNorm 32, ReLU); class logits (prior-probability bias) on the first, box distances
+    and the centerness logit on the second; a learnable scale per level on the distances."""
+
+    num_classes: int
+    channels: int
+    convs: int
+    prior_prob: float
+    level_scales: bool
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        init = nn.initializers.normal(0.01)
+
+        def conv(features, name, bias_init=nn.initializers.zeros):
+            return Conv(
+                features,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                kernel_init=init,
+                bias_init=bias_init,
+                name=name,
+            )
+
+        for tower in ("cls", "box"):
+            for i in range(self.convs):
+                setattr(self, f"{tower}_conv{i}", conv(self.channels, f"{tower}_conv{i}"))
+                setattr(
+                    self,
+                    f"{tower}_norm{i}",
+                    GroupNorm(32, self.dtype, epsilon=1e-5, name=f"{tower}_norm{i}"),
+                )
+        prior = -math.log((1 - self.prior_prob) / self.prior_prob)
+        self.cls_logits = conv(self.num_classes, "cls_logits", nn.initializers.constant(prior))
+        self.bbox_pred = conv(4, "bbox_pred")
+        self.centerness = conv(1, "centerness")
+        if self.level_scales:
+            self.scales = self.param("scales", nn.initializers.ones, (len(LEVEL_STRIDES),))
+
+    def tower(self, x, name):
+        for i in range(self.convs):
+            x = getattr(self, f"{name}_conv{i}")(x)
+            x = nn.relu(getattr(self, f"{name}_norm{i}")(x))
+        return x
+
+    def __call__(self, x, level: int):
+        """x [B, h, w, D] of level index `level` -> class logits [B, h w, C], distances in
+        strides (>= 0) [B, h w, 4] (l, t, r, b), centerness logits [B, h w]."""
+        b = x.shape[0]
+        logits = self.cls_logits(self.tower(x, "cls"))
+        box = self.tower(x, "box")
+        raw = self.bbox_pred(box).astype(jnp.float32)
+        if self.level_scales:
+            raw = raw * self.scales[level]
+        return (
+            logits.reshape(b, -1, self.num_classes).astype(jnp.float32),
+            nn.relu(raw).reshape(b, -1, 4),
+            self.centerness(box).reshape(b, -1).astype(jnp.float32),
+        )
+
+
+class FCOS(nn.Module):
+    cfg: FCOSConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.backbone = ResNet(
+            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
+        )
+        self.fpn = FPNP3P7(
+            cfg.fpn_channels,
+            cfg.dtype,
+            extra_input="p5",
+            relu_before_p7=True,
+            upsample="nearest",
+            init_fan="fan_in",
+        )
+        self.head = Head(
+            cfg.num_classes,
+            cfg.fpn_channels,
+            cfg.head_convs,
+            cfg.prior_prob,
+            cfg.level_scales,
+            cfg.dtype,
+        )
+
+    def predict(self, image):
+        """Per location over P3..P7 (level by level): class logits [B, T, C], distances in
+        strides [B, T, 4], centerness logits [B, T]; and the pyramid."""
+        features = self.fpn(self.backbone(normalize(image, self.cfg.dtype)))
+        outs = [self.head(features[f"p{level}"], level - 3) for level in range(3, 8)]
+        logits, distances, centerness = (
+            jnp.concatenate([o[i] for o in outs], axis=1) for i in range(3)
+        )
+        return logits, distances, centerness, features
+
+    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+        cfg = self.cfg
+        logits, distances, centerness, features = self.predict(batch["image"])
+        outputs = {
+            "class_logits": logits,
+            "distances": distances,
+            "centerness_logits": centerness,
+            "features": features,
+        }
+        if not train:
+            outputs["detections"] = detect(logits, distances, centerness, batch, cfg)
+            return outputs
+        points, strides, ranges = (jnp.asarray(a) for a in cfg.locations())
+        outputs["targets"] = jax.lax.stop_gradient(
+            jax.vmap(
+                lambda boxes, classes, valid: location_targets(
+                    points, strides, ranges, boxes, classes, valid, cfg
+                )
+            )(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+        )
+        return outputs
+
+
+def location_targets(points, strides, ranges, gt_boxes, gt_classes, gt_valid, cfg: FCOSConfig):
+    """One image's FCOS targets (module docstring: the assignment rule).
+
+    points float32[T, 2] (x, y); strides float32[T]; ranges float32[T, 2]; gt_boxes float32[N, 4]
+    canvas xyxy; gt_classes int32[N]; gt_valid bool[N]. Returns a dict: classes int32[T] (the
+    class of positives, C elsewhere), matched int32[T] (ground-truth slot, -1 for negatives),
+    distances float32[T, 4] (l, t, r, b of the matched box in strides, 0 for negatives),
+    centerness float32[T] (target, 0 for negatives), positives int32.
+    """
+    x, y = points[:, 0:1], points[:, 1:2]  # [T, 1]
+    x0, y0, x1, y1 = (gt_boxes[None, :, i] for i in range(4))  # [1, N]
+    ltrb = jnp.stack([x - x0, y - y0, x1 - x, y1 - y], axis=-1)  # [T, N, 4] pixels
+    inside = ltrb.min(axis=-1) > 0
+    if cfg.center_sampling_radius > 0:
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        reach = cfg.center_sampling_radius * strides[:, None]
+        inside &= (jnp.abs(x - cx) < reach) & (jnp.abs(y - cy) < reach)
+    largest = ltrb.max(axis=-1)
+    in_range = (largest >= ranges[:, 0:1]) & (largest <= ranges[:, 1:2])
+    candidate = inside & in_range & gt_valid[None, :]
+    area = (x1 - x0) * (y1 - y0)  # [1, N]
+    area = jnp.where(candidate, area, jnp.inf)
+    matched = jnp.argmin(area, axis=1).astype(jnp.int32)  # first slot among equal areas
+    positive = jnp.isfinite(area.min(axis=1))
+    chosen = jnp.take_along_axis(ltrb, matched[:, None, None], axis=1)[:, 0]  # [T, 4]
+    lr, tb = chosen[:, 0::2], chosen[:, 1::2]
+    ratio = (lr.min(axis=1) / jnp.maximum(lr.max(axis=1), 1e-6)) * (
+        tb.min(axis=1) / jnp.maximum(tb.max(axis=1), 1e-6)
+    )
+    return {
+        "classes": jnp.where(positive, gt_classes[matched], cfg.num_classes).astype(jnp.int32),
+        "matched": jnp.where(positive, matched, -1),
+        "distances": jnp.where(positive[:, None], chosen / strides[:, None], 0.0),
+        "centerness": jnp.where(positive, jnp.sqrt(jnp.maximum(ratio, 0.0)), 0.0),
+        "positives": positive.sum().astype(jnp.int32),
+        # Ground truths no location is assigned to (smaller than a stride, or claimed by
+        # smaller boxes everywhere): they train nothing, so the metrics count them.
+        "unassigned": (gt_valid & ~jnp.zeros(gt_valid.shape, bool).at[matched].max(positive))
+        .sum()
+        .astype(jnp.int32),
+    }
+
+
+def distance_boxes(distances, points):
+    """xyxy boxes [..., 4] from (l, t, r, b) distances [..., 4] about points [..., 2]."""
+    return jnp.concatenate([points - distances[..., :2], points + distances[..., 2:]], axis=-1)
+
+
+def loss_fn(outputs: dict, batch: dict, cfg: FCOSConfig) -> tuple[jnp.ndarray, dict]:
+    """Focal class loss, GIoU box loss and centerness BCE (module docstring: normalisers)."""
+    targets = outputs["targets"]
+    classes = targets["classes"]  # [B, T]
+    positive = classes < cfg.num_classes
+    b = classes.shape[0]
+    positives = positive.sum().astype(jnp.float32)
+    normalizer = jnp.maximum(positives, 1.0)
+    onehot = jax.nn.one_hot(classes, cfg.num_classes)  # C (background) -> all zeros
+    loss_cls = ops.sigmoid_focal_loss(
+        outputs["class_logits"],
+        onehot,
+        cfg.focal_alpha,
+        cfg.focal_gamma,
+        normalizer=normalizer,
+    )
+    # GIoU is invariant to translation and scale: boxes about the origin, in strides.
+    origin = jnp.zeros(classes.shape + (2,), jnp.float32)
+    predicted = distance_boxes(outputs["distances"], origin)
+    target = distance_boxes(targets["distances"], origin)
+    safe_target = jnp.where(positive[..., None], target, jnp.array([-1.0, -1.0, 1.0, 1.0]))
+    ctr_target = targets["centerness"]
+    if cfg.box_loss_weighting == "centerness":
+        box_weights, box_normalizer = ctr_target, jnp.maximum(ctr_target.sum(), 1e-6)
+    else:
+        box_weights, box_normalizer = positive, normalizer
+    loss_box = ops.giou_loss(
+        predicted, safe_target, weights=box_weights * positive, normalizer=box_normalizer
+    )
+    loss_ctr = ops.binary_cross_entropy_with_logits(
+        outputs["centerness_logits"], ctr_target, weights=positive, normalizer=normalizer
+    )
+    metrics = {
+        "loss_cls": loss_cls,
+        "loss_box_reg": loss_box,
+        "loss_centerness": loss_ctr,
+        "positive_locations": positives / b,
+        "unassigned_instances": targets["unassigned"].sum().astype(jnp.float32) / b,
+    }
+    return loss_cls + loss_box + loss_ctr, metrics
+
+
+def detect(logits, distances, centerness, batch, cfg: FCOSConfig) -> dict:
+    """Boxes-only Detections (structures.py); module docstring: the test procedure. Scores are
+    sqrt(class score x centerness), as in both references."""
+    points, strides, _ = cfg.locations()
+    sizes = [h * w for h, w in cfg.level_shapes()]
+    probs = jax.nn.sigmoid(logits)  # [B, T, C]
+    ctr = jax.nn.sigmoid(centerness)  # [B, T]
+    c = cfg.num_classes
+
+    def one_image(image_probs, image_distances, image_ctr, image_hw):
+        boxes_all, scores_all, classes_all, valid_all = [], [], [], []
+        start = 0
+        for count in sizes:
+            level = slice(start, start + count)
+            combined = image_probs[level] * image_ctr[level, None]  # [n, C]
+            if cfg.score_threshold_on == "class":
+                candidate = image_probs[level] > cfg.score_threshold
+            else:
+                candidate = jnp.sqrt(combined) > cfg.score_threshold
+            ranked = jnp.where(candidate, combined, -1.0).reshape(-1)
+            top = min(cfg.candidates_per_level, count * c)
+            best, flat = jax.lax.top_k(ranked, top)
+            location = flat // c
+            point = jnp.asarray(points[level])[location]
+            stride = jnp.asarray(strides[level])[location]
+            boxes = distance_boxes(image_distances[level][location] * stride[:, None], point)
+            boxes_all.append(ops.clip_boxes(boxes, image_hw.astype(jnp.float32)))
+            scores_all.append(jnp.sqrt(jnp.maximum(best, 0.0)))
+            classes_all.append((flat % c).astype(jnp.int32))
+            valid_all.append(best >= 0.0)
+            start += count
+        boxes, scores, classes, valid = (
+            jnp.concatenate(v) for v in (boxes_all, scores_all, classes_all, valid_all)
+        )
+        keep, _ = ops.batched_nms(
+            boxes, scores, classes, cfg.nms_threshold, cfg.detections_per_image, valid
+        )
+        kept = keep >= 0
+        index = jnp.maximum(keep, 0)
+        return (
+            jnp.where(kept[:, None], boxes[index], 0.0),
+            jnp.where(kept, scores[index], 0.0),
+            jnp.where(kept, classes[index], 0),
+            kept,
+        )
+
+    det_boxes, det_scores, det_classes, det_valid = jax.vmap(one_image)(
+        probs, distances, ctr, batch["image_hw"]
+    )
+    original = ops.canvas_to_original_boxes(
+        det_boxes,
+        batch["image_hw"],
+        batch["orig_hw"],
+        batch["scale"],
+        batch["crop_offset"],
+        batch.get("flipped"),
+    )
+    return {
+        "boxes": jnp.where(det_valid[..., None], original, 0.0),
+        "scores": det_scores,
+        "classes": det_classes,
+        "valid": det_valid,
+    }
+
+
+# ----------------------------------------------------------------------------- method interface
+
+Config = FCOSConfig
+Model = FCOS
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """AdelaiDet's FCOS R_50_1x COCO settings: 800 x 1333 input on a 1344 x 1344 canvas, batch
+    16, SGD lr 0.01, weight decay 1e-4, 1000 warmup iterations from lr / 3, 90k iterations with
+    decays at 60k and 80k."""
+    c = config_lib.base()
+    c.method = "fcos"
+    c.model = config_lib.model_section(FCOSConfig)
+    c.input.canvas_hw = (1344, 1344)
+    c.input.global_batch = 16
+    c.optim.lr = 0.01
+    c.optim.weight_decay = 1e-4
+    c.schedule.warmup_steps = 1000
+    c.schedule.warmup_factor = 1.0 / 3
+    c.schedule.total_steps = 90_000
+    c.schedule.steps = (60_000, 80_000)
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink an FCOS config to seconds on a CPU: synthetic scenes, ResNet-18 of width 16, a
+    128x128 canvas, narrow towers of 2 convs."""
+    c = config_lib.smoke_common(c)
+    m = c.model
+    m.depth = 18
+    m.width = 16
+    m.norm = "group_norm"
+    m.freeze_at = 1
+    m.fpn_channels = 32
+    m.head_convs = 2
+    m.sizes_of_interest = (32, 64, 128, 256)
+    m.candidates_per_level = 200
+    m.detections_per_image = 50
+    c.optim.weight_decay = 1e-4
+    c.schedule.warmup_factor = 0.001
+    return c
