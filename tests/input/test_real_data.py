@@ -1,0 +1,145 @@
+"""The loader on data as it comes from the field: phone photos with an EXIF orientation, images
+whose size disagrees with the annotation file, RLEs of another size, annotations without a
+bbox, 32-bit images holding 8-bit values, and images with a thousand instances.
+
+Every fixture is made here, in tmp_path.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from instseg_jax.input.coco import CocoSource
+from instseg_jax.input.images import UnreadableImage, decode_image
+from instseg_jax.input.transforms import TransformConfig
+
+ORIENTATION = 0x0112  # the EXIF tag
+
+# raw pixels stored in the file for each EXIF orientation, given the upright image a viewer
+# (and detectron2's read_image) shows: the inverse of the tag's transposition.
+STORED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, 1),
+    7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, -1),
+}
+
+
+def save_with_orientation(pixels, path, orientation, **kwargs):
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    Image.fromarray(np.ascontiguousarray(pixels)).save(path, exif=exif.tobytes(), **kwargs)
+
+
+def coco_file(tmp_path, images, annotations, name="ann.json"):
+    path = tmp_path / name
+    document = {"images": images, "annotations": annotations}
+    document["categories"] = [{"id": 1, "name": "thing"}]
+    path.write_text(json.dumps(document))
+    return path
+
+
+def square(ann_id, image_id, x0, y0, x1, y1, **extra):
+    ann = {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+    }
+    ann.update(extra)
+    return ann
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pillow_exif_transpose_does(tmp_path, orientation):
+    upright = np.random.default_rng(orientation).integers(0, 256, (5, 8, 3), dtype=np.uint8)
+    path = tmp_path / "photo.png"
+    save_with_orientation(STORED[orientation](upright), path, orientation)
+    with Image.open(path) as image:
+        want = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    np.testing.assert_array_equal(want, upright)  # the fixture itself is right
+    np.testing.assert_array_equal(decode_image(path), upright)
+
+
+def test_phone_photo_rotated_by_exif_matches_its_annotations(tmp_path):
+    """A JPEG stored sideways with orientation 6: the annotation file's width/height and
+    coordinates are those of the upright image, as detectron2 reads it."""
+    upright = np.full((40, 64, 3), 20, np.uint8)
+    upright[5:15, 40:60] = 235  # a bright object near the top right of the upright photo
+    save_with_orientation(STORED[6](upright), tmp_path / "phone.jpg", 6, quality=95)
+    path = coco_file(
+        tmp_path,
+        [{"id": 1, "file_name": "phone.jpg", "height": 40, "width": 64}],
+        [square(1, 1, 40, 5, 60, 15)],
+    )
+    example = CocoSource(path, tmp_path).load(0)
+    assert example["image"].shape == (40, 64, 3)
+    mask = np.asarray(example["masks"])[0]
+    grey = example["image"].mean(axis=2)
+    assert grey[mask].min() > 200 and grey[~mask].max() < 60
+    np.testing.assert_array_equal(example["boxes"], [[40, 5, 60, 15]])
+
+
+def four_images(tmp_path, size_of=lambda i: (20, 24), json_size_of=None):
+    json_size_of = json_size_of or size_of
+    images, anns = [], []
+    for i in range(4):
+        height, width = size_of(i)
+        Image.fromarray(np.full((height, width, 3), 30 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        json_h, json_w = json_size_of(i)
+        images.append({"id": i + 1, "file_name": f"{i}.png", "height": json_h, "width": json_w})
+        anns.append(square(i + 1, i + 1, 2, 2, 9, 9))
+    return images, anns
+
+
+CONFIG = TransformConfig(
+    canvas_hw=(24, 24), short_side=(20,), max_long_side=24, max_instances=2, mask_size=4
+)
+EVAL_CONFIG = TransformConfig(
+    canvas_hw=(24, 24), train=False, short_side=(20,), max_long_side=24, max_instances=2,
+    mask_size=4,
+)  # fmt: skip
+
+
+def test_32_bit_images_are_decoded_by_their_value_range(tmp_path):
+    eight = np.arange(48, dtype=np.int32).reshape(6, 8) * 5  # 8-bit values, 0..235
+    Image.fromarray(eight).save(tmp_path / "eight.tif")
+    assert Image.open(tmp_path / "eight.tif").mode == "I"
+    np.testing.assert_array_equal(decode_image(tmp_path / "eight.tif")[..., 0], eight)
+    sixteen = eight * 250  # 16-bit values, up to 58750: scaled from 0..65535 as before
+    Image.fromarray(sixteen).save(tmp_path / "sixteen.tif")
+    want = np.round(sixteen / 65535 * 255).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(tmp_path / "sixteen.tif")[..., 0], want)
+    wide = eight * 9_000_000  # beyond 16 bits: scaled from the positive int32 range
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    want = np.round(wide / (2**31 - 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(tmp_path / "wide.tif")[..., 0], want)
+    Image.fromarray(eight - 100).save(tmp_path / "negative.tif")
+    with pytest.raises(UnreadableImage, match=r"negative\.tif.*-100"):
+        decode_image(tmp_path / "negative.tif")
+
+
+def crowded_scene(tmp_path, count, side, seed=0):
+    """A side x side PNG with `count` polygon instances of 4..48 px, as a COCO file."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(np.full((side, side, 3), 90, np.uint8)).save(tmp_path / "crowd.png")
+    anns = []
+    for i in range(count):
+        w, h = rng.integers(4, 48, 2)
+        x0, y0 = rng.integers(0, side - 48, 2)
+        cx, cy = x0 + w / 2, y0 + h / 2
+        angles = np.linspace(0, 2 * np.pi, 9)[:-1]
+        polygon = np.stack([cx + w / 2 * np.cos(angles), cy + h / 2 * np.sin(angles)], 1)
+        ann = square(i + 1, 1, 0, 0, 1, 1)
+        ann["segmentation"] = [polygon.ravel().round(2).tolist()]
+        ann["bbox"] = [float(x0), float(y0), float(w), float(h)]
+        anns.append(ann)
+    image = {"id": 1, "file_name": "crowd.png", "height": side, "width": side}
+    return CocoSource(coco_file(tmp_path, [image], anns, "crowd.json"), tmp_path)
