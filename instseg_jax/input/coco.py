@@ -17,7 +17,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from instseg_jax.input import report
-from instseg_jax.input.images import DataError, decode_image
+from instseg_jax.input.images import DataError, ImageSizeMismatch, decode_image
 
 
 class CategoryIds:
@@ -127,17 +127,19 @@ class CocoSource(CategoryIds):
     def load(self, index: int, counts: np.ndarray | None = None) -> dict:
         """Decoded example: image uint8[H, W, 3], masks bool[n, H, W], xyxy boxes, classes,
         crowd flags. Bad annotations are dropped or clipped and counted in ``counts``.
-        Raises UnreadableImage (naming the file) when the image cannot be decoded."""
+        Raises UnreadableImage (naming the file) when the image cannot be decoded and
+        ImageSizeMismatch when its size is not the annotation file's height x width: both are
+        images.UnusableExample, which the pipeline skips and counts."""
         counts = report.new_counts() if counts is None else counts
         record = self.records[index]
         image = decode_image(record["path"])
         height, width = image.shape[:2]
-        if (height, width) != (record["height"], record["width"]):
-            raise DataError(
-                f"{record['path']}: image is {height}x{width} but {self.annotation_file} says "
-                f"{record['height']}x{record['width']} for image id {record['image_id']}; fix "
-                "the height/width fields"
-            )
+        check_image_size(
+            (height, width),
+            (record["height"], record["width"]),
+            f"{record['path']}",
+            f"{self.annotation_file} (image id {record['image_id']})",
+        )
         instances = decode_instances(
             record["segmentations"], record["boxes"], height, width, counts
         )
@@ -149,6 +151,25 @@ class CocoSource(CategoryIds):
             "iscrowd": record["iscrowd"][keep],
             "image_id": record["image_id"],
         }
+
+
+def check_image_size(image_hw, annotated_hw, image_name: str, annotated_in: str) -> None:
+    """Raise ImageSizeMismatch (an example the pipeline skips and counts) when the decoded
+    image's height x width differs from the one its annotations were made for."""
+    (height, width), (want_h, want_w) = image_hw, annotated_hw
+    if (height, width) == (int(want_h), int(want_w)):
+        return
+    hint = ""
+    if (height, width) == (int(want_w), int(want_h)):
+        hint = (
+            " (height and width swapped: if the file carries an EXIF orientation tag, which is "
+            "applied here as detectron2 does, the annotations were made on the unrotated "
+            "pixels; drop the tag or annotate the upright image)"
+        )
+    raise ImageSizeMismatch(
+        f"{image_name}: image is {height}x{width} (height x width) but {annotated_in} says "
+        f"{int(want_h)}x{int(want_w)}{hint}; fix the height/width fields or the image"
+    )
 
 
 def decode_instances(segmentations, boxes, height: int, width: int, counts: np.ndarray) -> dict:

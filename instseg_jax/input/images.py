@@ -24,6 +24,12 @@ class UnreadableImage(UnusableExample):
     kind = "unreadable_image"
 
 
+class ImageSizeMismatch(UnusableExample):
+    """An image whose decoded size differs from the height/width its annotations were made for."""
+
+    kind = "image_size_mismatch"
+
+
 # EXIF orientation (tag 0x0112) -> the transposition that makes the stored pixels upright.
 _EXIF_ORIENTATION = 0x0112
 _UPRIGHT = {

@@ -21,13 +21,13 @@ import numpy as np
 
 from instseg_jax.config import ConfigValueError
 from instseg_jax.input import report
-from instseg_jax.input.images import UnreadableImage
+from instseg_jax.input.images import DataError, UnusableExample
 from instseg_jax.input.transforms import TransformConfig, transform
 
 log = logging.getLogger(__name__)
 
-# How many following examples to try in place of an unreadable one before giving up.
-_MAX_CONSECUTIVE_UNREADABLE = 32
+# How many following examples to try in place of an unusable one before giving up.
+_MAX_CONSECUTIVE_UNUSABLE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +101,22 @@ class ExampleMaker:
         self.train = train
         self.strict = strict
 
+    def _load(self, index: int, counts: np.ndarray):
+        """The source's example, or None for an unusable one, counted (and logged) under its
+        kind; strict mode raises instead. What a skipped example's annotations counted before
+        it was found unusable is not counted."""
+        own = report.new_counts()
+        try:
+            decoded = self.source.load(index, own)
+        except UnusableExample as error:
+            if self.strict:
+                raise
+            report.count(counts, error.kind)
+            log.warning("skipped: %s", error)
+            return None
+        counts += own
+        return decoded
+
     def __call__(self, local_index: int) -> dict:
         counts = report.new_counts()
         g = self.spec.global_index(int(local_index))
@@ -111,38 +127,28 @@ class ExampleMaker:
             return example
         epoch, position = divmod(g, n) if self.train else (0, g)
         if not self.train:
-            # Evaluation and prediction visit every example once, in order: an unreadable one
+            # Evaluation and prediction visit every example once, in order: an unusable one
             # becomes a padding slot (counted), never a second copy of its neighbour.
-            try:
-                decoded = self.source.load(position, counts)
-            except UnreadableImage as error:
-                if self.strict:
-                    raise
-                report.count(counts, "unreadable_image")
-                log.warning("skipped: %s", error)
+            decoded = self._load(position, counts)
+            if decoded is None:
                 example = padding_example(self.config)
                 example["issues"] = counts
                 return example
             example = transform(decoded, self.config, np.random.default_rng(0), counts)
             example["issues"] = counts
             return example
-        for attempt in range(_MAX_CONSECUTIVE_UNREADABLE):
-            # An unreadable image is replaced by the next example of the same order: the
+        for attempt in range(_MAX_CONSECUTIVE_UNUSABLE):
+            # An unusable example is replaced by the next example of the same order: the
             # replacement is as deterministic as the stream itself.
             pos = (position + attempt) % n
             index = int(epoch_order(self.seed, epoch, n)[pos])
-            try:
-                decoded = self.source.load(index, counts)
+            decoded = self._load(index, counts)
+            if decoded is not None:
                 break
-            except UnreadableImage as error:
-                if self.strict:
-                    raise
-                report.count(counts, "unreadable_image")
-                log.warning("skipped: %s", error)
         else:
-            raise UnreadableImage(
-                f"{_MAX_CONSECUTIVE_UNREADABLE} consecutive unreadable images "
-                f"from example {position} of epoch {epoch}; check the data"
+            raise DataError(
+                f"{_MAX_CONSECUTIVE_UNUSABLE} consecutive unusable examples from example "
+                f"{position} of epoch {epoch}; check the data (the log names each of them)"
             )
         rng = np.random.default_rng([self.seed, epoch, index])
         example = transform(decoded, self.config, rng, counts)
@@ -173,7 +179,9 @@ class InputPipeline:
         example_valid=False).
       global_batch: B over all processes; must divide by the process count.
       num_workers: grain worker processes (0: in this process).
-      strict: raise on an unreadable image instead of skipping and counting it.
+      strict: raise on an unusable example (images.UnusableExample: an unreadable image, one
+        whose size differs from its annotations', a segmentation that does not fit it) instead
+        of skipping it and counting it in the per-epoch report.
       process_index, process_count: default jax.process_index() / jax.process_count().
     """
 
@@ -292,8 +300,8 @@ class InputPipeline:
         self.close()
         self.step = int(state["step"])
         self._dataset = self._stream_from(self.step)
-        self.epoch_counts = np.asarray(state["epoch_counts"], np.int32)
-        self.total_counts = np.asarray(state["total_counts"], np.int32)
+        self.epoch_counts = report.resized(state["epoch_counts"])
+        self.total_counts = report.resized(state["total_counts"])
         self._reported_epoch = int(state["reported_epoch"])
 
     def close(self) -> None:

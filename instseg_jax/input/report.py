@@ -18,12 +18,20 @@ ISSUE_KINDS = (
     "degenerate_box",  # box under 1 px after resize / crop: dropped
     "image_over_instance_limit",  # images with more than N instances (N largest kept)
     "instances_over_limit",  # instances dropped by that limit
+    # Kinds added later go last: saved iterator states keep their meaning (see resized).
+    "image_size_mismatch",  # image size differs from the annotation file's: example skipped
 )
 _INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
 
 
 def new_counts() -> np.ndarray:
     return np.zeros(len(ISSUE_KINDS), np.int32)
+
+
+def resized(counts) -> np.ndarray:
+    """Counts saved when ISSUE_KINDS was shorter (an older checkpoint), padded with zeros."""
+    counts = np.asarray(counts, np.int32)
+    return np.concatenate([counts, new_counts()[len(counts) :]])
 
 
 def count(counts: np.ndarray, kind: str, amount: int = 1) -> None:

@@ -28,6 +28,7 @@ from instseg_jax.input import report
 from instseg_jax.input.coco import (
     CategoryIds,
     CocoSource,
+    check_image_size,
     decode_instances,
     decode_segmentation,
 )
@@ -145,6 +146,9 @@ class TfdsCocoSource(CategoryIds):
             raise UnreadableImage(
                 f"{example['file_name']} (tfds example {index}): {error}"
             ) from error
+        check_image_size(
+            image.shape[:2], (height, width), example["file_name"], f"tfds example {index}"
+        )
         rles = [
             {"size": [height, width], "counts": c} if c else None
             for c in _as_strings(example["rle_counts"])

@@ -6,13 +6,16 @@ Every fixture is made here, in tmp_path.
 """
 
 import json
+import logging
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from instseg_jax.input import report
 from instseg_jax.input.coco import CocoSource
-from instseg_jax.input.images import UnreadableImage, decode_image
+from instseg_jax.input.images import DataError, UnreadableImage, decode_image
+from instseg_jax.input.pipeline import InputPipeline
 from instseg_jax.input.transforms import TransformConfig
 
 ORIENTATION = 0x0112  # the EXIF tag
@@ -106,6 +109,38 @@ EVAL_CONFIG = TransformConfig(
     canvas_hw=(24, 24), train=False, short_side=(20,), max_long_side=24, max_instances=2,
     mask_size=4,
 )  # fmt: skip
+
+
+def test_image_size_differing_from_the_annotation_file_is_skipped_and_counted(tmp_path, caplog):
+    images, anns = four_images(tmp_path, json_size_of=lambda i: (20, 24) if i != 2 else (24, 20))
+    source = CocoSource(coco_file(tmp_path, images, anns), tmp_path)
+    pipeline = InputPipeline(source, CONFIG, 4, process_index=0, process_count=1)
+    with caplog.at_level(logging.INFO, logger="instseg_jax.input.pipeline"):
+        batches = [next(pipeline) for _ in range(2)]  # epoch 0 is reported at step 1
+    assert 3 not in batches[0]["image_id"].tolist()
+    assert report.as_dict(pipeline.total_counts)["image_size_mismatch"] >= 1
+    assert "image_size_mismatch=1" in caplog.text
+    assert "2.png" in caplog.text
+
+    strict = InputPipeline(source, CONFIG, 4, strict=True, process_index=0, process_count=1)
+    with pytest.raises(DataError, match=r"2\.png.*20x24.*24x20"):
+        next(strict)
+
+    evaluation = InputPipeline(source, EVAL_CONFIG, 4, process_index=0, process_count=1)
+    batch = next(evaluation)
+    assert batch["example_valid"].tolist() == [True, True, False, True]
+    assert report.as_dict(evaluation.total_counts)["image_size_mismatch"] == 1
+
+
+def test_a_state_saved_before_the_newer_issue_kinds_restores(tmp_path):
+    images, anns = four_images(tmp_path)
+    source = CocoSource(coco_file(tmp_path, images, anns), tmp_path)
+    pipeline = InputPipeline(source, CONFIG, 4, process_index=0, process_count=1)
+    old = {"step": 1, "epoch_counts": [0, 2] + [0] * 7, "total_counts": [1] * 9}
+    pipeline.set_state({**old, "reported_epoch": 0})
+    next(pipeline)
+    assert report.as_dict(pipeline.total_counts)["zero_area_annotation"] == 1
+    assert len(pipeline.get_state()["total_counts"]) == len(report.ISSUE_KINDS)
 
 
 def test_32_bit_images_are_decoded_by_their_value_range(tmp_path):
