@@ -17,7 +17,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from instseg_jax.input import report
-from instseg_jax.input.images import DataError, ImageSizeMismatch, decode_image
+from instseg_jax.input.images import BadSegmentation, DataError, ImageSizeMismatch, decode_image
 
 
 class CategoryIds:
@@ -128,8 +128,9 @@ class CocoSource(CategoryIds):
         """Decoded example: image uint8[H, W, 3], masks bool[n, H, W], xyxy boxes, classes,
         crowd flags. Bad annotations are dropped or clipped and counted in ``counts``.
         Raises UnreadableImage (naming the file) when the image cannot be decoded and
-        ImageSizeMismatch when its size is not the annotation file's height x width: both are
-        images.UnusableExample, which the pipeline skips and counts."""
+        ImageSizeMismatch when its size is not the annotation file's height x width, and
+        BadSegmentation (naming the annotation id) for a segmentation that does not fit the
+        image: all are images.UnusableExample, which the pipeline skips and counts."""
         counts = report.new_counts() if counts is None else counts
         record = self.records[index]
         image = decode_image(record["path"])
@@ -141,7 +142,13 @@ class CocoSource(CategoryIds):
             f"{self.annotation_file} (image id {record['image_id']})",
         )
         instances = decode_instances(
-            record["segmentations"], record["boxes"], height, width, counts
+            record["segmentations"],
+            record["boxes"],
+            height,
+            width,
+            counts,
+            ann_ids=record["ann_ids"],
+            where=f"{record['path']} (in {self.annotation_file})",
         )
         keep = instances.pop("keep")
         return {
@@ -172,12 +179,22 @@ def check_image_size(image_hw, annotated_hw, image_name: str, annotated_in: str)
     )
 
 
-def decode_instances(segmentations, boxes, height: int, width: int, counts: np.ndarray) -> dict:
+def decode_instances(
+    segmentations,
+    boxes,
+    height: int,
+    width: int,
+    counts: np.ndarray,
+    ann_ids=None,
+    where: str = "image",
+) -> dict:
     """Masks bool[n, H, W] and tight xyxy boxes float32[n, 4] of the usable annotations.
 
     Annotations with a zero-area box or no segmentation, and segmentations with no pixel inside
     the image, are dropped; boxes reaching outside the image are replaced by the mask's box.
-    Each case is counted. ``keep`` int64[n] indexes the kept annotations.
+    Each case is counted. ``keep`` int64[n] indexes the kept annotations. A segmentation that
+    does not fit the image raises BadSegmentation naming ``where`` (the image) and the
+    annotation's id (``ann_ids`` int64[len(segmentations)]).
     """
     keep, masks, tight = [], [], []
     for i, segmentation in enumerate(segmentations):
@@ -185,7 +202,11 @@ def decode_instances(segmentations, boxes, height: int, width: int, counts: np.n
         if segmentation is None or x1 - x0 <= 0 or y1 - y0 <= 0:
             report.count(counts, "zero_area_annotation")
             continue
-        mask = decode_segmentation(segmentation, height, width)
+        try:
+            mask = decode_segmentation(segmentation, height, width)
+        except BadSegmentation as error:
+            name = f"annotation id {int(ann_ids[i])}" if ann_ids is not None else f"annotation {i}"
+            raise BadSegmentation(f"{where}: {name}: {error}") from error
         if not mask.any():
             report.count(counts, "empty_mask")
             continue
@@ -221,22 +242,52 @@ def mask_annotation(
     }
 
 
+def _check_rle(rle: dict, height: int, width: int) -> None:
+    """Raise BadSegmentation when an RLE is not one of an H x W image."""
+    size, counts = rle.get("size"), rle.get("counts")
+    if size is None or counts is None:
+        raise BadSegmentation(f"RLE without 'size' or 'counts' (keys {sorted(rle)})")
+    try:
+        rle_h, rle_w = (int(v) for v in size)
+    except (TypeError, ValueError) as error:
+        raise BadSegmentation(f"RLE 'size' {size!r} is not [height, width]") from error
+    if (rle_h, rle_w) != (height, width):
+        raise BadSegmentation(
+            f"RLE size {rle_h}x{rle_w} (height x width) differs from the image's "
+            f"{height}x{width}; encode the mask at the image's size"
+        )
+    if isinstance(counts, list) and sum(counts) != height * width:
+        raise BadSegmentation(
+            f"uncompressed RLE counts cover {sum(counts)} pixels, not the image's "
+            f"{height}x{width} = {height * width}; re-encode the mask"
+        )
+
+
 def decode_segmentation(segmentation, height: int, width: int) -> np.ndarray:
     """bool[H, W] of a COCO segmentation: polygons, uncompressed or compressed RLE.
 
-    Polygons are rasterised by pycocotools, which clips them to the image.
+    Polygons are rasterised by pycocotools, which clips them to the image. Raises
+    BadSegmentation (an example the pipeline skips and counts) for an RLE whose size is not
+    H x W or whose counts do not cover it, an unknown format, or what pycocotools cannot read.
     """
-    if isinstance(segmentation, list):  # polygons
-        polygons = [p for p in segmentation if len(p) >= 6]
-        if not polygons:
-            return np.zeros((height, width), bool)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
-        rle = mask_utils.frPyObjects(segmentation, height, width)  # uncompressed RLE
-    elif isinstance(segmentation, dict):
-        rle = dict(segmentation)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
-    else:
-        raise DataError(f"unknown segmentation format {type(segmentation).__name__}")
-    return mask_utils.decode(rle).astype(bool)
+    if isinstance(segmentation, dict):
+        _check_rle(segmentation, height, width)
+    try:
+        if isinstance(segmentation, list):  # polygons
+            polygons = [p for p in segmentation if len(p) >= 6]
+            if not polygons:
+                return np.zeros((height, width), bool)
+            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        elif isinstance(segmentation, dict) and isinstance(segmentation["counts"], list):
+            rle = mask_utils.frPyObjects(segmentation, height, width)  # uncompressed RLE
+        elif isinstance(segmentation, dict):
+            rle = dict(segmentation)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        else:
+            raise BadSegmentation(f"unknown segmentation format {type(segmentation).__name__}")
+        return mask_utils.decode(rle).astype(bool)
+    except BadSegmentation:
+        raise
+    except (TypeError, ValueError, IndexError, UnicodeError) as error:
+        raise BadSegmentation(f"pycocotools cannot read the segmentation ({error})") from error

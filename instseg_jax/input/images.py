@@ -30,6 +30,13 @@ class ImageSizeMismatch(UnusableExample):
     kind = "image_size_mismatch"
 
 
+class BadSegmentation(UnusableExample):
+    """A segmentation that does not fit its image (an RLE of another size, RLE counts that do
+    not cover the image, an unknown format): the example's annotations cannot be trusted."""
+
+    kind = "bad_segmentation"
+
+
 # EXIF orientation (tag 0x0112) -> the transposition that makes the stored pixels upright.
 _EXIF_ORIENTATION = 0x0112
 _UPRIGHT = {

@@ -20,6 +20,7 @@ ISSUE_KINDS = (
     "instances_over_limit",  # instances dropped by that limit
     # Kinds added later go last: saved iterator states keep their meaning (see resized).
     "image_size_mismatch",  # image size differs from the annotation file's: example skipped
+    "bad_segmentation",  # RLE of another size, counts not covering the image: example skipped
 )
 _INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
 

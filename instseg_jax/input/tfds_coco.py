@@ -32,7 +32,7 @@ from instseg_jax.input.coco import (
     decode_instances,
     decode_segmentation,
 )
-from instseg_jax.input.images import UnreadableImage, decode_image
+from instseg_jax.input.images import DataError, UnreadableImage, decode_image
 
 
 @dataclasses.dataclass
@@ -84,11 +84,19 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
         source = CocoSource(annotation_file, image_dir, keep_empty=True)
         for record in source.records:
             rles = []
-            for segmentation in record["segmentations"]:
+            for segmentation, ann_id in zip(
+                record["segmentations"], record["ann_ids"], strict=True
+            ):
                 if segmentation is None:
                     rles.append("")
                     continue
-                mask = decode_segmentation(segmentation, record["height"], record["width"])
+                try:
+                    mask = decode_segmentation(segmentation, record["height"], record["width"])
+                except DataError as error:
+                    raise DataError(
+                        f"{annotation_file}: annotation id {int(ann_id)} of {record['path']}: "
+                        f"{error}"
+                    ) from error
                 rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
                 rles.append(rle["counts"].decode("ascii"))
             yield (
@@ -153,7 +161,15 @@ class TfdsCocoSource(CategoryIds):
             {"size": [height, width], "counts": c} if c else None
             for c in _as_strings(example["rle_counts"])
         ]
-        instances = decode_instances(rles, example["boxes"], height, width, counts)
+        instances = decode_instances(
+            rles,
+            example["boxes"],
+            height,
+            width,
+            counts,
+            ann_ids=example["ann_ids"],
+            where=f"{example['file_name']} (tfds example {index})",
+        )
         keep = instances.pop("keep")
         return {
             "image": image,

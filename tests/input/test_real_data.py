@@ -11,6 +11,7 @@ import logging
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from pycocotools import mask as mask_utils
 
 from instseg_jax.input import report
 from instseg_jax.input.coco import CocoSource
@@ -141,6 +142,37 @@ def test_a_state_saved_before_the_newer_issue_kinds_restores(tmp_path):
     next(pipeline)
     assert report.as_dict(pipeline.total_counts)["zero_area_annotation"] == 1
     assert len(pipeline.get_state()["total_counts"]) == len(report.ISSUE_KINDS)
+
+
+def test_rle_of_another_size_is_skipped_and_counted_naming_the_annotation(tmp_path, caplog):
+    images, anns = four_images(tmp_path)
+    small = np.zeros((10, 12), np.uint8)
+    small[2:6, 3:8] = 1
+    rle = mask_utils.encode(np.asfortranarray(small))
+    anns[1]["id"] = 4242
+    anns[1]["segmentation"] = {"size": [10, 12], "counts": rle["counts"].decode()}
+    anns[1]["bbox"] = [3, 2, 5, 4]
+    source = CocoSource(coco_file(tmp_path, images, anns), tmp_path)
+    with pytest.raises(DataError, match=r"annotation id 4242.*10x12.*20x24"):
+        source.load(1)
+
+    pipeline = InputPipeline(source, CONFIG, 4, process_index=0, process_count=1)
+    with caplog.at_level(logging.WARNING, logger="instseg_jax.input.pipeline"):
+        batch = next(pipeline)
+    assert 2 not in batch["image_id"].tolist()
+    assert report.as_dict(pipeline.total_counts)["bad_segmentation"] == 1
+    assert "annotation id 4242" in caplog.text
+    strict = InputPipeline(source, CONFIG, 4, strict=True, process_index=0, process_count=1)
+    with pytest.raises(DataError, match="annotation id 4242"):
+        next(strict)
+
+
+def test_uncompressed_rle_whose_counts_do_not_cover_the_image_is_refused(tmp_path):
+    images, anns = four_images(tmp_path)
+    anns[0]["segmentation"] = {"size": [20, 24], "counts": [30, 40, 600]}  # 670 != 480
+    source = CocoSource(coco_file(tmp_path, images, anns), tmp_path)
+    with pytest.raises(DataError, match=r"annotation id 1.*670.*480"):
+        source.load(0)
 
 
 def test_32_bit_images_are_decoded_by_their_value_range(tmp_path):
