@@ -100,8 +100,7 @@ class CocoSource(CategoryIds):
     def _record(self, image: dict, anns: Sequence[dict]) -> dict:
         boxes = np.zeros((len(anns), 4), np.float32)
         for i, ann in enumerate(anns):
-            x, y, w, h = (float(v) for v in ann.get("bbox", (0, 0, 0, 0)))
-            boxes[i] = (x, y, x + w, y + h)
+            boxes[i] = self._xyxy(ann)
         return {
             "image_id": int(image["id"]),
             "path": str(self.image_dir / image["file_name"]),
@@ -113,6 +112,21 @@ class CocoSource(CategoryIds):
             "ann_ids": np.array([int(a["id"]) for a in anns], np.int64),
             "segmentations": [a.get("segmentation") for a in anns],
         }
+
+    def _xyxy(self, ann: dict) -> tuple[float, float, float, float]:
+        """The annotation's xyxy box; NaN when it has none (the box is then its mask's)."""
+        bbox = ann.get("bbox")
+        if bbox is None or (isinstance(bbox, list | tuple) and not bbox):
+            return (np.nan,) * 4
+        try:
+            x, y, w, h = (float(v) for v in bbox)
+        except (TypeError, ValueError) as error:
+            raise DataError(
+                f"{self.annotation_file}: annotation id {ann.get('id')} has bbox {bbox!r}, not "
+                "[x, y, width, height]; fix it or remove the field (the box is then taken from "
+                "the segmentation)"
+            ) from error
+        return (x, y, x + w, y + h)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -191,15 +205,17 @@ def decode_instances(
     """Masks bool[n, H, W] and tight xyxy boxes float32[n, 4] of the usable annotations.
 
     Annotations with a zero-area box or no segmentation, and segmentations with no pixel inside
-    the image, are dropped; boxes reaching outside the image are replaced by the mask's box.
-    Each case is counted. ``keep`` int64[n] indexes the kept annotations. A segmentation that
-    does not fit the image raises BadSegmentation naming ``where`` (the image) and the
-    annotation's id (``ann_ids`` int64[len(segmentations)]).
+    the image, are dropped; boxes reaching outside the image are replaced by the mask's box, and
+    so are missing boxes (NaN: an annotation without bbox). Each case is counted. ``keep``
+    int64[n] indexes the kept annotations. A segmentation that does not fit the image raises
+    BadSegmentation naming ``where`` (the image) and the annotation's id (``ann_ids``
+    int64[len(segmentations)]).
     """
     keep, masks, tight = [], [], []
     for i, segmentation in enumerate(segmentations):
         x0, y0, x1, y1 = boxes[i]
-        if segmentation is None or x1 - x0 <= 0 or y1 - y0 <= 0:
+        no_box = bool(np.isnan(boxes[i]).any())
+        if segmentation is None or (not no_box and (x1 - x0 <= 0 or y1 - y0 <= 0)):
             report.count(counts, "zero_area_annotation")
             continue
         try:
@@ -210,7 +226,9 @@ def decode_instances(
         if not mask.any():
             report.count(counts, "empty_mask")
             continue
-        if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        if no_box:
+            report.count(counts, "bbox_from_mask")
+        elif x0 < 0 or y0 < 0 or x1 > width or y1 > height:
             report.count(counts, "clipped_annotation")
         rows = np.flatnonzero(mask.any(axis=1))
         cols = np.flatnonzero(mask.any(axis=0))
@@ -253,7 +271,7 @@ def _check_rle(rle: dict, height: int, width: int) -> None:
         raise BadSegmentation(f"RLE 'size' {size!r} is not [height, width]") from error
     if (rle_h, rle_w) != (height, width):
         raise BadSegmentation(
-            f"RLE size {rle_h}x{rle_w} (height x width) differs from the image's "
+            f"segmentation 'size' {rle_h}x{rle_w} (height x width) differs from the image's "
             f"{height}x{width}; encode the mask at the image's size"
         )
     if isinstance(counts, list) and sum(counts) != height * width:

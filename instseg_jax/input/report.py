@@ -21,6 +21,7 @@ ISSUE_KINDS = (
     # Kinds added later go last: saved iterator states keep their meaning (see resized).
     "image_size_mismatch",  # image size differs from the annotation file's: example skipped
     "bad_segmentation",  # RLE of another size, counts not covering the image: example skipped
+    "bbox_from_mask",  # annotation without bbox: its box is its mask's (kept)
 )
 _INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
 

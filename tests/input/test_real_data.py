@@ -175,6 +175,26 @@ def test_uncompressed_rle_whose_counts_do_not_cover_the_image_is_refused(tmp_pat
         source.load(0)
 
 
+def test_annotation_without_bbox_takes_its_box_from_the_mask(tmp_path):
+    images, anns = four_images(tmp_path)
+    del anns[0]["bbox"]
+    anns.append(square(9, 1, 12, 4, 20, 18, bbox=None))
+    source = CocoSource(coco_file(tmp_path, images, anns), tmp_path)
+    counts = report.new_counts()
+    example = source.load(0, counts)
+    np.testing.assert_array_equal(example["boxes"], [[2, 2, 9, 9], [12, 4, 20, 18]])
+    assert len(example["masks"]) == 2
+    assert report.as_dict(counts)["bbox_from_mask"] == 2
+    assert report.as_dict(counts)["zero_area_annotation"] == 0
+
+
+def test_malformed_bbox_fails_when_the_file_is_read(tmp_path):
+    images, anns = four_images(tmp_path)
+    anns[2]["bbox"] = [1, 2, 3]
+    with pytest.raises(DataError, match=r"annotation id 3.*bbox"):
+        CocoSource(coco_file(tmp_path, images, anns), tmp_path)
+
+
 def test_32_bit_images_are_decoded_by_their_value_range(tmp_path):
     eight = np.arange(48, dtype=np.int32).reshape(6, 8) * 5  # 8-bit values, 0..235
     Image.fromarray(eight).save(tmp_path / "eight.tif")
