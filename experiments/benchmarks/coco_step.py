@@ -27,6 +27,7 @@ EXPERIMENTS = {
     "mask_rcnn": "maskrcnn_r50_fpn_coco_1x.py",
     "solov2": "solov2_r50_fpn_coco_1x.py",
     "yolact": "yolact_r50_coco.py",
+    "fcos": "fcos_r50_fpn_coco_1x.py",
 }
 BATCH = 2
 

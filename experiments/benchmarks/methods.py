@@ -41,6 +41,7 @@ EXPERIMENTS = {
     "mask_rcnn": "maskrcnn_nuclei.py",
     "solov2": "solov2_nuclei.py",
     "yolact": "yolact_nuclei.py",
+    "fcos": "fcos_nuclei.py",
 }
 
 

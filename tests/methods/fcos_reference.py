@@ -1,0 +1,117 @@
+"""FCOS's rules as float64 NumPy loops, written from the papers and the references' docs (not
+from instseg_jax/methods/fcos.py): one location and one ground truth at a time."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def locations(level_shapes, strides, offset):
+    """[(x, y, stride, level)] in the order level, row, column."""
+    out = []
+    for level, ((h, w), stride) in enumerate(zip(level_shapes, strides, strict=True)):
+        for row in range(h):
+            for col in range(w):
+                out.append(((col + offset) * stride, (row + offset) * stride, stride, level))
+    return out
+
+
+def assign(points, boxes, valid, sizes_of_interest, radius):
+    """(matched int[T] or -1, ltrb float64[T, 4] in pixels) by FCOS's rule: strictly inside the
+    box and within radius x stride of its centre on both axes, max(l, t, r, b) within the
+    level's closed range, the smallest box among claimants (the first of equal areas)."""
+    bounds = [0.0, *sizes_of_interest, math.inf]
+    matched = np.full(len(points), -1)
+    ltrb = np.zeros((len(points), 4))
+    for t, (x, y, stride, level) in enumerate(points):
+        best_area = math.inf
+        for n, (x0, y0, x1, y1) in enumerate(np.asarray(boxes, np.float64)):
+            if not valid[n]:
+                continue
+            dist = (x - x0, y - y0, x1 - x, y1 - y)
+            if min(dist) <= 0:
+                continue
+            if radius > 0:
+                cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                if abs(x - cx) >= radius * stride or abs(y - cy) >= radius * stride:
+                    continue
+            if not bounds[level] <= max(dist) <= bounds[level + 1]:
+                continue
+            area = (x1 - x0) * (y1 - y0)
+            if area < best_area:
+                best_area, matched[t], ltrb[t] = area, n, dist
+    return matched, ltrb
+
+
+def centerness(ltrb):
+    left, top, right, bottom = ltrb
+    return math.sqrt(min(left, right) / max(left, right) * min(top, bottom) / max(top, bottom))
+
+
+def giou(a, b):
+    """Generalized IoU of two xyxy boxes."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union - (hull - union) / hull
+
+
+def focal(logit, target, alpha=0.25, gamma=2.0):
+    p = 1 / (1 + math.exp(-logit))
+    if target:
+        return -alpha * (1 - p) ** gamma * math.log(p)
+    return -(1 - alpha) * p**gamma * math.log(1 - p)
+
+
+def bce(logit, target):
+    p = 1 / (1 + math.exp(-logit))
+    return -(target * math.log(p) + (1 - target) * math.log(1 - p))
+
+
+def iou(a, b):
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def detect(probs, ctr, distances, points, level_sizes, image_hw, cfg):
+    """[(box, score, class)] of one image by the test procedure: per level the best
+    candidates_per_level (location, class) pairs above the threshold by class x centerness,
+    boxes clipped, per-class greedy NMS (IoU > threshold suppresses), the best K."""
+    c = probs.shape[1]
+    candidates, start = [], 0
+    for size in level_sizes:
+        pairs = []
+        for t in range(start, start + size):
+            for k in range(c):
+                combined = probs[t, k] * ctr[t]
+                passes = (
+                    probs[t, k] > cfg.score_threshold
+                    if cfg.score_threshold_on == "class"
+                    else math.sqrt(combined) > cfg.score_threshold
+                )
+                if passes:
+                    pairs.append((combined, t, k))
+        pairs.sort(key=lambda p: (-p[0], p[1] * c + p[2]))
+        for combined, t, k in pairs[: cfg.candidates_per_level]:
+            x, y, stride, _ = points[t]
+            left, top, right, bottom = np.asarray(distances[t], np.float64) * stride
+            box = [
+                min(max(x - left, 0), image_hw[1]),
+                min(max(y - top, 0), image_hw[0]),
+                min(max(x + right, 0), image_hw[1]),
+                min(max(y + bottom, 0), image_hw[0]),
+            ]
+            candidates.append((box, math.sqrt(combined), k))
+        start += size
+    candidates.sort(key=lambda d: -d[1])
+    kept = []
+    for box, score, k in candidates:
+        if all(kk != k or iou(box, kb) <= cfg.nms_threshold for kb, _, kk in kept):
+            kept.append((box, score, k))
+    return kept[: cfg.detections_per_image]
