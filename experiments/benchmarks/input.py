@@ -4,16 +4,35 @@
 
 Target: >= 20 images/s on a 2-core CPU, so the loader never starves a CPU training step.
 Prints one table and appends it to RESULTS.md.
+
+    .venv/bin/python experiments/benchmarks/input.py --memory
+
+Peak memory of one crowded example instead: a 1024x1024 COCO image with 1000 polygon
+instances, read by CocoSource and turned into the COCO configs' targets (canvas 1344, short side
+800, N=100, box crops 112x112; then also stride-4 full masks and mass centres), each in a fresh
+process: peak traced allocations (tracemalloc: NumPy's arrays and Python objects) and growth of
+the peak resident set (Linux's VmHWM, reset after the imports), which also sees what C libraries
+allocate (PIL, pycocotools). Before and after a change, in one run:
+
+    git archive <commit> instseg_jax | tar -x -C /tmp/before
+    .venv/bin/python experiments/benchmarks/input.py --memory --before /tmp/before
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
+import textwrap
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import append_results, machine_line, markdown_table
@@ -22,7 +41,139 @@ from instseg_jax.input.coco import CocoSource
 from instseg_jax.input.pipeline import InputPipeline
 from instseg_jax.input.transforms import TransformConfig
 
-NUCLEI = Path(__file__).resolve().parents[2] / "data" / "nuclei"
+REPO = Path(__file__).resolve().parents[2]
+NUCLEI = REPO / "data" / "nuclei"
+
+
+def crowded_coco(folder: Path, count: int = 1000, side: int = 1024, seed: int = 0) -> Path:
+    """A side x side PNG with `count` octagon instances of 8..128 px (COCO JSON, polygons)."""
+    rng = np.random.default_rng(seed)
+    Image.fromarray(np.full((side, side, 3), 90, np.uint8)).save(folder / "crowd.png")
+    angles = np.linspace(0, 2 * np.pi, 9)[:-1]
+    anns = []
+    for i in range(count):
+        w, h = rng.integers(8, 129, 2)
+        x0, y0 = rng.integers(0, side - 128, 2)
+        cx, cy = x0 + w / 2, y0 + h / 2
+        polygon = np.stack([cx + w / 2 * np.cos(angles), cy + h / 2 * np.sin(angles)], 1)
+        anns.append(
+            {
+                "id": i + 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [float(x0), float(y0), float(w), float(h)],
+                "segmentation": [polygon.ravel().round(2).tolist()],
+            }
+        )
+    document = {
+        "images": [{"id": 1, "file_name": "crowd.png", "height": side, "width": side}],
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    path = folder / "crowd.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+# One example, loaded and transformed in a fresh process: its peak memory and time.
+_MEMORY_CHILD = textwrap.dedent("""
+    import json, sys, time, tracemalloc
+    import numpy as np
+    import instseg_jax
+    from instseg_jax.input import report
+    from instseg_jax.input.coco import CocoSource
+    from instseg_jax.input.transforms import TransformConfig, transform
+
+    annotations, settings, traced = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "1"
+    source = CocoSource(annotations, annotations.rsplit("/", 1)[0])
+    config = TransformConfig(**settings)
+    def status(field):  # bytes
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(field + ":"))
+        return int(line.split()[1]) * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident set (VmHWM) restarts from here: imports peak higher
+    before = status("VmRSS")
+    if traced:
+        tracemalloc.start()
+    start = time.perf_counter()
+    counts = report.new_counts()
+    out = transform(source.load(0, counts), config, np.random.default_rng(0), counts)
+    seconds = time.perf_counter() - start
+    traced_peak = tracemalloc.get_traced_memory()[1] if traced else 0
+    peak = status("VmHWM")
+    print(json.dumps({
+        "package": instseg_jax.__file__, "seconds": seconds, "traced_peak": traced_peak,
+        "rss_growth": peak - before, "instances": int(out["gt_valid"].sum()),
+    }))
+""")
+
+MEMORY_TARGETS = {
+    "box crops 112x112 (Mask R-CNN)": {},
+    "box crops + stride-4 masks + centres": {"full_mask_stride": 4, "centers": True},
+}
+
+
+def measure_memory(
+    count: int = 1000, side: int = 1024, before: str | None = None, write: bool = True
+) -> None:
+    """Peak memory of one `count`-instance side x side example (see the module docstring), for
+    this tree's package and, given `before` (a folder holding an older instseg_jax/), that
+    one's, in turn."""
+    base = {
+        "canvas_hw": [1344, 1344],
+        "short_side": [800],
+        "max_long_side": 1333,
+        "max_instances": 100,
+        "mask_size": 112,
+    }
+    trees = {"before": before} if before else {}
+    trees["after" if before else "this tree"] = str(REPO)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        annotations = crowded_coco(Path(folder), count, side)
+        for name, extra in MEMORY_TARGETS.items():
+            settings = json.dumps({**base, **extra})
+            for label, tree in trees.items():
+                found = {}
+                for traced in ("0", "1"):  # tracemalloc's bookkeeping stays out of the RSS run
+                    result = subprocess.run(
+                        [sys.executable, "-c", _MEMORY_CHILD, str(annotations), settings, traced],
+                        capture_output=True,
+                        text=True,
+                        cwd=folder,  # not the repository: PYTHONPATH picks the package
+                        env={**os.environ, "PYTHONPATH": tree},
+                        check=True,
+                    )
+                    found[traced] = json.loads(result.stdout.splitlines()[-1])
+                package = str(Path(found["0"]["package"]).parents[1])
+                if package != str(Path(tree).resolve()):
+                    raise SystemExit(f"measured {package}, not {tree}")
+                rows.append(
+                    [
+                        name,
+                        f"{label} ({package})",
+                        f"{found['1']['traced_peak'] / 2**20:.1f}",
+                        f"{found['0']['rss_growth'] / 2**20:.1f}",
+                        f"{found['0']['seconds']:.2f}",
+                    ]
+                )
+                print(rows[-1], flush=True)
+    columns = ["targets", "code", "peak traced MiB", "peak RSS growth MiB", "load+transform s"]
+    table = markdown_table(rows, columns)
+    header = machine_line() + (
+        f"; one {side}x{side} COCO image with {count} polygon instances (8-128 px), canvas "
+        "1344, short side 800, N=100, each figure from a fresh process"
+    )
+    print(header)
+    print(table)
+    if write:
+        append_results(
+            "Input memory of a crowded example (`experiments/benchmarks/input.py --memory`)",
+            header,
+            table,
+        )
 
 
 def main() -> None:
@@ -30,8 +181,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=60)
+    parser.add_argument("--memory", action="store_true", help="peak memory of one example")
+    parser.add_argument("--before", help="with --memory: also measure the package in this folder")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.memory:
+        measure_memory(before=args.before, write=not args.no_write)
+        return
     annotations = NUCLEI / "annotations" / "train.json"
     if not annotations.exists():
         raise SystemExit(f"{annotations} missing: run `make data` first")

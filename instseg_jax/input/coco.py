@@ -2,8 +2,8 @@
 
 A record is a plain dict that pickles cheaply into grain workers: the image path and sizes,
 and per annotation its xyxy box, contiguous class index, crowd flag, id and raw segmentation
-(polygons, compressed or uncompressed RLE). Masks are decoded later, by the transforms, in
-the workers.
+(polygons, compressed or uncompressed RLE). Masks are decoded later, in the workers, one at a
+time, each kept over its own box only (instances.InstanceMasks).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 
 from instseg_jax.input import report
 from instseg_jax.input.images import BadSegmentation, DataError, ImageSizeMismatch, decode_image
+from instseg_jax.input.instances import InstanceMasks, tight_crop
 
 
 class CategoryIds:
@@ -139,8 +140,9 @@ class CocoSource(CategoryIds):
         return self.records[index]
 
     def load(self, index: int, counts: np.ndarray | None = None) -> dict:
-        """Decoded example: image uint8[H, W, 3], masks bool[n, H, W], xyxy boxes, classes,
-        crowd flags. Bad annotations are dropped or clipped and counted in ``counts``.
+        """Decoded example: image uint8[H, W, 3], masks (InstanceMasks, read like
+        bool[n, H, W]), xyxy boxes, classes, crowd flags. Bad annotations are dropped or clipped
+        and counted in ``counts``.
         Raises UnreadableImage (naming the file) when the image cannot be decoded and
         ImageSizeMismatch when its size is not the annotation file's height x width, and
         BadSegmentation (naming the annotation id) for a segmentation that does not fit the
@@ -202,7 +204,8 @@ def decode_instances(
     ann_ids=None,
     where: str = "image",
 ) -> dict:
-    """Masks bool[n, H, W] and tight xyxy boxes float32[n, 4] of the usable annotations.
+    """Masks (InstanceMasks: each decoded in turn and kept over its tight box only) and tight
+    xyxy boxes float32[n, 4] of the usable annotations.
 
     Annotations with a zero-area box or no segmentation, and segmentations with no pixel inside
     the image, are dropped; boxes reaching outside the image are replaced by the mask's box, and
@@ -211,7 +214,7 @@ def decode_instances(
     BadSegmentation naming ``where`` (the image) and the annotation's id (``ann_ids``
     int64[len(segmentations)]).
     """
-    keep, masks, tight = [], [], []
+    keep, crops, origins, tight = [], [], [], []
     for i, segmentation in enumerate(segmentations):
         x0, y0, x1, y1 = boxes[i]
         no_box = bool(np.isnan(boxes[i]).any())
@@ -223,21 +226,22 @@ def decode_instances(
         except BadSegmentation as error:
             name = f"annotation id {int(ann_ids[i])}" if ann_ids is not None else f"annotation {i}"
             raise BadSegmentation(f"{where}: {name}: {error}") from error
-        if not mask.any():
+        crop, (top, left) = tight_crop(mask)
+        del mask  # one full-resolution mask at a time
+        if not crop.size:
             report.count(counts, "empty_mask")
             continue
         if no_box:
             report.count(counts, "bbox_from_mask")
         elif x0 < 0 or y0 < 0 or x1 > width or y1 > height:
             report.count(counts, "clipped_annotation")
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
         keep.append(i)
-        masks.append(mask)
+        crops.append(crop)
+        origins.append((top, left))
         # The tight box of the mask: inside the image and consistent with the mask.
-        tight.append((cols[0], rows[0], cols[-1] + 1, rows[-1] + 1))
+        tight.append((left, top, left + crop.shape[1], top + crop.shape[0]))
     return {
-        "masks": np.stack(masks) if masks else np.zeros((0, height, width), bool),
+        "masks": InstanceMasks(crops, origins, (height, width)),
         "boxes": np.asarray(tight, np.float32).reshape(-1, 4),
         "keep": np.asarray(keep, np.int64),
     }

@@ -6,9 +6,10 @@ optional horizontal flip, then padding to the canvas. Canvas pixel (x, y) is ori
 
 What an example carries besides image, boxes and classes is what the method's INPUTS ask
 (structures.Inputs): box-crop masks, full masks at a stride, mass centres, or several of them.
-Full-resolution masks never leave this module: box-crop targets are sampled straight from the
-original masks inside each box's pre-image, and stride-s masks from the original masks at the
-pre-images of the stride-s cell centres.
+Full-resolution masks are never built here: each instance's mask is held over its own box
+(instances.InstanceMasks); box-crop targets are sampled straight from it inside each box's
+pre-image, and stride-s masks at the pre-images of the stride-s cell centres that reach it, so
+an example's memory is its instances' box areas, not N full masks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from PIL import Image
 
 from instseg_jax.config import ConfigValueError
 from instseg_jax.input import report
+from instseg_jax.input.instances import InstanceMasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,15 +139,18 @@ def resize_bilinear(image: np.ndarray, out_hw) -> np.ndarray:
     ).astype(np.float32)
 
 
-def _bilinear_sample(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-    """float32[len(ys), len(xs)] of a bool mask at pixel-centre coordinates, zero outside."""
+def _bilinear_sample(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, origin=(0, 0)) -> np.ndarray:
+    """float32[len(ys), len(xs)] of a bool mask at pixel-centre coordinates, zero outside.
+
+    ``mask`` may be a crop whose pixel [0, 0] is image pixel ``origin`` (y0, x0), the mask being
+    zero outside it: coordinates stay the image's, so the result is the full mask's exactly."""
     height, width = mask.shape
     y = ys - 0.5
     x = xs - 0.5
-    y0 = np.floor(y).astype(np.int64)
-    x0 = np.floor(x).astype(np.int64)
-    fy = (y - y0).astype(np.float32)
-    fx = (x - x0).astype(np.float32)
+    y0 = np.floor(y).astype(np.int64) - origin[0]
+    x0 = np.floor(x).astype(np.int64) - origin[1]
+    fy = (y - (y0 + origin[0])).astype(np.float32)
+    fx = (x - (x0 + origin[1])).astype(np.float32)
     padded = np.pad(mask, 1).astype(np.float32)  # one zero cell around: outside reads zero
     r0 = np.clip(y0 + 1, 0, height + 1)
     r1 = np.clip(y0 + 2, 0, height + 1)
@@ -156,26 +161,30 @@ def _bilinear_sample(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.nda
     return top * (1 - fy)[:, None] + bottom * fy[:, None]
 
 
-def box_crop_target(mask: np.ndarray, box, size: int) -> np.ndarray:
-    """uint8[size, size] {0, 1}: mask[H, W] sampled at the bin centres of box (xyxy, mask px)."""
+def box_crop_target(mask: np.ndarray, box, size: int, origin=(0, 0)) -> np.ndarray:
+    """uint8[size, size] {0, 1}: mask[H, W] sampled at the bin centres of box (xyxy, mask px).
+
+    ``mask`` may be a crop of the mask starting at image pixel ``origin`` (y0, x0)."""
     x0, y0, x1, y1 = box
     steps = (np.arange(size) + 0.5) / size
     ys = y0 + steps * (y1 - y0)
     xs = x0 + steps * (x1 - x0)
-    return (_bilinear_sample(mask, ys, xs) >= 0.5).astype(np.uint8)
+    return (_bilinear_sample(mask, ys, xs, origin) >= 0.5).astype(np.uint8)
 
 
 def transform(
     example: dict, config: TransformConfig, rng: np.random.Generator, counts: np.ndarray
 ) -> dict:
-    """A fixed-shape example (the per-example slice of DESIGN's Batch) from a decoded one."""
+    """A fixed-shape example (the per-example slice of DESIGN's Batch) from a decoded one.
+
+    ``example["masks"]``: instances.InstanceMasks (what the sources give) or bool[n, H, W]."""
     image = example["image"]
     orig_hw = image.shape[:2]
     scale, (oy, ox), flip = _geometry(config, orig_hw, rng)
     canvas, (valid_h, valid_w) = _resize_image(image, scale, (oy, ox), config)
 
     boxes = example["boxes"].astype(np.float64)
-    masks = example["masks"]
+    masks = InstanceMasks.from_dense(example["masks"])  # each instance over its own box
     classes = example["classes"]
     keep = np.ones(len(boxes), bool)
     if config.train and config.drop_crowd:
@@ -201,7 +210,7 @@ def transform(
     if len(kept) > limit:
         report.count(counts, "image_over_instance_limit")
         report.count(counts, "instances_over_limit", len(kept) - limit)
-        areas = masks[kept].reshape(len(kept), -1).sum(axis=1)
+        areas = masks.areas()[kept]
         largest = np.argsort(-areas, kind="stable")[:limit]
         kept = np.sort(kept[largest])
 
@@ -220,7 +229,7 @@ def transform(
         for slot, i in enumerate(kept):
             # The box's pre-image in original pixels: sample the original mask there.
             pre_image = (gt_boxes[slot] + np.array([ox, oy, ox, oy])) / scale
-            box_masks[slot] = box_crop_target(masks[i], pre_image, size)
+            box_masks[slot] = box_crop_target(masks.crops[i], pre_image, size, masks.origins[i])
         if flip:
             box_masks = box_masks[:, :, ::-1]
         extra["gt_masks"] = box_masks
@@ -270,8 +279,26 @@ def _strided_masks(masks, kept, config, scale, offset, valid_hw, flip) -> np.nda
     inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
     out = np.zeros((config.max_instances, canvas_h // stride, canvas_w // stride), np.uint8)
     for slot, i in enumerate(kept):
-        out[slot] = (_bilinear_sample(masks[i], ys, xs) >= 0.5) & inside
+        crop, (top, left) = masks.crops[i], masks.origins[i]
+        # Only the cells whose bilinear taps reach the crop can be non-zero (ys increase, xs
+        # increase or, flipped, decrease: each range is one run of cells).
+        rows = _reaching(ys, top, crop.shape[0])
+        cols = _reaching(xs, left, crop.shape[1])
+        if rows is None or cols is None:
+            continue
+        sampled = _bilinear_sample(crop, ys[rows], xs[cols], (top, left)) >= 0.5
+        out[slot, rows, cols] = sampled & inside[rows, cols]
     return out
+
+
+def _reaching(coords: np.ndarray, start: int, length: int):
+    """The slice of monotonic pixel-centre coordinates whose two bilinear taps (pixels
+    floor(c - 0.5) and the next) can fall in pixels [start, start + length); None if none."""
+    taps = np.floor(coords - 0.5)
+    hits = np.flatnonzero((taps >= start - 1) & (taps <= start + length - 1))
+    if not length or not len(hits):
+        return None
+    return slice(int(hits[0]), int(hits[-1]) + 1)
 
 
 def _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip) -> np.ndarray:
@@ -280,7 +307,8 @@ def _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip) -> np.ndarr
     (oy, ox), (valid_h, valid_w) = offset, valid_hw
     out = np.zeros((limit, 2), np.float32)
     for slot, i in enumerate(kept):
-        ys, xs = np.nonzero(masks[i])
+        ys, xs = np.nonzero(masks.crops[i])
+        ys, xs = ys + masks.origins[i][0], xs + masks.origins[i][1]
         x = (xs + 0.5) * scale - ox
         y = (ys + 0.5) * scale - oy
         visible = (x >= 0) & (x < valid_w) & (y >= 0) & (y < valid_h)

@@ -7,6 +7,7 @@ Every fixture is made here, in tmp_path.
 
 import json
 import logging
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -16,8 +17,9 @@ from pycocotools import mask as mask_utils
 from instseg_jax.input import report
 from instseg_jax.input.coco import CocoSource
 from instseg_jax.input.images import DataError, UnreadableImage, decode_image
+from instseg_jax.input.instances import InstanceMasks
 from instseg_jax.input.pipeline import InputPipeline
-from instseg_jax.input.transforms import TransformConfig
+from instseg_jax.input.transforms import TransformConfig, transform
 
 ORIENTATION = 0x0112  # the EXIF tag
 
@@ -230,3 +232,45 @@ def crowded_scene(tmp_path, count, side, seed=0):
         anns.append(ann)
     image = {"id": 1, "file_name": "crowd.png", "height": side, "width": side}
     return CocoSource(coco_file(tmp_path, [image], anns, "crowd.json"), tmp_path)
+
+
+def test_crowded_image_never_holds_every_full_mask_at_once(tmp_path):
+    count, side = 200, 512  # every full mask at once: 200 x 512 x 512 bytes = 52 MB
+    source = crowded_scene(tmp_path, count, side)
+    config = TransformConfig(
+        canvas_hw=(side, side), short_side=(side,), max_long_side=side, max_instances=100,
+        mask_size=28, full_mask_stride=4, centers=True,
+    )  # fmt: skip
+    tracemalloc.start()
+    try:
+        example = source.load(0)
+        out = transform(example, config, np.random.default_rng(0), report.new_counts())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out["gt_valid"].sum() == 100
+    assert peak < count * side * side / 8, f"peak {peak / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("flip", [0.0, 1.0])
+def test_targets_from_box_crops_equal_those_from_full_masks(tmp_path, flip):
+    source = crowded_scene(tmp_path, 60, 160, seed=3)
+    example = source.load(0)
+    masks = example["masks"]
+    dense = np.asarray(masks)
+    assert dense.shape == masks.shape == (60, 160, 160) and len(masks) == 60
+    np.testing.assert_array_equal(masks[7], dense[7])
+    np.testing.assert_array_equal(next(iter(masks)), dense[0])
+    # Each mask whole, from pixel (0, 0): the computation of full-resolution masks.
+    full = InstanceMasks(list(dense), np.zeros((60, 2)), dense.shape[1:])
+    config = TransformConfig(
+        canvas_hw=(128, 128), resize="lsj", lsj_scale=(0.5, 1.5), hflip=flip, max_instances=40,
+        mask_size=14, full_mask_stride=4, centers=True,
+    )  # fmt: skip
+    for seed in range(3):
+        got = transform(example, config, np.random.default_rng(seed), report.new_counts())
+        want = transform(
+            {**example, "masks": full}, config, np.random.default_rng(seed), report.new_counts()
+        )
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
