@@ -147,10 +147,11 @@ def _bilinear_sample(mask: np.ndarray, ys: np.ndarray, xs: np.ndarray, origin=(0
     height, width = mask.shape
     y = ys - 0.5
     x = xs - 0.5
-    y0 = np.floor(y).astype(np.int64) - origin[0]
-    x0 = np.floor(x).astype(np.int64) - origin[1]
-    fy = (y - (y0 + origin[0])).astype(np.float32)
-    fx = (x - (x0 + origin[1])).astype(np.float32)
+    y0 = np.floor(y).astype(np.int64)
+    x0 = np.floor(x).astype(np.int64)
+    fy = (y - y0).astype(np.float32)
+    fx = (x - x0).astype(np.float32)
+    y0, x0 = y0 - origin[0], x0 - origin[1]  # rows and columns of the crop
     padded = np.pad(mask, 1).astype(np.float32)  # one zero cell around: outside reads zero
     r0 = np.clip(y0 + 1, 0, height + 1)
     r1 = np.clip(y0 + 2, 0, height + 1)
@@ -294,9 +295,11 @@ def _strided_masks(masks, kept, config, scale, offset, valid_hw, flip) -> np.nda
 def _reaching(coords: np.ndarray, start: int, length: int):
     """The slice of monotonic pixel-centre coordinates whose two bilinear taps (pixels
     floor(c - 0.5) and the next) can fall in pixels [start, start + length); None if none."""
+    if not length:
+        return None
     taps = np.floor(coords - 0.5)
     hits = np.flatnonzero((taps >= start - 1) & (taps <= start + length - 1))
-    if not length or not len(hits):
+    if not len(hits):
         return None
     return slice(int(hits[0]), int(hits[-1]) + 1)
 
