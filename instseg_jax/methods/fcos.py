@@ -83,9 +83,14 @@ class FCOSConfig:
     candidates_per_level: int = 1000
     nms_threshold: float = 0.6
     detections_per_image: int = 100
+    box_rescale: str = "scale"  # "per_axis": original / resized size per axis (torchvision)
     compute_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.box_rescale not in ("scale", "per_axis"):
+            raise config_lib.ConfigValueError(
+                f"model.box_rescale must be 'scale' or 'per_axis', got {self.box_rescale!r}"
+            )
         if self.canvas_hw[0] % 128 or self.canvas_hw[1] % 128:
             raise config_lib.ConfigValueError(
                 f"input.canvas_hw {self.canvas_hw} must be divisible by 128 (P7 has stride 128)"
@@ -403,6 +408,7 @@ def detect(logits, distances, centerness, batch, cfg: FCOSConfig) -> dict:
         batch["scale"],
         batch["crop_offset"],
         batch.get("flipped"),
+        per_axis=cfg.box_rescale == "per_axis",
     )
     return {
         "boxes": jnp.where(det_valid[..., None], original, 0.0),

@@ -1,4 +1,5 @@
-"""torchvision's Mask R-CNN (``maskrcnn_resnet50_fpn``, v1) weights in instseg_jax.
+"""torchvision's Mask R-CNN (``maskrcnn_resnet50_fpn``, v1) weights in instseg_jax (FCOS's:
+weights/torchvision_fcos.py, chosen by `import_weights` from the keys).
 
     instseg-jax import-weights torchvision maskrcnn_resnet50_fpn_coco.pth --out runs/tv
     instseg-jax eval --workdir runs/tv        # COCO val2017 under data/coco
@@ -339,13 +340,18 @@ def coco_config(arch: dict, canvas_hw=(1344, 1344)):
     for key in ("depth", "stage_blocks", "width", "fpn_channels", "box_fc_dim", "mask_head_convs"):
         c.model[key] = arch[key]
     c.model.mask_on = True
-    num_classes = arch["num_classes"]
+    set_class_map(c, arch["num_classes"])
+    return c
+
+
+def set_class_map(c, num_classes: int) -> None:
+    """torchvision's class layout: class i is COCO category id i + 1, named as in COCO_V1 when
+    the model has all 91 outputs."""
     c.input.category_ids = tuple(range(1, num_classes + 1))
     if num_classes + 1 == len(COCO_CATEGORY_NAMES):
         c.input.class_names = COCO_CATEGORY_NAMES[1:]
     else:
         c.input.class_names = tuple(f"class_{k}" for k in range(1, num_classes + 1))
-    return c
 
 
 def import_weights(weights: str | Path, out: str | Path, canvas_hw=(1344, 1344)) -> Path:
@@ -355,9 +361,15 @@ def import_weights(weights: str | Path, out: str | Path, canvas_hw=(1344, 1344))
 
     from instseg_jax import builders
     from instseg_jax.checkpoint import Checkpointer
+    from instseg_jax.weights import torchvision_fcos
 
-    variables, arch = convert(load_state_dict(weights), str(weights))
-    config = coco_config(arch, canvas_hw)
+    state_dict = load_state_dict(weights)
+    if torchvision_fcos.is_fcos(state_dict):
+        variables, arch = torchvision_fcos.convert(state_dict, str(weights))
+        config = torchvision_fcos.coco_config(arch, canvas_hw)
+    else:
+        variables, arch = convert(state_dict, str(weights))
+        config = coco_config(arch, canvas_hw)
     out = Path(out)
     config_lib.save(config, out)
     builders.write_class_map(out, config.input.category_ids, config.input.class_names)

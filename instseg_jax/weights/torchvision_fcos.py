@@ -1,0 +1,182 @@
+"""torchvision's FCOS (``fcos_resnet50_fpn``) weights in instseg_jax.
+
+    instseg-jax import-weights torchvision fcos_resnet50_fpn_coco.pth --out runs/tv_fcos
+
+`import-weights torchvision` recognises FCOS from its keys (``head.classification_head.``) and
+comes here. `convert` maps the state_dict onto methods/fcos.py's parameter tree; `apply_preset`
+switches a config to torchvision's conventions (methods.fcos.TORCHVISION: locations at
+i x stride, no per-level scales, the score threshold 0.2 on sqrt(class x centerness); its
+resize and mean-colour padding; boxes rescaled per axis). experiments/parity/fcos.py measures
+the agreement with torchvision itself.
+
+One difference stays: torchvision pads its batch to a multiple of 32 and places P6/P7
+locations at canvas // grid strides; our canvas is a multiple of 128 so that every level's
+stride is exact. On a canvas that torchvision's padding would also produce (its
+``transform.size_divisible = 128``, as the parity check runs it) the two agree.
+
+Class layout: torchvision's FCOS has one output per COCO category id including the unused 0;
+ours drops output 0, so class i here is category i + 1 (as for Mask R-CNN).
+"""
+
+from __future__ import annotations
+
+import re
+
+from instseg_jax.weights import resnet
+from instseg_jax.weights import torchvision as tv
+from instseg_jax.weights.resnet import _conv, _f32
+
+BODY = "backbone.body."
+HEADS = {"cls": "head.classification_head", "box": "head.regression_head"}
+MODEL_NAME = "torchvision fcos_resnet50_fpn"
+
+
+def is_fcos(state_dict: dict) -> bool:
+    """Whether a (torchvision) state_dict is FCOS's rather than Mask R-CNN's."""
+    return any(k.removeprefix("module.").startswith(HEADS["cls"] + ".") for k in state_dict)
+
+
+def _tower_convs(keys, head: str) -> int:
+    """Conv layers of a head's tower: nn.Sequential of (Conv2d, GroupNorm, ReLU) triples."""
+    regex = re.compile(rf"^{re.escape(head)}\.conv\.(\d+)\.weight$")
+    return len({int(m.group(1)) for k in keys if (m := regex.match(k))}) // 2
+
+
+def architecture(sd: dict) -> dict:
+    """Model config fields of a state_dict: block counts and widths from shapes and keys."""
+
+    def shape(key):
+        if key not in sd:
+            raise tv.StateDictError(f"missing key {key!r}")
+        return sd[key].shape
+
+    keys = sd.keys()
+    blocks = tuple(
+        tv._count(keys, rf"^backbone\.body\.layer{s}\.(\d+)\.conv1\.weight$") for s in (1, 2, 3, 4)
+    )
+    return {
+        "depth": 50,
+        "stage_blocks": blocks,
+        "width": shape("backbone.body.conv1.weight")[0],
+        "fpn_channels": shape("backbone.fpn.inner_blocks.0.0.weight")[0],
+        "head_convs": _tower_convs(keys, HEADS["cls"]),
+        "num_anchors": shape(f"{HEADS['box']}.bbox_ctrness.weight")[0],
+        "num_classes": shape(f"{HEADS['cls']}.cls_logits.weight")[0] - 1,
+    }
+
+
+def expected_keys(arch: dict) -> list[str]:
+    """Every key of torchvision's FCOS with this architecture, in module order."""
+    layout = {"bottleneck": True, "stage_blocks": arch["stage_blocks"], "width": arch["width"]}
+    keys = resnet.body_keys(layout, BODY)
+    for kind in ("inner", "layer"):
+        for i in range(3):
+            keys += [f"backbone.fpn.{kind}_blocks.{i}.0.{p}" for p in ("weight", "bias")]
+    for level in (6, 7):
+        keys += [f"backbone.fpn.extra_blocks.p{level}.{p}" for p in ("weight", "bias")]
+    for tower, head in HEADS.items():
+        for i in range(arch["head_convs"]):
+            for layer in (3 * i, 3 * i + 1):  # the conv and its GroupNorm
+                keys += [f"{head}.conv.{layer}.{p}" for p in ("weight", "bias")]
+        outputs = ("cls_logits",) if tower == "cls" else ("bbox_reg", "bbox_ctrness")
+        for name in outputs:
+            keys += [f"{head}.{name}.{p}" for p in ("weight", "bias")]
+    return keys
+
+
+def _conv_params(sd, prefix, drop_first_output: bool = False):
+    weight, bias = sd[f"{prefix}.weight"], sd[f"{prefix}.bias"]
+    if drop_first_output:
+        weight, bias = weight[1:], bias[1:]
+    return {"kernel": _conv(weight), "bias": _f32(bias)}
+
+
+def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
+    """({"params": ..., "frozen": ...}, architecture) of a torchvision FCOS state_dict.
+
+    Raises StateDictError naming ``source`` and the first missing key (in module order) or,
+    when none is missing, the first unexpected one.
+    """
+    sd = tv.normalize_keys(state_dict)
+    try:
+        arch = architecture(sd)
+    except tv.StateDictError as error:
+        raise tv.StateDictError(f"{source}: not a {MODEL_NAME} state_dict: {error}") from None
+    expected = expected_keys(arch)
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise tv.StateDictError(
+            f"{source}: not a {MODEL_NAME} state_dict: missing key {missing[0]!r} "
+            f"({len(missing)} missing in all)"
+        )
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise tv.StateDictError(
+            f"{source}: not a {MODEL_NAME} state_dict: unexpected key {unexpected[0]!r} "
+            f"({len(unexpected)} unexpected in all)"
+        )
+    if arch["num_anchors"] != 1:
+        raise tv.StateDictError(
+            f"{source}: {HEADS['box']}.bbox_ctrness has {arch['num_anchors']} anchors per "
+            "location; FCOS has one"
+        )
+    layout = {"bottleneck": True, "stage_blocks": arch["stage_blocks"], "width": arch["width"]}
+    backbone, frozen_backbone = resnet.convert_body(sd, layout, BODY)
+    fpn = {}
+    for i in range(3):
+        fpn[f"lateral{i + 3}"] = _conv_params(sd, f"backbone.fpn.inner_blocks.{i}.0")
+        fpn[f"output{i + 3}"] = _conv_params(sd, f"backbone.fpn.layer_blocks.{i}.0")
+    for level in (6, 7):
+        fpn[f"extra{level}"] = _conv_params(sd, f"backbone.fpn.extra_blocks.p{level}")
+    head = {}
+    for tower, prefix in HEADS.items():
+        for i in range(arch["head_convs"]):
+            head[f"{tower}_conv{i}"] = _conv_params(sd, f"{prefix}.conv.{3 * i}")
+            norm = f"{prefix}.conv.{3 * i + 1}"
+            head[f"{tower}_norm{i}"] = {
+                "gn": {"scale": _f32(sd[f"{norm}.weight"]), "bias": _f32(sd[f"{norm}.bias"])}
+            }
+    head["cls_logits"] = _conv_params(sd, f"{HEADS['cls']}.cls_logits", drop_first_output=True)
+    head["bbox_pred"] = _conv_params(sd, f"{HEADS['box']}.bbox_reg")
+    head["centerness"] = _conv_params(sd, f"{HEADS['box']}.bbox_ctrness")
+    params = {"backbone": backbone, "fpn": fpn, "head": head}
+    return {"params": params, "frozen": {"backbone": frozen_backbone}}, arch
+
+
+def apply_preset(config) -> None:
+    """Switch an FCOS experiment config (ConfigDict, unlocked) to torchvision's conventions."""
+    from instseg_jax.methods import fcos
+
+    i, m = config.input, config.model
+    i.resize = "short_side"
+    i.resize_rule = "torchvision"
+    i.short_side = (800,)
+    i.max_long_side = 1333
+    i.test_short_side = 800
+    i.test_max_long_side = 1333
+    i.pad_value = tv.PAD_VALUE
+    m.norm = "frozen_bn"
+    m.sizes_of_interest = (64, 128, 256, 512)
+    m.center_sampling_radius = 1.5
+    m.candidates_per_level = 1000
+    m.nms_threshold = 0.6
+    m.detections_per_image = 100
+    m.box_rescale = "per_axis"
+    m.update(fcos.TORCHVISION)
+
+
+def coco_config(arch: dict, canvas_hw=(1344, 1344)):
+    """The experiment config of an imported FCOS: AdelaiDet's COCO base with the torchvision
+    preset, the architecture read from the weights and torchvision's class map."""
+    from instseg_jax.methods import fcos
+
+    c = fcos.base_config()
+    c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
+    c.input.eval_split.images = "data/coco/val2017"
+    c.input.canvas_hw = tuple(canvas_hw)
+    c.eval.global_batch = 1
+    apply_preset(c)
+    for key in ("depth", "stage_blocks", "width", "fpn_channels", "head_convs"):
+        c.model[key] = arch[key]
+    tv.set_class_map(c, arch["num_classes"])
+    return c
