@@ -57,6 +57,7 @@ peer: peer-env
 parity: peer-env
 	$(MAKE) data
 	$(PEER_PY) experiments/parity/torchvision.py
+	$(PEER_PY) experiments/parity/fcos.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -36,9 +36,10 @@ import sys
 from types import ModuleType
 
 from instseg_jax.config import ConfigValueError
-from instseg_jax.methods import fcos, mask_rcnn, solov2, yolact
+from instseg_jax.methods import condinst, fcos, mask_rcnn, solov2, yolact
 
 METHODS: dict[str, ModuleType] = {
+    "condinst": condinst,
     "fcos": fcos,
     "mask_rcnn": mask_rcnn,
     "solov2": solov2,

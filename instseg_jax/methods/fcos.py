@@ -190,7 +190,8 @@ class Head(nn.Module):
 
     def __call__(self, x, level: int):
         """x [B, h, w, D] of level index `level` -> class logits [B, h w, C], distances in
-        strides (>= 0) [B, h w, 4] (l, t, r, b), centerness logits [B, h w]."""
+        strides (>= 0) [B, h w, 4] (l, t, r, b), centerness logits [B, h w], and the regression
+        tower's features [B, h, w, D] (CondInst's controller reads them)."""
         b = x.shape[0]
         logits = self.cls_logits(self.tower(x, "cls"))
         box = self.tower(x, "box")
@@ -201,6 +202,7 @@ class Head(nn.Module):
             logits.reshape(b, -1, self.num_classes).astype(jnp.float32),
             nn.relu(raw).reshape(b, -1, 4),
             self.centerness(box).reshape(b, -1).astype(jnp.float32),
+            box,
         )
 
 
@@ -231,17 +233,17 @@ class FCOS(nn.Module):
 
     def predict(self, image):
         """Per location over P3..P7 (level by level): class logits [B, T, C], distances in
-        strides [B, T, 4], centerness logits [B, T]; and the pyramid."""
+        strides [B, T, 4], centerness logits [B, T]; the pyramid; the regression towers."""
         features = self.fpn(self.backbone(normalize(image, self.cfg.dtype)))
         outs = [self.head(features[f"p{level}"], level - 3) for level in range(3, 8)]
         logits, distances, centerness = (
             jnp.concatenate([o[i] for o in outs], axis=1) for i in range(3)
         )
-        return logits, distances, centerness, features
+        return logits, distances, centerness, features, [o[3] for o in outs]
 
     def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
         cfg = self.cfg
-        logits, distances, centerness, features = self.predict(batch["image"])
+        logits, distances, centerness, features, _ = self.predict(batch["image"])
         outputs = {
             "class_logits": logits,
             "distances": distances,
@@ -251,15 +253,20 @@ class FCOS(nn.Module):
         if not train:
             outputs["detections"] = detect(logits, distances, centerness, batch, cfg)
             return outputs
-        points, strides, ranges = (jnp.asarray(a) for a in cfg.locations())
-        outputs["targets"] = jax.lax.stop_gradient(
-            jax.vmap(
-                lambda boxes, classes, valid: location_targets(
-                    points, strides, ranges, boxes, classes, valid, cfg
-                )
-            )(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
-        )
+        outputs["targets"] = batch_targets(batch, cfg)
         return outputs
+
+
+def batch_targets(batch: dict, cfg: FCOSConfig) -> dict:
+    """`location_targets` of every image of the batch (each value gains a leading B axis)."""
+    points, strides, ranges = (jnp.asarray(a) for a in cfg.locations())
+    return jax.lax.stop_gradient(
+        jax.vmap(
+            lambda boxes, classes, valid: location_targets(
+                points, strides, ranges, boxes, classes, valid, cfg
+            )
+        )(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+    )
 
 
 def location_targets(points, strides, ranges, gt_boxes, gt_classes, gt_valid, cfg: FCOSConfig):
@@ -355,6 +362,32 @@ def loss_fn(outputs: dict, batch: dict, cfg: FCOSConfig) -> tuple[jnp.ndarray, d
 def detect(logits, distances, centerness, batch, cfg: FCOSConfig) -> dict:
     """Boxes-only Detections (structures.py); module docstring: the test procedure. Scores are
     sqrt(class score x centerness), as in both references."""
+    kept = select_detections(logits, distances, centerness, batch["image_hw"], cfg)
+    return original_detections(kept, batch, cfg)
+
+
+def original_detections(kept: dict, batch: dict, cfg: FCOSConfig) -> dict:
+    """Detections' boxes, scores, classes and valid from `select_detections`' canvas boxes."""
+    original = ops.canvas_to_original_boxes(
+        kept["boxes"],
+        batch["image_hw"],
+        batch["orig_hw"],
+        batch["scale"],
+        batch["crop_offset"],
+        batch.get("flipped"),
+        per_axis=cfg.box_rescale == "per_axis",
+    )
+    return {
+        "boxes": jnp.where(kept["valid"][..., None], original, 0.0),
+        "scores": kept["scores"],
+        "classes": kept["classes"],
+        "valid": kept["valid"],
+    }
+
+
+def select_detections(logits, distances, centerness, image_hw, cfg: FCOSConfig) -> dict:
+    """The test procedure on the canvas: {boxes float32[B, K, 4] canvas xyxy, scores, classes,
+    valid, location int32[B, K] (the index into T each detection comes from)}."""
     points, strides, _ = cfg.locations()
     sizes = [h * w for h, w in cfg.level_shapes()]
     probs = jax.nn.sigmoid(logits)  # [B, T, C]
@@ -362,7 +395,7 @@ def detect(logits, distances, centerness, batch, cfg: FCOSConfig) -> dict:
     c = cfg.num_classes
 
     def one_image(image_probs, image_distances, image_ctr, image_hw):
-        boxes_all, scores_all, classes_all, valid_all = [], [], [], []
+        boxes_all, scores_all, classes_all, valid_all, locations_all = [], [], [], [], []
         start = 0
         for count in sizes:
             level = slice(start, start + count)
@@ -382,40 +415,26 @@ def detect(logits, distances, centerness, batch, cfg: FCOSConfig) -> dict:
             scores_all.append(jnp.sqrt(jnp.maximum(best, 0.0)))
             classes_all.append((flat % c).astype(jnp.int32))
             valid_all.append(best >= 0.0)
+            locations_all.append(start + location)
             start += count
-        boxes, scores, classes, valid = (
-            jnp.concatenate(v) for v in (boxes_all, scores_all, classes_all, valid_all)
+        boxes, scores, classes, valid, location = (
+            jnp.concatenate(v)
+            for v in (boxes_all, scores_all, classes_all, valid_all, locations_all)
         )
         keep, _ = ops.batched_nms(
             boxes, scores, classes, cfg.nms_threshold, cfg.detections_per_image, valid
         )
         kept = keep >= 0
         index = jnp.maximum(keep, 0)
-        return (
-            jnp.where(kept[:, None], boxes[index], 0.0),
-            jnp.where(kept, scores[index], 0.0),
-            jnp.where(kept, classes[index], 0),
-            kept,
-        )
+        return {
+            "boxes": jnp.where(kept[:, None], boxes[index], 0.0),
+            "scores": jnp.where(kept, scores[index], 0.0),
+            "classes": jnp.where(kept, classes[index], 0),
+            "valid": kept,
+            "location": jnp.where(kept, location[index], 0).astype(jnp.int32),
+        }
 
-    det_boxes, det_scores, det_classes, det_valid = jax.vmap(one_image)(
-        probs, distances, ctr, batch["image_hw"]
-    )
-    original = ops.canvas_to_original_boxes(
-        det_boxes,
-        batch["image_hw"],
-        batch["orig_hw"],
-        batch["scale"],
-        batch["crop_offset"],
-        batch.get("flipped"),
-        per_axis=cfg.box_rescale == "per_axis",
-    )
-    return {
-        "boxes": jnp.where(det_valid[..., None], original, 0.0),
-        "scores": det_scores,
-        "classes": det_classes,
-        "valid": det_valid,
-    }
+    return jax.vmap(one_image)(probs, distances, ctr, image_hw)
 
 
 # ----------------------------------------------------------------------------- method interface

@@ -1,0 +1,293 @@
+"""CondInst (Tian et al. 2020, "Conditional Convolutions for Instance Segmentation"): the method
+module (methods/__init__.py). FCOS (methods/fcos.py) detects; every location also predicts,
+through a controller conv on the regression tower, the 169 parameters of a small mask head of
+its own: three 1x1 convolutions (8, 8, 1 channels, ReLU between) run over an 8-channel mask
+feature map at stride 8 concatenated with the coordinates relative to the location. The mask
+logits are upsampled to stride 4. Defaults follow AdelaiDet's configs/CondInst/
+MS_R_50_1x.yaml; every one is a config field.
+
+Static shapes:
+  mask slots   training: at most `mask_instances_per_image` positive locations per image run
+               the dynamic head (a uniform random subset when there are more: the reference's
+               randperm over its 500 per GPU); the rest are counted in the metrics
+               (`mask_positives_over_budget`, `..._fraction`).
+  dynamic head one einsum per layer over [slots, h, w] with per-slot weights: no per-instance
+               convolution, no Python loop over instances.
+  test         FCOS's detections (K slots), then the masks of the K kept locations.
+
+Relative coordinates: (location - cell centre of the mask feature map) / the location's level
+size (the reference's sizes of interest 64, 128, ..., 1024 per level, `relative_scales`), the
+two channels first. Known differences from the reference: GroupNorm in the mask branch (the
+reference uses BatchNorm, which this frame has no running statistics for: frozen or GroupNorm
+only); the stride-8 logits are upsampled to stride 4 with half-pixel bilinear interpolation
+(the reference's aligned_bilinear keeps the corner alignment of its stride-8 grid; the two
+differ by under half a stride-8 cell at the border); mask targets are the instance masks
+sampled at the centres of the stride-4 cells, as the reference samples its bitmasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from instseg_jax import config as config_lib
+from instseg_jax import ops, structures
+from instseg_jax.methods import fcos
+from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.ops import dense
+
+MASK_STRIDE = 4  # of the output masks and targets
+BRANCH_STRIDE = 8  # of the mask branch (P3)
+
+INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE)
+
+
+@dataclasses.dataclass(frozen=True)
+class CondInstConfig(fcos.FCOSConfig):
+    mask_branch_channels: int = 128
+    mask_branch_convs: int = 4
+    mask_channels: int = 8  # the mask branch's output and the dynamic head's width
+    dynamic_layers: int = 3
+    relative_scales: tuple = (64, 128, 256, 512, 1024)  # per level P3..P7
+    mask_instances_per_image: int = 250  # the reference's 500 per GPU of 2 images
+    mask_loss_weight: float = 1.0
+    mask_threshold: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.relative_scales) != len(fcos.LEVEL_STRIDES):
+            raise config_lib.ConfigValueError(
+                f"model.relative_scales needs one size per level P3..P7, got {self.relative_scales}"
+            )
+        if self.dynamic_layers < 1:
+            raise config_lib.ConfigValueError(
+                f"model.dynamic_layers must be >= 1, got {self.dynamic_layers}"
+            )
+
+    def dynamic_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) channels of each dynamic layer: 2 coordinates + mask channels in, 1 out."""
+        widths = [self.mask_channels + 2] + [self.mask_channels] * (self.dynamic_layers - 1) + [1]
+        return list(zip(widths[:-1], widths[1:], strict=True))
+
+    @property
+    def num_dynamic_params(self) -> int:
+        """169 for the defaults: (10 x 8 + 8) + (8 x 8 + 8) + (8 x 1 + 1)."""
+        return sum(i * o + o for i, o in self.dynamic_shapes())
+
+    def location_scales(self) -> np.ndarray:
+        """float32[T]: each location's relative-coordinate scale (its level's entry)."""
+        sizes = [h * w for h, w in self.level_shapes()]
+        return np.repeat(np.asarray(self.relative_scales, np.float32), sizes)
+
+
+class MaskBranch(nn.Module):
+    """P3..P5 -> per level conv3x3 + GroupNorm + ReLU to `channels`, upsampled to P3 and summed;
+    `convs` x (conv3x3 + GroupNorm + ReLU); a 1x1 conv to `out_channels`: [B, H/8, W/8, out]."""
+
+    channels: int
+    convs: int
+    out_channels: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: dict):
+        def conv_norm_relu(x, name):
+            x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                     dtype=self.dtype, name=f"{name}_conv")(x)  # fmt: skip
+            return nn.relu(GroupNorm(32, self.dtype, epsilon=1e-5, name=f"{name}_norm")(x))
+
+        x = None
+        for level in (3, 4, 5):
+            refined = conv_norm_relu(features[f"p{level}"], f"refine{level}")
+            if x is None:
+                x = refined
+            else:
+                x = x + dense.resize_bilinear(refined, x.shape[1:3])
+        for i in range(self.convs):
+            x = conv_norm_relu(x, f"tower{i}")
+        return Conv(self.out_channels, (1, 1), dtype=self.dtype, name="out")(x)
+
+
+def dynamic_mask_logits(mask_features, params, points, scales, cfg: CondInstConfig):
+    """Each slot's mask logits from its own dynamic head.
+
+    mask_features [h, w, Cm] (stride 8); params [P, num_dynamic_params] (all weights, then all
+    biases, layer by layer; a weight is [out, in] row-major); points [P, 2] canvas (x, y) of
+    each slot's location; scales [P] its relative-coordinate scale. Returns [P, h, w] logits.
+    """
+    h, w, _ = mask_features.shape
+    ys = (jnp.arange(h, dtype=jnp.float32) + 0.5) * BRANCH_STRIDE
+    xs = (jnp.arange(w, dtype=jnp.float32) + 0.5) * BRANCH_STRIDE
+    rel_x = (points[:, 0, None, None] - xs[None, None, :]) / scales[:, None, None]  # [P, 1, w]
+    rel_y = (points[:, 1, None, None] - ys[None, :, None]) / scales[:, None, None]  # [P, h, 1]
+    p = params.shape[0]
+    coords = jnp.stack(
+        [jnp.broadcast_to(rel_x, (p, h, w)), jnp.broadcast_to(rel_y, (p, h, w))], axis=-1
+    )
+    x = jnp.concatenate(
+        [coords, jnp.broadcast_to(mask_features[None], (p, h, w, mask_features.shape[-1]))],
+        axis=-1,
+    )  # [P, h, w, 2 + Cm]
+    shapes = cfg.dynamic_shapes()
+    weight_sizes = [i * o for i, o in shapes]
+    offsets = np.cumsum([0] + weight_sizes + [o for _, o in shapes])
+    for layer, (fan_in, fan_out) in enumerate(shapes):
+        weight = params[:, offsets[layer] : offsets[layer + 1]].reshape(p, fan_out, fan_in)
+        bias_start = offsets[len(shapes) + layer]
+        bias = params[:, bias_start : bias_start + fan_out]
+        x = jnp.einsum("phwi,poi->phwo", x, weight) + bias[:, None, None, :]
+        if layer < len(shapes) - 1:
+            x = nn.relu(x)
+    return x[..., 0]
+
+
+def upsample_logits(logits, out_hw):
+    """[P, h, w] -> [P, oh, ow] bilinear (half-pixel centres)."""
+    return dense.resize_bilinear(jnp.moveaxis(logits, 0, -1)[None], out_hw)[0].transpose(2, 0, 1)
+
+
+class CondInst(fcos.FCOS):
+    """FCOS plus the controller (a conv3x3 on each level's regression tower) and the mask
+    branch."""
+
+    cfg: CondInstConfig
+
+    def setup(self):
+        super().setup()
+        cfg = self.cfg
+        self.controller = Conv(
+            cfg.num_dynamic_params,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            dtype=cfg.dtype,
+            kernel_init=nn.initializers.normal(0.01),
+        )
+        self.mask_branch = MaskBranch(
+            cfg.mask_branch_channels, cfg.mask_branch_convs, cfg.mask_channels, cfg.dtype
+        )
+
+    def predict_masks(self, image):
+        """FCOS's outputs per location [B, T, ...], the dynamic parameters [B, T, 169] and the
+        mask features [B, H/8, W/8, mask_channels]."""
+        logits, distances, centerness, features, towers = self.predict(image)
+        b, n = image.shape[0], self.cfg.num_dynamic_params
+        params = jnp.concatenate(
+            [self.controller(tower).reshape(b, -1, n) for tower in towers], axis=1
+        ).astype(jnp.float32)
+        mask_features = self.mask_branch(features).astype(jnp.float32)
+        return logits, distances, centerness, params, mask_features
+
+    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+        cfg = self.cfg
+        logits, distances, centerness, params, mask_features = self.predict_masks(batch["image"])
+        outputs = {
+            "class_logits": logits,
+            "distances": distances,
+            "centerness_logits": centerness,
+        }
+        points = jnp.asarray(cfg.locations()[0])
+        scales = jnp.asarray(cfg.location_scales())
+        out_hw = tuple(v // MASK_STRIDE for v in cfg.canvas_hw)
+        if not train:
+            kept = fcos.select_detections(logits, distances, centerness, batch["image_hw"], cfg)
+            detections = fcos.original_detections(kept, batch, cfg)
+            detections["canvas_masks"] = jax.vmap(
+                lambda feats, p, loc, valid: jnp.where(
+                    valid[:, None, None],
+                    jax.nn.sigmoid(
+                        upsample_logits(
+                            dynamic_mask_logits(feats, p[loc], points[loc], scales[loc], cfg),
+                            out_hw,
+                        )
+                    ),
+                    0.0,
+                )
+            )(mask_features, params, kept["location"], kept["valid"])
+            outputs["detections"] = detections
+            return outputs
+        if key is None:
+            raise ValueError("training needs a key for the choice of mask slots")
+        targets = fcos.batch_targets(batch, cfg)
+        positive = targets["classes"] < cfg.num_classes  # [B, T]
+        slot_location, slot_valid, overflow = jax.vmap(
+            lambda valid, k: dense.budgeted_select(valid, cfg.mask_instances_per_image, k)
+        )(positive, jax.random.split(key, positive.shape[0]))
+        slot_gt = jnp.where(
+            slot_valid, jnp.take_along_axis(targets["matched"], slot_location, axis=1), 0
+        )
+        targets = {
+            **targets,
+            "slot_valid": slot_valid,
+            "overflow": overflow,
+        }
+        outputs["targets"] = targets
+        outputs["mask_logits"] = jax.vmap(
+            lambda feats, p, loc: upsample_logits(
+                dynamic_mask_logits(feats, p[loc], points[loc], scales[loc], cfg), out_hw
+            )
+        )(mask_features, params, slot_location)  # [B, P, H/4, W/4]
+        outputs["mask_targets"] = jnp.take_along_axis(
+            batch["gt_full_masks"], slot_gt[..., None, None], axis=1
+        )
+        return outputs
+
+
+def loss_fn(outputs: dict, batch: dict, cfg: CondInstConfig) -> tuple[jnp.ndarray, dict]:
+    """FCOS's losses plus the dice loss (squared, eps 1e-5) of the trained mask slots, averaged
+    over them."""
+    total, metrics = fcos.loss_fn(outputs, batch, cfg)
+    targets = outputs["targets"]
+    slot_valid = targets["slot_valid"]  # [B, P]
+    logits = outputs["mask_logits"]
+    b, p = slot_valid.shape
+    trained = slot_valid.sum().astype(jnp.float32)
+    loss_mask = cfg.mask_loss_weight * ops.dice_loss(
+        logits.reshape(b * p, *logits.shape[2:]),
+        outputs["mask_targets"].reshape(b * p, *logits.shape[2:]),
+        weights=slot_valid.reshape(-1),
+        normalizer=jnp.maximum(trained, 1.0),
+        smooth=0.0,
+        squared=True,
+        eps=1e-5,
+    )
+    positives = targets["positives"].sum().astype(jnp.float32)
+    over = targets["overflow"].sum().astype(jnp.float32)
+    metrics = {
+        **metrics,
+        "loss_mask": loss_mask,
+        "mask_positives_over_budget": over / b,
+        "mask_positives_over_budget_fraction": over / jnp.maximum(positives, 1.0),
+    }
+    return total + loss_mask, metrics
+
+
+# ----------------------------------------------------------------------------- method interface
+
+Config = CondInstConfig
+Model = CondInst
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """AdelaiDet's CondInst MS_R_50_1x COCO settings (FCOS's schedule and input: multi-scale
+    short side 640..800, 800 x 1333 at test, batch 16, lr 0.01, 90k steps)."""
+    c = fcos.base_config()
+    c.method = "condinst"
+    c.model = config_lib.model_section(CondInstConfig)
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a CondInst config to seconds on a CPU: FCOS's smoke shrink plus a narrow mask
+    branch and 16 mask slots."""
+    c = fcos.smoke(c)
+    m = c.model
+    m.mask_branch_channels = 32
+    m.mask_branch_convs = 2
+    m.mask_instances_per_image = 16
+    m.relative_scales = (32, 64, 128, 256, 512)
+    return c
