@@ -52,10 +52,10 @@ def make_inputs(seed: int = 0):
 
 
 def torchvision_levels(boxes: np.ndarray) -> np.ndarray:
-    """torchvision's LevelMapper (eps 1e-6, canonical 224 at level 4, clamped to 2..5)."""
-    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
-    levels = np.floor(4 + np.log2(np.sqrt(area) / 224 + 1e-6))
-    return np.clip(levels, 2, 5).astype(np.int32)
+    """int32[B, R] levels by torchvision's LevelMapper (canonical 224 at level 4, clamped to
+    2..5, eps after the log2), as the torchvision preset computes them: one set of levels
+    serves both sides, so they pool each box from the same map."""
+    return np.asarray(ops.fpn_level(jnp.asarray(boxes), rule="torchvision"))
 
 
 def gathered_bytes(output_size: int, sampling_ratio: int = 2) -> int:
