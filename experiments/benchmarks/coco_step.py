@@ -28,6 +28,7 @@ EXPERIMENTS = {
     "solov2": "solov2_r50_fpn_coco_1x.py",
     "yolact": "yolact_r50_coco.py",
     "fcos": "fcos_r50_fpn_coco_1x.py",
+    "condinst": "condinst_r50_fpn_coco_1x.py",
 }
 BATCH = 2
 

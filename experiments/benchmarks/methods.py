@@ -42,6 +42,7 @@ EXPERIMENTS = {
     "solov2": "solov2_nuclei.py",
     "yolact": "yolact_nuclei.py",
     "fcos": "fcos_nuclei.py",
+    "condinst": "condinst_nuclei.py",
 }
 
 

@@ -1,0 +1,136 @@
+"""CondInst: the dynamic mask head against a per-instance float64 NumPy evaluation (one
+instance, one pixel at a time, parameters unpacked by the paper's layout), the smoke step, and
+(slow) over-fitting 4 scenes and the COCO experiment's step. FCOS's parts are tested in
+test_fcos.py."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instseg_jax import builders
+from instseg_jax import config as config_lib
+from instseg_jax.methods import condinst
+from tests.methods.test_mask_rcnn import first_batch
+
+SMOKE = "experiments/condinst_nuclei.py:smoke"
+CFG = condinst.CondInstConfig(num_classes=3, canvas_hw=(128, 128))
+
+
+def reference_mask_logits(features, params, point, scale, cfg):
+    """float64 [h, w]: the dynamic head of one instance, pixel by pixel."""
+    h, w, _ = features.shape
+    shapes = cfg.dynamic_shapes()
+    weights, biases, at = [], [], 0
+    for fan_in, fan_out in shapes:  # every weight first ([out, in] row-major) ...
+        weights.append(params[at : at + fan_in * fan_out].reshape(fan_out, fan_in))
+        at += fan_in * fan_out
+    for _, fan_out in shapes:  # ... then every bias
+        biases.append(params[at : at + fan_out])
+        at += fan_out
+    assert at == len(params) == cfg.num_dynamic_params
+    out = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            cell = ((j + 0.5) * 8, (i + 0.5) * 8)  # mask-branch cell centre (x, y), stride 8
+            v = np.concatenate(
+                [[(point[0] - cell[0]) / scale, (point[1] - cell[1]) / scale], features[i, j]]
+            )
+            for k, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+                v = weight @ v + bias
+                if k < len(weights) - 1:
+                    v = np.maximum(v, 0)
+            out[i, j] = v[0]
+    return out
+
+
+def test_the_default_dynamic_head_has_169_parameters():
+    assert CFG.num_dynamic_params == 169
+    assert dataclasses.replace(CFG, dynamic_layers=2).num_dynamic_params == 10 * 8 + 8 + 8 + 1
+
+
+def test_dynamic_head_matches_a_per_instance_evaluation():
+    rng = np.random.default_rng(0)
+    h, w, p = 6, 7, 4
+    features = rng.normal(0, 1, (h, w, CFG.mask_channels))
+    params = rng.normal(0, 0.5, (p, CFG.num_dynamic_params))
+    points = rng.uniform(0, 56, (p, 2))
+    scales = np.array([64.0, 128.0, 32.0, 256.0])
+    ours = jax.jit(condinst.dynamic_mask_logits, static_argnums=4)(
+        jnp.asarray(features, jnp.float32),
+        jnp.asarray(params, jnp.float32),
+        jnp.asarray(points, jnp.float32),
+        jnp.asarray(scales, jnp.float32),
+        CFG,
+    )
+    assert ours.shape == (p, h, w)
+    for k in range(p):
+        expected = reference_mask_logits(features, params[k], points[k], scales[k], CFG)
+        np.testing.assert_allclose(np.asarray(ours[k]), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_location_scales_follow_the_levels():
+    scales = CFG.location_scales()
+    sizes = [h * w for h, w in CFG.level_shapes()]
+    assert scales[0] == 64 and scales[sizes[0]] == 128 and scales[-1] == 1024
+    assert len(scales) == sum(sizes)
+
+
+def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
+    config = config_lib.load(SMOKE)
+    source, batch = first_batch(config)
+    cfg = builders.model_config(config, source.num_classes)
+    model = condinst.Model(cfg)
+    variables = jax.jit(
+        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
+    )(batch)
+
+    def loss(p):
+        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
+        return condinst.loss_fn(outputs, batch, cfg)
+
+    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    assert np.isfinite(float(total))
+    terms = ("loss_cls", "loss_box_reg", "loss_centerness", "loss_mask")
+    assert float(total) == pytest.approx(sum(float(metrics[k]) for k in terms), rel=1e-5)
+    assert 0 < float(metrics["loss_mask"]) <= 1.0  # a dice loss
+
+    def magnitude(tree):
+        return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
+
+    for name in ("fpn", "head", "controller", "mask_branch"):
+        assert magnitude(grads[name]) > 0, name
+
+    det = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
+    k, (h, w) = cfg.detections_per_image, (v // 4 for v in cfg.canvas_hw)
+    assert det["canvas_masks"].shape == (2, k, h, w) and det["boxes"].shape == (2, k, 4)
+    assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
+
+
+@pytest.mark.slow
+def test_overfits_four_scenes(tmp_path):
+    from tests.methods.overfit import CANVAS_4X, overfit_report
+
+    report = overfit_report(
+        SMOKE.split(":")[0],
+        tmp_path / "overfit",
+        steps=300,
+        overrides=[
+            "--config.optim.name=adamw",
+            "--config.optim.lr=0.002",
+            "--config.model.sizes_of_interest=(64, 128, 256, 512)",
+            "--config.model.relative_scales=(64, 128, 256, 512, 1024)",
+            *CANVAS_4X,
+        ],
+    )
+    assert report["segm"]["AP"] >= 0.9, report["segm"]
+
+
+@pytest.mark.slow
+def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
+    from tests.methods.overfit import coco_step_result
+
+    result = coco_step_result("condinst")
+    assert np.isfinite(result["loss"]) and result["step_s"] > 0
