@@ -1,8 +1,9 @@
 """The two contracts every method shares: what the input pipeline hands a model (Batch) and what
 a model's evaluation pass hands back (Detections). Field by field, as `dtype[dims] meaning`.
 
-Shape letters: B batch, H W canvas, N max ground-truth instances, K detections, C classes (no
-background), M box-relative mask side, Mc box-crop target side, s mask stride.
+Shape letters: B batch, H W canvas, N max ground-truth instances, I ignore regions, K
+detections, C classes (no background), M box-relative mask side, Mc box-crop target side, s mask
+stride.
 
 Batch (host NumPy, then a global jax.Array sharded over the `data` mesh axis):
   image          uint8[B,H,W,3]   RGB canvas; the image sits at the top-left, padding after it
@@ -17,6 +18,14 @@ Batch (host NumPy, then a global jax.Array sharded over the `data` mesh axis):
   gt_boxes       float32[B,N,4]   xyxy canvas pixels of the kept instances
   gt_classes     int32[B,N]       class index in [0, C)
   gt_valid       bool[B,N]        real instance (True) or padding
+  ignore_boxes   float32[B,I,4]   xyxy canvas pixels of instances left out of the targets: those
+                                  beyond input.max_instances (the largest I of them, I =
+                                  input.max_ignore_regions; the rest are counted in the input
+                                  report). Anchors, RoIs and cells that such a region covers
+                                  (ops.assign.ignore_mask) take no label unless they are positive
+                                  for a kept instance.
+  ignore_valid   bool[B,I]        a real ignore region (True) or padding. Batches built by hand
+                                  may leave both fields out: then nothing is ignored.
   gt_masks       uint8[B,N,Mc,Mc] when INPUTS.box_masks: each mask cropped to its own box
   gt_full_masks  uint8[B,N,H/s,W/s] when INPUTS.full_mask_stride = s: masks at the centres of
                                   the stride-s cells of the canvas

@@ -78,6 +78,8 @@ def padding_example(config: TransformConfig) -> dict:
         "gt_boxes": np.zeros((n, 4), np.float32),
         "gt_classes": np.zeros((n,), np.int32),
         "gt_valid": np.zeros((n,), bool),
+        "ignore_boxes": np.zeros((config.max_ignore_regions, 4), np.float32),
+        "ignore_valid": np.zeros((config.max_ignore_regions,), bool),
         **extra,
     }
 

@@ -17,11 +17,14 @@ ISSUE_KINDS = (
     "crowd_only_image",  # training image whose only instances are crowd: no targets left
     "degenerate_box",  # box under 1 px after resize / crop: dropped
     "image_over_instance_limit",  # images with more than N instances (N largest kept)
-    "instances_over_limit",  # instances dropped by that limit
+    "instances_over_limit",  # instances dropped by that limit: their boxes become ignore regions
     # Kinds added later go last: saved iterator states keep their meaning (see resized).
     "image_size_mismatch",  # image size differs from the annotation file's: example skipped
     "bad_segmentation",  # RLE of another size, counts not covering the image: example skipped
     "bbox_from_mask",  # annotation without bbox: its box is its mask's (kept)
+    # instances dropped by input.max_instances beyond the input.max_ignore_regions slots (the
+    # smallest): no ignore region, so they count as background
+    "ignore_regions_over_limit",
 )
 _INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
 

@@ -31,6 +31,9 @@ class TransformConfig:
 
     canvas_hw: tuple[int, int] = (512, 512)
     max_instances: int = 100  # N: instances padded (or trimmed, largest kept) to this
+    # I: slots for the boxes of the instances that limit drops (largest first), which methods
+    # treat as ignore regions; dropped instances beyond I are counted and left as background.
+    max_ignore_regions: int = 32
     box_masks: bool = True  # gt_masks uint8[N, Mc, Mc]
     full_mask_stride: int = 0  # s > 0: gt_full_masks uint8[N, H/s, W/s]
     centers: bool = False  # gt_centers float32[N, 2]
@@ -57,6 +60,10 @@ class TransformConfig:
         if self.resize not in ("short_side", "lsj"):
             raise ConfigValueError(
                 f"input.resize must be 'short_side' or 'lsj', got {self.resize!r}"
+            )
+        if self.max_ignore_regions < 0:
+            raise ConfigValueError(
+                f"input.max_ignore_regions must be >= 0, got {self.max_ignore_regions}"
             )
         stride = self.full_mask_stride
         if stride and (self.canvas_hw[0] % stride or self.canvas_hw[1] % stride):
@@ -208,12 +215,24 @@ def transform(
 
     kept = np.flatnonzero(keep)
     limit = config.max_instances
+    dropped = kept[:0]
     if len(kept) > limit:
         report.count(counts, "image_over_instance_limit")
         report.count(counts, "instances_over_limit", len(kept) - limit)
         areas = masks.areas()[kept]
-        largest = np.argsort(-areas, kind="stable")[:limit]
-        kept = np.sort(kept[largest])
+        by_area = np.argsort(-areas, kind="stable")
+        # What the limit drops is still an object: its box becomes an ignore region, so that
+        # anchors and RoIs on it are not trained as background. The largest get the slots.
+        dropped = kept[by_area[limit:]]
+        kept = np.sort(kept[by_area[:limit]])
+        unslotted = len(dropped) - config.max_ignore_regions
+        if unslotted > 0:
+            report.count(counts, "ignore_regions_over_limit", unslotted)
+            dropped = dropped[: config.max_ignore_regions]
+    ignore_boxes = np.zeros((config.max_ignore_regions, 4), np.float32)
+    ignore_valid = np.zeros((config.max_ignore_regions,), bool)
+    ignore_boxes[: len(dropped)] = canvas_boxes[dropped]
+    ignore_valid[: len(dropped)] = True
 
     gt_boxes = np.zeros((limit, 4), np.float32)
     gt_classes = np.zeros((limit,), np.int32)
@@ -245,10 +264,8 @@ def transform(
 
     if flip:
         canvas[:, :valid_w] = canvas[:, :valid_w][:, ::-1]
-        flipped = gt_boxes.copy()
-        flipped[:, 0] = valid_w - gt_boxes[:, 2]
-        flipped[:, 2] = valid_w - gt_boxes[:, 0]
-        gt_boxes = np.where(gt_valid[:, None], flipped, 0.0).astype(np.float32)
+        gt_boxes = _mirror_boxes(gt_boxes, gt_valid, valid_w)
+        ignore_boxes = _mirror_boxes(ignore_boxes, ignore_valid, valid_w)
 
     return {
         "image": canvas,
@@ -262,8 +279,18 @@ def transform(
         "gt_boxes": gt_boxes,
         "gt_classes": gt_classes,
         "gt_valid": gt_valid,
+        "ignore_boxes": ignore_boxes,
+        "ignore_valid": ignore_valid,
         **{k: np.ascontiguousarray(v) for k, v in extra.items()},
     }
+
+
+def _mirror_boxes(boxes: np.ndarray, valid: np.ndarray, valid_w: int) -> np.ndarray:
+    """float32[n, 4] boxes mirrored across the valid region of width valid_w; padding stays 0."""
+    mirrored = boxes.copy()
+    mirrored[:, 0] = valid_w - boxes[:, 2]
+    mirrored[:, 2] = valid_w - boxes[:, 0]
+    return np.where(valid[:, None], mirrored, 0.0).astype(np.float32)
 
 
 def _strided_masks(masks, kept, config, scale, offset, valid_hw, flip) -> np.ndarray:

@@ -6,6 +6,8 @@
 The forward pass is static-shape end to end: per-level top-k and padded NMS for proposals,
 sampled anchors and RoIs of fixed counts, RoIAlign by gathers; RoI sampling and target building
 run inside the model under stop_gradient and their targets travel in ``outputs``.
+Instances beyond input.max_instances arrive as ignore regions (structures.py): anchors and RoIs
+mostly inside one are sampled neither as positives nor as negatives.
 Defaults follow detectron2's mask_rcnn_R_50_FPN; every one is a config field.
 """
 
@@ -284,6 +286,8 @@ class MaskRCNN(nn.Module):
             anchor_key,
             cfg.rpn_batch_per_image,
             cfg.rpn_positive_fraction,
+            ignore_boxes=batch.get("ignore_boxes"),
+            ignore_valid=batch.get("ignore_valid"),
         )
         outputs.update(rpn_labels=labels, rpn_target_deltas=target_deltas)
         rois = roi_heads.sample_rois(
@@ -297,6 +301,8 @@ class MaskRCNN(nn.Module):
             cfg.roi_positive_fraction,
             cfg.roi_iou_threshold,
             cfg.num_classes,
+            ignore_boxes=batch.get("ignore_boxes"),
+            ignore_valid=batch.get("ignore_valid"),
         )
         pooled = self.pool(features, rois["boxes"], cfg.box_pool_size)  # [B, R, 7, 7, D]
         outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)

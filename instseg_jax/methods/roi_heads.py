@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from instseg_jax import ops
 from instseg_jax.nn.layers import Conv, Deconv2x2, depth_to_space_2x2
+from instseg_jax.ops.assign import ignore_mask
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 POOLED_LEVELS = ("p2", "p3", "p4", "p5")
@@ -31,19 +32,26 @@ def sample_rois(
     positive_fraction: float,
     iou_threshold: float,
     num_classes: int,
+    ignore_boxes=None,
+    ignore_valid=None,
 ):
     """Training RoIs: ground truth appended to the proposals, matched at iou_threshold, then
-    num_rois sampled per image (positives first).
+    num_rois sampled per image (positives first). A candidate below iou_threshold that lies in
+    an ignore region (optional ignore_boxes float32[B, I, 4], ignore_valid bool[B, I]; see
+    ops.assign.ignore_mask) is not sampled as background.
 
     Returns a dict of [B, R] arrays: boxes [.., 4], classes (C for background), matched gt
     index, target deltas [.., 4] (box-head weights), foreground and valid flags.
     """
 
-    def one_image(props, props_valid, boxes, classes, valid, image_key):
+    def one_image(props, props_valid, boxes, classes, valid, image_key, ignore, ignore_ok):
         candidates = jnp.concatenate([props, boxes])  # [P + N, 4]
         candidate_valid = jnp.concatenate([props_valid, valid])
         iou = ops.box_iou(boxes, candidates)  # [N, P + N]
         matched, labels = ops.match(iou, (iou_threshold,), (0, 1), False, gt_valid=valid)
+        if ignore is not None:
+            covered = ignore_mask(candidates, ignore, ignore_ok)
+            labels = jnp.where((labels == 0) & covered, -1, labels)
         labels = jnp.where(candidate_valid, labels, -1)
         chosen, chosen_valid = ops.sample_balanced(labels, num_rois, positive_fraction, image_key)
         roi_boxes = candidates[chosen]
@@ -61,7 +69,16 @@ def sample_rois(
         }
 
     keys = jax.random.split(key, gt_boxes.shape[0])
-    rois = jax.vmap(one_image)(proposal_boxes, proposal_valid, gt_boxes, gt_classes, gt_valid, keys)
+    rois = jax.vmap(one_image)(
+        proposal_boxes,
+        proposal_valid,
+        gt_boxes,
+        gt_classes,
+        gt_valid,
+        keys,
+        ignore_boxes,
+        ignore_valid,
+    )
     return jax.tree.map(jax.lax.stop_gradient, rois)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from instseg_jax import ops
 from instseg_jax.nn.layers import Conv
+from instseg_jax.ops.assign import ignore_mask
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 
@@ -120,17 +121,23 @@ def anchor_targets(
     batch_per_image: int,
     positive_fraction: float,
     thresholds=(0.3, 0.7),
+    ignore_boxes=None,
+    ignore_valid=None,
 ):
     """Sampled anchor labels and regression targets.
 
-    anchors [T, 4]; gt_boxes [B, N, 4]; gt_valid bool[B, N].
+    anchors [T, 4]; gt_boxes [B, N, 4]; gt_valid bool[B, N]; optional ignore_boxes
+    float32[B, I, 4] and ignore_valid bool[B, I] (Batch's ignore regions): an anchor that would
+    be a negative but lies in one (ops.assign.ignore_mask) is never sampled.
     Returns labels int32[B, T] (1 positive, 0 negative, -1 not sampled) and
     target deltas float32[B, T, 4] (meaningful where labels == 1).
     """
 
-    def one_image(boxes, valid, image_key):
+    def one_image(boxes, valid, image_key, ignore, ignore_ok):
         iou = ops.box_iou(boxes, anchors)  # [N, T]
         matched, labels = ops.match(iou, thresholds, (0, -1, 1), True, gt_valid=valid)
+        if ignore is not None:
+            labels = jnp.where((labels == 0) & ignore_mask(anchors, ignore, ignore_ok), -1, labels)
         chosen, chosen_valid = ops.sample_balanced(
             labels, batch_per_image, positive_fraction, image_key
         )
@@ -141,7 +148,7 @@ def anchor_targets(
         return sampled, jnp.where((sampled == 1)[:, None], targets, 0.0)
 
     keys = jax.random.split(key, gt_boxes.shape[0])
-    return jax.vmap(one_image)(gt_boxes, gt_valid, keys)
+    return jax.vmap(one_image)(gt_boxes, gt_valid, keys, ignore_boxes, ignore_valid)
 
 
 def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int):

@@ -21,6 +21,11 @@ loop runs over the instances in order and writes the cell's class each time, and
 target for each: the cell takes the class of the later instance (the higher slot), and both
 (cell, instance) pairs train that cell's kernel. The same happens here.
 
+Instances beyond input.max_instances arrive as ignore regions (structures.py): a cell that is
+not positive and whose centre lies in one (ops.assign.ignore_mask on the cell centres) is left
+out of the focal loss instead of being trained as background. The reference has no ignore
+regions; the centre rule matches how SOLO itself assigns cells (by the point where they sit).
+
 Deviations, each with its reason:
   - The grid spans the fixed canvas (input.canvas_hw), as the reference's spans its padded batch
     (which is as large as the batch's largest image); on a canvas much larger than the images
@@ -49,6 +54,7 @@ from instseg_jax.backbones.fpn import FPN
 from instseg_jax.backbones.resnet import ResNet, normalize
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
+from instseg_jax.ops.assign import ignore_mask
 
 MASK_STRIDE = 4
 
@@ -133,6 +139,17 @@ class SOLOv2Config:
     @property
     def num_cells(self) -> int:
         return sum(g * g for g in self.num_grids)
+
+    def cell_centres(self) -> np.ndarray:
+        """float32[S, 2] (x, y) canvas centre of each grid cell, in the cells' order (level by
+        level, row-major): cell (i, j) of grid g spans [j W / g, (j + 1) W / g) x [i H / g, ...)."""
+        h, w = self.canvas_hw
+        centres = []
+        for g in self.num_grids:
+            along = (np.arange(g) + 0.5) / g
+            y, x = np.meshgrid(along * h, along * w, indexing="ij")
+            centres.append(np.stack([x.ravel(), y.ravel()], axis=1))
+        return np.concatenate(centres).astype(np.float32)
 
     def cell_strides(self) -> np.ndarray:
         """float32[S]: the stride of each grid cell's level (the test's minimum mask area)."""
@@ -282,8 +299,16 @@ class SOLOv2(nn.Module):
             raise ValueError("training needs a key for the choice of positive slots")
         targets = jax.lax.stop_gradient(
             jax.vmap(
-                lambda boxes, classes, valid, centers, masks, k: grid_targets(
-                    boxes, classes, valid, centers, masks.any(axis=(1, 2)), cfg, k
+                lambda boxes, classes, valid, centers, masks, k, ignore, ignore_ok: grid_targets(
+                    boxes,
+                    classes,
+                    valid,
+                    centers,
+                    masks.any(axis=(1, 2)),
+                    cfg,
+                    k,
+                    ignore,
+                    ignore_ok,
                 )
             )(
                 batch["gt_boxes"],
@@ -292,6 +317,8 @@ class SOLOv2(nn.Module):
                 batch["gt_centers"],
                 batch["gt_full_masks"],
                 jax.random.split(key, batch["image"].shape[0]),
+                batch.get("ignore_boxes"),
+                batch.get("ignore_valid"),
             )
         )
         slot_kernels = jnp.take_along_axis(kernels, targets["slot_cell"][..., None], axis=1)
@@ -305,17 +332,31 @@ class SOLOv2(nn.Module):
         return outputs
 
 
-def grid_targets(gt_boxes, gt_classes, gt_valid, gt_centers, gt_nonempty, cfg: SOLOv2Config, key):
+def grid_targets(
+    gt_boxes,
+    gt_classes,
+    gt_valid,
+    gt_centers,
+    gt_nonempty,
+    cfg: SOLOv2Config,
+    key,
+    ignore_boxes=None,
+    ignore_valid=None,
+):
     """One image's SOLO targets (the reference's rules; module docstring for the overlaps).
 
     gt_boxes float32[N, 4] canvas xyxy, gt_classes int32[N], gt_valid bool[N],
-    gt_centers float32[N, 2] (x, y) canvas mass centres, gt_nonempty bool[N] (mask not empty).
+    gt_centers float32[N, 2] (x, y) canvas mass centres, gt_nonempty bool[N] (mask not empty);
+    optional ignore_boxes float32[I, 4] canvas xyxy and ignore_valid bool[I] (Batch's ignore
+    regions).
+
     An instance is on level l when lo_l <= sqrt(w h) <= hi_l. On a level of grid g over the
     canvas H x W, the cell of a point is (floor(y / H g), floor(x / W g)) (the reference's
     (y / H) // (1 / g)); its positives are the cells of the centre region (mass centre +- half
     the box x center_scale) clipped to the 3x3 cells around the centre's cell.
 
     Returns a dict: cell_labels int32[S] (class, or C for background), positive bool[S],
+    ignored bool[S] (not positive, centre in an ignore region: out of the focal loss),
     slot_cell / slot_instance int32[P], slot_valid bool[P] (P = positive_slots_per_image; a
     random subset of the positive (cell, instance) pairs when they overflow), pairs int32 (all
     positive pairs) and overflow int32 (pairs without a slot).
@@ -359,10 +400,15 @@ def grid_targets(gt_boxes, gt_classes, gt_valid, gt_centers, gt_nonempty, cfg: S
     winner = jnp.zeros((offset,), jnp.int32).at[cells].max(jnp.where(valid, instances + 1, 0))
     positive = winner > 0
     cell_labels = jnp.where(positive, gt_classes[jnp.maximum(winner - 1, 0)], c)
+    ignored = jnp.zeros_like(positive)
+    if ignore_boxes is not None:
+        centres = jnp.asarray(np.tile(cfg.cell_centres(), (1, 2)))  # [S, 4] points (x, y, x, y)
+        ignored = ignore_mask(centres, ignore_boxes, ignore_valid) & ~positive
     chosen, slot_valid, overflow = dense.budgeted_select(valid, cfg.positive_slots_per_image, key)
     return {
         "cell_labels": cell_labels.astype(jnp.int32),
         "positive": positive,
+        "ignored": ignored,
         "slot_cell": jnp.where(slot_valid, cells[chosen], 0),
         "slot_instance": jnp.where(slot_valid, instances[chosen], 0),
         "slot_valid": slot_valid,
@@ -449,8 +495,9 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config) -> dict:
 
 
 def loss_fn(outputs: dict, batch: dict, cfg: SOLOv2Config) -> tuple[jnp.ndarray, dict]:
-    """Focal loss over every grid cell / (positive cells in the batch + 1) and dice loss
-    (squared, weight 3) averaged over the trained (cell, instance) pairs of the batch."""
+    """Focal loss over every grid cell but the ignored ones / (positive cells in the batch + 1)
+    and dice loss (squared, weight 3) averaged over the trained (cell, instance) pairs of the
+    batch."""
     del batch  # every target was built inside the model
     targets = outputs["targets"]
     logits = outputs["category_logits"]  # [B, S, C]
@@ -458,7 +505,12 @@ def loss_fn(outputs: dict, batch: dict, cfg: SOLOv2Config) -> tuple[jnp.ndarray,
     one_hot = jax.nn.one_hot(labels, cfg.num_classes, dtype=logits.dtype)  # background: zeros
     num_positive = targets["positive"].sum().astype(jnp.float32)
     loss_cls = ops.sigmoid_focal_loss(
-        logits, one_hot, cfg.focal_alpha, cfg.focal_gamma, normalizer=num_positive + 1.0
+        logits,
+        one_hot,
+        cfg.focal_alpha,
+        cfg.focal_gamma,
+        weights=~targets["ignored"][..., None],  # [B, S, 1]
+        normalizer=num_positive + 1.0,
     )
     b, p = targets["slot_valid"].shape
     slot_valid = targets["slot_valid"].reshape(b * p)

@@ -23,7 +23,9 @@ experiment resizes the long side to 550 on a 640 x 640 canvas.
 Matching is mmdetection's MaxIoUAssigner(0.5, 0.4, min_pos_iou=0): an anchor whose best IoU is
 >= 0.5 is positive for that ground truth, < 0.4 negative, else ignored; then every ground truth
 takes its best anchor (the later ground truth wins an anchor two claim). Ground truth narrower
-or lower than 4 px is left out of training (the reference's FilterAnnotations).
+or lower than 4 px is left out of training (the reference's FilterAnnotations). A negative
+anchor mostly inside an ignore region (an instance beyond input.max_instances; structures.py,
+ops.assign.ignore_mask) is ignored instead.
 
 Known differences from the reference: an image without positives trains no negatives
 (dbolya/yolact's rule; mmdetection's would take all of them); mask targets are the instance
@@ -47,6 +49,7 @@ from instseg_jax.backbones.fpn import FPNP3P7
 from instseg_jax.backbones.resnet import ResNet, normalize
 from instseg_jax.nn.layers import Conv
 from instseg_jax.ops import dense
+from instseg_jax.ops.assign import ignore_mask
 
 PIXEL_MEAN = (123.68, 116.78, 103.94)  # the reference's (ImageNet's, rounded differently)
 PIXEL_STD = (58.40, 57.12, 57.38)
@@ -226,14 +229,16 @@ class YOLACT(nn.Module):
         anchors = jnp.concatenate(cfg.anchors())
         targets = jax.lax.stop_gradient(
             jax.vmap(
-                lambda boxes, classes, valid, k: anchor_targets(
-                    anchors, boxes, classes, valid, cfg, k
+                lambda boxes, classes, valid, k, ignore, ignore_ok: anchor_targets(
+                    anchors, boxes, classes, valid, cfg, k, ignore, ignore_ok
                 )
             )(
                 batch["gt_boxes"],
                 batch["gt_classes"],
                 batch["gt_valid"],
                 jax.random.split(key, batch["image"].shape[0]),
+                batch.get("ignore_boxes"),
+                batch.get("ignore_valid"),
             )
         )
         outputs["targets"] = targets
@@ -250,11 +255,22 @@ class YOLACT(nn.Module):
         return outputs
 
 
-def anchor_targets(anchors, gt_boxes, gt_classes, gt_valid, cfg: YOLACTConfig, key):
+def anchor_targets(
+    anchors,
+    gt_boxes,
+    gt_classes,
+    gt_valid,
+    cfg: YOLACTConfig,
+    key,
+    ignore_boxes=None,
+    ignore_valid=None,
+):
     """One image's anchor labels (module docstring: MaxIoUAssigner(0.5, 0.4, min_pos_iou=0)).
 
     anchors float32[T, 4]; gt_boxes float32[N, 4] canvas xyxy; gt_classes int32[N];
-    gt_valid bool[N]. Returns a dict: labels int32[T] (1 positive, 0 negative, -1 ignored),
+    gt_valid bool[N]; optional ignore_boxes float32[I, 4], ignore_valid bool[I]: a negative
+    anchor that ops.assign.ignore_mask puts in one of them is ignored (-1).
+    Returns a dict: labels int32[T] (1 positive, 0 negative, -1 ignored),
     matched int32[T] (ground-truth slot of positives), classes int32[T] (class of positives,
     C elsewhere), box_targets float32[T, 4], slot_anchor / slot_gt int32[P] and slot_valid
     bool[P] (P = masks_per_image: the positives whose masks train), positives int32, overflow
@@ -279,6 +295,9 @@ def anchor_targets(anchors, gt_boxes, gt_classes, gt_valid, cfg: YOLACTConfig, k
     )
     labels = jnp.where(claim > 0, 1, labels)
     matched = jnp.where(claim > 0, claim - 1, matched)
+    if ignore_boxes is not None:
+        covered = ignore_mask(anchors, ignore_boxes, ignore_valid)
+        labels = jnp.where((labels == 0) & covered, -1, labels)
     positive = labels == 1
     classes = jnp.where(positive, gt_classes[matched], cfg.num_classes)
     box_targets = ops.encode_boxes(gt_boxes[matched], anchors, BOX_WEIGHTS)

@@ -1,4 +1,5 @@
-"""Matching predictions to ground truth and balanced sampling, with static shapes."""
+"""Matching predictions to ground truth, ignore regions and balanced sampling, with static
+shapes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from instseg_jax.ops.boxes import box_area, box_ioa
 from instseg_jax.ops.dense import budgeted_select
+
+# A candidate more than half inside an ignore region takes no label (mmdetection's
+# ignore_iof_thr = 0.5): it is then mostly made of the unlabelled instance, so calling it
+# background would be wrong, while a larger box that merely contains a small ignored instance
+# is still mostly background and stays a negative.
+IGNORE_OVERLAP = 0.5
 
 
 def match(
@@ -93,3 +101,40 @@ def sample_balanced(
     indices = jnp.where(slot < num_pos, positives[from_pos], negatives[from_neg])
     valid = slot < num_pos + num_neg
     return jnp.where(valid, indices, 0).astype(jnp.int32), valid
+
+
+def ignore_mask(
+    boxes: jnp.ndarray,
+    ignore_boxes: jnp.ndarray,
+    ignore_valid: jnp.ndarray,
+    threshold: float = IGNORE_OVERLAP,
+) -> jnp.ndarray:
+    """Which candidates lie in an ignore region: bool[T].
+
+    The one rule for instances the input left out of the targets (Batch's ignore_boxes: those
+    beyond input.max_instances): a candidate it covers must be neither a positive for them nor a
+    negative. Callers apply it to candidates that are not positive for a kept ground truth
+    (positives stay positive) and give those no label (-1) or zero weight.
+
+    Args:
+      boxes: float32[T, 4] candidates, xyxy canvas pixels: anchors, sampled RoIs, or points
+        (grid cells, locations) written as zero-area boxes (x, y, x, y).
+      ignore_boxes: float32[I, 4] ignore regions, xyxy canvas pixels.
+      ignore_valid: bool[I]; padding slots (False) ignore nothing.
+      threshold: a candidate of positive area is covered when its intersection with some
+        ignore region over its own area (IoA) is > threshold; a zero-area candidate when its
+        centre lies in the region, x0 <= x < x1 and y0 <= y < y1 (the limit of IoA for a point,
+        half-open as pixels are).
+
+    Returns bool[T]: True where some valid ignore region covers the candidate.
+    """
+    if ignore_boxes.shape[0] == 0:
+        return jnp.zeros(boxes.shape[:1], bool)
+    covered = box_ioa(ignore_boxes, boxes) > threshold  # [I, T]
+    centre = 0.5 * (boxes[:, :2] + boxes[:, 2:])  # [T, 2]
+    inside = (
+        (centre[None] >= ignore_boxes[:, None, :2]) & (centre[None] < ignore_boxes[:, None, 2:])
+    ).all(axis=-1)  # [I, T]
+    point = box_area(boxes) <= 0  # [T]
+    covered = jnp.where(point[None, :], inside, covered)
+    return (covered & ignore_valid[:, None]).any(axis=0)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 
@@ -5,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from instseg_jax.input import report
 from instseg_jax.input.images import UnreadableImage
 from instseg_jax.input.pipeline import InputPipeline
 from instseg_jax.input.synthetic import SyntheticSource
@@ -190,3 +192,34 @@ def test_truncated_file_in_a_coco_set_is_skipped(tmp_path):
     batch = next(pipeline)
     assert 3 not in batch["image_id"].tolist()
     assert pipeline.total_counts[0] == 1
+
+
+def test_batches_carry_ignore_regions_and_the_epoch_report_counts_them(caplog):
+    """Up to 5 shapes per scene, room for 1: every batch (padding included) has the fixed
+    ignore fields, the dropped instances fill them, and the epoch report counts them."""
+    config = TransformConfig(
+        canvas_hw=(48, 48),
+        short_side=(40,),
+        max_long_side=48,
+        max_instances=1,
+        max_ignore_regions=2,
+        mask_size=4,
+    )
+    pipeline = InputPipeline(source(), config, 5, seed=0, process_index=0, process_count=1)
+    with caplog.at_level(logging.INFO, logger="instseg_jax.input.pipeline"):
+        batches = take(pipeline, 3)  # 15 examples: epoch 0 (10) reported at step 2
+    for batch in batches:
+        assert batch["ignore_boxes"].shape == (5, 2, 4)
+        assert batch["ignore_boxes"].dtype == np.float32
+        assert batch["ignore_valid"].shape == (5, 2) and batch["ignore_valid"].dtype == bool
+    counts = report.as_dict(pipeline.total_counts)
+    slotted = sum(int(b["ignore_valid"].sum()) for b in batches)
+    assert slotted > 0 and counts["ignore_regions_over_limit"] > 0
+    # Every dropped instance has an ignore slot or is counted as having none.
+    assert counts["instances_over_limit"] == slotted + counts["ignore_regions_over_limit"]
+    assert "input epoch 0: " in caplog.text and "instances_over_limit=" in caplog.text
+    evaluation = InputPipeline(
+        source(10), dataclasses.replace(config, train=False), 4, process_index=0, process_count=1
+    )
+    padded = list(evaluation)[-1]  # 2 examples and 2 padding slots
+    assert padded["ignore_boxes"].shape == (4, 2, 4) and not padded["ignore_valid"][2:].any()

@@ -180,3 +180,53 @@ def test_one_example_carries_every_kind_of_target_a_method_asks_for(flip):
         expected = (valid_w - x if flip else x, y)
         np.testing.assert_allclose(out["gt_centers"][slot], expected, rtol=1e-5)
     np.testing.assert_array_equal(out["gt_centers"][2], [0, 0])
+
+
+def test_instances_over_the_limit_become_ignore_regions_on_the_canvas():
+    """5 instances, room for 2: the 3 dropped ones' boxes go through the same scale, crop and
+    flip as the kept ones' and become ignore regions, largest first (C 84 px, D 35, E 12); with
+    only 2 ignore slots the smallest is counted instead."""
+    rects = [
+        (28, 8, 48, 28),  # A, area 400: kept
+        (30, 30, 50, 45),  # B, 300: kept
+        (20, 46, 34, 52),  # C, 84: its left side falls outside the crop
+        (40, 47, 47, 52),  # D, 35
+        (50, 8, 53, 12),  # E, 12
+    ]
+    base = dict(
+        canvas_hw=(64, 64), resize="lsj", lsj_scale=(1.5, 1.5), hflip=1.0, mask_size=4,
+        max_instances=2, max_ignore_regions=4,
+    )  # fmt: skip
+    counts = report.new_counts()
+    out = transform(
+        rectangle_example(rects=rects), TransformConfig(**base), np.random.default_rng(1), counts
+    )
+    scale, (oy, ox) = float(out["scale"]), out["crop_offset"]
+    valid_h, valid_w = out["image_hw"]
+    assert scale == pytest.approx(1.2) and bool(out["flipped"])
+    assert ox > 20 * scale, "the crop cuts C's left side (its right side once flipped)"
+    expected = np.array(rects[2:], np.float64) * scale - [ox, oy, ox, oy]
+    expected = np.clip(expected, 0, [valid_w, valid_h, valid_w, valid_h])
+    expected[:, [0, 2]] = valid_w - expected[:, [2, 0]]
+    assert out["ignore_boxes"].shape == (4, 4) and out["ignore_boxes"].dtype == np.float32
+    assert out["ignore_valid"].tolist() == [True, True, True, False]
+    np.testing.assert_allclose(out["ignore_boxes"][:3], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out["ignore_boxes"][3], [0, 0, 0, 0])
+    # The same boxes the instances get as ground truth when nothing is dropped.
+    everything = transform(
+        rectangle_example(rects=rects),
+        TransformConfig(**dict(base, max_instances=5)),
+        np.random.default_rng(1),
+        report.new_counts(),
+    )
+    assert not everything["ignore_valid"].any()
+    np.testing.assert_array_equal(out["ignore_boxes"][:3], everything["gt_boxes"][2:5])
+    assert report.as_dict(counts)["instances_over_limit"] == 3
+    assert "instances_over_limit=3" in report.summary(counts)
+
+    counts = report.new_counts()
+    two_slots = TransformConfig(**dict(base, max_ignore_regions=2))
+    out = transform(rectangle_example(rects=rects), two_slots, np.random.default_rng(1), counts)
+    np.testing.assert_allclose(out["ignore_boxes"], expected[:2], rtol=1e-6)
+    assert report.as_dict(counts)["instances_over_limit"] == 3
+    assert report.as_dict(counts)["ignore_regions_over_limit"] == 1

@@ -11,7 +11,8 @@ import pytest
 from instseg_jax import builders
 from instseg_jax import config as config_lib
 from instseg_jax import train as train_lib
-from instseg_jax.methods import mask_rcnn
+from instseg_jax.methods import mask_rcnn, roi_heads, rpn
+from instseg_jax.ops.assign import ignore_mask
 
 SMOKE = "experiments/maskrcnn_nuclei.py:smoke"
 
@@ -194,3 +195,108 @@ def test_inference_on_a_small_mask_budget_matches_all_slots():
             )
     assert valid.sum(axis=1).max() <= cfg.test_mask_slots_small  # the last case: small budget
     assert not staged["masks"][:, cfg.test_mask_slots_small :].any()  # never computed
+
+
+# ------------------------------------------------------------------ ignore regions (structures.py)
+# Instances beyond input.max_instances arrive as ignore regions: anchors and RoIs mostly inside
+# one are neither positives nor negatives.
+
+
+def test_ignore_mask_of_a_hand_made_case():
+    """IoA > 0.5 against each valid region on its own; points by half-open containment."""
+    regions = jnp.array([[0, 0, 10, 10], [20, 20, 40, 40], [0, 0, 100, 100]], jnp.float32)
+    valid = jnp.array([True, True, False])  # the third is padding: it ignores nothing
+    candidates = jnp.array(
+        [
+            [0, 0, 10, 10],  # the first region itself: IoA 1
+            [5, 0, 15, 10],  # half inside: IoA 0.5 is not above the threshold
+            [4, 0, 14, 10],  # IoA 0.6
+            [0, 0, 40, 40],  # IoA 100 / 1600 and 400 / 1600: each region alone is too little
+            [25, 25, 30, 30],  # inside the second
+            [50, 50, 60, 60],  # only under the padding region
+            [5, 5, 5, 5],  # a point inside the first
+            [10, 5, 10, 5],  # a point on its right edge: outside (half-open)
+            [20, 20, 20, 20],  # a point on the second's top-left corner: inside
+        ],
+        jnp.float32,
+    )
+    mask = jax.jit(ignore_mask, static_argnums=3)  # one compilation, not one per primitive
+    got = mask(candidates, regions, valid, 0.5)
+    assert got.tolist() == [True, False, True, False, True, False, True, False, True]
+    assert mask(candidates, regions, valid, 0.2)[3]  # 0.25 > 0.2
+    assert not mask(candidates, regions[:0], valid[:0], 0.5).any()  # no regions at all
+
+
+def test_rpn_anchors_on_an_ignore_region_are_not_negatives():
+    """Every anchor is sampled (batch_per_image = T): the labels are the matcher's, except that
+    negatives mostly inside an ignore region become -1; a positive inside one stays positive;
+    an image whose ignore slots are padding is unchanged."""
+    anchors = jnp.array(
+        [
+            [0, 0, 20, 20],  # the kept instance: positive, though inside region [0, 0, 30, 30]
+            [40, 40, 60, 60],  # the dropped instance's box: negative -> ignored
+            [42, 42, 58, 58],  # inside it: negative -> ignored
+            [30, 30, 50, 50],  # a quarter inside it: stays negative
+            [80, 80, 100, 100],  # under a padding slot only: stays negative
+            [0, 0, 24, 24],  # IoU 0.69 with the instance: ignored by the matcher already
+            [22, 0, 30, 8],  # no overlap with the instance, inside [0, 0, 30, 30]: ignored
+        ],
+        jnp.float32,
+    )
+    gt_boxes = jnp.array([[[0, 0, 20, 20], [0, 0, 0, 0]]] * 2, jnp.float32)
+    gt_valid = jnp.array([[True, False]] * 2)
+    regions = jnp.array([[[40, 40, 60, 60], [0, 0, 30, 30], [80, 80, 100, 100]]] * 2, jnp.float32)
+    region_valid = jnp.array([[True, True, False], [False, False, False]])
+    labels, deltas = jax.jit(rpn.anchor_targets, static_argnums=(4, 5))(
+        anchors,
+        gt_boxes,
+        gt_valid,
+        jax.random.key(0),
+        7,
+        0.5,
+        ignore_boxes=regions,
+        ignore_valid=region_valid,
+    )
+    assert np.asarray(labels).tolist() == [[1, -1, -1, 0, 0, -1, -1], [1, 0, 0, 0, 0, -1, 0]]
+    np.testing.assert_array_equal(np.asarray(deltas[0]), np.asarray(deltas[1]))
+
+
+def test_rois_on_an_ignore_region_are_never_sampled_as_background():
+    """Proposals 0 and 1 lie on a dropped instance's box: with the region in a padding slot they
+    are sampled as background, with it valid never, whatever the key (10 images, one key
+    each)."""
+    proposals = jnp.array(
+        [
+            [40, 40, 60, 60],
+            [41, 41, 59, 59],
+            [80, 80, 100, 100],
+            [0, 60, 20, 80],
+            [0, 0, 19, 19],  # IoU 0.9 with the kept instance: foreground
+            [40, 40, 60, 60],  # not a valid proposal
+        ],
+        jnp.float32,
+    )
+    b = 10
+    proposal_boxes = jnp.broadcast_to(proposals, (b, 6, 4))
+    proposal_valid = jnp.broadcast_to(jnp.array([True] * 5 + [False]), (b, 6))
+    gt_boxes = jnp.broadcast_to(jnp.array([[0, 0, 20, 20], [0, 0, 0, 0]], jnp.float32), (b, 2, 4))
+    gt_classes = jnp.zeros((b, 2), jnp.int32)
+    gt_valid = jnp.broadcast_to(jnp.array([True, False]), (b, 2))
+    regions = jnp.broadcast_to(jnp.array([[40, 40, 60, 60]], jnp.float32), (b, 1, 4))
+    sample = jax.jit(roi_heads.sample_rois, static_argnums=(6, 7, 8, 9))
+    args = (proposal_boxes, proposal_valid, gt_boxes, gt_classes, gt_valid, jax.random.key(3))
+
+    def background(rois):
+        boxes = np.asarray(rois["boxes"])
+        chosen = np.asarray(rois["valid"]) & ~np.asarray(rois["foreground"])
+        return [boxes[i][chosen[i]].tolist() for i in range(b)]
+
+    on_region = [[40, 40, 60, 60], [41, 41, 59, 59]]
+    # 4 RoIs: 1 foreground, 3 of the 4 candidates below 0.5 drawn at random.
+    padding = jnp.zeros((b, 1), bool)  # the region in a padding slot: nothing is ignored
+    plain = background(sample(*args, 4, 0.25, 0.5, 3, ignore_boxes=regions, ignore_valid=padding))
+    assert any(box in on_region for image in plain for box in image)
+    rois = sample(*args, 4, 0.25, 0.5, 3, ignore_boxes=regions, ignore_valid=~padding)
+    for image in background(rois):
+        assert sorted(image) == [[0, 60, 20, 80], [80, 80, 100, 100]]
+    assert np.asarray(rois["foreground"]).sum(axis=1).tolist() == [1] * b

@@ -25,7 +25,12 @@ SCENE_CFG = solov2.SOLOv2Config(
 )
 
 
-def targets(cfg, boxes, classes, centers, nonempty, valid=None, key=None):
+# Two ignore slots, both padding: what the pipeline hands over when nothing was dropped (the
+# reference comparisons below then also show that padding slots change nothing).
+NO_IGNORE = ([[0, 0, 0, 0]] * 2, [False, False])
+
+
+def targets(cfg, boxes, classes, centers, nonempty, valid=None, key=None, ignore=NO_IGNORE):
     n = len(boxes)
     valid = np.ones(n, bool) if valid is None else np.asarray(valid)
     return jax.jit(solov2.grid_targets, static_argnums=5)(
@@ -36,6 +41,8 @@ def targets(cfg, boxes, classes, centers, nonempty, valid=None, key=None):
         jnp.asarray(nonempty),
         cfg,
         key,
+        jnp.asarray(ignore[0], jnp.float32),
+        jnp.asarray(ignore[1], bool),
     )
 
 
@@ -86,6 +93,43 @@ def test_grid_targets_of_a_hand_made_scene():
     np.testing.assert_array_equal(np.asarray(out["positive"]), expected < 3)
     assert trained_pairs(out) == SCENE_PAIRS
     assert int(out["pairs"]) == 6 and int(out["overflow"]) == 0
+
+
+def test_cells_centred_in_an_ignore_region_leave_the_focal_loss():
+    """The hand-made scene with two ignore regions (instances beyond input.max_instances). Cell
+    centres in [40, 56) x [40, 56): level 0 cells 45, 46, 53, 54, level 1 cell 92, level 2
+    cell 110 (B's positive: stays positive), level 3 cell 119 (B's too), level 4 cell 123. In
+    [0, 16) x [0, 16): level 0 cells 0, 1, 8, 9 (A's), level 1 cell 64 (A's), level 2 cell 100.
+    The focal loss no longer sees the ignored cells; with the regions in padding slots nothing
+    changes."""
+    regions = [[40, 40, 56, 56], [0, 0, 16, 16]]
+    out = targets(SCENE_CFG, **SCENE, ignore=(regions, [True, True]))
+    plain = targets(SCENE_CFG, **SCENE, ignore=(regions, [False, False]))
+    ignored = [0, 1, 8, 45, 46, 53, 54, 92, 100, 123]
+    assert np.flatnonzero(np.asarray(out["ignored"])).tolist() == ignored
+    assert not np.asarray(plain["ignored"]).any()
+    for name in ("cell_labels", "positive", "slot_cell", "slot_instance", "slot_valid"):
+        np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(plain[name]))
+
+    @jax.jit
+    def focal(targets, logits):  # one image, no mask slots worth a look
+        p = SCENE_CFG.positive_slots_per_image
+        outputs = {
+            "targets": jax.tree.map(lambda x: x[None], targets),
+            "category_logits": logits[None],
+            "mask_logits": jnp.zeros((1, p, 4, 4)),
+            "mask_targets": jnp.zeros((1, p, 4, 4), jnp.uint8),
+        }
+        return solov2.loss_fn(outputs, {}, SCENE_CFG)[1]["loss_cls"]
+
+    def loss_cls(targets, logits):
+        return float(focal(targets, logits))
+
+    logits = np.random.default_rng(0).normal(0, 1, (SCENE_CFG.num_cells, 3)).astype(np.float32)
+    confident = logits.copy()
+    confident[ignored] = 5.0  # "foreground" where nothing is labelled
+    assert loss_cls(out, confident) == pytest.approx(loss_cls(out, logits), rel=1e-6)
+    assert loss_cls(plain, confident) > loss_cls(plain, logits) + 1.0
 
 
 def test_the_reference_loop_agrees_on_the_hand_made_scene():

@@ -56,6 +56,31 @@ def test_anchor_targets_of_a_hand_made_scene():
     assert int(out["positives"]) == 3
 
 
+def test_negative_anchors_on_an_ignore_region_are_ignored():
+    """The hand-made scene with two ignore regions (instances beyond input.max_instances):
+    [48, 48, 62, 62] covers the negative anchor 4 (-1 now); [0, 0, 12, 12] covers the positive
+    anchors 0 and 1 (still positive) and 120 of anchor 3's 300 px (IoA 0.4: still negative).
+    With the same regions in padding slots nothing changes."""
+    anchors = jnp.array(
+        [[0, 0, 10, 10], [0, 0, 10, 12], [0, 0, 10, 22], [0, 0, 10, 30], [50, 50, 60, 60],
+         [100, 100, 140, 140]],
+        jnp.float32,
+    )  # fmt: skip
+    boxes = jnp.array(
+        [[0, 0, 10, 10], [95, 95, 115, 115], [50, 50, 53, 60], [0, 0, 5, 5]], jnp.float32
+    )
+    regions = jnp.array([[48, 48, 62, 62], [0, 0, 12, 12]], jnp.float32)
+    run = jax.jit(yolact.anchor_targets, static_argnums=4)
+    classes = jnp.array([0, 1, 2, 0], jnp.int32)
+    args = (anchors, boxes, classes, jnp.array([True, True, True, False]), CFG)
+    out = run(*args, None, regions, jnp.array([True, True]))
+    plain = run(*args, None, regions, jnp.array([False, False]))
+    assert np.asarray(plain["labels"]).tolist() == [1, 1, -1, 0, 0, 1]
+    assert np.asarray(out["labels"]).tolist() == [1, 1, -1, 0, -1, 1]
+    for name in ("classes", "box_targets", "positives"):
+        np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(plain[name]))
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_anchor_targets_match_the_reference_assigner_on_random_scenes(seed):
     rng = np.random.default_rng(seed)
