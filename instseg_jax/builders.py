@@ -67,6 +67,8 @@ def transform_config(config, train: bool) -> TransformConfig:
     return TransformConfig(
         canvas_hw=tuple(i.canvas_hw),
         max_instances=i.max_instances,
+        # Workdirs written before ignore regions existed get the default.
+        max_ignore_regions=int(i.get("max_ignore_regions", 32)),
         box_masks=inputs.box_masks,
         full_mask_stride=inputs.full_mask_stride,
         centers=inputs.centers,

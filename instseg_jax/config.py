@@ -155,6 +155,8 @@ def base() -> ml_collections.ConfigDict:
     c.input.global_batch = 16
     c.input.num_workers = 2
     c.input.max_instances = 100
+    # Slots for the boxes of instances beyond max_instances: ignore regions (structures.py).
+    c.input.max_ignore_regions = 32
     c.input.mask_size = 112  # side of box-crop mask targets (methods whose INPUTS ask for them)
     c.input.resize = "short_side"
     c.input.short_side = (640, 672, 704, 736, 768, 800)  # training draws one per image

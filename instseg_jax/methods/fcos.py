@@ -19,7 +19,9 @@ inside the box, within `center_sampling_radius` strides of the box centre on bot
 centre region clipped to the box, i.e. the intersection of the two), and the largest of its
 four distances lies in its level's range of `sizes_of_interest` ([0, 64], [64, 128], ...,
 [512, inf); AdelaiDet's closed bounds). A location that several ground truths claim takes the
-smallest box (the first slot among equal areas).
+smallest box (the first slot among equal areas). A location that is not positive and lies in an
+ignore region (an instance beyond input.max_instances; ops.assign.ignore_mask) takes no class
+loss.
 
 Losses: sigmoid focal loss (alpha 0.25, gamma 2) over all locations and classes / the number of
 positives in the global batch (at least 1); GIoU loss over the positives weighted by their
@@ -43,6 +45,7 @@ from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPNP3P7
 from instseg_jax.backbones.resnet import ResNet, normalize
 from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.ops.assign import ignore_mask
 
 LEVEL_STRIDES = (8, 16, 32, 64, 128)
 
@@ -262,21 +265,39 @@ def batch_targets(batch: dict, cfg: FCOSConfig) -> dict:
     points, strides, ranges = (jnp.asarray(a) for a in cfg.locations())
     return jax.lax.stop_gradient(
         jax.vmap(
-            lambda boxes, classes, valid: location_targets(
-                points, strides, ranges, boxes, classes, valid, cfg
+            lambda boxes, classes, valid, ignore, ignore_ok: location_targets(
+                points, strides, ranges, boxes, classes, valid, cfg, ignore, ignore_ok
             )
-        )(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+        )(
+            batch["gt_boxes"],
+            batch["gt_classes"],
+            batch["gt_valid"],
+            batch.get("ignore_boxes"),
+            batch.get("ignore_valid"),
+        )
     )
 
 
-def location_targets(points, strides, ranges, gt_boxes, gt_classes, gt_valid, cfg: FCOSConfig):
+def location_targets(
+    points,
+    strides,
+    ranges,
+    gt_boxes,
+    gt_classes,
+    gt_valid,
+    cfg: FCOSConfig,
+    ignore_boxes=None,
+    ignore_valid=None,
+):
     """One image's FCOS targets (module docstring: the assignment rule).
 
     points float32[T, 2] (x, y); strides float32[T]; ranges float32[T, 2]; gt_boxes float32[N, 4]
-    canvas xyxy; gt_classes int32[N]; gt_valid bool[N]. Returns a dict: classes int32[T] (the
-    class of positives, C elsewhere), matched int32[T] (ground-truth slot, -1 for negatives),
-    distances float32[T, 4] (l, t, r, b of the matched box in strides, 0 for negatives),
-    centerness float32[T] (target, 0 for negatives), positives int32.
+    canvas xyxy; gt_classes int32[N]; gt_valid bool[N]; optional ignore_boxes float32[I, 4] and
+    ignore_valid bool[I] (instances beyond input.max_instances). Returns a dict: classes
+    int32[T] (the class of positives, C elsewhere), matched int32[T] (ground-truth slot, -1 for
+    negatives), distances float32[T, 4] (l, t, r, b of the matched box in strides, 0 for
+    negatives), centerness float32[T] (target, 0 for negatives), ignored bool[T] (negatives
+    inside an ignore region: no class loss), positives int32, unassigned int32.
     """
     x, y = points[:, 0:1], points[:, 1:2]  # [T, 1]
     x0, y0, x1, y1 = (gt_boxes[None, :, i] for i in range(4))  # [1, N]
@@ -294,6 +315,12 @@ def location_targets(points, strides, ranges, gt_boxes, gt_classes, gt_valid, cf
     matched = jnp.argmin(area, axis=1).astype(jnp.int32)  # first slot among equal areas
     positive = jnp.isfinite(area.min(axis=1))
     chosen = jnp.take_along_axis(ltrb, matched[:, None, None], axis=1)[:, 0]  # [T, 4]
+    ignored = jnp.zeros(positive.shape, bool)
+    if ignore_boxes is not None:
+        # Locations as zero-area boxes: inside an ignore region, not a positive -> no label.
+        ignored = ~positive & ignore_mask(
+            jnp.concatenate([points, points], axis=1), ignore_boxes, ignore_valid
+        )
     lr, tb = chosen[:, 0::2], chosen[:, 1::2]
     ratio = (lr.min(axis=1) / jnp.maximum(lr.max(axis=1), 1e-6)) * (
         tb.min(axis=1) / jnp.maximum(tb.max(axis=1), 1e-6)
@@ -303,6 +330,7 @@ def location_targets(points, strides, ranges, gt_boxes, gt_classes, gt_valid, cf
         "matched": jnp.where(positive, matched, -1),
         "distances": jnp.where(positive[:, None], chosen / strides[:, None], 0.0),
         "centerness": jnp.where(positive, jnp.sqrt(jnp.maximum(ratio, 0.0)), 0.0),
+        "ignored": ignored,
         "positives": positive.sum().astype(jnp.int32),
         # Ground truths no location is assigned to (smaller than a stride, or claimed by
         # smaller boxes everywhere): they train nothing, so the metrics count them.
@@ -331,6 +359,7 @@ def loss_fn(outputs: dict, batch: dict, cfg: FCOSConfig) -> tuple[jnp.ndarray, d
         onehot,
         cfg.focal_alpha,
         cfg.focal_gamma,
+        weights=~targets["ignored"][..., None],
         normalizer=normalizer,
     )
     # GIoU is invariant to translation and scale: boxes about the origin, in strides.

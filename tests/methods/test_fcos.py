@@ -93,6 +93,41 @@ def test_equal_areas_go_to_the_first_slot():
     assert matched[index_of(CFG, 0, 3, 3)] == 1
 
 
+def test_locations_in_an_ignore_region_take_no_class_loss():
+    points, strides, ranges = CFG.locations()
+    boxes = np.array([[0, 0, 40, 40], [0, 0, 1, 1]], np.float32)  # a kept box and padding
+    ignore = np.array([[80, 80, 110, 100], [0, 0, 40, 40]], np.float32)
+    out = jax.jit(fcos.location_targets, static_argnums=6)(
+        jnp.asarray(points), jnp.asarray(strides), jnp.asarray(ranges), jnp.asarray(boxes),
+        jnp.asarray([0, 0], jnp.int32), jnp.asarray([True, False]), CFG,
+        jnp.asarray(ignore), jnp.asarray([True, False]),
+    )  # fmt: skip
+    ignored = np.asarray(out["ignored"])
+    x, y = points[:, 0], points[:, 1]
+    inside = (x >= 80) & (x < 110) & (y >= 80) & (y < 100)  # P3..P7 points in the valid region
+    np.testing.assert_array_equal(ignored, inside)  # the padding slot covers the kept box
+    assert inside.sum() >= 6 and not (ignored & (np.asarray(out["matched"]) >= 0)).any()
+    # Their class logits no longer matter; everywhere else they do.
+    tgt = jax.tree.map(lambda v: v[None], out)
+    t = len(points)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(-2, 1, (1, t, 3)).astype(np.float32)
+    outputs = {
+        "class_logits": jnp.asarray(logits),
+        "distances": jnp.ones((1, t, 4)),
+        "centerness_logits": jnp.zeros((1, t)),
+        "targets": tgt,
+    }
+    base = float(fcos.loss_fn(outputs, {}, CFG)[1]["loss_cls"])
+    changed = logits.copy()
+    changed[0, inside] += 3.0
+    outputs["class_logits"] = jnp.asarray(changed)
+    assert float(fcos.loss_fn(outputs, {}, CFG)[1]["loss_cls"]) == pytest.approx(base, rel=1e-6)
+    changed[0, ~inside & (np.asarray(out["matched"]) < 0)] += 3.0
+    outputs["class_logits"] = jnp.asarray(changed)
+    assert float(fcos.loss_fn(outputs, {}, CFG)[1]["loss_cls"]) > base * 1.5
+
+
 @pytest.mark.parametrize("offset,radius", [(0.5, 1.5), (0.0, 1.5), (0.5, 0.0)])
 def test_assignment_matches_the_reference_on_random_scenes(offset, radius):
     cfg = dataclasses.replace(CFG, location_offset=offset, center_sampling_radius=radius)
