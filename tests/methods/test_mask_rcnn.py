@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from instseg_jax import builders
@@ -300,3 +301,56 @@ def test_rois_on_an_ignore_region_are_never_sampled_as_background():
     for image in background(rois):
         assert sorted(image) == [[0, 60, 20, 80], [80, 80, 100, 100]]
     assert np.asarray(rois["foreground"]).sum(axis=1).tolist() == [1] * b
+
+
+def test_sixteen_steps_on_one_batch_lower_every_trained_loss():
+    """The fast tier's loss descent (test_train's 100-step run is `slow`): AdamW at 1e-3 through
+    the trainer's optimizer on one fixed smoke batch, each step drawing its own anchors and
+    RoIs. The mean of the last 4 of 16 steps is below 85% of the first 4's for the RPN's two
+    terms, the classifier and the mask (measured: 15%, 57%, 48% and 74%). Box regression is
+    left out: it rises while proposals improve (see test_train's slow test).
+
+    rbg keys draw the same kind of samples as the default threefry keys, but XLA compiles
+    their random bits several times faster (parameter init's compile 11 s -> 4 s here); the
+    batch is an argument, not a constant baked into the programs."""
+    config = config_lib.load(
+        SMOKE,
+        [
+            "--config.optim.name=adamw",
+            "--config.optim.lr=0.001",
+            "--config.schedule.warmup_steps=0",
+        ],
+    )
+    source, batch = first_batch(config)
+    cfg = builders.model_config(config, source.num_classes)
+    model = mask_rcnn.Model(cfg)
+
+    def key(seed):
+        return jax.random.key(seed, impl="rbg")
+
+    params = jax.jit(lambda b: model.init(key(0), b, train=True, key=key(1))["params"])(batch)
+    tx = train_lib.optimizer(config, params)
+
+    @jax.jit
+    def step(params, state, index, batch):
+        def loss(p):
+            outputs = model.apply(
+                {"params": p}, batch, train=True, key=jax.random.fold_in(key(2), index)
+            )
+            return mask_rcnn.loss_fn(outputs, batch, cfg)
+
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, metrics
+
+    state = tx.init(params)
+    logged = []
+    for index in range(16):
+        params, state, metrics = step(params, state, index, batch)
+        logged.append(metrics)
+    logged = jax.device_get(logged)
+    for name in ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_mask"):
+        first = np.mean([m[name] for m in logged[:4]])
+        last = np.mean([m[name] for m in logged[-4:]])
+        assert last < 0.85 * first, (name, first, last)
+    assert np.isfinite([m["loss_box_reg"] for m in logged]).all()
