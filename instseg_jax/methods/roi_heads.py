@@ -185,6 +185,11 @@ def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
     the ground-truth box) at the RoI's bins: the RoI is mapped into the crop's frame and pooled
     with aligned RoIAlign, then thresholded at 0.5 as detectron2 does. Full-resolution masks
     never reach the device.
+
+    The crop is padded with one zero cell per side before pooling: RoIAlign reads a sample up to
+    one cell outside its input as the edge cell, which inside a crop is the mask's edge but on
+    detectron2's full mask is the zero just outside the box (an RoI reaching past its box got
+    a target dilated by up to a cell along the box's edges without the padding).
     """
     b, _, crop, _ = gt_crops.shape
     index = rois["gt_index"][:, :num_fg]  # [B, F]
@@ -194,8 +199,10 @@ def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
     crops = jnp.take_along_axis(gt_crops, index[..., None, None], axis=1)  # [B, F, Mc, Mc]
     scale = crop / jnp.maximum(gt[..., 2:] - gt[..., :2], 1e-6)  # crop cells per pixel
     in_crop = (boxes - jnp.concatenate([gt[..., :2]] * 2, -1)) * jnp.concatenate([scale] * 2, -1)
+    in_crop = in_crop + 1.0  # the padding cell
+    padded = jnp.pad(crops, ((0, 0), (0, 0), (1, 1), (1, 1)))
     pooled = ops.roi_align(
-        crops.reshape(b * num_fg, crop, crop, 1).astype(jnp.float32),
+        padded.reshape(b * num_fg, crop + 2, crop + 2, 1).astype(jnp.float32),
         in_crop.reshape(b * num_fg, 1, 4),
         size,
         1.0,

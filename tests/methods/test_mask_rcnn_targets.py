@@ -372,18 +372,11 @@ def test_mask_targets_of_rois_shifted_inside_their_boxes():
         assert_targets_match(targets[image, slot], mask, rois[image][slot])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mask_targets pools the box crop with RoIAlign's border rule: samples up to one "
-    "crop cell outside the ground-truth box read the crop's edge instead of the zeros "
-    "outside the mask, so an RoI reaching past its (tight) box gets a target dilated by up "
-    "to a cell along the box's edges (detectron2 pools the full mask)",
-)
 def test_mask_targets_of_an_roi_reaching_past_its_box():
     """The same rule for an RoI 2-4 px larger than the disc's tight box on every side, the
     usual case for a positive RoI: detectron2's bins next to the box's edges sample the zeros
-    outside the box. Pooling each crop padded with one zero cell (the RoI moved by one cell)
-    makes it pass, and the test above still passes then."""
+    outside the box (mask_targets pads each crop with one zero cell for this; without the
+    padding 30 more bins are foreground along the box's edges)."""
     roi = [8.7, 7.4, 54.1, 53.3]
     masks, targets, _ = targets_for([[roi], [roi]], [[0], [0]], [[True], [False]], 1)
     assert_targets_match(targets[0, 0], masks[0][0], roi)
