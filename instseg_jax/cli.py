@@ -55,102 +55,7 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="instseg-jax", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--verbose", action="store_true", help="also show the libraries' INFO messages"
-    )
-    # Every command that compiles a model shares JAX's persistent compilation cache.
-    compiles = argparse.ArgumentParser(add_help=False, parents=[common])
-    compiles.add_argument(
-        "--compile-cache",
-        metavar="DIR",
-        default=None,
-        help="JAX's persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else "
-        "~/.cache/instseg_jax/jax): a second run of a config skips most compilation",
-    )
-    compiles.add_argument(
-        "--no-compile-cache", action="store_true", help="compile everything afresh"
-    )
-    demo = commands.add_parser(
-        "demo",
-        parents=[compiles],
-        formatter_class=formatter,
-        help="train, evaluate and draw Mask R-CNN on nuclei",
-    )
-    demo.add_argument("--src", default=None, help="a stage1_train folder (optional)")
-    demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--ops", action="store_true", help="only the ops showcase (seconds)")
-    train = commands.add_parser(
-        "train",
-        parents=[compiles],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="train a model from an experiment config",
-        description="Train a model from an experiment config.",
-        epilog=OVERRIDES_HELP,
-    )
-    train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
-    train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
-    train.add_argument(
-        "--max-steps",
-        type=int,
-        default=None,
-        help="stop early at this step (default: schedule.total_steps)",
-    )
-    evaluate = commands.add_parser(
-        "eval",
-        parents=[compiles],
-        formatter_class=formatter,
-        help="COCO bbox/segm evaluation with pycocotools",
-    )
-    evaluate.add_argument("--workdir", help="a training workdir to evaluate")
-    evaluate.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
-    evaluate.add_argument("--results", help="a COCO results JSON to evaluate on its own")
-    evaluate.add_argument("--annotations", help="the ground-truth COCO JSON for --results")
-    evaluate.add_argument(
-        "--max-dets",
-        type=int,
-        default=None,
-        help="COCOeval's largest maxDets (default: the config's eval.max_detections, else 100); "
-        "above 100, AP and AR at it are reported beside COCO's maxDets=100 table",
-    )
-    predict = commands.add_parser(
-        "predict",
-        parents=[compiles],
-        formatter_class=formatter,
-        help="detections and overlay PNGs for images",
-    )
-    predict.add_argument("--workdir", help="a training workdir (latest checkpoint)")
-    predict.add_argument(
-        "--checkpoint", dest="checkpoint_path", help="a checkpoint folder: DIR/checkpoints/STEP"
-    )
-    predict.add_argument("--images", nargs="+", required=True, help="image files or folders")
-    predict.add_argument("--out", required=True, help="folder for <name>.json and <name>.png")
-    predict.add_argument(
-        "--score-threshold", type=float, default=0.5, help="keep detections >= this"
-    )
-    importer = commands.add_parser(
-        "import-weights",
-        parents=[common],
-        formatter_class=formatter,
-        help="convert another library's Mask R-CNN weights to a workdir",
-    )
-    importer.add_argument("library", choices=["torchvision"], help="where the weights come from")
-    importer.add_argument(
-        "file", help="maskrcnn_resnet50_fpn state_dict: .pth (needs torch) or .npz"
-    )
-    importer.add_argument("--out", required=True, help="workdir for config.json + checkpoint")
-    importer.add_argument(
-        "--canvas",
-        type=int,
-        nargs=2,
-        default=(1344, 1344),
-        metavar=("H", "W"),
-        help="static input canvas (multiples of 32; default fits 800x1333 either way)",
-    )
-    commands.add_parser("version", parents=[common], help="print the package and JAX versions")
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
@@ -167,6 +72,129 @@ def main(argv: list[str] | None = None) -> int:
         # A user's mistake (a config field, a missing or malformed file): one line, status 2.
         print(f"instseg-jax {args.command}: {error}", file=sys.stderr)
         return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per job; `--config.*` overrides are parsed apart."""
+    parser = argparse.ArgumentParser(prog="instseg-jax", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--verbose", action="store_true", help="also show the libraries' INFO messages"
+    )
+    # Every command that compiles a model shares JAX's persistent compilation cache.
+    compiles = argparse.ArgumentParser(add_help=False, parents=[common])
+    compiles.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        default=None,
+        help="JAX's persistent compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else "
+        "~/.cache/instseg_jax/jax): a second run of a config skips most compilation",
+    )
+    compiles.add_argument(
+        "--no-compile-cache", action="store_true", help="compile everything afresh"
+    )
+    _add_demo(commands, compiles)
+    _add_train(commands, compiles)
+    _add_eval(commands, compiles)
+    _add_predict(commands, compiles)
+    _add_import_weights(commands, common)
+    commands.add_parser("version", parents=[common], help="print the package and JAX versions")
+    return parser
+
+
+_DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_demo(commands, parent) -> None:
+    demo = commands.add_parser(
+        "demo",
+        parents=[parent],
+        formatter_class=_DEFAULTS,
+        help="train, evaluate and draw Mask R-CNN on nuclei",
+    )
+    demo.add_argument("--src", default=None, help="a stage1_train folder (optional)")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--ops", action="store_true", help="only the ops showcase (seconds)")
+
+
+def _add_train(commands, parent) -> None:
+    train = commands.add_parser(
+        "train",
+        parents=[parent],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="train a model from an experiment config",
+        description="Train a model from an experiment config.",
+        epilog=OVERRIDES_HELP,
+    )
+    train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
+    train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
+    train.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="stop early at this step (default: schedule.total_steps)",
+    )
+
+
+def _add_eval(commands, parent) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        parents=[parent],
+        formatter_class=_DEFAULTS,
+        help="COCO bbox/segm evaluation with pycocotools",
+    )
+    evaluate.add_argument("--workdir", help="a training workdir to evaluate")
+    evaluate.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
+    evaluate.add_argument("--results", help="a COCO results JSON to evaluate on its own")
+    evaluate.add_argument("--annotations", help="the ground-truth COCO JSON for --results")
+    evaluate.add_argument(
+        "--max-dets",
+        type=int,
+        default=None,
+        help="COCOeval's largest maxDets (default: the config's eval.max_detections, else 100); "
+        "above 100, AP and AR at it are reported beside COCO's maxDets=100 table",
+    )
+
+
+def _add_predict(commands, parent) -> None:
+    predict = commands.add_parser(
+        "predict",
+        parents=[parent],
+        formatter_class=_DEFAULTS,
+        help="detections and overlay PNGs for images",
+    )
+    predict.add_argument("--workdir", help="a training workdir (latest checkpoint)")
+    predict.add_argument(
+        "--checkpoint", dest="checkpoint_path", help="a checkpoint folder: DIR/checkpoints/STEP"
+    )
+    predict.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    predict.add_argument("--out", required=True, help="folder for <name>.json and <name>.png")
+    predict.add_argument(
+        "--score-threshold", type=float, default=0.5, help="keep detections >= this"
+    )
+
+
+def _add_import_weights(commands, parent) -> None:
+    importer = commands.add_parser(
+        "import-weights",
+        parents=[parent],
+        formatter_class=_DEFAULTS,
+        help="convert another library's Mask R-CNN weights to a workdir",
+    )
+    importer.add_argument("library", choices=["torchvision"], help="where the weights come from")
+    importer.add_argument(
+        "file", help="maskrcnn_resnet50_fpn state_dict: .pth (needs torch) or .npz"
+    )
+    importer.add_argument("--out", required=True, help="workdir for config.json + checkpoint")
+    importer.add_argument(
+        "--canvas",
+        type=int,
+        nargs=2,
+        default=(1344, 1344),
+        metavar=("H", "W"),
+        help="static input canvas (multiples of 32; default fits 800x1333 either way)",
+    )
 
 
 def _run(args) -> int:

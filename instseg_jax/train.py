@@ -319,23 +319,7 @@ def _has_checkpoint(workdir: Path) -> bool:
 def _train(config, workdir: Path, max_steps, progress) -> dict:
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh()
-    source = builders.build_source(config.input, train=True)
-    data_notes = builders.defaults_from_data(config, source)
-    category_ids, _ = builders.class_map(config, source)
-    source_ids, source_names = builders.source_class_map(source)
-    if category_ids != source_ids:
-        raise config_lib.ConfigValueError(
-            f"input.category_ids {category_ids[:5]}... differ from the training data's categories "
-            f"{source_ids[:5]}...: training uses the dataset's class map; clear "
-            "input.category_ids and input.class_names"
-        )
-    with config.unlocked() if config.is_locked else contextlib.nullcontext():
-        # config.json records the class map the run used, not the empty "from the data".
-        config.input.category_ids = tuple(source_ids)
-        config.input.class_names = tuple(source_names)
-    if jax.process_index() == 0:  # with the values chosen from the data
-        config_lib.save(config, workdir)
-        builders.write_class_map(workdir, source_ids, source_names)
+    source, source_names, data_notes = _training_source(config, workdir)
     tconfig = builders.transform_config(config, train=True)
     pipeline = InputPipeline(
         source,
@@ -363,18 +347,9 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
         workdir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.use_async
     )
     latest = ckpt.latest_step()
-    if latest is not None:  # restore into shapes only: no parameters are initialised for nothing
-        target = abstract(jax.eval_shape(init_state, params_key), state_sharding)
-        state, data_state = ckpt.restore(latest, target)
-        pipeline.set_state(data_state)
-        log.info("resumed from step %d in %s", latest, ckpt.directory)
-    else:  # created directly in the replicated sharding
-        backbone = None
-        if config.model.get("backbone_weights"):
-            params, frozen, description = load_backbone(config.model.backbone_weights, config.model)
-            backbone = {"params": params, "frozen": frozen}
-            data_notes.append(f"backbone initialised from {description}")
-        state = jax.jit(init_state, out_shardings=state_sharding)(params_key, backbone)
+    state = _initial_state(
+        config, init_state, params_key, state_sharding, ckpt, latest, pipeline, data_notes
+    )
     start = int(state["step"])
     total = int(max_steps if max_steps is not None else config.schedule.total_steps)
     if jax.process_index() == 0:
@@ -385,9 +360,6 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
             log.info("%s", line)
     step_fn = make_train_step(model, method.loss_fn, tx, cfg, mesh, state_sharding)
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-    schedule = learning_rate(config)
-    nonfinite_run = 0
-    best = _best_so_far(workdir)
     bar = tqdm(
         total=total,
         initial=start,
@@ -395,72 +367,153 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
         desc="train",
         unit="step",
     )
-    last = time.perf_counter()
-    stopped_at = None
-    stops = StopRequests()
     try:
-        stops.__enter__()
-        for step in range(start, total):
-            batch = sharding.global_batch(device_fields(next(pipeline)), mesh)
-            state, metrics = step_fn(state, batch)
-            step_done = step + 1
-            if step_done % config.log_every == 0 or step_done == total:
-                metrics = jax.device_get(metrics)
-                now = time.perf_counter()
-                elapsed = (now - last) / (
-                    config.log_every
-                    if step_done % config.log_every == 0
-                    else max(step_done - start, 1)
-                )
-                last = now
-                record = {k: float(v) for k, v in metrics.items()}
-                record.update(
-                    lr=float(schedule(step)),
-                    step_time=elapsed,
-                    images_per_second=config.input.global_batch / max(elapsed, 1e-9),
-                )
-                writer.write(step_done, record)
-                # The bar moves on completed steps only (metrics are on the host now), so its
-                # rate and ETA do not count dispatched-but-unfinished work.
-                bar.update(step_done - bar.n)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_second']:.1f}"
-                )
-                nonfinite_run = int(record["nonfinite_run"])
-                if nonfinite_run:
-                    log.warning(
-                        "step %d: non-finite loss, updates skipped (%d in a row)",
-                        step_done,
-                        nonfinite_run,
-                    )
-                if nonfinite_run >= config.max_nonfinite_in_a_row:
-                    raise NonFiniteLoss(
-                        f"{nonfinite_run} non-finite losses in a row up to step {step_done}; "
-                        f"stopped. The last good checkpoint in {ckpt.directory} is intact: "
-                        "lower optim.lr or raise optim.clip_norm and resume"
-                    )
-            stopping = stops.received is not None
-            ckpt.save(step_done, state, pipeline.get_state(), force=step_done == total or stopping)
-            if stopping:
-                bar.update(step_done - bar.n)
-                stopped_at = step_done
-                break
-            every = config.eval.every_steps
-            if every > 0 and (step_done % every == 0 or step_done == total):
-                best = periodic_eval(config, state, workdir, step_done, best, pipeline)
+        state, stopped = _run_steps(
+            config, state, step_fn, pipeline, mesh, ckpt, writer, bar, workdir, total
+        )
     finally:
-        stops.__exit__(None, None, None)
         bar.close()
         ckpt.close()
         writer.close()
         pipeline.close()
-    if stopped_at is not None:
+    if stopped is not None:
+        stopped_at, signal_name = stopped
         raise TrainingStopped(
-            f"stopped at step {stopped_at} on {stops.received}; checkpoint written in "
+            f"stopped at step {stopped_at} on {signal_name}; checkpoint written in "
             f"{ckpt.directory}: run the same command to resume",
-            stops.received,
+            signal_name,
         )
     return state
+
+
+def _initial_state(
+    config, init_state, params_key, state_sharding, ckpt, latest, pipeline, data_notes
+) -> dict:
+    """The state of checkpoint `latest` with the pipeline moved to its position, or, when
+    there is none, a new state (with the backbone weights the config names)."""
+    if latest is not None:  # restore into shapes only: no parameters are initialised for nothing
+        target = abstract(jax.eval_shape(init_state, params_key), state_sharding)
+        state, data_state = ckpt.restore(latest, target)
+        pipeline.set_state(data_state)
+        log.info("resumed from step %d in %s", latest, ckpt.directory)
+        return state
+    backbone = None
+    if config.model.get("backbone_weights"):
+        params, frozen, description = load_backbone(config.model.backbone_weights, config.model)
+        backbone = {"params": params, "frozen": frozen}
+        data_notes.append(f"backbone initialised from {description}")
+    # Created directly in the replicated sharding.
+    return jax.jit(init_state, out_shardings=state_sharding)(params_key, backbone)
+
+
+def _training_source(config, workdir: Path):
+    """(source, class names, notes) of the training split; the class map and the values chosen
+    from the data go into config and, from process 0, into workdir/config.json."""
+    source = builders.build_source(config.input, train=True)
+    data_notes = builders.defaults_from_data(config, source)
+    category_ids, _ = builders.class_map(config, source)
+    source_ids, source_names = builders.source_class_map(source)
+    if category_ids != source_ids:
+        raise config_lib.ConfigValueError(
+            f"input.category_ids {category_ids[:5]}... differ from the training data's categories "
+            f"{source_ids[:5]}...: training uses the dataset's class map; clear "
+            "input.category_ids and input.class_names"
+        )
+    with config.unlocked() if config.is_locked else contextlib.nullcontext():
+        # config.json records the class map the run used, not the empty "from the data".
+        config.input.category_ids = tuple(source_ids)
+        config.input.class_names = tuple(source_names)
+    if jax.process_index() == 0:  # with the values chosen from the data
+        config_lib.save(config, workdir)
+        builders.write_class_map(workdir, source_ids, source_names)
+    return source, source_names, data_notes
+
+
+class StepTimer:
+    """Seconds per training step between two logged steps, without the time spent saving
+    checkpoints and evaluating in between: images/s then measures training alone, however
+    often those run."""
+
+    def __init__(self, step: int, clock=time.perf_counter):
+        self.clock = clock
+        self.step = step
+        self.since = clock()
+        self.paused = 0.0
+
+    @contextlib.contextmanager
+    def pause(self, state):
+        """Leave the enclosed block out of the step time. The steps dispatched before it are
+        waited for first: their device time is training time."""
+        jax.block_until_ready(state)
+        began = self.clock()
+        try:
+            yield
+        finally:
+            self.paused += self.clock() - began
+
+    def lap(self, step: int) -> float:
+        """Mean seconds per step from the previous lap (or the start) to `step`."""
+        now = self.clock()
+        seconds = (now - self.since - self.paused) / max(step - self.step, 1)
+        self.step, self.since, self.paused = step, now, 0.0
+        return seconds
+
+
+def _run_steps(config, state, step_fn, pipeline, mesh, ckpt, writer, bar, workdir, total):
+    """Steps from state["step"] to total with logging, checkpoints and periodic evaluation;
+    (state, None), or (state, (step, signal name)) when a signal stopped it early."""
+    schedule = learning_rate(config)
+    best = _best_so_far(workdir)
+    timer = StepTimer(int(state["step"]))
+    with StopRequests() as stops:
+        for step in range(int(state["step"]), total):
+            batch = sharding.global_batch(device_fields(next(pipeline)), mesh)
+            state, metrics = step_fn(state, batch)
+            step_done = step + 1
+            if step_done % config.log_every == 0 or step_done == total:
+                record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                # Before the lap: the schedule's first evaluation compiles its ops (about a
+                # second here), which belongs with step 1's compilation, not with step 2.
+                record["lr"] = float(schedule(step))
+                step_time = timer.lap(step_done)
+                record.update(
+                    step_time=step_time,
+                    images_per_second=config.input.global_batch / max(step_time, 1e-9),
+                )
+                _log_step(config, record, step_done, writer, bar, ckpt)
+            stopping = stops.received is not None
+            force = step_done == total or stopping
+            # The pipeline's position is read only for a checkpoint that will be written.
+            if force or ckpt.manager.should_save(step_done):
+                with timer.pause(state):
+                    ckpt.save(step_done, state, pipeline.get_state(), force=True)
+            if stopping:
+                bar.update(step_done - bar.n)
+                return state, (step_done, stops.received)
+            every = config.eval.every_steps
+            if every > 0 and (step_done % every == 0 or step_done == total):
+                with timer.pause(state):
+                    best = periodic_eval(config, state, workdir, step_done, best, pipeline)
+    return state, None
+
+
+def _log_step(config, record: dict, step: int, writer, bar, ckpt) -> None:
+    """Write a logged step's metrics, move the progress bar, and warn about (or stop after
+    too many) non-finite losses."""
+    writer.write(step, record)
+    # The bar moves on completed steps only (metrics are on the host now), so its rate and
+    # ETA do not count dispatched-but-unfinished work.
+    bar.update(step - bar.n)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_second']:.1f}")
+    nonfinite_run = int(record["nonfinite_run"])
+    if nonfinite_run:
+        log.warning("step %d: non-finite loss, updates skipped (%d in a row)", step, nonfinite_run)
+    if nonfinite_run >= config.max_nonfinite_in_a_row:
+        raise NonFiniteLoss(
+            f"{nonfinite_run} non-finite losses in a row up to step {step}; stopped. The last "
+            f"good checkpoint in {ckpt.directory} is intact: lower optim.lr or raise "
+            "optim.clip_norm and resume"
+        )
 
 
 def _best_so_far(workdir: Path) -> dict:

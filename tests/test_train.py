@@ -304,3 +304,54 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_losses(tmp_path):
     first = metrics(tmp_path)[0]
     for name in LOSSES:  # bfloat16 activations: within a few percent of the float32 run
         assert first[name] == pytest.approx(golden[name], rel=0.05, abs=0.01), name
+
+
+def test_step_time_leaves_out_checkpoints_and_evaluation(tmp_path, monkeypatch):
+    """Checkpoints and evaluations take PAUSE seconds each here (steps take a fraction of
+    it): the logged step time, and so images/s, holds neither; the pipeline's position is
+    read for the checkpoints written, not at every step."""
+    from instseg_jax.checkpoint import Checkpointer
+    from instseg_jax.input.pipeline import InputPipeline
+
+    pause = 2.0
+    saved, positions_read = [], []
+    real_save, real_get_state = Checkpointer.save, InputPipeline.get_state
+
+    def slow_save(self, step, state, data_state, force=False):
+        time.sleep(pause)
+        if real_save(self, step, state, data_state, force=force):
+            saved.append(step)
+
+    def slow_eval(config, state, workdir, step, best, pipeline):
+        time.sleep(pause)
+        return best
+
+    def counted_get_state(self):
+        positions_read.append(self.step)
+        return real_get_state(self)
+
+    monkeypatch.setattr(Checkpointer, "save", slow_save)
+    monkeypatch.setattr(InputPipeline, "get_state", counted_get_state)
+    monkeypatch.setattr(train_lib, "periodic_eval", slow_eval)
+    # The smoke config logs every step and checkpoints every 2.
+    config = config_lib.load(SMOKE, ["--config.eval.every_steps=2"])
+    train_lib.train(config, tmp_path, max_steps=5, progress=False)
+    logged = metrics(tmp_path)
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5]
+    assert 5 in saved and len(positions_read) == len(saved) < 5, (saved, positions_read)
+    # Step 1 holds the compilation; the others follow a checkpoint or an evaluation.
+    step_times = [m["step_time"] for m in logged[1:]]
+    assert max(step_times) < pause, step_times
+    for m in logged:
+        assert m["images_per_second"] == pytest.approx(2 / m["step_time"])
+
+
+def test_step_timer_counts_steps_since_the_last_lap_without_pauses():
+    now = [100.0]
+    timer = train_lib.StepTimer(step=7, clock=lambda: now[0])
+    now[0] += 3.0  # steps 8..10
+    with timer.pause({}):
+        now[0] += 50.0  # a checkpoint
+    assert timer.lap(10) == pytest.approx(1.0)
+    now[0] += 0.5  # step 11, the last one of the run
+    assert timer.lap(11) == pytest.approx(0.5)

@@ -184,6 +184,20 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
         raise StateDictError(
             f"{source}: not a torchvision maskrcnn_resnet50_fpn state_dict: {error}"
         ) from None
+    _check_keys(sd, arch, source)
+    body, frozen_body = resnet.convert_body(sd, _body_layout(arch), BODY)
+    params = {
+        "backbone": body,
+        "fpn": _fpn_params(sd),
+        "rpn_head": _rpn_head_params(sd),
+        "box_head": _box_head_params(sd, arch, source),
+        "mask_head": _mask_head_params(sd, arch, source),
+    }
+    return {"params": params, "frozen": {"backbone": frozen_body}}, arch
+
+
+def _check_keys(sd: dict, arch: dict, source: str) -> None:
+    """The keys of exactly this architecture, and the preset's 3 anchors per location."""
     expected = expected_keys(arch)
     missing = [k for k in expected if k not in sd]
     if missing:
@@ -202,18 +216,22 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
             f"{source}: rpn.head.cls_logits has {arch['num_anchors']} anchors per location; "
             "the torchvision preset has 3 (aspect ratios 0.5, 1, 2)"
         )
-    params: dict = {"backbone": {}, "fpn": {}, "rpn_head": {}, "box_head": {}, "mask_head": {}}
-    frozen: dict = {"backbone": {}}
 
-    params["backbone"], frozen["backbone"] = resnet.convert_body(sd, _body_layout(arch), BODY)
+
+def _fpn_params(sd: dict) -> dict:
+    fpn = {}
     for i in range(4):
         for kind, ours in (("inner", "lateral"), ("layer", "output")):
             prefix = f"backbone.fpn.{kind}_blocks.{i}.0"
-            params["fpn"][f"{ours}{i + 2}"] = {
+            fpn[f"{ours}{i + 2}"] = {
                 "kernel": _conv(sd[f"{prefix}.weight"]),
                 "bias": _f32(sd[f"{prefix}.bias"]),
             }
-    params["rpn_head"] = {
+    return fpn
+
+
+def _rpn_head_params(sd: dict) -> dict:
+    return {
         "conv": {
             "kernel": _conv(sd["rpn.head.conv.0.0.weight"]),
             "bias": _f32(sd["rpn.head.conv.0.0.bias"]),
@@ -228,6 +246,9 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
             "bias": _f32(sd["rpn.head.bbox_pred.bias"]),
         },
     }
+
+
+def _box_head_params(sd: dict, arch: dict, source: str) -> dict:
     fc6 = sd["roi_heads.box_head.fc6.weight"]  # [F, D * 7 * 7], input index d * 49 + y * 7 + x
     fc_dim, channels = fc6.shape[0], arch["fpn_channels"]
     side = round((fc6.shape[1] / channels) ** 0.5)
@@ -238,7 +259,7 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
         )
     cls_w = sd["roi_heads.box_predictor.cls_score.weight"]  # [C + 1, F], background first
     cls_b = sd["roi_heads.box_predictor.cls_score.bias"]
-    params["box_head"] = {
+    return {
         # Ours flattens pooled [y, x, d]: input index (y * 7 + x) * D + d.
         "fc1": {
             "kernel": _f32(
@@ -261,6 +282,9 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
             "bias": _f32(sd["roi_heads.box_predictor.bbox_pred.bias"][4:]),
         },
     }
+
+
+def _mask_head_params(sd: dict, arch: dict, source: str) -> dict:
     mask_head = {}
     for i in range(arch["mask_head_convs"]):
         prefix = f"roi_heads.mask_head.{i}.0"
@@ -278,13 +302,13 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
         "kernel": _dense_1x1(logits_w[1:]),
         "bias": _f32(sd["roi_heads.mask_predictor.mask_fcn_logits.bias"][1:]),
     }
-    params["mask_head"] = mask_head
+    channels = arch["fpn_channels"]
     if mask_head["conv1"]["kernel"].shape[-1] != channels:
         raise StateDictError(
             f"{source}: the mask head has {mask_head['conv1']['kernel'].shape[-1]} channels and "
             f"the FPN {channels}; this model needs them equal"
         )
-    return {"params": params, "frozen": frozen}, arch
+    return mask_head
 
 
 def apply_preset(config) -> None:
