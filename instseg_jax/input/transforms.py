@@ -190,77 +190,22 @@ def transform(
     orig_hw = image.shape[:2]
     scale, (oy, ox), flip = _geometry(config, orig_hw, rng)
     canvas, (valid_h, valid_w) = _resize_image(image, scale, (oy, ox), config)
-
-    boxes = example["boxes"].astype(np.float64)
     masks = InstanceMasks.from_dense(example["masks"])  # each instance over its own box
-    classes = example["classes"]
-    keep = np.ones(len(boxes), bool)
-    if config.train and config.drop_crowd:
-        crowd = example["iscrowd"].astype(bool)
-        if crowd.any():
-            report.count(counts, "crowd_dropped", int(crowd.sum()))
-            if crowd.all():
-                report.count(counts, "crowd_only_image")
-        keep &= ~crowd
 
     # Boxes on the canvas: the visible part of each mask's tight box, clipped to the valid
     # region (a crop can cut an instance: its target covers what is left in the window).
-    canvas_boxes = boxes * scale - np.array([ox, oy, ox, oy])
+    canvas_boxes = example["boxes"].astype(np.float64) * scale - np.array([ox, oy, ox, oy])
     canvas_boxes = np.clip(canvas_boxes, 0, np.array([valid_w, valid_h, valid_w, valid_h]))
-    sizes = canvas_boxes[:, 2:] - canvas_boxes[:, :2]
-    degenerate = keep & ((sizes < config.min_box_size).any(axis=1))
-    if degenerate.any():
-        report.count(counts, "degenerate_box", int(degenerate.sum()))
-    keep &= ~degenerate
+    keep = _trainable_instances(example, canvas_boxes, config, counts)
+    kept, dropped = _instance_limit(np.flatnonzero(keep), masks, config, counts)
 
-    kept = np.flatnonzero(keep)
     limit = config.max_instances
-    dropped = kept[:0]
-    if len(kept) > limit:
-        report.count(counts, "image_over_instance_limit")
-        report.count(counts, "instances_over_limit", len(kept) - limit)
-        areas = masks.areas()[kept]
-        by_area = np.argsort(-areas, kind="stable")
-        # What the limit drops is still an object: its box becomes an ignore region, so that
-        # anchors and RoIs on it are not trained as background. The largest get the slots.
-        dropped = kept[by_area[limit:]]
-        kept = np.sort(kept[by_area[:limit]])
-        unslotted = len(dropped) - config.max_ignore_regions
-        if unslotted > 0:
-            report.count(counts, "ignore_regions_over_limit", unslotted)
-            dropped = dropped[: config.max_ignore_regions]
-    ignore_boxes = np.zeros((config.max_ignore_regions, 4), np.float32)
-    ignore_valid = np.zeros((config.max_ignore_regions,), bool)
-    ignore_boxes[: len(dropped)] = canvas_boxes[dropped]
-    ignore_valid[: len(dropped)] = True
-
-    gt_boxes = np.zeros((limit, 4), np.float32)
-    gt_classes = np.zeros((limit,), np.int32)
-    gt_valid = np.zeros((limit,), bool)
-    count = len(kept)
-    gt_boxes[:count] = canvas_boxes[kept]
-    gt_classes[:count] = classes[kept]
-    gt_valid[:count] = True
-
-    extra = {}
-    if config.box_masks:
-        size = config.mask_size
-        box_masks = np.zeros((limit, size, size), np.uint8)
-        for slot, i in enumerate(kept):
-            # The box's pre-image in original pixels: sample the original mask there.
-            pre_image = (gt_boxes[slot] + np.array([ox, oy, ox, oy])) / scale
-            box_masks[slot] = box_crop_target(masks.crops[i], pre_image, size, masks.origins[i])
-        if flip:
-            box_masks = box_masks[:, :, ::-1]
-        extra["gt_masks"] = box_masks
-    if config.full_mask_stride:
-        extra["gt_full_masks"] = _strided_masks(
-            masks, kept, config, scale, (oy, ox), (valid_h, valid_w), flip
-        )
-    if config.centers:
-        extra["gt_centers"] = _mass_centres(
-            masks, kept, limit, scale, (oy, ox), (valid_h, valid_w), flip
-        )
+    gt_boxes = _padded(canvas_boxes[kept], limit, np.float32)
+    gt_classes = _padded(example["classes"][kept], limit, np.int32)
+    gt_valid = _padded(np.ones(len(kept), bool), limit, bool)
+    ignore_boxes = _padded(canvas_boxes[dropped], config.max_ignore_regions, np.float32)
+    ignore_valid = _padded(np.ones(len(dropped), bool), config.max_ignore_regions, bool)
+    extra = _mask_targets(masks, kept, gt_boxes, config, scale, (oy, ox), (valid_h, valid_w), flip)
 
     if flip:
         canvas[:, :valid_w] = canvas[:, :valid_w][:, ::-1]
@@ -283,6 +228,74 @@ def transform(
         "ignore_valid": ignore_valid,
         **{k: np.ascontiguousarray(v) for k, v in extra.items()},
     }
+
+
+def _trainable_instances(example, canvas_boxes, config: TransformConfig, counts) -> np.ndarray:
+    """bool[n]: the instances that become targets, before the instance limit: crowd regions
+    are dropped in training (counted), and so are boxes narrower or lower on the canvas than
+    config.min_box_size (counted as degenerate)."""
+    keep = np.ones(len(canvas_boxes), bool)
+    if config.train and config.drop_crowd:
+        crowd = example["iscrowd"].astype(bool)
+        if crowd.any():
+            report.count(counts, "crowd_dropped", int(crowd.sum()))
+            if crowd.all():
+                report.count(counts, "crowd_only_image")
+        keep &= ~crowd
+    sizes = canvas_boxes[:, 2:] - canvas_boxes[:, :2]
+    degenerate = keep & ((sizes < config.min_box_size).any(axis=1))
+    if degenerate.any():
+        report.count(counts, "degenerate_box", int(degenerate.sum()))
+    return keep & ~degenerate
+
+
+def _instance_limit(kept, masks, config: TransformConfig, counts):
+    """(kept, dropped) instance indices under config.max_instances: the largest masks keep
+    their slots (in index order); what the limit drops is still an object, so its box becomes
+    an ignore region (anchors and RoIs on it are not trained as background), the largest first
+    up to config.max_ignore_regions. Everything dropped is counted."""
+    limit = config.max_instances
+    if len(kept) <= limit:
+        return kept, kept[:0]
+    report.count(counts, "image_over_instance_limit")
+    report.count(counts, "instances_over_limit", len(kept) - limit)
+    by_area = np.argsort(-masks.areas()[kept], kind="stable")
+    dropped = kept[by_area[limit:]]
+    unslotted = len(dropped) - config.max_ignore_regions
+    if unslotted > 0:
+        report.count(counts, "ignore_regions_over_limit", unslotted)
+        dropped = dropped[: config.max_ignore_regions]
+    return np.sort(kept[by_area[:limit]]), dropped
+
+
+def _padded(values: np.ndarray, length: int, dtype) -> np.ndarray:
+    """values[k, ...] in the first k of `length` zero slots."""
+    out = np.zeros((length, *values.shape[1:]), dtype)
+    out[: len(values)] = values
+    return out
+
+
+def _mask_targets(masks, kept, gt_boxes, config: TransformConfig, scale, offset, valid_hw, flip):
+    """What the method's INPUTS ask besides boxes: box-crop masks, stride-s full masks, mass
+    centres, each for the kept instances in their slots."""
+    oy, ox = offset
+    limit = config.max_instances
+    extra = {}
+    if config.box_masks:
+        size = config.mask_size
+        box_masks = np.zeros((limit, size, size), np.uint8)
+        for slot, i in enumerate(kept):
+            # The box's pre-image in original pixels: sample the original mask there.
+            pre_image = (gt_boxes[slot] + np.array([ox, oy, ox, oy])) / scale
+            box_masks[slot] = box_crop_target(masks.crops[i], pre_image, size, masks.origins[i])
+        if flip:
+            box_masks = box_masks[:, :, ::-1]
+        extra["gt_masks"] = box_masks
+    if config.full_mask_stride:
+        extra["gt_full_masks"] = _strided_masks(masks, kept, config, scale, offset, valid_hw, flip)
+    if config.centers:
+        extra["gt_centers"] = _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip)
+    return extra
 
 
 def _mirror_boxes(boxes: np.ndarray, valid: np.ndarray, valid_w: int) -> np.ndarray:
