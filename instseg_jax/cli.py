@@ -180,11 +180,13 @@ def _add_import_weights(commands, parent) -> None:
         "import-weights",
         parents=[parent],
         formatter_class=_DEFAULTS,
-        help="convert another library's Mask R-CNN weights to a workdir",
+        help="convert another library's Mask R-CNN or FCOS weights to a workdir",
     )
     importer.add_argument("library", choices=["torchvision"], help="where the weights come from")
     importer.add_argument(
-        "file", help="maskrcnn_resnet50_fpn state_dict: .pth (needs torch) or .npz"
+        "file",
+        help="maskrcnn_resnet50_fpn or fcos_resnet50_fpn state_dict (told apart by its keys): "
+        ".pth (needs torch) or .npz",
     )
     importer.add_argument("--out", required=True, help="workdir for config.json + checkpoint")
     importer.add_argument(
