@@ -6,7 +6,7 @@ Base-CondInst.yaml), for GPU/TPU users (not run here).
         --config.input.train_split.images=COCO_ROOT/train2017
 
 FCOS's R_50_1x detector and schedule (experiments/fcos_r50_fpn_coco_1x.py: batch 16, lr 0.01,
-90k steps, multi-scale short side 640..800, 1344 x 1344 canvas, ImageNet weights through
+90k steps, multi-scale short side 640..800, 1408 x 1408 canvas, ImageNet weights through
 --config.model.backbone_weights) plus the controller (169 dynamic parameters per location), the
 mask branch from P3..P5 (4 convs x 128, 8 output channels at stride 8) and dice loss on at most
 250 positive locations per image (the reference's 500 per GPU of 2 images). AdelaiDet's README

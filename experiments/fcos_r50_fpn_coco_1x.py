@@ -7,7 +7,7 @@ Base-FCOS.yaml), boxes only, for GPU/TPU users (not run here).
 
 Batch 16, SGD lr 0.01, weight decay 1e-4, 90k steps with decays at 60k and 80k, 1000 warmup
 steps from lr / 3; multi-scale training (short side 640..800, long side <= 1333) and 800 x 1333
-at test, on the 1344 x 1344 canvas; FrozenBN ResNet-50 with the stem and res2 frozen (ImageNet
+at test, on the 1408 x 1408 canvas (P7's stride 128 divides it); FrozenBN ResNet-50 with the stem and res2 frozen (ImageNet
 weights through --config.model.backbone_weights, README "Pretrained backbones"); FPN P3..P7 with
 P6 from P5; 4 GroupNorm convs per tower, centre sampling 1.5 strides, GIoU weighted by the
 centerness targets; test: class score > 0.05, 1000 candidates per level, NMS 0.6, 100

@@ -65,7 +65,7 @@ TORCHVISION = {
 @dataclasses.dataclass(frozen=True)
 class FCOSConfig:
     num_classes: int
-    canvas_hw: tuple[int, int] = (1344, 1344)
+    canvas_hw: tuple[int, int] = (1408, 1408)  # a multiple of 128 that holds 800 x 1333
     depth: int = 50
     width: int = 64
     norm: str = "frozen_bn"
@@ -473,13 +473,14 @@ Model = FCOS
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """AdelaiDet's FCOS R_50_1x COCO settings: 800 x 1333 input on a 1344 x 1344 canvas, batch
+    """AdelaiDet's FCOS R_50_1x COCO settings: 800 x 1333 input on a 1408 x 1408 canvas (P7's
+    stride 128 divides it; Mask R-CNN's 1344 does not), batch
     16, SGD lr 0.01, weight decay 1e-4, 1000 warmup iterations from lr / 3, 90k iterations with
     decays at 60k and 80k."""
     c = config_lib.base()
     c.method = "fcos"
     c.model = config_lib.model_section(FCOSConfig)
-    c.input.canvas_hw = (1344, 1344)
+    c.input.canvas_hw = (1408, 1408)
     c.input.global_batch = 16
     c.optim.lr = 0.01
     c.optim.weight_decay = 1e-4

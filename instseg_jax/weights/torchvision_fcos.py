@@ -165,15 +165,17 @@ def apply_preset(config) -> None:
     m.update(fcos.TORCHVISION)
 
 
-def coco_config(arch: dict, canvas_hw=(1344, 1344)):
+def coco_config(arch: dict, canvas_hw=(1408, 1408)):
     """The experiment config of an imported FCOS: AdelaiDet's COCO base with the torchvision
-    preset, the architecture read from the weights and torchvision's class map."""
+    preset, the architecture read from the weights and torchvision's class map; the canvas
+    rounded up to a multiple of 128 (import-weights' default 1344 becomes 1408)."""
     from instseg_jax.methods import fcos
 
     c = fcos.base_config()
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
-    c.input.canvas_hw = tuple(canvas_hw)
+    # Every level's stride must divide the canvas: rounded up to a multiple of P7's 128.
+    c.input.canvas_hw = tuple(-(-int(v) // 128) * 128 for v in canvas_hw)
     c.eval.global_batch = 1
     apply_preset(c)
     for key in ("depth", "stage_blocks", "width", "fpn_channels", "head_convs"):

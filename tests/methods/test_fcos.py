@@ -294,3 +294,10 @@ def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
     result = coco_step_result("fcos")
     assert np.isfinite(result["loss"]) and result["step_s"] > 0
     assert math.isfinite(result["compile_s"])
+
+
+@pytest.mark.parametrize("experiment", ["fcos_r50_fpn_coco_1x.py", "condinst_r50_fpn_coco_1x.py"])
+def test_the_coco_experiments_have_a_canvas_every_level_divides(experiment):
+    config = config_lib.load(f"experiments/{experiment}")
+    cfg = builders.model_config(config, 80)  # refuses a canvas P7's stride does not divide
+    assert cfg.canvas_hw == (1408, 1408) and max(config.input.max_long_side, 800) <= 1408

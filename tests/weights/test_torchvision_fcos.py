@@ -109,3 +109,8 @@ def test_import_weights_cli_recognises_fcos_then_predicts(fixture, tmp_path):
     record = json.loads((tmp_path / "p" / "scene.json").read_text())
     assert record["height"] == 100 and record["detections"]
     assert all("segmentation" not in d for d in record["detections"])
+
+
+def test_the_imported_canvas_is_rounded_up_to_a_multiple_of_128(fixture):
+    _, arch = torchvision_fcos.convert(fixture[0], "fixture")
+    assert torchvision_fcos.coco_config(arch, (1344, 1300)).input.canvas_hw == (1408, 1408)
