@@ -47,7 +47,12 @@ def run_one(method: str, rounds: int = 3) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
         loss = float(metrics["loss"]) if loss is None else loss
-    return {"canvas": canvas, "compile_s": compile_s, "step_s": statistics.median(times), "loss": loss}
+    return {
+        "canvas": canvas,
+        "compile_s": compile_s,
+        "step_s": statistics.median(times),
+        "loss": loss,
+    }
 
 
 def main(argv=None) -> int:
