@@ -311,8 +311,10 @@ def _mask_head_params(sd: dict, arch: dict, source: str) -> dict:
     return mask_head
 
 
-def apply_preset(config) -> None:
-    """Switch an experiment config (ConfigDict, unlocked) to torchvision's conventions."""
+def apply_detector_preset(config) -> None:
+    """What every torchvision detector shares (Mask R-CNN, FCOS): GeneralizedRCNNTransform's
+    resize (short side 800, long side <= 1333, its rounding) and mean-colour padding, and a
+    FrozenBN backbone with trainable_backbone_layers=3."""
     i, m = config.input, config.model
     i.resize = "short_side"
     i.resize_rule = "torchvision"
@@ -323,6 +325,12 @@ def apply_preset(config) -> None:
     i.pad_value = PAD_VALUE
     m.norm = "frozen_bn"
     m.freeze_at = 2  # trainable_backbone_layers=3: conv1 and layer1 frozen
+
+
+def apply_preset(config) -> None:
+    """Switch an experiment config (ConfigDict, unlocked) to torchvision's conventions."""
+    apply_detector_preset(config)
+    m = config.model
     m.aligned = False
     m.sampling_ratio = 2
     m.level_mapper = "torchvision"

@@ -147,15 +147,8 @@ def apply_preset(config) -> None:
     """Switch an FCOS experiment config (ConfigDict, unlocked) to torchvision's conventions."""
     from instseg_jax.methods import fcos
 
-    i, m = config.input, config.model
-    i.resize = "short_side"
-    i.resize_rule = "torchvision"
-    i.short_side = (800,)
-    i.max_long_side = 1333
-    i.test_short_side = 800
-    i.test_max_long_side = 1333
-    i.pad_value = tv.PAD_VALUE
-    m.norm = "frozen_bn"
+    tv.apply_detector_preset(config)
+    m = config.model
     m.sizes_of_interest = (64, 128, 256, 512)
     m.center_sampling_radius = 1.5
     m.candidates_per_level = 1000
