@@ -72,6 +72,7 @@ def transform_config(config, train: bool) -> TransformConfig:
         box_masks=inputs.box_masks,
         full_mask_stride=inputs.full_mask_stride,
         centers=inputs.centers,
+        contour_points=inputs.contour_points,
         mask_size=i.mask_size,
         train=train,
         resize=i.resize if train else "short_side",

@@ -15,6 +15,7 @@ Both payloads use one separable bilinear resampler (two taps per axis):
                 lie inside the valid region, so padding never bleeds into a mask, and pixels a
                 crop cut off the canvas stay 0. The taps are computed once per image and
                 shared by its K masks.
+  polygons      rasterised by pycocotools within each polygon's box (`polygon_region`)
 Foreground is value >= 0.5.
 """
 
@@ -173,6 +174,25 @@ def paste_box_mask_torchvision(mask: np.ndarray, box, image_hw):
 PASTE_RULES = {"detectron2": paste_box_mask, "torchvision": paste_box_mask_torchvision}
 
 
+def polygon_region(polygon, image_hw):
+    """(bool region[h, w], top, left) of a polygon float[V, 2] of (x, y) original pixels: its
+    vertices clamped to the image (as PolarMask clamps its ray ends), rasterised by pycocotools
+    over the polygon's box only (never a full image per mask). A degenerate polygon gives an
+    empty region."""
+    height, width = image_hw
+    polygon = np.asarray(polygon, np.float64)
+    x = np.clip(polygon[:, 0], 0, width)
+    y = np.clip(polygon[:, 1], 0, height)
+    left, top = int(np.floor(x.min())), int(np.floor(y.min()))
+    right, bottom = int(np.ceil(x.max())), int(np.ceil(y.max()))
+    if right <= left or bottom <= top:
+        return np.zeros((0, 0), bool), top, left
+    h, w = bottom - top, right - left
+    vertices = np.stack([x - left, y - top], axis=1).ravel().tolist()
+    rle = mask_utils.frPyObjects([vertices], h, w)
+    return mask_utils.decode(rle)[..., 0].astype(bool), top, left
+
+
 def image_instances(
     detections: dict,
     b: int,
@@ -204,6 +224,8 @@ def image_instances(
             )
         elif payload == "canvas_masks":
             region, top, left = resampler.region(np.asarray(detections["canvas_masks"][b, k]))
+        elif payload == "polygons":
+            region, top, left = polygon_region(detections["polygons"][b, k], geometry.orig_hw)
         if boxes is not None:
             box = [float(v) for v in boxes[k]]
         else:

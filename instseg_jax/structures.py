@@ -30,6 +30,10 @@ Batch (host NumPy, then a global jax.Array sharded over the `data` mesh axis):
   gt_full_masks  uint8[B,N,H/s,W/s] when INPUTS.full_mask_stride = s: masks at the centres of
                                   the stride-s cells of the canvas
   gt_centers     float32[B,N,2]   when INPUTS.centers: (x, y) canvas mass centre of each mask
+  gt_contours    float32[B,N,L,2] when INPUTS.contour_points = L: (x, y) canvas points on the
+                                  boundary of each mask (the midpoints of its pixels' edges that
+                                  face the background), L of them evenly by angle about their
+                                  mean, repeated when there are fewer; clipped to the valid region
 
 Detections (a dict; K fixed by the method's config):
   boxes          float32[B,K,4]   xyxy in original image pixels; a method that predicts no boxes
@@ -43,6 +47,8 @@ and at most one mask payload:
   canvas_masks   float32 or bfloat16[B,K,H/s,W/s] probabilities on the canvas at stride s
                                   (s = H / the payload's height): the host undoes the stride, the
                                   padding, the crop, the flip and the resize
+  polygons       float32[B,K,V,2] (x, y) vertices in original image pixels (PolarMask's V = 36
+                                  ray ends), rasterised on the host by pycocotools
 
 `instseg_jax.detections` turns either payload into binary masks and RLE at the original image's
 pixels (host side, one image and one mask at a time).
@@ -52,7 +58,7 @@ from __future__ import annotations
 
 import dataclasses
 
-MASK_PAYLOADS = ("masks", "canvas_masks")
+MASK_PAYLOADS = ("masks", "canvas_masks", "polygons")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +69,19 @@ class Inputs:
       input.mask_size (Mc) square.
     full_mask_stride: s > 0 gives gt_full_masks at stride s of the canvas; 0 leaves them out.
     centers: gt_centers, the mass centre of each instance's mask on the canvas.
+    contour_points: L > 0 gives gt_contours, L boundary points of each mask on the canvas.
     """
 
     box_masks: bool = False
     full_mask_stride: int = 0
     centers: bool = False
+    contour_points: int = 0
 
     def __post_init__(self):
         if self.full_mask_stride < 0:
             raise ValueError(f"full_mask_stride must be >= 0, got {self.full_mask_stride}")
+        if self.contour_points < 0:
+            raise ValueError(f"contour_points must be >= 0, got {self.contour_points}")
 
 
 def mask_payload(detections: dict) -> str | None:

@@ -37,6 +37,7 @@ class TransformConfig:
     box_masks: bool = True  # gt_masks uint8[N, Mc, Mc]
     full_mask_stride: int = 0  # s > 0: gt_full_masks uint8[N, H/s, W/s]
     centers: bool = False  # gt_centers float32[N, 2]
+    contour_points: int = 0  # L > 0: gt_contours float32[N, L, 2]
     mask_size: int = 112  # Mc
     train: bool = True
     resize: str = "short_side"  # "short_side" or "lsj" (large-scale jitter)
@@ -295,6 +296,10 @@ def _mask_targets(masks, kept, gt_boxes, config: TransformConfig, scale, offset,
         extra["gt_full_masks"] = _strided_masks(masks, kept, config, scale, offset, valid_hw, flip)
     if config.centers:
         extra["gt_centers"] = _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip)
+    if config.contour_points:
+        extra["gt_contours"] = _contours(
+            masks, kept, limit, config.contour_points, scale, offset, valid_hw, flip
+        )
     return extra
 
 
@@ -342,6 +347,45 @@ def _reaching(coords: np.ndarray, start: int, length: int):
     if not len(hits):
         return None
     return slice(int(hits[0]), int(hits[-1]) + 1)
+
+
+def boundary_points(crop: np.ndarray) -> np.ndarray:
+    """float64[n, 2] (x, y) in the crop's pixel frame (pixel (r, c) spans [c, c + 1) x [r, r +
+    1)): the midpoint of every pixel edge between the mask and the background (or the crop's
+    border), so polygons through them trace the mask's outline rather than its pixel centres."""
+    padded = np.pad(crop.astype(bool), 1)
+    inner = padded[1:-1, 1:-1]
+    points = []
+    # (neighbour outside, x offset, y offset of the shared edge's midpoint)
+    for neighbour, dx, dy in (
+        (padded[1:-1, 2:], 1.0, 0.5),  # right
+        (padded[1:-1, :-2], 0.0, 0.5),  # left
+        (padded[2:, 1:-1], 0.5, 1.0),  # below
+        (padded[:-2, 1:-1], 0.5, 0.0),  # above
+    ):
+        rows, cols = np.nonzero(inner & ~neighbour)
+        points.append(np.stack([cols + dx, rows + dy], axis=1))
+    return np.concatenate(points).astype(np.float64)
+
+
+def _contours(masks, kept, limit, length, scale, offset, valid_hw, flip) -> np.ndarray:
+    """float32[N, L, 2] (x, y) canvas boundary points of each kept mask (structures.py:
+    gt_contours); padding slots are 0."""
+    (oy, ox), (valid_h, valid_w) = offset, valid_hw
+    out = np.zeros((limit, length, 2), np.float32)
+    for slot, i in enumerate(kept):
+        points = boundary_points(masks.crops[i])
+        if not len(points):
+            continue
+        x = (points[:, 0] + masks.origins[i][1]) * scale - ox
+        y = (points[:, 1] + masks.origins[i][0]) * scale - oy
+        x, y = np.clip(x, 0, valid_w), np.clip(y, 0, valid_h)
+        if flip:
+            x = valid_w - x
+        order = np.argsort(np.arctan2(y - y.mean(), x - x.mean()), kind="stable")
+        chosen = order[np.linspace(0, len(order), length, endpoint=False).astype(np.int64)]
+        out[slot] = np.stack([x[chosen], y[chosen]], axis=1)
+    return out
 
 
 def _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip) -> np.ndarray:

@@ -36,12 +36,14 @@ import sys
 from types import ModuleType
 
 from instseg_jax.config import ConfigValueError
-from instseg_jax.methods import condinst, fcos, mask_rcnn, solov2, yolact
+from instseg_jax.methods import blendmask, condinst, fcos, mask_rcnn, polarmask, solov2, yolact
 
 METHODS: dict[str, ModuleType] = {
+    "blendmask": blendmask,
     "condinst": condinst,
     "fcos": fcos,
     "mask_rcnn": mask_rcnn,
+    "polarmask": polarmask,
     "solov2": solov2,
     "yolact": yolact,
 }

@@ -87,12 +87,15 @@ class CondInstConfig(fcos.FCOSConfig):
 
 class MaskBranch(nn.Module):
     """P3..P5 -> per level conv3x3 + GroupNorm + ReLU to `channels`, upsampled to P3 and summed;
-    `convs` x (conv3x3 + GroupNorm + ReLU); a 1x1 conv to `out_channels`: [B, H/8, W/8, out]."""
+    `convs` x (conv3x3 + GroupNorm + ReLU); with `upsampled_convs` > 0 a 2x bilinear upsampling
+    and that many more (BlendMask's bottom module, stride 4); a 1x1 conv to `out_channels`:
+    [B, H/8, W/8, out] (or [B, H/4, W/4, out])."""
 
     channels: int
     convs: int
     out_channels: int
     dtype: jnp.dtype = jnp.float32
+    upsampled_convs: int = 0
 
     @nn.compact
     def __call__(self, features: dict):
@@ -110,6 +113,10 @@ class MaskBranch(nn.Module):
                 x = x + dense.resize_bilinear(refined, x.shape[1:3])
         for i in range(self.convs):
             x = conv_norm_relu(x, f"tower{i}")
+        if self.upsampled_convs:
+            x = dense.resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
+            for i in range(self.upsampled_convs):
+                x = conv_norm_relu(x, f"upsampled{i}")
         return Conv(self.out_channels, (1, 1), dtype=self.dtype, name="out")(x)
 
 
@@ -213,18 +220,9 @@ class CondInst(fcos.FCOS):
         if key is None:
             raise ValueError("training needs a key for the choice of mask slots")
         targets = fcos.batch_targets(batch, cfg)
-        positive = targets["classes"] < cfg.num_classes  # [B, T]
-        slot_location, slot_valid, overflow = jax.vmap(
-            lambda valid, k: dense.budgeted_select(valid, cfg.mask_instances_per_image, k)
-        )(positive, jax.random.split(key, positive.shape[0]))
-        slot_gt = jnp.where(
-            slot_valid, jnp.take_along_axis(targets["matched"], slot_location, axis=1), 0
-        )
-        targets = {
-            **targets,
-            "slot_valid": slot_valid,
-            "overflow": overflow,
-        }
+        slots = fcos.positive_slots(targets, cfg.mask_instances_per_image, key)
+        slot_location, slot_gt = slots["location"], slots["gt"]
+        targets = {**targets, "slot_valid": slots["valid"], "overflow": slots["overflow"]}
         outputs["targets"] = targets
         outputs["mask_logits"] = jax.vmap(
             lambda feats, p, loc: upsample_logits(
@@ -255,14 +253,7 @@ def loss_fn(outputs: dict, batch: dict, cfg: CondInstConfig) -> tuple[jnp.ndarra
         squared=True,
         eps=1e-5,
     )
-    positives = targets["positives"].sum().astype(jnp.float32)
-    over = targets["overflow"].sum().astype(jnp.float32)
-    metrics = {
-        **metrics,
-        "loss_mask": loss_mask,
-        "mask_positives_over_budget": over / b,
-        "mask_positives_over_budget_fraction": over / jnp.maximum(positives, 1.0),
-    }
+    metrics = {**metrics, "loss_mask": loss_mask, **fcos.slot_budget_metrics(targets)}
     return total + loss_mask, metrics
 
 

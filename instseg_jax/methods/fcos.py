@@ -45,6 +45,7 @@ from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPNP3P7
 from instseg_jax.backbones.resnet import ResNet, normalize
 from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
 
 LEVEL_STRIDES = (8, 16, 32, 64, 128)
@@ -82,7 +83,10 @@ class FCOSConfig:
     focal_gamma: float = 2.0
     box_loss_weighting: str = "centerness"  # or "none"
     score_threshold: float = 0.05
-    score_threshold_on: str = "class"  # "class": class score; "combined": sqrt(class x ctr)
+    # Candidates above the threshold by "class": class score; "product": class score x
+    # centerness (AdelaiDet's THRESH_WITH_CTR); "combined": sqrt(class score x centerness).
+    score_threshold_on: str = "class"
+    detection_score: str = "sqrt"  # of class score x centerness; "product": PolarMask's
     candidates_per_level: int = 1000
     nms_threshold: float = 0.6
     detections_per_image: int = 100
@@ -108,9 +112,13 @@ class FCOSConfig:
                 f"model.box_loss_weighting must be 'centerness' or 'none', got "
                 f"{self.box_loss_weighting!r}"
             )
-        if self.score_threshold_on not in ("class", "combined"):
+        if self.detection_score not in ("sqrt", "product"):
             raise config_lib.ConfigValueError(
-                f"model.score_threshold_on must be 'class' or 'combined', got "
+                f"model.detection_score must be 'sqrt' or 'product', got {self.detection_score!r}"
+            )
+        if self.score_threshold_on not in ("class", "product", "combined"):
+            raise config_lib.ConfigValueError(
+                f"model.score_threshold_on must be 'class', 'product' or 'combined', got "
                 f"{self.score_threshold_on!r}"
             )
 
@@ -147,7 +155,10 @@ class FCOSConfig:
 class Head(nn.Module):
     """Shared over P3..P7: a classification and a regression tower of `convs` x (conv3x3 with
     bias, GroupNorm 32, ReLU); class logits (prior-probability bias) on the first, box distances
-    and the centerness logit on the second; a learnable scale per level on the distances."""
+    and the centerness logit on the second; a learnable scale per level on the distances.
+
+    PolarMask's variant: `regression_channels` distances (36 rays) through exp instead of ReLU
+    (`regression_activation`), the centerness on the classification tower (`centerness_on`)."""
 
     num_classes: int
     channels: int
@@ -155,6 +166,9 @@ class Head(nn.Module):
     prior_prob: float
     level_scales: bool
     dtype: jnp.dtype = jnp.float32
+    regression_channels: int = 4
+    regression_activation: str = "relu"  # or "exp"
+    centerness_on: str = "box"  # or "cls"
 
     def setup(self):
         init = nn.initializers.normal(0.01)
@@ -180,7 +194,7 @@ class Head(nn.Module):
                 )
         prior = -math.log((1 - self.prior_prob) / self.prior_prob)
         self.cls_logits = conv(self.num_classes, "cls_logits", nn.initializers.constant(prior))
-        self.bbox_pred = conv(4, "bbox_pred")
+        self.bbox_pred = conv(self.regression_channels, "bbox_pred")
         self.centerness = conv(1, "centerness")
         if self.level_scales:
             self.scales = self.param("scales", nn.initializers.ones, (len(LEVEL_STRIDES),))
@@ -193,18 +207,22 @@ class Head(nn.Module):
 
     def __call__(self, x, level: int):
         """x [B, h, w, D] of level index `level` -> class logits [B, h w, C], distances in
-        strides (>= 0) [B, h w, 4] (l, t, r, b), centerness logits [B, h w], and the regression
-        tower's features [B, h, w, D] (CondInst's controller reads them)."""
+        strides (>= 0) [B, h w, 4] (l, t, r, b; PolarMask: exp of the scaled output, [B, h w,
+        rays]), centerness logits [B, h w], and the regression tower's features [B, h, w, D]
+        (CondInst's controller and BlendMask's top layer read them)."""
         b = x.shape[0]
-        logits = self.cls_logits(self.tower(x, "cls"))
+        cls = self.tower(x, "cls")
+        logits = self.cls_logits(cls)
         box = self.tower(x, "box")
         raw = self.bbox_pred(box).astype(jnp.float32)
         if self.level_scales:
             raw = raw * self.scales[level]
+        activation = jnp.exp if self.regression_activation == "exp" else nn.relu
+        centerness = self.centerness(cls if self.centerness_on == "cls" else box)
         return (
             logits.reshape(b, -1, self.num_classes).astype(jnp.float32),
-            nn.relu(raw).reshape(b, -1, 4),
-            self.centerness(box).reshape(b, -1).astype(jnp.float32),
+            activation(raw).reshape(b, -1, self.regression_channels),
+            centerness.reshape(b, -1).astype(jnp.float32),
             box,
         )
 
@@ -232,7 +250,12 @@ class FCOS(nn.Module):
             cfg.prior_prob,
             cfg.level_scales,
             cfg.dtype,
+            **self.head_variant(),
         )
+
+    def head_variant(self) -> dict:
+        """Head fields a method built on FCOS changes (PolarMask: rays, exp, centerness)."""
+        return {}
 
     def predict(self, image):
         """Per location over P3..P7 (level by level): class logits [B, T, C], distances in
@@ -260,13 +283,14 @@ class FCOS(nn.Module):
         return outputs
 
 
-def batch_targets(batch: dict, cfg: FCOSConfig) -> dict:
-    """`location_targets` of every image of the batch (each value gains a leading B axis)."""
+def batch_targets(batch: dict, cfg: FCOSConfig, mass_centres: bool = False) -> dict:
+    """`location_targets` of every image of the batch (each value gains a leading B axis);
+    `mass_centres`: centre sampling about batch["gt_centers"] (PolarMask)."""
     points, strides, ranges = (jnp.asarray(a) for a in cfg.locations())
     return jax.lax.stop_gradient(
         jax.vmap(
-            lambda boxes, classes, valid, ignore, ignore_ok: location_targets(
-                points, strides, ranges, boxes, classes, valid, cfg, ignore, ignore_ok
+            lambda boxes, classes, valid, ignore, ignore_ok, centres: location_targets(
+                points, strides, ranges, boxes, classes, valid, cfg, ignore, ignore_ok, centres
             )
         )(
             batch["gt_boxes"],
@@ -274,6 +298,7 @@ def batch_targets(batch: dict, cfg: FCOSConfig) -> dict:
             batch["gt_valid"],
             batch.get("ignore_boxes"),
             batch.get("ignore_valid"),
+            batch["gt_centers"] if mass_centres else None,
         )
     )
 
@@ -288,8 +313,10 @@ def location_targets(
     cfg: FCOSConfig,
     ignore_boxes=None,
     ignore_valid=None,
+    centres=None,
 ):
-    """One image's FCOS targets (module docstring: the assignment rule).
+    """One image's FCOS targets (module docstring: the assignment rule); with centres
+    float32[N, 2] (x, y) the centre region is about them instead of the box centres.
 
     points float32[T, 2] (x, y); strides float32[T]; ranges float32[T, 2]; gt_boxes float32[N, 4]
     canvas xyxy; gt_classes int32[N]; gt_valid bool[N]; optional ignore_boxes float32[I, 4] and
@@ -304,7 +331,10 @@ def location_targets(
     ltrb = jnp.stack([x - x0, y - y0, x1 - x, y1 - y], axis=-1)  # [T, N, 4] pixels
     inside = ltrb.min(axis=-1) > 0
     if cfg.center_sampling_radius > 0:
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if centres is None:
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        else:
+            cx, cy = centres[None, :, 0], centres[None, :, 1]
         reach = cfg.center_sampling_radius * strides[:, None]
         inside &= (jnp.abs(x - cx) < reach) & (jnp.abs(y - cy) < reach)
     largest = ltrb.max(axis=-1)
@@ -340,6 +370,29 @@ def location_targets(
     }
 
 
+def positive_slots(targets: dict, budget: int, key: jax.Array) -> dict:
+    """The positive locations a mask head trains on, at most `budget` per image (a uniform random
+    subset when there are more; the rest are counted): {location int32[B, P], valid bool[B, P],
+    gt int32[B, P] (the matched ground-truth slot, 0 for padding), overflow int32[B]}."""
+    positive = targets["matched"] >= 0
+    location, valid, overflow = jax.vmap(lambda v, k: dense.budgeted_select(v, budget, k))(
+        positive, jax.random.split(key, positive.shape[0])
+    )
+    gt = jnp.where(valid, jnp.take_along_axis(targets["matched"], location, axis=1), 0)
+    return {"location": location, "valid": valid, "gt": gt, "overflow": overflow}
+
+
+def slot_budget_metrics(targets: dict) -> dict:
+    """What `positive_slots` left out: positive locations over the budget per image, and as a
+    fraction of all positives (targets carry "overflow" [B] and "positives" [B])."""
+    over = targets["overflow"].sum().astype(jnp.float32)
+    positives = targets["positives"].sum().astype(jnp.float32)
+    return {
+        "mask_positives_over_budget": over / targets["overflow"].shape[0],
+        "mask_positives_over_budget_fraction": over / jnp.maximum(positives, 1.0),
+    }
+
+
 def distance_boxes(distances, points):
     """xyxy boxes [..., 4] from (l, t, r, b) distances [..., 4] about points [..., 2]."""
     return jnp.concatenate([points - distances[..., :2], points + distances[..., 2:]], axis=-1)
@@ -353,15 +406,7 @@ def loss_fn(outputs: dict, batch: dict, cfg: FCOSConfig) -> tuple[jnp.ndarray, d
     b = classes.shape[0]
     positives = positive.sum().astype(jnp.float32)
     normalizer = jnp.maximum(positives, 1.0)
-    onehot = jax.nn.one_hot(classes, cfg.num_classes)  # C (background) -> all zeros
-    loss_cls = ops.sigmoid_focal_loss(
-        outputs["class_logits"],
-        onehot,
-        cfg.focal_alpha,
-        cfg.focal_gamma,
-        weights=~targets["ignored"][..., None],
-        normalizer=normalizer,
-    )
+    loss_cls = class_loss(outputs["class_logits"], targets, cfg)
     # GIoU is invariant to translation and scale: boxes about the origin, in strides.
     origin = jnp.zeros(classes.shape + (2,), jnp.float32)
     predicted = distance_boxes(outputs["distances"], origin)
@@ -386,6 +431,21 @@ def loss_fn(outputs: dict, batch: dict, cfg: FCOSConfig) -> tuple[jnp.ndarray, d
         "unassigned_instances": targets["unassigned"].sum().astype(jnp.float32) / b,
     }
     return loss_cls + loss_box + loss_ctr, metrics
+
+
+def class_loss(class_logits, targets: dict, cfg: FCOSConfig):
+    """Sigmoid focal loss over every location and class (none for ignored locations) / the
+    number of positives in the batch (at least 1)."""
+    classes = targets["classes"]  # [B, T]
+    positives = (classes < cfg.num_classes).sum().astype(jnp.float32)
+    return ops.sigmoid_focal_loss(
+        class_logits,
+        jax.nn.one_hot(classes, cfg.num_classes),  # C (background) -> all zeros
+        cfg.focal_alpha,
+        cfg.focal_gamma,
+        weights=~targets["ignored"][..., None],
+        normalizer=jnp.maximum(positives, 1.0),
+    )
 
 
 def detect(logits, distances, centerness, batch, cfg: FCOSConfig) -> dict:
@@ -414,9 +474,14 @@ def original_detections(kept: dict, batch: dict, cfg: FCOSConfig) -> dict:
     }
 
 
-def select_detections(logits, distances, centerness, image_hw, cfg: FCOSConfig) -> dict:
+def select_detections(
+    logits, distances, centerness, image_hw, cfg: FCOSConfig, decode_boxes=None
+) -> dict:
     """The test procedure on the canvas: {boxes float32[B, K, 4] canvas xyxy, scores, classes,
-    valid, location int32[B, K] (the index into T each detection comes from)}."""
+    valid, location int32[B, K] (the index into T each detection comes from)}.
+
+    decode_boxes(distances [n, R], points [n, 2], strides [n]) -> boxes [n, 4] replaces FCOS's
+    (l, t, r, b) x stride decoding (PolarMask: the box of the ray polygon)."""
     points, strides, _ = cfg.locations()
     sizes = [h * w for h, w in cfg.level_shapes()]
     probs = jax.nn.sigmoid(logits)  # [B, T, C]
@@ -431,6 +496,8 @@ def select_detections(logits, distances, centerness, image_hw, cfg: FCOSConfig) 
             combined = image_probs[level] * image_ctr[level, None]  # [n, C]
             if cfg.score_threshold_on == "class":
                 candidate = image_probs[level] > cfg.score_threshold
+            elif cfg.score_threshold_on == "product":
+                candidate = combined > cfg.score_threshold
             else:
                 candidate = jnp.sqrt(combined) > cfg.score_threshold
             ranked = jnp.where(candidate, combined, -1.0).reshape(-1)
@@ -439,9 +506,14 @@ def select_detections(logits, distances, centerness, image_hw, cfg: FCOSConfig) 
             location = flat // c
             point = jnp.asarray(points[level])[location]
             stride = jnp.asarray(strides[level])[location]
-            boxes = distance_boxes(image_distances[level][location] * stride[:, None], point)
+            chosen = image_distances[level][location]
+            if decode_boxes is None:
+                boxes = distance_boxes(chosen * stride[:, None], point)
+            else:
+                boxes = decode_boxes(chosen, point, stride)
             boxes_all.append(ops.clip_boxes(boxes, image_hw.astype(jnp.float32)))
-            scores_all.append(jnp.sqrt(jnp.maximum(best, 0.0)))
+            score = jnp.maximum(best, 0.0)
+            scores_all.append(jnp.sqrt(score) if cfg.detection_score == "sqrt" else score)
             classes_all.append((flat % c).astype(jnp.int32))
             valid_all.append(best >= 0.0)
             locations_all.append(start + location)

@@ -1,0 +1,29 @@
+"""AdelaiDet's BlendMask R_50_1x on COCO 2017 (configs/BlendMask/R_50_1x.yaml with its
+Base-BlendMask.yaml), for GPU/TPU users (not run here).
+
+    instseg-jax train --config experiments/blendmask_r50_fpn_coco_1x.py --workdir runs/bm_1x \
+        --config.input.train_split.annotations=COCO_ROOT/annotations/instances_train2017.json \
+        --config.input.train_split.images=COCO_ROOT/train2017
+
+FCOS's R_50_1x detector and schedule (experiments/fcos_r50_fpn_coco_1x.py: batch 16, lr 0.01,
+90k steps, multi-scale short side 640..800, 1408 x 1408 canvas, ImageNet weights through
+--config.model.backbone_weights) without level scales and with candidates thresholded on class
+score x centerness (Base-BlendMask.yaml), plus the bottom module (4 bases at stride 4 from
+P3..P5, 3 convs x 128), 4 x 14 x 14 attentions per location, the 56 x 56 blender over at most
+250 positive locations per image and the auxiliary semantic loss (x 0.3). AdelaiDet's BlendMask
+README reports 35.8 mask AP (39.9 box AP) on COCO val2017 for R_50_1x; this file has not
+reproduced it.
+`:smoke` shrinks everything to synthetic scenes for tests.
+"""
+
+from instseg_jax import config as config_lib
+from instseg_jax.methods import blendmask
+
+
+def get_config(arg=None):
+    c = blendmask.base_config()
+    c.input.train_split.annotations = "data/coco/annotations/instances_train2017.json"
+    c.input.train_split.images = "data/coco/train2017"
+    c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
+    c.input.eval_split.images = "data/coco/val2017"
+    return config_lib.finish(c, arg)

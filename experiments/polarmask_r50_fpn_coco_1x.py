@@ -1,0 +1,27 @@
+"""xieenze/PolarMask's polar_768_1x_r50 on COCO 2017 (configs/polarmask/4gpu/
+polar_768_1x_r50.py), for GPU/TPU users (not run here).
+
+    instseg-jax train --config experiments/polarmask_r50_fpn_coco_1x.py --workdir runs/pm_1x \
+        --config.input.train_split.annotations=COCO_ROOT/annotations/instances_train2017.json \
+        --config.input.train_split.images=COCO_ROOT/train2017
+
+An FCOS R-50 detector with GroupNorm towers whose regression predicts 36 ray lengths (exp of a
+per-level scale x the output), the centerness branch on the classification tower, mass-centre
+sampling, polar IoU loss; short side 768 (long side at most 1280) on a 1280 x 1280 canvas, batch
+16, SGD lr 0.01, 500 warmup steps, 12 epochs with decays after 8 and 11, gradients clipped at
+35; ImageNet weights through --config.model.backbone_weights. The reference's README reports
+28.9 mask AP on COCO minival (4 GPUs, R-50 1x); this file has not reproduced it.
+`:smoke` shrinks everything to synthetic scenes for tests.
+"""
+
+from instseg_jax import config as config_lib
+from instseg_jax.methods import polarmask
+
+
+def get_config(arg=None):
+    c = polarmask.base_config()
+    c.input.train_split.annotations = "data/coco/annotations/instances_train2017.json"
+    c.input.train_split.images = "data/coco/train2017"
+    c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
+    c.input.eval_split.images = "data/coco/val2017"
+    return config_lib.finish(c, arg)

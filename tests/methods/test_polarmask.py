@@ -1,0 +1,163 @@
+"""PolarMask: ray targets (the input pipeline's boundary points binned by angle on the device)
+against float64 ray casting through the mask on hand-drawn shapes (square, disc, concave L);
+boundary points and polygon rasterisation against hand-computed pixels; the polar losses; the
+smoke step; and (slow) over-fitting 4 scenes and the COCO experiment's step. FCOS's parts are
+tested in test_fcos.py."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instseg_jax import builders
+from instseg_jax import config as config_lib
+from instseg_jax.detections import polygon_region
+from instseg_jax.input.transforms import boundary_points
+from instseg_jax.methods import polarmask
+from tests.methods.test_mask_rcnn import first_batch
+
+SMOKE = "experiments/polarmask_nuclei.py:smoke"
+CFG = polarmask.PolarMaskConfig(num_classes=3, canvas_hw=(128, 128))
+
+
+def cast_ray(mask, origin, angle, step=0.01):
+    """float64: distance from origin (x, y) along (cos, sin)(angle) to where the ray last leaves
+    the mask (pixel (r, c) covers [c, c + 1) x [r, r + 1)), marching in `step` px."""
+    h, w = mask.shape
+    reach = math.hypot(h, w)
+    t = np.arange(0.0, reach, step)
+    x = origin[0] + t * math.cos(angle)
+    y = origin[1] + t * math.sin(angle)
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    hit = np.zeros_like(t, bool)
+    hit[inside] = mask[y[inside].astype(int), x[inside].astype(int)]
+    return float(t[np.flatnonzero(hit)[-1]]) if hit.any() else 0.0
+
+
+def shapes():
+    square = np.zeros((48, 48), bool)
+    square[10:38, 12:40] = True
+    yy, xx = np.mgrid[:48, :48]
+    disc = (xx + 0.5 - 24) ** 2 + (yy + 0.5 - 22) ** 2 <= 15**2
+    ell = np.zeros((48, 48), bool)  # an L: a vertical bar and a foot to the right
+    ell[6:42, 8:20] = True
+    ell[30:42, 8:40] = True
+    return {"square": square, "disc": disc, "L": ell}
+
+
+@pytest.mark.parametrize("name", ["square", "disc", "L"])
+def test_ray_targets_match_ray_casting(name):
+    mask = shapes()[name]
+    ys, xs = np.nonzero(mask)
+    centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5])  # the mass centre, inside all three
+    origins = [centre, centre + np.array([3.3, -2.2])]
+    contour = boundary_points(mask)
+    assert len(contour) <= polarmask.CONTOUR_POINTS  # all of it: nothing subsampled here
+    length = polarmask.CONTOUR_POINTS
+    padded = contour[np.arange(length) % len(contour)]  # repeated, as the pipeline pads
+    ours = jax.jit(polarmask.ray_targets, static_argnums=2)(
+        jnp.asarray(np.stack(origins), jnp.float32),
+        jnp.asarray(np.stack([padded, padded]), jnp.float32),
+        CFG,
+    )
+    for o, origin in enumerate(origins):
+        assert mask[int(origin[1]), int(origin[0])], "the test's origin must lie in the shape"
+        expected = np.array([cast_ray(mask, origin, a) for a in CFG.ray_angles()])
+        # Edge midpoints are 1 px apart: the nearest-angle point is within ~0.5 px of the ray's
+        # exit along the outline; a ray grazing a corner of the L can see the corner pixel.
+        error = np.abs(np.asarray(ours[o]) - expected)
+        assert np.median(error) < 0.35, (name, o, error)
+        assert error.max() < 1.2, (name, o, error)
+
+
+def test_boundary_points_are_the_edge_midpoints_facing_the_background():
+    crop = np.array([[1, 1, 1], [1, 0, 1]], bool)  # a 2 x 3 block with a notch at (1, 1)
+    got = {tuple(p) for p in boundary_points(crop)}
+    expected = {
+        (0.5, 0.0), (1.5, 0.0), (2.5, 0.0),  # top edges
+        (0.0, 0.5), (0.0, 1.5),  # left
+        (3.0, 0.5), (3.0, 1.5),  # right
+        (0.5, 2.0), (2.5, 2.0),  # bottom
+        (1.5, 1.0),  # the notch's top (the pixel above it faces the hole)
+        (1.0, 1.5), (2.0, 1.5),  # the notch's sides
+    }  # fmt: skip
+    assert got == expected
+
+
+def test_polygon_region_rasterises_inside_the_polygons_box():
+    square = np.array([[2.0, 3.0], [7.0, 3.0], [7.0, 9.0], [2.0, 9.0]])
+    region, top, left = polygon_region(square, (12, 10))
+    full = np.zeros((12, 10), bool)
+    full[top : top + region.shape[0], left : left + region.shape[1]] = region
+    expected = np.zeros((12, 10), bool)
+    expected[3:9, 2:7] = True  # pixel (r, c) covers [c, c + 1) x [r, r + 1)
+    np.testing.assert_array_equal(full, expected)
+    clamped, _, _ = polygon_region(square + [-5.0, 0.0], (12, 10))  # x < 0 clamps to 0
+    assert clamped.shape == (6, 2) and clamped.all()
+    empty, _, _ = polygon_region(np.zeros((36, 2)), (12, 10))
+    assert empty.size == 0
+
+
+def test_polar_iou_loss_and_centerness():
+    target = np.array([[2.0, 4.0, 4.0, 1.0]])
+    predicted = np.array([[1.0, 4.0, 8.0, 1.0]])
+    expected = math.log((2 + 4 + 8 + 1) / (1 + 4 + 4 + 1))
+    loss = polarmask.polar_iou_loss(jnp.asarray(predicted), jnp.asarray(target), 1.0, 1.0)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(polarmask.polar_iou_loss(target, target, 1.0, 1.0)) == pytest.approx(0.0)
+    assert float(polarmask.polar_centerness(jnp.asarray(target))[0]) == pytest.approx(0.5)
+
+
+def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
+    config = config_lib.load(SMOKE)
+    source, batch = first_batch(config)
+    assert batch["gt_contours"].shape[-2:] == (polarmask.CONTOUR_POINTS, 2)
+    cfg = builders.model_config(config, source.num_classes)
+    model = polarmask.Model(cfg)
+    variables = jax.jit(
+        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
+    )(batch)
+
+    def loss(p):
+        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
+        return polarmask.loss_fn(outputs, batch, cfg)
+
+    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    assert np.isfinite(float(total))
+    terms = ("loss_cls", "loss_mask", "loss_centerness")
+    assert float(total) == pytest.approx(sum(float(metrics[k]) for k in terms), rel=1e-5)
+    assert float(metrics["loss_mask"]) > 0
+    assert float(jnp.abs(grads["head"]["bbox_pred"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(grads["head"]["centerness"]["kernel"]).sum()) > 0
+
+    det = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
+    k = cfg.detections_per_image
+    assert det["polygons"].shape == (2, k, cfg.num_rays, 2) and det["boxes"].shape == (2, k, 4)
+    assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
+
+
+@pytest.mark.slow
+def test_overfits_four_scenes(tmp_path):
+    from tests.methods.overfit import overfit_report
+
+    report = overfit_report(
+        SMOKE.split(":")[0],
+        tmp_path / "overfit",
+        steps=300,
+        overrides=[
+            "--config.optim.name=adamw",
+            "--config.optim.lr=0.002",
+            "--config.model.sizes_of_interest=(64, 128, 256, 512)",
+        ],
+    )
+    assert report["segm"]["AP"] >= 0.9, report["segm"]
+
+
+@pytest.mark.slow
+def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
+    from tests.methods.overfit import coco_step_result
+
+    result = coco_step_result("polarmask")
+    assert np.isfinite(result["loss"]) and result["step_s"] > 0
