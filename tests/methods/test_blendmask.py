@@ -98,7 +98,7 @@ def test_the_default_attentions_are_4_by_14_by_14():
     cfg = blendmask.BlendMaskConfig(num_classes=80)
     assert cfg.attention_length == 784 and cfg.bottom_resolution == 56
     assert not cfg.level_scales and cfg.score_threshold_on == "product"
-    with pytest.raises(config_lib.ConfigValueError, match="model.num_bases"):
+    with pytest.raises(config_lib.ConfigValueError, match=r"model\.num_bases"):
         blendmask.BlendMaskConfig(num_classes=80, num_bases=0)
 
 
