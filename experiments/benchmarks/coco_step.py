@@ -29,6 +29,8 @@ EXPERIMENTS = {
     "yolact": "yolact_r50_coco.py",
     "fcos": "fcos_r50_fpn_coco_1x.py",
     "condinst": "condinst_r50_fpn_coco_1x.py",
+    "blendmask": "blendmask_r50_fpn_coco_1x.py",
+    "polarmask": "polarmask_r50_fpn_coco_1x.py",
 }
 BATCH = 2
 

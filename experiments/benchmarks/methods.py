@@ -43,6 +43,8 @@ EXPERIMENTS = {
     "yolact": "yolact_nuclei.py",
     "fcos": "fcos_nuclei.py",
     "condinst": "condinst_nuclei.py",
+    "blendmask": "blendmask_nuclei.py",
+    "polarmask": "polarmask_nuclei.py",
 }
 
 

@@ -17,7 +17,10 @@ is the distance to the contour point nearest its angle, the farthest of those wi
 `angle_tolerance` degrees of that nearest one (where a concave contour crosses the ray several
 times: the reference takes the farthest point at the ray's integer degree, searching +-1..3
 degrees when there is none, and 1e-6 past that); the centerness target is sqrt(min / max) of
-the 36 targets (polar centerness).
+the 36 targets (polar centerness). A location within about a pixel of its contour sees the
+boundary points near it spread over wide angles, so a ray there can take a farther point's
+length (the reference's integer-degree search shares the limit); tests/methods/
+test_polarmask.py checks the rule against ray casting from locations inside the shapes.
 
 Losses: FCOS's focal class loss; polar IoU loss log(sum max(d, d*) / sum min(d, d*)) over the
 rays of each trained location, weighted by its centerness target / the sum of those targets;

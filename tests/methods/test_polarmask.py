@@ -51,8 +51,15 @@ def shapes():
 def test_ray_targets_match_ray_casting(name):
     mask = shapes()[name]
     ys, xs = np.nonzero(mask)
-    centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5])  # the mass centre, inside all three
-    origins = [centre, centre + np.array([3.3, -2.2])]
+    centre = np.array([xs.mean() + 0.5, ys.mean() + 0.5])
+    if name == "L":
+        # Its mass centre lies 0.3 px from the bar's inner edge, where 1 px apart boundary
+        # points leave the rays without a point near their angle (module docstring); these two
+        # lie 5+ px inside, one in the corner square seeing both arms, one in the bar seeing the
+        # concave corner.
+        origins = [np.array([14.0, 36.0]), np.array([13.2, 20.7])]
+    else:
+        origins = [centre, centre + np.array([3.3, -2.2])]
     contour = boundary_points(mask)
     assert len(contour) <= polarmask.CONTOUR_POINTS  # all of it: nothing subsampled here
     length = polarmask.CONTOUR_POINTS
@@ -84,6 +91,22 @@ def test_boundary_points_are_the_edge_midpoints_facing_the_background():
         (1.0, 1.5), (2.0, 1.5),  # the notch's sides
     }  # fmt: skip
     assert got == expected
+
+
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_pipeline_contours_span_each_instances_box_through_resize_and_flip(hflip):
+    """The boundary's extreme points are the mask's tight box, which is the ground-truth box:
+    an independent check of the contours' scale, offset and mirroring."""
+    config = config_lib.load(SMOKE, [f"--config.input.hflip={hflip}"])
+    _, batch = first_batch(config)
+    contours = np.asarray(batch["gt_contours"])  # [B, N, L, 2]
+    boxes, valid = np.asarray(batch["gt_boxes"]), np.asarray(batch["gt_valid"])
+    assert np.asarray(batch["flipped"]).all() == bool(hflip) and valid.sum() >= 4
+    for b, n in zip(*np.nonzero(valid), strict=True):
+        points = contours[b, n]
+        spans = [points[:, 0].min(), points[:, 1].min(), points[:, 0].max(), points[:, 1].max()]
+        np.testing.assert_allclose(spans, boxes[b, n], atol=0.05, err_msg=f"{b}, {n}")
+    assert not contours[~valid].any()
 
 
 def test_polygon_region_rasterises_inside_the_polygons_box():
