@@ -137,7 +137,7 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 
 @pytest.mark.slow
 def test_overfits_four_scenes(tmp_path):
-    from tests.methods.overfit import overfit_report
+    from tests.methods.overfit import CANVAS_4X, overfit_report
 
     report = overfit_report(
         SMOKE.split(":")[0],
@@ -147,6 +147,7 @@ def test_overfits_four_scenes(tmp_path):
             "--config.optim.name=adamw",
             "--config.optim.lr=0.002",
             "--config.model.sizes_of_interest=(64, 128, 256, 512)",
+            *CANVAS_4X,
         ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
