@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -113,24 +114,50 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path):
-    """jax.distributed with 2 CPU processes (gloo), global batch 2 split between them."""
+def run_two_processes(workdir, out_stem, timeout: int) -> bool:
+    """Both processes of a 2-process run finished (True) or one was still running after
+    `timeout` seconds (False: both are killed, none is left behind)."""
     port = free_port()
     processes = [
         run_driver(
-            tmp_path / "multi",
+            workdir,
             3,
-            tmp_path / f"multi{i}.npz",
+            f"{out_stem}{i}.npz",
             env={
                 "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
                 "JAX_NUM_PROCESSES": "2",
                 "JAX_PROCESS_ID": str(i),
+                # Two processes writing one persistent cache at once is one suspect of the
+                # rare hang below; each compiles its own program.
+                "JAX_ENABLE_COMPILATION_CACHE": "false",
             },
         )
         for i in range(2)
     ]
-    for process in processes:
-        finish(process)
+    try:
+        for process in processes:
+            finish(process, timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+            process.communicate()
+        return False
+
+
+def test_two_processes_equal_one(tmp_path):
+    """jax.distributed with 2 CPU processes (gloo), global batch 2 split between them.
+
+    About 1 run in 10 of this test has hung in the first step, both processes waiting in XLA's
+    CPU (gloo) collective of the step (py-spy: both in device_get of the step's metrics, no
+    CPU). Each attempt is bounded and a hung one is retried once on a fresh port and workdir:
+    two hangs in a row, or different parameters, still fail."""
+    finished = run_two_processes(tmp_path / "multi", tmp_path / "multi", timeout=300)
+    if not finished:
+        warnings.warn("2-process training hung in its first attempt; retried once", stacklevel=1)
+        assert run_two_processes(tmp_path / "retry", tmp_path / "multi", timeout=300), (
+            "2-process training hung twice"
+        )
     finish(run_driver(tmp_path / "single", 3, tmp_path / "single.npz"))
     a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi0.npz")
     worst = max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)) for k in a.files)
