@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instseg_jax import builders
 from instseg_jax import config as config_lib
 from instseg_jax.methods import blendmask
-from tests.methods.test_mask_rcnn import first_batch
+from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
 from tests.ops import reference
 
 SMOKE = "experiments/blendmask_nuclei.py:smoke"
@@ -103,33 +102,18 @@ def test_the_default_attentions_are_4_by_14_by_14():
 
 
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
-    config = config_lib.load(SMOKE)
-    source, batch = first_batch(config)
-    cfg = builders.model_config(config, source.num_classes)
-    model = blendmask.Model(cfg)
-    variables = jax.jit(
-        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
-    )(batch)
-
-    def loss(p):
-        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
-        return blendmask.loss_fn(outputs, batch, cfg)
-
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    assert np.isfinite(float(total))
-    terms = ("loss_cls", "loss_box_reg", "loss_centerness", "loss_mask", "loss_semantic")
-    assert float(total) == pytest.approx(sum(float(metrics[k]) for k in terms), rel=1e-5)
+    step = smoke_step(blendmask, SMOKE)
+    metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
+    assert np.isfinite(step.total)
+    assert_total_is_the_sum(
+        step, ("loss_cls", "loss_box_reg", "loss_centerness", "loss_mask", "loss_semantic")
+    )
     # At initialisation the bases are near zero: every mask logit near 0, BCE near log 2.
     assert float(metrics["loss_mask"]) == pytest.approx(np.log(2), abs=0.2)
     assert float(metrics["loss_semantic"]) > 0
-
-    def magnitude(tree):
-        return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
-
     for name in ("fpn", "head", "top_layer", "bottom", "semantic_head"):
         assert magnitude(grads[name]) > 0, name
 
-    det = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
     k, r = cfg.detections_per_image, cfg.bottom_resolution
     assert det["masks"].shape == (2, k, r, r) and det["boxes"].shape == (2, k, 4)
     assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)

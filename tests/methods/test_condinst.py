@@ -10,10 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instseg_jax import builders
-from instseg_jax import config as config_lib
 from instseg_jax.methods import condinst
-from tests.methods.test_mask_rcnn import first_batch
+from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
 
 SMOKE = "experiments/condinst_nuclei.py:smoke"
 CFG = condinst.CondInstConfig(num_classes=3, canvas_hw=(128, 128))
@@ -79,31 +77,14 @@ def test_location_scales_follow_the_levels():
 
 
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
-    config = config_lib.load(SMOKE)
-    source, batch = first_batch(config)
-    cfg = builders.model_config(config, source.num_classes)
-    model = condinst.Model(cfg)
-    variables = jax.jit(
-        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
-    )(batch)
-
-    def loss(p):
-        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
-        return condinst.loss_fn(outputs, batch, cfg)
-
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    assert np.isfinite(float(total))
-    terms = ("loss_cls", "loss_box_reg", "loss_centerness", "loss_mask")
-    assert float(total) == pytest.approx(sum(float(metrics[k]) for k in terms), rel=1e-5)
+    step = smoke_step(condinst, SMOKE)
+    metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
+    assert np.isfinite(step.total)
+    assert_total_is_the_sum(step, ("loss_cls", "loss_box_reg", "loss_centerness", "loss_mask"))
     assert 0 < float(metrics["loss_mask"]) <= 1.0  # a dice loss
-
-    def magnitude(tree):
-        return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
-
     for name in ("fpn", "head", "controller", "mask_branch"):
         assert magnitude(grads[name]) > 0, name
 
-    det = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
     k, (h, w) = cfg.detections_per_image, (v // 4 for v in cfg.canvas_hw)
     assert det["canvas_masks"].shape == (2, k, h, w) and det["boxes"].shape == (2, k, 4)
     assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)

@@ -14,7 +14,7 @@ from instseg_jax import builders
 from instseg_jax import config as config_lib
 from instseg_jax.methods import fcos
 from tests.methods import fcos_reference as reference
-from tests.methods.test_mask_rcnn import first_batch
+from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
 
 SMOKE = "experiments/fcos_nuclei.py:smoke"
 CFG = fcos.FCOSConfig(num_classes=3, canvas_hw=(128, 128), sizes_of_interest=(32, 64, 128, 256))
@@ -239,37 +239,20 @@ def test_detections_match_the_reference_procedure(convention):
 
 
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
-    config = config_lib.load(SMOKE)
-    source, batch = first_batch(config)
-    cfg = builders.model_config(config, source.num_classes)
-    model = fcos.Model(cfg)
-    variables = jax.jit(
-        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
-    )(batch)
-
-    def loss(p):
-        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
-        return fcos.loss_fn(outputs, batch, cfg)
-
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    assert np.isfinite(float(total))
-    terms = ("loss_cls", "loss_box_reg", "loss_centerness")
-    assert float(total) == pytest.approx(sum(float(metrics[k]) for k in terms), rel=1e-5)
+    step = smoke_step(fcos, SMOKE)
+    metrics, grads, det = step.metrics, step.grads, step.detections
+    assert np.isfinite(step.total)
+    assert_total_is_the_sum(step, ("loss_cls", "loss_box_reg", "loss_centerness"))
     assert float(metrics["positive_locations"]) > 0
     # Focal loss at the prior: every location and class near -log(1 - 0.01) x 0.75 x 0.01^2.
     assert float(metrics["loss_cls"]) < 5
-
-    def magnitude(tree):
-        return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
-
     for name in ("fpn", "head"):
         assert magnitude(grads[name]) > 0, name
     assert magnitude(grads["head"]["scales"]) > 0
     for name, group in grads["backbone"].items():
         assert (magnitude(group) > 0) == (name != "stem"), name
 
-    det = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
-    k = cfg.detections_per_image
+    k = step.cfg.detections_per_image
     assert det["boxes"].shape == (2, k, 4) and "masks" not in det and "canvas_masks" not in det
     assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
 

@@ -16,6 +16,7 @@ from instseg_jax import config as config_lib
 from instseg_jax.detections import polygon_region
 from instseg_jax.input.transforms import boundary_points
 from instseg_jax.methods import polarmask
+from tests.methods.smoke import assert_total_is_the_sum, smoke_step
 from tests.methods.test_mask_rcnn import first_batch
 
 SMOKE = "experiments/polarmask_nuclei.py:smoke"
@@ -134,28 +135,15 @@ def test_polar_iou_loss_and_centerness():
 
 
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
-    config = config_lib.load(SMOKE)
-    source, batch = first_batch(config)
-    assert batch["gt_contours"].shape[-2:] == (polarmask.CONTOUR_POINTS, 2)
-    cfg = builders.model_config(config, source.num_classes)
-    model = polarmask.Model(cfg)
-    variables = jax.jit(
-        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
-    )(batch)
-
-    def loss(p):
-        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
-        return polarmask.loss_fn(outputs, batch, cfg)
-
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    assert np.isfinite(float(total))
-    terms = ("loss_cls", "loss_mask", "loss_centerness")
-    assert float(total) == pytest.approx(sum(float(metrics[k]) for k in terms), rel=1e-5)
+    step = smoke_step(polarmask, SMOKE)
+    metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
+    assert step.batch["gt_contours"].shape[-2:] == (polarmask.CONTOUR_POINTS, 2)
+    assert np.isfinite(step.total)
+    assert_total_is_the_sum(step, ("loss_cls", "loss_mask", "loss_centerness"))
     assert float(metrics["loss_mask"]) > 0
     assert float(jnp.abs(grads["head"]["bbox_pred"]["kernel"]).sum()) > 0
     assert float(jnp.abs(grads["head"]["centerness"]["kernel"]).sum()) > 0
 
-    det = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
     k = cfg.detections_per_image
     assert det["polygons"].shape == (2, k, cfg.num_rays, 2) and det["boxes"].shape == (2, k, 4)
     assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)

@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instseg_jax import builders, ops
-from instseg_jax import config as config_lib
+from instseg_jax import ops
 from instseg_jax.methods import yolact
 from tests.methods import yolact_reference as reference
-from tests.methods.test_mask_rcnn import first_batch
+from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
 
 SMOKE = "experiments/yolact_nuclei.py:smoke"
 CFG = yolact.YOLACTConfig(num_classes=3, canvas_hw=(128, 128), anchor_sizes=(12, 24, 48, 96, 192))
@@ -175,33 +174,16 @@ def test_crop_keeps_the_cells_of_the_box_with_one_cell_of_padding():
 
 
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
-    config = config_lib.load(SMOKE)
-    source, batch = first_batch(config)
-    cfg = builders.model_config(config, source.num_classes)
-    model = yolact.Model(cfg)
-    variables = jax.jit(
-        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
-    )(batch)
-
-    def loss(p):
-        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
-        return yolact.loss_fn(outputs, batch, cfg)
-
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    assert np.isfinite(float(total))
-    terms = ("loss_cls", "loss_box_reg", "loss_mask", "loss_semantic")
-    assert float(total) == pytest.approx(sum(float(metrics[k]) for k in terms), rel=1e-5)
+    step = smoke_step(yolact, SMOKE)
+    metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
+    assert np.isfinite(step.total)
+    assert_total_is_the_sum(step, ("loss_cls", "loss_box_reg", "loss_mask", "loss_semantic"))
     assert float(metrics["positive_anchors"]) > 0
-
-    def magnitude(tree):
-        return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
-
     for name in ("fpn", "head", "protonet", "semantic"):
         assert magnitude(grads[name]) > 0, name
     for name, group in grads["backbone"].items():
         assert (magnitude(group) > 0) == (name != "stem"), name
 
-    det = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
     k, (h, w) = cfg.detections_per_image, (v // 4 for v in cfg.canvas_hw)
     assert det["canvas_masks"].shape == (2, k, h, w) and det["boxes"].shape == (2, k, 4)
     assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
