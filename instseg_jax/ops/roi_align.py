@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from instseg_jax.ops.boxes import box_area
+from instseg_jax.ops.sampling import pool_bilinear_samples
 
 # Exact float32 products on every backend (TPUs default to bfloat16 passes in matmuls).
 _EXACT = jax.lax.Precision.HIGHEST
@@ -103,90 +103,6 @@ def _at_least_two_cells(features):
     return features
 
 
-# Boxes are pooled in chunks of about this many gathered bytes: the samples of one chunk stay in
-# cache between the gathers and the reduction (and the scatter-add of the backward pass), which
-# measured 1.5-2x faster on CPU than one pass over all boxes (experiments/benchmarks/ops.py).
-_CHUNK_BYTES = 4 * 1024 * 1024
-
-
-def _chunks(index, weight, bytes_per_row):
-    """Split index/weight [N, ...] into [num_chunks, chunk, ...] (padding has zero weight)."""
-    num = index.shape[0]
-    per_box = bytes_per_row * int(np.prod(index.shape[1:]))
-    chunk = int(max(1, min(num, _CHUNK_BYTES // max(per_box, 1))))
-    padded = -(-num // chunk) * chunk
-    if padded != num:
-        pad = [(0, padded - num)] + [(0, 0)] * (index.ndim - 1)
-        index = jnp.pad(index, pad)
-        weight = jnp.pad(weight, pad)
-    split = lambda x: x.reshape((padded // chunk, chunk) + x.shape[1:])
-    return split(index), split(weight), padded
-
-
-def _pool_chunk(flat_features, index, weight):
-    """[n, oh, ow, D] bins of one chunk: four fused gathers, scaled, summed, reduced over sr."""
-    samples = None
-    for k in range(4):
-        term = jnp.take(flat_features, index[..., k], axis=0, mode="clip") * weight[..., k, None]
-        samples = term if samples is None else samples + term  # [n, oh, sr, ow, sr, D]
-    return samples.sum(axis=(2, 4))
-
-
-@jax.custom_vjp
-def _pool_bilinear(flat_features, index, weight):
-    """Bins [N, oh, ow, D] = sum over samples and neighbours of weight * flat_features[index].
-
-    index int32[N, oh, sr, ow, sr, 4] and weight [N, oh, sr, ow, sr, 4] are the four bilinear
-    neighbours of every sample of N boxes (weights already hold the 1/sr^2 of the bin mean).
-    Forward: four gathers per chunk of boxes that XLA fuses with the products and the sum.
-    Backward: a scatter-add of every neighbour row, chunk by chunk into one gradient buffer.
-    """
-    return _pool_bilinear_fwd(flat_features, index, weight)[0]
-
-
-def _pool_bilinear_fwd(flat_features, index, weight):
-    num = index.shape[0]
-    row_bytes = flat_features.shape[-1] * flat_features.dtype.itemsize
-    index_c, weight_c, _ = _chunks(index, weight, row_bytes)
-    pooled = jax.lax.map(lambda c: _pool_chunk(flat_features, *c), (index_c, weight_c))
-    pooled = pooled.reshape((-1,) + pooled.shape[2:])[:num]
-    return pooled, (flat_features, index, weight)
-
-
-def _pool_bilinear_bwd(residuals, cotangent):
-    flat_features, index, weight = residuals
-    depth = flat_features.shape[-1]
-    row_bytes = depth * flat_features.dtype.itemsize
-    index_c, weight_c, padded = _chunks(index, weight, row_bytes)
-    if padded != cotangent.shape[0]:
-        cotangent = jnp.pad(cotangent, [(0, padded - cotangent.shape[0])] + [(0, 0)] * 3)
-    cotangent_c = cotangent.reshape(index_c.shape[:2] + cotangent.shape[1:])
-
-    def spread(g):  # [n, oh, ow, D] -> [n, oh, 1, ow, 1, 1, D]
-        return g[:, :, None, :, None, None, :]
-
-    def scatter_chunk(i, grad):
-        updates = (spread(cotangent_c[i]) * weight_c[i][..., None]).reshape(-1, depth)
-        return grad.at[index_c[i].reshape(-1)].add(updates, mode="promise_in_bounds")
-
-    grad_features = jax.lax.fori_loop(
-        0, index_c.shape[0], scatter_chunk, jnp.zeros_like(flat_features)
-    )
-
-    # The weights depend on the box coordinates: their cotangent carries the box gradient
-    # (a separate pass, which XLA drops when nothing asks for box gradients).
-    def weight_chunk(c):
-        idx, g = c
-        return (jnp.take(flat_features, idx, axis=0, mode="clip") * spread(g)).sum(axis=-1)
-
-    grad_weight = jax.lax.map(weight_chunk, (index_c, cotangent_c))
-    grad_weight = grad_weight.reshape((-1,) + grad_weight.shape[2:])[: index.shape[0]]
-    return grad_features, None, grad_weight
-
-
-_pool_bilinear.defvjp(_pool_bilinear_fwd, _pool_bilinear_bwd)
-
-
 def _gather_pool(flat_features, row_base, widths, ys, xs):
     """Bins from flat_features[T, D] by gathers.
 
@@ -214,7 +130,7 @@ def _gather_pool(flat_features, row_base, widths, ys, xs):
         -1,
     ).astype(flat_features.dtype)  # [B, R, oh, sr, ow, sr, 4]
     flat_boxes = lambda x: x.reshape((batch * num_boxes,) + x.shape[2:])
-    pooled = _pool_bilinear(flat_features, flat_boxes(index), flat_boxes(weight))
+    pooled = pool_bilinear_samples(flat_features, flat_boxes(index), flat_boxes(weight))
     return pooled.reshape(batch, num_boxes, oh, ow, -1)
 
 
