@@ -71,11 +71,34 @@ def _path_names(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
+def _clip_trainable(max_norm: float, labels) -> optax.GradientTransformation:
+    """Scale every gradient by min(1, max_norm / global norm of the trained ones): the global
+    norm leaves the frozen parameters out, and spans all the learning-rate groups at once (the
+    reference's "full model" clipping)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        trained = jax.tree_util.tree_map(
+            lambda g, label: jnp.zeros_like(g) if label == "frozen" else g, updates, labels
+        )
+        norm = optax.global_norm(trained)
+        scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+        return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def optimizer(config, params) -> optax.GradientTransformation:
-    """SGD with momentum (or AdamW), weight decay off for norm parameters, frozen stages fixed,
-    optional global-norm clipping."""
+    """SGD with momentum (or AdamW); no weight decay on norm parameters and embeddings; frozen
+    stages fixed; the backbone's learning rate x optim.backbone_lr_multiplier (its own group);
+    optional clipping at a global norm over every trained parameter."""
     o = config.optim
     schedule = learning_rate(config)
+    multiplier = float(o.get("backbone_lr_multiplier", 1.0))
     frozen = frozen_prefixes(config.model.get("freeze_at", 0))
 
     def label(path, _):
@@ -83,27 +106,35 @@ def optimizer(config, params) -> optax.GradientTransformation:
         parts = names.split("/")
         if parts[0] == "backbone" and any(p.startswith(frozen) for p in parts[1:2]) and frozen:
             return "frozen"
+        if parts[0] == "backbone" and multiplier != 1.0:
+            return "backbone"
         return "train"
 
     def decays(params_tree):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: not any(n in ("norm", "gn") for n in _path_names(path).split("/")),
-            params_tree,
-        )
+        def decayed(path, _):
+            parts = _path_names(path).split("/")
+            return not (any("norm" in p or p == "gn" for p in parts) or parts[-1] == "embedding")
 
-    if o.name == "sgd":
-        train = optax.chain(
-            optax.add_decayed_weights(o.weight_decay, mask=decays),
-            optax.sgd(schedule, momentum=o.momentum),
-        )
-    elif o.name == "adamw":
-        train = optax.adamw(schedule, weight_decay=o.weight_decay, mask=decays)
-    else:
+        return jax.tree_util.tree_map_with_path(decayed, params_tree)
+
+    def group(lr):
+        if o.name == "sgd":
+            return optax.chain(
+                optax.add_decayed_weights(o.weight_decay, mask=decays),
+                optax.sgd(lr, momentum=o.momentum),
+            )
+        if o.name == "adamw":
+            return optax.adamw(lr, weight_decay=o.weight_decay, mask=decays)
         raise config_lib.ConfigValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
-    if o.clip_norm > 0:
-        train = optax.chain(optax.clip_by_global_norm(o.clip_norm), train)
+
     labels = jax.tree_util.tree_map_with_path(label, params)
-    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+    groups = {"train": group(schedule), "frozen": optax.set_to_zero()}
+    if multiplier != 1.0:
+        groups["backbone"] = group(lambda step: multiplier * schedule(step))
+    transform = optax.multi_transform(groups, labels)
+    if o.clip_norm > 0:
+        transform = optax.chain(_clip_trainable(o.clip_norm, labels), transform)
+    return transform
 
 
 # ----------------------------------------------------------------------------- state and step

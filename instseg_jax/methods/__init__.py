@@ -36,12 +36,22 @@ import sys
 from types import ModuleType
 
 from instseg_jax.config import ConfigValueError
-from instseg_jax.methods import blendmask, condinst, fcos, mask_rcnn, polarmask, solov2, yolact
+from instseg_jax.methods import (
+    blendmask,
+    condinst,
+    fcos,
+    mask2former,
+    mask_rcnn,
+    polarmask,
+    solov2,
+    yolact,
+)
 
 METHODS: dict[str, ModuleType] = {
     "blendmask": blendmask,
     "condinst": condinst,
     "fcos": fcos,
+    "mask2former": mask2former,
     "mask_rcnn": mask_rcnn,
     "polarmask": polarmask,
     "solov2": solov2,

@@ -1,0 +1,805 @@
+"""Mask2Former (Cheng et al. 2022, "Masked-attention Mask Transformer for Universal Image
+Segmentation") and MaskFormer (Cheng et al. 2021) as its config variant: the method module
+(methods/__init__.py). Set prediction: `num_queries` queries each predict a class (or "no
+object") and a mask; training matches queries to ground truths one-to-one (Hungarian matching,
+ops/matching.py); test time takes the best query-class scores. No anchors, no boxes, no NMS.
+
+Defaults follow facebookresearch/Mask2Former's
+configs/coco/instance-segmentation/maskformer2_R50_bs16_50ep.yaml; every one is a config field.
+
+Model:
+  backbone     ResNet (frozen BN, every stage trained: FREEZE_AT 0), res2..res5.
+  pixel        "msdeform" (Mask2Former): res3-res5 each projected (1x1 conv + GroupNorm 32) to
+  decoder      conv_dim, plus sine positions and a learned level embedding, through
+               `encoder_layers` multi-scale deformable attention layers (ops/sampling.py:
+               `encoder_heads` heads, `encoder_points` points per level, FFN 1024, post-norm);
+               res2 joins FPN-style (lateral 1x1 + bilinear upsampling, 3x3 conv); a 1x1 conv
+               gives the stride-4 mask features. "fpn" (MaskFormer's per-pixel decoder): a plain
+               top-down FPN (nearest upsampling) with a 3x3 conv to the mask features.
+  transformer  "masked" (Mask2Former): `decoder_layers` layers of masked cross-attention ->
+  decoder      self-attention -> FFN (post-norm), cross-attending round-robin to the pixel
+               decoder's strides 32, 16, 8; each query attends only where its previous mask
+               prediction (resized to that scale) has probability >= 0.5, everywhere when that
+               region is empty; predictions before the first layer and after every layer.
+               "detr" (MaskFormer): DETR's decoder (self-attention -> full cross-attention to the
+               projected res5 -> FFN) from zero queries, predictions after every layer.
+  heads        LayerNorm, then a linear class head (C + 1, the last "no object") and a 3-layer
+               MLP mask embedding dotted with the mask features: [Q, H/4, W/4] mask logits.
+
+Training (inside the model, under stop_gradient; each prediction layer matched on its own, deep
+supervision): the cost of query q for ground truth g is class_weight x (-p_q(class_g)) +
+mask_weight x BCE + dice_weight x dice, BCE and dice over `train_points` points drawn uniformly
+(the same points for every query and ground truth of an image); padded ground truths are never
+matched. Losses: cross-entropy over all queries (unmatched ones to "no object", weighted
+no_object_weight) x class_weight; BCE and dice of each matched pair over `train_points` points
+sampled by uncertainty (oversample_ratio, importance_sample_ratio: PointRend's rule), summed
+over pairs / ground truths in the global batch, x mask_weight and x dice_weight.
+
+Test: scores softmax(class)[:, :C], the best `detections_per_image` (query, class) pairs of the
+Q x C, each scored class probability x the mean mask probability inside its mask (mask logit >
+0); canvas masks at stride 4 (`canvas_masks` payload, boxes derived by the host).
+
+Known differences from the reference:
+  - Ground-truth masks are sampled at the points from the pipeline's stride-4 masks
+    (structures.py gt_full_masks, whose cells are "any pixel inside"), not at full resolution.
+  - Mask scores average over the stride-4 mask, not over the mask upsampled to the image.
+  - The canvas is fixed (input.canvas_hw); the reference's positional encodings and attention
+    ignore padding the same way (it passes no padding masks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from instseg_jax import config as config_lib
+from instseg_jax import structures
+from instseg_jax.backbones.resnet import ResNet, normalize
+from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.ops import dense
+from instseg_jax.ops.matching import min_cost_matching
+from instseg_jax.ops.sampling import deformable_attention, point_sample, uncertain_points
+
+MASK_STRIDE = 4
+
+INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE)
+
+PIXEL_DECODERS = ("msdeform", "fpn")
+TRANSFORMER_DECODERS = ("masked", "detr")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask2FormerConfig:
+    num_classes: int
+    canvas_hw: tuple[int, int] = (1024, 1024)
+    depth: int = 50
+    width: int = 64
+    norm: str = "frozen_bn"
+    freeze_at: int = 0
+    stage_blocks: tuple = ()
+    pixel_decoder: str = "msdeform"
+    conv_dim: int = 256
+    mask_dim: int = 256
+    encoder_layers: int = 6
+    encoder_heads: int = 8
+    encoder_points: int = 4
+    encoder_feedforward: int = 1024
+    transformer_decoder: str = "masked"
+    hidden_dim: int = 256
+    num_queries: int = 100
+    heads: int = 8
+    decoder_layers: int = 9
+    decoder_feedforward: int = 2048
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    train_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True
+    detections_per_image: int = 100
+    compute_dtype: str = "float32"
+
+    def __post_init__(self):
+        h, w = self.canvas_hw
+        if h % 32 or w % 32:
+            raise config_lib.ConfigValueError(
+                f"input.canvas_hw {self.canvas_hw} must be divisible by 32 (res5's stride)"
+            )
+        if self.pixel_decoder not in PIXEL_DECODERS:
+            raise config_lib.ConfigValueError(
+                f"model.pixel_decoder must be one of {PIXEL_DECODERS}, got {self.pixel_decoder!r}"
+            )
+        if self.transformer_decoder not in TRANSFORMER_DECODERS:
+            raise config_lib.ConfigValueError(
+                f"model.transformer_decoder must be one of {TRANSFORMER_DECODERS}, got "
+                f"{self.transformer_decoder!r}"
+            )
+        for name in ("conv_dim", "hidden_dim"):
+            if getattr(self, name) % 32:
+                raise config_lib.ConfigValueError(
+                    f"model.{name} must be a multiple of 32 (GroupNorm 32 and sine positions), "
+                    f"got {getattr(self, name)}"
+                )
+        if self.hidden_dim % self.heads or self.conv_dim % self.encoder_heads:
+            raise config_lib.ConfigValueError(
+                "model.hidden_dim must divide by model.heads and model.conv_dim by "
+                "model.encoder_heads"
+            )
+        if self.transformer_decoder == "masked" and self.conv_dim != self.hidden_dim:
+            raise config_lib.ConfigValueError(
+                "the masked decoder attends to the pixel decoder's features as they are: "
+                f"model.conv_dim ({self.conv_dim}) must equal model.hidden_dim ({self.hidden_dim})"
+            )
+        if self.decoder_layers < 1 or self.num_queries < 1 or self.train_points < 1:
+            raise config_lib.ConfigValueError(
+                "model.decoder_layers, model.num_queries and model.train_points must be >= 1"
+            )
+        if not 0.0 <= self.importance_sample_ratio <= 1.0 or self.oversample_ratio < 1.0:
+            raise config_lib.ConfigValueError(
+                "model.importance_sample_ratio must be in [0, 1] and model.oversample_ratio >= 1"
+            )
+
+    @classmethod
+    def from_config(cls, model_config, num_classes: int, canvas_hw) -> Mask2FormerConfig:
+        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    @property
+    def num_predictions(self) -> int:
+        """Prediction layers: one before the first masked layer, then one per layer."""
+        return self.decoder_layers + (1 if self.transformer_decoder == "masked" else 0)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def sine_positions(height: int, width: int, channels: int) -> np.ndarray:
+    """float32[H, W, channels] DETR's normalised sine positions (temperature 10000, scale 2 pi):
+    the first half encodes y, the second x, each as interleaved (sin, cos) pairs."""
+    feats = channels // 2
+    scale = 2 * math.pi
+    y = np.arange(1, height + 1, dtype=np.float64) / (height + 1e-6) * scale
+    x = np.arange(1, width + 1, dtype=np.float64) / (width + 1e-6) * scale
+    dim_t = 10000.0 ** (2 * (np.arange(feats) // 2) / feats)
+
+    def encode(values):  # [n] -> [n, feats]
+        angles = values[:, None] / dim_t
+        return np.stack([np.sin(angles[:, 0::2]), np.cos(angles[:, 1::2])], -1).reshape(
+            len(values), feats
+        )
+
+    pos_y = np.broadcast_to(encode(y)[:, None, :], (height, width, feats))
+    pos_x = np.broadcast_to(encode(x)[None, :, :], (height, width, feats))
+    return np.concatenate([pos_y, pos_x], -1).astype(np.float32)
+
+
+EMBED_INIT = nn.initializers.normal(1.0)  # torch's nn.Embedding
+
+
+def norm32(name, dtype):
+    """GroupNorm 32 with torch's epsilon (the reference's numbers, for imported weights)."""
+    return GroupNorm(32, dtype, 1e-5, name=name)
+
+
+def xavier():
+    return nn.initializers.xavier_uniform()
+
+
+def dense_layer(features, name, kernel_init=None, bias_init=nn.initializers.zeros, dtype=None):
+    return nn.Dense(
+        features,
+        kernel_init=kernel_init or xavier(),
+        bias_init=bias_init,
+        dtype=dtype,
+        name=name,
+    )
+
+
+def layer_norm(name, dtype=None):
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name)
+
+
+def _offset_bias(heads: int, levels: int, points: int):
+    """Deformable DETR's initial sampling offsets: head h looks along angle 2 pi h / heads, point
+    k at k + 1 cells (the direction scaled so that its larger component is 1)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        angles = np.arange(heads) * (2.0 * math.pi / heads)
+        grid = np.stack([np.cos(angles), np.sin(angles)], -1)
+        grid = grid / np.abs(grid).max(-1, keepdims=True)
+        grid = np.tile(grid[:, None, None, :], (1, levels, points, 1))
+        grid = grid * (np.arange(points) + 1)[None, None, :, None]
+        return jnp.asarray(grid.reshape(shape), dtype)
+
+    return init
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """MSDeformAttn: queries [B, Q, D] sample `points` points per head and level around their
+    reference points [B, Q, 2] ((x, y) in [0, 1]; offsets in cells of each level) from
+    `value_in` [B, S, D] laid out level after level as `level_shapes`."""
+
+    dim: int
+    heads: int
+    points: int
+    level_shapes: tuple
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query, reference, value_in):
+        batch, queries, _ = query.shape
+        levels = len(self.level_shapes)
+        per_head = self.dim // self.heads
+        value = dense_layer(self.dim, "value_proj", dtype=self.dtype)(value_in)
+        value = value.reshape(batch, -1, self.heads, per_head)
+        offsets = dense_layer(
+            self.heads * levels * self.points * 2,
+            "sampling_offsets",
+            kernel_init=nn.initializers.zeros,
+            bias_init=_offset_bias(self.heads, levels, self.points),
+            dtype=self.dtype,
+        )(query).reshape(batch, queries, self.heads, levels, self.points, 2)
+        logits = dense_layer(
+            self.heads * levels * self.points,
+            "attention_weights",
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+        )(query).reshape(batch, queries, self.heads, levels * self.points)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), -1).reshape(
+            batch, queries, self.heads, levels, self.points
+        )
+        cells = jnp.asarray([[w, h] for h, w in self.level_shapes], jnp.float32)  # [L, 2]
+        locations = (
+            reference[:, :, None, None, None, :].astype(jnp.float32)
+            + offsets.astype(jnp.float32) / cells[None, None, None, :, None, :]
+        )
+        sampled = deformable_attention(
+            value.astype(jnp.float32), self.level_shapes, locations, weights
+        )
+        sampled = sampled.reshape(batch, queries, self.dim).astype(self.dtype)
+        return dense_layer(self.dim, "output_proj", dtype=self.dtype)(sampled)
+
+
+class FeedForward(nn.Module):
+    """x + linear2(relu(linear1(x))), then LayerNorm (post-norm)."""
+
+    dim: int
+    hidden: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.relu(dense_layer(self.hidden, "linear1", dtype=self.dtype)(x))
+        y = dense_layer(self.dim, "linear2", dtype=self.dtype)(y)
+        return layer_norm("norm", self.dtype)(x + y)
+
+
+class Attention(nn.Module):
+    """torch's nn.MultiheadAttention (q, k, v and output projections) + residual + LayerNorm:
+    norm(query_in + attn(query_in + query_pos, key_in + key_pos, key_in)). `blocked` bool
+    [B, Q, K], True where a query may not look (rows never all True: the caller clears them)."""
+
+    dim: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query_in, query_pos, key_in, key_pos, blocked=None):
+        per_head = self.dim // self.heads
+        batch, queries, _ = query_in.shape
+        keys = key_in.shape[1]
+
+        def split(x):
+            return x.reshape(x.shape[0], x.shape[1], self.heads, per_head)
+
+        q = split(dense_layer(self.dim, "q_proj", dtype=self.dtype)(query_in + query_pos))
+        k = split(dense_layer(self.dim, "k_proj", dtype=self.dtype)(key_in + key_pos))
+        v = split(dense_layer(self.dim, "v_proj", dtype=self.dtype)(key_in))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(per_head)
+        if blocked is not None:
+            logits = jnp.where(blocked[:, None], -1e9, logits)
+        weights = jax.nn.softmax(logits, -1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, queries, self.dim)
+        del keys
+        out = dense_layer(self.dim, "out_proj", dtype=self.dtype)(out)
+        return layer_norm("norm", self.dtype)(query_in + out)
+
+
+def _conv(features, kernel, name, use_bias, dtype, kernel_init=None):
+    pad = kernel // 2
+    return Conv(
+        features,
+        (kernel, kernel),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=kernel_init or nn.initializers.kaiming_uniform(),
+        name=name,
+    )
+
+
+class DeformablePixelDecoder(nn.Module):
+    """MSDeformAttnPixelDecoder: (mask features [B, H/4, W/4, mask_dim], multi-scale features
+    at strides 32, 16, 8 [B, h, w, conv_dim])."""
+
+    cfg: Mask2FormerConfig
+
+    @nn.compact
+    def __call__(self, features: dict):
+        cfg = self.cfg
+        dtype = cfg.dtype
+        names = ("res5", "res4", "res3")
+        maps = []
+        for i, name in enumerate(names):
+            x = Conv(
+                cfg.conv_dim, (1, 1), dtype=dtype, kernel_init=xavier(), name=f"input_proj{i}"
+            )(features[name])
+            maps.append(norm32(f"input_norm{i}", dtype)(x))
+        shapes = tuple((m.shape[1], m.shape[2]) for m in maps)
+        batch = maps[0].shape[0]
+        level_embed = nn.Embed(
+            len(names), cfg.conv_dim, embedding_init=EMBED_INIT, name="level_embed"
+        ).embedding
+        src = jnp.concatenate([m.reshape(batch, -1, cfg.conv_dim) for m in maps], 1)
+        pos = jnp.concatenate(
+            [
+                jnp.asarray(sine_positions(h, w, cfg.conv_dim)).reshape(h * w, -1) + level_embed[i]
+                for i, (h, w) in enumerate(shapes)
+            ],
+            0,
+        )[None].astype(dtype)
+        reference = np.concatenate(
+            [
+                np.stack(
+                    np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h), -1
+                ).reshape(-1, 2)
+                for h, w in shapes
+            ]
+        ).astype(np.float32)
+        reference = jnp.broadcast_to(jnp.asarray(reference)[None], (batch,) + reference.shape)
+        for i in range(cfg.encoder_layers):
+            attended = MultiScaleDeformableAttention(
+                cfg.conv_dim,
+                cfg.encoder_heads,
+                cfg.encoder_points,
+                shapes,
+                dtype,
+                name=f"encoder{i}_attn",
+            )(src + pos, reference, src)
+            src = layer_norm(f"encoder{i}_norm", dtype)(src + attended)
+            src = FeedForward(cfg.conv_dim, cfg.encoder_feedforward, dtype, name=f"encoder{i}_ffn")(
+                src
+            )
+        outs, start = [], 0
+        for h, w in shapes:
+            outs.append(src[:, start : start + h * w].reshape(batch, h, w, cfg.conv_dim))
+            start += h * w
+        lateral = _conv(cfg.conv_dim, 1, "adapter1", False, dtype)(features["res2"])
+        lateral = norm32("adapter1_norm", dtype)(lateral)
+        y = lateral + dense.resize_bilinear(outs[-1], lateral.shape[1:3]).astype(lateral.dtype)
+        y = _conv(cfg.conv_dim, 3, "layer1", False, dtype)(y)
+        y = nn.relu(norm32("layer1_norm", dtype)(y))
+        mask_features = _conv(cfg.mask_dim, 1, "mask_features", True, dtype)(y)
+        return mask_features, outs
+
+
+class FPNPixelDecoder(nn.Module):
+    """MaskFormer's BasePixelDecoder: res5 -> 3x3 conv; then res4, res3, res2 each a lateral 1x1
+    conv + the nearest-upsampled coarser output -> 3x3 conv (GroupNorm 32, ReLU); a 3x3 conv to
+    the mask features. Returns (mask features, outputs at strides 32, 16, 8)."""
+
+    cfg: Mask2FormerConfig
+
+    @nn.compact
+    def __call__(self, features: dict):
+        cfg = self.cfg
+        dtype = cfg.dtype
+        y = _conv(cfg.conv_dim, 3, "layer4", False, dtype)(features["res5"])
+        y = nn.relu(norm32("layer4_norm", dtype)(y))
+        outs = [y]
+        for level in (4, 3, 2):
+            x = features[f"res{level}"]
+            lateral = _conv(cfg.conv_dim, 1, f"adapter{level - 1}", False, dtype)(x)
+            lateral = norm32(f"adapter{level - 1}_norm", dtype)(lateral)
+            up = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)
+            y = _conv(cfg.conv_dim, 3, f"layer{level - 1}", False, dtype)(lateral + up)
+            y = nn.relu(norm32(f"layer{level - 1}_norm", dtype)(y))
+            outs.append(y)
+        mask_features = _conv(cfg.mask_dim, 3, "mask_features", True, dtype)(y)
+        return mask_features, outs[:3]
+
+
+class PredictionHeads(nn.Module):
+    """(class logits [B, Q, C+1], mask logits [B, Q, H/4, W/4]) of query states [B, Q, D]."""
+
+    cfg: Mask2FormerConfig
+
+    @nn.compact
+    def __call__(self, queries, mask_features):
+        cfg = self.cfg
+        x = layer_norm("decoder_norm", cfg.dtype)(queries)
+        class_logits = nn.Dense(cfg.num_classes + 1, dtype=cfg.dtype, name="class_embed")(x)
+        e = x
+        for i in range(3):
+            e = nn.Dense(
+                cfg.hidden_dim if i < 2 else cfg.mask_dim, dtype=cfg.dtype, name=f"mask_embed{i}"
+            )(e)
+            e = nn.relu(e) if i < 2 else e
+        mask_logits = jnp.einsum("bqc,bhwc->bqhw", e, mask_features.astype(e.dtype))
+        return class_logits.astype(jnp.float32), mask_logits.astype(jnp.float32)
+
+
+class MaskedDecoder(nn.Module):
+    """MultiScaleMaskedTransformerDecoder: lists (one entry per prediction) of class and mask
+    logits."""
+
+    cfg: Mask2FormerConfig
+
+    @nn.compact
+    def __call__(self, multi_scale, mask_features):
+        cfg = self.cfg
+        dtype = cfg.dtype
+        batch = mask_features.shape[0]
+        levels = len(multi_scale)
+        level_embed = nn.Embed(
+            levels, cfg.hidden_dim, embedding_init=EMBED_INIT, name="level_embed"
+        ).embedding
+        memory, positions, shapes = [], [], []
+        for i, x in enumerate(multi_scale):
+            h, w = x.shape[1:3]
+            shapes.append((h, w))
+            memory.append(x.reshape(batch, h * w, -1) + level_embed[i].astype(x.dtype))
+            positions.append(
+                jnp.asarray(sine_positions(h, w, cfg.hidden_dim))
+                .reshape(1, h * w, -1)
+                .astype(dtype)
+            )
+        query_feat = nn.Embed(
+            cfg.num_queries, cfg.hidden_dim, embedding_init=EMBED_INIT, name="query_feat"
+        ).embedding
+        query_pos = nn.Embed(
+            cfg.num_queries, cfg.hidden_dim, embedding_init=EMBED_INIT, name="query_embed"
+        ).embedding
+        query_pos = jnp.broadcast_to(query_pos[None].astype(dtype), (batch,) + query_pos.shape)
+        output = jnp.broadcast_to(query_feat[None].astype(dtype), query_pos.shape)
+        heads = PredictionHeads(cfg, name="heads")
+
+        def predict(output, target_shape):
+            class_logits, mask_logits = heads(output, mask_features)
+            resized = dense.resize_bilinear(mask_logits.transpose(0, 2, 3, 1), target_shape)
+            blocked = jax.lax.stop_gradient(resized.reshape(batch, -1, cfg.num_queries) < 0.0)
+            # The barrier keeps XLA from fusing the mask's whole producer chain into each
+            # attention's softmax (that fusion took XLA:CPU minutes to compile).
+            blocked = jax.lax.optimization_barrier(blocked.transpose(0, 2, 1))  # [B, Q, hw]
+            return class_logits, mask_logits, blocked
+
+        class_logits, mask_logits, blocked = predict(output, shapes[0])
+        all_classes, all_masks = [class_logits], [mask_logits]
+        for i in range(cfg.decoder_layers):
+            level = i % levels
+            # A query whose mask is empty at this scale attends everywhere (as the reference).
+            blocked = blocked & ~blocked.all(-1, keepdims=True)
+            output = Attention(cfg.hidden_dim, cfg.heads, dtype, name=f"cross{i}")(
+                output, query_pos, memory[level], positions[level], blocked
+            )
+            output = Attention(cfg.hidden_dim, cfg.heads, dtype, name=f"self{i}")(
+                output, query_pos, output, query_pos
+            )
+            output = FeedForward(cfg.hidden_dim, cfg.decoder_feedforward, dtype, name=f"ffn{i}")(
+                output
+            )
+            class_logits, mask_logits, blocked = predict(output, shapes[(i + 1) % levels])
+            all_classes.append(class_logits)
+            all_masks.append(mask_logits)
+        return all_classes, all_masks
+
+
+class DETRDecoder(nn.Module):
+    """MaskFormer's decoder: DETR layers (self-attention -> cross-attention to the projected res5
+    with sine positions -> FFN, post-norm) from zero query states; predictions after each."""
+
+    cfg: Mask2FormerConfig
+
+    @nn.compact
+    def __call__(self, res5, mask_features):
+        cfg = self.cfg
+        dtype = cfg.dtype
+        batch, h, w, _ = res5.shape
+        memory = Conv(cfg.hidden_dim, (1, 1), dtype=dtype, kernel_init=xavier(), name="input_proj")(
+            res5
+        )
+        memory = memory.reshape(batch, h * w, cfg.hidden_dim)
+        positions = jnp.asarray(sine_positions(h, w, cfg.hidden_dim)).reshape(1, h * w, -1)
+        query_pos = nn.Embed(
+            cfg.num_queries, cfg.hidden_dim, embedding_init=EMBED_INIT, name="query_embed"
+        ).embedding
+        query_pos = jnp.broadcast_to(query_pos[None].astype(dtype), (batch,) + query_pos.shape)
+        output = jnp.zeros_like(query_pos)
+        heads = PredictionHeads(cfg, name="heads")
+        all_classes, all_masks = [], []
+        for i in range(cfg.decoder_layers):
+            output = Attention(cfg.hidden_dim, cfg.heads, dtype, name=f"self{i}")(
+                output, query_pos, output, query_pos
+            )
+            output = Attention(cfg.hidden_dim, cfg.heads, dtype, name=f"cross{i}")(
+                output, query_pos, memory, positions.astype(dtype)
+            )
+            output = FeedForward(cfg.hidden_dim, cfg.decoder_feedforward, dtype, name=f"ffn{i}")(
+                output
+            )
+            class_logits, mask_logits = heads(output, mask_features)
+            all_classes.append(class_logits)
+            all_masks.append(mask_logits)
+        return all_classes, all_masks
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class Mask2Former(nn.Module):
+    cfg: Mask2FormerConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.backbone = ResNet(
+            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
+        )
+        if cfg.pixel_decoder == "msdeform":
+            self.pixel_decoder = DeformablePixelDecoder(cfg)
+        else:
+            self.pixel_decoder = FPNPixelDecoder(cfg)
+        if cfg.transformer_decoder == "masked":
+            self.transformer_decoder = MaskedDecoder(cfg)
+        else:
+            self.transformer_decoder = DETRDecoder(cfg)
+
+    def predict(self, image):
+        """(class logits [P, B, Q, C+1], mask logits [P, B, Q, H/4, W/4]) of every prediction
+        layer P (the last is the model's answer) for images [B, H, W, 3] in 0-255 RGB."""
+        cfg = self.cfg
+        features = self.backbone(normalize(image, cfg.dtype))
+        mask_features, multi_scale = self.pixel_decoder(features)
+        if cfg.transformer_decoder == "masked":
+            classes, masks = self.transformer_decoder(multi_scale, mask_features)
+        else:
+            classes, masks = self.transformer_decoder(features["res5"], mask_features)
+        return jnp.stack(classes), jnp.stack(masks)
+
+    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+        cfg = self.cfg
+        class_logits, mask_logits = self.predict(batch["image"])
+        if not train:
+            return {"detections": detect(class_logits[-1], mask_logits[-1], cfg)}
+        if key is None:
+            raise ValueError("training needs a key for the matching and loss points")
+        if not cfg.deep_supervision:
+            class_logits, mask_logits = class_logits[-1:], mask_logits[-1:]
+        return {
+            "class_logits": class_logits,
+            "targets": set_targets(class_logits, mask_logits, batch, cfg, key),
+        }
+
+
+# ----------------------------------------------------------------------------- matching, losses
+
+
+def match_cost(class_logits, point_logits, point_labels, gt_classes, cfg):
+    """Cost [Q, G] of one image's queries for its ground truths: class_weight x (-p(class)) +
+    mask_weight x mean BCE + dice_weight x dice over the shared points. point_logits [Q, N],
+    point_labels [G, N]."""
+    probs = jax.nn.softmax(class_logits, -1)  # [Q, C+1]
+    class_cost = -probs[:, gt_classes]  # [Q, G]
+    num_points = point_logits.shape[-1]
+    positive = jax.nn.softplus(-point_logits)  # BCE against 1
+    negative = jax.nn.softplus(point_logits)  # BCE against 0
+    bce = (positive @ point_labels.T + negative @ (1.0 - point_labels).T) / num_points
+    p = jax.nn.sigmoid(point_logits)
+    dice = 1.0 - (2.0 * p @ point_labels.T + 1.0) / (
+        p.sum(-1)[:, None] + point_labels.sum(-1)[None, :] + 1.0
+    )
+    return cfg.class_weight * class_cost + cfg.mask_weight * bce + cfg.dice_weight * dice
+
+
+def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -> dict:
+    """Per prediction layer: the matching and the point samples the losses need.
+
+    Returns query_classes int32[P, B, Q] (C: no object), pair_valid bool[P, B, G] (ground truth g
+    is valid and matched), point_logits [P, B, G, N] (the matched query's mask logits at the
+    uncertainty-sampled points: they carry the gradient) and point_labels [P, B, G, N].
+    """
+    num_layers, b, q = class_logits.shape[:3]
+    gt_valid = batch["gt_valid"]
+    gt_classes = batch["gt_classes"]
+    gt_masks = batch["gt_full_masks"]  # [B, G, H/4, W/4] bool
+    g = gt_valid.shape[1]
+    match_key, loss_key = jax.random.split(key)
+    match_points = jax.random.uniform(match_key, (num_layers, b, cfg.train_points, 2))
+
+    def layer_cost(classes_l, masks_l, points_l):
+        def image_cost(classes_i, masks_i, points_i, gt_classes_i, gt_masks_i):
+            logits = point_sample(masks_i, jnp.broadcast_to(points_i, (q,) + points_i.shape))
+            labels = point_sample(gt_masks_i, jnp.broadcast_to(points_i, (g,) + points_i.shape))
+            return match_cost(classes_i, logits, labels, gt_classes_i, cfg)
+
+        return jax.vmap(image_cost)(classes_l, masks_l, points_l, gt_classes, gt_masks)
+
+    cost = jax.lax.stop_gradient(
+        jax.lax.map(lambda a: layer_cost(*a), (class_logits, mask_logits, match_points))
+    )  # [P, B, Q, G]
+    query_to_gt, gt_to_query = min_cost_matching(
+        cost, None, jnp.broadcast_to(gt_valid, (num_layers, b, g))
+    )
+    pair_valid = gt_to_query >= 0
+    matched_class = jnp.take_along_axis(
+        jnp.broadcast_to(gt_classes, (num_layers, b, g)), jnp.maximum(query_to_gt, 0), axis=2
+    )
+    query_classes = jnp.where(query_to_gt >= 0, matched_class, cfg.num_classes)
+    matched_masks = jnp.take_along_axis(
+        mask_logits, jnp.maximum(gt_to_query, 0)[..., None, None], axis=2
+    )  # [P, B, G, h, w]
+    flat = matched_masks.reshape((-1,) + matched_masks.shape[3:])
+    points = uncertain_points(
+        loss_key, flat, cfg.train_points, cfg.oversample_ratio, cfg.importance_sample_ratio
+    )
+    point_logits = point_sample(flat, points).reshape(num_layers, b, g, -1)
+    labels = point_sample(
+        jnp.broadcast_to(gt_masks, (num_layers,) + gt_masks.shape).reshape(
+            (-1,) + gt_masks.shape[2:]
+        ),
+        points,
+    ).reshape(num_layers, b, g, -1)
+    return {
+        "query_classes": jax.lax.stop_gradient(query_classes),
+        "pair_valid": jax.lax.stop_gradient(pair_valid),
+        "point_logits": point_logits,
+        "point_labels": jax.lax.stop_gradient(labels),
+    }
+
+
+def loss_fn(outputs: dict, batch: dict, cfg: Mask2FormerConfig) -> tuple[jnp.ndarray, dict]:
+    """Sum over prediction layers of class_weight x weighted cross-entropy + mask_weight x BCE +
+    dice_weight x dice, the mask terms summed over matched pairs / ground truths in the batch."""
+    targets = outputs["targets"]
+    class_logits = outputs["class_logits"]  # [P, B, Q, C+1]
+    labels = targets["query_classes"]
+    log_probs = jax.nn.log_softmax(class_logits, -1)
+    nll = -jnp.take_along_axis(log_probs, labels[..., None], -1)[..., 0]  # [P, B, Q]
+    weight = jnp.where(labels == cfg.num_classes, cfg.no_object_weight, 1.0)
+    loss_ce = (nll * weight).sum((1, 2)) / weight.sum((1, 2))  # [P]
+    num_masks = jnp.maximum(batch["gt_valid"].sum().astype(jnp.float32), 1.0)
+    x = targets["point_logits"]
+    t = targets["point_labels"]
+    valid = targets["pair_valid"].astype(x.dtype)  # [P, B, G]
+    bce = (jax.nn.softplus(x) - x * t).mean(-1)
+    p = jax.nn.sigmoid(x)
+    dice = 1.0 - (2.0 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
+    loss_mask = (bce * valid).sum((1, 2)) / num_masks
+    loss_dice = (dice * valid).sum((1, 2)) / num_masks
+    total = (
+        cfg.class_weight * loss_ce.sum()
+        + cfg.mask_weight * loss_mask.sum()
+        + cfg.dice_weight * loss_dice.sum()
+    )
+    metrics = {
+        "loss_ce": cfg.class_weight * loss_ce[-1],
+        "loss_mask": cfg.mask_weight * loss_mask[-1],
+        "loss_dice": cfg.dice_weight * loss_dice[-1],
+        "loss_deep_supervision": total
+        - cfg.class_weight * loss_ce[-1]
+        - cfg.mask_weight * loss_mask[-1]
+        - cfg.dice_weight * loss_dice[-1],
+        "matched_per_image": targets["pair_valid"][-1].sum() / valid.shape[1],
+    }
+    return total, metrics
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def detect(class_logits, mask_logits, cfg: Mask2FormerConfig) -> dict:
+    """Detections of the last prediction layer: the best K (query, class) pairs of softmax
+    scores, each x the mean mask probability inside its mask; canvas masks at stride 4."""
+    b, q, _ = class_logits.shape
+    c = cfg.num_classes
+    k = min(cfg.detections_per_image, q * c)
+    scores = jax.nn.softmax(class_logits, -1)[..., :c].reshape(b, q * c)
+    top, index = jax.lax.top_k(scores, k)
+    query = index // c
+    classes = (index % c).astype(jnp.int32)
+    masks = jnp.take_along_axis(mask_logits, query[..., None, None], axis=1)  # [B, K, h, w]
+    inside = masks > 0.0
+    probs = jax.nn.sigmoid(masks)
+    area = inside.sum((2, 3)).astype(jnp.float32)
+    mask_score = (probs * inside).sum((2, 3)) / (area + 1e-6)
+    det_scores = top * mask_score
+    valid = area > 0
+    pad = cfg.detections_per_image - k
+    return {
+        "scores": jnp.pad(jnp.where(valid, det_scores, 0.0), ((0, 0), (0, pad))),
+        "classes": jnp.pad(classes, ((0, 0), (0, pad))),
+        "valid": jnp.pad(valid, ((0, 0), (0, pad))),
+        "canvas_masks": jnp.pad(
+            jnp.where(valid[..., None, None], probs, 0.0), ((0, 0), (0, pad), (0, 0), (0, 0))
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------- method interface
+
+Config = Mask2FormerConfig
+Model = Mask2Former
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Mask2Former R50 COCO 50 epochs (maskformer2_R50_bs16_50ep): 1024 x 1024 large-scale
+    jitter crops, batch 16, AdamW lr 1e-4, weight decay 0.05 (none on norms and embeddings),
+    backbone lr x 0.1, 10 warmup steps at full lr, 368,750 steps with decays at 327,778 and
+    355,092, the full model's gradient clipped at norm 0.01."""
+    c = config_lib.base()
+    c.method = "mask2former"
+    c.model = config_lib.model_section(Mask2FormerConfig)
+    c.input.canvas_hw = (1024, 1024)
+    c.input.resize = "lsj"  # the image fit to 1024 x 1024, scaled by 0.1-2.0, cropped
+    c.input.lsj_scale = (0.1, 2.0)
+    c.input.short_side = (1024,)
+    c.input.max_long_side = 1024
+    # The reference tests at short side 800, long side at most 1333; the canvas holds 1024.
+    c.input.test_short_side = 800
+    c.input.test_max_long_side = 1024
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-4
+    c.optim.weight_decay = 0.05
+    c.optim.backbone_lr_multiplier = 0.1
+    c.optim.clip_norm = 0.01
+    c.schedule.warmup_steps = 10
+    c.schedule.warmup_factor = 1.0
+    c.schedule.total_steps = 368_750
+    c.schedule.steps = (327_778, 355_092)
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a Mask2Former config to seconds on a CPU: synthetic scenes, ResNet-18 of width 16,
+    a 128 x 128 canvas, 32 channels, 2 encoder and 3 decoder layers, 16 queries, 256 points."""
+    c = config_lib.smoke_common(c)
+    m = c.model
+    m.depth = 18
+    m.width = 16
+    m.norm = "group_norm"
+    m.conv_dim = 32
+    m.mask_dim = 32
+    m.hidden_dim = 32
+    m.heads = 4
+    m.encoder_heads = 4
+    m.encoder_points = 2
+    m.encoder_layers = 2
+    m.encoder_feedforward = 64
+    m.decoder_layers = 3
+    m.decoder_feedforward = 64
+    m.num_queries = 16
+    m.train_points = 256
+    m.detections_per_image = 16
+    return c
+
+
+def maskformer(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The MaskFormer variant of a config: the FPN per-pixel decoder and 6 DETR decoder layers
+    with full cross-attention to the projected res5 (MaskFormer R50's layout); losses and
+    matching stay Mask2Former's point-sampled ones."""
+    m = c.model
+    m.pixel_decoder = "fpn"
+    m.transformer_decoder = "detr"
+    m.decoder_layers = 6
+    return c
