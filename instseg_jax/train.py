@@ -85,7 +85,7 @@ def _clip_trainable(max_norm: float, labels) -> optax.GradientTransformation:
         trained = jax.tree_util.tree_map(
             lambda g, label: jnp.zeros_like(g) if label == "frozen" else g, updates, labels
         )
-        norm = optax.global_norm(trained)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(trained)))
         scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
         return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates), state
 

@@ -31,6 +31,7 @@ EXPERIMENTS = {
     "condinst": "condinst_r50_fpn_coco_1x.py",
     "blendmask": "blendmask_r50_fpn_coco_1x.py",
     "polarmask": "polarmask_r50_fpn_coco_1x.py",
+    "mask2former": "mask2former_r50_coco_50ep.py",
 }
 BATCH = 2
 

@@ -104,6 +104,9 @@ class Mask2FormerConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
+    # Ground-truth slots per image the mask losses run over (valid ones first; 0: all of
+    # input.max_instances); matched pairs past them are counted, not trained.
+    mask_pairs_per_image: int = 0
     detections_per_image: int = 100
     compute_dtype: str = "float32"
 
@@ -141,6 +144,10 @@ class Mask2FormerConfig:
         if self.decoder_layers < 1 or self.num_queries < 1 or self.train_points < 1:
             raise config_lib.ConfigValueError(
                 "model.decoder_layers, model.num_queries and model.train_points must be >= 1"
+            )
+        if self.mask_pairs_per_image < 0:
+            raise config_lib.ConfigValueError(
+                f"model.mask_pairs_per_image must be >= 0 (0: all), got {self.mask_pairs_per_image}"
             )
         if not 0.0 <= self.importance_sample_ratio <= 1.0 or self.oversample_ratio < 1.0:
             raise config_lib.ConfigValueError(
@@ -317,6 +324,12 @@ class Attention(nn.Module):
         return layer_norm("norm", self.dtype)(query_in + out)
 
 
+def attend_everywhere_if_empty(blocked):
+    """A query whose mask leaves it nothing to attend to (every key blocked) attends to every
+    key instead, as the reference does; blocked bool[B, Q, K]."""
+    return blocked & ~blocked.all(-1, keepdims=True)
+
+
 def _conv(features, kernel, name, use_bias, dtype, kernel_init=None):
     pad = kernel // 2
     return Conv(
@@ -489,8 +502,7 @@ class MaskedDecoder(nn.Module):
         all_classes, all_masks = [class_logits], [mask_logits]
         for i in range(cfg.decoder_layers):
             level = i % levels
-            # A query whose mask is empty at this scale attends everywhere (as the reference).
-            blocked = blocked & ~blocked.all(-1, keepdims=True)
+            blocked = attend_everywhere_if_empty(blocked)
             output = Attention(cfg.hidden_dim, cfg.heads, dtype, name=f"cross{i}")(
                 output, query_pos, memory[level], positions[level], blocked
             )
@@ -615,9 +627,10 @@ def match_cost(class_logits, point_logits, point_labels, gt_classes, cfg):
 def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -> dict:
     """Per prediction layer: the matching and the point samples the losses need.
 
-    Returns query_classes int32[P, B, Q] (C: no object), pair_valid bool[P, B, G] (ground truth g
-    is valid and matched), point_logits [P, B, G, N] (the matched query's mask logits at the
-    uncertainty-sampled points: they carry the gradient) and point_labels [P, B, G, N].
+    Returns query_classes int32[P, B, Q] (C: no object); over K = mask_pairs_per_image slots
+    (valid ground truths first): pair_valid bool[P, B, K] (the slot's ground truth is matched),
+    point_logits [P, B, K, N] (the matched query's mask logits at the uncertainty-sampled points:
+    they carry the gradient) and point_labels [P, B, K, N]; pairs_over_budget int32[P].
     """
     num_layers, b, q = class_logits.shape[:3]
     gt_valid = batch["gt_valid"]
@@ -641,28 +654,36 @@ def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -
     query_to_gt, gt_to_query = min_cost_matching(
         cost, None, jnp.broadcast_to(gt_valid, (num_layers, b, g))
     )
-    pair_valid = gt_to_query >= 0
     matched_class = jnp.take_along_axis(
         jnp.broadcast_to(gt_classes, (num_layers, b, g)), jnp.maximum(query_to_gt, 0), axis=2
     )
     query_classes = jnp.where(query_to_gt >= 0, matched_class, cfg.num_classes)
+    # The mask losses run over `mask_pairs_per_image` ground-truth slots, valid ones first
+    # (padding is most of the slots on crowded-image budgets); pairs past them are counted.
+    k = min(cfg.mask_pairs_per_image or g, g)
+    slots = jnp.argsort(~gt_valid, axis=1, stable=True)[:, :k]  # [B, K]
+    slot_query = jnp.take_along_axis(gt_to_query, jnp.broadcast_to(slots, (num_layers, b, k)), 2)
+    pair_valid = slot_query >= 0
+    over_budget = (gt_to_query >= 0).sum((1, 2)) - pair_valid.sum((1, 2))  # [P]
     matched_masks = jnp.take_along_axis(
-        mask_logits, jnp.maximum(gt_to_query, 0)[..., None, None], axis=2
-    )  # [P, B, G, h, w]
+        mask_logits, jnp.maximum(slot_query, 0)[..., None, None], axis=2
+    )  # [P, B, K, h, w]
+    slot_masks = jnp.take_along_axis(gt_masks, slots[..., None, None], axis=1)  # [B, K, h, w]
     flat = matched_masks.reshape((-1,) + matched_masks.shape[3:])
     points = uncertain_points(
         loss_key, flat, cfg.train_points, cfg.oversample_ratio, cfg.importance_sample_ratio
     )
-    point_logits = point_sample(flat, points).reshape(num_layers, b, g, -1)
+    point_logits = point_sample(flat, points).reshape(num_layers, b, k, -1)
     labels = point_sample(
-        jnp.broadcast_to(gt_masks, (num_layers,) + gt_masks.shape).reshape(
-            (-1,) + gt_masks.shape[2:]
+        jnp.broadcast_to(slot_masks, (num_layers,) + slot_masks.shape).reshape(
+            (-1,) + slot_masks.shape[2:]
         ),
         points,
-    ).reshape(num_layers, b, g, -1)
+    ).reshape(num_layers, b, k, -1)
     return {
         "query_classes": jax.lax.stop_gradient(query_classes),
         "pair_valid": jax.lax.stop_gradient(pair_valid),
+        "pairs_over_budget": jax.lax.stop_gradient(over_budget),
         "point_logits": point_logits,
         "point_labels": jax.lax.stop_gradient(labels),
     }
@@ -700,7 +721,9 @@ def loss_fn(outputs: dict, batch: dict, cfg: Mask2FormerConfig) -> tuple[jnp.nda
         - cfg.class_weight * loss_ce[-1]
         - cfg.mask_weight * loss_mask[-1]
         - cfg.dice_weight * loss_dice[-1],
-        "matched_per_image": targets["pair_valid"][-1].sum() / valid.shape[1],
+        "matched_per_image": (targets["query_classes"][-1] != cfg.num_classes).sum()
+        / valid.shape[1],
+        "mask_pairs_over_budget": targets["pairs_over_budget"][-1] / valid.shape[1],
     }
     return total, metrics
 
