@@ -28,9 +28,10 @@ Model:
 
 Training (inside the model, under stop_gradient; each prediction layer matched on its own, deep
 supervision): the cost of query q for ground truth g is class_weight x (-p_q(class_g)) +
-mask_weight x BCE + dice_weight x dice, BCE and dice over `train_points` points drawn uniformly
-(the same points for every query and ground truth of an image); padded ground truths are never
-matched. Losses: cross-entropy over all queries (unmatched ones to "no object", weighted
+mask_weight x BCE + dice_weight x dice, BCE and dice over `match_points` points drawn uniformly
+(the same points for every query and ground truth of an image; 0: over every cell of the
+stride-4 maps, for small canvases where that is cheaper than sampling); padded ground truths are
+never matched. Losses: cross-entropy over all queries (unmatched ones to "no object", weighted
 no_object_weight) x class_weight; BCE and dice of each matched pair over `train_points` points
 sampled by uncertainty (oversample_ratio, importance_sample_ratio: PointRend's rule), summed
 over pairs / ground truths in the global batch, x mask_weight and x dice_weight.
@@ -100,7 +101,8 @@ class Mask2FormerConfig:
     mask_weight: float = 5.0
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
-    train_points: int = 12544
+    train_points: int = 12544  # loss points per matched mask (importance-sampled)
+    match_points: int = 12544  # uniform points per image for the matching cost; 0: every cell
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     deep_supervision: bool = True
@@ -140,6 +142,10 @@ class Mask2FormerConfig:
             raise config_lib.ConfigValueError(
                 "the masked decoder attends to the pixel decoder's features as they are: "
                 f"model.conv_dim ({self.conv_dim}) must equal model.hidden_dim ({self.hidden_dim})"
+            )
+        if self.match_points < 0:
+            raise config_lib.ConfigValueError(
+                f"model.match_points must be >= 0 (0: every cell), got {self.match_points}"
             )
         if self.decoder_layers < 1 or self.num_queries < 1 or self.train_points < 1:
             raise config_lib.ConfigValueError(
@@ -638,19 +644,28 @@ def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -
     gt_masks = batch["gt_full_masks"]  # [B, G, H/4, W/4] bool
     g = gt_valid.shape[1]
     match_key, loss_key = jax.random.split(key)
-    match_points = jax.random.uniform(match_key, (num_layers, b, cfg.train_points, 2))
 
-    def layer_cost(classes_l, masks_l, points_l):
-        def image_cost(classes_i, masks_i, points_i, gt_classes_i, gt_masks_i):
-            logits = point_sample(masks_i, jnp.broadcast_to(points_i, (q,) + points_i.shape))
-            labels = point_sample(gt_masks_i, jnp.broadcast_to(points_i, (g,) + points_i.shape))
-            return match_cost(classes_i, logits, labels, gt_classes_i, cfg)
+    if cfg.match_points:
+        match_points = jax.random.uniform(match_key, (num_layers, b, cfg.match_points, 2))
 
-        return jax.vmap(image_cost)(classes_l, masks_l, points_l, gt_classes, gt_masks)
+        def layer_cost(classes_l, masks_l, points_l):
+            def image_cost(classes_i, masks_i, points_i, gt_classes_i, gt_masks_i):
+                logits = point_sample(masks_i, jnp.broadcast_to(points_i, (q,) + points_i.shape))
+                labels = point_sample(gt_masks_i, jnp.broadcast_to(points_i, (g,) + points_i.shape))
+                return match_cost(classes_i, logits, labels, gt_classes_i, cfg)
 
-    cost = jax.lax.stop_gradient(
-        jax.lax.map(lambda a: layer_cost(*a), (class_logits, mask_logits, match_points))
-    )  # [P, B, Q, G]
+            return jax.vmap(image_cost)(classes_l, masks_l, points_l, gt_classes, gt_masks)
+
+        cost = jax.lax.map(lambda a: layer_cost(*a), (class_logits, mask_logits, match_points))
+    else:
+        # Every cell of the stride-4 maps: the quantity the random points estimate, as matmuls.
+        flat_gt = gt_masks.reshape(b, g, -1).astype(mask_logits.dtype)
+        cost = jax.vmap(
+            lambda classes_l, masks_l: jax.vmap(match_cost, (0, 0, 0, 0, None))(
+                classes_l, masks_l.reshape(b, q, -1), flat_gt, gt_classes, cfg
+            )
+        )(class_logits, mask_logits)
+    cost = jax.lax.stop_gradient(cost)  # [P, B, Q, G]
     query_to_gt, gt_to_query = min_cost_matching(
         cost, None, jnp.broadcast_to(gt_valid, (num_layers, b, g))
     )
@@ -813,6 +828,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.decoder_feedforward = 64
     m.num_queries = 16
     m.train_points = 256
+    m.match_points = 256
     m.detections_per_image = 16
     return c
 

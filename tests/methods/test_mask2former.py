@@ -2,6 +2,8 @@
 attention and the test-time selection against float64 NumPy; optimizer groups; smoke step;
 over-fitting and the COCO step (slow)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
 from tests.ops.test_sampling import grid_sample_point
 
 SMOKE = "experiments/mask2former_nuclei.py:smoke"
-CFG = m2f.Mask2FormerConfig(num_classes=4, canvas_hw=(64, 64), train_points=64)
+CFG = m2f.Mask2FormerConfig(num_classes=4, canvas_hw=(64, 64), train_points=64, match_points=64)
 
 
 def softplus(x):
@@ -54,10 +56,12 @@ def test_match_cost_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_every_layer_is_matched_to_scipy_optimum_and_padding_never():
+@pytest.mark.parametrize("match_points", [64, 0])
+def test_every_layer_is_matched_to_scipy_optimum_and_padding_never(match_points):
     """Each prediction layer's matching against scipy on a cost NumPy rebuilds from the same
-    matching points (grid_sample's rule); distinct classes identify the ground truth a query was
-    matched to; padded slots sit between valid ones."""
+    matching points (grid_sample's rule; 0: every cell); distinct classes identify the ground
+    truth a query was matched to; padded slots sit between valid ones."""
+    cfg = dataclasses.replace(CFG, match_points=match_points)
     rng = np.random.default_rng(1)
     layers, b, q, g = 3, 2, 6, 4
     class_logits = rng.normal(size=(layers, b, q, CFG.num_classes + 1)).astype(np.float32)
@@ -67,12 +71,16 @@ def test_every_layer_is_matched_to_scipy_optimum_and_padding_never():
     gt_masks = (rng.uniform(size=(b, g, 8, 8)) < 0.4) & gt_valid[..., None, None]
     batch = {"gt_valid": gt_valid, "gt_classes": gt_classes, "gt_full_masks": gt_masks}
     key = jax.random.key(0)
-    targets = jax.jit(lambda c, m: m2f.set_targets(c, m, batch, CFG, key))(
+    targets = jax.jit(lambda c, m: m2f.set_targets(c, m, batch, cfg, key))(
         class_logits, mask_logits
     )
     # The matching points: the first half of the key's split, uniform over the canvas.
     match_key, _ = jax.random.split(key)
-    points = np.asarray(jax.random.uniform(match_key, (layers, b, CFG.train_points, 2)))
+    if match_points:
+        points = np.asarray(jax.random.uniform(match_key, (layers, b, match_points, 2)))
+    else:  # the cell centres
+        centres = (np.stack(np.meshgrid(np.arange(8), np.arange(8)), -1).reshape(-1, 2) + 0.5) / 8
+        points = np.broadcast_to(centres, (layers, b, 64, 2))
     query_classes = np.asarray(targets["query_classes"])
     for layer in range(layers):
         for i in range(b):
@@ -82,7 +90,7 @@ def test_every_layer_is_matched_to_scipy_optimum_and_padding_never():
             )
             logits = np.stack([sample(m) for m in mask_logits[layer, i]])
             labels = np.stack([sample(gt_masks[i, j].astype(np.float64)) for j in valid])
-            cost = numpy_cost(class_logits[layer, i], logits, labels, gt_classes[i, valid], CFG)
+            cost = numpy_cost(class_logits[layer, i], logits, labels, gt_classes[i, valid], cfg)
             rows, cols = linear_sum_assignment(cost)
             want = np.full(q, CFG.num_classes)
             want[rows] = gt_classes[i, valid][cols]
