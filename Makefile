@@ -39,13 +39,14 @@ bench: $(STAMP)
 	$(MAKE) data
 	$(PY) experiments/benchmarks/input.py
 
-# torch + torchvision in their own environment: large, never a dependency of the package.
+# torch, torchvision and transformers in their own environment: large, never a dependency of
+# the package.
 $(PEER_PY):
 	$(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_PY) -m pip install --quiet --upgrade pip
 
 peer-env: $(PEER_PY)
-	$(PEER_PY) -m pip install --quiet torch torchvision
+	$(PEER_PY) -m pip install --quiet torch torchvision transformers
 	$(PEER_PY) -m pip install --quiet -e '.[dev]'
 
 # Side-by-side speed against torchvision: ops, then the whole Mask R-CNN (about 30 min on 2 cores).
@@ -53,11 +54,12 @@ peer: peer-env
 	$(PEER_PY) experiments/benchmarks/ops.py --peer
 	$(PEER_PY) experiments/benchmarks/vs_torchvision.py
 
-# Converted torchvision weights against torchvision itself (features, proposals, detections).
+# Converted torchvision and transformers weights against those libraries themselves.
 parity: peer-env
 	$(MAKE) data
 	$(PEER_PY) experiments/parity/torchvision.py
 	$(PEER_PY) experiments/parity/fcos.py
+	$(PEER_PY) experiments/parity/mask2former.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -180,22 +180,26 @@ def _add_import_weights(commands, parent) -> None:
         "import-weights",
         parents=[parent],
         formatter_class=_DEFAULTS,
-        help="convert another library's Mask R-CNN or FCOS weights to a workdir",
+        help="convert another library's Mask R-CNN, FCOS or Mask2Former weights to a workdir",
     )
-    importer.add_argument("library", choices=["torchvision"], help="where the weights come from")
+    importer.add_argument(
+        "library", choices=["torchvision", "huggingface"], help="where the weights come from"
+    )
     importer.add_argument(
         "file",
-        help="maskrcnn_resnet50_fpn or fcos_resnet50_fpn state_dict (told apart by its keys): "
-        ".pth (needs torch) or .npz",
+        help="torchvision: maskrcnn_resnet50_fpn or fcos_resnet50_fpn state_dict (told apart by "
+        "its keys), .pth (needs torch) or .npz; huggingface: the save_pretrained directory of a "
+        "Mask2FormerForUniversalSegmentation with a ResNet backbone",
     )
     importer.add_argument("--out", required=True, help="workdir for config.json + checkpoint")
     importer.add_argument(
         "--canvas",
         type=int,
         nargs=2,
-        default=(1344, 1344),
+        default=None,
         metavar=("H", "W"),
-        help="static input canvas (multiples of 32; default fits 800x1333 either way)",
+        help="static input canvas (multiples of 32; torchvision's default 1344 x 1344 fits "
+        "800x1333 either way; huggingface: default 1024 x 1024)",
     )
 
 
@@ -226,11 +230,20 @@ def _run(args) -> int:
 
         return predict_module.main(args)
     elif args.command == "import-weights":
+        from instseg_jax.weights import huggingface as hf
         from instseg_jax.weights import torchvision as tv
 
         try:
-            out = tv.import_weights(args.file, args.out, tuple(args.canvas))
-        except (tv.StateDictError, FileNotFoundError, ImportError) as error:
+            if args.library == "huggingface":
+                out = hf.import_weights(args.file, args.out, tuple(args.canvas or (1024, 1024)))
+            else:
+                out = tv.import_weights(args.file, args.out, tuple(args.canvas or (1344, 1344)))
+        except (
+            tv.StateDictError,
+            hf.HuggingFaceWeightsError,
+            FileNotFoundError,
+            ImportError,
+        ) as error:
             print(f"instseg-jax import-weights: {error}", file=sys.stderr)
             return 2
         print(f"wrote {out}/config.json and {out}/checkpoints/0 (from {args.file})")
