@@ -16,6 +16,7 @@ converted model expects images in 0-255 RGB and normalises them with the ImageNe
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -260,20 +261,27 @@ def load(directory: str | Path) -> tuple[dict, dict]:
     return {k: np.asarray(v) for k, v in sd.items()}, hf_config
 
 
+@functools.lru_cache(maxsize=4)
+def _predict_program(cfg):
+    """One jitted forward per model config (the parity checks call it several times)."""
+    import jax
+
+    from instseg_jax.methods import mask2former
+
+    model = mask2former.Model(cfg)
+    return jax.jit(lambda v, x: model.apply(v, x, method=mask2former.Mask2Former.predict))
+
+
 def predict(params: dict, frozen: dict, fields: dict, num_classes: int, images: np.ndarray):
     """(class logits [P, B, Q, C+1], mask logits [P, B, Q, H/4, W/4]) of every prediction layer
     of the converted model on images [B, H, W, 3] in 0-255 RGB (H, W multiples of 32)."""
-    import jax
-
     from instseg_jax.methods import mask2former
 
     cfg = mask2former.Mask2FormerConfig(
         num_classes=num_classes, canvas_hw=tuple(images.shape[1:3]), **fields
     )
-    model = mask2former.Model(cfg)
     variables = {"params": params, "frozen": frozen}
-    run = jax.jit(lambda v, x: model.apply(v, x, method=mask2former.Mask2Former.predict))
-    classes, masks = run(variables, np.asarray(images, np.float32))
+    classes, masks = _predict_program(cfg)(variables, np.asarray(images, np.float32))
     return np.asarray(classes), np.asarray(masks)
 
 

@@ -28,7 +28,7 @@ def check_against_scipy(cost, row_valid, col_valid, row_to_col, col_to_row):
     assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (got, want)
 
 
-@pytest.mark.parametrize("shape", [(100, 100), (100, 300), (300, 100), (9, 4)])
+@pytest.mark.parametrize("shape", [(100, 100), (100, 300), (9, 4)])
 def test_total_cost_equals_scipy(shape):
     rng = np.random.default_rng(sum(shape))
     batch = 4
