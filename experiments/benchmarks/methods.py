@@ -45,6 +45,7 @@ EXPERIMENTS = {
     "condinst": "condinst_nuclei.py",
     "blendmask": "blendmask_nuclei.py",
     "polarmask": "polarmask_nuclei.py",
+    "mask2former": "mask2former_nuclei.py",
 }
 
 
