@@ -684,17 +684,30 @@ def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -
         mask_logits, jnp.maximum(slot_query, 0)[..., None, None], axis=2
     )  # [P, B, K, h, w]
     slot_masks = jnp.take_along_axis(gt_masks, slots[..., None, None], axis=1)  # [B, K, h, w]
-    flat = matched_masks.reshape((-1,) + matched_masks.shape[3:])
-    points = uncertain_points(
-        loss_key, flat, cfg.train_points, cfg.oversample_ratio, cfg.importance_sample_ratio
-    )
-    point_logits = point_sample(flat, points).reshape(num_layers, b, k, -1)
-    labels = point_sample(
-        jnp.broadcast_to(slot_masks, (num_layers,) + slot_masks.shape).reshape(
-            (-1,) + slot_masks.shape[2:]
-        ),
-        points,
+    cells = matched_masks.shape[3:]
+    flat_slot_masks = slot_masks.reshape((b * k,) + cells)
+
+    # One prediction layer at a time: the oversampled candidate points of all layers at once
+    # are the largest buffers of a COCO-sized step (2,000 masks x 37,632 points).
+    def layer_points(args):
+        masks_l, key_l = args
+        return uncertain_points(
+            key_l,
+            masks_l.reshape((b * k,) + cells),
+            cfg.train_points,
+            cfg.oversample_ratio,
+            cfg.importance_sample_ratio,
+        )
+
+    points = jax.lax.map(
+        layer_points,
+        (jax.lax.stop_gradient(matched_masks), jax.random.split(loss_key, num_layers)),
+    )  # [P, B * K, N, 2]
+    point_logits = point_sample(
+        matched_masks.reshape((-1,) + cells), points.reshape((-1,) + points.shape[2:])
     ).reshape(num_layers, b, k, -1)
+    labels = jax.lax.map(lambda p: point_sample(flat_slot_masks, p), points)
+    labels = labels.reshape(num_layers, b, k, -1)
     return {
         "query_classes": jax.lax.stop_gradient(query_classes),
         "pair_valid": jax.lax.stop_gradient(pair_valid),
