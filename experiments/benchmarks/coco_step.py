@@ -3,9 +3,9 @@ training step time (DESIGN "How a method earns its row", step 4).
 
     python experiments/benchmarks/coco_step.py [--methods mask_rcnn,solov2] [--rounds 3]
 
-One training step (gradient, update, non-finite guard) of the experiment's model at batch 2 (Mask2Former: 1, BATCHES) on
-its canvas (1344x1344 for the COCO 1x files, 640x640 for YOLACT's 550), 80 classes, on a padding batch with concrete
-initial weights; the first call's compilation is timed with JAX's persistent cache off, then
+One training step (gradient, update, non-finite guard) of the experiment's model at batch 2
+(Mask2Former: 1, see BATCHES) on its canvas (1344x1344 for the COCO 1x files, 640x640 for
+YOLACT's 550), 80 classes, on a padding batch with concrete initial weights; the first call's compilation is timed with JAX's persistent cache off, then
 the median of `rounds` steps. tests/methods/test_*.py run `run_one` with one round (slow tier).
 """
 
