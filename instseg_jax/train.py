@@ -82,10 +82,10 @@ def _clip_trainable(max_norm: float, labels) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        trained = jax.tree_util.tree_map(
-            lambda g, label: jnp.zeros_like(g) if label == "frozen" else g, updates, labels
+        pairs = zip(
+            jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(labels), strict=True
         )
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(trained)))
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g, label in pairs if label != "frozen"))
         scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
         return jax.tree_util.tree_map(lambda g: g * scale.astype(g.dtype), updates), state
 

@@ -168,11 +168,6 @@ class Mask2FormerConfig:
     def dtype(self):
         return jnp.dtype(self.compute_dtype)
 
-    @property
-    def num_predictions(self) -> int:
-        """Prediction layers: one before the first masked layer, then one per layer."""
-        return self.decoder_layers + (1 if self.transformer_decoder == "masked" else 0)
-
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -312,7 +307,6 @@ class Attention(nn.Module):
     def __call__(self, query_in, query_pos, key_in, key_pos, blocked=None):
         per_head = self.dim // self.heads
         batch, queries, _ = query_in.shape
-        keys = key_in.shape[1]
 
         def split(x):
             return x.reshape(x.shape[0], x.shape[1], self.heads, per_head)
@@ -325,7 +319,6 @@ class Attention(nn.Module):
             logits = jnp.where(blocked[:, None], -1e9, logits)
         weights = jax.nn.softmax(logits, -1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, queries, self.dim)
-        del keys
         out = dense_layer(self.dim, "out_proj", dtype=self.dtype)(out)
         return layer_norm("norm", self.dtype)(query_in + out)
 
@@ -336,7 +329,7 @@ def attend_everywhere_if_empty(blocked):
     return blocked & ~blocked.all(-1, keepdims=True)
 
 
-def _conv(features, kernel, name, use_bias, dtype, kernel_init=None):
+def _conv(features, kernel, name, use_bias, dtype):
     pad = kernel // 2
     return Conv(
         features,
@@ -344,9 +337,16 @@ def _conv(features, kernel, name, use_bias, dtype, kernel_init=None):
         padding=((pad, pad), (pad, pad)),
         use_bias=use_bias,
         dtype=dtype,
-        kernel_init=kernel_init or nn.initializers.kaiming_uniform(),
+        kernel_init=nn.initializers.kaiming_uniform(),
         name=name,
     )
+
+
+def _conv_gn(x, features, kernel, name, dtype, relu):
+    """A bias-free conv `name` then GroupNorm 32 `name`_norm (the reference's Conv2d with norm),
+    ReLU when `relu`: the FPN steps of both pixel decoders."""
+    x = norm32(f"{name}_norm", dtype)(_conv(features, kernel, name, False, dtype)(x))
+    return nn.relu(x) if relu else x
 
 
 class DeformablePixelDecoder(nn.Module):
@@ -405,11 +405,9 @@ class DeformablePixelDecoder(nn.Module):
         for h, w in shapes:
             outs.append(src[:, start : start + h * w].reshape(batch, h, w, cfg.conv_dim))
             start += h * w
-        lateral = _conv(cfg.conv_dim, 1, "adapter1", False, dtype)(features["res2"])
-        lateral = norm32("adapter1_norm", dtype)(lateral)
+        lateral = _conv_gn(features["res2"], cfg.conv_dim, 1, "adapter1", dtype, relu=False)
         y = lateral + dense.resize_bilinear(outs[-1], lateral.shape[1:3]).astype(lateral.dtype)
-        y = _conv(cfg.conv_dim, 3, "layer1", False, dtype)(y)
-        y = nn.relu(norm32("layer1_norm", dtype)(y))
+        y = _conv_gn(y, cfg.conv_dim, 3, "layer1", dtype, relu=True)
         mask_features = _conv(cfg.mask_dim, 1, "mask_features", True, dtype)(y)
         return mask_features, outs
 
@@ -425,16 +423,14 @@ class FPNPixelDecoder(nn.Module):
     def __call__(self, features: dict):
         cfg = self.cfg
         dtype = cfg.dtype
-        y = _conv(cfg.conv_dim, 3, "layer4", False, dtype)(features["res5"])
-        y = nn.relu(norm32("layer4_norm", dtype)(y))
+        y = _conv_gn(features["res5"], cfg.conv_dim, 3, "layer4", dtype, relu=True)
         outs = [y]
         for level in (4, 3, 2):
-            x = features[f"res{level}"]
-            lateral = _conv(cfg.conv_dim, 1, f"adapter{level - 1}", False, dtype)(x)
-            lateral = norm32(f"adapter{level - 1}_norm", dtype)(lateral)
+            lateral = _conv_gn(
+                features[f"res{level}"], cfg.conv_dim, 1, f"adapter{level - 1}", dtype, relu=False
+            )
             up = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)
-            y = _conv(cfg.conv_dim, 3, f"layer{level - 1}", False, dtype)(lateral + up)
-            y = nn.relu(norm32(f"layer{level - 1}_norm", dtype)(y))
+            y = _conv_gn(lateral + up, cfg.conv_dim, 3, f"layer{level - 1}", dtype, relu=True)
             outs.append(y)
         mask_features = _conv(cfg.mask_dim, 3, "mask_features", True, dtype)(y)
         return mask_features, outs[:3]

@@ -83,8 +83,9 @@ def _count(sd, pattern):
     return len({m.group(1) for k in sd if (m := regex.match(k))})
 
 
-def model_section(sd: dict, hf_config: dict) -> dict:
-    """Our model fields for this checkpoint (the rest stay the method's defaults)."""
+def model_section(sd: dict, hf_config: dict) -> tuple[dict, int]:
+    """(our model fields for this checkpoint, the rest staying the method's defaults; its number
+    of classes)."""
     backbone = hf_config.get("backbone_config") or {}
     if backbone.get("model_type") != "resnet":
         raise HuggingFaceWeightsError(

@@ -8,11 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instseg_jax import builders
-from instseg_jax import config as config_lib
 from instseg_jax.methods import solov2
 from tests.methods import solo_reference as reference
-from tests.methods.test_mask_rcnn import first_batch
+from tests.methods.smoke import magnitude, smoke_step
 
 SMOKE = "experiments/solov2_nuclei.py:smoke"
 
@@ -260,39 +258,17 @@ def test_detect_matches_the_reference_test_procedure():
         np.testing.assert_array_equal((probability > 0.5)[decided], mask[decided])
 
 
-def smoke_setup():
-    config = config_lib.load(SMOKE)
-    source, batch = first_batch(config)
-    cfg = builders.model_config(config, source.num_classes)
-    model = solov2.Model(cfg)
-    variables = jax.jit(
-        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
-    )(batch)
-    return cfg, model, variables, batch
-
-
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
-    cfg, model, variables, batch = smoke_setup()
-
-    def loss(p):
-        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
-        return solov2.loss_fn(outputs, batch, cfg)
-
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-    assert np.isfinite(float(total))
-    assert float(total) == pytest.approx(float(metrics["loss_cls"] + metrics["loss_mask"]))
+    step = smoke_step(solov2, SMOKE)
+    metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
+    assert np.isfinite(step.total)
+    assert step.total == pytest.approx(float(metrics["loss_cls"] + metrics["loss_mask"]))
     assert float(metrics["positive_cells"]) > 0 and float(metrics["positive_pairs"]) > 0
-
-    def magnitude(tree):
-        return float(sum(jnp.abs(x).sum() for x in jax.tree.leaves(tree)))
-
     for name in ("fpn", "category_tower", "kernel_tower", "mask_branch"):
         assert magnitude(grads[name]) > 0, name
     for name, group in grads["backbone"].items():
         assert (magnitude(group) > 0) == (name != "stem"), name  # smoke: freeze_at=1
 
-    out = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
-    det = out["detections"]
     k, (h, w) = cfg.detections_per_image, (v // 4 for v in cfg.canvas_hw)
     assert det["canvas_masks"].shape == (2, k, h, w)
     assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
