@@ -122,9 +122,15 @@ class MaskRCNN(nn.Module):
         self.rpn_head = rpn.RPNHead(len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0]), cfg.dtype)
         self.box_head = roi_heads.BoxHead(cfg.num_classes, cfg.box_fc_dim, cfg.dtype)
         if cfg.mask_on:
-            self.mask_head = roi_heads.MaskHead(
-                cfg.num_classes, cfg.fpn_channels, cfg.mask_head_convs, cfg.dtype
-            )
+            self.setup_mask_head()
+
+    def setup_mask_head(self):
+        """The mask branch's modules (a subclass with another mask head replaces this,
+        `mask_training` and `box_masks`)."""
+        cfg = self.cfg
+        self.mask_head = roi_heads.MaskHead(
+            cfg.num_classes, cfg.fpn_channels, cfg.mask_head_convs, cfg.dtype
+        )
 
     def anchors(self):
         cfg = self.cfg
@@ -308,19 +314,48 @@ class MaskRCNN(nn.Module):
         outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
         outputs["rois"] = rois
         if cfg.mask_on:
-            fg = cfg.mask_fg_per_image
-            mask_pooled = self.pool(
-                features, rois["boxes"][:, :fg], cfg.mask_pool_size
-            )  # [B, F, 14, 14, D]
-            outputs["mask_logits"] = self.mask_head(mask_pooled)  # [B, F, 28, 28, C]
-            outputs["mask_targets"], outputs["mask_valid"] = roi_heads.mask_targets(
-                batch["gt_masks"], batch["gt_boxes"], rois, fg, 2 * cfg.mask_pool_size
-            )
+            outputs.update(self.mask_training(features, outputs, batch, key))
         return outputs
 
+    def mask_training(self, features, outputs: dict, batch: dict, key) -> dict:
+        """The mask branch's training outputs on the first mask_fg_per_image sampled RoIs
+        (their logits, targets and validity; `key` is the step's, for heads that sample)."""
+        del key
+        cfg = self.cfg
+        fg = cfg.mask_fg_per_image
+        rois = outputs["rois"]
+        mask_pooled = self.pool(
+            features, rois["boxes"][:, :fg], cfg.mask_pool_size
+        )  # [B, F, 14, 14, D]
+        targets, valid = roi_heads.mask_targets(
+            batch["gt_masks"], batch["gt_boxes"], rois, fg, 2 * cfg.mask_pool_size
+        )
+        return {
+            "mask_logits": self.mask_head(mask_pooled),  # [B, F, 28, 28, C]
+            "mask_targets": targets,
+            "mask_valid": valid,
+        }
 
-def loss_fn(outputs: dict, batch: dict, cfg: MaskRCNNConfig) -> tuple[jnp.ndarray, dict]:
-    """Total loss and metrics (each loss term, RoI classification accuracy)."""
+
+def mask_head_losses(outputs: dict, cfg: MaskRCNNConfig) -> dict:
+    """Mask R-CNN's mask loss: per-pixel BCE of the 28x28 logits of the ground-truth class."""
+    fg = cfg.mask_fg_per_image
+    return {
+        "loss_mask": roi_heads.mask_loss(
+            outputs["mask_logits"],
+            outputs["rois"]["classes"][:, :fg],
+            outputs["mask_targets"],
+            outputs["mask_valid"],
+        )
+    }
+
+
+def loss_fn(
+    outputs: dict, batch: dict, cfg: MaskRCNNConfig, mask_losses=mask_head_losses
+) -> tuple[jnp.ndarray, dict]:
+    """Total loss and metrics (each loss term, RoI classification accuracy); `mask_losses`
+    (outputs, cfg) -> {name: loss} is the mask branch's part (a method with another mask head
+    passes its own)."""
     del batch  # every target was built inside the model
     losses = rpn.rpn_losses(
         outputs["rpn_logits"],
@@ -334,13 +369,7 @@ def loss_fn(outputs: dict, batch: dict, cfg: MaskRCNNConfig) -> tuple[jnp.ndarra
     )
     losses.update(box)
     if cfg.mask_on:
-        fg = cfg.mask_fg_per_image
-        losses["loss_mask"] = roi_heads.mask_loss(
-            outputs["mask_logits"],
-            outputs["rois"]["classes"][:, :fg],
-            outputs["mask_targets"],
-            outputs["mask_valid"],
-        )
+        losses.update(mask_losses(outputs, cfg))
     total = sum(losses.values())
     metrics.update(losses)
     num_fg = jnp.sum(outputs["rois"]["foreground"], axis=1).astype(jnp.float32)  # [B]
@@ -403,8 +432,10 @@ def make_inference(model: MaskRCNN):
     cfg = model.cfg
     k = cfg.detections_per_image
 
+    model_class = type(model)  # a subclass's own box_masks (PointRend)
+
     def boxes_fn(variables, batch):
-        return model.apply(variables, batch, method=MaskRCNN.detect_boxes)
+        return model.apply(variables, batch, method=model_class.detect_boxes)
 
     boxes = compilation.jit(boxes_fn)
 
@@ -417,7 +448,7 @@ def make_inference(model: MaskRCNN):
                 canvas_boxes[:, :slots],
                 classes[:, :slots],
                 flipped,
-                method=MaskRCNN.box_masks,
+                method=model_class.box_masks,
             )
             return jnp.pad(out, ((0, 0), (0, k - slots), (0, 0), (0, 0)))
 

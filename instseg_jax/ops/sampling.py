@@ -173,6 +173,55 @@ def uncertain_points(
     return jnp.concatenate([chosen, fill], axis=1)
 
 
+def point_features(features: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
+    """Bilinear feature vectors [B, N, P, D] of features[B, H, W, D] at points[B, N, P, 2]
+    ((x, y) in [0, 1] of the map, grid_sample's convention and zero padding): PointRend's
+    fine-grained features. Point n of image b reads map b; the gathers and their scatter-add
+    backward are `pool_bilinear_samples`'."""
+    batch, height, width, depth = features.shape
+    _, num, per, _ = points.shape
+    index, weight = bilinear_corners(points, height, width)  # [B, N, P, 4]
+    image = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
+    rows = image * (height * width) + index
+    shape = (batch * num, per, 1, 1, 1, 4)
+    pooled = pool_bilinear_samples(
+        features.reshape(batch * height * width, depth),
+        rows.reshape(shape),
+        weight.astype(features.dtype).reshape(shape),
+    )
+    return pooled.reshape(batch, num, per, depth)
+
+
+def upsample2x(maps: jnp.ndarray) -> jnp.ndarray:
+    """maps[N, H, W] -> [N, 2H, 2W], bilinear with half-pixel centres and edge clamping
+    (torch's interpolate(scale_factor=2, mode="bilinear", align_corners=False)): every output
+    cell is 3/4 of its source cell and 1/4 of the neighbour on its side."""
+
+    def along(x, axis):
+        size = x.shape[axis]
+        before = jnp.take(x, jnp.maximum(jnp.arange(size) - 1, 0), axis=axis)
+        after = jnp.take(x, jnp.minimum(jnp.arange(size) + 1, size - 1), axis=axis)
+        even = 0.75 * x + 0.25 * before
+        odd = 0.75 * x + 0.25 * after
+        stacked = jnp.stack([even, odd], axis=axis + 1)
+        shape = x.shape[:axis] + (2 * size,) + x.shape[axis + 1 :]
+        return stacked.reshape(shape)
+
+    return along(along(maps, 1), 2)
+
+
+def uncertain_cells(uncertainty: jnp.ndarray, num_points: int):
+    """The num_points cells of the largest uncertainty[N, H, W] of each map: (flat cell index
+    int32[N, k], their centres float[N, k, 2] as (x, y) in [0, 1]); k = min(num_points, H x W).
+    PointRend's inference rule (get_uncertain_point_coords_on_grid)."""
+    num, height, width = uncertainty.shape
+    k = min(num_points, height * width)
+    _, index = jax.lax.top_k(uncertainty.reshape(num, height * width), k)
+    x = (index % width).astype(uncertainty.dtype) + 0.5
+    y = (index // width).astype(uncertainty.dtype) + 0.5
+    return index, jnp.stack([x / width, y / height], axis=-1)
+
+
 def deformable_attention(
     value: jnp.ndarray,
     level_shapes: Sequence[tuple[int, int]],

@@ -1,0 +1,37 @@
+"""PointRend on the real DSB 2018 nuclei set, sized for a 2-core CPU: Mask R-CNN's nuclei
+experiment (experiments/maskrcnn_nuclei.py: the same backbone, pyramid, anchors, RoI budgets,
+schedule and evaluation) with the mask head replaced by PointRend's coarse and point heads.
+
+    make data
+    instseg-jax train --config experiments/pointrend_nuclei.py --workdir runs/pointrend_nuclei
+
+Choices, and why: the coarse head's convolution at the pyramid's 128 channels and 2 FC x 512
+(the box head's width here; detectron2's 256 and 1024 are sized for COCO's 80 classes);
+detectron2's point head (3 FC x 256), 196 training points per RoI and 224x224 inference masks
+by adaptive subdivision; the same 2000 steps as Mask R-CNN's figure so the two compare at one
+budget. Results: experiments/benchmarks/RESULTS.md, "PointRend nuclei quality run".
+`:smoke` shrinks everything to synthetic scenes for tests.
+"""
+
+from instseg_jax import config as config_lib
+from instseg_jax.methods import pointrend
+
+
+def get_config(arg=None):
+    c = config_lib.nuclei_experiment(pointrend.base_config(), arg)
+    m = c.model
+    c.input.mask_size = 56
+    m.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
+    m.rpn_pre_nms_topk_train = 1000
+    m.rpn_post_nms_topk_train = 500
+    m.rpn_pre_nms_topk_test = 1000
+    m.rpn_post_nms_topk_test = 500
+    m.roi_batch_per_image = 256
+    m.mask_fg_per_image = 32
+    m.box_fc_dim = 512
+    m.coarse_conv_dim = 128
+    m.coarse_fc_dim = 512
+    m.detections_per_image = 200  # up to 101 nuclei per val image
+    c.optim.lr = 0.02
+    c.schedule.total_steps = 2000
+    return config_lib.finish(c, arg)
