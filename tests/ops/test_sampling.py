@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from instseg_jax.ops.sampling import deformable_attention, point_sample, uncertain_points
+from instseg_jax.ops.sampling import (
+    deformable_attention,
+    point_features,
+    point_sample,
+    uncertain_cells,
+    uncertain_points,
+    upsample2x,
+)
 
 
 def grid_sample_point(image, x, y):
@@ -57,6 +64,67 @@ def test_uncertain_points_are_the_least_sure_of_the_drawn_ones():
         assert np.allclose(np.sort(points[n, :15], 0), np.sort(want, 0), atol=1e-6)
         # The rest are fresh uniform points, not copies of the drawn ones.
         assert not np.isin(points[n, 15:, 0], drawn[n, :, 0]).any()
+
+
+def test_point_features_match_grid_sample_and_their_gradient_is_the_adjoint():
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(2, 6, 9, 5)).astype(np.float32)
+    points = rng.uniform(-0.1, 1.1, (2, 3, 7, 2)).astype(np.float32)
+    got = np.asarray(jax.jit(point_features)(features, points))
+    assert got.shape == (2, 3, 7, 5)
+    for b in range(2):
+        for n in range(3):
+            for p in range(7):
+                want = grid_sample_point(features[b].astype(np.float64), *points[b, n, p])
+                assert np.allclose(got[b, n, p], want, atol=1e-5)
+    # The feature gradient of <cotangent, sample> scatters each cotangent to the four taps
+    # with their bilinear weights: checked through the linear map's adjoint identity.
+    cotangent = rng.normal(size=got.shape).astype(np.float32)
+    grad = np.asarray(
+        jax.grad(lambda f: jnp.sum(point_features(f, points) * cotangent))(jnp.asarray(features))
+    )
+    probe = rng.normal(size=features.shape).astype(np.float32)
+    lhs = float(np.sum(np.asarray(point_features(probe, points)) * cotangent))
+    assert float(np.sum(grad * probe)) == pytest.approx(lhs, rel=1e-4)
+
+
+def test_upsample2x_matches_half_pixel_bilinear_with_edge_clamping():
+    rng = np.random.default_rng(5)
+    maps = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    got = np.asarray(upsample2x(maps))
+    assert got.shape == (2, 8, 12)
+
+    def source(i, size):  # torch's align_corners=False source coordinate, clamped at 0
+        s = max((i + 0.5) / 2 - 0.5, 0.0)
+        lo = min(int(np.floor(s)), size - 1)
+        hi = min(lo + 1, size - 1)
+        return lo, hi, s - lo
+
+    for n in range(2):
+        for y in range(8):
+            y0, y1, fy = source(y, 4)
+            for x in range(12):
+                x0, x1, fx = source(x, 6)
+                m = maps[n].astype(np.float64)
+                want = (1 - fy) * ((1 - fx) * m[y0, x0] + fx * m[y0, x1]) + fy * (
+                    (1 - fx) * m[y1, x0] + fx * m[y1, x1]
+                )
+                assert got[n, y, x] == pytest.approx(want, abs=1e-5)
+
+
+def test_uncertain_cells_are_the_top_k_cells_and_their_centres():
+    rng = np.random.default_rng(6)
+    uncertainty = rng.normal(size=(3, 5, 7)).astype(np.float32)
+    index, centres = (np.asarray(a) for a in uncertain_cells(jnp.asarray(uncertainty), 9))
+    assert index.shape == (3, 9) and centres.shape == (3, 9, 2)
+    for n in range(3):
+        flat = uncertainty[n].ravel()
+        assert set(index[n]) == set(np.argsort(-flat)[:9])
+        rows, cols = np.divmod(index[n], 7)
+        assert np.allclose(centres[n], np.stack([(cols + 0.5) / 7, (rows + 0.5) / 5], -1))
+    # More points than cells: every cell once.
+    index, _ = uncertain_cells(jnp.asarray(uncertainty), 100)
+    assert sorted(np.asarray(index)[0]) == list(range(35))
 
 
 LEVELS = ((6, 5), (3, 3), (2, 1))
