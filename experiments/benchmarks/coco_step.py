@@ -4,8 +4,8 @@ training step time (DESIGN "How a method earns its row", step 4).
     python experiments/benchmarks/coco_step.py [--methods mask_rcnn,solov2] [--rounds 3]
 
 One training step (gradient, update, non-finite guard) of the experiment's model at batch 2
-(Mask2Former: 1, see BATCHES) on its canvas (1344x1344 for the COCO 1x files, 640x640 for
-YOLACT's 550), 80 classes, on a padding batch with concrete initial weights; the first call's compilation is timed with JAX's persistent cache off, then
+(Mask2Former: 1, see BATCHES) on its canvas (1344x1344 for the COCO 1x files, 1408x1408 for
+PANet's, 640x640 for YOLACT's 550), 80 classes, on a padding batch with concrete initial weights; the first call's compilation is timed with JAX's persistent cache off, then
 the median of `rounds` steps. tests/methods/test_*.py run `run_one` with one round (slow tier).
 """
 
@@ -33,6 +33,7 @@ EXPERIMENTS = {
     "polarmask": "polarmask_r50_fpn_coco_1x.py",
     "mask2former": "mask2former_r50_coco_50ep.py",
     "pointrend": "pointrend_r50_fpn_coco_1x.py",
+    "panet": "panet_r50_fpn_coco_2x.py",
 }
 BATCH = 2
 # Mask2Former at batch 2 on 1024 x 1024 peaks at the 24 GB of this machine (measured 24.3 GB

@@ -120,9 +120,14 @@ class MaskRCNN(nn.Module):
         )
         self.fpn = FPN(cfg.fpn_channels, cfg.dtype)
         self.rpn_head = rpn.RPNHead(len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0]), cfg.dtype)
-        self.box_head = roi_heads.BoxHead(cfg.num_classes, cfg.box_fc_dim, cfg.dtype)
+        self.setup_box_head()
         if cfg.mask_on:
             self.setup_mask_head()
+
+    def setup_box_head(self):
+        """The box head (a subclass with another head replaces this and `pool`)."""
+        cfg = self.cfg
+        self.box_head = roi_heads.BoxHead(cfg.num_classes, cfg.box_fc_dim, cfg.dtype)
 
     def setup_mask_head(self):
         """The mask branch's modules (a subclass with another mask head replaces this,

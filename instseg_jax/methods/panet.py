@@ -1,0 +1,304 @@
+"""PANet (Liu et al. 2018) on Mask R-CNN: the method module (methods/__init__.py).
+
+Mask R-CNN's backbone, FPN, RPN, sampling, losses and detection selection, with the three parts
+of the authors' code (ShuLiu1993/PANet, lib/modeling/FPN.py, fast_rcnn_heads.py,
+mask_rcnn_heads.py), each a config switch:
+
+- bottom-up path augmentation (`bottom_up`): N2 = P2, N{l+1} = conv3x3(conv3x3_s2(N{l}) +
+  P{l+1}), every conv followed by GroupNorm and ReLU; N6 subsamples N5. The RPN and the RoI
+  heads read N2..N6 where Mask R-CNN reads P2..P6.
+- adaptive feature pooling (`adaptive_pooling`): every RoI is pooled from all four levels; the
+  first layer of each head runs once per level with its own weights and the levels are fused
+  by element-wise max (without it each RoI is pooled from its own level, as Mask R-CNN).
+- fully-connected fusion in the mask head (`fc_fusion`): a branch off the conv trunk before its
+  last conv (two convs, the second at half width, then one FC to 28 x 28) adds one
+  class-agnostic logit map to every class's FCN logits. The authors' code applies a ReLU to the
+  FC output (the paper does not say); kept.
+- GroupNorm in the heads (`head_norm`): the box head's "4conv1fc" (4 x conv3x3-256 + GN, one
+  FC-1024) or the "2fc" variant (FC + GN twice), the mask head's convs.
+
+Not carried over from the authors' code: GroupNorm inside the FPN itself and their box loss's
+smooth-L1 beta of 1/3 (this package keeps detectron2's FPN and L1 box loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from instseg_jax import config as config_lib
+from instseg_jax import ops
+from instseg_jax.methods import mask_rcnn, roi_heads
+from instseg_jax.nn.layers import ConvNorm, Deconv2x2, GroupNorm, depth_to_space_2x2
+
+INPUTS = mask_rcnn.INPUTS
+
+
+@dataclasses.dataclass(frozen=True)
+class PANetConfig(mask_rcnn.MaskRCNNConfig):
+    """Mask R-CNN's fields and PANet's, with the authors' COCO defaults."""
+
+    bottom_up: bool = True
+    adaptive_pooling: bool = True
+    fc_fusion: bool = True
+    head_norm: str = "group_norm"  # or "none"
+    neck_norm: str = "group_norm"  # the bottom-up path's convs
+    box_head: str = "4conv1fc"  # or "2fc" (box_fc_dim wide, the first FC per level)
+    box_conv_dim: int = 256
+    box_num_convs: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.box_head not in ("4conv1fc", "2fc"):
+            raise config_lib.ConfigValueError(
+                f"model.box_head must be '4conv1fc' or '2fc', got {self.box_head!r}"
+            )
+        for name in ("head_norm", "neck_norm"):
+            if getattr(self, name) not in ("group_norm", "none"):
+                raise config_lib.ConfigValueError(
+                    f"model.{name} must be 'group_norm' or 'none', got {getattr(self, name)!r}"
+                )
+        if self.mask_on and self.mask_head_convs < 2:
+            raise config_lib.ConfigValueError(
+                f"model.mask_head_convs is {self.mask_head_convs}; PANet's mask head needs at "
+                "least 2 (the first is fused over levels, the FC branch leaves before the last)"
+            )
+
+
+class BottomUpPath(nn.Module):
+    """{"p2".."p6"} -> the same keys holding N2..N6 (module docstring)."""
+
+    channels: int
+    norm: str = "group_norm"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: dict) -> dict:
+        levels = [features["p2"]]
+        for level in (3, 4, 5):
+            down = ConvNorm(self.channels, 3, 2, self.norm, dtype=self.dtype, name=f"down{level}")(
+                levels[-1]
+            )
+            levels.append(
+                ConvNorm(self.channels, 3, 1, self.norm, dtype=self.dtype, name=f"out{level}")(
+                    down + features[f"p{level}"]
+                )
+            )
+        out = {f"p{i + 2}": x for i, x in enumerate(levels)}
+        out["p6"] = out["p5"][:, ::2, ::2, :]
+        return out
+
+
+def adaptive_pool(features: dict, boxes, size: int, sampling_ratio: int, aligned: bool):
+    """[B, R, L, size, size, D]: every box RoIAligned from each of P2..P5 (L = 4) at that
+    level's scale."""
+    return jnp.stack(
+        [
+            ops.roi_align(features[name], boxes, size, 2.0 ** -(i + 2), sampling_ratio, aligned)
+            for i, name in enumerate(roi_heads.POOLED_LEVELS)
+        ],
+        axis=2,
+    )
+
+
+def fuse_levels(make_layer, pooled):
+    """max over levels of make_layer(level)(pooled[:, level]): the first layer of a head with
+    its own weights per level (pooled [n, L, ...])."""
+    return jnp.max(
+        jnp.stack([make_layer(level)(pooled[:, level]) for level in range(pooled.shape[1])]),
+        axis=0,
+    )
+
+
+def dense_norm_relu(features, norm, dtype, name):
+    """FC -> GroupNorm (when norm is "group_norm") -> ReLU on [n, D] rows."""
+
+    def layer(x):
+        x = nn.Dense(
+            features,
+            dtype=dtype,
+            use_bias=norm == "none",
+            kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
+            name=f"{name}",
+        )(x)
+        if norm == "group_norm":
+            x = GroupNorm(32, dtype, name=f"{name}_norm")(x)
+        return nn.relu(x)
+
+    return layer
+
+
+class FusedBoxHead(nn.Module):
+    """[B, R, L, 7, 7, D] pooled from L levels -> class logits [B, R, C+1] and deltas
+    [B, R, C, 4]. "4conv1fc": conv1 per level, max, convs 2..n, one FC; "2fc": FC1 per level,
+    max, FC2 (module docstring)."""
+
+    num_classes: int
+    kind: str = "4conv1fc"
+    conv_dim: int = 256
+    num_convs: int = 4
+    fc_dim: int = 1024
+    norm: str = "group_norm"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled):
+        b, r, levels, h, w, d = pooled.shape
+        x = pooled.reshape(b * r, levels, h, w, d).astype(self.dtype)
+        if self.kind == "4conv1fc":
+            conv = lambda name: ConvNorm(
+                self.conv_dim, 3, 1, self.norm, dtype=self.dtype, name=name
+            )
+            x = fuse_levels(lambda level: conv(f"conv1_level{level}"), x)
+            for i in range(1, self.num_convs):
+                x = conv(f"conv{i + 1}")(x)
+            x = dense_norm_relu(self.fc_dim, "none", self.dtype, "fc")(x.reshape(b * r, -1))
+        else:
+            x = x.reshape(b * r, levels, -1)
+            x = fuse_levels(
+                lambda level: dense_norm_relu(
+                    self.fc_dim, self.norm, self.dtype, f"fc1_level{level}"
+                ),
+                x,
+            )
+            x = dense_norm_relu(self.fc_dim, self.norm, self.dtype, "fc2")(x)
+        logits = nn.Dense(
+            self.num_classes + 1,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.01),
+            name="cls_score",
+        )(x)
+        deltas = nn.Dense(
+            self.num_classes * 4,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.001),
+            name="bbox_pred",
+        )(x)
+        return (
+            logits.reshape(b, r, -1).astype(jnp.float32),
+            deltas.reshape(b, r, self.num_classes, 4).astype(jnp.float32),
+        )
+
+
+class FusedMaskHead(nn.Module):
+    """[B, F, L, 14, 14, D] -> [B, F, 28, 28, C] logits: conv1 per level and max, convs up to
+    num_convs, the 2x2 deconvolution and a per-class 1x1 predictor; with fc_fusion, a branch
+    off the trunk before its last conv (conv, conv at half width, FC to 28 x 28 + ReLU) added to
+    every class's logits."""
+
+    num_classes: int
+    channels: int = 256
+    num_convs: int = 4
+    fc_fusion: bool = True
+    norm: str = "group_norm"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, pooled):
+        b, f, levels, h, w, d = pooled.shape
+        x = pooled.reshape(b * f, levels, h, w, d).astype(self.dtype)
+        conv = lambda features, name: ConvNorm(
+            features, 3, 1, self.norm, dtype=self.dtype, name=name
+        )
+        x = fuse_levels(lambda level: conv(self.channels, f"conv1_level{level}"), x)
+        for i in range(1, self.num_convs - 1):
+            x = conv(self.channels, f"conv{i + 1}")(x)
+        branch = x
+        x = conv(self.channels, f"conv{self.num_convs}")(x)
+        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+        x = nn.relu(Deconv2x2(self.channels, self.dtype, init, blocked=True, name="deconv")(x))
+        x = nn.Dense(
+            self.num_classes,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.001),
+            name="predictor",
+        )(x)
+        logits = depth_to_space_2x2(x)  # [n, 28, 28, C]
+        if self.fc_fusion:
+            y = conv(self.channels, "fc_branch_conv1")(branch)
+            y = conv(self.channels // 2, "fc_branch_conv2")(y)
+            y = nn.Dense(
+                4 * h * w,
+                dtype=self.dtype,
+                kernel_init=nn.initializers.normal(0.01),
+                name="fc_branch_fc",
+            )(y.reshape(b * f, -1))
+            logits = logits + nn.relu(y).reshape(b * f, 2 * h, 2 * w, 1)
+        return logits.reshape(b, f, 2 * h, 2 * w, self.num_classes).astype(jnp.float32)
+
+
+class PANet(mask_rcnn.MaskRCNN):
+    cfg: PANetConfig
+
+    def setup(self):
+        super().setup()
+        cfg = self.cfg
+        if cfg.bottom_up:
+            self.bottom_up = BottomUpPath(cfg.fpn_channels, cfg.neck_norm, cfg.dtype)
+
+    def setup_box_head(self):
+        cfg = self.cfg
+        self.box_head = FusedBoxHead(
+            cfg.num_classes,
+            cfg.box_head,
+            cfg.box_conv_dim,
+            cfg.box_num_convs,
+            cfg.box_fc_dim,
+            cfg.head_norm,
+            cfg.dtype,
+        )
+
+    def setup_mask_head(self):
+        cfg = self.cfg
+        self.mask_head = FusedMaskHead(
+            cfg.num_classes,
+            cfg.fpn_channels,
+            cfg.mask_head_convs,
+            cfg.fc_fusion,
+            cfg.head_norm,
+            cfg.dtype,
+        )
+
+    def features(self, image):
+        features = super().features(image)
+        return self.bottom_up(features) if self.cfg.bottom_up else features
+
+    def pool(self, features, boxes, size: int):
+        """[B, R, L, size, size, D]: all four levels (adaptive pooling) or each box's own
+        level (L = 1)."""
+        cfg = self.cfg
+        if cfg.adaptive_pooling:
+            return adaptive_pool(features, boxes, size, cfg.sampling_ratio, cfg.aligned)
+        return super().pool(features, boxes, size)[:, :, None]
+
+
+# ----------------------------------------------------------------------------- method interface
+
+Config = PANetConfig
+Model = PANet
+loss_fn = mask_rcnn.loss_fn
+defaults_from_data = mask_rcnn.defaults_from_data
+make_inference = mask_rcnn.make_inference
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The authors' PANet R-50-FPN COCO heads (e2e_panet_R-50-FPN_2x_mask.yaml) on this
+    package's Mask R-CNN defaults; experiments start from here."""
+    c = config_lib.base()
+    c.method = "panet"
+    c.model = config_lib.model_section(PANetConfig)
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Mask R-CNN's smoke shrink with PANet's heads at smoke width."""
+    c = mask_rcnn.smoke(c)
+    m = c.model
+    m.box_conv_dim = 32
+    m.box_num_convs = 2
+    m.mask_head_convs = 2
+    return c
