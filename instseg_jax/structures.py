@@ -42,8 +42,9 @@ Detections (a dict; K fixed by the method's config):
   classes        int32[B,K]       class index in [0, C)
   valid          bool[B,K]        a real detection (True) or a padding slot
 and at most one mask payload:
-  masks          float32[B,K,M,M] box-relative mask probabilities (Mask R-CNN's M = 28):
-                                  resampled bilinearly into each box at the original size
+  masks          float32 or bfloat16[B,K,M,M] box-relative mask probabilities (Mask
+                                  R-CNN's M = 28, PointRend's 224 in bfloat16): resampled
+                                  bilinearly into each box at the original size
   canvas_masks   float32 or bfloat16[B,K,H/s,W/s] probabilities on the canvas at stride s
                                   (s = H / the payload's height): the host undoes the stride, the
                                   padding, the crop, the flip and the resize

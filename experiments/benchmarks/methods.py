@@ -46,6 +46,8 @@ EXPERIMENTS = {
     "blendmask": "blendmask_nuclei.py",
     "polarmask": "polarmask_nuclei.py",
     "mask2former": "mask2former_nuclei.py",
+    "pointrend": "pointrend_nuclei.py",
+    "panet": "panet_nuclei.py",
 }
 
 
