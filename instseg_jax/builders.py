@@ -64,7 +64,14 @@ def transform_config(config, train: bool) -> TransformConfig:
     # Workdirs written before the test size existed get detectron2's (MIN/MAX_SIZE_TEST).
     short_side = tuple(i.short_side) if train else (int(i.get("test_short_side", 800)),)
     test_long = int(i.get("test_max_long_side", 1333))
+    keypoints = {}
+    if getattr(inputs, "keypoints", False):
+        from instseg_jax.input.keypoints import keypoint_set
+
+        spec = keypoint_set(str(i.get("keypoints", "")))
+        keypoints = {"keypoints": spec.count, "keypoint_flip": spec.flip}
     return TransformConfig(
+        **keypoints,
         canvas_hw=tuple(i.canvas_hw),
         max_instances=i.max_instances,
         # Workdirs written before ignore regions existed get the default.

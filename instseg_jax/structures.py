@@ -34,6 +34,10 @@ Batch (host NumPy, then a global jax.Array sharded over the `data` mesh axis):
                                   boundary of each mask (the midpoints of its pixels' edges that
                                   face the background), L of them evenly by angle about their
                                   mean, repeated when there are fewer; clipped to the valid region
+  gt_keypoints   float32[B,N,Kp,3] when INPUTS.keypoints: (x, y, v) canvas positions of the
+                                  Kp keypoints of input.keypoints' set; v = 0 (and x = y = 0)
+                                  for a point unlabelled or outside the valid region; on a
+                                  flipped canvas left and right keypoints have swapped slots
 
 Detections (a dict; K fixed by the method's config):
   boxes          float32[B,K,4]   xyxy in original image pixels; a method that predicts no boxes
@@ -71,12 +75,14 @@ class Inputs:
     full_mask_stride: s > 0 gives gt_full_masks at stride s of the canvas; 0 leaves them out.
     centers: gt_centers, the mass centre of each instance's mask on the canvas.
     contour_points: L > 0 gives gt_contours, L boundary points of each mask on the canvas.
+    keypoints: gt_keypoints, the keypoints of input.keypoints' set for each instance.
     """
 
     box_masks: bool = False
     full_mask_stride: int = 0
     centers: bool = False
     contour_points: int = 0
+    keypoints: bool = False
 
     def __post_init__(self):
         if self.full_mask_stride < 0:

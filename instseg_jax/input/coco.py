@@ -70,6 +70,9 @@ class CocoSource(CategoryIds):
         self.category_ids = [int(c["id"]) for c in categories]
         self.class_names = [str(c["name"]) for c in categories]
         self._class_of = {cid: i for i, cid in enumerate(self.category_ids)}
+        # Keypoints per instance: the longest "keypoints" name list of any category (COCO
+        # person: 17); 0 when no category declares keypoints.
+        self.num_keypoints = max((len(c.get("keypoints") or ()) for c in categories), default=0)
 
         by_image: dict[int, list[dict]] = {}
         for ann in document["annotations"]:
@@ -112,7 +115,30 @@ class CocoSource(CategoryIds):
             "iscrowd": np.array([bool(a.get("iscrowd", 0)) for a in anns], bool),
             "ann_ids": np.array([int(a["id"]) for a in anns], np.int64),
             "segmentations": [a.get("segmentation") for a in anns],
+            **({"keypoints": self._keypoints(anns)} if self.num_keypoints else {}),
         }
+
+    def _keypoints(self, anns: Sequence[dict]) -> np.ndarray:
+        """float32[n, K, 3] (x, y, v) of the annotations' "keypoints" lists (v = 0 where an
+        annotation has none): continuous pixel positions, COCO's pixel index + 0.5
+        (input/keypoints.py)."""
+        k = self.num_keypoints
+        out = np.zeros((len(anns), k, 3), np.float32)
+        for i, ann in enumerate(anns):
+            values = ann.get("keypoints") or []
+            if len(values) != 3 * k:
+                if values:
+                    raise DataError(
+                        f"{self.annotation_file}: annotation id {ann.get('id')} has "
+                        f"{len(values)} keypoint numbers, not 3 x {k} (x, y, v per keypoint of "
+                        "its category); fix the list or remove it"
+                    )
+                continue
+            points = np.asarray(values, np.float32).reshape(k, 3)
+            points[:, :2] += 0.5
+            points[points[:, 2] <= 0] = 0.0
+            out[i] = points
+        return out
 
     def _xyxy(self, ann: dict) -> tuple[float, float, float, float]:
         """The annotation's xyxy box; NaN when it has none (the box is then its mask's)."""
@@ -173,6 +199,7 @@ class CocoSource(CategoryIds):
             "classes": record["classes"][keep],
             "iscrowd": record["iscrowd"][keep],
             "image_id": record["image_id"],
+            **({"keypoints": record["keypoints"][keep]} if "keypoints" in record else {}),
         }
 
 
@@ -248,12 +275,28 @@ def decode_instances(
 
 
 def mask_annotation(
-    mask: np.ndarray, annotation_id: int, image_id: int, category_id: int, iscrowd: bool = False
+    mask: np.ndarray,
+    annotation_id: int,
+    image_id: int,
+    category_id: int,
+    iscrowd: bool = False,
+    keypoints: np.ndarray | None = None,
 ) -> dict:
     """A COCO annotation of a bool mask[H, W]: compressed RLE (str counts, JSON-ready), with
-    area and box from pycocotools."""
+    area and box from pycocotools; keypoints[K, 3] (continuous pixel positions, written at
+    COCO's pixel index: - 0.5) add "keypoints" and "num_keypoints"."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    extra = {}
+    if keypoints is not None:
+        points = np.asarray(keypoints, np.float64).copy()
+        labelled = points[:, 2] > 0
+        points[:, :2] = np.where(labelled[:, None], points[:, :2] - 0.5, 0.0)
+        extra = {
+            "keypoints": [float(v) for v in points.ravel()],
+            "num_keypoints": int(labelled.sum()),
+        }
     return {
+        **extra,
         "id": int(annotation_id),
         "image_id": int(image_id),
         "category_id": int(category_id),

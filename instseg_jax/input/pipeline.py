@@ -68,6 +68,8 @@ def padding_example(config: TransformConfig) -> dict:
         extra["gt_centers"] = np.zeros((n, 2), np.float32)
     if config.contour_points:
         extra["gt_contours"] = np.zeros((n, config.contour_points, 2), np.float32)
+    if config.keypoints:
+        extra["gt_keypoints"] = np.zeros((n, config.keypoints, 3), np.float32)
     return {
         "image": np.zeros((height, width, 3), np.uint8),
         "image_hw": np.zeros(2, np.int32),

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from instseg_jax.input.keypoints import SYNTHETIC_SHAPES
+
 CLASS_NAMES = ("circle", "rectangle", "triangle")
 
 
@@ -31,7 +33,8 @@ class SyntheticSource:
 
     load(index) returns an example dict like the COCO source's: image uint8[H, W, 3],
     masks bool[n, H, W], boxes float32[n, 4] (xyxy, tight, +1 on the max side like COCO's
-    mask boxes), classes int32[n], iscrowd bool[n], image_id.
+    mask boxes), classes int32[n], iscrowd bool[n], image_id, keypoints float32[n, 5, 3]
+    (`shape_keypoints`).
     """
 
     class_names: Sequence[str] = CLASS_NAMES
@@ -113,7 +116,29 @@ class SyntheticSource:
             "classes": classes,
             "iscrowd": np.zeros(len(masks), bool),
             "image_id": int(index),
+            "keypoints": shape_keypoints(masks),
         }
+
+
+def shape_keypoints(masks: np.ndarray) -> np.ndarray:
+    """float32[n, 5, 3] keypoints of each visible mask[n, H, W] (input/keypoints.py's
+    "synthetic_shapes"): the mean pixel of its topmost row, leftmost column, rightmost column and
+    bottom row, and its mass centre, as continuous positions (pixel centres), all visible (2).
+    Means make them mirror exactly under a flip."""
+    out = np.zeros((len(masks), 5, 3), np.float32)
+    for i, mask in enumerate(masks):
+        rows, cols = np.nonzero(mask)
+        top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
+        points = [
+            (cols[rows == top].mean(), top),
+            (left, rows[cols == left].mean()),
+            (right, rows[cols == right].mean()),
+            (cols[rows == bottom].mean(), bottom),
+            (cols.mean(), rows.mean()),
+        ]
+        out[i, :, :2] = np.asarray(points, np.float64) + 0.5
+        out[i, :, 2] = 2.0
+    return out
 
 
 def write_coco(source: SyntheticSource, folder, split: str = "val") -> tuple:
@@ -138,9 +163,18 @@ def write_coco(source: SyntheticSource, folder, split: str = "val") -> tuple:
         Image.fromarray(example["image"]).save(folder / "images" / name)
         height, width = example["image"].shape[:2]
         images.append({"id": index + 1, "file_name": name, "height": height, "width": width})
-        for mask, cls in zip(example["masks"], example["classes"], strict=True):
-            annotations.append(mask_annotation(mask, len(annotations) + 1, index + 1, cls + 1))
-    categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
+        for mask, cls, points in zip(
+            example["masks"], example["classes"], example["keypoints"], strict=True
+        ):
+            annotations.append(
+                mask_annotation(mask, len(annotations) + 1, index + 1, cls + 1, keypoints=points)
+            )
+    shapes = SYNTHETIC_SHAPES
+    skeleton = [[a + 1, b + 1] for a, b in shapes.skeleton]  # COCO's 1-based indices
+    categories = [
+        {"id": i + 1, "name": n, "keypoints": list(shapes.names), "skeleton": skeleton}
+        for i, n in enumerate(CLASS_NAMES)
+    ]
     path = folder / f"{split}.json"
     path.write_text(
         json.dumps({"images": images, "annotations": annotations, "categories": categories})

@@ -38,6 +38,8 @@ class TransformConfig:
     full_mask_stride: int = 0  # s > 0: gt_full_masks uint8[N, H/s, W/s]
     centers: bool = False  # gt_centers float32[N, 2]
     contour_points: int = 0  # L > 0: gt_contours float32[N, L, 2]
+    keypoints: int = 0  # K > 0: gt_keypoints float32[N, K, 3] (x, y, visibility)
+    keypoint_flip: tuple[int, ...] = ()  # the mirror of each keypoint (input/keypoints.py)
     mask_size: int = 112  # Mc
     train: bool = True
     resize: str = "short_side"  # "short_side" or "lsj" (large-scale jitter)
@@ -207,6 +209,10 @@ def transform(
     ignore_boxes = _padded(canvas_boxes[dropped], config.max_ignore_regions, np.float32)
     ignore_valid = _padded(np.ones(len(dropped), bool), config.max_ignore_regions, bool)
     extra = _mask_targets(masks, kept, gt_boxes, config, scale, (oy, ox), (valid_h, valid_w), flip)
+    if config.keypoints:
+        extra["gt_keypoints"] = _keypoint_targets(
+            example, kept, config, scale, (oy, ox), (valid_h, valid_w), flip
+        )
 
     if flip:
         canvas[:, :valid_w] = canvas[:, :valid_w][:, ::-1]
@@ -301,6 +307,34 @@ def _mask_targets(masks, kept, gt_boxes, config: TransformConfig, scale, offset,
             masks, kept, limit, config.contour_points, scale, offset, valid_hw, flip
         )
     return extra
+
+
+def _keypoint_targets(example, kept, config: TransformConfig, scale, offset, valid_hw, flip):
+    """float32[N, K, 3] keypoints of the kept instances on the canvas: positions scaled and
+    shifted like the boxes, visibility 0 (and position 0) where a point is unlabelled or falls
+    outside the valid region (a crop can cut it off); on a flipped canvas x mirrors and each
+    keypoint takes its mirror's slot (left and right swap)."""
+    k = config.keypoints
+    points = example.get("keypoints")
+    if points is None or np.shape(points)[1:] != (k, 3):
+        raise ConfigValueError(
+            f"image id {example.get('image_id')}: the method trains on {k} keypoints per "
+            f"instance (input.keypoints), but the source gives "
+            f"{'none' if points is None else f'shape {np.shape(points)}'}; use annotations "
+            "with a 'keypoints' list of that many (x, y, v) per instance"
+        )
+    (oy, ox), (valid_h, valid_w) = offset, valid_hw
+    points = np.asarray(points, np.float64)[kept]
+    x = points[..., 0] * scale - ox
+    y = points[..., 1] * scale - oy
+    visible = (points[..., 2] > 0) & (x >= 0) & (x < valid_w) & (y >= 0) & (y < valid_h)
+    if flip:
+        x = valid_w - x
+        order = np.asarray(config.keypoint_flip or range(k))
+        x, y, visible = x[:, order], y[:, order], visible[:, order]
+        points = points[:, order]
+    out = np.stack([x, y, points[..., 2]], axis=-1) * visible[..., None]
+    return _padded(out.astype(np.float32), config.max_instances, np.float32)
 
 
 def _mirror_boxes(boxes: np.ndarray, valid: np.ndarray, valid_w: int) -> np.ndarray:
