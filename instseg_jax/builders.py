@@ -39,10 +39,14 @@ def build_source(input_config, train: bool):
     if not train and input_config.get("eval_source"):
         kind = input_config.eval_source
     if kind == "synthetic":
+        # Held-out scenes when the experiment names an evaluation seed (and length).
+        held_out = not train and input_config.get("synthetic_eval_seed", -1) >= 0
         return SyntheticSource(
-            input_config.synthetic_length,
+            input_config.get("synthetic_eval_length", 64)
+            if held_out
+            else input_config.synthetic_length,
             tuple(input_config.synthetic_hw),
-            seed=input_config.synthetic_seed,
+            seed=input_config.synthetic_eval_seed if held_out else input_config.synthetic_seed,
         )
     if kind == "coco":
         split = input_config.train_split if train else input_config.eval_split

@@ -22,6 +22,7 @@ Foreground is value >= 0.5.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -193,6 +194,71 @@ def polygon_region(polygon, image_hw):
     return mask_utils.decode(rle)[..., 0].astype(bool), top, left
 
 
+# ------------------------------------------------------------------------------ keypoints
+
+
+def _cubic(t, a=-0.75):
+    t = np.abs(t)
+    return np.where(
+        t <= 1,
+        ((a + 2) * t - (a + 3)) * t * t + 1,
+        np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
+    )
+
+
+def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """float64[out, in]: torch's bicubic interpolation (a = -0.75, align_corners=False, taps
+    clamped to the edge) from in_size to out_size samples along one axis."""
+    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    low = np.floor(src)
+    frac = src - low
+    matrix = np.zeros((out_size, in_size))
+    rows = np.arange(out_size)
+    for tap in (-1, 0, 1, 2):
+        index = np.clip(low.astype(np.int64) + tap, 0, in_size - 1)
+        np.add.at(matrix, (rows, index), _cubic(frac - tap))
+    return matrix
+
+
+def decode_keypoints(heatmaps: np.ndarray, boxes: np.ndarray):
+    """(float32[R, K, 3] (x, y, 1), float32[R, K] scores) from heatmaps[R, K, S, S] logits in
+    boxes[R, 4] (the pixels the heatmaps were predicted in): each map resized bicubically to
+    ceil(w) x ceil(h) cells of the box (w, h at least 1), its first maximum's cell centre mapped
+    back to the box; the score is the resized logit there (torchvision's heatmaps_to_keypoints).
+    """
+    heatmaps = np.asarray(heatmaps, np.float32)
+    num, k, size, _ = heatmaps.shape
+    out = np.zeros((num, k, 3), np.float32)
+    scores = np.zeros((num, k), np.float32)
+    for r in range(num):
+        x0, y0, x1, y1 = (float(v) for v in boxes[r])
+        width, height = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
+        cells_w, cells_h = math.ceil(width), math.ceil(height)
+        rows = bicubic_matrix(cells_h, size).astype(np.float32)
+        cols = bicubic_matrix(cells_w, size).astype(np.float32)
+        resized = np.einsum("ys,ksz,xz->kyx", rows, heatmaps[r], cols)
+        flat = resized.reshape(k, -1).argmax(axis=1)
+        cy, cx = np.divmod(flat, cells_w)
+        out[r, :, 0] = (cx + 0.5) * (width / cells_w) + x0
+        out[r, :, 1] = (cy + 0.5) * (height / cells_h) + y0
+        out[r, :, 2] = 1.0
+        scores[r] = resized.reshape(k, -1)[np.arange(k), flat]
+    return out, scores
+
+
+def canvas_points_to_original(points: np.ndarray, geometry: ImageGeometry, rescale) -> np.ndarray:
+    """points[..., >=2] (x, y) canvas pixels -> original image pixels (clipped to the image):
+    the flip undone inside the valid region, the crop offset added, each axis multiplied by
+    rescale (rx, ry) (1 / scale, or torchvision's original / resized size per axis)."""
+    out = np.array(points, np.float32)
+    if geometry.flipped:
+        out[..., 0] = geometry.image_hw[1] - out[..., 0]
+    oy, ox = geometry.crop_offset
+    out[..., 0] = np.clip((out[..., 0] + ox) * rescale[0], 0, geometry.orig_hw[1])
+    out[..., 1] = np.clip((out[..., 1] + oy) * rescale[1], 0, geometry.orig_hw[0])
+    return out
+
+
 def image_instances(
     detections: dict,
     b: int,
@@ -230,17 +296,33 @@ def image_instances(
             box = [float(v) for v in boxes[k]]
         else:
             box = _tight_box(region, top, left)
-        out.append(
-            {
-                "box": box,
-                "score": float(scores[k]),
-                "class": int(classes[k]),
-                "region": region,
-                "top": top,
-                "left": left,
-            }
-        )
+        instance = {
+            "box": box,
+            "score": float(scores[k]),
+            "class": int(classes[k]),
+            "region": region,
+            "top": top,
+            "left": left,
+        }
+        if "keypoint_heatmaps" in detections:
+            instance["keypoints"], instance["keypoint_scores"] = _instance_keypoints(
+                detections, b, k, geometry
+            )
+        out.append(instance)
     return out
+
+
+def _instance_keypoints(detections: dict, b: int, k: int, geometry: ImageGeometry):
+    """(float32[Kp, 3] (x, y, 1) in original pixels, float32[Kp] scores) of slot k: its
+    heatmaps decoded in its canvas box, mapped to the original image, shifted by the frame's
+    output shift (Detections' keypoint payload, structures.py)."""
+    heatmaps = np.asarray(detections["keypoint_heatmaps"][b, k : k + 1], np.float32)
+    box = np.asarray(detections["keypoint_boxes"][b, k : k + 1], np.float32)
+    rx, ry, shift = (float(v) for v in np.asarray(detections["keypoint_frame"][b]))
+    points, scores = decode_keypoints(heatmaps, box)
+    points = canvas_points_to_original(points[0], geometry, (rx, ry))
+    points[:, :2] += shift
+    return points, scores[0]
 
 
 def _tight_box(region, top: int, left: int) -> list[float]:
@@ -280,5 +362,7 @@ def detections_to_results(
                 result["segmentation"] = encode_region(
                     instance["region"], instance["top"], instance["left"], buffer
                 )
+            if "keypoints" in instance:
+                result["keypoints"] = [float(v) for v in instance["keypoints"].ravel()]
             results.append(result)
     return results

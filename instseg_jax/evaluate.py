@@ -45,18 +45,25 @@ STAT_NAMES = (
 )
 
 
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
+
+
 def coco_evaluate(
     annotations: str | Path | COCO,
     results: list[dict] | str | Path,
     iou_types=None,
     print_tables: bool = True,
     max_detections: int = 100,
+    keypoint_sigmas=None,
 ) -> dict[str, list[float]]:
-    """pycocotools' 12 stats per IoU type, bbox then segm, with maxDets (1, 10, 100).
+    """pycocotools' 12 stats per IoU type, bbox then segm, with maxDets (1, 10, 100), and its
+    10 keypoint stats (OKS, maxDets 20 as COCO's keypoint tables) for "keypoints".
 
-    iou_types default from the results: bbox only when they carry no segmentation.
-    max_detections D above 100 adds a fourth maxDets: the 12 stats stay COCO's (at 100) and
-    three more follow, AP, AP50 and AR at D (pycocotools' own precision and recall arrays).
+    iou_types default from the results: bbox only when they carry no segmentation, keypoints
+    when they all carry keypoints. max_detections D above 100 adds a fourth maxDets to bbox
+    and segm: the 12 stats stay COCO's (at 100) and three more follow, AP, AP50 and AR at D
+    (pycocotools' own precision and recall arrays). keypoint_sigmas: the OKS sigma of each
+    keypoint (input/keypoints.py); None keeps pycocotools' 17 COCO person sigmas.
     """
     if max_detections < 100:
         raise UserError(
@@ -74,14 +81,28 @@ def coco_evaluate(
     if iou_types is None:
         has_masks = bool(results) and all("segmentation" in r for r in results)
         iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+        if results and all("keypoints" in r for r in results):
+            iou_types += ("keypoints",)
     extra = max_detections > 100
     stats = {}
     for iou_type in iou_types:
+        keypoints = iou_type == "keypoints"
         if not results:
-            stats[iou_type] = [0.0] * (15 if extra else 12)
+            stats[iou_type] = [0.0] * (10 if keypoints else 15 if extra else 12)
             continue
         detections_coco = _quiet(gt.loadRes, [dict(r) for r in results])
         evaluator = COCOeval(gt, detections_coco, iou_type)
+        if keypoints:
+            if keypoint_sigmas is not None:
+                evaluator.params.kpt_oks_sigmas = np.asarray(keypoint_sigmas, np.float64)
+            with _maybe_quiet(not print_tables):
+                evaluator.evaluate()
+                evaluator.accumulate()
+                if print_tables:
+                    print(f"-- {iou_type} --")
+                evaluator.summarize()
+            stats[iou_type] = [float(v) for v in evaluator.stats]
+            continue
         evaluator.params.maxDets = [1, 10, 100, max_detections] if extra else [1, 10, 100]
         with _maybe_quiet(not print_tables):
             evaluator.evaluate()
@@ -132,6 +153,8 @@ def _maybe_quiet(quiet: bool):
 
 
 def named(stats: list[float], max_detections: int = 100) -> dict[str, float]:
+    if len(stats) == len(KEYPOINT_STAT_NAMES):
+        return dict(zip(KEYPOINT_STAT_NAMES, stats, strict=True))
     names = STAT_NAMES
     if len(stats) == 15:
         names += tuple(f"{n}@{max_detections}" for n in ("AP", "AP50", "AR"))
@@ -159,14 +182,26 @@ def ground_truth(source) -> COCO:
         image_id = int(example["image_id"])
         images.append({"id": image_id, "height": height, "width": width})
         category_ids = source.category_id(example["classes"])
-        for mask, category, crowd in zip(
-            example["masks"], category_ids, example["iscrowd"], strict=True
+        points = example.get("keypoints")
+        for i, (mask, category, crowd) in enumerate(
+            zip(example["masks"], category_ids, example["iscrowd"], strict=True)
         ):
             annotations.append(
-                mask_annotation(mask, len(annotations) + 1, image_id, category, crowd)
+                mask_annotation(
+                    mask,
+                    len(annotations) + 1,
+                    image_id,
+                    category,
+                    crowd,
+                    keypoints=None if points is None else points[i],
+                )
             )
     ids, names = builders.source_class_map(source)
     categories = [{"id": i, "name": n} for i, n in zip(ids, names, strict=True)]
+    keypoint_names = getattr(source, "keypoint_names", None)
+    if keypoint_names:
+        for category in categories:
+            category["keypoints"] = list(keypoint_names)
     gt = COCO()
     gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
     _quiet(gt.createIndex)
@@ -235,6 +270,8 @@ def plot_ap(workdir: str | Path) -> Path:
         ("bbox", "AP50", (120, 170, 230)),
         ("segm", "AP", (200, 40, 40)),
         ("segm", "AP50", (240, 150, 150)),
+        ("keypoints", "AP", (30, 150, 60)),
+        ("keypoints", "AP50", (140, 210, 150)),
     ]
     for row, (iou_type, stat, colour) in enumerate(series):
         points = [point(r["step"], r[iou_type][stat]) for r in reports if iou_type in r]
@@ -271,7 +308,7 @@ def evaluate_model(
     category_ids = class_map[0]
     paste_rule = builders.paste_rule(builders.model_config(config, len(category_ids)))
     max_detections = int(config.eval.get("max_detections", 100))
-    results, has_masks = [], False
+    results, has_masks, has_keypoints = [], False, False
     seconds = {"input_s": 0.0, "device_s": 0.0, "paste_rle_s": 0.0}
     for batch, found, (input_s, device_s) in run_inference(
         config, variables, source, len(category_ids), max_batches
@@ -288,6 +325,7 @@ def evaluate_model(
         results += detections.detections_to_results(found, batch, category_ids, paste_rule)
         seconds["paste_rle_s"] += time.perf_counter() - start
         has_masks = structures.mask_payload(found) is not None
+        has_keypoints = "keypoint_heatmaps" in found
     start = time.perf_counter()
     gt = ground_truth(source)
     seconds["ground_truth_s"] = time.perf_counter() - start
@@ -295,8 +333,14 @@ def evaluate_model(
         seen = sorted({r["image_id"] for r in results})
         gt.imgs = {i: gt.imgs[i] for i in seen}
     iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+    sigmas = None
+    if has_keypoints:
+        from instseg_jax.input.keypoints import keypoint_set
+
+        iou_types += ("keypoints",)
+        sigmas = keypoint_set(config.input.get("keypoints", "coco_person")).sigmas
     start = time.perf_counter()
-    stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections)
+    stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections, sigmas)
     seconds["cocoeval_s"] = time.perf_counter() - start
     report = {k: named(v, max_detections) for k, v in stats.items()}
     report["timing"] = {k: round(v, 3) for k, v in seconds.items()}

@@ -52,9 +52,10 @@ def image_files(paths) -> list[Path]:
     return files
 
 
-def overlay(image: np.ndarray, instances, class_names) -> Image.Image:
+def overlay(image: np.ndarray, instances, class_names, skeleton=()) -> Image.Image:
     """RGB overlay of detections.image_instances: translucent coloured masks, box outlines,
-    "name score" labels."""
+    "name score" labels, and for keypoint detections the skeleton's lines (pairs of keypoint
+    indices) and a dot per keypoint whose score is positive (a logit above 0)."""
     canvas = image.astype(np.float32)
     for i, instance in enumerate(instances):
         region = instance["region"]
@@ -70,6 +71,14 @@ def overlay(image: np.ndarray, instances, class_names) -> Image.Image:
         box, label = instance["box"], f"{class_names[instance['class']]} {instance['score']:.2f}"
         draw.rectangle(box, outline=colour, width=1)
         draw.text((box[0] + 1, box[1] + 1), label, fill=colour)
+        if "keypoints" in instance:
+            points, shown = instance["keypoints"], instance["keypoint_scores"] > 0
+            for a, b in skeleton:
+                if shown[a] and shown[b]:
+                    draw.line([tuple(points[a, :2]), tuple(points[b, :2])], fill=colour, width=1)
+            for (x, y), visible in zip(points[:, :2], shown, strict=True):
+                if visible:
+                    draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour, outline="white")
     return picture
 
 
@@ -112,6 +121,11 @@ def predict(
     if not files:
         raise UserError(f"--images {' '.join(map(str, images))}: no image files found")
     paste_rule = builders.paste_rule(builders.model_config(config, len(class_names)))
+    skeleton = ()
+    if config.input.get("keypoints"):
+        from instseg_jax.input.keypoints import keypoint_set
+
+        skeleton = keypoint_set(config.input.keypoints).skeleton
     written, seen = 0, set()
     bar = tqdm(total=len(files), desc="predict", unit="img")
     for batch, found, _ in evaluate.run_inference(
@@ -126,7 +140,7 @@ def predict(
             instances = detections.image_instances(
                 found, b, geometry, paste_rule, min_score=score_threshold
             )
-            _write(path, out, geometry.orig_hw, instances, class_names)
+            _write(path, out, geometry.orig_hw, instances, class_names, skeleton)
             written += 1
             bar.update(1)
     skipped = [str(f) for i, f in enumerate(files) if i not in seen]
@@ -137,7 +151,7 @@ def predict(
     return {"written": written, "skipped": skipped}
 
 
-def _write(path: Path, out: Path, hw, instances, class_names) -> None:
+def _write(path: Path, out: Path, hw, instances, class_names, skeleton=()) -> None:
     """OUT/<stem>.json and OUT/<stem>.png of one image's detections."""
     buffer = np.zeros(hw, np.uint8, order="F")
     records = []
@@ -147,17 +161,20 @@ def _write(path: Path, out: Path, hw, instances, class_names) -> None:
             rle = detections.encode_region(
                 instance["region"], instance["top"], instance["left"], buffer
             )
-        records.append(
-            {
-                "box": instance["box"],
-                "score": instance["score"],
-                "class": class_names[instance["class"]],
-                "mask": rle,
-            }
-        )
+        record = {
+            "box": instance["box"],
+            "score": instance["score"],
+            "class": class_names[instance["class"]],
+            "mask": rle,
+        }
+        if "keypoints" in instance:
+            record["keypoints"] = [[float(v) for v in p] for p in instance["keypoints"][:, :2]]
+            record["keypoint_scores"] = [float(v) for v in instance["keypoint_scores"]]
+        records.append(record)
     record = {"image": str(path), "height": int(hw[0]), "width": int(hw[1]), "detections": records}
     (out / f"{path.stem}.json").write_text(json.dumps(record))
-    overlay(decode_image(path), instances, class_names).save(out / f"{path.stem}.png")
+    picture = overlay(decode_image(path), instances, class_names, skeleton)
+    picture.save(out / f"{path.stem}.png")
 
 
 def main(args) -> int:

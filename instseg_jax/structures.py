@@ -55,6 +55,12 @@ and at most one mask payload:
   polygons       float32[B,K,V,2] (x, y) vertices in original image pixels (PolarMask's V = 36
                                   ray ends), rasterised on the host by pycocotools
 
+and, for keypoint methods:
+  keypoint_heatmaps float32[B,K,Kp,S,S] logits of each keypoint over its detection's box
+  keypoint_boxes float32[B,K,4]   the canvas boxes the heatmaps cover
+  keypoint_frame float32[B,3]     (rx, ry, shift): canvas-to-original scale per axis and the
+                                  shift added to decoded positions (detections.py decodes them)
+
 `instseg_jax.detections` turns either payload into binary masks and RLE at the original image's
 pixels (host side, one image and one mask at a time).
 """

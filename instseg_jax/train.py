@@ -561,7 +561,8 @@ def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline)
     variables = {"params": state["params"], "frozen": state["frozen"]}
     report = evaluate.evaluate_model(config, variables, workdir, step, print_tables=True)
     evaluate.plot_ap(workdir)
-    key = "segm" if "segm" in report else "bbox"
+    # The model's main output decides the best checkpoint: keypoints, else masks, else boxes.
+    key = next(k for k in ("keypoints", "segm", "bbox") if k in report)
     ap = report[key]["AP"]
     log.info("step %d: %s AP %.4f (best %.4f)", step, key, ap, best["AP"])
     if ap > best["AP"]:

@@ -38,6 +38,7 @@ class SyntheticSource:
     """
 
     class_names: Sequence[str] = CLASS_NAMES
+    keypoint_names: Sequence[str] = SYNTHETIC_SHAPES.names
 
     def __init__(
         self,

@@ -14,8 +14,9 @@ keypointrcnn_resnet50_fpn:
   averaged over those keypoints in the batch (detectron2's NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS,
   torchvision's mean), times keypoint_loss_weight;
 - inference: the head's heatmaps of the kept boxes travel to the host in the Detections
-  ("keypoint_heatmaps"); `decode_keypoints` resizes each to its box's ceil(w) x ceil(h)
-  pixels with bicubic interpolation, takes the first maximum and its cell centre.
+  ("keypoint_heatmaps", with the canvas boxes they belong to); the host
+  (detections.decode_keypoints) resizes each to its box's ceil(w) x ceil(h) pixels with
+  bicubic interpolation, takes the first maximum and its cell centre.
 
 Keypoint coordinates follow the input pipeline's convention (continuous canvas pixels, the
 COCO annotation's integer pixel index + 0.5, see input/coco.py); `keypoint_output_shift`
@@ -25,14 +26,18 @@ it to 0 (torchvision trains and predicts on the unshifted numbers).
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+import ml_collections
 
+from instseg_jax import config as config_lib
+from instseg_jax import structures
+from instseg_jax.input.keypoints import COCO_PERSON, SYNTHETIC_SHAPES
+from instseg_jax.methods import mask_rcnn
 from instseg_jax.nn.layers import Conv
 from instseg_jax.ops.sampling import upsample2x
 
@@ -81,9 +86,11 @@ class TransposedConv4x4(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        # torch's kaiming_normal_(mode="fan_out") on a transposed convolution's weight[in, out,
+        # kh, kw] counts in x kh x kw as the fan-out: here the kernel's fan-in axes.
         kernel = self.param(
             "kernel",
-            nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
             (4, 4, x.shape[-1], self.features),
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
@@ -125,53 +132,146 @@ def keypoint_loss(heatmaps, targets, valid):
     return jnp.sum(jnp.where(valid, nll, 0.0)) / count
 
 
-# ------------------------------------------------------------------------------ host decoding
+@dataclasses.dataclass(frozen=True)
+class KeypointRCNNConfig(mask_rcnn.MaskRCNNConfig):
+    """Mask R-CNN's fields (mask_on off: detectron2's and torchvision's keypoint models have no
+    mask head) and the keypoint head's, with detectron2's COCO-Keypoints defaults."""
+
+    mask_on: bool = False
+    num_keypoints: int = 17
+    keypoint_pool_size: int = 14
+    keypoint_head_convs: int = 8
+    keypoint_head_dim: int = 512
+    keypoint_loss_weight: float = 1.0
+    # Static keypoint-head slots per training image (the first sampled RoIs, positives first);
+    # 0 = chosen from the training data when training starts, as mask_fg_per_image.
+    keypoint_fg_per_image: int = 0
+    # The mirror of each keypoint (input/keypoints.py): a flipped canvas's heatmaps swap slots.
+    keypoint_flip: tuple = COCO_PERSON.flip
+    # Added to decoded positions in original pixels: -0.5 returns the pipeline's continuous
+    # positions to COCO's pixel indices (detectron2); torchvision's preset: 0.
+    keypoint_output_shift: float = -0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.keypoint_flip and sorted(self.keypoint_flip) != list(range(self.num_keypoints)):
+            raise config_lib.ConfigValueError(
+                f"model.keypoint_flip {self.keypoint_flip} is not a permutation of the "
+                f"{self.num_keypoints} keypoints (model.num_keypoints); take it from the "
+                "keypoint set of input.keypoints"
+            )
 
 
-def _cubic(t, a=-0.75):
-    t = np.abs(t)
-    return np.where(
-        t <= 1,
-        ((a + 2) * t - (a + 3)) * t * t + 1,
-        np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
+class KeypointRCNN(mask_rcnn.MaskRCNN):
+    cfg: KeypointRCNNConfig
+
+    def setup(self):
+        super().setup()
+        cfg = self.cfg
+        self.keypoint_head = KeypointHead(
+            cfg.num_keypoints, cfg.keypoint_head_dim, cfg.keypoint_head_convs, cfg.dtype
+        )
+
+    def heatmaps(self, features, boxes):
+        """[B, R, K, S, S] heatmap logits of boxes[B, R, 4] (S = 4 x keypoint_pool_size)."""
+        return self.keypoint_head(self.pool(features, boxes, self.cfg.keypoint_pool_size))
+
+    def head_training(self, features, outputs: dict, batch: dict, key) -> dict:
+        cfg = self.cfg
+        out = super().head_training(features, outputs, batch, key)
+        if cfg.keypoint_fg_per_image <= 0:
+            raise config_lib.ConfigValueError(
+                "model.keypoint_fg_per_image is 0 (chosen from the training data when "
+                "`instseg-jax train` starts); outside the trainer give it a positive number"
+            )
+        fg = cfg.keypoint_fg_per_image
+        rois = outputs["rois"]
+        boxes = rois["boxes"][:, :fg]
+        logits = self.heatmaps(features, boxes)
+        index = rois["gt_index"][:, :fg, None, None]
+        keypoints = jnp.take_along_axis(batch["gt_keypoints"], index, axis=1)  # [B, F, K, 3]
+        targets, valid = heatmap_targets(keypoints, boxes, logits.shape[-1])
+        out.update(
+            keypoint_logits=logits,
+            keypoint_targets=targets,
+            keypoint_valid=valid & rois["foreground"][:, :fg, None],
+        )
+        return out
+
+    def payloads(self, features, canvas_boxes, classes, batch: dict) -> dict:
+        cfg = self.cfg
+        out = super().payloads(features, canvas_boxes, classes, batch)
+        heatmaps = self.heatmaps(features, canvas_boxes)  # [B, K, Kp, S, S]
+        flipped = batch.get("flipped")
+        if flipped is not None and cfg.keypoint_flip:
+            swapped = heatmaps[:, :, jnp.asarray(cfg.keypoint_flip)]
+            heatmaps = jnp.where(flipped[:, None, None, None, None], swapped, heatmaps)
+        if cfg.box_rescale == "per_axis":
+            ratio = batch["orig_hw"].astype(jnp.float32) / batch["image_hw"].astype(jnp.float32)
+            rescale = ratio[:, ::-1]  # (rx, ry)
+        else:
+            rescale = jnp.repeat((1.0 / batch["scale"].astype(jnp.float32))[:, None], 2, axis=1)
+        shift = jnp.full((rescale.shape[0], 1), cfg.keypoint_output_shift, jnp.float32)
+        out.update(
+            keypoint_heatmaps=heatmaps,
+            keypoint_boxes=canvas_boxes,
+            keypoint_frame=jnp.concatenate([rescale, shift], axis=1),
+        )
+        return out
+
+
+def loss_fn(outputs: dict, batch: dict, cfg: KeypointRCNNConfig):
+    """Mask R-CNN's losses (and metrics) plus loss_keypoint."""
+    total, metrics = mask_rcnn.loss_fn(outputs, batch, cfg)
+    loss = cfg.keypoint_loss_weight * keypoint_loss(
+        outputs["keypoint_logits"], outputs["keypoint_targets"], outputs["keypoint_valid"]
     )
+    metrics["loss_keypoint"] = loss
+    metrics["num_keypoint_targets"] = jnp.sum(outputs["keypoint_valid"]).astype(jnp.float32)
+    return total + loss, metrics
 
 
-def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
-    """float64[out, in]: torch's bicubic interpolation (a = -0.75, align_corners=False, taps
-    clamped to the edge) from in_size to out_size samples along one axis."""
-    src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
-    low = np.floor(src)
-    frac = src - low
-    matrix = np.zeros((out_size, in_size))
-    rows = np.arange(out_size)
-    for tap in (-1, 0, 1, 2):
-        index = np.clip(low.astype(np.int64) + tap, 0, in_size - 1)
-        np.add.at(matrix, (rows, index), _cubic(frac - tap))
-    return matrix
+# ----------------------------------------------------------------------------- method interface
+
+Config = KeypointRCNNConfig
+Model = KeypointRCNN
+INPUTS = structures.Inputs(box_masks=True, keypoints=True)
 
 
-def decode_keypoints(heatmaps: np.ndarray, boxes: np.ndarray):
-    """(float32[R, K, 3] (x, y, 1), float32[R, K] scores) from heatmaps[R, K, S, S] logits in
-    boxes[R, 4] (the pixels the heatmaps were predicted in): each map resized bicubically to
-    ceil(w) x ceil(h) cells of the box (w, h at least 1), its first maximum's cell centre mapped
-    back to the box; the score is the resized logit there (torchvision's heatmaps_to_keypoints).
-    """
-    heatmaps = np.asarray(heatmaps, np.float32)
-    num, k, size, _ = heatmaps.shape
-    out = np.zeros((num, k, 3), np.float32)
-    scores = np.zeros((num, k), np.float32)
-    for r in range(num):
-        x0, y0, x1, y1 = (float(v) for v in boxes[r])
-        width, height = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
-        cells_w, cells_h = math.ceil(width), math.ceil(height)
-        rows = bicubic_matrix(cells_h, size).astype(np.float32)
-        cols = bicubic_matrix(cells_w, size).astype(np.float32)
-        resized = np.einsum("ys,ksz,xz->kyx", rows, heatmaps[r], cols)
-        flat = resized.reshape(k, -1).argmax(axis=1)
-        cy, cx = np.divmod(flat, cells_w)
-        out[r, :, 0] = (cx + 0.5) * (width / cells_w) + x0
-        out[r, :, 1] = (cy + 0.5) * (height / cells_h) + y0
-        out[r, :, 2] = 1.0
-        scores[r] = resized.reshape(k, -1)[np.arange(k), flat]
-    return out, scores
+def defaults_from_data(config: ml_collections.ConfigDict, instances_per_image) -> list[str]:
+    """Mask R-CNN's mask budget when mask_on, and the keypoint head's by the same rule."""
+    lines = mask_rcnn.defaults_from_data(config, instances_per_image)
+    m = config.model
+    if m.keypoint_fg_per_image <= 0:
+        m.keypoint_fg_per_image = mask_rcnn.mask_budget_from_data(
+            instances_per_image, m.roi_batch_per_image, m.roi_positive_fraction
+        )
+        lines.append(
+            f"model.keypoint_fg_per_image = {m.keypoint_fg_per_image} keypoint RoIs per image, "
+            "from the data (the rule of model.mask_fg_per_image); set it to override"
+        )
+    return lines
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """detectron2's COCO-Keypoints R50-FPN 1x defaults (keypoint_rcnn_R_50_FPN_1x.yaml over
+    Base-Keypoint-RCNN-FPN.yaml); experiments start from here."""
+    c = config_lib.base()
+    c.method = "keypoint_rcnn"
+    c.input.keypoints = "coco_person"
+    c.model = config_lib.model_section(KeypointRCNNConfig)
+    c.model.rpn_post_nms_topk_train = 1500
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Mask R-CNN's smoke shrink, the synthetic scenes' 5 keypoints, a small keypoint head."""
+    c = mask_rcnn.smoke(c)
+    c.input.keypoints = "synthetic_shapes"
+    m = c.model
+    m.num_keypoints = SYNTHETIC_SHAPES.count
+    m.keypoint_flip = SYNTHETIC_SHAPES.flip
+    m.keypoint_head_convs = 2
+    m.keypoint_head_dim = 32
+    m.keypoint_fg_per_image = 8
+    return c

@@ -159,11 +159,15 @@ class MaskRCNN(nn.Module):
     def detect(self, features, outputs: dict, batch: dict) -> dict:
         """Detections with masks on all K slots (see `select_detections`)."""
         detections, canvas_boxes = self.select_detections(outputs, batch)
-        if self.cfg.mask_on:
-            detections["masks"] = self.box_masks(
-                features, canvas_boxes, detections["classes"], batch.get("flipped")
-            )
+        detections.update(self.payloads(features, canvas_boxes, detections["classes"], batch))
         return detections
+
+    def payloads(self, features, canvas_boxes, classes, batch: dict) -> dict:
+        """What the detections carry besides boxes, scores and classes (the masks of the kept
+        boxes when mask_on; a subclass adds its own)."""
+        if not self.cfg.mask_on:
+            return {}
+        return {"masks": self.box_masks(features, canvas_boxes, classes, batch.get("flipped"))}
 
     def detect_boxes(self, batch: dict):
         """Inference up to the kept boxes: (Detections without masks, FPN features, the kept
@@ -318,9 +322,13 @@ class MaskRCNN(nn.Module):
         pooled = self.pool(features, rois["boxes"], cfg.box_pool_size)  # [B, R, 7, 7, D]
         outputs["class_logits"], outputs["box_deltas"] = self.box_head(pooled)
         outputs["rois"] = rois
-        if cfg.mask_on:
-            outputs.update(self.mask_training(features, outputs, batch, key))
+        outputs.update(self.head_training(features, outputs, batch, key))
         return outputs
+
+    def head_training(self, features, outputs: dict, batch: dict, key) -> dict:
+        """The training outputs of the heads after the box head (the mask branch when
+        mask_on; a subclass adds its own)."""
+        return self.mask_training(features, outputs, batch, key) if self.cfg.mask_on else {}
 
     def mask_training(self, features, outputs: dict, batch: dict, key) -> dict:
         """The mask branch's training outputs on the first mask_fg_per_image sampled RoIs

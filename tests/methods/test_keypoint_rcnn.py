@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instseg_jax import detections
 from instseg_jax.methods import keypoint_rcnn
 
 
@@ -102,7 +103,7 @@ def test_decoding_matches_bicubic_resize_argmax_and_cell_centres():
     rng = np.random.default_rng(2)
     heatmaps = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
     boxes = np.array([[3.2, 4.0, 15.7, 11.5], [0.0, 0.0, 0.6, 20.0]], np.float32)
-    keypoints, scores = keypoint_rcnn.decode_keypoints(heatmaps, boxes)
+    keypoints, scores = detections.decode_keypoints(heatmaps, boxes)
     for r in range(2):
         x0, y0, x1, y1 = boxes[r].astype(np.float64)
         w, h = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
@@ -114,3 +115,92 @@ def test_decoding_matches_bicubic_resize_argmax_and_cell_centres():
             assert keypoints[r, k, 1] == pytest.approx((cy + 0.5) * h / ch + y0, abs=1e-4)
             assert keypoints[r, k, 2] == 1.0
             assert scores[r, k] == pytest.approx(resized.max(), abs=1e-4)
+
+
+def one_hot_heatmaps(cells, size=56):
+    """float32[R, K, size, size] logits with a single peak at cells[R, K] (row, col)."""
+    r, k = cells.shape[:2]
+    maps = np.full((r, k, size, size), -5.0, np.float32)
+    for i in range(r):
+        for j in range(k):
+            maps[i, j, cells[i, j, 0], cells[i, j, 1]] = 5.0
+    return maps
+
+
+def test_host_results_carry_keypoints_in_original_pixels_through_scale_crop_and_flip():
+    canvas_box = np.array([8.0, 4.0, 64.0, 60.0], np.float32)  # 56 x 56 canvas px
+    cells = np.array([[[10, 20], [30, 40]]])
+    found = {
+        "boxes": np.array([[[0.0, 0.0, 10.0, 10.0]]], np.float32),
+        "scores": np.array([[0.9]], np.float32),
+        "classes": np.zeros((1, 1), np.int32),
+        "valid": np.ones((1, 1), bool),
+        "keypoint_heatmaps": one_hot_heatmaps(cells)[None],
+        "keypoint_boxes": canvas_box[None, None],
+        "keypoint_frame": np.array([[0.5, 0.5, -0.5]], np.float32),  # scale 2
+    }
+    for flipped in (False, True):
+        batch = {
+            "image_id": np.array([3]),
+            "example_valid": np.array([True]),
+            "orig_hw": np.array([[100, 120]]),
+            "image_hw": np.array([[80, 90]]),
+            "image": np.zeros((1, 96, 96, 3), np.uint8),
+            "scale": np.array([2.0], np.float32),
+            "crop_offset": np.array([[6, 10]]),
+            "flipped": np.array([flipped]),
+        }
+        (result,) = detections.detections_to_results(found, batch, [1])
+        points = np.asarray(result["keypoints"]).reshape(2, 3)
+        for k, (row, col) in enumerate(cells[0]):
+            # Cell centre in the box (1 canvas px per cell here), unflipped, uncropped, / 2.
+            x = canvas_box[0] + col + 0.5
+            y = canvas_box[1] + row + 0.5
+            if flipped:
+                x = 90 - x
+            assert points[k, 0] == pytest.approx((x + 10) / 2 - 0.5, abs=1e-4)
+            assert points[k, 1] == pytest.approx((y + 6) / 2 - 0.5, abs=1e-4)
+
+
+def test_perfect_keypoints_score_ap_1_and_a_shifted_set_scores_less():
+    from instseg_jax import evaluate
+    from instseg_jax.input.keypoints import SYNTHETIC_SHAPES
+    from instseg_jax.input.synthetic import SyntheticSource
+
+    source = SyntheticSource(length=3, canvas_hw=(96, 96), seed=2)
+    gt = evaluate.ground_truth(source)
+    results = []
+    for ann in gt.dataset["annotations"]:
+        results.append(
+            {
+                "image_id": ann["image_id"],
+                "category_id": ann["category_id"],
+                "bbox": ann["bbox"],
+                "score": 0.9,
+                "keypoints": ann["keypoints"],
+            }
+        )
+    stats = evaluate.coco_evaluate(
+        gt, results, ("keypoints",), False, keypoint_sigmas=SYNTHETIC_SHAPES.sigmas
+    )
+    assert evaluate.named(stats["keypoints"])["AP"] == pytest.approx(1.0)
+    for r in results:
+        r["keypoints"] = [v + 3.0 if i % 3 == 0 else v for i, v in enumerate(r["keypoints"])]
+    stats = evaluate.coco_evaluate(
+        gt, results, ("keypoints",), False, keypoint_sigmas=SYNTHETIC_SHAPES.sigmas
+    )
+    assert evaluate.named(stats["keypoints"])["AP"] < 0.9
+
+
+def test_one_step_trains_the_keypoint_head_and_inference_ships_heatmaps():
+    from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
+
+    step = smoke_step(keypoint_rcnn, "experiments/keypoint_rcnn_synthetic.py:smoke")
+    terms = ["loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_keypoint"]
+    assert all(np.isfinite(float(step.metrics[k])) for k in terms)
+    assert_total_is_the_sum(step, terms)
+    # Near-uniform heatmaps at initialisation: the cross-entropy starts near log(56 x 56).
+    assert float(step.metrics["loss_keypoint"]) == pytest.approx(np.log(56 * 56), abs=1.5)
+    assert float(step.metrics["num_keypoint_targets"]) > 0
+    assert magnitude(step.grads["keypoint_head"]) > 0
+    assert step.detections["keypoint_heatmaps"].shape[2:] == (5, 56, 56)
