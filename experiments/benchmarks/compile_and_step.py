@@ -45,7 +45,9 @@ def step_program(
     """(jitted function, its arguments) of an experiment's training or evaluation step on a
     padding batch; the state is shapes only unless concrete (compilation needs no values)."""
     config = config_lib.load(str(REPO / "experiments" / experiment), list(overrides))
-    method, cfg, model = builders.build_model(config, 1 if "nuclei" in experiment else 80)
+    # Nuclei and COCO person keypoints have one class; the COCO instance files 80.
+    one_class = "nuclei" in experiment or "keypoint" in experiment
+    method, cfg, model = builders.build_model(config, 1 if one_class else 80)
     tconfig = builders.transform_config(config, train)
     example = builders.device_fields(padding_example(tconfig))
     batch = {k: np.stack([v] * batch_size) for k, v in example.items()}

@@ -204,3 +204,24 @@ def test_one_step_trains_the_keypoint_head_and_inference_ships_heatmaps():
     assert float(step.metrics["num_keypoint_targets"]) > 0
     assert magnitude(step.grads["keypoint_head"]) > 0
     assert step.detections["keypoint_heatmaps"].shape[2:] == (5, 56, 56)
+
+
+@pytest.mark.slow
+def test_overfits_four_scenes(tmp_path):
+    from tests.methods.overfit import overfit_report
+
+    report = overfit_report(
+        "experiments/keypoint_rcnn_synthetic.py",
+        tmp_path / "overfit",
+        steps=300,
+        overrides=["--config.optim.name=adamw", "--config.optim.lr=0.002"],
+    )
+    assert report["keypoints"]["AP"] >= 0.9, report["keypoints"]
+
+
+@pytest.mark.slow
+def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
+    from tests.methods.overfit import coco_step_result
+
+    result = coco_step_result("keypoint_rcnn")
+    assert np.isfinite(result["loss"]) and result["step_s"] > 0
