@@ -180,16 +180,18 @@ def _add_import_weights(commands, parent) -> None:
         "import-weights",
         parents=[parent],
         formatter_class=_DEFAULTS,
-        help="convert another library's Mask R-CNN, FCOS or Mask2Former weights to a workdir",
+        help="convert another library's Mask R-CNN, Keypoint R-CNN, FCOS or Mask2Former weights "
+        "to a workdir",
     )
     importer.add_argument(
         "library", choices=["torchvision", "huggingface"], help="where the weights come from"
     )
     importer.add_argument(
         "file",
-        help="torchvision: maskrcnn_resnet50_fpn or fcos_resnet50_fpn state_dict (told apart by "
-        "its keys), .pth (needs torch) or .npz; huggingface: the save_pretrained directory of a "
-        "Mask2FormerForUniversalSegmentation with a ResNet backbone",
+        help="torchvision: maskrcnn_resnet50_fpn, keypointrcnn_resnet50_fpn or fcos_resnet50_fpn "
+        "state_dict (told apart by its keys), .pth (needs torch) or .npz; huggingface: the "
+        "save_pretrained directory of a Mask2FormerForUniversalSegmentation with a ResNet "
+        "backbone",
     )
     importer.add_argument("--out", required=True, help="workdir for config.json + checkpoint")
     importer.add_argument(

@@ -393,12 +393,15 @@ def import_weights(weights: str | Path, out: str | Path, canvas_hw=(1344, 1344))
 
     from instseg_jax import builders
     from instseg_jax.checkpoint import Checkpointer
-    from instseg_jax.weights import torchvision_fcos
+    from instseg_jax.weights import torchvision_fcos, torchvision_keypoint
 
     state_dict = load_state_dict(weights)
     if torchvision_fcos.is_fcos(state_dict):
         variables, arch = torchvision_fcos.convert(state_dict, str(weights))
         config = torchvision_fcos.coco_config(arch, canvas_hw)
+    elif torchvision_keypoint.is_keypoint_rcnn(state_dict):
+        variables, arch = torchvision_keypoint.convert(state_dict, str(weights))
+        config = torchvision_keypoint.coco_config(arch, canvas_hw)
     else:
         variables, arch = convert(state_dict, str(weights))
         config = coco_config(arch, canvas_hw)
