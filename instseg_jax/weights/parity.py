@@ -23,7 +23,15 @@ LEVELS = ("p2", "p3", "p4", "p5", "p6")
 FCOS_LEVELS = ("p3", "p4", "p5", "p6", "p7")
 # The figures ../issues ask for: feature relative error, proposal and box coordinates (px),
 # scores, pasted-mask IoU.
-TOLERANCES = {"features": 1e-4, "proposals": 1e-3, "boxes": 1e-2, "scores": 1e-4, "mask_iou": 0.99}
+TOLERANCES = {
+    "features": 1e-4,
+    "proposals": 1e-3,
+    "boxes": 1e-2,
+    "scores": 1e-4,
+    "mask_iou": 0.99,
+    "keypoints": 1e-2,  # px, where both sides' heatmap maxima fall in the same cell
+    "keypoint_maxima_agree": 0.95,
+}
 
 
 def converted_config(
@@ -143,6 +151,61 @@ def run_converted_fcos(
     }
 
 
+def run_converted_keypoint(
+    variables,
+    arch: dict,
+    image: np.ndarray,
+    score_threshold: float = 0.05,
+    min_size: int = 800,
+    max_size: int = 1333,
+) -> dict:
+    """Converted torchvision Keypoint R-CNN weights (weights/torchvision_keypoint.py) on uint8
+    image[H, W, 3], fed as torchvision feeds its own: features, proposals, detections and
+    their keypoints[K, Kp, 3] and keypoint_scores[K, Kp] decoded on the host
+    (detections.image_instances), in `compare`'s terms."""
+    import jax
+
+    from instseg_jax import builders, compilation, detections
+    from instseg_jax.methods.keypoint_rcnn import KeypointRCNN
+    from instseg_jax.weights import torchvision_keypoint
+
+    pixels, (h, w) = tv.preprocess(image, min_size, max_size)
+    config = torchvision_keypoint.coco_config(arch, pixels.shape[:2])
+    config.input.test_short_side = min_size
+    config.input.test_max_long_side = max_size
+    config.model.score_threshold = score_threshold
+    model = KeypointRCNN(builders.model_config(config, arch["num_classes"]))
+    batch = {
+        "image": pixels[None],
+        "image_hw": np.asarray([[h, w]], np.int32),
+        "orig_hw": np.asarray([image.shape[:2]], np.int32),
+        "scale": np.asarray([h / image.shape[0]], np.float32),
+        "crop_offset": np.zeros((1, 2), np.int32),
+        "flipped": np.zeros(1, bool),
+    }
+    features = compilation.jit(lambda v, x: model.apply(v, x, method=KeypointRCNN.features))(
+        variables, batch["image"]
+    )
+    outputs = compilation.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
+    outputs, features = jax.device_get((outputs, features))
+    det = outputs["detections"]
+    geometry = detections.ImageGeometry.of_batch(batch, 0)
+    instances = detections.image_instances(det, 0, geometry)
+    valid = outputs["proposal_valid"][0]
+    kp = arch["num_keypoints"]
+    return {
+        "features": {k: features[k][0] for k in LEVELS},
+        "proposals": outputs["proposal_boxes"][0][valid],
+        "boxes": np.asarray([i["box"] for i in instances], np.float32).reshape(-1, 4),
+        "scores": np.asarray([i["score"] for i in instances], np.float32),
+        "labels": np.asarray([i["class"] + 1 for i in instances]),
+        "keypoints": np.asarray([i["keypoints"] for i in instances], np.float32).reshape(-1, kp, 3),
+        "keypoint_scores": np.asarray(
+            [i["keypoint_scores"] for i in instances], np.float32
+        ).reshape(-1, kp),
+    }
+
+
 def _pasted(mask, box, image_hw) -> np.ndarray:
     """bool[H, W]: one mask pasted by torchvision's rule into a full image."""
     region, top, left = tv.paste_mask_region(mask, box, image_hw)
@@ -190,7 +253,7 @@ def _compare_proposals(ours: dict, theirs: dict, top_proposals: int, figures: di
 
 def _compare_detections(ours: dict, theirs: dict, figures: dict) -> None:
     figures["num_detections"] = (len(ours["boxes"]), len(theirs["boxes"]))
-    matched, box_px, score_diff, mask_ious = 0, 0.0, 0.0, []
+    matched, box_px, score_diff, mask_ious, pairs = 0, 0.0, 0.0, [], []
     if len(ours["boxes"]) and len(theirs["boxes"]):
         iou = _iou(theirs["boxes"], ours["boxes"])
         # Boxes clipped to zero width at the image border have no IoU: coordinates decide.
@@ -207,6 +270,8 @@ def _compare_detections(ours: dict, theirs: dict, figures: dict) -> None:
             matched += 1
             box_px = max(box_px, float(np.abs(theirs["boxes"][t] - ours["boxes"][o]).max()))
             score_diff = max(score_diff, abs(float(theirs["scores"][t] - ours["scores"][o])))
+            if "keypoints" in theirs:
+                pairs.append((t, o))
             if "masks" not in theirs:  # boxes only
                 continue
             a, b = theirs["masks"][t] > 0.5, ours["masks"][o] > 0.5
@@ -219,6 +284,29 @@ def _compare_detections(ours: dict, theirs: dict, figures: dict) -> None:
     figures["mask_iou_min"] = float(min(mask_ious)) if mask_ious else float("nan")
     figures["mask_iou_mean"] = float(np.mean(mask_ious)) if mask_ious else float("nan")
     figures["has_masks"] = "masks" in theirs
+    if "keypoints" in theirs:
+        _compare_keypoints(ours, theirs, pairs, figures)
+
+
+def _compare_keypoints(ours: dict, theirs: dict, pairs, figures: dict) -> None:
+    """Keypoints of matched detections. Decoded positions are cell centres of the resized
+    heatmaps, so they agree to float error where both sides' maxima fall in the same cell and
+    differ by a cell where near-equal maxima swap: the figures are the share of keypoints whose
+    maxima agree (within 0.01 px) and, over those, the largest position and score difference."""
+    agree, total, px, score = 0, 0, 0.0, 0.0
+    for t, o in pairs:
+        distance = np.abs(theirs["keypoints"][t, :, :2] - ours["keypoints"][o, :, :2]).max(-1)
+        same = distance <= TOLERANCES["keypoints"]
+        total += len(distance)
+        agree += int(same.sum())
+        if same.any():
+            px = max(px, float(distance[same].max()))
+            gap = np.abs(theirs["keypoint_scores"][t] - ours["keypoint_scores"][o])[same]
+            score = max(score, float(gap.max()))
+    figures["keypoints_compared"] = total
+    figures["keypoint_maxima_agree"] = agree / total if total else float("nan")
+    figures["keypoint_max_px"] = px
+    figures["keypoint_score_max_diff"] = score
 
 
 def failures(figures: dict, min_detections: int = 1) -> list[str]:
@@ -243,4 +331,10 @@ def failures(figures: dict, min_detections: int = 1) -> list[str]:
     # NaN (no mask compared) fails too, unless the model has none.
     if figures.get("has_masks", True) and not figures["mask_iou_min"] >= TOLERANCES["mask_iou"]:
         out.append(f"pasted mask IoU down to {figures['mask_iou_min']:.4f}")
+    if "keypoints_compared" in figures:
+        agree = figures["keypoint_maxima_agree"]
+        if not agree >= TOLERANCES["keypoint_maxima_agree"]:  # NaN: nothing compared
+            out.append(f"keypoint maxima agree on {agree:.3f} of the keypoints")
+        if figures["keypoint_score_max_diff"] > 1e-3:
+            out.append(f"keypoint scores differ by {figures['keypoint_score_max_diff']:.2e}")
     return out
