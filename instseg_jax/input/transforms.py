@@ -316,6 +316,8 @@ def _keypoint_targets(example, kept, config: TransformConfig, scale, offset, val
     keypoint takes its mirror's slot (left and right swap)."""
     k = config.keypoints
     points = example.get("keypoints")
+    if points is None and len(example["boxes"]) == 0:  # unannotated images (predict)
+        points = np.zeros((0, k, 3), np.float32)
     if points is None or np.shape(points)[1:] != (k, 3):
         raise ConfigValueError(
             f"image id {example.get('image_id')}: the method trains on {k} keypoints per "
