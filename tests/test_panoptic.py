@@ -1,0 +1,108 @@
+"""Panoptic FPN's combination and panoptic quality on hand-made cases with answers worked out
+by hand (panopticapi is not on the package index; its rules are the module docstring's)."""
+
+import numpy as np
+import pytest
+
+from instseg_jax.panoptic import PanopticQuality, combine
+
+THING, STUFF = 1, 2
+CATEGORIES = {THING: True, STUFF: False}
+
+
+def two_blocks():
+    gt = np.zeros((4, 8), np.int32)
+    gt[:, :4] = 1  # a thing, 16 px
+    gt[:, 4:] = 2  # stuff, 16 px
+    segments = [{"id": 1, "category_id": THING}, {"id": 2, "category_id": STUFF}]
+    return gt, segments
+
+
+def test_matched_segments_score_their_iou():
+    gt, gt_segments = two_blocks()
+    pred = np.zeros_like(gt)
+    pred[:, :3] = 5  # 12 of the thing's 16 px: IoU 0.75
+    pred[:, 3:] = 6  # the stuff and one more column: IoU 16 / 20 = 0.8
+    pq = PanopticQuality(CATEGORIES)
+    pq.add(
+        gt, gt_segments, pred, [{"id": 5, "category_id": THING}, {"id": 6, "category_id": STUFF}]
+    )
+    s = pq.summary()
+    assert s["Things"]["PQ"] == pytest.approx(0.75) and s["Stuff"]["PQ"] == pytest.approx(0.8)
+    assert s["All"]["PQ"] == pytest.approx(0.775) and s["All"]["RQ"] == 1.0
+    assert s["All"]["SQ"] == pytest.approx(0.775) and s["All"]["n"] == 2
+
+
+def test_false_positives_and_negatives_halve_the_recognition_quality():
+    gt, gt_segments = two_blocks()
+    gt[0, 6:] = 3  # a second thing, missed: a false negative
+    gt_segments.append({"id": 3, "category_id": THING})
+    pred = np.zeros_like(gt)
+    pred[:, :3] = 5  # IoU 0.75 with thing 1
+    pred[3, 5:] = 7  # a thing where there is only stuff: a false positive
+    pq = PanopticQuality(CATEGORIES)
+    pq.add(
+        gt, gt_segments, pred, [{"id": 5, "category_id": THING}, {"id": 7, "category_id": THING}]
+    )
+    thing = pq.summary()["per_category"][THING]
+    assert thing["RQ"] == pytest.approx(1 / (1 + 0.5 + 0.5))
+    assert thing["SQ"] == pytest.approx(0.75)
+    assert thing["PQ"] == pytest.approx(0.75 / 2)
+    stuff = pq.summary()["per_category"][STUFF]
+    assert stuff["PQ"] == 0.0 and stuff["RQ"] == 0.0  # unmatched stuff: a false negative
+
+
+def test_void_pixels_leave_the_union_and_excuse_predictions_on_them():
+    gt = np.zeros((4, 8), np.int32)
+    gt[:2, :4] = 1  # 8 px; the rest is void
+    pred = np.zeros_like(gt)
+    pred[:3, :4] = 4  # the 8 px and 4 void px: IoU 8 / (12 + 8 - 8 - 4) = 1
+    pred[:, 5:] = 9  # entirely on void: neither a match nor a false positive
+    pq = PanopticQuality(CATEGORIES)
+    pq.add(gt, [{"id": 1, "category_id": THING}], pred,
+           [{"id": 4, "category_id": THING}, {"id": 9, "category_id": THING}])  # fmt: skip
+    assert pq.summary()["Things"] == {"PQ": 1.0, "SQ": 1.0, "RQ": 1.0, "n": 1}
+
+
+def test_crowd_regions_match_nothing_and_excuse_predictions_on_them():
+    gt = np.zeros((4, 8), np.int32)
+    gt[:, :4] = 1
+    gt[:, 4:] = 2
+    segments = [
+        {"id": 1, "category_id": THING},
+        {"id": 2, "category_id": THING, "iscrowd": 1},
+    ]
+    pred = np.zeros_like(gt)
+    pred[:, :4] = 3  # exact
+    pred[:, 5:] = 4  # on the crowd region: ignored, and the crowd is no false negative
+    pq = PanopticQuality(CATEGORIES)
+    pq.add(gt, segments, pred, [{"id": 3, "category_id": THING}, {"id": 4, "category_id": THING}])
+    assert pq.summary()["Things"] == {"PQ": 1.0, "SQ": 1.0, "RQ": 1.0, "n": 1}
+
+
+def test_a_segment_id_without_its_record_is_an_error():
+    gt, gt_segments = two_blocks()
+    with pytest.raises(ValueError, match="without segments"):
+        PanopticQuality(CATEGORIES).add(gt, gt_segments, gt, gt_segments[:1])
+
+
+def test_combination_follows_score_order_overlap_and_stuff_area():
+    h, w = 10, 10
+    masks = np.zeros((4, h, w), bool)
+    masks[0, 0:5, 0:5] = True  # score 0.9: first, 25 px
+    masks[1, 2:7, 2:7] = True  # score 0.8: 9 of 25 px taken (0.36): keeps its 16 free px
+    masks[2, 0:4, 0:4] = True  # score 0.7: all taken (1.0 > 0.5): dropped
+    masks[3, 8:10, 8:10] = True  # score 0.3: below the score threshold
+    scores = np.array([0.9, 0.8, 0.7, 0.3])
+    semantic = np.zeros((h, w), np.int32)
+    semantic[:, 7:] = 1  # stuff class 1: 30 px, of which instance 1 takes none (cols 2..6)
+    semantic[9, :2] = 2  # stuff class 2: 2 px, below the area threshold
+    panoptic, segments = combine(
+        masks, scores, np.array([0, 1, 0, 0]), semantic, [11, 12], [21, 22], stuff_area=5
+    )
+    assert [s["category_id"] for s in segments] == [11, 12, 21]
+    assert [s.get("instance_index") for s in segments] == [0, 1, None]
+    assert (panoptic == 1).sum() == 25
+    assert (panoptic == 2).sum() == 16 and not (panoptic[masks[0]] == 2).any()
+    assert (panoptic == 3).sum() == 30
+    assert (panoptic == 0).sum() == 100 - 25 - 16 - 30
