@@ -47,6 +47,7 @@ def build_source(input_config, train: bool):
             else input_config.synthetic_length,
             tuple(input_config.synthetic_hw),
             seed=input_config.synthetic_eval_seed if held_out else input_config.synthetic_seed,
+            stuff=bool(input_config.get("synthetic_stuff", False)),
         )
     if kind == "coco":
         split = input_config.train_split if train else input_config.eval_split
@@ -80,6 +81,7 @@ def transform_config(config, train: bool) -> TransformConfig:
         max_instances=i.max_instances,
         # Workdirs written before ignore regions existed get the default.
         max_ignore_regions=int(i.get("max_ignore_regions", 32)),
+        semantic_stride=getattr(inputs, "semantic_stride", 0),
         box_masks=inputs.box_masks,
         full_mask_stride=inputs.full_mask_stride,
         centers=inputs.centers,

@@ -38,6 +38,9 @@ Batch (host NumPy, then a global jax.Array sharded over the `data` mesh axis):
                                   Kp keypoints of input.keypoints' set; v = 0 (and x = y = 0)
                                   for a point unlabelled or outside the valid region; on a
                                   flipped canvas left and right keypoints have swapped slots
+  gt_semantic    uint8[B,H/s,W/s] when INPUTS.semantic_stride = s: Panoptic FPN's semantic
+                                  classes at the stride-s cell centres: 0 things, 1 + k stuff
+                                  class k, 255 ignored (unlabelled, padding)
 
 Detections (a dict; K fixed by the method's config):
   boxes          float32[B,K,4]   xyxy in original image pixels; a method that predicts no boxes
@@ -82,6 +85,7 @@ class Inputs:
     centers: gt_centers, the mass centre of each instance's mask on the canvas.
     contour_points: L > 0 gives gt_contours, L boundary points of each mask on the canvas.
     keypoints: gt_keypoints, the keypoints of input.keypoints' set for each instance.
+    semantic_stride: s > 0 gives gt_semantic, the semantic map at stride s of the canvas.
     """
 
     box_masks: bool = False
@@ -89,6 +93,7 @@ class Inputs:
     centers: bool = False
     contour_points: int = 0
     keypoints: bool = False
+    semantic_stride: int = 0
 
     def __post_init__(self):
         if self.full_mask_stride < 0:

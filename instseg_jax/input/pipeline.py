@@ -70,6 +70,9 @@ def padding_example(config: TransformConfig) -> dict:
         extra["gt_contours"] = np.zeros((n, config.contour_points, 2), np.float32)
     if config.keypoints:
         extra["gt_keypoints"] = np.zeros((n, config.keypoints, 3), np.float32)
+    if config.semantic_stride:
+        s = config.semantic_stride
+        extra["gt_semantic"] = np.full((height // s, width // s), 255, np.uint8)
     return {
         "image": np.zeros((height, width, 3), np.uint8),
         "image_hw": np.zeros(2, np.int32),

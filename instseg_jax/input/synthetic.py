@@ -47,7 +47,9 @@ class SyntheticSource:
         seed: int = 0,
         max_shapes: int = 8,
         min_size: int = 8,
+        stuff: bool = False,
     ):
+        self.stuff = bool(stuff)
         self.length = int(length)
         self.canvas_hw = (int(canvas_hw[0]), int(canvas_hw[1]))
         self.seed = int(seed)
@@ -99,6 +101,9 @@ class SyntheticSource:
         for i in reversed(range(num)):
             masks[i] = shapes[i] & ~taken
             taken |= shapes[i]
+        semantic = None
+        if self.stuff:  # its own random stream: the things are those of stuff=False
+            semantic = _stuff_bands(image, np.random.default_rng([self.seed, index, 1]))
         for i in range(num):
             colour = rng.integers(90, 256, 3)
             image[masks[i]] = colour
@@ -118,7 +123,41 @@ class SyntheticSource:
             "iscrowd": np.zeros(len(masks), bool),
             "image_id": int(index),
             "keypoints": shape_keypoints(masks),
+            **({} if semantic is None else {"semantic": _semantic(semantic, masks)}),
         }
+
+
+STUFF_NAMES = ("sky", "ground")
+
+
+def _stuff_bands(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Paint textured stuff bands into image (in place) and return their class map uint8[H, W]
+    (1 + index into STUFF_NAMES, 0 elsewhere): a "sky" band at the top with a vertical colour
+    ramp and a "ground" band at the bottom with diagonal stripes, each 20-40% of the height."""
+    height, width = image.shape[:2]
+    top = int(rng.integers(height // 5, 2 * height // 5 + 1))
+    bottom = height - int(rng.integers(height // 5, 2 * height // 5 + 1))
+    classes = np.zeros((height, width), np.uint8)
+    classes[:top] = 1
+    classes[bottom:] = 2
+    sky = rng.integers(40, 120, 3)
+    ramp = np.linspace(0, 60, max(top, 1))[:, None, None]
+    image[:top] = np.clip(sky + ramp, 0, 255).astype(np.uint8)
+    ground = rng.integers(40, 140, 3)
+    period = int(rng.integers(4, 9))
+    yy, xx = np.mgrid[bottom:height, :width]
+    stripes = ((xx + yy) // period) % 2
+    image[bottom:] = np.clip(ground + 50 * stripes[..., None], 0, 255).astype(np.uint8)
+    return classes
+
+
+def _semantic(stuff: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """uint8[H, W] semantic ground truth in Panoptic FPN's layout: 0 on things (any instance),
+    1 + s on stuff class s, 255 (ignored) where neither is."""
+    out = np.where(stuff > 0, stuff, 255).astype(np.uint8)
+    if len(masks):
+        out[masks.any(axis=0)] = 0
+    return out
 
 
 def shape_keypoints(masks: np.ndarray) -> np.ndarray:

@@ -40,6 +40,7 @@ class TransformConfig:
     contour_points: int = 0  # L > 0: gt_contours float32[N, L, 2]
     keypoints: int = 0  # K > 0: gt_keypoints float32[N, K, 3] (x, y, visibility)
     keypoint_flip: tuple[int, ...] = ()  # the mirror of each keypoint (input/keypoints.py)
+    semantic_stride: int = 0  # s > 0: gt_semantic uint8[H/s, W/s] (255 = ignored)
     mask_size: int = 112  # Mc
     train: bool = True
     resize: str = "short_side"  # "short_side" or "lsj" (large-scale jitter)
@@ -209,6 +210,10 @@ def transform(
     ignore_boxes = _padded(canvas_boxes[dropped], config.max_ignore_regions, np.float32)
     ignore_valid = _padded(np.ones(len(dropped), bool), config.max_ignore_regions, bool)
     extra = _mask_targets(masks, kept, gt_boxes, config, scale, (oy, ox), (valid_h, valid_w), flip)
+    if config.semantic_stride:
+        extra["gt_semantic"] = _semantic_target(
+            example, config, scale, (oy, ox), (valid_h, valid_w), flip
+        )
     if config.keypoints:
         extra["gt_keypoints"] = _keypoint_targets(
             example, kept, config, scale, (oy, ox), (valid_h, valid_w), flip
@@ -337,6 +342,32 @@ def _keypoint_targets(example, kept, config: TransformConfig, scale, offset, val
         points = points[:, order]
     out = np.stack([x, y, points[..., 2]], axis=-1) * visible[..., None]
     return _padded(out.astype(np.float32), config.max_instances, np.float32)
+
+
+def _semantic_target(example, config: TransformConfig, scale, offset, valid_hw, flip):
+    """uint8[H/s, W/s]: the example's semantic map (0 things, 1 + s stuff, 255 ignored) at the
+    stride-s cell centres of the canvas, read at the nearest original pixel through the flip,
+    crop and resize; 255 outside the valid region."""
+    semantic = example.get("semantic")
+    if semantic is None:
+        raise ConfigValueError(
+            f"image id {example.get('image_id')}: the method trains a semantic head, but the "
+            "source gives no semantic map; use a panoptic source (or synthetic scenes with "
+            "input.synthetic_stuff = True)"
+        )
+    stride = config.semantic_stride
+    canvas_h, canvas_w = config.canvas_hw
+    (oy, ox), (valid_h, valid_w) = offset, valid_hw
+    centres_y = (np.arange(canvas_h // stride) + 0.5) * stride
+    centres_x = (np.arange(canvas_w // stride) + 0.5) * stride
+    source_x = valid_w - centres_x if flip else centres_x
+    height, width = semantic.shape
+    rows = np.clip(np.floor((centres_y + oy) / scale).astype(np.int64), 0, height - 1)
+    cols = np.clip(np.floor((source_x + ox) / scale).astype(np.int64), 0, width - 1)
+    out = np.asarray(semantic, np.uint8)[rows[:, None], cols[None, :]].copy()
+    inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
+    out[~inside] = 255
+    return out
 
 
 def _mirror_boxes(boxes: np.ndarray, valid: np.ndarray, valid_w: int) -> np.ndarray:
