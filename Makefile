@@ -60,6 +60,7 @@ parity: peer-env
 	$(PEER_PY) experiments/parity/torchvision.py
 	$(PEER_PY) experiments/parity/fcos.py
 	$(PEER_PY) experiments/parity/mask2former.py
+	$(PEER_PY) experiments/parity/keypoint_rcnn.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
