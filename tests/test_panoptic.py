@@ -106,3 +106,36 @@ def test_combination_follows_score_order_overlap_and_stuff_area():
     assert (panoptic == 2).sum() == 16 and not (panoptic[masks[0]] == 2).any()
     assert (panoptic == 3).sum() == 30
     assert (panoptic == 0).sum() == 100 - 25 - 16 - 30
+
+
+def test_semantic_classes_map_back_to_original_pixels_through_scale_crop_and_flip():
+    from instseg_jax.detections import ImageGeometry
+    from instseg_jax.panoptic import semantic_to_original
+
+    classes = np.arange(16 * 16, dtype=np.int64).reshape(16, 16)  # stride 4 on a 64 canvas
+    for flipped in (False, True):
+        geometry = ImageGeometry(
+            orig_hw=(20, 30), image_hw=(40, 60), canvas_hw=(64, 64), scale=2.0,
+            crop_offset=(0, 0), flipped=flipped,
+        )  # fmt: skip
+        out = semantic_to_original(classes, geometry)
+        assert out.shape == (20, 30)
+        for y, x in ((0, 0), (7, 11), (19, 29)):
+            cx = (x + 0.5) * 2.0
+            cx = 60 - cx if flipped else cx
+            assert out[y, x] == classes[int((y + 0.5) * 2.0 // 4), int(cx // 4)]
+
+
+def test_ground_truth_map_of_a_synthetic_scene_scores_pq_1_against_itself():
+    from instseg_jax.input.synthetic import SyntheticSource
+    from instseg_jax.panoptic import ground_truth_map
+
+    example = SyntheticSource(2, (64, 80), seed=4, stuff=True).load(1)
+    panoptic, segments = ground_truth_map(example, [1, 2, 3], [4, 5])
+    things = [s for s in segments if s["category_id"] <= 3]
+    assert len(things) == len(example["masks"])
+    assert {s["category_id"] for s in segments} - {1, 2, 3} <= {4, 5}
+    assert ((panoptic > 0) == (example["semantic"] != 255)).all()
+    pq = PanopticQuality({1: True, 2: True, 3: True, 4: False, 5: False})
+    pq.add(panoptic, segments, panoptic, segments)
+    assert pq.summary()["All"]["PQ"] == pytest.approx(1.0)
