@@ -1,0 +1,36 @@
+"""Panoptic FPN (in progress): the semantic loss against a NumPy cross-entropy with ignored
+cells, and the smoke step (both heads trained, semantic classes beside the detections). The
+combination and panoptic quality are tested in tests/test_panoptic.py."""
+
+import numpy as np
+import pytest
+
+from instseg_jax.methods import panoptic_fpn
+from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
+
+
+def test_semantic_loss_is_the_mean_cross_entropy_over_labelled_cells():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+    targets = rng.integers(0, 3, (2, 4, 5)).astype(np.uint8)
+    targets[0, :2] = panoptic_fpn.IGNORE
+    got = float(panoptic_fpn.semantic_loss(logits, targets))
+    x = logits.astype(np.float64)
+    nll = (
+        np.log(np.exp(x).sum(-1))
+        - np.take_along_axis(x, np.minimum(targets, 2)[..., None].astype(np.int64), -1)[..., 0]
+    )
+    assert got == pytest.approx(nll[targets != 255].mean(), rel=1e-5)
+    assert float(panoptic_fpn.semantic_loss(logits, np.full_like(targets, 255))) == 0.0
+
+
+def test_one_step_trains_both_heads_and_ships_semantic_classes():
+    step = smoke_step(panoptic_fpn, "experiments/panoptic_fpn_synthetic.py:smoke")
+    terms = ["loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"]
+    terms.append("loss_sem_seg")
+    assert all(np.isfinite(float(step.metrics[k])) for k in terms)
+    assert_total_is_the_sum(step, terms)
+    assert float(step.metrics["loss_sem_seg"]) > 0
+    assert magnitude(step.grads["semantic_head"]) > 0 and magnitude(step.grads["mask_head"]) > 0
+    classes = np.asarray(step.detections["semantic_classes"])
+    assert classes.shape == (2, 32, 32) and classes.max() <= 2
