@@ -38,7 +38,7 @@ from instseg_jax import config as config_lib
 from instseg_jax import structures
 from instseg_jax.input.keypoints import COCO_PERSON, SYNTHETIC_SHAPES
 from instseg_jax.methods import mask_rcnn
-from instseg_jax.nn.layers import Conv
+from instseg_jax.methods.roi_heads import conv_relu_stack
 from instseg_jax.ops.sampling import upsample2x
 
 
@@ -54,18 +54,7 @@ class KeypointHead(nn.Module):
     def __call__(self, pooled):
         b, f, h, w, d = pooled.shape
         x = pooled.reshape(b * f, h, w, d).astype(self.dtype)
-        init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-        for i in range(self.num_convs):
-            x = nn.relu(
-                Conv(
-                    self.channels,
-                    (3, 3),
-                    padding=((1, 1), (1, 1)),
-                    dtype=self.dtype,
-                    kernel_init=init,
-                    name=f"conv{i + 1}",
-                )(x)
-            )
+        x = conv_relu_stack(x, self.channels, self.num_convs, self.dtype)
         x = TransposedConv4x4(self.num_keypoints, self.dtype, name="score_lowres")(x)
         k = self.num_keypoints
         maps = x.transpose(0, 3, 1, 2).reshape(b * f * k, 2 * h, 2 * w).astype(jnp.float32)

@@ -166,22 +166,10 @@ class FusedBoxHead(nn.Module):
                 x,
             )
             x = dense_norm_relu(self.fc_dim, self.norm, self.dtype, "fc2")(x)
-        logits = nn.Dense(
-            self.num_classes + 1,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.normal(0.01),
-            name="cls_score",
-        )(x)
-        deltas = nn.Dense(
-            self.num_classes * 4,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.normal(0.001),
-            name="bbox_pred",
-        )(x)
-        return (
-            logits.reshape(b, r, -1).astype(jnp.float32),
-            deltas.reshape(b, r, self.num_classes, 4).astype(jnp.float32),
+        logits, deltas = roi_heads.box_predictions(
+            x.reshape(b, r, -1), self.num_classes, self.dtype
         )
+        return logits, deltas
 
 
 class FusedMaskHead(nn.Module):

@@ -119,22 +119,40 @@ class BoxHead(nn.Module):
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
         x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc1")(x))
         x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc2")(x))
-        logits = nn.Dense(
-            self.num_classes + 1,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.normal(0.01),
-            name="cls_score",
+        return box_predictions(x, self.num_classes, self.dtype)
+
+
+def box_predictions(x, num_classes: int, dtype):
+    """The box head's predictors on features x[..., D] (inside a compact module, which owns
+    their parameters "cls_score" and "bbox_pred"): class logits [..., C+1] and class-specific
+    deltas [..., C, 4], float32."""
+    logits = nn.Dense(
+        num_classes + 1, dtype=dtype, kernel_init=nn.initializers.normal(0.01), name="cls_score"
+    )(x)
+    deltas = nn.Dense(
+        num_classes * 4, dtype=dtype, kernel_init=nn.initializers.normal(0.001), name="bbox_pred"
+    )(x)
+    return (
+        logits.astype(jnp.float32),
+        deltas.reshape(x.shape[:-1] + (num_classes, 4)).astype(jnp.float32),
+    )
+
+
+def conv_relu_stack(x, channels: int, num_convs: int, dtype, prefix: str = "conv"):
+    """num_convs x (conv3x3 + ReLU) on NHWC x, MSRA-initialised, named prefix1, prefix2, ...
+    (inside a compact module): Mask R-CNN's mask head and the keypoint head."""
+    init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    for i in range(num_convs):
+        x = Conv(
+            channels,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            dtype=dtype,
+            kernel_init=init,
+            name=f"{prefix}{i + 1}",
         )(x)
-        deltas = nn.Dense(
-            self.num_classes * 4,
-            dtype=self.dtype,
-            kernel_init=nn.initializers.normal(0.001),
-            name="bbox_pred",
-        )(x)
-        return (
-            logits.astype(jnp.float32),
-            deltas.reshape(b, r, self.num_classes, 4).astype(jnp.float32),
-        )
+        x = nn.relu(x)
+    return x
 
 
 class MaskHead(nn.Module):
@@ -150,18 +168,8 @@ class MaskHead(nn.Module):
     def __call__(self, pooled):
         b, f, h, w, d = pooled.shape
         x = pooled.reshape(b * f, h, w, d).astype(self.dtype)
+        x = conv_relu_stack(x, self.channels, self.num_convs, self.dtype)
         init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-        for i in range(self.num_convs):
-            x = nn.relu(
-                Conv(
-                    self.channels,
-                    (3, 3),
-                    padding=((1, 1), (1, 1)),
-                    dtype=self.dtype,
-                    kernel_init=init,
-                    name=f"conv{i + 1}",
-                )(x)
-            )
         # The deconvolution stays in its matmul layout [B*F, 14, 14, 2, 2, D] through the ReLU
         # and the per-pixel predictor; only the C-channel logits are rearranged to 28x28 (the
         # D-channel rearrangement and its gradient were a tenth of the nuclei training step).
