@@ -355,19 +355,28 @@ def _semantic_target(example, config: TransformConfig, scale, offset, valid_hw, 
             "source gives no semantic map; use a panoptic source (or synthetic scenes with "
             "input.synthetic_stuff = True)"
         )
-    stride = config.semantic_stride
+    ys, xs, inside = _cell_centres_in_original(
+        config, config.semantic_stride, scale, offset, valid_hw, flip
+    )
+    height, width = semantic.shape
+    rows = np.clip(np.floor(ys).astype(np.int64), 0, height - 1)
+    cols = np.clip(np.floor(xs).astype(np.int64), 0, width - 1)
+    out = np.asarray(semantic, np.uint8)[rows[:, None], cols[None, :]].copy()
+    out[~inside] = 255
+    return out
+
+
+def _cell_centres_in_original(config, stride, scale, offset, valid_hw, flip):
+    """(ys, xs, inside): the stride-s cell centres of the canvas mapped back through the flip,
+    crop and resize to original-pixel coordinates (rows ys[H/s], columns xs[W/s]), and
+    bool[H/s, W/s] whether each centre lies in the valid region."""
     canvas_h, canvas_w = config.canvas_hw
     (oy, ox), (valid_h, valid_w) = offset, valid_hw
     centres_y = (np.arange(canvas_h // stride) + 0.5) * stride
     centres_x = (np.arange(canvas_w // stride) + 0.5) * stride
     source_x = valid_w - centres_x if flip else centres_x
-    height, width = semantic.shape
-    rows = np.clip(np.floor((centres_y + oy) / scale).astype(np.int64), 0, height - 1)
-    cols = np.clip(np.floor((source_x + ox) / scale).astype(np.int64), 0, width - 1)
-    out = np.asarray(semantic, np.uint8)[rows[:, None], cols[None, :]].copy()
     inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
-    out[~inside] = 255
-    return out
+    return (centres_y + oy) / scale, (source_x + ox) / scale, inside
 
 
 def _mirror_boxes(boxes: np.ndarray, valid: np.ndarray, valid_w: int) -> np.ndarray:
@@ -383,13 +392,7 @@ def _strided_masks(masks, kept, config, scale, offset, valid_hw, flip) -> np.nda
     back (through the flip) to the original; cells outside the valid region are 0."""
     stride = config.full_mask_stride
     canvas_h, canvas_w = config.canvas_hw
-    (oy, ox), (valid_h, valid_w) = offset, valid_hw
-    centres_y = (np.arange(canvas_h // stride) + 0.5) * stride
-    centres_x = (np.arange(canvas_w // stride) + 0.5) * stride
-    source_x = valid_w - centres_x if flip else centres_x
-    ys = (centres_y + oy) / scale
-    xs = (source_x + ox) / scale
-    inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
+    ys, xs, inside = _cell_centres_in_original(config, stride, scale, offset, valid_hw, flip)
     out = np.zeros((config.max_instances, canvas_h // stride, canvas_w // stride), np.uint8)
     for slot, i in enumerate(kept):
         crop, (top, left) = masks.crops[i], masks.origins[i]
