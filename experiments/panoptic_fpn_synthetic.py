@@ -45,8 +45,9 @@ def get_config(arg=None):
     m.mask_head_convs = 2
     m.num_stuff_classes = 2
     m.semantic_channels = 64
-    # 4096 px at COCO's ~800 x 1200 is 0.4% of the image: the same share of 256 x 256.
-    m.combine_stuff_area = 4096.0 * 256 * 256 / (800 * 1200)
+    # The reference combines at the original image's pixels: 4096 px of a typical 640 x 480
+    # COCO image is 1.3% of it; the same share of 256 x 256.
+    m.combine_stuff_area = 4096.0 * 256 * 256 / (640 * 480)
     m.detections_per_image = 50
     c.optim.lr = 0.02
     c.optim.clip_norm = 10.0

@@ -242,7 +242,8 @@ def run_inference(config, variables, source, num_classes: int, max_batches=None,
 
 
 def plot_ap(workdir: str | Path) -> Path:
-    """AP-versus-step PNG of every eval_<step>.json in a workdir (bbox and segm AP, AP50)."""
+    """AP-versus-step PNG of every eval_<step>.json in a workdir (bbox, segm and keypoint AP
+    and AP50; PQ)."""
     from PIL import Image, ImageDraw
 
     workdir = Path(workdir)
@@ -272,9 +273,11 @@ def plot_ap(workdir: str | Path) -> Path:
         ("segm", "AP50", (240, 150, 150)),
         ("keypoints", "AP", (30, 150, 60)),
         ("keypoints", "AP50", (140, 210, 150)),
+        ("panoptic", "PQ", (150, 60, 170)),
     ]
     for row, (iou_type, stat, colour) in enumerate(series):
-        points = [point(r["step"], r[iou_type][stat]) for r in reports if iou_type in r]
+        scale = 0.01 if iou_type == "panoptic" else 1.0  # PQ is in percent, as panopticapi's
+        points = [point(r["step"], scale * r[iou_type][stat]) for r in reports if iou_type in r]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         for x, y in points:
@@ -306,9 +309,11 @@ def evaluate_model(
             else builders.class_map(config, source)
         )
     category_ids = class_map[0]
-    paste_rule = builders.paste_rule(builders.model_config(config, len(category_ids)))
+    model_cfg = builders.model_config(config, len(category_ids))
+    paste_rule = builders.paste_rule(model_cfg)
     max_detections = int(config.eval.get("max_detections", 100))
     results, has_masks, has_keypoints = [], False, False
+    panoptic_maps = {}  # image id -> predicted (panoptic ids, segments), Panoptic FPN only
     seconds = {"input_s": 0.0, "device_s": 0.0, "paste_rle_s": 0.0}
     for batch, found, (input_s, device_s) in run_inference(
         config, variables, source, len(category_ids), max_batches
@@ -324,6 +329,12 @@ def evaluate_model(
         start = time.perf_counter()
         results += detections.detections_to_results(found, batch, category_ids, paste_rule)
         seconds["paste_rle_s"] += time.perf_counter() - start
+        if "semantic_classes" in found:
+            start = time.perf_counter()
+            panoptic_maps.update(
+                _panoptic_predictions(found, batch, category_ids, source, model_cfg, paste_rule)
+            )
+            seconds["panoptic_s"] = seconds.get("panoptic_s", 0.0) + time.perf_counter() - start
         has_masks = structures.mask_payload(found) is not None
         has_keypoints = "keypoint_heatmaps" in found
     start = time.perf_counter()
@@ -343,6 +354,10 @@ def evaluate_model(
     stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections, sigmas)
     seconds["cocoeval_s"] = time.perf_counter() - start
     report = {k: named(v, max_detections) for k, v in stats.items()}
+    if panoptic_maps:
+        start = time.perf_counter()
+        report["panoptic"] = panoptic_quality(source, category_ids, panoptic_maps, print_tables)
+        seconds["pq_s"] = time.perf_counter() - start
     report["timing"] = {k: round(v, 3) for k, v in seconds.items()}
     if print_tables:
         print("time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in seconds.items()))
@@ -350,6 +365,53 @@ def evaluate_model(
         path = Path(workdir) / f"eval_{step}.json"
         path.write_text(json.dumps({"step": step, **report}, indent=2) + "\n")
         log.info("wrote %s", path)
+    return report
+
+
+def _panoptic_predictions(found, batch, category_ids, source, cfg, paste_rule) -> dict:
+    from instseg_jax import panoptic
+
+    out = {}
+    for b, image_id in enumerate(np.asarray(batch["image_id"])):
+        if image_id < 0 or not bool(batch["example_valid"][b]):
+            continue
+        geometry = detections.ImageGeometry.of_batch(batch, b)
+        out[int(image_id)] = panoptic.predicted_map(
+            found, b, geometry, category_ids, _stuff_ids(source), cfg, paste_rule
+        )
+    return out
+
+
+def _stuff_ids(source) -> list[int]:
+    ids = list(getattr(source, "stuff_category_ids", ()))
+    if not ids:
+        raise UserError(
+            f"{type(source).__name__}: the model predicts stuff classes but the evaluation data "
+            "has none; evaluate Panoptic FPN on panoptic data (input.source 'coco_panoptic', "
+            "or synthetic scenes with input.synthetic_stuff)"
+        )
+    return ids
+
+
+def panoptic_quality(source, category_ids, predicted: dict, print_table: bool = True) -> dict:
+    """PQ, SQ, RQ (all, things, stuff) of predicted {image id: (panoptic ids, segments)}
+    against the source's panoptic ground truth, over the images predicted."""
+    from instseg_jax import panoptic
+
+    categories = {int(c): True for c in category_ids}
+    categories.update({int(c): False for c in _stuff_ids(source)})
+    quality = panoptic.PanopticQuality(categories)
+    for index in range(len(source)):
+        image_id, gt, gt_segments = source.panoptic_ground_truth(index)
+        if image_id in predicted:
+            quality.add(gt, gt_segments, *predicted[image_id])
+    report = panoptic.report_of(quality.summary())
+    if print_table:
+        print("-- panoptic --")
+        print(f"{'':8}{'PQ':>8}{'SQ':>8}{'RQ':>8}{'N':>6}")
+        for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            values = "".join(f"{report[s + suffix]:8.1f}" for s in ("PQ", "SQ", "RQ"))
+            print(f"{name:8}{values}{report['n' + suffix]:6d}")
     return report
 
 

@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from instseg_jax import detections
 from instseg_jax.detections import ImageGeometry
 
 VOID = 0
@@ -235,3 +236,50 @@ def ground_truth_map(example: dict, thing_category_ids, stuff_category_ids):
             panoptic[mask] = segment_id
             segments.append({"id": segment_id, "category_id": int(stuff_category_ids[stuff - 1])})
     return panoptic, segments
+
+
+def predicted_map(
+    found: dict,
+    b: int,
+    geometry: ImageGeometry,
+    category_ids,
+    stuff_category_ids,
+    cfg,
+    paste_rule: str = "detectron2",
+):
+    """(int32[H, W] panoptic ids, segments) at the original pixels of image b of one batch of
+    host detections carrying "semantic_classes" (Panoptic FPN): its instances of score >=
+    cfg.combine_score pasted as full masks, its stride-4 semantic classes read at every pixel,
+    combined with cfg's thresholds."""
+    height, width = geometry.orig_hw
+    instances = detections.image_instances(
+        found, b, geometry, paste_rule, min_score=cfg.combine_score
+    )
+    masks = np.zeros((len(instances), height, width), bool)
+    for mask, instance in zip(masks, instances, strict=True):
+        region = instance["region"]
+        if region is not None:
+            top, left = instance["top"], instance["left"]
+            mask[top : top + region.shape[0], left : left + region.shape[1]] = region
+    return combine(
+        masks,
+        np.asarray([i["score"] for i in instances], np.float64),
+        np.asarray([i["class"] for i in instances], np.int64),
+        semantic_to_original(np.asarray(found["semantic_classes"][b]), geometry),
+        category_ids,
+        stuff_category_ids,
+        cfg.combine_overlap,
+        cfg.combine_score,
+        cfg.combine_stuff_area,
+    )
+
+
+def report_of(summary: dict) -> dict:
+    """eval_<step>.json's "panoptic" entry: PQ, SQ, RQ over all categories, then _th (things)
+    and _st (stuff), in percent as panopticapi prints them, and the category counts."""
+    out = {}
+    for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        for stat in ("PQ", "SQ", "RQ"):
+            out[stat + suffix] = 100.0 * summary[name][stat]
+        out["n" + suffix] = summary[name]["n"]
+    return out

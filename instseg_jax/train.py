@@ -553,18 +553,30 @@ def _best_so_far(workdir: Path) -> dict:
 
 
 def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline) -> dict:
-    """Evaluate the current parameters on the eval split; keep the best checkpoint by mask AP
-    (box AP for Faster R-CNN) in workdir/best and redraw the AP-versus-step plot."""
+    """Evaluate the current parameters on the eval split; keep the best checkpoint by its main
+    figure (PQ, keypoint AP, mask AP or box AP) in workdir/best and redraw the AP-versus-step
+    plot."""
     if jax.process_count() > 1:
         log.warning("periodic evaluation runs in single-process training only; skipped")
         return best
     variables = {"params": state["params"], "frozen": state["frozen"]}
     report = evaluate.evaluate_model(config, variables, workdir, step, print_tables=True)
     evaluate.plot_ap(workdir)
-    # The model's main output decides the best checkpoint: keypoints, else masks, else boxes.
-    key = next(k for k in ("keypoints", "segm", "bbox") if k in report)
-    ap = report[key]["AP"]
-    log.info("step %d: %s AP %.4f (best %.4f)", step, key, ap, best["AP"])
+    # The model's main output decides the best checkpoint: the panoptic map's PQ (in [0, 1]
+    # here), else keypoints, else masks, else boxes.
+    if "panoptic" in report:
+        key, ap = "panoptic", report["panoptic"]["PQ"] / 100.0
+    else:
+        key = next(k for k in ("keypoints", "segm", "bbox") if k in report)
+        ap = report[key]["AP"]
+    log.info(
+        "step %d: %s %s %.4f (best %.4f)",
+        step,
+        key,
+        "PQ" if key == "panoptic" else "AP",
+        ap,
+        best["AP"],
+    )
     if ap > best["AP"]:
         best = {"step": step, "AP": ap, "iou_type": key}
         keeper = Checkpointer(workdir / "best", every_steps=1, keep=1, use_async=False)

@@ -139,3 +139,56 @@ def test_ground_truth_map_of_a_synthetic_scene_scores_pq_1_against_itself():
     pq = PanopticQuality({1: True, 2: True, 3: True, 4: False, 5: False})
     pq.add(panoptic, segments, panoptic, segments)
     assert pq.summary()["All"]["PQ"] == pytest.approx(1.0)
+
+
+def oracle_detections(source, slots: int = 12):
+    """Host detections and batch that are a synthetic source's ground truth: full canvas masks
+    and the semantic classes at stride 1 on an identity geometry (scale 1, no crop)."""
+    examples = [source.load(i) for i in range(len(source))]
+    height, width = source.canvas_hw
+    n = len(examples)
+    found = {
+        "valid": np.zeros((n, slots), bool),
+        "scores": np.zeros((n, slots), np.float32),
+        "classes": np.zeros((n, slots), np.int32),
+        "canvas_masks": np.zeros((n, slots, height, width), np.float32),
+        "semantic_classes": np.zeros((n, height, width), np.uint8),
+    }
+    for b, example in enumerate(examples):
+        k = len(example["masks"])
+        found["valid"][b, :k] = True
+        found["scores"][b, :k] = np.linspace(0.99, 0.6, k)
+        found["classes"][b, :k] = example["classes"]
+        found["canvas_masks"][b, :k] = example["masks"]
+        found["semantic_classes"][b] = np.where(example["semantic"] == 255, 0, example["semantic"])
+    batch = {
+        "image": np.zeros((n, height, width, 3), np.uint8),
+        "image_id": np.asarray([e["image_id"] for e in examples]),
+        "example_valid": np.ones(n, bool),
+        "orig_hw": np.tile([height, width], (n, 1)),
+        "image_hw": np.tile([height, width], (n, 1)),
+        "scale": np.ones(n, np.float32),
+        "crop_offset": np.zeros((n, 2), np.int32),
+    }
+    return found, batch
+
+
+def test_evaluation_scores_pq_100_for_ground_truth_detections_and_0_for_swapped_stuff():
+    from types import SimpleNamespace
+
+    from instseg_jax import evaluate
+    from instseg_jax.input.synthetic import SyntheticSource
+
+    source = SyntheticSource(3, (48, 64), seed=2, stuff=True)
+    cfg = SimpleNamespace(combine_score=0.5, combine_overlap=0.5, combine_stuff_area=1.0)
+    found, batch = oracle_detections(source)
+    thing_ids = [1, 2, 3]
+    predicted = evaluate._panoptic_predictions(found, batch, thing_ids, source, cfg, "detectron2")
+    report = evaluate.panoptic_quality(source, thing_ids, predicted, print_table=False)
+    assert report["PQ"] == pytest.approx(100.0) and report["n_st"] == 2
+    assert report["PQ_th"] == pytest.approx(100.0) and report["RQ_st"] == pytest.approx(100.0)
+    semantic = found["semantic_classes"]
+    found["semantic_classes"] = np.where(semantic > 0, 3 - semantic, 0).astype(np.uint8)
+    predicted = evaluate._panoptic_predictions(found, batch, thing_ids, source, cfg, "detectron2")
+    report = evaluate.panoptic_quality(source, thing_ids, predicted, print_table=False)
+    assert report["PQ_st"] == 0.0 and report["PQ_th"] == pytest.approx(100.0)

@@ -66,6 +66,26 @@ class SyntheticSource:
     def category_id(self, class_index) -> np.ndarray:
         return np.asarray(class_index) + 1
 
+    @property
+    def stuff_names(self) -> list[str]:
+        return list(STUFF_NAMES) if self.stuff else []
+
+    @property
+    def stuff_category_ids(self) -> list[int]:
+        """The stuff bands' category ids, after the things' (one id space, as COCO panoptic)."""
+        return [len(CLASS_NAMES) + 1 + k for k in range(len(self.stuff_names))]
+
+    def panoptic_ground_truth(self, index: int):
+        """(image id, int32[H, W] panoptic ids, segments) of scene index (stuff scenes only)."""
+        if not self.stuff:
+            raise ValueError("panoptic ground truth needs stuff scenes (input.synthetic_stuff)")
+        from instseg_jax.panoptic import ground_truth_map
+
+        example = self.load(index)
+        thing_ids = [int(i) for i in self.category_id(np.arange(self.num_classes))]
+        panoptic, segments = ground_truth_map(example, thing_ids, self.stuff_category_ids)
+        return int(example["image_id"]), panoptic, segments
+
     def load(self, index: int, counts=None) -> dict:
         del counts  # synthetic scenes have no bad data to count
         if not 0 <= index < self.length:

@@ -10,11 +10,14 @@ pyramid for the "stuff" classes:
   (gt_semantic: 0 things, 1 + k stuff k, 255 ignored), weight 0.5 (detectron2 computes it on
   the logits upsampled to the input size; here on the target's stride-4 cells);
 - inference: the semantic classes (argmax) at stride 4 travel to the host beside the instance
-  detections, where `instseg_jax.panoptic.combine` merges them into one panoptic map
-  (instance score >= 0.5, overlap 0.5, stuff area >= 4096 px at COCO's resolution, scaled).
+  detections, where `instseg_jax.panoptic.predicted_map` pastes the instances and reads the
+  classes at the original pixels and `combine` merges them into one panoptic map (instance
+  score >= 0.5, overlap 0.5, stuff area >= 4096 original pixels; experiments on smaller images
+  scale the area). Evaluation reports PQ, SQ and RQ (instseg_jax.evaluate).
 
-Config: stuff classes come from the data (input.stuff_classes: their names); thing classes are
-the dataset's categories as for Mask R-CNN.
+Config: the stuff classes are the data's (a source's stuff_category_ids and stuff_names;
+model.num_stuff_classes must match); thing classes are the dataset's categories as for
+Mask R-CNN.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class PanopticFPNConfig(mask_rcnn.MaskRCNNConfig):
     # The combination's thresholds (detectron2's PANOPTIC_FPN.COMBINE).
     combine_overlap: float = 0.5
     combine_score: float = 0.5
-    combine_stuff_area: float = 4096.0  # px at the input resolution the reference trains at
+    combine_stuff_area: float = 4096.0  # px of the original image, where the reference combines
 
 
 class SemanticFPNHead(nn.Module):
