@@ -58,7 +58,23 @@ def build_source(input_config, train: bool):
                 f"--config.input.{field}.annotations=FILE (and .images=FOLDER)"
             )
         return CocoSource(split.annotations, split.images, keep_empty=not train)
-    raise ConfigValueError(f"input.source must be 'synthetic' or 'coco', got {kind!r}")
+    if kind == "coco_panoptic":
+        from instseg_jax.input.coco_panoptic import CocoPanopticSource
+
+        split = input_config.train_split if train else input_config.eval_split
+        field = "train_split" if train else "eval_split"
+        for part, what in (("annotations", "a COCO panoptic JSON"), ("panoptic", "its PNG folder")):
+            if not split.get(part):
+                raise ConfigValueError(
+                    f"input.{field}.{part} is empty: give {what} with "
+                    f"--config.input.{field}.{part}=... (and .annotations, .images, .panoptic)"
+                )
+        return CocoPanopticSource(
+            split.annotations, split.images, split.panoptic, keep_empty=not train
+        )
+    raise ConfigValueError(
+        f"input.source must be 'synthetic', 'coco' or 'coco_panoptic', got {kind!r}"
+    )
 
 
 def transform_config(config, train: bool) -> TransformConfig:
@@ -210,7 +226,18 @@ def source_summary(source) -> str:
 def defaults_from_data(config, source) -> list[str]:
     """Fill the method's config fields left to the training data (the optional
     `defaults_from_data(config, instances_per_image)` of the method interface); returns what
-    was chosen, for the log."""
+    was chosen, for the log. A model with stuff classes (model.num_stuff_classes) must have
+    as many as the data."""
+    stuff = list(getattr(source, "stuff_category_ids", ()))
+    wanted = config.model.get("num_stuff_classes")
+    if wanted is not None and wanted != len(stuff):
+        raise ConfigValueError(
+            f"model.num_stuff_classes is {wanted} but the training data "
+            f"({type(source).__name__}) has {len(stuff)} stuff categories "
+            f"{list(getattr(source, 'stuff_names', ()))}; set "
+            f"--config.model.num_stuff_classes={len(stuff)}"
+            + ("" if stuff else " and train on panoptic data")
+        )
     hook = getattr(method(config), "defaults_from_data", None)
     if hook is None:
         return []

@@ -144,10 +144,13 @@ def base() -> ml_collections.ConfigDict:
     c.max_nonfinite_in_a_row = 5
 
     c.input = ml_collections.ConfigDict()
-    c.input.source = "coco"  # "coco" or "synthetic"
+    c.input.source = "coco"  # "coco", "coco_panoptic" or "synthetic"
     c.input.eval_source = ""  # the evaluation split's kind when it differs from `source`
-    c.input.train_split = ml_collections.ConfigDict({"annotations": "", "images": ""})
-    c.input.eval_split = ml_collections.ConfigDict({"annotations": "", "images": ""})
+    # annotations: the COCO instances JSON (coco_panoptic: the panoptic JSON); images: their
+    # folder; panoptic: the folder of the panoptic PNGs (coco_panoptic only).
+    split = {"annotations": "", "images": "", "panoptic": ""}
+    c.input.train_split = ml_collections.ConfigDict(split)
+    c.input.eval_split = ml_collections.ConfigDict(split)
     c.input.synthetic_length = 64
     c.input.synthetic_hw = (128, 128)
     c.input.synthetic_seed = 0

@@ -401,9 +401,9 @@ def panoptic_quality(source, category_ids, predicted: dict, print_table: bool = 
     categories = {int(c): True for c in category_ids}
     categories.update({int(c): False for c in _stuff_ids(source)})
     quality = panoptic.PanopticQuality(categories)
-    for index in range(len(source)):
-        image_id, gt, gt_segments = source.panoptic_ground_truth(index)
-        if image_id in predicted:
+    for index, image_id in enumerate(source.image_ids()):
+        if image_id in predicted:  # images the pipeline skipped as unusable are counted there
+            image_id, gt, gt_segments = source.panoptic_ground_truth(index)
             quality.add(gt, gt_segments, *predicted[image_id])
     report = panoptic.report_of(quality.summary())
     if print_table:

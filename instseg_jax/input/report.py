@@ -25,6 +25,8 @@ ISSUE_KINDS = (
     # instances dropped by input.max_instances beyond the input.max_ignore_regions slots (the
     # smallest): no ignore region, so they count as background
     "ignore_regions_over_limit",
+    # panoptic PNG segment ids that its segments_info does not list: read as void
+    "unlisted_panoptic_segment",
 )
 _INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
 

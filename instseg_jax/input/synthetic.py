@@ -75,6 +75,9 @@ class SyntheticSource:
         """The stuff bands' category ids, after the things' (one id space, as COCO panoptic)."""
         return [len(CLASS_NAMES) + 1 + k for k in range(len(self.stuff_names))]
 
+    def image_ids(self) -> list[int]:
+        return list(range(self.length))
+
     def panoptic_ground_truth(self, index: int):
         """(image id, int32[H, W] panoptic ids, segments) of scene index (stuff scenes only)."""
         if not self.stuff:
@@ -240,3 +243,71 @@ def write_coco(source: SyntheticSource, folder, split: str = "val") -> tuple:
         json.dumps({"images": images, "annotations": annotations, "categories": categories})
     )
     return path, folder / "images"
+
+
+def write_coco_panoptic(source: SyntheticSource, folder, split: str = "val") -> tuple:
+    """Write a stuff source (stuff=True) in COCO's panoptic format: PNG images, panoptic PNGs
+    and the panoptic JSON (input/coco_panoptic.py). Segment ids start at 1000 + 300 * index,
+    so they span the PNG's three channels. For tests of the panoptic source and evaluation.
+    Returns (annotation file, image folder, panoptic PNG folder)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from instseg_jax.input.coco_panoptic import id_to_rgb
+    from instseg_jax.panoptic import ground_truth_map
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "panoptic").mkdir(parents=True, exist_ok=True)
+    thing_ids = [i + 1 for i in range(len(CLASS_NAMES))]
+    stuff_ids = source.stuff_category_ids
+    images, annotations = [], []
+    for index in range(len(source)):
+        example = source.load(index)
+        height, width = example["image"].shape[:2]
+        name = f"{split}_{index:05d}"
+        Image.fromarray(example["image"]).save(folder / "images" / f"{name}.png")
+        panoptic, segments = ground_truth_map(example, thing_ids, stuff_ids)
+        base = 1000 + 300 * index  # ids of every image distinct, as in COCO's files
+        ids = np.where(panoptic > 0, panoptic + base, 0)
+        Image.fromarray(id_to_rgb(ids)).save(folder / "panoptic" / f"{name}.png")
+        info = []
+        for segment in segments:
+            mask = panoptic == segment["id"]
+            rows = np.flatnonzero(mask.any(axis=1))
+            cols = np.flatnonzero(mask.any(axis=0))
+            info.append(
+                {
+                    "id": segment["id"] + base,
+                    "category_id": segment["category_id"],
+                    "iscrowd": segment.get("iscrowd", 0),
+                    "area": int(mask.sum()),
+                    "bbox": [
+                        int(cols[0]),
+                        int(rows[0]),
+                        int(cols[-1] - cols[0] + 1),
+                        int(rows[-1] - rows[0] + 1),
+                    ],
+                }
+            )
+        image_id = int(example["image_id"])
+        images.append(
+            {"id": image_id, "file_name": f"{name}.png", "height": height, "width": width}
+        )
+        annotations.append(
+            {"image_id": image_id, "file_name": f"{name}.png", "segments_info": info}
+        )
+    categories = [
+        {"id": i, "name": n, "isthing": 1} for i, n in zip(thing_ids, CLASS_NAMES, strict=True)
+    ]
+    categories += [
+        {"id": i, "name": n, "isthing": 0}
+        for i, n in zip(stuff_ids, source.stuff_names, strict=True)
+    ]
+    path = folder / f"panoptic_{split}.json"
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return path, folder / "images", folder / "panoptic"
