@@ -376,8 +376,16 @@ def _panoptic_predictions(found, batch, category_ids, source, cfg, paste_rule) -
         if image_id < 0 or not bool(batch["example_valid"][b]):
             continue
         geometry = detections.ImageGeometry.of_batch(batch, b)
+        instances = detections.image_instances(
+            found, b, geometry, paste_rule, min_score=cfg.combine_score
+        )
         out[int(image_id)] = panoptic.predicted_map(
-            found, b, geometry, category_ids, _stuff_ids(source), cfg, paste_rule
+            instances,
+            found["semantic_classes"][b],
+            geometry,
+            category_ids,
+            _stuff_ids(source),
+            cfg,
         )
     return out
 

@@ -18,7 +18,6 @@ import dataclasses
 
 import numpy as np
 
-from instseg_jax import detections
 from instseg_jax.detections import ImageGeometry
 
 VOID = 0
@@ -239,22 +238,18 @@ def ground_truth_map(example: dict, thing_category_ids, stuff_category_ids):
 
 
 def predicted_map(
-    found: dict,
-    b: int,
+    instances,
+    semantic_classes: np.ndarray,
     geometry: ImageGeometry,
     category_ids,
     stuff_category_ids,
     cfg,
-    paste_rule: str = "detectron2",
 ):
-    """(int32[H, W] panoptic ids, segments) at the original pixels of image b of one batch of
-    host detections carrying "semantic_classes" (Panoptic FPN): its instances of score >=
-    cfg.combine_score pasted as full masks, its stride-4 semantic classes read at every pixel,
-    combined with cfg's thresholds."""
+    """(int32[H, W] panoptic ids, segments) at the original pixels of one image: its instances
+    (detections.image_instances, those of score >= cfg.combine_score) pasted as full masks,
+    its stride-s semantic classes (Panoptic FPN's payload) read at every pixel, combined with
+    cfg's thresholds. A thing segment's "instance_index" is its position in instances."""
     height, width = geometry.orig_hw
-    instances = detections.image_instances(
-        found, b, geometry, paste_rule, min_score=cfg.combine_score
-    )
     masks = np.zeros((len(instances), height, width), bool)
     for mask, instance in zip(masks, instances, strict=True):
         region = instance["region"]
@@ -265,7 +260,7 @@ def predicted_map(
         masks,
         np.asarray([i["score"] for i in instances], np.float64),
         np.asarray([i["class"] for i in instances], np.int64),
-        semantic_to_original(np.asarray(found["semantic_classes"][b]), geometry),
+        semantic_to_original(np.asarray(semantic_classes), geometry),
         category_ids,
         stuff_category_ids,
         cfg.combine_overlap,

@@ -6,8 +6,11 @@
 Any image size: each image goes through the evaluation pipeline (resized to the test size and
 padded into the model's canvas) and its detections are mapped back to its own pixels by the
 same code as evaluation's. Per image: OUT/<name>.json (boxes xyxy, scores, class names,
-RLE masks) and OUT/<name>.png (translucent masks, boxes, class and score labels). Files that
-cannot be read are reported and skipped; the run goes on with the rest.
+RLE masks) and OUT/<name>.png (translucent masks, boxes, class and score labels). Panoptic
+models (Panoptic FPN) write their panoptic map instead of thresholded detections: the things
+that won their pixels (combination at model.combine_score), the stuff segments tinted and
+named, and OUT/<name>_panoptic.png in COCO's panoptic PNG encoding. Files that cannot be read
+are reported and skipped; the run goes on with the rest.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ PALETTE = np.array(
     ],
     np.uint8,
 )
+STUFF_PALETTE = np.array(
+    [[120, 120, 160], [120, 160, 120], [160, 130, 100], [110, 150, 160], [150, 110, 140]],
+    np.uint8,
+)
 
 
 def image_files(paths) -> list[Path]:
@@ -52,11 +59,15 @@ def image_files(paths) -> list[Path]:
     return files
 
 
-def overlay(image: np.ndarray, instances, class_names, skeleton=()) -> Image.Image:
+def overlay(image: np.ndarray, instances, class_names, skeleton=(), stuff=()) -> Image.Image:
     """RGB overlay of detections.image_instances: translucent coloured masks, box outlines,
     "name score" labels, and for keypoint detections the skeleton's lines (pairs of keypoint
-    indices) and a dot per keypoint whose score is positive (a logit above 0)."""
+    indices) and a dot per keypoint whose score is positive (a logit above 0). stuff: the
+    panoptic map's stuff segments as (bool[H, W] mask, name), tinted in muted colours under
+    the things and labelled at their middle pixel."""
     canvas = image.astype(np.float32)
+    for i, (mask, _) in enumerate(stuff):
+        canvas[mask] = 0.5 * canvas[mask] + 0.5 * STUFF_PALETTE[i % len(STUFF_PALETTE)]
     for i, instance in enumerate(instances):
         region = instance["region"]
         if region is None:
@@ -66,6 +77,10 @@ def overlay(image: np.ndarray, instances, class_names, skeleton=()) -> Image.Ima
         window[region] = 0.55 * window[region] + 0.45 * PALETTE[i % len(PALETTE)]
     picture = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(picture)
+    for mask, name in stuff:
+        rows, cols = np.nonzero(mask)
+        middle = len(rows) // 2  # a pixel of the segment, in row-major order
+        draw.text((int(cols[middle]), int(rows[middle])), name, fill="white")
     for i, instance in enumerate(instances):
         colour = tuple(int(v) for v in PALETTE[i % len(PALETTE)])
         box, label = instance["box"], f"{class_names[instance['class']]} {instance['score']:.2f}"
@@ -111,16 +126,28 @@ class ImageFiles:
 
 
 def predict(
-    config, variables, images, out: str | Path, score_threshold: float = 0.5, class_names=None
+    config,
+    variables,
+    images,
+    out: str | Path,
+    score_threshold: float = 0.5,
+    class_names=None,
+    class_map=None,
+    stuff_map=((), ()),
 ) -> dict:
     """Detect on image files through the evaluation pipeline (same test size, same mapping to
-    original pixels); returns the written files and the skipped ones."""
+    original pixels); returns the written files and the skipped ones. class_map: (category
+    ids, names) of the things; stuff_map: of the stuff classes, for models that predict a
+    panoptic map (Panoptic FPN), whose outputs are its combination (module docstring)."""
+    if class_map is not None:
+        class_names = class_map[1]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = image_files(images)
     if not files:
         raise UserError(f"--images {' '.join(map(str, images))}: no image files found")
-    paste_rule = builders.paste_rule(builders.model_config(config, len(class_names)))
+    model_cfg = builders.model_config(config, len(class_names))
+    paste_rule = builders.paste_rule(model_cfg)
     skeleton = ()
     if config.input.get("keypoints"):
         from instseg_jax.input.keypoints import keypoint_set
@@ -140,7 +167,12 @@ def predict(
             instances = detections.image_instances(
                 found, b, geometry, paste_rule, min_score=score_threshold
             )
-            _write(path, out, geometry.orig_hw, instances, class_names, skeleton)
+            panoptic_map = None
+            if "semantic_classes" in found:
+                instances, panoptic_map = _panoptic(
+                    found, b, geometry, paste_rule, model_cfg, class_map, stuff_map
+                )
+            _write(path, out, geometry.orig_hw, instances, class_names, skeleton, panoptic_map)
             written += 1
             bar.update(1)
     skipped = [str(f) for i, f in enumerate(files) if i not in seen]
@@ -151,8 +183,46 @@ def predict(
     return {"written": written, "skipped": skipped}
 
 
-def _write(path: Path, out: Path, hw, instances, class_names, skeleton=()) -> None:
-    """OUT/<stem>.json and OUT/<stem>.png of one image's detections."""
+def _panoptic(found, b, geometry, paste_rule, cfg, class_map, stuff_map):
+    """(the things of image b's panoptic map, each with its region cut to its segment, and the
+    map: (ids, segments with category names, stuff names))."""
+    from instseg_jax import panoptic
+
+    if class_map is None or not stuff_map[0]:
+        raise UserError(
+            "the model predicts a panoptic map but the workdir's classes.json names no stuff "
+            "classes (stuff_category_ids, stuff_names); it was written before panoptic "
+            "training: add them to classes.json"
+        )
+    instances = detections.image_instances(
+        found, b, geometry, paste_rule, min_score=cfg.combine_score
+    )
+    ids, segments = panoptic.predicted_map(
+        instances, found["semantic_classes"][b], geometry, class_map[0], stuff_map[0], cfg
+    )
+    stuff_name = dict(zip(stuff_map[0], stuff_map[1], strict=True))
+    things = []
+    for segment in segments:
+        if segment["isthing"]:
+            instance = dict(instances[segment["instance_index"]])
+            region = instance["region"]
+            top, left = instance["top"], instance["left"]
+            window = ids[top : top + region.shape[0], left : left + region.shape[1]]
+            instance["region"] = region & (window == segment["id"])
+            things.append(instance)
+            segment["category"] = class_map[1][instance["class"]]
+        else:
+            segment["category"] = stuff_name[segment["category_id"]]
+        segment.pop("instance_index", None)
+    return things, (ids, segments)
+
+
+def _write(
+    path: Path, out: Path, hw, instances, class_names, skeleton=(), panoptic_map=None
+) -> None:
+    """OUT/<stem>.json and OUT/<stem>.png of one image's detections; with a panoptic map also
+    OUT/<stem>_panoptic.png, its segment ids in COCO's panoptic PNG encoding, and the JSON's
+    "panoptic_segments" (COCO's segments_info with names)."""
     buffer = np.zeros(hw, np.uint8, order="F")
     records = []
     for instance in instances:
@@ -172,8 +242,17 @@ def _write(path: Path, out: Path, hw, instances, class_names, skeleton=()) -> No
             record["keypoint_scores"] = [float(v) for v in instance["keypoint_scores"]]
         records.append(record)
     record = {"image": str(path), "height": int(hw[0]), "width": int(hw[1]), "detections": records}
+    stuff = []
+    if panoptic_map is not None:
+        from instseg_jax.input.coco_panoptic import id_to_rgb
+
+        ids, segments = panoptic_map
+        Image.fromarray(id_to_rgb(ids)).save(out / f"{path.stem}_panoptic.png")
+        record["panoptic_png"] = f"{path.stem}_panoptic.png"
+        record["panoptic_segments"] = segments
+        stuff = [(ids == s["id"], s["category"]) for s in segments if not s["isthing"]]
     (out / f"{path.stem}.json").write_text(json.dumps(record))
-    picture = overlay(decode_image(path), instances, class_names, skeleton)
+    picture = overlay(decode_image(path), instances, class_names, skeleton, stuff)
     picture.save(out / f"{path.stem}.png")
 
 
@@ -188,7 +267,15 @@ def main(args) -> int:
     else:
         raise UserError("give --workdir DIR or --checkpoint DIR/checkpoints/STEP")
     config, variables, step = evaluate.restore_variables(workdir, step)
-    _, class_names = builders.workdir_class_map(workdir, config)
-    result = predict(config, variables, args.images, args.out, args.score_threshold, class_names)
+    class_map = builders.workdir_class_map(workdir, config)
+    result = predict(
+        config,
+        variables,
+        args.images,
+        args.out,
+        args.score_threshold,
+        class_map=class_map,
+        stuff_map=builders.workdir_stuff_map(workdir),
+    )
     print(f"wrote {result['written']} image(s) to {args.out}; skipped {len(result['skipped'])}")
     return 0

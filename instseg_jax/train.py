@@ -456,7 +456,9 @@ def _training_source(config, workdir: Path):
         config.input.class_names = tuple(source_names)
     if jax.process_index() == 0:  # with the values chosen from the data
         config_lib.save(config, workdir)
-        builders.write_class_map(workdir, source_ids, source_names)
+        builders.write_class_map(
+            workdir, source_ids, source_names, builders.source_stuff_map(source)
+        )
     return source, source_names, data_notes
 
 

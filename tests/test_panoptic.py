@@ -192,3 +192,39 @@ def test_evaluation_scores_pq_100_for_ground_truth_detections_and_0_for_swapped_
     predicted = evaluate._panoptic_predictions(found, batch, thing_ids, source, cfg, "detectron2")
     report = evaluate.panoptic_quality(source, thing_ids, predicted, print_table=False)
     assert report["PQ_st"] == 0.0 and report["PQ_th"] == pytest.approx(100.0)
+
+
+def test_predict_writes_the_panoptic_map_its_segments_and_an_overlay(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from instseg_jax import detections, predict
+    from instseg_jax.input.coco_panoptic import rgb_to_id
+    from instseg_jax.input.synthetic import SyntheticSource
+
+    source = SyntheticSource(2, (128, 160), seed=2, stuff=True)
+    found, batch = oracle_detections(source)
+    cfg = SimpleNamespace(combine_score=0.5, combine_overlap=0.5, combine_stuff_area=1.0)
+    class_map = ([1, 2, 3], ["circle", "rectangle", "triangle"])
+    stuff_map = ([4, 5], ["sky", "ground"])
+    geometry = detections.ImageGeometry.of_batch(batch, 1)
+    things, (ids, segments) = predict._panoptic(
+        found, 1, geometry, "detectron2", cfg, class_map, stuff_map
+    )
+    example = source.load(1)
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(example["image"]).save(image_path)
+    predict._write(image_path, tmp_path, (128, 160), things, class_map[1], (), (ids, segments))
+    record = json.loads((tmp_path / "scene.json").read_text())
+    written = rgb_to_id(np.asarray(Image.open(tmp_path / record["panoptic_png"])))
+    assert np.array_equal(written, ids)
+    names = sorted(s["category"] for s in record["panoptic_segments"])
+    want = sorted([class_map[1][c] for c in example["classes"]] + ["ground", "sky"])
+    assert names == want and len(record["detections"]) == len(example["masks"])
+    picture = np.asarray(Image.open(tmp_path / "scene.png"), np.float64)
+    sky = example["semantic"] == 1
+    tint = 0.5 * example["image"][sky] + 0.5 * predict.STUFF_PALETTE[0]
+    # Box outlines and labels cover some sky pixels; most show the tint.
+    assert np.median(np.abs(picture[sky] - tint).max(axis=1)) <= 0.5
