@@ -57,7 +57,8 @@ def build_source(input_config, train: bool):
                 f"input.{field}.annotations is empty: give a COCO instances JSON with "
                 f"--config.input.{field}.annotations=FILE (and .images=FOLDER)"
             )
-        return CocoSource(split.annotations, split.images, keep_empty=not train)
+        keep_empty = not train or not input_config.get("filter_empty", True)
+        return CocoSource(split.annotations, split.images, keep_empty=keep_empty)
     if kind == "coco_panoptic":
         from instseg_jax.input.coco_panoptic import CocoPanopticSource
 
@@ -69,8 +70,9 @@ def build_source(input_config, train: bool):
                     f"input.{field}.{part} is empty: give {what} with "
                     f"--config.input.{field}.{part}=... (and .annotations, .images, .panoptic)"
                 )
+        keep_empty = not train or not input_config.get("filter_empty", True)
         return CocoPanopticSource(
-            split.annotations, split.images, split.panoptic, keep_empty=not train
+            split.annotations, split.images, split.panoptic, keep_empty=keep_empty
         )
     raise ConfigValueError(
         f"input.source must be 'synthetic', 'coco' or 'coco_panoptic', got {kind!r}"

@@ -151,6 +151,9 @@ def base() -> ml_collections.ConfigDict:
     split = {"annotations": "", "images": "", "panoptic": ""}
     c.input.train_split = ml_collections.ConfigDict(split)
     c.input.eval_split = ml_collections.ConfigDict(split)
+    # Training skips COCO images without non-crowd instances (detectron2's
+    # DATALOADER.FILTER_EMPTY_ANNOTATIONS); evaluation keeps every image.
+    c.input.filter_empty = True
     c.input.synthetic_length = 64
     c.input.synthetic_hw = (128, 128)
     c.input.synthetic_seed = 0

@@ -1,6 +1,8 @@
-"""Panoptic FPN (in progress): the semantic loss against a NumPy cross-entropy with ignored
-cells, and the smoke step (both heads trained, semantic classes beside the detections). The
-combination and panoptic quality are tested in tests/test_panoptic.py."""
+"""Panoptic FPN: the semantic loss against a NumPy cross-entropy with ignored cells, the smoke
+step (both heads trained, semantic classes beside the detections), over-fitting 4 scenes to
+PQ >= 80 and the COCO experiment's step (slow). The combination, panoptic quality and the
+panoptic outputs are tested in tests/test_panoptic.py, the panoptic source in
+tests/input/test_coco_panoptic.py."""
 
 import numpy as np
 import pytest
@@ -34,3 +36,24 @@ def test_one_step_trains_both_heads_and_ships_semantic_classes():
     assert magnitude(step.grads["semantic_head"]) > 0 and magnitude(step.grads["mask_head"]) > 0
     classes = np.asarray(step.detections["semantic_classes"])
     assert classes.shape == (2, 32, 32) and classes.max() <= 2
+
+
+@pytest.mark.slow
+def test_overfits_four_scenes(tmp_path):
+    from tests.methods.overfit import overfit_report
+
+    report = overfit_report(
+        "experiments/panoptic_fpn_synthetic.py",
+        tmp_path / "overfit",
+        steps=300,
+        overrides=["--config.optim.name=adamw", "--config.optim.lr=0.002"],
+    )
+    assert report["panoptic"]["PQ"] >= 80, report["panoptic"]
+
+
+@pytest.mark.slow
+def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
+    from tests.methods.overfit import coco_step_result
+
+    result = coco_step_result("panoptic_fpn")
+    assert np.isfinite(result["loss"]) and result["step_s"] > 0
