@@ -39,14 +39,14 @@ bench: $(STAMP)
 	$(MAKE) data
 	$(PY) experiments/benchmarks/input.py
 
-# torch, torchvision and transformers in their own environment: large, never a dependency of
-# the package.
+# torch, torchvision, transformers and torchmetrics in their own environment: large, never a
+# dependency of the package.
 $(PEER_PY):
 	$(PYTHON) -m venv $(PEER_VENV)
 	$(PEER_PY) -m pip install --quiet --upgrade pip
 
 peer-env: $(PEER_PY)
-	$(PEER_PY) -m pip install --quiet torch torchvision transformers
+	$(PEER_PY) -m pip install --quiet torch torchvision transformers torchmetrics
 	$(PEER_PY) -m pip install --quiet -e '.[dev]'
 
 # Side-by-side speed against torchvision: ops, then the whole Mask R-CNN (about 30 min on 2 cores).
@@ -61,6 +61,7 @@ parity: peer-env
 	$(PEER_PY) experiments/parity/fcos.py
 	$(PEER_PY) experiments/parity/mask2former.py
 	$(PEER_PY) experiments/parity/keypoint_rcnn.py
+	$(PEER_PY) experiments/parity/panoptic_quality.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,5 +1,7 @@
 """Panoptic FPN's combination and panoptic quality on hand-made cases with answers worked out
-by hand (panopticapi is not on the package index; its rules are the module docstring's)."""
+by hand (panopticapi is not on the package index; its rules are the module docstring's) and on
+stored random cases against torchmetrics' implementation; the panoptic map of evaluation and
+prediction from ground-truth detections."""
 
 import numpy as np
 import pytest
@@ -228,3 +230,22 @@ def test_predict_writes_the_panoptic_map_its_segments_and_an_overlay(tmp_path):
     tint = 0.5 * example["image"][sky] + 0.5 * predict.STUFF_PALETTE[0]
     # Box outlines and labels cover some sky pixels; most show the tint.
     assert np.median(np.abs(picture[sky] - tint).max(axis=1)) <= 0.5
+
+
+def test_panoptic_quality_agrees_with_torchmetrics_on_stored_random_cases():
+    """Cases and torchmetrics' figures from experiments/parity/panoptic_quality.py
+    (--make-fixture): its docstring says where torchmetrics and panopticapi agree."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "pq_parity", root / "experiments" / "parity" / "panoptic_quality.py"
+    )
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    stored = np.load(root / "tests" / "fixtures" / "panoptic_quality_torchmetrics.npz")
+    ours = parity.ours(stored["gts"].astype(np.int64), stored["preds"].astype(np.int64))
+    for key, value in zip(stored["keys"].tolist(), stored["values"], strict=True):
+        assert ours[key] == pytest.approx(value, abs=1e-6), key
+    assert 0.3 < ours["All_PQ"] < 0.9  # the cases mix matches, misses and false segments
