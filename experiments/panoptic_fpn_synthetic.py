@@ -15,32 +15,9 @@ from instseg_jax.methods import panoptic_fpn
 
 
 def get_config(arg=None):
-    c = panoptic_fpn.base_config()
-    c.input.source = "synthetic"
+    c = config_lib.synthetic_experiment(panoptic_fpn.base_config())
     c.input.synthetic_stuff = True
-    c.input.synthetic_length = 512
-    c.input.synthetic_hw = (256, 256)
-    c.input.synthetic_eval_seed = 1  # 64 held-out scenes
-    c.input.synthetic_eval_length = 64
-    c.input.canvas_hw = (256, 256)
-    c.input.short_side = (256,)
-    c.input.max_long_side = 256
-    c.input.test_short_side = 256
-    c.input.test_max_long_side = 256
-    c.input.global_batch = 4
-    c.input.mask_size = 28
     m = c.model
-    m.depth = 18
-    m.norm = "group_norm"
-    m.freeze_at = 0
-    m.fpn_channels = 128
-    m.anchor_sizes = ((16,), (32,), (64,), (128,), (256,))
-    m.rpn_pre_nms_topk_train = 1000
-    m.rpn_post_nms_topk_train = 500
-    m.rpn_pre_nms_topk_test = 500
-    m.rpn_post_nms_topk_test = 300
-    m.roi_batch_per_image = 128
-    m.box_fc_dim = 512
     m.mask_fg_per_image = 16
     m.mask_head_convs = 2
     m.num_stuff_classes = 2
@@ -48,15 +25,4 @@ def get_config(arg=None):
     # The reference combines at the original image's pixels: 4096 px of a typical 640 x 480
     # COCO image is 1.3% of it; the same share of 256 x 256.
     m.combine_stuff_area = 4096.0 * 256 * 256 / (640 * 480)
-    m.detections_per_image = 50
-    c.optim.lr = 0.02
-    c.optim.clip_norm = 10.0
-    c.schedule.total_steps = 2000
-    c.schedule.warmup_steps = 200
-    c.schedule.decay = "cosine"
-    c.schedule.steps = ()
-    c.checkpoint.every_steps = 500
-    c.eval.every_steps = 500
-    c.eval.global_batch = 8
-    c.log_every = 10
     return config_lib.finish(c, arg)
