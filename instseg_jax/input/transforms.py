@@ -347,8 +347,13 @@ def _keypoint_targets(example, kept, config: TransformConfig, scale, offset, val
 def _semantic_target(example, config: TransformConfig, scale, offset, valid_hw, flip):
     """uint8[H/s, W/s]: the example's semantic map (0 things, 1 + s stuff, 255 ignored) at the
     stride-s cell centres of the canvas, read at the nearest original pixel through the flip,
-    crop and resize; 255 outside the valid region."""
+    crop and resize; 255 outside the valid region, and everywhere for test-time examples
+    without a map (prediction on plain images)."""
     semantic = example.get("semantic")
+    if semantic is None and not config.train:  # inference on images without annotations
+        height, width = config.canvas_hw
+        s = config.semantic_stride
+        return np.full((height // s, width // s), 255, np.uint8)
     if semantic is None:
         raise ConfigValueError(
             f"image id {example.get('image_id')}: the method trains a semantic head, but the "

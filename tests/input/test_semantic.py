@@ -2,6 +2,8 @@
 were, the semantic map has Panoptic FPN's layout, and the transform's stride-s target is the
 map through the resize and flip."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -40,3 +42,17 @@ def test_semantic_target_is_the_map_at_cell_centres(hflip):
         want = want[:, ::-1]
     assert np.array_equal(target[:32, :32], want)
     assert (target[32:] == 255).all() and (target[:, 32:] == 255).all()  # padding is ignored
+
+
+def test_test_time_examples_without_a_map_get_an_ignored_target_training_ones_fail():
+    from instseg_jax.config import ConfigValueError
+
+    example = SyntheticSource(1, (64, 64), seed=1).load(0)  # no stuff: no semantic map
+    config = TransformConfig(
+        canvas_hw=(64, 64), max_instances=8, box_masks=False, semantic_stride=4,
+        short_side=(64,), max_long_side=64, train=False,
+    )  # fmt: skip
+    out = transform(example, config, np.random.default_rng(0), None)
+    assert out["gt_semantic"].shape == (16, 16) and (out["gt_semantic"] == 255).all()
+    with pytest.raises(ConfigValueError, match="gives no semantic map"):
+        transform(example, dataclasses.replace(config, train=True), np.random.default_rng(0), None)

@@ -10,9 +10,6 @@ P3..P7 features and 40 detections.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +17,7 @@ import pytest
 
 from instseg_jax.weights import parity, torchvision_fcos
 from instseg_jax.weights import torchvision as tv
+from tests.weights.cli_import import import_then_predict
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "torchvision_fcos_tiny.npz"
 
@@ -81,32 +79,10 @@ def test_bad_state_dicts_are_refused_naming_the_key(fixture):
 
 
 def test_import_weights_cli_recognises_fcos_then_predicts(fixture, tmp_path):
-    state_dict, image = fixture[0], fixture[1]
-    weights = tmp_path / "tiny.npz"
-    np.savez(weights, **state_dict)
-    out = tmp_path / "imported"
-    cli = [sys.executable, "-m", "instseg_jax.cli"]
-    subprocess.run(
-        cli + ["import-weights", "torchvision", str(weights), "--out", str(out)]
-        + ["--canvas", "256", "256"],
-        check=True,
-    )  # fmt: skip
-    config = json.loads((out / "config.json").read_text())
+    config, record = import_then_predict(fixture[0], fixture[1], tmp_path)
     assert config["method"] == "fcos" and config["model"]["head_convs"] == 2
     assert config["model"]["box_rescale"] == "per_axis"
     assert config["input"]["category_ids"] == [1, 2, 3, 4, 5]
-    from PIL import Image
-
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(image).save(images / "scene.png")
-    subprocess.run(
-        cli
-        + ["predict", "--workdir", str(out), "--images", str(images), "--out", str(tmp_path / "p")]
-        + ["--score-threshold", "0.0"],
-        check=True,
-    )
-    record = json.loads((tmp_path / "p" / "scene.json").read_text())
     assert record["height"] == 100 and record["detections"]
     assert all("segmentation" not in d for d in record["detections"])
 

@@ -11,9 +11,6 @@ proposals, 20 detections with their keypoints and keypoint scores.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ import pytest
 
 from instseg_jax.weights import parity, torchvision_keypoint
 from instseg_jax.weights import torchvision as tv
+from tests.weights.cli_import import import_then_predict
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "torchvision_keypoint_tiny.npz"
 
@@ -86,31 +84,8 @@ def test_bad_state_dicts_are_refused_naming_the_key(fixture):
 
 
 def test_import_weights_cli_recognises_keypoint_rcnn_then_predicts(fixture, tmp_path):
-    state_dict, image = fixture[0], fixture[1]
-    weights = tmp_path / "tiny.npz"
-    np.savez(weights, **state_dict)
-    out = tmp_path / "imported"
-    cli = [sys.executable, "-m", "instseg_jax.cli"]
-    subprocess.run(
-        cli + ["import-weights", "torchvision", str(weights), "--out", str(out)]
-        + ["--canvas", "256", "256"],
-        check=True,
-    )  # fmt: skip
-    config = json.loads((out / "config.json").read_text())
+    config, record = import_then_predict(fixture[0], fixture[1], tmp_path)
     assert config["method"] == "keypoint_rcnn" and config["model"]["keypoint_head_convs"] == 2
     assert config["model"]["keypoint_output_shift"] == 0.0 and not config["model"]["mask_on"]
     assert config["input"]["class_names"] == ["person"]
-    from PIL import Image
-
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(image).save(images / "scene.png")
-    subprocess.run(
-        cli
-        + ["predict", "--workdir", str(out), "--images", str(images), "--out", str(tmp_path / "p")]
-        + ["--score-threshold", "0.0"],
-        check=True,
-    )
-    record = json.loads((tmp_path / "p" / "scene.json").read_text())
     assert record["detections"] and all(len(d["keypoints"]) == 17 for d in record["detections"])
-    assert (tmp_path / "p" / "scene.png").is_file()
