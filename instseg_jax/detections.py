@@ -22,6 +22,7 @@ Foreground is value >= 0.5.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -206,6 +207,13 @@ def _cubic(t, a=-0.75):
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _bicubic_matrix_f32(out_size: int, in_size: int) -> np.ndarray:
+    matrix = bicubic_matrix(out_size, in_size).astype(np.float32)
+    matrix.flags.writeable = False  # shared by every caller of the cache
+    return matrix
+
+
 def bicubic_matrix(out_size: int, in_size: int) -> np.ndarray:
     """float64[out, in]: torch's bicubic interpolation (a = -0.75, align_corners=False, taps
     clamped to the edge) from in_size to out_size samples along one axis."""
@@ -234,9 +242,11 @@ def decode_keypoints(heatmaps: np.ndarray, boxes: np.ndarray):
         x0, y0, x1, y1 = (float(v) for v in boxes[r])
         width, height = max(x1 - x0, 1.0), max(y1 - y0, 1.0)
         cells_w, cells_h = math.ceil(width), math.ceil(height)
-        rows = bicubic_matrix(cells_h, size).astype(np.float32)
-        cols = bicubic_matrix(cells_w, size).astype(np.float32)
-        resized = np.einsum("ys,ksz,xz->kyx", rows, heatmaps[r], cols)
+        rows = _bicubic_matrix_f32(cells_h, size)
+        cols = _bicubic_matrix_f32(cells_w, size)
+        # Two matrix products (columns, then rows): a three-operand einsum would loop over
+        # every (y, x, s, z) quadruple, ~1000x slower on 100 px boxes.
+        resized = rows @ (heatmaps[r] @ cols.T)
         flat = resized.reshape(k, -1).argmax(axis=1)
         cy, cx = np.divmod(flat, cells_w)
         out[r, :, 0] = (cx + 0.5) * (width / cells_w) + x0
