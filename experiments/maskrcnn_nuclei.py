@@ -28,21 +28,8 @@ from instseg_jax.methods import mask_rcnn
 
 
 def get_config(arg=None):
-    c = config_lib.nuclei_experiment(mask_rcnn.base_config(), arg)
-    c.input.mask_size = 56
-    c.model.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
-    c.model.rpn_pre_nms_topk_train = 1000
-    c.model.rpn_post_nms_topk_train = 500
-    c.model.rpn_pre_nms_topk_test = 1000
-    c.model.rpn_post_nms_topk_test = 500
-    c.model.roi_batch_per_image = 256
-    c.model.mask_fg_per_image = 32
+    c = mask_rcnn.nuclei_detector(config_lib.nuclei_experiment(mask_rcnn.base_config(), arg))
     c.model.mask_head_convs = 2
-    c.model.box_fc_dim = 512
-    # Up to 101 nuclei per val image: 200 detection slots.
-    c.model.detections_per_image = 200
-    c.optim.lr = 0.02
-    c.schedule.total_steps = 2000
     if arg == "demo":  # `make demo`: the same model on a budget that fits ~10 minutes here
         c.schedule.total_steps = 400
         c.schedule.warmup_steps = 100

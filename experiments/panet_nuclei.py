@@ -17,24 +17,12 @@ Mask R-CNN's step). Results: experiments/benchmarks/RESULTS.md, "PANet nuclei qu
 """
 
 from instseg_jax import config as config_lib
-from instseg_jax.methods import panet
+from instseg_jax.methods import mask_rcnn, panet
 
 
 def get_config(arg=None):
-    c = config_lib.nuclei_experiment(panet.base_config(), arg)
-    m = c.model
-    c.input.mask_size = 56
-    m.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
-    m.rpn_pre_nms_topk_train = 1000
-    m.rpn_post_nms_topk_train = 500
-    m.rpn_pre_nms_topk_test = 1000
-    m.rpn_post_nms_topk_test = 500
-    m.roi_batch_per_image = 256
-    m.mask_fg_per_image = 32
-    m.mask_head_convs = 2
-    m.box_head = "2fc"
-    m.box_fc_dim = 512
-    m.detections_per_image = 200  # up to 101 nuclei per val image
-    c.optim.lr = 0.02
+    c = mask_rcnn.nuclei_detector(config_lib.nuclei_experiment(panet.base_config(), arg))
+    c.model.mask_head_convs = 2
+    c.model.box_head = "2fc"
     c.schedule.total_steps = 1500
     return config_lib.finish(c, arg)

@@ -14,24 +14,12 @@ budget. Results: experiments/benchmarks/RESULTS.md, "PointRend nuclei quality ru
 """
 
 from instseg_jax import config as config_lib
-from instseg_jax.methods import pointrend
+from instseg_jax.methods import mask_rcnn, pointrend
 
 
 def get_config(arg=None):
     c = config_lib.nuclei_experiment(pointrend.base_config(), arg)
-    m = c.model
-    c.input.mask_size = 56
-    m.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
-    m.rpn_pre_nms_topk_train = 1000
-    m.rpn_post_nms_topk_train = 500
-    m.rpn_pre_nms_topk_test = 1000
-    m.rpn_post_nms_topk_test = 500
-    m.roi_batch_per_image = 256
-    m.mask_fg_per_image = 32
-    m.box_fc_dim = 512
-    m.coarse_conv_dim = 128
-    m.coarse_fc_dim = 512
-    m.detections_per_image = 200  # up to 101 nuclei per val image
-    c.optim.lr = 0.02
-    c.schedule.total_steps = 2000
+    c = mask_rcnn.nuclei_detector(c)
+    c.model.coarse_conv_dim = 128
+    c.model.coarse_fc_dim = 512
     return config_lib.finish(c, arg)
