@@ -10,17 +10,19 @@ import sys
 import numpy as np
 from PIL import Image
 
+CLI = [sys.executable, "-m", "instseg_jax.cli"]
 
-def import_then_predict(state_dict: dict, image: np.ndarray, tmp_path) -> tuple[dict, dict]:
-    """(the imported workdir's config.json, predict's JSON record of the image) for weights
-    imported on a 256x256 canvas and predictions at score threshold 0."""
+
+def import_then_predict(state_dict: dict, image: np.ndarray, tmp_path, canvas: int = 256):
+    """(the imported workdir's config.json, predict's JSON record of the image, the workdir)
+    for weights imported on a canvas x canvas canvas and predictions at score threshold 0."""
     weights = tmp_path / "tiny.npz"
     np.savez(weights, **state_dict)
     out = tmp_path / "imported"
-    cli = [sys.executable, "-m", "instseg_jax.cli"]
+    cli = CLI
     subprocess.run(
         cli + ["import-weights", "torchvision", str(weights), "--out", str(out)]
-        + ["--canvas", "256", "256"],
+        + ["--canvas", str(canvas), str(canvas)],
         check=True,
     )  # fmt: skip
     config = json.loads((out / "config.json").read_text())
@@ -35,4 +37,4 @@ def import_then_predict(state_dict: dict, image: np.ndarray, tmp_path) -> tuple[
     )
     record = json.loads((tmp_path / "p" / "scene.json").read_text())
     assert (tmp_path / "p" / "scene.png").is_file()
-    return config, record
+    return config, record, out

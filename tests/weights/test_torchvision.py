@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 from instseg_jax import ops
 from instseg_jax.weights import parity
 from instseg_jax.weights import torchvision as tv
+from tests.weights.cli_import import CLI, import_then_predict
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "torchvision_tiny.npz"
 
@@ -218,40 +218,10 @@ def test_resize_rule_and_padding_of_the_preset():
 
 
 def test_import_weights_cli_then_predict(fixture, tmp_path):
-    state_dict, image = fixture[0], fixture[1]
-    weights = tmp_path / "tiny.npz"
-    np.savez(weights, **state_dict)
-    out = tmp_path / "imported"
-    run = [sys.executable, "-m", "instseg_jax.cli"]
-    subprocess.run(
-        run
-        + [
-            "import-weights",
-            "torchvision",
-            str(weights),
-            "--out",
-            str(out),
-            "--canvas",
-            "192",
-            "192",
-        ],
-        check=True,
-    )
-    config = json.loads((out / "config.json").read_text())
+    state_dict = fixture[0]
+    config, record, out = import_then_predict(state_dict, fixture[1], tmp_path, canvas=192)
     assert config["model"]["anchor_style"] == "torchvision" and config["model"]["aligned"] is False
     assert config["input"]["category_ids"] == [1, 2, 3, 4]
-    from PIL import Image
-
-    images = tmp_path / "images"
-    images.mkdir()
-    Image.fromarray(image).save(images / "scene.png")
-    subprocess.run(
-        run
-        + ["predict", "--workdir", str(out), "--images", str(images), "--out", str(tmp_path / "p")]
-        + ["--score-threshold", "0.0"],
-        check=True,
-    )
-    record = json.loads((tmp_path / "p" / "scene.json").read_text())
     assert record["height"] == 100 and record["detections"]
     assert all(d["class"].startswith("class_") for d in record["detections"])
     # `eval --workdir` on the imported checkpoint, its eval split pointed at synthetic scenes.
@@ -260,13 +230,13 @@ def test_import_weights_cli_then_predict(fixture, tmp_path):
     annotations, image_dir = write_coco(SyntheticSource(3, (96, 120), seed=5), tmp_path / "coco")
     config["input"]["eval_split"] = {"annotations": str(annotations), "images": str(image_dir)}
     (out / "config.json").write_text(json.dumps(config))
-    subprocess.run(run + ["eval", "--workdir", str(out)], check=True, capture_output=True)
+    subprocess.run(CLI + ["eval", "--workdir", str(out)], check=True, capture_output=True)
     report = json.loads((out / "eval_0.json").read_text())
     assert set(report) >= {"bbox", "segm"} and 0.0 <= report["segm"]["AP"] <= 1.0
     bad = tmp_path / "bad.npz"
     np.savez(bad, **{k: v for k, v in state_dict.items() if "fc7" not in k})
     failed = subprocess.run(
-        run + ["import-weights", "torchvision", str(bad), "--out", str(tmp_path / "x")],
+        CLI + ["import-weights", "torchvision", str(bad), "--out", str(tmp_path / "x")],
         capture_output=True,
         text=True,
     )

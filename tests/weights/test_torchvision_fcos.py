@@ -79,7 +79,7 @@ def test_bad_state_dicts_are_refused_naming_the_key(fixture):
 
 
 def test_import_weights_cli_recognises_fcos_then_predicts(fixture, tmp_path):
-    config, record = import_then_predict(fixture[0], fixture[1], tmp_path)
+    config, record, _ = import_then_predict(fixture[0], fixture[1], tmp_path)
     assert config["method"] == "fcos" and config["model"]["head_convs"] == 2
     assert config["model"]["box_rescale"] == "per_axis"
     assert config["input"]["category_ids"] == [1, 2, 3, 4, 5]

@@ -84,7 +84,7 @@ def test_bad_state_dicts_are_refused_naming_the_key(fixture):
 
 
 def test_import_weights_cli_recognises_keypoint_rcnn_then_predicts(fixture, tmp_path):
-    config, record = import_then_predict(fixture[0], fixture[1], tmp_path)
+    config, record, _ = import_then_predict(fixture[0], fixture[1], tmp_path)
     assert config["method"] == "keypoint_rcnn" and config["model"]["keypoint_head_convs"] == 2
     assert config["model"]["keypoint_output_shift"] == 0.0 and not config["model"]["mask_on"]
     assert config["input"]["class_names"] == ["person"]
