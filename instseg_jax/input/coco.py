@@ -55,17 +55,7 @@ class CocoSource(CategoryIds):
     ):
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
-        try:
-            document = json.loads(self.annotation_file.read_text())
-        except FileNotFoundError as error:
-            raise DataError(f"{self.annotation_file}: annotation file not found") from error
-        except json.JSONDecodeError as error:
-            raise DataError(f"{self.annotation_file}: not valid JSON ({error})") from error
-        for field in ("images", "annotations", "categories"):
-            if field not in document:
-                raise DataError(
-                    f"{self.annotation_file}: no '{field}' list; not a COCO instances file"
-                )
+        document = read_coco_json(self.annotation_file, "instances")
         categories = sorted(document["categories"], key=lambda c: c["id"])
         self.category_ids = [int(c["id"]) for c in categories]
         self.class_names = [str(c["name"]) for c in categories]
@@ -201,6 +191,21 @@ class CocoSource(CategoryIds):
             "image_id": record["image_id"],
             **({"keypoints": record["keypoints"][keep]} if "keypoints" in record else {}),
         }
+
+
+def read_coco_json(path: Path, kind: str) -> dict:
+    """The document of a COCO annotation file of `kind` ("instances", "panoptic"), with its
+    "images", "annotations" and "categories" lists; DataError naming the file otherwise."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise DataError(f"{path}: {kind} annotation file not found") from error
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from error
+    for field in ("images", "annotations", "categories"):
+        if not isinstance(document, dict) or field not in document:
+            raise DataError(f"{path}: no '{field}' list; not a COCO {kind} file")
+    return document
 
 
 def check_image_size(image_hw, annotated_hw, image_name: str, annotated_in: str) -> None:

@@ -17,14 +17,13 @@ mask is what is visible of it (no overlaps), as the panoptic annotation defines 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from instseg_jax.input import report
-from instseg_jax.input.coco import CategoryIds, check_image_size
+from instseg_jax.input.coco import CategoryIds, check_image_size, read_coco_json
 from instseg_jax.input.images import DataError, UnusableExample, decode_image
 
 IGNORE = 255
@@ -67,17 +66,7 @@ class CocoPanopticSource(CategoryIds):
         self.panoptic_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
         self.panoptic_dir = Path(panoptic_dir)
-        try:
-            document = json.loads(self.panoptic_file.read_text())
-        except FileNotFoundError as error:
-            raise DataError(f"{self.panoptic_file}: panoptic annotation file not found") from error
-        except json.JSONDecodeError as error:
-            raise DataError(f"{self.panoptic_file}: not valid JSON ({error})") from error
-        for field in ("images", "annotations", "categories"):
-            if field not in document:
-                raise DataError(
-                    f"{self.panoptic_file}: no '{field}' list; not a COCO panoptic file"
-                )
+        document = read_coco_json(self.panoptic_file, "panoptic")
         categories = sorted(document["categories"], key=lambda c: c["id"])
         for category in categories:
             if "isthing" not in category:
