@@ -207,7 +207,7 @@ def _cubic(t, a=-0.75):
     )
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)  # box sizes in px: a few MB at most
 def _bicubic_matrix_f32(out_size: int, in_size: int) -> np.ndarray:
     matrix = bicubic_matrix(out_size, in_size).astype(np.float32)
     matrix.flags.writeable = False  # shared by every caller of the cache

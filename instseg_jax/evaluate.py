@@ -169,16 +169,33 @@ def main_results(results_file: str, annotations_file: str, max_detections: int =
     return {k: named(v, max_detections) for k, v in stats.items()}
 
 
-def ground_truth(source) -> COCO:
-    """pycocotools' COCO of an evaluation source: its annotation file when it has one, else
-    (synthetic scenes) its exact masks, RLE-encoded in memory."""
+def ground_truth(source, image_ids=None) -> COCO:
+    """pycocotools' COCO of an evaluation source: its annotation file when it has one, else its
+    masks RLE-encoded in memory: a source's own `instance_ground_truth(index)` (COCO panoptic:
+    from the PNGs, no image decoded) or its decoded examples (synthetic scenes: exact masks).
+    image_ids: only these images (sources that list theirs). Images whose annotations cannot
+    be read are left out, counted in a warning."""
     annotation_file = getattr(source, "annotation_file", None)
     if annotation_file is not None:
         return _load_coco(annotation_file)
-    images, annotations = [], []
-    for index in range(len(source)):
-        example = source.load(index)
-        height, width = example["image"].shape[:2]
+    from instseg_jax.input.images import UnusableExample
+
+    indices = range(len(source))
+    if image_ids is not None and hasattr(source, "image_ids"):
+        wanted = set(image_ids)
+        indices = [k for k, i in enumerate(source.image_ids()) if i in wanted]
+    read = getattr(source, "instance_ground_truth", None) or source.load
+    images, annotations, unreadable = [], [], []
+    for index in indices:
+        try:
+            example = read(index)
+        except UnusableExample as error:
+            unreadable.append(str(error))
+            continue
+        if "image" in example:
+            height, width = example["image"].shape[:2]
+        else:
+            height, width = example["height"], example["width"]
         image_id = int(example["image_id"])
         images.append({"id": image_id, "height": height, "width": width})
         category_ids = source.category_id(example["classes"])
@@ -196,6 +213,12 @@ def ground_truth(source) -> COCO:
                     keypoints=None if points is None else points[i],
                 )
             )
+    if unreadable:
+        log.warning(
+            "%d evaluation image(s) left out of the ground truth, their annotations unreadable: %s",
+            len(unreadable),
+            "; ".join(unreadable[:3]),
+        )
     ids, names = builders.source_class_map(source)
     categories = [{"id": i, "name": n} for i, n in zip(ids, names, strict=True)]
     keypoint_names = getattr(source, "keypoint_names", None)
@@ -313,7 +336,7 @@ def evaluate_model(
     paste_rule = builders.paste_rule(model_cfg)
     max_detections = int(config.eval.get("max_detections", 100))
     results, has_masks, has_keypoints = [], False, False
-    panoptic_maps = {}  # image id -> predicted (panoptic ids, segments), Panoptic FPN only
+    panoptic_evaluation = None  # Panoptic FPN: its panoptic maps scored batch by batch
     seconds = {"input_s": 0.0, "device_s": 0.0, "paste_rle_s": 0.0}
     for batch, found, (input_s, device_s) in run_inference(
         config, variables, source, len(category_ids), max_batches
@@ -331,18 +354,22 @@ def evaluate_model(
         seconds["paste_rle_s"] += time.perf_counter() - start
         if "semantic_classes" in found:
             start = time.perf_counter()
-            panoptic_maps.update(
-                _panoptic_predictions(found, batch, category_ids, source, model_cfg, paste_rule)
-            )
+            if panoptic_evaluation is None:
+                panoptic_evaluation = PanopticEvaluation(
+                    source, category_ids, model_cfg, paste_rule
+                )
+            panoptic_evaluation.add_batch(found, batch)
             seconds["panoptic_s"] = seconds.get("panoptic_s", 0.0) + time.perf_counter() - start
         has_masks = structures.mask_payload(found) is not None
         has_keypoints = "keypoint_heatmaps" in found
     start = time.perf_counter()
-    gt = ground_truth(source)
-    seconds["ground_truth_s"] = time.perf_counter() - start
+    seen = None
     if max_batches is not None:  # evaluate only the images that were run
         seen = sorted({r["image_id"] for r in results})
-        gt.imgs = {i: gt.imgs[i] for i in seen}
+    gt = ground_truth(source, seen)
+    seconds["ground_truth_s"] = time.perf_counter() - start
+    if seen is not None:
+        gt.imgs = {i: gt.imgs[i] for i in seen if i in gt.imgs}
     iou_types = ("bbox", "segm") if has_masks else ("bbox",)
     sigmas = None
     if has_keypoints:
@@ -354,10 +381,8 @@ def evaluate_model(
     stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections, sigmas)
     seconds["cocoeval_s"] = time.perf_counter() - start
     report = {k: named(v, max_detections) for k, v in stats.items()}
-    if panoptic_maps:
-        start = time.perf_counter()
-        report["panoptic"] = panoptic_quality(source, category_ids, panoptic_maps, print_tables)
-        seconds["pq_s"] = time.perf_counter() - start
+    if panoptic_evaluation is not None:
+        report["panoptic"] = panoptic_evaluation.finish(max_batches is not None, print_tables)
     report["timing"] = {k: round(v, 3) for k, v in seconds.items()}
     if print_tables:
         print("time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in seconds.items()))
@@ -368,29 +393,85 @@ def evaluate_model(
     return report
 
 
-def _panoptic_predictions(found, batch, category_ids, source, cfg, paste_rule) -> dict:
-    from instseg_jax import panoptic
+class PanopticEvaluation:
+    """Panoptic quality of a model's panoptic maps against a panoptic source, image by image
+    as batches arrive (no map is kept): PQ, SQ, RQ over all categories, things and stuff.
 
-    out = {}
-    for b, image_id in enumerate(np.asarray(batch["image_id"])):
-        if image_id < 0 or not bool(batch["example_valid"][b]):
-            continue
-        geometry = detections.ImageGeometry.of_batch(batch, b)
-        instances = detections.image_instances(
-            found, b, geometry, paste_rule, min_score=cfg.combine_score
-        )
-        out[int(image_id)] = panoptic.predicted_map(
-            instances,
-            found["semantic_classes"][b],
-            geometry,
-            category_ids,
-            _stuff_ids(source),
-            cfg,
-        )
-    return out
+    Source images without a prediction (skipped as unusable by the pipeline) count with an
+    empty prediction, so their segments are false negatives, unless `finish` is told the run
+    covered a subset (max_batches); their number is reported."""
+
+    def __init__(self, source, category_ids, cfg, paste_rule: str = "detectron2"):
+        from instseg_jax import panoptic
+
+        self.source, self.category_ids, self.cfg = source, list(category_ids), cfg
+        self.paste_rule = paste_rule
+        self.stuff_ids = _stuff_ids(source, cfg)
+        categories = {int(c): True for c in self.category_ids}
+        categories.update({int(c): False for c in self.stuff_ids})
+        self.quality = panoptic.PanopticQuality(categories)
+        self.index_of = {int(i): k for k, i in enumerate(source.image_ids())}
+        self.seen: set[int] = set()
+
+    def add_batch(self, found: dict, batch: dict) -> None:
+        """Combine and score every real example of one batch of host detections."""
+        from instseg_jax import panoptic
+
+        for b, image_id in enumerate(np.asarray(batch["image_id"])):
+            if image_id < 0 or not bool(batch["example_valid"][b]):
+                continue
+            geometry = detections.ImageGeometry.of_batch(batch, b)
+            instances = detections.image_instances(
+                found, b, geometry, self.paste_rule, min_score=self.cfg.combine_score
+            )
+            predicted = panoptic.predicted_map(
+                instances,
+                found["semantic_classes"][b],
+                geometry,
+                self.category_ids,
+                self.stuff_ids,
+                self.cfg,
+            )
+            _, gt, gt_segments = self.source.panoptic_ground_truth(self.index_of[int(image_id)])
+            self.quality.add(gt, gt_segments, *predicted)
+            self.seen.add(int(image_id))
+
+    def finish(self, subset: bool = False, print_table: bool = True) -> dict:
+        """eval_<step>.json's "panoptic" entry (panoptic.report_of), with the number of images
+        scored and of those without a prediction (counted as empty unless subset)."""
+        from instseg_jax import panoptic
+        from instseg_jax.input.images import DataError
+
+        missing = [i for i in self.index_of if i not in self.seen]
+        unreadable = 0
+        if not subset:
+            for image_id in missing:
+                try:
+                    _, gt, segments = self.source.panoptic_ground_truth(self.index_of[image_id])
+                except DataError:  # no ground truth to miss either; counted below
+                    unreadable += 1
+                    continue
+                self.quality.add(gt, segments, np.zeros_like(gt), [])
+        report = panoptic.report_of(self.quality.summary())
+        report["images"] = len(self.seen) + (0 if subset else len(missing) - unreadable)
+        report["images_without_prediction"] = 0 if subset else len(missing)
+        report["images_without_ground_truth"] = unreadable
+        if missing and not subset:
+            log.warning(
+                "%d evaluation image(s) had no prediction (skipped as unusable): their "
+                "segments count as missed in PQ",
+                len(missing),
+            )
+        if print_table:
+            print("-- panoptic --")
+            print(f"{'':8}{'PQ':>8}{'SQ':>8}{'RQ':>8}{'N':>6}")
+            for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+                values = "".join(f"{report[s + suffix]:8.1f}" for s in ("PQ", "SQ", "RQ"))
+                print(f"{name:8}{values}{report['n' + suffix]:6d}")
+        return report
 
 
-def _stuff_ids(source) -> list[int]:
+def _stuff_ids(source, cfg) -> list[int]:
     ids = list(getattr(source, "stuff_category_ids", ()))
     if not ids:
         raise UserError(
@@ -398,29 +479,13 @@ def _stuff_ids(source) -> list[int]:
             "has none; evaluate Panoptic FPN on panoptic data (input.source 'coco_panoptic', "
             "or synthetic scenes with input.synthetic_stuff)"
         )
+    if len(ids) != cfg.num_stuff_classes:
+        raise UserError(
+            f"the evaluation data has {len(ids)} stuff categories but the model predicts "
+            f"model.num_stuff_classes = {cfg.num_stuff_classes}; evaluate on the panoptic data "
+            "the model was trained for"
+        )
     return ids
-
-
-def panoptic_quality(source, category_ids, predicted: dict, print_table: bool = True) -> dict:
-    """PQ, SQ, RQ (all, things, stuff) of predicted {image id: (panoptic ids, segments)}
-    against the source's panoptic ground truth, over the images predicted."""
-    from instseg_jax import panoptic
-
-    categories = {int(c): True for c in category_ids}
-    categories.update({int(c): False for c in _stuff_ids(source)})
-    quality = panoptic.PanopticQuality(categories)
-    for index, image_id in enumerate(source.image_ids()):
-        if image_id in predicted:  # images the pipeline skipped as unusable are counted there
-            image_id, gt, gt_segments = source.panoptic_ground_truth(index)
-            quality.add(gt, gt_segments, *predicted[image_id])
-    report = panoptic.report_of(quality.summary())
-    if print_table:
-        print("-- panoptic --")
-        print(f"{'':8}{'PQ':>8}{'SQ':>8}{'RQ':>8}{'N':>6}")
-        for name, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
-            values = "".join(f"{report[s + suffix]:8.1f}" for s in ("PQ", "SQ", "RQ"))
-            print(f"{name:8}{values}{report['n' + suffix]:6d}")
-    return report
 
 
 def restore_variables(workdir: str | Path, step: int | None = None):

@@ -7,7 +7,7 @@ A panoptic map is int32[H, W] of segment ids (0: void, no segment) with a list o
 PQ per category = sum of matched IoUs / (TP + FP/2 + FN/2), SQ = sum of IoUs / TP, RQ = TP /
 (TP + FP/2 + FN/2), averaged over the categories that have any TP, FP or FN (all, things,
 stuff). As panopticapi's pq_compute: a prediction and a ground-truth segment of one category
-match when IoU > 0.5, with the prediction's void pixels left out of the union; crowd
+match when IoU > 0.5, with the prediction's pixels on ground-truth void left out of the union; crowd
 ground truth matches nothing and is no false negative; an unmatched prediction is no false
 positive when more than half of it lies on void or on crowd ground truth of its category.
 """

@@ -164,13 +164,14 @@ def predict(
             path = files[int(index)]
             seen.add(int(index))
             geometry = detections.ImageGeometry.of_batch(batch, b)
-            instances = detections.image_instances(
-                found, b, geometry, paste_rule, min_score=score_threshold
-            )
             panoptic_map = None
-            if "semantic_classes" in found:
+            if "semantic_classes" in found:  # its own threshold: model.combine_score
                 instances, panoptic_map = _panoptic(
                     found, b, geometry, paste_rule, model_cfg, class_map, stuff_map
+                )
+            else:
+                instances = detections.image_instances(
+                    found, b, geometry, paste_rule, min_score=score_threshold
                 )
             _write(path, out, geometry.orig_hw, instances, class_names, skeleton, panoptic_map)
             written += 1
@@ -201,8 +202,10 @@ def _panoptic(found, b, geometry, paste_rule, cfg, class_map, stuff_map):
         instances, found["semantic_classes"][b], geometry, class_map[0], stuff_map[0], cfg
     )
     stuff_name = dict(zip(stuff_map[0], stuff_map[1], strict=True))
+    areas = np.bincount(ids.ravel(), minlength=len(segments) + 1)
     things = []
     for segment in segments:
+        segment["area"] = int(areas[segment["id"]])
         if segment["isthing"]:
             instance = dict(instances[segment["instance_index"]])
             region = instance["region"]
@@ -222,7 +225,8 @@ def _write(
 ) -> None:
     """OUT/<stem>.json and OUT/<stem>.png of one image's detections; with a panoptic map also
     OUT/<stem>_panoptic.png, its segment ids in COCO's panoptic PNG encoding, and the JSON's
-    "panoptic_segments" (COCO's segments_info with names)."""
+    "panoptic_segments": per segment its id, category_id, category (name), isthing, area
+    (pixels) and, for things, score."""
     buffer = np.zeros(hw, np.uint8, order="F")
     records = []
     for instance in instances:

@@ -571,6 +571,12 @@ def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline)
     else:
         key = next(k for k in ("keypoints", "segm", "bbox") if k in report)
         ap = report[key]["AP"]
+    if best.get("iou_type", key) != key:  # a best of another kind (an older workdir)
+        log.warning(
+            "step %d: best.json holds %s AP %.4f, not %s: the best is kept by %s from now on",
+            step, best["iou_type"], best["AP"], key, key,
+        )  # fmt: skip
+        best = {"step": None, "AP": -1.0}
     log.info(
         "step %d: %s %s %.4f (best %.4f)",
         step,

@@ -175,25 +175,62 @@ def oracle_detections(source, slots: int = 12):
     return found, batch
 
 
-def test_evaluation_scores_pq_100_for_ground_truth_detections_and_0_for_swapped_stuff():
+ORACLE_CFG = dict(combine_score=0.5, combine_overlap=0.5, combine_stuff_area=1.0)
+
+
+def oracle_quality(source, found, batch, subset=False) -> dict:
+    """evaluate.PanopticEvaluation's report of host detections against a source."""
     from types import SimpleNamespace
 
     from instseg_jax import evaluate
+
+    cfg = SimpleNamespace(**ORACLE_CFG, num_stuff_classes=len(source.stuff_category_ids))
+    evaluation = evaluate.PanopticEvaluation(source, [1, 2, 3], cfg)
+    evaluation.add_batch(found, batch)
+    return evaluation.finish(subset, print_table=False)
+
+
+def test_evaluation_scores_pq_100_for_ground_truth_detections_and_0_for_swapped_stuff():
     from instseg_jax.input.synthetic import SyntheticSource
 
     source = SyntheticSource(3, (48, 64), seed=2, stuff=True)
-    cfg = SimpleNamespace(combine_score=0.5, combine_overlap=0.5, combine_stuff_area=1.0)
     found, batch = oracle_detections(source)
-    thing_ids = [1, 2, 3]
-    predicted = evaluate._panoptic_predictions(found, batch, thing_ids, source, cfg, "detectron2")
-    report = evaluate.panoptic_quality(source, thing_ids, predicted, print_table=False)
+    report = oracle_quality(source, found, batch)
     assert report["PQ"] == pytest.approx(100.0) and report["n_st"] == 2
     assert report["PQ_th"] == pytest.approx(100.0) and report["RQ_st"] == pytest.approx(100.0)
+    assert report["images"] == 3 and report["images_without_prediction"] == 0
     semantic = found["semantic_classes"]
     found["semantic_classes"] = np.where(semantic > 0, 3 - semantic, 0).astype(np.uint8)
-    predicted = evaluate._panoptic_predictions(found, batch, thing_ids, source, cfg, "detectron2")
-    report = evaluate.panoptic_quality(source, thing_ids, predicted, print_table=False)
+    report = oracle_quality(source, found, batch)
     assert report["PQ_st"] == 0.0 and report["PQ_th"] == pytest.approx(100.0)
+
+
+def test_images_without_a_prediction_count_as_missed_unless_a_subset_was_run():
+    from instseg_jax.input.synthetic import SyntheticSource
+
+    source = SyntheticSource(3, (48, 64), seed=2, stuff=True)
+    found, batch = oracle_detections(source)
+    batch["example_valid"][1] = False  # as the pipeline marks an unusable example
+    report = oracle_quality(source, found, batch)
+    assert report["images_without_prediction"] == 1 and report["images"] == 3
+    assert report["RQ"] < 100.0 and report["SQ"] == pytest.approx(100.0)
+    subset = oracle_quality(source, found, batch, subset=True)
+    assert subset["PQ"] == pytest.approx(100.0) and subset["images"] == 2
+
+
+def test_evaluation_refuses_data_with_another_number_of_stuff_classes():
+    from types import SimpleNamespace
+
+    from instseg_jax import evaluate
+    from instseg_jax.config import UserError
+    from instseg_jax.input.synthetic import SyntheticSource
+
+    cfg = SimpleNamespace(**ORACLE_CFG, num_stuff_classes=53)
+    source = SyntheticSource(3, (48, 64), seed=2, stuff=True)
+    with pytest.raises(UserError, match="2 stuff categories but the model predicts"):
+        evaluate.PanopticEvaluation(source, [1, 2, 3], cfg)
+    with pytest.raises(UserError, match="has none"):
+        evaluate.PanopticEvaluation(SyntheticSource(3, (48, 64)), [1, 2, 3], cfg)
 
 
 def test_predict_writes_the_panoptic_map_its_segments_and_an_overlay(tmp_path):

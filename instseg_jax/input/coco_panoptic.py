@@ -217,6 +217,28 @@ class CocoPanopticSource(CategoryIds):
             "semantic": semantic,
         }
 
+    def instance_ground_truth(self, index: int) -> dict:
+        """The thing segments of record index as evaluation's instance ground truth (masks,
+        classes, crowd flags, image id, height, width), from its PNG alone: no image decoded.
+        Raises images.UnusableExample for a PNG that cannot be read or has another size."""
+        record = self.records[index]
+        ids = self._segment_ids(record, None)
+        things = [s for s in record["segments"] if s["category_id"] in self._class_of]
+        masks = np.zeros((len(things), *ids.shape), bool)
+        for mask, segment in zip(masks, things, strict=True):
+            mask[...] = ids == segment["id"]
+        keep = masks.reshape(len(things), -1).any(axis=1)
+        classes = np.asarray([self._class_of[s["category_id"]] for s in things], np.int32)
+        crowd = np.asarray([bool(s["iscrowd"]) for s in things], bool)
+        return {
+            "masks": masks[keep],
+            "classes": classes[keep],
+            "iscrowd": crowd[keep],
+            "image_id": record["image_id"],
+            "height": record["height"],
+            "width": record["width"],
+        }
+
     def panoptic_ground_truth(self, index: int):
         """(image id, int32[H, W] segment ids, segments {id, category_id, iscrowd}) of record
         index, straight from its PNG (PanopticQuality's ground truth)."""

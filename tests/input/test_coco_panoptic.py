@@ -124,15 +124,33 @@ def test_the_model_must_have_the_datas_stuff_classes():
 
 
 def test_evaluation_against_the_written_files_scores_pq_100_for_the_ground_truth(written):
-    from types import SimpleNamespace
-
-    from instseg_jax import evaluate
-    from tests.test_panoptic import oracle_detections
+    from tests.test_panoptic import oracle_detections, oracle_quality
 
     synthetic, files = written
     source = CocoPanopticSource(*files)
     found, batch = oracle_detections(synthetic)
-    cfg = SimpleNamespace(combine_score=0.5, combine_overlap=0.5, combine_stuff_area=1.0)
-    predicted = evaluate._panoptic_predictions(found, batch, [1, 2, 3], source, cfg, "detectron2")
-    report = evaluate.panoptic_quality(source, [1, 2, 3], predicted, print_table=False)
+    report = oracle_quality(source, found, batch)
     assert report["PQ"] == pytest.approx(100.0) and report["n"] == 5
+
+
+def test_instance_ground_truth_reads_the_pngs_only(written, tmp_path):
+    import shutil
+
+    from instseg_jax import evaluate
+
+    synthetic, (annotations, images, panoptic) = written
+    copied = tmp_path / "images"
+    shutil.copytree(images, copied)
+    (copied / "val_00001.png").write_bytes(b"not a png")  # never decoded for the ground truth
+    pngs = tmp_path / "panoptic"
+    shutil.copytree(panoptic, pngs)
+    (pngs / "val_00002.png").write_bytes(b"not a png")  # left out, with a warning
+    gt = evaluate.ground_truth(CocoPanopticSource(annotations, copied, pngs))
+    assert sorted(gt.imgs) == [0, 1, 3]
+    want = synthetic.load(1)
+    got = gt.loadAnns(gt.getAnnIds(imgIds=[1]))
+    assert len(got) == len(want["masks"])
+    assert [a["category_id"] for a in got] == [int(c) + 1 for c in want["classes"]]
+    assert all(np.array_equal(gt.annToMask(a), m) for a, m in zip(got, want["masks"], strict=True))
+    only = evaluate.ground_truth(CocoPanopticSource(annotations, images, panoptic), [3])
+    assert sorted(only.imgs) == [3]
