@@ -13,7 +13,10 @@ pyramid for the "stuff" classes:
   detections, where `instseg_jax.panoptic.predicted_map` pastes the instances and reads the
   classes at the original pixels and `combine` merges them into one panoptic map (instance
   score >= 0.5, overlap 0.5, stuff area >= 4096 original pixels; experiments on smaller images
-  scale the area). Evaluation reports PQ, SQ and RQ (instseg_jax.evaluate).
+  scale the area). Evaluation reports PQ, SQ and RQ (instseg_jax.evaluate). detectron2
+  upsamples the logits to the image bilinearly and then takes the argmax; here the argmax of
+  the stride-4 logits is read at each pixel's cell (one byte per cell to the host, not 54
+  floats per pixel), so stuff edges can be up to 2 px blockier.
 
 Config: the stuff classes are the data's (a source's stuff_category_ids and stuff_names;
 model.num_stuff_classes must match); thing classes are the dataset's categories as for
