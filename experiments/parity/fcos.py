@@ -20,11 +20,9 @@ appended to RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -43,7 +41,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments" / "benchmarks"))
 
 from instseg_jax.weights import parity, torchvision_fcos  # noqa: E402
-from instseg_jax.weights import torchvision as tv  # noqa: E402
 
 # The Mask R-CNN parity script's helpers (its file name is not importable as a module name).
 _spec = importlib.util.spec_from_file_location("mask_rcnn_parity", HERE / "torchvision.py")
@@ -158,14 +155,10 @@ def make_fixture(path: Path, seed: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", help="a real fcos_resnet50_fpn .pth (else random)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--score-threshold", type=float, default=0.2)
+    parser = parity.script_arguments(
+        __doc__.split("\n\n")[0], "fcos_resnet50_fpn", score_threshold=0.2, nuclei=2
+    )
     parser.add_argument("--cls-std", type=float, default=0.02, help="random class-logit weights")
-    parser.add_argument("--nuclei", type=int, default=2, help="nuclei val images (by size)")
-    parser.add_argument("--synthetic", type=int, default=2)
-    parser.add_argument("--make-fixture", type=Path, help="write the CI fixture and stop")
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
     args = parser.parse_args(argv)
     if args.make_fixture:
@@ -175,34 +168,21 @@ def main(argv=None) -> int:
         model = torchvision.models.detection.fcos_resnet50_fpn(
             weights=None, weights_backbone=None, score_thresh=args.score_threshold
         )
-        state = {k: torch.from_numpy(v) for k, v in tv.load_state_dict(args.weights).items()}
-        model.load_state_dict(state)
+        model, kind = mask_rcnn_parity.load_weights(model, args.weights, "fcos_resnet50_fpn")
         model.transform.size_divisible = DIVISOR
-        model.eval()
-        kind = f"weights {Path(args.weights).name}"
     else:
         model = seeded_model(args.seed, args.score_threshold, args.cls_std)
         kind = f"seeded random weights (seed {args.seed})"
     state_dict = {k: v.numpy() for k, v in model.state_dict().items()}
     variables, arch = torchvision_fcos.convert(state_dict, kind)
-    rows, all_failures = [], []
-    for name, image in mask_rcnn_parity.test_images(args.nuclei, args.synthetic):
-        start = time.perf_counter()
-        theirs = torchvision_outputs(model, image)
-        ours = parity.run_converted_fcos(variables, arch, image, args.score_threshold)
-        figures = parity.compare(ours, theirs)
-        figures["image"] = f"{name} {image.shape[0]}x{image.shape[1]}"
-        figures["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(figures, default=str), flush=True)
-        rows.append(figures)
-        all_failures += [f"{name}: {f}" for f in figures["failures"]]
+    rows, failed = parity.compare_on_images(
+        mask_rcnn_parity.test_images(args.nuclei, args.synthetic),
+        lambda image: torchvision_outputs(model, image),
+        lambda image: parity.run_converted_fcos(variables, arch, image, args.score_threshold),
+    )
     if args.record:
         record(rows, kind)
-    if all_failures:
-        print("PARITY FAILED:\n  " + "\n  ".join(all_failures))
-        return 1
-    print(f"parity holds on {len(rows)} images ({kind})")
-    return 0
+    return parity.verdict(rows, failed, kind, args.json)
 
 
 def record(rows: list[dict], kind: str) -> None:

@@ -19,11 +19,9 @@ the heatmap value at the maximum as the keypoint score.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -147,14 +145,9 @@ def make_fixture(path: Path, seed: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", help="a real keypointrcnn_resnet50_fpn .pth (else random)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--score-threshold", type=float, default=0.02)
-    parser.add_argument("--nuclei", type=int, default=2, help="nuclei val images (by size)")
-    parser.add_argument("--synthetic", type=int, default=2)
-    parser.add_argument("--make-fixture", type=Path, help="write the CI fixture and stop")
-    parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser = parity.script_arguments(
+        __doc__.split("\n\n")[0], "keypointrcnn_resnet50_fpn", score_threshold=0.02, nuclei=2
+    )
     args = parser.parse_args(argv)
     if args.make_fixture:
         make_fixture(args.make_fixture, args.seed)
@@ -163,34 +156,19 @@ def main(argv=None) -> int:
         model = torchvision.models.detection.keypointrcnn_resnet50_fpn(
             weights=None, weights_backbone=None, box_score_thresh=args.score_threshold
         )
-        from instseg_jax.weights import torchvision as tv
-
-        state = {k: torch.from_numpy(v) for k, v in tv.load_state_dict(args.weights).items()}
-        model.load_state_dict(state)
-        model.eval()
-        kind = f"weights {Path(args.weights).name}"
+        model, kind = mask_rcnn_parity.load_weights(
+            model, args.weights, "keypointrcnn_resnet50_fpn"
+        )
     else:
         model = seeded_model(args.seed, args.score_threshold)
         kind = f"seeded random weights (seed {args.seed})"
     variables, arch = tvk.convert({k: v.numpy() for k, v in model.state_dict().items()}, kind)
-    rows, all_failures = [], []
-    for name, image in mask_rcnn_parity.test_images(args.nuclei, args.synthetic):
-        start = time.perf_counter()
-        theirs = torchvision_outputs(model, image)
-        ours = parity.run_converted_keypoint(variables, arch, image, args.score_threshold)
-        figures = parity.compare(ours, theirs)
-        figures["image"] = f"{name} {image.shape[0]}x{image.shape[1]}"
-        figures["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(figures, default=str), flush=True)
-        rows.append(figures)
-        all_failures += [f"{name}: {f}" for f in figures["failures"]]
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    if all_failures:
-        print("PARITY FAILED:\n  " + "\n  ".join(all_failures))
-        return 1
-    print(f"parity holds on {len(rows)} images ({kind})")
-    return 0
+    rows, failed = parity.compare_on_images(
+        mask_rcnn_parity.test_images(args.nuclei, args.synthetic),
+        lambda image: torchvision_outputs(model, image),
+        lambda image: parity.run_converted_keypoint(variables, arch, image, args.score_threshold),
+    )
+    return parity.verdict(rows, failed, kind, args.json)
 
 
 if __name__ == "__main__":

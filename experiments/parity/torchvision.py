@@ -17,11 +17,9 @@ detections counts as a failure. With --record the figures are appended to RESULT
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 # This file's name would shadow the torchvision package: drop its folder from the import path.
@@ -236,16 +234,18 @@ def check_import_from_pth(model, variables) -> None:
     print(f"import-weights from a .pth restores all {len(a)} converted arrays exactly")
 
 
+def load_weights(model, path: str, kind: str):
+    """(the model with a real state_dict file loaded, in eval mode, its description)."""
+    state = {k: torch.from_numpy(v) for k, v in tv.load_state_dict(path).items()}
+    model.load_state_dict(state)
+    return model.eval(), f"{kind} weights {Path(path).name}"
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", help="a real maskrcnn_resnet50_fpn .pth (else random)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--score-threshold", type=float, default=0.02)
-    parser.add_argument("--nuclei", type=int, default=3, help="nuclei val images (by size)")
-    parser.add_argument("--synthetic", type=int, default=2)
-    parser.add_argument("--make-fixture", type=Path, help="write the CI fixture and stop")
+    parser = parity.script_arguments(
+        __doc__.split("\n\n")[0], "maskrcnn_resnet50_fpn", score_threshold=0.02, nuclei=3
+    )
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
-    parser.add_argument("--json", type=Path, help="write the figures here too")
     parser.add_argument(
         "--no-float64",
         action="store_true",
@@ -260,10 +260,7 @@ def main(argv=None) -> int:
         model = torchvision.models.detection.maskrcnn_resnet50_fpn(
             weights=None, weights_backbone=None, box_score_thresh=args.score_threshold
         )
-        state = {k: torch.from_numpy(v) for k, v in tv.load_state_dict(args.weights).items()}
-        model.load_state_dict(state)
-        model.eval()
-        kind = f"weights {Path(args.weights).name}"
+        model, kind = load_weights(model, args.weights, "maskrcnn_resnet50_fpn")
     else:
         model = seeded_model(args.seed, args.score_threshold)
         kind = f"seeded random weights (seed {args.seed})"
@@ -272,39 +269,25 @@ def main(argv=None) -> int:
     check_import_from_pth(model, variables)
     # The same model in float64: what float32 arithmetic alone moves, on either side.
     model64 = None if args.no_float64 else copy.deepcopy(model).double()
-    rows, all_failures = [], []
-    for name, image in test_images(args.nuclei, args.synthetic):
-        start = time.perf_counter()
-        theirs = torchvision_outputs(model, image)
-        ours = parity.run_converted(variables, arch, image, args.score_threshold)
-        figures = parity.compare(ours, theirs)
-        figures["image"] = f"{name} {image.shape[0]}x{image.shape[1]}"
-        if model64 is not None:
-            exact = torchvision_outputs(model64, image, torch.float64)
-            for label, candidate in (("ours", ours), ("torchvision", theirs)):
-                versus = parity.compare(candidate, exact)
-                figures[f"{label}_vs_f64"] = {
-                    k: versus[k]
-                    for k in (
-                        "feature_rel_error",
-                        "proposal_max_px",
-                        "box_max_px",
-                        "score_max_diff",
-                    )
-                }
-        figures["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(figures, default=str), flush=True)
-        rows.append(figures)
-        all_failures += [f"{name}: {f}" for f in figures["failures"]]
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+
+    def against_float64(figures, image, ours, theirs):
+        if model64 is None:
+            return
+        exact = torchvision_outputs(model64, image, torch.float64)
+        for label, candidate in (("ours", ours), ("torchvision", theirs)):
+            versus = parity.compare(candidate, exact)
+            keys = ("feature_rel_error", "proposal_max_px", "box_max_px", "score_max_diff")
+            figures[f"{label}_vs_f64"] = {k: versus[k] for k in keys}
+
+    rows, failed = parity.compare_on_images(
+        test_images(args.nuclei, args.synthetic),
+        lambda image: torchvision_outputs(model, image),
+        lambda image: parity.run_converted(variables, arch, image, args.score_threshold),
+        against_float64,
+    )
     if args.record:
         record(rows, kind, args)
-    if all_failures:
-        print("PARITY FAILED:\n  " + "\n  ".join(all_failures))
-        return 1
-    print(f"parity holds on {len(rows)} images ({kind})")
-    return 0
+    return parity.verdict(rows, failed, kind, args.json)
 
 
 def with_f64(r: dict, key: str) -> str:

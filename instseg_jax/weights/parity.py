@@ -15,6 +15,11 @@ Outputs on both sides are NumPy dicts in torchvision's terms:
 
 from __future__ import annotations
 
+import argparse
+import json
+import time
+from pathlib import Path
+
 import numpy as np
 
 from instseg_jax.weights import torchvision as tv
@@ -347,3 +352,51 @@ def failures(figures: dict, min_detections: int = 1) -> list[str]:
                 f"keypoint scores differ by {figures['keypoint_score_max_rel']:.2e} (relative)"
             )
     return out
+
+
+# ------------------------------------------------------------------ the parity scripts' frame
+
+
+def script_arguments(description: str, model_name: str, score_threshold: float, nuclei: int):
+    """The arguments every experiments/parity script against a torchvision model takes; a
+    script adds its own before parsing."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--weights", help=f"a real {model_name} .pth (else random)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--score-threshold", type=float, default=score_threshold)
+    parser.add_argument("--nuclei", type=int, default=nuclei, help="nuclei val images (by size)")
+    parser.add_argument("--synthetic", type=int, default=2)
+    parser.add_argument("--make-fixture", type=Path, help="write the CI fixture and stop")
+    parser.add_argument("--json", type=Path, help="write the figures here too")
+    return parser
+
+
+def compare_on_images(images, run_theirs, run_ours, extra=None) -> tuple[list, list]:
+    """(rows of figures, failures) of parity on (name, image) pairs: both sides run on each
+    image and `compare`d, each image's figures printed as one JSON line; extra(figures, image,
+    ours, theirs), when given, adds figures of its own."""
+    rows, failed = [], []
+    for name, image in images:
+        start = time.perf_counter()
+        theirs = run_theirs(image)
+        ours = run_ours(image)
+        figures = compare(ours, theirs)
+        figures["image"] = f"{name} {image.shape[0]}x{image.shape[1]}"
+        if extra is not None:
+            extra(figures, image, ours, theirs)
+        figures["seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps(figures, default=str), flush=True)
+        rows.append(figures)
+        failed += [f"{name}: {f}" for f in figures["failures"]]
+    return rows, failed
+
+
+def verdict(rows: list, failed: list, kind: str, json_path: Path | None = None) -> int:
+    """Write the rows to json_path (when given), print the verdict; the exit status."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    if failed:
+        print("PARITY FAILED:\n  " + "\n  ".join(failed))
+        return 1
+    print(f"parity holds on {len(rows)} images ({kind})")
+    return 0
