@@ -31,8 +31,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torchvision.models.detection import KeypointRCNN  # noqa: E402
-from torchvision.models.detection.backbone_utils import BackboneWithFPN  # noqa: E402
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead  # noqa: E402
 from torchvision.models.detection.keypoint_rcnn import (  # noqa: E402
     KeypointRCNNHeads,
     KeypointRCNNPredictor,
@@ -71,21 +69,9 @@ def seeded_model(seed: int, score_threshold: float, tiny: bool = False, cls_std:
 def tiny_model(score_threshold: float) -> KeypointRCNN:
     """Keypoint R-CNN's key pattern in a small file: the tiny ResNet body, 16-channel FPN,
     2 keypoint convs of 16, COCO's 17 keypoints."""
-    width, channels = 4, 16
-    backbone = BackboneWithFPN(
-        mask_rcnn_parity.TinyBody(width),
-        {f"layer{i}": str(i - 1) for i in range(1, 5)},
-        [width * 4 * 2**s for s in range(4)],
-        channels,
-    )
+    channels = 16
     return KeypointRCNN(
-        backbone,
-        num_classes=None,
-        min_size=128,
-        max_size=160,
-        box_score_thresh=score_threshold,
-        box_head=TwoMLPHead(channels * 49, 32),
-        box_predictor=FastRCNNPredictor(32, 2),
+        **mask_rcnn_parity.tiny_two_stage(score_threshold, 2, channels=channels),
         keypoint_head=KeypointRCNNHeads(channels, (16, 16)),
         keypoint_predictor=KeypointRCNNPredictor(16, 17),
     )

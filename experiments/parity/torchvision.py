@@ -98,22 +98,31 @@ class TinyBody(torch.nn.Module):
             inplanes = planes * 4
 
 
-def tiny_model(score_threshold: float) -> MaskRCNN:
-    width, channels, classes = 4, 16, 5
+def tiny_two_stage(score_threshold: float, classes: int, width: int = 4, channels: int = 16):
+    """The arguments of a tiny torchvision two-stage model (Mask or Keypoint R-CNN) up to its
+    box predictor: the tiny ResNet body under a `channels`-wide FPN, a 32-wide box head, a
+    128-160 px resize. Built in this order, so seeded weights come out the same."""
     backbone = BackboneWithFPN(
         TinyBody(width),
         {f"layer{i}": str(i - 1) for i in range(1, 5)},
         [width * 4 * 2**s for s in range(4)],
         channels,
     )
+    return {
+        "backbone": backbone,
+        "num_classes": None,
+        "min_size": 128,
+        "max_size": 160,
+        "box_score_thresh": score_threshold,
+        "box_head": TwoMLPHead(channels * 49, 32),
+        "box_predictor": FastRCNNPredictor(32, classes),
+    }
+
+
+def tiny_model(score_threshold: float) -> MaskRCNN:
+    channels, classes = 16, 5
     return MaskRCNN(
-        backbone,
-        num_classes=None,
-        min_size=128,
-        max_size=160,
-        box_score_thresh=score_threshold,
-        box_head=TwoMLPHead(channels * 49, 32),
-        box_predictor=FastRCNNPredictor(32, classes),
+        **tiny_two_stage(score_threshold, classes, channels=channels),
         mask_head=MaskRCNNHeads(channels, [channels, channels], 1),
         mask_predictor=MaskRCNNPredictor(channels, channels, classes),
     )
