@@ -349,30 +349,44 @@ def _tight_box(region, top: int, left: int) -> list[float]:
     ]
 
 
+def batch_examples(batch: dict):
+    """(b, image id, ImageGeometry) of every real example of a host Batch, in order: padding
+    examples (image id < 0, example_valid False) are left out."""
+    for b, image_id in enumerate(np.asarray(batch["image_id"])):
+        if image_id < 0 or not bool(batch["example_valid"][b]):
+            continue
+        yield b, int(image_id), ImageGeometry.of_batch(batch, b)
+
+
+def image_results(instances, image_id: int, orig_hw, category_ids) -> list[dict]:
+    """COCO results of one image's `image_instances` (masks RLE-encoded at orig_hw)."""
+    buffer = np.zeros(orig_hw, np.uint8, order="F")
+    results = []
+    for instance in instances:
+        x0, y0, x1, y1 = instance["box"]
+        result = {
+            "image_id": image_id,
+            "category_id": int(category_ids[instance["class"]]),
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "score": instance["score"],
+        }
+        if instance["region"] is not None:
+            result["segmentation"] = encode_region(
+                instance["region"], instance["top"], instance["left"], buffer
+            )
+        if "keypoints" in instance:
+            result["keypoints"] = [float(v) for v in instance["keypoints"].ravel()]
+        results.append(result)
+    return results
+
+
 def detections_to_results(
     detections: dict, batch: dict, category_ids, paste_rule: str = "detectron2"
 ) -> list[dict]:
     """COCO results of one batch of host detections; padding examples and slots never reach
     them. batch: the host Batch the detections came from (image_id, example_valid, geometry)."""
     results = []
-    for b, image_id in enumerate(np.asarray(batch["image_id"])):
-        if image_id < 0 or not bool(batch["example_valid"][b]):
-            continue
-        geometry = ImageGeometry.of_batch(batch, b)
-        buffer = np.zeros(geometry.orig_hw, np.uint8, order="F")
-        for instance in image_instances(detections, b, geometry, paste_rule):
-            x0, y0, x1, y1 = instance["box"]
-            result = {
-                "image_id": int(image_id),
-                "category_id": int(category_ids[instance["class"]]),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "score": instance["score"],
-            }
-            if instance["region"] is not None:
-                result["segmentation"] = encode_region(
-                    instance["region"], instance["top"], instance["left"], buffer
-                )
-            if "keypoints" in instance:
-                result["keypoints"] = [float(v) for v in instance["keypoints"].ravel()]
-            results.append(result)
+    for b, image_id, geometry in batch_examples(batch):
+        instances = image_instances(detections, b, geometry, paste_rule)
+        results += image_results(instances, image_id, geometry.orig_hw, category_ids)
     return results

@@ -349,17 +349,19 @@ def evaluate_model(
             )  # fmt: skip
         seconds["input_s"] += input_s
         seconds["device_s"] += device_s
-        start = time.perf_counter()
-        results += detections.detections_to_results(found, batch, category_ids, paste_rule)
-        seconds["paste_rle_s"] += time.perf_counter() - start
-        if "semantic_classes" in found:
+        if "semantic_classes" in found and panoptic_evaluation is None:
+            panoptic_evaluation = PanopticEvaluation(source, category_ids, model_cfg)
+        for b, image_id, geometry in detections.batch_examples(batch):
             start = time.perf_counter()
-            if panoptic_evaluation is None:
-                panoptic_evaluation = PanopticEvaluation(
-                    source, category_ids, model_cfg, paste_rule
+            instances = detections.image_instances(found, b, geometry, paste_rule)
+            results += detections.image_results(instances, image_id, geometry.orig_hw, category_ids)
+            seconds["paste_rle_s"] += time.perf_counter() - start
+            if panoptic_evaluation is not None:  # the same pasted instances, not a second paste
+                start = time.perf_counter()
+                panoptic_evaluation.add_image(
+                    image_id, instances, found["semantic_classes"][b], geometry
                 )
-            panoptic_evaluation.add_batch(found, batch)
-            seconds["panoptic_s"] = seconds.get("panoptic_s", 0.0) + time.perf_counter() - start
+                seconds["panoptic_s"] = seconds.get("panoptic_s", 0.0) + time.perf_counter() - start
         has_masks = structures.mask_payload(found) is not None
         has_keypoints = "keypoint_heatmaps" in found
     start = time.perf_counter()
@@ -401,11 +403,10 @@ class PanopticEvaluation:
     empty prediction, so their segments are false negatives, unless `finish` is told the run
     covered a subset (max_batches); their number is reported."""
 
-    def __init__(self, source, category_ids, cfg, paste_rule: str = "detectron2"):
+    def __init__(self, source, category_ids, cfg):
         from instseg_jax import panoptic
 
         self.source, self.category_ids, self.cfg = source, list(category_ids), cfg
-        self.paste_rule = paste_rule
         self.stuff_ids = _stuff_ids(source, cfg)
         categories = {int(c): True for c in self.category_ids}
         categories.update({int(c): False for c in self.stuff_ids})
@@ -413,28 +414,18 @@ class PanopticEvaluation:
         self.index_of = {int(i): k for k, i in enumerate(source.image_ids())}
         self.seen: set[int] = set()
 
-    def add_batch(self, found: dict, batch: dict) -> None:
-        """Combine and score every real example of one batch of host detections."""
+    def add_image(self, image_id: int, instances, semantic_classes, geometry) -> None:
+        """Combine one image's instances (detections.image_instances, any score: those below
+        cfg.combine_score are left out here) with its semantic classes and score the map."""
         from instseg_jax import panoptic
 
-        for b, image_id in enumerate(np.asarray(batch["image_id"])):
-            if image_id < 0 or not bool(batch["example_valid"][b]):
-                continue
-            geometry = detections.ImageGeometry.of_batch(batch, b)
-            instances = detections.image_instances(
-                found, b, geometry, self.paste_rule, min_score=self.cfg.combine_score
-            )
-            predicted = panoptic.predicted_map(
-                instances,
-                found["semantic_classes"][b],
-                geometry,
-                self.category_ids,
-                self.stuff_ids,
-                self.cfg,
-            )
-            _, gt, gt_segments = self.source.panoptic_ground_truth(self.index_of[int(image_id)])
-            self.quality.add(gt, gt_segments, *predicted)
-            self.seen.add(int(image_id))
+        kept = [i for i in instances if i["score"] >= self.cfg.combine_score]
+        predicted = panoptic.predicted_map(
+            kept, semantic_classes, geometry, self.category_ids, self.stuff_ids, self.cfg
+        )
+        _, gt, gt_segments = self.source.panoptic_ground_truth(self.index_of[int(image_id)])
+        self.quality.add(gt, gt_segments, *predicted)
+        self.seen.add(int(image_id))
 
     def finish(self, subset: bool = False, print_table: bool = True) -> dict:
         """eval_<step>.json's "panoptic" entry (panoptic.report_of), with the number of images

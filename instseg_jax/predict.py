@@ -158,12 +158,9 @@ def predict(
     for batch, found, _ in evaluate.run_inference(
         config, variables, ImageFiles(files), len(class_names), desc="device"
     ):
-        for b, index in enumerate(batch["image_id"]):
-            if index < 0 or not batch["example_valid"][b]:
-                continue
-            path = files[int(index)]
-            seen.add(int(index))
-            geometry = detections.ImageGeometry.of_batch(batch, b)
+        for b, index, geometry in detections.batch_examples(batch):
+            path = files[index]
+            seen.add(index)
             panoptic_map = None
             if "semantic_classes" in found:  # its own threshold: model.combine_score
                 instances, panoptic_map = _panoptic(

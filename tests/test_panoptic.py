@@ -182,11 +182,13 @@ def oracle_quality(source, found, batch, subset=False) -> dict:
     """evaluate.PanopticEvaluation's report of host detections against a source."""
     from types import SimpleNamespace
 
-    from instseg_jax import evaluate
+    from instseg_jax import detections, evaluate
 
     cfg = SimpleNamespace(**ORACLE_CFG, num_stuff_classes=len(source.stuff_category_ids))
     evaluation = evaluate.PanopticEvaluation(source, [1, 2, 3], cfg)
-    evaluation.add_batch(found, batch)
+    for b, image_id, geometry in detections.batch_examples(batch):
+        instances = detections.image_instances(found, b, geometry)
+        evaluation.add_image(image_id, instances, found["semantic_classes"][b], geometry)
     return evaluation.finish(subset, print_table=False)
 
 
