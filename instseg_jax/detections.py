@@ -29,6 +29,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from instseg_jax import structures
+from instseg_jax.input.instances import mask_box
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,17 @@ class ImageGeometry:
     scale: float
     crop_offset: tuple[int, int]  # (oy, ox)
     flipped: bool = False
+
+    def pixel_centres_on_canvas(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float64[H] rows, float64[W] columns): the original pixels' centres in canvas
+        pixels, through the resize, the crop and the flip."""
+        oy, ox = self.crop_offset
+        height, width = self.orig_hw
+        canvas_y = (np.arange(height, dtype=np.float64) + 0.5) * self.scale - oy
+        canvas_x = (np.arange(width, dtype=np.float64) + 0.5) * self.scale - ox
+        if self.flipped:
+            canvas_x = self.image_hw[1] - canvas_x
+        return canvas_y, canvas_x
 
     @classmethod
     def of_batch(cls, batch: dict, b: int) -> ImageGeometry:
@@ -111,13 +123,8 @@ class CanvasResampler:
         g = geometry
         h_s, w_s = (int(v) for v in mask_hw)
         stride_y, stride_x = g.canvas_hw[0] / h_s, g.canvas_hw[1] / w_s
-        oy, ox = g.crop_offset
-        height, width = g.orig_hw
         valid_h, valid_w = g.image_hw
-        canvas_y = (np.arange(height, dtype=np.float64) + 0.5) * g.scale - oy
-        canvas_x = (np.arange(width, dtype=np.float64) + 0.5) * g.scale - ox
-        if g.flipped:
-            canvas_x = valid_w - canvas_x
+        canvas_y, canvas_x = g.pixel_centres_on_canvas()
         # Cells whose centres lie inside the valid region; coordinates clamp into them.
         cells_y = max(int(np.ceil(valid_h / stride_y - 0.5)), 1)
         cells_x = max(int(np.ceil(valid_w / stride_x - 0.5)), 1)
@@ -337,16 +344,11 @@ def _instance_keypoints(detections: dict, b: int, k: int, geometry: ImageGeometr
 
 def _tight_box(region, top: int, left: int) -> list[float]:
     """xyxy box of a region's pixels (max side + 1, as COCO's mask boxes); zeros if empty."""
-    if region is None or not region.any():
+    box = None if region is None else mask_box(region)
+    if box is None:
         return [0.0, 0.0, 0.0, 0.0]
-    rows = np.flatnonzero(region.any(axis=1))
-    cols = np.flatnonzero(region.any(axis=0))
-    return [
-        float(left + cols[0]),
-        float(top + rows[0]),
-        float(left + cols[-1] + 1),
-        float(top + rows[-1] + 1),
-    ]
+    x0, y0, x1, y1 = box
+    return [float(left + x0), float(top + y0), float(left + x1), float(top + y1)]
 
 
 def batch_examples(batch: dict):

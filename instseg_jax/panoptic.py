@@ -197,13 +197,8 @@ def semantic_to_original(classes: np.ndarray, geometry: ImageGeometry) -> np.nda
     """uint8[H, W] at the original image's pixels of a canvas class map classes[h, w] at stride
     canvas / h: each pixel centre mapped onto the canvas (resize, crop, flip) reads the cell
     it falls in (nearest)."""
-    height, width = geometry.orig_hw
     stride = geometry.canvas_hw[0] / classes.shape[0]
-    oy, ox = geometry.crop_offset
-    y = (np.arange(height) + 0.5) * geometry.scale - oy
-    x = (np.arange(width) + 0.5) * geometry.scale - ox
-    if geometry.flipped:
-        x = geometry.image_hw[1] - x
+    y, x = geometry.pixel_centres_on_canvas()
     rows = np.clip(np.floor(y / stride).astype(np.int64), 0, classes.shape[0] - 1)
     cols = np.clip(np.floor(x / stride).astype(np.int64), 0, classes.shape[1] - 1)
     return np.asarray(classes)[rows[:, None], cols[None, :]]

@@ -25,6 +25,7 @@ import numpy as np
 from instseg_jax.input import report
 from instseg_jax.input.coco import CategoryIds, check_image_size, read_coco_json
 from instseg_jax.input.images import DataError, UnusableExample, decode_image
+from instseg_jax.input.instances import mask_box
 
 IGNORE = 255
 
@@ -197,13 +198,12 @@ class CocoPanopticSource(CategoryIds):
                 semantic[mask] = 1 + self._stuff_of[category]
                 continue
             semantic[mask] = 0
-            if not mask.any():
+            box = mask_box(mask)
+            if box is None:
                 report.count(counts, "empty_mask")
                 continue
-            rows = np.flatnonzero(mask.any(axis=1))
-            cols = np.flatnonzero(mask.any(axis=0))
             masks.append(mask)
-            boxes.append((cols[0], rows[0], cols[-1] + 1, rows[-1] + 1))
+            boxes.append(box)
             classes.append(self._class_of[category])
             crowd.append(bool(segment["iscrowd"]))
         height, width = ids.shape

@@ -12,16 +12,25 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) tight box of a mask[H, W]'s pixels, +1 on the max side as COCO's mask
+    boxes; None for an empty mask."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
 def tight_crop(mask: np.ndarray, copy: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """(bool[h, w] mask over its tight box, (y0, x0) of that box) of a bool mask[H, W].
 
     An empty mask gives a 0x0 crop at (0, 0). ``copy=False`` returns a view of ``mask``.
     """
-    rows = np.flatnonzero(mask.any(axis=1))
-    if not len(rows):
+    box = mask_box(mask)
+    if box is None:
         return np.zeros((0, 0), bool), (0, 0)
-    cols = np.flatnonzero(mask.any(axis=0))
-    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    x0, y0, x1, y1 = box
     crop = mask[y0:y1, x0:x1]
     return (crop.astype(bool, copy=True) if copy else crop), (int(y0), int(x0))
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from instseg_jax.input.instances import mask_box
 from instseg_jax.input.keypoints import SYNTHETIC_SHAPES
 
 CLASS_NAMES = ("circle", "rectangle", "triangle")
@@ -135,9 +136,7 @@ class SyntheticSource:
         classes = np.asarray(classes, np.int32)[keep]
         boxes = np.zeros((len(masks), 4), np.float32)
         for i, mask in enumerate(masks):
-            rows = np.flatnonzero(mask.any(axis=1))
-            cols = np.flatnonzero(mask.any(axis=0))
-            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+            boxes[i] = mask_box(mask)
         return {
             "image": image,
             "masks": masks,
@@ -276,20 +275,14 @@ def write_coco_panoptic(source: SyntheticSource, folder, split: str = "val") -> 
         info = []
         for segment in segments:
             mask = panoptic == segment["id"]
-            rows = np.flatnonzero(mask.any(axis=1))
-            cols = np.flatnonzero(mask.any(axis=0))
+            x0, y0, x1, y1 = mask_box(mask)
             info.append(
                 {
                     "id": segment["id"] + base,
                     "category_id": segment["category_id"],
                     "iscrowd": segment.get("iscrowd", 0),
                     "area": int(mask.sum()),
-                    "bbox": [
-                        int(cols[0]),
-                        int(rows[0]),
-                        int(cols[-1] - cols[0] + 1),
-                        int(rows[-1] - rows[0] + 1),
-                    ],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
                 }
             )
         image_id = int(example["image_id"])
