@@ -9,6 +9,7 @@ time, each kept over its own box only (instances.InstanceMasks).
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,11 @@ from pycocotools import mask as mask_utils
 from instseg_jax.input import report
 from instseg_jax.input.images import BadSegmentation, DataError, ImageSizeMismatch, decode_image
 from instseg_jax.input.instances import InstanceMasks, tight_crop
+
+log = logging.getLogger(__name__)
+
+# Annotations named one line each when a file is read; beyond these, one line counts the rest.
+NAMED_ANNOTATION_PROBLEMS = 5
 
 
 class CategoryIds:
@@ -76,12 +82,15 @@ class CocoSource(CategoryIds):
 
         self.records: list[dict] = []
         self.num_empty_dropped = 0
+        problems = []
         for image in sorted(document["images"], key=lambda im: im["id"]):
             anns = sorted(by_image.get(image["id"], []), key=lambda a: a["id"])
             if not keep_empty and not any(not a.get("iscrowd", 0) for a in anns):
                 self.num_empty_dropped += 1
                 continue
             self.records.append(self._record(image, anns))
+            problems += [p for p in map(annotation_problem, anns) if p]
+        warn_annotation_problems(self.annotation_file, problems)
         if check_files:
             for record in self.records:
                 if not os.path.exists(record["path"]):
@@ -208,6 +217,57 @@ def read_coco_json(path: Path, kind: str) -> dict:
     return document
 
 
+def annotation_problem(ann: dict) -> str | None:
+    """What the pipeline will drop or rebuild of an annotation, in words (None when nothing):
+    polygons of fewer than 3 points (dropped; the annotation too when no polygon is left) and
+    a bbox of zero or negative width or height (its box is then its mask's)."""
+    words = []
+    segmentation = ann.get("segmentation")
+    if isinstance(segmentation, list) and segmentation:
+        short = [p for p in segmentation if isinstance(p, list) and len(p) < 6]
+        if short:
+            points = ", ".join(str(len(p) // 2) for p in short)
+            left = len(segmentation) - len(short)
+            words.append(
+                f"polygon of {points} point(s), fewer than 3: "
+                + ("the annotation is dropped" if not left else "that polygon is ignored")
+            )
+    bbox = ann.get("bbox")
+    if isinstance(bbox, list | tuple) and len(bbox) == 4:
+        width, height = (float(v) for v in bbox[2:])
+        if width <= 0 or height <= 0:
+            side = "width" if width <= 0 else "height"
+            sign = "negative" if min(width, height) < 0 else "zero"
+            fate = (
+                "its box is taken from its segmentation"
+                if segmentation
+                else "no segmentation either: the annotation is dropped"
+            )
+            words.append(f"bbox {list(bbox)} has a {sign} {side}; {fate}")
+    if not words:
+        return None
+    return f"annotation id {ann.get('id')}: " + "; ".join(words)
+
+
+_WARNED: set[tuple[str, str]] = set()  # (file, problem) already reported by this process
+
+
+def warn_annotation_problems(annotation_file, problems: Sequence[str]) -> None:
+    """One warning line per problem annotation of a file (the first few, then a count), each
+    once per process: the training and evaluation splits may read the same file."""
+    fresh = [p for p in problems if (str(annotation_file), p) not in _WARNED]
+    _WARNED.update((str(annotation_file), p) for p in fresh)
+    for problem in fresh[:NAMED_ANNOTATION_PROBLEMS]:
+        log.warning("%s: %s", annotation_file, problem)
+    if len(fresh) > NAMED_ANNOTATION_PROBLEMS:
+        log.warning(
+            "%s: %d more annotations with problems like these (dropped or their box rebuilt); "
+            "the data report counts them",
+            annotation_file,
+            len(fresh) - NAMED_ANNOTATION_PROBLEMS,
+        )
+
+
 def check_image_size(image_hw, annotated_hw, image_name: str, annotated_in: str) -> None:
     """Raise ImageSizeMismatch (an example the pipeline skips and counts) when the decoded
     image's height x width differs from the one its annotations were made for."""
@@ -239,9 +299,11 @@ def decode_instances(
     """Masks (InstanceMasks: each decoded in turn and kept over its tight box only) and tight
     xyxy boxes float32[n, 4] of the usable annotations.
 
-    Annotations with a zero-area box or no segmentation, and segmentations with no pixel inside
-    the image, are dropped; boxes reaching outside the image are replaced by the mask's box, and
-    so are missing boxes (NaN: an annotation without bbox). Each case is counted. ``keep``
+    Annotations without a segmentation, and segmentations with no pixel inside the image (a
+    zero-area box with an empty mask counts as zero_area_annotation), are dropped; boxes
+    reaching outside the image are replaced by the mask's box, and so are missing boxes (NaN:
+    an annotation without bbox) and boxes of zero or negative width or height whose mask is
+    not empty. Each case is counted. ``keep``
     int64[n] indexes the kept annotations. A segmentation that does not fit the image raises
     BadSegmentation naming ``where`` (the image) and the annotation's id (``ann_ids``
     int64[len(segmentations)]).
@@ -250,7 +312,8 @@ def decode_instances(
     for i, segmentation in enumerate(segmentations):
         x0, y0, x1, y1 = boxes[i]
         no_box = bool(np.isnan(boxes[i]).any())
-        if segmentation is None or (not no_box and (x1 - x0 <= 0 or y1 - y0 <= 0)):
+        bad_box = not no_box and (x1 - x0 <= 0 or y1 - y0 <= 0)
+        if segmentation is None:
             report.count(counts, "zero_area_annotation")
             continue
         try:
@@ -261,9 +324,9 @@ def decode_instances(
         crop, (top, left) = tight_crop(mask)
         del mask  # one full-resolution mask at a time
         if not crop.size:
-            report.count(counts, "empty_mask")
+            report.count(counts, "zero_area_annotation" if bad_box else "empty_mask")
             continue
-        if no_box:
+        if no_box or bad_box:
             report.count(counts, "bbox_from_mask")
         elif x0 < 0 or y0 < 0 or x1 > width or y1 > height:
             report.count(counts, "clipped_annotation")

@@ -21,7 +21,9 @@ ISSUE_KINDS = (
     # Kinds added later go last: saved iterator states keep their meaning (see resized).
     "image_size_mismatch",  # image size differs from the annotation file's: example skipped
     "bad_segmentation",  # RLE of another size, counts not covering the image: example skipped
-    "bbox_from_mask",  # annotation without bbox: its box is its mask's (kept)
+    # annotation without bbox, or whose bbox has zero or negative width or height: its box is
+    # its mask's (kept)
+    "bbox_from_mask",
     # instances dropped by input.max_instances beyond the input.max_ignore_regions slots (the
     # smallest): no ignore region, so they count as background
     "ignore_regions_over_limit",
