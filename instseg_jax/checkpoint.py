@@ -50,6 +50,19 @@ class Checkpointer:
         )
         return restored["state"], restored["data"]
 
+    def data_state(self, step: int) -> dict:
+        """The JSON saved beside checkpoint `step`'s state (the input pipeline's position, or
+        what import-weights recorded), read alone: no array is restored."""
+        return self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
+            "data"
+        ]
+
+    def state_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+        """{"params/a/b": shape} of every array of checkpoint `step`'s state, from its metadata
+        alone (nothing is read into memory, nothing is written)."""
+        metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        return leaf_shapes(getattr(metadata, "tree", metadata))
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -61,3 +74,18 @@ class Checkpointer:
 def abstract(state, sharding):
     """ShapeDtypeStructs of a state, with a sharding, for restoring into."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"a/b/0/c": shape} of a tree's leaves: dict keys, attribute names and sequence indices
+    joined by "/", so a state and its checkpoint's metadata name their arrays alike."""
+
+    def name(path):
+        return "/".join(
+            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+        )
+
+    return {
+        name(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -48,8 +49,52 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
     # a deferred error or a traceback inside the message: the user errors below stay one line.
     path, _, arg = spec.partition(":")
     file = Path(path)
+    if file.is_dir() and (file / "config.json").is_file():  # a workdir stands for its record
+        file = file / "config.json"
     if not file.is_file():
-        raise ConfigFileNotFound(f"config file {file} not found (expected experiments/<name>.py)")
+        raise ConfigFileNotFound(f"config file {file} not found (expected {CONFIG_KINDS})")
+    if file.suffix == ".json":
+        if arg:
+            raise ConfigValueError(f"--config {spec}: a config.json takes no ':{arg}'")
+        config = from_json(file)
+    elif file.suffix == ".py":
+        config = _from_experiment(file, arg)
+    else:
+        raise ConfigValueError(f"--config {file}: expected {CONFIG_KINDS}")
+    for override in overrides:
+        apply_override(config, override)
+    validate(config, str(file))
+    return config
+
+
+# What --config takes, for messages.
+CONFIG_KINDS = "experiments/<name>.py[:arg], or a workdir's config.json to train as that run did"
+
+
+def from_json(path: Path) -> ml_collections.ConfigDict:
+    """The locked config of a config.json (a workdir's record of its run, written by save):
+    its lists become tuples again, as the experiment files give them."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigValueError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(document, dict):
+        raise ConfigValueError(f"{path}: not a config (a JSON object of config sections)")
+    config = ml_collections.ConfigDict(_lists_as_tuples(document))
+    config.lock()
+    return config
+
+
+def _lists_as_tuples(value):
+    if isinstance(value, dict):
+        return {k: _lists_as_tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_lists_as_tuples(v) for v in value)
+    return value
+
+
+def _from_experiment(file: Path, arg: str) -> ml_collections.ConfigDict:
+    """get_config(arg) of an experiment file."""
     module_spec = importlib.util.spec_from_file_location(f"experiment_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     # Registered like an import, so dataclasses and pickling inside the file can find it.
@@ -57,11 +102,7 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigValueError(f"{file} has no get_config(arg) function")
-    config = module.get_config(arg or None)
-    for override in overrides:
-        apply_override(config, override)
-    validate(config, str(file))
-    return config
+    return module.get_config(arg or None)
 
 
 def parse_value(text: str, field_type: type = object):

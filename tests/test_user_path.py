@@ -211,3 +211,104 @@ def test_ctrl_c_on_the_photo_dataset_stops_cleanly(tmp_path, workers):
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert f"resuming from step {stopped}" in finished.stderr
     assert "leaked shared_memory" not in finished.stderr, finished.stderr[-2000:]
+
+
+# ----------------------------------------------------------------- issue 34, items 1-5
+
+TOY = "tests/methods/toy_canvas.py:smoke"
+
+
+def file_hashes(folder: Path) -> dict:
+    """{relative path: sha256} of every file under folder."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def user_error_line(err: str, command: str = "train") -> str:
+    """The one line a user error prints (the CLI's `instseg-jax CMD: ...`), with no traceback
+    and no library's error output around it."""
+    assert "Traceback" not in err and "ERROR" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith(f"instseg-jax {command}:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def two_class_copy(annotations: Path) -> Path:
+    """The photo dataset without its third category ("bird")."""
+    document = json.loads(annotations.read_text())
+    document["categories"] = document["categories"][:2]
+    kept = {c["id"] for c in document["categories"]}
+    document["annotations"] = [a for a in document["annotations"] if a["category_id"] in kept]
+    path = annotations.with_name("two_classes.json")
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_a_resume_the_checkpoint_does_not_fit_leaves_the_workdir_as_it_was(tmp_path, capsys):
+    annotations = make_dataset(tmp_path)
+    images = tmp_path / "photos"
+    workdir = tmp_path / "run"
+    train = ["train", "--config", TOY, "--workdir", str(workdir), "--max-steps", "2"]
+    assert cli.main([*train, *data_overrides(annotations, images)]) == 0
+    capsys.readouterr()
+    before = file_hashes(workdir)
+
+    two_classes = data_overrides(two_class_copy(annotations), images)
+    refusals = [
+        ([*train, *two_classes], "holds a 3-class tests.methods.toy_canvas checkpoint (step 2)"),
+        (
+            [*train, *data_overrides(annotations, images), "--config.model.width=8"],
+            "whose arrays do not fit",
+        ),
+        (
+            [*train, *data_overrides(annotations, images), "--config.optim.name=sgd"],
+            "whose arrays do not fit",
+        ),
+    ]
+    for argv, expected in refusals:
+        assert cli.main(argv) == 2, argv
+        line = user_error_line(capsys.readouterr().err)
+        assert expected in line and "use a new --workdir" in line, line
+        assert file_hashes(workdir) == before, argv
+    assert "the config asks for 2 classes" in user_error_line(
+        (cli.main([*train, *two_classes]), capsys.readouterr().err)[1]
+    )
+
+    # The same data and config still resume.
+    train[train.index("--max-steps") + 1] = "3"
+    assert cli.main([*train, *data_overrides(annotations, images)]) == 0
+    assert "resuming from step 2" in capsys.readouterr().err
+
+
+def test_training_into_an_import_weights_workdir_is_refused_untouched(tmp_path, capsys):
+    """A workdir as import-weights writes it (config.json, classes.json, checkpoint 0 of params
+    and frozen statistics only, the source file's name beside it) cannot be resumed."""
+    from instseg_jax import builders
+    from instseg_jax import config as config_lib
+    from instseg_jax import train as train_lib
+    from instseg_jax.checkpoint import Checkpointer
+
+    annotations = make_dataset(tmp_path)
+    scratch = tmp_path / "scratch"
+    config = config_lib.load(TOY, data_overrides(annotations, tmp_path / "photos"))
+    trained = train_lib.train(config, scratch, max_steps=1, progress=False)
+    workdir = tmp_path / "imported"
+    config_lib.save(config, workdir)
+    builders.write_class_map(workdir, config.input.category_ids, config.input.class_names)
+    checkpointer = Checkpointer(workdir, 1, 1, use_async=False)
+    state = {"params": trained["params"], "frozen": trained["frozen"], "step": trained["step"] * 0}
+    checkpointer.save(0, state, {"imported_from": "weights.pth"}, force=True)
+    checkpointer.close()
+    capsys.readouterr()
+    before = file_hashes(workdir)
+
+    argv = ["train", "--config", str(workdir / "config.json"), "--workdir", str(workdir)]
+    assert cli.main(argv) == 2
+    line = user_error_line(capsys.readouterr().err)
+    assert "imported by import-weights (from weights.pth)" in line, line
+    assert file_hashes(workdir) == before
