@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -14,9 +16,11 @@ import numpy as np
 
 from instseg_jax import compilation, methods
 from instseg_jax.config import ConfigValueError
-from instseg_jax.input.coco import CocoSource
+from instseg_jax.input.coco import CocoSource, split_image_ids
 from instseg_jax.input.synthetic import SyntheticSource
 from instseg_jax.input.transforms import TransformConfig
+
+log = logging.getLogger(__name__)
 
 # Host-side bookkeeping that a jitted step never reads (int64 ids do not exist on device).
 HOST_ONLY = ("image_id",)
@@ -32,12 +36,20 @@ def method(config) -> ModuleType:
     return methods.get(config.method)
 
 
-def build_source(input_config, train: bool):
+def build_source(input_config, train: bool, seed: int | None = None):
     """The training or evaluation split's source; input.eval_source may name another kind
-    for evaluation than for training."""
+    for evaluation than for training. With input.eval_fraction above 0 both are parts of
+    train_split's COCO file, split by image under `seed` (config.seed, which it then needs)."""
     kind = input_config.source
     if not train and input_config.get("eval_source"):
         kind = input_config.eval_source
+    fraction = float(input_config.get("eval_fraction", 0.0) or 0.0)
+    if fraction and not (0.0 < fraction < 1.0 and kind == "coco"):
+        raise ConfigValueError(
+            f"input.eval_fraction={fraction}: it holds out a fraction between 0 and 1 of a COCO "
+            f"instances file's images (input.source 'coco'; here {kind!r}); set it to 0 or "
+            "to a value such as 0.2"
+        )
     if kind == "synthetic":
         # Held-out scenes when the experiment names an evaluation seed (and length).
         held_out = not train and input_config.get("synthetic_eval_seed", -1) >= 0
@@ -50,15 +62,23 @@ def build_source(input_config, train: bool):
             stuff=bool(input_config.get("synthetic_stuff", False)),
         )
     if kind == "coco":
-        split = input_config.train_split if train else input_config.eval_split
-        field = "train_split" if train else "eval_split"
+        split = input_config.train_split if train or fraction else input_config.eval_split
+        field = "train_split" if train or fraction else "eval_split"
         if not split.annotations:
             raise ConfigValueError(
                 f"input.{field}.annotations is empty: give a COCO instances JSON with "
                 f"--config.input.{field}.annotations=FILE (and .images=FOLDER)"
             )
         keep_empty = not train or not input_config.get("filter_empty", True)
-        return CocoSource(split.annotations, split.images, keep_empty=keep_empty)
+        select = None
+        if fraction:
+            if seed is None:
+                raise ValueError("build_source: input.eval_fraction's split needs config.seed")
+            part = "train" if train else "eval"
+            select = functools.partial(split_image_ids, fraction=fraction, seed=seed, part=part)
+        return CocoSource(
+            split.annotations, split.images, keep_empty=keep_empty, select_images=select
+        )
     if kind == "coco_panoptic":
         from instseg_jax.input.coco_panoptic import CocoPanopticSource
 
@@ -169,7 +189,7 @@ def workdir_class_map(workdir, config) -> tuple[list[int], list[str]]:
         return [int(i) for i in document["category_ids"]], list(document["class_names"])
     if config.input.get("category_ids"):
         return class_map(config)
-    return class_map(config, build_source(config.input, train=False))
+    return class_map(config, build_source(config.input, train=False, seed=config.seed))
 
 
 def workdir_stuff_map(workdir) -> tuple[list[int], list[str]]:
@@ -228,7 +248,8 @@ def instances_per_image(source, max_instances: int, sample: int = 1000) -> np.nd
 
 
 def source_summary(source) -> str:
-    """One line on a training source: images, instances, crowd regions, images skipped."""
+    """One line on a training source: images, instances, crowd regions, images skipped, and
+    the classes without a training instance."""
     if hasattr(source, "records"):  # a COCO file: counted from the annotations alone
         instances = int(source.instances_per_image().sum())
         crowd = int(sum(r["iscrowd"].sum() for r in source.records))
@@ -236,9 +257,25 @@ def source_summary(source) -> str:
         return (
             f"{where}: {len(source)} images, {instances} instances, {crowd} crowd regions "
             f"(not training targets), {getattr(source, 'num_empty_dropped', 0)} images without "
-            "instances skipped"
+            "instances skipped" + _classes_without_instances(source)
         )
     return f"{type(source).__name__}: {len(source)} images"
+
+
+def _classes_without_instances(source) -> str:
+    """ ", K of N classes have no training instance (names...)", or "" when every class has
+    one: a class the file lists but never annotates (COCO's 80 of 91 ids in a small subset)
+    is never learned, and its AP is absent (-1) from the tables."""
+    if not all("classes" in r for r in source.records):
+        return ""
+    instances = np.zeros(source.num_classes, np.int64)
+    for record in source.records:
+        np.add.at(instances, record["classes"][~record["iscrowd"]], 1)
+    missing = [name for name, n in zip(source.class_names, instances, strict=True) if not n]
+    if not missing:
+        return ""
+    names = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return f"; {len(missing)} of {source.num_classes} classes have no training instance ({names})"
 
 
 def defaults_from_data(config, source) -> list[str]:
@@ -256,7 +293,111 @@ def defaults_from_data(config, source) -> list[str]:
             f"--config.model.num_stuff_classes={len(stuff)}"
             + ("" if stuff else " and train on panoptic data")
         )
+    notes = check_against_data(config, source)
     hook = getattr(method(config), "defaults_from_data", None)
     if hook is None:
+        return notes
+    return hook(config, instances_per_image(source, config.input.max_instances)) + notes
+
+
+# Share of the training objects outside the sizes a method covers from which the trainer warns.
+OBJECTS_OUTSIDE_WARNING = 0.1
+
+
+def check_against_data(config, source) -> list[str]:
+    """Warn (log) where a recipe's settings do not fit the training data: the training and
+    evaluation splits one file, the objects' sizes outside what the method covers (its
+    optional `object_sizes_covered`); returns notes for the start-up log."""
+    notes = _check_splits(config)
+    hook = getattr(method(config), "object_sizes_covered", None)
+    sizes = training_object_sizes(config, source)
+    if hook is None or sizes is None or not sizes.size:
+        return notes
+    field, smallest, largest = hook(config.model)
+    smaller, larger = float(np.mean(sizes < smallest)), float(np.mean(sizes > largest))
+    if max(smaller, larger) <= OBJECTS_OUTSIDE_WARNING:
+        return notes
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    low, median, high = np.percentile(sizes, [5, 50, 95])
+    outside = ", ".join(
+        f"{share:.0%} {side}"
+        for share, side in ((smaller, "smaller"), (larger, "larger"))
+        if share > 0
+    )
+    log.warning(
+        "training objects outside the sizes %s=%s covers (about %.0f-%.0f px): %s; they "
+        "measure %.0f-%.0f px (5th-95th percentile, median %.0f) on the %dx%d canvas at the "
+        "training resize. Set --config.%s to span them (or resize with input.short_side)",
+        field,
+        tuple(value),
+        smallest,
+        largest,
+        outside,
+        low,
+        high,
+        median,
+        *config.input.canvas_hw,
+        field,
+    )
+    return notes
+
+
+def training_object_sizes(config, source) -> np.ndarray | None:
+    """float64[n] side (sqrt of box area) of every training object with a box, in canvas
+    pixels at the training resize's middle scale (the median of input.short_side, or the
+    middle of input.lsj_scale); None for a source without annotation records (synthetic
+    scenes)."""
+    records = getattr(source, "records", None)
+    if not records or not all("boxes" in r and "height" in r for r in records):
+        return None
+    i = config.input
+    canvas_h, canvas_w = (float(v) for v in i.canvas_hw)
+    sizes = []
+    for record in records:
+        boxes = np.asarray(record["boxes"], np.float64)[~np.asarray(record["iscrowd"], bool)]
+        width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        usable = np.isfinite(width) & np.isfinite(height) & (width > 0) & (height > 0)
+        image_h, image_w = float(record["height"]), float(record["width"])
+        fit = min(canvas_h / image_h, canvas_w / image_w)
+        if i.resize == "lsj":
+            scale = fit * float(np.sqrt(np.prod(i.lsj_scale)))
+        else:
+            short = float(np.median(i.short_side))
+            scale = min(short / min(image_h, image_w), i.max_long_side / max(image_h, image_w), fit)
+        sizes.append(np.sqrt(width[usable] * height[usable]) * scale)
+    return np.concatenate(sizes) if sizes else np.zeros(0)
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _check_splits(config) -> list[str]:
+    """Warn when the training and evaluation splits are one annotation file (evaluation would
+    score the training images); a note on input.eval_fraction's split when there is one."""
+    i = config.input
+    if i.source != "coco" or (i.get("eval_source") or "coco") != "coco":
         return []
-    return hook(config, instances_per_image(source, config.input.max_instances))
+    train_file, eval_file = i.train_split.annotations, i.eval_split.annotations
+    fraction = float(i.get("eval_fraction", 0.0) or 0.0)
+    if fraction:
+        unused = eval_file and not _same_file(train_file, eval_file)
+        return [
+            f"evaluation: {fraction:.0%} of the images of {train_file} held out "
+            f"(input.eval_fraction, split by seed {config.seed}); the training data is the rest"
+            + (f"; input.eval_split ({eval_file}) is not used" if unused else "")
+        ]
+    if train_file and eval_file and _same_file(train_file, eval_file):
+        log.warning(
+            "input.train_split and input.eval_split are the same file (%s): evaluation will "
+            "score the training images. Give a held-out file with "
+            "--config.input.eval_split.annotations=FILE, or hold out part of this one with "
+            "--config.input.eval_fraction=0.2",
+            train_file,
+        )
+    return []

@@ -177,7 +177,11 @@ def ground_truth(source, image_ids=None) -> COCO:
     be read are left out, counted in a warning."""
     annotation_file = getattr(source, "annotation_file", None)
     if annotation_file is not None:
-        return _load_coco(annotation_file)
+        gt = _load_coco(annotation_file)
+        selected = getattr(source, "selected_image_ids", None)
+        if selected is not None:  # input.eval_fraction's part of the file: COCOeval scores
+            gt.imgs = {i: gt.imgs[i] for i in selected}  # the images of gt.imgs only
+        return gt
     from instseg_jax.input.images import UnusableExample
 
     indices = range(len(source))
@@ -324,7 +328,7 @@ def evaluate_model(
     method makes masks) with COCOeval, write workdir/eval_<step>.json; returns
     {iou_type: {stat: value}, "timing": {...}}. class_map: (category ids, names) of the
     model's classes (default: the workdir's, else the config's or the eval data's)."""
-    source = builders.build_source(config.input, train=False)
+    source = builders.build_source(config.input, train=False, seed=config.seed)
     if class_map is None:
         class_map = (
             builders.workdir_class_map(workdir, config)
@@ -513,6 +517,13 @@ def restore_variables(workdir: str | Path, step: int | None = None):
 def evaluation_data(config) -> str:
     """Where a config's evaluation ground truth comes from, in words."""
     kind = config.input.get("eval_source") or config.input.source
+    fraction = float(config.input.get("eval_fraction", 0.0) or 0.0)
+    if kind == "coco" and fraction:
+        split = config.input.train_split
+        return (
+            f"the {fraction:.0%} of {split.annotations} held out by input.eval_fraction (seed "
+            f"{config.seed}; images in {split.images})"
+        )
     if kind == "coco":
         split = config.input.eval_split
         return f"{split.annotations} (images in {split.images})"

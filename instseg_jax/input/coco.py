@@ -50,6 +50,8 @@ class CocoSource(CategoryIds):
       keep_empty: keep images without (non-crowd) annotations. Keep them for evaluation (they
         still count for false positives); training configs usually drop them.
       check_files: fail now, naming the first missing image file, rather than mid-training.
+      select_images: the file's image ids (sorted) -> the ids to keep (split_image_ids:
+        input.eval_fraction's split of one file); `selected_image_ids` records them.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class CocoSource(CategoryIds):
         image_dir: str | os.PathLike,
         keep_empty: bool = True,
         check_files: bool = True,
+        select_images=None,
     ):
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
@@ -83,7 +86,19 @@ class CocoSource(CategoryIds):
         self.records: list[dict] = []
         self.num_empty_dropped = 0
         problems = []
-        for image in sorted(document["images"], key=lambda im: im["id"]):
+        images = sorted(document["images"], key=lambda im: im["id"])
+        self.selected_image_ids = None  # every image of the file
+        if select_images is not None:
+            chosen = {int(i) for i in select_images([int(im["id"]) for im in images])}
+            if not chosen:
+                raise DataError(
+                    f"{self.annotation_file}: its {len(images)} image(s) cannot be split into "
+                    "training and evaluation images (input.eval_fraction); give a file of two "
+                    "or more images, or an input.eval_split"
+                )
+            images = [im for im in images if int(im["id"]) in chosen]
+            self.selected_image_ids = sorted(chosen)
+        for image in images:
             anns = sorted(by_image.get(image["id"], []), key=lambda a: a["id"])
             if not keep_empty and not any(not a.get("iscrowd", 0) for a in anns):
                 self.num_empty_dropped += 1
@@ -266,6 +281,19 @@ def warn_annotation_problems(annotation_file, problems: Sequence[str]) -> None:
             annotation_file,
             len(fresh) - NAMED_ANNOTATION_PROBLEMS,
         )
+
+
+def split_image_ids(image_ids, fraction: float, seed: int, part: str) -> list[int]:
+    """The "train" or "eval" part of a seeded split of image ids by image: round(fraction x n)
+    of them (at least one, leaving at least one) held out for evaluation, the same for the
+    same ids, fraction and seed whatever the order the ids come in."""
+    ids = sorted(int(i) for i in image_ids)
+    held_out = min(max(round(fraction * len(ids)), 1), len(ids) - 1)
+    order = np.random.default_rng([int(seed), 0xE7A1]).permutation(len(ids))
+    evaluation = {ids[k] for k in order[:held_out]}
+    if part == "eval":
+        return sorted(evaluation)
+    return [i for i in ids if i not in evaluation]
 
 
 def check_image_size(image_hw, annotated_hw, image_name: str, annotated_in: str) -> None:

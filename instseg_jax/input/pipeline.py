@@ -291,7 +291,11 @@ class InputPipeline:
         return batch
 
     def _report_epoch(self):
-        log.info("input epoch %d: %s", self._reported_epoch, report.summary(self.epoch_counts))
+        """One line for an epoch (a pass, in evaluation) that had data issues; none without:
+        the trainer sums up the whole run at its end."""
+        if self.epoch_counts.any():
+            where = f"input epoch {self._reported_epoch}" if self.train else "input"
+            log.info("%s: %s", where, report.summary(self.epoch_counts))
         self.epoch_counts = report.new_counts()
 
     def get_state(self) -> dict:

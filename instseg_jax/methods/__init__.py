@@ -22,6 +22,10 @@ Optional, used when present:
   make_inference(model) -> (variables, device batch) -> Detections
                   inference as several jitted programs orchestrated on the host (Mask R-CNN:
                   the mask head on a small or the full slot budget); default: one jitted forward
+  object_sizes_covered(model_section) -> (field, smallest, largest)
+                  the object sizes (sqrt of box area, canvas pixels) the model's assignment
+                  covers and the field that sets them (Mask R-CNN: model.anchor_sizes); the
+                  trainer warns when many training objects fall outside
 
 `config.method` may also be an importable module path ("mypackage.my_method", installed or
 under the working directory): a method that lives outside this package (a research prototype,

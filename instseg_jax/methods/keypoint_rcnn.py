@@ -227,6 +227,9 @@ Model = KeypointRCNN
 INPUTS = structures.Inputs(box_masks=True, keypoints=True)
 
 
+object_sizes_covered = mask_rcnn.object_sizes_covered
+
+
 def defaults_from_data(config: ml_collections.ConfigDict, instances_per_image) -> list[str]:
     """Mask R-CNN's mask budget when mask_on, and the keypoint head's by the same rule."""
     lines = mask_rcnn.defaults_from_data(config, instances_per_image)

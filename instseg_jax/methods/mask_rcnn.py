@@ -434,6 +434,19 @@ def defaults_from_data(config: ml_collections.ConfigDict, instances_per_image) -
     ]
 
 
+# An anchor is a positive for an object from IoU 0.7 (rpn.py's thresholds): a square object
+# within sqrt(0.7) of a square anchor's side reaches it.
+_POSITIVE_SIDE_RATIO = math.sqrt(0.7)
+
+
+def object_sizes_covered(model: ml_collections.ConfigDict) -> tuple[str, float, float]:
+    """(the field, smallest and largest object side, sqrt of box area in canvas pixels, that
+    the anchors match at the RPN's positive IoU) (method interface, optional)."""
+    sides = [float(s) for level in model.anchor_sizes for s in np.atleast_1d(level)]
+    ratio = _POSITIVE_SIDE_RATIO
+    return "model.anchor_sizes", min(sides) * ratio, max(sides) / ratio
+
+
 def make_inference(model: MaskRCNN):
     """(variables, device batch) -> Detections, with the mask head on a budget that fits.
 

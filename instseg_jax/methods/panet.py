@@ -270,6 +270,7 @@ Config = PANetConfig
 Model = PANet
 loss_fn = mask_rcnn.loss_fn
 defaults_from_data = mask_rcnn.defaults_from_data
+object_sizes_covered = mask_rcnn.object_sizes_covered
 make_inference = mask_rcnn.make_inference
 
 

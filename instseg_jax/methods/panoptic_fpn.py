@@ -133,6 +133,7 @@ def loss_fn(outputs: dict, batch: dict, cfg: PanopticFPNConfig):
 Config = PanopticFPNConfig
 Model = PanopticFPN
 defaults_from_data = mask_rcnn.defaults_from_data
+object_sizes_covered = mask_rcnn.object_sizes_covered
 
 
 def base_config() -> ml_collections.ConfigDict:

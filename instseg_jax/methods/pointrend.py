@@ -371,6 +371,7 @@ Config = PointRendConfig
 Model = PointRend
 loss_fn = functools.partial(mask_rcnn.loss_fn, mask_losses=point_losses)
 defaults_from_data = mask_rcnn.defaults_from_data
+object_sizes_covered = mask_rcnn.object_sizes_covered
 make_inference = mask_rcnn.make_inference
 
 

@@ -559,6 +559,17 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def object_sizes_covered(model: ml_collections.ConfigDict) -> tuple[str, float, float]:
+    """(the field, smallest and largest object side, sqrt of box area in canvas pixels, that
+    some level's scale range takes: an object outside every range has no target) (method
+    interface, optional)."""
+    return (
+        "model.scale_ranges",
+        float(min(lo for lo, _ in model.scale_ranges)),
+        float(max(hi for _, hi in model.scale_ranges)),
+    )
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink a SOLOv2 config to seconds on a CPU: synthetic scenes, ResNet-18 of width 16, a
     128x128 canvas, narrow heads, small grids."""

@@ -37,6 +37,7 @@ class, a bug dbolya/yolact does not have).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -507,6 +508,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule.total_steps = 55 * 14_658
     c.schedule.steps = tuple(epoch * 14_658 for epoch in (20, 42, 49, 52))
     return c
+
+
+def object_sizes_covered(model: ml_collections.ConfigDict) -> tuple[str, float, float]:
+    """(the field, smallest and largest object side, sqrt of box area in canvas pixels, that a
+    square anchor matches at model.positive_iou) (method interface, optional)."""
+    ratio = math.sqrt(float(model.positive_iou))
+    sides = [float(s) for s in model.anchor_sizes]
+    return "model.anchor_sizes", min(sides) * ratio, max(sides) / ratio
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
