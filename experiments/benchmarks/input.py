@@ -2,6 +2,14 @@
 
     make data && .venv/bin/python experiments/benchmarks/input.py [--workers 2] [--batches 60]
 
+    .venv/bin/python experiments/benchmarks/input.py --recipe experiments/maskrcnn_r50_fpn_coco_1x.py
+
+A COCO recipe's training transform instead (what one loader worker of a pod host delivers):
+COCO-like photos written here (640x480 JPEGs at quality 90, the synthetic scenes' 4-8
+instances per image as RLE, COCO's own mean is 7.3), read by CocoSource and mapped through the
+recipe's own transform settings (decode, multi-scale resize, flip, padding to the canvas, the
+method's mask targets); workers 0 is one worker's rate (the loop runs in the main process).
+
 Target: >= 20 images/s on a 2-core CPU, so the loader never starves a CPU training step.
 Prints one table and appends it to RESULTS.md.
 
@@ -176,6 +184,79 @@ def measure_memory(
         )
 
 
+def coco_like_split(folder: Path, count: int = 64) -> tuple[Path, Path]:
+    """`count` 640x480 JPEG photos of synthetic scenes with their instances (COCO JSON, RLE)."""
+    from instseg_jax.input.coco import mask_annotation
+    from instseg_jax.input.synthetic import CLASS_NAMES, SyntheticSource
+
+    scenes = SyntheticSource(count, (480, 640), seed=7)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for index in range(count):
+        example = scenes.load(index)
+        name = f"{index:06d}.jpg"
+        Image.fromarray(example["image"]).save(folder / "images" / name, quality=90)
+        images.append({"id": index + 1, "file_name": name, "height": 480, "width": 640})
+        for mask, cls in zip(example["masks"], example["classes"], strict=True):
+            annotations.append(mask_annotation(mask, len(annotations) + 1, index + 1, cls + 1))
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(CLASS_NAMES)]
+    path = folder / "train.json"
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return path, folder / "images"
+
+
+def pipeline_rates(source, config, batch: int, batches: int, worker_counts) -> list[list[str]]:
+    """[[workers, images/s over the run, images/s of the median batch], ...]."""
+    rows = []
+    for workers in worker_counts:
+        pipeline = InputPipeline(
+            source, config, batch, seed=0, num_workers=workers, process_index=0, process_count=1
+        )
+        next(pipeline)  # start-up (worker spawn) is not throughput
+        times = []
+        start = time.perf_counter()
+        for _ in range(batches):
+            t = time.perf_counter()
+            next(pipeline)
+            times.append(time.perf_counter() - t)
+        elapsed = time.perf_counter() - start
+        pipeline.close()
+        rate = batches * batch / elapsed
+        median = batch / statistics.median(times)
+        rows.append([str(workers), f"{rate:.1f}", f"{median:.1f}"])
+        print(f"workers {workers}: {rate:.1f} images/s overall, {median:.1f} median", flush=True)
+    return rows
+
+
+def measure_recipe(recipe: str, workers: int, batch: int, batches: int, write: bool) -> None:
+    from instseg_jax import builders
+    from instseg_jax import config as config_lib
+
+    config = config_lib.load(recipe)
+    config_settings = builders.transform_config(config, train=True)
+    with tempfile.TemporaryDirectory() as folder:
+        annotations, images = coco_like_split(Path(folder))
+        source = CocoSource(annotations, images, keep_empty=False)
+        rows = pipeline_rates(source, config_settings, batch, batches, sorted({0, workers}))
+    table = markdown_table(rows, ["workers", "images/s (whole run)", "images/s (median batch)"])
+    c = config_settings
+    header = machine_line() + (
+        f"; `{recipe}` training transform on 64 COCO-like 640x480 JPEGs: canvas "
+        f"{c.canvas_hw[0]}x{c.canvas_hw[1]}, short side {tuple(c.short_side)}, batch {batch}, "
+        f"{batches} batches"
+    )
+    print(header)
+    print(table)
+    if write:
+        append_results(
+            "Input pipeline of a COCO recipe (`experiments/benchmarks/input.py --recipe`)",
+            header,
+            table,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -184,7 +265,11 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="peak memory of one example")
     parser.add_argument("--before", help="with --memory: also measure the package in this folder")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--recipe", help="an experiment file: time its training transform")
     args = parser.parse_args()
+    if args.recipe:
+        measure_recipe(args.recipe, args.workers, args.batch, args.batches, not args.no_write)
+        return
     if args.memory:
         measure_memory(before=args.before, write=not args.no_write)
         return
@@ -200,30 +285,7 @@ def main() -> None:
         box_masks=True,
         mask_size=112,
     )
-    rows = []
-    for workers in sorted({0, args.workers}):
-        pipeline = InputPipeline(
-            source,
-            config,
-            args.batch,
-            seed=0,
-            num_workers=workers,
-            process_index=0,
-            process_count=1,
-        )
-        next(pipeline)  # start-up (worker spawn) is not throughput
-        times = []
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            t = time.perf_counter()
-            next(pipeline)
-            times.append(time.perf_counter() - t)
-        elapsed = time.perf_counter() - start
-        pipeline.close()
-        rate = args.batches * args.batch / elapsed
-        median = args.batch / statistics.median(times)
-        rows.append([str(workers), f"{rate:.1f}", f"{median:.1f}"])
-        print(f"workers {workers}: {rate:.1f} images/s overall, {median:.1f} median", flush=True)
+    rows = pipeline_rates(source, config, args.batch, args.batches, sorted({0, args.workers}))
     table = markdown_table(rows, ["workers", "images/s (whole run)", "images/s (median batch)"])
     header = machine_line() + (
         f"; nuclei train split, canvas 512x512, batch {args.batch}, "

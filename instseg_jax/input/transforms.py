@@ -101,8 +101,9 @@ def _geometry(config: TransformConfig, orig_hw, rng):
     return scale, offset, flip
 
 
-def _resize_image(image, scale, offset, config):
-    """uint8[H, W, 3] canvas, and the (h, w) of its valid region."""
+def _resize_image(image, scale, offset, config, flip: bool = False):
+    """uint8[H, W, 3] canvas (its valid region mirrored when flip), and the (h, w) of that
+    region."""
     canvas_h, canvas_w = config.canvas_hw
     height, width = image.shape[:2]
     if config.resize_rule == "torchvision":
@@ -114,10 +115,15 @@ def _resize_image(image, scale, offset, config):
         resized = np.asarray(Image.fromarray(image).resize((scaled_w, scaled_h), Image.BILINEAR))
     oy, ox = offset
     window = resized[oy : oy + canvas_h, ox : ox + canvas_w]
+    valid_h, valid_w = window.shape[:2]
     canvas = np.empty((canvas_h, canvas_w, 3), np.uint8)
-    canvas[:] = np.asarray(config.pad_value, np.uint8)
-    canvas[: window.shape[0], : window.shape[1]] = window
-    return canvas, window.shape[:2]
+    # One pass over the canvas: the window (mirrored in the same copy), then only the padding.
+    # Filling the whole canvas from a 3-vector first cost 3x the resize on a COCO canvas.
+    canvas[:valid_h, :valid_w] = window[:, ::-1] if flip else window
+    padding_row = np.tile(np.asarray(config.pad_value, np.uint8), (canvas_w, 1))  # [W, 3]
+    canvas[:valid_h, valid_w:] = padding_row[valid_w:]
+    canvas[valid_h:] = padding_row
+    return canvas, (valid_h, valid_w)
 
 
 def _torch_bilinear_taps(in_size: int, out_size: int):
@@ -193,7 +199,7 @@ def transform(
     image = example["image"]
     orig_hw = image.shape[:2]
     scale, (oy, ox), flip = _geometry(config, orig_hw, rng)
-    canvas, (valid_h, valid_w) = _resize_image(image, scale, (oy, ox), config)
+    canvas, (valid_h, valid_w) = _resize_image(image, scale, (oy, ox), config, flip)
     masks = InstanceMasks.from_dense(example["masks"])  # each instance over its own box
 
     # Boxes on the canvas: the visible part of each mask's tight box, clipped to the valid
@@ -219,8 +225,7 @@ def transform(
             example, kept, config, scale, (oy, ox), (valid_h, valid_w), flip
         )
 
-    if flip:
-        canvas[:, :valid_w] = canvas[:, :valid_w][:, ::-1]
+    if flip:  # the canvas came mirrored from _resize_image
         gt_boxes = _mirror_boxes(gt_boxes, gt_valid, valid_w)
         ignore_boxes = _mirror_boxes(ignore_boxes, ignore_valid, valid_w)
 
