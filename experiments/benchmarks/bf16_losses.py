@@ -49,9 +49,7 @@ def _losses(config, method, model, cfg, variables, batch, key):
         )
         return method.loss_fn(outputs, batch, cfg)
 
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
-        variables["params"]
-    )
+    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
     return float(total), jax.device_get(metrics), grads
 
 
