@@ -192,6 +192,9 @@ def base() -> ml_collections.ConfigDict:
     split = {"annotations": "", "images": "", "panoptic": ""}
     c.input.train_split = ml_collections.ConfigDict(split)
     c.input.eval_split = ml_collections.ConfigDict(split)
+    # Above 0: hold out this fraction of train_split's images for evaluation (by image, seeded
+    # by config.seed; eval_split is then not used): one annotation file, two disjoint splits.
+    c.input.eval_fraction = 0.0
     # Training skips COCO images without non-crowd instances (detectron2's
     # DATALOADER.FILTER_EMPTY_ANNOTATIONS); evaluation keeps every image.
     c.input.filter_empty = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -31,6 +32,7 @@ from instseg_jax import config as config_lib
 from instseg_jax.backbones.resnet import frozen_prefixes
 from instseg_jax.builders import device_fields
 from instseg_jax.checkpoint import Checkpointer, abstract, leaf_shapes
+from instseg_jax.input import report as input_report
 from instseg_jax.input.pipeline import InputPipeline, padding_example
 from instseg_jax.metrics import MetricsWriter
 from instseg_jax.weights.resnet import BackboneWeightsError, load_backbone
@@ -497,7 +499,7 @@ def _some(values, shown: int = 5) -> str:
 def _training_source(config, workdir: Path):
     """(source, class names, notes) of the training split; the class map and the values chosen
     from the data go into config (_record_run writes it to the workdir once the run starts)."""
-    source = builders.build_source(config.input, train=True)
+    source = builders.build_source(config.input, train=True, seed=config.seed)
     data_notes = builders.defaults_from_data(config, source)
     category_ids, _ = builders.class_map(config, source)
     source_ids, source_names = builders.source_class_map(source)
@@ -562,12 +564,27 @@ def _run_steps(config, state, step_fn, pipeline, mesh, ckpt, writer, bar, workdi
     (state, None), or (state, (step, signal name)) when a signal stopped it early."""
     schedule = learning_rate(config)
     best = _best_so_far(workdir)
-    timer = StepTimer(int(state["step"]))
+    first = int(state["step"])
+    timer = StepTimer(first)
+    _warn_about_warmup(config, first, total)
+    compile_times = CompileTimes(config)
+    if first < total:
+        log.info("%s", compile_times.message())
+    previous = None  # the step before's metrics: waited for (never read) to move the bar
     with StopRequests() as stops:
-        for step in range(int(state["step"]), total):
+        for step in range(first, total):
             batch = sharding.global_batch(device_fields(next(pipeline)), mesh)
+            began = time.perf_counter()
             state, metrics = step_fn(state, batch)
+            if step == first:  # the call compiles (or loads) the step; running it is async
+                compile_times.record(time.perf_counter() - began)
             step_done = step + 1
+            if previous is not None:
+                # One step behind: the bar counts finished steps while the current one runs,
+                # and the host never gets further ahead of the device than that.
+                jax.block_until_ready(previous)
+                bar.update(step - bar.n)
+            previous = metrics
             if step_done % config.log_every == 0 or step_done == total:
                 record = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 # Before the lap: the schedule's first evaluation compiles its ops (about a
@@ -592,16 +609,76 @@ def _run_steps(config, state, step_fn, pipeline, mesh, ckpt, writer, bar, workdi
             if every > 0 and (step_done % every == 0 or step_done == total):
                 with timer.pause(state):
                     best = periodic_eval(config, state, workdir, step_done, best, pipeline)
+    if first < total:
+        log.info("input over the run: %s", input_report.summary(pipeline.total_counts))
     return state, None
+
+
+def _warn_about_warmup(config, start: int, total: int) -> None:
+    """A recipe's warmup carried into a shorter run: the learning rate never reaches
+    optim.lr."""
+    warmup = int(config.schedule.warmup_steps)
+    if start < total and warmup >= total:
+        log.warning(
+            "schedule.warmup_steps=%d is not below the run's %d steps: the learning rate never "
+            "reaches optim.lr=%g; set --config.schedule.warmup_steps=%d (a tenth of the run) or "
+            "lower",
+            warmup,
+            total,
+            config.optim.lr,
+            max(total // 10, 1),
+        )
+
+
+class CompileTimes:
+    """Seconds the first training step of a setting (method, canvas, batch, devices) took to
+    compile, the longest seen, kept beside JAX's persistent compilation cache (when it is on)
+    so that a run can say how long the wait on a cold cache is."""
+
+    FILE = "instseg_jax_compile_seconds.json"
+
+    def __init__(self, config):
+        directory = jax.config.jax_compilation_cache_dir
+        self.path = Path(directory) / self.FILE if directory else None
+        canvas = "x".join(str(int(v)) for v in config.input.canvas_hw)
+        self.key = (
+            f"{config.method} canvas {canvas} batch {config.input.global_batch} "
+            f"{jax.device_count()}x{jax.devices()[0].device_kind}"
+        )
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def message(self) -> str:
+        seconds = self._read().get(self.key) if self.path else None
+        if seconds is None:
+            wait = "this can take minutes on a CPU"
+        else:
+            wait = f"first run: about {seconds:.0f} s"
+        cached = "; cached afterwards" if self.path else "; the compilation cache is off"
+        return f"compiling the training step ({wait}{cached})"
+
+    def record(self, seconds: float) -> None:
+        if self.path is None or jax.process_index() != 0:
+            return
+        times = self._read()
+        if seconds <= times.get(self.key, 0.0):
+            return
+        times[self.key] = round(seconds, 1)
+        with contextlib.suppress(OSError):  # a read-only cache: no figure next time, no error
+            partial = self.path.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(times, indent=1, sort_keys=True) + "\n")
+            os.replace(partial, self.path)
 
 
 def _log_step(config, record: dict, step: int, writer, bar, ckpt) -> None:
     """Write a logged step's metrics, move the progress bar, and warn about (or stop after
     too many) non-finite losses."""
     writer.write(step, record)
-    # The bar moves on completed steps only (metrics are on the host now), so its rate and
-    # ETA do not count dispatched-but-unfinished work.
-    bar.update(step - bar.n)
+    bar.update(step - bar.n)  # finished: its metrics are on the host
     bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_second']:.1f}")
     nonfinite_run = int(record["nonfinite_run"])
     if nonfinite_run:
