@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from instseg_jax.config import ConfigValueError
+
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +50,19 @@ def maybe_initialize_distributed(config_mesh=None) -> None:
 
 def make_mesh() -> Mesh:
     return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def check_global_batch(global_batch: int, mesh: Mesh) -> None:
+    """ConfigValueError unless the global batch splits evenly over the mesh's devices (each
+    takes global_batch / devices images of every step)."""
+    devices = int(mesh.devices.size)
+    if global_batch % devices:
+        fits = -(-global_batch // devices) * devices
+        raise ConfigValueError(
+            f"input.global_batch {global_batch} does not divide over the {devices} devices "
+            f"({jax.process_count()} process(es)): give a multiple of {devices}, e.g. "
+            f"--config.input.global_batch={fits}"
+        )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -358,6 +358,7 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
         source,
         tconfig,
         config.input.global_batch,
+    sharding.check_global_batch(config.input.global_batch, mesh)
         seed=config.seed,
         num_workers=config.input.num_workers,
     )

@@ -312,3 +312,62 @@ def test_training_into_an_import_weights_workdir_is_refused_untouched(tmp_path, 
     line = user_error_line(capsys.readouterr().err)
     assert "imported by import-weights (from weights.pth)" in line, line
     assert file_hashes(workdir) == before
+
+
+def test_a_workdirs_config_json_trains_as_that_run_did(tmp_path, capsys):
+    first = tmp_path / "first"
+    assert cli.main(["train", "--config", TOY, "--workdir", str(first), "--max-steps", "1"]) == 0
+    recorded = json.loads((first / "config.json").read_text())
+    for spec, name in ((first / "config.json", "second"), (first, "third")):
+        workdir = tmp_path / name
+        argv = ["train", "--config", str(spec), "--workdir", str(workdir), "--max-steps", "1"]
+        assert cli.main([*argv, "--config.input.canvas_hw=(96, 96)"]) == 0
+        again = json.loads((workdir / "config.json").read_text())
+        assert again == {**recorded, "input": {**recorded["input"], "canvas_hw": [96, 96]}}
+    capsys.readouterr()
+    assert cli.main(["train", "--config", f"{first / 'config.json'}:smoke", "--workdir", "x"]) == 2
+    assert "takes no ':smoke'" in user_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "section, position, field, value, named",
+    [
+        ("annotations", 1, "category_id", None, "annotation id 2 has no 'category_id'"),
+        ("images", 2, "file_name", None, "image id 3 has no 'file_name'"),
+        ("images", 0, "height", "tall", "image id 1 has height 'tall', not an integer"),
+        ("annotations", 4, "image_id", None, "annotation id 5 has no 'image_id'"),
+        ("categories", 0, "id", None, "category 0 of 'categories' has no 'id'"),
+    ],
+)
+def test_a_coco_entry_without_a_field_ends_in_one_line(
+    tmp_path, capsys, section, position, field, value, named
+):
+    annotations = make_dataset(tmp_path)
+    document = json.loads(annotations.read_text())
+    entry = document[section][position]
+    if value is None:
+        del entry[field]
+    else:
+        entry[field] = value
+    annotations.write_text(json.dumps(document))
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", TOY, "--workdir", str(workdir)]
+    assert cli.main([*argv, *data_overrides(annotations, tmp_path / "photos")]) == 2
+    line = user_error_line(capsys.readouterr().err)
+    assert f"{annotations}: {named}" in line, line
+    assert not workdir.exists()
+
+
+def test_a_global_batch_the_devices_do_not_divide_ends_in_one_line(tmp_path):
+    """2 images over 4 devices: refused before the data is read, not a traceback from jax
+    at the first step."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "instseg_jax.cli", "train", "--config", TOY]
+    command += ["--workdir", str(workdir), "--config.input.global_batch=2"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = user_error_line(done.stderr)
+    assert "input.global_batch 2 does not divide over the 4 devices" in line, line
+    assert "--config.input.global_batch=4" in line
+    assert not workdir.exists()

@@ -65,6 +65,7 @@ class CocoSource(CategoryIds):
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
         document = read_coco_json(self.annotation_file, "instances")
+        check_required_fields(document, self.annotation_file)
         categories = sorted(document["categories"], key=lambda c: c["id"])
         self.category_ids = [int(c["id"]) for c in categories]
         self.class_names = [str(c["name"]) for c in categories]
@@ -294,6 +295,44 @@ def split_image_ids(image_ids, fraction: float, seed: int, part: str) -> list[in
     if part == "eval":
         return sorted(evaluation)
     return [i for i in ids if i not in evaluation]
+
+
+# What every entry of a COCO instances file must carry here (bbox, segmentation, area and
+# iscrowd may be absent), and which of those are integers.
+REQUIRED_FIELDS = {
+    "images": ("id", "file_name", "height", "width"),
+    "annotations": ("id", "image_id", "category_id"),
+    "categories": ("id", "name"),
+}
+TEXT_FIELDS = ("file_name", "name")
+
+
+def check_required_fields(document: dict, path) -> None:
+    """DataError naming the file, the entry (its id, else its position) and the field, for an
+    entry of "images", "annotations" or "categories" that is not an object, lacks a field of
+    REQUIRED_FIELDS, or has a non-integer id, image_id, category_id, height or width."""
+    for section, fields in REQUIRED_FIELDS.items():
+        singular = section[:-1].replace("categorie", "category")
+        for position, entry in enumerate(document[section]):
+            if not isinstance(entry, dict):
+                raise DataError(
+                    f"{path}: entry {position} of '{section}' is a {type(entry).__name__}, not "
+                    f"an object with {', '.join(fields)}"
+                )
+            name = (
+                f"{singular} id {entry['id']}"
+                if "id" in entry
+                else f"{singular} {position} of '{section}'"
+            )
+            for field in fields:
+                if field not in entry:
+                    raise DataError(
+                        f"{path}: {name} has no '{field}'; add it or remove the {singular}"
+                    )
+                value = entry[field]
+                integer = isinstance(value, int | float) and not isinstance(value, bool)
+                if field not in TEXT_FIELDS and not (integer and float(value).is_integer()):
+                    raise DataError(f"{path}: {name} has {field} {value!r}, not an integer")
 
 
 def check_image_size(image_hw, annotated_hw, image_name: str, annotated_in: str) -> None:
