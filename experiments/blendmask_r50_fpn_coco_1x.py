@@ -3,7 +3,13 @@ Base-BlendMask.yaml), for GPU/TPU users (not run here).
 
     instseg-jax train --config experiments/blendmask_r50_fpn_coco_1x.py --workdir runs/bm_1x \
         --config.input.train_split.annotations=COCO_ROOT/annotations/instances_train2017.json \
-        --config.input.train_split.images=COCO_ROOT/train2017
+        --config.input.train_split.images=COCO_ROOT/train2017 \
+        --config.model.backbone_weights=resnet50-0676ba61.pth
+
+resnet50-0676ba61.pth is torchvision's ImageNet ResNet-50 (ResNet50_Weights.IMAGENET1K_V1,
+https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where there is internet
+(docs/getting_started.md, "Pretrained backbones"); without it training refuses to start: a
+FrozenBN ResNet needs those weights.
 
 FCOS's R_50_1x detector and schedule (experiments/fcos_r50_fpn_coco_1x.py: batch 16, lr 0.01,
 90k steps, multi-scale short side 640..800, 1408 x 1408 canvas, ImageNet weights through

@@ -2,11 +2,17 @@
 
     instseg-jax train --config experiments/maskrcnn_r50_fpn_coco_1x.py --workdir runs/coco_1x \
         --config.input.train_split.annotations=COCO_ROOT/annotations/instances_train2017.json \
-        --config.input.train_split.images=COCO_ROOT/train2017
+        --config.input.train_split.images=COCO_ROOT/train2017 \
+        --config.model.backbone_weights=resnet50-0676ba61.pth
+
+resnet50-0676ba61.pth is torchvision's ImageNet ResNet-50 (ResNet50_Weights.IMAGENET1K_V1,
+https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where there is internet
+(docs/getting_started.md, "Pretrained backbones"); without it training refuses to start: a
+FrozenBN ResNet needs those weights.
 
 Batch 16, lr 0.02, 90k steps with decays at 60k and 80k, 1000 warmup steps, FrozenBN ResNet-50
-with the stem and res2 frozen (ImageNet weights are imported with the torchvision importer of
-a later issue; from scratch, use GroupNorm and a longer schedule). detectron2's model zoo reports
+with the stem and res2 frozen, from ImageNet weights (the command above; from scratch:
+--config.model.norm=group_norm --config.model.freeze_at=0 and a longer schedule). detectron2's model zoo reports
 38.6 box AP / 35.2 mask AP for this recipe (MODEL_ZOO.md, mask_rcnn_R_50_FPN_1x, COCO val2017;
 torchvision's maskrcnn_resnet50_fpn COCO_V1 weights: 37.9 / 34.6); this file has not
 reproduced it yet.

@@ -3,7 +3,13 @@ configs/panet/e2e_panet_R-50-FPN_2x_mask.yaml), for GPU/TPU users (not run here)
 
     instseg-jax train --config experiments/panet_r50_fpn_coco_2x.py --workdir runs/panet_2x \
         --config.input.train_split.annotations=COCO_ROOT/annotations/instances_train2017.json \
-        --config.input.train_split.images=COCO_ROOT/train2017
+        --config.input.train_split.images=COCO_ROOT/train2017 \
+        --config.model.backbone_weights=resnet50-0676ba61.pth
+
+resnet50-0676ba61.pth is torchvision's ImageNet ResNet-50 (ResNet50_Weights.IMAGENET1K_V1,
+https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where there is internet
+(docs/getting_started.md, "Pretrained backbones"); without it training refuses to start: a
+FrozenBN ResNet needs those weights.
 
 PANet's defaults (methods/panet.py: bottom-up path with GroupNorm, adaptive feature pooling,
 the "4conv1fc" GroupNorm box head, a 4-conv GroupNorm mask head with fully-connected fusion) on

@@ -4,7 +4,13 @@ panoptic_fpn_R_50_1x.yaml over Base-Panoptic-FPN.yaml), for GPU/TPU users (not r
     instseg-jax train --config experiments/panoptic_fpn_r50_coco_1x.py --workdir runs/pfpn_1x \
         --config.input.train_split.annotations=COCO_ROOT/annotations/panoptic_train2017.json \
         --config.input.train_split.images=COCO_ROOT/train2017 \
-        --config.input.train_split.panoptic=COCO_ROOT/annotations/panoptic_train2017
+        --config.input.train_split.panoptic=COCO_ROOT/annotations/panoptic_train2017 \
+        --config.model.backbone_weights=resnet50-0676ba61.pth
+
+resnet50-0676ba61.pth is torchvision's ImageNet ResNet-50 (ResNet50_Weights.IMAGENET1K_V1,
+https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where there is internet
+(docs/getting_started.md, "Pretrained backbones"); without it training refuses to start: a
+FrozenBN ResNet needs those weights.
 
 Mask R-CNN R50-FPN 1x's detector and schedule (experiments/maskrcnn_r50_fpn_coco_1x.py: batch
 16, lr 0.02, 90k steps, decays at 60k and 80k) on COCO's 80 thing categories, with the semantic

@@ -4,7 +4,13 @@ pointrend_rcnn_R_50_FPN_1x_coco.yaml over Base-PointRend-RCNN-FPN.yaml), for GPU
 
     instseg-jax train --config experiments/pointrend_r50_fpn_coco_1x.py --workdir runs/pr_1x \
         --config.input.train_split.annotations=COCO_ROOT/annotations/instances_train2017.json \
-        --config.input.train_split.images=COCO_ROOT/train2017
+        --config.input.train_split.images=COCO_ROOT/train2017 \
+        --config.model.backbone_weights=resnet50-0676ba61.pth
+
+resnet50-0676ba61.pth is torchvision's ImageNet ResNet-50 (ResNet50_Weights.IMAGENET1K_V1,
+https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where there is internet
+(docs/getting_started.md, "Pretrained backbones"); without it training refuses to start: a
+FrozenBN ResNet needs those weights.
 
 Mask R-CNN R50-FPN 1x's detector and schedule (experiments/maskrcnn_r50_fpn_coco_1x.py: batch
 16, lr 0.02, 90k steps, decays at 60k and 80k) with PointRend's mask head at the reference's

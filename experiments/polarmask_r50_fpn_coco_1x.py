@@ -3,7 +3,13 @@ polar_768_1x_r50.py), for GPU/TPU users (not run here).
 
     instseg-jax train --config experiments/polarmask_r50_fpn_coco_1x.py --workdir runs/pm_1x \
         --config.input.train_split.annotations=COCO_ROOT/annotations/instances_train2017.json \
-        --config.input.train_split.images=COCO_ROOT/train2017
+        --config.input.train_split.images=COCO_ROOT/train2017 \
+        --config.model.backbone_weights=resnet50-0676ba61.pth
+
+resnet50-0676ba61.pth is torchvision's ImageNet ResNet-50 (ResNet50_Weights.IMAGENET1K_V1,
+https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where there is internet
+(docs/getting_started.md, "Pretrained backbones"); without it training refuses to start: a
+FrozenBN ResNet needs those weights.
 
 An FCOS R-50 detector with GroupNorm towers whose regression predicts 36 ray lengths (exp of a
 per-level scale x the output), the centerness branch on the classification tower, mass-centre

@@ -35,7 +35,11 @@ from instseg_jax.checkpoint import Checkpointer, abstract, leaf_shapes
 from instseg_jax.input import report as input_report
 from instseg_jax.input.pipeline import InputPipeline, padding_example
 from instseg_jax.metrics import MetricsWriter
-from instseg_jax.weights.resnet import BackboneWeightsError, load_backbone
+from instseg_jax.weights.resnet import (
+    BackboneWeightsError,
+    load_backbone,
+    require_pretrained_frozen_bn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -350,6 +354,8 @@ def _has_checkpoint(workdir: Path) -> bool:
 
 
 def _train(config, workdir: Path, max_steps, progress) -> dict:
+    if not _has_checkpoint(workdir):  # before the data loads: refused in a second
+        require_pretrained_frozen_bn(config.model)
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh()
     source, source_names, data_notes = _training_source(config, workdir)

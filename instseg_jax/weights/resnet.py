@@ -99,6 +99,35 @@ def convert_body(sd: dict, layout: dict, prefix: str = "") -> tuple[dict, dict]:
     return params, frozen
 
 
+# torchvision's ImageNet classification checkpoints (ResNet{depth}_Weights.IMAGENET1K_V1).
+IMAGENET_CHECKPOINTS = {
+    18: "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    34: "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    50: "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    101: "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
+
+
+def require_pretrained_frozen_bn(model_config) -> None:
+    """Refuse to start training a FrozenBatchNorm ResNet without model.backbone_weights: its
+    frozen statistics and affine terms would stay the identity of a fresh initialisation, so
+    the network would train with no normalisation at all (the COCO recipes' silent failure).
+    GroupNorm ("group_norm") trains from scratch; a run resumed from a checkpoint (an imported
+    workdir included) has its weights already and is not asked."""
+    if model_config.get("norm") != "frozen_bn" or model_config.get("backbone_weights"):
+        return
+    depth = int(model_config.get("depth", 50))
+    where = IMAGENET_CHECKPOINTS.get(depth, "torchvision's model zoo")
+    raise BackboneWeightsError(
+        "model.backbone_weights is empty but model.norm is frozen_bn: a FrozenBatchNorm ResNet "
+        "needs ImageNet weights (random ones train without normalisation). Give "
+        f"--config.model.backbone_weights=resnet{depth}.pth, torchvision's "
+        f"ResNet{depth}_Weights.IMAGENET1K_V1 ({where}, fetched once where there is internet; "
+        ".pth needs torch, or an .npz of its state_dict; nothing downloads at run time), or "
+        "train from scratch with --config.model.norm=group_norm --config.model.freeze_at=0"
+    )
+
+
 def load_backbone(path: str | Path, model_config) -> tuple[dict, dict, str]:
     """(params, frozen, description) of the backbone in a torchvision ResNet weights file,
     checked against the experiment's model section (depth, width, stage_blocks, norm)."""

@@ -16,7 +16,8 @@ from instseg_jax.backbones.resnet import ResNet
 from instseg_jax.evaluate import restore_variables
 from instseg_jax.weights.resnet import BackboneWeightsError, load_backbone
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "resnet_tiny.npz"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURE = REPO / "tests" / "fixtures" / "resnet_tiny.npz"
 DEPTH = {"basic": 18, "bottleneck": 50}
 
 
@@ -140,3 +141,25 @@ def test_training_starts_from_the_files_backbone(tmp_path, capsys):
         np.asarray(variables["params"]["backbone"]["stem"]["conv"]["kernel"]),
         expected_params["stem"]["conv"]["kernel"],
     )
+
+
+COCO_RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*coco*.py"))
+
+
+@pytest.mark.parametrize("recipe", COCO_RECIPES)
+def test_frozen_bn_recipes_refuse_to_train_without_imagenet_weights(recipe, tmp_path, capsys):
+    """Every COCO recipe is FrozenBN: without model.backbone_weights it would train a random
+    ResNet without normalisation. One line naming the field, the checkpoint and the GroupNorm
+    alternative; status 2; no workdir; refused before the (here missing) data is read."""
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", recipe, "--workdir", str(workdir)]
+    missing = tmp_path / "no_such_annotations.json"
+    assert cli.main([*argv, f"--config.input.train_split.annotations={missing}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("instseg-jax train: model.backbone_weights is empty"), line
+    assert "--config.model.backbone_weights=" in line and "IMAGENET1K_V1" in line
+    assert "download.pytorch.org/models/resnet50-" in line
+    assert "--config.model.norm=group_norm" in line
+    assert not workdir.exists()
