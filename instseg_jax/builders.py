@@ -99,6 +99,33 @@ def build_source(input_config, train: bool, seed: int | None = None):
     )
 
 
+def check_eval_split(config, category_ids) -> None:
+    """When training evaluates periodically (eval.every_steps > 0), read the evaluation split
+    now, as the training split is, so that a missing or unreadable file, or categories other
+    than the training data's category_ids, end the run before its step compiles rather than
+    at the first evaluation."""
+    every = int(config.eval.get("every_steps", 0) or 0)
+    if every <= 0:
+        return
+    source = build_source(config.input, train=False, seed=config.seed)
+    ids, _ = source_class_map(source)
+    if ids != [int(i) for i in category_ids]:
+        where = getattr(source, "annotation_file", None) or type(source).__name__
+        raise ConfigValueError(
+            f"{where}: the evaluation split's category ids {_first(ids)} ({len(ids)}) differ "
+            f"from the training data's {_first(category_ids)} ({len(category_ids)}), and "
+            f"evaluation every {every} steps (eval.every_steps) scores the model's classes "
+            "against them: give an evaluation split with the training categories, or "
+            "--config.eval.every_steps=0"
+        )
+
+
+def _first(values, shown: int = 8) -> str:
+    """[a, b, ...]: the first `shown` of a list, for messages."""
+    values = list(values)
+    return "[" + ", ".join(map(str, values[:shown])) + (", ...]" if len(values) > shown else "]")
+
+
 def transform_config(config, train: bool) -> TransformConfig:
     """Transform settings of the training or the test-time pipeline. What it produces besides
     images and boxes is what the method's INPUTS ask; evaluation resizes to the test size."""

@@ -520,6 +520,7 @@ def _training_source(config, workdir: Path):
         # config.json records the class map the run used, not the empty "from the data".
         config.input.category_ids = tuple(source_ids)
         config.input.class_names = tuple(source_names)
+    builders.check_eval_split(config, source_ids)
     return source, source_names, data_notes
 
 

@@ -371,3 +371,29 @@ def test_a_global_batch_the_devices_do_not_divide_ends_in_one_line(tmp_path):
     assert "input.global_batch 2 does not divide over the 4 devices" in line, line
     assert "--config.input.global_batch=4" in line
     assert not workdir.exists()
+
+
+@pytest.mark.parametrize("mistake", ["missing file", "missing image", "other categories"])
+def test_the_evaluation_split_is_checked_before_the_step_compiles(tmp_path, capsys, mistake):
+    annotations = make_dataset(tmp_path)
+    images = tmp_path / "photos"
+    eval_file = tmp_path / "eval.json"
+    document = json.loads(annotations.read_text())
+    expected = f"{eval_file}: "
+    if mistake == "missing file":
+        expected = str(eval_file)
+    elif mistake == "missing image":
+        document["images"][1]["file_name"] = "gone.jpg"
+        eval_file.write_text(json.dumps(document))
+        expected = "gone.jpg: image file of image id 2 is missing"
+    else:
+        eval_file = two_class_copy(annotations)
+        expected = f"{eval_file}: the evaluation split's category ids [3, 7] (2) differ"
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", TOY, "--workdir", str(workdir), "--config.eval.every_steps=2"]
+    argv += data_overrides(annotations, images)
+    argv += [f"--config.input.eval_split.annotations={eval_file}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in user_error_line(err), err
+    assert "compiling" not in err and not workdir.exists()
