@@ -87,10 +87,12 @@ def coco_evaluate(
     stats = {}
     for iou_type in iou_types:
         keypoints = iou_type == "keypoints"
-        if not results:
-            stats[iou_type] = [0.0] * (10 if keypoints else 15 if extra else 12)
-            continue
-        detections_coco = _quiet(gt.loadRes, [dict(r) for r in results])
+        # loadRes cannot take an empty list: no detections are scored as an empty result set,
+        # for pycocotools' own values (0 where there is ground truth, -1 where there is none).
+        if results:
+            detections_coco = _quiet(gt.loadRes, [dict(r) for r in results])
+        else:
+            detections_coco = _no_detections(gt)
         evaluator = COCOeval(gt, detections_coco, iou_type)
         if keypoints:
             if keypoint_sigmas is not None:
@@ -175,6 +177,18 @@ def ground_truth(source, image_ids=None) -> COCO:
     from the PNGs, no image decoded) or its decoded examples (synthetic scenes: exact masks).
     image_ids: only these images (sources that list theirs). Images whose annotations cannot
     be read are left out, counted in a warning."""
+def _no_detections(gt: COCO) -> COCO:
+    """An empty result set over gt's images and categories."""
+    empty = COCO()
+    empty.dataset = {
+        "images": list(gt.dataset.get("images", [])),
+        "categories": list(gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
+    _quiet(empty.createIndex)
+    return empty
+
+
     annotation_file = getattr(source, "annotation_file", None)
     if annotation_file is not None:
         gt = _load_coco(annotation_file)
@@ -422,6 +436,14 @@ class PanopticEvaluation:
         """Combine one image's instances (detections.image_instances, any score: those below
         cfg.combine_score are left out here) with its semantic classes and score the map."""
         from instseg_jax import panoptic
+    if not results:  # said, or all-zero tables look like a broken evaluation
+        threshold = config.model.get("score_threshold")
+        log.warning(
+            "no detections%s on %d images: the tables are pycocotools' for no detections (0, "
+            "-1 where the ground truth has no object of a size)",
+            "" if threshold is None else f" above model.score_threshold={threshold}",
+            len(gt.imgs),
+        )
 
         kept = [i for i in instances if i["score"] >= self.cfg.combine_score]
         predicted = panoptic.predicted_map(

@@ -117,8 +117,9 @@ def test_a_new_users_path_on_a_coco_dataset_of_photos(tmp_path, capsys):
     assert cli.main(["eval", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
     assert f"evaluating {workdir / 'checkpoints' / '4'} on {annotations}" in out
-    report = json.loads(out[out.index("{\n") :])
-    assert set(report) == {"bbox", "segm", "timing"}
+    assert f"wrote {workdir / 'eval_4.json'}" in out
+    report = json.loads((workdir / "eval_4.json").read_text())
+    assert set(report) == {"step", "bbox", "segm", "timing"}
 
     preds = tmp_path / "preds"
     argv = ["predict", "--workdir", str(workdir), "--images", str(images), "--out", str(preds)]
@@ -397,3 +398,31 @@ def test_the_evaluation_split_is_checked_before_the_step_compiles(tmp_path, caps
     err = capsys.readouterr().err
     assert expected in user_error_line(err), err
     assert "compiling" not in err and not workdir.exists()
+
+
+def test_no_detections_are_said_and_keep_pycocotools_values(tmp_path, caplog, capsys):
+    """Above a score no detection reaches, evaluation says so in one line and reports
+    pycocotools' values: AP 0 where the ground truth has objects, -1 for a size it has none of
+    (the photos' objects are all under 96 x 96 px: no large ones)."""
+    import logging
+
+    from instseg_jax import config as config_lib
+    from instseg_jax import evaluate
+    from instseg_jax import train as train_lib
+
+    annotations = make_dataset(tmp_path)
+    config = config_lib.load(TOY, data_overrides(annotations, tmp_path / "photos"))
+    state = train_lib.train(config, tmp_path / "run", max_steps=1, progress=False)
+    with config.unlocked():
+        config.model.score_threshold = 2.0  # above any mean probability
+    variables = {"params": state["params"], "frozen": state["frozen"]}
+    with caplog.at_level(logging.WARNING, logger="instseg_jax.evaluate"):
+        report = evaluate.evaluate_model(config, variables, print_tables=True)
+    said = [r.getMessage() for r in caplog.records if "no detections" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        "no detections above model.score_threshold=2.0 on 6 images"
+    ), said
+    for iou_type in ("bbox", "segm"):
+        assert report[iou_type]["AP"] == 0.0 and report[iou_type]["AR100"] == 0.0
+        assert report[iou_type]["APl"] == -1.0 and report[iou_type]["ARl"] == -1.0
+    assert "Average Precision" in capsys.readouterr().out  # pycocotools' table is printed
