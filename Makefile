@@ -5,10 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PEER_VENV := .venv-peer
 PEER_PY := $(PEER_VENV)/bin/python
+TPU_VENV := .venv-tpu
+TPU_PY := $(TPU_VENV)/bin/python
 # JAX's persistent compilation cache: repeated test runs skip most XLA compile time.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: venv data demo test test-all bench peer peer-env parity lint clean
+.PHONY: venv data demo test test-all bench peer peer-env parity tpu-env test-tpu lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,9 +65,25 @@ parity: peer-env
 	$(PEER_PY) experiments/parity/keypoint_rcnn.py
 	$(PEER_PY) experiments/parity/panoptic_quality.py
 
+# libtpu (TPU's compiler) in its own environment, at the jax version of .venv: the compile tool
+# (`instseg-jax compile --target v5e:2x2`) compiles for TPU slices on this CPU host. Never a
+# dependency of the package.
+$(TPU_PY):
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_PY) -m pip install --quiet --upgrade pip
+
+tpu-env: $(STAMP) $(TPU_PY)
+	$(TPU_PY) -m pip install --quiet "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	$(TPU_PY) -m pip install --quiet -e '.[dev]'
+
+# The tests that compile for TPU slices (marked `tpu`, skipped without libtpu), e.g. the nuclei
+# Mask R-CNN's smoke steps on a v5e 2x2 slice: no TPU needed, a few minutes on 2 cores.
+test-tpu: tpu-env
+	$(TPU_PY) -m pytest -q -p no:cacheprovider -m tpu tests
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(PEER_VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) $(TPU_VENV) .cache .pytest_cache

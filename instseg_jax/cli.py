@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
-    if unknown or (overrides and args.command != "train"):
+    if unknown or (overrides and args.command not in ("train", "compile")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     configure_logging(args.verbose)
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands, compiles)
     _add_predict(commands, compiles)
     _add_import_weights(commands, common)
+    _add_compile(commands, common)
     commands.add_parser("version", parents=[common], help="print the package and JAX versions")
     return parser
 
@@ -205,6 +206,41 @@ def _add_import_weights(commands, parent) -> None:
     )
 
 
+def _add_compile(commands, parent) -> None:
+    compiler = commands.add_parser(
+        "compile",
+        parents=[parent],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="compile an experiment's training step for a TPU slice (or N CPU devices) without "
+        "one: memory, FLOPs, collectives per chip",
+        description="Ahead-of-time compile an experiment's training step (and evaluation step) "
+        "for a target's devices; nothing runs. TPU targets need libtpu: `make tpu-env`, then "
+        ".venv-tpu/bin/instseg-jax compile ... (instseg_jax/aot.py).",
+        epilog=OVERRIDES_HELP,
+    )
+    compiler.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
+    compiler.add_argument(
+        "--target",
+        required=True,
+        help="a TPU slice CHIP:SHAPE (v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x2) or cpu:N "
+        "(N host CPU devices)",
+    )
+    compiler.add_argument(
+        "--per-chip-batch", type=int, required=True, help="images per chip (global = x chips)"
+    )
+    compiler.add_argument(
+        "--eval", action="store_true", help="also compile the evaluation step (test-time shapes)"
+    )
+    compiler.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes of the heads (default: input.category_ids, the synthetic scenes' or "
+        "COCO's 80)",
+    )
+    compiler.add_argument("--out", default=None, help="write the report as JSON here")
+
+
 def _run(args) -> int:
     if not getattr(args, "no_compile_cache", True):
         from instseg_jax import compilation
@@ -250,6 +286,11 @@ def _run(args) -> int:
             return 2
         print(f"wrote {out}/config.json and {out}/checkpoints/0 (from {args.file})")
         print(f"next: instseg-jax eval --workdir {out}  |  instseg-jax predict --workdir {out} ...")
+    elif args.command == "compile":
+        from instseg_jax import aot
+
+        aot.prepare_host(args.target)  # before JAX starts its backends
+        return aot.main(args)
     elif args.command == "version":
         import jax
 

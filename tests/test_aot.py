@@ -1,0 +1,122 @@
+"""`instseg-jax compile` (instseg_jax/aot.py): an experiment's steps compiled ahead of time for a
+target's devices, nothing run. CI compiles the toy method on 8 host CPU devices; the TPU test
+runs in the environment of `make tpu-env` (`make test-tpu`) and is skipped elsewhere."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from instseg_jax import aot, cli
+
+from .conftest import REPO
+
+TOY = "tests/methods/toy_canvas.py:smoke"
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def jax_started():
+    """JAX's backends started as the other tests have them (one CPU device), so that the CLI
+    called in this process leaves the device count alone."""
+    return jax.devices()
+
+
+def check_program(program: dict, chip_memory) -> None:
+    """The figures every compiled program reports, with sane values."""
+    memory = program["memory_bytes"]
+    assert program["compile_seconds"] > 0
+    assert memory["peak"] > 0 and memory["argument"] > 0 and memory["temporary"] >= 0
+    assert memory["total"] >= memory["argument"]
+    assert program["flops"] > 0 and program["bytes_accessed"] > 0
+    assert set(program["hlo_ops"]) == {"gather", "scatter", "sort", "while"}
+    assert program["chip_memory_bytes"] == chip_memory
+    if chip_memory is None:  # a CPU target: no chip to fill
+        assert program["chip_memory_fraction"] is None
+    for found in program["collectives"]:
+        assert set(found) == {"kind", "bytes", "op_name"} and found["bytes"] > 0
+    counted = sum(v["count"] for v in program["collectives_by_kind"].values())
+    assert counted == len(program["collectives"])
+
+
+def test_compile_on_eight_cpu_devices(tmp_path):
+    # A process of its own, without XLA_FLAGS: the CLI asks JAX for the 8 devices itself.
+    out = tmp_path / "toy.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    argv = ["compile", "--config", TOY, "--target", "cpu:8", "--per-chip-batch", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "instseg_jax.cli", *argv, "--eval", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "train_step" in done.stdout and "eval_step" in done.stdout, done.stdout
+    report = json.loads(out.read_text())
+    assert (report["target"], report["platform"], report["chips"]) == ("cpu:8", "cpu", 8)
+    assert (report["per_chip_batch"], report["global_batch"]) == (1, 8)
+    assert report["num_classes"] == 3  # the synthetic scenes' classes, from the config alone
+    assert set(report["programs"]) == {"train_step", "eval_step"}
+    for program in report["programs"].values():
+        check_program(program, None)
+    train = report["programs"]["train_step"]
+    # The batch is split over the 8 devices: each holds its image, the replicated state and
+    # the gradients' all-reduce (the toy's only collectives: gradients and the loss).
+    assert train["memory_bytes"]["argument"] >= report["parameter_bytes"]
+    assert set(train["collectives_by_kind"]) == {"all-reduce"}
+    assert report["parameter_bytes"] <= train["collectives_by_kind"]["all-reduce"]["bytes"]
+    assert train["collectives_by_kind"]["all-reduce"]["bytes"] <= report["parameter_bytes"] + 64
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("v9x:2x2", "unknown chip 'v9x'"),
+        ("v5e", "expected CHIP:SHAPE"),
+        ("v5e:2by2", "must look like 2x2"),
+        ("cpu:0", "N >= 1"),
+        # This process's JAX already runs on one CPU device (conftest).
+        ("cpu:64", "XLA_FLAGS=--xla_force_host_platform_device_count=64"),
+    ],
+)
+def test_compile_target_mistakes_are_one_line(target, message, capsys, jax_started):
+    argv = ["compile", "--config", TOY, "--target", target, "--per-chip-batch", "1"]
+    assert cli.main(argv) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("instseg-jax compile: --target") and message in line, line
+
+
+@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed here")
+def test_a_tpu_target_without_libtpu_names_make_tpu_env(capsys, jax_started):
+    argv = ["compile", "--config", TOY, "--target", "v5e:2x2", "--per-chip-batch", "1"]
+    assert cli.main(argv) == 2
+    assert "make tpu-env" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+@pytest.mark.tpu
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: make tpu-env, then make test-tpu")
+def test_tpu_compile_of_the_nuclei_mask_rcnn_smoke_step():
+    """The nuclei Mask R-CNN's smoke training and evaluation steps on a v5e 2x2 slice (about
+    two minutes on 2 cores)."""
+    report = aot.compile_experiment(
+        "experiments/maskrcnn_nuclei.py:smoke", "v5e:2x2", 2, evaluation=True
+    )
+    assert (report["platform"], report["chip"], report["chips"]) == ("tpu", "v5e", 4)
+    assert "TPU v5" in report["device_kind"]
+    for program in report["programs"].values():
+        check_program(program, 16 << 30)
+        assert 0 < program["chip_memory_fraction"] < 1
+    assert report["programs"]["train_step"]["collectives_by_kind"]["all-reduce"]["count"] > 0
