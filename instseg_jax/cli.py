@@ -15,6 +15,54 @@ Fields and defaults: instseg_jax/config.py (input, optim, schedule, eval, ...), 
 Config dataclass (model.*, e.g. instseg_jax/methods/mask_rcnn.py) and the experiment file;
 a run's workdir/config.json lists every field it used."""
 
+WORKDIR_OVERRIDES_HELP = """\
+--config.FIELD=VALUE after the options overrides the workdir's config.json for this run only,
+e.g. --config.model.score_threshold=0.01 --config.eval.max_detections=300
+--config.input.eval_split.annotations=OTHER.json --config.input.eval_split.images=FOLDER"""
+
+
+def config_fields_help(width: int = 100) -> str:
+    """Every method-independent config field with its default (config.base(), the one list of
+    them), a few lines per section, for `train --help`."""
+    import textwrap
+
+    import ml_collections
+
+    from instseg_jax import config as config_lib
+
+    def fields(section, prefix=""):
+        for key, value in section.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                yield from fields(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}={value!r}".replace(" ", "")
+
+    base = config_lib.base()
+    sections = {"": [k for k, v in base.items() if not isinstance(v, ml_collections.ConfigDict)]}
+    sections.update({f"{k}.": [k] for k, v in base.items() if k not in sections[""]})
+    lines = [
+        "Config fields and their defaults (the experiment file sets its own; a run's",
+        "workdir/config.json lists every value it used):",
+    ]
+    for name, keys in sections.items():
+        if name:  # a section: its fields, nested ones by their dotted path
+            items = list(fields(base[keys[0]]))
+        else:  # the top-level fields
+            items = [f"{k}={base[k]!r}" for k in keys]
+        lines += textwrap.wrap(
+            "  ".join(items),
+            width,
+            initial_indent=f"  {name:<12}",
+            subsequent_indent=" " * 14,
+            break_on_hyphens=False,
+        )
+    lines.append(
+        f"  {'model.':<12}the fields of the method's Config dataclass, with their defaults "
+        "(methods/*.py)"
+    )
+    return "\n".join(lines)
+
+
 # Loggers of the libraries under the CLI: their INFO lines (orbax's checkpoint chatter, absl's)
 # only with --verbose.
 LIBRARY_LOGGERS = ("absl", "orbax", "jax", "grain", "tensorflow_datasets")
@@ -59,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
-    if unknown or (overrides and args.command not in ("train", "compile")):
+    if unknown or (overrides and args.command not in ("train", "compile", "eval", "predict")):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     configure_logging(args.verbose)
@@ -107,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 _DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
 
 
+class _RAW_DEFAULTS(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the options' help, the epilog's lines as written."""
+
+
 def _add_demo(commands, parent) -> None:
     demo = commands.add_parser(
         "demo",
@@ -126,7 +178,7 @@ def _add_train(commands, parent) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a model from an experiment config",
         description="Train a model from an experiment config.",
-        epilog=OVERRIDES_HELP,
+        epilog=OVERRIDES_HELP + "\n\n" + config_fields_help(),
     )
     train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
     train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
@@ -142,13 +194,19 @@ def _add_eval(commands, parent) -> None:
     evaluate = commands.add_parser(
         "eval",
         parents=[parent],
-        formatter_class=_DEFAULTS,
+        formatter_class=_RAW_DEFAULTS,
         help="COCO bbox/segm evaluation with pycocotools",
+        epilog=WORKDIR_OVERRIDES_HELP,
     )
     evaluate.add_argument("--workdir", help="a training workdir to evaluate")
     evaluate.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
     evaluate.add_argument("--results", help="a COCO results JSON to evaluate on its own")
     evaluate.add_argument("--annotations", help="the ground-truth COCO JSON for --results")
+    evaluate.add_argument(
+        "--out",
+        help="--results: also write the report as JSON here (--workdir writes eval_<step>.json "
+        "into the workdir)",
+    )
     evaluate.add_argument(
         "--max-dets",
         type=int,
@@ -162,8 +220,9 @@ def _add_predict(commands, parent) -> None:
     predict = commands.add_parser(
         "predict",
         parents=[parent],
-        formatter_class=_DEFAULTS,
+        formatter_class=_RAW_DEFAULTS,
         help="detections and overlay PNGs for images",
+        epilog=WORKDIR_OVERRIDES_HELP,
     )
     predict.add_argument("--workdir", help="a training workdir (latest checkpoint)")
     predict.add_argument(
@@ -172,7 +231,11 @@ def _add_predict(commands, parent) -> None:
     predict.add_argument("--images", nargs="+", required=True, help="image files or folders")
     predict.add_argument("--out", required=True, help="folder for <name>.json and <name>.png")
     predict.add_argument(
-        "--score-threshold", type=float, default=0.5, help="keep detections >= this"
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="keep detections >= this (below the model's model.score_threshold, that is lowered "
+        "to it)",
     )
 
 

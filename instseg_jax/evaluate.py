@@ -24,6 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from instseg_jax import builders, detections, structures
+from instseg_jax import config as config_lib
 from instseg_jax.config import UserError
 from instseg_jax.input.coco import mask_annotation
 
@@ -103,6 +104,8 @@ def coco_evaluate(
                 if print_tables:
                     print(f"-- {iou_type} --")
                 evaluator.summarize()
+            if print_tables:
+                print(per_category_table(evaluator, gt, iou_type))
             stats[iou_type] = [float(v) for v in evaluator.stats]
             continue
         evaluator.params.maxDets = [1, 10, 100, max_detections] if extra else [1, 10, 100]
@@ -112,6 +115,8 @@ def coco_evaluate(
             if print_tables:
                 print(f"-- {iou_type} --")
             evaluator.summarize()
+        if print_tables:
+            print(per_category_table(evaluator, gt, iou_type))
         values = [float(v) for v in evaluator.stats]
         if extra:
             values += _at_max_detections(evaluator)
@@ -125,6 +130,40 @@ def coco_evaluate(
     return stats
 
 
+def per_category_ap(evaluator: COCOeval) -> dict[int, float]:
+    """AP (IoU 0.50:0.95, area "all", maxDets 100, or the keypoints' 20) of each category id
+    from accumulate()'s precision array [T, R, K, A, M]; NaN for a category without ground
+    truth (pycocotools' -1 everywhere)."""
+    precision = evaluator.eval["precision"]
+    max_dets = list(evaluator.params.maxDets)
+    column = max_dets.index(100) if 100 in max_dets else len(max_dets) - 1
+    values = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        scored = precision[:, :, k, 0, column]
+        scored = scored[scored > -1]
+        values[int(category_id)] = float(scored.mean()) if scored.size else float("nan")
+    return values
+
+
+def per_category_table(evaluator: COCOeval, gt: COCO, iou_type: str, columns: int = 3) -> str:
+    """detectron2's per-category AP table (in percent, three categories to a row; "-" for a
+    category without ground truth)."""
+    cells = [
+        (str(gt.cats.get(i, {}).get("name", i)), "-" if np.isnan(ap) else f"{100 * ap:.1f}")
+        for i, ap in per_category_ap(evaluator).items()
+    ]
+    if not cells:
+        return ""
+    name_width = max(8, *(len(n) for n, _ in cells))
+    header = " | ".join(f"{'category':<{name_width}} | {'AP':>5}" for _ in range(columns))
+    rows = [f"per-category {iou_type} AP:", header, "-" * len(header)]
+    for start in range(0, len(cells), columns):
+        rows.append(
+            " | ".join(f"{n:<{name_width}} | {ap:>5}" for n, ap in cells[start : start + columns])
+        )
+    return "\n".join(rows)
+
+
 def _at_max_detections(evaluator: COCOeval) -> list[float]:
     """AP, AP50 and AR over all areas at the last maxDets, from accumulate()'s arrays."""
     precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [T, R, K] area "all", last maxDets
@@ -136,6 +175,18 @@ def _at_max_detections(evaluator: COCOeval) -> list[float]:
 
     iou50 = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
     return [mean(precision), mean(precision[iou50]), mean(recall)]
+
+
+def _no_detections(gt: COCO) -> COCO:
+    """An empty result set over gt's images and categories."""
+    empty = COCO()
+    empty.dataset = {
+        "images": list(gt.dataset.get("images", [])),
+        "categories": list(gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
+    _quiet(empty.createIndex)
+    return empty
 
 
 def _load_coco(path) -> COCO:
@@ -177,18 +228,6 @@ def ground_truth(source, image_ids=None) -> COCO:
     from the PNGs, no image decoded) or its decoded examples (synthetic scenes: exact masks).
     image_ids: only these images (sources that list theirs). Images whose annotations cannot
     be read are left out, counted in a warning."""
-def _no_detections(gt: COCO) -> COCO:
-    """An empty result set over gt's images and categories."""
-    empty = COCO()
-    empty.dataset = {
-        "images": list(gt.dataset.get("images", [])),
-        "categories": list(gt.dataset.get("categories", [])),
-        "annotations": [],
-    }
-    _quiet(empty.createIndex)
-    return empty
-
-
     annotation_file = getattr(source, "annotation_file", None)
     if annotation_file is not None:
         gt = _load_coco(annotation_file)
@@ -397,6 +436,14 @@ def evaluate_model(
 
         iou_types += ("keypoints",)
         sigmas = keypoint_set(config.input.get("keypoints", "coco_person")).sigmas
+    if not results:  # said, or all-zero tables look like a broken evaluation
+        threshold = config.model.get("score_threshold")
+        log.warning(
+            "no detections%s on %d images: the tables are pycocotools' for no detections (0, "
+            "-1 where the ground truth has no object of a size)",
+            "" if threshold is None else f" above model.score_threshold={threshold}",
+            len(gt.imgs),
+        )
     start = time.perf_counter()
     stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections, sigmas)
     seconds["cocoeval_s"] = time.perf_counter() - start
@@ -409,7 +456,10 @@ def evaluate_model(
     if workdir is not None:
         path = Path(workdir) / f"eval_{step}.json"
         path.write_text(json.dumps({"step": step, **report}, indent=2) + "\n")
-        log.info("wrote %s", path)
+        if print_tables:  # under the tables: where all of it went (and the timings)
+            print(f"wrote {path}")
+        else:
+            log.info("wrote %s", path)
     return report
 
 
@@ -436,14 +486,6 @@ class PanopticEvaluation:
         """Combine one image's instances (detections.image_instances, any score: those below
         cfg.combine_score are left out here) with its semantic classes and score the map."""
         from instseg_jax import panoptic
-    if not results:  # said, or all-zero tables look like a broken evaluation
-        threshold = config.model.get("score_threshold")
-        log.warning(
-            "no detections%s on %d images: the tables are pycocotools' for no detections (0, "
-            "-1 where the ground truth has no object of a size)",
-            "" if threshold is None else f" above model.score_threshold={threshold}",
-            len(gt.imgs),
-        )
 
         kept = [i for i in instances if i["score"] >= self.cfg.combine_score]
         predicted = panoptic.predicted_map(
@@ -505,8 +547,10 @@ def _stuff_ids(source, cfg) -> list[int]:
     return ids
 
 
-def restore_variables(workdir: str | Path, step: int | None = None):
-    """(config, variables, step) of a training workdir's checkpoint (latest by default)."""
+def restore_variables(workdir: str | Path, step: int | None = None, overrides=()):
+    """(config, variables, step) of a training workdir's checkpoint (latest by default), the
+    config being workdir/config.json with `--config.a.b=value` overrides applied (eval and
+    predict: e.g. model.score_threshold)."""
     import ml_collections
     import orbax.checkpoint as ocp
 
@@ -519,6 +563,8 @@ def restore_variables(workdir: str | Path, step: int | None = None):
             "`instseg-jax import-weights`"
         )
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    for override in overrides:
+        config_lib.apply_override(config, override)
     checkpointer = Checkpointer(workdir, 1, 10, use_async=False)
     available = checkpointer.manager.all_steps()
     step = checkpointer.latest_step() if step is None else step
@@ -556,17 +602,27 @@ def main(args) -> int:
     max_detections = args.max_dets
     if max_detections is not None and max_detections < 100:
         raise UserError(f"--max-dets {max_detections}: give 100 (COCO's) or more")
+    overrides = list(getattr(args, "overrides", ()) or ())
     if args.results:
         if not args.annotations:
             raise UserError("--results needs --annotations (the ground-truth COCO JSON)")
+        if overrides:
+            raise UserError(
+                f"{overrides[0]}: --config. overrides change a workdir's config; --results "
+                "has none (give --workdir DIR to evaluate a model)"
+            )
         print(f"evaluating {args.results} against {args.annotations}", flush=True)
         report = main_results(args.results, args.annotations, max_detections or 100)
+        out = getattr(args, "out", None)
+        if out:
+            Path(out).write_text(json.dumps(report, indent=2) + "\n")
+            print(f"wrote {out}")
     else:
         if not args.workdir:
             raise UserError(
                 "give --workdir DIR [--checkpoint STEP], or --results and --annotations"
             )
-        config, variables, step = restore_variables(args.workdir, args.checkpoint)
+        config, variables, step = restore_variables(args.workdir, args.checkpoint, overrides)
         print(
             f"evaluating {Path(args.workdir) / 'checkpoints' / str(step)} on "
             f"{evaluation_data(config)}",
@@ -575,6 +631,5 @@ def main(args) -> int:
         if max_detections is not None:
             with config.unlocked() if config.is_locked else contextlib.nullcontext():
                 config.eval.max_detections = max_detections
-        report = evaluate_model(config, variables, args.workdir, step)
-    print(json.dumps(report, indent=2))
+        evaluate_model(config, variables, args.workdir, step)  # prints the tables and the path
     return 0

@@ -257,6 +257,21 @@ def _write(
     picture.save(out / f"{path.stem}.png")
 
 
+def lower_model_threshold(config, score_threshold: float) -> None:
+    """Lower the model's own score threshold (model.score_threshold, where the method has one)
+    to a --score-threshold below it: the model would drop those detections before predict
+    sees them."""
+    model_threshold = config.model.get("score_threshold")
+    if model_threshold is None or score_threshold >= model_threshold:
+        return
+    config.model.score_threshold = float(score_threshold)
+    log.info(
+        "model.score_threshold lowered from %g to %g for --score-threshold",
+        model_threshold,
+        score_threshold,
+    )
+
+
 def main(args) -> int:
     if args.checkpoint_path:
         path = Path(args.checkpoint_path)
@@ -267,7 +282,10 @@ def main(args) -> int:
         workdir, step = Path(args.workdir), None
     else:
         raise UserError("give --workdir DIR or --checkpoint DIR/checkpoints/STEP")
-    config, variables, step = evaluate.restore_variables(workdir, step)
+    config, variables, step = evaluate.restore_variables(
+        workdir, step, getattr(args, "overrides", ())
+    )
+    lower_model_threshold(config, args.score_threshold)
     class_map = builders.workdir_class_map(workdir, config)
     result = predict(
         config,

@@ -358,13 +358,13 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
         require_pretrained_frozen_bn(config.model)
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh()
+    sharding.check_global_batch(config.input.global_batch, mesh)
     source, source_names, data_notes = _training_source(config, workdir)
     tconfig = builders.transform_config(config, train=True)
     pipeline = InputPipeline(
         source,
         tconfig,
         config.input.global_batch,
-    sharding.check_global_batch(config.input.global_batch, mesh)
         seed=config.seed,
         num_workers=config.input.num_workers,
     )
@@ -574,12 +574,12 @@ def _run_steps(config, state, step_fn, pipeline, mesh, ckpt, writer, bar, workdi
     best = _best_so_far(workdir)
     first = int(state["step"])
     timer = StepTimer(first)
-    _warn_about_warmup(config, first, total)
     compile_times = CompileTimes(config)
-    if first < total:
-        log.info("%s", compile_times.message())
     previous = None  # the step before's metrics: waited for (never read) to move the bar
-    with StopRequests() as stops:
+    with StopRequests() as stops, _logs_above_the_bar():
+        _warn_about_warmup(config, first, total)
+        if first < total:
+            log.info("%s", compile_times.message())
         for step in range(first, total):
             batch = sharding.global_batch(device_fields(next(pipeline)), mesh)
             began = time.perf_counter()
@@ -617,9 +617,23 @@ def _run_steps(config, state, step_fn, pipeline, mesh, ckpt, writer, bar, workdi
             if every > 0 and (step_done % every == 0 or step_done == total):
                 with timer.pause(state):
                     best = periodic_eval(config, state, workdir, step_done, best, pipeline)
-    if first < total:
-        log.info("input over the run: %s", input_report.summary(pipeline.total_counts))
+        if first < total:
+            log.info("input over the run: %s", input_report.summary(pipeline.total_counts))
     return state, None
+
+
+@contextlib.contextmanager
+def _logs_above_the_bar():
+    """The package's log lines printed above the progress bar, not glued to its line (where the
+    CLI set up a console handler)."""
+    package = logging.getLogger("instseg_jax")
+    if not any(isinstance(h, logging.StreamHandler) for h in package.handlers):
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[package], tqdm_class=tqdm):
+        yield
 
 
 def _warn_about_warmup(config, start: int, total: int) -> None:

@@ -97,11 +97,10 @@ def test_eval_results_equals_pycocotools(synthetic_coco, tmp_path, capsys):
     results_file.write_text(json.dumps(results))
     from instseg_jax import cli
 
-    assert (
-        cli.main(["eval", "--results", str(results_file), "--annotations", str(annotations)]) == 0
-    )
-    printed = capsys.readouterr().out
-    report = json.loads(printed[printed.index("{\n") :])
+    argv = ["eval", "--results", str(results_file), "--annotations", str(annotations)]
+    assert cli.main([*argv, "--out", str(tmp_path / "report.json")]) == 0
+    assert f"wrote {tmp_path / 'report.json'}" in capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
     gt = COCO(str(annotations))
     for iou_type in ("bbox", "segm"):
         direct = COCOeval(gt, gt.loadRes(str(results_file)), iou_type)

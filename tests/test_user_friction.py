@@ -2,6 +2,8 @@
 the recipe's settings checked against the data, a sign of life while the step compiles, quiet
 logs, overrides for eval and predict, per-category AP, readable plots."""
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -10,11 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from instseg_jax import builders, evaluate
+from instseg_jax import builders, cli, evaluate
 from instseg_jax import config as config_lib
 from instseg_jax import train as train_module
+from instseg_jax.input import pipeline as pipeline_module
 from instseg_jax.input import report
 from instseg_jax.input.coco import CocoSource
+from instseg_jax.input.pipeline import InputPipeline
+from instseg_jax.input.transforms import TransformConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TOY = "tests/methods/toy_canvas.py:smoke"
@@ -213,3 +218,146 @@ def test_the_compile_is_announced_and_the_bar_moves_every_step(tmp_path, caplog,
     times.record(42.4)
     times.record(3.0)  # a warm cache's load does not replace the cold figure
     assert "(first run: about 42 s; cached afterwards)" in times.message()
+
+
+# ------------------------------------------- 9 and 10: quiet logs, eval and predict for a user
+
+
+@pytest.fixture(scope="module")
+def trained_toy(tmp_path_factory):
+    """A toy model trained 3 steps on a COCO file of 3 images whose third category has no
+    annotation; (workdir, the training log, the images folder)."""
+    root = tmp_path_factory.mktemp("toy")
+    anns = [square(1, 1, 4, 4, 30, 30), square(2, 2, 10, 6, 40, 36, category_id=2)]
+    anns.append(square(3, 3, 6, 4, 20, 24))
+    categories = [{"id": 1, "name": "apple"}, {"id": 2, "name": "pear"}]
+    categories.append({"id": 5, "name": "quince"})
+    path = coco_dataset(root / "data", anns, num_images=3, categories=categories)
+    workdir = root / "run"
+    argv = ["train", "--config", TOY, "--workdir", str(workdir), "--max-steps", "3"]
+    argv += [
+        "--config.input.source=coco",
+        f"--config.input.train_split.annotations={path}",
+        f"--config.input.train_split.images={path.parent}",
+        f"--config.input.eval_split.annotations={path}",
+        f"--config.input.eval_split.images={path.parent}",
+    ]
+    log = io.StringIO()
+    with contextlib.redirect_stderr(log):
+        assert cli.main(argv) == 0
+    return workdir, log.getvalue(), path.parent
+
+
+def test_the_start_up_summary_counts_classes_without_instances_and_clean_epochs_are_quiet(
+    trained_toy,
+):
+    _, log, _ = trained_toy
+    assert "3 images, 3 instances" in log
+    assert "1 of 3 classes have no training instance (quince)" in log
+    # 3 steps of 2 images cross epoch 0 of 3 images: nothing to say about it, one line at the end.
+    assert "input epoch" not in log and "no data issues" in log.split("input over the run")[1]
+    assert log.count("no data issues") == 1
+
+
+def test_eval_prints_tables_with_per_category_ap_takes_overrides_and_points_to_its_report(
+    trained_toy, capsys
+):
+    workdir, _, _ = trained_toy
+    assert cli.main(["eval", "--workdir", str(workdir), "--config.eval.max_detections=150"]) == 0
+    captured = capsys.readouterr()
+    assert "per-category segm AP:" in captured.out and "per-category bbox AP:" in captured.out
+    table = captured.out.split("per-category segm AP:")[1]
+    assert "apple" in table and "pear" in table and "quince" in table
+    assert f"wrote {workdir / 'eval_3.json'}" in captured.out and '"timing"' not in captured.out
+    assert "input" not in captured.err  # no epoch line for an evaluation pass
+    report = json.loads((workdir / "eval_3.json").read_text())
+    assert "AP@150" in report["segm"]  # the override reached the evaluation
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["eval"]["max_detections"] == 100  # for this run only
+
+    assert cli.main(["eval", "--workdir", str(workdir), "--config.eval.max_detectoins=5"]) == 2
+    assert "max_detectoins" in capsys.readouterr().err
+
+
+def test_predict_takes_overrides_and_lowers_the_models_threshold_to_its_own(
+    trained_toy, tmp_path, capsys, caplog
+):
+    workdir, _, images = trained_toy
+    argv = ["predict", "--workdir", str(workdir), "--images", str(images / "0.png")]
+    with caplog.at_level(logging.INFO, logger="instseg_jax.predict"):
+        assert cli.main([*argv, "--out", str(tmp_path / "a"), "--score-threshold", "0.01"]) == 0
+    assert "model.score_threshold lowered from 0.05 to 0.01" in caplog.text
+    caplog.clear()
+    override = "--config.model.score_threshold=0.001"
+    with caplog.at_level(logging.INFO, logger="instseg_jax.predict"):
+        assert (
+            cli.main([*argv, "--out", str(tmp_path / "b"), "--score-threshold", "0.01", override])
+            == 0
+        )
+    assert "lowered" not in caplog.text  # the override's 0.001 is below 0.01 already
+    assert (tmp_path / "b" / "0.json").is_file()
+
+
+def test_train_help_lists_the_config_fields_with_their_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        cli.main(["train", "--help"])
+    assert exit_status.value.code == 0
+    text = capsys.readouterr().out
+    for field in ("eval_fraction=0.0", "warmup_steps=1000", "lr=0.02", "every_steps=5000"):
+        assert field in text, field
+    for section in ("input.", "optim.", "schedule.", "eval.", "checkpoint.", "model."):
+        assert f"\n  {section}" in text, section
+
+
+def test_per_category_ap_is_cocoevals_precision_per_category(tmp_path, capsys):
+    """Category 1 found exactly, category 2 missed, category 3 without ground truth."""
+    boxes = {1: [2, 2, 10, 10], 2: [20, 20, 8, 8]}
+    gt = {
+        "images": [{"id": 1, "height": 40, "width": 40}],
+        "categories": [{"id": 1, "name": "found"}, {"id": 2, "name": "missed"}]
+        + [{"id": 3, "name": "absent"}],
+        "annotations": [
+            {"id": c, "image_id": 1, "category_id": c, "bbox": b, "area": 64.0, "iscrowd": 0}
+            for c, b in boxes.items()
+        ],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))
+    results = [{"image_id": 1, "category_id": 1, "bbox": boxes[1], "score": 0.9}]
+    evaluate.coco_evaluate(path, results, print_tables=True)
+    lines = capsys.readouterr().out.split("per-category bbox AP:\n")[1].splitlines()
+    cells = [c.strip() for c in lines[2].split("|")]
+    assert cells == ["found", "100.0", "missed", "0.0", "absent", "-"], lines
+
+
+def test_an_unreadable_image_is_named_once_and_an_unchanged_epoch_report_not_repeated(
+    tmp_path, caplog
+):
+    path = coco_dataset(tmp_path, [square(i + 1, i + 1, 2, 2, 12, 12) for i in range(4)], 4)
+    (tmp_path / "2.png").write_bytes(b"not a png")
+    config = TransformConfig(
+        canvas_hw=(48, 48), short_side=(40,), max_long_side=48, max_instances=2, mask_size=4
+    )
+    pipeline = InputPipeline(
+        CocoSource(path, tmp_path), config, 2, process_index=0, process_count=1
+    )
+    with caplog.at_level(logging.INFO, logger="instseg_jax.input.pipeline"):
+        for _ in range(7):  # three epochs and a half
+            next(pipeline)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"skipped: {tmp_path / '2.png'}: cannot decode image (cannot identify image file "
+        f"'{tmp_path / '2.png'}')",
+        "input epoch 0: unreadable_image=1",
+    ], lines
+    assert report.as_dict(pipeline.total_counts)["unreadable_image"] == 3
+
+    # A worker logs in the main process's format (it starts without the CLI's setup).
+    package = logging.getLogger("instseg_jax")
+    saved = package.handlers, package.level, package.propagate
+    try:
+        pipeline_module._init_worker((logging.INFO, "%(asctime)s %(message)s", "%H:%M"), 0, 1)
+        (handler,) = package.handlers
+        assert handler.formatter._fmt == "%(asctime)s %(message)s" and not package.propagate
+    finally:
+        package.handlers, package.level, package.propagate = saved

@@ -109,6 +109,7 @@ class ExampleMaker:
         self.seed = seed
         self.train = train
         self.strict = strict
+        self._warned: set[str] = set()  # unusable examples already named
 
     def _load(self, index: int, counts: np.ndarray):
         """The source's example, or None for an unusable one, counted (and logged) under its
@@ -121,7 +122,9 @@ class ExampleMaker:
             if self.strict:
                 raise
             report.count(counts, error.kind)
-            log.warning("skipped: %s", error)
+            if str(error) not in self._warned:  # once per process: every epoch meets it again
+                self._warned.add(str(error))
+                log.warning("skipped: %s", error)
             return None
         counts += own
         return decoded
@@ -171,6 +174,30 @@ def _absl_flags_ready() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def _package_logging() -> tuple[int, str | None, str | None]:
+    """(level, format, date format) of this process's "instseg_jax" logger, for workers."""
+    package = logging.getLogger("instseg_jax")
+    formatter = next((h.formatter for h in package.handlers if h.formatter), None)
+    if formatter is None:
+        return package.getEffectiveLevel(), None, None
+    return package.getEffectiveLevel(), formatter._fmt, formatter.datefmt
+
+
+def _init_worker(package_logging, worker_index: int, worker_count: int) -> None:
+    """A loader worker's start: its warnings (an unreadable image) in the main process's format
+    (a worker starts without the CLI's logging setup)."""
+    del worker_index, worker_count
+    level, fmt, datefmt = package_logging
+    if fmt is None:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    package = logging.getLogger("instseg_jax")
+    package.handlers = [handler]
+    package.setLevel(level)
+    package.propagate = False
 
 
 def stack_examples(examples) -> dict:
@@ -239,6 +266,7 @@ class InputPipeline:
         self.epoch_counts = report.new_counts()
         self.total_counts = report.new_counts()
         self._reported_epoch = 0
+        self._last_logged = report.new_counts()  # the counts of the last epoch line
 
     def _stream_from(self, step: int):
         """The grain dataset of this process's batches from batch `step` on. Every batch is a
@@ -256,7 +284,8 @@ class InputPipeline:
             dataset = dataset.mp_prefetch(
                 grain.MultiprocessingOptions(
                     num_workers=self._num_workers, per_worker_buffer_size=self._worker_buffer
-                )
+                ),
+                worker_init_fn=functools.partial(_init_worker, _package_logging()),
             )
         return dataset
 
@@ -291,11 +320,12 @@ class InputPipeline:
         return batch
 
     def _report_epoch(self):
-        """One line for an epoch (a pass, in evaluation) that had data issues; none without:
-        the trainer sums up the whole run at its end."""
-        if self.epoch_counts.any():
+        """One line for an epoch (a pass, in evaluation) with data issues, unless the epoch
+        before said the same; none without: the trainer sums up the whole run at its end."""
+        if self.epoch_counts.any() and not np.array_equal(self.epoch_counts, self._last_logged):
             where = f"input epoch {self._reported_epoch}" if self.train else "input"
             log.info("%s: %s", where, report.summary(self.epoch_counts))
+            self._last_logged = self.epoch_counts
         self.epoch_counts = report.new_counts()
 
     def get_state(self) -> dict:
