@@ -321,50 +321,54 @@ def run_inference(config, variables, source, num_classes: int, max_batches=None,
         pipeline.close()
 
 
+# (iou type, stat, colour) of each AP-versus-step series; PQ is drawn as PQ / 100.
+AP_SERIES = (
+    ("bbox", "AP", "#0a5ac8"),
+    ("bbox", "AP50", "#78aae6"),
+    ("segm", "AP", "#c82828"),
+    ("segm", "AP50", "#f09696"),
+    ("keypoints", "AP", "#1e963c"),
+    ("keypoints", "AP50", "#8cd296"),
+    ("panoptic", "PQ", "#963caa"),
+)
+
+
 def plot_ap(workdir: str | Path) -> Path:
-    """AP-versus-step PNG of every eval_<step>.json in a workdir (bbox, segm and keypoint AP
-    and AP50; PQ)."""
-    from PIL import Image, ImageDraw
+    """workdir/ap_vs_step.png: bbox, segm and keypoint AP and AP50 (and PQ / 100) of every
+    eval_<step>.json against the training step, titled with the run's name (the workdir's);
+    matplotlib on its Agg canvas (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     workdir = Path(workdir)
     reports = sorted(
         (json.loads(p.read_text()) for p in workdir.glob("eval_*.json")), key=lambda r: r["step"]
     )
-    width, height, margin = 640, 400, 48
-    picture = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(picture)
-    draw.rectangle([margin, margin // 2, width - margin // 2, height - margin], outline="black")
-    steps = [r["step"] for r in reports] or [0]
-    top_step = max(max(steps), 1)
-
-    def point(step, value):
-        x = margin + (width - 1.5 * margin) * step / top_step
-        y = (height - margin) - (height - 1.5 * margin) * value
-        return x, y
-
-    for value in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x, y = point(0, value)
-        draw.text((4, y - 6), f"{value:.2f}", fill="black")
-    draw.text((width // 2 - 20, height - margin + 8), f"step (max {top_step})", fill="black")
-    series = [
-        ("bbox", "AP", (0, 90, 200)),
-        ("bbox", "AP50", (120, 170, 230)),
-        ("segm", "AP", (200, 40, 40)),
-        ("segm", "AP50", (240, 150, 150)),
-        ("keypoints", "AP", (30, 150, 60)),
-        ("keypoints", "AP50", (140, 210, 150)),
-        ("panoptic", "PQ", (150, 60, 170)),
-    ]
-    for row, (iou_type, stat, colour) in enumerate(series):
+    figure = Figure(figsize=(6.4, 4.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    top = 0.0
+    for iou_type, stat, colour in AP_SERIES:
+        points = [(r["step"], r[iou_type][stat]) for r in reports if iou_type in r]
+        if not points:
+            continue
+        steps, values = zip(*points, strict=True)
         scale = 0.01 if iou_type == "panoptic" else 1.0  # PQ is in percent, as panopticapi's
-        points = [point(r["step"], scale * r[iou_type][stat]) for r in reports if iou_type in r]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((margin + 8, margin // 2 + 4 + 12 * row), f"{iou_type} {stat}", fill=colour)
+        values = [scale * v for v in values]
+        label = "PQ / 100" if iou_type == "panoptic" else f"{iou_type} {stat}"
+        axes.plot(steps, values, marker="o", markersize=3, color=colour, label=label)
+        top = max(top, *values)
+    title = f"{workdir.resolve().name}: evaluation AP versus training step"
+    axes.set_title(title)
+    axes.set_xlabel("training step")
+    axes.set_ylabel("AP (IoU 0.50:0.95; AP50 at 0.50)")
+    axes.set_ylim(0.0, min(1.0, max(0.05, 1.1 * top)))
+    axes.set_xlim(left=0)
+    axes.grid(True, alpha=0.3)
+    if axes.lines:
+        axes.legend(loc="lower right", fontsize="small")
     path = workdir / "ap_vs_step.png"
-    picture.save(path)
+    figure.savefig(path, metadata={"Title": title})
     return path
 
 

@@ -361,3 +361,18 @@ def test_an_unreadable_image_is_named_once_and_an_unchanged_epoch_report_not_rep
         assert handler.formatter._fmt == "%(asctime)s %(message)s" and not package.propagate
     finally:
         package.handlers, package.level, package.propagate = saved
+
+
+# ------------------------------------------------------------- 11: plots a reader can read
+
+
+def test_the_ap_plot_is_matplotlibs_with_axes_and_the_runs_name(tmp_path):
+    workdir = tmp_path / "fruit_run"
+    workdir.mkdir()
+    for step, ap in ((100, 0.1), (200, 0.25), (300, 0.3)):
+        report = {"step": step, "bbox": {"AP": ap, "AP50": 2 * ap}, "segm": {"AP": ap, "AP50": ap}}
+        (workdir / f"eval_{step}.json").write_text(json.dumps(report))
+    picture = Image.open(evaluate.plot_ap(workdir))
+    assert picture.size == (640, 400)
+    assert picture.info["Software"].startswith("Matplotlib")  # axes, ticks and labels drawn
+    assert picture.info["Title"] == "fruit_run: evaluation AP versus training step"
