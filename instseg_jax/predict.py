@@ -50,8 +50,12 @@ STUFF_PALETTE = np.array(
 
 
 def image_files(paths) -> list[Path]:
+    """The image files of --images: files as given, folders' image files in name order; a path
+    that does not exist is a UserError (a misspelt name would otherwise write nothing)."""
     files = []
     for path in map(Path, paths):
+        if not path.exists():
+            raise UserError(f"--images {path}: no such file or folder")
         if path.is_dir():
             files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         else:
@@ -141,11 +145,11 @@ def predict(
     panoptic map (Panoptic FPN), whose outputs are its combination (module docstring)."""
     if class_map is not None:
         class_names = class_map[1]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     files = image_files(images)
     if not files:
         raise UserError(f"--images {' '.join(map(str, images))}: no image files found")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     model_cfg = builders.model_config(config, len(class_names))
     paste_rule = builders.paste_rule(model_cfg)
     skeleton = ()
@@ -176,6 +180,11 @@ def predict(
     skipped = [str(f) for i, f in enumerate(files) if i not in seen]
     bar.update(len(skipped))
     bar.close()
+    if skipped and not written:  # each file's reason was logged as it was skipped
+        raise UserError(
+            f"--images: none of the {len(files)} image file(s) could be read "
+            f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''})"
+        )
     if skipped:
         log.warning("%d file(s) could not be read: %s", len(skipped), ", ".join(skipped))
     return {"written": written, "skipped": skipped}

@@ -287,8 +287,8 @@ class StopRequests:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.received = signal.Signals(signum).name
         log.warning(
-            "%s received: stopping after the current step and writing a checkpoint "
-            "(Ctrl-C again to stop at once)",
+            "%s received: stopping after the step under way (and the one queued behind it) "
+            "and writing a checkpoint (Ctrl-C again to stop at once)",
             self.received,
         )
 

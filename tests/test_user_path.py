@@ -20,6 +20,7 @@ from instseg_jax import cli
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = "experiments/maskrcnn_nuclei.py:smoke"
+TOY = "tests/methods/toy_canvas.py:smoke"  # the test suite's seconds-to-compile method
 CLASSES = [(3, "cat"), (7, "dog"), (9, "bird")]  # sparse category ids, as real files have
 SIZES = [(120, 160), (150, 100), (96, 128), (140, 140), (110, 170), (128, 96)]
 
@@ -166,6 +167,9 @@ def test_a_new_users_path_on_a_coco_dataset_of_photos(tmp_path, capsys):
 
 @pytest.mark.parametrize("workers", [1])
 def test_ctrl_c_on_the_photo_dataset_stops_cleanly(tmp_path, workers):
+    """Ctrl-C in a terminal reaches the whole process group, loader workers included: the run
+    stops, writes its checkpoint and resumes, without a worker's traceback or leaked shared
+    memory."""
     annotations = make_dataset(tmp_path)
     workdir = tmp_path / "run"
     command = [
@@ -174,7 +178,7 @@ def test_ctrl_c_on_the_photo_dataset_stops_cleanly(tmp_path, workers):
         "instseg_jax.cli",
         "train",
         "--config",
-        SMOKE,
+        TOY,
         "--workdir",
         str(workdir),
         "--max-steps",
@@ -189,6 +193,7 @@ def test_ctrl_c_on_the_photo_dataset_stops_cleanly(tmp_path, workers):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     metrics = workdir / "metrics.jsonl"
     start = time.time()
@@ -196,10 +201,10 @@ def test_ctrl_c_on_the_photo_dataset_stops_cleanly(tmp_path, workers):
         assert run.poll() is None, run.communicate()[0][-3000:]
         assert time.time() - start < 300, "the run never logged a step"
         time.sleep(0.05)
-    run.send_signal(signal.SIGINT)
+    os.killpg(run.pid, signal.SIGINT)
     output, _ = run.communicate(timeout=60)
     assert run.returncode == 130, output[-3000:]
-    assert "Traceback" not in output
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
     stopped = int(output.split("stopped at step ")[1].split(" ")[0])
     assert (workdir / "checkpoints" / str(stopped)).is_dir()
     assert "leaked shared_memory" not in output, output[-2000:]
@@ -215,8 +220,6 @@ def test_ctrl_c_on_the_photo_dataset_stops_cleanly(tmp_path, workers):
 
 
 # ----------------------------------------------------------------- issue 34, items 1-5
-
-TOY = "tests/methods/toy_canvas.py:smoke"
 
 
 def file_hashes(folder: Path) -> dict:
@@ -426,3 +429,97 @@ def test_no_detections_are_said_and_keep_pycocotools_values(tmp_path, caplog, ca
         assert report[iou_type]["AP"] == 0.0 and report[iou_type]["AR100"] == 0.0
         assert report[iou_type]["APl"] == -1.0 and report[iou_type]["ARl"] == -1.0
     assert "Average Precision" in capsys.readouterr().out  # pycocotools' table is printed
+
+
+
+def test_a_stop_request_ends_the_run_within_a_step_of_the_device(tmp_path, monkeypatch):
+    """A stop request (Ctrl-C) ends training after the step under way, not at the next logging
+    step: the host never dispatches more than one step beyond those the device has finished
+    (asynchronous dispatch would otherwise let it queue every step up to the next logging
+    step's metrics, and the run would go on through all of them)."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from instseg_jax import config as config_lib
+    from instseg_jax import sharding
+    from instseg_jax import train as train_lib
+    from instseg_jax.input import report
+
+    monkeypatch.setattr(train_lib.CompileTimes, "record", lambda self, seconds: None)
+    config = config_lib.load(TOY, ["--config.log_every=1000"])
+    signalled_at = 20
+    finished_when_signalled = []
+    dispatched = []  # each step's loss: ready once the device has run the step
+
+    @jax.jit
+    def slow_step(state, batch):  # milliseconds of device work per step, dispatched at once
+        x = jax.lax.fori_loop(0, 30, lambda _, x: jnp.tanh(x @ x), state["x"])
+        metrics = {"loss": x[0, 0], "nonfinite_run": jnp.zeros((), jnp.int32)}
+        return {"x": x, "step": state["step"] + 1}, metrics
+
+    def step_fn(state, batch):
+        state, metrics = slow_step(state, batch)
+        dispatched.append(metrics["loss"])
+        return state, metrics
+
+    class Loader:  # a ready batch at once, and a Ctrl-C when batch `signalled_at` is asked for
+        total_counts = report.new_counts()
+        requests = 0
+
+        def __next__(self):
+            self.requests += 1
+            if self.requests == signalled_at:
+                finished_when_signalled.append(sum(bool(x.is_ready()) for x in dispatched))
+                os.kill(os.getpid(), signal.SIGINT)
+            return {"image": np.zeros((2, 1), np.float32)}
+
+        def get_state(self):
+            return {}
+
+    class Checkpoints:
+        directory = tmp_path / "checkpoints"
+        saved = []
+
+        class manager:  # noqa: N801 (orbax's attribute name)
+            should_save = staticmethod(lambda step: False)
+
+        def save(self, step, state, data_state, force=False):
+            self.saved.append(step)
+
+    class Writer:
+        def write(self, step, record):
+            pass
+
+    state = {"x": jnp.eye(96) * 0.5, "step": jnp.zeros((), jnp.int32)}
+    mesh = sharding.make_mesh()
+    bar = tqdm(total=400, disable=True)
+    _, stopped = train_lib._run_steps(
+        config, state, step_fn, Loader(), mesh, Checkpoints(), Writer(), bar, tmp_path, 400
+    )
+    assert stopped is not None and stopped[1] == "SIGINT"
+    assert Checkpoints.saved == [stopped[0]]
+    # Steps finished on the device when the stop was asked for, and the step the run ended at.
+    assert stopped[0] - finished_when_signalled[0] <= 2, (stopped, finished_when_signalled)
+
+
+def test_predict_on_nothing_it_can_read_ends_in_one_line(tmp_path, capsys):
+    """A missing file (a misspelt name) or only unreadable files: status 2 and one line, not
+    status 0 having written nothing; a missing path writes no --out folder either."""
+    make_dataset(tmp_path)
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", TOY, "--workdir", str(workdir), "--max-steps", "1"]) == 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    out = tmp_path / "out"
+    cases = [
+        ([str(tmp_path / "photos" / "photo_9.jpg")], "photo_9.jpg: no such file or folder"),
+        ([str(tmp_path / "photos"), str(tmp_path / "typo")], "typo: no such file or folder"),
+        ([str(broken)], "none of the 1 image file(s) could be read (" + str(broken)),
+    ]
+    for images, expected in cases:
+        capsys.readouterr()
+        argv = ["predict", "--workdir", str(workdir), "--images", *images, "--out", str(out)]
+        assert cli.main(argv) == 2, images
+        assert expected in user_error_line(capsys.readouterr().err, "predict")
+        assert not (out / "photo_1.json").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import signal
 from collections.abc import Iterator
 
 import grain
@@ -187,8 +188,12 @@ def _package_logging() -> tuple[int, str | None, str | None]:
 
 def _init_worker(package_logging, worker_index: int, worker_count: int) -> None:
     """A loader worker's start: its warnings (an unreadable image) in the main process's format
-    (a worker starts without the CLI's logging setup)."""
+    (a worker starts without the CLI's logging setup). It ignores SIGINT: a terminal's Ctrl-C
+    reaches the whole process group, and the main process stops training and closes the
+    workers itself (a worker stopped by it would print its traceback and leave its shared
+    memory behind)."""
     del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     level, fmt, datefmt = package_logging
     if fmt is None:
         return
