@@ -661,7 +661,8 @@ class CompileTimes:
 
     def __init__(self, config):
         directory = jax.config.jax_compilation_cache_dir
-        self.path = Path(directory) / self.FILE if directory else None
+        local = directory and "://" not in str(directory)  # not a gs:// cache
+        self.path = Path(directory) / self.FILE if local else None
         canvas = "x".join(str(int(v)) for v in config.input.canvas_hw)
         self.key = (
             f"{config.method} canvas {canvas} batch {config.input.global_batch} "
