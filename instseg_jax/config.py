@@ -71,9 +71,9 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
 CONFIG_KINDS = "experiments/<name>.py[:arg], or a workdir's config.json to train as that run did"
 
 
-def from_json(path: Path) -> ml_collections.ConfigDict:
-    """The locked config of a config.json (a workdir's record of its run, written by save):
-    its lists become tuples again, as the experiment files give them."""
+def from_json(path: Path, lock: bool = True) -> ml_collections.ConfigDict:
+    """The config of a config.json (a workdir's record of its run, written by save), locked
+    unless asked otherwise: its lists become tuples again, as the experiment files give them."""
     try:
         document = json.loads(Path(path).read_text())
     except json.JSONDecodeError as error:
@@ -81,7 +81,8 @@ def from_json(path: Path) -> ml_collections.ConfigDict:
     if not isinstance(document, dict):
         raise ConfigValueError(f"{path}: not a config (a JSON object of config sections)")
     config = ml_collections.ConfigDict(_lists_as_tuples(document))
-    config.lock()
+    if lock:
+        config.lock()
     return config
 
 
@@ -161,11 +162,35 @@ def validate(config: ml_collections.ConfigDict, source: str = "config") -> None:
         raise ConfigValueError(f"{source}: missing config sections {missing}")
     if config.input.global_batch <= 0:
         raise ConfigValueError(f"{source}: input.global_batch must be > 0")
+    # Fields whose bad values would otherwise surface as a traceback far from the config.
+    if config.eval.get("global_batch", 1) <= 0:
+        raise ConfigValueError(f"{source}: eval.global_batch must be > 0")
+    if config.get("log_every", 1) <= 0:
+        raise ConfigValueError(f"{source}: log_every must be > 0 (steps between logged metrics)")
+    for field in ("canvas_hw", "synthetic_hw"):
+        value = config.input.get(field, (1, 1))
+        if not (_positive_integers(value) and len(value) == 2):
+            raise ConfigValueError(
+                f"{source}: input.{field} must be (height, width), two positive integers; got "
+                f"{value!r}"
+            )
+    short_side = config.input.get("short_side", (1,))
+    if not (_positive_integers(short_side) and len(short_side) >= 1):
+        raise ConfigValueError(
+            f"{source}: input.short_side must list one or more positive sizes (training draws "
+            f"one per image); got {short_side!r}"
+        )
     if not config.method:
         raise ConfigValueError(
             f"{source}: config.method is empty; name a method "
             "(instseg_jax/methods/__init__.py lists them)"
         )
+
+
+def _positive_integers(value) -> bool:
+    return isinstance(value, tuple | list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+    )
 
 
 def save(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:

@@ -72,13 +72,18 @@ def coco_evaluate(
             "(eval.max_detections or --max-dets)"
         )
     gt = annotations if isinstance(annotations, COCO) else _load_coco(annotations)
+    results_file = None  # results read from a file: errors in them are the user's
     if isinstance(results, str | Path):
+        results_file = results
         try:
-            results = json.loads(Path(results).read_text())
+            results = json.loads(Path(results_file).read_text())
         except json.JSONDecodeError as error:
-            raise UserError(f"{results}: not a JSON list of COCO results ({error})") from error
-        if not isinstance(results, list):
-            raise UserError(f"{results}: expected a JSON list of COCO results")
+            raise UserError(f"{results_file}: not a JSON list of COCO results ({error})") from error
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise UserError(
+                f"{results_file}: expected a JSON list of COCO results (objects with image_id, "
+                f"category_id, score and bbox or segmentation), got a {type(results).__name__}"
+            )
     if iou_types is None:
         has_masks = bool(results) and all("segmentation" in r for r in results)
         iou_types = ("bbox", "segm") if has_masks else ("bbox",)
@@ -91,7 +96,16 @@ def coco_evaluate(
         # loadRes cannot take an empty list: no detections are scored as an empty result set,
         # for pycocotools' own values (0 where there is ground truth, -1 where there is none).
         if results:
-            detections_coco = _quiet(gt.loadRes, [dict(r) for r in results])
+            try:
+                detections_coco = _quiet(gt.loadRes, [dict(r) for r in results])
+            except (KeyError, AssertionError, TypeError, ValueError, IndexError) as error:
+                if results_file is None:
+                    raise
+                raise UserError(
+                    f"{results_file}: pycocotools cannot read these results against the "
+                    f"annotations ({type(error).__name__}: {error}); each needs an image_id of "
+                    "the annotation file, category_id, score, and bbox or segmentation"
+                ) from error
         else:
             detections_coco = _no_detections(gt)
         evaluator = COCOeval(gt, detections_coco, iou_type)
@@ -555,7 +569,6 @@ def restore_variables(workdir: str | Path, step: int | None = None, overrides=()
     """(config, variables, step) of a training workdir's checkpoint (latest by default), the
     config being workdir/config.json with `--config.a.b=value` overrides applied (eval and
     predict: e.g. model.score_threshold)."""
-    import ml_collections
     import orbax.checkpoint as ocp
 
     from instseg_jax.checkpoint import Checkpointer
@@ -566,9 +579,11 @@ def restore_variables(workdir: str | Path, step: int | None = None, overrides=()
             f"{workdir}: no config.json; give a workdir written by `instseg-jax train` or "
             "`instseg-jax import-weights`"
         )
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = config_lib.from_json(workdir / "config.json", lock=False)
     for override in overrides:
         config_lib.apply_override(config, override)
+    if overrides:  # checked as train checks its own
+        config_lib.validate(config, f"{workdir / 'config.json'} with {' '.join(overrides)}")
     checkpointer = Checkpointer(workdir, 1, 10, use_async=False)
     available = checkpointer.manager.all_steps()
     step = checkpointer.latest_step() if step is None else step

@@ -149,6 +149,8 @@ def predict(
     if not files:
         raise UserError(f"--images {' '.join(map(str, images))}: no image files found")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the JSON and PNG files")
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = builders.model_config(config, len(class_names))
     paste_rule = builders.paste_rule(model_cfg)

@@ -32,13 +32,28 @@ def maybe_initialize_distributed(config_mesh=None) -> None:
     # touch the backend before initialize().
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if address:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in os.environ]
+        if missing:
+            raise ConfigValueError(
+                f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: a multi-process "
+                "run needs all three (or none, with mesh.distributed=True on a cluster JAX "
+                "detects)"
+            )
         jax.distributed.initialize(
             coordinator_address=address,
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
     else:
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except ValueError as error:  # no cluster found: JAX asks for a coordinator address
+            raise ConfigValueError(
+                f"mesh.distributed=True but JAX detects no cluster here ({error}): run on a "
+                "cluster it detects (SLURM, Open MPI, a TPU pod), set JAX_COORDINATOR_ADDRESS, "
+                "JAX_NUM_PROCESSES and JAX_PROCESS_ID, or train in one process with "
+                "--config.mesh.distributed=False"
+            ) from error
     log.info(
         "process %d of %d, %d local of %d devices",
         jax.process_index(),

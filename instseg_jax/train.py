@@ -339,6 +339,10 @@ def train(
     misspelt model field, an unreadable weights file, an interrupted compilation): nothing was
     trained, and a half-made workdir would make the next attempt resume from nothing."""
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise config_lib.ConfigValueError(
+            f"--workdir {workdir} is a file; give a folder (new, or a training workdir to resume)"
+        )
     created = not workdir.exists()
     try:
         return _train(config, workdir, max_steps, progress)

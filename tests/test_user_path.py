@@ -376,6 +376,13 @@ def test_a_global_batch_the_devices_do_not_divide_ends_in_one_line(tmp_path):
     assert "--config.input.global_batch=4" in line
     assert not workdir.exists()
 
+    # Asked for a multi-process run where JAX finds no cluster (a new process: JAX must not
+    # have started its backend before jax.distributed.initialize).
+    command[-1] = "--config.mesh.distributed=True"
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "mesh.distributed=True but JAX detects no cluster" in user_error_line(done.stderr)
+
 
 @pytest.mark.parametrize("mistake", ["missing file", "missing image", "other categories"])
 def test_the_evaluation_split_is_checked_before_the_step_compiles(tmp_path, capsys, mistake):
@@ -523,3 +530,59 @@ def test_predict_on_nothing_it_can_read_ends_in_one_line(tmp_path, capsys):
         assert cli.main(argv) == 2, images
         assert expected in user_error_line(capsys.readouterr().err, "predict")
         assert not (out / "photo_1.json").exists()
+    argv = ["predict", "--workdir", str(workdir), "--images", str(tmp_path / "photos")]
+    assert cli.main([*argv, "--out", str(broken)]) == 2
+    assert f"--out {broken} is a file" in user_error_line(capsys.readouterr().err, "predict")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--config", TOY, "--workdir", "{tmp}/a_file"], "a_file is a file"),
+        (
+            ["train", "--config", TOY, "--workdir", "{tmp}/w", "--config.input.canvas_hw=(128,)"],
+            "input.canvas_hw must be (height, width)",
+        ),
+        (["train", "--config", TOY, "--workdir", "{tmp}/w", "--config.log_every=0"], "log_every"),
+        (
+            ["train", "--config", TOY, "--workdir", "{tmp}/w", "--config.input.short_side=()"],
+            "input.short_side must list one or more",
+        ),
+        (["eval", "--workdir", "{tmp}/bad_record"], "config.json: not valid JSON"),
+        (
+            ["eval", "--workdir", "{tmp}/record", "--config.eval.global_batch=0"],
+            "eval.global_batch must be > 0",
+        ),
+        (
+            ["eval", "--results", "{tmp}/record/config.json", "--annotations", "{tmp}/gt.json"],
+            "config.json: expected a JSON list of COCO results",
+        ),
+        (
+            ["eval", "--results", "{tmp}/no_bbox.json", "--annotations", "{tmp}/gt.json"],
+            "no_bbox.json: pycocotools cannot read these results",
+        ),
+        (
+            ["eval", "--results", "{tmp}/other_image.json", "--annotations", "{tmp}/gt.json"],
+            "other_image.json: pycocotools cannot read these results",
+        ),
+    ],
+)
+def test_more_user_mistakes_end_in_one_line(tmp_path, capsys, argv, expected):
+    """Mistakes that ended in a traceback: a workdir that is a file, malformed config fields,
+    an edited config.json that is no longer JSON, an eval override of a bad value, results
+    files that are not COCO results."""
+    from instseg_jax import config as config_lib
+
+    (tmp_path / "a_file").write_text("x")
+    config_lib.save(config_lib.load(TOY), tmp_path / "record")
+    (tmp_path / "bad_record").mkdir()
+    (tmp_path / "bad_record" / "config.json").write_text('{"model": {"score_threshold": 0.1,}}')
+    gt = {"images": [{"id": 1, "height": 8, "width": 8}], "annotations": []}
+    (tmp_path / "gt.json").write_text(json.dumps({**gt, "categories": [{"id": 1, "name": "a"}]}))
+    (tmp_path / "no_bbox.json").write_text(json.dumps([{"image_id": 1, "score": 0.5}]))
+    other = [{"image_id": 7, "category_id": 1, "bbox": [0, 0, 2, 2], "score": 0.5}]
+    (tmp_path / "other_image.json").write_text(json.dumps(other))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 2
+    assert expected in user_error_line(capsys.readouterr().err, argv[0])
+    assert not (tmp_path / "w").exists()
