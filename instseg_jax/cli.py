@@ -180,7 +180,12 @@ def _add_train(commands, parent) -> None:
         description="Train a model from an experiment config.",
         epilog=OVERRIDES_HELP + "\n\n" + config_fields_help(),
     )
-    train.add_argument("--config", required=True, help="experiments/<name>.py[:arg]")
+    train.add_argument(
+        "--config",
+        required=True,
+        help="experiments/<name>.py[:arg], or a workdir's config.json (or the workdir) to train "
+        "as that run did",
+    )
     train.add_argument("--workdir", required=True, help="checkpoints, metrics, config.json")
     train.add_argument(
         "--max-steps",
