@@ -7,10 +7,12 @@ PEER_VENV := .venv-peer
 PEER_PY := $(PEER_VENV)/bin/python
 TPU_VENV := .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
+CUDA_VENV := .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
 # JAX's persistent compilation cache: repeated test runs skip most XLA compile time.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: venv data demo test test-all bench peer peer-env parity tpu-env test-tpu lint clean
+.PHONY: venv data demo test test-all bench peer peer-env parity tpu-env test-tpu cuda-env lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +78,16 @@ tpu-env: $(STAMP) $(TPU_PY)
 	$(TPU_PY) -m pip install --quiet "jax[tpu]==$$($(PY) -c 'import jax; print(jax.__version__)')"
 	$(TPU_PY) -m pip install --quiet -e '.[dev]'
 
+# jax's CUDA plugin and libraries (several GB) in their own environment, for the compile tool's
+# deviceless H100 target (`instseg-jax compile --target h100:8`); no GPU needed.
+$(CUDA_PY):
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install --quiet --upgrade pip
+
+cuda-env: $(STAMP) $(CUDA_PY)
+	$(CUDA_PY) -m pip install --quiet "jax[cuda12]==$$($(PY) -c 'import jax; print(jax.__version__)')"
+	$(CUDA_PY) -m pip install --quiet -e '.[dev]'
+
 # The tests that compile for TPU slices (marked `tpu`, skipped without libtpu), e.g. the nuclei
 # Mask R-CNN's smoke steps on a v5e 2x2 slice: no TPU needed, a few minutes on 2 cores.
 test-tpu: tpu-env
@@ -86,4 +98,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) $(PEER_VENV) $(TPU_VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(PEER_VENV) $(TPU_VENV) $(CUDA_VENV) .cache .pytest_cache

@@ -15,6 +15,10 @@ Targets:
 - `v5e:2x2`, `v4:2x2x1`, `v5p:2x2x1`, `v6e:4x4`, ...: a TPU slice described by libtpu
   (`jax.experimental.topologies.get_topology_desc(platform="tpu")`). Needs libtpu, which only
   the separate environment of `make tpu-env` (.venv-tpu) has; no TPU is needed.
+- `h100:N`: N H100 GPUs through jax's deviceless CUDA target (a topology made from the target
+  description below, jax-ml/jax#23971): needs jax[cuda12] at the package's jax version in an
+  environment of its own (`make cuda-env`: .venv-cuda); no GPU or driver is needed
+  (JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 is set for it).
 - `cpu:N`: N host CPU devices (the mesh of the 8-device tests, for CI). JAX must start with N
   CPU devices: the CLI sets `jax_num_cpu_devices` itself when it is first in its process; a
   process whose JAX already runs with fewer devices is told to set XLA_FLAGS.
@@ -38,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -66,6 +71,34 @@ CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v
 COUNTED_OPS = ("gather", "scatter", "sort", "while")
 COCO_CLASSES = 80
 CPU_FLAGS_HINT = "XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+# What XLA's GPU compiler needs to know of an H100 SXM (80 GB HBM3) to compile for it without
+# one: a GpuTargetConfigProto in text form with the device properties CUDA reports for that card
+# (the figures of XLA's own h100_sxm target description; the fields jax 0.10's plugin reads).
+H100_TARGET_CONFIG = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072
+  cuda_compute_capability { major: 9 minor: 0 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 1 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +106,7 @@ class Target:
     """A compile target: its name as given, the platform, the chip, its devices."""
 
     name: str
-    platform: str  # "tpu" or "cpu"
+    platform: str  # "tpu", "cuda" or "cpu"
     chip: str  # "v5e", "v4", ..., or "cpu"
     devices: tuple
 
@@ -84,18 +117,22 @@ class Target:
 
 def parse_target(name: str) -> tuple[str, str, str]:
     """(platform, chip, shape) of a target name: "cpu:8" -> ("cpu", "cpu", "8"),
-    "v5e:2x2" -> ("tpu", "v5e", "2x2")."""
+    "v5e:2x2" -> ("tpu", "v5e", "2x2"), "h100:8" -> ("cuda", "h100", "8")."""
     chip, sep, shape = name.partition(":")
     chip = CHIP_ALIASES.get(chip.lower(), chip.lower())
     if not sep or not shape:
-        raise UserError(f"--target {name!r}: expected CHIP:SHAPE, e.g. v5e:2x2, v4:2x2x1 or cpu:8")
-    if chip == "cpu":
+        raise UserError(
+            f"--target {name!r}: expected CHIP:SHAPE, e.g. v5e:2x2, v4:2x2x1, h100:8 or cpu:8"
+        )
+    if chip in ("cpu", "h100"):
         if not shape.isdigit() or int(shape) < 1:
-            raise UserError(f"--target {name!r}: cpu:N needs a device count N >= 1, e.g. cpu:8")
-        return "cpu", "cpu", shape
-    if chip not in CHIP_MEMORY or chip == "h100":
+            raise UserError(f"--target {name!r}: {chip}:N needs a count N >= 1, e.g. {chip}:8")
+        return ("cpu" if chip == "cpu" else "cuda"), chip, shape
+    if chip not in CHIP_MEMORY:
         known = ", ".join(c for c in CHIP_MEMORY if c != "h100")
-        raise UserError(f"--target {name!r}: unknown chip {chip!r}; TPU chips: {known}, or cpu:N")
+        raise UserError(
+            f"--target {name!r}: unknown chip {chip!r}; TPU chips: {known}; or h100:N, cpu:N"
+        )
     if not re.fullmatch(r"\d+(x\d+){1,2}", shape):
         raise UserError(f"--target {name!r}: the slice shape must look like 2x2 or 2x2x1")
     return "tpu", chip, shape
@@ -103,10 +140,14 @@ def parse_target(name: str) -> tuple[str, str, str]:
 
 def prepare_host(name: str) -> None:
     """Settings JAX reads when it starts its backends, made before it does (the CLI calls this
-    first): a TPU target compiles from the CPU backend (so that JAX does not look for a TPU);
-    cpu:N asks for N host devices. A JAX already started keeps its settings."""
+    first): a TPU or GPU target compiles from the CPU backend (so that JAX does not look for a
+    TPU or a GPU driver); cpu:N asks for N host devices. A JAX already started keeps its
+    settings."""
     platform, _, shape = parse_target(name)
     from jax._src import xla_bridge
+
+    if platform == "cuda":  # read when the CUDA plugin loads: no driver or GPU to check here
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
     if xla_bridge.backends_are_initialized():
         return
@@ -128,6 +169,23 @@ def target_devices(name: str) -> Target:
             )
         return Target(name, "cpu", "cpu", tuple(devices[:wanted]))
     from jax.experimental import topologies
+
+    if platform == "cuda":
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        try:
+            topology = topologies.get_topology_desc(
+                topology_name="",
+                platform="cuda",
+                target_config=H100_TARGET_CONFIG,
+                topology=f"1x1x{shape}",  # one host, one slice, N GPUs
+            )
+        except (NotImplementedError, RuntimeError) as error:
+            raise UserError(
+                f"--target {name}: no CUDA compiler in this environment "
+                f"({str(error).splitlines()[0]}); `make cuda-env` creates .venv-cuda with "
+                "jax[cuda12] (run .venv-cuda/bin/instseg-jax compile ...)"
+            ) from None
+        return Target(name, "cuda", chip, tuple(topology.devices))
 
     dims = [int(d) for d in shape.split("x")]
     # A host holds a 2x2 block of chips (2x4 for the 8-chip slices of v5e and v6e), the layout
@@ -198,7 +256,7 @@ def with_sharding(tree, sharding_):
 
 def compiler_options(target: Target) -> dict | None:
     """The options train's steps compile with on this target: the package's CPU options for a
-    CPU target (compilation.py), none for a TPU."""
+    CPU target (compilation.py), none for a TPU or a GPU."""
     return (compilation.compiler_options() or None) if target.platform == "cpu" else None
 
 
@@ -295,8 +353,9 @@ def program_report(lowered, target: Target, lower_seconds: float) -> dict:
         "chip_memory_bytes": hbm,
         # The larger of XLA's peak and the total: what the chip must hold for one step.
         "chip_memory_fraction": (max(memory["peak"], memory["total"]) / hbm) if hbm else None,
-        "flops": float(cost.get("flops", 0.0)),
-        "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        # None where the backend has no cost model for the program (jax 0.10's GPU compiler).
+        "flops": float(cost["flops"]) if "flops" in cost else None,
+        "bytes_accessed": float(cost["bytes accessed"]) if "bytes accessed" in cost else None,
         "collectives_by_kind": {
             kind: value for kind, value in hlo_collectives.summary(found).items() if value["count"]
         },
@@ -362,6 +421,10 @@ def _gib(n) -> str:
     return f"{n / GiB:.3f}"
 
 
+def _scaled(value, unit: float, digits: int) -> str:
+    return "-" if value is None else f"{value / unit:.{digits}f}"
+
+
 def format_report(report: dict, top: int = 8) -> str:
     """The report as a short table: one row per program, then its collectives."""
     lines = [
@@ -382,16 +445,17 @@ def format_report(report: dict, top: int = 8) -> str:
         lines.append(
             f"{name:<11} {p['compile_seconds']:>9.1f} {_gib(m['peak']):>9} {_gib(m['total']):>9} "
             f"{(f'{share:.0%}' if share is not None else '-'):>8} {_gib(m['argument']):>9} "
-            f"{_gib(m['temporary']):>9} {p['flops'] / 1e9:>10.1f} "
-            f"{p['bytes_accessed'] / 1e9:>9.2f} {ops['gather']:>8} {ops['scatter']:>8} "
+            f"{_gib(m['temporary']):>9} {_scaled(p['flops'], 1e9, 1):>10} "
+            f"{_scaled(p['bytes_accessed'], 1e9, 2):>9} {ops['gather']:>8} {ops['scatter']:>8} "
             f"{ops['sort']:>6} {ops['while']:>6}"
         )
-    lines.append(
-        "per chip: memory from memory_analysis() (total = arguments + outputs - aliased + "
-        "temporaries; 'of chip' = the larger of peak and total against the chip's HBM), GFLOP "
-        "and GB moved per step from cost_analysis(); collectives (count, bytes per step, what "
-        "caused the largest):"
-    )
+    lines += [
+        "per chip: memory_analysis() (total = arguments + outputs - aliased + temporaries; 'of "
+        "chip' = the larger of peak and total",
+        "against the chip's memory), GFLOP and GB moved per step from cost_analysis() (- where "
+        "the backend has none); collectives",
+        "(count, bytes per step, what caused the largest):",
+    ]
     for name, p in report["programs"].items():
         kinds = p["collectives_by_kind"]
         summary = ", ".join(

@@ -17,6 +17,7 @@ from .conftest import REPO
 
 TOY = "tests/methods/toy_canvas.py:smoke"
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_CUDA_PLUGIN = importlib.util.find_spec("jax_cuda12_plugin") is not None
 
 
 def one_line(err: str) -> str:
@@ -98,11 +99,18 @@ def test_compile_target_mistakes_are_one_line(target, message, capsys, jax_start
     assert line.startswith("instseg-jax compile: --target") and message in line, line
 
 
-@pytest.mark.skipif(HAS_LIBTPU, reason="libtpu is installed here")
-def test_a_tpu_target_without_libtpu_names_make_tpu_env(capsys, jax_started):
-    argv = ["compile", "--config", TOY, "--target", "v5e:2x2", "--per-chip-batch", "1"]
+@pytest.mark.parametrize(
+    "target, installed, environment",
+    [("v5e:2x2", HAS_LIBTPU, "make tpu-env"), ("h100:8", HAS_CUDA_PLUGIN, "make cuda-env")],
+)
+def test_a_target_without_its_compiler_names_its_environment(
+    target, installed, environment, capsys, jax_started
+):
+    if installed:
+        pytest.skip(f"the compiler for {target} is installed here")
+    argv = ["compile", "--config", TOY, "--target", target, "--per-chip-batch", "1"]
     assert cli.main(argv) == 2
-    assert "make tpu-env" in one_line(capsys.readouterr().err)
+    assert environment in one_line(capsys.readouterr().err)
 
 
 @pytest.mark.slow
@@ -120,3 +128,15 @@ def test_tpu_compile_of_the_nuclei_mask_rcnn_smoke_step():
         check_program(program, 16 << 30)
         assert 0 < program["chip_memory_fraction"] < 1
     assert report["programs"]["train_step"]["collectives_by_kind"]["all-reduce"]["count"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12]: make cuda-env")
+def test_deviceless_h100_compile_of_the_toy_step():
+    """8 H100s through jax's deviceless CUDA target (run in .venv-cuda; no GPU needed)."""
+    report = aot.compile_experiment(TOY, "h100:8", 1, evaluation=True)
+    assert (report["platform"], report["chip"], report["chips"]) == ("cuda", "h100", 8)
+    assert "H100" in report["device_kind"]
+    train = report["programs"]["train_step"]
+    assert train["chip_memory_bytes"] == 80 << 30 and train["memory_bytes"]["total"] > 0
+    assert set(train["collectives_by_kind"]) == {"all-reduce"}
