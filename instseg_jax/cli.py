@@ -290,8 +290,8 @@ def _add_compile(commands, parent) -> None:
     compiler.add_argument(
         "--target",
         required=True,
-        help="a TPU slice CHIP:SHAPE (v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x2) or cpu:N "
-        "(N host CPU devices)",
+        help="a TPU slice CHIP:SHAPE (v5e:2x2, v5e:4x4, v4:2x2x1, v5p:2x2x1, v6e:2x2), h100:N "
+        "(N H100s, deviceless) or cpu:N (N host CPU devices)",
     )
     compiler.add_argument(
         "--per-chip-batch", type=int, required=True, help="images per chip (global = x chips)"
