@@ -438,7 +438,6 @@ def test_no_detections_are_said_and_keep_pycocotools_values(tmp_path, caplog, ca
     assert "Average Precision" in capsys.readouterr().out  # pycocotools' table is printed
 
 
-
 def test_a_stop_request_ends_the_run_within_a_step_of_the_device(tmp_path, monkeypatch):
     """A stop request (Ctrl-C) ends training after the step under way, not at the next logging
     step: the host never dispatches more than one step beyond those the device has finished
@@ -484,15 +483,16 @@ def test_a_stop_request_ends_the_run_within_a_step_of_the_device(tmp_path, monke
         def get_state(self):
             return {}
 
+    saved = []  # the steps checkpointed
+
     class Checkpoints:
         directory = tmp_path / "checkpoints"
-        saved = []
 
-        class manager:  # noqa: N801 (orbax's attribute name)
+        class manager:  # orbax's CheckpointManager, as Checkpointer.manager
             should_save = staticmethod(lambda step: False)
 
         def save(self, step, state, data_state, force=False):
-            self.saved.append(step)
+            saved.append(step)
 
     class Writer:
         def write(self, step, record):
@@ -505,7 +505,7 @@ def test_a_stop_request_ends_the_run_within_a_step_of_the_device(tmp_path, monke
         config, state, step_fn, Loader(), mesh, Checkpoints(), Writer(), bar, tmp_path, 400
     )
     assert stopped is not None and stopped[1] == "SIGINT"
-    assert Checkpoints.saved == [stopped[0]]
+    assert saved == [stopped[0]]
     # Steps finished on the device when the stop was asked for, and the step the run ended at.
     assert stopped[0] - finished_when_signalled[0] <= 2, (stopped, finished_when_signalled)
 
