@@ -43,6 +43,12 @@ INSTRUCTION = re.compile(
 OPERAND = re.compile(r"%([\w.\-]+)")
 ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]+m[0-9]+\w*)?)\[([0-9,]*)\]")
 OP_NAME = re.compile(r'op_name="([^"]*)"')
+STACK_FRAME = re.compile(r"stack_frame_id=(\d+)")
+# The tables at the head of a compiled module's text that locate each instruction's source:
+# `FileNames` / `FunctionNames` (id "name"), `FileLocations` (id {file_name_id=.. line=..}) and
+# `StackFrames` (id {file_location_id=.. parent_frame_id=..}).
+TABLE_ROW = re.compile(r'^(\d+) (?:"(.*)"|\{(.*)\})$')
+FIELD = re.compile(r"(\w+)=(\d+)")
 
 
 def shape_bytes(hlo_type: str) -> int:
@@ -67,13 +73,46 @@ def _kind(opcode: str) -> tuple[str, str] | None:
     return (opcode, "sync") if opcode in KINDS else None
 
 
+def source_locations(hlo_text: str) -> dict[int, str]:
+    """{stack frame id: "file:line (function)"} of the frame an instruction's metadata names
+    (its innermost Python frame outside JAX), from the tables of the module's text; empty
+    when the text has none."""
+    tables, current = {}, None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+            continue
+        row = TABLE_ROW.match(line) if current is not None else None
+        if row is None:
+            current = None
+            continue
+        key, name, fields = row.groups()
+        current[int(key)] = (
+            name if name is not None else dict((k, int(v)) for k, v in FIELD.findall(fields))
+        )
+    files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locations = tables.get("FileLocations", {})
+    out = {}
+    for frame, fields in tables.get("StackFrames", {}).items():
+        where = locations.get(fields.get("file_location_id"), {})
+        if where:
+            out[frame] = (
+                f"{files.get(where.get('file_name_id'), '?')}:{where.get('line', 0)} "
+                f"({functions.get(where.get('function_name_id'), '?')})"
+            )
+    return out
+
+
 def collectives(hlo_text: str) -> list[dict]:
     """Every collective of a compiled program's HLO text, in program order:
-    {"kind", "bytes", "op_name"} with kind one of KINDS, bytes the size of what it produces
-    (the gathered array of an all-gather, the reduced one of an all-reduce) and op_name the
-    JAX operation that caused it ("" when the compiler left no metadata). An asynchronous
-    pair (`all-gather-start` / `-done`) counts once, at its done, with its start's op_name
-    when the done has none."""
+    {"kind", "bytes", "shapes", "op_name", "source"} with kind one of KINDS, bytes the size of
+    what it produces (the gathered array of an all-gather, the reduced one of an all-reduce),
+    shapes its arrays ("f32[3,3,32,64]"; several for a combined all-reduce), op_name
+    the JAX operation that caused it and source the Python line that called it ("file:line
+    (function)"; each "" when the compiler left no metadata). An asynchronous pair
+    (`all-gather-start` / `-done`) counts once, at its done, with its start's metadata when
+    the done has none."""
+    frames = source_locations(hlo_text)
     found, started = [], {}
     for line in hlo_text.splitlines():
         match = INSTRUCTION.match(line)
@@ -84,14 +123,26 @@ def collectives(hlo_text: str) -> list[dict]:
             continue
         base, phase = kind
         op_name = OP_NAME.search(match["rest"])
-        op_name = op_name.group(1) if op_name else ""
+        frame = STACK_FRAME.search(match["rest"])
+        metadata = (
+            op_name.group(1) if op_name else "",
+            frames.get(int(frame.group(1)), "") if frame else "",
+        )
         if phase == "start":  # its done gives the size of the result
-            started[match["name"]] = op_name
+            started[match["name"]] = metadata
             continue
-        if phase == "done":
+        if phase == "done" and not any(metadata):
             operand = OPERAND.search(match["rest"])
-            op_name = op_name or started.get(operand.group(1) if operand else "", "")
-        found.append({"kind": base, "bytes": shape_bytes(match["type"]), "op_name": op_name})
+            metadata = started.get(operand.group(1) if operand else "", metadata)
+        found.append(
+            {
+                "kind": base,
+                "bytes": shape_bytes(match["type"]),
+                "shapes": [f"{e}[{d}]" for e, d in ARRAY.findall(match["type"])],
+                "op_name": metadata[0],
+                "source": metadata[1],
+            }
+        )
     return found
 
 
@@ -107,3 +158,35 @@ def summary(found: list[dict]) -> dict:
 def activation_collectives(found: list[dict]) -> list[dict]:
     """The collectives of ACTIVATION_KINDS (what a training step must not hold)."""
     return [c for c in found if c["kind"] in ACTIVATION_KINDS]
+
+
+def all_reduce_budget(found: list[dict], parameter_sizes) -> dict:
+    """What a training step's all-reduces carry, against its parameters (element counts of
+    every parameter, `parameter_sizes`): each all-reduced array of a parameter's size is that
+    parameter's gradient the first time ("gradient_bytes") and a second all-reduce of a
+    gradient after that ("duplicate_bytes": XLA's CPU pipeline all-reduces the gradient of a
+    weight shared by several pyramid levels once per level, where the GPU and TPU pipelines
+    reassociate the sum); any other array is "other_bytes", listed in "other" with its
+    op_name and source (global normalisers and metrics: a few scalars)."""
+    unused = Counter(int(n) for n in parameter_sizes)
+    known = set(unused)
+    budget = {"gradient_bytes": 0, "duplicate_bytes": 0, "other_bytes": 0, "other": []}
+    for c in found:
+        if c["kind"] != "all-reduce":
+            continue
+        for shape in c["shapes"]:
+            size = shape_bytes(shape)
+            elements = 1
+            for d in filter(None, shape.split("[", 1)[1].rstrip("]").split(",")):
+                elements *= int(d)
+            if unused[elements] > 0:
+                unused[elements] -= 1
+                budget["gradient_bytes"] += size
+            elif elements in known and elements > 1:
+                budget["duplicate_bytes"] += size
+            else:
+                budget["other_bytes"] += size
+                budget["other"].append(
+                    {"shape": shape, "op_name": c["op_name"], "source": c["source"]}
+                )
+    return budget

@@ -502,7 +502,7 @@ def select_detections(
                 candidate = jnp.sqrt(combined) > cfg.score_threshold
             ranked = jnp.where(candidate, combined, -1.0).reshape(-1)
             top = min(cfg.candidates_per_level, count * c)
-            best, flat = jax.lax.top_k(ranked, top)
+            best, flat = ops.top_k(ranked, top)
             location = flat // c
             point = jnp.asarray(points[level])[location]
             stride = jnp.asarray(strides[level])[location]

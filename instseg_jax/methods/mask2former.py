@@ -66,6 +66,7 @@ from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 from instseg_jax.ops.matching import min_cost_matching
 from instseg_jax.ops.sampling import deformable_attention, point_sample, uncertain_points
+from instseg_jax.ops.topk import top_k
 
 MASK_STRIDE = 4
 
@@ -699,8 +700,10 @@ def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -
         layer_points,
         (jax.lax.stop_gradient(matched_masks), jax.random.split(loss_key, num_layers)),
     )  # [P, B * K, N, 2]
-    point_logits = point_sample(
-        matched_masks.reshape((-1,) + cells), points.reshape((-1,) + points.shape[2:])
+    # Layer by layer (vmap), not over one [P * B * K] axis: merging the layer axis in front of
+    # the batch would make the partitioner gather a batch split over devices.
+    point_logits = jax.vmap(point_sample)(
+        matched_masks.reshape((num_layers, b * k) + cells), points
     ).reshape(num_layers, b, k, -1)
     labels = jax.lax.map(lambda p: point_sample(flat_slot_masks, p), points)
     labels = labels.reshape(num_layers, b, k, -1)
@@ -762,7 +765,7 @@ def detect(class_logits, mask_logits, cfg: Mask2FormerConfig) -> dict:
     c = cfg.num_classes
     k = min(cfg.detections_per_image, q * c)
     scores = jax.nn.softmax(class_logits, -1)[..., :c].reshape(b, q * c)
-    top, index = jax.lax.top_k(scores, k)
+    top, index = top_k(scores, k)
     query = index // c
     classes = (index % c).astype(jnp.int32)
     masks = jnp.take_along_axis(mask_logits, query[..., None, None], axis=1)  # [B, K, h, w]

@@ -205,7 +205,7 @@ class MaskRCNN(nn.Module):
         k = cfg.detections_per_image
 
         def one_image(image_scores, image_boxes):
-            top, index = jax.lax.top_k(image_scores, k_pre)
+            top, index = ops.top_k(image_scores, k_pre)
             keep, count = ops.batched_nms(
                 image_boxes[index], top, classes[index], cfg.test_nms_threshold, k, valid=top > 0
             )

@@ -87,7 +87,7 @@ def proposals(
         boxes, scores, level_ids = [], [], []
         for level, (start, size) in enumerate(zip(starts, sizes, strict=True)):
             k = min(pre_nms_topk, size)
-            top, index = jax.lax.top_k(logit[start : start + size], k)  # [k]
+            top, index = ops.top_k(logit[start : start + size], k)  # [k]
             decoded = ops.decode_boxes(
                 delta[start : start + size][index], anchors_by_level[level][index]
             )

@@ -451,7 +451,7 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config) -> dict:
     cell_strides = jnp.asarray(cfg.cell_strides())
 
     def one_image(image_scores, image_kernels, features):
-        top, index = jax.lax.top_k(image_scores, q)
+        top, index = ops.top_k(image_scores, q)
         cell, cls = index // c, (index % c).astype(jnp.int32)
         masks = jax.nn.sigmoid(
             dense.dynamic_masks(features[None], image_kernels[cell][None])[0].astype(jnp.float32)
@@ -470,7 +470,7 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config) -> dict:
             cfg.matrix_nms_sigma,
         )
         kept = valid & (decayed >= cfg.keep_score_threshold)
-        best, slot = jax.lax.top_k(jnp.where(kept, decayed, -1.0), min(k, q))
+        best, slot = ops.top_k(jnp.where(kept, decayed, -1.0), min(k, q))
         slot_valid = best >= 0
         pad = k - slot.shape[0]
         return (

@@ -439,7 +439,7 @@ def detect(logits, deltas, coefficients, protos, batch, cfg: YOLACTConfig) -> di
             count = anchors.shape[0]
             best = image_scores[start : start + count].max(axis=1)
             top = min(cfg.test_candidates_per_level, count)
-            _, index = jax.lax.top_k(best, top)
+            _, index = ops.top_k(best, top)
             picked.append(start + index)
             start += count
         index = jnp.concatenate(picked)

@@ -45,6 +45,7 @@ from instseg_jax.ops.masks import (
 )
 from instseg_jax.ops.nms import batched_nms, fast_nms, matrix_nms, nms, per_class_fast_nms
 from instseg_jax.ops.roi_align import fpn_level, multilevel_roi_align, roi_align
+from instseg_jax.ops.topk import top_k
 
 __all__ = [
     "batched_nms",
@@ -83,6 +84,7 @@ __all__ = [
     "sample_balanced",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
+    "top_k",
     "torchvision_anchors",
     "xywh_to_xyxy",
     "xyxy_to_cxcywh",

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instseg_jax.ops.topk import top_k
+
 
 def budgeted_select(
     valid: jnp.ndarray, budget: int, key: jax.Array | None = None
@@ -30,7 +32,7 @@ def budgeted_select(
     else:
         priority = jnp.where(valid, jax.random.uniform(key, (num,)), 2.0)
     take = min(budget, num)
-    _, chosen = jax.lax.top_k(-priority, take)
+    _, chosen = top_k(-priority, take)
     chosen = chosen.astype(jnp.int32)
     slot_valid = priority[chosen] < 2.0
     if take < budget:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from instseg_jax.ops import topk
 from instseg_jax.ops.boxes import box_iou, paired_box_iou
 from instseg_jax.ops.masks import mask_iou
 
@@ -191,7 +192,7 @@ def per_class_fast_nms(
     """
     m, c = scores.shape
     k = min(top_k, m)
-    top, index = jax.lax.top_k(scores.T, k)  # [C, k], each class's best candidates
+    top, index = topk.top_k(scores.T, k)  # [C, k], each class's best candidates
     candidates = boxes[index]  # [C, k, 4]
     ious = jax.vmap(box_iou)(candidates, candidates)  # [C, k, k]
     above = jnp.triu(jnp.ones((k, k), bool), k=1)  # row i ranks above column j
@@ -199,7 +200,7 @@ def per_class_fast_nms(
     keep = (max_iou <= iou_threshold) & (top > score_threshold)
     flat = jnp.where(keep, top, -1.0).reshape(c * k)
     n = min(max_output, c * k)
-    best, slot = jax.lax.top_k(flat, n)
+    best, slot = topk.top_k(flat, n)
     valid = best >= 0
     pad = max_output - n
     return (

@@ -103,22 +103,20 @@ def _at_least_two_cells(features):
     return features
 
 
-def _gather_pool(flat_features, row_base, widths, ys, xs):
-    """Bins from flat_features[T, D] by gathers.
+def _gather_pool(table, row_base, widths, ys, xs):
+    """Bins of one image's boxes from its flat table[T, D] by gathers.
 
-    row_base int32[B, R] is the flat row of each box's map origin, widths int32[B, R] its map
-    row length; ys / xs come from `_axis_samples` with shapes [B, R, oh, sr] / [B, R, ow, sr].
-    Returns [B, R, oh, ow, D].
+    row_base int32[R] is the table row of each box's map origin, widths int32[R] its map row
+    length; ys / xs come from `_axis_samples` with shapes [R, oh, sr] / [R, ow, sr].
+    Returns [R, oh, ow, D].
     """
     y_first, wy_first, wy_second = ys
     x_first, wx_first, wx_second = xs
-    grid = (slice(None), slice(None), slice(None), slice(None), None, None)  # [B,R,oh,sr,1,1]
-    cols = (slice(None), slice(None), None, None, slice(None), slice(None))  # [B,R,1,1,ow,sr]
-    row_start = row_base[:, :, None, None] + y_first * widths[:, :, None, None]  # [B,R,oh,sr]
-    top_left = row_start[grid] + x_first[cols]  # [B, R, oh, sr, ow, sr]
-    below = widths[:, :, None, None, None, None]
-    batch, num_boxes, oh = y_first.shape[:3]
-    ow = x_first.shape[2]
+    grid = (slice(None), slice(None), slice(None), None, None)  # [R, oh, sr, 1, 1]
+    cols = (slice(None), None, None, slice(None), slice(None))  # [R, 1, 1, ow, sr]
+    row_start = row_base[:, None, None] + y_first * widths[:, None, None]  # [R, oh, sr]
+    top_left = row_start[grid] + x_first[cols]  # [R, oh, sr, ow, sr]
+    below = widths[:, None, None, None, None]
     index = jnp.stack([top_left, top_left + 1, top_left + below, top_left + below + 1], -1)
     weight = jnp.stack(
         [
@@ -128,35 +126,29 @@ def _gather_pool(flat_features, row_base, widths, ys, xs):
             wy_second[grid] * wx_second[cols],
         ],
         -1,
-    ).astype(flat_features.dtype)  # [B, R, oh, sr, ow, sr, 4]
-    flat_boxes = lambda x: x.reshape((batch * num_boxes,) + x.shape[2:])
-    pooled = pool_bilinear_samples(flat_features, flat_boxes(index), flat_boxes(weight))
-    return pooled.reshape(batch, num_boxes, oh, ow, -1)
+    ).astype(table.dtype)  # [R, oh, sr, ow, sr, 4]
+    return pool_bilinear_samples(table, index, weight)
 
 
 def _gather_from_levels(features_by_level, level_index, ys, xs):
     """Gather-form bins of boxes whose samples ys / xs lie on map level_index int32[B, R].
 
-    All levels go into one flat [T, D] table (each map padded to >= 2 cells per axis), so a box
-    is pooled once from its own level: no box is computed on a level it does not belong to.
+    Each image gets its own flat table [T, D] of its levels (each map padded to >= 2 cells per
+    axis), so a box is pooled once from its own level: no box is computed on a level it does
+    not belong to. The tables are per image, and the pooling is vmapped over the batch, so
+    that a batch split over devices pools on each device from its own images only (a table
+    mixing images would make the SPMD partitioner exchange features between devices).
     """
     padded = [_at_least_two_cells(f) for f in features_by_level]
     batch, depth = padded[0].shape[0], padded[0].shape[-1]
-    flat = (
-        padded[0].reshape(-1, depth)
-        if len(padded) == 1
-        else jnp.concatenate([f.reshape(-1, depth) for f in padded], axis=0)
-    )
+    tables = jnp.concatenate([f.reshape(batch, -1, depth) for f in padded], axis=1)
     cells = [f.shape[1] * f.shape[2] for f in padded]  # cells of one image's map per level
     level_start = [0]
     for level_cells in cells[:-1]:
-        level_start.append(level_start[-1] + batch * level_cells)
-    row_base = (
-        jnp.asarray(level_start, jnp.int32)[level_index]
-        + jnp.arange(batch, dtype=jnp.int32)[:, None] * jnp.asarray(cells, jnp.int32)[level_index]
-    )  # [B, R]
+        level_start.append(level_start[-1] + level_cells)
+    row_base = jnp.asarray(level_start, jnp.int32)[level_index]  # [B, R]
     row_length = jnp.asarray([f.shape[2] for f in padded], jnp.int32)[level_index]
-    return _gather_pool(flat, row_base, row_length, ys, xs)
+    return jax.vmap(_gather_pool)(tables, row_base, row_length, ys, xs)
 
 
 def _one_hot_weights(first, w_first, w_second, size: int):

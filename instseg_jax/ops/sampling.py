@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instseg_jax.ops.topk import top_k
+
 # Boxes are pooled in chunks of about this many gathered bytes: the samples of one chunk stay in
 # cache between the gathers and the reduction (and the scatter-add of the backward pass), which
 # measured 1.5-2x faster on CPU than one pass over all boxes (experiments/benchmarks/ops.py).
@@ -167,7 +169,7 @@ def uncertain_points(
     draw_key, fill_key = jax.random.split(key)
     drawn = jax.random.uniform(draw_key, (num, num_drawn, 2), logits.dtype)
     uncertainty = -jnp.abs(point_sample(logits, drawn))
-    _, most = jax.lax.top_k(uncertainty, num_uncertain)
+    _, most = top_k(uncertainty, num_uncertain)
     chosen = jnp.take_along_axis(drawn, most[..., None], axis=1)
     fill = jax.random.uniform(fill_key, (num, num_points - num_uncertain, 2), logits.dtype)
     return jnp.concatenate([chosen, fill], axis=1)
@@ -177,19 +179,22 @@ def point_features(features: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
     """Bilinear feature vectors [B, N, P, D] of features[B, H, W, D] at points[B, N, P, 2]
     ((x, y) in [0, 1] of the map, grid_sample's convention and zero padding): PointRend's
     fine-grained features. Point n of image b reads map b; the gathers and their scatter-add
-    backward are `pool_bilinear_samples`'."""
-    batch, height, width, depth = features.shape
+    backward are `pool_bilinear_samples`', vmapped over the images so that each reads only its
+    own map (a batch split over devices exchanges nothing)."""
+    _, height, width, depth = features.shape
     _, num, per, _ = points.shape
-    index, weight = bilinear_corners(points, height, width)  # [B, N, P, 4]
-    image = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
-    rows = image * (height * width) + index
-    shape = (batch * num, per, 1, 1, 1, 4)
-    pooled = pool_bilinear_samples(
-        features.reshape(batch * height * width, depth),
-        rows.reshape(shape),
-        weight.astype(features.dtype).reshape(shape),
-    )
-    return pooled.reshape(batch, num, per, depth)
+
+    def one_image(image_features, image_points):
+        index, weight = bilinear_corners(image_points, height, width)  # [N, P, 4]
+        shape = (num, per, 1, 1, 1, 4)
+        pooled = pool_bilinear_samples(
+            image_features.reshape(height * width, depth),
+            index.reshape(shape),
+            weight.astype(features.dtype).reshape(shape),
+        )
+        return pooled.reshape(num, per, depth)
+
+    return jax.vmap(one_image)(features, points)
 
 
 def upsample2x(maps: jnp.ndarray) -> jnp.ndarray:
@@ -216,7 +221,7 @@ def uncertain_cells(uncertainty: jnp.ndarray, num_points: int):
     PointRend's inference rule (get_uncertain_point_coords_on_grid)."""
     num, height, width = uncertainty.shape
     k = min(num_points, height * width)
-    _, index = jax.lax.top_k(uncertainty.reshape(num, height * width), k)
+    _, index = top_k(uncertainty.reshape(num, height * width), k)
     x = (index % width).astype(uncertainty.dtype) + 0.5
     y = (index // width).astype(uncertainty.dtype) + 0.5
     return index, jnp.stack([x / width, y / height], axis=-1)
@@ -236,7 +241,7 @@ def deformable_attention(
     weights. Returns [B, Q, M, D] = sum over levels and points of weight x bilinear value
     (grid_sample's zero padding outside a map), as static gathers.
     """
-    batch, cells, heads, depth = value.shape
+    _, cells, heads, depth = value.shape
     _, queries, _, levels, points, _ = locations.shape
     if len(level_shapes) != levels or sum(h * w for h, w in level_shapes) != cells:
         raise ValueError(
@@ -249,15 +254,18 @@ def deformable_attention(
     index, weight = bilinear_corners(locations, heights, widths)  # [B, Q, M, L, K, 4]
     index = index + jnp.asarray(starts, jnp.int32)[:, None, None]
     weight = weight * attention[..., None]
-    # Rows of the flat table are (image, cell, head): one gather serves all images and heads.
-    image = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None, None, None]
-    head = jnp.arange(heads, dtype=jnp.int32)[None, None, :, None, None, None]
-    rows = (image * cells + index) * heads + head
-    samples = levels * points
-    shape = (batch * queries * heads, 1, samples, 1, 1, 4)
-    pooled = pool_bilinear_samples(
-        value.reshape(batch * cells * heads, depth),
-        rows.reshape(shape),
-        weight.astype(value.dtype).reshape(shape),
-    )
-    return pooled.reshape(batch, queries, heads, depth)
+    # Rows of an image's flat table are (cell, head): one gather serves all its heads. The
+    # tables are per image and vmapped over the batch, so that a batch split over devices
+    # samples on each device from its own images' values only.
+    head = jnp.arange(heads, dtype=jnp.int32)[None, :, None, None, None]
+    shape = (queries * heads, 1, levels * points, 1, 1, 4)
+
+    def one_image(image_value, image_index, image_weight):
+        pooled = pool_bilinear_samples(
+            image_value.reshape(cells * heads, depth),
+            (image_index * heads + head).reshape(shape),
+            image_weight.astype(value.dtype).reshape(shape),
+        )
+        return pooled.reshape(queries, heads, depth)
+
+    return jax.vmap(one_image)(value, index, weight)
