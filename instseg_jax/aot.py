@@ -386,14 +386,20 @@ def compile_experiment(
     with config.unlocked() if config.is_locked else contextlib.nullcontext():
         config.input.global_batch = per_chip_batch * chips
     notes = data_defaults(config)
-    # Compile seconds measure a compilation, never a load from JAX's persistent cache.
+    # Compile seconds measure a compilation, never a load from JAX's persistent cache (turned
+    # back on afterwards for whatever else the process compiles).
+    cache_was_on = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
-    start = time.perf_counter()
-    lowered, parameter_bytes = lower_steps(config, target, per_chip_batch, evaluation, classes)
-    lower_seconds = time.perf_counter() - start
-    programs = {}
-    for name, program in lowered.items():
-        programs[name] = program_report(program, target, lower_seconds / len(lowered))
+    try:
+        start = time.perf_counter()
+        lowered, parameter_bytes = lower_steps(config, target, per_chip_batch, evaluation, classes)
+        lower_seconds = time.perf_counter() - start
+        programs = {
+            name: program_report(program, target, lower_seconds / len(lowered))
+            for name, program in lowered.items()
+        }
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache_was_on)
     return {
         "config": spec,
         "overrides": list(overrides),

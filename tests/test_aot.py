@@ -140,3 +140,19 @@ def test_deviceless_h100_compile_of_the_toy_step():
     train = report["programs"]["train_step"]
     assert train["chip_memory_bytes"] == 80 << 30 and train["memory_bytes"]["total"] > 0
     assert set(train["collectives_by_kind"]) == {"all-reduce"}
+
+
+def test_compile_in_process_takes_config_overrides(tmp_path, capsys, jax_started):
+    """cpu:1 in the test process itself; --config. overrides reach the compiled model."""
+    out = tmp_path / "narrow.json"
+    argv = ["compile", "--config", TOY, "--target", "cpu:1", "--per-chip-batch", "2"]
+    assert cli.main([*argv, "--out", str(out), "--config.model.width=8"]) == 0
+    assert "train_step" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["overrides"] == ["--config.model.width=8"]
+    assert (report["chips"], report["global_batch"]) == (1, 2)
+    # The toy's convolutions at width 8: 3x3x3x8 + 2 x 3x3x8x8 + 8x3 weights, 8+8+8+3 biases.
+    assert report["parameter_bytes"] == 4 * (216 + 2 * 576 + 24 + 27)
+    check_program(report["programs"]["train_step"], None)
+    assert report["programs"]["train_step"]["collectives"] == []  # one device: nothing to send
+    assert jax.config.jax_enable_compilation_cache  # off for the compile only
