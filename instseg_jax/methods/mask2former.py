@@ -373,13 +373,18 @@ class DeformablePixelDecoder(nn.Module):
             len(names), cfg.conv_dim, embedding_init=EMBED_INIT, name="level_embed"
         ).embedding
         src = jnp.concatenate([m.reshape(batch, -1, cfg.conv_dim) for m in maps], 1)
+        # The level embeddings go to each image before they spread over its cells: their
+        # gradient then sums an image's cells on its own device, and only [levels, conv_dim]
+        # crosses devices (spread first, a [cells, conv_dim] sum was all-reduced per layer).
+        image_levels = jnp.broadcast_to(level_embed[None], (batch,) + level_embed.shape)
         pos = jnp.concatenate(
             [
-                jnp.asarray(sine_positions(h, w, cfg.conv_dim)).reshape(h * w, -1) + level_embed[i]
+                jnp.asarray(sine_positions(h, w, cfg.conv_dim)).reshape(1, h * w, -1)
+                + image_levels[:, i : i + 1]
                 for i, (h, w) in enumerate(shapes)
             ],
-            0,
-        )[None].astype(dtype)
+            1,
+        ).astype(dtype)
         reference = np.concatenate(
             [
                 np.stack(
