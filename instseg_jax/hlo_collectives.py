@@ -103,16 +103,16 @@ def source_locations(hlo_text: str) -> dict[int, str]:
     return out
 
 
-def collectives(hlo_text: str) -> list[dict]:
+def collectives(hlo_text: str, details: bool = False) -> list[dict]:
     """Every collective of a compiled program's HLO text, in program order:
-    {"kind", "bytes", "shapes", "op_name", "source"} with kind one of KINDS, bytes the size of
-    what it produces (the gathered array of an all-gather, the reduced one of an all-reduce),
-    shapes its arrays ("f32[3,3,32,64]"; several for a combined all-reduce), op_name
-    the JAX operation that caused it and source the Python line that called it ("file:line
-    (function)"; each "" when the compiler left no metadata). An asynchronous pair
-    (`all-gather-start` / `-done`) counts once, at its done, with its start's metadata when
-    the done has none."""
-    frames = source_locations(hlo_text)
+    {"kind", "bytes", "op_name"} with kind one of KINDS, bytes the size of what it produces
+    (the gathered array of an all-gather, the reduced one of an all-reduce) and op_name the JAX
+    operation that caused it. With `details`, also "shapes", its arrays ("f32[3,3,32,64]";
+    several for a combined all-reduce), and "source", the Python line that called it
+    ("file:line (function)"). op_name and source are "" when the compiler left no metadata.
+    An asynchronous pair (`all-gather-start` / `-done`) counts once, at its done, with its
+    start's metadata when the done has none."""
+    frames = source_locations(hlo_text) if details else {}
     found, started = [], {}
     for line in hlo_text.splitlines():
         match = INSTRUCTION.match(line)
@@ -134,15 +134,10 @@ def collectives(hlo_text: str) -> list[dict]:
         if phase == "done" and not any(metadata):
             operand = OPERAND.search(match["rest"])
             metadata = started.get(operand.group(1) if operand else "", metadata)
-        found.append(
-            {
-                "kind": base,
-                "bytes": shape_bytes(match["type"]),
-                "shapes": [f"{e}[{d}]" for e, d in ARRAY.findall(match["type"])],
-                "op_name": metadata[0],
-                "source": metadata[1],
-            }
-        )
+        found.append({"kind": base, "bytes": shape_bytes(match["type"]), "op_name": metadata[0]})
+        if details:
+            found[-1]["shapes"] = [f"{e}[{d}]" for e, d in ARRAY.findall(match["type"])]
+            found[-1]["source"] = metadata[1]
     return found
 
 
@@ -161,13 +156,16 @@ def activation_collectives(found: list[dict]) -> list[dict]:
 
 
 def all_reduce_budget(found: list[dict], parameter_sizes) -> dict:
-    """What a training step's all-reduces carry, against its parameters (element counts of
-    every parameter, `parameter_sizes`): each all-reduced array of a parameter's size is that
-    parameter's gradient the first time ("gradient_bytes") and a second all-reduce of a
-    gradient after that ("duplicate_bytes": XLA's CPU pipeline all-reduces the gradient of a
-    weight shared by several pyramid levels once per level, where the GPU and TPU pipelines
-    reassociate the sum); any other array is "other_bytes", listed in "other" with its
-    op_name and source (global normalisers and metrics: a few scalars)."""
+    """What a training step's all-reduces carry (`found`: collectives(..., details=True))
+    against its parameters (`parameter_sizes`: the element count of each).
+
+    An all-reduced array of a parameter's size is that parameter's gradient the first time
+    ("gradient_bytes") and a duplicate after that ("duplicate_bytes": XLA's CPU pipeline
+    all-reduces the gradient of a weight shared by several pyramid levels once per level;
+    the TPU pipeline reassociates the sum of a shared convolution's gradients into one).
+    Any other array counts in "other_bytes" and is listed in "other" with its op_name and
+    source: global normalisers and metrics, a few scalars, in a step that keeps activations
+    on their chips."""
     unused = Counter(int(n) for n in parameter_sizes)
     known = set(unused)
     budget = {"gradient_bytes": 0, "duplicate_bytes": 0, "other_bytes": 0, "other": []}

@@ -61,7 +61,7 @@ def report(spec: str, mesh, verbose: bool, hlo_dir: str | None = None) -> dict:
         name = Path(spec.split(":")[0]).stem
         Path(hlo_dir).mkdir(parents=True, exist_ok=True)
         (Path(hlo_dir) / f"{name}.hlo.txt").write_text(hlo)
-    found = hlo_collectives.collectives(hlo)
+    found = hlo_collectives.collectives(hlo, details=True)
     out = {
         "experiment": spec,
         "devices": mesh.size,
