@@ -224,7 +224,7 @@ def number_of_classes(config, given: int | None) -> tuple[int, str]:
         from instseg_jax.input.synthetic import SyntheticSource
 
         return len(SyntheticSource.class_names), "the synthetic scenes"
-    return COCO_CLASSES, "COCO's 80 (the config names no class map; --num-classes to change)"
+    return COCO_CLASSES, "COCO's, as the config names no class map; --num-classes N otherwise"
 
 
 def data_defaults(config) -> list[str]:
