@@ -87,8 +87,7 @@ class Conv(nn.Module):
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         padding = tuple(tuple(p) for p in self.padding)
         if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-            sy, sx = self.strides
-            y = x[:, ::sy, ::sx] @ kernel[0, 0]  # [B, H/s, W/s, features]
+            y = subsample(x, self.strides) @ kernel[0, 0]  # [B, H/s, W/s, features]
         else:
             y = jax.lax.conv_general_dilated(
                 x, kernel, self.strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -97,6 +96,23 @@ class Conv(nn.Module):
             bias = self.param("bias", self.bias_init, (self.features,))
             y = y + bias.astype(self.dtype)
         return y
+
+
+def subsample(x, strides):
+    """x[:, ::sy, ::sx] of [B, H, W, C], written as a reshape to [B, H/sy, sy, W/sx, sx, C]
+    (H and W padded up to a multiple of the stride; the padding is never taken) and the first
+    of each block. The same numbers as the strided slice: XLA's GPU compiler (jax 0.10.2)
+    aborted on a strided slice of a strided slice (the stem's max pool, then a stride-2 1x1
+    shortcut) fused into a Triton matmul; experiments/repro/xla_gpu_triton_tiling_abort.py."""
+    sy, sx = strides
+    if (sy, sx) == (1, 1):
+        return x
+    _, h, w, _ = x.shape
+    hp, wp = -(-h // sy) * sy, -(-w // sx) * sx
+    if (hp, wp) != (h, w):
+        x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+    b, _, _, c = x.shape
+    return x.reshape(b, hp // sy, sy, wp // sx, sx, c)[:, :, 0, :, 0, :]
 
 
 class ConvNorm(nn.Module):

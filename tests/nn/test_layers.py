@@ -76,3 +76,17 @@ def test_stem_max_pool_matches_a_float64_reference_with_ties(shape):
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(cotangent))[0]), expected_grad, atol=1e-6)
     flax_out = nn.max_pool(jnp.asarray(x), (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(flax_out))
+
+
+@pytest.mark.parametrize("shape, strides", [((2, 8, 6, 3), (2, 2)), ((1, 7, 5, 2), (2, 3))])
+def test_subsample_takes_what_a_strided_slice_takes(shape, strides):
+    """The reshape form of a strided 1x1 convolution's input (layers.subsample, there for XLA's
+    GPU compiler) takes the same elements as x[:, ::sy, ::sx], odd sizes included, and sends
+    the gradient back to the same places."""
+    x = jax.random.normal(jax.random.key(5), shape)
+    sy, sx = strides
+    np.testing.assert_array_equal(layers.subsample(x, strides), x[:, ::sy, ::sx])
+    weights = jax.random.normal(jax.random.key(6), x[:, ::sy, ::sx].shape)
+    got = jax.grad(lambda v: jnp.sum(layers.subsample(v, strides) * weights))(x)
+    want = jax.grad(lambda v: jnp.sum(v[:, ::sy, ::sx] * weights))(x)
+    np.testing.assert_array_equal(got, want)
