@@ -255,9 +255,11 @@ def with_sharding(tree, sharding_):
 
 
 def compiler_options(target: Target) -> dict | None:
-    """The options train's steps compile with on this target: the package's CPU options for a
-    CPU target (compilation.py), none for a TPU or a GPU."""
-    return (compilation.compiler_options() or None) if target.platform == "cpu" else None
+    """The options train's steps compile with on this target (compilation.py): the CPU's for
+    a CPU target (checked against this jax), the GPU's for an H100 target, none for a TPU."""
+    if target.platform == "cpu":
+        return compilation.compiler_options() or None
+    return compilation.platform_options(target.platform) or None
 
 
 def lower_steps(config, target: Target, per_chip_batch: int, evaluation: bool, num_classes: int):

@@ -6,6 +6,13 @@ compiled HLO), whose convolution weight gradient ran at 3.9 GFLOP/s against 36 t
 own Eigen path for a 3x3 256->256 convolution here; ResNet-50+FPN forward+backward at 512 ran
 2.3x faster with convolutions kept out of YNNPACK (jax-ml/jax#37465, openxla/xla#46351). The
 option below keeps YNNPACK for matmuls only and gives convolutions back to Eigen.
+
+On GPU, matmuls go to cuBLAS rather than to XLA's Triton GEMM fusions: with those on, jax 0.10.2's
+GPU compiler failed on the nuclei SOLOv2 training step ("Couldn't find output tile sizes" for
+the bilinear resize's matmul fused with its neighbours) and, before layers.subsample, aborted the
+process on the nuclei Mask R-CNN's (triton_tiling_propagation.cc:627,
+experiments/repro/xla_gpu_triton_tiling_abort.py); both compile without them (H100, through
+`instseg-jax compile --target h100:N`, which compiles with these options too).
 Every step the package compiles (train, eval, predict, the benchmarks) goes through `jit`.
 """
 
@@ -26,22 +33,35 @@ YNN_FUSION_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # output-convolution gradients into YNNPACK reductions (seen in the smoke training step), and
 # the convolutions would run there again.
 YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+TRITON_GEMM_OPTION = "xla_gpu_enable_triton_gemm"
+
+
+def platform_options(platform: str) -> dict:
+    """The package's XLA options for a platform ("cpu", "gpu" (= "cuda"), "tpu"), unchecked:
+    compiler_options() checks them against the running jax; the compile tool passes them for
+    a target it has no device of."""
+    if platform == "cpu":
+        return {YNN_FUSION_OPTION: YNN_WITHOUT_CONVOLUTIONS}
+    if platform in ("gpu", "cuda"):
+        return {TRITON_GEMM_OPTION: False}
+    return {}
 
 
 @functools.cache
-def compiler_options() -> dict[str, str]:
-    """XLA options for the default backend: on CPU, convolutions outside YNNPACK; elsewhere
-    none. A jax that no longer knows the option compiles without it (warned once)."""
-    if jax.default_backend() != "cpu":
+def compiler_options() -> dict:
+    """XLA options for the default backend: on CPU, convolutions outside YNNPACK; on GPU,
+    matmuls outside Triton; on TPU none. A jax that no longer knows an option compiles
+    without it (warned once)."""
+    options = platform_options(jax.default_backend())
+    if not options:
         return {}
-    options = {YNN_FUSION_OPTION: YNN_WITHOUT_CONVOLUTIONS}
     try:
         jax.jit(lambda x: x + 1, compiler_options=options).lower(jnp.zeros(2)).compile()
     except Exception as error:  # the option's name or values changed in this jax
         log.warning(
-            "jax %s does not accept %s (%s); convolutions compile with XLA's defaults",
+            "jax %s does not accept %s (%s); steps compile with XLA's defaults",
             jax.__version__,
-            YNN_FUSION_OPTION,
+            ", ".join(options),
             str(error).splitlines()[0],
         )
         return {}
