@@ -190,3 +190,11 @@ def test_deviceless_h100_compile_of_the_nuclei_mask_rcnn_smoke_step(options):
     assert done.returncode == 0, f"exit status {done.returncode}: {done.stderr[-3000:]}"
     line = done.stdout.strip().splitlines()[-1]
     assert line.startswith("compiled NVIDIA H100") and line.endswith(" []"), line
+
+
+def test_an_h100_target_compiles_with_the_packages_gpu_options():
+    """The compile tool compiles for H100s as `instseg-jax train` does on a GPU: matmuls
+    outside Triton GEMM fusions (compilation.platform_options); a TPU target takes none."""
+    h100 = aot.Target("h100:8", "cuda", "h100", ())
+    assert aot.compiler_options(h100) == {"xla_gpu_enable_triton_gemm": False}
+    assert aot.compiler_options(aot.Target("v5e:2x2", "tpu", "v5e", ())) is None
