@@ -90,21 +90,38 @@ def test_golden_losses(five_steps):
             assert logged[int(step)][name] == pytest.approx(values[name], rel=2e-4), (step, name)
 
 
+# Steps the sharding-equality tests compare. At step 3 of the smoke run a RoI-sampling decision
+# flips on float32 reduction-order noise between 1 and 8 devices on some CPUs (loss_cls 1.19859
+# against 1.19920 on an AMD EPYC, at commit 7640677 already): parameters then differ by 2%,
+# which says nothing of the sharding. Two steps still compare two updates' worth of gradients.
+EQUALITY_STEPS = 2
+
+
+def worst_parameter_difference(path_a, path_b) -> float:
+    """The largest difference between two runs' parameters, each array's relative to its own
+    largest magnitude, floored at 1e-3: zero-initialised biases that two warmup steps moved to
+    about 1e-7 (the mask head's) would otherwise turn float32 reduction-order noise of 1e-11
+    into a relative 1e-4."""
+    a, b = np.load(path_a), np.load(path_b)
+    return max(
+        float(np.abs(a[k] - b[k]).max() / max(float(np.abs(a[k]).max()), 1e-3)) for k in a.files
+    )
+
+
 def test_eight_devices_equal_one(tmp_path):
-    """3 steps at global batch 8: 8 fake CPU devices vs 1 device (relative difference <= 1e-5)."""
+    """2 steps at global batch 8: 8 fake CPU devices vs 1 device (relative difference <= 1e-5)."""
     overrides = ["--config.input.global_batch=8"]
-    one = run_driver(tmp_path / "one", 3, tmp_path / "one.npz", *overrides)
+    one = run_driver(tmp_path / "one", EQUALITY_STEPS, tmp_path / "one.npz", *overrides)
     finish(one)
     eight = run_driver(
         tmp_path / "eight",
-        3,
+        EQUALITY_STEPS,
         tmp_path / "eight.npz",
         *overrides,
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
     )
     output = finish(eight)
-    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "eight.npz")
-    worst = max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)) for k in a.files)
+    worst = worst_parameter_difference(tmp_path / "one.npz", tmp_path / "eight.npz")
     assert worst <= 1e-5, (worst, output[-2000:])
 
 
@@ -159,9 +176,8 @@ def test_two_processes_equal_one(tmp_path):
             "2-process training hung twice"
         )
     finish(run_driver(tmp_path / "single", 3, tmp_path / "single.npz"))
-    a, b = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi0.npz")
-    worst = max(float(np.abs(a[k] - b[k]).max() / (np.abs(a[k]).max() + 1e-12)) for k in a.files)
-    assert worst <= 1e-5
+    worst = worst_parameter_difference(tmp_path / "single.npz", tmp_path / "multi0.npz")
+    assert worst <= 1e-5, worst
 
 
 def children(pid: int) -> list[int]:
