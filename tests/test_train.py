@@ -162,6 +162,9 @@ def run_two_processes(workdir, out_stem, timeout: int) -> bool:
         return False
 
 
+# Slow tier: about 130 s of the fast suite's 22 minutes (three training subprocesses), and the
+# 8-devices-equal-1 test above already holds the sharded step's numbers in CI.
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """jax.distributed with 2 CPU processes (gloo), global batch 2 split between them.
 
@@ -339,6 +342,9 @@ def test_nonfinite_losses_skip_updates_then_stop_with_the_checkpoint_intact(tmp_
     checkpointer.close()
 
 
+# Slow tier since the COCO recipes became bfloat16: tests/test_bfloat16.py checks their dtype
+# in the fast tier and every recipe's first step against float32 in the slow one.
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters_and_close_losses(tmp_path):
     config = config_lib.load(SMOKE, ["--config.model.compute_dtype=bfloat16"])
     state = train_lib.train(config, tmp_path, max_steps=1, progress=False)

@@ -303,6 +303,7 @@ def test_rois_on_an_ignore_region_are_never_sampled_as_background():
     assert np.asarray(rois["foreground"]).sum(axis=1).tolist() == [1] * b
 
 
+@pytest.mark.slow  # over-fitting-like (16 steps): the slow tier, as the guide asks
 def test_sixteen_steps_on_one_batch_lower_every_trained_loss():
     """The fast tier's loss descent (test_train's 100-step run is `slow`): AdamW at 1e-3 through
     the trainer's optimizer on one fixed smoke batch, each step drawing its own anchors and

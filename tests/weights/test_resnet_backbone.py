@@ -146,7 +146,12 @@ def test_training_starts_from_the_files_backbone(tmp_path, capsys):
 COCO_RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*coco*.py"))
 
 
-@pytest.mark.parametrize("recipe", COCO_RECIPES)
+# One recipe in the fast tier (the check reads only model.norm and model.backbone_weights, the
+# same fields in every recipe); all twelve in the slow tier.
+@pytest.mark.parametrize(
+    "recipe",
+    [r if "maskrcnn" in r else pytest.param(r, marks=pytest.mark.slow) for r in COCO_RECIPES],
+)
 def test_frozen_bn_recipes_refuse_to_train_without_imagenet_weights(recipe, tmp_path, capsys):
     """Every COCO recipe is FrozenBN: without model.backbone_weights it would train a random
     ResNet without normalisation. One line naming the field, the checkpoint and the GroupNorm
