@@ -32,8 +32,4 @@ def get_config(arg=None):
     c.input.train_split.images = "data/coco/train2017"
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
-    # bfloat16 compute, float32 parameters and optimizer state (detectron2 and mmdetection
-    # train in AMP, TF Model Garden in bfloat16 on TPU); losses, box decoding and NMS stay
-    # float32 in the model.
-    c.model.compute_dtype = "bfloat16"
-    return config_lib.finish(c, arg)
+    return config_lib.accelerator_recipe(c, arg)

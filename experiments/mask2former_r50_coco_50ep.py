@@ -39,8 +39,4 @@ def get_config(arg=None):
     if arg == "maskformer":
         mask2former.maskformer(c)
         arg = None
-    # bfloat16 compute, float32 parameters and optimizer state (detectron2 and mmdetection
-    # train in AMP, TF Model Garden in bfloat16 on TPU); losses, box decoding and NMS stay
-    # float32 in the model.
-    c.model.compute_dtype = "bfloat16"
-    return config_lib.finish(c, arg)
+    return config_lib.accelerator_recipe(c, arg)

@@ -32,8 +32,4 @@ def get_config(arg=None):
     # The published recipe trains the mask head on every sampled positive (up to 512 x 0.25),
     # not on the data-chosen budget of the default (model.mask_fg_per_image = 0).
     c.model.mask_fg_per_image = 128
-    # bfloat16 compute, float32 parameters and optimizer state (detectron2 and mmdetection
-    # train in AMP, TF Model Garden in bfloat16 on TPU); losses, box decoding and NMS stay
-    # float32 in the model.
-    c.model.compute_dtype = "bfloat16"
-    return config_lib.finish(c, arg)
+    return config_lib.accelerator_recipe(c, arg)

@@ -42,8 +42,4 @@ def get_config(arg=None):
     c.schedule.warmup_factor = 1.0 / 3.0
     # Every sampled positive trains the mask head (up to 512 x 0.25), as in the reference.
     c.model.mask_fg_per_image = 128
-    # bfloat16 compute, float32 parameters and optimizer state (detectron2 and mmdetection
-    # train in AMP, TF Model Garden in bfloat16 on TPU); losses, box decoding and NMS stay
-    # float32 in the model.
-    c.model.compute_dtype = "bfloat16"
-    return config_lib.finish(c, arg)
+    return config_lib.accelerator_recipe(c, arg)

@@ -405,6 +405,14 @@ def synthetic_experiment(c: ml_collections.ConfigDict) -> ml_collections.ConfigD
     return c
 
 
+def accelerator_recipe(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """The last step of a COCO recipe (for GPUs and TPUs): bfloat16 compute with float32
+    parameters and optimizer state (detectron2 and mmdetection train in AMP, TF Model Garden in
+    bfloat16 on TPU; losses, box decoding and NMS stay float32 in the model), then `finish`."""
+    c.model.compute_dtype = "bfloat16"
+    return finish(c, arg)
+
+
 def smoke_common(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The method-independent half of every `smoke` shrink: synthetic scenes on a 128x128
     canvas, batch 2, checkpoints every 2 steps."""
