@@ -35,9 +35,12 @@ def test_the_training_step_has_no_convolution_in_a_ynn_fusion():
     method, cfg, model = builders.build_model(config, 3)
     example = builders.device_fields(padding_example(builders.transform_config(config, True)))
     batch = {k: np.stack([v] * 2) for k, v in example.items()}
-    variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+    # Shapes only: the step is compiled, never run (an eager init costs a minute here).
+    variables = jax.eval_shape(
+        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1)), batch
+    )
     tx = train_lib.optimizer(config, variables["params"])
-    state = train_lib.state_from_variables(variables, tx, config)
+    state = jax.eval_shape(lambda v: train_lib.state_from_variables(v, tx, config), variables)
     mesh = sharding.make_mesh()
     step = train_lib.make_train_step(
         model, method.loss_fn, tx, cfg, mesh, sharding.replicated(mesh)

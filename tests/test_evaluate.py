@@ -173,8 +173,11 @@ def test_evaluate_model_runs_a_split_and_writes_the_report(synthetic_coco, tmp_p
         )
     )
     batch = builders.device_fields(batch)
-    variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
-    found = model.apply(variables, batch, train=False)["detections"]
+    # One jit each: eager, the init and the forward compile op by op (minutes on this CPU).
+    variables = jax.jit(
+        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
+    )(batch)
+    found = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
     k = cfg.detections_per_image
     assert found["boxes"].shape == (4, k, 4) and found["masks"].shape == (4, k, 28, 28)
     valid = np.asarray(found["valid"])

@@ -31,13 +31,23 @@ def first_batch(config):
     return source, builders.device_fields(next(pipeline))
 
 
+def init_variables(model, batch, train=True):
+    """The model's variables from one jit-compiled init: an eager init runs the training forward
+    op by op, about a minute of small compiles on this CPU against seconds for one program."""
+    if not train:
+        return jax.jit(lambda b: model.init(jax.random.key(0), b, train=False))(batch)
+    return jax.jit(lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1)))(
+        batch
+    )
+
+
 @pytest.mark.parametrize("mask_on", [True, False])
 def test_one_step_has_finite_loss_and_gradients_where_expected(mask_on):
     config = config_lib.load(SMOKE, [f"--config.model.mask_on={mask_on}"])
     source, batch = first_batch(config)
     cfg = builders.model_config(config, source.num_classes)
     model = mask_rcnn.Model(cfg)
-    variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+    variables = init_variables(model, batch)
     params = variables["params"]
     assert ("mask_head" in params) == mask_on
 
@@ -71,7 +81,7 @@ def test_inference_outputs_have_static_shapes():
     source, batch = first_batch(config)
     cfg = builders.model_config(config, source.num_classes)
     model = mask_rcnn.Model(cfg)
-    variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+    variables = init_variables(model, batch)
     out = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
     p = cfg.rpn_post_nms_topk_test
     assert out["proposal_boxes"].shape == (2, p, 4)
@@ -115,7 +125,7 @@ def test_foreground_rois_beyond_the_mask_budget_are_counted():
     source, batch = first_batch(config)
     cfg = builders.model_config(config, source.num_classes)
     model = mask_rcnn.Model(cfg)
-    variables = model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+    variables = init_variables(model, batch)
     outputs = jax.jit(lambda v, b: model.apply(v, b, train=True, key=jax.random.key(2)))(
         variables, batch
     )
@@ -157,7 +167,7 @@ def test_training_fills_a_zero_mask_budget_from_the_data(tmp_path):
     _, batch = first_batch(zero)
     model = mask_rcnn.Model(builders.model_config(zero, source.num_classes))
     with pytest.raises(config_lib.ConfigValueError, match="mask_fg_per_image"):
-        model.init(jax.random.key(0), batch, train=True, key=jax.random.key(1))
+        init_variables(model, batch)
 
 
 def test_inference_on_a_small_mask_budget_matches_all_slots():
@@ -169,7 +179,7 @@ def test_inference_on_a_small_mask_budget_matches_all_slots():
     batch = {k: v for k, v in batch.items() if not k.startswith("gt_")}
     cfg = builders.model_config(config, source.num_classes)
     model = mask_rcnn.Model(cfg)
-    variables = model.init(jax.random.key(0), batch, train=False)
+    variables = init_variables(model, batch, train=False)
     forward = jax.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
     everything = jax.device_get(forward(variables, batch))
     assert everything["valid"].sum(axis=1).min() > cfg.test_mask_slots_small  # both paths run
