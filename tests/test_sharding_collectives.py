@@ -5,9 +5,9 @@ gradients and a few scalars (global normalisers, metrics), nothing of an activat
 Every step is compiled (never run) in one subprocess with 8 fake CPU devices
 (tests/collectives_driver.py), the HLO read by instseg_jax.hlo_collectives. Mask R-CNN (the
 RoIAlign, proposal and mask-target paths every two-stage method shares) is checked in the fast
-suite: about 90 s on this 2-core machine with a cold compilation cache, 10 s with a warm one.
-The other eleven methods are checked in the slow suite, in one process: 15-30 minutes cold,
-about 3 warm.
+suite by tests/test_train.py::test_eight_devices_equal_one, from XLA's dump of the step that
+test trains (no second compile). Every method is checked in the slow suite, in one process:
+15-30 minutes cold, about 3 warm.
 
 On CPU a weight shared by several pyramid levels (the RPN head, the FCOS-family towers) has its
 gradient all-reduced once per level: XLA's CPU pipeline does not reassociate the sum of the
@@ -66,6 +66,22 @@ def compiled_reports(methods, timeout: int) -> dict:
     return {m: by_spec[SMOKE[m]] for m in methods}
 
 
+def params_bytes(arrays) -> int:
+    """Bytes of a name -> array mapping (an npz of parameters)."""
+    return sum(arrays[k].nbytes for k in arrays.files)
+
+
+def collectives_report(hlo: str, parameter_sizes, parameter_bytes: int) -> dict:
+    """What `crossings` reads, from a compiled step's HLO text and its parameters' element
+    counts and total bytes (tests/collectives_driver.py writes the same fields)."""
+    found = hlo_collectives.collectives(hlo, details=True)
+    return {
+        "param_bytes": parameter_bytes,
+        "activation": hlo_collectives.activation_collectives(found),
+        "all_reduce": hlo_collectives.all_reduce_budget(found, parameter_sizes),
+    }
+
+
 def crossings(report: dict) -> list[str]:
     """What crosses chips in a compiled step beyond gradients and scalars, one line each."""
     lines = [
@@ -92,17 +108,12 @@ def test_every_method_has_a_smoke_experiment_here():
     assert set(SMOKE) == set(METHODS), "add the new method's smoke experiment to SMOKE"
 
 
-def test_mask_rcnn_step_only_all_reduces_gradients():
-    """The two-stage path (proposals, RoIAlign on per-image pyramids, RoI sampling, mask
-    targets) on 8 devices: before the per-image tables it held 16 all-gathers, 10 all-to-alls
-    and 54 collective-permutes."""
-    assert_only_gradients_cross(compiled_reports(["mask_rcnn"], timeout=900))
-
-
+# Mask R-CNN's step (the RoIAlign, proposal and mask-target paths every two-stage method
+# shares) is checked in the fast tier by tests/test_train.py::test_eight_devices_equal_one, on
+# the program that test compiles anyway.
 @pytest.mark.slow
 def test_every_method_step_only_all_reduces_gradients():
-    others = sorted(m for m in SMOKE if m != "mask_rcnn")
-    assert_only_gradients_cross(compiled_reports(others, timeout=3600))
+    assert_only_gradients_cross(compiled_reports(sorted(SMOKE), timeout=3600))
 
 
 # ----------------------------------------------------------------------------- the HLO reader
