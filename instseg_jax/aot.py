@@ -346,7 +346,7 @@ def program_report(lowered, target: Target, lower_seconds: float) -> dict:
         memory["peak"] = memory["total"]
     cost = _cost(compiled)
     text = compiled.as_text()
-    found = hlo_collectives.collectives(text)
+    found = hlo_collectives.collectives(text, details=True)
     hbm = target.memory_bytes
     report = {
         "lower_seconds": round(lower_seconds, 2),
@@ -361,6 +361,8 @@ def program_report(lowered, target: Target, lower_seconds: float) -> dict:
         "collectives_by_kind": {
             kind: value for kind, value in hlo_collectives.summary(found).items() if value["count"]
         },
+        # The precision gradients cross chips in (a bfloat16 step's may all-reduce in bf16).
+        "all_reduce_bytes_by_type": hlo_collectives.bytes_by_element_type(found),
         "collectives": found,
         "hlo_ops": hlo_op_counts(text),
     }
@@ -469,7 +471,12 @@ def format_report(report: dict, top: int = 8) -> str:
         summary = ", ".join(
             f"{kind} {v['count']} ({v['bytes'] / 1e6:.2f} MB)" for kind, v in kinds.items()
         )
-        lines.append(f"  {name}: {summary or 'none'}")
+        by_type = ", ".join(
+            f"{t} {b / 1e6:.2f} MB" for t, b in p.get("all_reduce_bytes_by_type", {}).items()
+        )
+        lines.append(
+            f"  {name}: {summary or 'none'}" + (f"; all-reduced as {by_type}" if by_type else "")
+        )
         largest = sorted(
             (c for c in p["collectives"] if c["kind"] != "all-reduce"),
             key=lambda c: -c["bytes"],

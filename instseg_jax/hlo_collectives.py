@@ -150,6 +150,17 @@ def summary(found: list[dict]) -> dict:
     return {k: {"count": counts[k], "bytes": sizes[k]} for k in KINDS}
 
 
+def bytes_by_element_type(found: list[dict], kind: str = "all-reduce") -> dict:
+    """{element type: bytes} of the collectives of one kind (`found`: collectives(...,
+    details=True)), e.g. whether a bfloat16 step all-reduces its gradients in "bf16" or "f32"."""
+    sizes = Counter()
+    for c in found:
+        if c["kind"] == kind:
+            for shape in c["shapes"]:
+                sizes[shape.split("[", 1)[0]] += shape_bytes(shape)
+    return dict(sorted(sizes.items()))
+
+
 def activation_collectives(found: list[dict]) -> list[dict]:
     """The collectives of ACTIVATION_KINDS (what a training step must not hold)."""
     return [c for c in found if c["kind"] in ACTIVATION_KINDS]

@@ -45,7 +45,8 @@ def check_program(program: dict, chip_memory) -> None:
     if chip_memory is None:  # a CPU target: no chip to fill
         assert program["chip_memory_fraction"] is None
     for found in program["collectives"]:
-        assert set(found) == {"kind", "bytes", "op_name"} and found["bytes"] > 0
+        assert set(found) == {"kind", "bytes", "op_name", "shapes", "source"}
+        assert found["bytes"] > 0
     counted = sum(v["count"] for v in program["collectives_by_kind"].values())
     assert counted == len(program["collectives"])
 
@@ -79,6 +80,9 @@ def test_compile_on_eight_cpu_devices(tmp_path):
     assert set(train["collectives_by_kind"]) == {"all-reduce"}
     assert report["parameter_bytes"] <= train["collectives_by_kind"]["all-reduce"]["bytes"]
     assert train["collectives_by_kind"]["all-reduce"]["bytes"] <= report["parameter_bytes"] + 64
+    # The toy computes in float32: its gradients are all-reduced as f32 (the loss too).
+    by_type = train["all_reduce_bytes_by_type"]
+    assert set(by_type) == {"f32"} and by_type["f32"] >= report["parameter_bytes"]
 
 
 @pytest.mark.parametrize(

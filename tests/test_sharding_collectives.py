@@ -202,3 +202,14 @@ def test_all_reduce_budget_tells_gradients_from_duplicates_and_activations():
     assert budget["duplicate_bytes"] == (kernel + bias) * 4
     assert budget["other_bytes"] == 8 * 100 * 4
     assert budget["other"][0]["shape"] == "f32[8,100]"
+
+
+def test_bytes_by_element_type_splits_what_each_precision_carries():
+    found = hlo_collectives.collectives(HLO, details=True)
+    assert hlo_collectives.bytes_by_element_type(found) == {"f32": (3 * 3 * 32 * 64 + 64) * 4}
+    mixed = found + [dict(found[0], shapes=["bf16[3,3,32,64]"])]
+    assert hlo_collectives.bytes_by_element_type(mixed) == {
+        "bf16": 3 * 3 * 32 * 64 * 2,
+        "f32": (3 * 3 * 32 * 64 + 64) * 4,
+    }
+    assert hlo_collectives.bytes_by_element_type(found, "all-gather") == {"bf16": 32 * 2}
