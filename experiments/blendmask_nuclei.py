@@ -16,12 +16,12 @@ every 500 steps, the best checkpoint kept in workdir/best.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import blendmask
 
 
 def get_config(arg=None):
-    c = config_lib.nuclei_experiment(blendmask.base_config(), arg)
+    c = common.nuclei_experiment(blendmask.base_config(), arg)
     m = c.model
     m.sizes_of_interest = (32, 64, 128, 256)
     m.detections_per_image = 200
@@ -30,4 +30,4 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-4
     c.schedule.total_steps = 2600
     c.schedule.warmup_factor = 0.001
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

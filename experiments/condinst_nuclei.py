@@ -14,12 +14,12 @@ val AP every 500 steps, the best checkpoint kept in workdir/best.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import condinst
 
 
 def get_config(arg=None):
-    c = config_lib.nuclei_experiment(condinst.base_config(), arg)
+    c = common.nuclei_experiment(condinst.base_config(), arg)
     m = c.model
     m.sizes_of_interest = (32, 64, 128, 256)
     m.relative_scales = (32, 64, 128, 256, 512)
@@ -28,4 +28,4 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-4
     c.schedule.total_steps = 4000
     c.schedule.warmup_factor = 0.001
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

@@ -21,7 +21,7 @@ reports 35.9 mask AP on COCO val2017 for MS_R_50_1x (mmdetection's condinst_r50_
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import condinst
 
 
@@ -31,4 +31,4 @@ def get_config(arg=None):
     c.input.train_split.images = "data/coco/train2017"
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

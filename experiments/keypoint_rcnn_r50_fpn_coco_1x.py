@@ -23,7 +23,7 @@ reproduced it.
 `:smoke` shrinks everything to synthetic keypoint scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import keypoint_rcnn
 
 
@@ -34,4 +34,4 @@ def get_config(arg=None):
     c.input.eval_split.annotations = "data/coco/annotations/person_keypoints_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
     c.model.keypoint_fg_per_image = 128
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

@@ -11,13 +11,13 @@ FPN, anchors 16-256 px) with a 4-conv keypoint head of 256 channels; keypoint AP
 sigma 0.05 per keypoint. `:smoke` shrinks everything for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.input.keypoints import SYNTHETIC_SHAPES
 from instseg_jax.methods import keypoint_rcnn
 
 
 def get_config(arg=None):
-    c = config_lib.synthetic_experiment(keypoint_rcnn.base_config())
+    c = common.synthetic_experiment(keypoint_rcnn.base_config())
     c.input.keypoints = "synthetic_shapes"
     m = c.model
     m.num_keypoints = SYNTHETIC_SHAPES.count
@@ -25,4 +25,4 @@ def get_config(arg=None):
     m.keypoint_head_convs = 4
     m.keypoint_head_dim = 256
     m.keypoint_fg_per_image = 16
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

@@ -19,12 +19,12 @@ and the reference's gradient clipping at 0.01, with the whole model at one learn
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import mask2former
 
 
 def get_config(arg=None):
-    c = config_lib.nuclei_experiment(mask2former.base_config(), arg)
+    c = common.nuclei_experiment(mask2former.base_config(), arg)
     c.input.resize = "short_side"
     m = c.model
     m.conv_dim = 128
@@ -47,4 +47,4 @@ def get_config(arg=None):
     c.schedule.total_steps = 1400
     c.eval.every_steps = 0 if arg else 200
     c.schedule.warmup_factor = 0.001
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

@@ -26,7 +26,7 @@ long side at most 1024 (the reference allows 1333).
 with full cross-attention to res5). `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import mask2former
 
 
@@ -39,4 +39,4 @@ def get_config(arg=None):
     if arg == "maskformer":
         mask2former.maskformer(c)
         arg = None
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

@@ -23,16 +23,16 @@ Result (2026-11-22, 2 CPU cores, 58 min including compilation and four evaluatio
 for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import mask_rcnn
 
 
 def get_config(arg=None):
-    c = mask_rcnn.nuclei_detector(config_lib.nuclei_experiment(mask_rcnn.base_config(), arg))
+    c = common.nuclei_detector(common.nuclei_experiment(mask_rcnn.base_config(), arg))
     c.model.mask_head_convs = 2
     if arg == "demo":  # `make demo`: the same model on a budget that fits ~10 minutes here
         c.schedule.total_steps = 400
         c.schedule.warmup_steps = 100
         c.checkpoint.every_steps = 200
-        return config_lib.finish(c, None)
-    return config_lib.finish(c, arg)
+        return common.finish(c, None)
+    return common.finish(c, arg)

@@ -19,7 +19,7 @@ reproduced it yet.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import mask_rcnn
 
 
@@ -32,4 +32,4 @@ def get_config(arg=None):
     # The published recipe trains the mask head on every sampled positive (up to 512 x 0.25),
     # not on the data-chosen budget of the default (model.mask_fg_per_image = 0).
     c.model.mask_fg_per_image = 128
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

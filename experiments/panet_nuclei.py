@@ -16,13 +16,13 @@ Mask R-CNN's step). Results: experiments/benchmarks/RESULTS.md, "PANet nuclei qu
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
-from instseg_jax.methods import mask_rcnn, panet
+from instseg_jax.configs import common
+from instseg_jax.methods import panet
 
 
 def get_config(arg=None):
-    c = mask_rcnn.nuclei_detector(config_lib.nuclei_experiment(panet.base_config(), arg))
+    c = common.nuclei_detector(common.nuclei_experiment(panet.base_config(), arg))
     c.model.mask_head_convs = 2
     c.model.box_head = "2fc"
     c.schedule.total_steps = 1500
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

@@ -21,7 +21,7 @@ twice, as theirs) with the long side at most 1400 on a 1408 x 1408 canvas, testi
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import panet
 
 
@@ -42,4 +42,4 @@ def get_config(arg=None):
     c.schedule.warmup_factor = 1.0 / 3.0
     # Every sampled positive trains the mask head (up to 512 x 0.25), as in the reference.
     c.model.mask_fg_per_image = 128
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

@@ -25,7 +25,7 @@ reproduced it.
 `:smoke` shrinks everything to synthetic scenes with stuff bands for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import panoptic_fpn
 
 
@@ -41,4 +41,4 @@ def get_config(arg=None):
     c.input.filter_empty = False
     # Every sampled positive trains the mask head (up to 512 x 0.25), as in the reference.
     c.model.mask_fg_per_image = 128
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

@@ -10,12 +10,12 @@ canvas at batch 4; Mask R-CNN's nuclei-sized detector (ResNet-18 GroupNorm from 
 `:smoke` shrinks everything for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import panoptic_fpn
 
 
 def get_config(arg=None):
-    c = config_lib.synthetic_experiment(panoptic_fpn.base_config())
+    c = common.synthetic_experiment(panoptic_fpn.base_config())
     c.input.synthetic_stuff = True
     m = c.model
     m.mask_fg_per_image = 16
@@ -25,4 +25,4 @@ def get_config(arg=None):
     # The reference combines at the original image's pixels: 4096 px of a typical 640 x 480
     # COCO image is 1.3% of it; the same share of 256 x 256.
     m.combine_stuff_area = 4096.0 * 256 * 256 / (640 * 480)
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

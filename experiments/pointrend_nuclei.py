@@ -13,13 +13,13 @@ budget. Results: experiments/benchmarks/RESULTS.md, "PointRend nuclei quality ru
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
-from instseg_jax.methods import mask_rcnn, pointrend
+from instseg_jax.configs import common
+from instseg_jax.methods import pointrend
 
 
 def get_config(arg=None):
-    c = config_lib.nuclei_experiment(pointrend.base_config(), arg)
-    c = mask_rcnn.nuclei_detector(c)
+    c = common.nuclei_experiment(pointrend.base_config(), arg)
+    c = common.nuclei_detector(c)
     c.model.coarse_conv_dim = 128
     c.model.coarse_fc_dim = 512
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

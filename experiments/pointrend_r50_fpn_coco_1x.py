@@ -22,7 +22,7 @@ recipe; this file has not reproduced it.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import pointrend
 
 
@@ -34,4 +34,4 @@ def get_config(arg=None):
     c.input.eval_split.images = "data/coco/val2017"
     # Every sampled positive trains the mask head (up to 512 x 0.25), as in the reference.
     c.model.mask_fg_per_image = 128
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

@@ -20,7 +20,7 @@ sampling, polar IoU loss; short side 768 (long side at most 1280) on a 1280 x 12
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import polarmask
 
 
@@ -30,4 +30,4 @@ def get_config(arg=None):
     c.input.train_split.images = "data/coco/train2017"
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

@@ -19,12 +19,12 @@ global norm 10; val AP every 500 steps, the best checkpoint kept in workdir/best
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import solov2
 
 
 def get_config(arg=None):
-    c = config_lib.nuclei_experiment(solov2.base_config(), arg)
+    c = common.nuclei_experiment(solov2.base_config(), arg)
     m = c.model
     m.scale_ranges = ((1, 24), (12, 48), (24, 96), (48, 192), (96, 512))
     m.head_channels = 128
@@ -36,4 +36,4 @@ def get_config(arg=None):
     m.detections_per_image = 200
     c.optim.lr = 0.01
     c.schedule.total_steps = 3500
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

@@ -23,7 +23,7 @@ multi-scale training); this file has not reproduced it.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import solov2
 
 
@@ -34,4 +34,4 @@ def get_config(arg=None):
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
     c.input.short_side = (800,)
-    return config_lib.accelerator_recipe(c, arg)
+    return common.accelerator_recipe(c, arg)

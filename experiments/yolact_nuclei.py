@@ -18,12 +18,12 @@ norm 10; val AP every 500 steps, the best checkpoint kept in workdir/best.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
-from instseg_jax import config as config_lib
+from instseg_jax.configs import common
 from instseg_jax.methods import yolact
 
 
 def get_config(arg=None):
-    c = config_lib.nuclei_experiment(yolact.base_config(), arg)
+    c = common.nuclei_experiment(yolact.base_config(), arg)
     m = c.model
     m.anchor_sizes = (8, 16, 32, 64, 128)
     m.proto_channels = 128
@@ -32,4 +32,4 @@ def get_config(arg=None):
     c.optim.weight_decay = 1e-4
     c.schedule.total_steps = 5500
     c.schedule.warmup_factor = 0.001
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)

@@ -504,28 +504,6 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def nuclei_detector(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Mask R-CNN's detector for the nuclei set (experiments/maskrcnn_nuclei.py says why),
-    shared by the nuclei experiments of the methods built on it so that they compare: 56x56
-    mask targets, anchors 8-128 px, 1000/500 proposals, 256 RoIs per image of which up to 32
-    train the mask head, a 512-wide box head, 200 detection slots (up to 101 nuclei per val
-    image), lr 0.02 over 2000 steps. Call after config.nuclei_experiment."""
-    c.input.mask_size = 56
-    m = c.model
-    m.anchor_sizes = ((8,), (16,), (32,), (64,), (128,))
-    m.rpn_pre_nms_topk_train = 1000
-    m.rpn_post_nms_topk_train = 500
-    m.rpn_pre_nms_topk_test = 1000
-    m.rpn_post_nms_topk_test = 500
-    m.roi_batch_per_image = 256
-    m.mask_fg_per_image = 32
-    m.box_fc_dim = 512
-    m.detections_per_image = 200
-    c.optim.lr = 0.02
-    c.schedule.total_steps = 2000
-    return c
-
-
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Shrink a Mask R-CNN config to seconds on a CPU: synthetic scenes, ResNet-18 of width 16,
     a 128x128 canvas, few anchors and RoIs."""

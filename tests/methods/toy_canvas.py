@@ -20,6 +20,7 @@ import ml_collections
 
 from instseg_jax import config as config_lib
 from instseg_jax import structures
+from instseg_jax.configs import common
 
 STRIDE = 4
 INPUTS = structures.Inputs(full_mask_stride=STRIDE)
@@ -117,4 +118,4 @@ def get_config(arg=None):
     c.method = (
         "tests.methods.toy_canvas"  # the importable path (this file may load as another name)
     )
-    return config_lib.finish(c, arg)
+    return common.finish(c, arg)
