@@ -6,7 +6,6 @@ predict, demo and the weight importers all build through here, so none of them n
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from pathlib import Path
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 
 # Host-side bookkeeping that a jitted step never reads (int64 ids do not exist on device).
 HOST_ONLY = ("image_id",)
-CLASSES_FILE = "classes.json"
 
 
 def device_fields(batch: dict) -> dict:
@@ -192,38 +190,6 @@ def source_stuff_map(source) -> tuple[list[int], list[str]]:
     """(category ids, names) of a source's stuff classes (panoptic data); empty without."""
     ids = [int(i) for i in getattr(source, "stuff_category_ids", ())]
     return ids, [str(n) for n in getattr(source, "stuff_names", ())]
-
-
-def write_class_map(workdir, category_ids, class_names, stuff_map=((), ())) -> Path:
-    """Record a workdir's class map (and its stuff classes, when it has some), so eval and
-    predict need neither the data nor the paths it was trained with."""
-    path = Path(workdir) / CLASSES_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"category_ids": [int(i) for i in category_ids], "class_names": list(class_names)}
-    if stuff_map[0]:
-        document["stuff_category_ids"] = [int(i) for i in stuff_map[0]]
-        document["stuff_names"] = list(stuff_map[1])
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    return path
-
-
-def workdir_class_map(workdir, config) -> tuple[list[int], list[str]]:
-    """The class map a workdir was trained (or imported) with; workdirs older than classes.json
-    fall back to the config's explicit map or its evaluation data."""
-    path = Path(workdir) / CLASSES_FILE
-    if path.exists():
-        document = json.loads(path.read_text())
-        return [int(i) for i in document["category_ids"]], list(document["class_names"])
-    if config.input.get("category_ids"):
-        return class_map(config)
-    return class_map(config, build_source(config.input, train=False, seed=config.seed))
-
-
-def workdir_stuff_map(workdir) -> tuple[list[int], list[str]]:
-    """The stuff classes a workdir was trained with (classes.json); empty without."""
-    path = Path(workdir) / CLASSES_FILE
-    document = json.loads(path.read_text()) if path.exists() else {}
-    return list(document.get("stuff_category_ids", [])), list(document.get("stuff_names", []))
 
 
 def model_config(config, num_classes: int):

@@ -72,7 +72,7 @@ CONFIG_KINDS = "experiments/<name>.py[:arg], or a workdir's config.json to train
 
 
 def from_json(path: Path, lock: bool = True) -> ml_collections.ConfigDict:
-    """The config of a config.json (a workdir's record of its run, written by save), locked
+    """The config of a config.json (a workdir's record of its run, workdir.save_config's), locked
     unless asked otherwise: its lists become tuples again, as the experiment files give them."""
     try:
         document = json.loads(Path(path).read_text())
@@ -191,13 +191,6 @@ def _positive_integers(value) -> bool:
     return isinstance(value, tuple | list) and all(
         isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
     )
-
-
-def save(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
-    path = Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json(indent=2, sort_keys=True) + "\n")
-    return path
 
 
 def base() -> ml_collections.ConfigDict:

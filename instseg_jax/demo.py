@@ -53,9 +53,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from instseg_jax import builders, evaluate, predict
     from instseg_jax import config as config_lib
+    from instseg_jax import evaluate, predict
     from instseg_jax import train as train_lib
+    from instseg_jax import workdir as workdir_lib
     from instseg_jax.input.synthetic import SyntheticSource, write_coco
 
     out = Path(args.out)
@@ -95,11 +96,11 @@ def main(argv=None) -> int:
     workdir = out / "run"
     print(f"training {config.schedule.total_steps} steps -> {workdir}")
     train_lib.train(config, workdir)
-    config, variables, step = evaluate.restore_variables(workdir)
+    config, variables, step = workdir_lib.restore_variables(workdir)
     print(f"evaluating step {step} on the val split")
     report = evaluate.evaluate_model(config, variables, workdir, step)
     files = [Path(val_images) / n for n in names[: args.overlays]]
-    _, class_names = builders.workdir_class_map(workdir, config)
+    _, class_names = workdir_lib.read_class_map(workdir, config)
     predict.predict(config, variables, files, out, 0.5, class_names)
     segm = report.get("segm", {})
     print(f"segm AP {segm.get('AP', 0):.3f}, AP50 {segm.get('AP50', 0):.3f}; overlays in {out}/")

@@ -24,7 +24,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from instseg_jax import builders, detections, structures
-from instseg_jax import config as config_lib
+from instseg_jax import workdir as workdir_lib
 from instseg_jax.config import UserError
 from instseg_jax.input.coco import mask_annotation
 
@@ -402,7 +402,7 @@ def evaluate_model(
     source = builders.build_source(config.input, train=False, seed=config.seed)
     if class_map is None:
         class_map = (
-            builders.workdir_class_map(workdir, config)
+            workdir_lib.read_class_map(workdir, config)
             if workdir is not None
             else builders.class_map(config, source)
         )
@@ -565,42 +565,6 @@ def _stuff_ids(source, cfg) -> list[int]:
     return ids
 
 
-def restore_variables(workdir: str | Path, step: int | None = None, overrides=()):
-    """(config, variables, step) of a training workdir's checkpoint (latest by default), the
-    config being workdir/config.json with `--config.a.b=value` overrides applied (eval and
-    predict: e.g. model.score_threshold)."""
-    import orbax.checkpoint as ocp
-
-    from instseg_jax.checkpoint import Checkpointer
-
-    workdir = Path(workdir)
-    if not (workdir / "config.json").is_file():
-        raise UserError(
-            f"{workdir}: no config.json; give a workdir written by `instseg-jax train` or "
-            "`instseg-jax import-weights`"
-        )
-    config = config_lib.from_json(workdir / "config.json", lock=False)
-    for override in overrides:
-        config_lib.apply_override(config, override)
-    if overrides:  # checked as train checks its own
-        config_lib.validate(config, f"{workdir / 'config.json'} with {' '.join(overrides)}")
-    checkpointer = Checkpointer(workdir, 1, 10, use_async=False)
-    available = checkpointer.manager.all_steps()
-    step = checkpointer.latest_step() if step is None else step
-    if step is None or step not in available:
-        checkpointer.close()
-        raise UserError(
-            f"{workdir}/checkpoints: no checkpoint {'' if step is None else step} "
-            f"(available steps: {sorted(available) or 'none'})"
-        )
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
-    )
-    checkpointer.close()
-    state = restored["state"]
-    return config, {"params": state["params"], "frozen": state.get("frozen", {})}, step
-
-
 def evaluation_data(config) -> str:
     """Where a config's evaluation ground truth comes from, in words."""
     kind = config.input.get("eval_source") or config.input.source
@@ -641,7 +605,9 @@ def main(args) -> int:
             raise UserError(
                 "give --workdir DIR [--checkpoint STEP], or --results and --annotations"
             )
-        config, variables, step = restore_variables(args.workdir, args.checkpoint, overrides)
+        config, variables, step = workdir_lib.restore_variables(
+            args.workdir, args.checkpoint, overrides
+        )
         print(
             f"evaluating {Path(args.workdir) / 'checkpoints' / str(step)} on "
             f"{evaluation_data(config)}",

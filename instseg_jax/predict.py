@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from instseg_jax import builders, detections, evaluate
+from instseg_jax import workdir as workdir_lib
 from instseg_jax.config import UserError
 from instseg_jax.input.images import DataError, UnreadableImage, decode_image
 
@@ -293,11 +294,11 @@ def main(args) -> int:
         workdir, step = Path(args.workdir), None
     else:
         raise UserError("give --workdir DIR or --checkpoint DIR/checkpoints/STEP")
-    config, variables, step = evaluate.restore_variables(
+    config, variables, step = workdir_lib.restore_variables(
         workdir, step, getattr(args, "overrides", ())
     )
     lower_model_threshold(config, args.score_threshold)
-    class_map = builders.workdir_class_map(workdir, config)
+    class_map = workdir_lib.read_class_map(workdir, config)
     result = predict(
         config,
         variables,
@@ -305,7 +306,7 @@ def main(args) -> int:
         args.out,
         args.score_threshold,
         class_map=class_map,
-        stuff_map=builders.workdir_stuff_map(workdir),
+        stuff_map=workdir_lib.read_stuff_map(workdir),
     )
     print(f"wrote {result['written']} image(s) to {args.out}; skipped {len(result['skipped'])}")
     return 0

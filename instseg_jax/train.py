@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from instseg_jax import builders, compilation, evaluate, rng, sharding
 from instseg_jax import config as config_lib
+from instseg_jax import workdir as workdir_lib
 from instseg_jax.backbones.resnet import frozen_prefixes
 from instseg_jax.builders import device_fields
 from instseg_jax.checkpoint import Checkpointer, abstract, leaf_shapes
@@ -440,7 +441,7 @@ def _initial_state(
     there is none, a new state (with the backbone weights the config names)."""
     if latest is not None:  # restore into shapes only: no parameters are initialised for nothing
         shapes = jax.eval_shape(init_state, params_key)
-        check_resumable(config, ckpt, latest, shapes)
+        workdir_lib.check_resumable(config, ckpt, latest, leaf_shapes(shapes))
         state, data_state = ckpt.restore(latest, abstract(shapes, state_sharding))
         pipeline.set_state(data_state)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
@@ -452,59 +453,6 @@ def _initial_state(
         data_notes.append(f"backbone initialised from {description}")
     # Created directly in the replicated sharding.
     return jax.jit(init_state, out_shardings=state_sharding)(params_key, backbone)
-
-
-def check_resumable(config, ckpt, step: int, state_shapes) -> None:
-    """Refuse, in one line and before anything in the workdir changes, to resume checkpoint
-    `step` into a model it does not fit: weights written by import-weights (no optimizer state,
-    no input position), another method, another class map (from the workdir's config.json and
-    classes.json), or arrays of other shapes (a model or optim field changed)."""
-    workdir = ckpt.directory.parent
-    fix = "use a new --workdir (this one is left as it was)"
-    data_state = ckpt.data_state(step)
-    if "imported_from" in data_state:
-        raise config_lib.ConfigValueError(
-            f"{workdir} holds weights imported by import-weights (from "
-            f"{data_state['imported_from']}), not a training run to resume: {fix}"
-        )
-    saved = _read_json(workdir / "config.json")
-    saved_method = saved.get("method", "?")
-    # classes.json, else the class map config.json recorded; neither in the oldest workdirs.
-    recorded = _read_json(workdir / builders.CLASSES_FILE) or saved.get("input", {})
-    saved_ids = [int(i) for i in recorded.get("category_ids") or ()] or None
-    saved_names = [str(n) for n in recorded.get("class_names") or ()]
-    classes = "" if saved_ids is None else f"{len(saved_ids)}-class "
-    held = f"{workdir} holds a {classes}{saved_method} checkpoint (step {step})"
-    if saved and saved_method != config.method:
-        raise config_lib.ConfigValueError(f"{held}; the config asks for {config.method}: {fix}")
-    ids, names = list(config.input.category_ids), list(config.input.class_names)
-    if saved_ids is not None and len(saved_ids) != len(ids):
-        raise config_lib.ConfigValueError(f"{held}; the config asks for {len(ids)} classes: {fix}")
-    if saved_ids is not None and (saved_ids, saved_names) != (ids, names):
-        raise config_lib.ConfigValueError(
-            f"{held} of classes {_some(saved_names)}; the training data's are {_some(names)} "
-            f"(category ids {_some(saved_ids)} and {_some(ids)}): {fix}"
-        )
-    have, want = ckpt.state_shapes(step), leaf_shapes(state_shapes)
-    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-    if differ:
-        first = differ[0]
-        raise config_lib.ConfigValueError(
-            f"{held} whose arrays do not fit the config's model and optimizer ({len(differ)} "
-            f"differ; {first}: {have.get(first, 'absent')} in the checkpoint, "
-            f"{want.get(first, 'absent')} for the config): a model or optim field changed; "
-            f"resume with --config {workdir / 'config.json'}, or {fix}"
-        )
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _some(values, shown: int = 5) -> str:
-    """[a, b, c, ...] of a long list, for messages."""
-    head = ", ".join(str(v) for v in values[:shown])
-    return f"[{head}{', ...' if len(values) > shown else ''}]"
 
 
 def _training_source(config, workdir: Path):
@@ -532,8 +480,8 @@ def _record_run(config, workdir: Path, source) -> None:
     """workdir/config.json (with the values chosen from the data) and classes.json, from
     process 0."""
     if jax.process_index() == 0:
-        config_lib.save(config, workdir)
-        builders.write_class_map(
+        workdir_lib.save_config(config, workdir)
+        workdir_lib.write_class_map(
             workdir,
             config.input.category_ids,
             config.input.class_names,

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from instseg_jax import config as config_lib
+from instseg_jax import workdir as workdir_lib
 
 NUCLEI = "experiments/maskrcnn_nuclei.py"
 
@@ -30,7 +31,7 @@ def test_overrides_apply_with_types_checked(tmp_path):
         config_lib.load(NUCLEI, ["--config.optim.lr"])
     with pytest.raises(FileNotFoundError, match=r"experiments/nope\.py"):
         config_lib.load("experiments/nope.py")
-    saved = json.loads(config_lib.save(c, tmp_path).read_text())
+    saved = json.loads(workdir_lib.save_config(c, tmp_path).read_text())
     assert saved["optim"]["lr"] == 0.01
     assert saved["input"]["canvas_hw"] == [128, 128]
 

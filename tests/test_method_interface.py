@@ -15,6 +15,7 @@ from pycocotools import mask as mask_utils
 
 from instseg_jax import builders, cli, evaluate, methods
 from instseg_jax import config as config_lib
+from instseg_jax import workdir as workdir_lib
 from instseg_jax.input.synthetic import SyntheticSource, write_coco
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +95,7 @@ def test_a_workdir_predicts_without_its_training_data(tmp_path):
     assert cli.main([*argv, "--score-threshold", "0.0"]) == 0
     record = json.loads((out / "photo0.json").read_text())
     assert {d["class"] for d in record["detections"]} <= set(SyntheticSource.class_names)
-    assert builders.workdir_class_map(moved, None) == ([1, 2, 3], list(SyntheticSource.class_names))
+    assert workdir_lib.read_class_map(moved, None) == ([1, 2, 3], list(SyntheticSource.class_names))
 
 
 def _code_tokens(path: Path):

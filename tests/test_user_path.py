@@ -292,9 +292,9 @@ def test_a_resume_the_checkpoint_does_not_fit_leaves_the_workdir_as_it_was(tmp_p
 def test_training_into_an_import_weights_workdir_is_refused_untouched(tmp_path, capsys):
     """A workdir as import-weights writes it (config.json, classes.json, checkpoint 0 of params
     and frozen statistics only, the source file's name beside it) cannot be resumed."""
-    from instseg_jax import builders
     from instseg_jax import config as config_lib
     from instseg_jax import train as train_lib
+    from instseg_jax import workdir as workdir_lib
     from instseg_jax.checkpoint import Checkpointer
 
     annotations = make_dataset(tmp_path)
@@ -302,8 +302,8 @@ def test_training_into_an_import_weights_workdir_is_refused_untouched(tmp_path, 
     config = config_lib.load(TOY, data_overrides(annotations, tmp_path / "photos"))
     trained = train_lib.train(config, scratch, max_steps=1, progress=False)
     workdir = tmp_path / "imported"
-    config_lib.save(config, workdir)
-    builders.write_class_map(workdir, config.input.category_ids, config.input.class_names)
+    workdir_lib.save_config(config, workdir)
+    workdir_lib.write_class_map(workdir, config.input.category_ids, config.input.class_names)
     checkpointer = Checkpointer(workdir, 1, 1, use_async=False)
     state = {"params": trained["params"], "frozen": trained["frozen"], "step": trained["step"] * 0}
     checkpointer.save(0, state, {"imported_from": "weights.pth"}, force=True)
@@ -572,9 +572,10 @@ def test_more_user_mistakes_end_in_one_line(tmp_path, capsys, argv, expected):
     an edited config.json that is no longer JSON, an eval override of a bad value, results
     files that are not COCO results."""
     from instseg_jax import config as config_lib
+    from instseg_jax import workdir as workdir_lib
 
     (tmp_path / "a_file").write_text("x")
-    config_lib.save(config_lib.load(TOY), tmp_path / "record")
+    workdir_lib.save_config(config_lib.load(TOY), tmp_path / "record")
     (tmp_path / "bad_record").mkdir()
     (tmp_path / "bad_record" / "config.json").write_text('{"model": {"score_threshold": 0.1,}}')
     gt = {"images": [{"id": 1, "height": 8, "width": 8}], "annotations": []}

@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_results, machine_line, markdown_table, time_interleaved
 
-from instseg_jax import builders, detections, evaluate, sharding
+from instseg_jax import builders, detections, sharding
 from instseg_jax import config as config_lib
 from instseg_jax import train as train_lib
+from instseg_jax import workdir as workdir_lib
 from instseg_jax.input.pipeline import InputPipeline
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ def setup(name: str, workdir: str | None):
     )(train_batch)
     weights = "initial weights"
     if workdir:
-        _, variables, step = evaluate.restore_variables(workdir)
+        _, variables, step = workdir_lib.restore_variables(workdir)
         weights = f"{Path(workdir).name} step {step}"
     tx = train_lib.optimizer(config, variables["params"])
     state = train_lib.state_from_variables(variables, tx, config)

@@ -228,13 +228,13 @@ def check_import_from_pth(model, variables) -> None:
 
     import jax
 
-    from instseg_jax import evaluate
+    from instseg_jax import workdir as workdir_lib
 
     with tempfile.TemporaryDirectory() as folder:
         pth = Path(folder) / "model.pth"
         torch.save(model.state_dict(), pth)
         tv.import_weights(pth, Path(folder) / "imported")
-        _, restored, _ = evaluate.restore_variables(Path(folder) / "imported")
+        _, restored, _ = workdir_lib.restore_variables(Path(folder) / "imported")
     a = jax.tree_util.tree_leaves_with_path(variables)
     b = dict(jax.tree_util.tree_leaves_with_path(restored))
     assert len(a) == len(b), (len(a), len(b))

@@ -324,16 +324,15 @@ def import_weights(directory: str | Path, out: str | Path, canvas_hw=(1024, 1024
     import jax
     import jax.numpy as jnp
 
-    from instseg_jax import builders
-    from instseg_jax import config as config_lib
+    from instseg_jax import workdir as workdir_lib
     from instseg_jax.checkpoint import Checkpointer
 
     sd, hf_config = load(directory)
     params, frozen, fields, num_classes = convert(sd, hf_config)
     config = coco_config(fields, num_classes, hf_config, canvas_hw)
     out = Path(out)
-    config_lib.save(config, out)
-    builders.write_class_map(out, config.input.category_ids, config.input.class_names)
+    workdir_lib.save_config(config, out)
+    workdir_lib.write_class_map(out, config.input.category_ids, config.input.class_names)
     state = {
         "params": jax.tree.map(jnp.asarray, params),
         "frozen": jax.tree.map(jnp.asarray, frozen),

@@ -63,7 +63,8 @@ def write_safetensors(path: Path, tensors: dict) -> None:
 
 
 def test_import_weights_cli_writes_a_workdir_that_reproduces_transformers(tmp_path):
-    from instseg_jax import cli, evaluate
+    from instseg_jax import cli
+    from instseg_jax import workdir as workdir_lib
 
     sd, hf_config, data = fixture()
     directory = tmp_path / "hf"
@@ -73,7 +74,7 @@ def test_import_weights_cli_writes_a_workdir_that_reproduces_transformers(tmp_pa
     out = tmp_path / "imported"
     argv = ["import-weights", "huggingface", str(directory), "--out", str(out)]
     assert cli.main([*argv, "--canvas", "128", "128"]) == 0
-    config, variables, step = evaluate.restore_variables(out)
+    config, variables, step = workdir_lib.restore_variables(out)
     assert step == 0 and config.method == "mask2former" and config.model.num_queries == 8
     fields = {k: v for k, v in hf.convert(sd, hf_config)[2].items()}
     classes, masks = hf.predict(variables["params"], variables["frozen"], fields, 3, data["images"])

@@ -13,8 +13,8 @@ import pytest
 
 from instseg_jax import cli
 from instseg_jax.backbones.resnet import ResNet
-from instseg_jax.evaluate import restore_variables
 from instseg_jax.weights.resnet import BackboneWeightsError, load_backbone
+from instseg_jax.workdir import restore_variables
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "resnet_tiny.npz"

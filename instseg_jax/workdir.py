@@ -1,0 +1,154 @@
+"""A run's workdir files, read and written in one place: config.json (the config the run used),
+classes.json (its class map), and the checkpoint that evaluation and prediction restore.
+
+train writes a workdir and checks, before resuming, that its checkpoint fits the config;
+evaluate, predict and demo read one back; import-weights writes one a training run never made.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+
+from instseg_jax import builders
+from instseg_jax import config as config_lib
+from instseg_jax.config import ConfigValueError, UserError
+
+CONFIG_FILE = "config.json"
+CLASSES_FILE = "classes.json"
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
+    """Record the config a run used as workdir/config.json (`--config WORKDIR` trains from it)."""
+    path = Path(workdir) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_json(indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_class_map(workdir, category_ids, class_names, stuff_map=((), ())) -> Path:
+    """Record a workdir's class map (and its stuff classes, when it has some), so eval and
+    predict need neither the data nor the paths it was trained with."""
+    path = Path(workdir) / CLASSES_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"category_ids": [int(i) for i in category_ids], "class_names": list(class_names)}
+    if stuff_map[0]:
+        document["stuff_category_ids"] = [int(i) for i in stuff_map[0]]
+        document["stuff_names"] = list(stuff_map[1])
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def read_class_map(workdir, config) -> tuple[list[int], list[str]]:
+    """The class map a workdir was trained (or imported) with; workdirs older than classes.json
+    fall back to the config's explicit map or its evaluation data."""
+    path = Path(workdir) / CLASSES_FILE
+    if path.exists():
+        document = json.loads(path.read_text())
+        return [int(i) for i in document["category_ids"]], list(document["class_names"])
+    if config.input.get("category_ids"):
+        return builders.class_map(config)
+    return builders.class_map(
+        config, builders.build_source(config.input, train=False, seed=config.seed)
+    )
+
+
+def read_stuff_map(workdir) -> tuple[list[int], list[str]]:
+    """The stuff classes a workdir was trained with (classes.json); empty without."""
+    path = Path(workdir) / CLASSES_FILE
+    document = json.loads(path.read_text()) if path.exists() else {}
+    return list(document.get("stuff_category_ids", [])), list(document.get("stuff_names", []))
+
+
+def restore_variables(workdir: str | Path, step: int | None = None, overrides=()):
+    """(config, variables, step) of a training workdir's checkpoint (latest by default), the
+    config being workdir/config.json with `--config.a.b=value` overrides applied (eval and
+    predict: e.g. model.score_threshold)."""
+    # Imported here, not above: `eval --results` and the writers above never restore, and
+    # orbax is slow to import.
+    import orbax.checkpoint as ocp
+
+    from instseg_jax.checkpoint import Checkpointer
+
+    workdir = Path(workdir)
+    if not (workdir / CONFIG_FILE).is_file():
+        raise UserError(
+            f"{workdir}: no config.json; give a workdir written by `instseg-jax train` or "
+            "`instseg-jax import-weights`"
+        )
+    config = config_lib.from_json(workdir / CONFIG_FILE, lock=False)
+    for override in overrides:
+        config_lib.apply_override(config, override)
+    if overrides:  # checked as train checks its own
+        config_lib.validate(config, f"{workdir / CONFIG_FILE} with {' '.join(overrides)}")
+    checkpointer = Checkpointer(workdir, 1, 10, use_async=False)
+    available = checkpointer.manager.all_steps()
+    step = checkpointer.latest_step() if step is None else step
+    if step is None or step not in available:
+        checkpointer.close()
+        raise UserError(
+            f"{workdir}/checkpoints: no checkpoint {'' if step is None else step} "
+            f"(available steps: {sorted(available) or 'none'})"
+        )
+    restored = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore())
+    )
+    checkpointer.close()
+    state = restored["state"]
+    return config, {"params": state["params"], "frozen": state.get("frozen", {})}, step
+
+
+def check_resumable(config, ckpt, step: int, config_shapes: dict) -> None:
+    """Refuse, in one line and before anything in the workdir changes, to resume checkpoint
+    `step` into a model it does not fit: weights written by import-weights (no optimizer state,
+    no input position), another method, another class map (from the workdir's config.json and
+    classes.json), or arrays of other shapes (a model or optim field changed). config_shapes:
+    checkpoint.leaf_shapes of the state the config builds."""
+    workdir = ckpt.directory.parent
+    fix = "use a new --workdir (this one is left as it was)"
+    data_state = ckpt.data_state(step)
+    if "imported_from" in data_state:
+        raise ConfigValueError(
+            f"{workdir} holds weights imported by import-weights (from "
+            f"{data_state['imported_from']}), not a training run to resume: {fix}"
+        )
+    saved = _read_json(workdir / CONFIG_FILE)
+    saved_method = saved.get("method", "?")
+    # classes.json, else the class map config.json recorded; neither in the oldest workdirs.
+    recorded = _read_json(workdir / CLASSES_FILE) or saved.get("input", {})
+    saved_ids = [int(i) for i in recorded.get("category_ids") or ()] or None
+    saved_names = [str(n) for n in recorded.get("class_names") or ()]
+    classes = "" if saved_ids is None else f"{len(saved_ids)}-class "
+    held = f"{workdir} holds a {classes}{saved_method} checkpoint (step {step})"
+    if saved and saved_method != config.method:
+        raise ConfigValueError(f"{held}; the config asks for {config.method}: {fix}")
+    ids, names = list(config.input.category_ids), list(config.input.class_names)
+    if saved_ids is not None and len(saved_ids) != len(ids):
+        raise ConfigValueError(f"{held}; the config asks for {len(ids)} classes: {fix}")
+    if saved_ids is not None and (saved_ids, saved_names) != (ids, names):
+        raise ConfigValueError(
+            f"{held} of classes {_some(saved_names)}; the training data's are {_some(names)} "
+            f"(category ids {_some(saved_ids)} and {_some(ids)}): {fix}"
+        )
+    have, want = ckpt.state_shapes(step), config_shapes
+    differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    if differ:
+        first = differ[0]
+        raise ConfigValueError(
+            f"{held} whose arrays do not fit the config's model and optimizer ({len(differ)} "
+            f"differ; {first}: {have.get(first, 'absent')} in the checkpoint, "
+            f"{want.get(first, 'absent')} for the config): a model or optim field changed; "
+            f"resume with --config {workdir / CONFIG_FILE}, or {fix}"
+        )
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _some(values, shown: int = 5) -> str:
+    """[a, b, c, ...] of a long list, for messages."""
+    head = ", ".join(str(v) for v in values[:shown])
+    return f"[{head}{', ...' if len(values) > shown else ''}]"
