@@ -21,7 +21,6 @@ Foreground is value >= 0.5.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -30,40 +29,8 @@ from pycocotools import mask as mask_utils
 
 from instseg_jax import structures
 from instseg_jax.input.instances import mask_box
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageGeometry:
-    """Where an original image sits on the canvas (one example of a Batch)."""
-
-    orig_hw: tuple[int, int]
-    image_hw: tuple[int, int]
-    canvas_hw: tuple[int, int]
-    scale: float
-    crop_offset: tuple[int, int]  # (oy, ox)
-    flipped: bool = False
-
-    def pixel_centres_on_canvas(self) -> tuple[np.ndarray, np.ndarray]:
-        """(float64[H] rows, float64[W] columns): the original pixels' centres in canvas
-        pixels, through the resize, the crop and the flip."""
-        oy, ox = self.crop_offset
-        height, width = self.orig_hw
-        canvas_y = (np.arange(height, dtype=np.float64) + 0.5) * self.scale - oy
-        canvas_x = (np.arange(width, dtype=np.float64) + 0.5) * self.scale - ox
-        if self.flipped:
-            canvas_x = self.image_hw[1] - canvas_x
-        return canvas_y, canvas_x
-
-    @classmethod
-    def of_batch(cls, batch: dict, b: int) -> ImageGeometry:
-        return cls(
-            orig_hw=tuple(int(v) for v in batch["orig_hw"][b]),
-            image_hw=tuple(int(v) for v in batch["image_hw"][b]),
-            canvas_hw=tuple(int(v) for v in np.shape(batch["image"])[1:3]),
-            scale=float(batch["scale"][b]),
-            crop_offset=tuple(int(v) for v in batch["crop_offset"][b]),
-            flipped=bool(batch["flipped"][b]) if "flipped" in batch else False,
-        )
+from instseg_jax.input.transforms import resize_bilinear
+from instseg_jax.structures import ImageGeometry
 
 
 def _taps(coords: np.ndarray, size: int, clamp_to: int | None = None):
@@ -174,10 +141,33 @@ def encode_region(region: np.ndarray, top: int, left: int, buffer: np.ndarray) -
 
 
 def paste_box_mask_torchvision(mask: np.ndarray, box, image_hw):
-    """As paste_box_mask, by torchvision's paste_masks_in_image (the torchvision preset)."""
-    from instseg_jax.weights import torchvision as tv
+    """As paste_box_mask, by torchvision's paste_masks_in_image (the torchvision preset):
+    (bool[h, w] region, top, left) of one mask[M, M] of probabilities pasted with padding 1 into
+    box (xyxy, original pixels), thresholded at 0.5.
 
-    return tv.paste_mask_region(mask, box, image_hw)
+    The mask grows by one zero cell per side and its box by (M + 2) / M about its centre; the
+    box is truncated to integers and the mask resized bilinearly to (y1 - y0 + 1, x1 - x0 + 1)
+    pixels at (x0, y0).
+    """
+    mask = np.asarray(mask, np.float32)
+    box = np.asarray(box, np.float32)
+    height, width = (int(v) for v in image_hw)
+    side = mask.shape[-1]
+    padded = np.pad(mask, ((1, 1), (1, 1)))
+    scale = np.float32((side + 2) / side)
+    half_w = (box[2] - box[0]) * np.float32(0.5) * scale
+    half_h = (box[3] - box[1]) * np.float32(0.5) * scale
+    cx = (box[2] + box[0]) * np.float32(0.5)
+    cy = (box[3] + box[1]) * np.float32(0.5)
+    grown = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], np.float32)
+    x0, y0, x1, y1 = (int(v) for v in np.trunc(grown))  # torch's .to(int64) truncates
+    w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+    left, right = max(x0, 0), min(x1 + 1, width)
+    top, bottom = max(y0, 0), min(y1 + 1, height)
+    if right <= left or bottom <= top:
+        return np.zeros((0, 0), bool), 0, 0
+    resized = resize_bilinear(padded, (h, w))
+    return resized[top - y0 : bottom - y0, left - x0 : right - x0] > 0.5, top, left
 
 
 PASTE_RULES = {"detectron2": paste_box_mask, "torchvision": paste_box_mask_torchvision}

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from instseg_jax.detections import ImageGeometry
+from instseg_jax.structures import ImageGeometry
 
 VOID = 0
 
@@ -202,34 +202,6 @@ def semantic_to_original(classes: np.ndarray, geometry: ImageGeometry) -> np.nda
     rows = np.clip(np.floor(y / stride).astype(np.int64), 0, classes.shape[0] - 1)
     cols = np.clip(np.floor(x / stride).astype(np.int64), 0, classes.shape[1] - 1)
     return np.asarray(classes)[rows[:, None], cols[None, :]]
-
-
-def ground_truth_map(example: dict, thing_category_ids, stuff_category_ids):
-    """(int32[H, W] panoptic ids, segments) of a decoded example with bool masks[n, H, W],
-    classes, iscrowd and a semantic map (0 things, 1 + k stuff k, 255 unlabelled): one segment
-    per instance (crowd ones flagged), one per stuff class present on pixels no instance
-    covers."""
-    masks = np.asarray(example["masks"], bool)
-    semantic = np.asarray(example["semantic"])
-    panoptic = np.zeros(semantic.shape, np.int32)
-    segments = []
-    for mask, cls, crowd in zip(masks, example["classes"], example["iscrowd"], strict=True):
-        segment_id = len(segments) + 1
-        panoptic[mask & (panoptic == 0)] = segment_id
-        segments.append(
-            {
-                "id": segment_id,
-                "category_id": int(thing_category_ids[int(cls)]),
-                "iscrowd": int(bool(crowd)),
-            }
-        )
-    for stuff in range(1, len(stuff_category_ids) + 1):
-        mask = (semantic == stuff) & (panoptic == 0)
-        if mask.any():
-            segment_id = len(segments) + 1
-            panoptic[mask] = segment_id
-            segments.append({"id": segment_id, "category_id": int(stuff_category_ids[stuff - 1])})
-    return panoptic, segments
 
 
 def predicted_map(

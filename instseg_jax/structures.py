@@ -65,12 +65,16 @@ and, for keypoint methods:
                                   shift added to decoded positions (detections.py decodes them)
 
 `instseg_jax.detections` turns either payload into binary masks and RLE at the original image's
-pixels (host side, one image and one mask at a time).
+pixels (host side, one image and one mask at a time), through the ImageGeometry below: where one
+example's original image sits on the canvas, read from its Batch fields orig_hw, image_hw,
+scale, crop_offset and flipped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 
 MASK_PAYLOADS = ("masks", "canvas_masks", "polygons")
 
@@ -108,3 +112,37 @@ def mask_payload(detections: dict) -> str | None:
     if len(present) > 1:
         raise ValueError(f"detections carry more than one mask payload: {present}")
     return present[0] if present else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageGeometry:
+    """Where an original image sits on the canvas (one example of a Batch)."""
+
+    orig_hw: tuple[int, int]
+    image_hw: tuple[int, int]
+    canvas_hw: tuple[int, int]
+    scale: float
+    crop_offset: tuple[int, int]  # (oy, ox)
+    flipped: bool = False
+
+    def pixel_centres_on_canvas(self) -> tuple[np.ndarray, np.ndarray]:
+        """(float64[H] rows, float64[W] columns): the original pixels' centres in canvas
+        pixels, through the resize, the crop and the flip."""
+        oy, ox = self.crop_offset
+        height, width = self.orig_hw
+        canvas_y = (np.arange(height, dtype=np.float64) + 0.5) * self.scale - oy
+        canvas_x = (np.arange(width, dtype=np.float64) + 0.5) * self.scale - ox
+        if self.flipped:
+            canvas_x = self.image_hw[1] - canvas_x
+        return canvas_y, canvas_x
+
+    @classmethod
+    def of_batch(cls, batch: dict, b: int) -> ImageGeometry:
+        return cls(
+            orig_hw=tuple(int(v) for v in batch["orig_hw"][b]),
+            image_hw=tuple(int(v) for v in batch["image_hw"][b]),
+            canvas_hw=tuple(int(v) for v in np.shape(batch["image"])[1:3]),
+            scale=float(batch["scale"][b]),
+            crop_offset=tuple(int(v) for v in batch["crop_offset"][b]),
+            flipped=bool(batch["flipped"][b]) if "flipped" in batch else False,
+        )

@@ -14,7 +14,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from instseg_jax import detections, evaluate, ops
+from instseg_jax import detections, evaluate, ops, structures
 from instseg_jax.input import report
 from instseg_jax.input.pipeline import stack_examples
 from instseg_jax.input.synthetic import SyntheticSource
@@ -194,7 +194,7 @@ def test_canvas_resampler_against_a_float64_reference():
     """Bilinear taps shared by the masks of one image against a direct float64 evaluation of
     the mapping original pixel -> canvas (scale, crop, flip) -> stride-4 cell coordinate."""
     rng = np.random.default_rng(1)
-    geometry = detections.ImageGeometry(
+    geometry = structures.ImageGeometry(
         orig_hw=(53, 71), image_hw=(96, 118), canvas_hw=(128, 128), scale=1.7,
         crop_offset=(9, 3), flipped=True,
     )  # fmt: skip

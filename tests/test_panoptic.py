@@ -111,8 +111,8 @@ def test_combination_follows_score_order_overlap_and_stuff_area():
 
 
 def test_semantic_classes_map_back_to_original_pixels_through_scale_crop_and_flip():
-    from instseg_jax.detections import ImageGeometry
     from instseg_jax.panoptic import semantic_to_original
+    from instseg_jax.structures import ImageGeometry
 
     classes = np.arange(16 * 16, dtype=np.int64).reshape(16, 16)  # stride 4 on a 64 canvas
     for flipped in (False, True):
@@ -129,8 +129,7 @@ def test_semantic_classes_map_back_to_original_pixels_through_scale_crop_and_fli
 
 
 def test_ground_truth_map_of_a_synthetic_scene_scores_pq_1_against_itself():
-    from instseg_jax.input.synthetic import SyntheticSource
-    from instseg_jax.panoptic import ground_truth_map
+    from instseg_jax.input.synthetic import SyntheticSource, ground_truth_map
 
     example = SyntheticSource(2, (64, 80), seed=4, stuff=True).load(1)
     panoptic, segments = ground_truth_map(example, [1, 2, 3], [4, 5])
@@ -241,7 +240,7 @@ def test_predict_writes_the_panoptic_map_its_segments_and_an_overlay(tmp_path):
 
     from PIL import Image
 
-    from instseg_jax import detections, predict
+    from instseg_jax import predict, structures
     from instseg_jax.input.coco_panoptic import rgb_to_id
     from instseg_jax.input.synthetic import SyntheticSource
 
@@ -250,7 +249,7 @@ def test_predict_writes_the_panoptic_map_its_segments_and_an_overlay(tmp_path):
     cfg = SimpleNamespace(combine_score=0.5, combine_overlap=0.5, combine_stuff_area=1.0)
     class_map = ([1, 2, 3], ["circle", "rectangle", "triangle"])
     stuff_map = ([4, 5], ["sky", "ground"])
-    geometry = detections.ImageGeometry.of_batch(batch, 1)
+    geometry = structures.ImageGeometry.of_batch(batch, 1)
     things, (ids, segments) = predict._panoptic(
         found, 1, geometry, "detectron2", cfg, class_map, stuff_map
     )

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import append_results, machine_line, markdown_table
 
-from instseg_jax import detections, ops
+from instseg_jax import detections, ops, structures
 
 
 class CompileCounter:
@@ -97,7 +97,7 @@ def canvas_after(items, canvas=1344, stride=4):
     rng = np.random.default_rng(1)
     for hw, boxes, _ in items:
         scale = min(800 / min(hw), 1333 / max(hw))
-        geometry = detections.ImageGeometry(
+        geometry = structures.ImageGeometry(
             orig_hw=hw,
             image_hw=(round(hw[0] * scale), round(hw[1] * scale)),
             canvas_hw=(canvas, canvas),

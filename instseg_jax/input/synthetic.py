@@ -83,8 +83,6 @@ class SyntheticSource:
         """(image id, int32[H, W] panoptic ids, segments) of scene index (stuff scenes only)."""
         if not self.stuff:
             raise ValueError("panoptic ground truth needs stuff scenes (input.synthetic_stuff)")
-        from instseg_jax.panoptic import ground_truth_map
-
         example = self.load(index)
         thing_ids = [int(i) for i in self.category_id(np.arange(self.num_classes))]
         panoptic, segments = ground_truth_map(example, thing_ids, self.stuff_category_ids)
@@ -244,6 +242,34 @@ def write_coco(source: SyntheticSource, folder, split: str = "val") -> tuple:
     return path, folder / "images"
 
 
+def ground_truth_map(example: dict, thing_category_ids, stuff_category_ids):
+    """(int32[H, W] panoptic ids, segments) of a decoded example with bool masks[n, H, W],
+    classes, iscrowd and a semantic map (0 things, 1 + k stuff k, 255 unlabelled): one segment
+    per instance (crowd ones flagged), one per stuff class present on pixels no instance
+    covers."""
+    masks = np.asarray(example["masks"], bool)
+    semantic = np.asarray(example["semantic"])
+    panoptic = np.zeros(semantic.shape, np.int32)
+    segments = []
+    for mask, cls, crowd in zip(masks, example["classes"], example["iscrowd"], strict=True):
+        segment_id = len(segments) + 1
+        panoptic[mask & (panoptic == 0)] = segment_id
+        segments.append(
+            {
+                "id": segment_id,
+                "category_id": int(thing_category_ids[int(cls)]),
+                "iscrowd": int(bool(crowd)),
+            }
+        )
+    for stuff in range(1, len(stuff_category_ids) + 1):
+        mask = (semantic == stuff) & (panoptic == 0)
+        if mask.any():
+            segment_id = len(segments) + 1
+            panoptic[mask] = segment_id
+            segments.append({"id": segment_id, "category_id": int(stuff_category_ids[stuff - 1])})
+    return panoptic, segments
+
+
 def write_coco_panoptic(source: SyntheticSource, folder, split: str = "val") -> tuple:
     """Write a stuff source (stuff=True) in COCO's panoptic format: PNG images, panoptic PNGs
     and the panoptic JSON (input/coco_panoptic.py). Segment ids start at 1000 + 300 * index,
@@ -255,7 +281,6 @@ def write_coco_panoptic(source: SyntheticSource, folder, split: str = "val") -> 
     from PIL import Image
 
     from instseg_jax.input.coco_panoptic import id_to_rgb
-    from instseg_jax.panoptic import ground_truth_map
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)

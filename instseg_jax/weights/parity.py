@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from instseg_jax import detections, structures
 from instseg_jax.weights import torchvision as tv
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
@@ -174,7 +175,7 @@ def run_converted_keypoint(
     (detections.image_instances), in `compare`'s terms."""
     import jax
 
-    from instseg_jax import builders, compilation, detections
+    from instseg_jax import builders, compilation
     from instseg_jax.methods.keypoint_rcnn import KeypointRCNN
     from instseg_jax.weights import torchvision_keypoint
 
@@ -198,7 +199,7 @@ def run_converted_keypoint(
     outputs = compilation.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
     outputs, features = jax.device_get((outputs, features))
     det = outputs["detections"]
-    geometry = detections.ImageGeometry.of_batch(batch, 0)
+    geometry = structures.ImageGeometry.of_batch(batch, 0)
     instances = detections.image_instances(det, 0, geometry)
     valid = outputs["proposal_valid"][0]
     kp = arch["num_keypoints"]
@@ -217,7 +218,7 @@ def run_converted_keypoint(
 
 def _pasted(mask, box, image_hw) -> np.ndarray:
     """bool[H, W]: one mask pasted by torchvision's rule into a full image."""
-    region, top, left = tv.paste_mask_region(mask, box, image_hw)
+    region, top, left = detections.paste_box_mask_torchvision(mask, box, image_hw)
     out = np.zeros(tuple(image_hw), bool)
     out[top : top + region.shape[0], left : left + region.shape[1]] = region
     return out

@@ -15,7 +15,8 @@ bilinear without antialiasing) and padding (the mean colour, i.e. zeros after no
 its RPN (1000 per level, 1000 after NMS 0.7 at test, boxes of at least 1e-3) and RoI-head
 settings (score > 0.05 over every proposal and class, boxes of at least 1e-2, NMS 0.5, 100 per
 image, boxes rescaled by original/resized size per axis) and its mask paste
-(`paste_mask_region`). experiments/parity/torchvision.py measures the agreement.
+(`detections.paste_box_mask_torchvision`). experiments/parity/torchvision.py measures the
+agreement.
 
 Class layout: torchvision's heads put the background at index 0 of 91 outputs whose index is
 the COCO category id (with "N/A" gaps); ours put it last, so class i here is category i + 1.
@@ -441,32 +442,3 @@ def preprocess(image: np.ndarray, min_size: int = 800, max_size: int = 1333, div
     canvas[:] = np.asarray(IMAGENET_MEAN, np.float32)
     canvas[:h, :w] = resized
     return canvas, (h, w)
-
-
-def paste_mask_region(mask: np.ndarray, box, image_hw):
-    """(bool[h, w] region, top, left): torchvision's paste_masks_in_image (padding 1) of one
-    mask[M, M] of probabilities in box (xyxy, original pixels), thresholded at 0.5.
-
-    The mask grows by one zero cell per side and its box by (M + 2) / M about its centre; the
-    box is truncated to integers and the mask resized bilinearly to (y1 - y0 + 1, x1 - x0 + 1)
-    pixels at (x0, y0).
-    """
-    mask = np.asarray(mask, np.float32)
-    box = np.asarray(box, np.float32)
-    height, width = (int(v) for v in image_hw)
-    side = mask.shape[-1]
-    padded = np.pad(mask, ((1, 1), (1, 1)))
-    scale = np.float32((side + 2) / side)
-    half_w = (box[2] - box[0]) * np.float32(0.5) * scale
-    half_h = (box[3] - box[1]) * np.float32(0.5) * scale
-    cx = (box[2] + box[0]) * np.float32(0.5)
-    cy = (box[3] + box[1]) * np.float32(0.5)
-    grown = np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], np.float32)
-    x0, y0, x1, y1 = (int(v) for v in np.trunc(grown))  # torch's .to(int64) truncates
-    w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-    left, right = max(x0, 0), min(x1 + 1, width)
-    top, bottom = max(y0, 0), min(y1 + 1, height)
-    if right <= left or bottom <= top:
-        return np.zeros((0, 0), bool), 0, 0
-    resized = resize_bilinear(padded, (h, w))
-    return resized[top - y0 : bottom - y0, left - x0 : right - x0] > 0.5, top, left
