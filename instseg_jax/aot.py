@@ -65,6 +65,16 @@ CHIP_MEMORY = {
     "v6e": 32 * GiB,
     "h100": 80 * GiB,
 }
+# Published dense bfloat16 peak FLOP/s per chip (per GPU): Google Cloud's TPU v4, v5e, v5p and
+# v6e (Trillium) pages, NVIDIA's H100 SXM datasheet (without sparsity). A step's XLA FLOPs
+# against these give an upper bound on images per second, never a measurement.
+CHIP_BF16_PEAK_FLOPS = {
+    "v4": 275e12,
+    "v5e": 197e12,
+    "v5p": 459e12,
+    "v6e": 918e12,
+    "h100": 989e12,
+}
 # libtpu's names of a few chips that users also write otherwise.
 CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
 # HLO opcodes counted in every program (each may hide per-element or sequential work).
@@ -404,6 +414,8 @@ def compile_experiment(
         }
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was_on)
+    train = programs["train_step"]
+    peak = CHIP_BF16_PEAK_FLOPS.get(target.chip)
     return {
         "config": spec,
         "overrides": list(overrides),
@@ -421,6 +433,11 @@ def compile_experiment(
         # What a training step must all-reduce at least (its gradients), DESIGN "Only
         # gradients cross chips".
         "parameter_bytes": int(parameter_bytes),
+        # An upper bound, not a measurement: the chip's published bfloat16 peak over XLA's
+        # FLOPs per image of the training step (None without a cost model or a known peak).
+        "flop_bound_images_per_second_per_chip": (
+            peak * per_chip_batch / train["flops"] if peak and train["flops"] else None
+        ),
         "jax_version": jax.__version__,
         "notes": notes,
         "programs": programs,
@@ -483,6 +500,13 @@ def format_report(report: dict, top: int = 8) -> str:
         )[:top]
         for c in largest:
             lines.append(f"    {c['kind']:<18} {c['bytes'] / 1e6:>9.3f} MB  {c['op_name'] or '?'}")
+    bound = report.get("flop_bound_images_per_second_per_chip")
+    if bound:
+        peak = CHIP_BF16_PEAK_FLOPS[report["chip"]] / 1e12
+        lines.append(
+            f"FLOP-bound upper bound (not a measurement): {bound:.1f} training images/s per chip "
+            f"at the chip's published {peak:.0f} TFLOP/s bfloat16 peak"
+        )
     return "\n".join(lines)
 
 

@@ -80,6 +80,7 @@ def test_compile_on_eight_cpu_devices(tmp_path):
     assert set(train["collectives_by_kind"]) == {"all-reduce"}
     assert report["parameter_bytes"] <= train["collectives_by_kind"]["all-reduce"]["bytes"]
     assert train["collectives_by_kind"]["all-reduce"]["bytes"] <= report["parameter_bytes"] + 64
+    assert report["flop_bound_images_per_second_per_chip"] is None  # a CPU has no peak here
     # The toy computes in float32: its gradients are all-reduced as f32 (the loss too).
     by_type = train["all_reduce_bytes_by_type"]
     assert set(by_type) == {"f32"} and by_type["f32"] >= report["parameter_bytes"]
@@ -132,6 +133,11 @@ def test_tpu_compile_of_the_nuclei_mask_rcnn_smoke_step():
         check_program(program, 16 << 30)
         assert 0 < program["chip_memory_fraction"] < 1
     assert report["programs"]["train_step"]["collectives_by_kind"]["all-reduce"]["count"] > 0
+    # v5e's 197 TFLOP/s over XLA's FLOPs per image of the step: an upper bound.
+    train = report["programs"]["train_step"]
+    assert report["flop_bound_images_per_second_per_chip"] == pytest.approx(
+        197e12 * 2 / train["flops"]
+    )
 
 
 @pytest.mark.slow
