@@ -1,6 +1,6 @@
 """Everything built from an experiment config, in one place: the data source, the transform
-settings, the class map, the method, its model and its jitted inference. train, evaluate,
-predict, demo and the weight importers all build through here, so none of them names a method.
+settings, the class map, the method and its model. train, evaluate, predict, demo, inference
+and the weight importers all build through here, so none of them names a method.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from types import ModuleType
 
 import numpy as np
 
-from instseg_jax import compilation, methods
+from instseg_jax import methods
 from instseg_jax.config import ConfigValueError
 from instseg_jax.input.coco import CocoSource, split_image_ids
 from instseg_jax.input.synthetic import SyntheticSource
@@ -208,22 +208,6 @@ def paste_rule(cfg) -> str:
     """How box-relative masks are pasted: a method config's optional `mask_paste` field
     ("detectron2" by default, "torchvision" under the torchvision preset)."""
     return getattr(cfg, "mask_paste", "detectron2")
-
-
-@functools.lru_cache(maxsize=4)
-def _inference_fn(module, cfg):
-    model = module.Model(cfg)
-    if hasattr(module, "make_inference"):  # the method runs its own jitted programs
-        return module.make_inference(model)
-    return compilation.jit(lambda v, b: model.apply(v, b, train=False)["detections"])
-
-
-def inference_fn(config, num_classes: int):
-    """The detections function (variables, device batch) -> Detections, compiled once per
-    (method, model config): one jitted forward, or the method's `make_inference` (optional in
-    the method interface) when it splits inference into several programs."""
-    module = method(config)
-    return _inference_fn(module, model_config(config, num_classes))
 
 
 def instances_per_image(source, max_instances: int, sample: int = 1000) -> np.ndarray:

@@ -18,12 +18,11 @@ import logging
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from instseg_jax import builders, detections, structures
+from instseg_jax import builders, detections, inference, structures
 from instseg_jax import workdir as workdir_lib
 from instseg_jax.config import UserError
 from instseg_jax.input.coco import mask_annotation
@@ -302,39 +301,6 @@ def ground_truth(source, image_ids=None) -> COCO:
     return gt
 
 
-def run_inference(config, variables, source, num_classes: int, max_batches=None, desc="eval"):
-    """Yield (host batch, host Detections, (input seconds, device seconds)) over a source at the
-    test size, in order; the last batch is padded with example_valid False. Device seconds
-    include the compilation on the first batch."""
-    from tqdm import tqdm
-
-    from instseg_jax.input.pipeline import InputPipeline
-
-    pipeline = InputPipeline(
-        source,
-        builders.transform_config(config, train=False),
-        config.eval.global_batch,
-        seed=config.seed,
-        num_workers=0,
-        process_index=0,
-        process_count=1,
-    )
-    infer = builders.inference_fn(config, num_classes)
-    total = pipeline.num_batches if max_batches is None else min(max_batches, pipeline.num_batches)
-    bar = tqdm(total=total, desc=desc, unit="batch", leave=False)
-    try:
-        for _ in range(total):
-            start = time.perf_counter()
-            batch = next(pipeline)
-            loaded = time.perf_counter()
-            found = jax.device_get(infer(variables, builders.device_fields(batch)))
-            yield batch, found, (loaded - start, time.perf_counter() - loaded)
-            bar.update(1)
-    finally:
-        bar.close()
-        pipeline.close()
-
-
 # (iou type, stat, colour) of each AP-versus-step series; PQ is drawn as PQ / 100.
 AP_SERIES = (
     ("bbox", "AP", "#0a5ac8"),
@@ -413,7 +379,7 @@ def evaluate_model(
     results, has_masks, has_keypoints = [], False, False
     panoptic_evaluation = None  # Panoptic FPN: its panoptic maps scored batch by batch
     seconds = {"input_s": 0.0, "device_s": 0.0, "paste_rle_s": 0.0}
-    for batch, found, (input_s, device_s) in run_inference(
+    for batch, found, (input_s, device_s) in inference.run_inference(
         config, variables, source, len(category_ids), max_batches
     ):
         slots = found["valid"].shape[1]

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from instseg_jax import builders, detections, evaluate
+from instseg_jax import builders, detections, inference
 from instseg_jax import workdir as workdir_lib
 from instseg_jax.config import UserError
 from instseg_jax.input.images import DataError, UnreadableImage, decode_image
@@ -162,7 +162,7 @@ def predict(
         skeleton = keypoint_set(config.input.keypoints).skeleton
     written, seen = 0, set()
     bar = tqdm(total=len(files), desc="predict", unit="img")
-    for batch, found, _ in evaluate.run_inference(
+    for batch, found, _ in inference.run_inference(
         config, variables, ImageFiles(files), len(class_names), desc="device"
     ):
         for b, index, geometry in detections.batch_examples(batch):

@@ -33,6 +33,7 @@ from common import append_results, machine_line, markdown_table, time_interleave
 
 from instseg_jax import builders, detections, sharding
 from instseg_jax import config as config_lib
+from instseg_jax import inference as inference_lib
 from instseg_jax import train as train_lib
 from instseg_jax import workdir as workdir_lib
 from instseg_jax.input.pipeline import InputPipeline
@@ -103,7 +104,7 @@ def setup(name: str, workdir: str | None):
     start = time.perf_counter()
     jax.block_until_ready(step_fn(state, train_batch))
     compile_train = time.perf_counter() - start
-    infer = builders.inference_fn(config, num_classes)
+    infer = inference_lib.inference_fn(config, num_classes)
     device_batch = builders.device_fields(eval_batch)
     start = time.perf_counter()
     jax.block_until_ready(infer(variables, device_batch))

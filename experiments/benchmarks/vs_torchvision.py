@@ -56,7 +56,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.extend import core as jax_core  # noqa: E402
 
-from instseg_jax import builders, compilation, detections, sharding  # noqa: E402
+from instseg_jax import builders, compilation, detections, inference, sharding  # noqa: E402
 from instseg_jax import train as train_lib  # noqa: E402
 from instseg_jax.input import report  # noqa: E402
 from instseg_jax.input.pipeline import stack_examples  # noqa: E402
@@ -227,10 +227,10 @@ def halfway(scores_descending, count: int) -> float:
 
 
 def our_forward(arch, side: int, threshold: float, variables, batch):
-    """Our inference as evaluate and predict run it (builders.inference_fn), warmed up so
+    """Our inference as evaluate and predict run it (inference.inference_fn), warmed up so
     that both of its mask-slot programs are compiled before timing."""
     config = our_config(arch, side, 1, threshold)
-    infer = builders.inference_fn(config, arch["num_classes"])
+    infer = inference.inference_fn(config, arch["num_classes"])
     jax.block_until_ready(infer(variables, batch))
     return infer
 
