@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from instseg_jax import cli
+from instseg_jax import config as config_lib
 from instseg_jax.backbones.resnet import ResNet
 from instseg_jax.weights.resnet import BackboneWeightsError, load_backbone
 from instseg_jax.workdir import restore_variables
@@ -168,3 +169,19 @@ def test_frozen_bn_recipes_refuse_to_train_without_imagenet_weights(recipe, tmp_
     assert "download.pytorch.org/models/resnet50-" in line
     assert "--config.model.norm=group_norm" in line
     assert not workdir.exists()
+
+
+def test_the_coco_mask_rcnn_scratch_variant_trains_without_weights(tmp_path, capsys):
+    """`:scratch` is detectron2's from-scratch recipe (configs/Misc/
+    scratch_mask_rcnn_R_50_FPN_3x_gn.yaml: GroupNorm, FREEZE_AT 0, STEPS (210000, 250000),
+    MAX_ITER 270000, no weights): the weights check lets it through to the data check."""
+    recipe = "experiments/maskrcnn_r50_fpn_coco_1x.py"
+    c = config_lib.load(f"{recipe}:scratch")
+    assert (c.model.norm, c.model.freeze_at, c.model.backbone_weights) == ("group_norm", 0, "")
+    assert (c.schedule.total_steps, tuple(c.schedule.steps)) == (270_000, (210_000, 250_000))
+    assert c.model.compute_dtype == "bfloat16"
+    missing = tmp_path / "no_such_annotations.json"
+    argv = ["train", "--config", f"{recipe}:scratch", "--workdir", str(tmp_path / "run")]
+    assert cli.main([*argv, f"--config.input.train_split.annotations={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert "no_such_annotations.json" in err and "backbone_weights" not in err, err
