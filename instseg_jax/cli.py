@@ -336,20 +336,11 @@ def _run(args) -> int:
 
         return predict_module.main(args)
     elif args.command == "import-weights":
-        from instseg_jax.weights import huggingface as hf
-        from instseg_jax.weights import torchvision as tv
+        from instseg_jax.weights import importer
 
         try:
-            if args.library == "huggingface":
-                out = hf.import_weights(args.file, args.out, tuple(args.canvas or (1024, 1024)))
-            else:
-                out = tv.import_weights(args.file, args.out, tuple(args.canvas or (1344, 1344)))
-        except (
-            tv.StateDictError,
-            hf.HuggingFaceWeightsError,
-            FileNotFoundError,
-            ImportError,
-        ) as error:
+            out = importer.import_weights(args.library, args.file, args.out, args.canvas)
+        except importer.IMPORT_ERRORS as error:
             print(f"instseg-jax import-weights: {error}", file=sys.stderr)
             return 2
         print(f"wrote {out}/config.json and {out}/checkpoints/0 (from {args.file})")

@@ -152,3 +152,27 @@ def _some(values, shown: int = 5) -> str:
     """[a, b, c, ...] of a long list, for messages."""
     head = ", ".join(str(v) for v in values[:shown])
     return f"[{head}{', ...' if len(values) > shown else ''}]"
+
+
+def write_imported_workdir(out: str | Path, config, variables: dict, imported_from: str) -> Path:
+    """Write the workdir of weights another library trained (import-weights): config.json,
+    classes.json and checkpoint 0 of {"params", "frozen"} (no optimizer state), its data state
+    recording where the weights came from so that training refuses to resume it."""
+    # Imported here, as in restore_variables: the readers above need neither JAX nor orbax.
+    import jax
+    import jax.numpy as jnp
+
+    from instseg_jax.checkpoint import Checkpointer
+
+    out = Path(out)
+    save_config(config, out)
+    write_class_map(out, config.input.category_ids, config.input.class_names)
+    state = {
+        "params": jax.tree.map(jnp.asarray, variables["params"]),
+        "frozen": jax.tree.map(jnp.asarray, variables["frozen"]),
+        "step": jnp.asarray(0, jnp.int32),
+    }
+    checkpointer = Checkpointer(out, 1, 1, use_async=False)
+    checkpointer.save(0, state, {"imported_from": imported_from}, force=True)
+    checkpointer.close()
+    return out

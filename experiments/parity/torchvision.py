@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "experiments" / "benchmarks"))
 
 from instseg_jax.weights import parity  # noqa: E402
 from instseg_jax.weights import torchvision as tv  # noqa: E402
+from instseg_jax.weights.state_dict import load_state_dict  # noqa: E402
 
 LEVEL_KEYS = ("0", "1", "2", "3", "pool")
 
@@ -222,18 +223,19 @@ def make_fixture(path: Path, seed: int) -> None:
 
 
 def check_import_from_pth(model, variables) -> None:
-    """The .pth path end to end: torch.save, `import_weights` (torch.load weights_only) and
+    """The .pth path end to end: torch.save, `import_torchvision` (torch.load weights_only) and
     `restore_variables` give back exactly the converted arrays."""
     import tempfile
 
     import jax
 
     from instseg_jax import workdir as workdir_lib
+    from instseg_jax.weights import importer
 
     with tempfile.TemporaryDirectory() as folder:
         pth = Path(folder) / "model.pth"
         torch.save(model.state_dict(), pth)
-        tv.import_weights(pth, Path(folder) / "imported")
+        importer.import_torchvision(pth, Path(folder) / "imported")
         _, restored, _ = workdir_lib.restore_variables(Path(folder) / "imported")
     a = jax.tree_util.tree_leaves_with_path(variables)
     b = dict(jax.tree_util.tree_leaves_with_path(restored))
@@ -245,7 +247,7 @@ def check_import_from_pth(model, variables) -> None:
 
 def load_weights(model, path: str, kind: str):
     """(the model with a real state_dict file loaded, in eval mode, its description)."""
-    state = {k: torch.from_numpy(v) for k, v in tv.load_state_dict(path).items()}
+    state = {k: torch.from_numpy(v) for k, v in load_state_dict(path).items()}
     model.load_state_dict(state)
     return model.eval(), f"{kind} weights {Path(path).name}"
 

@@ -23,7 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from instseg_jax.weights.resnet import _conv, _f32, body_layout, convert_body
+from instseg_jax.methods import mask2former
+from instseg_jax.weights.resnet import body_layout, convert_body
+from instseg_jax.weights.state_dict import (
+    conv_kernel,
+    conv_params,
+    count_indices,
+    dense_params,
+    f32,
+    load_state_dict,
+)
+from instseg_jax.weights.torchvision import COCO_CATEGORY_NAMES, coco_eval_config
 
 PIXEL = "model.pixel_level_module."
 TRANSFORMER = "model.transformer_module."
@@ -39,16 +49,12 @@ def is_mask2former(state_dict: dict) -> bool:
     )
 
 
-def _linear(sd, prefix):  # torch Linear [out, in] -> flax Dense kernel [in, out]
-    return {"kernel": _f32(sd[f"{prefix}.weight"]).T.copy(), "bias": _f32(sd[f"{prefix}.bias"])}
-
-
 def _layer_norm(sd, prefix):
-    return {"scale": _f32(sd[f"{prefix}.weight"]), "bias": _f32(sd[f"{prefix}.bias"])}
+    return {"scale": f32(sd[f"{prefix}.weight"]), "bias": f32(sd[f"{prefix}.bias"])}
 
 
 def _group_norm(sd, prefix):
-    return {"gn": {"scale": _f32(sd[f"{prefix}.weight"]), "bias": _f32(sd[f"{prefix}.bias"])}}
+    return {"gn": _layer_norm(sd, prefix)}
 
 
 def _torchvision_names(sd: dict) -> dict:
@@ -78,11 +84,6 @@ def _torchvision_names(sd: dict) -> dict:
     return out
 
 
-def _count(sd, pattern):
-    regex = re.compile(pattern)
-    return len({m.group(1) for k in sd if (m := regex.match(k))})
-
-
 def model_section(sd: dict, hf_config: dict) -> tuple[dict, int]:
     """(our model fields for this checkpoint, the rest staying the method's defaults; its number
     of classes)."""
@@ -96,8 +97,8 @@ def model_section(sd: dict, hf_config: dict) -> tuple[dict, int]:
     layout = body_layout(body)
     blocks = layout["stage_blocks"]
     depth = 50 if layout["bottleneck"] else 18
-    encoder_layers = _count(sd, rf"^{re.escape(PIXEL)}decoder\.encoder\.layers\.(\d+)\.")
-    decoder_layers = _count(sd, rf"^{re.escape(TRANSFORMER)}decoder\.layers\.(\d+)\.")
+    encoder_layers = count_indices(sd, rf"^{re.escape(PIXEL)}decoder\.encoder\.layers\.(\d+)\.")
+    decoder_layers = count_indices(sd, rf"^{re.escape(TRANSFORMER)}decoder\.layers\.(\d+)\.")
     heads = int(hf_config.get("num_attention_heads", 8))
     offsets = sd[f"{PIXEL}decoder.encoder.layers.0.self_attn.sampling_offsets.weight"].shape[0]
     encoder_points = offsets // (heads * 3 * 2)
@@ -135,52 +136,46 @@ def convert(sd: dict, hf_config: dict) -> tuple[dict, dict, dict, int]:
     backbone_params, backbone_frozen = convert_body(body, body_layout(body))
 
     d = f"{PIXEL}decoder."
-    pixel = {"level_embed": {"embedding": _f32(sd[f"{d}level_embed"])}}
+    pixel = {"level_embed": {"embedding": f32(sd[f"{d}level_embed"])}}
     for i in range(3):
-        pixel[f"input_proj{i}"] = {
-            "kernel": _conv(sd[f"{d}input_projections.{i}.0.weight"]),
-            "bias": _f32(sd[f"{d}input_projections.{i}.0.bias"]),
-        }
+        pixel[f"input_proj{i}"] = conv_params(sd, f"{d}input_projections.{i}.0")
         pixel[f"input_norm{i}"] = _group_norm(sd, f"{d}input_projections.{i}.1")
     for i in range(fields["encoder_layers"]):
         e = f"{d}encoder.layers.{i}."
         pixel[f"encoder{i}_attn"] = {
-            name: _linear(sd, f"{e}self_attn.{name}")
+            name: dense_params(sd, f"{e}self_attn.{name}")
             for name in ("value_proj", "sampling_offsets", "attention_weights", "output_proj")
         }
         pixel[f"encoder{i}_norm"] = _layer_norm(sd, f"{e}self_attn_layer_norm")
         pixel[f"encoder{i}_ffn"] = {
-            "linear1": _linear(sd, f"{e}fc1"),
-            "linear2": _linear(sd, f"{e}fc2"),
+            "linear1": dense_params(sd, f"{e}fc1"),
+            "linear2": dense_params(sd, f"{e}fc2"),
             "norm": _layer_norm(sd, f"{e}final_layer_norm"),
         }
-    pixel["adapter1"] = {"kernel": _conv(sd[f"{d}adapter_1.0.weight"])}
+    pixel["adapter1"] = {"kernel": conv_kernel(sd[f"{d}adapter_1.0.weight"])}
     pixel["adapter1_norm"] = _group_norm(sd, f"{d}adapter_1.1")
-    pixel["layer1"] = {"kernel": _conv(sd[f"{d}layer_1.0.weight"])}
+    pixel["layer1"] = {"kernel": conv_kernel(sd[f"{d}layer_1.0.weight"])}
     pixel["layer1_norm"] = _group_norm(sd, f"{d}layer_1.1")
-    pixel["mask_features"] = {
-        "kernel": _conv(sd[f"{d}mask_projection.weight"]),
-        "bias": _f32(sd[f"{d}mask_projection.bias"]),
-    }
+    pixel["mask_features"] = conv_params(sd, f"{d}mask_projection")
 
     t = TRANSFORMER
     heads = {
         "decoder_norm": _layer_norm(sd, f"{t}decoder.layernorm"),
-        "class_embed": _linear(sd, "class_predictor"),
+        "class_embed": dense_params(sd, "class_predictor"),
     }
     for i in range(3):
-        heads[f"mask_embed{i}"] = _linear(sd, f"{t}decoder.mask_predictor.mask_embedder.{i}.0")
+        heads[f"mask_embed{i}"] = dense_params(sd, f"{t}decoder.mask_predictor.mask_embedder.{i}.0")
     decoder = {
-        "level_embed": {"embedding": _f32(sd[f"{t}level_embed.weight"])},
-        "query_feat": {"embedding": _f32(sd[f"{t}queries_features.weight"])},
-        "query_embed": {"embedding": _f32(sd[f"{t}queries_embedder.weight"])},
+        "level_embed": {"embedding": f32(sd[f"{t}level_embed.weight"])},
+        "query_feat": {"embedding": f32(sd[f"{t}queries_features.weight"])},
+        "query_embed": {"embedding": f32(sd[f"{t}queries_embedder.weight"])},
         "heads": heads,
     }
     dim = fields["hidden_dim"]
     for i in range(fields["decoder_layers"]):
         layer = f"{t}decoder.layers.{i}."
-        w = _f32(sd[f"{layer}cross_attn.in_proj_weight"])
-        b = _f32(sd[f"{layer}cross_attn.in_proj_bias"])
+        w = f32(sd[f"{layer}cross_attn.in_proj_weight"])
+        b = f32(sd[f"{layer}cross_attn.in_proj_bias"])
         cross = {
             f"{name}_proj": {
                 "kernel": w[k * dim : (k + 1) * dim].T.copy(),
@@ -188,17 +183,17 @@ def convert(sd: dict, hf_config: dict) -> tuple[dict, dict, dict, int]:
             }
             for k, name in enumerate(("q", "k", "v"))
         }
-        cross["out_proj"] = _linear(sd, f"{layer}cross_attn.out_proj")
+        cross["out_proj"] = dense_params(sd, f"{layer}cross_attn.out_proj")
         cross["norm"] = _layer_norm(sd, f"{layer}cross_attn_layer_norm")
         decoder[f"cross{i}"] = cross
         decoder[f"self{i}"] = {
-            name: _linear(sd, f"{layer}self_attn.{name}")
+            name: dense_params(sd, f"{layer}self_attn.{name}")
             for name in ("q_proj", "k_proj", "v_proj", "out_proj")
         }
         decoder[f"self{i}"]["norm"] = _layer_norm(sd, f"{layer}self_attn_layer_norm")
         decoder[f"ffn{i}"] = {
-            "linear1": _linear(sd, f"{layer}fc1"),
-            "linear2": _linear(sd, f"{layer}fc2"),
+            "linear1": dense_params(sd, f"{layer}fc1"),
+            "linear2": dense_params(sd, f"{layer}fc2"),
             "norm": _layer_norm(sd, f"{layer}final_layer_norm"),
         }
     params = {
@@ -208,34 +203,6 @@ def convert(sd: dict, hf_config: dict) -> tuple[dict, dict, dict, int]:
     }
     frozen = {"backbone": backbone_frozen}
     return params, frozen, fields, num_classes
-
-
-_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64}
-
-
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """The tensors of a .safetensors file (an 8-byte little-endian header length, a JSON header
-    of dtype, shape and byte offsets, then the raw data), without the safetensors package.
-    bfloat16 tensors are widened to float32."""
-    raw = Path(path).read_bytes()
-    header_length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + header_length])
-    data = memoryview(raw)[8 + header_length :]
-    out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = entry["data_offsets"]
-        dtype = entry["dtype"]
-        if dtype == "BF16":
-            bits = np.frombuffer(data[start:end], np.uint16).astype(np.uint32) << 16
-            array = bits.view(np.float32)
-        elif dtype in _SAFETENSORS_DTYPES:
-            array = np.frombuffer(data[start:end], _SAFETENSORS_DTYPES[dtype])
-        else:
-            raise HuggingFaceWeightsError(f"{path}: tensor {name} has dtype {dtype}, not read here")
-        out[name] = array.reshape(entry["shape"]).copy()
-    return out
 
 
 def load(directory: str | Path) -> tuple[dict, dict]:
@@ -250,10 +217,8 @@ def load(directory: str | Path) -> tuple[dict, dict]:
     hf_config = json.loads(config_path.read_text())
     safetensors = directory / "model.safetensors"
     if safetensors.is_file():
-        sd = read_safetensors(safetensors)
+        sd = load_state_dict(safetensors)
     elif (directory / "pytorch_model.bin").is_file():
-        from instseg_jax.weights.torchvision import load_state_dict
-
         sd = load_state_dict(directory / "pytorch_model.bin")
     else:
         raise HuggingFaceWeightsError(
@@ -267,8 +232,6 @@ def _predict_program(cfg):
     """One jitted forward per model config (the parity checks call it several times)."""
     import jax
 
-    from instseg_jax.methods import mask2former
-
     model = mask2former.Model(cfg)
     return jax.jit(lambda v, x: model.apply(v, x, method=mask2former.Mask2Former.predict))
 
@@ -276,8 +239,6 @@ def _predict_program(cfg):
 def predict(params: dict, frozen: dict, fields: dict, num_classes: int, images: np.ndarray):
     """(class logits [P, B, Q, C+1], mask logits [P, B, Q, H/4, W/4]) of every prediction layer
     of the converted model on images [B, H, W, 3] in 0-255 RGB (H, W multiples of 32)."""
-    from instseg_jax.methods import mask2former
-
     cfg = mask2former.Mask2FormerConfig(
         num_classes=num_classes, canvas_hw=tuple(images.shape[1:3]), **fields
     )
@@ -294,16 +255,9 @@ def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
 def coco_config(fields: dict, num_classes: int, hf_config: dict, canvas_hw=(1024, 1024)):
     """The experiment config of an imported model: our COCO Mask2Former with the checkpoint's
     architecture and its class names (COCO's 80 category ids when it has 80 classes)."""
-    from instseg_jax.methods import mask2former
-    from instseg_jax.weights.torchvision import COCO_CATEGORY_NAMES
-
-    c = mask2former.base_config()
-    c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
-    c.input.eval_split.images = "data/coco/val2017"
-    c.input.canvas_hw = tuple(canvas_hw)
+    c = coco_eval_config(mask2former.base_config(), canvas_hw)
     c.input.test_short_side = min(canvas_hw)
     c.input.test_max_long_side = max(canvas_hw)
-    c.eval.global_batch = 1
     for key, value in fields.items():
         c.model[key] = value
     labels = hf_config.get("id2label") or {}
@@ -317,28 +271,3 @@ def coco_config(fields: dict, num_classes: int, hf_config: dict, canvas_hw=(1024
     c.input.category_ids = ids
     c.input.class_names = names
     return c
-
-
-def import_weights(directory: str | Path, out: str | Path, canvas_hw=(1024, 1024)) -> Path:
-    """Write out/config.json and an orbax checkpoint (step 0) that `eval` and `predict` read."""
-    import jax
-    import jax.numpy as jnp
-
-    from instseg_jax import workdir as workdir_lib
-    from instseg_jax.checkpoint import Checkpointer
-
-    sd, hf_config = load(directory)
-    params, frozen, fields, num_classes = convert(sd, hf_config)
-    config = coco_config(fields, num_classes, hf_config, canvas_hw)
-    out = Path(out)
-    workdir_lib.save_config(config, out)
-    workdir_lib.write_class_map(out, config.input.category_ids, config.input.class_names)
-    state = {
-        "params": jax.tree.map(jnp.asarray, params),
-        "frozen": jax.tree.map(jnp.asarray, frozen),
-        "step": jnp.asarray(0, jnp.int32),
-    }
-    checkpointer = Checkpointer(out, 1, 1, use_async=False)
-    checkpointer.save(0, state, {"imported_from": str(directory)}, force=True)
-    checkpointer.close()
-    return out

@@ -18,47 +18,41 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
-
 from instseg_jax.backbones.resnet import STAGES
 from instseg_jax.config import ConfigValueError
+from instseg_jax.weights.state_dict import conv_kernel, count_indices, f32, load_state_dict
 
 
 class BackboneWeightsError(ConfigValueError):
     """A weights file that does not fit the configured backbone (names file, key or field)."""
 
 
-def _conv(w):  # torch [O, I, kh, kw] -> flax [kh, kw, I, O]
-    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)), dtype=np.float32)
-
-
-def _f32(x):
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
 def _norm(sd, prefix):
     return {
-        "scale": _f32(sd[f"{prefix}.weight"]),
-        "bias": _f32(sd[f"{prefix}.bias"]),
-        "mean": _f32(sd[f"{prefix}.running_mean"]),
-        "var": _f32(sd[f"{prefix}.running_var"]),
+        "scale": f32(sd[f"{prefix}.weight"]),
+        "bias": f32(sd[f"{prefix}.bias"]),
+        "mean": f32(sd[f"{prefix}.running_mean"]),
+        "var": f32(sd[f"{prefix}.running_var"]),
     }
+
+
+def stage_blocks(keys, prefix: str = "") -> tuple[int, int, int, int]:
+    """Blocks of each of the 4 stages of the ResNet keys under `prefix`."""
+    return tuple(
+        count_indices(keys, rf"^{re.escape(prefix)}layer{stage}\.(\d+)\.conv1\.weight$")
+        for stage in (1, 2, 3, 4)
+    )
 
 
 def body_layout(sd: dict, prefix: str = "") -> dict:
     """{"bottleneck": bool, "stage_blocks": (4 counts), "width": res2 channels} of the ResNet
     keys under `prefix` (e.g. "backbone.body.")."""
     keys = sd.keys()
-
-    def blocks(stage):
-        regex = re.compile(rf"^{re.escape(prefix)}layer{stage}\.(\d+)\.conv1\.weight$")
-        return len({m.group(1) for k in keys if (m := regex.match(k))})
-
     return {
         "bottleneck": any(
             re.match(rf"^{re.escape(prefix)}layer1\.0\.conv3\.weight$", k) for k in keys
         ),
-        "stage_blocks": tuple(blocks(s) for s in (1, 2, 3, 4)),
+        "stage_blocks": stage_blocks(keys, prefix),
         "width": int(sd[f"{prefix}conv1.weight"].shape[0]),
     }
 
@@ -81,7 +75,7 @@ def body_keys(layout: dict, prefix: str = "") -> list[str]:
 
 def convert_body(sd: dict, layout: dict, prefix: str = "") -> tuple[dict, dict]:
     """(params, frozen) of our ResNet from the torchvision body keys under `prefix`."""
-    params = {"stem": {"conv": {"kernel": _conv(sd[f"{prefix}conv1.weight"])}}}
+    params = {"stem": {"conv": {"kernel": conv_kernel(sd[f"{prefix}conv1.weight"])}}}
     frozen = {"stem": {"norm": _norm(sd, f"{prefix}bn1")}}
     convs = (1, 2, 3) if layout["bottleneck"] else (1, 2)
     for stage, count in enumerate(layout["stage_blocks"], start=1):
@@ -89,10 +83,10 @@ def convert_body(sd: dict, layout: dict, prefix: str = "") -> tuple[dict, dict]:
             base = f"{prefix}layer{stage}.{block}"
             p, f = {}, {}
             for i in convs:
-                p[f"conv{i}"] = {"conv": {"kernel": _conv(sd[f"{base}.conv{i}.weight"])}}
+                p[f"conv{i}"] = {"conv": {"kernel": conv_kernel(sd[f"{base}.conv{i}.weight"])}}
                 f[f"conv{i}"] = {"norm": _norm(sd, f"{base}.bn{i}")}
             if f"{base}.downsample.0.weight" in sd:
-                p["shortcut"] = {"conv": {"kernel": _conv(sd[f"{base}.downsample.0.weight"])}}
+                p["shortcut"] = {"conv": {"kernel": conv_kernel(sd[f"{base}.downsample.0.weight"])}}
                 f["shortcut"] = {"norm": _norm(sd, f"{base}.downsample.1")}
             params[f"res{stage + 1}_{block}"] = p
             frozen[f"res{stage + 1}_{block}"] = f
@@ -131,8 +125,6 @@ def require_pretrained_frozen_bn(model_config) -> None:
 def load_backbone(path: str | Path, model_config) -> tuple[dict, dict, str]:
     """(params, frozen, description) of the backbone in a torchvision ResNet weights file,
     checked against the experiment's model section (depth, width, stage_blocks, norm)."""
-    from instseg_jax.weights.torchvision import load_state_dict
-
     field = "model.backbone_weights"
     if model_config.get("norm", "frozen_bn") != "frozen_bn":
         raise BackboneWeightsError(
@@ -180,3 +172,18 @@ def load_backbone(path: str | Path, model_config) -> tuple[dict, dict, str]:
         + (f"; not used: {len(dropped)} ({', '.join(dropped[:3])}...)" if dropped else "")
     )
     return params, frozen, description
+
+
+def load_backbone_weights(path: str | Path, model_config) -> tuple[dict, str]:
+    """({"params": {"backbone": ...}, "frozen": {"backbone": ...}}, description): the
+    variables a torchvision ResNet weights file gives, by submodule, for the trainer to put in
+    place of the initialised ones. The default of every method whose ResNet is its "backbone"
+    submodule (all of them today); a method with another backbone defines its own
+    `load_backbone_weights` with this signature."""
+    params, frozen, description = load_backbone(path, model_config)
+    return {"params": {"backbone": params}, "frozen": {"backbone": frozen}}, description
+
+
+def backbone_weights_loader(method_module):
+    """The method's own `load_backbone_weights(path, model_config)`, else the ResNet one."""
+    return getattr(method_module, "load_backbone_weights", load_backbone_weights)

@@ -2,12 +2,12 @@
 
     instseg-jax import-weights torchvision fcos_resnet50_fpn_coco.pth --out runs/tv_fcos
 
-`import-weights torchvision` recognises FCOS from its keys (``head.classification_head.``) and
-comes here. `convert` maps the state_dict onto methods/fcos.py's parameter tree; `apply_preset`
-switches a config to torchvision's conventions (methods.fcos.TORCHVISION: locations at
-i x stride, no per-level scales, the score threshold 0.2 on sqrt(class x centerness); its
-resize and mean-colour padding; boxes rescaled per axis). experiments/parity/fcos.py measures
-the agreement with torchvision itself.
+`import-weights torchvision` recognises FCOS from its keys (``head.classification_head.``;
+weights/importer.py) and comes here. `convert` maps the state_dict onto methods/fcos.py's
+parameter tree; `apply_preset` switches a config to torchvision's conventions
+(methods.fcos.TORCHVISION: locations at i x stride, no per-level scales, the score threshold
+0.2 on sqrt(class x centerness); its resize and mean-colour padding; boxes rescaled per axis).
+experiments/parity/fcos.py measures the agreement with torchvision itself.
 
 One difference stays: torchvision pads its batch to a multiple of 32 and places P6/P7
 locations at canvas // grid strides; our canvas is a multiple of 128 so that every level's
@@ -22,11 +22,18 @@ from __future__ import annotations
 
 import re
 
+from instseg_jax.methods import fcos
 from instseg_jax.weights import resnet
 from instseg_jax.weights import torchvision as tv
-from instseg_jax.weights.resnet import _conv, _f32
+from instseg_jax.weights.state_dict import (
+    StateDictError,
+    conv_kernel,
+    f32,
+    read_checked,
+    shape_of,
+)
 
-BODY = "backbone.body."
+BODY = tv.BODY
 HEADS = {"cls": "head.classification_head", "box": "head.regression_head"}
 MODEL_NAME = "torchvision fcos_resnet50_fpn"
 
@@ -44,31 +51,20 @@ def _tower_convs(keys, head: str) -> int:
 
 def architecture(sd: dict) -> dict:
     """Model config fields of a state_dict: block counts and widths from shapes and keys."""
-
-    def shape(key):
-        if key not in sd:
-            raise tv.StateDictError(f"missing key {key!r}")
-        return sd[key].shape
-
-    keys = sd.keys()
-    blocks = tuple(
-        tv._count(keys, rf"^backbone\.body\.layer{s}\.(\d+)\.conv1\.weight$") for s in (1, 2, 3, 4)
-    )
     return {
         "depth": 50,
-        "stage_blocks": blocks,
-        "width": shape("backbone.body.conv1.weight")[0],
-        "fpn_channels": shape("backbone.fpn.inner_blocks.0.0.weight")[0],
-        "head_convs": _tower_convs(keys, HEADS["cls"]),
-        "num_anchors": shape(f"{HEADS['box']}.bbox_ctrness.weight")[0],
-        "num_classes": shape(f"{HEADS['cls']}.cls_logits.weight")[0] - 1,
+        "stage_blocks": resnet.stage_blocks(sd.keys(), BODY),
+        "width": shape_of(sd, "backbone.body.conv1.weight")[0],
+        "fpn_channels": shape_of(sd, "backbone.fpn.inner_blocks.0.0.weight")[0],
+        "head_convs": _tower_convs(sd.keys(), HEADS["cls"]),
+        "num_anchors": shape_of(sd, f"{HEADS['box']}.bbox_ctrness.weight")[0],
+        "num_classes": shape_of(sd, f"{HEADS['cls']}.cls_logits.weight")[0] - 1,
     }
 
 
 def expected_keys(arch: dict) -> list[str]:
     """Every key of torchvision's FCOS with this architecture, in module order."""
-    layout = {"bottleneck": True, "stage_blocks": arch["stage_blocks"], "width": arch["width"]}
-    keys = resnet.body_keys(layout, BODY)
+    keys = resnet.body_keys(tv.body_layout(arch), BODY)
     for kind in ("inner", "layer"):
         for i in range(3):
             keys += [f"backbone.fpn.{kind}_blocks.{i}.0.{p}" for p in ("weight", "bias")]
@@ -88,7 +84,7 @@ def _conv_params(sd, prefix, drop_first_output: bool = False):
     weight, bias = sd[f"{prefix}.weight"], sd[f"{prefix}.bias"]
     if drop_first_output:
         weight, bias = weight[1:], bias[1:]
-    return {"kernel": _conv(weight), "bias": _f32(bias)}
+    return {"kernel": conv_kernel(weight), "bias": f32(bias)}
 
 
 def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
@@ -97,31 +93,13 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
     Raises StateDictError naming ``source`` and the first missing key (in module order) or,
     when none is missing, the first unexpected one.
     """
-    sd = tv.normalize_keys(state_dict)
-    try:
-        arch = architecture(sd)
-    except tv.StateDictError as error:
-        raise tv.StateDictError(f"{source}: not a {MODEL_NAME} state_dict: {error}") from None
-    expected = expected_keys(arch)
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise tv.StateDictError(
-            f"{source}: not a {MODEL_NAME} state_dict: missing key {missing[0]!r} "
-            f"({len(missing)} missing in all)"
-        )
-    unexpected = sorted(set(sd) - set(expected))
-    if unexpected:
-        raise tv.StateDictError(
-            f"{source}: not a {MODEL_NAME} state_dict: unexpected key {unexpected[0]!r} "
-            f"({len(unexpected)} unexpected in all)"
-        )
+    sd, arch = read_checked(state_dict, source, MODEL_NAME, architecture, expected_keys)
     if arch["num_anchors"] != 1:
-        raise tv.StateDictError(
+        raise StateDictError(
             f"{source}: {HEADS['box']}.bbox_ctrness has {arch['num_anchors']} anchors per "
             "location; FCOS has one"
         )
-    layout = {"bottleneck": True, "stage_blocks": arch["stage_blocks"], "width": arch["width"]}
-    backbone, frozen_backbone = resnet.convert_body(sd, layout, BODY)
+    backbone, frozen_backbone = resnet.convert_body(sd, tv.body_layout(arch), BODY)
     fpn = {}
     for i in range(3):
         fpn[f"lateral{i + 3}"] = _conv_params(sd, f"backbone.fpn.inner_blocks.{i}.0")
@@ -134,7 +112,7 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
             head[f"{tower}_conv{i}"] = _conv_params(sd, f"{prefix}.conv.{3 * i}")
             norm = f"{prefix}.conv.{3 * i + 1}"
             head[f"{tower}_norm{i}"] = {
-                "gn": {"scale": _f32(sd[f"{norm}.weight"]), "bias": _f32(sd[f"{norm}.bias"])}
+                "gn": {"scale": f32(sd[f"{norm}.weight"]), "bias": f32(sd[f"{norm}.bias"])}
             }
     head["cls_logits"] = _conv_params(sd, f"{HEADS['cls']}.cls_logits", drop_first_output=True)
     head["bbox_pred"] = _conv_params(sd, f"{HEADS['box']}.bbox_reg")
@@ -143,10 +121,12 @@ def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
     return {"params": params, "frozen": {"backbone": frozen_backbone}}, arch
 
 
+# The model fields an FCOS state_dict decides (the rest are the preset's).
+ARCH_FIELDS = ("depth", "stage_blocks", "width", "fpn_channels", "head_convs")
+
+
 def apply_preset(config) -> None:
     """Switch an FCOS experiment config (ConfigDict, unlocked) to torchvision's conventions."""
-    from instseg_jax.methods import fcos
-
     tv.apply_detector_preset(config)
     m = config.model
     m.sizes_of_interest = (64, 128, 256, 512)
@@ -162,16 +142,6 @@ def coco_config(arch: dict, canvas_hw=(1408, 1408)):
     """The experiment config of an imported FCOS: AdelaiDet's COCO base with the torchvision
     preset, the architecture read from the weights and torchvision's class map; the canvas
     rounded up to a multiple of 128 (import-weights' default 1344 becomes 1408)."""
-    from instseg_jax.methods import fcos
-
-    c = fcos.base_config()
-    c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
-    c.input.eval_split.images = "data/coco/val2017"
     # Every level's stride must divide the canvas: rounded up to a multiple of P7's 128.
-    c.input.canvas_hw = tuple(-(-int(v) // 128) * 128 for v in canvas_hw)
-    c.eval.global_batch = 1
-    apply_preset(c)
-    for key in ("depth", "stage_blocks", "width", "fpn_channels", "head_convs"):
-        c.model[key] = arch[key]
-    tv.set_class_map(c, arch["num_classes"])
-    return c
+    canvas_hw = tuple(-(-int(v) // 128) * 128 for v in canvas_hw)
+    return tv.imported_config(fcos.base_config(), arch, ARCH_FIELDS, canvas_hw, apply_preset)

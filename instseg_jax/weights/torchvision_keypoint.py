@@ -3,22 +3,29 @@
     instseg-jax import-weights torchvision keypointrcnn_resnet50_fpn_coco.pth --out runs/tv_kp
 
 `import-weights torchvision` recognises Keypoint R-CNN from its keys
-(``roi_heads.keypoint_predictor.``) and comes here. `convert` maps the state_dict onto
-methods/keypoint_rcnn.py's parameter tree (backbone, FPN, RPN and box head as Mask R-CNN's in
-weights/torchvision.py; the 8 keypoint convs and the transposed convolution); `apply_preset`
-adds to torchvision's Mask R-CNN conventions the keypoint ones: no mask head, decoded positions
-without detectron2's half-pixel shift (torchvision trains and predicts on COCO's numbers as they
-are), COCO's person keypoints. experiments/parity/keypoint_rcnn.py measures the agreement with
-torchvision itself.
+(``roi_heads.keypoint_predictor.``; weights/importer.py) and comes here. `convert` maps the
+state_dict onto methods/keypoint_rcnn.py's parameter tree (backbone, FPN, RPN and box head as
+Mask R-CNN's in weights/torchvision.py; the 8 keypoint convs and the transposed convolution);
+`apply_preset` adds to torchvision's Mask R-CNN conventions the keypoint ones: no mask head,
+decoded positions without detectron2's half-pixel shift (torchvision trains and predicts on
+COCO's numbers as they are), COCO's person keypoints. experiments/parity/keypoint_rcnn.py
+measures the agreement with torchvision itself.
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+from instseg_jax.input.keypoints import COCO_PERSON
+from instseg_jax.methods import keypoint_rcnn
 from instseg_jax.weights import resnet
 from instseg_jax.weights import torchvision as tv
-from instseg_jax.weights.resnet import _conv, _f32
+from instseg_jax.weights.state_dict import (
+    StateDictError,
+    conv_params,
+    conv_transpose_kernel,
+    count_indices,
+    f32,
+    read_checked,
+)
 
 HEAD = "roi_heads.keypoint_head"
 PREDICTOR = "roi_heads.keypoint_predictor.kps_score_lowres"
@@ -36,10 +43,10 @@ def architecture(sd: dict) -> dict:
     """Mask R-CNN's fields of weights/torchvision.py (no mask head) and the keypoint head's."""
     arch = tv.architecture(sd)
     if PREDICTOR + ".weight" not in sd or HEAD + ".0.weight" not in sd:
-        raise tv.StateDictError(f"missing key {PREDICTOR + '.weight'!r} or {HEAD + '.0.weight'!r}")
+        raise StateDictError(f"missing key {PREDICTOR + '.weight'!r} or {HEAD + '.0.weight'!r}")
     arch.update(
         num_keypoints=int(sd[PREDICTOR + ".weight"].shape[1]),
-        keypoint_head_convs=tv._count(sd.keys(), rf"^{HEAD}\.(\d+)\.weight$"),
+        keypoint_head_convs=count_indices(sd.keys(), rf"^{HEAD}\.(\d+)\.weight$"),
         keypoint_head_dim=int(sd[HEAD + ".0.weight"].shape[0]),
     )
     return arch
@@ -56,43 +63,41 @@ def expected_keys(arch: dict) -> list[str]:
 def convert(state_dict: dict, source: str = "state_dict") -> tuple[dict, dict]:
     """({"params": ..., "frozen": ...}, architecture) of a torchvision Keypoint R-CNN
     state_dict; StateDictError names ``source`` and the first missing or unexpected key."""
-    sd = tv.normalize_keys(state_dict)
-    try:
-        arch = architecture(sd)
-    except tv.StateDictError as error:
-        raise tv.StateDictError(f"{source}: not a {MODEL_NAME} state_dict: {error}") from None
-    expected = expected_keys(arch)
-    missing = [k for k in expected if k not in sd]
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        what = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise tv.StateDictError(f"{source}: not a {MODEL_NAME} state_dict: {what}")
-    body, frozen_body = resnet.convert_body(sd, tv._body_layout(arch), tv.BODY)
+    sd, arch = read_checked(state_dict, source, MODEL_NAME, architecture, expected_keys)
+    body, frozen_body = resnet.convert_body(sd, tv.body_layout(arch), tv.BODY)
     head = {
-        f"conv{i + 1}": {
-            "kernel": _conv(sd[f"{HEAD}.{2 * i}.weight"]),
-            "bias": _f32(sd[f"{HEAD}.{2 * i}.bias"]),
-        }
+        f"conv{i + 1}": conv_params(sd, f"{HEAD}.{2 * i}")
         for i in range(arch["keypoint_head_convs"])
     }
     head["score_lowres"] = {  # torch's [in, out, 4, 4] -> [4, 4, in, out], same taps
-        "kernel": _f32(np.transpose(sd[PREDICTOR + ".weight"], (2, 3, 0, 1))),
-        "bias": _f32(sd[PREDICTOR + ".bias"]),
+        "kernel": conv_transpose_kernel(sd[PREDICTOR + ".weight"]),
+        "bias": f32(sd[PREDICTOR + ".bias"]),
     }
     params = {
         "backbone": body,
-        "fpn": tv._fpn_params(sd),
-        "rpn_head": tv._rpn_head_params(sd),
-        "box_head": tv._box_head_params(sd, arch, source),
+        "fpn": tv.fpn_params(sd),
+        "rpn_head": tv.rpn_head_params(sd),
+        "box_head": tv.box_head_params(sd, arch, source),
         "keypoint_head": head,
     }
     return {"params": params, "frozen": {"backbone": frozen_body}}, arch
 
 
+# The model fields a Keypoint R-CNN state_dict decides (the rest are the preset's).
+ARCH_FIELDS = (
+    "depth",
+    "stage_blocks",
+    "width",
+    "fpn_channels",
+    "box_fc_dim",
+    "num_keypoints",
+    "keypoint_head_convs",
+    "keypoint_head_dim",
+)
+
+
 def apply_preset(config) -> None:
     """torchvision's Mask R-CNN preset (weights/torchvision.py) and its keypoint conventions."""
-    from instseg_jax.input.keypoints import COCO_PERSON
-
     tv.apply_preset(config)
     m = config.model
     m.mask_on = False
@@ -105,27 +110,15 @@ def apply_preset(config) -> None:
 def coco_config(arch: dict, canvas_hw=(1344, 1344)):
     """The experiment config of an imported Keypoint R-CNN: the COCO-Keypoints base with the
     preset, the architecture read from the weights, torchvision's class map (person = 1)."""
-    from instseg_jax.methods import keypoint_rcnn
-
-    c = keypoint_rcnn.base_config()
-    c.input.eval_split.annotations = "data/coco/annotations/person_keypoints_val2017.json"
-    c.input.eval_split.images = "data/coco/val2017"
-    c.input.canvas_hw = tuple(canvas_hw)
-    c.eval.global_batch = 1
-    apply_preset(c)
-    for key in (
-        "depth",
-        "stage_blocks",
-        "width",
-        "fpn_channels",
-        "box_fc_dim",
-        "num_keypoints",
-        "keypoint_head_convs",
-        "keypoint_head_dim",
-    ):
-        c.model[key] = arch[key]
+    c = tv.imported_config(
+        keypoint_rcnn.base_config(),
+        arch,
+        ARCH_FIELDS,
+        canvas_hw,
+        apply_preset,
+        annotations="person_keypoints_val2017.json",
+    )
     c.model.keypoint_fg_per_image = 128
-    tv.set_class_map(c, arch["num_classes"])
     if arch["num_classes"] == 1:
         c.input.class_names = ("person",)
     return c
