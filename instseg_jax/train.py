@@ -38,7 +38,7 @@ from instseg_jax.input.pipeline import InputPipeline, padding_example
 from instseg_jax.metrics import MetricsWriter
 from instseg_jax.weights.resnet import (
     BackboneWeightsError,
-    load_backbone,
+    backbone_weights_loader,
     require_pretrained_frozen_bn,
 )
 
@@ -158,42 +158,43 @@ def init_variables_fn(model, batch_shapes, config):
 
 
 def init_state_fn(model, tx, batch_shapes, config):
-    """(seed key, optional backbone weights) -> the train state: params, frozen statistics,
-    optimizer state, counters. Backbone weights {"params", "frozen"} replace the initialised
-    ResNet's (weights/resnet.py: model.backbone_weights)."""
+    """(seed key, optional pretrained variables) -> the train state: params, frozen
+    statistics, optimizer state, counters. Pretrained variables {collection: {submodule: tree}}
+    (the method's load_backbone_weights of model.backbone_weights) replace the initialised
+    submodules they name."""
     init_variables = init_variables_fn(model, batch_shapes, config)
 
-    def init(seed_key, backbone=None):
+    def init(seed_key, pretrained=None):
         variables = init_variables(seed_key)
-        if backbone is not None:
-            variables = with_backbone(variables, backbone)
+        if pretrained is not None:
+            variables = with_pretrained(variables, pretrained)
         return state_from_variables(variables, tx, config)
 
     return init
 
 
-def with_backbone(variables: dict, backbone: dict) -> dict:
-    """variables with their "backbone" parameters and frozen statistics replaced; every
-    method's ResNet is its "backbone" submodule. The shapes must agree leaf by leaf."""
+def with_pretrained(variables: dict, pretrained: dict) -> dict:
+    """variables with the submodules `pretrained` names ({collection: {submodule: tree}})
+    replaced. The shapes must agree leaf by leaf."""
     out = dict(variables)
-    for collection in ("params", "frozen"):
-        initialised = variables.get(collection, {}).get("backbone")
-        loaded = backbone[collection]
-        if initialised is None:
-            raise BackboneWeightsError(
-                f"model.backbone_weights: the model has no backbone {collection} to replace"
-            )
-        want = jax.tree_util.tree_flatten_with_path(initialised)[0]
-        have = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
-        for path, leaf in want:
-            if path not in have or np.shape(have[path]) != np.shape(leaf):
-                name = "/".join(str(getattr(k, "key", k)) for k in path)
-                got = np.shape(have[path]) if path in have else "nothing"
+    for collection, submodules in pretrained.items():
+        for module, loaded in submodules.items():
+            initialised = variables.get(collection, {}).get(module)
+            if initialised is None:
                 raise BackboneWeightsError(
-                    f"model.backbone_weights: backbone {collection} {name} needs shape "
-                    f"{np.shape(leaf)}, the file gives {got}"
+                    f"model.backbone_weights: the model has no {module} {collection} to replace"
                 )
-        out[collection] = {**variables[collection], "backbone": loaded}
+            want = jax.tree_util.tree_flatten_with_path(initialised)[0]
+            have = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
+            for path, leaf in want:
+                if path not in have or np.shape(have[path]) != np.shape(leaf):
+                    name = "/".join(str(getattr(k, "key", k)) for k in path)
+                    got = np.shape(have[path]) if path in have else "nothing"
+                    raise BackboneWeightsError(
+                        f"model.backbone_weights: {module} {collection} {name} needs shape "
+                        f"{np.shape(leaf)}, the file gives {got}"
+                    )
+            out[collection] = {**out[collection], module: loaded}
     return out
 
 
@@ -446,13 +447,13 @@ def _initial_state(
         pipeline.set_state(data_state)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
         return state
-    backbone = None
+    pretrained = None
     if config.model.get("backbone_weights"):
-        params, frozen, description = load_backbone(config.model.backbone_weights, config.model)
-        backbone = {"params": params, "frozen": frozen}
+        load = backbone_weights_loader(builders.method(config))  # the method's, else ResNet's
+        pretrained, description = load(config.model.backbone_weights, config.model)
         data_notes.append(f"backbone initialised from {description}")
     # Created directly in the replicated sharding.
-    return jax.jit(init_state, out_shardings=state_sharding)(params_key, backbone)
+    return jax.jit(init_state, out_shardings=state_sharding)(params_key, pretrained)
 
 
 def _training_source(config, workdir: Path):
