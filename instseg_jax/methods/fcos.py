@@ -43,7 +43,8 @@ import numpy as np
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPNP3P7
-from instseg_jax.backbones.resnet import ResNet, normalize
+from instseg_jax.backbones.resnet import normalize
+from instseg_jax.methods.detector import DetectorConfig, build_backbone
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
@@ -64,14 +65,8 @@ TORCHVISION = {
 
 
 @dataclasses.dataclass(frozen=True)
-class FCOSConfig:
-    num_classes: int
+class FCOSConfig(DetectorConfig):
     canvas_hw: tuple[int, int] = (1408, 1408)  # a multiple of 128 that holds 800 x 1333
-    depth: int = 50
-    width: int = 64
-    norm: str = "frozen_bn"
-    freeze_at: int = 2
-    stage_blocks: tuple = ()
     fpn_channels: int = 256
     head_convs: int = 4
     location_offset: float = 0.5  # locations at (i + offset) x stride: AdelaiDet's stride // 2
@@ -91,16 +86,14 @@ class FCOSConfig:
     nms_threshold: float = 0.6
     detections_per_image: int = 100
     box_rescale: str = "scale"  # "per_axis": original / resized size per axis (torchvision)
-    compute_dtype: str = "float32"
+
+    COARSEST_LEVEL = ("P7", 128)
 
     def __post_init__(self):
+        super().__post_init__()
         if self.box_rescale not in ("scale", "per_axis"):
             raise config_lib.ConfigValueError(
                 f"model.box_rescale must be 'scale' or 'per_axis', got {self.box_rescale!r}"
-            )
-        if self.canvas_hw[0] % 128 or self.canvas_hw[1] % 128:
-            raise config_lib.ConfigValueError(
-                f"input.canvas_hw {self.canvas_hw} must be divisible by 128 (P7 has stride 128)"
             )
         if len(self.sizes_of_interest) != len(LEVEL_STRIDES) - 1:
             raise config_lib.ConfigValueError(
@@ -121,14 +114,6 @@ class FCOSConfig:
                 f"model.score_threshold_on must be 'class', 'product' or 'combined', got "
                 f"{self.score_threshold_on!r}"
             )
-
-    @classmethod
-    def from_config(cls, model_config, num_classes: int, canvas_hw) -> FCOSConfig:
-        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.compute_dtype)
 
     def level_shapes(self) -> list[tuple[int, int]]:
         return ops.level_shapes(self.canvas_hw, LEVEL_STRIDES)
@@ -232,9 +217,7 @@ class FCOS(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.backbone = ResNet(
-            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
-        )
+        self.backbone = build_backbone(cfg)
         self.fpn = FPNP3P7(
             cfg.fpn_channels,
             cfg.dtype,

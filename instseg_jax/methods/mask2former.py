@@ -61,7 +61,8 @@ import numpy as np
 
 from instseg_jax import config as config_lib
 from instseg_jax import structures
-from instseg_jax.backbones.resnet import ResNet, normalize
+from instseg_jax.backbones.resnet import normalize
+from instseg_jax.methods.detector import DetectorConfig, build_backbone
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 from instseg_jax.ops.matching import min_cost_matching
@@ -77,14 +78,9 @@ TRANSFORMER_DECODERS = ("masked", "detr")
 
 
 @dataclasses.dataclass(frozen=True)
-class Mask2FormerConfig:
-    num_classes: int
+class Mask2FormerConfig(DetectorConfig):
     canvas_hw: tuple[int, int] = (1024, 1024)
-    depth: int = 50
-    width: int = 64
-    norm: str = "frozen_bn"
     freeze_at: int = 0
-    stage_blocks: tuple = ()
     pixel_decoder: str = "msdeform"
     conv_dim: int = 256
     mask_dim: int = 256
@@ -111,14 +107,11 @@ class Mask2FormerConfig:
     # input.max_instances); matched pairs past them are counted, not trained.
     mask_pairs_per_image: int = 0
     detections_per_image: int = 100
-    compute_dtype: str = "float32"
+
+    COARSEST_LEVEL = ("res5", 32)
 
     def __post_init__(self):
-        h, w = self.canvas_hw
-        if h % 32 or w % 32:
-            raise config_lib.ConfigValueError(
-                f"input.canvas_hw {self.canvas_hw} must be divisible by 32 (res5's stride)"
-            )
+        super().__post_init__()
         if self.pixel_decoder not in PIXEL_DECODERS:
             raise config_lib.ConfigValueError(
                 f"model.pixel_decoder must be one of {PIXEL_DECODERS}, got {self.pixel_decoder!r}"
@@ -160,14 +153,6 @@ class Mask2FormerConfig:
             raise config_lib.ConfigValueError(
                 "model.importance_sample_ratio must be in [0, 1] and model.oversample_ratio >= 1"
             )
-
-    @classmethod
-    def from_config(cls, model_config, num_classes: int, canvas_hw) -> Mask2FormerConfig:
-        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.compute_dtype)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -573,9 +558,7 @@ class Mask2Former(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.backbone = ResNet(
-            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
-        )
+        self.backbone = build_backbone(cfg)
         if cfg.pixel_decoder == "msdeform":
             self.pixel_decoder = DeformablePixelDecoder(cfg)
         else:

@@ -26,22 +26,18 @@ import numpy as np
 from instseg_jax import compilation, ops, structures
 from instseg_jax import config as config_lib
 from instseg_jax.backbones.fpn import FPN
-from instseg_jax.backbones.resnet import ResNet, normalize
+from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods import roi_heads, rpn
+from instseg_jax.methods.detector import DetectorConfig, build_backbone
 
 # Mask targets are RoIAligned from box crops of input.mask_size (never full-resolution masks).
 INPUTS = structures.Inputs(box_masks=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskRCNNConfig:
-    num_classes: int
+class MaskRCNNConfig(DetectorConfig):
     canvas_hw: tuple[int, int] = (800, 800)
     mask_on: bool = True
-    depth: int = 50
-    width: int = 64
-    norm: str = "frozen_bn"
-    freeze_at: int = 2
     fpn_channels: int = 256
     anchor_sizes: tuple = ((32,), (64,), (128,), (256,), (512,))
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
@@ -73,10 +69,8 @@ class MaskRCNNConfig:
     # the batch fit (else on all detections_per_image): two compiled sizes picked on the host.
     # 0 = always all slots.
     test_mask_slots_small: int = 16
-    compute_dtype: str = "float32"
     # Conventions that differ between detectron2 (the defaults) and torchvision; the torchvision
     # preset (instseg_jax.weights.torchvision.apply_preset) switches all of them.
-    stage_blocks: tuple = ()  # residual blocks per stage; () = those of `depth`
     anchor_style: str = "detectron2"  # "torchvision": rounded cell anchors, strides canvas // grid
     level_mapper: str = "detectron2"  # "torchvision": eps 1e-6 added after the log2
     rpn_min_size: float = 0.0  # proposals need w, h > 0 and >= this (torchvision 1e-3)
@@ -84,7 +78,10 @@ class MaskRCNNConfig:
     box_rescale: str = "scale"  # "per_axis": original / resized size per axis (torchvision)
     mask_paste: str = "detectron2"  # host-side paste: "detectron2" or "torchvision"
 
+    COARSEST_LEVEL = ("P5", 32)
+
     def __post_init__(self):
+        super().__post_init__()
         choices = {
             "anchor_style": ("detectron2", "torchvision"),
             "level_mapper": ("detectron2", "torchvision"),
@@ -97,27 +94,13 @@ class MaskRCNNConfig:
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
 
-    @classmethod
-    def from_config(cls, model_config, num_classes: int, canvas_hw) -> MaskRCNNConfig:
-        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.compute_dtype)
-
 
 class MaskRCNN(nn.Module):
     cfg: MaskRCNNConfig
 
     def setup(self):
         cfg = self.cfg
-        if cfg.canvas_hw[0] % 32 or cfg.canvas_hw[1] % 32:
-            raise ValueError(
-                f"input.canvas_hw {cfg.canvas_hw} must be divisible by 32 (P5 has stride 32)"
-            )
-        self.backbone = ResNet(
-            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
-        )
+        self.backbone = build_backbone(cfg)
         self.fpn = FPN(cfg.fpn_channels, cfg.dtype)
         self.rpn_head = rpn.RPNHead(len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0]), cfg.dtype)
         self.setup_box_head()

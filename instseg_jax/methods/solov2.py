@@ -51,7 +51,8 @@ import numpy as np
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPN
-from instseg_jax.backbones.resnet import ResNet, normalize
+from instseg_jax.backbones.resnet import normalize
+from instseg_jax.methods.detector import DetectorConfig, build_backbone
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
@@ -62,14 +63,8 @@ INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE, centers=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class SOLOv2Config:
-    num_classes: int
+class SOLOv2Config(DetectorConfig):
     canvas_hw: tuple[int, int] = (1344, 1344)
-    depth: int = 50
-    width: int = 64
-    norm: str = "frozen_bn"
-    freeze_at: int = 2
-    stage_blocks: tuple = ()  # residual blocks per stage; () = those of `depth`
     fpn_channels: int = 256
     # FPN P2..P6 resampled bilinearly to these strides (P2 halved, P6 doubled to P5's size).
     level_strides: tuple = (8, 8, 16, 32, 32)
@@ -100,9 +95,11 @@ class SOLOv2Config:
     matrix_nms_sigma: float = 2.0
     keep_score_threshold: float = 0.05
     detections_per_image: int = 100
-    compute_dtype: str = "float32"
+
+    COARSEST_LEVEL = ("P6", 64)
 
     def __post_init__(self):
+        super().__post_init__()
         levels = len(self.num_grids)
         if not (len(self.level_strides) == len(self.scale_ranges) == levels == 5):
             raise config_lib.ConfigValueError(
@@ -116,10 +113,6 @@ class SOLOv2Config:
                     f"input.canvas_hw {self.canvas_hw} must be divisible by every "
                     f"model.level_strides entry {self.level_strides}"
                 )
-        if self.canvas_hw[0] % 64 or self.canvas_hw[1] % 64:
-            raise config_lib.ConfigValueError(
-                f"input.canvas_hw {self.canvas_hw} must be divisible by 64 (P6 has stride 64)"
-            )
         if self.matrix_nms_kernel not in ("gaussian", "linear"):
             raise config_lib.ConfigValueError(
                 "model.matrix_nms_kernel must be 'gaussian' or 'linear', got "
@@ -127,14 +120,6 @@ class SOLOv2Config:
             )
         if self.positive_slots_per_image <= 0:
             raise config_lib.ConfigValueError("model.positive_slots_per_image must be > 0")
-
-    @classmethod
-    def from_config(cls, model_config, num_classes: int, canvas_hw) -> SOLOv2Config:
-        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.compute_dtype)
 
     @property
     def num_cells(self) -> int:
@@ -250,9 +235,7 @@ class SOLOv2(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.backbone = ResNet(
-            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
-        )
+        self.backbone = build_backbone(cfg)
         self.fpn = FPN(cfg.fpn_channels, cfg.dtype)
         prior = -math.log((1 - 0.01) / 0.01)
         self.category_tower = Tower(

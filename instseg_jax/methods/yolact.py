@@ -47,7 +47,8 @@ import ml_collections
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPNP3P7
-from instseg_jax.backbones.resnet import ResNet, normalize
+from instseg_jax.backbones.resnet import normalize
+from instseg_jax.methods.detector import DetectorConfig, build_backbone
 from instseg_jax.nn.layers import Conv
 from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
@@ -62,14 +63,9 @@ INPUTS = structures.Inputs(full_mask_stride=PROTO_STRIDE)
 
 
 @dataclasses.dataclass(frozen=True)
-class YOLACTConfig:
-    num_classes: int
+class YOLACTConfig(DetectorConfig):
     canvas_hw: tuple[int, int] = (640, 640)
-    depth: int = 50
-    width: int = 64
-    norm: str = "frozen_bn"
     freeze_at: int = 1
-    stage_blocks: tuple = ()
     fpn_channels: int = 256
     anchor_sizes: tuple = (24, 48, 96, 192, 384)  # P3..P7: base sizes 8..128 x octave scale 3
     aspect_ratios: tuple = (0.5, 1.0, 2.0)  # h / w
@@ -89,25 +85,15 @@ class YOLACTConfig:
     test_nms_threshold: float = 0.5
     score_threshold: float = 0.05
     detections_per_image: int = 100
-    compute_dtype: str = "float32"
+
+    COARSEST_LEVEL = ("P7", 128)
 
     def __post_init__(self):
-        if self.canvas_hw[0] % 128 or self.canvas_hw[1] % 128:
-            raise config_lib.ConfigValueError(
-                f"input.canvas_hw {self.canvas_hw} must be divisible by 128 (P7 has stride 128)"
-            )
+        super().__post_init__()
         if len(self.anchor_sizes) != 5:
             raise config_lib.ConfigValueError(
                 f"model.anchor_sizes needs one size per level P3..P7, got {self.anchor_sizes}"
             )
-
-    @classmethod
-    def from_config(cls, model_config, num_classes: int, canvas_hw) -> YOLACTConfig:
-        return config_lib.method_config(cls, model_config, num_classes, canvas_hw)
-
-    @property
-    def dtype(self):
-        return jnp.dtype(self.compute_dtype)
 
     def anchors(self) -> list[jnp.ndarray]:
         """float32[h_l w_l A, 4] per level, centred on the cell centres (offset 0.5)."""
@@ -192,9 +178,7 @@ class YOLACT(nn.Module):
 
     def setup(self):
         cfg = self.cfg
-        self.backbone = ResNet(
-            cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks)
-        )
+        self.backbone = build_backbone(cfg)
         self.fpn = FPNP3P7(cfg.fpn_channels, cfg.dtype)
         self.head = PredictionHead(
             cfg.num_classes,
