@@ -27,7 +27,7 @@ the later one) x `semantic_loss_weight` (0.3).
 Attention layout: channel base x A^2 + row x A + column, as the reference's view(N, 4, 14, 14).
 Known differences from the reference: GroupNorm in the bottom module and the semantic head (the
 reference uses BatchNorm); mask targets are each instance's box crop (input.mask_size) pooled
-with aligned RoIAlign to 56 x 56 and thresholded at 0.5 (roi_heads.mask_targets), detectron2's
+with aligned RoIAlign to 56 x 56 and thresholded at 0.5 (ops.mask_targets), detectron2's
 crop_and_resize of the polygon or bitmap; the semantic targets are the instance masks sampled at
 the centres of the stride-8 cells (the reference takes every 8th pixel of its full map).
 """
@@ -43,7 +43,7 @@ import ml_collections
 
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
-from instseg_jax.methods import condinst, fcos, roi_heads
+from instseg_jax.methods import condinst, fcos
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 
@@ -180,7 +180,7 @@ class BlendMask(fcos.FCOS):
         gt_boxes = jnp.take_along_axis(batch["gt_boxes"], slots["gt"][..., None], axis=1)
         chosen = jnp.take_along_axis(attentions, slots["location"][..., None], axis=1)
         outputs["mask_logits"] = blend(bases, gt_boxes, chosen, cfg)  # [B, P, R, R]
-        outputs["mask_targets"], _ = roi_heads.mask_targets(
+        outputs["mask_targets"], _ = ops.mask_targets(
             batch["gt_masks"],
             batch["gt_boxes"],
             {"gt_index": slots["gt"], "boxes": gt_boxes, "foreground": slots["valid"]},

@@ -323,7 +323,7 @@ class MaskRCNN(nn.Module):
         mask_pooled = self.pool(
             features, rois["boxes"][:, :fg], cfg.mask_pool_size
         )  # [B, F, 14, 14, D]
-        targets, valid = roi_heads.mask_targets(
+        targets, valid = ops.mask_targets(
             batch["gt_masks"], batch["gt_boxes"], rois, fg, 2 * cfg.mask_pool_size
         )
         return {

@@ -285,7 +285,7 @@ class PointRend(mask_rcnn.MaskRCNN):
             )
         boxes = rois["boxes"]
         coarse = self.coarse_logits(features, boxes)  # [B, F, s, s, C]
-        targets, valid = roi_heads.mask_targets(
+        targets, valid = ops.mask_targets(
             batch["gt_masks"], batch["gt_boxes"], rois, fg, cfg.coarse_side
         )
         b = boxes.shape[0]

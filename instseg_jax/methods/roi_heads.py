@@ -1,4 +1,5 @@
-"""Mask R-CNN's RoI heads: RoI sampling, box head, mask head, their targets and losses.
+"""Mask R-CNN's RoI heads: RoI sampling, box head, mask head and their losses (the mask
+targets are ops.mask_targets).
 
 Shapes: B batch, P proposals, N ground-truth slots, R sampled RoIs per image, F foreground RoIs
 for the mask loss (the first F sampled, which sample_balanced puts first), C classes (class C is
@@ -184,41 +185,6 @@ class MaskHead(nn.Module):
         )(x)
         x = depth_to_space_2x2(x)  # [B*F, 28, 28, C]
         return x.reshape(b, f, 2 * h, 2 * w, self.num_classes).astype(jnp.float32)
-
-
-def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
-    """float32[B, F, size, size] {0, 1} targets of the first F RoIs, and their validity.
-
-    Each RoI samples its matched ground truth's box crop (uint8[B, N, Mc, Mc], the mask inside
-    the ground-truth box) at the RoI's bins: the RoI is mapped into the crop's frame and pooled
-    with aligned RoIAlign, then thresholded at 0.5 as detectron2 does. Full-resolution masks
-    never reach the device.
-
-    The crop is padded with one zero cell per side before pooling: RoIAlign reads a sample up to
-    one cell outside its input as the edge cell, which inside a crop is the mask's edge but on
-    detectron2's full mask is the zero just outside the box (an RoI reaching past its box got
-    a target dilated by up to a cell along the box's edges without the padding).
-    """
-    b, _, crop, _ = gt_crops.shape
-    index = rois["gt_index"][:, :num_fg]  # [B, F]
-    boxes = rois["boxes"][:, :num_fg]
-    valid = rois["foreground"][:, :num_fg]
-    gt = jnp.take_along_axis(gt_boxes, index[..., None], axis=1)  # [B, F, 4]
-    crops = jnp.take_along_axis(gt_crops, index[..., None, None], axis=1)  # [B, F, Mc, Mc]
-    scale = crop / jnp.maximum(gt[..., 2:] - gt[..., :2], 1e-6)  # crop cells per pixel
-    in_crop = (boxes - jnp.concatenate([gt[..., :2]] * 2, -1)) * jnp.concatenate([scale] * 2, -1)
-    in_crop = in_crop + 1.0  # the padding cell
-    padded = jnp.pad(crops, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    pooled = ops.roi_align(
-        padded.reshape(b * num_fg, crop + 2, crop + 2, 1).astype(jnp.float32),
-        in_crop.reshape(b * num_fg, 1, 4),
-        size,
-        1.0,
-        2,
-        True,
-    )
-    targets = (pooled.reshape(b, num_fg, size, size) >= 0.5).astype(jnp.float32)
-    return jax.lax.stop_gradient(targets), valid
 
 
 def box_losses(logits, deltas, rois: dict):

@@ -38,6 +38,7 @@ from instseg_jax.ops.losses import (
 from instseg_jax.ops.masks import (
     crop_and_resize_masks,
     mask_iou,
+    mask_targets,
     masks_to_boxes,
     mirror_box_masks,
     paste_mask_probabilities,
@@ -68,6 +69,7 @@ __all__ = [
     "grid_anchors",
     "level_shapes",
     "mask_iou",
+    "mask_targets",
     "masks_to_boxes",
     "match",
     "matrix_nms",

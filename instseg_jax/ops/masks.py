@@ -90,6 +90,44 @@ def crop_and_resize_masks(
     return pooled[:, 0, :, :, 0]
 
 
+def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
+    """float32[B, F, size, size] {0, 1} targets of the first F = num_fg boxes of `rois`, and
+    their validity bool[B, F].
+
+    gt_crops uint8[B, N, Mc, Mc]: each ground truth's mask inside its box gt_boxes float32[B, N,
+    4] (canvas xyxy); rois: {"boxes" float32[B, R, 4] canvas xyxy, "gt_index" int32[B, R] the
+    ground-truth slot each box takes its target from, "foreground" bool[B, R] its validity}, R
+    >= F. Each box samples its ground truth's crop at its bins: the box is mapped into the crop's
+    frame and pooled with aligned RoIAlign, then thresholded at 0.5 as detectron2 does (Mask
+    R-CNN's RoIs; BlendMask's ground-truth boxes). Full-resolution masks never reach the device.
+
+    The crop is padded with one zero cell per side before pooling: RoIAlign reads a sample up to
+    one cell outside its input as the edge cell, which inside a crop is the mask's edge but on
+    detectron2's full mask is the zero just outside the box (an RoI reaching past its box got
+    a target dilated by up to a cell along the box's edges without the padding).
+    """
+    b, _, crop, _ = gt_crops.shape
+    index = rois["gt_index"][:, :num_fg]  # [B, F]
+    boxes = rois["boxes"][:, :num_fg]
+    valid = rois["foreground"][:, :num_fg]
+    gt = jnp.take_along_axis(gt_boxes, index[..., None], axis=1)  # [B, F, 4]
+    crops = jnp.take_along_axis(gt_crops, index[..., None, None], axis=1)  # [B, F, Mc, Mc]
+    scale = crop / jnp.maximum(gt[..., 2:] - gt[..., :2], 1e-6)  # crop cells per pixel
+    in_crop = (boxes - jnp.concatenate([gt[..., :2]] * 2, -1)) * jnp.concatenate([scale] * 2, -1)
+    in_crop = in_crop + 1.0  # the padding cell
+    padded = jnp.pad(crops, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    pooled = roi_align(
+        padded.reshape(b * num_fg, crop + 2, crop + 2, 1).astype(jnp.float32),
+        in_crop.reshape(b * num_fg, 1, 4),
+        size,
+        1.0,
+        2,
+        True,
+    )
+    targets = (pooled.reshape(b, num_fg, size, size) >= 0.5).astype(jnp.float32)
+    return jax.lax.stop_gradient(targets), valid
+
+
 def masks_to_boxes(masks: jnp.ndarray) -> jnp.ndarray:
     """float32[K, 4] tight boxes [xmin, ymin, xmax + 1, ymax + 1] of masks[K, H, W]; 0 if empty."""
     masks = masks.astype(bool)

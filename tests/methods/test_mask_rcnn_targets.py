@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instseg_jax import ops
 from instseg_jax.methods import roi_heads, rpn
 from tests.methods import mask_rcnn_reference as reference
 
@@ -329,7 +330,7 @@ def targets_for(rois, gt_index, foreground, num_fg):
         "gt_index": jnp.asarray(gt_index, jnp.int32),
         "foreground": jnp.asarray(foreground),
     }
-    targets, valid = jax.jit(roi_heads.mask_targets, static_argnums=(3, 4))(
+    targets, valid = jax.jit(ops.mask_targets, static_argnums=(3, 4))(
         jnp.asarray(crops), jnp.asarray(boxes), rois, num_fg, 28
     )
     return masks, np.asarray(targets), np.asarray(valid)
