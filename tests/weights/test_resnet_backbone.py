@@ -185,3 +185,22 @@ def test_the_coco_mask_rcnn_scratch_variant_trains_without_weights(tmp_path, cap
     assert cli.main([*argv, f"--config.input.train_split.annotations={missing}"]) == 2
     err = capsys.readouterr().err
     assert "no_such_annotations.json" in err and "backbone_weights" not in err, err
+
+
+def test_the_trainer_loads_a_methods_own_backbone_weights_else_the_resnet_ones(tmp_path):
+    """A method module may define load_backbone_weights (another backbone); without one the
+    torchvision ResNet loader fills the "backbone" submodule of both collections."""
+    from types import SimpleNamespace
+
+    from instseg_jax.weights import resnet
+
+    def own(path, model_config):
+        return {"params": {}}, "own"
+
+    assert resnet.backbone_weights_loader(SimpleNamespace(load_backbone_weights=own)) is own
+    default = resnet.backbone_weights_loader(SimpleNamespace())
+    variables, description = default(write_state_dict(tmp_path, "basic"), model_section("basic"))
+    params, frozen, _ = load_backbone(write_state_dict(tmp_path, "basic"), model_section("basic"))
+    assert sorted(variables) == ["frozen", "params"] and "torchvision ResNet" in description
+    assert jax.tree.structure(variables["params"]["backbone"]) == jax.tree.structure(params)
+    assert jax.tree.structure(variables["frozen"]["backbone"]) == jax.tree.structure(frozen)
