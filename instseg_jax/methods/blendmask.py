@@ -152,51 +152,60 @@ class BlendMask(fcos.FCOS):
             cfg.bases_channels, cfg.semantic_convs, cfg.num_classes, cfg.dtype
         )
 
-    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+    def predict(self, image) -> dict:
+        """FCOS's predictions plus "attentions" [B, T, attention_length] per location and the
+        "bases" [B, H/4, W/4, num_bases]."""
         cfg = self.cfg
-        logits, distances, centerness, features, towers = self.predict(batch["image"])
-        b = logits.shape[0]
+        predictions = super().predict(image)
+        b = image.shape[0]
         attentions = jnp.concatenate(
-            [self.top_layer(t).reshape(b, -1, cfg.attention_length) for t in towers], axis=1
-        ).astype(jnp.float32)  # [B, T, attention_length]
-        bases = self.bottom(features).astype(jnp.float32)  # [B, H/4, W/4, num_bases]
-        outputs = {
-            "class_logits": logits,
-            "distances": distances,
-            "centerness_logits": centerness,
-        }
-        if not train:
-            kept = fcos.select_detections(logits, distances, centerness, batch["image_hw"], cfg)
-            detections = fcos.original_detections(kept, batch, cfg)
-            chosen = jnp.take_along_axis(attentions, kept["location"][..., None], axis=1)
-            masks = jax.nn.sigmoid(blend(bases, kept["boxes"], chosen, cfg))
-            detections["masks"] = jnp.where(kept["valid"][..., None, None], masks, 0.0)
-            outputs["detections"] = detections
-            return outputs
-        if key is None:
-            raise ValueError("training needs a key for the choice of mask slots")
-        targets = fcos.batch_targets(batch, cfg)
+            [self.top_layer(t).reshape(b, -1, cfg.attention_length) for t in predictions["towers"]],
+            axis=1,
+        ).astype(jnp.float32)
+        bases = self.bottom(predictions["features"]).astype(jnp.float32)
+        return {**predictions, "attentions": attentions, "bases": bases}
+
+    def prediction_outputs(self, predictions: dict) -> dict:
+        return {name: predictions[name] for name in fcos.LOCATION_OUTPUTS}
+
+    def payloads(self, predictions: dict, kept: dict, batch: dict) -> dict:
+        """The blender's 56 x 56 masks of the kept locations in their detected boxes."""
+        chosen = jnp.take_along_axis(predictions["attentions"], kept["location"][..., None], axis=1)
+        masks = jax.nn.sigmoid(blend(predictions["bases"], kept["boxes"], chosen, self.cfg))
+        return {"masks": jnp.where(kept["valid"][..., None, None], masks, 0.0)}
+
+    def head_training(self, predictions: dict, targets: dict, batch: dict, key) -> dict:
+        """The blender's logits of the trained slots in their matched ground-truth boxes, their
+        box-crop targets, and the semantic head's logits."""
+        cfg = self.cfg
         slots = fcos.positive_slots(targets, cfg.mask_instances_per_image, key)
         gt_boxes = jnp.take_along_axis(batch["gt_boxes"], slots["gt"][..., None], axis=1)
-        chosen = jnp.take_along_axis(attentions, slots["location"][..., None], axis=1)
-        outputs["mask_logits"] = blend(bases, gt_boxes, chosen, cfg)  # [B, P, R, R]
-        outputs["mask_targets"], _ = ops.mask_targets(
+        chosen = jnp.take_along_axis(
+            predictions["attentions"], slots["location"][..., None], axis=1
+        )
+        mask_logits = blend(predictions["bases"], gt_boxes, chosen, cfg)  # [B, P, R, R]
+        mask_targets, _ = ops.mask_targets(
             batch["gt_masks"],
             batch["gt_boxes"],
             {"gt_index": slots["gt"], "boxes": gt_boxes, "foreground": slots["valid"]},
             slots["gt"].shape[1],
             cfg.bottom_resolution,
         )
-        outputs["targets"] = {
-            **targets,
-            "slot_valid": slots["valid"],
-            "slot_centerness": jnp.take_along_axis(
-                targets["centerness"], slots["location"], axis=1
+        return {
+            "mask_logits": mask_logits,
+            "mask_targets": mask_targets,
+            "targets": {
+                **targets,
+                "slot_valid": slots["valid"],
+                "slot_centerness": jnp.take_along_axis(
+                    targets["centerness"], slots["location"], axis=1
+                ),
+                "overflow": slots["overflow"],
+            },
+            "semantic_logits": self.semantic_head(predictions["features"]["p3"]).astype(
+                jnp.float32
             ),
-            "overflow": slots["overflow"],
         }
-        outputs["semantic_logits"] = self.semantic_head(features["p3"]).astype(jnp.float32)
-        return outputs
 
 
 def loss_fn(outputs: dict, batch: dict, cfg: BlendMaskConfig) -> tuple[jnp.ndarray, dict]:

@@ -178,61 +178,48 @@ class CondInst(fcos.FCOS):
             cfg.mask_branch_channels, cfg.mask_branch_convs, cfg.mask_channels, cfg.dtype
         )
 
-    def predict_masks(self, image):
-        """FCOS's outputs per location [B, T, ...], the dynamic parameters [B, T, 169] and the
-        mask features [B, H/8, W/8, mask_channels]."""
-        logits, distances, centerness, features, towers = self.predict(image)
+    def predict(self, image) -> dict:
+        """FCOS's predictions plus "dynamic_params" [B, T, 169] per location and
+        "mask_features" [B, H/8, W/8, mask_channels]."""
+        predictions = super().predict(image)
         b, n = image.shape[0], self.cfg.num_dynamic_params
         params = jnp.concatenate(
-            [self.controller(tower).reshape(b, -1, n) for tower in towers], axis=1
+            [self.controller(tower).reshape(b, -1, n) for tower in predictions["towers"]], axis=1
         ).astype(jnp.float32)
-        mask_features = self.mask_branch(features).astype(jnp.float32)
-        return logits, distances, centerness, params, mask_features
+        mask_features = self.mask_branch(predictions["features"]).astype(jnp.float32)
+        return {**predictions, "dynamic_params": params, "mask_features": mask_features}
 
-    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+    def prediction_outputs(self, predictions: dict) -> dict:
+        return {name: predictions[name] for name in fcos.LOCATION_OUTPUTS}
+
+    def mask_logits(self, predictions: dict, location):
+        """[B, P, H/4, W/4] mask logits of the dynamic heads of P locations int32[B, P]."""
         cfg = self.cfg
-        logits, distances, centerness, params, mask_features = self.predict_masks(batch["image"])
-        outputs = {
-            "class_logits": logits,
-            "distances": distances,
-            "centerness_logits": centerness,
-        }
         points = jnp.asarray(cfg.locations()[0])
         scales = jnp.asarray(cfg.location_scales())
         out_hw = tuple(v // MASK_STRIDE for v in cfg.canvas_hw)
-        if not train:
-            kept = fcos.select_detections(logits, distances, centerness, batch["image_hw"], cfg)
-            detections = fcos.original_detections(kept, batch, cfg)
-            detections["canvas_masks"] = jax.vmap(
-                lambda feats, p, loc, valid: jnp.where(
-                    valid[:, None, None],
-                    jax.nn.sigmoid(
-                        upsample_logits(
-                            dynamic_mask_logits(feats, p[loc], points[loc], scales[loc], cfg),
-                            out_hw,
-                        )
-                    ),
-                    0.0,
-                )
-            )(mask_features, params, kept["location"], kept["valid"])
-            outputs["detections"] = detections
-            return outputs
-        if key is None:
-            raise ValueError("training needs a key for the choice of mask slots")
-        targets = fcos.batch_targets(batch, cfg)
-        slots = fcos.positive_slots(targets, cfg.mask_instances_per_image, key)
-        slot_location, slot_gt = slots["location"], slots["gt"]
-        targets = {**targets, "slot_valid": slots["valid"], "overflow": slots["overflow"]}
-        outputs["targets"] = targets
-        outputs["mask_logits"] = jax.vmap(
+        return jax.vmap(
             lambda feats, p, loc: upsample_logits(
                 dynamic_mask_logits(feats, p[loc], points[loc], scales[loc], cfg), out_hw
             )
-        )(mask_features, params, slot_location)  # [B, P, H/4, W/4]
-        outputs["mask_targets"] = jnp.take_along_axis(
-            batch["gt_full_masks"], slot_gt[..., None, None], axis=1
-        )
-        return outputs
+        )(predictions["mask_features"], predictions["dynamic_params"], location)
+
+    def payloads(self, predictions: dict, kept: dict, batch: dict) -> dict:
+        """The canvas masks of the kept locations."""
+        masks = jax.nn.sigmoid(self.mask_logits(predictions, kept["location"]))
+        return {"canvas_masks": jnp.where(kept["valid"][..., None, None], masks, 0.0)}
+
+    def head_training(self, predictions: dict, targets: dict, batch: dict, key) -> dict:
+        """The mask logits of the trained slots and their targets (the matched instances' masks
+        at stride 4)."""
+        slots = fcos.positive_slots(targets, self.cfg.mask_instances_per_image, key)
+        return {
+            "targets": {**targets, "slot_valid": slots["valid"], "overflow": slots["overflow"]},
+            "mask_logits": self.mask_logits(predictions, slots["location"]),
+            "mask_targets": jnp.take_along_axis(
+                batch["gt_full_masks"], slots["gt"][..., None, None], axis=1
+            ),
+        }
 
 
 def loss_fn(outputs: dict, batch: dict, cfg: CondInstConfig) -> tuple[jnp.ndarray, dict]:

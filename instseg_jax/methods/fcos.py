@@ -142,8 +142,8 @@ class Head(nn.Module):
     bias, GroupNorm 32, ReLU); class logits (prior-probability bias) on the first, box distances
     and the centerness logit on the second; a learnable scale per level on the distances.
 
-    PolarMask's variant: `regression_channels` distances (36 rays) through exp instead of ReLU
-    (`regression_activation`), the centerness on the classification tower (`centerness_on`)."""
+    A method with another regression subclasses it (PolarMask's ray head): `regression_channels`
+    outputs per location, `activation` of the scaled output, `centerness_tower`."""
 
     num_classes: int
     channels: int
@@ -152,8 +152,6 @@ class Head(nn.Module):
     level_scales: bool
     dtype: jnp.dtype = jnp.float32
     regression_channels: int = 4
-    regression_activation: str = "relu"  # or "exp"
-    centerness_on: str = "box"  # or "cls"
 
     def setup(self):
         init = nn.initializers.normal(0.01)
@@ -190,11 +188,20 @@ class Head(nn.Module):
             x = nn.relu(getattr(self, f"{name}_norm{i}")(x))
         return x
 
+    def activation(self, raw):
+        """The regression from the (level-scaled) output: distances in strides, >= 0."""
+        return nn.relu(raw)
+
+    def centerness_tower(self, cls, box):
+        """The tower whose features the centerness reads: the regression tower."""
+        del cls
+        return box
+
     def __call__(self, x, level: int):
-        """x [B, h, w, D] of level index `level` -> class logits [B, h w, C], distances in
-        strides (>= 0) [B, h w, 4] (l, t, r, b; PolarMask: exp of the scaled output, [B, h w,
-        rays]), centerness logits [B, h w], and the regression tower's features [B, h, w, D]
-        (CondInst's controller and BlendMask's top layer read them)."""
+        """x [B, h, w, D] of level index `level` -> class logits [B, h w, C], the regression
+        [B, h w, regression_channels] (FCOS: l, t, r, b distances in strides), centerness logits
+        [B, h w], and the regression tower's features [B, h, w, D] (CondInst's controller and
+        BlendMask's top layer read them)."""
         b = x.shape[0]
         cls = self.tower(x, "cls")
         logits = self.cls_logits(cls)
@@ -202,17 +209,26 @@ class Head(nn.Module):
         raw = self.bbox_pred(box).astype(jnp.float32)
         if self.level_scales:
             raw = raw * self.scales[level]
-        activation = jnp.exp if self.regression_activation == "exp" else nn.relu
-        centerness = self.centerness(cls if self.centerness_on == "cls" else box)
+        centerness = self.centerness(self.centerness_tower(cls, box))
         return (
             logits.reshape(b, -1, self.num_classes).astype(jnp.float32),
-            activation(raw).reshape(b, -1, self.regression_channels),
+            self.activation(raw).reshape(b, -1, self.regression_channels),
             centerness.reshape(b, -1).astype(jnp.float32),
             box,
         )
 
 
+LOCATION_OUTPUTS = ("class_logits", "distances", "centerness_logits")
+
+
 class FCOS(nn.Module):
+    """FCOS's detector, with the hooks a method built on it overrides (as `MaskRCNN` has them for
+    the R-CNN family): `setup_head` (the head over P3..P7), `predict` (what the model predicts per
+    location and per image), `prediction_outputs` (which predictions the outputs carry), `assign`
+    (the location targets), `head_training` (training outputs beyond FCOS's: the per-instance
+    branch on `positive_slots`), `select_detections` (the test procedure on the canvas) and
+    `payloads` (what the detections carry besides boxes, scores and classes)."""
+
     cfg: FCOSConfig
 
     def setup(self):
@@ -226,6 +242,11 @@ class FCOS(nn.Module):
             upsample="nearest",
             init_fan="fan_in",
         )
+        self.setup_head()
+
+    def setup_head(self):
+        """The head shared over P3..P7 (a method with another regression replaces it)."""
+        cfg = self.cfg
         self.head = Head(
             cfg.num_classes,
             cfg.fpn_channels,
@@ -233,42 +254,79 @@ class FCOS(nn.Module):
             cfg.prior_prob,
             cfg.level_scales,
             cfg.dtype,
-            **self.head_variant(),
         )
 
-    def head_variant(self) -> dict:
-        """Head fields a method built on FCOS changes (PolarMask: rays, exp, centerness)."""
-        return {}
-
-    def predict(self, image):
-        """Per location over P3..P7 (level by level): class logits [B, T, C], distances in
-        strides [B, T, 4], centerness logits [B, T]; the pyramid; the regression towers."""
+    def predict(self, image) -> dict:
+        """Per location over P3..P7 (level by level): "class_logits" [B, T, C], "distances"
+        [B, T, R] (the head's regression: l, t, r, b in strides for FCOS), "centerness_logits"
+        [B, T]; "features" the pyramid {"p3".."p7"}; "towers" the regression tower's features of
+        each level. A method with more branches adds their predictions."""
         features = self.fpn(self.backbone(normalize(image, self.cfg.dtype)))
         outs = [self.head(features[f"p{level}"], level - 3) for level in range(3, 8)]
         logits, distances, centerness = (
             jnp.concatenate([o[i] for o in outs], axis=1) for i in range(3)
         )
-        return logits, distances, centerness, features, [o[3] for o in outs]
-
-    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
-        cfg = self.cfg
-        logits, distances, centerness, features, _ = self.predict(batch["image"])
-        outputs = {
+        return {
             "class_logits": logits,
             "distances": distances,
             "centerness_logits": centerness,
             "features": features,
+            "towers": [o[3] for o in outs],
         }
+
+    def prediction_outputs(self, predictions: dict) -> dict:
+        """The predictions the outputs carry: the per-location ones the loss reads, and FCOS's
+        pyramid (weights/parity.py compares it with torchvision's)."""
+        return {name: predictions[name] for name in (*LOCATION_OUTPUTS, "features")}
+
+    def assign(self, batch: dict) -> dict:
+        """The location targets of the batch (`batch_targets`)."""
+        return batch_targets(batch, self.cfg)
+
+    def head_training(self, predictions: dict, targets: dict, batch: dict, key) -> dict:
+        """The training outputs besides the predictions: FCOS's are the location targets; a
+        method with a per-instance branch adds its slots to them (`positive_slots`) and returns
+        that branch's outputs too."""
+        del predictions, batch, key
+        return {"targets": targets}
+
+    def select_detections(self, predictions: dict, batch: dict) -> dict:
+        """The test procedure on the canvas (module-level `select_detections`)."""
+        return select_detections(
+            predictions["class_logits"],
+            predictions["distances"],
+            predictions["centerness_logits"],
+            batch["image_hw"],
+            self.cfg,
+        )
+
+    def payloads(self, predictions: dict, kept: dict, batch: dict) -> dict:
+        """What the detections carry besides boxes, scores and classes (FCOS: nothing) from the
+        kept detections on the canvas (`select_detections`: their locations and boxes)."""
+        del predictions, kept, batch
+        return {}
+
+    def detect(self, predictions: dict, batch: dict) -> dict:
+        """Detections (structures.py) with the method's payloads."""
+        kept = self.select_detections(predictions, batch)
+        detections = original_detections(kept, batch, self.cfg)
+        detections.update(self.payloads(predictions, kept, batch))
+        return detections
+
+    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+        predictions = self.predict(batch["image"])
+        outputs = self.prediction_outputs(predictions)
         if not train:
-            outputs["detections"] = detect(logits, distances, centerness, batch, cfg)
+            outputs["detections"] = self.detect(predictions, batch)
             return outputs
-        outputs["targets"] = batch_targets(batch, cfg)
+        targets = self.assign(batch)
+        outputs.update(self.head_training(predictions, targets, batch, key))
         return outputs
 
 
-def batch_targets(batch: dict, cfg: FCOSConfig, mass_centres: bool = False) -> dict:
+def batch_targets(batch: dict, cfg: FCOSConfig, centres=None) -> dict:
     """`location_targets` of every image of the batch (each value gains a leading B axis);
-    `mass_centres`: centre sampling about batch["gt_centers"] (PolarMask)."""
+    centres float32[B, N, 2]: centre sampling about them instead of the box centres."""
     points, strides, ranges = (jnp.asarray(a) for a in cfg.locations())
     return jax.lax.stop_gradient(
         jax.vmap(
@@ -281,7 +339,7 @@ def batch_targets(batch: dict, cfg: FCOSConfig, mass_centres: bool = False) -> d
             batch["gt_valid"],
             batch.get("ignore_boxes"),
             batch.get("ignore_valid"),
-            batch["gt_centers"] if mass_centres else None,
+            centres,
         )
     )
 
@@ -353,10 +411,12 @@ def location_targets(
     }
 
 
-def positive_slots(targets: dict, budget: int, key: jax.Array) -> dict:
+def positive_slots(targets: dict, budget: int, key: jax.Array | None) -> dict:
     """The positive locations a mask head trains on, at most `budget` per image (a uniform random
     subset when there are more; the rest are counted): {location int32[B, P], valid bool[B, P],
     gt int32[B, P] (the matched ground-truth slot, 0 for padding), overflow int32[B]}."""
+    if key is None:
+        raise ValueError("training needs a key for the choice of mask slots")
     positive = targets["matched"] >= 0
     location, valid, overflow = jax.vmap(lambda v, k: dense.budgeted_select(v, budget, k))(
         positive, jax.random.split(key, positive.shape[0])

@@ -113,30 +113,51 @@ def polar_iou_loss(predicted, target, weights, normalizer):
     return (jnp.log(total / inner) * weights).sum() / normalizer
 
 
+class RayHead(fcos.Head):
+    """FCOS's head with ray lengths exp(level scale x output) pixels (regression_channels =
+    num_rays) and the centerness on the classification tower."""
+
+    def activation(self, raw):
+        return jnp.exp(raw)
+
+    def centerness_tower(self, cls, box):
+        del box
+        return cls
+
+
 class PolarMask(fcos.FCOS):
-    """FCOS with 36 exp-activated ray lengths per location and the centerness on the
-    classification tower."""
+    """FCOS with 36 exp-activated ray lengths per location (predictions' "distances") and the
+    centerness on the classification tower."""
 
     cfg: PolarMaskConfig
 
-    def head_variant(self) -> dict:
+    def setup_head(self):
+        cfg = self.cfg
+        self.head = RayHead(
+            cfg.num_classes,
+            cfg.fpn_channels,
+            cfg.head_convs,
+            cfg.prior_prob,
+            cfg.level_scales,
+            cfg.dtype,
+            regression_channels=cfg.num_rays,
+        )
+
+    def prediction_outputs(self, predictions: dict) -> dict:
         return {
-            "regression_channels": self.cfg.num_rays,
-            "regression_activation": "exp",
-            "centerness_on": "cls",
+            "class_logits": predictions["class_logits"],
+            "rays": predictions["distances"],  # [B, T, R] pixels
+            "centerness_logits": predictions["centerness_logits"],
         }
 
-    def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
+    def assign(self, batch: dict) -> dict:
+        """FCOS's assignment with centre sampling about the instances' mass centres."""
+        return fcos.batch_targets(batch, self.cfg, centres=batch["gt_centers"])
+
+    def head_training(self, predictions: dict, targets: dict, batch: dict, key) -> dict:
+        """The trained slots' predicted rays and centerness logits, and their ray targets."""
         cfg = self.cfg
-        logits, rays, centerness, _, _ = self.predict(batch["image"])  # rays [B, T, R] pixels
-        outputs = {"class_logits": logits, "rays": rays, "centerness_logits": centerness}
         points = jnp.asarray(cfg.locations()[0])
-        if not train:
-            outputs["detections"] = detect(logits, rays, centerness, batch, cfg)
-            return outputs
-        if key is None:
-            raise ValueError("training needs a key for the choice of ray slots")
-        targets = fcos.batch_targets(batch, cfg, mass_centres=True)
         slots = fcos.positive_slots(targets, cfg.mask_instances_per_image, key)
         contours = jnp.take_along_axis(
             batch["gt_contours"], slots["gt"][..., None, None], axis=1
@@ -144,18 +165,57 @@ class PolarMask(fcos.FCOS):
         slot_rays = jax.lax.stop_gradient(
             jax.vmap(lambda loc, c: ray_targets(points[loc], c, cfg))(slots["location"], contours)
         )
-        outputs["slot_rays"] = jnp.take_along_axis(rays, slots["location"][..., None], axis=1)
-        outputs["slot_centerness_logits"] = jnp.take_along_axis(
-            centerness, slots["location"], axis=1
-        )
-        outputs["targets"] = {
-            **targets,
-            "slot_valid": slots["valid"],
-            "slot_rays": slot_rays,
-            "slot_centerness": polar_centerness(slot_rays),
-            "overflow": slots["overflow"],
+        rays = predictions["distances"]
+        return {
+            "slot_rays": jnp.take_along_axis(rays, slots["location"][..., None], axis=1),
+            "slot_centerness_logits": jnp.take_along_axis(
+                predictions["centerness_logits"], slots["location"], axis=1
+            ),
+            "targets": {
+                **targets,
+                "slot_valid": slots["valid"],
+                "slot_rays": slot_rays,
+                "slot_centerness": polar_centerness(slot_rays),
+                "overflow": slots["overflow"],
+            },
         }
-        return outputs
+
+    def select_detections(self, predictions: dict, batch: dict) -> dict:
+        """FCOS's test procedure with each candidate's box that of its ray polygon."""
+        cfg = self.cfg
+
+        def polygon_boxes(lengths, centres, _strides):
+            vertices = ray_polygons(lengths, centres, cfg)  # [n, R, 2]
+            return jnp.concatenate([vertices.min(axis=1), vertices.max(axis=1)], axis=-1)
+
+        return fcos.select_detections(
+            predictions["class_logits"],
+            predictions["distances"],
+            predictions["centerness_logits"],
+            batch["image_hw"],
+            cfg,
+            decode_boxes=polygon_boxes,
+        )
+
+    def payloads(self, predictions: dict, kept: dict, batch: dict) -> dict:
+        """The `polygons` payload: the kept locations' ray polygons in original pixels."""
+        cfg = self.cfg
+        points = jnp.asarray(cfg.locations()[0])
+        rays = predictions["distances"]
+        chosen = jnp.take_along_axis(rays, kept["location"][..., None], axis=1)  # [B, K, R]
+        canvas = ray_polygons(chosen, points[kept["location"]], cfg)  # [B, K, R, 2]
+        b, k, r, _ = canvas.shape
+        as_boxes = jnp.concatenate([canvas, canvas], axis=-1).reshape(b, k * r, 4)
+        original = ops.canvas_to_original_boxes(
+            as_boxes,
+            batch["image_hw"],
+            batch["orig_hw"],
+            batch["scale"],
+            batch["crop_offset"],
+            batch.get("flipped"),
+            per_axis=cfg.box_rescale == "per_axis",
+        )[..., :2].reshape(b, k, r, 2)
+        return {"polygons": jnp.where(kept["valid"][..., None, None], original, 0.0)}
 
 
 def loss_fn(outputs: dict, batch: dict, cfg: PolarMaskConfig) -> tuple[jnp.ndarray, dict]:
@@ -186,35 +246,6 @@ def loss_fn(outputs: dict, batch: dict, cfg: PolarMaskConfig) -> tuple[jnp.ndarr
         **fcos.slot_budget_metrics(targets),
     }
     return loss_cls + loss_mask + loss_ctr, metrics
-
-
-def detect(logits, rays, centerness, batch, cfg: PolarMaskConfig) -> dict:
-    """Detections with the `polygons` payload (module docstring: the test procedure)."""
-    points = jnp.asarray(cfg.locations()[0])
-
-    def polygon_boxes(lengths, centres, _strides):
-        vertices = ray_polygons(lengths, centres, cfg)  # [n, R, 2]
-        return jnp.concatenate([vertices.min(axis=1), vertices.max(axis=1)], axis=-1)
-
-    kept = fcos.select_detections(
-        logits, rays, centerness, batch["image_hw"], cfg, decode_boxes=polygon_boxes
-    )
-    detections = fcos.original_detections(kept, batch, cfg)
-    chosen = jnp.take_along_axis(rays, kept["location"][..., None], axis=1)  # [B, K, R]
-    canvas = ray_polygons(chosen, points[kept["location"]], cfg)  # [B, K, R, 2]
-    b, k, r, _ = canvas.shape
-    as_boxes = jnp.concatenate([canvas, canvas], axis=-1).reshape(b, k * r, 4)
-    original = ops.canvas_to_original_boxes(
-        as_boxes,
-        batch["image_hw"],
-        batch["orig_hw"],
-        batch["scale"],
-        batch["crop_offset"],
-        batch.get("flipped"),
-        per_axis=cfg.box_rescale == "per_axis",
-    )[..., :2].reshape(b, k, r, 2)
-    detections["polygons"] = jnp.where(kept["valid"][..., None, None], original, 0.0)
-    return detections
 
 
 # ----------------------------------------------------------------------------- method interface
