@@ -13,6 +13,7 @@ from scipy.optimize import linear_sum_assignment
 from instseg_jax import config as config_lib
 from instseg_jax import train as train_lib
 from instseg_jax.methods import mask2former as m2f
+from instseg_jax.nn.transformer import Attention, attend_everywhere_if_empty
 from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
 from tests.ops.test_sampling import grid_sample_point
 
@@ -161,9 +162,9 @@ def test_masked_attention_and_a_query_whose_mask_is_empty():
     keys = rng.normal(size=(1, k, dim)).astype(np.float32)
     key_pos = rng.normal(size=(1, k, dim)).astype(np.float32)
     blocked = np.array([[[True, False, True, False, True], [True] * 5, [False] * 5]])
-    layer = m2f.Attention(dim, heads)
+    layer = Attention(dim, heads)
     variables = layer.init(jax.random.key(0), query, query_pos, keys, key_pos, blocked)
-    cleared = m2f.attend_everywhere_if_empty(jnp.asarray(blocked))
+    cleared = attend_everywhere_if_empty(jnp.asarray(blocked))
     got = np.asarray(layer.apply(variables, query, query_pos, keys, key_pos, cleared))
 
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), variables["params"])
