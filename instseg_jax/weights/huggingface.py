@@ -21,6 +21,7 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from instseg_jax.methods import mask2former
@@ -230,8 +231,6 @@ def load(directory: str | Path) -> tuple[dict, dict]:
 @functools.lru_cache(maxsize=4)
 def _predict_program(cfg):
     """One jitted forward per model config (the parity checks call it several times)."""
-    import jax
-
     model = mask2former.Model(cfg)
     return jax.jit(lambda v, x: model.apply(v, x, method=mask2former.Mask2Former.predict))
 

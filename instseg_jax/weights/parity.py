@@ -20,10 +20,16 @@ import json
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from instseg_jax import detections, structures
+from instseg_jax import builders, compilation, detections, structures
+from instseg_jax.methods.fcos import FCOS
+from instseg_jax.methods.keypoint_rcnn import KeypointRCNN
+from instseg_jax.methods.mask_rcnn import MaskRCNN
 from instseg_jax.weights import torchvision as tv
+from instseg_jax.weights import torchvision_fcos, torchvision_keypoint
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 FCOS_LEVELS = ("p3", "p4", "p5", "p6", "p7")
@@ -54,8 +60,6 @@ def converted_config(
 ):
     """MaskRCNNConfig of converted weights on a canvas equal to torchvision's padded batch
     (``overrides``: model fields to change, e.g. to show what a convention is worth)."""
-    from instseg_jax import builders
-
     config = tv.coco_config(arch, padded_hw)
     config.input.short_side = (min_size,)
     config.input.max_long_side = max_size
@@ -77,12 +81,6 @@ def run_converted(
 ) -> dict:
     """Our model with converted weights on uint8 image[H, W, 3], fed exactly as torchvision
     feeds its own (float resize, mean-colour padding to a multiple of 32)."""
-    import jax
-    import jax.numpy as jnp
-
-    from instseg_jax import compilation
-    from instseg_jax.methods.mask_rcnn import MaskRCNN
-
     pixels, (h, w) = tv.preprocess(image, min_size, max_size)
     cfg = converted_config(arch, pixels.shape[:2], score_threshold, min_size, max_size, overrides)
     model = MaskRCNN(cfg)
@@ -134,10 +132,6 @@ def run_converted_fcos(
     fed as torchvision feeds its own with ``transform.size_divisible = divisor``: features
     p3..p7 and the detections, in `compare`'s terms (no proposals, no masks). ``overrides``:
     model fields to change, e.g. to show what a convention is worth."""
-    from instseg_jax import builders, compilation
-    from instseg_jax.methods.fcos import FCOS
-    from instseg_jax.weights import torchvision_fcos
-
     pixels, (h, w) = tv.preprocess(image, min_size, max_size, divisor)
     config = torchvision_fcos.coco_config(arch, pixels.shape[:2])
     config.model.score_threshold = score_threshold
@@ -173,12 +167,6 @@ def run_converted_keypoint(
     image[H, W, 3], fed as torchvision feeds its own: features, proposals, detections and
     their keypoints[K, Kp, 3] and keypoint_scores[K, Kp] decoded on the host
     (detections.image_instances), in `compare`'s terms."""
-    import jax
-
-    from instseg_jax import builders, compilation
-    from instseg_jax.methods.keypoint_rcnn import KeypointRCNN
-    from instseg_jax.weights import torchvision_keypoint
-
     pixels, (h, w) = tv.preprocess(image, min_size, max_size)
     config = torchvision_keypoint.coco_config(arch, pixels.shape[:2])
     config.input.test_short_side = min_size
