@@ -244,16 +244,17 @@ class FCOS(nn.Module):
         )
         self.setup_head()
 
-    def setup_head(self):
-        """The head shared over P3..P7 (a method with another regression replaces it)."""
+    def setup_head(self, head_class=Head, **fields):
+        """The head shared over P3..P7: `Head`, or a method's subclass of it with its fields."""
         cfg = self.cfg
-        self.head = Head(
+        self.head = head_class(
             cfg.num_classes,
             cfg.fpn_channels,
             cfg.head_convs,
             cfg.prior_prob,
             cfg.level_scales,
             cfg.dtype,
+            **fields,
         )
 
     def predict(self, image) -> dict:

@@ -132,16 +132,7 @@ class PolarMask(fcos.FCOS):
     cfg: PolarMaskConfig
 
     def setup_head(self):
-        cfg = self.cfg
-        self.head = RayHead(
-            cfg.num_classes,
-            cfg.fpn_channels,
-            cfg.head_convs,
-            cfg.prior_prob,
-            cfg.level_scales,
-            cfg.dtype,
-            regression_channels=cfg.num_rays,
-        )
+        super().setup_head(RayHead, regression_channels=self.cfg.num_rays)
 
     def prediction_outputs(self, predictions: dict) -> dict:
         return {
