@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from instseg_jax import builders, compilation, detections, structures
@@ -70,6 +69,19 @@ def converted_config(
     return builders.model_config(config, arch["num_classes"])
 
 
+def _one_image_batch(pixels: np.ndarray, resized_hw, orig_hw) -> dict:
+    """The batch of one image as tv.preprocess gave it: resized to resized_hw (no crop) and
+    padded to pixels' canvas."""
+    h, w = resized_hw
+    return {
+        "image": pixels[None],
+        "image_hw": np.asarray([[h, w]], np.int32),
+        "orig_hw": np.asarray([orig_hw], np.int32),
+        "scale": np.asarray([h / orig_hw[0]], np.float32),
+        "crop_offset": np.zeros((1, 2), np.int32),
+    }
+
+
 def run_converted(
     variables,
     arch: dict,
@@ -81,16 +93,10 @@ def run_converted(
 ) -> dict:
     """Our model with converted weights on uint8 image[H, W, 3], fed exactly as torchvision
     feeds its own (float resize, mean-colour padding to a multiple of 32)."""
-    pixels, (h, w) = tv.preprocess(image, min_size, max_size)
+    pixels, resized_hw = tv.preprocess(image, min_size, max_size)
     cfg = converted_config(arch, pixels.shape[:2], score_threshold, min_size, max_size, overrides)
     model = MaskRCNN(cfg)
-    batch = {
-        "image": jnp.asarray(pixels[None]),
-        "image_hw": jnp.asarray([[h, w]], jnp.int32),
-        "orig_hw": jnp.asarray([image.shape[:2]], jnp.int32),
-        "scale": jnp.asarray([h / image.shape[0]], jnp.float32),
-        "crop_offset": jnp.zeros((1, 2), jnp.int32),
-    }
+    batch = _one_image_batch(pixels, resized_hw, image.shape[:2])
     features = compilation.jit(lambda v, x: model.apply(v, x, method=MaskRCNN.features))(
         variables, batch["image"]
     )
@@ -132,18 +138,12 @@ def run_converted_fcos(
     fed as torchvision feeds its own with ``transform.size_divisible = divisor``: features
     p3..p7 and the detections, in `compare`'s terms (no proposals, no masks). ``overrides``:
     model fields to change, e.g. to show what a convention is worth."""
-    pixels, (h, w) = tv.preprocess(image, min_size, max_size, divisor)
+    pixels, resized_hw = tv.preprocess(image, min_size, max_size, divisor)
     config = torchvision_fcos.coco_config(arch, pixels.shape[:2])
     config.model.score_threshold = score_threshold
     config.model.update(overrides or {})
     model = FCOS(builders.model_config(config, arch["num_classes"]))
-    batch = {
-        "image": pixels[None],
-        "image_hw": np.asarray([[h, w]], np.int32),
-        "orig_hw": np.asarray([image.shape[:2]], np.int32),
-        "scale": np.asarray([h / image.shape[0]], np.float32),
-        "crop_offset": np.zeros((1, 2), np.int32),
-    }
+    batch = _one_image_batch(pixels, resized_hw, image.shape[:2])
     outputs = compilation.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)
     det = outputs["detections"]
     keep = np.flatnonzero(np.asarray(det["valid"][0]))
@@ -167,20 +167,13 @@ def run_converted_keypoint(
     image[H, W, 3], fed as torchvision feeds its own: features, proposals, detections and
     their keypoints[K, Kp, 3] and keypoint_scores[K, Kp] decoded on the host
     (detections.image_instances), in `compare`'s terms."""
-    pixels, (h, w) = tv.preprocess(image, min_size, max_size)
+    pixels, resized_hw = tv.preprocess(image, min_size, max_size)
     config = torchvision_keypoint.coco_config(arch, pixels.shape[:2])
     config.input.test_short_side = min_size
     config.input.test_max_long_side = max_size
     config.model.score_threshold = score_threshold
     model = KeypointRCNN(builders.model_config(config, arch["num_classes"]))
-    batch = {
-        "image": pixels[None],
-        "image_hw": np.asarray([[h, w]], np.int32),
-        "orig_hw": np.asarray([image.shape[:2]], np.int32),
-        "scale": np.asarray([h / image.shape[0]], np.float32),
-        "crop_offset": np.zeros((1, 2), np.int32),
-        "flipped": np.zeros(1, bool),
-    }
+    batch = {**_one_image_batch(pixels, resized_hw, image.shape[:2]), "flipped": np.zeros(1, bool)}
     features = compilation.jit(lambda v, x: model.apply(v, x, method=KeypointRCNN.features))(
         variables, batch["image"]
     )
