@@ -1,8 +1,8 @@
 """The ground of every weight importer: reading a state_dict from a file, torchvision's key
 names across releases, the missing/unexpected-key check, and torch -> Flax tensor layouts.
 
-Nothing here knows a model: the converters above (resnet.py, torchvision*.py, huggingface.py)
-say which keys they expect and where each tensor goes.
+No model is converted here: the converters above (resnet.py, torchvision*.py, huggingface.py)
+say which keys they expect and where each tensor goes, and importer.py on top picks one.
 """
 
 from __future__ import annotations
