@@ -499,10 +499,11 @@ def detect(logits, distances, centerness, batch, cfg: FCOSConfig) -> dict:
     return original_detections(kept, batch, cfg)
 
 
-def original_detections(kept: dict, batch: dict, cfg: FCOSConfig) -> dict:
-    """Detections' boxes, scores, classes and valid from `select_detections`' canvas boxes."""
-    original = ops.canvas_to_original_boxes(
-        kept["boxes"],
+def canvas_to_original(boxes, batch: dict, cfg: FCOSConfig):
+    """Canvas xyxy boxes [B, ..., 4] at the original images' pixels (the batch's geometry and
+    the config's rescale rule)."""
+    return ops.canvas_to_original_boxes(
+        boxes,
         batch["image_hw"],
         batch["orig_hw"],
         batch["scale"],
@@ -510,6 +511,11 @@ def original_detections(kept: dict, batch: dict, cfg: FCOSConfig) -> dict:
         batch.get("flipped"),
         per_axis=cfg.box_rescale == "per_axis",
     )
+
+
+def original_detections(kept: dict, batch: dict, cfg: FCOSConfig) -> dict:
+    """Detections' boxes, scores, classes and valid from `select_detections`' canvas boxes."""
+    original = canvas_to_original(kept["boxes"], batch, cfg)
     return {
         "boxes": jnp.where(kept["valid"][..., None], original, 0.0),
         "scores": kept["scores"],

@@ -197,15 +197,7 @@ class PolarMask(fcos.FCOS):
         canvas = ray_polygons(chosen, points[kept["location"]], cfg)  # [B, K, R, 2]
         b, k, r, _ = canvas.shape
         as_boxes = jnp.concatenate([canvas, canvas], axis=-1).reshape(b, k * r, 4)
-        original = ops.canvas_to_original_boxes(
-            as_boxes,
-            batch["image_hw"],
-            batch["orig_hw"],
-            batch["scale"],
-            batch["crop_offset"],
-            batch.get("flipped"),
-            per_axis=cfg.box_rescale == "per_axis",
-        )[..., :2].reshape(b, k, r, 2)
+        original = fcos.canvas_to_original(as_boxes, batch, cfg)[..., :2].reshape(b, k, r, 2)
         return {"polygons": jnp.where(kept["valid"][..., None, None], original, 0.0)}
 
 
