@@ -54,3 +54,14 @@ class DetectorConfig:
 def build_backbone(cfg: DetectorConfig) -> ResNet:
     """The ResNet of cfg's backbone fields, in cfg's compute dtype."""
     return ResNet(cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks))
+
+
+def smoke_backbone(model_section, freeze_at: int | None = 1) -> None:
+    """The smoke shrink's backbone, shared by every method's `smoke`: a ResNet-18 of width 16
+    with GroupNorm (trains from scratch in seconds), the stem frozen unless `freeze_at` says
+    otherwise (None: the method's own value)."""
+    model_section.depth = 18
+    model_section.width = 16
+    model_section.norm = "group_norm"
+    if freeze_at is not None:
+        model_section.freeze_at = freeze_at

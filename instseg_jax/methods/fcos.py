@@ -44,7 +44,7 @@ from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPNP3P7
 from instseg_jax.backbones.resnet import normalize
-from instseg_jax.methods.detector import DetectorConfig, build_backbone
+from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
@@ -618,10 +618,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     128x128 canvas, narrow towers of 2 convs."""
     c = config_lib.smoke_common(c)
     m = c.model
-    m.depth = 18
-    m.width = 16
-    m.norm = "group_norm"
-    m.freeze_at = 1
+    smoke_backbone(m)
     m.fpn_channels = 32
     m.head_convs = 2
     m.sizes_of_interest = (32, 64, 128, 256)

@@ -61,7 +61,7 @@ import numpy as np
 from instseg_jax import config as config_lib
 from instseg_jax import structures
 from instseg_jax.backbones.resnet import normalize
-from instseg_jax.methods.detector import DetectorConfig, build_backbone
+from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.nn.transformer import (
     Attention,
@@ -672,9 +672,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     a 128 x 128 canvas, 32 channels, 2 encoder and 3 decoder layers, 16 queries, 256 points."""
     c = config_lib.smoke_common(c)
     m = c.model
-    m.depth = 18
-    m.width = 16
-    m.norm = "group_norm"
+    smoke_backbone(m, freeze_at=None)
     m.conv_dim = 32
     m.mask_dim = 32
     m.hidden_dim = 32

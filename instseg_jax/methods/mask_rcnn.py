@@ -28,7 +28,7 @@ from instseg_jax import config as config_lib
 from instseg_jax.backbones.fpn import FPN
 from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods import roi_heads, rpn
-from instseg_jax.methods.detector import DetectorConfig, build_backbone
+from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
 
 # Mask targets are RoIAligned from box crops of input.mask_size (never full-resolution masks).
 INPUTS = structures.Inputs(box_masks=True)
@@ -492,10 +492,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     a 128x128 canvas, few anchors and RoIs."""
     c = config_lib.smoke_common(c)
     m = c.model
-    m.depth = 18
-    m.width = 16
-    m.norm = "group_norm"
-    m.freeze_at = 1
+    smoke_backbone(m)
     m.fpn_channels = 32
     m.anchor_sizes = ((16,), (32,), (64,), (128,), (256,))
     m.rpn_pre_nms_topk_train = 200

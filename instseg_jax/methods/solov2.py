@@ -52,7 +52,7 @@ from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPN
 from instseg_jax.backbones.resnet import normalize
-from instseg_jax.methods.detector import DetectorConfig, build_backbone
+from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
@@ -558,10 +558,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     128x128 canvas, narrow heads, small grids."""
     c = config_lib.smoke_common(c)
     m = c.model
-    m.depth = 18
-    m.width = 16
-    m.norm = "group_norm"
-    m.freeze_at = 1
+    smoke_backbone(m)
     m.fpn_channels = 32
     m.num_grids = (12, 10, 8, 6, 4)
     m.scale_ranges = ((1, 32), (16, 64), (32, 128), (64, 256), (128, 512))

@@ -48,7 +48,7 @@ from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPNP3P7
 from instseg_jax.backbones.resnet import normalize
-from instseg_jax.methods.detector import DetectorConfig, build_backbone
+from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
 from instseg_jax.nn.layers import Conv
 from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
@@ -507,10 +507,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     128x128 canvas, narrow heads."""
     c = config_lib.smoke_common(c)
     m = c.model
-    m.depth = 18
-    m.width = 16
-    m.norm = "group_norm"
-    m.freeze_at = 1
+    smoke_backbone(m)
     m.fpn_channels = 32
     m.anchor_sizes = (12, 24, 48, 96, 192)
     m.num_protos = 8
