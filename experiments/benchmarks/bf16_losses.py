@@ -39,12 +39,13 @@ REPO = Path(__file__).resolve().parents[2]
 # recipe may cost; what stays float32 (losses, normalisers, box decoding, NMS) keeps every
 # discrete decision the same as float32's. The gradient differs more, and more the deeper a
 # parameter sits below the loss (the backward pass compounds the rounding layer by layer):
-# measured on BlendMask's smoke step (random ResNet-18 GroupNorm), the heads' gradients
-# differ by 3-13%, the FPN's by 16%, res5's by 21% and res2's by 35%, 20% over the whole
-# model; the other methods' whole-model figures were 7-12% (RESULTS.md, "bfloat16 against
-# float32"). 25% bounds that with a margin while still catching a part computed wrongly.
+# on Panoptic FPN's smoke step (random ResNet-18 GroupNorm) the heads' gradients differ by
+# 2-13%, the FPN's by 17%, res5's by 26-31% and res2-res3's by 39-44%, 33% over the whole
+# model; BlendMask's: heads 3-13%, res2 35%, 20% in all; the other methods' whole-model
+# figures were 7-15% (RESULTS.md, "bfloat16 against float32"). 40% bounds that with a margin
+# while still catching a non-finite or a wholly wrong bfloat16 step.
 TOTAL_LOSS_RTOL = 0.03
-GRADIENT_RTOL = 0.25
+GRADIENT_RTOL = 0.4
 # Mask2Former's first-step gradient differs by 48% (its loss by 0.07%): the matching is the
 # same in both precisions (every matched query and class equal), but its loss points are
 # importance-sampled by the logits' uncertainty (the top of -|logit| among oversampled points),
