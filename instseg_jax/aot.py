@@ -335,7 +335,27 @@ def _cost(compiled) -> dict:
 def program_report(lowered, target: Target, lower_seconds: float) -> dict:
     """Compile one lowered program and read XLA's figures per chip."""
     start = time.perf_counter()
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # XLA refuses a program larger than the chip: that is the answer
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        return {
+            "fits": False,
+            "lower_seconds": round(lower_seconds, 2),
+            "compile_seconds": round(time.perf_counter() - start, 2),
+            "chip_memory_bytes": target.memory_bytes,
+            # XLA's own words, e.g. "Ran out of memory on HBM, the total memory required for
+            # HLO temporaries (17.69G) exceeds available HBM (15.75G)."
+            "out_of_memory": next(
+                (
+                    line.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+                    for line in str(error).splitlines()
+                    if "RESOURCE_EXHAUSTED" in line
+                ),
+                str(error).splitlines()[0],
+            ),
+        }
     compile_seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     memory = {
@@ -359,6 +379,7 @@ def program_report(lowered, target: Target, lower_seconds: float) -> dict:
     found = hlo_collectives.collectives(text, details=True)
     hbm = target.memory_bytes
     report = {
+        "fits": True,
         "lower_seconds": round(lower_seconds, 2),
         "compile_seconds": round(compile_seconds, 2),
         "memory_bytes": memory,
@@ -436,7 +457,7 @@ def compile_experiment(
         # An upper bound, not a measurement: the chip's published bfloat16 peak over XLA's
         # FLOPs per image of the training step (None without a cost model or a known peak).
         "flop_bound_images_per_second_per_chip": (
-            peak * per_chip_batch / train["flops"] if peak and train["flops"] else None
+            peak * per_chip_batch / train["flops"] if peak and train.get("flops") else None
         ),
         "jax_version": jax.__version__,
         "notes": notes,
@@ -467,6 +488,12 @@ def format_report(report: dict, top: int = 8) -> str:
         f"{'sorts':>6} {'whiles':>6}",
     ]
     for name, p in report["programs"].items():
+        if not p["fits"]:
+            lines.append(
+                f"{name:<11} does not fit: {p['out_of_memory']} Give a smaller --per-chip-batch, "
+                "or a chip with more memory (v4 and v6e: 32 GiB, v5p: 95 GiB, h100: 80 GB)"
+            )
+            continue
         m, ops = p["memory_bytes"], p["hlo_ops"]
         share = p["chip_memory_fraction"]
         lines.append(
@@ -484,6 +511,8 @@ def format_report(report: dict, top: int = 8) -> str:
         "(count, bytes per step, what caused the largest):",
     ]
     for name, p in report["programs"].items():
+        if not p["fits"]:
+            continue
         kinds = p["collectives_by_kind"]
         summary = ", ".join(
             f"{kind} {v['count']} ({v['bytes'] / 1e6:.2f} MB)" for kind, v in kinds.items()
@@ -525,4 +554,5 @@ def main(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {out}")
-    return 0
+    # Status 1: a program does not fit the chip (the report says which and by how much).
+    return 0 if all(p["fits"] for p in report["programs"].values()) else 1

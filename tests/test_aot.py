@@ -208,3 +208,40 @@ def test_an_h100_target_compiles_with_the_packages_gpu_options():
     h100 = aot.Target("h100:8", "cuda", "h100", ())
     assert aot.compiler_options(h100) == {"xla_gpu_enable_triton_gemm": False}
     assert aot.compiler_options(aot.Target("v5e:2x2", "tpu", "v5e", ())) is None
+
+
+class _TooLargeForTheChip:
+    """A lowered program whose compile fails as XLA's TPU compiler failed on Mask2Former's
+    COCO step at 2 images per v5e chip (RESULTS.md, "TPU compiles of the COCO recipes")."""
+
+    def compile(self):
+        raise RuntimeError(
+            "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+            "temporaries (17.69G) exceeds available HBM (15.75G).\nmore detail"
+        )
+
+
+def test_a_program_larger_than_the_chip_is_reported_not_raised(capsys):
+    target = aot.Target("v5e:2x2", "tpu", "v5e", ())
+    program = aot.program_report(_TooLargeForTheChip(), target, 1.0)
+    assert program["fits"] is False and program["chip_memory_bytes"] == 16 << 30
+    assert program["out_of_memory"].startswith("Ran out of memory on HBM")
+    assert "(17.69G) exceeds available HBM (15.75G)." in program["out_of_memory"]
+    report = {
+        "config": "x.py", "target": "v5e:2x2", "chips": 4, "device_kind": "TPU v5 lite",
+        "per_chip_batch": 2, "global_batch": 8, "canvas_hw": [64, 64], "compute_dtype": "bfloat16",
+        "num_classes": 80, "num_classes_from": "COCO", "notes": [],
+        "programs": {"train_step": program},
+    }  # fmt: skip
+    text = aot.format_report(report)
+    assert "train_step  does not fit: Ran out of memory on HBM" in text
+    assert "--per-chip-batch" in text and "v5p: 95 GiB" in text
+
+
+def test_another_compile_error_is_not_taken_for_memory():
+    class Broken:
+        def compile(self):
+            raise RuntimeError("INTERNAL: something else")
+
+    with pytest.raises(RuntimeError, match="INTERNAL"):
+        aot.program_report(Broken(), aot.Target("v5e:2x2", "tpu", "v5e", ()), 1.0)

@@ -25,6 +25,12 @@ GiB = 1 << 30
 
 def row(report: dict) -> str:
     train = report["programs"]["train_step"]
+    if not train.get("fits", True):
+        return (
+            f"| `{report['config']}` | {report['target']} | {report['per_chip_batch']} | "
+            f"{report['compute_dtype']} | {train['compile_seconds']:.0f} | does not fit: "
+            f"{train['out_of_memory']} | - | - | - | - | {report['parameter_bytes'] / 1e6:.1f} | - |"
+        )
     memory = train["memory_bytes"]
     hbm = train["chip_memory_bytes"]
     held = max(memory["peak"], memory["total"])
