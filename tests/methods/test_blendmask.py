@@ -120,7 +120,8 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 
 
 @pytest.mark.slow
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipes' compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import CANVAS_4X, overfit_report
 
     report = overfit_report(
@@ -128,6 +129,7 @@ def test_overfits_four_scenes(tmp_path):
         tmp_path / "overfit",
         steps=300,
         overrides=[
+            f"--config.model.compute_dtype={dtype}",
             "--config.optim.name=adamw",
             "--config.optim.lr=0.002",
             "--config.model.sizes_of_interest=(64, 128, 256, 512)",

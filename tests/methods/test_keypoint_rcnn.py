@@ -207,14 +207,19 @@ def test_one_step_trains_the_keypoint_head_and_inference_ships_heatmaps():
 
 
 @pytest.mark.slow
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipes' compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import overfit_report
 
     report = overfit_report(
         "experiments/keypoint_rcnn_synthetic.py",
         tmp_path / "overfit",
         steps=300,
-        overrides=["--config.optim.name=adamw", "--config.optim.lr=0.002"],
+        overrides=[
+            f"--config.model.compute_dtype={dtype}",
+            "--config.optim.name=adamw",
+            "--config.optim.lr=0.002",
+        ],
     )
     assert report["keypoints"]["AP"] >= 0.9, report["keypoints"]
 

@@ -273,14 +273,20 @@ def test_maskformer_variant_smoke_step():
 
 
 @pytest.mark.slow
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipes' compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import CANVAS_4X, overfit_report
 
     report = overfit_report(
         SMOKE.split(":")[0],
         tmp_path / "overfit",
         steps=300,
-        overrides=[*CANVAS_4X, "--config.optim.lr=0.001", "--config.optim.clip_norm=0.0"],
+        overrides=[
+            f"--config.model.compute_dtype={dtype}",
+            *CANVAS_4X,
+            "--config.optim.lr=0.001",
+            "--config.optim.clip_norm=0.0",
+        ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
 

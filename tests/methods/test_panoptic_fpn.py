@@ -39,14 +39,19 @@ def test_one_step_trains_both_heads_and_ships_semantic_classes():
 
 
 @pytest.mark.slow
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipes' compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import overfit_report
 
     report = overfit_report(
         "experiments/panoptic_fpn_synthetic.py",
         tmp_path / "overfit",
         steps=300,
-        overrides=["--config.optim.name=adamw", "--config.optim.lr=0.002"],
+        overrides=[
+            f"--config.model.compute_dtype={dtype}",
+            "--config.optim.name=adamw",
+            "--config.optim.lr=0.002",
+        ],
     )
     assert report["panoptic"]["PQ"] >= 80, report["panoptic"]
 
