@@ -5,9 +5,9 @@ gradients and a few scalars (global normalisers, metrics), nothing of an activat
 Every step is compiled (never run) in one subprocess with 8 fake CPU devices
 (tests/collectives_driver.py), the HLO read by instseg_jax.hlo_collectives. Mask R-CNN (the
 RoIAlign, proposal and mask-target paths every two-stage method shares) is checked in the fast
-suite by tests/test_train_devices.py::test_eight_devices_equal_one, from XLA's dump of the step that
-test trains (no second compile). Every method is checked in the slow suite, in one process:
-15-30 minutes cold, about 3 warm.
+suite by tests/test_train_devices.py::test_eight_devices_equal_one, from XLA's dump of the step
+that test trains (no second compile). Every method is checked in the slow suite, in one
+process: 15-30 minutes cold, about 3 warm.
 
 On CPU a weight shared by several pyramid levels (the RPN head, the FCOS-family towers) has its
 gradient all-reduced once per level: XLA's CPU pipeline does not reassociate the sum of the
@@ -109,8 +109,8 @@ def test_every_method_has_a_smoke_experiment_here():
 
 
 # Mask R-CNN's step (the RoIAlign, proposal and mask-target paths every two-stage method
-# shares) is checked in the fast tier by tests/test_train_devices.py::test_eight_devices_equal_one, on
-# the program that test compiles anyway.
+# shares) is checked in the fast tier by test_train_devices.py's test_eight_devices_equal_one,
+# on the program that test compiles anyway.
 @pytest.mark.slow
 def test_every_method_step_only_all_reduces_gradients():
     assert_only_gradients_cross(compiled_reports(sorted(SMOKE), timeout=3600))
