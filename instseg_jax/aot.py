@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -212,6 +213,14 @@ def target_devices(name: str) -> Target:
         )
     except RuntimeError as error:
         first = str(error).splitlines()[0]
+        installed = importlib.util.find_spec("libtpu") is not None
+        if installed and "libtpu" in first.lower():
+            # libtpu runs in one process per host at a time: a second compile fails to start.
+            raise UserError(
+                f"--target {name}: libtpu could not start ({first}); if another process on "
+                "this host is using libtpu (another compile: /tmp/libtpu_lockfile), wait for "
+                "it to end"
+            ) from None
         if "TPU support not installed" in first or "libtpu" in first.lower():
             raise UserError(
                 f"--target {name}: libtpu is not installed in this environment; `make tpu-env` "

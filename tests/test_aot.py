@@ -245,3 +245,29 @@ def test_another_compile_error_is_not_taken_for_memory():
 
     with pytest.raises(RuntimeError, match="INTERNAL"):
         aot.program_report(Broken(), aot.Target("v5e:2x2", "tpu", "v5e", ()), 1.0)
+
+
+def test_libtpu_held_by_another_process_is_said_so(monkeypatch):
+    """libtpu starts in one process per host: a second compile while one runs failed with
+    "libtpu is not installed", which sent the user to reinstall what was there."""
+    import importlib.util
+
+    from jax.experimental import topologies
+
+    def busy(**kwargs):
+        raise RuntimeError(
+            "Unable to initialize backend 'tpu': libtpu is in use by another process"
+        )
+
+    monkeypatch.setattr(topologies, "get_topology_desc", busy)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: object() if name == "libtpu" else real_find_spec(name, *a),
+    )
+    with pytest.raises(aot.UserError) as caught:
+        aot.target_devices("v4:2x2x1")
+    message = str(caught.value)
+    assert "another process" in message and "/tmp/libtpu_lockfile" in message
+    assert "not installed" not in message
