@@ -60,7 +60,9 @@ from instseg_jax.input.pipeline import padding_example
 GiB = 1 << 30
 # High-bandwidth memory per chip (per GPU) of the chips a target names, in bytes.
 CHIP_MEMORY = {
-    "v4": 32 * GiB,
+    # A v4 chip holds 32 GiB for its two TensorCores; libtpu's "v4:AxBxC" topology here gives
+    # one device per TensorCore (8 for 2x2x1), and XLA offered each 15.25 GB.
+    "v4": 16 * GiB,
     "v5e": 16 * GiB,
     "v5p": 95 * GiB,
     "v6e": 32 * GiB,
@@ -500,7 +502,7 @@ def format_report(report: dict, top: int = 8) -> str:
         if not p["fits"]:
             lines.append(
                 f"{name:<11} does not fit: {p['out_of_memory']} Give a smaller --per-chip-batch, "
-                "or a chip with more memory (v4 and v6e: 32 GiB, v5p: 95 GiB, h100: 80 GB)"
+                "or a chip with more memory (v6e: 32 GiB, v5p: 95 GiB, h100: 80 GB)"
             )
             continue
         m, ops = p["memory_bytes"], p["hlo_ops"]
