@@ -78,6 +78,15 @@ CHIP_BF16_PEAK_FLOPS = {
     "v6e": 918e12,
     "h100": 989e12,
 }
+
+
+def flop_bound(chip: str, per_chip_batch: int, flops: float | None) -> float | None:
+    """Training images per second per chip at the chip's published bfloat16 peak over XLA's
+    FLOPs per step: an upper bound, never a measurement (None without a peak or a count)."""
+    peak = CHIP_BF16_PEAK_FLOPS.get(chip)
+    return peak * per_chip_batch / flops if peak and flops else None
+
+
 # libtpu's names of a few chips that users also write otherwise.
 CHIP_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "trillium": "v6e"}
 # HLO opcodes counted in every program (each may hide per-element or sequential work).
@@ -446,8 +455,6 @@ def compile_experiment(
         }
     finally:
         jax.config.update("jax_enable_compilation_cache", cache_was_on)
-    train = programs["train_step"]
-    peak = CHIP_BF16_PEAK_FLOPS.get(target.chip)
     return {
         "config": spec,
         "overrides": list(overrides),
@@ -465,10 +472,8 @@ def compile_experiment(
         # What a training step must all-reduce at least (its gradients), DESIGN "Only
         # gradients cross chips".
         "parameter_bytes": int(parameter_bytes),
-        # An upper bound, not a measurement: the chip's published bfloat16 peak over XLA's
-        # FLOPs per image of the training step (None without a cost model or a known peak).
-        "flop_bound_images_per_second_per_chip": (
-            peak * per_chip_batch / train["flops"] if peak and train.get("flops") else None
+        "flop_bound_images_per_second_per_chip": flop_bound(
+            target.chip, per_chip_batch, programs["train_step"].get("flops")
         ),
         "jax_version": jax.__version__,
         "notes": notes,
@@ -500,9 +505,14 @@ def format_report(report: dict, top: int = 8) -> str:
     ]
     for name, p in report["programs"].items():
         if not p["fits"]:
+            larger = ", ".join(
+                f"{chip}: {size // GiB} GiB"
+                for chip, size in sorted(CHIP_MEMORY.items(), key=lambda item: item[1])
+                if size > (p["chip_memory_bytes"] or 0)
+            )
             lines.append(
                 f"{name:<11} does not fit: {p['out_of_memory']} Give a smaller --per-chip-batch, "
-                "or a chip with more memory (v6e: 32 GiB, v5p: 95 GiB, h100: 80 GB)"
+                f"or a chip with more memory ({larger})"
             )
             continue
         m, ops = p["memory_bytes"], p["hlo_ops"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from instseg_jax.aot import CHIP_BF16_PEAK_FLOPS
+from instseg_jax.aot import flop_bound
 
 GiB = 1 << 30
 
@@ -41,10 +41,9 @@ def row(report: dict) -> str:
     )
     by_type = train.get("all_reduce_bytes_by_type")
     precision = ", ".join(f"{t} {b / 1e6:.1f} MB" for t, b in by_type.items()) if by_type else "-"
-    bound = report.get("flop_bound_images_per_second_per_chip")
-    peak = CHIP_BF16_PEAK_FLOPS.get(report["chip"])
-    if bound is None and peak and train.get("flops"):
-        bound = peak * report["per_chip_batch"] / train["flops"]
+    bound = report.get("flop_bound_images_per_second_per_chip") or flop_bound(
+        report["chip"], report["per_chip_batch"], train.get("flops")
+    )
     gflop = f"{train['flops'] / 1e9:.1f}" if train.get("flops") else "-"
     return (
         f"| `{report['config']}` | {report['target']} | {report['per_chip_batch']} | "
