@@ -199,3 +199,15 @@ def all_reduce_budget(found: list[dict], parameter_sizes) -> dict:
                     {"shape": shape, "op_name": c["op_name"], "source": c["source"]}
                 )
     return budget
+
+
+def step_report(hlo_text: str, parameter_sizes, parameter_bytes: int) -> dict:
+    """What crosses chips in a compiled training step, against its parameters (their element
+    counts and total bytes): {"param_bytes", "summary", "activation", "all_reduce"}."""
+    found = collectives(hlo_text, details=True)
+    return {
+        "param_bytes": parameter_bytes,
+        "summary": summary(found),
+        "activation": activation_collectives(found),
+        "all_reduce": all_reduce_budget(found, parameter_sizes),
+    }

@@ -61,18 +61,18 @@ def report(spec: str, mesh, verbose: bool, hlo_dir: str | None = None) -> dict:
         name = Path(spec.split(":")[0]).stem
         Path(hlo_dir).mkdir(parents=True, exist_ok=True)
         (Path(hlo_dir) / f"{name}.hlo.txt").write_text(hlo)
-    found = hlo_collectives.collectives(hlo, details=True)
     out = {
         "experiment": spec,
         "devices": mesh.size,
         "seconds": round(time.perf_counter() - began, 1),
-        "param_bytes": sum(int(x.size) * x.dtype.itemsize for x in params),
-        "summary": hlo_collectives.summary(found),
-        "activation": hlo_collectives.activation_collectives(found),
-        "all_reduce": hlo_collectives.all_reduce_budget(found, [x.size for x in params]),
+        **hlo_collectives.step_report(
+            hlo,
+            [x.size for x in params],
+            sum(int(x.size) * x.dtype.itemsize for x in params),
+        ),
     }
     if verbose:
-        out["collectives"] = found
+        out["collectives"] = hlo_collectives.collectives(hlo, details=True)
     return out
 
 

@@ -71,17 +71,6 @@ def params_bytes(arrays) -> int:
     return sum(arrays[k].nbytes for k in arrays.files)
 
 
-def collectives_report(hlo: str, parameter_sizes, parameter_bytes: int) -> dict:
-    """What `crossings` reads, from a compiled step's HLO text and its parameters' element
-    counts and total bytes (tests/collectives_driver.py writes the same fields)."""
-    found = hlo_collectives.collectives(hlo, details=True)
-    return {
-        "param_bytes": parameter_bytes,
-        "activation": hlo_collectives.activation_collectives(found),
-        "all_reduce": hlo_collectives.all_reduce_budget(found, parameter_sizes),
-    }
-
-
 def crossings(report: dict) -> list[str]:
     """What crosses chips in a compiled step beyond gradients and scalars, one line each."""
     lines = [

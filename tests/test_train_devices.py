@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_sharding_collectives import collectives_report, crossings, params_bytes
+from instseg_jax import hlo_collectives
+from tests.test_sharding_collectives import crossings, params_bytes
 from tests.test_train import finish, run_driver
 
 # Steps the sharding-equality tests compare. At step 3 of the smoke run a RoI-sampling decision
@@ -65,7 +66,7 @@ def test_eight_devices_equal_one(tmp_path):
     worst = worst_parameter_difference(tmp_path / "one.npz", tmp_path / "eight.npz")
     assert worst <= 1e-5, (worst, output[-2000:])
     params = np.load(tmp_path / "one.npz")
-    report = collectives_report(
+    report = hlo_collectives.step_report(
         compiled_step_hlo(dump), [params[k].size for k in params.files], params_bytes(params)
     )
     # The dump is the sharded training step: its gradients cross chips, nothing else does.
