@@ -27,6 +27,7 @@ venv: $(STAMP)
 # The real nuclei set, converted from ../shared/data/dsb2018_nuclei (or --src) to COCO files.
 data: $(STAMP)
 	$(PY) data/prepare_nuclei.py
+	$(PY) data/prepare_nuclei_sizes.py
 
 # Trains on the real nuclei set (about 10 minutes here); SRC=path/to/stage1_train if elsewhere.
 demo: $(STAMP)
