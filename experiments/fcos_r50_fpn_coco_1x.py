@@ -12,8 +12,9 @@ https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where t
 FrozenBN ResNet needs those weights.
 
 Batch 16, SGD lr 0.01, weight decay 1e-4, 90k steps with decays at 60k and 80k, 1000 warmup
-steps from lr / 3; multi-scale training (short side 640..800, long side <= 1333) and 800 x 1333
-at test, on the 1408 x 1408 canvas (P7's stride 128 divides it); FrozenBN ResNet-50 with the stem and res2 frozen (ImageNet
+steps from lr / 1000 (detectron2's default: no AdelaiDet file sets another); single-scale
+training at short side 800 (R_50_1x.yaml overrides Base-FCOS.yaml's 640..800; the MS_ files
+train multi-scale), long side <= 1333, and 800 x 1333 at test, on the 1408 x 1408 canvas (P7's stride 128 divides it); FrozenBN ResNet-50 with the stem and res2 frozen (ImageNet
 weights through --config.model.backbone_weights, the command above); FPN P3..P7 with
 P6 from P5; 4 GroupNorm convs per tower, centre sampling 1.5 strides, GIoU weighted by the
 centerness targets; test: class score > 0.05, 1000 candidates per level, NMS 0.6, 100
@@ -32,4 +33,5 @@ def get_config(arg=None):
     c.input.train_split.images = "data/coco/train2017"
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
+    c.input.short_side = (800,)  # R_50_1x.yaml: INPUT.MIN_SIZE_TRAIN (800,)
     return common.accelerator_recipe(c, arg)

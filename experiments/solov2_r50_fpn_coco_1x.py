@@ -12,7 +12,7 @@ https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where t
 FrozenBN ResNet needs those weights.
 
 Batch 16, lr 0.01, 12 epochs (90k steps at 7330 per epoch, rounded as Mask R-CNN's 1x) with
-decays at epochs 8 and 11, 500 warmup steps; FrozenBN ResNet-50 with the stem and res2 frozen
+decays at epochs 8 and 11, 500 warmup steps, gradients clipped at global norm 35; FrozenBN ResNet-50 with the stem and res2 frozen
 (mmdetection freezes the stem and stage 1 of an ImageNet ResNet-50: ImageNet weights through
 --config.model.backbone_weights, the command above; from scratch use GroupNorm and a longer
 schedule); single-scale

@@ -597,8 +597,10 @@ Model = FCOS
 def base_config() -> ml_collections.ConfigDict:
     """AdelaiDet's FCOS R_50_1x COCO settings: 800 x 1333 input on a 1408 x 1408 canvas (P7's
     stride 128 divides it; Mask R-CNN's 1344 does not), batch
-    16, SGD lr 0.01, weight decay 1e-4, 1000 warmup iterations from lr / 3, 90k iterations with
-    decays at 60k and 80k."""
+    16, SGD lr 0.01, weight decay 1e-4, 1000 warmup iterations from lr / 1000 (detectron2's
+    SOLVER.WARMUP_FACTOR default, which no AdelaiDet config overrides; the original FCOS code,
+    on maskrcnn-benchmark, warmed up from lr / 3), 90k iterations with decays at 60k and 80k.
+    Multi-scale short sides 640..800 (Base-FCOS.yaml; FCOS's R_50_1x recipe trains at 800)."""
     c = config_lib.base()
     c.method = "fcos"
     c.model = config_lib.model_section(FCOSConfig)
@@ -607,7 +609,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.lr = 0.01
     c.optim.weight_decay = 1e-4
     c.schedule.warmup_steps = 1000
-    c.schedule.warmup_factor = 1.0 / 3
+    c.schedule.warmup_factor = 1.0 / 1000
     c.schedule.total_steps = 90_000
     c.schedule.steps = (60_000, 80_000)
     return c

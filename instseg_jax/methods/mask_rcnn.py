@@ -47,6 +47,10 @@ class MaskRCNNConfig(DetectorConfig):
     rpn_post_nms_topk_test: int = 1000
     rpn_nms_threshold: float = 0.7
     rpn_batch_per_image: int = 256
+    # Smooth-L1 beta of the RPN and box-head regressions; 0 is L1 (detectron2's
+    # MODEL.RPN.SMOOTH_L1_BETA and MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA defaults).
+    rpn_smooth_l1_beta: float = 0.0
+    box_smooth_l1_beta: float = 0.0
     rpn_positive_fraction: float = 0.5
     roi_batch_per_image: int = 512
     roi_positive_fraction: float = 0.25
@@ -359,9 +363,10 @@ def loss_fn(
         outputs["rpn_labels"],
         outputs["rpn_target_deltas"],
         cfg.rpn_batch_per_image,
+        beta=cfg.rpn_smooth_l1_beta,
     )
     box, metrics = roi_heads.box_losses(
-        outputs["class_logits"], outputs["box_deltas"], outputs["rois"]
+        outputs["class_logits"], outputs["box_deltas"], outputs["rois"], beta=cfg.box_smooth_l1_beta
     )
     losses.update(box)
     if cfg.mask_on:

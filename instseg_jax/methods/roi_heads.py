@@ -187,9 +187,10 @@ class MaskHead(nn.Module):
         return x.reshape(b, f, 2 * h, 2 * w, self.num_classes).astype(jnp.float32)
 
 
-def box_losses(logits, deltas, rois: dict):
-    """Softmax cross-entropy over sampled RoIs and L1 on the ground-truth class's deltas of the
-    foreground ones, both divided by the number of sampled RoIs (detectron2's normalisation)."""
+def box_losses(logits, deltas, rois: dict, beta: float = 0.0):
+    """Softmax cross-entropy over sampled RoIs and smooth L1 (beta 0: L1) on the ground-truth
+    class's deltas of the foreground ones, both divided by the number of sampled RoIs
+    (detectron2's normalisation)."""
     valid = rois["valid"]
     normalizer = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits)
@@ -201,7 +202,7 @@ def box_losses(logits, deltas, rois: dict):
     loss_box = ops.smooth_l1_loss(
         chosen,
         rois["target_deltas"],
-        beta=0.0,
+        beta=beta,
         weights=rois["foreground"][..., None],
         normalizer=normalizer,
     )

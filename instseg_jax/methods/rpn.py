@@ -151,15 +151,16 @@ def anchor_targets(
     return jax.vmap(one_image)(gt_boxes, gt_valid, keys, ignore_boxes, ignore_valid)
 
 
-def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int):
-    """detectron2's RPN losses: BCE over sampled anchors and L1 over positive ones, both
-    divided by the number of sampled anchors of the batch (batch_per_image * B)."""
+def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int, beta: float = 0.0):
+    """detectron2's RPN losses: BCE over sampled anchors and smooth L1 (beta 0: L1) over
+    positive ones, both divided by the number of sampled anchors of the batch
+    (batch_per_image * B)."""
     normalizer = batch_per_image * logits.shape[0]
     sampled = labels >= 0
     objectness = ops.binary_cross_entropy_with_logits(
         logits, labels == 1, weights=sampled, normalizer=normalizer
     )
     regression = ops.smooth_l1_loss(
-        deltas, target_deltas, beta=0.0, weights=(labels == 1)[..., None], normalizer=normalizer
+        deltas, target_deltas, beta=beta, weights=(labels == 1)[..., None], normalizer=normalizer
     )
     return {"loss_rpn_cls": objectness, "loss_rpn_loc": regression}

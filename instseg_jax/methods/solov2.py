@@ -539,6 +539,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule.total_steps = 90_000
     c.schedule.warmup_steps = 500
     c.schedule.steps = (60_000, 82_500)
+    # Both implementations clip the gradient's global norm at 35 (WXinlong/SOLO's
+    # solov2_r50_fpn_8gpu_1x.py grad_clip, mmdetection's solov2_r50_fpn_1x_coco.py clip_grad).
+    c.optim.clip_norm = 35.0
     return c
 
 

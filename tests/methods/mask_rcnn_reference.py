@@ -129,10 +129,19 @@ def bce(logit: float, target: float) -> float:
     return -(target * log_p + (1.0 - target) * log_not_p)
 
 
-def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int) -> dict:
+def smooth_l1(x, beta: float) -> float:
+    """fvcore/nn/smooth_l1_loss.py smooth_l1_loss, summed: |x| when beta < 1e-5, else
+    0.5 x^2 / beta below beta and |x| - 0.5 beta above."""
+    n = np.abs(np.asarray(x, np.float64))
+    if beta < 1e-5:
+        return float(n.sum())
+    return float(np.where(n < beta, 0.5 * n**2 / beta, n - 0.5 * beta).sum())
+
+
+def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int, beta=0.0) -> dict:
     """detectron2's RPN losses on a batch: BCE summed over sampled anchors (label >= 0) and
-    L1 (smooth L1 with beta 0) summed over positive ones, both divided by
-    batch_per_image x images, however many anchors were actually sampled."""
+    smooth L1 (MODEL.RPN.SMOOTH_L1_BETA, default 0: L1) summed over positive ones, both divided
+    by batch_per_image x images, however many anchors were actually sampled."""
     logits = np.asarray(logits, np.float64)
     deltas = np.asarray(deltas, np.float64)
     labels = np.asarray(labels)
@@ -142,17 +151,18 @@ def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int) -> d
         bce(logits[i], float(labels[i] == 1)) for i in np.ndindex(labels.shape) if labels[i] >= 0
     )
     localization = sum(
-        np.abs(deltas[i] - target_deltas[i]).sum()
+        smooth_l1(deltas[i] - target_deltas[i], beta)
         for i in np.ndindex(labels.shape)
         if labels[i] == 1
     )
     return {"loss_rpn_cls": objectness / normalizer, "loss_rpn_loc": localization / normalizer}
 
 
-def box_losses(logits, deltas, classes, target_deltas, valid, foreground) -> dict:
+def box_losses(logits, deltas, classes, target_deltas, valid, foreground, beta=0.0) -> dict:
     """FastRCNNOutputLayers.losses on the sampled RoIs of the whole batch.
 
-    loss_cls: softmax cross-entropy averaged over the sampled RoIs; loss_box_reg: L1 of the
+    loss_cls: softmax cross-entropy averaged over the sampled RoIs; loss_box_reg: smooth L1
+    (MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA, default 0: L1) of the
     ground-truth class's deltas over foreground RoIs, summed, divided by the number of sampled
     RoIs (not of foreground ones). Classes index logits[..., C + 1]; C is background.
     """
@@ -169,7 +179,7 @@ def box_losses(logits, deltas, classes, target_deltas, valid, foreground) -> dic
         log_sum = row.max() + math.log(np.exp(row - row.max()).sum())
         cross_entropy += log_sum - row[classes[i]]
         if foreground[i]:
-            regression += np.abs(deltas[i][classes[i]] - np.asarray(target_deltas[i])).sum()
+            regression += smooth_l1(deltas[i][classes[i]] - np.asarray(target_deltas[i]), beta)
     count = max(len(rows), 1)
     return {"loss_cls": cross_entropy / count, "loss_box_reg": regression / count}
 

@@ -418,6 +418,10 @@ def test_rpn_losses_are_normalised_by_the_anchor_budget_not_the_sampled_count():
     got = rpn.rpn_losses(logits, deltas, labels, targets, 16)
     for name, value in reference.rpn_losses(logits, deltas, labels, targets, 16).items():
         assert float(got[name]) == pytest.approx(value, rel=1e-5), name
+    # PANet's RPN beta 1/9 (MODEL.RPN.SMOOTH_L1_BETA): both sides of the quadratic zone.
+    got = rpn.rpn_losses(logits, deltas, labels, targets, 16, beta=1 / 9)
+    for name, value in reference.rpn_losses(logits, deltas, labels, targets, 16, 1 / 9).items():
+        assert float(got[name]) == pytest.approx(value, rel=1e-5), name
 
 
 def box_rois(classes, valid, foreground, target_deltas):
@@ -474,6 +478,10 @@ def test_box_losses_average_over_every_sampled_roi_of_the_batch():
     want = reference.box_losses(logits, deltas, classes, target_deltas, valid, foreground)
     for name, value in want.items():
         assert float(losses[name]) == pytest.approx(value, rel=1e-5), name
+    # Keypoint R-CNN's box beta 0.5 (Base-Keypoint-RCNN-FPN.yaml ROI_BOX_HEAD.SMOOTH_L1_BETA).
+    losses, _ = roi_heads.box_losses(jnp.asarray(logits), jnp.asarray(deltas), rois, beta=0.5)
+    want = reference.box_losses(logits, deltas, classes, target_deltas, valid, foreground, 0.5)
+    assert float(losses["loss_box_reg"]) == pytest.approx(want["loss_box_reg"], rel=1e-5)
 
 
 def test_mask_loss_is_the_mean_bce_over_foreground_pixels_of_the_right_class():
