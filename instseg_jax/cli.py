@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = [r for r in rest if r.startswith("--config.")]
     unknown = [r for r in rest if not r.startswith("--config.")]
-    if unknown or (overrides and args.command not in ("train", "compile", "eval", "predict")):
+    overridable = ("train", "compile", "eval", "predict", "export")
+    if unknown or (overrides and args.command not in overridable):
         parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
     args.overrides = overrides
     configure_logging(args.verbose)
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands, compiles)
     _add_import_weights(commands, common)
     _add_compile(commands, common)
+    _add_export(commands, common)
     commands.add_parser("version", parents=[common], help="print the package and JAX versions")
     return parser
 
@@ -309,6 +311,29 @@ def _add_compile(commands, parent) -> None:
     compiler.add_argument("--out", default=None, help="write the report as JSON here")
 
 
+def _add_export(commands, parent) -> None:
+    exporter = commands.add_parser(
+        "export",
+        parents=[parent],
+        formatter_class=_RAW_DEFAULTS,
+        help="write a workdir's inference program as serialized StableHLO (jax.export) with a "
+        "JSON of its inputs, outputs and classes",
+        epilog=WORKDIR_OVERRIDES_HELP,
+    )
+    exporter.add_argument("--workdir", required=True, help="a training or imported workdir")
+    exporter.add_argument(
+        "--out", required=True, help="the program file; its description goes to OUT.json"
+    )
+    exporter.add_argument("--batch", type=int, default=1, help="canvases per call (static)")
+    exporter.add_argument("--checkpoint", type=int, default=None, help="step (default latest)")
+    exporter.add_argument(
+        "--platforms",
+        default="cpu",
+        help="comma-separated platforms the one file runs on: cpu, cuda, rocm, tpu (lowered "
+        "here without those devices)",
+    )
+
+
 def _run(args) -> int:
     if not getattr(args, "no_compile_cache", True):
         from instseg_jax import compilation
@@ -350,6 +375,10 @@ def _run(args) -> int:
 
         aot.prepare_host(args.target)  # before JAX starts its backends
         return aot.main(args)
+    elif args.command == "export":
+        from instseg_jax import export
+
+        return export.main(args)
     elif args.command == "version":
         import jax
 

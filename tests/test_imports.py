@@ -185,7 +185,7 @@ LAYERS = (
     ("methods",),
     ("builders", "configs"),
     ("inference", "workdir"),
-    ("evaluate", "predict", "weights"),
+    ("evaluate", "predict", "weights", "export", "finetune"),
     ("train", "ops_showcase"),
     ("aot", "demo"),
     ("cli",),
