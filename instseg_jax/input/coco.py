@@ -177,6 +177,11 @@ class CocoSource(CategoryIds):
         """Non-crowd annotations of every record, from the annotation file alone."""
         return np.asarray([int((~r["iscrowd"]).sum()) for r in self.records], np.int64)
 
+    def image_categories(self) -> list[np.ndarray]:
+        """Class indices of every record's non-crowd annotations (repeat-factor sampling),
+        from the annotation file alone."""
+        return [r["classes"][~r["iscrowd"]] for r in self.records]
+
     def __getitem__(self, index: int) -> dict:
         return self.records[index]
 

@@ -156,6 +156,20 @@ class CocoPanopticSource(CategoryIds):
             np.int64,
         )
 
+    def image_categories(self) -> list[np.ndarray]:
+        """Class indices of every record's non-crowd thing segments, from the JSON alone."""
+        return [
+            np.asarray(
+                [
+                    self._class_of[s["category_id"]]
+                    for s in r["segments"]
+                    if s["category_id"] in self._class_of and not s["iscrowd"]
+                ],
+                np.int64,
+            )
+            for r in self.records
+        ]
+
     def _segment_ids(self, record: dict, counts: np.ndarray | None) -> np.ndarray:
         """int32[H, W] of the record's PNG, ids no segment lists set to 0 (void, counted)."""
         path = record["panoptic_path"]

@@ -6,6 +6,14 @@ generator seeded by (seed, epoch, example index). Workers only change where that
 so the stream does not depend on the number of workers, and restoring the iterator state (the
 next position) continues it exactly.
 
+With repeat-factor sampling (input.repeat_factor_threshold, input/repeat_factors.py) epoch e
+lists each image a seeded number of times, shuffled, so epochs differ in length: position g is
+found among the cumulative epoch lengths (StreamOrder), each a function of (seed, epoch), and
+the augmentation generator is seeded by (seed, epoch, index, position in the epoch) so the
+copies of an image differ. Copy-paste (input.copy_paste, input/copy_paste.py) pastes onto the
+example at g instances of the example one slot before it in its global batch (torchvision rolls
+the batch by one), drawn with its own generator (seed, epoch, index, salt).
+
 Process p of P takes slots [p * B/P, (p + 1) * B/P) of every global batch of B examples.
 """
 
@@ -21,8 +29,9 @@ import grain
 import numpy as np
 
 from instseg_jax.config import ConfigValueError
-from instseg_jax.input import report
+from instseg_jax.input import copy_paste, report
 from instseg_jax.input.images import DataError, UnusableExample
+from instseg_jax.input.repeat_factors import epoch_copies, repeat_factors
 from instseg_jax.input.transforms import TransformConfig, transform
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,62 @@ class StreamSpec:
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """The shuffle of one epoch: a permutation keyed only on (seed, epoch)."""
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_examples)
+
+
+# Keys the generator of an epoch's repeat counts and shuffle apart from epoch_order's.
+_REPEAT_SALT = 0x4EAF
+
+
+class StreamOrder:
+    """Training stream position g -> (epoch, position in the epoch) -> example index.
+
+    Without repeat factors every epoch is epoch_order's permutation of the n examples. With
+    them (float64[n], each >= 1) epoch e holds repeat_factors.epoch_copies of each example,
+    shuffled, both drawn from a generator keyed on (seed, e): its length is known without its
+    order, and the cumulative lengths are extended (and kept) as far as the stream has asked.
+    """
+
+    def __init__(self, num_examples: int, seed: int, factors: np.ndarray | None = None):
+        self.num_examples = num_examples
+        self.seed = seed
+        self.factors = None if factors is None else np.asarray(factors, np.float64)
+        self._ends: list[int] = []  # _ends[e]: stream position after epoch e
+        self._orders: dict[int, np.ndarray] = {}  # a few recent epochs' orders
+
+    def _generator(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, _REPEAT_SALT])
+
+    def epoch_length(self, epoch: int) -> int:
+        if self.factors is None:
+            return self.num_examples
+        return int(epoch_copies(self.factors, self._generator(epoch)).sum())
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, position in that epoch) of stream position g."""
+        if self.factors is None:
+            return divmod(position, self.num_examples)
+        while not self._ends or self._ends[-1] <= position:
+            last = self._ends[-1] if self._ends else 0
+            self._ends.append(last + self.epoch_length(len(self._ends)))
+        epoch = int(np.searchsorted(self._ends, position, side="right"))
+        return epoch, position - (self._ends[epoch - 1] if epoch else 0)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """int64[epoch length]: the example index at each position of the epoch."""
+        if self.factors is None:
+            return epoch_order(self.seed, epoch, self.num_examples)
+        if epoch not in self._orders:
+            rng = self._generator(epoch)
+            copies = epoch_copies(self.factors, rng)  # the same draws as epoch_length's
+            listed = np.repeat(np.arange(self.num_examples), copies)
+            if len(self._orders) >= 4:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[epoch] = listed[rng.permutation(len(listed))]
+        return self._orders[epoch]
+
+    def index_at(self, position: int) -> int:
+        epoch, offset = self.locate(position)
+        return int(self.order(epoch)[offset])
 
 
 def padding_example(config: TransformConfig) -> dict:
@@ -103,6 +168,7 @@ class ExampleMaker:
         seed: int,
         train: bool,
         strict: bool,
+        order: StreamOrder | None = None,
     ):
         self.source = source
         self.config = config
@@ -110,6 +176,7 @@ class ExampleMaker:
         self.seed = seed
         self.train = train
         self.strict = strict
+        self.order = order or StreamOrder(spec.num_examples, seed)
         self._warned: set[str] = set()  # unusable examples already named
 
     def _load(self, index: int, counts: np.ndarray):
@@ -130,6 +197,29 @@ class ExampleMaker:
         counts += own
         return decoded
 
+    def _partner(self, g: int, counts: np.ndarray):
+        """The decoded copy-paste partner of stream position g: the example one slot before it
+        in its global batch, wrapping (a global batch of one: the next position). Its load
+        counts like any other; an unusable one means no paste, counted as
+        copy_paste_partner_unusable (not under its own kind: that counts skipped examples)."""
+        batch = self.spec.global_batch
+        start = g - g % batch
+        partner = g + 1 if batch == 1 else start + (g - start - 1) % batch
+        index = self.order.index_at(partner)
+        own = report.new_counts()
+        try:
+            decoded = self.source.load(index, own)
+        except UnusableExample as error:
+            if self.strict:
+                raise
+            report.count(counts, "copy_paste_partner_unusable")
+            if str(error) not in self._warned:
+                self._warned.add(str(error))
+                log.warning("copy-paste partner skipped: %s", error)
+            return None
+        counts += own
+        return decoded
+
     def __call__(self, local_index: int) -> dict:
         counts = report.new_counts()
         g = self.spec.global_index(int(local_index))
@@ -138,7 +228,7 @@ class ExampleMaker:
             example = padding_example(self.config)
             example["issues"] = counts
             return example
-        epoch, position = divmod(g, n) if self.train else (0, g)
+        epoch, position = self.order.locate(g) if self.train else (0, g)
         if not self.train:
             # Evaluation and prediction visit every example once, in order: an unusable one
             # becomes a padding slot (counted), never a second copy of its neighbour.
@@ -150,11 +240,12 @@ class ExampleMaker:
             example = transform(decoded, self.config, np.random.default_rng(0), counts)
             example["issues"] = counts
             return example
+        order = self.order.order(epoch)
         for attempt in range(_MAX_CONSECUTIVE_UNUSABLE):
             # An unusable example is replaced by the next example of the same order: the
             # replacement is as deterministic as the stream itself.
-            pos = (position + attempt) % n
-            index = int(epoch_order(self.seed, epoch, n)[pos])
+            pos = (position + attempt) % len(order)
+            index = int(order[pos])
             decoded = self._load(index, counts)
             if decoded is not None:
                 break
@@ -163,10 +254,43 @@ class ExampleMaker:
                 f"{_MAX_CONSECUTIVE_UNUSABLE} consecutive unusable examples from example "
                 f"{position} of epoch {epoch}; check the data (the log names each of them)"
             )
-        rng = np.random.default_rng([self.seed, epoch, index])
+        # Repeats of an image in one epoch get their own augmentation; without repeat factors
+        # the key is the one streams had before them (a resumed run continues unchanged).
+        key = [self.seed, epoch, index] + ([pos] if self.order.factors is not None else [])
+        if self.config.copy_paste:
+            paste_rng = np.random.default_rng([*key, copy_paste.COPY_PASTE_SALT])
+            if paste_rng.uniform() < self.config.copy_paste:
+                partner = self._partner(g, counts)
+                if partner is not None:
+                    decoded = copy_paste.paste(decoded, partner, self.config, paste_rng, counts)
+        rng = np.random.default_rng(key)
         example = transform(decoded, self.config, rng, counts)
         example["issues"] = counts
         return example
+
+
+def _source_repeat_factors(source, threshold: float) -> np.ndarray:
+    """Repeat factors of a source's images from its annotations (logged: their mean and the
+    epoch length they give on average)."""
+    if not hasattr(source, "image_categories"):
+        raise ConfigValueError(
+            f"input.repeat_factor_threshold={threshold}: the {type(source).__name__} source "
+            "cannot list its images' categories; use a COCO, TFDS or synthetic source, or "
+            "input.repeat_factor_threshold=0"
+        )
+    factors = repeat_factors(source.image_categories(), threshold)
+    log.info(
+        "repeat-factor sampling (t=%g): mean repeat factor %.3f (max %.2f, %d of %d images "
+        "repeated), epochs of about %d examples instead of %d",
+        threshold,
+        factors.mean(),
+        factors.max(),
+        int((factors > 1).sum()),
+        len(factors),
+        round(factors.sum()),
+        len(factors),
+    )
+    return factors
 
 
 def _absl_flags_ready() -> None:
@@ -224,6 +348,9 @@ class InputPipeline:
         whose size differs from its annotations', a segmentation that does not fit it) instead
         of skipping it and counting it in the per-epoch report.
       process_index, process_count: default jax.process_index() / jax.process_count().
+      repeat_factor_threshold: above 0 (training only), repeat-factor sampling with this
+        frequency threshold t (input/repeat_factors.py); the source must list each image's
+        categories (image_categories()).
     """
 
     def __init__(
@@ -237,6 +364,7 @@ class InputPipeline:
         process_index: int | None = None,
         process_count: int | None = None,
         worker_buffer: int = 2,
+        repeat_factor_threshold: float = 0.0,
     ):
         if process_index is None or process_count is None:
             import jax
@@ -261,7 +389,11 @@ class InputPipeline:
         else:
             self.num_batches = -(-len(source) // global_batch)
             num_local = self.num_batches * self.spec.local_batch
-        self._maker = ExampleMaker(source, config, self.spec, seed, self.train, strict)
+        factors = None
+        if self.train and repeat_factor_threshold > 0:
+            factors = _source_repeat_factors(source, repeat_factor_threshold)
+        self.order = StreamOrder(len(source), seed, factors)
+        self._maker = ExampleMaker(source, config, self.spec, seed, self.train, strict, self.order)
         self._num_local = num_local
         self._num_workers = num_workers
         self._worker_buffer = worker_buffer
@@ -303,7 +435,7 @@ class InputPipeline:
         return self._iterator
 
     def epoch_of_step(self, step: int) -> int:
-        return (step * self.spec.global_batch) // self.spec.num_examples
+        return self.order.locate(step * self.spec.global_batch)[0]
 
     def __next__(self) -> dict:
         if self.num_batches is not None and self.step >= self.num_batches:

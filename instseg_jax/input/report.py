@@ -29,6 +29,11 @@ ISSUE_KINDS = (
     "ignore_regions_over_limit",
     # panoptic PNG segment ids that its segments_info does not list: read as void
     "unlisted_panoptic_segment",
+    # instances that copy-paste's pasted objects covered, whole or but for fewer than
+    # input.copy_paste_min_area pixels: dropped (input/copy_paste.py)
+    "copy_paste_occluded",
+    # copy-paste partners that could not be read: that example was not pasted on
+    "copy_paste_partner_unusable",
 )
 _INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
 

@@ -79,6 +79,12 @@ class SyntheticSource:
     def image_ids(self) -> list[int]:
         return list(range(self.length))
 
+    def image_categories(self) -> list[np.ndarray]:
+        """Class indices of every scene's shapes (repeat-factor sampling). A scene has no
+        annotations apart from itself: each is drawn, and a shape another hides entirely is
+        not in it."""
+        return [self.load(i)["classes"] for i in range(self.length)]
+
     def panoptic_ground_truth(self, index: int):
         """(image id, int32[H, W] panoptic ids, segments) of scene index (stuff scenes only)."""
         if not self.stuff:

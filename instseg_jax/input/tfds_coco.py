@@ -144,6 +144,16 @@ class TfdsCocoSource(CategoryIds):
     def __len__(self) -> int:
         return len(self.data_source)
 
+    def image_categories(self) -> list[np.ndarray]:
+        """Class indices of every example's non-crowd annotations (repeat-factor sampling):
+        each record is read, no image decoded."""
+        categories = []
+        for index in range(len(self.data_source)):
+            example = self.data_source[index]
+            crowd = np.asarray(example["iscrowd"], bool)
+            categories.append(np.asarray(example["classes"], np.int64)[~crowd])
+        return categories
+
     def load(self, index: int, counts: np.ndarray | None = None) -> dict:
         counts = report.new_counts() if counts is None else counts
         example = self.data_source[index]

@@ -55,8 +55,31 @@ class TransformConfig:
     # bilinear interpolation (align_corners=False, no antialiasing) on float pixels.
     resize_rule: str = "detectron2"
     pad_value: tuple[int, int, int] = (0, 0, 0)  # RGB of the canvas outside the image
+    # Copy-paste (input/copy_paste.py), training only: the probability that an example gets
+    # another example's instances pasted on (0: off); the partner's own scale range (a factor
+    # of its fit to this image); the pixels an occluded instance must keep; whether the
+    # pasted region grows by 2 px around the objects (torchvision's blending=True).
+    copy_paste: float = 0.0
+    copy_paste_scale: tuple[float, float] = (0.1, 2.0)
+    copy_paste_min_area: int = 1
+    copy_paste_blend: bool = True
 
     def __post_init__(self):
+        if not 0.0 <= self.copy_paste <= 1.0:
+            raise ConfigValueError(
+                f"input.copy_paste is a probability in [0, 1], got {self.copy_paste}"
+            )
+        if self.copy_paste and (self.keypoints or self.semantic_stride):
+            raise ConfigValueError(
+                "input.copy_paste does not paste keypoints or semantic maps, which this "
+                "method trains on; set input.copy_paste=0"
+            )
+        low, high = self.copy_paste_scale
+        if self.copy_paste and not 0 < low <= high:
+            raise ConfigValueError(
+                f"input.copy_paste_scale must be (low, high) with 0 < low <= high, got "
+                f"{self.copy_paste_scale}"
+            )
         if self.resize_rule not in ("detectron2", "torchvision"):
             raise ConfigValueError(
                 f"input.resize_rule must be 'detectron2' or 'torchvision', got {self.resize_rule!r}"

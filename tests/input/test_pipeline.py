@@ -223,3 +223,62 @@ def test_batches_carry_ignore_regions_and_the_epoch_report_counts_them(caplog):
     )
     padded = list(evaluation)[-1]  # 2 examples and 2 padding slots
     assert padded["ignore_boxes"].shape == (4, 2, 4) and not padded["ignore_valid"][2:].any()
+
+
+AUGMENTED = dataclasses.replace(TRAIN, copy_paste=0.8, copy_paste_scale=(0.5, 1.5))
+
+
+def augmented(workers=0, config=AUGMENTED):
+    return InputPipeline(
+        source(),
+        config,
+        4,
+        seed=5,
+        num_workers=workers,
+        process_index=0,
+        process_count=1,
+        repeat_factor_threshold=0.9,
+    )
+
+
+def test_copy_paste_and_repeat_factors_keep_the_stream_a_function_of_its_position():
+    """Both on: the same seed gives the same batches, and a stream resumed from a saved state
+    continues exactly, across the (varying) epoch ends."""
+    reference = augmented()
+    expected = take(reference, 8)  # 32 examples: epochs of more than 10 (factors above 1)
+    assert reference.order.factors.max() > 1
+    assert reference.epoch_of_step(7) >= 1  # the batches cross an epoch end
+    assert_same(take(augmented(), 8), expected)
+    plain = take(augmented(config=TRAIN), 8)
+    assert not all(
+        np.array_equal(a["image"], b["image"]) for a, b in zip(plain, expected, strict=True)
+    )
+    first = augmented()
+    take(first, 3)
+    resumed = augmented()
+    resumed.set_state(json.loads(json.dumps(first.get_state())))
+    assert_same(take(resumed, 5), expected[3:])
+
+
+@pytest.mark.slow  # grain's worker processes start in 5-20 s
+def test_copy_paste_and_repeat_factors_stream_is_independent_of_workers():
+    expected = take(augmented(), 6)
+    first = augmented()
+    take(first, 2)
+    resumed = augmented(workers=2)
+    resumed.set_state(json.loads(json.dumps(first.get_state())))
+    assert_same(take(resumed, 4), expected[2:])
+    resumed.close()
+
+
+def test_an_unusable_copy_paste_partner_means_no_paste_and_is_counted():
+    config = dataclasses.replace(TRAIN, copy_paste=1.0)
+    pipeline = InputPipeline(
+        FlakySource({2, 5}), config, 5, seed=0, process_index=0, process_count=1
+    )
+    take(pipeline, 2)  # epoch 0: 8 usable examples, each a partner of its batch neighbour
+    counts = report.as_dict(pipeline.total_counts)
+    assert counts["unreadable_image"] == 2
+    # Each of the 10 positions is the partner of the next slot of its batch: the two
+    # unreadable ones were asked for once each.
+    assert counts["copy_paste_partner_unusable"] == 2
