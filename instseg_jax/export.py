@@ -183,6 +183,9 @@ def describe(config, exported, step: int, class_map, platforms, workdir) -> dict
         "jax_version": jax.__version__,
         "platforms": list(platforms),
         "weights": "baked into the program as constants",
+        # Above 0: the run kept a moving average of its weights, and that average is baked in
+        # (workdir.restore_variables gives it, as evaluation uses it).
+        "ema_decay": float(config.optim.get("ema_decay", 0.0) or 0.0),
         "batch": int(exported.in_avals[0].shape[0]),
         "inputs": {
             k: spec(v, INPUT_MEANINGS.get(k, "see instseg_jax/structures.py, Batch"))

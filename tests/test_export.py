@@ -128,24 +128,58 @@ def _detections_by_image(record: dict) -> dict:
     }
 
 
-def test_exported_program_reproduces_predict_in_a_fresh_process(tiny_workdir, tmp_path):
-    workdir, images = tiny_workdir
-    program = tmp_path / "model.stablehlo"
-    # One file lowered for three platforms, run here on the CPU; batch 3 leaves a padding slot.
+@pytest.fixture(scope="module")
+def exported(tiny_workdir, tmp_path_factory) -> Path:
+    """The program file of `export` on the tiny workdir: one file lowered for three platforms
+    (run here on the CPU), batch 3 (two images and a padding slot), every detection kept."""
+    workdir, _ = tiny_workdir
+    program = tmp_path_factory.mktemp("exported") / "model.stablehlo"
     argv = ["export", "--workdir", str(workdir), "--out", str(program), "--batch", "3"]
     argv += ["--platforms", "cpu,cuda,tpu", "--config.model.score_threshold=0.0"]
     assert cli.main(argv) == 0
-    description = json.loads(Path(f"{program}.json").read_text())
+    return program
+
+
+def test_export_writes_a_program_its_json_describes(exported):
+    """The JSON against the workdir's config.json and classes.json (what the importer wrote),
+    and against the deserialized program's own signature: its arguments are the JSON's inputs
+    alone (the weights are constants inside), its results the JSON's outputs."""
+    import jax
+
+    description = json.loads(Path(f"{exported}.json").read_text())
     assert description["method"] == "mask_rcnn" and description["checkpoint_step"] == 0
-    assert description["classes"]["class_names"] == [f"class_{i}" for i in range(1, 5)]
-    assert description["platforms"] == ["cpu", "cuda", "tpu"]
-    assert description["inputs"]["image"] == {
-        "shape": [3, 192, 192, 3],
-        "dtype": "uint8",
-        "meaning": description["inputs"]["image"]["meaning"],
+    assert description["classes"] == {
+        "category_ids": [1, 2, 3, 4],
+        "class_names": [f"class_{i}" for i in range(1, 5)],
     }
+    assert description["platforms"] == ["cpu", "cuda", "tpu"] and description["batch"] == 3
+    assert description["jax_version"] == jax.__version__
+    prep = description["preprocessing"]
+    assert prep["canvas_hw"] == [192, 192] and prep["resize_rule"] == "torchvision"
+    assert (prep["short_side"], prep["max_long_side"]) == (800, 1333)
+    assert prep["pad_value"] == [124, 116, 104]  # torchvision's ImageNet mean, rounded
+    program = jax.export.deserialize(exported.read_bytes())
+    assert program.platforms == ("cpu", "cuda", "tpu")
+    (inputs,), kwargs = program.in_tree.unflatten(program.in_avals)
+    assert not kwargs and set(inputs) == set(description["inputs"])
+    assert {"image", "image_hw", "orig_hw", "scale"} <= set(inputs)
+    assert not [k for k in inputs if k.startswith("gt_")]  # training targets are not inputs
+    outputs = program.out_tree.unflatten(program.out_avals)
+    assert set(outputs) == {"boxes", "scores", "classes", "valid", "masks"}
+    for side, avals in (("inputs", inputs), ("outputs", outputs)):
+        for name, aval in avals.items():
+            spec = description[side][name]
+            assert (spec["shape"], spec["dtype"]) == (list(aval.shape), str(aval.dtype)), name
+    assert description["inputs"]["image"]["shape"] == [3, 192, 192, 3]
+    assert description["inputs"]["image"]["dtype"] == "uint8"
     assert description["outputs"]["masks"]["shape"] == [3, 100, 28, 28]
 
+
+@pytest.mark.slow
+def test_exported_program_reproduces_predict_in_a_fresh_process(tiny_workdir, exported, tmp_path):
+    workdir, images = tiny_workdir
+    program = exported
+    description = json.loads(Path(f"{program}.json").read_text())
     folder = tmp_path / "images"
     folder.mkdir()
     arrays = []
@@ -177,7 +211,7 @@ def test_exported_program_reproduces_predict_in_a_fresh_process(tiny_workdir, tm
         theirs = _detections_by_image(json.loads((predictions / f"{name}.json").read_text()))
         valid = found["valid"][b] > 0
         assert valid.sum() == len(theirs["scores"]) >= 10, (name, valid.sum())
-        np.testing.assert_allclose(found["boxes"][b][valid], theirs["boxes"], atol=2e-3)
+        np.testing.assert_allclose(found["boxes"][b][valid], theirs["boxes"], atol=1e-3)
         np.testing.assert_allclose(found["scores"][b][valid], theirs["scores"], atol=1e-5)
         assert [names[int(c)] for c in found["classes"][b][valid]] == theirs["classes"]
         # Masks: the exported probabilities through the host code predict pastes with (the
@@ -196,7 +230,7 @@ def test_exported_program_reproduces_predict_in_a_fresh_process(tiny_workdir, tm
                 instance["region"], instance["top"], instance["left"], buffer
             )
             iou = mask_utils.iou([region], [rle], [False])[0, 0]
-            assert iou >= 0.98 or not mask_utils.area(rle), (name, iou)
+            assert iou >= 0.99 or not mask_utils.area(rle), (name, iou)
 
 
 def test_export_refuses_bad_arguments_in_one_line(tiny_workdir, tmp_path, capsys):
