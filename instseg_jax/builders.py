@@ -159,6 +159,11 @@ def transform_config(config, train: bool) -> TransformConfig:
         drop_crowd=True,
         resize_rule=i.get("resize_rule", "detectron2"),
         pad_value=tuple(i.get("pad_value", (0, 0, 0))),
+        # Training only; workdirs written before copy-paste existed get it off.
+        copy_paste=float(i.get("copy_paste", 0.0)) if train else 0.0,
+        copy_paste_scale=tuple(i.get("copy_paste_scale", (0.1, 2.0))),
+        copy_paste_min_area=int(i.get("copy_paste_min_area", 1)),
+        copy_paste_blend=bool(i.get("copy_paste_blend", True)),
     )
 
 

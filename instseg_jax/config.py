@@ -237,6 +237,19 @@ def base() -> ml_collections.ConfigDict:
     c.input.hflip = 0.5
     c.input.resize_rule = "detectron2"  # or "torchvision" (see input/transforms.py)
     c.input.pad_value = (0, 0, 0)
+    # Copy-paste (Ghiasi et al. 2021, as torchvision's references with LSJ; input/copy_paste.py):
+    # the probability that a training example gets instances of its global-batch neighbour
+    # pasted on (0: off); the neighbour's own scale range (of its fit to the image); the pixels
+    # an occluded instance must keep (fewer: dropped, counted); grow the pasted region by 2 px
+    # (torchvision's blending). Not for methods that train on keypoints or semantic maps.
+    c.input.copy_paste = 0.0
+    c.input.copy_paste_scale = (0.1, 2.0)
+    c.input.copy_paste_min_area = 1
+    c.input.copy_paste_blend = True
+    # Repeat-factor sampling (LVIS; detectron2's RepeatFactorTrainingSampler): an image whose
+    # rarest category is in a fraction f < t of the training images repeats sqrt(t / f) times
+    # per epoch on average (LVIS: t = 0.001); 0: off.
+    c.input.repeat_factor_threshold = 0.0
     # An explicit class map (class index i <-> category_ids[i], named class_names[i]) for
     # imported models whose classes are not the dataset's; empty: the dataset's categories.
     c.input.category_ids = ()

@@ -373,6 +373,7 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
         config.input.global_batch,
         seed=config.seed,
         num_workers=config.input.num_workers,
+        repeat_factor_threshold=float(config.input.get("repeat_factor_threshold", 0.0)),
     )
     method, cfg, model = builders.build_model(config, source.num_classes)
 
