@@ -57,6 +57,27 @@ RECIPES = {
     "condinst_r50_fpn_coco_1x": ADELAIDET_1X,
     # AdelaiDet configs/BlendMask/R_50_1x.yaml over Base-BlendMask.yaml.
     "blendmask_r50_fpn_coco_1x": ADELAIDET_1X,
+    # ShuLiu1993/PANet configs/panet/e2e_panet_R-50-FPN_2x_mask.yaml over lib/core/config.py:
+    # 8 GPUs x TRAIN.IMS_PER_BATCH 2, SOLVER.WARM_UP_ITERS 500 from WARM_UP_FACTOR 1/3, the
+    # yaml's weight decay 1e-4 (the file's default is 5e-4); smooth-L1 beta 1/9 on the RPN
+    # (lib/modeling/FPN.py), 1/3 on the box head (fast_rcnn_heads.py); RPN_STRADDLE_THRESH 0.
+    "panet_r50_fpn_coco_2x": {
+        "input.global_batch": 16,
+        "optim.name": "sgd",
+        "optim.lr": 0.02,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 1e-4,
+        "optim.clip_norm": 0.0,
+        "schedule.warmup_steps": 500,
+        "schedule.warmup_factor": 1.0 / 3,
+        "schedule.total_steps": 180_000,
+        "schedule.steps": (120_000, 160_000),
+        "input.short_side": (1200, 1200, 1000, 800, 600, 400),
+        "input.max_long_side": 1400,
+        "model.rpn_smooth_l1_beta": 1.0 / 9,
+        "model.box_smooth_l1_beta": 1.0 / 3,
+        "model.rpn_straddle_threshold": 0.0,
+    },
     # mmdetection configs/solov2/solov2_r50_fpn_1x_coco.py (optim_wrapper lr 0.01, clip_grad
     # max_norm 35) over _base_/schedules/schedule_1x.py (SGD momentum 0.9, weight decay 1e-4,
     # LinearLR start_factor 0.001 over 500 iterations, 12 epochs, MultiStepLR at 8 and 11) and

@@ -51,6 +51,9 @@ class MaskRCNNConfig(DetectorConfig):
     # MODEL.RPN.SMOOTH_L1_BETA and MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA defaults).
     rpn_smooth_l1_beta: float = 0.0
     box_smooth_l1_beta: float = 0.0
+    # >= 0: anchors reaching further outside the image take no part in RPN training
+    # (Detectron's TRAIN.RPN_STRADDLE_THRESH); detectron2 keeps them all (-1).
+    rpn_straddle_threshold: float = -1.0
     rpn_positive_fraction: float = 0.5
     roi_batch_per_image: int = 512
     roi_positive_fraction: float = 0.25
@@ -290,6 +293,8 @@ class MaskRCNN(nn.Module):
             cfg.rpn_positive_fraction,
             ignore_boxes=batch.get("ignore_boxes"),
             ignore_valid=batch.get("ignore_valid"),
+            image_hw=batch["image_hw"],
+            straddle_threshold=cfg.rpn_straddle_threshold,
         )
         outputs.update(rpn_labels=labels, rpn_target_deltas=target_deltas)
         rois = roi_heads.sample_rois(

@@ -17,8 +17,15 @@ mask_rcnn_heads.py), each a config switch:
 - GroupNorm in the heads (`head_norm`): the box head's "4conv1fc" (4 x conv3x3-256 + GN, one
   FC-1024) or the "2fc" variant (FC + GN twice), the mask head's convs.
 
-Not carried over from the authors' code: GroupNorm inside the FPN itself and their box loss's
-smooth-L1 beta of 1/3 (this package keeps detectron2's FPN and L1 box loss).
+Their training rules kept in the COCO config (base_config): smooth L1 with beta 1/9 on the RPN
+(lib/modeling/FPN.py) and 1/3 on the box head (fast_rcnn_heads.py), and anchors reaching
+outside the image left out of RPN training (TRAIN.RPN_STRADDLE_THRESH 0, lib/roi_data/rpn.py).
+
+Not carried over from the authors' code: GroupNorm inside the FPN itself (this package keeps
+detectron2's FPN); twice the learning rate and no weight decay on biases
+(SOLVER.BIAS_DOUBLE_LR, BIAS_WEIGHT_DECAY False: the optimizer has no per-bias group); proposals
+inside crowd regions left out of RoI sampling (TRAIN.CROWD_FILTER_THRESH 0.7: crowd regions are
+ignore regions for the RPN only); MSRAFill initialisation of the mask head (detectron2's).
 """
 
 from __future__ import annotations
@@ -280,6 +287,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = config_lib.base()
     c.method = "panet"
     c.model = config_lib.model_section(PANetConfig)
+    c.model.rpn_smooth_l1_beta = 1.0 / 9  # lib/modeling/FPN.py fpn_rpn_losses
+    c.model.box_smooth_l1_beta = 1.0 / 3  # lib/modeling/fast_rcnn_heads.py fast_rcnn_losses
+    c.model.rpn_straddle_threshold = 0.0  # lib/core/config.py TRAIN.RPN_STRADDLE_THRESH
     return c
 
 

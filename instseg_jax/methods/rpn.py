@@ -123,19 +123,38 @@ def anchor_targets(
     thresholds=(0.3, 0.7),
     ignore_boxes=None,
     ignore_valid=None,
+    image_hw=None,
+    straddle_threshold: float = -1.0,
 ):
     """Sampled anchor labels and regression targets.
 
     anchors [T, 4]; gt_boxes [B, N, 4]; gt_valid bool[B, N]; optional ignore_boxes
     float32[B, I, 4] and ignore_valid bool[B, I] (Batch's ignore regions): an anchor that would
     be a negative but lies in one (ops.assign.ignore_mask) is never sampled.
+    straddle_threshold >= 0 (with image_hw int[B, 2], each image's valid region): anchors
+    reaching more than that many pixels outside the image take no part in matching or sampling
+    (Detectron's TRAIN.RPN_STRADDLE_THRESH, 0 in PANet; detectron2 keeps every anchor: -1).
     Returns labels int32[B, T] (1 positive, 0 negative, -1 not sampled) and
     target deltas float32[B, T, 4] (meaningful where labels == 1).
     """
 
-    def one_image(boxes, valid, image_key, ignore, ignore_ok):
+    def one_image(boxes, valid, image_key, ignore, ignore_ok, hw):
         iou = ops.box_iou(boxes, anchors)  # [N, T]
+        if straddle_threshold >= 0:
+            # Detectron's rule in its inclusive coordinates (x2 = ours - 1): x1, y1 >= -t and
+            # x2 < W + t; an outside anchor can be no ground truth's best match either.
+            t = straddle_threshold
+            height, width = hw[0].astype(jnp.float32), hw[1].astype(jnp.float32)
+            inside = (
+                (anchors[:, 0] >= -t)
+                & (anchors[:, 1] >= -t)
+                & (anchors[:, 2] - 1 < width + t)
+                & (anchors[:, 3] - 1 < height + t)
+            )
+            iou = jnp.where(inside[None, :], iou, -1.0)
         matched, labels = ops.match(iou, thresholds, (0, -1, 1), True, gt_valid=valid)
+        if straddle_threshold >= 0:
+            labels = jnp.where(inside, labels, -1)
         if ignore is not None:
             labels = jnp.where((labels == 0) & ignore_mask(anchors, ignore, ignore_ok), -1, labels)
         chosen, chosen_valid = ops.sample_balanced(
@@ -148,7 +167,9 @@ def anchor_targets(
         return sampled, jnp.where((sampled == 1)[:, None], targets, 0.0)
 
     keys = jax.random.split(key, gt_boxes.shape[0])
-    return jax.vmap(one_image)(gt_boxes, gt_valid, keys, ignore_boxes, ignore_valid)
+    if straddle_threshold >= 0 and image_hw is None:
+        raise ValueError("anchor_targets: a straddle_threshold needs each image's image_hw")
+    return jax.vmap(one_image)(gt_boxes, gt_valid, keys, ignore_boxes, ignore_valid, image_hw)
 
 
 def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int, beta: float = 0.0):

@@ -50,6 +50,25 @@ def rpn_anchor_targets(anchors, gt_boxes, gt_valid):
     return labels, targets
 
 
+def rpn_anchor_labels_inside(anchors, gt_boxes, gt_valid, image_hw, straddle_thresh: float):
+    """One image's anchor labels under Detectron's RPN_STRADDLE_THRESH (PANet
+    lib/roi_data/rpn.py _get_rpn_blobs): only anchors with x1 >= -t, y1 >= -t, x2 < W + t and
+    y2 < H + t in Detectron's inclusive coordinates (x2 = x1 + w - 1, so ours minus 1) are
+    matched, as if the others did not exist; the others are labelled -1 (never sampled)."""
+    anchors = np.asarray(anchors, np.float64)
+    height, width = image_hw
+    t = straddle_thresh
+    inside = np.flatnonzero(
+        (anchors[:, 0] >= -t)
+        & (anchors[:, 1] >= -t)
+        & (anchors[:, 2] - 1 < width + t)
+        & (anchors[:, 3] - 1 < height + t)
+    )
+    labels = np.full(len(anchors), -1, np.int64)
+    labels[inside] = rpn_anchor_targets(anchors[inside], gt_boxes, gt_valid)[0]
+    return labels
+
+
 def subsample_counts(labels, num_samples: int, positive_fraction: float) -> tuple[int, int]:
     """detectron2's subsample_labels: how many positives and negatives a sample holds.
 

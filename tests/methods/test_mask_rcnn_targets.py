@@ -91,6 +91,40 @@ def random_boxes(rng, count, canvas=128.0, low=6.0, high=48.0):
     return np.concatenate([corner, corner + size], axis=1).astype(np.float32)
 
 
+def test_rpn_straddling_anchors_are_left_out_of_matching_and_sampling():
+    """PANet's TRAIN.RPN_STRADDLE_THRESH 0 against the encoding of _get_rpn_blobs: anchors
+    reaching outside the image (valid region 64 x 48, the canvas is larger) are labelled -1,
+    and a ground truth whose best anchor straddles gets its best inside anchor as positive.
+    With a budget above the anchor count every label is sampled, so labels compare exactly.
+
+    Fails if outside anchors stay negatives, still win a ground truth's low-quality match, or
+    the edge test is off by the inclusive pixel (anchors ending exactly at the border)."""
+    anchors = []
+    for size in (16, 32):
+        for y in range(-8, 72, 8):
+            for x in range(-8, 88, 8):
+                anchors.append([x, y, x + size, y + size])
+    anchors = np.asarray(anchors, np.float32)
+    gt_boxes = np.array([[[0, 0, 30, 30], [50, 20, 70, 52], [0, 0, 0, 0]]], np.float32)
+    gt_valid = np.array([[True, True, False]])
+    image_hw = np.array([[48, 64]], np.int32)
+    labels, _ = rpn.anchor_targets(
+        jnp.asarray(anchors),
+        jnp.asarray(gt_boxes),
+        jnp.asarray(gt_valid),
+        jax.random.key(0),
+        batch_per_image=len(anchors),
+        positive_fraction=1.0,
+        image_hw=jnp.asarray(image_hw),
+        straddle_threshold=0.0,
+    )
+    want = reference.rpn_anchor_labels_inside(anchors, gt_boxes[0], gt_valid[0], (48, 64), 0.0)
+    np.testing.assert_array_equal(np.asarray(labels[0]), want)
+    assert (want == -1).sum() > 0 and (want == 1).sum() > 0  # the scene exercises both
+    # The second box reaches below the image: its overall best anchor straddles.
+    assert want[np.argmax(reference._iou_matrix(gt_boxes[0, 1:2], anchors)[0])] == -1
+
+
 def test_rpn_sampling_keeps_the_positive_fraction_and_the_labels():
     """subsample_labels' counts: min(#positive, int(30 x 0.25) = 7) positives, then negatives up
     to 30 in all; each sampled anchor keeps its matcher label and target, the rest are -1.
