@@ -312,7 +312,7 @@ def lower_steps(config, target: Target, per_chip_batch: int, evaluation: bool, n
     options = compiler_options(target)
     # train.make_train_step's jit, with the target's compiler options instead of the host's.
     step = jax.jit(
-        train.step_function(model, method.loss_fn, tx, cfg),
+        train.step_function(model, method.loss_fn, tx, cfg, train.ema_momentum(config)),
         in_shardings=(replicated, data),
         out_shardings=(replicated, replicated),
         donate_argnums=0,

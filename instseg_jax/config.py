@@ -165,6 +165,13 @@ def validate(config: ml_collections.ConfigDict, source: str = "config") -> None:
     # Fields whose bad values would otherwise surface as a traceback far from the config.
     if config.eval.get("global_batch", 1) <= 0:
         raise ConfigValueError(f"{source}: eval.global_batch must be > 0")
+    ema_decay = config.optim.get("ema_decay", 0.0)
+    if not 0.0 <= ema_decay < 1.0 or config.optim.get("ema_warmup_steps", 1) <= 0:
+        raise ConfigValueError(
+            f"{source}: optim.ema_decay must be in [0, 1) (0 = off; mmdetection's 0.9998) and "
+            f"optim.ema_warmup_steps > 0; got {ema_decay!r} and "
+            f"{config.optim.get('ema_warmup_steps')!r}"
+        )
     if config.get("log_every", 1) <= 0:
         raise ConfigValueError(f"{source}: log_every must be > 0 (steps between logged metrics)")
     for field in ("canvas_hw", "synthetic_hw"):
@@ -263,6 +270,15 @@ def base() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 0.0
     # The backbone's learning rate is lr x this (a separate optax group; Mask2Former: 0.1).
     c.optim.backbone_lr_multiplier = 1.0
+    # Exponential moving average of the parameters (0.0 = off), kept in the train state and the
+    # checkpoint; evaluation, periodic evaluation and export then use it instead of the raw
+    # weights. The schedule is mmdetection's ExpMomentumEMA (mmdet/models/layers/ema.py) with
+    # momentum = 1 - ema_decay and gamma = ema_warmup_steps: after each update, at mmengine's
+    # count s of earlier averaging steps (the train step 0, 1, ...), the average moves to the
+    # parameters by m_s = (1 - momentum) * exp(-(1 + s) / gamma) + momentum (s = 0 copies them),
+    # ema = (1 - m_s) * ema + m_s * params. mmdetection's defaults: ema_decay 0.9998, gamma 2000.
+    c.optim.ema_decay = 0.0
+    c.optim.ema_warmup_steps = 2000
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.total_steps = 90_000

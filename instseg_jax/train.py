@@ -144,6 +144,46 @@ def optimizer(config, params) -> optax.GradientTransformation:
     return transform
 
 
+# ----------------------------------------------------------------------------- weight averaging
+
+
+def ema_momentum(config):
+    """The schedule of the parameters' exponential moving average, step -> the weight m the
+    average gives the parameters that train step `step` (0, 1, ...) produced, or None when
+    optim.ema_decay is 0 (off).
+
+    mmdetection's ExpMomentumEMA (mmdet/models/layers/ema.py, avg_func) under mmengine's
+    BaseAveragedModel.update_parameters (mmengine/model/averaged_model.py), called once per
+    iteration after the optimizer: its first call (steps = 0) copies the parameters, and call
+    `steps` then moves the average by m = (1 - momentum) * exp(-(1 + steps) / gamma) +
+    momentum. Here momentum = 1 - optim.ema_decay, gamma = optim.ema_warmup_steps, and
+    mmengine's `steps` is the train step's index (one update per step)."""
+    decay = float(config.optim.get("ema_decay", 0.0))
+    if decay == 0.0:
+        return None
+    momentum = 1.0 - decay
+    gamma = float(config.optim.get("ema_warmup_steps", 2000))
+
+    def schedule(step):
+        since = (1.0 + jnp.asarray(step, jnp.float32)) / gamma
+        return jnp.where(step == 0, 1.0, (1.0 - momentum) * jnp.exp(-since) + momentum)
+
+    return schedule
+
+
+def ema_update(ema_params, params, step, momentum):
+    """The average after train step `step` moved towards `params` by momentum(step). Written
+    as ema + m * (params - ema) (mmdetection's lerp_): a parameter that does not move (a
+    frozen stage) keeps its average exactly; the first step copies the parameters exactly."""
+    m = momentum(step)
+
+    def move(average, param):
+        param = param.astype(jnp.float32)
+        return jnp.where(step == 0, param, average + m * (param - average))
+
+    return jax.tree.map(move, ema_params, params)
+
+
 # ----------------------------------------------------------------------------- state and step
 
 
@@ -199,9 +239,11 @@ def with_pretrained(variables: dict, pretrained: dict) -> dict:
 
 
 def state_from_variables(variables: dict, tx, config) -> dict:
-    """The train state at step 0 around given variables (fresh or imported)."""
+    """The train state at step 0 around given variables (fresh or imported); with
+    optim.ema_decay set, "ema_params" too: the parameters' average (float32, a copy of them at
+    step 0). Without, the state has no such leaf (checkpoints of runs without EMA unchanged)."""
     params = variables["params"]
-    return {
+    state = {
         "params": params,
         "frozen": variables.get("frozen", {}),
         "opt_state": tx.init(params),
@@ -209,11 +251,15 @@ def state_from_variables(variables: dict, tx, config) -> dict:
         "nonfinite_run": jnp.zeros((), jnp.int32),
         "sampling_key": jax.random.key_data(rng.stream(config.seed, "sampling")),
     }
+    if ema_momentum(config) is not None:
+        state["ema_params"] = jax.tree.map(lambda p: jnp.array(p, jnp.float32), params)
+    return state
 
 
-def step_function(model, loss_fn, tx, cfg):
+def step_function(model, loss_fn, tx, cfg, ema=None):
     """The training step (state, batch) -> (state, metrics) of a model and its method's
-    loss_fn, before jit (make_train_step compiles it)."""
+    loss_fn, before jit (make_train_step compiles it). ema: ema_momentum(config), which a state
+    with "ema_params" needs."""
 
     def step_fn(state, batch):
         key = rng.step_key(jax.random.wrap_key_data(state["sampling_key"]), state["step"])
@@ -240,6 +286,14 @@ def step_function(model, loss_fn, tx, cfg):
             # Counted on device every step, read by the host at logging steps.
             nonfinite_run=jnp.where(finite, 0, state["nonfinite_run"] + 1),
         )
+        if "ema_params" in state:
+            if ema is None:
+                raise ValueError(
+                    "the train state holds ema_params but the step was built without their "
+                    "schedule: pass ema=ema_momentum(config) (optim.ema_decay)"
+                )
+            averaged = ema_update(state["ema_params"], params, state["step"], ema)
+            new_state["ema_params"] = keep(averaged, state["ema_params"])
         metrics = dict(
             metrics,
             nonfinite_run=new_state["nonfinite_run"],
@@ -252,10 +306,10 @@ def step_function(model, loss_fn, tx, cfg):
     return step_fn
 
 
-def make_train_step(model, loss_fn, tx, cfg, mesh, state_sharding):
+def make_train_step(model, loss_fn, tx, cfg, mesh, state_sharding, ema=None):
     """The jitted, state-donating training step on the `data` mesh."""
     return compilation.jit(
-        step_function(model, loss_fn, tx, cfg),
+        step_function(model, loss_fn, tx, cfg, ema),
         in_shardings=(state_sharding, sharding.data_sharded(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -314,12 +368,18 @@ def startup_summary(config, source, class_names, param_shapes, mesh, workdir, re
     )
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(param_shapes))
     canvas = tuple(config.input.canvas_hw)
+    ema = (
+        f", EMA of the weights (optim.ema_decay={config.optim.ema_decay:g}, warmup "
+        f"{config.optim.ema_warmup_steps} steps) evaluated instead of them"
+        if ema_momentum(config) is not None
+        else ""
+    )
     return [
         f"data: {data}",
         f"classes ({len(class_names)}): {names}",
         f"input: canvas {canvas[0]}x{canvas[1]}, global batch {config.input.global_batch}, "
         f"up to {config.input.max_instances} instances per image",
-        f"model: {config.method}, {params / 1e6:.2f} M trainable parameters",
+        f"model: {config.method}, {params / 1e6:.2f} M trainable parameters{ema}",
         f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} "
         f"({jax.default_backend()}), {jax.process_count()} process(es), mesh "
         f"{dict(mesh.shape)}",
@@ -408,7 +468,9 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
         )
         for line in summary + data_notes:
             log.info("%s", line)
-    step_fn = make_train_step(model, method.loss_fn, tx, cfg, mesh, state_sharding)
+    step_fn = make_train_step(
+        model, method.loss_fn, tx, cfg, mesh, state_sharding, ema=ema_momentum(config)
+    )
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     bar = tqdm(
         total=total,
@@ -674,13 +736,14 @@ def _best_so_far(workdir: Path) -> dict:
 
 
 def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline) -> dict:
-    """Evaluate the current parameters on the eval split; keep the best checkpoint by its main
-    figure (PQ, keypoint AP, mask AP or box AP) in workdir/best and redraw the AP-versus-step
-    plot."""
+    """Evaluate the current parameters (their EMA, with optim.ema_decay set) on the eval split;
+    keep the best checkpoint by its main figure (PQ, keypoint AP, mask AP or box AP) in
+    workdir/best and redraw the AP-versus-step plot."""
     if jax.process_count() > 1:
         log.warning("periodic evaluation runs in single-process training only; skipped")
         return best
-    variables = {"params": state["params"], "frozen": state["frozen"]}
+    params = state.get("ema_params", state["params"])
+    variables = {"params": params, "frozen": state["frozen"]}
     report = evaluate.evaluate_model(config, variables, workdir, step, print_tables=True)
     evaluate.plot_ap(workdir)
     # The model's main output decides the best checkpoint: the panoptic map's PQ (in [0, 1]

@@ -8,6 +8,7 @@ evaluate, predict and demo read one back; import-weights writes one a training r
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import ml_collections
@@ -15,6 +16,8 @@ import ml_collections
 from instseg_jax import builders
 from instseg_jax import config as config_lib
 from instseg_jax.config import ConfigValueError, UserError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CLASSES_FILE = "classes.json"
@@ -65,7 +68,8 @@ def read_stuff_map(workdir) -> tuple[list[int], list[str]]:
 def restore_variables(workdir: str | Path, step: int | None = None, overrides=()):
     """(config, variables, step) of a training workdir's checkpoint (latest by default), the
     config being workdir/config.json with `--config.a.b=value` overrides applied (eval and
-    predict: e.g. model.score_threshold)."""
+    predict: e.g. model.score_threshold). A run trained with optim.ema_decay gives its
+    parameters' moving average as "params", the weights it evaluated."""
     # Imported here, not above: `eval --results` and the writers above never restore, and
     # orbax is slow to import.
     import orbax.checkpoint as ocp
@@ -97,7 +101,17 @@ def restore_variables(workdir: str | Path, step: int | None = None, overrides=()
     )
     checkpointer.close()
     state = restored["state"]
-    return config, {"params": state["params"], "frozen": state.get("frozen", {})}, step
+    params = state["params"]
+    if "ema_params" in state:
+        params = state["ema_params"]
+        log.info(
+            "%s: checkpoint %d holds an EMA of the weights (optim.ema_decay=%s): using it, not "
+            "the raw weights",
+            workdir,
+            step,
+            config.optim.get("ema_decay", "?"),
+        )
+    return config, {"params": params, "frozen": state.get("frozen", {})}, step
 
 
 def check_resumable(config, ckpt, step: int, config_shapes: dict) -> None:
@@ -133,6 +147,15 @@ def check_resumable(config, ckpt, step: int, config_shapes: dict) -> None:
             f"(category ids {_some(saved_ids)} and {_some(ids)}): {fix}"
         )
     have, want = ckpt.state_shapes(step), config_shapes
+    has_ema, wants_ema = (any(k.startswith("ema_params/") for k in t) for t in (have, want))
+    if has_ema != wants_ema:
+        saved_decay = saved.get("optim", {}).get("ema_decay", 0.0)
+        raise ConfigValueError(
+            f"{held} {'with' if has_ema else 'without'} an EMA of the weights "
+            f"(optim.ema_decay={saved_decay}); the config sets optim.ema_decay="
+            f"{config.optim.get('ema_decay', 0.0)}: resume with "
+            f"--config.optim.ema_decay={saved_decay}, or {fix}"
+        )
     differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
     if differ:
         first = differ[0]

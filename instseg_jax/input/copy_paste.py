@@ -25,8 +25,9 @@ applies it with large-scale jitter:
 
 Crowd regions: the partner's are never pasted (they are not objects); this image's are
 occluded like its instances (their remains stay crowd regions, which training drops and counts
-as before). Keypoints and semantic maps are not pasted: TransformConfig refuses copy-paste for
-methods that train on them.
+as before). Ignore regions (the boxes of instances beyond input.max_instances) are made by the
+transform afterwards, from the pasted example's instances. Keypoints and semantic maps are not
+pasted: TransformConfig refuses copy-paste for methods that train on them.
 """
 
 from __future__ import annotations

@@ -26,6 +26,11 @@ def test_tfds_source_reads_back_the_coco_source(nuclei_dir, tmp_path):
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"{key} of {index}")
+    # Repeat-factor sampling's categories, read without decoding an image, agree too.
+    categories = tfds_source.image_categories()
+    for index, want in enumerate(coco.image_categories()):
+        got = categories[by_id[coco[index]["image_id"]]]
+        np.testing.assert_array_equal(got, want)
     shards = list((tmp_path / "coco_instances" / "nuclei" / "1.0.0").glob("*array_record*"))
     assert shards, "array_record shards written"
 
