@@ -202,7 +202,7 @@ def _add_eval(commands, parent) -> None:
         "eval",
         parents=[parent],
         formatter_class=_RAW_DEFAULTS,
-        help="COCO bbox/segm evaluation with pycocotools",
+        help="COCO bbox/segm/keypoint evaluation (hotcoco; pycocotools with --evaluator)",
         epilog=WORKDIR_OVERRIDES_HELP,
     )
     evaluate.add_argument("--workdir", help="a training workdir to evaluate")
@@ -220,6 +220,13 @@ def _add_eval(commands, parent) -> None:
         default=None,
         help="COCOeval's largest maxDets (default: the config's eval.max_detections, else 100); "
         "above 100, AP and AR at it are reported beside COCO's maxDets=100 table",
+    )
+    evaluate.add_argument(
+        "--evaluator",
+        choices=("hotcoco", "pycocotools"),  # config.COCO_EVALUATORS (the parser imports none)
+        default=None,
+        help="whose COCOeval (default: the config's eval.evaluator, else hotcoco, which gives "
+        "pycocotools' stats bit for bit, faster)",
     )
 
 

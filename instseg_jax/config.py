@@ -36,6 +36,10 @@ class ConfigFileNotFound(UserError, FileNotFoundError):
     pass
 
 
+# COCOeval implementations (eval.evaluator, `eval --evaluator`); the first is the default.
+COCO_EVALUATORS = ("hotcoco", "pycocotools")
+
+
 def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """Config of ``path/to/experiment.py[:arg]`` with dotted overrides ``a.b=value`` applied.
 
@@ -174,6 +178,11 @@ def validate(config: ml_collections.ConfigDict, source: str = "config") -> None:
         )
     if config.get("log_every", 1) <= 0:
         raise ConfigValueError(f"{source}: log_every must be > 0 (steps between logged metrics)")
+    if config.eval.get("evaluator", COCO_EVALUATORS[0]) not in COCO_EVALUATORS:
+        raise ConfigValueError(
+            f"{source}: eval.evaluator must be one of {', '.join(COCO_EVALUATORS)}; got "
+            f"{config.eval.evaluator!r}"
+        )
     for field in ("canvas_hw", "synthetic_hw"):
         value = config.input.get(field, (1, 1))
         if not (_positive_integers(value) and len(value) == 2):
@@ -298,6 +307,9 @@ def base() -> ml_collections.ConfigDict:
     c.eval.global_batch = 8
     # COCOeval's largest maxDets. Above COCO's 100, the tables report AP and AR at both.
     c.eval.max_detections = 100
+    # Whose COCOeval scores bbox, segm and keypoints (COCO_EVALUATORS): hotcoco gives
+    # pycocotools' stats bit for bit, 50-100x faster; "pycocotools" runs pycocotools' own.
+    c.eval.evaluator = COCO_EVALUATORS[0]
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.distributed = False

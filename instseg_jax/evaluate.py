@@ -1,12 +1,18 @@
-"""Predictions -> COCO results -> pycocotools COCOeval (bbox, then segm).
+"""Predictions -> COCO results -> COCOeval (bbox, then segm, then keypoints).
 
     instseg-jax eval --results preds.json --annotations gt.json [--max-dets 300]
     instseg-jax eval --workdir DIR [--checkpoint STEP] [--max-dets 300]
+        [--evaluator pycocotools]
 
 Metrics, RLE and areas are pycocotools', never re-implemented: this module runs a model over a
 split (instseg_jax.detections turns its Detections into COCO results at the original pixels)
 and calls COCOeval. Any source evaluates: a COCO split through its annotation file, the
 synthetic scenes through their exact masks, turned into a COCO ground truth in memory.
+
+COCOeval is hotcoco's by default (EVALUATORS; eval.evaluator, --evaluator): a Rust port whose
+precision, recall and 12 stats are pycocotools' bit for bit (tests/test_fast_eval.py) in a
+fiftieth of the time or less (experiments/benchmarks/coco_eval_speed.py); pycocotools' own
+COCOeval is kept as "pycocotools". The ground truth stays a pycocotools COCO either way.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import io
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +31,7 @@ from pycocotools.cocoeval import COCOeval
 
 from instseg_jax import builders, detections, inference, structures
 from instseg_jax import workdir as workdir_lib
-from instseg_jax.config import UserError
+from instseg_jax.config import COCO_EVALUATORS, UserError
 from instseg_jax.input.coco import mask_annotation
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,19 @@ STAT_NAMES = (
 KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
+# COCOeval implementations: the first is the default (config eval.evaluator, eval --evaluator).
+EVALUATORS = COCO_EVALUATORS
+
+
+def check_evaluator(name: str, where: str = "eval.evaluator") -> str:
+    if name not in EVALUATORS:
+        raise UserError(
+            f"{where} {name!r}: choose one of {', '.join(EVALUATORS)} (hotcoco, the default, "
+            "gives pycocotools' stats bit for bit, faster)"
+        )
+    return name
+
+
 def coco_evaluate(
     annotations: str | Path | COCO,
     results: list[dict] | str | Path,
@@ -55,6 +75,7 @@ def coco_evaluate(
     print_tables: bool = True,
     max_detections: int = 100,
     keypoint_sigmas=None,
+    evaluator: str = EVALUATORS[0],
 ) -> dict[str, list[float]]:
     """pycocotools' 12 stats per IoU type, bbox then segm, with maxDets (1, 10, 100), and its
     10 keypoint stats (OKS, maxDets 20 as COCO's keypoint tables) for "keypoints".
@@ -64,7 +85,9 @@ def coco_evaluate(
     and segm: the 12 stats stay COCO's (at 100) and three more follow, AP, AP50 and AR at D
     (pycocotools' own precision and recall arrays). keypoint_sigmas: the OKS sigma of each
     keypoint (input/keypoints.py); None keeps pycocotools' 17 COCO person sigmas.
+    evaluator: whose COCOeval computes them (EVALUATORS); the numbers are the same.
     """
+    check_evaluator(evaluator, "evaluator")
     if max_detections < 100:
         raise UserError(
             f"maxDets {max_detections}: COCO's tables are at maxDets 100; give 100 or more "
@@ -88,51 +111,62 @@ def coco_evaluate(
         iou_types = ("bbox", "segm") if has_masks else ("bbox",)
         if results and all("keypoints" in r for r in results):
             iou_types += ("keypoints",)
+    _check_result_images(results, gt, results_file, evaluator)
     extra = max_detections > 100
+    fast_gt = fast_detections = None
+    if evaluator == "hotcoco":
+        import hotcoco
+
+        fast_gt = hotcoco.COCO(gt.dataset)  # copied into hotcoco's own structures
     stats = {}
     for iou_type in iou_types:
         keypoints = iou_type == "keypoints"
         # loadRes cannot take an empty list: no detections are scored as an empty result set,
         # for pycocotools' own values (0 where there is ground truth, -1 where there is none).
-        if results:
-            try:
-                detections_coco = _quiet(gt.loadRes, [dict(r) for r in results])
-            except (KeyError, AssertionError, TypeError, ValueError, IndexError) as error:
-                if results_file is None:
-                    raise
-                raise UserError(
-                    f"{results_file}: pycocotools cannot read these results against the "
-                    f"annotations ({type(error).__name__}: {error}); each needs an image_id of "
-                    "the annotation file, category_id, score, and bbox or segmentation"
-                ) from error
+        if evaluator == "hotcoco":
+            if fast_detections is None and not results:
+                fast_detections = hotcoco.COCO(_no_detections(gt).dataset)
+            elif fast_detections is None:  # hotcoco's load_res copies: one serves all IoU types
+                fast_detections = _read_results(
+                    lambda: fast_gt.load_res([dict(r) for r in results]), results_file, evaluator
+                )
+            run = hotcoco.COCOeval(fast_gt, fast_detections, iou_type)
+            # pycocotools' images (gt.imgs: a subset when the caller narrowed it) and categories
+            run.params.imgIds = sorted(gt.getImgIds())
+            run.params.catIds = sorted(gt.getCatIds())
         else:
-            detections_coco = _no_detections(gt)
-        evaluator = COCOeval(gt, detections_coco, iou_type)
+            if results:
+                detections_coco = _read_results(
+                    lambda: _quiet(gt.loadRes, [dict(r) for r in results]), results_file, evaluator
+                )
+            else:
+                detections_coco = _no_detections(gt)
+            run = COCOeval(gt, detections_coco, iou_type)
         if keypoints:
             if keypoint_sigmas is not None:
-                evaluator.params.kpt_oks_sigmas = np.asarray(keypoint_sigmas, np.float64)
-            with _maybe_quiet(not print_tables):
-                evaluator.evaluate()
-                evaluator.accumulate()
-                if print_tables:
-                    print(f"-- {iou_type} --")
-                evaluator.summarize()
-            if print_tables:
-                print(per_category_table(evaluator, gt, iou_type))
-            stats[iou_type] = [float(v) for v in evaluator.stats]
-            continue
-        evaluator.params.maxDets = [1, 10, 100, max_detections] if extra else [1, 10, 100]
-        with _maybe_quiet(not print_tables):
-            evaluator.evaluate()
-            evaluator.accumulate()
+                run.params.kpt_oks_sigmas = np.asarray(keypoint_sigmas, np.float64)
+        else:
+            run.params.maxDets = [1, 10, 100, max_detections] if extra else [1, 10, 100]
+        with _maybe_quiet(not print_tables), warnings.catch_warnings():
+            # hotcoco warns that sigmas other than COCO's 17 are not COCO keypoint AP: they are
+            # the dataset's own (input/keypoints.py), chosen on purpose.
+            warnings.filterwarnings("ignore", "hotcoco: kpt_oks_sigmas", UserWarning)
+            run.evaluate()
+            run.accumulate()
             if print_tables:
                 print(f"-- {iou_type} --")
-            evaluator.summarize()
+            if extra and not keypoints and evaluator == "hotcoco":
+                # hotcoco summarises at the last maxDets; pycocotools' 12 stats are at 100,
+                # whose column of the accumulated arrays is the same for either list
+                run.params.maxDets = [1, 10, 100]
+            run.summarize()
+            if extra and not keypoints:
+                run.params.maxDets = [1, 10, 100, max_detections]
         if print_tables:
-            print(per_category_table(evaluator, gt, iou_type))
-        values = [float(v) for v in evaluator.stats]
-        if extra:
-            values += _at_max_detections(evaluator)
+            print(per_category_table(run, gt, iou_type))
+        values = [float(v) for v in run.stats]
+        if extra and not keypoints:
+            values += _at_max_detections(run)
             if print_tables:
                 ap, ap50, ar = values[12:]
                 print(
@@ -143,11 +177,41 @@ def coco_evaluate(
     return stats
 
 
+def _check_result_images(results: list[dict], gt: COCO, results_file, evaluator: str) -> None:
+    """pycocotools' loadRes refuses results of images outside the ground truth (gt.imgs);
+    hotcoco only warns and leaves them unmatched. Both refuse here, in the same words."""
+    images = gt.imgs
+    stranger = next((r.get("image_id") for r in results if r.get("image_id") not in images), None)
+    if stranger is None:
+        return
+    if results_file is None:
+        raise ValueError(f"results of image_id {stranger!r}, not an image of the ground truth")
+    raise UserError(
+        f"{results_file}: {evaluator} cannot read these results against the annotations (image_id "
+        f"{stranger!r} is not one of their {len(images)} images); each needs an image_id of the "
+        "annotation file, category_id, score, and bbox or segmentation"
+    )
+
+
+def _read_results(load, results_file, evaluator: str):
+    """load() of the results; what it raises on a results file is the user's error."""
+    try:
+        return load()
+    except (KeyError, AssertionError, TypeError, ValueError, IndexError) as error:
+        if results_file is None:
+            raise
+        raise UserError(
+            f"{results_file}: {evaluator} cannot read these results against the annotations "
+            f"({type(error).__name__}: {error}); each needs an image_id of the annotation file, "
+            "category_id, score, and bbox or segmentation"
+        ) from error
+
+
 def per_category_ap(evaluator: COCOeval) -> dict[int, float]:
     """AP (IoU 0.50:0.95, area "all", maxDets 100, or the keypoints' 20) of each category id
     from accumulate()'s precision array [T, R, K, A, M]; NaN for a category without ground
     truth (pycocotools' -1 everywhere)."""
-    precision = evaluator.eval["precision"]
+    precision = evaluator.eval["precision"]  # pycocotools' or hotcoco's: the same arrays
     max_dets = list(evaluator.params.maxDets)
     column = max_dets.index(100) if 100 in max_dets else len(max_dets) - 1
     values = {}
@@ -186,7 +250,7 @@ def _at_max_detections(evaluator: COCOeval) -> list[float]:
         values = values[values > -1]
         return float(values.mean()) if values.size else -1.0
 
-    iou50 = int(np.argmin(np.abs(evaluator.params.iouThrs - 0.5)))
+    iou50 = int(np.argmin(np.abs(np.asarray(evaluator.params.iouThrs) - 0.5)))
     return [mean(precision), mean(precision[iou50]), mean(recall)]
 
 
@@ -227,11 +291,18 @@ def named(stats: list[float], max_detections: int = 100) -> dict[str, float]:
     return dict(zip(names, stats, strict=True))
 
 
-def main_results(results_file: str, annotations_file: str, max_detections: int = 100) -> dict:
+def main_results(
+    results_file: str,
+    annotations_file: str,
+    max_detections: int = 100,
+    evaluator: str = EVALUATORS[0],
+) -> dict:
     for path, flag in ((results_file, "--results"), (annotations_file, "--annotations")):
         if not Path(path).is_file():
             raise UserError(f"{flag} {path}: file not found")
-    stats = coco_evaluate(annotations_file, results_file, max_detections=max_detections)
+    stats = coco_evaluate(
+        annotations_file, results_file, max_detections=max_detections, evaluator=evaluator
+    )
     return {k: named(v, max_detections) for k, v in stats.items()}
 
 
@@ -429,7 +500,8 @@ def evaluate_model(
             len(gt.imgs),
         )
     start = time.perf_counter()
-    stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections, sigmas)
+    evaluator = check_evaluator(config.eval.get("evaluator", EVALUATORS[0]))
+    stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections, sigmas, evaluator)
     seconds["cocoeval_s"] = time.perf_counter() - start
     report = {k: named(v, max_detections) for k, v in stats.items()}
     if panoptic_evaluation is not None:
@@ -561,7 +633,10 @@ def main(args) -> int:
                 "has none (give --workdir DIR to evaluate a model)"
             )
         print(f"evaluating {args.results} against {args.annotations}", flush=True)
-        report = main_results(args.results, args.annotations, max_detections or 100)
+        evaluator = check_evaluator(
+            getattr(args, "evaluator", None) or EVALUATORS[0], "--evaluator"
+        )
+        report = main_results(args.results, args.annotations, max_detections or 100, evaluator)
         out = getattr(args, "out", None)
         if out:
             Path(out).write_text(json.dumps(report, indent=2) + "\n")
@@ -582,5 +657,8 @@ def main(args) -> int:
         if max_detections is not None:
             with config.unlocked() if config.is_locked else contextlib.nullcontext():
                 config.eval.max_detections = max_detections
+        if getattr(args, "evaluator", None):  # else the config's eval.evaluator, else hotcoco
+            with config.unlocked() if config.is_locked else contextlib.nullcontext():
+                config.eval.evaluator = check_evaluator(args.evaluator, "--evaluator")
         evaluate_model(config, variables, args.workdir, step)  # prints the tables and the path
     return 0

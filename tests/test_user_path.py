@@ -559,11 +559,11 @@ def test_predict_on_nothing_it_can_read_ends_in_one_line(tmp_path, capsys):
         ),
         (
             ["eval", "--results", "{tmp}/no_bbox.json", "--annotations", "{tmp}/gt.json"],
-            "no_bbox.json: pycocotools cannot read these results",
+            "no_bbox.json: hotcoco cannot read these results",
         ),
         (
             ["eval", "--results", "{tmp}/other_image.json", "--annotations", "{tmp}/gt.json"],
-            "other_image.json: pycocotools cannot read these results",
+            "other_image.json: hotcoco cannot read these results",
         ),
     ],
 )
