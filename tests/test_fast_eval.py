@@ -382,3 +382,26 @@ def test_config_names_the_evaluator():
     assert config.eval.evaluator == "hotcoco"
     with pytest.raises(config_lib.ConfigValueError, match=r"eval\.evaluator must be one of"):
         config_lib.load("experiments/maskrcnn_nuclei.py:smoke", ["--config.eval.evaluator=fast"])
+
+
+def test_eval_workdir_passes_the_evaluator_to_the_model_evaluation(monkeypatch, capsys):
+    """`eval --workdir DIR --evaluator pycocotools` sets the restored config's eval.evaluator,
+    which evaluate_model (periodic evaluation too) reads; without the flag the config's stays."""
+    from instseg_jax import cli
+    from instseg_jax import config as config_lib
+
+    seen = []
+
+    def restore(workdir, checkpoint, overrides):
+        config = config_lib.load("experiments/maskrcnn_nuclei.py:smoke", overrides)
+        config.lock()
+        return config, {}, 7
+
+    monkeypatch.setattr(evaluate.workdir_lib, "restore_variables", restore)
+    monkeypatch.setattr(
+        evaluate, "evaluate_model", lambda config, *a, **k: seen.append(config.eval.evaluator)
+    )
+    assert cli.main(["eval", "--workdir", "w", "--evaluator", "pycocotools"]) == 0
+    assert cli.main(["eval", "--workdir", "w"]) == 0
+    assert cli.main(["eval", "--workdir", "w", "--config.eval.evaluator=pycocotools"]) == 0
+    assert seen == ["pycocotools", "hotcoco", "pycocotools"]
