@@ -15,9 +15,11 @@ map, the method, the checkpoint step, the jax version and the platforms. Load it
 
 The weights are baked into the program as constants, not passed as an argument: the file is
 then all a server needs (no tree of arrays to restore and flatten in the order the program
-expects), and XLA folds the frozen batch-norm statistics into the convolutions when it compiles.
-The cost is one file per checkpoint, and the size limit of jax.export's flatbuffer (2 GiB),
-far above the detectors here (a ResNet-50 Mask R-CNN is ~180 MB of float32).
+expects, no checkpoint reader), and XLA can fold what is computed from the weights alone
+(frozen batch norm's scale and shift) when it compiles. The cost is one file per checkpoint and
+the 2 GiB limit of jax.export's flatbuffer, far above the detectors here (a ResNet-50 Mask
+R-CNN's 44 M parameters are ~170 MiB of float32). Runs that kept an EMA of their weights
+export the average (workdir.restore_variables gives it, as evaluation uses it).
 
 Methods that run inference as two programs on the host (Mask R-CNN's `make_inference`, which
 picks a mask budget from the detections' count) export their one-program forward: the masks of
