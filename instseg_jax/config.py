@@ -61,6 +61,7 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
         if arg:
             raise ConfigValueError(f"--config {spec}: a config.json takes no ':{arg}'")
         config = from_json(file)
+        _add_new_trainer_fields(config)
     elif file.suffix == ".py":
         config = _from_experiment(file, arg)
     else:
@@ -88,6 +89,19 @@ def from_json(path: Path, lock: bool = True) -> ml_collections.ConfigDict:
     if lock:
         config.lock()
     return config
+
+
+def _add_new_trainer_fields(config: ml_collections.ConfigDict) -> None:
+    """Give a config.json written before a trainer model field existed (model.init_from) that
+    field's default, so that it can be overridden. Only where the model section has the
+    trainer's fields at all: a method of one's own may keep them out (its Config rejects them)."""
+    model = config.get("model")
+    if model is None or "backbone_weights" not in model:
+        return
+    with config.unlocked():
+        for field, default in TRAINER_MODEL_FIELDS.items():
+            if field not in model:
+                model[field] = default
 
 
 def _lists_as_tuples(value):
@@ -321,6 +335,10 @@ TRAINER_MODEL_FIELDS = {
     # A torchvision ResNet weights file (.pth or .npz) to initialise the backbone when training
     # starts (instseg_jax/weights/resnet.py); "" = random initialisation.
     "backbone_weights": "",
+    # "WORKDIR" or "WORKDIR:STEP": a new run starts from that checkpoint (a training workdir or
+    # one written by import-weights), class-specific predictors re-initialised when the class
+    # count differs (instseg_jax/finetune.py); takes precedence over backbone_weights. "" = off.
+    "init_from": "",
 }
 
 

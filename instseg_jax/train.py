@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from instseg_jax import builders, compilation, evaluate, rng, sharding
+from instseg_jax import builders, compilation, evaluate, finetune, rng, sharding
 from instseg_jax import config as config_lib
 from instseg_jax import workdir as workdir_lib
 from instseg_jax.backbones.resnet import frozen_prefixes
@@ -198,16 +198,19 @@ def init_variables_fn(model, batch_shapes, config):
 
 
 def init_state_fn(model, tx, batch_shapes, config):
-    """(seed key, optional pretrained variables) -> the train state: params, frozen
-    statistics, optimizer state, counters. Pretrained variables {collection: {submodule: tree}}
-    (the method's load_backbone_weights of model.backbone_weights) replace the initialised
-    submodules they name."""
+    """(seed key, optional pretrained variables, optional loaded leaves) -> the train state:
+    params, frozen statistics, optimizer state, counters. Pretrained variables {collection:
+    {submodule: tree}} (the method's load_backbone_weights of model.backbone_weights) replace
+    the initialised submodules they name; loaded leaves (finetune.loaded_variables of
+    model.init_from) replace the initialised leaves they hold."""
     init_variables = init_variables_fn(model, batch_shapes, config)
 
-    def init(seed_key, pretrained=None):
+    def init(seed_key, pretrained=None, loaded=None):
         variables = init_variables(seed_key)
         if pretrained is not None:
             variables = with_pretrained(variables, pretrained)
+        if loaded is not None:
+            variables = finetune.with_loaded(variables, loaded)
         return state_from_variables(variables, tx, config)
 
     return init
@@ -422,6 +425,7 @@ def _has_checkpoint(workdir: Path) -> bool:
 def _train(config, workdir: Path, max_steps, progress) -> dict:
     if not _has_checkpoint(workdir):  # before the data loads: refused in a second
         require_pretrained_frozen_bn(config.model)
+        finetune.check_source(config)
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh()
     sharding.check_global_batch(config.input.global_batch, mesh)
@@ -455,7 +459,15 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
     )
     latest = ckpt.latest_step()
     state = _initial_state(
-        config, init_state, params_key, state_sharding, ckpt, latest, pipeline, data_notes
+        config,
+        init_state,
+        params_key,
+        state_sharding,
+        ckpt,
+        latest,
+        pipeline,
+        data_notes,
+        variable_shapes=variable_shapes_fn(batch_shapes),
     )
     # Only now, with the checkpoint known to fit the config, is the workdir's record rewritten:
     # a failed resume leaves a trained workdir as it was.
@@ -499,10 +511,20 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
 
 
 def _initial_state(
-    config, init_state, params_key, state_sharding, ckpt, latest, pipeline, data_notes
+    config,
+    init_state,
+    params_key,
+    state_sharding,
+    ckpt,
+    latest,
+    pipeline,
+    data_notes,
+    variable_shapes=None,
 ) -> dict:
     """The state of checkpoint `latest` with the pipeline moved to its position, or, when
-    there is none, a new state (with the backbone weights the config names)."""
+    there is none, a new state (with the weights model.init_from or model.backbone_weights
+    names; init_from first, as it holds the backbone too). variable_shapes(config, num_classes):
+    the variable shapes of config's model at num_classes (init_from's class-specific leaves)."""
     if latest is not None:  # restore into shapes only: no parameters are initialised for nothing
         shapes = jax.eval_shape(init_state, params_key)
         workdir_lib.check_resumable(config, ckpt, latest, leaf_shapes(shapes))
@@ -510,13 +532,27 @@ def _initial_state(
         pipeline.set_state(data_state)
         log.info("resumed from step %d in %s", latest, ckpt.directory)
         return state
-    pretrained = None
-    if config.model.get("backbone_weights"):
+    pretrained = loaded = None
+    if config.model.get("init_from"):
+        loaded = finetune.loaded_variables(config, variable_shapes, data_notes)
+    elif config.model.get("backbone_weights"):
         load = backbone_weights_loader(builders.method(config))  # the method's, else ResNet's
         pretrained, description = load(config.model.backbone_weights, config.model)
         data_notes.append(f"backbone initialised from {description}")
     # Created directly in the replicated sharding.
-    return jax.jit(init_state, out_shardings=state_sharding)(params_key, pretrained)
+    return jax.jit(init_state, out_shardings=state_sharding)(params_key, pretrained, loaded)
+
+
+def variable_shapes_fn(batch_shapes):
+    """(config, num_classes) -> the variable shapes of config's model with num_classes thing
+    classes, from batches of batch_shapes (traced: nothing is computed)."""
+
+    def shapes(config, num_classes):
+        _, _, model = builders.build_model(config, num_classes)
+        init = init_variables_fn(model, batch_shapes, config)
+        return jax.eval_shape(init, rng.stream(config.seed, "params"))
+
+    return shapes
 
 
 def _training_source(config, workdir: Path):

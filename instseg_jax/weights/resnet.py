@@ -107,8 +107,11 @@ def require_pretrained_frozen_bn(model_config) -> None:
     frozen statistics and affine terms would stay the identity of a fresh initialisation, so
     the network would train with no normalisation at all (the COCO recipes' silent failure).
     GroupNorm ("group_norm") trains from scratch; a run resumed from a checkpoint (an imported
-    workdir included) has its weights already and is not asked."""
-    if model_config.get("norm") != "frozen_bn" or model_config.get("backbone_weights"):
+    workdir included) has its weights already and is not asked, nor is one started from another
+    run's checkpoint (model.init_from: its frozen statistics come along)."""
+    if model_config.get("norm") != "frozen_bn":
+        return
+    if model_config.get("backbone_weights") or model_config.get("init_from"):
         return
     depth = int(model_config.get("depth", 50))
     where = IMAGENET_CHECKPOINTS.get(depth, "torchvision's model zoo")
@@ -118,7 +121,8 @@ def require_pretrained_frozen_bn(model_config) -> None:
         f"--config.model.backbone_weights=resnet{depth}.pth, torchvision's "
         f"ResNet{depth}_Weights.IMAGENET1K_V1 ({where}, fetched once where there is internet; "
         ".pth needs torch, or an .npz of its state_dict; nothing downloads at run time), or "
-        "train from scratch with --config.model.norm=group_norm --config.model.freeze_at=0"
+        "start from a detector's checkpoint with --config.model.init_from=WORKDIR, or train from "
+        "scratch with --config.model.norm=group_norm --config.model.freeze_at=0"
     )
 
 
