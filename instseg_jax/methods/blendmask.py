@@ -22,7 +22,8 @@ slot's centerness target and divided by the sum of those targets (the reference 
 sum over all positives; the two agree when nothing is over the budget); the auxiliary semantic
 loss (the bottom module's `semantic_convs` convs on P3 to C + 1 logits, softmax cross-entropy at
 stride 8 against each cell's instance class, background 0, a cell two instances cover taking
-the later one) x `semantic_loss_weight` (0.3).
+the later one, averaged over each image's extent padded to 32 pixels as the reference pads its
+batch: `semantic_loss`) x `semantic_loss_weight` (0.3).
 
 Attention layout: channel base x A^2 + row x A + column, as the reference's view(N, 4, 14, 14).
 Known differences from the reference: GroupNorm in the bottom module and the semantic head (the
@@ -110,6 +111,24 @@ def semantic_labels(full_masks, classes, valid):
     b, h, w = last.shape
     cls = jnp.take_along_axis(classes, last.reshape(b, h * w), axis=1).reshape(b, h, w)
     return jnp.where(covering.any(axis=1), cls + 1, 0).astype(jnp.int32)
+
+
+def semantic_loss(logits, labels, image_hw, stride: int, size_divisibility: int = 32):
+    """Softmax cross-entropy of logits [B, h, w, C + 1] against labels int32[B, h, w] averaged
+    over the cells of each image's padded extent: its valid region rounded up to
+    size_divisibility pixels, where the reference's padded batch holds background (AdelaiDet
+    blendmask.py pads basis_sem with 0 through ImageList.from_tensors(..., size_divisibility,
+    0), and basis_module.py averages F.cross_entropy over all of it). The canvas beyond that
+    extent, which the reference never sees, is left out. The reference's batch is also padded
+    to its largest image, so the padding an image gets there depends on its GPU's other image:
+    here each image is padded as if alone."""
+    _, h, w, _ = logits.shape
+    extent = -(-image_hw.astype(jnp.int32) // size_divisibility) * size_divisibility // stride
+    rows = jnp.arange(h)[None, :, None] < extent[:, 0, None, None]
+    cols = jnp.arange(w)[None, None, :] < extent[:, 1, None, None]
+    inside = (rows & cols).astype(jnp.float32)  # [B, h, w]
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[..., None], axis=-1)
+    return jnp.sum(nll[..., 0] * inside) / jnp.maximum(inside.sum(), 1.0)
 
 
 class SemanticHead(nn.Module):
@@ -223,10 +242,9 @@ def loss_fn(outputs: dict, batch: dict, cfg: BlendMaskConfig) -> tuple[jnp.ndarr
     )
     semantic = outputs["semantic_logits"]  # [B, H/8, W/8, C + 1]
     labels = semantic_labels(batch["gt_full_masks"], batch["gt_classes"], batch["gt_valid"])
-    log_probs = jax.nn.log_softmax(semantic, axis=-1)
-    loss_semantic = (
-        cfg.semantic_loss_weight
-        * -jnp.take_along_axis(log_probs, labels[..., None], axis=-1).mean()
+    stride = batch["image"].shape[1] // semantic.shape[1]
+    loss_semantic = cfg.semantic_loss_weight * semantic_loss(
+        semantic, labels, batch["image_hw"], stride
     )
     metrics = {
         **metrics,

@@ -93,6 +93,35 @@ def test_semantic_labels_take_the_class_of_the_last_covering_instance():
     assert expected[0, 1, 2] == 1  # the overlap went to slot 1 (class 0)
 
 
+def test_semantic_loss_averages_over_the_extent_the_reference_pads_to():
+    """AdelaiDet blendmask.py BlendMask.forward pads basis_sem with 0 (background) to the batch
+    size rounded up to size_divisibility 32, and basis_module.py ProtoNet.forward takes
+    F.cross_entropy (mean) of the stride-8 map over all of it. Encoded in float64 for images of
+    50 x 70 and 96 x 40 pixels alone in their batch (extents 64 x 96 and 96 x 64, i.e. 8 x 12
+    and 12 x 8 cells) on a 128 x 128 canvas (16 x 16 cells).
+
+    Fails if the whole canvas is averaged (the former rule), the padding of the extent is left
+    out, or the extent is not rounded up to 32."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (2, 16, 16, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, (2, 16, 16)).astype(np.int32)
+    image_hw = np.array([[50, 70], [96, 40]], np.int32)
+    total, count = 0.0, 0
+    for b, (h, w) in enumerate(image_hw):
+        padded_h, padded_w = -(-h // 32) * 32, -(-w // 32) * 32
+        # The reference's target: labels inside the image, background 0 on its padding.
+        rows, cols = padded_h // 8, padded_w // 8
+        row = logits[b, :rows, :cols].astype(np.float64)
+        log_probs = row - np.log(np.exp(row).sum(-1, keepdims=True))
+        target = labels[b, :rows, :cols]
+        total += -np.take_along_axis(log_probs, target[..., None], -1).sum()
+        count += rows * cols
+    ours = blendmask.semantic_loss(
+        jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(image_hw), stride=8
+    )
+    assert float(ours) == pytest.approx(total / count, rel=1e-5)
+
+
 def test_the_default_attentions_are_4_by_14_by_14():
     cfg = blendmask.BlendMaskConfig(num_classes=80)
     assert cfg.attention_length == 784 and cfg.bottom_resolution == 56
