@@ -98,7 +98,7 @@ def check_method(spec: str, source_config, config) -> None:
     if source_config.method != config.method:
         workdir, _ = parse(spec)
         raise InitFromError(
-            f"{FIELD}={spec} holds a {source_config.method} checkpoint; this run trains "
+            f"{FIELD}={spec} holds {source_config.method} weights; this run trains "
             f"{config.method}: give a {config.method} workdir, or train "
             f"{source_config.method} (--config {workdir})"
         )

@@ -249,7 +249,7 @@ def test_another_method_or_architecture_is_refused_in_one_line_leaving_no_workdi
     argv = [*other_method, "--workdir", str(workdir), f"--config.model.init_from={source}"]
     assert cli.main(argv) == 2
     line = user_error_line(capsys.readouterr().err)
-    assert f"model.init_from={source} holds a mask_rcnn checkpoint; this run trains fcos" in line
+    assert f"model.init_from={source} holds mask_rcnn weights; this run trains fcos" in line
     assert not workdir.exists()
     # The box head's width changed: refused at its first layer, with both shapes.
     data = [f"--config.{o}" for o in coco_overrides(tmp_path / "coco")]
