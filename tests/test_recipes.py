@@ -51,12 +51,29 @@ RECIPES = {
     "pointrend_r50_fpn_coco_1x": DETECTRON2_1X,
     # configs/COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml over Base-Panoptic-FPN.yaml.
     "panoptic_fpn_r50_coco_1x": DETECTRON2_1X,
-    # AdelaiDet configs/FCOS-Detection/R_50_1x.yaml: INPUT.MIN_SIZE_TRAIN (800,).
-    "fcos_r50_fpn_coco_1x": {**ADELAIDET_1X, "input.short_side": (800,)},
-    # AdelaiDet configs/CondInst/MS_R_50_1x.yaml over Base-CondInst.yaml.
-    "condinst_r50_fpn_coco_1x": ADELAIDET_1X,
-    # AdelaiDet configs/BlendMask/R_50_1x.yaml over Base-BlendMask.yaml.
-    "blendmask_r50_fpn_coco_1x": ADELAIDET_1X,
+    # AdelaiDet configs/FCOS-Detection/R_50_1x.yaml: INPUT.MIN_SIZE_TRAIN (800,);
+    # adet/config/defaults.py FCOS.THRESH_WITH_CTR False, USE_SCALE True.
+    "fcos_r50_fpn_coco_1x": {
+        **ADELAIDET_1X,
+        "input.short_side": (800,),
+        "model.score_threshold_on": "class",
+        "model.level_scales": True,
+    },
+    # AdelaiDet configs/CondInst/MS_R_50_1x.yaml over Base-CondInst.yaml (FCOS.THRESH_WITH_CTR
+    # True; instances carry bitmasks, so centre sampling is about their mass centres).
+    "condinst_r50_fpn_coco_1x": {
+        **ADELAIDET_1X,
+        "model.score_threshold_on": "product",
+        "model.mass_centre_sampling": True,
+        "model.level_scales": True,
+    },
+    # AdelaiDet configs/BlendMask/R_50_1x.yaml over Base-BlendMask.yaml (FCOS.THRESH_WITH_CTR
+    # True, USE_SCALE False; BASIS_MODULE.LOSS_ON True).
+    "blendmask_r50_fpn_coco_1x": {
+        **ADELAIDET_1X,
+        "model.score_threshold_on": "product",
+        "model.level_scales": False,
+    },
     # ShuLiu1993/PANet configs/panet/e2e_panet_R-50-FPN_2x_mask.yaml over lib/core/config.py:
     # 8 GPUs x TRAIN.IMS_PER_BATCH 2, SOLVER.WARM_UP_ITERS 500 from WARM_UP_FACTOR 1/3, the
     # yaml's weight decay 1e-4 (the file's default is 5e-4); smooth-L1 beta 1/9 on the RPN

@@ -22,7 +22,13 @@ reference uses BatchNorm, which this frame has no running statistics for: frozen
 only); the stride-8 logits are upsampled to stride 4 with half-pixel bilinear interpolation
 (the reference's aligned_bilinear keeps the corner alignment of its stride-8 grid; the two
 differ by under half a stride-8 cell at the border); mask targets are the instance masks
-sampled at the centres of the stride-4 cells, as the reference samples its bitmasks.
+sampled at the centres of the stride-4 cells, as the reference samples its bitmasks; mass
+centres (for centre sampling) are means of pixel centres where the reference averages pixel
+indices of its resized bitmask, half a pixel up and left of ours.
+
+Training and test rules from AdelaiDet kept here (CondInstConfig): centre sampling about the
+mask's mass centre (fcos_outputs.py get_sample_region with gt_bitmasks_full) and candidates
+thresholded on class score x centerness (Base-CondInst.yaml FCOS.THRESH_WITH_CTR).
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from instseg_jax.ops import dense
 MASK_STRIDE = 4  # of the output masks and targets
 BRANCH_STRIDE = 8  # of the mask branch (P3)
 
-INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE)
+INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE, centers=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,13 @@ class CondInstConfig(fcos.FCOSConfig):
     mask_instances_per_image: int = 250  # the reference's 500 per GPU of 2 images
     mask_loss_weight: float = 1.0
     mask_threshold: float = 0.5
+    # Base-CondInst.yaml FCOS.THRESH_WITH_CTR True: candidates above the threshold by class
+    # score x centerness.
+    score_threshold_on: str = "product"
+    # Centre sampling about each instance's mass centre, as AdelaiDet's FCOS outputs do when
+    # the instances carry full bitmasks (CondInst adds them): fcos_outputs.py
+    # get_sample_region; False: about the box centre (plain FCOS).
+    mass_centre_sampling: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -177,6 +190,12 @@ class CondInst(fcos.FCOS):
         self.mask_branch = MaskBranch(
             cfg.mask_branch_channels, cfg.mask_branch_convs, cfg.mask_channels, cfg.dtype
         )
+
+    def assign(self, batch: dict) -> dict:
+        """FCOS's assignment, with centre sampling about the mass centres (the config's
+        mass_centre_sampling)."""
+        centres = batch["gt_centers"] if self.cfg.mass_centre_sampling else None
+        return fcos.batch_targets(batch, self.cfg, centres=centres)
 
     def predict(self, image) -> dict:
         """FCOS's predictions plus "dynamic_params" [B, T, 169] per location and

@@ -18,10 +18,12 @@ def locations(level_shapes, strides, offset):
     return out
 
 
-def assign(points, boxes, valid, sizes_of_interest, radius):
+def assign(points, boxes, valid, sizes_of_interest, radius, centres=None):
     """(matched int[T] or -1, ltrb float64[T, 4] in pixels) by FCOS's rule: strictly inside the
     box and within radius x stride of its centre on both axes, max(l, t, r, b) within the
-    level's closed range, the smallest box among claimants (the first of equal areas)."""
+    level's closed range, the smallest box among claimants (the first of equal areas).
+    centres [N, 2] (x, y): the centre region is about them instead of the box centres
+    (AdelaiDet fcos_outputs.py get_sample_region given bitmasks: their mass centres)."""
     bounds = [0.0, *sizes_of_interest, math.inf]
     matched = np.full(len(points), -1)
     ltrb = np.zeros((len(points), 4))
@@ -35,6 +37,8 @@ def assign(points, boxes, valid, sizes_of_interest, radius):
                 continue
             if radius > 0:
                 cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+                if centres is not None:
+                    cx, cy = centres[n]
                 if abs(x - cx) >= radius * stride or abs(y - cy) >= radius * stride:
                     continue
             if not bounds[level] <= max(dist) <= bounds[level + 1]:

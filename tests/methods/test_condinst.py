@@ -69,6 +69,33 @@ def test_dynamic_head_matches_a_per_instance_evaluation():
         np.testing.assert_allclose(np.asarray(ours[k]), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_centre_sampling_is_about_the_mass_centre():
+    """AdelaiDet's FCOS outputs sample positives within 1.5 strides of the mask's mass centre
+    when the instances carry bitmasks, as CondInst's do (fcos_outputs.py get_sample_region),
+    encoded in tests/methods/fcos_reference.py. An L-shaped instance's mass centre lies far
+    from its box centre. Fails if the box centre is used (the former rule)."""
+    from tests.methods import fcos_reference as reference
+
+    boxes = np.array([[8, 8, 120, 72], [70, 80, 110, 120], [0, 0, 0, 0]], np.float32)
+    centres = np.array([[28.0, 22.0], [90.0, 100.0], [0.0, 0.0]], np.float32)
+    valid = np.array([True, True, False])
+    batch = {
+        "gt_boxes": jnp.asarray(boxes[None]),
+        "gt_classes": jnp.zeros((1, 3), jnp.int32),
+        "gt_valid": jnp.asarray(valid[None]),
+        "gt_centers": jnp.asarray(centres[None]),
+    }
+    out = condinst.CondInst(CFG).assign(batch)
+    points = reference.locations(CFG.level_shapes(), (8, 16, 32, 64, 128), CFG.location_offset)
+    matched, _ = reference.assign(points, boxes, valid, CFG.sizes_of_interest, 1.5, centres)
+    np.testing.assert_array_equal(np.asarray(out["matched"][0]), matched)
+    by_box, _ = reference.assign(points, boxes, valid, CFG.sizes_of_interest, 1.5)
+    assert (matched != by_box).sum() > 4  # the scene tells the two rules apart
+    plain = dataclasses.replace(CFG, mass_centre_sampling=False)
+    out = condinst.CondInst(plain).assign({k: v for k, v in batch.items() if k != "gt_centers"})
+    np.testing.assert_array_equal(np.asarray(out["matched"][0]), by_box)
+
+
 def test_location_scales_follow_the_levels():
     scales = CFG.location_scales()
     sizes = [h * w for h, w in CFG.level_shapes()]
