@@ -228,6 +228,12 @@ def _add_eval(commands, parent) -> None:
         help="whose COCOeval (default: the config's eval.evaluator, else hotcoco, which gives "
         "pycocotools' stats bit for bit, faster)",
     )
+    evaluate.add_argument(
+        "--raw-weights",
+        action="store_true",
+        help="a run with optim.ema_decay: evaluate its raw weights, not their EMA (writes "
+        "eval_<step>_raw.json)",
+    )
 
 
 def _add_predict(commands, parent) -> None:

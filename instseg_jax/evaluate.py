@@ -431,9 +431,10 @@ def evaluate_model(
     print_tables: bool = True,
     max_batches: int | None = None,
     class_map=None,
+    report_name: str | None = None,
 ) -> dict:
     """Run the model over the eval split at the test size, evaluate bbox (and segm when the
-    method makes masks) with COCOeval, write workdir/eval_<step>.json; returns
+    method makes masks) with COCOeval, write workdir/eval_<step>.json (or report_name); returns
     {iou_type: {stat: value}, "timing": {...}}. class_map: (category ids, names) of the
     model's classes (default: the workdir's, else the config's or the eval data's)."""
     source = builders.build_source(config.input, train=False, seed=config.seed)
@@ -510,7 +511,7 @@ def evaluate_model(
     if print_tables:
         print("time: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in seconds.items()))
     if workdir is not None:
-        path = Path(workdir) / f"eval_{step}.json"
+        path = Path(workdir) / (report_name or f"eval_{step}.json")
         path.write_text(json.dumps({"step": step, **report}, indent=2) + "\n")
         if print_tables:  # under the tables: where all of it went (and the timings)
             print(f"wrote {path}")
@@ -646,8 +647,9 @@ def main(args) -> int:
             raise UserError(
                 "give --workdir DIR [--checkpoint STEP], or --results and --annotations"
             )
+        raw_weights = bool(getattr(args, "raw_weights", False))
         config, variables, step = workdir_lib.restore_variables(
-            args.workdir, args.checkpoint, overrides
+            args.workdir, args.checkpoint, overrides, raw_weights=raw_weights
         )
         print(
             f"evaluating {Path(args.workdir) / 'checkpoints' / str(step)} on "
@@ -660,5 +662,7 @@ def main(args) -> int:
         if getattr(args, "evaluator", None):  # else the config's eval.evaluator, else hotcoco
             with config.unlocked() if config.is_locked else contextlib.nullcontext():
                 config.eval.evaluator = check_evaluator(args.evaluator, "--evaluator")
-        evaluate_model(config, variables, args.workdir, step)  # prints the tables and the path
+        # Raw weights of an EMA run get their own report: eval_<step>.json stays the EMA's.
+        name = f"eval_{step}_raw.json" if raw_weights else None
+        evaluate_model(config, variables, args.workdir, step, report_name=name)  # prints tables
     return 0

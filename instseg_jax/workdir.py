@@ -65,7 +65,9 @@ def read_stuff_map(workdir) -> tuple[list[int], list[str]]:
     return list(document.get("stuff_category_ids", [])), list(document.get("stuff_names", []))
 
 
-def restore_variables(workdir: str | Path, step: int | None = None, overrides=()):
+def restore_variables(
+    workdir: str | Path, step: int | None = None, overrides=(), raw_weights: bool = False
+):
     """(config, variables, step) of a training workdir's checkpoint (latest by default), the
     config being workdir/config.json with `--config.a.b=value` overrides applied (eval and
     predict: e.g. model.score_threshold). A run trained with optim.ema_decay gives its
@@ -102,7 +104,9 @@ def restore_variables(workdir: str | Path, step: int | None = None, overrides=()
     checkpointer.close()
     state = restored["state"]
     params = state["params"]
-    if "ema_params" in state:
+    if "ema_params" in state and raw_weights:
+        log.info("%s: checkpoint %d: the raw weights, not their EMA", workdir, step)
+    elif "ema_params" in state:
         params = state["ema_params"]
         log.info(
             "%s: checkpoint %d holds an EMA of the weights (optim.ema_decay=%s): using it, not "

@@ -187,6 +187,9 @@ def test_restore_variables_gives_the_average_when_the_run_kept_one(tmp_path, cap
     np.testing.assert_array_equal(np.asarray(variables["params"]["w"]), np.full(3, 7.0))
     np.testing.assert_array_equal(np.asarray(variables["frozen"]["mean"]), np.zeros(2))
     assert "holds an EMA of the weights (optim.ema_decay=0.6)" in caplog.text
+    # `eval --raw-weights`: the run's own weights instead of their average.
+    _, variables, _ = workdir_lib.restore_variables(tmp_path / "on", raw_weights=True)
+    np.testing.assert_array_equal(np.asarray(variables["params"]["w"]), np.arange(3))
     caplog.clear()
     _, variables, _ = workdir_lib.restore_variables(tmp_path / "off")
     np.testing.assert_array_equal(np.asarray(variables["params"]["w"]), np.arange(3))
