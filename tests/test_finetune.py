@@ -282,3 +282,61 @@ def test_the_spec_takes_an_optional_step():
     assert finetune.parse("runs/tv") == (Path("runs/tv"), None)
     assert finetune.parse("runs/tv:2000") == (Path("runs/tv"), 2000)
     assert finetune.parse("runs/a:b") == (Path("runs/a:b"), None)
+
+
+# Per method, the modules whose output (or input) size is the class count, as each reference
+# sizes them: detectron2's box predictor and mask predictor (Mask R-CNN, PANet, Panoptic FPN,
+# Keypoint R-CNN without a mask head), PointRend's coarse head and point head (its inputs carry
+# the coarse class scores), AdelaiDet's cls_logits (FCOS, CondInst, BlendMask with its auxiliary
+# semantic head, PolarMask), SOLOv2's category branch, YOLACT's class confidences and semantic
+# head, Mask2Former's class_embed; Panoptic FPN's semantic head counts the stuff classes.
+R_CNN = {"box_head/cls_score", "box_head/bbox_pred"}
+CLASS_MODULES = {
+    "mask_rcnn": MASK_RCNN_PREDICTORS,
+    "panet": MASK_RCNN_PREDICTORS,
+    "panoptic_fpn": MASK_RCNN_PREDICTORS | {"semantic_head/predictor"},
+    "keypoint_rcnn": R_CNN,
+    "pointrend": R_CNN
+    | {"coarse_head/prediction", "point_head/fc1", "point_head/fc2", "point_head/fc3"}
+    | {"point_head/predictor"},
+    "fcos": {"head/cls_logits"},
+    "condinst": {"head/cls_logits"},
+    "polarmask": {"head/cls_logits"},
+    "blendmask": {"head/cls_logits", "semantic_head/logits"},
+    "solov2": {"category_tower/predict"},
+    "yolact": {"head/classes", "semantic"},
+    "mask2former": {"transformer_decoder/heads/class_embed"},
+}
+
+
+@pytest.mark.slow  # every method traced three times, a checkpoint written and read for each
+@pytest.mark.parametrize("method", sorted(CLASS_MODULES))
+def test_every_methods_own_workdir_fine_tunes_to_another_class_count(method, tmp_path):
+    """A workdir of the method's smoke model with 5 classes (and one more stuff class, where
+    it has them), random weights, as the source of a 3-class run: everything loads but the
+    modules sized by the class count."""
+    from instseg_jax.methods import METHODS
+
+    module = METHODS[method]
+    config = module.smoke(module.base_config())
+    source_config = config.copy_and_resolve_references()
+    if "num_stuff_classes" in config.model:
+        source_config.model.num_stuff_classes = config.model.num_stuff_classes + 1
+    source_config.input.category_ids = (1, 2, 3, 4, 5)
+    source_config.input.class_names = ("a", "b", "c", "d", "e")
+    if source_config.model.get("mask_fg_per_image") == 0:
+        source_config.model.mask_fg_per_image = config.model.mask_fg_per_image = 8
+    shapes = train_lib.variable_shapes_fn(batch_shapes(source_config))(source_config, 5)
+    draw = np.random.default_rng(0)
+    shapes = {"params": shapes["params"], "frozen": shapes.get("frozen", {})}
+    weights = jax.tree.map(lambda s: draw.normal(size=s.shape).astype(s.dtype), shapes)
+    source = tmp_path / "source"
+    workdir_lib.write_imported_workdir(source, source_config, weights, "a run")
+    config.model.init_from = str(source)
+    config.input.category_ids, config.input.class_names = (1, 2, 3), ("x", "y", "z")
+    notes = []
+    loaded = flat(finetune.loaded_variables(config, shapes_fn(config), notes))
+    saved = flat(weights)
+    assert {module_of(p) for p in set(saved) - set(loaded)} == CLASS_MODULES[method], notes
+    for path, value in loaded.items():
+        np.testing.assert_array_equal(value, saved[path], err_msg=path)
