@@ -139,7 +139,10 @@ def check_resumable(config, ckpt, step: int, config_shapes: dict) -> None:
     saved_ids = [int(i) for i in recorded.get("category_ids") or ()] or None
     saved_names = [str(n) for n in recorded.get("class_names") or ()]
     classes = "" if saved_ids is None else f"{len(saved_ids)}-class "
-    held = f"{workdir} holds a {classes}{saved_method} checkpoint (step {step})"
+    if saved:
+        held = f"{workdir} holds a {classes}{saved_method} checkpoint (step {step})"
+    else:  # a checkpoint without its config.json (written by hand, or the file was lost)
+        held = f"{workdir} holds a checkpoint (step {step}) without its config.json"
     if saved and saved_method != config.method:
         raise ConfigValueError(f"{held}; the config asks for {config.method}: {fix}")
     ids, names = list(config.input.category_ids), list(config.input.class_names)
