@@ -10,9 +10,9 @@ and calls COCOeval. Any source evaluates: a COCO split through its annotation fi
 synthetic scenes through their exact masks, turned into a COCO ground truth in memory.
 
 COCOeval is hotcoco's by default (EVALUATORS; eval.evaluator, --evaluator): a Rust port whose
-precision, recall and 12 stats are pycocotools' bit for bit (tests/test_fast_eval.py) in a
-fiftieth of the time or less (experiments/benchmarks/coco_eval_speed.py); pycocotools' own
-COCOeval is kept as "pycocotools". The ground truth stays a pycocotools COCO either way.
+precision, recall and 12 stats are pycocotools' bit for bit (tests/test_fast_eval.py), over
+100x faster on a COCO-val-sized set (experiments/benchmarks/coco_eval_speed.py); pycocotools'
+own COCOeval is kept as "pycocotools". The ground truth stays a pycocotools COCO either way.
 """
 
 from __future__ import annotations
