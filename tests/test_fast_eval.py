@@ -392,7 +392,7 @@ def test_eval_workdir_passes_the_evaluator_to_the_model_evaluation(monkeypatch, 
 
     seen = []
 
-    def restore(workdir, checkpoint, overrides):
+    def restore(workdir, checkpoint, overrides, **options):
         config = config_lib.load("experiments/maskrcnn_nuclei.py:smoke", overrides)
         config.lock()
         return config, {}, 7
