@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
     # The published recipe trains the mask head on every sampled positive (up to 512 x 0.25),
-    # not on the data-chosen budget of the default (model.mask_fg_per_image = 0).
+    # what the default (model.mask_fg_per_image = 0) chooses; written out for the compile tool.
     c.model.mask_fg_per_image = 128
     if arg == "scratch":
         # detectron2's configs/Misc/scratch_mask_rcnn_R_50_FPN_3x_gn.yaml: no ImageNet

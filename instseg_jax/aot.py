@@ -27,7 +27,7 @@ Batch shapes come from the config alone (the training data need not exist on thi
 padded example of the training (or test-time) transform, at per_chip_batch x chips images.
 The number of classes, a shape of every head: --num-classes, else the config's class map
 (input.category_ids), else the synthetic source's classes, else COCO's 80. Model fields that a
-method chooses from the training data (Mask R-CNN's model.mask_fg_per_image = 0) are chosen as
+method chooses from the training data (Mask R-CNN's model.mask_fg_per_image = -1) are chosen as
 if every image held input.max_instances instances: their largest value, so the memory figure
 is an upper bound.
 

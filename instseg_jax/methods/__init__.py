@@ -18,7 +18,7 @@ optional `mask_paste` field picks the host-side paste rule of box-relative masks
 Optional, used when present:
   defaults_from_data(config, instances_per_image) -> list of log lines
                   fills config fields left to the training data when training starts (Mask
-                  R-CNN: model.mask_fg_per_image = 0); the run's config.json keeps the values
+                  R-CNN: model.mask_fg_per_image 0 or -1); the run's config.json keeps the values
   make_inference(model) -> (variables, device batch) -> Detections
                   inference as several jitted programs orchestrated on the host (Mask R-CNN:
                   the mask head on a small or the full slot budget); default: one jitted forward

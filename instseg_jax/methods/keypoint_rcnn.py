@@ -133,7 +133,7 @@ class KeypointRCNNConfig(mask_rcnn.MaskRCNNConfig):
     keypoint_head_dim: int = 512
     keypoint_loss_weight: float = 1.0
     # Static keypoint-head slots per training image (the first sampled RoIs, positives first);
-    # 0 = chosen from the training data when training starts, as mask_fg_per_image.
+    # 0 (every positive) and -1 (from the data) as mask_fg_per_image.
     keypoint_fg_per_image: int = 0
     # The mirror of each keypoint (input/keypoints.py): a flipped canvas's heatmaps swap slots.
     keypoint_flip: tuple = COCO_PERSON.flip
@@ -170,7 +170,7 @@ class KeypointRCNN(mask_rcnn.MaskRCNN):
         out = super().head_training(features, outputs, batch, key)
         if cfg.keypoint_fg_per_image <= 0:
             raise config_lib.ConfigValueError(
-                "model.keypoint_fg_per_image is 0 (chosen from the training data when "
+                f"model.keypoint_fg_per_image is {cfg.keypoint_fg_per_image} (set when "
                 "`instseg-jax train` starts); outside the trainer give it a positive number"
             )
         fg = cfg.keypoint_fg_per_image
@@ -234,15 +234,7 @@ def defaults_from_data(config: ml_collections.ConfigDict, instances_per_image) -
     """Mask R-CNN's mask budget when mask_on, and the keypoint head's by the same rule."""
     lines = mask_rcnn.defaults_from_data(config, instances_per_image)
     m = config.model
-    if m.keypoint_fg_per_image <= 0:
-        m.keypoint_fg_per_image = mask_rcnn.mask_budget_from_data(
-            instances_per_image, m.roi_batch_per_image, m.roi_positive_fraction
-        )
-        lines.append(
-            f"model.keypoint_fg_per_image = {m.keypoint_fg_per_image} keypoint RoIs per image, "
-            "from the data (the rule of model.mask_fg_per_image); set it to override"
-        )
-    return lines
+    return lines + mask_rcnn.head_budget(m, "keypoint_fg_per_image", instances_per_image)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -61,9 +61,12 @@ class MaskRCNNConfig(DetectorConfig):
     box_pool_size: int = 7
     box_fc_dim: int = 1024
     mask_pool_size: int = 14
-    # Static mask-head slots per training image; 0 = chosen from the training data when training
-    # starts (`defaults_from_data`). The first slots take the sampled positives, which come in
-    # random order, so a budget below the positives trains on a uniform random subset of them.
+    # Static mask-head slots per training image, set when training starts (`defaults_from_data`)
+    # where not positive: 0 = every positive the RoI sampler can return (roi_batch_per_image x
+    # roi_positive_fraction: detectron2 trains the mask head on all of them); -1 = about one
+    # per instance, from the training data (`mask_budget_from_data`: a CPU budget). The first
+    # slots take the sampled positives, which come in random order, so a budget below the
+    # positives trains on a uniform random subset of them (counted in the metrics).
     mask_fg_per_image: int = 0
     mask_head_convs: int = 4
     sampling_ratio: int = 2
@@ -277,7 +280,7 @@ class MaskRCNN(nn.Module):
         proposal_boxes, proposal_valid = outputs["proposal_boxes"], outputs["proposal_valid"]
         if cfg.mask_on and cfg.mask_fg_per_image <= 0:
             raise config_lib.ConfigValueError(
-                "model.mask_fg_per_image is 0 (chosen from the training data when `instseg-jax "
+                f"model.mask_fg_per_image is {cfg.mask_fg_per_image} (set when `instseg-jax "
                 "train` starts); outside the trainer give it a positive number of mask RoIs"
             )
         if key is None:
@@ -408,23 +411,46 @@ def mask_budget_from_data(instances_per_image, roi_batch_per_image: int, positiv
     return int(min(max(8 * math.ceil(quantile / 8), 8), cap))
 
 
+def head_budget(model: ml_collections.ConfigDict, field: str, instances_per_image) -> list[str]:
+    """Set model.<field> (a head's training slots per image) where it is not positive: 0 = every
+    positive the RoI sampler can return, -1 = mask_budget_from_data's rule; returns the log
+    line (or nothing when the config set a number)."""
+    chosen = model[field]
+    if chosen > 0:
+        return []
+    if chosen not in (0, -1):
+        raise config_lib.ConfigValueError(
+            f"model.{field} = {chosen}: give a number of RoIs, 0 (every sampled positive) or -1 "
+            "(from the training data's instances per image)"
+        )
+    every_positive = max(int(model.roi_batch_per_image * model.roi_positive_fraction), 1)
+    if chosen == 0:
+        model[field] = every_positive
+        return [
+            f"model.{field} = {every_positive} RoIs per image: every positive the sampler can "
+            f"return (roi_batch_per_image x roi_positive_fraction); -1 sizes it from the data"
+        ]
+    model[field] = mask_budget_from_data(
+        instances_per_image, model.roi_batch_per_image, model.roi_positive_fraction
+    )
+    counts = np.asarray(instances_per_image)
+    return [
+        f"model.{field} = {model[field]} RoIs per image, from the data: 95th percentile of "
+        f"instances per training image "
+        f"{np.quantile(counts, MASK_BUDGET_QUANTILE) if counts.size else 0:.0f} (median "
+        f"{np.median(counts) if counts.size else 0:.0f}, max {counts.max() if counts.size else 0},"
+        f" {counts.size} images); positives beyond it are a random subset left out (counted in "
+        f"the metrics, {every_positive} would take them all)"
+    ]
+
+
 def defaults_from_data(config: ml_collections.ConfigDict, instances_per_image) -> list[str]:
     """Fill the config fields left to the training data (method interface, optional); returns
     what was chosen, for the log."""
     m = config.model
-    if not m.get("mask_on", True) or m.mask_fg_per_image > 0:
+    if not m.get("mask_on", True):
         return []
-    m.mask_fg_per_image = mask_budget_from_data(
-        instances_per_image, m.roi_batch_per_image, m.roi_positive_fraction
-    )
-    counts = np.asarray(instances_per_image)
-    return [
-        f"model.mask_fg_per_image = {m.mask_fg_per_image} mask RoIs per image, from the data: "
-        f"95th percentile of instances per training image "
-        f"{np.quantile(counts, MASK_BUDGET_QUANTILE) if counts.size else 0:.0f} "
-        f"(median {np.median(counts) if counts.size else 0:.0f}, max "
-        f"{counts.max() if counts.size else 0}, {counts.size} images); set it to override"
-    ]
+    return head_budget(m, "mask_fg_per_image", instances_per_image)
 
 
 # An anchor is a positive for an object from IoU 0.7 (rpn.py's thresholds): a square object

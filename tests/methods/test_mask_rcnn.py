@@ -148,10 +148,19 @@ def test_mask_budget_rule_from_instances_per_image():
     assert rule([17] * 20, 512, 0.25) == 24
 
 
-def test_training_fills_a_zero_mask_budget_from_the_data(tmp_path):
-    """model.mask_fg_per_image = 0: the trainer measures the training split and saves the
-    chosen budget in the run's config; the model itself refuses to train on 0."""
-    config = config_lib.load(SMOKE, ["--config.model.mask_fg_per_image=0"])
+def test_training_fills_the_mask_budget_with_every_positive_or_from_the_data(tmp_path):
+    """model.mask_fg_per_image = 0 is detectron2's rule: the mask head takes every foreground
+    RoI the sampler returns (ROIHeads select_foreground_proposals), at most
+    ROI_HEADS.BATCH_SIZE_PER_IMAGE x POSITIVE_FRACTION per image. -1: the trainer measures the
+    training split and saves the chosen budget in the run's config; the model itself refuses
+    to train on either."""
+    every = config_lib.load(SMOKE, ["--config.model.mask_fg_per_image=0"])
+    lines = mask_rcnn.defaults_from_data(every, [3, 4])
+    assert every.model.mask_fg_per_image == int(
+        every.model.roi_batch_per_image * every.model.roi_positive_fraction
+    )
+    assert "every positive" in lines[0]
+    config = config_lib.load(SMOKE, ["--config.model.mask_fg_per_image=-1"])
     source = builders.build_source(config.input, train=True)
     counts = [len(source.load(i)["boxes"]) for i in range(len(source))]
     expected = mask_rcnn.mask_budget_from_data(
