@@ -179,20 +179,20 @@ class ExampleMaker:
         self.order = order or StreamOrder(spec.num_examples, seed)
         self._warned: set[str] = set()  # unusable examples already named
 
-    def _load(self, index: int, counts: np.ndarray):
+    def _load(self, index: int, counts: np.ndarray, unusable_as: str | None = None):
         """The source's example, or None for an unusable one, counted (and logged) under its
-        kind; strict mode raises instead. What a skipped example's annotations counted before
-        it was found unusable is not counted."""
+        kind, or under `unusable_as` when given; strict mode raises instead. What a skipped
+        example's annotations counted before it was found unusable is not counted."""
         own = report.new_counts()
         try:
             decoded = self.source.load(index, own)
         except UnusableExample as error:
             if self.strict:
                 raise
-            report.count(counts, error.kind)
+            report.count(counts, unusable_as or error.kind)
             if str(error) not in self._warned:  # once per process: every epoch meets it again
                 self._warned.add(str(error))
-                log.warning("skipped: %s", error)
+                log.warning("%s: %s", "skipped" if unusable_as is None else unusable_as, error)
             return None
         counts += own
         return decoded
@@ -206,19 +206,7 @@ class ExampleMaker:
         start = g - g % batch
         partner = g + 1 if batch == 1 else start + (g - start - 1) % batch
         index = self.order.index_at(partner)
-        own = report.new_counts()
-        try:
-            decoded = self.source.load(index, own)
-        except UnusableExample as error:
-            if self.strict:
-                raise
-            report.count(counts, "copy_paste_partner_unusable")
-            if str(error) not in self._warned:
-                self._warned.add(str(error))
-                log.warning("copy-paste partner skipped: %s", error)
-            return None
-        counts += own
-        return decoded
+        return self._load(index, counts, unusable_as="copy_paste_partner_unusable")
 
     def __call__(self, local_index: int) -> dict:
         counts = report.new_counts()
