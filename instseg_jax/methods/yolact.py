@@ -22,8 +22,10 @@ experiment resizes the long side to 550 on a 640 x 640 canvas.
 
 Matching is mmdetection's MaxIoUAssigner(0.5, 0.4, min_pos_iou=0): an anchor whose best IoU is
 >= 0.5 is positive for that ground truth, < 0.4 negative, else ignored; then every ground truth
-takes its best anchor (the later ground truth wins an anchor two claim). Ground truth narrower
-or lower than 4 px is left out of training (the reference's FilterAnnotations). A negative
+takes its best anchor (the later ground truth wins an anchor two claim). Ground truth not
+wider and higher than 4 original pixels is left out of training (mmdetection's
+FilterAnnotations(min_gt_bbox_wh=(4.0, 4.0)) at the head of yolact_r50_1xb8-55e_coco.py's
+train pipeline; measured here on what the crop leaves of the box). A negative
 anchor mostly inside an ignore region (an instance beyond input.max_instances; structures.py,
 ops.assign.ignore_mask) is ignored instead.
 
@@ -214,8 +216,8 @@ class YOLACT(nn.Module):
         anchors = jnp.concatenate(cfg.anchors())
         targets = jax.lax.stop_gradient(
             jax.vmap(
-                lambda boxes, classes, valid, k, ignore, ignore_ok: anchor_targets(
-                    anchors, boxes, classes, valid, cfg, k, ignore, ignore_ok
+                lambda boxes, classes, valid, k, ignore, ignore_ok, scale: anchor_targets(
+                    anchors, boxes, classes, valid, cfg, k, ignore, ignore_ok, scale
                 )
             )(
                 batch["gt_boxes"],
@@ -224,6 +226,7 @@ class YOLACT(nn.Module):
                 jax.random.split(key, batch["image"].shape[0]),
                 batch.get("ignore_boxes"),
                 batch.get("ignore_valid"),
+                batch.get("scale", jnp.ones(batch["image"].shape[0], jnp.float32)),
             )
         )
         outputs["targets"] = targets
@@ -249,20 +252,25 @@ def anchor_targets(
     key,
     ignore_boxes=None,
     ignore_valid=None,
+    scale=1.0,
 ):
     """One image's anchor labels (module docstring: MaxIoUAssigner(0.5, 0.4, min_pos_iou=0)).
 
     anchors float32[T, 4]; gt_boxes float32[N, 4] canvas xyxy; gt_classes int32[N];
     gt_valid bool[N]; optional ignore_boxes float32[I, 4], ignore_valid bool[I]: a negative
-    anchor that ops.assign.ignore_mask puts in one of them is ignored (-1).
+    anchor that ops.assign.ignore_mask puts in one of them is ignored (-1). scale: canvas
+    pixels per original pixel (the batch's `scale`): ground truth takes part only if wider and
+    higher than cfg.min_gt_box_size original pixels.
     Returns a dict: labels int32[T] (1 positive, 0 negative, -1 ignored),
     matched int32[T] (ground-truth slot of positives), classes int32[T] (class of positives,
     C elsewhere), box_targets float32[T, 4], slot_anchor / slot_gt int32[P] and slot_valid
     bool[P] (P = masks_per_image: the positives whose masks train), positives int32, overflow
     int32 (positives without a mask slot).
     """
-    wh = gt_boxes[:, 2:] - gt_boxes[:, :2]
-    usable = gt_valid & (wh >= cfg.min_gt_box_size).all(axis=1)
+    # mmdetection's FilterAnnotations(min_gt_bbox_wh=(4, 4)) runs first in the reference's
+    # pipeline, on the original image: w > 4 and h > 4 there.
+    wh = (gt_boxes[:, 2:] - gt_boxes[:, :2]) / scale
+    usable = gt_valid & (wh > cfg.min_gt_box_size).all(axis=1)
     iou = jnp.where(usable[:, None], ops.box_iou(gt_boxes, anchors), -1.0)  # [N, T]
     best_iou = iou.max(axis=0)
     matched = jnp.argmax(iou, axis=0).astype(jnp.int32)

@@ -18,7 +18,7 @@ SMOKE = "experiments/yolact_nuclei.py:smoke"
 CFG = yolact.YOLACTConfig(num_classes=3, canvas_hw=(128, 128), anchor_sizes=(12, 24, 48, 96, 192))
 
 
-def targets(cfg, anchors, boxes, classes, valid=None, key=None):
+def targets(cfg, anchors, boxes, classes, valid=None, key=None, scale=1.0):
     valid = np.ones(len(boxes), bool) if valid is None else np.asarray(valid)
     return jax.jit(yolact.anchor_targets, static_argnums=4)(
         jnp.asarray(anchors, jnp.float32),
@@ -27,6 +27,9 @@ def targets(cfg, anchors, boxes, classes, valid=None, key=None):
         jnp.asarray(valid),
         cfg,
         key,
+        None,
+        None,
+        jnp.float32(scale),
     )
 
 
@@ -97,7 +100,7 @@ def test_anchor_targets_match_the_reference_assigner_on_random_scenes(seed):
     # between two anchors) may take either in float32: compare everywhere else.
     iou = reference.iou_matrix(boxes, anchors)
     tied = np.zeros(len(anchors), bool)
-    usable = ((boxes[:, 2:] - boxes[:, :2]) >= 4).all(axis=1)
+    usable = ((boxes[:, 2:] - boxes[:, :2]) > 4).all(axis=1)
     for row in iou[usable]:
         best = row.max()
         if np.sum(np.abs(row - best) < 1e-6) > 1:
@@ -108,6 +111,21 @@ def test_anchor_targets_match_the_reference_assigner_on_random_scenes(seed):
     positive = (labels == 1) & ~tied
     assert positive.sum() >= n // 2  # one anchor scale per level: a few positives per box
     np.testing.assert_array_equal(np.asarray(out["matched"])[positive], matched[positive])
+
+
+def test_small_ground_truth_is_filtered_on_the_original_image():
+    """FilterAnnotations(min_gt_bbox_wh=(4.0, 4.0)) opens mmdetection's YOLACT train pipeline:
+    boxes wider and higher than 4 original pixels, strictly, before any resize. On a canvas at
+    scale 2 (canvas pixels per original pixel), boxes of 3.9, 4.0 and 4.1 original pixels are
+    7.8, 8 and 8.2 canvas pixels: only the last trains. Fails on the former canvas rule
+    (>= 4 canvas pixels keeps all three) and on >= instead of >."""
+    anchors = np.concatenate([np.asarray(a) for a in CFG.anchors()])
+    boxes = np.array([[10, 10, 17.8, 17.8], [40, 40, 48, 48], [80, 80, 88.2, 88.2]], np.float32)
+    out = targets(CFG, anchors, boxes, [0, 1, 2], scale=2.0)
+    labels, _ = reference.assign(anchors, boxes, scale=2.0)
+    np.testing.assert_array_equal(np.asarray(out["labels"]), labels)
+    positives = np.asarray(out["labels"]) == 1
+    assert set(np.asarray(out["matched"])[positives]) == {2}
 
 
 def test_mask_slots_are_a_random_subset_of_the_positives_when_they_overflow():

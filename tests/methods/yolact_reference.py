@@ -21,11 +21,17 @@ def iou_matrix(a, b):
     return out
 
 
-def assign(anchors, boxes, pos=0.5, neg=0.4, min_size=4.0):
+def assign(anchors, boxes, pos=0.5, neg=0.4, min_size=4.0, scale=1.0):
     """MaxIoUAssigner(pos, neg, min_pos_iou=0, gt_max_assign_all=False) over the ground truth
-    at least min_size wide and high: (labels 1/0/-1 per anchor, matched ground truth index)."""
+    that FilterAnnotations(min_gt_bbox_wh=(min_size, min_size)) keeps (mmdetection
+    mmdet/datasets/transforms/loading.py: widths > min and heights > min, on the original image,
+    i.e. canvas sizes / scale): (labels 1/0/-1 per anchor, matched ground truth index)."""
     boxes = np.asarray(boxes, np.float64)
-    keep = [i for i, b in enumerate(boxes) if b[2] - b[0] >= min_size and b[3] - b[1] >= min_size]
+    keep = [
+        i
+        for i, b in enumerate(boxes)
+        if (b[2] - b[0]) / scale > min_size and (b[3] - b[1]) / scale > min_size
+    ]
     labels = np.zeros(len(anchors), np.int64)
     matched = np.zeros(len(anchors), np.int64)
     if not keep:
