@@ -95,6 +95,26 @@ RECIPES = {
         "model.box_smooth_l1_beta": 1.0 / 3,
         "model.rpn_straddle_threshold": 0.0,
     },
+    # mmdetection configs/yolact/yolact_r50_1xb8-55e_coco.py: batch 8, SGD lr 1e-3, momentum 0.9,
+    # weight decay 5e-4, LinearLR start_factor 0.1 over 500 iterations, 55 epochs with
+    # MultiStepLR at 20, 42, 49 and 52 (14,658 iterations per epoch at batch 8), train_cfg
+    # neg_pos_ratio 3, FilterAnnotations(min_gt_bbox_wh=(4.0, 4.0)); its loss_by_feat trains
+    # every negative of an image without positives.
+    "yolact_r50_coco": {
+        "input.global_batch": 8,
+        "optim.name": "sgd",
+        "optim.lr": 1e-3,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 5e-4,
+        "optim.clip_norm": 0.0,
+        "schedule.warmup_steps": 500,
+        "schedule.warmup_factor": 0.1,
+        "schedule.total_steps": 55 * 14_658,
+        "schedule.steps": tuple(e * 14_658 for e in (20, 42, 49, 52)),
+        "model.negatives_per_positive": 3,
+        "model.min_gt_box_size": 4.0,
+        "model.negatives_without_positives": "all",
+    },
     # mmdetection configs/solov2/solov2_r50_fpn_1x_coco.py (optim_wrapper lr 0.01, clip_grad
     # max_norm 35) over _base_/schedules/schedule_1x.py (SGD momentum 0.9, weight decay 1e-4,
     # LinearLR start_factor 0.001 over 500 iterations, 12 epochs, MultiStepLR at 8 and 11) and

@@ -29,11 +29,13 @@ train pipeline; measured here on what the crop leaves of the box). A negative
 anchor mostly inside an ignore region (an instance beyond input.max_instances; structures.py,
 ops.assign.ignore_mask) is ignored instead.
 
-Known differences from the reference: an image without positives trains no negatives
-(dbolya/yolact's rule; mmdetection's would take all of them); mask targets are the instance
-masks sampled at the centres of the stride-4 cells (the reference resizes them bilinearly and
-thresholds at 0.5); semantic targets use each instance's class (mmdetection shifts them by one
-class, a bug dbolya/yolact does not have).
+OHEM: an image without positives trains all its negatives (mmdetection's rule; dbolya/yolact's
+trains none: `negatives_without_positives`).
+
+Known differences from the reference: mask targets are the instance masks sampled at the
+centres of the stride-4 cells (the reference resizes them bilinearly and thresholds at 0.5);
+semantic targets use each instance's class (mmdetection shifts them by one class, a bug
+dbolya/yolact does not have).
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ class YOLACTConfig(DetectorConfig):
     positive_iou: float = 0.5
     negative_iou: float = 0.4
     negatives_per_positive: int = 3
+    # An image without positives: "all" of its negatives train (mmdetection's YOLACTHead
+    # loss_by_feat, the COCO recipe's reference) or "none" (dbolya/yolact's MultiBoxLoss OHEM,
+    # whose quota is 3 x 0).
+    negatives_without_positives: str = "all"
     min_gt_box_size: float = 4.0
     box_loss_weight: float = 1.5
     mask_loss_weight: float = 6.125
@@ -95,6 +101,11 @@ class YOLACTConfig(DetectorConfig):
         if len(self.anchor_sizes) != 5:
             raise config_lib.ConfigValueError(
                 f"model.anchor_sizes needs one size per level P3..P7, got {self.anchor_sizes}"
+            )
+        if self.negatives_without_positives not in ("all", "none"):
+            raise config_lib.ConfigValueError(
+                "model.negatives_without_positives must be 'all' (mmdetection) or 'none' "
+                f"(dbolya/yolact), got {self.negatives_without_positives!r}"
             )
 
     def anchors(self) -> list[jnp.ndarray]:
@@ -309,16 +320,22 @@ def anchor_targets(
     }
 
 
-def ohem_class_loss(logits, classes, labels, negatives_per_positive: int):
+def ohem_class_loss(
+    logits, classes, labels, negatives_per_positive: int, without_positives: str = "all"
+):
     """Per image, the summed softmax cross-entropy of the positives and of the
-    negatives_per_positive x positives negatives with the highest loss: float32[B]."""
+    negatives_per_positive x positives negatives with the highest loss: float32[B]. An image
+    without positives trains every negative ("all") or none ("none")."""
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), classes[..., None], axis=-1)[..., 0]
     positive = labels == 1
     negative = labels == 0
     ranked = jnp.where(negative, jax.lax.stop_gradient(ce), -jnp.inf)
     order = jnp.argsort(-ranked, axis=1)
     rank = jnp.argsort(order, axis=1)  # 0 for the hardest negative
-    quota = negatives_per_positive * positive.sum(axis=1, keepdims=True)
+    count = positive.sum(axis=1, keepdims=True)
+    quota = negatives_per_positive * count
+    if without_positives == "all":
+        quota = jnp.where(count == 0, logits.shape[1], quota)
     hard = negative & (rank < quota)
     return jnp.sum(jnp.where(positive | hard, ce, 0.0), axis=1)
 
@@ -353,6 +370,7 @@ def loss_fn(outputs: dict, batch: dict, cfg: YOLACTConfig) -> tuple[jnp.ndarray,
             targets["classes"],
             targets["labels"],
             cfg.negatives_per_positive,
+            cfg.negatives_without_positives,
         ).sum()
         / normalizer
     )

@@ -150,10 +150,16 @@ def test_ohem_keeps_the_positives_and_three_hardest_negatives_per_positive():
     labels[2, :] = np.where(labels[2] == 1, 0, labels[2])  # an image without positives
     labels[1, :30] = 1  # more positives than 3x negatives exist: every negative
     classes = np.where(labels == 1, rng.integers(0, c, (b, t)), c)
-    out = yolact.ohem_class_loss(jnp.asarray(logits), jnp.asarray(classes), jnp.asarray(labels), 3)
-    for i in range(b):
-        expected = reference.ohem_loss(logits[i], classes[i], labels[i])
-        assert float(out[i]) == pytest.approx(expected, rel=1e-5)
+    for rule in ("all", "none"):
+        out = yolact.ohem_class_loss(
+            jnp.asarray(logits), jnp.asarray(classes), jnp.asarray(labels), 3, rule
+        )
+        for i in range(b):
+            expected = reference.ohem_loss(logits[i], classes[i], labels[i], 3, rule)
+            assert float(out[i]) == pytest.approx(expected, rel=1e-5), (rule, i)
+    # The image without positives is where the two references differ.
+    assert reference.ohem_loss(logits[2], classes[2], labels[2], 3, "all") > 0
+    assert reference.ohem_loss(logits[2], classes[2], labels[2], 3, "none") == 0
 
 
 def test_per_class_fast_nms_matches_the_reference_loop():

@@ -49,15 +49,21 @@ def assign(anchors, boxes, pos=0.5, neg=0.4, min_size=4.0, scale=1.0):
     return labels, matched
 
 
-def ohem_loss(logits, classes, labels, ratio=3):
-    """Summed cross-entropy of the positives and the ratio x positives hardest negatives."""
+def ohem_loss(logits, classes, labels, ratio=3, without_positives="all"):
+    """Summed cross-entropy of the positives and the ratio x positives hardest negatives
+    (capped at the negatives there are). Without positives, mmdetection's YOLACTHead
+    loss_by_feat takes every negative (num_neg_samples = neg_inds.size(0)): "all";
+    dbolya/yolact's MultiBoxLoss clamps 3 x 0 negatives: "none"."""
     logits = np.asarray(logits, np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     ce = -log_probs[np.arange(len(classes)), classes]
     positives = np.flatnonzero(labels == 1)
     negatives = np.flatnonzero(labels == 0)
-    hardest = negatives[np.argsort(-ce[negatives], kind="stable")][: ratio * len(positives)]
+    quota = ratio * len(positives)
+    if not len(positives) and without_positives == "all":
+        quota = len(negatives)
+    hardest = negatives[np.argsort(-ce[negatives], kind="stable")][:quota]
     return ce[positives].sum() + ce[hardest].sum()
 
 
