@@ -26,7 +26,8 @@ loss.
 Losses: sigmoid focal loss (alpha 0.25, gamma 2) over all locations and classes / the number of
 positives in the global batch (at least 1); GIoU loss over the positives weighted by their
 centerness targets / the sum of those targets (`box_loss_weighting="centerness"`; torchvision:
-"none", / positives); centerness BCE over the positives / positives.
+"none", / positives), its IoU term smoothed as AdelaiDet's, (I + 1) / (U + 1) in strides^2
+(`giou_smoothing`; torchvision: 0); centerness BCE over the positives / positives.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ TORCHVISION = {
     "score_threshold": 0.2,  # on sqrt(class score x centerness), not on the class score
     "score_threshold_on": "combined",
     "box_loss_weighting": "none",
+    "giou_smoothing": 0.0,  # torchvision's generalized_box_iou_loss: eps 1e-7 only
     "freeze_at": 2,  # trainable_backbone_layers=3
 }
 
@@ -77,6 +79,9 @@ class FCOSConfig(DetectorConfig):
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     box_loss_weighting: str = "centerness"  # or "none"
+    # Added to the IoU term's intersection and union, in stride^2 (the regression is in
+    # strides): AdelaiDet's adet/utils/comm.py compute_ious (IOULoss) adds 1.
+    giou_smoothing: float = 1.0
     score_threshold: float = 0.05
     # Candidates above the threshold by "class": class score; "product": class score x
     # centerness (AdelaiDet's THRESH_WITH_CTR); "combined": sqrt(class score x centerness).
@@ -462,7 +467,11 @@ def loss_fn(outputs: dict, batch: dict, cfg: FCOSConfig) -> tuple[jnp.ndarray, d
     else:
         box_weights, box_normalizer = positive, normalizer
     loss_box = ops.giou_loss(
-        predicted, safe_target, weights=box_weights * positive, normalizer=box_normalizer
+        predicted,
+        safe_target,
+        weights=box_weights * positive,
+        normalizer=box_normalizer,
+        smooth=cfg.giou_smoothing,
     )
     loss_ctr = ops.binary_cross_entropy_with_logits(
         outputs["centerness_logits"], ctr_target, weights=positive, normalizer=normalizer

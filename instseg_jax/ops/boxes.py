@@ -56,14 +56,19 @@ def box_ioa(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return _safe_divide(intersection, box_area(b)[None, :])
 
 
-def paired_generalized_box_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+def paired_generalized_box_iou(a: jnp.ndarray, b: jnp.ndarray, smooth: float = 0.0) -> jnp.ndarray:
     """float32[...] GIoU of a[..., 4] with b[..., 4], element by element (broadcast).
 
     GIoU = IoU - (|C| - |A u B|) / |C| with C the smallest enclosing box; in [-1, 1]. Where the
     enclosing box has zero area (both boxes are the same point or line), the penalty is 0.
+    smooth > 0: the IoU term is (|A n B| + smooth) / (|A u B| + smooth), the penalty unchanged
+    (AdelaiDet's adet/utils/comm.py compute_ious, with 1 in its boxes' units).
     """
     intersection, union = _intersection_and_union(a, b)
-    iou = _safe_divide(intersection, union)
+    if smooth > 0:
+        iou = (intersection + smooth) / (union + smooth)
+    else:
+        iou = _safe_divide(intersection, union)
     enclosing_wh = jnp.maximum(
         jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), 0.0
     )

@@ -65,10 +65,15 @@ def smooth_l1_loss(
 
 
 def giou_loss(
-    predicted_boxes: jnp.ndarray, target_boxes: jnp.ndarray, weights=None, normalizer=1.0
+    predicted_boxes: jnp.ndarray,
+    target_boxes: jnp.ndarray,
+    weights=None,
+    normalizer=1.0,
+    smooth: float = 0.0,
 ) -> jnp.ndarray:
-    """Sum of 1 - GIoU over paired boxes [..., 4] (xyxy) / normalizer; weights are per box."""
-    loss = 1.0 - paired_generalized_box_iou(predicted_boxes, target_boxes)
+    """Sum of 1 - GIoU over paired boxes [..., 4] (xyxy) / normalizer; weights are per box;
+    smooth: added to the IoU term's intersection and union (paired_generalized_box_iou)."""
+    loss = 1.0 - paired_generalized_box_iou(predicted_boxes, target_boxes, smooth)
     return _reduce(loss, weights, normalizer)
 
 

@@ -54,14 +54,18 @@ def centerness(ltrb):
     return math.sqrt(min(left, right) / max(left, right) * min(top, bottom) / max(top, bottom))
 
 
-def giou(a, b):
-    """Generalized IoU of two xyxy boxes."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return inter / union - (hull - union) / hull
+def giou_ltrb(pred, target, smooth=1.0):
+    """GIoU of two boxes given as distances (l, t, r, b) from one location, as AdelaiDet's
+    adet/utils/comm.py compute_ious: IoU term (I + smooth) / (U + smooth) (smooth 1 there),
+    penalty (C - U) / C unsmoothed; smooth 0 is the plain GIoU."""
+    pl, pt, pr, pb = (float(v) for v in pred)
+    tl, tt, tr, tb = (float(v) for v in target)
+    target_area = (tl + tr) * (tt + tb)
+    pred_area = (pl + pr) * (pt + pb)
+    intersection = (min(pl, tl) + min(pr, tr)) * (min(pb, tb) + min(pt, tt))
+    enclosing = (max(pl, tl) + max(pr, tr)) * (max(pb, tb) + max(pt, tt))
+    union = target_area + pred_area - intersection
+    return (intersection + smooth) / (union + smooth) - (enclosing - union) / enclosing
 
 
 def focal(logit, target, alpha=0.25, gamma=2.0):

@@ -169,8 +169,8 @@ def test_losses_match_the_reference_on_random_outputs():
         "centerness_logits": jnp.asarray(rng.normal(0, 1, (1, t)), jnp.float32),
         "targets": tgt,
     }
-    for weighting in ("centerness", "none"):
-        cfg = dataclasses.replace(CFG, box_loss_weighting=weighting)
+    for weighting, smoothing in (("centerness", 1.0), ("none", 1.0), ("centerness", 0.0)):
+        cfg = dataclasses.replace(CFG, box_loss_weighting=weighting, giou_smoothing=smoothing)
         _, metrics = fcos.loss_fn(outputs, {}, cfg)
         logits = np.asarray(outputs["class_logits"][0], np.float64)
         dist = np.asarray(outputs["distances"][0], np.float64)
@@ -184,10 +184,7 @@ def test_losses_match_the_reference_on_random_outputs():
         )
         assert float(metrics["loss_cls"]) == pytest.approx(focal / len(pos), rel=1e-4)
 
-        def box(d):
-            return [-d[0], -d[1], d[2], d[3]]
-
-        giou_terms = [1 - reference.giou(box(dist[i]), box(target_dist[i])) for i in pos]
+        giou_terms = [1 - reference.giou_ltrb(dist[i], target_dist[i], smoothing) for i in pos]
         if weighting == "centerness":
             weighted = sum(c * g for c, g in zip(ctr_t[pos], giou_terms, strict=True))
             expected = weighted / ctr_t[pos].sum()
