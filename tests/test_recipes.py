@@ -59,6 +59,7 @@ RECIPES = {
         "model.score_threshold_on": "class",
         "model.level_scales": True,
         "model.giou_smoothing": 1.0,  # adet/utils/comm.py compute_ious: (I + 1) / (U + 1)
+        "model.clip_before_nms": False,  # NMS, then detector_postprocess clips
     },
     # AdelaiDet configs/CondInst/MS_R_50_1x.yaml over Base-CondInst.yaml (FCOS.THRESH_WITH_CTR
     # True; instances carry bitmasks, so centre sampling is about their mass centres).

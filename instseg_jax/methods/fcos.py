@@ -62,6 +62,7 @@ TORCHVISION = {
     "score_threshold_on": "combined",
     "box_loss_weighting": "none",
     "giou_smoothing": 0.0,  # torchvision's generalized_box_iou_loss: eps 1e-7 only
+    "clip_before_nms": True,  # postprocess_detections clips, then batched_nms
     "freeze_at": 2,  # trainable_backbone_layers=3
 }
 
@@ -89,6 +90,10 @@ class FCOSConfig(DetectorConfig):
     detection_score: str = "sqrt"  # of class score x centerness; "product": PolarMask's
     candidates_per_level: int = 1000
     nms_threshold: float = 0.6
+    # AdelaiDet runs NMS on the decoded boxes and clips the kept ones to the image afterwards
+    # (fcos_outputs.py select_over_all_levels, then detector_postprocess); torchvision clips
+    # first, which changes the IoU of boxes reaching past the border.
+    clip_before_nms: bool = False
     detections_per_image: int = 100
     box_rescale: str = "scale"  # "per_axis": original / resized size per axis (torchvision)
 
@@ -570,7 +575,9 @@ def select_detections(
                 boxes = distance_boxes(chosen * stride[:, None], point)
             else:
                 boxes = decode_boxes(chosen, point, stride)
-            boxes_all.append(ops.clip_boxes(boxes, image_hw.astype(jnp.float32)))
+            if cfg.clip_before_nms:
+                boxes = ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
+            boxes_all.append(boxes)
             score = jnp.maximum(best, 0.0)
             scores_all.append(jnp.sqrt(score) if cfg.detection_score == "sqrt" else score)
             classes_all.append((flat % c).astype(jnp.int32))
@@ -586,6 +593,7 @@ def select_detections(
         )
         kept = keep >= 0
         index = jnp.maximum(keep, 0)
+        boxes = ops.clip_boxes(boxes, image_hw.astype(jnp.float32))  # a no-op if done before
         return {
             "boxes": jnp.where(kept[:, None], boxes[index], 0.0),
             "scores": jnp.where(kept, scores[index], 0.0),

@@ -89,8 +89,21 @@ def iou(a, b):
 
 def detect(probs, ctr, distances, points, level_sizes, image_hw, cfg):
     """[(box, score, class)] of one image by the test procedure: per level the best
-    candidates_per_level (location, class) pairs above the threshold by class x centerness,
-    boxes clipped, per-class greedy NMS (IoU > threshold suppresses), the best K."""
+    candidates_per_level (location, class) pairs above the threshold on the class score, on
+    class x centerness (AdelaiDet's THRESH_WITH_CTR, fcos_outputs.py
+    forward_for_single_feature_map) or on its square root (torchvision), per-class greedy NMS
+    (IoU > threshold suppresses) on the boxes as decoded (AdelaiDet: select_over_all_levels,
+    the clip comes in detector_postprocess) or clipped first (torchvision's
+    postprocess_detections: cfg.clip_before_nms), the best K, clipped."""
+
+    def clip(box):
+        return [
+            min(max(box[0], 0), image_hw[1]),
+            min(max(box[1], 0), image_hw[0]),
+            min(max(box[2], 0), image_hw[1]),
+            min(max(box[3], 0), image_hw[0]),
+        ]
+
     c = probs.shape[1]
     candidates, start = [], 0
     for size in level_sizes:
@@ -98,28 +111,23 @@ def detect(probs, ctr, distances, points, level_sizes, image_hw, cfg):
         for t in range(start, start + size):
             for k in range(c):
                 combined = probs[t, k] * ctr[t]
-                passes = (
-                    probs[t, k] > cfg.score_threshold
-                    if cfg.score_threshold_on == "class"
-                    else math.sqrt(combined) > cfg.score_threshold
-                )
+                passes = {
+                    "class": probs[t, k] > cfg.score_threshold,
+                    "product": combined > cfg.score_threshold,
+                    "combined": math.sqrt(combined) > cfg.score_threshold,
+                }[cfg.score_threshold_on]
                 if passes:
                     pairs.append((combined, t, k))
         pairs.sort(key=lambda p: (-p[0], p[1] * c + p[2]))
         for combined, t, k in pairs[: cfg.candidates_per_level]:
             x, y, stride, _ = points[t]
             left, top, right, bottom = np.asarray(distances[t], np.float64) * stride
-            box = [
-                min(max(x - left, 0), image_hw[1]),
-                min(max(y - top, 0), image_hw[0]),
-                min(max(x + right, 0), image_hw[1]),
-                min(max(y + bottom, 0), image_hw[0]),
-            ]
-            candidates.append((box, math.sqrt(combined), k))
+            box = [x - left, y - top, x + right, y + bottom]
+            candidates.append((clip(box) if cfg.clip_before_nms else box, math.sqrt(combined), k))
         start += size
     candidates.sort(key=lambda d: -d[1])
     kept = []
     for box, score, k in candidates:
         if all(kk != k or iou(box, kb) <= cfg.nms_threshold for kb, _, kk in kept):
             kept.append((box, score, k))
-    return kept[: cfg.detections_per_image]
+    return [(clip(box), score, k) for box, score, k in kept[: cfg.detections_per_image]]

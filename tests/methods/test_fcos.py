@@ -195,13 +195,17 @@ def test_losses_match_the_reference_on_random_outputs():
         assert float(metrics["loss_centerness"]) == pytest.approx(ctr, rel=1e-4)
 
 
-@pytest.mark.parametrize("convention", ["adelaidet", "torchvision"])
+@pytest.mark.parametrize("convention", ["adelaidet", "thresh_with_ctr", "torchvision"])
 def test_detections_match_the_reference_procedure(convention):
     cfg = dataclasses.replace(
         CFG, candidates_per_level=7, detections_per_image=12, nms_threshold=0.5
     )
+    if convention == "thresh_with_ctr":  # CondInst's and BlendMask's
+        cfg = dataclasses.replace(cfg, score_threshold=0.02, score_threshold_on="product")
     if convention == "torchvision":
-        cfg = dataclasses.replace(cfg, score_threshold=0.3, score_threshold_on="combined")
+        cfg = dataclasses.replace(
+            cfg, score_threshold=0.3, score_threshold_on="combined", clip_before_nms=True
+        )
     rng = np.random.default_rng(5)
     points = reference_points(cfg)
     t = len(points)
@@ -233,6 +237,60 @@ def test_detections_match_the_reference_procedure(convention):
         np.asarray(det["scores"][0])[valid], [s for _, s, _ in expected], rtol=1e-5
     )
     np.testing.assert_array_equal(np.asarray(det["classes"][0])[valid], [k for *_, k in expected])
+
+
+def test_nms_before_the_clip_and_the_product_threshold_as_their_references():
+    """Two class-0 boxes reaching past the left border, [-60, 12, 20, 44] and
+    [-10, 12, 20, 44], overlap by IoU 0.375 as decoded and 1.0 once clipped: AdelaiDet's NMS
+    (before detector_postprocess clips) keeps both, torchvision's (after clip_boxes_to_image)
+    only the first. A third candidate, class 1 at 0.3 with centerness 0.1, passes a class
+    threshold of 0.05 but not AdelaiDet's THRESH_WITH_CTR (0.03 <= 0.05). Each rule is also
+    the reference encoding's (fcos_reference.detect)."""
+    cfg = dataclasses.replace(CFG, candidates_per_level=20, detections_per_image=10)
+    points = reference_points(cfg)
+    t = len(points)
+    logit = lambda p: math.log(p / (1 - p))
+    logits = np.full((1, t, 3), -20.0, np.float32)
+    ctr = np.full((1, t), logit(0.9), np.float32)
+    distances = np.ones((1, t, 4), np.float32)
+    a, b, c = index_of(cfg, 0, 3, 0), index_of(cfg, 0, 3, 1), index_of(cfg, 0, 10, 10)
+    logits[0, a, 0], logits[0, b, 0], logits[0, c, 1] = logit(0.9), logit(0.8), logit(0.3)
+    ctr[0, c] = logit(0.1)
+    distances[0, a] = [8.0, 2.0, 2.0, 2.0]  # location (4, 28), stride 8: [-60, 12, 20, 44]
+    distances[0, b] = [2.75, 2.0, 1.0, 2.0]  # location (12, 28): [-10, 12, 20, 44]
+    image_hw = np.array([[112, 128]], np.int32)
+    batch = {
+        "image_hw": image_hw,
+        "orig_hw": image_hw,
+        "scale": np.ones(1, np.float32),
+        "crop_offset": np.zeros((1, 2), np.int32),
+    }
+    probs = 1 / (1 + np.exp(-logits[0].astype(np.float64)))
+    sizes = [h * w for h, w in cfg.level_shapes()]
+    kept = {}
+    for name, changes in {
+        "adelaidet": {},
+        "torchvision_clip": {"clip_before_nms": True},
+        "thresh_with_ctr": {"score_threshold_on": "product"},
+    }.items():
+        run = dataclasses.replace(cfg, **changes)
+        det = jax.jit(fcos.detect, static_argnums=4)(
+            jnp.asarray(logits), jnp.asarray(distances), jnp.asarray(ctr), batch, run
+        )
+        valid = np.asarray(det["valid"][0])
+        expected = reference.detect(
+            probs, 1 / (1 + np.exp(-ctr[0].astype(np.float64))), distances[0], points, sizes,
+            (112, 128), run,
+        )  # fmt: skip
+        np.testing.assert_allclose(
+            np.asarray(det["boxes"][0])[valid], [box for box, _, _ in expected], atol=1e-3
+        )
+        kept[name] = np.asarray(det["classes"][0])[valid].tolist()
+    assert kept == {
+        "adelaidet": [0, 0, 1],
+        "torchvision_clip": [0, 1],
+        "thresh_with_ctr": [0, 0],
+    }
 
 
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
