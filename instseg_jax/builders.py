@@ -74,8 +74,18 @@ def build_source(input_config, train: bool, seed: int | None = None):
                 raise ValueError("build_source: input.eval_fraction's split needs config.seed")
             part = "train" if train else "eval"
             select = functools.partial(split_image_ids, fraction=fraction, seed=seed, part=part)
+        # Training on keypoints skips images with too few labelled ones (detectron2's rule).
+        min_keypoints = (
+            int(input_config.get("min_keypoints_per_image", 0))
+            if train and input_config.get("keypoints")
+            else 0
+        )
         return CocoSource(
-            split.annotations, split.images, keep_empty=keep_empty, select_images=select
+            split.annotations,
+            split.images,
+            keep_empty=keep_empty,
+            select_images=select,
+            min_keypoints=min_keypoints,
         )
     if kind == "coco_panoptic":
         from instseg_jax.input.coco_panoptic import CocoPanopticSource
@@ -239,7 +249,14 @@ def source_summary(source) -> str:
         return (
             f"{where}: {len(source)} images, {instances} instances, {crowd} crowd regions "
             f"(not training targets), {getattr(source, 'num_empty_dropped', 0)} images without "
-            "instances skipped" + _classes_without_instances(source)
+            "instances skipped"
+            + (
+                f", {source.num_few_keypoints_dropped} with fewer labelled keypoints than "
+                "input.min_keypoints_per_image skipped"
+                if getattr(source, "num_few_keypoints_dropped", 0)
+                else ""
+            )
+            + _classes_without_instances(source)
         )
     return f"{type(source).__name__}: {len(source)} images"
 

@@ -246,6 +246,10 @@ def base() -> ml_collections.ConfigDict:
     # Training skips COCO images without non-crowd instances (detectron2's
     # DATALOADER.FILTER_EMPTY_ANNOTATIONS); evaluation keeps every image.
     c.input.filter_empty = True
+    # Training with keypoints also skips COCO images with fewer labelled (v > 0) keypoints than
+    # this, over all their annotations (detectron2's MODEL.ROI_KEYPOINT_HEAD.
+    # MIN_KEYPOINTS_PER_IMAGE, filter_images_with_few_keypoints); 0 keeps them.
+    c.input.min_keypoints_per_image = 1
     c.input.synthetic_length = 64
     c.input.synthetic_hw = (128, 128)
     c.input.synthetic_seed = 0

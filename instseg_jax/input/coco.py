@@ -49,6 +49,9 @@ class CocoSource(CategoryIds):
       image_dir: folder the images' ``file_name`` are relative to.
       keep_empty: keep images without (non-crowd) annotations. Keep them for evaluation (they
         still count for false positives); training configs usually drop them.
+      min_keypoints: drop images whose annotations hold fewer labelled keypoints (v > 0)
+        than this (training with keypoints: detectron2's MIN_KEYPOINTS_PER_IMAGE, 1); the
+        count is `num_few_keypoints_dropped`.
       check_files: fail now, naming the first missing image file, rather than mid-training.
       select_images: the file's image ids (sorted) -> the ids to keep (split_image_ids:
         input.eval_fraction's split of one file); `selected_image_ids` records them.
@@ -61,6 +64,7 @@ class CocoSource(CategoryIds):
         keep_empty: bool = True,
         check_files: bool = True,
         select_images=None,
+        min_keypoints: int = 0,
     ):
         self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
@@ -86,6 +90,7 @@ class CocoSource(CategoryIds):
 
         self.records: list[dict] = []
         self.num_empty_dropped = 0
+        self.num_few_keypoints_dropped = 0
         problems = []
         images = sorted(document["images"], key=lambda im: im["id"])
         self.selected_image_ids = None  # every image of the file
@@ -103,6 +108,9 @@ class CocoSource(CategoryIds):
             anns = sorted(by_image.get(image["id"], []), key=lambda a: a["id"])
             if not keep_empty and not any(not a.get("iscrowd", 0) for a in anns):
                 self.num_empty_dropped += 1
+                continue
+            if min_keypoints > 0 and labelled_keypoints(anns) < min_keypoints:
+                self.num_few_keypoints_dropped += 1
                 continue
             self.records.append(self._record(image, anns))
             problems += [p for p in map(annotation_problem, anns) if p]
@@ -221,6 +229,15 @@ class CocoSource(CategoryIds):
             "image_id": record["image_id"],
             **({"keypoints": record["keypoints"][keep]} if "keypoints" in record else {}),
         }
+
+
+def labelled_keypoints(anns: Sequence[dict]) -> int:
+    """Keypoints with visibility v > 0 over an image's annotations (COCO's x, y, v triples)."""
+    return sum(
+        int((np.asarray(a["keypoints"], np.float64)[2::3] > 0).sum())
+        for a in anns
+        if a.get("keypoints")
+    )
 
 
 def read_coco_json(path: Path, kind: str) -> dict:

@@ -121,3 +121,47 @@ def test_keypoint_sets_mirror_left_and_right():
     assert coco.count == 17 and len(coco.skeleton) == 14
     with pytest.raises(ValueError, match=r"input\.keypoints"):
         keypoint_sets.keypoint_set("bogus")
+
+
+def test_training_on_keypoints_skips_images_with_too_few_labelled_ones(tmp_path):
+    """detectron2's filter_images_with_few_keypoints (detectron2/data/build.py): an image is
+    kept when its annotations hold at least MIN_KEYPOINTS_PER_IMAGE (1) keypoints with v > 0,
+    counted over every annotation carrying "keypoints". Encoded here on the written file; the
+    training source drops (and counts) the others, evaluation keeps every image."""
+    import json
+
+    from instseg_jax import builders
+    from instseg_jax import config as config_lib
+
+    source = SyntheticSource(length=4, canvas_hw=(64, 80), seed=5)
+    annotations, images = write_coco(source, tmp_path)
+    document = json.loads(annotations.read_text())
+    by_image = {}
+    for ann in document["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    first, second = sorted(by_image)[:2]
+    for ann in by_image[first]:  # every keypoint unlabelled
+        ann["keypoints"][2::3] = [0] * (len(ann["keypoints"]) // 3)
+    for ann in by_image[second]:  # no keypoints at all
+        ann.pop("keypoints")
+    annotations.write_text(json.dumps(document))
+
+    def labelled(anns):
+        return sum(sum(v > 0 for v in a["keypoints"][2::3]) for a in anns if "keypoints" in a)
+
+    kept = sorted(i["id"] for i in document["images"] if labelled(by_image.get(i["id"], [])) >= 1)
+    config = config_lib.load(
+        "experiments/keypoint_rcnn_synthetic.py:smoke",
+        [
+            "--config.input.source=coco",
+            f"--config.input.train_split.annotations={annotations}",
+            f"--config.input.train_split.images={images}",
+            f"--config.input.eval_split.annotations={annotations}",
+            f"--config.input.eval_split.images={images}",
+        ],
+    )
+    train = builders.build_source(config.input, train=True, seed=0)
+    assert [r["image_id"] for r in train.records] == kept and len(kept) == 2
+    assert train.num_few_keypoints_dropped == 2
+    assert "2 with fewer labelled keypoints" in builders.source_summary(train)
+    assert len(builders.build_source(config.input, train=False, seed=0)) == 4
