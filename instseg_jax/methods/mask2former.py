@@ -41,8 +41,13 @@ Q x C, each scored class probability x the mean mask probability inside its mask
 0); canvas masks at stride 4 (`canvas_masks` payload, boxes derived by the host).
 
 Known differences from the reference:
-  - Ground-truth masks are sampled at the points from the pipeline's stride-4 masks
-    (structures.py gt_full_masks, whose cells are "any pixel inside"), not at full resolution.
+  - Ground-truth masks are sampled at the points (bilinearly) from the pipeline's stride-4
+    masks (structures.py gt_full_masks: each mask sampled at the stride-4 cell centres and
+    thresholded at 0.5), where the reference point-samples the full-resolution masks
+    (matcher.py and criterion.py: point_sample of the targets' bitmasks); an object a few
+    pixels wide is coarser here.
+  - Test images are capped at a long side of 1024 (the canvas; input.test_max_long_side), the
+    reference's at 1333 (detectron2's MAX_SIZE_TEST): the training canvas serves both.
   - Mask scores average over the stride-4 mask, not over the mask upsampled to the image.
   - The canvas is fixed (input.canvas_hw); the reference's positional encodings and attention
     ignore padding the same way (it passes no padding masks).
