@@ -13,10 +13,14 @@ FrozenBN ResNet needs those weights.
 
 Batch 8, SGD lr 1e-3 (weight decay 5e-4), 55 epochs with decays at epochs 20, 42, 49 and 52,
 500 warmup steps from lr x 0.1; FrozenBN ResNet-50 with the stem frozen (ImageNet weights through
---config.model.backbone_weights, the command above; mmdetection trains its batch norms); images resized
-aspect-preserving to a 550 px long side on a 640 x 640 canvas where the reference stretches
-them to 550 x 550 (instseg_jax/methods/yolact.py says why), and without the reference's
-expand, min-IoU crop and photometric augmentations. mmdetection reports 29.0 mask AP on COCO
+--config.model.backbone_weights, the command above; mmdetection trains its batch norms). The
+reference's training augmentation (yolact_r50_1xb8-55e_coco.py train_pipeline): Expand (zoom-out
+by 1-4 with probability 1/2, filled with the pixel mean), MinIoURandomCrop (min IoUs 0.1, 0.3,
+0.5, 0.7, 0.9 or no crop, sides 0.3-1), flip and PhotoMetricDistortion (instseg_jax/input/
+ssd_augment.py; the distorted pixels are clipped to uint8 where the reference keeps floats).
+Still different: images are resized aspect-preserving to a 550 px long side on a 640 x 640
+canvas where the reference stretches them to 550 x 550 (instseg_jax/methods/yolact.py says
+why). mmdetection reports 29.0 mask AP on COCO
 val2017 for this config; dbolya/yolact 28.2 on test-dev at 42.5 FPS on a Titan Xp. This file
 has not reproduced them.
 `:smoke` shrinks everything to synthetic scenes for tests.
@@ -32,4 +36,12 @@ def get_config(arg=None):
     c.input.train_split.images = "data/coco/train2017"
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
+    # mmdetection's Expand(ratio_range=(1, 4)) (prob 0.5, its default), MinIoURandomCrop(
+    # min_ious=(0.1, 0.3, 0.5, 0.7, 0.9), min_crop_size=0.3), PhotoMetricDistortion(32,
+    # (0.5, 1.5), (0.5, 1.5), 18).
+    c.input.expand_ratio = (1.0, 4.0)
+    c.input.expand_prob = 0.5
+    c.input.min_iou_crop = (0.1, 0.3, 0.5, 0.7, 0.9)
+    c.input.min_crop_size = 0.3
+    c.input.photometric = True
     return common.accelerator_recipe(c, arg)

@@ -14,6 +14,7 @@ from types import ModuleType
 import numpy as np
 
 from instseg_jax import methods
+from instseg_jax.backbones.resnet import IMAGENET_MEAN
 from instseg_jax.config import ConfigValueError
 from instseg_jax.input.coco import CocoSource, split_image_ids
 from instseg_jax.input.synthetic import SyntheticSource
@@ -174,6 +175,14 @@ def transform_config(config, train: bool) -> TransformConfig:
         copy_paste_scale=tuple(i.get("copy_paste_scale", (0.1, 2.0))),
         copy_paste_min_area=int(i.get("copy_paste_min_area", 1)),
         copy_paste_blend=bool(i.get("copy_paste_blend", True)),
+        # Training only; workdirs written before them get them off. Expand fills with the
+        # pixel mean the method normalises by (mmdetection's Expand(mean=img_norm_cfg mean)).
+        expand_ratio=tuple(i.get("expand_ratio", (1.0, 1.0))) if train else (1.0, 1.0),
+        expand_prob=float(i.get("expand_prob", 0.5)),
+        expand_fill=tuple(getattr(method(config), "PIXEL_MEAN", IMAGENET_MEAN)),
+        min_iou_crop=tuple(i.get("min_iou_crop", ())) if train else (),
+        min_crop_size=float(i.get("min_crop_size", 0.3)),
+        photometric=bool(i.get("photometric", False)) and train,
     )
 
 

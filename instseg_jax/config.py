@@ -280,6 +280,16 @@ def base() -> ml_collections.ConfigDict:
     c.input.copy_paste_scale = (0.1, 2.0)
     c.input.copy_paste_min_area = 1
     c.input.copy_paste_blend = True
+    # SSD-style augmentation (mmdetection's YOLACT recipe; input/ssd_augment.py), training only:
+    # zoom-out by a ratio from expand_ratio ((1, 1): off; YOLACT (1, 4)) with probability
+    # expand_prob, filled with the method's pixel mean; the min-IoU random crop's thresholds
+    # (empty: off; YOLACT (0.1, 0.3, 0.5, 0.7, 0.9)) and smallest side fraction (0.3);
+    # photometric distortion (brightness, contrast, saturation, hue, channel swap).
+    c.input.expand_ratio = (1.0, 1.0)
+    c.input.expand_prob = 0.5
+    c.input.min_iou_crop = ()
+    c.input.min_crop_size = 0.3
+    c.input.photometric = False
     # Repeat-factor sampling (LVIS; detectron2's RepeatFactorTrainingSampler): an image whose
     # rarest category is in a fraction f < t of the training images repeats sqrt(t / f) times
     # per epoch on average (LVIS: t = 0.001); 0: off.

@@ -12,7 +12,10 @@ found among the cumulative epoch lengths (StreamOrder), each a function of (seed
 the augmentation generator is seeded by (seed, epoch, index, position in the epoch) so the
 copies of an image differ. Copy-paste (input.copy_paste, input/copy_paste.py) pastes onto the
 example at g instances of the example one slot before it in its global batch (torchvision rolls
-the batch by one), drawn with its own generator (seed, epoch, index, salt).
+the batch by one), drawn with its own generator (seed, epoch, index, salt). The SSD-style
+augmentation (input.expand_ratio, input.min_iou_crop, input.photometric; input/ssd_augment.py)
+draws from another salted generator: zoom-out and crop on the decoded example after
+copy-paste, photometric distortion on the transformed canvas.
 
 Process p of P takes slots [p * B/P, (p + 1) * B/P) of every global batch of B examples.
 """
@@ -29,7 +32,7 @@ import grain
 import numpy as np
 
 from instseg_jax.config import ConfigValueError
-from instseg_jax.input import copy_paste, report
+from instseg_jax.input import copy_paste, report, ssd_augment
 from instseg_jax.input.images import DataError, UnusableExample
 from instseg_jax.input.repeat_factors import epoch_copies, repeat_factors
 from instseg_jax.input.transforms import TransformConfig, transform
@@ -251,8 +254,15 @@ class ExampleMaker:
                 partner = self._partner(g, counts)
                 if partner is not None:
                     decoded = copy_paste.paste(decoded, partner, self.config, paste_rng, counts)
+        augment_rng = None
+        if self.config.zooms_or_crops or self.config.photometric:
+            augment_rng = np.random.default_rng([*key, ssd_augment.AUGMENT_SALT])
+        if self.config.zooms_or_crops:
+            decoded = ssd_augment.zoom_and_crop(decoded, self.config, augment_rng, counts)
         rng = np.random.default_rng(key)
         example = transform(decoded, self.config, rng, counts)
+        if self.config.photometric:  # after resize and flip, as mmdetection's YOLACT recipe
+            ssd_augment.distort_canvas(example, augment_rng)
         example["issues"] = counts
         return example
 

@@ -34,6 +34,9 @@ ISSUE_KINDS = (
     "copy_paste_occluded",
     # copy-paste partners that could not be read: that example was not pasted on
     "copy_paste_partner_unusable",
+    # instances (crowd regions included) whose box centre fell outside the min-IoU random
+    # crop's window (input.min_iou_crop, input/ssd_augment.py): dropped
+    "min_iou_crop_dropped",
 )
 _INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
 

@@ -63,8 +63,39 @@ class TransformConfig:
     copy_paste_scale: tuple[float, float] = (0.1, 2.0)
     copy_paste_min_area: int = 1
     copy_paste_blend: bool = True
+    # SSD-style augmentation (input/ssd_augment.py), training only: zoom-out by a ratio drawn
+    # from expand_ratio ((1, 1): off) with probability expand_prob, the new area filled with
+    # expand_fill (RGB, truncated to uint8); the min-IoU random crop's thresholds (empty: off)
+    # and smallest side fraction; photometric distortion of the canvas.
+    expand_ratio: tuple[float, float] = (1.0, 1.0)
+    expand_prob: float = 0.5
+    expand_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    min_iou_crop: tuple[float, ...] = ()
+    min_crop_size: float = 0.3
+    photometric: bool = False
+
+    @property
+    def zooms_or_crops(self) -> bool:
+        return tuple(self.expand_ratio) != (1.0, 1.0) or bool(self.min_iou_crop)
 
     def __post_init__(self):
+        low, high = self.expand_ratio
+        if not 1.0 <= low <= high:
+            raise ConfigValueError(
+                f"input.expand_ratio must be (low, high) with 1 <= low <= high, got "
+                f"{self.expand_ratio}"
+            )
+        if not 0.0 <= self.expand_prob <= 1.0:
+            raise ConfigValueError(
+                f"input.expand_prob is a probability in [0, 1], got {self.expand_prob}"
+            )
+        if any(not 0.0 <= v <= 1.0 for v in self.min_iou_crop) or not (
+            0.0 < self.min_crop_size <= 1.0
+        ):
+            raise ConfigValueError(
+                f"input.min_iou_crop must hold IoUs in [0, 1] (got {self.min_iou_crop}) and "
+                f"input.min_crop_size a fraction in (0, 1] (got {self.min_crop_size})"
+            )
         if not 0.0 <= self.copy_paste <= 1.0:
             raise ConfigValueError(
                 f"input.copy_paste is a probability in [0, 1], got {self.copy_paste}"

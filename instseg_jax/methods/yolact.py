@@ -17,15 +17,22 @@ Static shapes:
 
 Input: aspect-preserving. The reference stretches every image to 550 x 550; here images keep
 their aspect ratio (the shared resize, short side / long side limits) on a canvas divisible by
-128, and the mapping back to original pixels is the one every method uses. The COCO
-experiment resizes the long side to 550 on a 640 x 640 canvas.
+128, and the mapping back to original pixels is the one every method uses (one scale per
+image: a stretch needs a scale per axis in every method's mapping back, so it is not offered).
+The COCO experiment resizes the long side to 550 on a 640 x 640 canvas. Its training
+augmentation is the reference's (input/ssd_augment.py: Expand 1-4 filled with PIXEL_MEAN,
+MinIoURandomCrop, flip, PhotoMetricDistortion on the resized image), but for the distorted
+pixels being clipped to uint8 (the reference normalises its unclipped floats); the nuclei
+experiment keeps flip only.
 
 Matching is mmdetection's MaxIoUAssigner(0.5, 0.4, min_pos_iou=0): an anchor whose best IoU is
 >= 0.5 is positive for that ground truth, < 0.4 negative, else ignored; then every ground truth
 takes its best anchor (the later ground truth wins an anchor two claim). Ground truth not
 wider and higher than 4 original pixels is left out of training (mmdetection's
 FilterAnnotations(min_gt_bbox_wh=(4.0, 4.0)) at the head of yolact_r50_1xb8-55e_coco.py's
-train pipeline; measured here on what the crop leaves of the box). A negative
+train pipeline, before its expand and crop; measured here after them, on what the crop leaves
+of the box, so a box the min-IoU crop cuts below 5 px is left out where the reference keeps
+it). A negative
 anchor mostly inside an ignore region (an instance beyond input.max_instances; structures.py,
 ops.assign.ignore_mask) is ignored instead.
 
