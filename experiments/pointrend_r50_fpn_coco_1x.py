@@ -34,4 +34,7 @@ def get_config(arg=None):
     c.input.eval_split.images = "data/coco/val2017"
     # Every sampled positive trains the mask head (up to 512 x 0.25), as in the reference.
     c.model.mask_fg_per_image = 128
+    # Point labels come from each mask's box crop: at 224 (the inference mask's size) they are
+    # the full-resolution mask's (detectron2's) for objects up to 224 px across.
+    c.input.mask_size = 224
     return common.accelerator_recipe(c, arg)

@@ -11,7 +11,10 @@ replaced by detectron2's PointRendMaskHead (projects/PointRend):
 - training: 196 points per foreground RoI chosen by uncertainty of the coarse logits of the
   ground-truth class (588 uniform candidates, the 147 most uncertain kept, 49 fresh uniform
   ones), in the box head's predicted boxes (TRAIN_ON_PRED_BOXES), labelled by bilinear samples
-  of the ground-truth mask (soft labels, as detectron2's sample_point_labels), BCE;
+  (soft labels) of the ground-truth mask's box crop at input.mask_size, BCE. detectron2's
+  sample_point_labels samples the full-resolution bitmask instead: the two agree for objects
+  up to input.mask_size pixels across and the crop is coarser beyond (the COCO recipe uses
+  224 x 224 crops, the inference mask's size, so it is exact for most COCO objects);
 - inference: adaptive subdivision: the point head on a regular 28x28 grid (the 7x7 coarse map
   refined twice with every point), then 3 steps of 2x bilinear upsampling with the 784 most
   uncertain cells re-predicted, to a 224x224 box-relative mask, shipped as bfloat16.
@@ -213,7 +216,8 @@ def of_class(values, classes):
 def point_labels(gt_crops, gt_boxes, gt_index, canvas_points):
     """float32[B, F, P] ground-truth mask values at points[B, F, P, 2] (pixels): bilinear
     samples of each RoI's matched box crop (uint8[B, N, Mc, Mc], the mask inside its box,
-    zero outside), detectron2's soft point labels."""
+    zero outside): detectron2's soft point labels, from a crop of Mc pixels a side instead of
+    the full-resolution mask (module docstring)."""
     b, f, p, _ = canvas_points.shape
     crop = gt_crops.shape[-1]
     gt = jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1)  # [B, F, 4]
