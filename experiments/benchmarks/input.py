@@ -3,12 +3,16 @@
     make data && .venv/bin/python experiments/benchmarks/input.py [--workers 2] [--batches 60]
 
     .venv/bin/python experiments/benchmarks/input.py --recipe experiments/maskrcnn_r50_fpn_coco_1x.py
+    .venv/bin/python experiments/benchmarks/input.py --recipe experiments/yolact_r50_coco.py \
+        --workers 0 --compare-augment
 
 A COCO recipe's training transform instead (what one loader worker of a pod host delivers):
 COCO-like photos written here (640x480 JPEGs at quality 90, the synthetic scenes' 4-8
 instances per image as RLE, COCO's own mean is 7.3), read by CocoSource and mapped through the
 recipe's own transform settings (decode, multi-scale resize, flip, padding to the canvas, the
 method's mask targets); workers 0 is one worker's rate (the loop runs in the main process).
+--compare-augment also times the recipe with its SSD-style augmentation (YOLACT's expand,
+min-IoU crop and photometric distortion, input/ssd_augment.py) off.
 
 Target: >= 20 images/s on a 2-core CPU, so the loader never starves a CPU training step.
 Prints one table and appends it to RESULTS.md.
@@ -29,6 +33,7 @@ allocate (PIL, pycocotools). Before and after a change, in one run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -207,8 +212,12 @@ def coco_like_split(folder: Path, count: int = 64) -> tuple[Path, Path]:
     return path, folder / "images"
 
 
-def pipeline_rates(source, config, batch: int, batches: int, worker_counts) -> list[list[str]]:
-    """[[workers, images/s over the run, images/s of the median batch], ...]."""
+def pipeline_rates(
+    source, config, batch: int, batches: int, worker_counts, cpu: bool = False
+) -> list[list[str]]:
+    """[[workers, images/s over the run, images/s of the median batch], ...]; with `cpu`, also
+    images per CPU second of this process (workers 0 only, where it does all the work: the
+    rate of one worker with a core to itself, on a machine whose load slows the wall clock)."""
     rows = []
     for workers in worker_counts:
         pipeline = InputPipeline(
@@ -216,36 +225,67 @@ def pipeline_rates(source, config, batch: int, batches: int, worker_counts) -> l
         )
         next(pipeline)  # start-up (worker spawn) is not throughput
         times = []
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(batches):
             t = time.perf_counter()
             next(pipeline)
             times.append(time.perf_counter() - t)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         pipeline.close()
         rate = batches * batch / elapsed
         median = batch / statistics.median(times)
         rows.append([str(workers), f"{rate:.1f}", f"{median:.1f}"])
+        if cpu:
+            rows[-1].append(f"{batches * batch / cpu_seconds:.1f}" if workers == 0 else "-")
         print(f"workers {workers}: {rate:.1f} images/s overall, {median:.1f} median", flush=True)
     return rows
 
 
-def measure_recipe(recipe: str, workers: int, batch: int, batches: int, write: bool) -> None:
+def without_ssd_augment(settings: TransformConfig) -> TransformConfig:
+    """The transform settings with expand, min-IoU crop and photometric distortion off."""
+    return dataclasses.replace(
+        settings, expand_ratio=(1.0, 1.0), min_iou_crop=(), photometric=False
+    )
+
+
+def measure_recipe(
+    recipe: str, workers: int, batch: int, batches: int, write: bool, compare: bool = False
+) -> None:
+    """The recipe's training pipeline rate; with `compare`, also with its SSD-style
+    augmentation (input/ssd_augment.py: expand, min-IoU crop, photometric) off."""
     from instseg_jax import builders
     from instseg_jax import config as config_lib
 
     config = config_lib.load(recipe)
     config_settings = builders.transform_config(config, train=True)
+    variants = {"recipe": config_settings}
+    if compare:
+        variants["expand, crop, photometric off"] = without_ssd_augment(config_settings)
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
         annotations, images = coco_like_split(Path(folder))
         source = CocoSource(annotations, images, keep_empty=False)
-        rows = pipeline_rates(source, config_settings, batch, batches, sorted({0, workers}))
-    table = markdown_table(rows, ["workers", "images/s (whole run)", "images/s (median batch)"])
+        for name, settings in variants.items():
+            print(name, flush=True)
+            found = pipeline_rates(source, settings, batch, batches, sorted({0, workers}), cpu=True)
+            rows += [[name, *row] for row in found]
+    columns = [
+        "transform",
+        "workers",
+        "images/s (whole run)",
+        "images/s (median batch)",
+        "images per CPU second",
+    ]
+    table = markdown_table(rows, columns)
     c = config_settings
+    augment = (
+        f"; expand {tuple(c.expand_ratio)} (p {c.expand_prob}), min-IoU crop "
+        f"{tuple(c.min_iou_crop) or 'off'}, photometric {'on' if c.photometric else 'off'}"
+    )
     header = machine_line() + (
         f"; `{recipe}` training transform on 64 COCO-like 640x480 JPEGs: canvas "
         f"{c.canvas_hw[0]}x{c.canvas_hw[1]}, short side {tuple(c.short_side)}, batch {batch}, "
-        f"{batches} batches"
+        f"{batches} batches" + augment
     )
     print(header)
     print(table)
@@ -266,9 +306,21 @@ def main() -> None:
     parser.add_argument("--before", help="with --memory: also measure the package in this folder")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--recipe", help="an experiment file: time its training transform")
+    parser.add_argument(
+        "--compare-augment",
+        action="store_true",
+        help="with --recipe: also time it with expand, min-IoU crop and photometric off",
+    )
     args = parser.parse_args()
     if args.recipe:
-        measure_recipe(args.recipe, args.workers, args.batch, args.batches, not args.no_write)
+        measure_recipe(
+            args.recipe,
+            args.workers,
+            args.batch,
+            args.batches,
+            not args.no_write,
+            args.compare_augment,
+        )
         return
     if args.memory:
         measure_memory(before=args.before, write=not args.no_write)

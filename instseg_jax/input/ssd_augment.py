@@ -13,7 +13,8 @@ can give the window, the offset or the deltas themselves:
   left = int(U(0, w r - w)), then top likewise. Masks, boxes, keypoints and semantic maps (255
   outside the image: mmdetection's seg_ignore_label) move with it.
 - min-IoU crop (input.min_iou_crop: the min IoUs, input.min_crop_size): a mode is drawn from
-  (1, *min_ious, 0), 1 meaning no crop; for a threshold, up to 50 windows are tried: w' ~
+  (1, *min_ious, 0), 1 meaning no crop; for a threshold, up to 50 windows are tried (in one
+  vectorised draw, the first that passes taken): w' ~
   U(min_crop_size w, w), h' likewise, rejected unless 0.5 <= h'/w' <= 2; left is drawn as the
   reference's random.uniform(w - w') does, i.e. numpy's uniform(low=w - w', high=1) (a window
   starts at column 1 or later unless w - w' < 1; dbolya/yolact draws the same way), top
@@ -91,11 +92,19 @@ def _place(image: np.ndarray, offset, out_hw, fill) -> np.ndarray:
     out_h, out_w = out_hw
     height, width = image.shape[:2]
     out = np.empty((out_h, out_w, 3), np.uint8)
-    out[:] = np.asarray(fill, np.float64).astype(np.uint8)
+    # Filled from a whole row, and only outside the image: broadcasting the 3-vector over
+    # the canvas costs several times the copy.
+    fill_row = np.tile(np.asarray(fill, np.float64).astype(np.uint8), (out_w, 1))
     y0, x0 = max(dy, 0), max(dx, 0)
     y1, x1 = min(dy + height, out_h), min(dx + width, out_w)
-    if y1 > y0 and x1 > x0:
-        out[y0:y1, x0:x1] = image[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+    if y1 <= y0 or x1 <= x0:  # a window beside the image (possible without boxes)
+        out[:] = fill_row
+        return out
+    out[:y0] = fill_row
+    out[y1:] = fill_row
+    out[y0:y1, :x0] = fill_row[:x0]
+    out[y0:y1, x1:] = fill_row[x1:]
+    out[y0:y1, x0:x1] = image[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
     return out
 
 
@@ -132,15 +141,15 @@ def expand(example: dict, expansion: Expansion, fill) -> dict:
 # ------------------------------------------------------------------------- min-IoU crop
 
 
-def _window_ious(window, boxes: np.ndarray) -> np.ndarray:
-    """float64[n] IoU of the window (x0, y0, x1, y1) with each box."""
-    x0, y0, x1, y1 = window
-    width = np.clip(np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0), 0, None)
-    height = np.clip(np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0), 0, None)
-    inter = width * height
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = (x1 - x0) * (y1 - y0) + areas - inter
-    return inter / np.maximum(union, 1e-6)
+def _window_ious(windows: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """float64[t, n] IoU of each window (x0, y0, x1, y1) with each box."""
+    windows, boxes = windows[:, None, :], boxes[None, :, :]
+    width = np.minimum(boxes[..., 2], windows[..., 2]) - np.maximum(boxes[..., 0], windows[..., 0])
+    height = np.minimum(boxes[..., 3], windows[..., 3]) - np.maximum(boxes[..., 1], windows[..., 1])
+    inter = np.maximum(width, 0) * np.maximum(height, 0)
+    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    window_areas = (windows[..., 2] - windows[..., 0]) * (windows[..., 3] - windows[..., 1])
+    return inter / np.maximum(window_areas + areas - inter, 1e-6)
 
 
 def centres_inside(boxes: np.ndarray, window) -> np.ndarray:
@@ -151,40 +160,45 @@ def centres_inside(boxes: np.ndarray, window) -> np.ndarray:
     return (cx > x0) & (cy > y0) & (cx < x1) & (cy < y1)
 
 
-def _legacy_uniform(low: float, high: float, rng: np.random.Generator) -> float:
-    """numpy.random.uniform(low, high) as the legacy RandomState computes it for any order of
-    the bounds: low + (high - low) U, U ~ [0, 1)."""
-    return low + (high - low) * rng.random()
-
-
 def draw_crop_window(hw, boxes, min_ious, min_crop_size: float, rng: np.random.Generator):
     """mmdetection's MinIoURandomCrop draws (module docstring): the window (x0, y0, x1, y1) in
-    pixels, or None for its no-crop mode."""
+    pixels, or None for its no-crop mode.
+
+    The 50 trials of a threshold are drawn at once (four uniforms each: w', h', and the U of
+    left and top, which the reference draws only for trials that pass the aspect test) and
+    the first that passes every test is taken: the reference's windows with the reference's
+    probabilities, from one vectorised pass instead of a Python loop of 50."""
     height, width = hw
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     modes = (1.0, *(float(v) for v in min_ious), 0.0)
     while True:
         min_iou = modes[int(rng.integers(len(modes)))]
         if min_iou == 1.0:
             return None
-        for _ in range(CROP_TRIALS):
-            new_w = rng.uniform(min_crop_size * width, width)
-            new_h = rng.uniform(min_crop_size * height, height)
-            if not CROP_ASPECT[0] <= new_h / new_w <= CROP_ASPECT[1]:
-                continue
-            # The reference's random.uniform(w - w'): numpy's legacy uniform(low=w - w',
-            # high=1.0), low + (high - low) U even where high < low (Generator refuses that).
-            left = _legacy_uniform(width - new_w, 1.0, rng)
-            top = _legacy_uniform(height - new_h, 1.0, rng)
-            window = (int(left), int(top), int(left + new_w), int(top + new_h))
-            if window[2] == window[0] or window[3] == window[1]:
-                continue
-            if len(boxes):
-                if _window_ious(window, boxes).min() < min_iou:
-                    continue
-                if not centres_inside(boxes, window).any():
-                    continue
-            return window
+        draws = rng.random((CROP_TRIALS, 4))
+        low_w, low_h = min_crop_size * width, min_crop_size * height  # U(low, high) as numpy
+        new_w = low_w + (width - low_w) * draws[:, 0]
+        new_h = low_h + (height - low_h) * draws[:, 1]
+        # The reference's random.uniform(w - w'): numpy's legacy uniform(low=w - w', high=1),
+        # low + (high - low) U even where high < low (a Generator refuses that order).
+        left = (width - new_w) + (1 - (width - new_w)) * draws[:, 2]
+        top = (height - new_h) + (1 - (height - new_h)) * draws[:, 3]
+        windows = np.stack([left, top, left + new_w, top + new_h], axis=1).astype(np.int64)
+        ok = (new_h / new_w >= CROP_ASPECT[0]) & (new_h / new_w <= CROP_ASPECT[1])
+        ok &= (windows[:, 2] != windows[:, 0]) & (windows[:, 3] != windows[:, 1])
+        if len(boxes):
+            ok &= _window_ious(windows.astype(np.float64), boxes).min(axis=1) >= min_iou
+            inside = (
+                (centres[None, :, 0] > windows[:, None, 0])
+                & (centres[None, :, 1] > windows[:, None, 1])
+                & (centres[None, :, 0] < windows[:, None, 2])
+                & (centres[None, :, 1] < windows[:, None, 3])
+            )
+            ok &= inside.any(axis=1)
+        passed = np.flatnonzero(ok)
+        if len(passed):
+            return tuple(int(v) for v in windows[passed[0]])
 
 
 def _cropped(example: dict, window, counts) -> dict:
@@ -272,68 +286,82 @@ def draw_distortion(rng: np.random.Generator) -> Distortion:
     )
 
 
-def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
-    """float32[..., 3] (H in degrees [0, 360), S, V) of float32 RGB, OpenCV's float rule
-    (cv::RGB2HSV_f): S = (V - min) / (|V| + eps), H from the channel that is the max."""
-    eps = np.float32(np.finfo(np.float32).eps)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+_EPS = np.float32(np.finfo(np.float32).eps)  # OpenCV's FLT_EPSILON
+
+
+def _hsv_adjusted(planes: np.ndarray, saturation, hue) -> np.ndarray:
+    """float32[3, ...] RGB planes through OpenCV's float RGB -> HSV (cv::RGB2HSV_f: V = max,
+    S = (V - min) / (|V| + eps), H in degrees from the channel that is the max, + 360 where
+    negative), S x saturation, H + hue wrapped as mmdetection does (> 360: - 360, < 0: + 360),
+    and back (cv::HSV2RGB_f: channel = V (1 - S w), w the channel's weight in H's sector).
+
+    The weights are written per channel as w = clip(min(k, 4 - k), 0, 1), k = (n + H / 60)
+    mod 6 with n = 5, 3, 1 for R, G, B: the same values as OpenCV's sector table (0, f, 1, 1,
+    1 - f, 0 for R over the six sectors), without building the table and gathering from it."""
+    r, g, b = planes
     v = np.maximum(np.maximum(r, g), b)
     diff = v - np.minimum(np.minimum(r, g), b)
-    s = diff / (np.abs(v) + eps)
-    step = np.float32(60) / (diff + eps)
-    h = np.where(
-        v == r, (g - b) * step, np.where(v == g, (b - r) * step + 120, (r - g) * step + 240)
-    )
-    h = np.where(h < 0, h + 360, h)
-    return np.stack([h, s, v], axis=-1).astype(np.float32)
-
-
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """float32[..., 3] RGB of (H degrees, S, V), OpenCV's float rule (cv::HSV2RGB_f): H wrapped
-    to [0, 6) sectors; S == 0 is grey."""
-    h, s, v = hsv[..., 0] * np.float32(6 / 360), hsv[..., 1], hsv[..., 2]
-    h = np.mod(h, np.float32(6))  # can round up to 6.0 for a tiny negative H
-    sector = np.floor(h).astype(np.int64)
-    frac = h - sector
-    wrapped = sector >= 6  # OpenCV: sector 0, fraction 0
-    sector = np.where(wrapped, 0, sector)
-    frac = np.where(wrapped, np.float32(0), frac)
-    table = np.stack([v, v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))], axis=-1)
-    # (b, g, r) rows of the table per sector, as OpenCV's sector_data; RGB is its reverse.
-    sectors = np.array([[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]])
-    rows = sectors[sector][..., ::-1]  # [..., 3] table index of r, g, b
-    rgb = np.take_along_axis(table, rows, axis=-1)
-    grey = (s == 0)[..., None]
-    return np.where(grey, v[..., None], rgb).astype(np.float32)
+    vs = diff / (np.abs(v) + _EPS)  # S
+    if saturation is not None:
+        vs *= np.float32(saturation)
+    vs *= v  # V S: the channels are V - V S w
+    step = np.float32(60) / (diff + _EPS)
+    # H, in place and branch-free (boolean-mask indexing costs 10x a pass here)
+    h = (r - g) * step + np.float32(240)  # B is the max
+    np.copyto(h, (b - r) * step + np.float32(120), where=v == g)
+    np.copyto(h, (g - b) * step, where=v == r)  # OpenCV tests R first
+    h += np.float32(360) * (h < 0)
+    if hue is not None:
+        h += np.float32(hue)
+        h -= np.float32(360) * (h > 360)
+        h += np.float32(360) * (h < 0)
+    h *= np.float32(6 / 360)  # the sector position, in [0, 6]
+    out = np.empty_like(planes)
+    k = np.empty_like(h)
+    w = np.empty_like(h)
+    for channel, n in enumerate((5, 3, 1)):
+        np.add(h, np.float32(n), out=k)
+        k -= np.float32(6) * (k >= 6)
+        np.subtract(np.float32(4), k, out=w)
+        np.minimum(w, k, out=w)
+        np.minimum(w, np.float32(1), out=w)
+        np.maximum(w, np.float32(0), out=w)
+        w *= vs
+        np.subtract(v, w, out=out[channel])
+    return out
 
 
 def distort(image: np.ndarray, distortion: Distortion) -> np.ndarray:
     """uint8[..., 3]: distorted_pixels rounded and clipped back to uint8 (module docstring)."""
-    return np.clip(np.rint(distorted_pixels(image, distortion)), 0, 255).astype(np.uint8)
+    planes = _distorted_planes(image, distortion)
+    np.rint(planes, out=planes)
+    np.clip(planes, 0, 255, out=planes)
+    return planes.transpose(tuple(range(1, planes.ndim)) + (0,)).astype(np.uint8)
 
 
 def distorted_pixels(image: np.ndarray, distortion: Distortion) -> np.ndarray:
     """float32[..., 3]: PhotoMetricDistortion's steps on a uint8 RGB image, in float32 as the
     reference computes them (unclipped)."""
-    pixels = image.astype(np.float32)
+    planes = _distorted_planes(image, distortion)
+    return np.ascontiguousarray(planes.transpose(tuple(range(1, planes.ndim)) + (0,)))
+
+
+def _distorted_planes(image: np.ndarray, distortion: Distortion) -> np.ndarray:
+    """float32[3, ...]: the distorted image as colour planes (contiguous planes make every
+    per-channel step a contiguous pass)."""
+    axes = (image.ndim - 1,) + tuple(range(image.ndim - 1))
+    planes = np.array(image.transpose(axes), np.float32, order="C")
     if distortion.brightness is not None:
-        pixels += np.float32(distortion.brightness)
+        planes += np.float32(distortion.brightness)
     if distortion.contrast is not None and not distortion.contrast_last:
-        pixels *= np.float32(distortion.contrast)
+        planes *= np.float32(distortion.contrast)
     if distortion.saturation is not None or distortion.hue is not None:
-        hsv = rgb_to_hsv(pixels)
-        if distortion.saturation is not None:
-            hsv[..., 1] *= np.float32(distortion.saturation)
-        if distortion.hue is not None:
-            hue = hsv[..., 0] + np.float32(distortion.hue)
-            hue = np.where(hue > 360, hue - 360, hue)
-            hsv[..., 0] = np.where(hue < 0, hue + 360, hue)
-        pixels = hsv_to_rgb(hsv)
+        planes = _hsv_adjusted(planes, distortion.saturation, distortion.hue)
     if distortion.contrast is not None and distortion.contrast_last:
-        pixels *= np.float32(distortion.contrast)
+        planes *= np.float32(distortion.contrast)
     if distortion.permutation is not None:
-        pixels = pixels[..., list(distortion.permutation)]
-    return pixels
+        planes = planes[list(distortion.permutation)]
+    return planes
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -373,5 +401,9 @@ def zoom_and_crop(example: dict, config, rng: np.random.Generator, counts) -> di
 def distort_canvas(example: dict, rng: np.random.Generator) -> None:
     """PhotoMetricDistortion on the valid region of a transformed example's canvas, in place."""
     valid_h, valid_w = (int(v) for v in example["image_hw"])
+    distortion = draw_distortion(rng)
+    steps = dataclasses.astuple(distortion)[1:]
+    if all(step is None for step in steps):
+        return  # every step's coin came up tails: nothing changes
     region = example["image"][:valid_h, :valid_w]
-    region[...] = distort(region, draw_distortion(rng))
+    region[...] = distort(region, distortion)

@@ -136,8 +136,9 @@ def reference_window(hw, boxes, min_ious, min_crop_size, rng):
     (1: no crop), 50 trials of new_w = uniform(min_crop_size w, w), new_h likewise, h/w in
     [0.5, 2], left = random.uniform(w - new_w) (numpy: low = w - new_w, high = 1), top
     likewise, patch = ints, no line or point patch, IoU (bbox_overlaps) of every box >= the
-    mode, some box centre strictly inside; else a new mode. The same generator calls, in the
-    same order, as the code under test."""
+    mode, some box centre strictly inside; else a new mode. Generator use as the code under
+    test (a test device, not the reference's: it draws left and top only after the aspect
+    test): one integer for the mode, then four uniforms per trial, all 50 trials' at once."""
     h, w = hw
     boxes = np.asarray(boxes, np.float64)
     modes = (1, *min_ious, 0)
@@ -145,13 +146,14 @@ def reference_window(hw, boxes, min_ious, min_crop_size, rng):
         mode = modes[int(rng.integers(len(modes)))]
         if mode == 1:
             return None
-        for _ in range(50):
-            new_w = rng.uniform(min_crop_size * w, w)
-            new_h = rng.uniform(min_crop_size * h, h)
+        draws = rng.random((50, 4))
+        for u_w, u_h, u_left, u_top in draws:
+            new_w = min_crop_size * w + (w - min_crop_size * w) * u_w
+            new_h = min_crop_size * h + (h - min_crop_size * h) * u_h
             if new_h / new_w < 0.5 or new_h / new_w > 2:
                 continue
-            left = (w - new_w) + (1.0 - (w - new_w)) * rng.random()
-            top = (h - new_h) + (1.0 - (h - new_h)) * rng.random()
+            left = (w - new_w) + (1.0 - (w - new_w)) * u_left
+            top = (h - new_h) + (1.0 - (h - new_h)) * u_top
             patch = np.array((int(left), int(top), int(left + new_w), int(top + new_h)))
             if patch[2] == patch[0] or patch[3] == patch[1]:
                 continue
