@@ -14,8 +14,8 @@ can give the window, the offset or the deltas themselves:
   outside the image: mmdetection's seg_ignore_label) move with it.
 - min-IoU crop (input.min_iou_crop: the min IoUs, input.min_crop_size): a mode is drawn from
   (1, *min_ious, 0), 1 meaning no crop; for a threshold, up to 50 windows are tried (in one
-  vectorised draw, the first that passes taken): w' ~
-  U(min_crop_size w, w), h' likewise, rejected unless 0.5 <= h'/w' <= 2; left is drawn as the
+  vectorised draw, the first that passes taken): w' ~ U(min_crop_size w, w), h' likewise,
+  rejected unless 0.5 <= h'/w' <= 2; left is drawn as the
   reference's random.uniform(w - w') does, i.e. numpy's uniform(low=w - w', high=1) (a window
   starts at column 1 or later unless w - w' < 1; dbolya/yolact draws the same way), top
   likewise; the window (int(left), int(top), int(left + w'), int(top + h')) must have area, an
@@ -34,8 +34,9 @@ can give the window, the offset or the deltas themselves:
   values beyond [0, 255] included, to normalisation.
 
 Expand and crop run on the decoded example before the shared transform (copy-paste runs there
-too); when both are drawn the image is built once, straight from the composed window, so a 4x
-zoom-out is never materialised in full.
+too), so the ignore regions it makes (instances beyond input.max_instances) and its
+input.min_box_size rule see the augmented instances; when both are drawn the image is built
+once, straight from the composed window, so a 4x zoom-out is never materialised in full.
 """
 
 from __future__ import annotations
