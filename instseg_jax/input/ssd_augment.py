@@ -36,7 +36,8 @@ can give the window, the offset or the deltas themselves:
 Expand and crop run on the decoded example before the shared transform (copy-paste runs there
 too), so the ignore regions it makes (instances beyond input.max_instances) and its
 input.min_box_size rule see the augmented instances; when both are drawn the image is built
-once, straight from the composed window, so a 4x zoom-out is never materialised in full.
+once, straight from the composed window, so a zoom-out that is then cropped is never
+materialised in full.
 """
 
 from __future__ import annotations
