@@ -116,6 +116,12 @@ RECIPES = {
         "model.negatives_per_positive": 3,
         "model.min_gt_box_size": 4.0,
         "model.negatives_without_positives": "all",
+        # train_pipeline: Expand(ratio_range=(1, 4)), MinIoURandomCrop(min_ious=(0.1, 0.3, 0.5,
+        # 0.7, 0.9), min_crop_size=0.3), PhotoMetricDistortion.
+        "input.expand_ratio": (1.0, 4.0),
+        "input.min_iou_crop": (0.1, 0.3, 0.5, 0.7, 0.9),
+        "input.min_crop_size": 0.3,
+        "input.photometric": True,
     },
     # mmdetection configs/solov2/solov2_r50_fpn_1x_coco.py (optim_wrapper lr 0.01, clip_grad
     # max_norm 35) over _base_/schedules/schedule_1x.py (SGD momentum 0.9, weight decay 1e-4,
