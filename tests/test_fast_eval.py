@@ -297,6 +297,8 @@ def test_coco_person_keypoints_by_default_equal_pycocotools():
     assert stats["keypoints"] == [float(v) for v in expected.stats]
 
 
+@pytest.mark.slow  # pycocotools on real crowded images (and preparing the set): the fast tier
+# proves the equality on the synthetic cases above
 def test_the_nuclei_val_set_equals_pycocotools(nuclei_dir):
     """The nuclei val set (up to 101 nuclei an image) with results made from its own masks:
     each nucleus moved by a few pixels, 1 in 10 dropped, false positives added, more than 100 on
