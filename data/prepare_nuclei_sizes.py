@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         path = args.out / "annotations" / f"{split}.json"
         path.write_text(json.dumps(out, sort_keys=True))
         counts = np.bincount([a["category_id"] for a in out["annotations"]], minlength=4)[1:]
-        shown = ", ".join(f"{n} {name}" for n, name in zip(counts, SIZE_NAMES))
+        shown = ", ".join(f"{n} {name}" for n, name in zip(counts, SIZE_NAMES, strict=True))
         print(f"{split}: {shown} (area cuts {cuts[0]:.0f}, {cuts[1]:.0f} px) -> {path}")
     return 0
 

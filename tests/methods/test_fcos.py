@@ -195,6 +195,17 @@ def test_losses_match_the_reference_on_random_outputs():
         assert float(metrics["loss_centerness"]) == pytest.approx(ctr, rel=1e-4)
 
 
+def unscaled_batch(height: int, width: int) -> dict:
+    """The batch fields detection reads, for one image of height x width at scale 1."""
+    image_hw = np.array([[height, width]], np.int32)
+    return {
+        "image_hw": image_hw,
+        "orig_hw": image_hw,
+        "scale": np.ones(1, np.float32),
+        "crop_offset": np.zeros((1, 2), np.int32),
+    }
+
+
 @pytest.mark.parametrize("convention", ["adelaidet", "thresh_with_ctr", "torchvision"])
 def test_detections_match_the_reference_procedure(convention):
     cfg = dataclasses.replace(
@@ -212,13 +223,7 @@ def test_detections_match_the_reference_procedure(convention):
     logits = rng.normal(-3, 2, (1, t, 3)).astype(np.float32)
     distances = rng.uniform(0.2, 3, (1, t, 4)).astype(np.float32)
     ctr = rng.normal(0, 1.5, (1, t)).astype(np.float32)
-    image_hw = np.array([[112, 128]], np.int32)
-    batch = {
-        "image_hw": image_hw,
-        "orig_hw": image_hw,
-        "scale": np.ones(1, np.float32),
-        "crop_offset": np.zeros((1, 2), np.int32),
-    }
+    batch = unscaled_batch(112, 128)
     det = jax.jit(fcos.detect, static_argnums=4)(
         jnp.asarray(logits), jnp.asarray(distances), jnp.asarray(ctr), batch, cfg
     )
@@ -258,13 +263,7 @@ def test_nms_before_the_clip_and_the_product_threshold_as_their_references():
     ctr[0, c] = logit(0.1)
     distances[0, a] = [8.0, 2.0, 2.0, 2.0]  # location (4, 28), stride 8: [-60, 12, 20, 44]
     distances[0, b] = [2.75, 2.0, 1.0, 2.0]  # location (12, 28): [-10, 12, 20, 44]
-    image_hw = np.array([[112, 128]], np.int32)
-    batch = {
-        "image_hw": image_hw,
-        "orig_hw": image_hw,
-        "scale": np.ones(1, np.float32),
-        "crop_offset": np.zeros((1, 2), np.int32),
-    }
+    batch = unscaled_batch(112, 128)
     probs = 1 / (1 + np.exp(-logits[0].astype(np.float64)))
     sizes = [h * w for h, w in cfg.level_shapes()]
     kept = {}
