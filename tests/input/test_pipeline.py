@@ -11,6 +11,7 @@ from instseg_jax.input.images import UnreadableImage
 from instseg_jax.input.pipeline import InputPipeline
 from instseg_jax.input.synthetic import SyntheticSource
 from instseg_jax.input.transforms import TransformConfig
+from tests.input.streams import assert_same, take
 
 TRAIN = TransformConfig(
     canvas_hw=(48, 48), short_side=(40, 48), max_long_side=48, max_instances=6, mask_size=8
@@ -27,18 +28,6 @@ EVAL = TransformConfig(
 
 def source(n=10):
     return SyntheticSource(n, (40, 56), seed=2, max_shapes=5)
-
-
-def take(pipeline, n):
-    return [next(pipeline) for _ in range(n)]
-
-
-def assert_same(batches_a, batches_b):
-    assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_batches_have_the_design_shapes():

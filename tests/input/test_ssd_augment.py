@@ -17,6 +17,7 @@ from instseg_jax.input.instances import InstanceMasks
 from instseg_jax.input.pipeline import InputPipeline
 from instseg_jax.input.synthetic import SyntheticSource
 from instseg_jax.input.transforms import TransformConfig
+from tests.input.streams import assert_same, take
 
 MIN_IOUS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
@@ -311,16 +312,9 @@ def stream(config=AUGMENTED):
     return InputPipeline(source, config, 4, seed=5, process_index=0, process_count=1)
 
 
-def take(pipeline, n):
-    return [next(pipeline) for _ in range(n)]
-
-
 def test_pipeline_with_augmentation_is_a_function_of_seed_and_position():
     expected = take(stream(), 5)
-    again = take(stream(), 5)
-    for a, b in zip(expected, again, strict=True):
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_same(take(stream(), 5), expected)
     plain = take(stream(TRAIN), 5)
     assert not any(
         np.array_equal(a["image"], b["image"]) for a, b in zip(plain, expected, strict=True)
@@ -329,9 +323,7 @@ def test_pipeline_with_augmentation_is_a_function_of_seed_and_position():
     take(first, 2)
     resumed = stream()
     resumed.set_state(json.loads(json.dumps(first.get_state())))
-    for a, b in zip(take(resumed, 3), expected[2:], strict=True):
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_same(take(resumed, 3), expected[2:])
     assert resumed.total_counts[report.ISSUE_KINDS.index("min_iou_crop_dropped")] > 0
 
 
