@@ -63,6 +63,7 @@ peer: peer-env
 parity: peer-env
 	$(MAKE) data
 	$(PEER_PY) experiments/parity/torchvision.py
+	$(PEER_PY) experiments/parity/torchvision_losses.py
 	$(PEER_PY) experiments/parity/fcos.py
 	$(PEER_PY) experiments/parity/mask2former.py
 	$(PEER_PY) experiments/parity/keypoint_rcnn.py

@@ -172,12 +172,25 @@ def anchor_targets(
     return jax.vmap(one_image)(gt_boxes, gt_valid, keys, ignore_boxes, ignore_valid, image_hw)
 
 
-def rpn_losses(logits, deltas, labels, target_deltas, batch_per_image: int, beta: float = 0.0):
+def rpn_losses(
+    logits,
+    deltas,
+    labels,
+    target_deltas,
+    batch_per_image: int,
+    beta: float = 0.0,
+    normalizer_rule: str = "batch",
+):
     """detectron2's RPN losses: BCE over sampled anchors and smooth L1 (beta 0: L1) over
-    positive ones, both divided by the number of sampled anchors of the batch
-    (batch_per_image * B)."""
-    normalizer = batch_per_image * logits.shape[0]
+    positive ones, both divided by the batch's sampling budget (batch_per_image * B,
+    normalizer_rule "batch": detectron2's rpn.py losses) or by the anchors actually sampled
+    ("sampled": torchvision's rpn.py compute_loss, sampled_inds.numel(); the same unless an
+    image has fewer than batch_per_image anchors to sample)."""
     sampled = labels >= 0
+    if normalizer_rule == "sampled":
+        normalizer = jnp.maximum(jnp.sum(sampled), 1).astype(jnp.float32)
+    else:
+        normalizer = batch_per_image * logits.shape[0]
     objectness = ops.binary_cross_entropy_with_logits(
         logits, labels == 1, weights=sampled, normalizer=normalizer
     )

@@ -251,6 +251,11 @@ def apply_preset(config) -> None:
     m.rpn_positive_fraction = 0.5
     m.roi_batch_per_image = 512
     m.roi_positive_fraction = 0.25
+    # Training losses (models/detection/rpn.py compute_loss, roi_heads.py fastrcnn_loss):
+    # smooth L1 of beta 1/9 in both regressions, the RPN's divided by the anchors sampled.
+    m.rpn_smooth_l1_beta = 1.0 / 9
+    m.box_smooth_l1_beta = 1.0 / 9
+    m.rpn_loss_normalizer = "sampled"
     m.box_pool_size = 7
     m.mask_pool_size = 14
     m.score_threshold = 0.05

@@ -1,0 +1,316 @@
+"""Our side of the torchvision loss parity check (training mode), and the comparison itself.
+
+experiments/parity/torchvision_losses.py runs torchvision's Mask R-CNN in training mode (the
+`make peer` environment) and `mask_rcnn_losses` here on the same converted weights, image and
+ground truth, then `compare_losses`; tests/weights/test_torchvision_losses.py compares
+`mask_rcnn_losses` with torchvision's loss terms and head gradients stored in
+tests/fixtures/torchvision_losses_tiny.npz (no torch needed there).
+
+Both samplers keep every candidate (the script raises torchvision's batch_size_per_image
+beyond any candidate count; `loss_overrides` sizes ours to all anchors and all RoI
+candidates, positive fraction 1), so no random draw separates the two sides. Everything else
+is each side's own: anchor and RoI matching, targets, proposals (torchvision's training
+proposals are recorded only to measure that both sides trained on the same set), losses and
+their normalisers.
+
+Ground truth comes as a `Scene`: image uint8[H, W, 3] at a size torchvision's resize leaves
+alone (the tiny model's 128 x 160), boxes float32[N, 4] xyxy, classes int[N] (ours; torchvision's
+label is class + 1), masks bool[N, H, W]. N = 0 is an image without instances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instseg_jax import builders
+from instseg_jax.input.transforms import box_crop_target
+from instseg_jax.methods import mask_rcnn
+from instseg_jax.methods.mask_rcnn import MaskRCNN
+from instseg_jax.weights import torchvision as tv
+
+# torchvision's loss names -> ours (Mask R-CNN).
+MASK_RCNN_TERMS = {
+    "loss_objectness": "loss_rpn_cls",
+    "loss_rpn_box_reg": "loss_rpn_loc",
+    "loss_classifier": "loss_cls",
+    "loss_box_reg": "loss_box_reg",
+    "loss_mask": "loss_mask",
+}
+# Our parameter subtrees compared by gradient (torchvision's rpn.head, roi_heads.box_head and
+# box_predictor, roi_heads.mask_head and mask_predictor).
+HEADS = ("rpn_head", "box_head", "mask_head")
+# Relative error of each loss term and of each head's gradient (norm of the difference over
+# the norm of torchvision's): float32 noise on sums of a few thousand terms is ~1e-6; 1e-4
+# leaves room for summation order and float32 RoIAlign, and a wrong rule moves a term by far
+# more (a beta or a normaliser by tens of percent).
+LOSS_TOLERANCE = 1e-4
+GRADIENT_TOLERANCE = 1e-4
+# The mask term's declared difference (see `mask_target_note`): its own, looser bounds.
+MASK_TARGET_TOLERANCE = {"loss_mask": 0.1, "mask_head": 0.5}
+# The mask term and the mask head's gradient with torchvision's targets given to ours.
+TV_TARGETS = "mask_with_tv_targets"
+MASK_TARGET_NOTE = (
+    "loss_mask differs by its targets, not its formula: ours RoIAlign each ground truth's "
+    "box crop (input.mask_size square, aligned, 2 samples per bin) and threshold it at 0.5 "
+    "(detectron2's rule, ops.mask_targets; full masks never reach the device), torchvision "
+    "RoIAligns the full-image mask with aligned=False and adaptive sampling and keeps the "
+    "soft values (roi_heads.py project_masks_on_boxes). Given torchvision's targets, ours "
+    "gives its mask loss and mask-head gradient to float noise (mask_with_tv_targets)."
+)
+
+
+@dataclasses.dataclass
+class Scene:
+    name: str
+    image: np.ndarray
+    boxes: np.ndarray
+    classes: np.ndarray
+    masks: np.ndarray
+
+
+def loss_overrides(canvas_hw, num_proposals: int, max_instances: int) -> dict:
+    """Model fields of the loss mode: samplers that keep every candidate (all anchors of the
+    canvas, all proposals plus ground-truth slots, positive fraction 1, a mask slot for each),
+    and num_proposals proposals before and after NMS per level in training."""
+    anchors = sum(
+        int(a.shape[0]) for a in tv_anchors(canvas_hw)
+    )  # every anchor of the canvas is a sampling candidate
+    rois = num_proposals + max_instances
+    return {
+        "rpn_batch_per_image": anchors,
+        "rpn_positive_fraction": 1.0,
+        "roi_batch_per_image": rois,
+        "roi_positive_fraction": 1.0,
+        "mask_fg_per_image": rois,
+        "rpn_pre_nms_topk_train": num_proposals,
+        "rpn_post_nms_topk_train": num_proposals,
+    }
+
+
+def tv_anchors(canvas_hw):
+    from instseg_jax import ops
+
+    return ops.torchvision_anchors(
+        tuple(canvas_hw), ((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0)
+    )
+
+
+def training_batch(scene: Scene, max_instances: int, mask_size: int) -> dict:
+    """Our training batch of one scene, built as the input pipeline builds it (boxes on the
+    canvas, box-crop masks by transforms.box_crop_target) on a canvas of the image's size
+    padded to a multiple of 32 with the mean colour (torchvision's batching)."""
+    pixels, resized_hw = tv.preprocess(scene.image, *_sizes(scene.image))
+    n = len(scene.boxes)
+    if n > max_instances:
+        raise ValueError(f"{scene.name}: {n} instances, more than max_instances {max_instances}")
+    gt_boxes = np.zeros((max_instances, 4), np.float32)
+    gt_classes = np.zeros(max_instances, np.int32)
+    gt_valid = np.zeros(max_instances, bool)
+    gt_masks = np.zeros((max_instances, mask_size, mask_size), np.uint8)
+    gt_boxes[:n] = scene.boxes
+    gt_classes[:n] = scene.classes
+    gt_valid[:n] = True
+    for i in range(n):
+        gt_masks[i] = box_crop_target(scene.masks[i], scene.boxes[i], mask_size)
+    return {
+        "image": pixels[None],
+        "image_hw": np.asarray([resized_hw], np.int32),
+        "gt_boxes": gt_boxes[None],
+        "gt_classes": gt_classes[None],
+        "gt_valid": gt_valid[None],
+        "gt_masks": gt_masks[None],
+    }
+
+
+def _sizes(image) -> tuple[int, int]:
+    """(min_size, max_size) under which torchvision's resize keeps the image as it is."""
+    return min(image.shape[:2]), max(image.shape[:2])
+
+
+def mask_rcnn_loss_config(
+    arch: dict, scene: Scene, num_proposals: int, max_instances: int, overrides=None
+):
+    """(MaskRCNNConfig of the converted weights under the torchvision preset and the loss
+    mode's samplers, input.mask_size); ``overrides``: model fields to change (e.g. to show
+    what a convention is worth)."""
+    pixels, _ = tv.preprocess(scene.image, *_sizes(scene.image))
+    config = tv.coco_config(arch, pixels.shape[:2])
+    config.model.update(loss_overrides(pixels.shape[:2], num_proposals, max_instances))
+    config.model.update(overrides or {})
+    return builders.model_config(config, arch["num_classes"]), config.input.mask_size
+
+
+class GivenMaskTargets(MaskRCNN):
+    """Mask R-CNN whose mask loss may take given targets: batch["given_mask_targets"]
+    float32[B, F, 28, 28] replace ours where batch["use_given_mask_targets"] is set (the loss
+    mode's check of the mask head's gradient on torchvision's own targets)."""
+
+    def mask_training(self, features, outputs: dict, batch: dict, key) -> dict:
+        out = super().mask_training(features, outputs, batch, key)
+        given = batch["use_given_mask_targets"]
+        out["mask_targets"] = jnp.where(given, batch["given_mask_targets"], out["mask_targets"])
+        return out
+
+
+@functools.cache
+def _gradient_step(cfg):
+    """jit((variables, batch) -> (head-tree gradients, metrics, outputs)) of one config."""
+    model = GivenMaskTargets(cfg)
+    key = jax.random.PRNGKey(0)  # samplers keep every candidate: the key picks nothing
+
+    def total(params, variables, batch):
+        outputs = model.apply({**variables, "params": params}, batch, train=True, key=key)
+        loss, metrics = mask_rcnn.loss_fn(outputs, batch, cfg)
+        return loss, (metrics, outputs)
+
+    def step(variables, batch):
+        return jax.grad(total, has_aux=True)(variables["params"], variables, batch)
+
+    return jax.jit(step)
+
+
+def mask_rcnn_losses(
+    variables,
+    arch: dict,
+    scene: Scene,
+    num_proposals: int,
+    max_instances: int = 16,
+    given_mask_targets: tuple | None = None,
+    overrides: dict | None = None,
+) -> dict:
+    """Our Mask R-CNN in training mode under the torchvision preset on one scene: {"losses":
+    {torchvision's name: value}, "grads": {head: gradient of the total loss}, "proposals":
+    float32[P, 4] the training proposals, "mask_rois": float32[F, 4] the foreground RoIs of the
+    mask loss, "mask_slots": their slots}. given_mask_targets = (rois[F, 4], targets[F, 28,
+    28]), torchvision's: the mask loss takes these targets instead of ours, each paired with
+    our foreground RoI of the same box (a missing pair raises)."""
+    cfg, mask_size = mask_rcnn_loss_config(arch, scene, num_proposals, max_instances, overrides)
+    batch = training_batch(scene, max_instances, mask_size)
+    slots, side = cfg.mask_fg_per_image, 2 * cfg.mask_pool_size
+    batch["given_mask_targets"] = np.zeros((1, slots, side, side), np.float32)
+    batch["use_given_mask_targets"] = np.asarray(False)
+    step = _gradient_step(cfg)
+    if given_mask_targets is not None:
+        first = mask_rcnn_losses(
+            variables, arch, scene, num_proposals, max_instances, overrides=overrides
+        )
+        rois, targets = given_mask_targets
+        batch["given_mask_targets"][0, _pairing(first["mask_slots"], first["mask_rois"], rois)] = (
+            targets
+        )
+        batch["use_given_mask_targets"] = np.asarray(True)
+    grads, (metrics, outputs) = jax.device_get(step(variables, batch))
+    rois = outputs["rois"]
+    fg = np.asarray(outputs["mask_valid"][0])
+    return {
+        "losses": {tv_name: float(metrics[ours]) for tv_name, ours in MASK_RCNN_TERMS.items()},
+        "grads": {head: grads[head] for head in HEADS},
+        "proposals": np.asarray(outputs["proposal_boxes"][0])[
+            np.asarray(outputs["proposal_valid"][0])
+        ],
+        "mask_slots": np.flatnonzero(fg),
+        "mask_rois": np.asarray(rois["boxes"][0, : len(fg)])[fg],
+    }
+
+
+def _pairing(slots, ours, theirs):
+    """Our mask slot of each of torchvision's foreground RoIs theirs[F, 4] (same box within
+    0.01 px; ours[F, 4] the boxes of our foreground slots)."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} foreground RoIs here, {len(theirs)} in torchvision")
+    if not len(theirs):
+        return np.zeros(0, np.int64)
+    gap = np.abs(theirs[:, None, :] - ours[None]).max(-1)
+    nearest = gap.argmin(1)
+    if len(set(nearest.tolist())) != len(theirs) or gap.min(1).max() > 1e-2:
+        raise ValueError("torchvision's foreground RoIs are not ours: no target pairing")
+    return slots[nearest]
+
+
+def tree_norm(tree) -> float:
+    return float(
+        np.sqrt(sum(np.sum(np.square(x, dtype=np.float64)) for x in jax.tree.leaves(tree)))
+    )
+
+
+def compare_losses(ours: dict, theirs: dict, given: dict | None = None) -> dict:
+    """Figures of one scene: each term's relative error, each head's gradient relative error,
+    whether both sides trained on the same proposals; `failures` lists what is beyond the
+    tolerances (the mask targets' declared difference within its own). ``given``: ours run
+    on torchvision's mask targets (`mask_rcnn_losses` given_mask_targets), whose mask term
+    and mask-head gradient are held to the float tolerance."""
+    figures: dict = {"terms": {}, "grads": {}, "values": {}}
+    for name, value in theirs["losses"].items():
+        figures["terms"][name] = _relative(ours["losses"][name], value)
+        figures["values"][name] = (ours["losses"][name], value)
+    for head, grad in theirs["grads"].items():
+        figures["grads"][head] = _relative_tree(ours["grads"][head], grad)
+    if given is not None:
+        figures["terms"][TV_TARGETS] = _relative(
+            given["losses"]["loss_mask"], theirs["losses"]["loss_mask"]
+        )
+        figures["grads"][TV_TARGETS] = _relative_tree(
+            given["grads"]["mask_head"], theirs["grads"]["mask_head"]
+        )
+    figures["proposals"] = _same_set(ours["proposals"], theirs["proposals"])
+    figures["failures"] = loss_failures(figures)
+    return figures
+
+
+def _relative(a: float, b: float) -> float:
+    """|a - b| / |b|; 0 where both are 0 (an image without instances has no box loss)."""
+    if b == 0:
+        return 0.0 if a == 0 else float("inf")
+    return abs(a - b) / abs(b)
+
+
+def _relative_tree(a, b) -> float:
+    diff = tree_norm(jax.tree.map(lambda x, y: np.asarray(x, np.float64) - y, a, b))
+    return _relative(diff, 0.0) if tree_norm(b) == 0 else diff / tree_norm(b)
+
+
+def _same_set(a, b) -> dict:
+    """How far two proposal sets are apart: counts and the largest distance (px) of a box of
+    either set to the nearest of the other."""
+    out = {"count": (len(a), len(b))}
+    if len(a) and len(b):
+        gap = np.abs(a[:, None, :] - b[None]).max(-1)
+        out["max_px"] = float(max(gap.min(0).max(), gap.min(1).max()))
+    else:
+        out["max_px"] = 0.0 if len(a) == len(b) else float("inf")
+    return out
+
+
+def loss_failures(figures: dict) -> list[str]:
+    out = []
+    count = figures["proposals"]["count"]
+    if count[0] != count[1] or not figures["proposals"]["max_px"] <= 1e-3:
+        out.append(f"proposals differ: counts {count}, {figures['proposals']['max_px']:.2e} px")
+    for name, error in figures["terms"].items():
+        bound = MASK_TARGET_TOLERANCE.get(name, LOSS_TOLERANCE)
+        if not error <= bound:
+            out.append(f"{name} relative error {error:.2e} > {bound:.0e}")
+    for head, error in figures["grads"].items():
+        bound = MASK_TARGET_TOLERANCE.get(head, GRADIENT_TOLERANCE)
+        if not error <= bound:
+            out.append(f"{head} gradient relative error {error:.2e} > {bound:.0e}")
+    return out
+
+
+def head_gradients_from_torch(state_dict: dict, grads: dict, source: str) -> dict:
+    """torchvision's head gradients {key: array} in our parameter tree: the converter applied
+    to the state_dict with the head entries replaced by their gradients (every head mapping is
+    a reshape, transpose or reorder: linear)."""
+    mixed = dict(state_dict)
+    mixed.update(grads)
+    variables, _ = tv.convert(mixed, source)
+    return {head: variables["params"][head] for head in HEADS}
+
+
+def to_jnp(tree):
+    return jax.tree.map(jnp.asarray, tree)
