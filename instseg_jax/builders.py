@@ -183,6 +183,8 @@ def transform_config(config, train: bool) -> TransformConfig:
         min_iou_crop=tuple(i.get("min_iou_crop", ())) if train else (),
         min_crop_size=float(i.get("min_crop_size", 0.3)),
         photometric=bool(i.get("photometric", False)) and train,
+        # Training only; workdirs written before it get it off.
+        instance_filter=str(i.get("instance_filter", "none")) if train else "none",
     )
 
 

@@ -37,6 +37,12 @@ ISSUE_KINDS = (
     # instances (crowd regions included) whose box centre fell outside the min-IoU random
     # crop's window (input.min_iou_crop, input/ssd_augment.py): dropped
     "min_iou_crop_dropped",
+    # instances that input.instance_filter drops (PolarMask's coco_seg.py rule: mask of 15
+    # pixels or fewer, or box under 10 px on both sides), training only
+    "small_instance_dropped",
+    # contours of more points than the method's fixed maximum: kept on a coarser grid
+    # (input/contours.py grid_subsample)
+    "contour_subsampled",
 )
 _INDEX = {kind: i for i, kind in enumerate(ISSUE_KINDS)}
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from instseg_jax.config import ConfigValueError
 from instseg_jax.input import report
+from instseg_jax.input.contours import grid_subsample, outer_contour_pixels
 from instseg_jax.input.instances import InstanceMasks
 
 
@@ -73,6 +74,10 @@ class TransformConfig:
     min_iou_crop: tuple[float, ...] = ()
     min_crop_size: float = 0.3
     photometric: bool = False
+    # Training only: "polarmask" drops small instances by xieenze/PolarMask's coco_seg.py rule
+    # (mask of 15 pixels or fewer, or box under 10 px in both width and height, on the
+    # original image; counted as small_instance_dropped); "none" keeps them.
+    instance_filter: str = "none"
 
     @property
     def zooms_or_crops(self) -> bool:
@@ -110,6 +115,10 @@ class TransformConfig:
             raise ConfigValueError(
                 f"input.copy_paste_scale must be (low, high) with 0 < low <= high, got "
                 f"{self.copy_paste_scale}"
+            )
+        if self.instance_filter not in ("none", "polarmask"):
+            raise ConfigValueError(
+                f"input.instance_filter must be 'none' or 'polarmask', got {self.instance_filter!r}"
             )
         if self.resize_rule not in ("detectron2", "torchvision"):
             raise ConfigValueError(
@@ -260,7 +269,7 @@ def transform(
     # region (a crop can cut an instance: its target covers what is left in the window).
     canvas_boxes = example["boxes"].astype(np.float64) * scale - np.array([ox, oy, ox, oy])
     canvas_boxes = np.clip(canvas_boxes, 0, np.array([valid_w, valid_h, valid_w, valid_h]))
-    keep = _trainable_instances(example, canvas_boxes, config, counts)
+    keep = _trainable_instances(example, canvas_boxes, config, counts, masks)
     kept, dropped = _instance_limit(np.flatnonzero(keep), masks, config, counts)
 
     limit = config.max_instances
@@ -269,7 +278,9 @@ def transform(
     gt_valid = _padded(np.ones(len(kept), bool), limit, bool)
     ignore_boxes = _padded(canvas_boxes[dropped], config.max_ignore_regions, np.float32)
     ignore_valid = _padded(np.ones(len(dropped), bool), config.max_ignore_regions, bool)
-    extra = _mask_targets(masks, kept, gt_boxes, config, scale, (oy, ox), (valid_h, valid_w), flip)
+    extra = _mask_targets(
+        masks, kept, gt_boxes, config, scale, (oy, ox), (valid_h, valid_w), flip, counts
+    )
     if config.semantic_stride:
         extra["gt_semantic"] = _semantic_target(
             example, config, scale, (oy, ox), (valid_h, valid_w), flip
@@ -301,16 +312,31 @@ def transform(
     }
 
 
-def _trainable_instances(example, canvas_boxes, config: TransformConfig, counts) -> np.ndarray:
-    """bool[n]: the instances that become targets, before the instance limit: crowd regions
-    are dropped in training (counted), and so are boxes narrower or lower on the canvas than
+def _trainable_instances(
+    example, canvas_boxes, config: TransformConfig, counts, masks=None
+) -> np.ndarray:
+    """bool[n]: the instances that become targets, before the instance limit: in training,
+    what config.instance_filter drops (counted as small_instance_dropped) and crowd regions
+    (counted) are dropped, and so are boxes narrower or lower on the canvas than
     config.min_box_size (counted as degenerate)."""
     keep = np.ones(len(canvas_boxes), bool)
+    if config.train and config.instance_filter == "polarmask" and len(canvas_boxes):
+        # xieenze/PolarMask mmdet/datasets/coco_seg.py _parse_ann_info drops, crowd regions
+        # included, annotations with area <= 15, with w < 10 and h < 10, or with a mask under
+        # 15 pixels, on the original image. The annotation's polygon area is not carried
+        # here: its mask's pixel count stands for it (<= 15 covers both area tests).
+        pixels = masks if masks is not None else InstanceMasks.from_dense(example["masks"])
+        sizes = example["boxes"][:, 2:] - example["boxes"][:, :2]
+        small = (pixels.areas() <= 15) | ((sizes[:, 0] < 10) & (sizes[:, 1] < 10))
+        if small.any():
+            report.count(counts, "small_instance_dropped", int(small.sum()))
+        keep &= ~small
     if config.train and config.drop_crowd:
         crowd = example["iscrowd"].astype(bool)
+        crowd &= keep  # what the filter dropped is not counted twice
         if crowd.any():
             report.count(counts, "crowd_dropped", int(crowd.sum()))
-            if crowd.all():
+            if not (keep & ~crowd).any():
                 report.count(counts, "crowd_only_image")
         keep &= ~crowd
     sizes = canvas_boxes[:, 2:] - canvas_boxes[:, :2]
@@ -346,7 +372,9 @@ def _padded(values: np.ndarray, length: int, dtype) -> np.ndarray:
     return out
 
 
-def _mask_targets(masks, kept, gt_boxes, config: TransformConfig, scale, offset, valid_hw, flip):
+def _mask_targets(
+    masks, kept, gt_boxes, config: TransformConfig, scale, offset, valid_hw, flip, counts=None
+):
     """What the method's INPUTS ask besides boxes: box-crop masks, stride-s full masks, mass
     centres, each for the kept instances in their slots."""
     oy, ox = offset
@@ -368,7 +396,7 @@ def _mask_targets(masks, kept, gt_boxes, config: TransformConfig, scale, offset,
         extra["gt_centers"] = _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip)
     if config.contour_points:
         extra["gt_contours"] = _contours(
-            masks, kept, limit, config.contour_points, scale, offset, valid_hw, flip
+            masks, kept, limit, config.contour_points, scale, offset, valid_hw, flip, counts
         )
     return extra
 
@@ -483,42 +511,48 @@ def _reaching(coords: np.ndarray, start: int, length: int):
     return slice(int(hits[0]), int(hits[-1]) + 1)
 
 
-def boundary_points(crop: np.ndarray) -> np.ndarray:
-    """float64[n, 2] (x, y) in the crop's pixel frame (pixel (r, c) spans [c, c + 1) x [r, r +
-    1)): the midpoint of every pixel edge between the mask and the background (or the crop's
-    border), so polygons through them trace the mask's outline rather than its pixel centres."""
-    padded = np.pad(crop.astype(bool), 1)
-    inner = padded[1:-1, 1:-1]
-    points = []
-    # (neighbour outside, x offset, y offset of the shared edge's midpoint)
-    for neighbour, dx, dy in (
-        (padded[1:-1, 2:], 1.0, 0.5),  # right
-        (padded[1:-1, :-2], 0.0, 0.5),  # left
-        (padded[2:, 1:-1], 0.5, 1.0),  # below
-        (padded[:-2, 1:-1], 0.5, 0.0),  # above
-    ):
-        rows, cols = np.nonzero(inner & ~neighbour)
-        points.append(np.stack([cols + dx, rows + dy], axis=1))
-    return np.concatenate(points).astype(np.float64)
-
-
-def _contours(masks, kept, limit, length, scale, offset, valid_hw, flip) -> np.ndarray:
-    """float32[N, L, 2] (x, y) canvas boundary points of each kept mask (structures.py:
-    gt_contours); padding slots are 0."""
+def _contours(masks, kept, limit, length, scale, offset, valid_hw, flip, counts) -> np.ndarray:
+    """float32[N, L, 2] (x, y) canvas points of each kept mask's outer contour (structures.py:
+    gt_contours; input/contours.py: the largest part's outer-border pixels, PolarMask's rule),
+    traced on the mask at canvas resolution as the reference traces the resized mask: each
+    canvas pixel of the valid region takes the original pixel under its centre. A point is its
+    pixel's centre. Contours of more than L points keep L of them on a grid
+    (contours.grid_subsample; counted as contour_subsampled); shorter ones repeat their points
+    (the rays take maxima: repeats change nothing). A mask no canvas pixel centre falls on
+    gives its box centre. Padding slots are 0."""
     (oy, ox), (valid_h, valid_w) = offset, valid_hw
     out = np.zeros((limit, length, 2), np.float32)
     for slot, i in enumerate(kept):
-        points = boundary_points(masks.crops[i])
-        if not len(points):
+        crop, (top, left) = masks.crops[i], masks.origins[i]
+        if not crop.size:
             continue
-        x = (points[:, 0] + masks.origins[i][1]) * scale - ox
-        y = (points[:, 1] + masks.origins[i][0]) * scale - oy
-        x, y = np.clip(x, 0, valid_w), np.clip(y, 0, valid_h)
+        # The canvas rows and columns the crop's pre-image covers, inside the valid region.
+        r0 = max(math.floor(top * scale - oy), 0)
+        r1 = min(math.ceil((top + crop.shape[0]) * scale - oy), valid_h)
+        c0 = max(math.floor(left * scale - ox), 0)
+        c1 = min(math.ceil((left + crop.shape[1]) * scale - ox), valid_w)
+        src_r = np.floor((np.arange(r0, max(r1, r0)) + 0.5 + oy) / scale).astype(np.int64) - top
+        src_c = np.floor((np.arange(c0, max(c1, c0)) + 0.5 + ox) / scale).astype(np.int64) - left
+        ok_r = (src_r >= 0) & (src_r < crop.shape[0])
+        ok_c = (src_c >= 0) & (src_c < crop.shape[1])
+        canvas_mask = np.zeros((len(src_r), len(src_c)), bool)
+        canvas_mask[np.ix_(ok_r, ok_c)] = crop[np.ix_(src_r[ok_r], src_c[ok_c])]
+        rows, cols = outer_contour_pixels(canvas_mask)
+        if len(rows):
+            points = np.stack([cols + c0 + 0.5, rows + r0 + 0.5], axis=1)
+        else:  # a sliver between canvas pixel centres
+            box = (np.array([left, top, left + crop.shape[1], top + crop.shape[0]]) * scale
+                   - np.array([ox, oy, ox, oy]))  # fmt: skip
+            points = np.clip(
+                [[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]], 0, [valid_w, valid_h]
+            )
+        if len(points) > length:
+            if counts is not None:
+                report.count(counts, "contour_subsampled")
+            points = grid_subsample(points, length)
         if flip:
-            x = valid_w - x
-        order = np.argsort(np.arctan2(y - y.mean(), x - x.mean()), kind="stable")
-        chosen = order[np.linspace(0, len(order), length, endpoint=False).astype(np.int64)]
-        out[slot] = np.stack([x[chosen], y[chosen]], axis=1)
+            points = np.stack([valid_w - points[:, 0], points[:, 1]], axis=1)
+        out[slot] = points[np.arange(length) % len(points)]
     return out
 
 
