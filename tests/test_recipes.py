@@ -123,6 +123,40 @@ RECIPES = {
         "input.min_crop_size": 0.3,
         "input.photometric": True,
     },
+    # xieenze/PolarMask configs/polarmask/4gpu/polar_768_1x_r50.py: 4 GPUs x imgs_per_gpu 4,
+    # SGD lr 0.01, momentum 0.9, weight decay 1e-4, grad_clip max_norm 35, linear warmup 500
+    # iterations from warmup_ratio 1/3, 12 epochs with steps at 8 and 11 (7330 iterations per
+    # epoch at batch 16), img_scale (1280, 768), test_cfg nms_pre 1000, score_thr 0.05, nms
+    # iou_thr 0.5, max_per_img 100; mmdet/models/anchor_heads/polarmask_head.py: three towers
+    # (a box branch whose boxes NMS uses: mask_nms False), class x (centerness + 0.5), boxes
+    # clipped before NMS (distance2bbox max_shape); mmdet/datasets/coco_seg.py: small
+    # instances dropped, centre sampling radius 1.5 about the mass centre.
+    "polarmask_r50_fpn_coco_1x": {
+        "input.global_batch": 16,
+        "optim.name": "sgd",
+        "optim.lr": 0.01,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 1e-4,
+        "optim.clip_norm": 35.0,
+        "schedule.warmup_steps": 500,
+        "schedule.warmup_factor": 1.0 / 3,
+        "schedule.total_steps": 12 * 7330,
+        "schedule.steps": (8 * 7330, 11 * 7330),
+        "input.short_side": (768,),
+        "input.max_long_side": 1280,
+        "input.instance_filter": "polarmask",
+        "model.candidates_per_level": 1000,
+        "model.score_threshold": 0.05,
+        "model.score_threshold_on": "class",
+        "model.nms_threshold": 0.5,
+        "model.detections_per_image": 100,
+        "model.detection_score": "product",
+        "model.centerness_score_offset": 0.5,
+        "model.box_branch": True,
+        "model.clip_before_nms": True,
+        "model.center_sampling_radius": 1.5,
+        "model.ray_rule": "reference",
+    },
     # mmdetection configs/solov2/solov2_r50_fpn_1x_coco.py (optim_wrapper lr 0.01, clip_grad
     # max_norm 35) over _base_/schedules/schedule_1x.py (SGD momentum 0.9, weight decay 1e-4,
     # LinearLR start_factor 0.001 over 500 iterations, 12 epochs, MultiStepLR at 8 and 11) and

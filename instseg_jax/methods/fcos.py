@@ -88,6 +88,8 @@ class FCOSConfig(DetectorConfig):
     # centerness (AdelaiDet's THRESH_WITH_CTR); "combined": sqrt(class score x centerness).
     score_threshold_on: str = "class"
     detection_score: str = "sqrt"  # of class score x centerness; "product": PolarMask's
+    # "product" scores class score x (centerness + this): PolarMask's polarmask_head.py adds 0.5
+    centerness_score_offset: float = 0.0
     candidates_per_level: int = 1000
     nms_threshold: float = 0.6
     # AdelaiDet runs NMS on the decoded boxes and clips the kept ones to the image afterwards
@@ -579,6 +581,10 @@ def select_detections(
                 boxes = ops.clip_boxes(boxes, image_hw.astype(jnp.float32))
             boxes_all.append(boxes)
             score = jnp.maximum(best, 0.0)
+            if cfg.detection_score == "product" and cfg.centerness_score_offset:
+                class_score = image_probs[level].reshape(-1)[flat]
+                offset_ctr = image_ctr[level][location] + cfg.centerness_score_offset
+                score = jnp.where(best >= 0.0, class_score * offset_ctr, 0.0)
             scores_all.append(jnp.sqrt(score) if cfg.detection_score == "sqrt" else score)
             classes_all.append((flat % c).astype(jnp.int32))
             valid_all.append(best >= 0.0)

@@ -1,49 +1,82 @@
 """PolarMask (Xie et al. 2020, "PolarMask: Single Shot Instance Segmentation with Polar
 Representation"): the method module (methods/__init__.py). FCOS's detector (methods/fcos.py)
-where every location regresses, instead of a box, the lengths of `num_rays` (36) rays at angles
-0, 10, ..., 350 degrees to its instance's contour; the polygon of the ray ends is the mask. The
-defaults follow xieenze/PolarMask's configs/polarmask/4gpu/polar_768_1x_r50.py; every one is a
-config field.
+where every location also regresses the lengths of `num_rays` (36) rays at angles 0, 10, ...,
+350 degrees to its instance's contour; the polygon of the ray ends is the mask. The defaults
+follow xieenze/PolarMask (mmdet/models/anchor_heads/polarmask_head.py, mmdet/datasets/
+coco_seg.py, configs/polarmask/4gpu/polar_768_1x_r50.py); every one is a config field.
 
-Angles: ray k points along (cos, sin)(2 pi k / num_rays) in canvas (x, y) pixels (y down).
+Angles (the reference's): ray k points along (x, y) = (sin, cos)(2 pi k / num_rays) in canvas
+pixels (y down), i.e. measured from +y towards +x (coco_seg.py get_36_coordinates' atan2(x, y),
+polarmask_head.py distance2mask).
+
+Head (polarmask_head.py _init_layers / forward_single): three towers of 4 x (conv3x3, GroupNorm
+32, ReLU): classification (class logits and the centerness), regression (a box: 4 distances,
+exp(level scale x output) pixels) and mask (the rays, exp(its own level scale x output)
+pixels). `box_branch=False` drops the third tower: the rays on the regression tower, no box.
 
 Targets: locations are assigned as FCOS assigns them (box sizes for the level ranges, the
 smallest box for ties) with centre sampling about each instance's mass centre (radius 1.5
 strides); the ray targets are computed on the device for at most `mask_instances_per_image`
 positive locations per image (a uniform random subset when there are more; counted) from each
-instance's contour, which the input pipeline traces on the host (structures.py gt_contours: L
-boundary points, the midpoints of the mask's pixel edges facing the background). A ray's target
-is the distance to the contour point nearest its angle, the farthest of those within
-`angle_tolerance` degrees of that nearest one (where a concave contour crosses the ray several
-times: the reference takes the farthest point at the ray's integer degree, searching +-1..3
-degrees when there is none, and 1e-6 past that); the centerness target is sqrt(min / max) of
-the 36 targets (polar centerness). A location within about a pixel of its contour sees the
-boundary points near it spread over wide angles, so a ray there can take a farther point's
-length (the reference's integer-degree search shares the limit); tests/methods/
-test_polarmask.py checks the rule against ray casting from locations inside the shapes.
+instance's contour, which the input pipeline takes as the reference does (input/contours.py:
+the outer border of the mask's largest part, traced on the mask at canvas resolution, every
+pixel; at most CONTOUR_POINTS, more kept on a grid and counted as contour_subsampled). A ray's
+target (ray_rule "reference", get_36_coordinates): each contour point's angle about the
+location truncated to a whole degree; the ray takes the farthest point at its own degree, else
+at +1, -1, +2, -2, +3, -3 degrees (ray 0 does not wrap to 359..357, as there), else 1e-6;
+`ray_rule="nearest"` takes the farthest point within `angle_tolerance` degrees of the point
+nearest the ray's angle. The centerness target is sqrt(min / max) of the 36 targets (polar
+centerness).
 
-Losses: FCOS's focal class loss; polar IoU loss log(sum max(d, d*) / sum min(d, d*)) over the
-rays of each trained location, weighted by its centerness target / the sum of those targets;
-centerness BCE (the centerness branch on the classification tower) / trained locations.
-Predicted lengths are exp(level scale x output) pixels, as in the reference.
+Losses (polarmask_head.py loss): FCOS's focal class loss; polar IoU loss log(sum max(d, d*) /
+sum min(d, d*)) over the rays of each trained location and (box branch) IoU loss -log IoU of
+its box, each weighted by its polar centerness target / the sum of those targets; centerness
+BCE (on the classification tower) / trained locations.
 
-Test: FCOS's candidates (class score > 0.05, 1000 per level, ranked by class score x
-centerness), the box of each ray polygon, class-aware NMS at 0.5, 100 detections scored class
-score x centerness; the polygons (`polygons` payload: vertices clamped to the image) are
-rasterised on the host by pycocotools.
+Test (get_bboxes_single): per level the best 1000 (location, class) pairs by class score x
+centerness among those whose class score passes 0.05, the box-branch boxes clipped to the image
+(without the box branch: each ray polygon's box), class-aware NMS at 0.5, 100 detections scored
+class score x (centerness + 0.5); the polygons (`polygons` payload: vertices clamped to the
+image) are rasterised on the host by pycocotools.
 
-Known differences from the reference: the reference resizes every image to exactly 1280 x 768
-(aspect ratio not kept); here the short side is 768 and the long side at most 1280 on a
-1280 x 1280 canvas. The reference traces the largest outer contour with OpenCV; the boundary
-points here are every mask-background edge (holes and other parts included; the farthest point
-per ray makes the outer contour win where they overlap in angle).
+Training data: the COCO recipe sets input.instance_filter = "polarmask", coco_seg.py's drop of
+instances with <= 15 mask pixels or under 10 x 10 px (counted as small_instance_dropped).
+
+Known differences from the reference, and why:
+- Input size: the reference stretches every image to exactly 1280 x 768 (resize_keep_ratio
+  False); here the short side is 768 and the long side at most 1280 on a 1280 x 1280 canvas:
+  the package maps detections back with one scale per image, and a stretch needs one per axis
+  in every method's mapping (methods/yolact.py declares the same).
+- Bias learning rate x2 without weight decay (paramwise_options bias_lr_mult 2,
+  bias_decay_mult 0): the optimizer (train.py) has no per-bias group; biases train at the base
+  rate with decay, as in every other recipe here (methods/panet.py declares the same).
+- Backbone: torchvision's ImageNet ResNet-50 (pytorch style, RGB mean/std) where the reference
+  loads open-mmlab's caffe-style ResNet-50 (stride in the 1x1 conv, BGR mean, std 1).
+- Candidates: the reference keeps the best 1000 locations per level by their best class score
+  x centerness and then every class of them above 0.05; here the best 1000 (location, class)
+  pairs (a static top-k; FCOS's rule), which differs only where a location has several classes
+  above 0.05 among the last ranks.
+- Focal loss normaliser: the reference divides by positives + images (num_pos + num_imgs);
+  here by positives (at least 1), FCOS's rule: 16 more in about a thousand at batch 16.
+- Ray, box and centerness losses are taken over at most `mask_instances_per_image` positive
+  locations per image (static shapes; the overflow is counted), the reference over all.
+- Mass centres: the reference centres sampling on the centroid of the largest contour's polygon
+  (get_centerpoint, truncated to integers); here the mean of the instance's visible pixels
+  (structures.py gt_centers, shared with CondInst): the same for a single part without holes.
+- The largest contour is chosen by the part's pixel count, OpenCV's by its polygon's area
+  (input/contours.py); they differ only between parts of similar size one of which is thin.
+- Images whose every instance the filter drops train as background; the reference skips them
+  (draws another image), which a batch that is a pure function of seed and position cannot.
+- Locations: (i + 0.5) x stride in continuous pixels (FCOS's location_offset), the reference's
+  i x stride + stride // 2 in pixel indices: the same point half a pixel away from the contour
+  pixels' centres, which moves each ray's angle by under half a pixel's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -51,11 +84,19 @@ import numpy as np
 
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
+from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods import fcos
+from instseg_jax.nn.layers import Conv, GroupNorm
 
-CONTOUR_POINTS = 256  # L boundary points per instance from the input pipeline
+# L: the most contour points per instance the input pipeline sends (input/contours.py: more are
+# kept on a grid, counted as contour_subsampled); 4 x 1280 + 4 x 768 would hold any box's
+# perimeter on the COCO canvas, a 1024-point grid keeps a point every 2-4 px of the longest.
+CONTOUR_POINTS = 1024
 
 INPUTS = structures.Inputs(centers=True, contour_points=CONTOUR_POINTS)
+
+# The reference's search order about a ray's integer degree (coco_seg.py get_36_coordinates).
+_DEGREE_SEARCH = (0, 1, -1, 2, -2, 3, -3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,34 +105,75 @@ class PolarMaskConfig(fcos.FCOSConfig):
     num_rays: int = 36
     nms_threshold: float = 0.5
     detection_score: str = "product"
-    angle_tolerance: float = 1.0  # degrees past the nearest contour point's angle
+    centerness_score_offset: float = 0.5  # polarmask_head.py get_bboxes_single
+    clip_before_nms: bool = True  # distance2bbox(max_shape=img_shape) before the NMS
+    # A third tower whose 4 exp-activated distances (pixels) give the box NMS and the bbox
+    # results use, trained by IoU loss weighted by the polar centerness (the reference's);
+    # False: the rays on the regression tower, NMS on the ray polygon's box.
+    box_branch: bool = True
+    box_loss_weight: float = 1.0
+    # "reference": the farthest contour point at the ray's integer degree, then +1, -1, ...,
+    # -3 (module docstring); "nearest": the farthest of the points within angle_tolerance
+    # degrees of the point nearest the ray's angle.
+    ray_rule: str = "reference"
+    angle_tolerance: float = 1.0  # degrees; ray_rule "nearest" only
     mask_instances_per_image: int = 250
     mask_loss_weight: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
-        if self.num_rays < 3:
+        if self.num_rays < 3 or 360 % self.num_rays:
             raise config_lib.ConfigValueError(
-                f"model.num_rays must be >= 3 (a polygon), got {self.num_rays}"
+                f"model.num_rays must divide 360 (whole-degree rays) and be >= 3 (a polygon), "
+                f"got {self.num_rays}"
+            )
+        if self.ray_rule not in ("reference", "nearest"):
+            raise config_lib.ConfigValueError(
+                f"model.ray_rule must be 'reference' or 'nearest', got {self.ray_rule!r}"
             )
 
     def ray_angles(self) -> np.ndarray:
-        """float32[R]: 2 pi k / R."""
+        """float32[R]: 2 pi k / R, measured from +y towards +x (ray_directions)."""
         return (2 * np.pi * np.arange(self.num_rays) / self.num_rays).astype(np.float32)
+
+    def ray_directions(self) -> np.ndarray:
+        """float32[R, 2]: (x, y) = (sin, cos) of each ray's angle, the reference's convention
+        (coco_seg.py get_36_coordinates: atan2(x, y); polarmask_head.py distance2mask)."""
+        angles = self.ray_angles()
+        return np.stack([np.sin(angles), np.cos(angles)], axis=-1).astype(np.float32)
 
 
 def ray_targets(points, contours, cfg: PolarMaskConfig):
-    """float32[P, R] ray lengths from points [P, 2] to their instances' contours [P, L, 2] (module
-    docstring: the rule), at least 1e-6."""
+    """float32[P, R] ray lengths from points [P, 2] to their instances' contour points
+    [P, L, 2] (module docstring: the rule of cfg.ray_rule), at least 1e-6."""
     offsets = contours - points[:, None, :]  # [P, L, 2]
     distance = jnp.sqrt((offsets**2).sum(-1))  # [P, L]
-    angle = jnp.arctan2(offsets[..., 1], offsets[..., 0])  # [P, L]
-    rays = jnp.asarray(cfg.ray_angles())
-    # Circular difference in [0, pi] of every point's angle from every ray's.
-    diff = jnp.abs(jnp.remainder(angle[..., None] - rays + math.pi, 2 * math.pi) - math.pi)
-    nearest = diff.min(axis=1, keepdims=True)  # [P, 1, R]
-    close = diff <= nearest + math.radians(cfg.angle_tolerance)
-    return jnp.maximum(jnp.where(close, distance[..., None], 0.0).max(axis=1), 1e-6)
+    # The reference's angle: atan2(x, y) in degrees, from +y towards +x, in [0, 360).
+    angle = jnp.degrees(jnp.arctan2(offsets[..., 0], offsets[..., 1]))
+    angle = jnp.where(angle < 0, angle + 360.0, angle)
+    if cfg.ray_rule == "nearest":
+        rays = jnp.asarray(np.degrees(cfg.ray_angles()))
+        diff = jnp.abs(jnp.remainder(angle[..., None] - rays + 180.0, 360.0) - 180.0)
+        close = diff <= diff.min(axis=1, keepdims=True) + cfg.angle_tolerance  # [P, L, R]
+        return jnp.maximum(jnp.where(close, distance[..., None], 0.0).max(axis=1), 1e-6)
+    # Integer degrees (the reference truncates); float32 angles are nudged by 1e-4 degrees so
+    # that a point exactly at a whole degree (axis or diagonal, common on the pixel grid) takes
+    # it as exact arithmetic does. 360 (a float32 round-up) is a bin no ray reads, as there.
+    degree = jnp.clip(jnp.floor(angle + 1e-4), 0, 360).astype(jnp.int32)
+    p = points.shape[0]
+    farthest = jnp.full((p, 361), -1.0, distance.dtype)
+    farthest = farthest.at[jnp.arange(p)[:, None], degree].max(distance)  # [P, 361]
+    ray_degree = np.arange(cfg.num_rays) * (360 // cfg.num_rays)
+    length = jnp.full((p, cfg.num_rays), 1e-6, distance.dtype)
+    found = jnp.zeros((p, cfg.num_rays), bool)
+    for step in _DEGREE_SEARCH:
+        wanted = ray_degree + step
+        inside = (wanted >= 0) & (wanted < 360)  # no wrap: 0 - 1 is never a point's degree
+        value = farthest[:, np.clip(wanted, 0, 359)]
+        hit = jnp.asarray(inside) & (value >= 0) & ~found
+        length = jnp.where(hit, value, length)
+        found = found | hit
+    return jnp.maximum(length, 1e-6)
 
 
 def polar_centerness(rays):
@@ -101,8 +183,7 @@ def polar_centerness(rays):
 
 def ray_polygons(rays, points, cfg: PolarMaskConfig):
     """float32[..., R, 2] (x, y) ray ends of lengths rays [..., R] about points [..., 2]."""
-    angles = jnp.asarray(cfg.ray_angles())
-    direction = jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=-1)  # [R, 2]
+    direction = jnp.asarray(cfg.ray_directions())  # [R, 2]
     return points[..., None, :] + rays[..., None] * direction
 
 
@@ -113,9 +194,58 @@ def polar_iou_loss(predicted, target, weights, normalizer):
     return (jnp.log(total / inner) * weights).sum() / normalizer
 
 
+def box_iou_loss(predicted, target, weights, normalizer):
+    """sum over slots of weights x -log(IoU) / normalizer, for (l, t, r, b) distances [..., 4]
+    about one point; IoU at least 1e-6 (mmdetection's iou_loss, which the reference uses; its
+    +1 pixel widths are the inclusive-pixel boxes' extent, which continuous boxes have)."""
+    inter_w = jnp.minimum(predicted[..., 0], target[..., 0]) + jnp.minimum(
+        predicted[..., 2], target[..., 2]
+    )
+    inter_h = jnp.minimum(predicted[..., 1], target[..., 1]) + jnp.minimum(
+        predicted[..., 3], target[..., 3]
+    )
+    inter = jnp.maximum(inter_w, 0.0) * jnp.maximum(inter_h, 0.0)
+    area_p = (predicted[..., 0] + predicted[..., 2]) * (predicted[..., 1] + predicted[..., 3])
+    area_t = (target[..., 0] + target[..., 2]) * (target[..., 1] + target[..., 3])
+    iou = inter / jnp.maximum(area_p + area_t - inter, 1e-6)
+    return (-jnp.log(jnp.maximum(iou, 1e-6)) * weights).sum() / normalizer
+
+
 class RayHead(fcos.Head):
-    """FCOS's head with ray lengths exp(level scale x output) pixels (regression_channels =
-    num_rays) and the centerness on the classification tower."""
+    """FCOS's head with exp(level scale x output) regressions in pixels and the centerness on
+    the classification tower. num_rays > 0 (the box branch): the regression tower predicts the
+    box's 4 distances and a third tower ("mask", its own level scales) the rays, as the
+    reference's cls / reg / mask convs; 0: the regression (regression_channels) is the rays."""
+
+    num_rays: int = 0
+
+    def setup(self):
+        super().setup()
+        if not self.num_rays:
+            return
+        init = nn.initializers.normal(0.01)
+
+        def conv(features, name):
+            return Conv(
+                features,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                dtype=self.dtype,
+                kernel_init=init,
+                bias_init=nn.initializers.zeros,
+                name=name,
+            )
+
+        for i in range(self.convs):
+            setattr(self, f"mask_conv{i}", conv(self.channels, f"mask_conv{i}"))
+            setattr(
+                self, f"mask_norm{i}", GroupNorm(32, self.dtype, epsilon=1e-5, name=f"mask_norm{i}")
+            )
+        self.ray_pred = conv(self.num_rays, "ray_pred")
+        if self.level_scales:
+            self.ray_scales = self.param(
+                "ray_scales", nn.initializers.ones, (len(fcos.LEVEL_STRIDES),)
+            )
 
     def activation(self, raw):
         return jnp.exp(raw)
@@ -124,31 +254,64 @@ class RayHead(fcos.Head):
         del box
         return cls
 
+    def __call__(self, x, level: int):
+        """FCOS's head outputs, then (box branch) the rays [B, h w, num_rays] in pixels."""
+        outputs = super().__call__(x, level)
+        if not self.num_rays:
+            return outputs
+        raw = self.ray_pred(self.tower(x, "mask")).astype(jnp.float32)
+        if self.level_scales:
+            raw = raw * self.ray_scales[level]
+        return (*outputs, jnp.exp(raw).reshape(x.shape[0], -1, self.num_rays))
+
 
 class PolarMask(fcos.FCOS):
-    """FCOS with 36 exp-activated ray lengths per location (predictions' "distances") and the
-    centerness on the classification tower."""
+    """FCOS with 36 exp-activated ray lengths per location (predictions' "rays"), the centerness
+    on the classification tower and (box_branch) exp-activated box distances in pixels
+    ("distances")."""
 
     cfg: PolarMaskConfig
 
     def setup_head(self):
-        super().setup_head(RayHead, regression_channels=self.cfg.num_rays)
+        cfg = self.cfg
+        if cfg.box_branch:
+            super().setup_head(RayHead, regression_channels=4, num_rays=cfg.num_rays)
+        else:
+            super().setup_head(RayHead, regression_channels=cfg.num_rays)
+
+    def predict(self, image) -> dict:
+        """FCOS's predictions with "rays" [B, T, R] pixels (without the box branch the same
+        array as "distances")."""
+        features = self.fpn(self.backbone(normalize(image, self.cfg.dtype)))
+        outs = [self.head(features[f"p{level}"], level - 3) for level in range(3, 8)]
+
+        def levels(i):
+            return jnp.concatenate([o[i] for o in outs], axis=1)
+
+        return {
+            "class_logits": levels(0),
+            "distances": levels(1),
+            "centerness_logits": levels(2),
+            "rays": levels(4) if self.cfg.box_branch else levels(1),
+            "features": features,
+            "towers": [o[3] for o in outs],
+        }
 
     def prediction_outputs(self, predictions: dict) -> dict:
-        return {
-            "class_logits": predictions["class_logits"],
-            "rays": predictions["distances"],  # [B, T, R] pixels
-            "centerness_logits": predictions["centerness_logits"],
-        }
+        names = ("class_logits", "rays", "centerness_logits")
+        outputs = {name: predictions[name] for name in names}
+        if self.cfg.box_branch:
+            outputs["box_distances"] = predictions["distances"]  # [B, T, 4] pixels
+        return outputs
 
     def assign(self, batch: dict) -> dict:
         """FCOS's assignment with centre sampling about the instances' mass centres."""
         return fcos.batch_targets(batch, self.cfg, centres=batch["gt_centers"])
 
     def head_training(self, predictions: dict, targets: dict, batch: dict, key) -> dict:
-        """The trained slots' predicted rays and centerness logits, and their ray targets."""
+        """The trained slots' predicted rays, boxes and centerness logits, and their targets."""
         cfg = self.cfg
-        points = jnp.asarray(cfg.locations()[0])
+        points, strides, _ = (jnp.asarray(a) for a in cfg.locations())
         slots = fcos.positive_slots(targets, cfg.mask_instances_per_image, key)
         contours = jnp.take_along_axis(
             batch["gt_contours"], slots["gt"][..., None, None], axis=1
@@ -156,9 +319,9 @@ class PolarMask(fcos.FCOS):
         slot_rays = jax.lax.stop_gradient(
             jax.vmap(lambda loc, c: ray_targets(points[loc], c, cfg))(slots["location"], contours)
         )
-        rays = predictions["distances"]
-        return {
-            "slot_rays": jnp.take_along_axis(rays, slots["location"][..., None], axis=1),
+        location = slots["location"][..., None]
+        outputs = {
+            "slot_rays": jnp.take_along_axis(predictions["rays"], location, axis=1),
             "slot_centerness_logits": jnp.take_along_axis(
                 predictions["centerness_logits"], slots["location"], axis=1
             ),
@@ -170,29 +333,45 @@ class PolarMask(fcos.FCOS):
                 "overflow": slots["overflow"],
             },
         }
+        if cfg.box_branch:
+            outputs["slot_boxes"] = jnp.take_along_axis(predictions["distances"], location, axis=1)
+            # FCOS's targets are in strides; the box branch predicts pixels.
+            outputs["targets"]["slot_boxes"] = (
+                jnp.take_along_axis(targets["distances"], location, axis=1)
+                * strides[slots["location"]][..., None]
+            )
+        return outputs
 
     def select_detections(self, predictions: dict, batch: dict) -> dict:
-        """FCOS's test procedure with each candidate's box that of its ray polygon."""
+        """FCOS's test procedure, the candidates' boxes from the box branch (or, without it,
+        each one's ray polygon's box)."""
         cfg = self.cfg
+        if cfg.box_branch:
+            distances = predictions["distances"]
 
-        def polygon_boxes(lengths, centres, _strides):
-            vertices = ray_polygons(lengths, centres, cfg)  # [n, R, 2]
-            return jnp.concatenate([vertices.min(axis=1), vertices.max(axis=1)], axis=-1)
+            def decode(lengths, centres, _strides):
+                return fcos.distance_boxes(lengths, centres)
+        else:
+            distances = predictions["rays"]
+
+            def decode(lengths, centres, _strides):
+                vertices = ray_polygons(lengths, centres, cfg)  # [n, R, 2]
+                return jnp.concatenate([vertices.min(axis=1), vertices.max(axis=1)], axis=-1)
 
         return fcos.select_detections(
             predictions["class_logits"],
-            predictions["distances"],
+            distances,
             predictions["centerness_logits"],
             batch["image_hw"],
             cfg,
-            decode_boxes=polygon_boxes,
+            decode_boxes=decode,
         )
 
     def payloads(self, predictions: dict, kept: dict, batch: dict) -> dict:
         """The `polygons` payload: the kept locations' ray polygons in original pixels."""
         cfg = self.cfg
         points = jnp.asarray(cfg.locations()[0])
-        rays = predictions["distances"]
+        rays = predictions["rays"]
         chosen = jnp.take_along_axis(rays, kept["location"][..., None], axis=1)  # [B, K, R]
         canvas = ray_polygons(chosen, points[kept["location"]], cfg)  # [B, K, R, 2]
         b, k, r, _ = canvas.shape
@@ -202,7 +381,8 @@ class PolarMask(fcos.FCOS):
 
 
 def loss_fn(outputs: dict, batch: dict, cfg: PolarMaskConfig) -> tuple[jnp.ndarray, dict]:
-    """Focal class loss, polar IoU loss and polar centerness BCE (module docstring)."""
+    """Focal class loss, polar IoU loss, (box branch) IoU box loss and polar centerness BCE
+    (module docstring)."""
     targets = outputs["targets"]
     b = targets["classes"].shape[0]
     loss_cls = fcos.class_loss(outputs["class_logits"], targets, cfg)
@@ -220,15 +400,27 @@ def loss_fn(outputs: dict, batch: dict, cfg: PolarMaskConfig) -> tuple[jnp.ndarr
         weights=valid,
         normalizer=jnp.maximum(valid.sum().astype(jnp.float32), 1.0),
     )
+    total = loss_cls + loss_mask + loss_ctr
+    box_metrics = {}
+    if cfg.box_branch:
+        loss_box = cfg.box_loss_weight * box_iou_loss(
+            outputs["slot_boxes"],
+            targets["slot_boxes"],
+            ctr_target,
+            jnp.maximum(ctr_target.sum(), 1e-6),
+        )
+        total = total + loss_box
+        box_metrics["loss_box_reg"] = loss_box
     metrics = {
         "loss_cls": loss_cls,
         "loss_mask": loss_mask,
         "loss_centerness": loss_ctr,
+        **box_metrics,
         "positive_locations": targets["positives"].sum().astype(jnp.float32) / b,
         "unassigned_instances": targets["unassigned"].sum().astype(jnp.float32) / b,
         **fcos.slot_budget_metrics(targets),
     }
-    return loss_cls + loss_mask + loss_ctr, metrics
+    return total, metrics
 
 
 # ----------------------------------------------------------------------------- method interface
@@ -252,8 +444,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.test_max_long_side = 1280
     c.optim.clip_norm = 35.0
     c.schedule.warmup_steps = 500
-    c.schedule.total_steps = 88_000
-    c.schedule.steps = (58_600, 80_600)
+    c.schedule.warmup_factor = 1.0 / 3  # warmup_ratio
+    c.schedule.total_steps = 12 * 7330  # 117,266 COCO images with instances / 16 per step
+    c.schedule.steps = (8 * 7330, 11 * 7330)
     return c
 
 
