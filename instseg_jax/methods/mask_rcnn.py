@@ -8,7 +8,12 @@ sampled anchors and RoIs of fixed counts, RoIAlign by gathers; RoI sampling and 
 run inside the model under stop_gradient and their targets travel in ``outputs``.
 Instances beyond input.max_instances arrive as ignore regions (structures.py): anchors and RoIs
 mostly inside one are sampled neither as positives nor as negatives.
-Defaults follow detectron2's mask_rcnn_R_50_FPN; every one is a config field.
+Defaults follow detectron2's mask_rcnn_R_50_FPN; every one is a config field. One default
+does not: RoIAlign takes a fixed 2 x 2 samples per bin (sampling_ratio 2, torchvision's rule)
+where detectron2 takes ceil(RoI side / pool size) per axis (POOLER_SAMPLING_RATIO 0); the COCO
+recipes built from detectron2's files set sampling_ratio 0, under static shapes (a fixed number
+of sample slots per bin axis, the unused ones masked: `ops.roi_align`), exact for RoI sides up
+to adaptive_sampling_max_side cells of their level and capped beyond.
 """
 
 from __future__ import annotations
@@ -51,9 +56,6 @@ class MaskRCNNConfig(DetectorConfig):
     # MODEL.RPN.SMOOTH_L1_BETA and MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA defaults).
     rpn_smooth_l1_beta: float = 0.0
     box_smooth_l1_beta: float = 0.0
-    # What the RPN losses are divided by: "batch" the sampling budget rpn_batch_per_image x
-    # images (detectron2), "sampled" the anchors actually sampled (torchvision's preset).
-    rpn_loss_normalizer: str = "batch"
     # >= 0: anchors reaching further outside the image take no part in RPN training
     # (Detectron's TRAIN.RPN_STRADDLE_THRESH); detectron2 keeps them all (-1).
     rpn_straddle_threshold: float = -1.0
@@ -72,7 +74,17 @@ class MaskRCNNConfig(DetectorConfig):
     # positives trains on a uniform random subset of them (counted in the metrics).
     mask_fg_per_image: int = 0
     mask_head_convs: int = 4
+    # RoIAlign samples per bin axis of the box, mask and keypoint poolers; 0 is detectron2's
+    # POOLER_SAMPLING_RATIO 0 (its defaults.py, all three heads), ceil(RoI side in cells of its
+    # level / pool size) per RoI and axis, which the detectron2-derived COCO recipes use. The
+    # default 2 is the cheaper fixed rule (torchvision's, and Detectron's).
     sampling_ratio: int = 2
+    # Under sampling_ratio 0: the adaptive rule is exact for RoI sides up to this many cells of
+    # their level; each pooler gets ceil(this / its pool size) static sample slots per bin axis
+    # (box 7: 6, mask and keypoint 14: 3) and a longer side takes that many. 42 = 1344 / 32,
+    # the longest side a P5 RoI can have on a 1344 canvas; an RoI on P2-P4 has sqrt(w h) < 28
+    # cells there (the FPN level rule), so only sides of aspect ratio above 2.25 exceed it.
+    adaptive_sampling_max_side: int = 42
     aligned: bool = True
     score_threshold: float = 0.05
     test_pre_nms_topk: int = 0  # 0: every (box, class) pair above the threshold (detectron2)
@@ -100,13 +112,18 @@ class MaskRCNNConfig(DetectorConfig):
             "level_mapper": ("detectron2", "torchvision"),
             "box_rescale": ("scale", "per_axis"),
             "mask_paste": ("detectron2", "torchvision"),
-            "rpn_loss_normalizer": ("batch", "sampled"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise config_lib.ConfigValueError(
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+        if self.sampling_ratio < 0 or self.adaptive_sampling_max_side < 1:
+            raise config_lib.ConfigValueError(
+                "model.sampling_ratio must be >= 0 (0: adaptive) and "
+                "model.adaptive_sampling_max_side >= 1 (feature cells), got "
+                f"{self.sampling_ratio} and {self.adaptive_sampling_max_side}"
+            )
 
 
 class MaskRCNN(nn.Module):
@@ -145,7 +162,13 @@ class MaskRCNN(nn.Module):
     def pool(self, features, boxes, size: int):
         cfg = self.cfg
         return roi_heads.pool(
-            features, boxes, size, cfg.sampling_ratio, cfg.aligned, cfg.level_mapper
+            features,
+            boxes,
+            size,
+            cfg.sampling_ratio,
+            cfg.aligned,
+            cfg.level_mapper,
+            roi_heads.adaptive_sampling_slots(cfg.adaptive_sampling_max_side, size),
         )
 
     def features(self, image):
@@ -376,7 +399,6 @@ def loss_fn(
         outputs["rpn_target_deltas"],
         cfg.rpn_batch_per_image,
         beta=cfg.rpn_smooth_l1_beta,
-        normalizer_rule=cfg.rpn_loss_normalizer,
     )
     box, metrics = roi_heads.box_losses(
         outputs["class_logits"], outputs["box_deltas"], outputs["rois"], beta=cfg.box_smooth_l1_beta

@@ -100,12 +100,22 @@ class BottomUpPath(nn.Module):
         return out
 
 
-def adaptive_pool(features: dict, boxes, size: int, sampling_ratio: int, aligned: bool):
+def adaptive_pool(
+    features: dict, boxes, size: int, sampling_ratio: int, aligned: bool, sampling_ratio_max=0
+):
     """[B, R, L, size, size, D]: every box RoIAligned from each of P2..P5 (L = 4) at that
-    level's scale."""
+    level's scale (sampling_ratio 0: the adaptive rule on each level's cells)."""
     return jnp.stack(
         [
-            ops.roi_align(features[name], boxes, size, 2.0 ** -(i + 2), sampling_ratio, aligned)
+            ops.roi_align(
+                features[name],
+                boxes,
+                size,
+                2.0 ** -(i + 2),
+                sampling_ratio,
+                aligned,
+                sampling_ratio_max=sampling_ratio_max,
+            )
             for i, name in enumerate(roi_heads.POOLED_LEVELS)
         ],
         axis=2,
@@ -267,7 +277,8 @@ class PANet(mask_rcnn.MaskRCNN):
         level (L = 1)."""
         cfg = self.cfg
         if cfg.adaptive_pooling:
-            return adaptive_pool(features, boxes, size, cfg.sampling_ratio, cfg.aligned)
+            slots = roi_heads.adaptive_sampling_slots(cfg.adaptive_sampling_max_side, size)
+            return adaptive_pool(features, boxes, size, cfg.sampling_ratio, cfg.aligned, slots)
         return super().pool(features, boxes, size)[:, :, None]
 
 

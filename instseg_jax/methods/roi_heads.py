@@ -90,9 +90,11 @@ def pool(
     sampling_ratio: int,
     aligned: bool,
     level_mapper: str = "detectron2",
+    sampling_ratio_max: int = 0,
 ):
     """[B, R, size, size, D] RoIAlign of boxes[B, R, 4] from P2..P5, each box on its level
-    (level_mapper: the `ops.fpn_level` rule, "detectron2" or "torchvision")."""
+    (level_mapper: the `ops.fpn_level` rule, "detectron2" or "torchvision"; sampling_ratio 0:
+    the adaptive rule with sampling_ratio_max slots per bin axis)."""
     levels = ops.fpn_level(boxes, 2, 5, rule=level_mapper)
     return ops.multilevel_roi_align(
         [features[k] for k in POOLED_LEVELS],
@@ -102,7 +104,14 @@ def pool(
         sampling_ratio=sampling_ratio,
         aligned=aligned,
         levels=levels,
+        sampling_ratio_max=sampling_ratio_max,
     )
+
+
+def adaptive_sampling_slots(max_side: int, size: int) -> int:
+    """Static sample slots per bin axis that make the adaptive RoIAlign rule (ceil(side /
+    size)) exact for RoI sides up to max_side cells of their level."""
+    return -(-int(max_side) // int(size))
 
 
 class BoxHead(nn.Module):

@@ -8,6 +8,13 @@ Semantics are those of detectron2's ROIAlign / torchvision's roi_align with a fi
   correction); ``aligned=False`` is the legacy form that forces every box to at least 1x1;
 - each of the ``oh x ow`` bins is the mean of ``sampling_ratio**2`` bilinear samples placed at
   the centres of a regular sub-grid of the bin;
+- ``sampling_ratio=0`` is the kernels' adaptive rule (detectron2's POOLER_SAMPLING_RATIO 0):
+  ceil(roi_height / oh) x ceil(roi_width / ow) samples per bin for each box, its sides measured in
+  cells of the map it pools from, the mean over that count (a side of zero or less takes no
+  sample: the bin is 0). Shapes stay static: every box gets ``sampling_ratio_max`` sample slots
+  per bin axis and the slots beyond its own count carry zero weight. A box needing more than
+  ``sampling_ratio_max`` along an axis takes exactly ``sampling_ratio_max`` there, spread over
+  the whole bin (what a fixed sampling_ratio of that value gives), where the kernels take more;
 - a sample outside [-1, size] along either axis contributes 0; otherwise it is clamped into
   the map (below 0 to 0, at or beyond size - 1 to size - 1) and interpolated.
 
@@ -36,28 +43,42 @@ def _pair(size) -> tuple[int, int]:
     return int(oh), int(ow)
 
 
-def _axis_samples(start, length, bins: int, sampling_ratio: int, size):
+def _axis_samples(start, length, bins: int, sampling_ratio: int, size, sampling_ratio_max=0):
     """Sample positions of one axis for boxes start[...], length[...] on a map of ``size`` cells.
 
     Every sample reads two neighbouring cells ``first`` and ``first + 1`` (size must be >= 2).
-    Returns first int32[..., bins, sampling_ratio] and the weights (w_first, w_second)
-    float32[..., bins, sampling_ratio] of the two cells: bilinear weights, already zero for
-    samples outside [-1, size] and divided by sampling_ratio (the mean over this axis).
+    Returns first int32[..., bins, slots] and the weights (w_first, w_second)
+    float32[..., bins, slots] of the two cells: bilinear weights, already zero for samples
+    outside [-1, size] and divided by the box's sample count along this axis (the mean over
+    this axis). slots is sampling_ratio, or sampling_ratio_max for the adaptive rule
+    (sampling_ratio 0), whose slots beyond a box's count get zero weight.
     """
     dtype = length.dtype
-    # Sample s of bin b sits at (b + (s + 0.5) / sampling_ratio) bin widths from the start.
-    steps = (
-        jnp.arange(bins, dtype=dtype)[:, None]
-        + (jnp.arange(sampling_ratio, dtype=dtype)[None, :] + 0.5) / sampling_ratio
-    )  # [bins, sr]
     bin_size = length / bins
-    coords = start[..., None, None] + steps * bin_size[..., None, None]  # [..., bins, sr]
+    if sampling_ratio > 0:
+        # Sample s of bin b sits at (b + (s + 0.5) / sampling_ratio) bin widths from the start.
+        steps = (
+            jnp.arange(bins, dtype=dtype)[:, None]
+            + (jnp.arange(sampling_ratio, dtype=dtype)[None, :] + 0.5) / sampling_ratio
+        )  # [bins, sr]
+        coords = start[..., None, None] + steps * bin_size[..., None, None]  # [..., bins, sr]
+        used = 1.0
+        count = float(sampling_ratio)
+    else:
+        # The adaptive count: ceil(length / bins) samples, none for an empty or inverted side,
+        # at most the slots there are.
+        count = jnp.clip(jnp.ceil(bin_size), 0.0, float(sampling_ratio_max))[..., None, None]
+        slot = jnp.arange(sampling_ratio_max, dtype=dtype)  # [slots]
+        steps = jnp.arange(bins, dtype=dtype)[:, None] + (slot + 0.5) / jnp.maximum(count, 1.0)
+        coords = start[..., None, None] + steps * bin_size[..., None, None]  # [..., bins, slots]
+        used = (slot < count).astype(dtype)
+        count = jnp.maximum(count, 1.0)
     size_f = jnp.asarray(size, dtype)[..., None, None]
     size_i = jnp.asarray(size, jnp.int32)[..., None, None]
     inside = (coords >= -1.0) & (coords <= size_f)
     coords = jnp.maximum(coords, 0.0)
     low = jnp.floor(coords).astype(jnp.int32)
-    scale = inside.astype(dtype) / sampling_ratio
+    scale = inside.astype(dtype) * used / count
     # At or beyond the last cell the sample is clamped onto it: read the pair (last-1, last)
     # with all the weight on the second cell, so that every read stays inside the map (a
     # 1-cell axis reads (0, 1) with the weight on cell 0; the caller pads that map).
@@ -71,11 +92,19 @@ def _axis_samples(start, length, bins: int, sampling_ratio: int, size):
     return first, w_first, w_second
 
 
-def _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned, heights, widths):
+def _sample_grids(
+    boxes, spatial_scale, output_size, sampling_ratio, aligned, heights, widths, sampling_ratio_max
+):
     """Per-axis samples of boxes[..., 4] (image pixels) on maps of heights/widths [...]."""
-    if not isinstance(sampling_ratio, int) or sampling_ratio <= 0:
+    if not isinstance(sampling_ratio, int) or sampling_ratio < 0:
         raise ValueError(
-            f"sampling_ratio must be a positive int under static shapes, got {sampling_ratio!r}"
+            "sampling_ratio must be a positive int (samples per bin axis) or 0 (adaptive), got "
+            f"{sampling_ratio!r}"
+        )
+    if sampling_ratio == 0 and (not isinstance(sampling_ratio_max, int) or sampling_ratio_max < 1):
+        raise ValueError(
+            "sampling_ratio 0 (adaptive) needs sampling_ratio_max, a positive int of sample "
+            f"slots per bin axis (static shapes), got {sampling_ratio_max!r}"
         )
     oh, ow = _pair(output_size)
     offset = 0.5 if aligned else 0.0
@@ -86,8 +115,8 @@ def _sample_grids(boxes, spatial_scale, output_size, sampling_ratio, aligned, he
     if not aligned:
         box_w = jnp.maximum(box_w, 1.0)
         box_h = jnp.maximum(box_h, 1.0)
-    ys = _axis_samples(y0, box_h, oh, sampling_ratio, heights)
-    xs = _axis_samples(x0, box_w, ow, sampling_ratio, widths)
+    ys = _axis_samples(y0, box_h, oh, sampling_ratio, heights, sampling_ratio_max)
+    xs = _axis_samples(x0, box_w, ow, sampling_ratio, widths, sampling_ratio_max)
     return ys, xs
 
 
@@ -201,6 +230,7 @@ def roi_align(
     aligned: bool = True,
     method: str = "gather",
     chunk_size: int = 64,
+    sampling_ratio_max: int = 0,
 ) -> jnp.ndarray:
     """Pool float32[B, R, oh, ow, D] bins from features[B, H, W, D] inside boxes[B, R, 4].
 
@@ -209,11 +239,15 @@ def roi_align(
       boxes: float32[B, R, 4] xyxy in image pixels; box r of image b pools from map b.
       output_size: int or (oh, ow).
       spatial_scale: feature cells per image pixel (1 / stride).
-      sampling_ratio: samples per bin along each axis; a fixed positive int (static shapes).
+      sampling_ratio: samples per bin along each axis, a positive int; 0 is the adaptive rule,
+        ceil(box side in map cells / bins) per axis and box (see the module docstring).
       aligned: True for the half-pixel-corrected form, False for the legacy one.
       method: "gather" (default; gathers with separable weights) or "einsum" (one-hot weight
         matrices contracted with the map: the same numbers, the TPU-friendly form).
       chunk_size: boxes per step of the einsum form (bounds its memory), unused by "gather".
+      sampling_ratio_max: the adaptive rule's sample slots per bin axis (sampling_ratio 0 only):
+        the cost is that of sampling_ratio = sampling_ratio_max; boxes needing more take this
+        many.
     """
     features, boxes = jnp.asarray(features), jnp.asarray(boxes)
     if features.ndim != 4 or boxes.ndim != 3 or boxes.shape[-1] != 4:
@@ -228,7 +262,14 @@ def roi_align(
     batch, height, width, _ = features.shape
     num_boxes = boxes.shape[1]
     ys, xs = _sample_grids(
-        boxes, spatial_scale, output_size, sampling_ratio, aligned, height, width
+        boxes,
+        spatial_scale,
+        output_size,
+        sampling_ratio,
+        aligned,
+        height,
+        width,
+        sampling_ratio_max,
     )
     if method == "gather":
         level_index = jnp.zeros((batch, num_boxes), jnp.int32)
@@ -275,6 +316,7 @@ def multilevel_roi_align(
     canonical_size: float = 224.0,
     canonical_level: int = 4,
     chunk_size: int = 64,
+    sampling_ratio_max: int = 0,
 ) -> jnp.ndarray:
     """Pool float32[B, R, oh, ow, D] bins of boxes[B, R, 4], each from its own pyramid level.
 
@@ -286,6 +328,8 @@ def multilevel_roi_align(
         default `fpn_level` with the canonical size and level given, clamped to the levels there.
       method: "gather" pools each box once, from one flat table holding every level; "einsum"
         contracts each level with weights zeroed for boxes of other levels and sums.
+      sampling_ratio, sampling_ratio_max: as in `roi_align`; the adaptive rule (0) measures a
+        box in cells of its own level.
     """
     features_by_level = [jnp.asarray(f) for f in features_by_level]
     boxes = jnp.asarray(boxes)
@@ -298,7 +342,14 @@ def multilevel_roi_align(
     widths = jnp.asarray([f.shape[2] for f in features_by_level], jnp.int32)[level_index]
     scales = jnp.asarray([2.0 ** -(min_level + i) for i in range(num_levels)], boxes.dtype)
     ys, xs = _sample_grids(
-        boxes, scales[level_index], output_size, sampling_ratio, aligned, heights, widths
+        boxes,
+        scales[level_index],
+        output_size,
+        sampling_ratio,
+        aligned,
+        heights,
+        widths,
+        sampling_ratio_max,
     )
     if method == "gather":
         return _gather_from_levels(features_by_level, level_index, ys, xs)

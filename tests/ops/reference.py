@@ -104,7 +104,13 @@ def _bilinear_taps(height, width, y, x):
 
 
 def roi_align_matrix(map_hw, box, output_size, spatial_scale, sampling_ratio, aligned):
-    """float64[oh*ow, H*W]: the linear map from one feature map to the bins of one box."""
+    """float64[oh*ow, H*W]: the linear map from one feature map to the bins of one box.
+
+    sampling_ratio 0 is the adaptive rule of torchvision's
+    torchvision/csrc/ops/cpu/roi_align_kernel.cpp, roi_align_forward_kernel_impl (the op
+    detectron2's layers/roi_align.py calls): roi_bin_grid_h = ceil(roi_height / pooled_height)
+    (likewise w), count = max(grid_h * grid_w, 1), a side of zero or less takes no sample.
+    """
     height, width = map_hw
     oh, ow = output_size
     offset = 0.5 if aligned else 0.0
@@ -113,14 +119,16 @@ def roi_align_matrix(map_hw, box, output_size, spatial_scale, sampling_ratio, al
     if not aligned:
         roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
     bin_h, bin_w = roi_h / oh, roi_w / ow
+    grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / oh)
+    grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / ow)
     matrix = np.zeros((oh * ow, height * width), np.float64)
-    count = sampling_ratio * sampling_ratio
+    count = max(grid_h * grid_w, 1)
     for i in range(oh):
         for j in range(ow):
-            for iy in range(sampling_ratio):
-                y = y0 + i * bin_h + (iy + 0.5) * bin_h / sampling_ratio
-                for ix in range(sampling_ratio):
-                    x = x0 + j * bin_w + (ix + 0.5) * bin_w / sampling_ratio
+            for iy in range(grid_h):
+                y = y0 + i * bin_h + (iy + 0.5) * bin_h / grid_h
+                for ix in range(grid_w):
+                    x = x0 + j * bin_w + (ix + 0.5) * bin_w / grid_w
                     for row, col, weight in _bilinear_taps(height, width, y, x):
                         matrix[i * ow + j, row * width + col] += weight / count
     return matrix

@@ -117,10 +117,67 @@ def test_jit_and_vmap():
     assert_close(batched, ref.roi_align(features, boxes, 3, 0.5))
 
 
+def adaptive_case():
+    """Boxes on a 13x17 map at scale 0.5 whose sides need 0 to 5 adaptive samples per bin axis.
+
+    Sides in map cells / bins sit away from integers, so that float32 and float64 take the same
+    ceil: with bins (3, 4), heights 0, 2.4, 4.5, 7.7, 13.1 cells give 0, 1, 2, 3, 5 samples and
+    widths 3.3, 6.6, 10.2, 17.9, 0.7 give 1, 2, 3, 5, 1; the last boxes reach past the map.
+    """
+    rng = np.random.default_rng(11)
+    features = rng.normal(size=(1, 13, 17, 3)).astype(np.float32)
+    cells_h = np.array([0.0, 2.4, 4.5, 7.7, 13.1, 9.3])
+    cells_w = np.array([3.3, 6.6, 10.2, 17.9, 0.7, 11.4])
+    x0 = np.array([1.2, 0.4, 3.3, -0.6, 8.1, 9.0])
+    y0 = np.array([2.6, 5.1, 0.3, 1.7, -0.4, 7.2])
+    boxes = np.stack([x0, y0, x0 + cells_w, y0 + cells_h], -1) * 2.0  # image pixels
+    return features, boxes[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_adaptive_sampling_matches_the_kernel_rule(method, aligned):
+    """sampling_ratio 0 against tests/ops/reference.py's loop of torchvision's CPU kernel
+    (roi_align_kernel.cpp, roi_align_forward_kernel_impl: grid = ceil(roi side / bins) per axis
+    and box, count = max(grid_h * grid_w, 1)); 5 slots cover every box of the case."""
+    features, boxes = adaptive_case()
+    got = ops.roi_align(
+        features, boxes, (3, 4), 0.5, 0, aligned, method=method, sampling_ratio_max=5
+    )
+    assert_close(got, ref.roi_align(features, boxes, (3, 4), 0.5, 0, aligned))
+
+
+def test_adaptive_sampling_beyond_the_cap_takes_the_cap():
+    """A side needing more than sampling_ratio_max samples per bin takes exactly that many
+    spread over the bin, like a fixed sampling_ratio of the cap; sides within it keep the rule."""
+    features, boxes = adaptive_case()
+    within = boxes[:, :3]  # need at most 3 along either axis
+    # 15 x 14 and 15 x 12.5 cells: 4 samples along x, 5 along y.
+    beyond = np.float32([[[0.0, 0.0, 30.0, 28.0], [3.0, 1.0, 33.0, 26.0]]])
+    got = ops.roi_align(
+        features, np.concatenate([within, beyond], 1), (3, 4), 0.5, 0, sampling_ratio_max=3
+    )
+    assert_close(got[:, :3], ref.roi_align(features, within, (3, 4), 0.5, 0))
+    assert_close(got[:, 3:], ref.roi_align(features, beyond, (3, 4), 0.5, 3))
+
+
+def test_adaptive_sampling_gradient_is_the_exact_adjoint():
+    features, boxes = adaptive_case()
+    cotangent = np.random.default_rng(12).normal(size=(1, 6, 3, 4, 3)).astype(np.float32)
+    _, vjp = jax.vjp(
+        lambda f: ops.roi_align(f, boxes, (3, 4), 0.5, 0, sampling_ratio_max=5), features
+    )
+    (grad,) = vjp(jnp.asarray(cotangent))
+    want = ref.roi_align_adjoint(cotangent, features.shape, boxes, (3, 4), 0.5, 0)
+    assert_close(grad, want)
+
+
 def test_rejects_bad_arguments():
     features, boxes = random_case(0)
-    with pytest.raises(ValueError, match="sampling_ratio"):
+    with pytest.raises(ValueError, match="sampling_ratio_max"):
         ops.roi_align(features, boxes, 7, 0.5, sampling_ratio=0)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        ops.roi_align(features, boxes, 7, 0.5, sampling_ratio=-1)
     with pytest.raises(ValueError, match="method"):
         ops.roi_align(features, boxes, 7, 0.5, method="loop")
     with pytest.raises(ValueError, match=r"boxes\[B,R,4\]"):
@@ -171,6 +228,24 @@ def test_multilevel_pools_each_box_from_its_level(method, aligned):
                 aligned,
             )
             assert_close(got[b, r], want[0, 0])
+
+
+def test_multilevel_adaptive_sampling_measures_boxes_on_their_level():
+    """The adaptive count comes from each box's side in cells of its own level (detectron2's
+    ROIPooler runs one ROIAlign per level at that level's spatial_scale)."""
+    rng = np.random.default_rng(13)
+    features = [
+        rng.normal(size=(1, 64 // 2**lv, 64 // 2**lv, 2)).astype(np.float32) for lv in (2, 3, 4)
+    ]
+    # Level 2: 10.4 x 18.6 px = 2.6 x 4.65 cells; level 3: 37 x 21 px; level 4: 59 x 52 px.
+    boxes = np.float32([[[3, 5, 13.4, 23.6], [1, 2, 38, 23], [2, 4, 61, 56]]])
+    levels = [2, 3, 4]
+    got = ops.multilevel_roi_align(
+        features, boxes, 2, sampling_ratio=0, levels=np.int32([levels]), sampling_ratio_max=4
+    )
+    for r, lv in enumerate(levels):
+        want = ref.roi_align(features[lv - 2], boxes[:, r : r + 1], 2, 2.0**-lv, 0, True)
+        assert_close(got[0, r], want[0, 0])
 
 
 def test_multilevel_accepts_explicit_levels():
