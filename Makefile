@@ -66,6 +66,7 @@ parity: peer-env
 	$(PEER_PY) experiments/parity/torchvision_losses.py
 	$(PEER_PY) experiments/parity/fcos.py
 	$(PEER_PY) experiments/parity/mask2former.py
+	$(PEER_PY) experiments/parity/mask2former_loss.py
 	$(PEER_PY) experiments/parity/keypoint_rcnn.py
 	$(PEER_PY) experiments/parity/panoptic_quality.py
 

@@ -479,13 +479,21 @@ def match_cost(class_logits, point_logits, point_labels, gt_classes, cfg):
     return cfg.class_weight * class_cost + cfg.mask_weight * bce + cfg.dice_weight * dice
 
 
-def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -> dict:
+def set_targets(
+    class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key, draws: dict | None = None
+) -> dict:
     """Per prediction layer: the matching and the point samples the losses need.
 
-    Returns query_classes int32[P, B, Q] (C: no object); over K = mask_pairs_per_image slots
-    (valid ground truths first): pair_valid bool[P, B, K] (the slot's ground truth is matched),
-    point_logits [P, B, K, N] (the matched query's mask logits at the uncertainty-sampled points:
-    they carry the gradient) and point_labels [P, B, K, N]; pairs_over_budget int32[P].
+    Returns query_classes int32[P, B, Q] (C: no object), query_to_gt int32[P, B, Q] (the matched
+    ground-truth slot, -1: none); over K = mask_pairs_per_image slots (valid ground truths
+    first): pair_valid bool[P, B, K] (the slot's ground truth is matched), point_logits
+    [P, B, K, N] (the matched query's mask logits at the uncertainty-sampled points: they carry
+    the gradient) and point_labels [P, B, K, N]; pairs_over_budget int32[P].
+
+    draws: the uniform draws in [0, 1) given instead of drawn from `key` (experiments/parity/
+    mask2former_loss.py feeds transformers the same ones): "match" [P, B, match_points, 2],
+    "candidates" [P, B, K, train_points x oversample_ratio, 2] and "fill" [P, B, K,
+    train_points - int(importance_sample_ratio x train_points), 2], per ground-truth slot.
     """
     num_layers, b, q = class_logits.shape[:3]
     gt_valid = batch["gt_valid"]
@@ -495,7 +503,10 @@ def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -
     match_key, loss_key = jax.random.split(key)
 
     if cfg.match_points:
-        match_points = jax.random.uniform(match_key, (num_layers, b, cfg.match_points, 2))
+        if draws is None:
+            match_points = jax.random.uniform(match_key, (num_layers, b, cfg.match_points, 2))
+        else:
+            match_points = jnp.asarray(draws["match"], class_logits.dtype)
 
         def layer_cost(classes_l, masks_l, points_l):
             def image_cost(classes_i, masks_i, points_i, gt_classes_i, gt_masks_i):
@@ -539,18 +550,30 @@ def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -
     # One prediction layer at a time: the oversampled candidate points of all layers at once
     # are the largest buffers of a COCO-sized step (2,000 masks x 37,632 points).
     def layer_points(args):
-        masks_l, key_l = args
+        masks_l, key_l, draws_l = args
         return uncertain_points(
             key_l,
             masks_l.reshape((b * k,) + cells),
             cfg.train_points,
             cfg.oversample_ratio,
             cfg.importance_sample_ratio,
+            draws_l,
         )
 
+    if draws is None:
+        layer_draws = None
+    else:
+        layer_draws = tuple(
+            jnp.asarray(draws[name], class_logits.dtype).reshape((num_layers, b * k, -1, 2))
+            for name in ("candidates", "fill")
+        )
     points = jax.lax.map(
         layer_points,
-        (jax.lax.stop_gradient(matched_masks), jax.random.split(loss_key, num_layers)),
+        (
+            jax.lax.stop_gradient(matched_masks),
+            jax.random.split(loss_key, num_layers),
+            layer_draws,
+        ),
     )  # [P, B * K, N, 2]
     # Layer by layer (vmap), not over one [P * B * K] axis: merging the layer axis in front of
     # the batch would make the partitioner gather a batch split over devices.
@@ -561,6 +584,7 @@ def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -
     labels = labels.reshape(num_layers, b, k, -1)
     return {
         "query_classes": jax.lax.stop_gradient(query_classes),
+        "query_to_gt": jax.lax.stop_gradient(query_to_gt),
         "pair_valid": jax.lax.stop_gradient(pair_valid),
         "pairs_over_budget": jax.lax.stop_gradient(over_budget),
         "point_logits": point_logits,
@@ -568,9 +592,10 @@ def set_targets(class_logits, mask_logits, batch, cfg: Mask2FormerConfig, key) -
     }
 
 
-def loss_fn(outputs: dict, batch: dict, cfg: Mask2FormerConfig) -> tuple[jnp.ndarray, dict]:
-    """Sum over prediction layers of class_weight x weighted cross-entropy + mask_weight x BCE +
-    dice_weight x dice, the mask terms summed over matched pairs / ground truths in the batch."""
+def layer_losses(outputs: dict, batch: dict, cfg: Mask2FormerConfig) -> dict:
+    """Per prediction layer [P], unweighted: "ce" (cross-entropy over all queries, no-object
+    ones weighted no_object_weight, / the weights' sum), "mask" (mean BCE over the points) and
+    "dice", each summed over matched pairs / ground truths in the batch."""
     targets = outputs["targets"]
     class_logits = outputs["class_logits"]  # [P, B, Q, C+1]
     labels = targets["query_classes"]
@@ -585,8 +610,20 @@ def loss_fn(outputs: dict, batch: dict, cfg: Mask2FormerConfig) -> tuple[jnp.nda
     bce = (jax.nn.softplus(x) - x * t).mean(-1)
     p = jax.nn.sigmoid(x)
     dice = 1.0 - (2.0 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
-    loss_mask = (bce * valid).sum((1, 2)) / num_masks
-    loss_dice = (dice * valid).sum((1, 2)) / num_masks
+    return {
+        "ce": loss_ce,
+        "mask": (bce * valid).sum((1, 2)) / num_masks,
+        "dice": (dice * valid).sum((1, 2)) / num_masks,
+    }
+
+
+def loss_fn(outputs: dict, batch: dict, cfg: Mask2FormerConfig) -> tuple[jnp.ndarray, dict]:
+    """Sum over prediction layers of class_weight x weighted cross-entropy + mask_weight x BCE +
+    dice_weight x dice, the mask terms summed over matched pairs / ground truths in the batch."""
+    targets = outputs["targets"]
+    layers = layer_losses(outputs, batch, cfg)
+    loss_ce, loss_mask, loss_dice = layers["ce"], layers["mask"], layers["dice"]
+    valid = targets["pair_valid"]
     total = (
         cfg.class_weight * loss_ce.sum()
         + cfg.mask_weight * loss_mask.sum()

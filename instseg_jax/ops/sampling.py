@@ -154,25 +154,36 @@ def uncertain_points(
     num_points: int,
     oversample_ratio: float,
     importance_sample_ratio: float,
+    draws: tuple[jnp.ndarray, jnp.ndarray] | None = None,
 ) -> jnp.ndarray:
     """points float[N, num_points, 2] in [0, 1] where the masks logits[N, H, W] are least sure.
 
     PointRend's training rule (Mask2Former's loss points): draw num_points x oversample_ratio
     uniform points, keep the int(importance_sample_ratio x num_points) of them with the largest
     uncertainty -|logit| (bilinear logit at the point), and fill up with fresh uniform points.
-    Point positions carry no gradient.
+    Point positions carry no gradient. draws: the two uniform draws (candidates
+    [N, num_points x oversample_ratio, 2], fill [N, num_points - kept, 2]) given instead of drawn
+    from `key` (None then): the loss parity feeds a reference implementation the same ones.
     """
     logits = jax.lax.stop_gradient(logits)
     num = logits.shape[0]
     num_drawn = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
-    draw_key, fill_key = jax.random.split(key)
-    drawn = jax.random.uniform(draw_key, (num, num_drawn, 2), logits.dtype)
+    if draws is None:
+        draw_key, fill_key = jax.random.split(key)
+        drawn = jax.random.uniform(draw_key, (num, num_drawn, 2), logits.dtype)
+        fill = jax.random.uniform(fill_key, (num, num_points - num_uncertain, 2), logits.dtype)
+    else:
+        drawn, fill = draws
+        if drawn.shape != (num, num_drawn, 2) or fill.shape != (num, num_points - num_uncertain, 2):
+            raise ValueError(
+                f"draws must be shaped {(num, num_drawn, 2)} and "
+                f"{(num, num_points - num_uncertain, 2)}, got {drawn.shape} and {fill.shape}"
+            )
     uncertainty = -jnp.abs(point_sample(logits, drawn))
     _, most = top_k(uncertainty, num_uncertain)
     chosen = jnp.take_along_axis(drawn, most[..., None], axis=1)
-    fill = jax.random.uniform(fill_key, (num, num_points - num_uncertain, 2), logits.dtype)
-    return jnp.concatenate([chosen, fill], axis=1)
+    return jnp.concatenate([chosen, fill.astype(chosen.dtype)], axis=1)
 
 
 def point_features(features: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:

@@ -64,6 +64,10 @@ def test_uncertain_points_are_the_least_sure_of_the_drawn_ones():
         assert np.allclose(np.sort(points[n, :15], 0), np.sort(want, 0), atol=1e-6)
         # The rest are fresh uniform points, not copies of the drawn ones.
         assert not np.isin(points[n, 15:, 0], drawn[n, :, 0]).any()
+    # The same draws given (the loss parity's path) give the same points.
+    given = (jnp.asarray(drawn), jnp.asarray(points[:, 15:]))
+    again = uncertain_points(None, jnp.asarray(logits), 20, 3.0, 0.75, given)
+    np.testing.assert_array_equal(np.asarray(again), points)
 
 
 def test_point_features_match_grid_sample_and_their_gradient_is_the_adjoint():
