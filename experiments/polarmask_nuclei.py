@@ -11,6 +11,13 @@ with COCOeval at maxDets 200 beside COCO's 100; SGD lr 0.01 with 200 warmup step
 decay, gradients clipped at global norm 10; val AP every 500 steps, the best checkpoint kept in
 workdir/best. Nuclei are nearly convex, the shapes a 36-ray polygon draws well.
 
+Ray targets by the nearest-angle rule (model.ray_rule "nearest"), not the reference's
+whole-degree bins searched +-3 degrees: a nucleus 5-47 px across has too few contour pixels to
+fill them. Measured on 32 val images (953 nuclei) at this experiment's canvas, from each
+nucleus's mass centre: the reference rule leaves 25.4% of the rays at 1e-6 (83% of the nuclei
+have at least one such ray), the nearest-angle rule none (polarmask.ray_targets under both
+rules over the evaluation pipeline's gt_centers and gt_contours of the first 32 val images).
+
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
@@ -23,6 +30,9 @@ def get_config(arg=None):
     m = c.model
     m.sizes_of_interest = (32, 64, 128, 256)
     m.detections_per_image = 200
+    # The reference's whole-degree rule leaves nuclei's rays without a contour pixel (docstring:
+    # 25% of the rays from the mass centres, measured); the nearest-angle rule none.
+    m.ray_rule = "nearest"
     c.optim.lr = 0.01
     c.optim.weight_decay = 1e-4
     c.schedule.total_steps = 4000
