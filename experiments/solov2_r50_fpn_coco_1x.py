@@ -16,8 +16,9 @@ decays at epochs 8 and 11, 500 warmup steps, gradients clipped at global norm 35
 (mmdetection freezes the stem and stage 1 of an ImageNet ResNet-50: ImageNet weights through
 --config.model.backbone_weights, the command above; from scratch use GroupNorm and a longer
 schedule); single-scale
-800 x 1333 input on the 1344 x 1344 canvas (the module docstring of instseg_jax/methods/solov2.py
-says what the fixed canvas changes about the grids). mmdetection's configs/solov2/README.md and
+800 x 1333 input on the 1344 x 1344 canvas, each image's grids spanning the image padded to 32
+pixels as the reference's (model.grid_extent; the module docstring of
+instseg_jax/methods/solov2.py says what else the fixed canvas changes). mmdetection's configs/solov2/README.md and
 WXinlong/SOLO's README report 34.8 mask AP for R50 1x on COCO val2017 (37.5 for R50 3x with
 multi-scale training); this file has not reproduced it.
 `:smoke` shrinks everything to synthetic scenes for tests.
@@ -34,4 +35,5 @@ def get_config(arg=None):
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
     c.input.short_side = (800,)
+    c.model.grid_extent = "image"  # the default, the reference's: stated for the reader
     return common.accelerator_recipe(c, arg)

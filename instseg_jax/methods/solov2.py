@@ -12,9 +12,26 @@ Static shapes:
                  left out is counted in the metrics (`positive_pairs_over_budget`, `..._fraction`)
                  and its cells still train the category branch.
   candidates     test time ranks the (cell, class) scores, computes the masks of the best
-                 `test_candidates`, rescores them by maskness and runs Matrix NMS on that fixed
-                 pool; `detections_per_image` slots with a `valid` flag come out, as canvas masks
-                 at stride 4 (the host derives the boxes from them).
+                 `test_candidates`, rescores them by maskness, keeps the best `nms_pre` and runs
+                 Matrix NMS on that fixed pool; `detections_per_image` slots with a `valid` flag
+                 come out, as canvas masks at stride 4 (the host derives the boxes from them).
+  grid extent    each image's grids span its own extent (model.grid_extent "image": its valid
+                 region rounded up to 32 pixels) with static shapes: the resize of each FPN level
+                 to S x S is one per-image bilinear matrix per axis (dense.bilinear_matrices)
+                 over the canvas-sized map, reading only the cells inside the extent, and the
+                 targets divide by the extent.
+
+Grid extent: the reference pads each image to a multiple of 32 (Pad size_divisor=32) and its
+batch to the batch's largest image; the category and kernel branches resize each level's map of
+that padded batch to S x S (WXinlong/SOLO solov2_head.py forward_single, F.interpolate bilinear,
+align_corners False) and the targets divide cell positions by the padded input's size
+(solov2_target_single's upsampled_size); its test runs one image at a time, so there the grids
+span the image padded to 32. grid_extent "image" (the default and the COCO recipe) does that at
+training and test alike, with the CoordConv channels (of the grid branches and of the mask
+branch's P5) spanning [-1, 1] over the extent; test-time masks are zero outside it (the
+reference's map ends there), so neither the area filter, the maskness nor Matrix NMS sees the
+canvas beyond. "canvas" spans the whole fixed canvas, padding included (on a 4:3 image in the
+1344 x 1344 canvas, about half the level-0 cells lie on padding).
 
 Where two instances claim one cell (their centre regions overlap on a level), the reference's
 loop runs over the instances in order and writes the cell's class each time, and appends a mask
@@ -27,14 +44,20 @@ out of the focal loss instead of being trained as background. The reference has 
 regions; the centre rule matches how SOLO itself assigns cells (by the point where they sit).
 
 Deviations, each with its reason:
-  - The grid spans the fixed canvas (input.canvas_hw), as the reference's spans its padded batch
-    (which is as large as the batch's largest image); on a canvas much larger than the images
-    the cells are coarser than the reference's.
+  - At training each image's grids span its own padded extent, as at the reference's test; the
+    reference's training grids span its padded batch, which depends on the other image on its
+    GPU (an image smaller than its batch partner trains on coarser, partly-padding cells than
+    it is tested on). The dice loss still covers the whole canvas at stride 4, where the
+    reference's covers its padded batch.
+  - The network runs on the whole canvas: features at the edge of an extent see the canvas's
+    padding beyond it, where the reference's test map ends (convolutions' zero padding).
   - Mass centres are those of the mask's pixel centres (pixel i at i + 0.5, the convention of
     gt_centers); the reference averages integer pixel indices (half a pixel up and left).
   - Test time masks only the `test_candidates` best (cell, class) scores above score_threshold
-    (ranked before maskness); the reference masks every score above the threshold and keeps the
-    best 500 after maskness (nms_pre). With the defaults both rank 500.
+    (ranked by category score, a static bound on the masks computed: 500 masks of 336 x 336
+    at the COCO canvas); the reference masks every score above the threshold. From there the
+    order is the reference's: area filter, maskness, the best nms_pre (500) after maskness,
+    Matrix NMS. The two agree whenever at most test_candidates scores pass score_threshold.
 """
 
 from __future__ import annotations
@@ -58,6 +81,11 @@ from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
 
 MASK_STRIDE = 4
+# The reference pads every image to a multiple of 32 pixels (its pipelines' Pad size_divisor=32);
+# with grid_extent "image" each grid spans the image's valid region padded so.
+GRID_SIZE_DIVISIBILITY = 32
+# FPN P2..P6: the strides of the maps the grid branches start from.
+NATIVE_STRIDES = (4, 8, 16, 32, 64)
 
 INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE, centers=True)
 
@@ -72,6 +100,10 @@ class SOLOv2Config(DetectorConfig):
     # sqrt(box area) in canvas pixels, both ends inclusive; ranges overlap, so an instance may
     # be a positive on two levels.
     scale_ranges: tuple = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+    # What each level's S x S grid spans. "image": the image's valid region rounded up to
+    # GRID_SIZE_DIVISIBILITY pixels (the reference's test, one image padded to 32), at training
+    # and test; "canvas": the whole fixed canvas, padding included.
+    grid_extent: str = "image"
     center_scale: float = (
         0.2  # positives: cells of the centre region, box x this, around the mass centre
     )
@@ -85,7 +117,11 @@ class SOLOv2Config(DetectorConfig):
     mask_loss_weight: float = 3.0
     dice_eps: float = 1e-3  # added to each of the two squared sums of the dice denominator
     score_threshold: float = 0.1
+    # Test: masks are computed for the best test_candidates (cell, class) scores (a static
+    # bound; the reference masks every score above score_threshold), and after maskness the
+    # best nms_pre of them go to Matrix NMS (the reference's nms_pre).
     test_candidates: int = 500
+    nms_pre: int = 500
     mask_threshold: float = 0.5
     # A mask needs more than this x its level's stride pixels above mask_threshold at stride 4
     # (the reference's 1: on COCO it drops masks under ~3 px across at stride 4); 0 keeps every
@@ -118,6 +154,18 @@ class SOLOv2Config(DetectorConfig):
                 "model.matrix_nms_kernel must be 'gaussian' or 'linear', got "
                 f"{self.matrix_nms_kernel!r}"
             )
+        if self.grid_extent not in ("image", "canvas"):
+            raise config_lib.ConfigValueError(
+                f"model.grid_extent must be 'image' or 'canvas', got {self.grid_extent!r}"
+            )
+        for stride in self.level_strides:
+            if GRID_SIZE_DIVISIBILITY % stride:
+                raise config_lib.ConfigValueError(
+                    f"model.level_strides {self.level_strides} must divide the grid's size "
+                    f"divisibility {GRID_SIZE_DIVISIBILITY} (an image's padded extent)"
+                )
+        if self.nms_pre <= 0 or self.test_candidates <= 0:
+            raise config_lib.ConfigValueError("model.test_candidates and model.nms_pre must be > 0")
         if self.positive_slots_per_image <= 0:
             raise config_lib.ConfigValueError("model.positive_slots_per_image must be > 0")
 
@@ -125,16 +173,18 @@ class SOLOv2Config(DetectorConfig):
     def num_cells(self) -> int:
         return sum(g * g for g in self.num_grids)
 
-    def cell_centres(self) -> np.ndarray:
+    def cell_centres(self, extent_hw) -> jnp.ndarray:
         """float32[S, 2] (x, y) canvas centre of each grid cell, in the cells' order (level by
-        level, row-major): cell (i, j) of grid g spans [j W / g, (j + 1) W / g) x [i H / g, ...)."""
-        h, w = self.canvas_hw
+        level, row-major), for grids spanning extent_hw = (H, W) (float32[2], the top-left
+        H x W of the canvas): cell (i, j) of grid g spans [j W / g, (j + 1) W / g) x [i H / g,
+        ...)."""
+        extent_hw = jnp.asarray(extent_hw, jnp.float32)
         centres = []
         for g in self.num_grids:
-            along = (np.arange(g) + 0.5) / g
-            y, x = np.meshgrid(along * h, along * w, indexing="ij")
-            centres.append(np.stack([x.ravel(), y.ravel()], axis=1))
-        return np.concatenate(centres).astype(np.float32)
+            along = (jnp.arange(g, dtype=jnp.float32) + 0.5) / g
+            y, x = jnp.meshgrid(along * extent_hw[0], along * extent_hw[1], indexing="ij")
+            centres.append(jnp.stack([x.ravel(), y.ravel()], axis=1))
+        return jnp.concatenate(centres)
 
     def cell_strides(self) -> np.ndarray:
         """float32[S]: the stride of each grid cell's level (the test's minimum mask area)."""
@@ -146,11 +196,75 @@ class SOLOv2Config(DetectorConfig):
         )
 
 
-def coordinates(h: int, w: int, dtype) -> jnp.ndarray:
-    """[1, h, w, 2] CoordConv channels (x, y), each spanning [-1, 1] over the map."""
-    x = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, w, dtype=jnp.float32)[None, :], (h, w))
-    y = jnp.broadcast_to(jnp.linspace(-1.0, 1.0, h, dtype=jnp.float32)[:, None], (h, w))
-    return jnp.stack([x, y], axis=-1)[None].astype(dtype)
+def coordinates(h: int, w: int, extent_hw, stride: int, dtype) -> jnp.ndarray:
+    """[B, h, w, 2] CoordConv channels (x, y) of a stride-`stride` map whose image b spans
+    extent_hw[b] (float32[B, 2] canvas pixels): each spans [-1, 1] over the extent's
+    extent / stride cells (torch.linspace(-1, 1, n)) and keeps rising beyond it."""
+    cells = extent_hw / stride  # [B, 2]
+    step = 2.0 / jnp.maximum(cells - 1.0, 1.0)
+    y = jnp.arange(h, dtype=jnp.float32)[None, :] * step[:, 0:1] - 1.0  # [B, h]
+    x = jnp.arange(w, dtype=jnp.float32)[None, :] * step[:, 1:2] - 1.0  # [B, w]
+    b = extent_hw.shape[0]
+    return jnp.stack(
+        [
+            jnp.broadcast_to(x[:, None, :], (b, h, w)),
+            jnp.broadcast_to(y[:, :, None], (b, h, w)),
+        ],
+        -1,
+    ).astype(dtype)
+
+
+def grid_extents(image_hw, cfg: SOLOv2Config) -> jnp.ndarray:
+    """float32[B, 2] (h, w) canvas pixels each image's grids span (model.grid_extent): its
+    valid region image_hw int32[B, 2] rounded up to GRID_SIZE_DIVISIBILITY (at most the canvas),
+    or the canvas."""
+    canvas = jnp.asarray(cfg.canvas_hw, jnp.int32)
+    if cfg.grid_extent == "canvas":
+        return jnp.broadcast_to(canvas, image_hw.shape).astype(jnp.float32)
+    unit = GRID_SIZE_DIVISIBILITY
+    padded = -(-image_hw.astype(jnp.int32) // unit) * unit
+    return jnp.minimum(padded, canvas).astype(jnp.float32)
+
+
+def level_on_grid(feature, extent_hw, native_stride: int, level_stride: int, grid: int):
+    """[B, g, g, C + 2]: one FPN level's map feature[B, h, w, C] (stride native_stride over the
+    canvas) resampled to its grid over each image's extent extent_hw float32[B, 2], with the
+    CoordConv channels (x, y).
+
+    The reference's steps on a map that covers the extent only: the map (its first
+    ceil(extent / native_stride) cells) resized bilinearly to extent / level_stride (P2 halved,
+    P6 brought to P5's size), CoordConv channels spanning [-1, 1] over that, then both resized
+    bilinearly to g x g (torch's align_corners=False, dense.bilinear_matrices). The two resizes
+    of the map are one per-image matrix per axis."""
+    axes = []
+    for axis in (0, 1):
+        extent = extent_hw[:, axis]
+        native = jnp.ceil(extent / native_stride)
+        level = extent / level_stride
+        native_len = feature.shape[1 + axis]
+        level_len = native_len * native_stride // level_stride
+        to_level = dense.bilinear_matrices(native, level, level_len, native_len)
+        to_grid = dense.bilinear_matrices(level, jnp.full_like(level, grid), grid, level_len)
+        # CoordConv: entry k of the level map sits at -1 + 2 k / (n - 1) (torch.linspace(-1, 1,
+        # n); -1 when n = 1), resampled to the grid as the features are.
+        ramp = (
+            jnp.arange(level_len, dtype=jnp.float32)[None] / jnp.maximum(level - 1.0, 1.0)[:, None]
+        )
+        coordinate = jnp.einsum("bgl,bl->bg", to_grid, 2.0 * ramp - 1.0)
+        axes.append((jnp.einsum("bgl,bln->bgn", to_grid, to_level), coordinate))
+    (rows, y), (cols, x) = axes
+    on_grid = jnp.einsum(
+        "bih,bhwc,bjw->bijc", rows.astype(feature.dtype), feature, cols.astype(feature.dtype)
+    )
+    b = feature.shape[0]
+    coords = jnp.stack(
+        [
+            jnp.broadcast_to(x[:, None, :], (b, grid, grid)),
+            jnp.broadcast_to(y[:, :, None], (b, grid, grid)),
+        ],
+        -1,
+    )
+    return jnp.concatenate([on_grid, coords.astype(feature.dtype)], -1)
 
 
 def _head_init():
@@ -213,13 +327,13 @@ class MaskFeatureBranch(nn.Module):
         return nn.relu(GroupNorm(32, self.dtype, name=f"{name}_norm")(x))
 
     @nn.compact
-    def __call__(self, features: dict) -> jnp.ndarray:
+    def __call__(self, features: dict, extent_hw) -> jnp.ndarray:
         total = None
         for level in range(4):
             x = features[f"p{level + 2}"]
-            if level == 3:
+            if level == 3:  # P5, stride 32: its CoordConv channels span each image's extent
                 x = jnp.concatenate(
-                    [x, coordinates(*x.shape[1:3], x.dtype).repeat(x.shape[0], 0)], -1
+                    [x, coordinates(*x.shape[1:3], extent_hw, NATIVE_STRIDES[3], x.dtype)], -1
                 )
             if level == 0:
                 x = self.conv_norm(x, self.channels, 3, "level0")
@@ -248,23 +362,21 @@ class SOLOv2(nn.Module):
             cfg.mask_feature_channels, cfg.mask_channels, cfg.dtype
         )
 
-    def predict(self, image):
+    def predict(self, image, extent_hw):
         """(category logits [B, S, C], kernels [B, S, E], mask features [B, H/4, W/4, E]) of
-        images [B, H, W, 3] in 0-255 RGB; cells run level by level, row-major within a grid."""
+        images [B, H, W, 3] in 0-255 RGB whose grids span extent_hw float32[B, 2]
+        (grid_extents); cells run level by level, row-major within a grid."""
         cfg = self.cfg
         features = self.fpn(self.backbone(normalize(image, cfg.dtype)))
         b = image.shape[0]
         logits, kernels = [], []
         for level, (stride, grid) in enumerate(zip(cfg.level_strides, cfg.num_grids, strict=True)):
-            feature = features[f"p{level + 2}"]
-            feature = dense.resize_bilinear(
-                feature, (cfg.canvas_hw[0] // stride, cfg.canvas_hw[1] // stride)
+            on_grid = level_on_grid(
+                features[f"p{level + 2}"], extent_hw, NATIVE_STRIDES[level], stride, grid
             )
-            coords = coordinates(*feature.shape[1:3], feature.dtype).repeat(b, 0)
-            on_grid = dense.resize_bilinear(jnp.concatenate([feature, coords], -1), (grid, grid))
             kernels.append(self.kernel_tower(on_grid).reshape(b, grid * grid, -1))
             logits.append(self.category_tower(on_grid[..., :-2]).reshape(b, grid * grid, -1))
-        mask_features = self.mask_branch(features)
+        mask_features = self.mask_branch(features, extent_hw)
         return (
             jnp.concatenate(logits, 1).astype(jnp.float32),
             jnp.concatenate(kernels, 1),
@@ -273,27 +385,32 @@ class SOLOv2(nn.Module):
 
     def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
         cfg = self.cfg
-        logits, kernels, mask_features = self.predict(batch["image"])
+        extent_hw = grid_extents(batch["image_hw"], cfg)
+        logits, kernels, mask_features = self.predict(batch["image"], extent_hw)
         outputs = {"category_logits": logits}
         if not train:
-            outputs["detections"] = detect(logits, kernels, mask_features, batch, cfg)
+            outputs["detections"] = detect(logits, kernels, mask_features, batch, cfg, extent_hw)
             return outputs
         if key is None:
             raise ValueError("training needs a key for the choice of positive slots")
         targets = jax.lax.stop_gradient(
             jax.vmap(
-                lambda boxes, classes, valid, centers, masks, k, ignore, ignore_ok: grid_targets(
-                    boxes,
-                    classes,
-                    valid,
-                    centers,
-                    masks.any(axis=(1, 2)),
-                    cfg,
-                    k,
-                    ignore,
-                    ignore_ok,
+                lambda extent, boxes, classes, valid, centers, masks, k, ignore, ignore_ok: (
+                    grid_targets(
+                        boxes,
+                        classes,
+                        valid,
+                        centers,
+                        masks.any(axis=(1, 2)),
+                        cfg,
+                        k,
+                        ignore,
+                        ignore_ok,
+                        extent,
+                    )
                 )
             )(
+                extent_hw,
                 batch["gt_boxes"],
                 batch["gt_classes"],
                 batch["gt_valid"],
@@ -325,18 +442,22 @@ def grid_targets(
     key,
     ignore_boxes=None,
     ignore_valid=None,
+    extent_hw=None,
 ):
     """One image's SOLO targets (the reference's rules; module docstring for the overlaps).
 
     gt_boxes float32[N, 4] canvas xyxy, gt_classes int32[N], gt_valid bool[N],
     gt_centers float32[N, 2] (x, y) canvas mass centres, gt_nonempty bool[N] (mask not empty);
     optional ignore_boxes float32[I, 4] canvas xyxy and ignore_valid bool[I] (Batch's ignore
-    regions).
+    regions); extent_hw float32[2]: the (H, W) the grids span (grid_extents; the canvas when
+    left out).
 
     An instance is on level l when lo_l <= sqrt(w h) <= hi_l. On a level of grid g over the
-    canvas H x W, the cell of a point is (floor(y / H g), floor(x / W g)) (the reference's
-    (y / H) // (1 / g)); its positives are the cells of the centre region (mass centre +- half
-    the box x center_scale) clipped to the 3x3 cells around the centre's cell.
+    extent H x W, the cell of a point is (floor(y / H g), floor(x / W g)) (the reference's
+    (y / H) // (1 / g), H x W its padded input: WXinlong/SOLO solov2_head.py
+    solov2_target_single's upsampled_size); its positives are the cells of the centre region
+    (mass centre +- half the box x center_scale) clipped to the 3x3 cells around the centre's
+    cell.
 
     Returns a dict: cell_labels int32[S] (class, or C for background), positive bool[S],
     ignored bool[S] (not positive, centre in an ignore region: out of the focal loss),
@@ -345,7 +466,10 @@ def grid_targets(
     positive pairs) and overflow int32 (pairs without a slot).
     """
     c = cfg.num_classes
-    h_canvas, w_canvas = (float(v) for v in cfg.canvas_hw)
+    if extent_hw is None:
+        extent_hw = jnp.asarray(cfg.canvas_hw, jnp.float32)
+    extent_hw = jnp.asarray(extent_hw, jnp.float32)
+    h_extent, w_extent = extent_hw[0], extent_hw[1]
     w = jnp.maximum(gt_boxes[:, 2] - gt_boxes[:, 0], 0.0)
     h = jnp.maximum(gt_boxes[:, 3] - gt_boxes[:, 1], 0.0)
     area = jnp.sqrt(w * h)
@@ -363,11 +487,11 @@ def grid_targets(
             return jnp.floor_divide(coordinate / size, unit).astype(jnp.int32)
 
         on_level = usable & (area >= lo) & (area <= hi)
-        centre_y, centre_x = cell_of(cy, h_canvas), cell_of(cx, w_canvas)
-        top = jnp.maximum(jnp.maximum(cell_of(cy - half_h, h_canvas), 0), centre_y - 1)
-        down = jnp.minimum(jnp.minimum(cell_of(cy + half_h, h_canvas), grid - 1), centre_y + 1)
-        left = jnp.maximum(jnp.maximum(cell_of(cx - half_w, w_canvas), 0), centre_x - 1)
-        right = jnp.minimum(jnp.minimum(cell_of(cx + half_w, w_canvas), grid - 1), centre_x + 1)
+        centre_y, centre_x = cell_of(cy, h_extent), cell_of(cx, w_extent)
+        top = jnp.maximum(jnp.maximum(cell_of(cy - half_h, h_extent), 0), centre_y - 1)
+        down = jnp.minimum(jnp.minimum(cell_of(cy + half_h, h_extent), grid - 1), centre_y + 1)
+        left = jnp.maximum(jnp.maximum(cell_of(cx - half_w, w_extent), 0), centre_x - 1)
+        right = jnp.minimum(jnp.minimum(cell_of(cx + half_w, w_extent), grid - 1), centre_x + 1)
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 i, j = centre_y + dy, centre_x + dx
@@ -385,7 +509,7 @@ def grid_targets(
     cell_labels = jnp.where(positive, gt_classes[jnp.maximum(winner - 1, 0)], c)
     ignored = jnp.zeros_like(positive)
     if ignore_boxes is not None:
-        centres = jnp.asarray(np.tile(cfg.cell_centres(), (1, 2)))  # [S, 4] points (x, y, x, y)
+        centres = jnp.tile(cfg.cell_centres(extent_hw), (1, 2))  # [S, 4] points (x, y, x, y)
         ignored = ignore_mask(centres, ignore_boxes, ignore_valid) & ~positive
     chosen, slot_valid, overflow = dense.budgeted_select(valid, cfg.positive_slots_per_image, key)
     return {
@@ -411,16 +535,18 @@ def points_nms(scores: jnp.ndarray) -> jnp.ndarray:
     return jnp.where(peak == scores, scores, 0.0)
 
 
-def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config) -> dict:
+def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config, extent_hw=None) -> dict:
     """Detections with canvas masks at stride 4 (structures.py), K = detections_per_image.
 
     Per image: category probabilities through the 2x2 peak filter; the best test_candidates
-    (cell, class) scores above score_threshold get their masks (sigmoid of kernel x features);
-    masks of no more pixels above mask_threshold than their level's stride (x
-    min_mask_area_per_stride) are dropped; score x
-    maskness (mean probability over the mask's pixels); Matrix NMS on the binary masks; scores
+    (cell, class) scores above score_threshold get their masks (sigmoid of kernel x features),
+    zero outside the image's extent extent_hw float32[B, 2] (grid_extents; the reference's map
+    ends there; no limit when left out); masks of no more pixels above mask_threshold than their
+    level's stride (x min_mask_area_per_stride) are dropped; score x maskness (mean probability
+    over the mask's pixels); the best nms_pre of those to Matrix NMS on the binary masks; scores
     >= keep_score_threshold kept, the best K in descending order.
     """
+    del batch
     b, s, c = logits.shape
     probs = jax.nn.sigmoid(logits)
     filtered, start = [], 0
@@ -432,19 +558,30 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config) -> dict:
     q = min(cfg.test_candidates, s * c)
     k = cfg.detections_per_image
     cell_strides = jnp.asarray(cfg.cell_strides())
+    h, w = mask_features.shape[1:3]
+    if extent_hw is None:
+        extent_hw = jnp.broadcast_to(jnp.asarray([h, w], jnp.float32) * MASK_STRIDE, (b, 2))
+    cells_hw = extent_hw / MASK_STRIDE
+    inside = (jnp.arange(h)[None, :, None] < cells_hw[:, 0, None, None]) & (
+        jnp.arange(w)[None, None, :] < cells_hw[:, 1, None, None]
+    )  # [B, h, w]
 
-    def one_image(image_scores, image_kernels, features):
+    def one_image(image_scores, image_kernels, features, image_inside):
         top, index = ops.top_k(image_scores, q)
         cell, cls = index // c, (index % c).astype(jnp.int32)
         masks = jax.nn.sigmoid(
             dense.dynamic_masks(features[None], image_kernels[cell][None])[0].astype(jnp.float32)
         )  # [Q, h, w]
+        masks = jnp.where(image_inside, masks, 0.0)
         binary = masks > cfg.mask_threshold
         area = binary.sum(axis=(1, 2)).astype(jnp.float32)
         min_area = jnp.maximum(cfg.min_mask_area_per_stride * cell_strides[cell], 0.0)
         valid = (top > cfg.score_threshold) & (area > min_area)
         maskness = (masks * binary).sum(axis=(1, 2)) / jnp.maximum(area, 1.0)
-        rescored = jnp.where(valid, top * maskness, 0.0)
+        # The reference's nms_pre: the best rescored candidates go on (valid ones score > 0).
+        rescored, pre = ops.top_k(jnp.where(valid, top * maskness, -1.0), min(cfg.nms_pre, q))
+        masks, binary, cls, valid = masks[pre], binary[pre], cls[pre], valid[pre]
+        rescored = jnp.where(valid, rescored, 0.0)
         decayed = ops.matrix_nms(
             binary & valid[:, None, None],
             cls,
@@ -453,7 +590,7 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config) -> dict:
             cfg.matrix_nms_sigma,
         )
         kept = valid & (decayed >= cfg.keep_score_threshold)
-        best, slot = ops.top_k(jnp.where(kept, decayed, -1.0), min(k, q))
+        best, slot = ops.top_k(jnp.where(kept, decayed, -1.0), min(k, rescored.shape[0]))
         slot_valid = best >= 0
         pad = k - slot.shape[0]
         return (
@@ -467,7 +604,7 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config) -> dict:
         )
 
     det_scores, det_classes, det_valid, det_masks = jax.vmap(one_image)(
-        scores, kernels, mask_features
+        scores, kernels, mask_features, inside
     )
     return {
         "scores": det_scores,

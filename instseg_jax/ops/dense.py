@@ -64,6 +64,25 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
+def bilinear_matrices(in_size, out_size, out_len: int, in_len: int) -> jnp.ndarray:
+    """float32[B, out_len, in_len]: `bilinear_matrix` for per-image sizes known only at run time.
+
+    Image b resamples the first in_size[b] entries of an axis of length in_len to out_size[b]
+    entries (in_size, out_size: float[B], whole numbers) with torch's align_corners=False rule:
+    output i samples (i + 0.5) in_size / out_size - 0.5, clamped to [0, in_size - 1]. Rows from
+    out_size[b] on are left as the rule gives them (they sample the last entry); a caller that
+    resamples again reads only the first out_size[b] rows."""
+    in_size = jnp.asarray(in_size, jnp.float32)[:, None]
+    out_size = jnp.asarray(out_size, jnp.float32)[:, None]
+    source = (jnp.arange(out_len, dtype=jnp.float32)[None] + 0.5) * (in_size / out_size) - 0.5
+    source = jnp.clip(source, 0.0, in_size - 1.0)  # [B, out_len]
+    low = jnp.floor(source)
+    high = jnp.minimum(low + 1.0, in_size - 1.0)
+    frac = (source - low)[..., None]
+    column = jnp.arange(in_len, dtype=jnp.float32)[None, None]
+    return (column == low[..., None]) * (1.0 - frac) + (column == high[..., None]) * frac
+
+
 def resize_bilinear(x: jnp.ndarray, out_hw) -> jnp.ndarray:
     """x[B, H, W, C] -> [B, oh, ow, C] by `bilinear_matrix` on each axis (two matmuls: on a CPU
     much cheaper than a gather-based resize, and exact torch align_corners=False numbers)."""

@@ -7,10 +7,13 @@ from __future__ import annotations
 import numpy as np
 
 
-def grid_targets(boxes, classes, centers, nonempty, canvas_hw, grids, ranges, center_scale, c):
+def grid_targets(boxes, classes, centers, nonempty, padded_hw, grids, ranges, center_scale, c):
     """(cell labels int[S] (c = background), list of positive (cell, instance) pairs in the
-    reference's loop order: level by level, instances in order, cells row-major)."""
-    height, width = canvas_hw
+    reference's loop order: level by level, instances in order, cells row-major).
+
+    padded_hw: the (H, W) cell positions are divided by, WXinlong/SOLO solov2_head.py
+    solov2_target_single's upsampled_size (the mask feature map x 4: the padded input image)."""
+    height, width = padded_hw
     labels = []
     pairs = []
     offset = 0
@@ -90,9 +93,71 @@ def detect(probs, kernels, features, cell_strides, cfg):
         classes[keep],
     )
     scores = scores * (masks * binary).sum(axis=(1, 2)) / area
-    order = np.argsort(-scores, kind="stable")[: cfg.test_candidates]
+    # solov2_head.py get_seg_single: "sort and keep top nms_pre" after the maskness rescoring.
+    order = np.argsort(-scores, kind="stable")[: cfg.nms_pre]
     binary, scores, classes = binary[order], scores[order], classes[order]
     decayed = matrix_nms(binary, classes, scores, cfg.matrix_nms_sigma)
     kept = np.flatnonzero(decayed >= cfg.keep_score_threshold)
     kept = kept[np.argsort(-decayed[kept], kind="stable")][: cfg.detections_per_image]
     return [(decayed[i], classes[i], binary[i]) for i in kept]
+
+
+def padded_size(size: int, divisor: int = 32) -> int:
+    """The reference pipelines' Pad(size_divisor=32) (WXinlong/SOLO configs/solov2/
+    solov2_r50_fpn_8gpu_1x.py train and test pipelines): size rounded up to the divisor."""
+    return int(np.ceil(size / divisor) * divisor)
+
+
+def interpolate(x, out_hw):
+    """torch.nn.functional.interpolate(x, size=out_hw, mode="bilinear", align_corners=False) of
+    x[h, w, C] in float64, written pixel by pixel from torch's rule: output i reads source
+    (i + 0.5) in / out - 0.5, raised to 0 when negative; i0 = floor, i1 = i0 + 1 unless i0 is
+    the last entry; weights 1 - l and l, l = source - i0."""
+
+    def taps(in_size, out_size):
+        out = []
+        for i in range(out_size):
+            source = max((i + 0.5) * in_size / out_size - 0.5, 0.0)
+            i0 = int(np.floor(source))
+            i1 = i0 + 1 if i0 < in_size - 1 else i0
+            out.append((i0, i1, source - i0))
+        return out
+
+    h, w, channels = x.shape
+    rows, cols = taps(h, out_hw[0]), taps(w, out_hw[1])
+    out = np.zeros((out_hw[0], out_hw[1], channels))
+    for i, (r0, r1, ly) in enumerate(rows):
+        for j, (c0, c1, lx) in enumerate(cols):
+            top = (1 - lx) * x[r0, c0] + lx * x[r0, c1]
+            bottom = (1 - lx) * x[r1, c0] + lx * x[r1, c1]
+            out[i, j] = (1 - ly) * top + ly * bottom
+    return out
+
+
+def grid_inputs(native_map, padded_hw, native_stride, level_stride, grid):
+    """One image's input to the category and kernel towers on one level, float64[g, g, C + 2],
+    as WXinlong/SOLO solov2_head.py builds it on its padded input padded_hw: the FPN map over
+    that input (here the first ceil(H / native_stride) rows and columns of a larger one),
+    split_feats' resize to the level's size (P2 halved, P6 to P5's size), forward_single's
+    CoordConv channels (torch.linspace(-1, 1) over that map, x then y) and its resize to
+    num_grid x num_grid (F.interpolate, bilinear, align_corners False)."""
+    rows = int(np.ceil(padded_hw[0] / native_stride))
+    cols = int(np.ceil(padded_hw[1] / native_stride))
+    level_hw = (padded_hw[0] // level_stride, padded_hw[1] // level_stride)
+    level = interpolate(native_map[:rows, :cols].astype(np.float64), level_hw)
+    y, x = np.meshgrid(
+        np.linspace(-1, 1, level_hw[0]), np.linspace(-1, 1, level_hw[1]), indexing="ij"
+    )
+    with_coords = np.concatenate([level, x[..., None], y[..., None]], -1)
+    return interpolate(with_coords, (grid, grid))
+
+
+def dice_loss(probs, targets):
+    """WXinlong/SOLO solov2_head.py dice_loss, per mask: 1 - 2 sum(p t) / ((sum(p^2) + 0.001) +
+    (sum(t^2) + 0.001)) (lines 33-41 of that file), in float64."""
+    p = probs.reshape(len(probs), -1).astype(np.float64)
+    t = targets.reshape(len(targets), -1).astype(np.float64)
+    a = (p * t).sum(1)
+    b = (p * p).sum(1) + 0.001
+    c = (t * t).sum(1) + 0.001
+    return 1 - 2 * a / (b + c)
