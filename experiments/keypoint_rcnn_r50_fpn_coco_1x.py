@@ -34,4 +34,8 @@ def get_config(arg=None):
     c.input.eval_split.annotations = "data/coco/annotations/person_keypoints_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
     c.model.keypoint_fg_per_image = 128
+    # detectron2's POOLER_SAMPLING_RATIO 0 (defaults.py, box and keypoint poolers):
+    # adaptive RoIAlign, ceil(RoI side / pool size) samples per bin axis, exact up to RoI sides
+    # of model.adaptive_sampling_max_side (42) cells of their level (ops/roi_align.py).
+    c.model.sampling_ratio = 0
     return common.accelerator_recipe(c, arg)

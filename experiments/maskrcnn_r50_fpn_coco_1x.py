@@ -36,6 +36,10 @@ def get_config(arg=None):
     # The published recipe trains the mask head on every sampled positive (up to 512 x 0.25),
     # what the default (model.mask_fg_per_image = 0) chooses; written out for the compile tool.
     c.model.mask_fg_per_image = 128
+    # detectron2's POOLER_SAMPLING_RATIO 0 (defaults.py, box and mask poolers):
+    # adaptive RoIAlign, ceil(RoI side / pool size) samples per bin axis, exact up to RoI sides
+    # of model.adaptive_sampling_max_side (42) cells of their level (ops/roi_align.py).
+    c.model.sampling_ratio = 0
     if arg == "scratch":
         # detectron2's configs/Misc/scratch_mask_rcnn_R_50_FPN_3x_gn.yaml: no ImageNet
         # weights, GroupNorm, nothing frozen, the 3x schedule (270k steps, decays at 210k and

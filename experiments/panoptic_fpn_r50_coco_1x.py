@@ -41,4 +41,8 @@ def get_config(arg=None):
     c.input.filter_empty = False
     # Every sampled positive trains the mask head (up to 512 x 0.25), as in the reference.
     c.model.mask_fg_per_image = 128
+    # detectron2's POOLER_SAMPLING_RATIO 0 (defaults.py, box and mask poolers):
+    # adaptive RoIAlign, ceil(RoI side / pool size) samples per bin axis, exact up to RoI sides
+    # of model.adaptive_sampling_max_side (42) cells of their level (ops/roi_align.py).
+    c.model.sampling_ratio = 0
     return common.accelerator_recipe(c, arg)

@@ -37,4 +37,9 @@ def get_config(arg=None):
     # Point labels come from each mask's box crop: at 224 (the inference mask's size) they are
     # the full-resolution mask's (detectron2's) for objects up to 224 px across.
     c.input.mask_size = 224
+    # detectron2's POOLER_SAMPLING_RATIO 0 (defaults.py, box pooler; the coarse mask head's
+    # point-sampled pooling is RoIAlign with 1 sample per bin): adaptive RoIAlign,
+    # ceil(RoI side / pool size) samples per bin axis, exact up to RoI sides of
+    # model.adaptive_sampling_max_side (42) cells of their level (ops/roi_align.py).
+    c.model.sampling_ratio = 0
     return common.accelerator_recipe(c, arg)

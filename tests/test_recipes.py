@@ -29,6 +29,11 @@ DETECTRON2_1X = {
     "input.max_long_side": 1333,
 }
 
+# detectron2's defaults.py: POOLER_SAMPLING_RATIO 0 for ROI_BOX_HEAD, ROI_MASK_HEAD and
+# ROI_KEYPOINT_HEAD, RoIAlign's adaptive ceil(RoI side / pool size) samples per bin axis; no COCO
+# yaml of the recipes below overrides it (PointRend's mask head pools by point sampling instead).
+DETECTRON2_POOLERS = {"model.sampling_ratio": 0}
+
 # AdelaiDet's Base-FCOS.yaml, Base-CondInst.yaml and Base-BlendMask.yaml: batch 16, lr 0.01,
 # the 1x steps, multi-scale 640..800; the rest from detectron2's defaults (no file sets a
 # warmup factor: 1/1000).
@@ -36,21 +41,22 @@ ADELAIDET_1X = {**DETECTRON2_1X, "optim.lr": 0.01}
 
 RECIPES = {
     # configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml over Base-RCNN-FPN.yaml.
-    "maskrcnn_r50_fpn_coco_1x": DETECTRON2_1X,
+    "maskrcnn_r50_fpn_coco_1x": {**DETECTRON2_1X, **DETECTRON2_POOLERS},
     # configs/COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml over Base-Keypoint-RCNN-FPN.yaml:
     # ROI_BOX_HEAD.SMOOTH_L1_BETA 0.5 ("Keypoint AP degrades ... when using plain L1 loss"),
     # RPN.POST_NMS_TOPK_TRAIN 1500.
     "keypoint_rcnn_r50_fpn_coco_1x": {
         **DETECTRON2_1X,
+        **DETECTRON2_POOLERS,
         "model.box_smooth_l1_beta": 0.5,
         "model.rpn_smooth_l1_beta": 0.0,
         "model.rpn_post_nms_topk_train": 1500,
     },
     # projects/PointRend/configs/InstanceSegmentation/pointrend_rcnn_R_50_FPN_1x_coco.yaml over
     # Base-PointRend-RCNN-FPN.yaml over Base-RCNN-FPN.yaml (no solver or input override).
-    "pointrend_r50_fpn_coco_1x": DETECTRON2_1X,
+    "pointrend_r50_fpn_coco_1x": {**DETECTRON2_1X, **DETECTRON2_POOLERS},
     # configs/COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml over Base-Panoptic-FPN.yaml.
-    "panoptic_fpn_r50_coco_1x": DETECTRON2_1X,
+    "panoptic_fpn_r50_coco_1x": {**DETECTRON2_1X, **DETECTRON2_POOLERS},
     # AdelaiDet configs/FCOS-Detection/R_50_1x.yaml: INPUT.MIN_SIZE_TRAIN (800,);
     # adet/config/defaults.py FCOS.THRESH_WITH_CTR False, USE_SCALE True.
     "fcos_r50_fpn_coco_1x": {
@@ -79,7 +85,8 @@ RECIPES = {
     # ShuLiu1993/PANet configs/panet/e2e_panet_R-50-FPN_2x_mask.yaml over lib/core/config.py:
     # 8 GPUs x TRAIN.IMS_PER_BATCH 2, SOLVER.WARM_UP_ITERS 500 from WARM_UP_FACTOR 1/3, the
     # yaml's weight decay 1e-4 (the file's default is 5e-4); smooth-L1 beta 1/9 on the RPN
-    # (lib/modeling/FPN.py), 1/3 on the box head (fast_rcnn_heads.py); RPN_STRADDLE_THRESH 0.
+    # (lib/modeling/FPN.py), 1/3 on the box head (fast_rcnn_heads.py); RPN_STRADDLE_THRESH 0;
+    # FAST_RCNN and MRCNN ROI_XFORM_SAMPLING_RATIO 2 in the yaml (config.py's default is 0).
     "panet_r50_fpn_coco_2x": {
         "input.global_batch": 16,
         "optim.name": "sgd",
@@ -96,6 +103,7 @@ RECIPES = {
         "model.rpn_smooth_l1_beta": 1.0 / 9,
         "model.box_smooth_l1_beta": 1.0 / 3,
         "model.rpn_straddle_threshold": 0.0,
+        "model.sampling_ratio": 2,
     },
     # mmdetection configs/yolact/yolact_r50_1xb8-55e_coco.py: batch 8, SGD lr 1e-3, momentum 0.9,
     # weight decay 5e-4, LinearLR start_factor 0.1 over 500 iterations, 55 epochs with
@@ -161,12 +169,7 @@ RECIPES = {
     # max_norm 35) over _base_/schedules/schedule_1x.py (SGD momentum 0.9, weight decay 1e-4,
     # LinearLR start_factor 0.001 over 500 iterations, 12 epochs, MultiStepLR at 8 and 11) and
     # its pipeline's single scale (1333, 800). Epochs are 7330 iterations at batch 16.
-    # WXinlong/SOLO solov2_head.py: the grids span the padded input (one image at test), and
-    # get_seg_single keeps nms_pre 500 after maskness (configs/solov2/solov2_r50_fpn_8gpu_1x.py
-    # test_cfg).
     "solov2_r50_fpn_coco_1x": {
-        "model.grid_extent": "image",
-        "model.nms_pre": 500,
         "input.global_batch": 16,
         "optim.name": "sgd",
         "optim.lr": 0.01,
@@ -201,3 +204,15 @@ def test_coco_recipe_trains_as_its_reference_file(recipe):
         if not same:
             wrong[field] = (got, want)
     assert not wrong, f"{recipe}: (ours, reference) {wrong}"
+
+
+def test_torchvision_preset_keeps_torchvision_sampling_ratio():
+    """torchvision's maskrcnn_resnet50_fpn pools with MultiScaleRoIAlign(sampling_ratio=2)
+    (torchvision/models/detection/mask_rcnn.py, faster_rcnn.py): an imported model keeps 2 even
+    when its config starts from a recipe that uses detectron2's adaptive 0."""
+    from instseg_jax.weights import torchvision as torchvision_weights
+
+    config = config_lib.load("experiments/maskrcnn_r50_fpn_coco_1x.py")
+    assert config.model.sampling_ratio == 0
+    torchvision_weights.apply_preset(config)
+    assert config.model.sampling_ratio == 2
