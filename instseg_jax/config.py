@@ -311,6 +311,11 @@ def base() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 0.0
     # The backbone's learning rate is lr x this (a separate optax group; Mask2Former: 0.1).
     c.optim.backbone_lr_multiplier = 1.0
+    # Conv and dense biases (not the norms'; the backbone's only while its multiplier is 1) train
+    # at lr x this and weight decay x the next (mmdetection's paramwise_options bias_lr_mult /
+    # bias_decay_mult; PolarMask and FCOS on mmdetection: 2 and 0); both 1: no bias group.
+    c.optim.bias_lr_multiplier = 1.0
+    c.optim.bias_weight_decay_multiplier = 1.0
     # Exponential moving average of the parameters (0.0 = off), kept in the train state and the
     # checkpoint; evaluation, periodic evaluation and export then use it instead of the raw
     # weights. The schedule is mmdetection's ExpMomentumEMA (mmdet/models/layers/ema.py) with

@@ -102,10 +102,17 @@ def _clip_trainable(max_norm: float, labels) -> optax.GradientTransformation:
 def optimizer(config, params) -> optax.GradientTransformation:
     """SGD with momentum (or AdamW); no weight decay on norm parameters and embeddings; frozen
     stages fixed; the backbone's learning rate x optim.backbone_lr_multiplier (its own group);
-    optional clipping at a global norm over every trained parameter."""
+    the other conv and dense biases (not the norms') at the learning rate x
+    optim.bias_lr_multiplier and the weight decay x optim.bias_weight_decay_multiplier (their
+    own group, when either is not 1: mmdetection's paramwise_options bias_lr_mult and
+    bias_decay_mult); optional clipping at a global norm over every trained parameter."""
     o = config.optim
     schedule = learning_rate(config)
     multiplier = float(o.get("backbone_lr_multiplier", 1.0))
+    # Workdirs written before the bias group existed get none.
+    bias_lr = float(o.get("bias_lr_multiplier", 1.0))
+    bias_decay = float(o.get("bias_weight_decay_multiplier", 1.0))
+    bias_group = bias_lr != 1.0 or bias_decay != 1.0
     frozen = frozen_prefixes(config.model.get("freeze_at", 0))
 
     def label(path, _):
@@ -115,6 +122,8 @@ def optimizer(config, params) -> optax.GradientTransformation:
             return "frozen"
         if parts[0] == "backbone" and multiplier != 1.0:
             return "backbone"
+        if bias_group and parts[-1] == "bias" and not any("norm" in p or p == "gn" for p in parts):
+            return "bias"
         return "train"
 
     def decays(params_tree):
@@ -124,20 +133,22 @@ def optimizer(config, params) -> optax.GradientTransformation:
 
         return jax.tree_util.tree_map_with_path(decayed, params_tree)
 
-    def group(lr):
+    def group(lr, weight_decay=o.weight_decay):
         if o.name == "sgd":
             return optax.chain(
-                optax.add_decayed_weights(o.weight_decay, mask=decays),
+                optax.add_decayed_weights(weight_decay, mask=decays),
                 optax.sgd(lr, momentum=o.momentum),
             )
         if o.name == "adamw":
-            return optax.adamw(lr, weight_decay=o.weight_decay, mask=decays)
+            return optax.adamw(lr, weight_decay=weight_decay, mask=decays)
         raise config_lib.ConfigValueError(f"optim.name must be 'sgd' or 'adamw', got {o.name!r}")
 
     labels = jax.tree_util.tree_map_with_path(label, params)
     groups = {"train": group(schedule), "frozen": optax.set_to_zero()}
     if multiplier != 1.0:
         groups["backbone"] = group(lambda step: multiplier * schedule(step))
+    if bias_group:
+        groups["bias"] = group(lambda step: bias_lr * schedule(step), bias_decay * o.weight_decay)
     transform = optax.multi_transform(groups, labels)
     if o.clip_norm > 0:
         transform = optax.chain(_clip_trainable(o.clip_norm, labels), transform)

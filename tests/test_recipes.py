@@ -153,6 +153,8 @@ RECIPES = {
         "input.short_side": (768,),
         "input.max_long_side": 1280,
         "input.instance_filter": "polarmask",
+        "optim.bias_lr_multiplier": 2.0,  # paramwise_options bias_lr_mult
+        "optim.bias_weight_decay_multiplier": 0.0,  # bias_decay_mult
         "model.candidates_per_level": 1000,
         "model.score_threshold": 0.05,
         "model.score_threshold_on": "class",
@@ -169,7 +171,12 @@ RECIPES = {
     # max_norm 35) over _base_/schedules/schedule_1x.py (SGD momentum 0.9, weight decay 1e-4,
     # LinearLR start_factor 0.001 over 500 iterations, 12 epochs, MultiStepLR at 8 and 11) and
     # its pipeline's single scale (1333, 800). Epochs are 7330 iterations at batch 16.
+    # WXinlong/SOLO solov2_head.py: the grids span the padded input (one image at test), and
+    # get_seg_single keeps nms_pre 500 after maskness (configs/solov2/solov2_r50_fpn_8gpu_1x.py
+    # test_cfg).
     "solov2_r50_fpn_coco_1x": {
+        "model.grid_extent": "image",
+        "model.nms_pre": 500,
         "input.global_batch": 16,
         "optim.name": "sgd",
         "optim.lr": 0.01,

@@ -47,9 +47,9 @@ Known differences from the reference, and why:
   False); here the short side is 768 and the long side at most 1280 on a 1280 x 1280 canvas:
   the package maps detections back with one scale per image, and a stretch needs one per axis
   in every method's mapping (methods/yolact.py declares the same).
-- Bias learning rate x2 without weight decay (paramwise_options bias_lr_mult 2,
-  bias_decay_mult 0): the optimizer (train.py) has no per-bias group; biases train at the base
-  rate with decay, as in every other recipe here (methods/panet.py declares the same).
+- Norm parameters: mmdetection's build_optimizer (mmdet/apis/train.py) decays GroupNorm's
+  weights and biases (norm_decay_mult 1); the optimizer here never decays norm parameters.
+  Conv biases train at twice the learning rate without decay, as there (optim.bias_*).
 - Backbone: torchvision's ImageNet ResNet-50 (pytorch style, RGB mean/std) where the reference
   loads open-mmlab's caffe-style ResNet-50 (stride in the 1x1 conv, BGR mean, std 1).
 - Candidates: the reference keeps the best 1000 locations per level by their best class score
@@ -431,9 +431,9 @@ Model = PolarMask
 
 def base_config() -> ml_collections.ConfigDict:
     """xieenze/PolarMask's polar_768_1x_r50 COCO settings: short side 768 (long side at most
-    1280) on a 1280 x 1280 canvas, batch 16, SGD lr 0.01, weight decay 1e-4, 500 linear warmup
-    steps from lr / 3, 12 epochs (88k steps at batch 16) with decays after epochs 8 and 11,
-    gradients clipped at norm 35."""
+    1280) on a 1280 x 1280 canvas, batch 16, SGD lr 0.01, weight decay 1e-4 (biases: lr x 2,
+    no decay), 500 linear warmup steps from lr / 3, 12 epochs (87,960 steps at batch 16) with
+    decays after epochs 8 and 11, gradients clipped at norm 35."""
     c = fcos.base_config()
     c.method = "polarmask"
     c.model = config_lib.model_section(PolarMaskConfig)
@@ -443,6 +443,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.input.test_short_side = 768
     c.input.test_max_long_side = 1280
     c.optim.clip_norm = 35.0
+    c.optim.bias_lr_multiplier = 2.0  # paramwise_options bias_lr_mult
+    c.optim.bias_weight_decay_multiplier = 0.0  # bias_decay_mult
     c.schedule.warmup_steps = 500
     c.schedule.warmup_factor = 1.0 / 3  # warmup_ratio
     c.schedule.total_steps = 12 * 7330  # 117,266 COCO images with instances / 16 per step

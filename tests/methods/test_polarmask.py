@@ -456,3 +456,26 @@ def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
 
     result = coco_step_result("polarmask")
     assert np.isfinite(result["loss"]) and result["step_s"] > 0
+
+
+def test_coco_recipe_trains_conv_biases_at_twice_the_rate_without_decay():
+    """mmdet/apis/train.py build_optimizer with polar_768_1x_r50.py's paramwise_options
+    (bias_lr_mult 2, bias_decay_mult 0): a parameter named *.bias outside the norm layers
+    trains at 2 x lr with no weight decay; weights at lr with decay 1e-4. First SGD step
+    (momentum trace = gradient): update = -lr x (gradient + decay x parameter)."""
+    from instseg_jax import train as train_lib
+
+    config = config_lib.load("experiments/polarmask_r50_fpn_coco_1x.py")
+    with config.unlocked():
+        config.optim.clip_norm = 0.0
+    ones = {"kernel": jnp.ones(3), "bias": jnp.ones(3)}
+    params = {"head": {"cls_conv0": dict(ones), "cls_norm0": {"scale": jnp.ones(3)}}}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    tx = train_lib.optimizer(config, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    lr = float(train_lib.learning_rate(config)(0))
+    assert lr == pytest.approx(0.01 / 3)  # warmup_ratio 1/3 at the first step
+    conv = updates["head"]["cls_conv0"]
+    np.testing.assert_allclose(conv["kernel"], -lr * (0.5 + 1e-4), rtol=1e-6)
+    np.testing.assert_allclose(conv["bias"], -2 * lr * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(updates["head"]["cls_norm0"]["scale"], -lr * 0.5, rtol=1e-6)
