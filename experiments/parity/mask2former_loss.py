@@ -432,6 +432,7 @@ def main():
     }
     deviation["total"] = relative(float(theirs_total.detach()), float(full_total))
     deviation["matching_changes"] = int((full_match != theirs_match).sum())
+    deviation["matching_changes_per_image"] = (full_match != theirs_match).sum((0, 2)).tolist()
 
     print(
         f"transformers {transformers.__version__}, torch {torch.__version__}, jax {jax.__version__}"
