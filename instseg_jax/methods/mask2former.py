@@ -45,7 +45,10 @@ Known differences from the reference:
     masks (structures.py gt_full_masks: each mask sampled at the stride-4 cell centres and
     thresholded at 0.5), where the reference point-samples the full-resolution masks
     (matcher.py and criterion.py: point_sample of the targets' bitmasks); an object a few
-    pixels wide is coarser here.
+    pixels wide is coarser here. Measured in transformers on three 64 x 64 scenes: up to
+    1.3% on a layer's dice term, 0.14% on the total, 10 of 96 query assignments moved, 8 of
+    them among 3-5 px discs (experiments/parity/mask2former_loss.py; with the stride-4 masks
+    on both sides the losses, matching and gradients agree to float32 noise).
   - Test images are capped at a long side of 1024 (the canvas; input.test_max_long_side), the
     reference's at 1333 (detectron2's MAX_SIZE_TEST): the training canvas serves both.
   - Mask scores average over the stride-4 mask, not over the mask upsampled to the image.
