@@ -103,6 +103,50 @@ def test_location_scales_follow_the_levels():
     assert len(scales) == sum(sizes)
 
 
+def test_dice_loss_is_the_references_with_its_eps(monkeypatch):
+    """loss_fn's mask term against AdelaiDet's dynamic_mask_head.py dice_coefficient: eps 1e-5
+    added once to sum(p^2) + sum(t^2), none to the numerator, then mask_losses.mean() over the
+    instances, float64 here. One-pixel targets predicted confidently make the loss of order
+    eps / 2 per mask, so eps 1e-3 (SOLO's), or eps in the numerator, would show."""
+    monkeypatch.setattr(condinst.fcos, "loss_fn", lambda outputs, batch, cfg: (0.0, {}))
+    rng = np.random.default_rng(5)
+    b, p, h, w = 2, 6, 4, 4
+    targets = np.zeros((b, p, h, w), np.uint8)
+    logits = rng.normal(-16.0, 0.5, (b, p, h, w)).astype(np.float32)
+    for i in range(b):
+        for j in range(p):
+            y, x = rng.integers(0, 4, 2)
+            targets[i, j, y, x] = 1
+            logits[i, j, y, x] = rng.uniform(14.0, 16.0)
+    logits[1, :2] = rng.normal(0, 2, (2, h, w))  # and two poor predictions
+
+    def loss_and_reference(slot_valid):
+        outputs = {
+            "targets": {
+                "slot_valid": jnp.asarray(slot_valid),
+                "overflow": jnp.zeros(b, jnp.int32),
+                "positives": jnp.asarray(slot_valid.sum(1)),
+            },
+            "mask_logits": jnp.asarray(logits),
+            "mask_targets": jnp.asarray(targets),
+        }
+        loss_mask = float(condinst.loss_fn(outputs, {}, CFG)[1]["loss_mask"])
+        x = 1.0 / (1.0 + np.exp(-logits[slot_valid].astype(np.float64).reshape(-1, h * w)))
+        t = targets[slot_valid].reshape(-1, h * w).astype(np.float64)
+        per_mask = 1.0 - 2 * (x * t).sum(1) / ((x**2).sum(1) + (t**2).sum(1) + 1e-5)
+        return loss_mask, per_mask.mean()
+
+    slot_valid = np.zeros((b, p), bool)
+    slot_valid[0, :4], slot_valid[1, :5] = True, True
+    loss_mask, expected = loss_and_reference(slot_valid)
+    assert loss_mask == pytest.approx(expected, rel=1e-4)
+    # The confident ones alone: a loss of ~5e-6 that is all eps (float32 resolves it to ~2%).
+    slot_valid[1, :2] = False
+    loss_mask, expected = loss_and_reference(slot_valid)
+    assert 2e-6 < expected < 1e-5
+    assert loss_mask == pytest.approx(expected, rel=5e-2)
+
+
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
     step = smoke_step(condinst, SMOKE)
     metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
