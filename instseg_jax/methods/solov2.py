@@ -222,7 +222,8 @@ def grid_extents(image_hw, cfg: SOLOv2Config) -> jnp.ndarray:
     if cfg.grid_extent == "canvas":
         return jnp.broadcast_to(canvas, image_hw.shape).astype(jnp.float32)
     unit = GRID_SIZE_DIVISIBILITY
-    padded = -(-image_hw.astype(jnp.int32) // unit) * unit
+    # At least one unit: an evaluation batch's padding examples have image_hw (0, 0).
+    padded = jnp.maximum(-(-image_hw.astype(jnp.int32) // unit) * unit, unit)
     return jnp.minimum(padded, canvas).astype(jnp.float32)
 
 

@@ -228,8 +228,9 @@ def test_grids_span_the_padded_image_on_a_non_square_image():
     cfg = random_scene_cfg(0.2)  # the random scenes' program: no new compile
     image_hw = (75, 130)
     padded = (reference.padded_size(75), reference.padded_size(130))
-    extents = solov2.grid_extents(jnp.asarray([image_hw, cfg.canvas_hw]), cfg)
-    np.testing.assert_array_equal(np.asarray(extents), [padded, cfg.canvas_hw])
+    # (0, 0): an evaluation batch's padding example, given one unit so that nothing is 0 / 0.
+    extents = solov2.grid_extents(jnp.asarray([image_hw, cfg.canvas_hw, (0, 0)]), cfg)
+    np.testing.assert_array_equal(np.asarray(extents), [padded, cfg.canvas_hw, (32, 32)])
     canvas_cfg = dataclasses.replace(cfg, grid_extent="canvas")
     np.testing.assert_array_equal(
         np.asarray(solov2.grid_extents(jnp.asarray([image_hw]), canvas_cfg)), [cfg.canvas_hw]
