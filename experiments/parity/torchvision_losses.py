@@ -51,9 +51,17 @@ from instseg_jax.input.synthetic import SyntheticSource  # noqa: E402
 from instseg_jax.weights import loss_parity  # noqa: E402
 from instseg_jax.weights import torchvision as tv  # noqa: E402
 
-SPEC = importlib.util.spec_from_file_location("tv_output_parity", HERE / "torchvision.py")
-output_parity = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(output_parity)
+
+def _script(name: str):
+    """Another parity script of this folder as a module (its file names are not importable)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_parity", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+output_parity = _script("torchvision")
+fcos_parity = _script("fcos")
 
 HEAD_PREFIXES = ("rpn.head.", "roi_heads.box_head.", "roi_heads.box_predictor.")
 MASK_PREFIXES = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
@@ -96,8 +104,6 @@ def keep_every_candidate(model) -> None:
 def torchvision_losses(model, scene: loss_parity.Scene) -> dict:
     """torchvision's loss terms, head gradients {state_dict key: array}, training proposals
     and the mask loss's RoIs and targets, on one scene."""
-    model.train()
-    model.zero_grad()
     recorded = {}
     filter_proposals = model.rpn.filter_proposals
 
@@ -117,25 +123,89 @@ def torchvision_losses(model, scene: loss_parity.Scene) -> dict:
     model.rpn.filter_proposals = recording_filter
     tv_roi_heads.project_masks_on_boxes = recording_project
     try:
-        image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0
-        target = {
-            "boxes": torch.from_numpy(scene.boxes),
-            "labels": torch.from_numpy(scene.classes + 1),
-            "masks": torch.from_numpy(scene.masks.astype(np.uint8)),
-        }
-        losses = model([image], [target])
-        sum(losses.values()).backward()
+        out = torch_training_step(model, scene, HEAD_PREFIXES + MASK_PREFIXES)
     finally:
         del model.rpn.filter_proposals
         tv_roi_heads.project_masks_on_boxes = project
+    recorded.setdefault("mask_rois", np.zeros((0, 4), np.float32))
+    recorded.setdefault("mask_targets", np.zeros((0, 28, 28), np.float32))
+    return {**out, **recorded}
+
+
+def torch_training_step(model, scene: loss_parity.Scene, prefixes) -> dict:
+    """torchvision's loss dict on one scene in training mode and the gradients of its sum
+    with respect to the parameters named with ``prefixes``."""
+    model.train()
+    model.zero_grad()
+    image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0
+    target = {
+        "boxes": torch.from_numpy(scene.boxes),
+        "labels": torch.from_numpy(scene.classes + 1),
+        "masks": torch.from_numpy(scene.masks.astype(np.uint8)),
+    }
+    losses = model([image], [target])
+    sum(losses.values()).backward()
     grads = {
         name: p.grad.numpy().copy() if p.grad is not None else np.zeros(p.shape, np.float32)
         for name, p in model.named_parameters()
-        if name.startswith(HEAD_PREFIXES + MASK_PREFIXES)
+        if name.startswith(prefixes)
     }
-    recorded.setdefault("mask_rois", np.zeros((0, 4), np.float32))
-    recorded.setdefault("mask_targets", np.zeros((0, 28, 28), np.float32))
-    return {"losses": {k: v.item() for k, v in losses.items()}, "torch_grads": grads, **recorded}
+    return {"losses": {k: v.item() for k, v in losses.items()}, "torch_grads": grads}
+
+
+def run_fcos(seed: int) -> tuple[list[dict], list, dict]:
+    """FCOS: (per-scene figures, failures, the fixture's arrays). No sampling to share: every
+    location takes part in both sides' losses."""
+    model = fcos_parity.tiny_model(seed, 0.2)
+    state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    variables, arch = loss_parity.torchvision_fcos.convert(state_dict, "seeded tiny FCOS")
+    arrays = weights_reference(state_dict, "torchvision_fcos_tiny.npz")
+    rows, failed = [], []
+    for index, scene in enumerate(scenes(seed)):
+        start = time.perf_counter()
+        theirs = torch_training_step(model, scene, ("head.",))
+        theirs["grads"] = loss_parity.fcos_head_gradients_from_torch(
+            state_dict, theirs["torch_grads"], "torchvision gradients"
+        )
+        ours = loss_parity.fcos_losses(variables, arch, scene)
+        figures = loss_parity.compare_losses(ours, theirs)
+        figures["scene"] = f"{scene.name}: {len(scene.boxes)} instances"
+        figures["positives"] = ours["positives"]
+        figures["seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps(figures, default=str), flush=True)
+        rows.append(figures)
+        failed += [f"FCOS {scene.name}: {f}" for f in figures["failures"]]
+        arrays.update(scene_arrays(index, scene, theirs))
+    return rows, failed, arrays
+
+
+def weights_reference(state_dict: dict, output_fixture: str) -> dict:
+    """The fixture's weights: the name and digest of the output fixture that holds the same
+    state_dict (tiny_model under the same seed), or the state_dict itself where it differs."""
+    digest = loss_parity.state_dict_digest(state_dict)
+    path = ROOT / "tests" / "fixtures" / output_fixture
+    if path.exists():
+        with np.load(path) as f:
+            stored = {k.removeprefix("sd/"): f[k] for k in f.files if k.startswith("sd/")}
+        if loss_parity.state_dict_digest(stored) == digest:
+            return {"weights_fixture": np.asarray(output_fixture), "weights_digest": digest}
+    print(f"{output_fixture} holds other weights: the state_dict is stored here", flush=True)
+    return {f"sd/{k}": v for k, v in state_dict.items()}
+
+
+def scene_arrays(index: int, scene: loss_parity.Scene, theirs: dict) -> dict:
+    """A scene's inputs and torchvision's loss terms and head gradients, for a fixture."""
+    prefix = f"scene{index}/"
+    arrays = {
+        prefix + "name": np.asarray(scene.name),
+        prefix + "image": scene.image,
+        prefix + "boxes": scene.boxes,
+        prefix + "classes": scene.classes,
+        prefix + "masks": np.packbits(scene.masks, axis=-1),
+    }
+    arrays.update({prefix + f"loss/{k}": np.float64(v) for k, v in theirs["losses"].items()})
+    arrays.update({prefix + f"grad/{k}": v for k, v in theirs["torch_grads"].items()})
+    return arrays
 
 
 def build_model(seed: int, proposals: int):
@@ -153,7 +223,7 @@ def run(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
     model = build_model(seed, proposals)
     state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     variables, arch = tv.convert(state_dict, "seeded tiny MaskRCNN")
-    arrays = {f"sd/{k}": v for k, v in state_dict.items()}
+    arrays = weights_reference(state_dict, "torchvision_tiny.npz")
     arrays["proposals_per_level"] = np.int64(proposals)
     rows, failed = [], []
     for index, scene in enumerate(scenes(seed)):
@@ -175,20 +245,9 @@ def run(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
         rows.append(figures)
         failed += [f"{scene.name}: {f}" for f in figures["failures"]]
         prefix = f"scene{index}/"
-        arrays.update(
-            {
-                prefix + "name": np.asarray(scene.name),
-                prefix + "image": scene.image,
-                prefix + "boxes": scene.boxes,
-                prefix + "classes": scene.classes,
-                prefix + "masks": np.packbits(scene.masks, axis=-1),
-                prefix + "proposals": theirs["proposals"],
-                prefix + "mask_rois": theirs["mask_rois"],
-                prefix + "mask_targets": theirs["mask_targets"],
-            }
-        )
-        arrays.update({prefix + f"loss/{k}": np.float64(v) for k, v in theirs["losses"].items()})
-        arrays.update({prefix + f"grad/{k}": v for k, v in theirs["torch_grads"].items()})
+        arrays.update(scene_arrays(index, scene, theirs))
+        for key in ("proposals", "mask_rois", "mask_targets"):
+            arrays[prefix + key] = theirs[key]
     return rows, failed, arrays
 
 
@@ -225,20 +284,35 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--proposals", type=int, default=100)
-    parser.add_argument("--make-fixture", type=Path)
+    parser.add_argument(
+        "--make-fixtures",
+        type=Path,
+        help="write the CI tests' data into this folder (torchvision_losses_tiny.npz, "
+        "torchvision_fcos_losses_tiny.npz)",
+    )
+    parser.add_argument("--models", default="mask_rcnn,fcos", help="comma-separated")
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    rows, failed, arrays = run(args.seed, args.proposals)
-    if args.make_fixture:
-        np.savez_compressed(args.make_fixture, **arrays)
-        print(f"wrote {args.make_fixture} ({args.make_fixture.stat().st_size / 1024:.0f} KiB)")
+    runs = {
+        "mask_rcnn": (lambda: run(args.seed, args.proposals), "torchvision_losses_tiny.npz"),
+        "fcos": (lambda: run_fcos(args.seed), "torchvision_fcos_losses_tiny.npz"),
+    }
+    failed, results = [], {}
+    for name in args.models.split(","):
+        torch.manual_seed(args.seed)
+        rows, model_failed, arrays = runs[name][0]()
+        results[name] = rows
+        failed += model_failed
+        if args.make_fixtures:
+            path = args.make_fixtures / runs[name][1]
+            np.savez_compressed(path, **arrays)
+            print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     if args.record:
-        record(rows, args)
+        record(results, args)
     if failed:
         print("LOSS PARITY FAILED:\n  " + "\n  ".join(failed))
         return 1
-    print(f"loss parity holds on {len(rows)} scenes")
+    print(f"loss parity holds for {', '.join(results)} on {len(scenes(args.seed))} scenes each")
     return 0
 
 

@@ -18,10 +18,10 @@ Assignment (both references): a location is positive for a ground truth when it 
 inside the box, within `center_sampling_radius` strides of the box centre on both axes (the
 centre region clipped to the box, i.e. the intersection of the two), and the largest of its
 four distances lies in its level's range of `sizes_of_interest` ([0, 64], [64, 128], ...,
-[512, inf); AdelaiDet's closed bounds). A location that several ground truths claim takes the
-smallest box (the first slot among equal areas). A location that is not positive and lies in an
-ignore region (an instance beyond input.max_instances; ops.assign.ignore_mask) takes no class
-loss.
+[512, inf); AdelaiDet's closed bounds, torchvision's open ones: `size_range_bounds`). A
+location that several ground truths claim takes the smallest box (the first slot among equal
+areas). A location that is not positive and lies in an ignore region (an instance beyond
+input.max_instances; ops.assign.ignore_mask) takes no class loss.
 
 Losses: sigmoid focal loss (alpha 0.25, gamma 2) over all locations and classes / the number of
 positives in the global batch (at least 1); GIoU loss over the positives weighted by their
@@ -61,6 +61,7 @@ TORCHVISION = {
     "score_threshold": 0.2,  # on sqrt(class score x centerness), not on the class score
     "score_threshold_on": "combined",
     "box_loss_weighting": "none",
+    "size_range_bounds": "open",  # FCOS.compute_loss: lower < max(l, t, r, b) < upper
     "giou_smoothing": 0.0,  # torchvision's generalized_box_iou_loss: eps 1e-7 only
     "clip_before_nms": True,  # postprocess_detections clips, then batched_nms
     "freeze_at": 2,  # trainable_backbone_layers=3
@@ -75,6 +76,10 @@ class FCOSConfig(DetectorConfig):
     location_offset: float = 0.5  # locations at (i + offset) x stride: AdelaiDet's stride // 2
     level_scales: bool = True  # a learnable scalar per level on the regression output
     sizes_of_interest: tuple = (64, 128, 256, 512)  # level boundaries of max(l, t, r, b)
+    # "closed": max(l, t, r, b) in [low, high] of its level (AdelaiDet's fcos_outputs.py);
+    # "open": in (low, high) (torchvision's fcos.py FCOS.compute_loss, strict > and <): a
+    # location whose largest distance is exactly a boundary is positive on no level there.
+    size_range_bounds: str = "closed"
     center_sampling_radius: float = 1.5  # in strides; 0 turns centre sampling off
     prior_prob: float = 0.01
     focal_alpha: float = 0.25
@@ -111,6 +116,11 @@ class FCOSConfig(DetectorConfig):
             raise config_lib.ConfigValueError(
                 f"model.sizes_of_interest needs {len(LEVEL_STRIDES) - 1} boundaries between "
                 f"the levels P3..P7, got {self.sizes_of_interest}"
+            )
+        if self.size_range_bounds not in ("closed", "open"):
+            raise config_lib.ConfigValueError(
+                f"model.size_range_bounds must be 'closed' or 'open', got "
+                f"{self.size_range_bounds!r}"
             )
         if self.box_loss_weighting not in ("centerness", "none"):
             raise config_lib.ConfigValueError(
@@ -392,7 +402,10 @@ def location_targets(
         reach = cfg.center_sampling_radius * strides[:, None]
         inside &= (jnp.abs(x - cx) < reach) & (jnp.abs(y - cy) < reach)
     largest = ltrb.max(axis=-1)
-    in_range = (largest >= ranges[:, 0:1]) & (largest <= ranges[:, 1:2])
+    if cfg.size_range_bounds == "open":
+        in_range = (largest > ranges[:, 0:1]) & (largest < ranges[:, 1:2])
+    else:
+        in_range = (largest >= ranges[:, 0:1]) & (largest <= ranges[:, 1:2])
     candidate = inside & in_range & gt_valid[None, :]
     area = (x1 - x0) * (y1 - y0)  # [1, N]
     area = jnp.where(candidate, area, jnp.inf)

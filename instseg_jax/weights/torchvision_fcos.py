@@ -6,8 +6,10 @@
 weights/importer.py) and comes here. `convert` maps the state_dict onto methods/fcos.py's
 parameter tree; `apply_preset` switches a config to torchvision's conventions
 (methods.fcos.TORCHVISION: locations at i x stride, no per-level scales, the score threshold
-0.2 on sqrt(class x centerness); its resize and mean-colour padding; boxes rescaled per axis).
-experiments/parity/fcos.py measures the agreement with torchvision itself.
+0.2 on sqrt(class x centerness), in training open level ranges and an unweighted GIoU loss; its
+resize and mean-colour padding; boxes rescaled per axis). experiments/parity/fcos.py measures
+the agreement with torchvision itself, experiments/parity/torchvision_losses.py that of the
+training losses.
 
 One difference stays: torchvision pads its batch to a multiple of 32 and places P6/P7
 locations at canvas // grid strides; our canvas is a multiple of 128 so that every level's

@@ -18,49 +18,77 @@ import pytest
 
 from instseg_jax.weights import loss_parity
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "torchvision_losses_tiny.npz"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def load(name: str) -> tuple[dict, list]:
+    """(torchvision's state_dict, [(Scene, the fixture's arrays of that scene with the scene
+    prefix dropped)]) of a loss fixture; its weights are those of the output fixture it names,
+    checked by digest."""
+    with np.load(FIXTURES / name) as f:
+        arrays = {k: f[k] for k in f.files}
+    source = arrays
+    if "weights_fixture" in arrays:
+        with np.load(FIXTURES / str(arrays["weights_fixture"])) as f:
+            source = {k: f[k] for k in f.files if k.startswith("sd/")}
+    state_dict = {k.removeprefix("sd/"): v for k, v in source.items() if k.startswith("sd/")}
+    if "weights_digest" in arrays:
+        assert loss_parity.state_dict_digest(state_dict) == str(arrays["weights_digest"]), (
+            f"{arrays['weights_fixture']} no longer holds the weights {name} was made with: "
+            "regenerate both (experiments/parity/torchvision_losses.py --make-fixtures)"
+        )
+    cases, index = [], 0
+    while f"scene{index}/image" in arrays:
+        p = f"scene{index}/"
+        own = {k.removeprefix(p): v for k, v in arrays.items() if k.startswith(p)}
+        image = own["image"]
+        scene = loss_parity.Scene(
+            str(own["name"]),
+            image,
+            own["boxes"],
+            own["classes"],
+            np.unpackbits(own["masks"], axis=-1, count=image.shape[1]).astype(bool),
+        )
+        cases.append((scene, own))
+        index += 1
+    return state_dict, cases, arrays
+
+
+def terms_and_grads(own: dict) -> tuple[dict, dict]:
+    """torchvision's loss terms and head gradients {state_dict key: array} of one scene."""
+    losses = {k.removeprefix("loss/"): float(v) for k, v in own.items() if k.startswith("loss/")}
+    grads = {k.removeprefix("grad/"): v for k, v in own.items() if k.startswith("grad/")}
+    return losses, grads
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    with np.load(FIXTURE) as f:
-        arrays = {k: f[k] for k in f.files}
-    state_dict = {k.removeprefix("sd/"): v for k, v in arrays.items() if k.startswith("sd/")}
+    state_dict, scenes, arrays = load("torchvision_losses_tiny.npz")
     variables, arch = loss_parity.tv.convert(state_dict, "fixture")
     cases = []
-    index = 0
-    while f"scene{index}/image" in arrays:
-        p = f"scene{index}/"
-        image = arrays[p + "image"]
-        scene = loss_parity.Scene(
-            str(arrays[p + "name"]),
-            image,
-            arrays[p + "boxes"],
-            arrays[p + "classes"],
-            np.unpackbits(arrays[p + "masks"], axis=-1, count=image.shape[1]).astype(bool),
-        )
+    for scene, own in scenes:
+        losses, grads = terms_and_grads(own)
         theirs = {
-            "losses": {
-                k.removeprefix(p + "loss/"): float(v)
-                for k, v in arrays.items()
-                if k.startswith(p + "loss/")
-            },
-            "grads": loss_parity.head_gradients_from_torch(
-                state_dict,
-                {
-                    k.removeprefix(p + "grad/"): v
-                    for k, v in arrays.items()
-                    if k.startswith(p + "grad/")
-                },
-                "fixture gradients",
-            ),
-            "proposals": arrays[p + "proposals"],
-            "mask_rois": arrays[p + "mask_rois"],
-            "mask_targets": arrays[p + "mask_targets"],
+            "losses": losses,
+            "grads": loss_parity.head_gradients_from_torch(state_dict, grads, "fixture grads"),
+            "proposals": own["proposals"],
+            "mask_rois": own["mask_rois"],
+            "mask_targets": own["mask_targets"],
         }
         cases.append((scene, theirs))
-        index += 1
     return variables, arch, int(arrays["proposals_per_level"]), cases
+
+
+@pytest.fixture(scope="module")
+def fcos_fixture():
+    state_dict, scenes, _ = load("torchvision_fcos_losses_tiny.npz")
+    variables, arch = loss_parity.torchvision_fcos.convert(state_dict, "fixture")
+    cases = []
+    for scene, own in scenes:
+        losses, grads = terms_and_grads(own)
+        grads = loss_parity.fcos_head_gradients_from_torch(state_dict, grads, "fixture grads")
+        cases.append((scene, {"losses": losses, "grads": grads}))
+    return variables, arch, cases
 
 
 def test_mask_rcnn_losses_and_head_gradients_match_torchvision(fixture):
@@ -113,3 +141,30 @@ def test_detectron2_loss_conventions_break_the_comparison(fixture):
         assert figures["terms"][term] > 0.01, (term, figures)
     assert figures["terms"]["loss_classifier"] <= 1e-4
     assert any("loss_box_reg" in f for f in figures["failures"])
+
+
+def test_fcos_losses_and_head_gradient_match_torchvision(fcos_fixture):
+    variables, arch, cases = fcos_fixture
+    assert [len(scene.boxes) > 0 for scene, _ in cases] == [True, True, False]
+    for scene, theirs in cases:
+        ours = loss_parity.fcos_losses(variables, arch, scene)
+        figures = loss_parity.compare_losses(ours, theirs)
+        assert figures["failures"] == [], (scene.name, figures)
+        assert max(figures["terms"].values()) <= 1e-4 and figures["grads"]["head"] <= 1e-4
+        if len(scene.boxes):
+            assert ours["positives"] > 0 and theirs["losses"]["bbox_regression"] > 0
+
+
+@pytest.mark.slow  # a second training program to compile
+def test_fcos_closed_size_ranges_break_the_crowded_scene(fcos_fixture):
+    """AdelaiDet's closed level ranges (the COCO recipe's) make two more locations of the
+    crowded scene positive than torchvision's open ones: their largest distance is exactly
+    64, P4's lower bound."""
+    variables, arch, cases = fcos_fixture
+    scene, theirs = cases[1]
+    ours = loss_parity.fcos_losses(
+        variables, arch, scene, overrides={"size_range_bounds": "closed"}
+    )
+    figures = loss_parity.compare_losses(ours, theirs)
+    assert figures["terms"]["classification"] > 0.01, figures
+    assert figures["failures"], figures
