@@ -26,6 +26,11 @@ sampled at the centres of the stride-4 cells, as the reference samples its bitma
 centres (for centre sampling) are means of pixel centres where the reference averages pixel
 indices of its resized bitmask, half a pixel up and left of ours.
 
+Loss normalisers: FCOS's are global (AdelaiDet all-reduces them); the dice loss is averaged
+over the trained slots of each group of model.loss_normaliser_images images, then over the
+groups, as the reference's per-GPU mean under DDP's gradient average (2 images per GPU in the
+COCO recipe; 0: the whole global batch, the nuclei experiment's).
+
 Training and test rules from AdelaiDet kept here (CondInstConfig): centre sampling about the
 mask's mass centre (fcos_outputs.py get_sample_region with gt_bitmasks_full) and candidates
 thresholded on class score x centerness (Base-CondInst.yaml FCOS.THRESH_WITH_CTR).
@@ -44,6 +49,7 @@ import numpy as np
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.methods import fcos
+from instseg_jax.methods.detector import loss_normaliser_group
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 
@@ -62,6 +68,12 @@ class CondInstConfig(fcos.FCOSConfig):
     relative_scales: tuple = (64, 128, 256, 512, 1024)  # per level P3..P7
     mask_instances_per_image: int = 250  # the reference's 500 per GPU of 2 images
     mask_loss_weight: float = 1.0
+    # Images per mask-loss normaliser: the dice loss is averaged over the trained slots of each
+    # group of this many consecutive images of the global batch, then over the groups; the
+    # reference averages over its GPU's instances (dynamic_mask_head.py: mask_losses.mean()),
+    # which DDP's gradient average turns into this with its 2 images per GPU. 0: one group,
+    # the global batch. FCOS's normalisers are global in both (fcos_outputs.py reduce_mean).
+    loss_normaliser_images: int = 2
     mask_threshold: float = 0.5
     # Base-CondInst.yaml FCOS.THRESH_WITH_CTR True: candidates above the threshold by class
     # score x centerness.
@@ -80,6 +92,11 @@ class CondInstConfig(fcos.FCOSConfig):
         if self.dynamic_layers < 1:
             raise config_lib.ConfigValueError(
                 f"model.dynamic_layers must be >= 1, got {self.dynamic_layers}"
+            )
+        if self.loss_normaliser_images < 0:
+            raise config_lib.ConfigValueError(
+                "model.loss_normaliser_images must be >= 0 (0: the global batch), got "
+                f"{self.loss_normaliser_images}"
             )
 
     def dynamic_shapes(self) -> list[tuple[int, int]]:
@@ -243,18 +260,19 @@ class CondInst(fcos.FCOS):
 
 def loss_fn(outputs: dict, batch: dict, cfg: CondInstConfig) -> tuple[jnp.ndarray, dict]:
     """FCOS's losses plus the dice loss (squared, eps 1e-5) of the trained mask slots, averaged
-    over them."""
+    over them within each group of model.loss_normaliser_images images, then over the
+    groups."""
     total, metrics = fcos.loss_fn(outputs, batch, cfg)
     targets = outputs["targets"]
     slot_valid = targets["slot_valid"]  # [B, P]
     logits = outputs["mask_logits"]
     b, p = slot_valid.shape
-    trained = slot_valid.sum().astype(jnp.float32)
+    group = loss_normaliser_group(cfg.loss_normaliser_images, b)
+    scale = ops.group_normalizer_scale(slot_valid.sum(axis=1), group)
     loss_mask = cfg.mask_loss_weight * ops.dice_loss(
         logits.reshape(b * p, *logits.shape[2:]),
         outputs["mask_targets"].reshape(b * p, *logits.shape[2:]),
-        weights=slot_valid.reshape(-1),
-        normalizer=jnp.maximum(trained, 1.0),
+        weights=(slot_valid * scale[:, None]).reshape(-1),
         smooth=0.0,
         squared=True,
         eps=1e-5,

@@ -65,3 +65,14 @@ def smoke_backbone(model_section, freeze_at: int | None = 1) -> None:
     model_section.norm = "group_norm"
     if freeze_at is not None:
         model_section.freeze_at = freeze_at
+
+
+def loss_normaliser_group(images_per_group: int, batch_size: int) -> int:
+    """model.loss_normaliser_images checked against the global batch it splits: the images per
+    normaliser group (ops.group_normalizer_scale; 0: the whole batch)."""
+    if images_per_group and batch_size % images_per_group:
+        raise config_lib.ConfigValueError(
+            f"model.loss_normaliser_images {images_per_group} must divide the batch of "
+            f"{batch_size} images (input.global_batch, or 0 for one group over the batch)"
+        )
+    return images_per_group

@@ -38,6 +38,11 @@ loop runs over the instances in order and writes the cell's class each time, and
 target for each: the cell takes the class of the later instance (the higher slot), and both
 (cell, instance) pairs train that cell's kernel. The same happens here.
 
+Loss normalisers: the reference divides its focal loss by its GPU's positive cells + 1 and
+averages its dice loss over its GPU's (cell, instance) pairs, and DDP averages the GPUs'
+gradients; model.loss_normaliser_images (2, the COCO recipe's images per GPU) groups the global
+batch so, and 0 normalises over the whole global batch (the nuclei experiments').
+
 Instances beyond input.max_instances arrive as ignore regions (structures.py): a cell that is
 not positive and whose centre lies in one (ops.assign.ignore_mask on the cell centres) is left
 out of the focal loss instead of being trained as background. The reference has no ignore
@@ -75,7 +80,12 @@ from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPN
 from instseg_jax.backbones.resnet import normalize
-from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
+from instseg_jax.methods.detector import (
+    DetectorConfig,
+    build_backbone,
+    loss_normaliser_group,
+    smoke_backbone,
+)
 from instseg_jax.nn.layers import Conv, GroupNorm
 from instseg_jax.ops import dense
 from instseg_jax.ops.assign import ignore_mask
@@ -115,6 +125,12 @@ class SOLOv2Config(DetectorConfig):
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     mask_loss_weight: float = 3.0
+    # Images per loss normaliser: the focal loss of each group of this many consecutive images
+    # of the global batch is divided by its own positive cells + 1 and the dice loss averaged
+    # over its own trained pairs, then the groups are averaged; the reference's normalisers
+    # are per GPU, which DDP's gradient average turns into this with its 2 images per GPU
+    # (solov2_head.py loss: num_ins, .mean()). 0: one group, the global batch.
+    loss_normaliser_images: int = 2
     dice_eps: float = 1e-3  # added to each of the two squared sums of the dice denominator
     score_threshold: float = 0.1
     # Test: masks are computed for the best test_candidates (cell, class) scores (a static
@@ -168,6 +184,11 @@ class SOLOv2Config(DetectorConfig):
             raise config_lib.ConfigValueError("model.test_candidates and model.nms_pre must be > 0")
         if self.positive_slots_per_image <= 0:
             raise config_lib.ConfigValueError("model.positive_slots_per_image must be > 0")
+        if self.loss_normaliser_images < 0:
+            raise config_lib.ConfigValueError(
+                "model.loss_normaliser_images must be >= 0 (0: the global batch), got "
+                f"{self.loss_normaliser_images}"
+            )
 
     @property
     def num_cells(self) -> int:
@@ -616,33 +637,34 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config, extent_hw=N
 
 
 def loss_fn(outputs: dict, batch: dict, cfg: SOLOv2Config) -> tuple[jnp.ndarray, dict]:
-    """Focal loss over every grid cell but the ignored ones / (positive cells in the batch + 1)
-    and dice loss (squared, weight 3) averaged over the trained (cell, instance) pairs of the
-    batch."""
+    """Focal loss over every grid cell but the ignored ones / (positive cells + 1) and dice
+    loss (squared, weight 3) averaged over the trained (cell, instance) pairs, each within a
+    group of model.loss_normaliser_images images, then averaged over the groups."""
     del batch  # every target was built inside the model
     targets = outputs["targets"]
     logits = outputs["category_logits"]  # [B, S, C]
     labels = targets["cell_labels"]
     one_hot = jax.nn.one_hot(labels, cfg.num_classes, dtype=logits.dtype)  # background: zeros
-    num_positive = targets["positive"].sum().astype(jnp.float32)
+    b, p = targets["slot_valid"].shape
+    group = loss_normaliser_group(cfg.loss_normaliser_images, b)
+    positive_per_image = targets["positive"].sum(axis=1)
+    num_positive = positive_per_image.sum().astype(jnp.float32)
+    cls_scale = ops.group_normalizer_scale(positive_per_image, group, offset=1.0)
     loss_cls = ops.sigmoid_focal_loss(
         logits,
         one_hot,
         cfg.focal_alpha,
         cfg.focal_gamma,
-        weights=~targets["ignored"][..., None],  # [B, S, 1]
-        normalizer=num_positive + 1.0,
+        weights=(~targets["ignored"] * cls_scale[:, None])[..., None],  # [B, S, 1]
     )
-    b, p = targets["slot_valid"].shape
-    slot_valid = targets["slot_valid"].reshape(b * p)
+    mask_scale = ops.group_normalizer_scale(targets["slot_valid"].sum(axis=1), group)
+    slot_valid = (targets["slot_valid"] * mask_scale[:, None]).reshape(b * p)
     mask_logits = outputs["mask_logits"].reshape((b * p,) + outputs["mask_logits"].shape[2:])
     mask_targets = outputs["mask_targets"].reshape(mask_logits.shape)
-    trained = slot_valid.sum().astype(jnp.float32)
     loss_mask = cfg.mask_loss_weight * ops.dice_loss(
         mask_logits,
         mask_targets,
         weights=slot_valid,
-        normalizer=jnp.maximum(trained, 1.0),
         smooth=0.0,
         squared=True,
         eps=2.0 * cfg.dice_eps,

@@ -37,7 +37,10 @@ anchor mostly inside an ignore region (an instance beyond input.max_instances; s
 ops.assign.ignore_mask) is ignored instead.
 
 OHEM: an image without positives trains all its negatives (mmdetection's rule; dbolya/yolact's
-trains none: `negatives_without_positives`).
+trains none: `negatives_without_positives`). Normalisers are mmdetection's on its one GPU of 8
+images, here the global batch: the class and box losses / the sum over images of max(positives,
+1), the mask loss / the trained masks, the semantic loss / (images x cells), an image without
+ground truth adding no semantic loss.
 
 Known differences from the reference: mask targets are the instance masks sampled at the
 centres of the stride-4 cells (the reference resizes them bilinearly and thresholds at 0.5);
@@ -91,6 +94,10 @@ class YOLACTConfig(DetectorConfig):
     # whose quota is 3 x 0).
     negatives_without_positives: str = "all"
     min_gt_box_size: float = 4.0
+    # The class, box and coefficient predictors' kernels: "xavier" (uniform, mmdetection's
+    # YOLACTHead.init_weights, for an ImageNet backbone) or "normal" (std 0.01, RetinaNet's:
+    # on a backbone trained from scratch Xavier's first losses were ~20; the nuclei experiment).
+    predictor_init: str = "xavier"
     box_loss_weight: float = 1.5
     mask_loss_weight: float = 6.125
     semantic_loss_weight: float = 1.0
@@ -108,6 +115,10 @@ class YOLACTConfig(DetectorConfig):
         if len(self.anchor_sizes) != 5:
             raise config_lib.ConfigValueError(
                 f"model.anchor_sizes needs one size per level P3..P7, got {self.anchor_sizes}"
+            )
+        if self.predictor_init not in ("xavier", "normal"):
+            raise config_lib.ConfigValueError(
+                f"model.predictor_init must be 'xavier' or 'normal', got {self.predictor_init!r}"
             )
         if self.negatives_without_positives not in ("all", "none"):
             raise config_lib.ConfigValueError(
@@ -148,22 +159,22 @@ class PredictionHead(nn.Module):
     channels: int
     convs: int
     dtype: jnp.dtype = jnp.float32
+    predictor_init: str = "xavier"  # YOLACTConfig.predictor_init
 
     @nn.compact
     def __call__(self, x):
         b = x.shape[0]
         for i in range(self.convs):
             x = _conv3x3_relu(x, self.channels, self.dtype, f"conv{i}")
+        init = _xavier() if self.predictor_init == "xavier" else nn.initializers.normal(0.01)
 
         def predict(outputs, name):
-            # Normal(0.01) predictors (RetinaNet's): the reference's Xavier init assumes
-            # ImageNet features; on features trained from scratch its first losses were ~20.
             y = Conv(
                 self.num_anchors * outputs,
                 (3, 3),
                 padding=((1, 1), (1, 1)),
                 dtype=self.dtype,
-                kernel_init=nn.initializers.normal(0.01),
+                kernel_init=init,
                 name=name,
             )(x)
             return y.reshape(b, -1, outputs)  # [B, h w A, outputs]: anchors (y, x, a)
@@ -190,7 +201,10 @@ class Protonet(nn.Module):
             x = _conv3x3_relu(x, self.channels, self.dtype, f"conv{i}")
         x = nn.relu(dense.resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2])))
         x = _conv3x3_relu(x, self.channels, self.dtype, "conv3")
-        return nn.relu(Conv(self.num_protos, (1, 1), dtype=self.dtype, name="protos")(x))
+        protos = Conv(
+            self.num_protos, (1, 1), dtype=self.dtype, kernel_init=_xavier(), name="protos"
+        )
+        return nn.relu(protos(x))
 
 
 class YOLACT(nn.Module):
@@ -207,9 +221,12 @@ class YOLACT(nn.Module):
             cfg.fpn_channels,
             cfg.head_convs,
             cfg.dtype,
+            cfg.predictor_init,
         )
         self.protonet = Protonet(cfg.num_protos, cfg.proto_channels, cfg.dtype)
-        self.semantic = Conv(cfg.num_classes, (1, 1), dtype=cfg.dtype, name="semantic")
+        self.semantic = Conv(
+            cfg.num_classes, (1, 1), dtype=cfg.dtype, kernel_init=_xavier(), name="semantic"
+        )
 
     def predict(self, image):
         """Per anchor over P3..P7 (level by level): class logits [B, T, C + 1], box deltas
@@ -369,8 +386,10 @@ def loss_fn(outputs: dict, batch: dict, cfg: YOLACTConfig) -> tuple[jnp.ndarray,
     mask slots; semantic BCE on P3 per pixel and class (x 1) over the batch's images."""
     targets = outputs["targets"]
     b = targets["labels"].shape[0]
-    positives = (targets["labels"] == 1).sum().astype(jnp.float32)
-    normalizer = jnp.maximum(positives, 1.0)
+    # mmdetection's num_total_pos: an image without positives counts 1 (anchor_head.py
+    # get_targets: sum(max(inds.numel(), 1) for inds in pos_inds_list)).
+    per_image = (targets["labels"] == 1).sum(axis=1).astype(jnp.float32)
+    normalizer = jnp.maximum(per_image, 1.0).sum()
     loss_cls = (
         ohem_class_loss(
             outputs["class_logits"],
@@ -408,9 +427,13 @@ def loss_fn(outputs: dict, batch: dict, cfg: YOLACTConfig) -> tuple[jnp.ndarray,
     )
 
     semantic = outputs["semantic_logits"]  # [B, H/8, W/8, C]
+    # An image without ground truth adds nothing (mmdetection's YOLACTSegmHead.loss gives it
+    # zero weights) but still counts in the normaliser (images x h x w).
+    has_gt = batch["gt_valid"].any(axis=1)[:, None, None, None]
     loss_semantic = cfg.semantic_loss_weight * ops.binary_cross_entropy_with_logits(
         semantic,
         semantic_targets(batch, cfg.num_classes, semantic.shape[1:3]),
+        weights=has_gt,
         normalizer=b * semantic.shape[1] * semantic.shape[2],
     )
     total_positives = targets["positives"].sum().astype(jnp.float32)

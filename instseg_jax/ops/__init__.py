@@ -32,6 +32,7 @@ from instseg_jax.ops.losses import (
     binary_cross_entropy_with_logits,
     dice_loss,
     giou_loss,
+    group_normalizer_scale,
     sigmoid_focal_loss,
     smooth_l1_loss,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "generalized_box_iou",
     "giou_loss",
     "grid_anchors",
+    "group_normalizer_scale",
     "level_shapes",
     "mask_iou",
     "mask_targets",

@@ -99,3 +99,23 @@ def dice_loss(
     numerator = 2.0 * (probs * targets).sum(axis=1) + smooth
     denominator = (probs**power).sum(axis=1) + (targets**power).sum(axis=1) + smooth + eps
     return _reduce(1.0 - numerator / denominator, weights, normalizer)
+
+
+def group_normalizer_scale(counts: jnp.ndarray, images_per_group: int, offset: float = 0.0):
+    """float32[B]: the factor each image's summed loss takes so that the total is the mean, over
+    groups of `images_per_group` consecutive images of the batch, of (the group's summed loss /
+    max(the group's count + offset, 1)). counts [B] per image (positives, trained masks...).
+
+    A reference that normalises by its own GPU's count under DDP's gradient average trains each
+    GPU's images by that GPU's count: images_per_group = its images per GPU reproduces it on the
+    global batch. 0 takes the whole batch as one group (the count summed over the batch).
+    """
+    b = counts.shape[0]
+    k = b if images_per_group == 0 else images_per_group
+    if b % k:
+        raise ValueError(
+            f"a normaliser group of {images_per_group} images does not divide the batch of {b}"
+        )
+    per_group = counts.astype(jnp.float32).reshape(b // k, k).sum(axis=1)
+    scale = 1.0 / ((b // k) * jnp.maximum(per_group + offset, 1.0))
+    return jnp.repeat(scale, k)

@@ -1,0 +1,260 @@
+"""The heads' initial weights against the references' initialisation code: each method's COCO
+recipe model initialises only its heads (flax `init` with a method that calls them on a tiny
+input: no backbone, one small compilation), and every head tensor's statistics are compared
+with the reference's rule: the standard deviation of a normal or uniform initialiser within 4%
+or 4 of its standard errors (std / sqrt(2 n)) for the smaller tensors, the mean within 5
+standard errors of 0, a uniform's bound, and constant biases exactly.
+
+References, by method:
+  Mask R-CNN  detectron2 modeling/proposal_generator/rpn.py StandardRPNHead._init_weights
+              (normal 0.01, bias 0); roi_heads/box_head.py FastRCNNConvFCHead
+              (weight_init.c2_xavier_fill: kaiming_uniform_(a=1), std 1/sqrt(fan_in), bias 0);
+              roi_heads/fast_rcnn.py FastRCNNOutputLayers (cls_score normal 0.01, bbox_pred
+              normal 0.001, biases 0); roi_heads/mask_head.py MaskRCNNConvUpsampleHead
+              (c2_msra_fill on the convs and the deconv: kaiming_normal_ fan_out, relu, std
+              sqrt(2 / fan_out); predictor normal 0.001; biases 0).
+  FCOS        AdelaiDet adet/modeling/fcos/fcos.py FCOSHead.__init__ (towers and predictors
+              normal 0.01, bias 0; cls_logits bias -log((1 - 0.01) / 0.01); Scale 1.0).
+  CondInst    AdelaiDet adet/modeling/condinst/condinst.py (controller normal 0.01, bias 0).
+  BlendMask   AdelaiDet adet/modeling/blendmask/blendmask.py (top_layer normal 0.01, bias 0).
+  SOLOv2      WXinlong/SOLO mmdet/models/anchor_heads/solov2_head.py init_weights (tower convs
+              and solo_kernel normal 0.01; solo_cate normal 0.01 with bias
+              bias_init_with_prob(0.01)) and mask_heads/mask_feat_head.py (every conv normal
+              0.01); the GroupNorm convs have no bias (ConvModule with a norm).
+  YOLACT      mmdetection mmdet/models/dense_heads/yolact_head.py: YOLACTHead.init_weights
+              (xavier_init uniform, bias 0, on head_convs, conv_cls, conv_reg, conv_coeff),
+              YOLACTProtonet.init_weights (xavier uniform on every conv), YOLACTSegmHead
+              (Xavier uniform on segm_conv): std sqrt(2 / (fan_in + fan_out)).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instseg_jax import builders
+from instseg_jax import config as config_lib
+
+NUM_CLASSES = 80
+
+
+def normal(std):
+    return ("normal", std)
+
+
+def uniform_with_std(std):
+    return ("uniform", std)
+
+
+def fan_in(shape):
+    """torch's fan_in of a flax kernel [kh, kw, in, out] or [in, out]."""
+    return math.prod(shape[:-2]) * shape[-2] if len(shape) > 2 else shape[0]
+
+
+def fan_out(shape):
+    return math.prod(shape[:-2]) * shape[-1] if len(shape) > 2 else shape[1]
+
+
+def xavier(shape):
+    return uniform_with_std(math.sqrt(2.0 / (fan_in(shape) + fan_out(shape))))
+
+
+def msra_fan_out(shape):
+    return normal(math.sqrt(2.0 / fan_out(shape)))
+
+
+def c2_xavier(shape):
+    return uniform_with_std(1.0 / math.sqrt(fan_in(shape)))
+
+
+PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
+
+
+def features(channels, levels, size=2):
+    return {f"p{level}": jnp.zeros((1, size, size, channels)) for level in levels}
+
+
+def touch_mask_rcnn(model, cfg):
+    d = cfg.fpn_channels
+    model.rpn_head(features(d, range(2, 7)))
+    model.box_head(jnp.zeros((1, 1, 7, 7, d)))
+    model.mask_head(jnp.zeros((1, 1, 14, 14, d)))
+
+
+def touch_fcos(model, cfg):
+    model.head(jnp.zeros((1, 2, 2, cfg.fpn_channels)), 0)
+
+
+def touch_condinst(model, cfg):
+    touch_fcos(model, cfg)
+    model.controller(jnp.zeros((1, 2, 2, cfg.fpn_channels)))
+
+
+def touch_blendmask(model, cfg):
+    touch_fcos(model, cfg)
+    model.top_layer(jnp.zeros((1, 2, 2, cfg.fpn_channels)))
+
+
+def touch_solov2(model, cfg):
+    grid = jnp.zeros((1, 4, 4, cfg.fpn_channels + 2))
+    model.kernel_tower(grid)
+    model.category_tower(grid[..., :-2])
+    pyramid = {
+        f"p{level}": jnp.zeros((1, 2 ** (6 - level), 2 ** (6 - level), cfg.fpn_channels))
+        for level in range(2, 6)
+    }
+    # The mask branch's CoordConv spans each image's grid extent when it takes one.
+    takes_extent = "extent_hw" in inspect.signature(type(model.mask_branch).__call__).parameters
+    extent = (jnp.full((1, 2), 64.0),) if takes_extent else ()
+    model.mask_branch(pyramid, *extent)
+
+
+def touch_yolact(model, cfg):
+    model.head(jnp.zeros((1, 2, 2, cfg.fpn_channels)))
+    model.protonet(jnp.zeros((1, 2, 2, cfg.fpn_channels)))
+    model.semantic(jnp.zeros((1, 2, 2, cfg.fpn_channels)))
+
+
+def head_params(experiment, overrides, touch):
+    """{path: array} of the parameters `touch` creates on the experiment's model."""
+    config = config_lib.load(experiment, overrides)
+    module = builders.method(config)
+    cfg = builders.model_config(config, NUM_CLASSES)
+    model = module.Model(cfg)
+    params = jax.jit(lambda key: model.init(key, method=lambda m: touch(m, cfg))["params"])(
+        jax.random.key(0)
+    )
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(k.key for k in path): np.asarray(v, np.float64) for path, v in flat}, cfg
+
+
+def expected_mask_rcnn(path, shape, cfg):
+    if path.startswith("rpn_head/"):
+        return normal(0.01) if path.endswith("kernel") else 0.0
+    if path.endswith("bias"):
+        return 0.0
+    if path.startswith("box_head/fc"):
+        return c2_xavier(shape)
+    if path == "box_head/cls_score/kernel":
+        return normal(0.01)
+    if path in ("box_head/bbox_pred/kernel", "mask_head/predictor/kernel"):
+        return normal(0.001)
+    if path == "mask_head/deconv/kernel":
+        # torch's ConvTranspose2d weight is [in, out, kh, kw]: its fan_out is in x kh x kw.
+        return normal(math.sqrt(2.0 / (shape[0] * shape[1] * shape[2])))
+    if path.startswith("mask_head/conv"):
+        return msra_fan_out(shape)
+    raise KeyError(path)
+
+
+def expected_fcos(path, shape, cfg):
+    if path == "head/scales":
+        return 1.0
+    if path.startswith("head/") and "_norm" in path:
+        return 1.0 if path.endswith("scale") else 0.0
+    if path == "head/cls_logits/bias":
+        return PRIOR_BIAS
+    if path.startswith(("head/", "controller/", "top_layer/")):
+        return normal(0.01) if path.endswith("kernel") else 0.0
+    raise KeyError(path)
+
+
+def expected_solov2(path, shape, cfg):
+    if "norm" in path:
+        return 1.0 if path.endswith("scale") else 0.0
+    if path == "category_tower/predict/bias":
+        return PRIOR_BIAS
+    if path.endswith("bias"):
+        return 0.0
+    return normal(0.01)
+
+
+def expected_yolact(path, shape, cfg):
+    if path.endswith("bias"):
+        return 0.0
+    return xavier(shape)
+
+
+# The COCO recipes, the widest layers narrowed where drawing their millions of weights would
+# cost seconds (the rules do not depend on the width).
+CASES = {
+    "maskrcnn": (
+        "experiments/maskrcnn_r50_fpn_coco_1x.py",
+        ["model.box_fc_dim=256"],
+        touch_mask_rcnn,
+        expected_mask_rcnn,
+    ),
+    "fcos": ("experiments/fcos_r50_fpn_coco_1x.py", [], touch_fcos, expected_fcos),
+    "condinst": ("experiments/condinst_r50_fpn_coco_1x.py", [], touch_condinst, expected_fcos),
+    "blendmask": ("experiments/blendmask_r50_fpn_coco_1x.py", [], touch_blendmask, expected_fcos),
+    "solov2": (
+        "experiments/solov2_r50_fpn_coco_1x.py",
+        ["model.head_channels=128"],
+        touch_solov2,
+        expected_solov2,
+    ),
+    "yolact": ("experiments/yolact_r50_coco.py", [], touch_yolact, expected_yolact),
+}
+
+
+def check(path, value, expected):
+    if isinstance(expected, float):
+        constant = np.float64(np.float32(expected))  # the parameters are float32
+        np.testing.assert_array_equal(value, np.full_like(value, constant), err_msg=path)
+        return
+    kind, std = expected
+    n = value.size
+    assert n >= 500, f"{path}: {n} entries are too few for a statistic"
+    # The sample standard deviation's own standard error is about std / sqrt(2 n).
+    assert value.std() == pytest.approx(std, rel=max(0.04, 4 / math.sqrt(2 * n))), path
+    assert abs(value.mean()) < 5 * std / math.sqrt(n), path
+    if kind == "uniform":  # bound sqrt(3) std, reached within a few hundredths
+        assert np.abs(value).max() <= math.sqrt(3) * std * (1 + 1e-6), path
+        assert np.abs(value).max() >= 0.95 * math.sqrt(3) * std, path
+    else:  # a normal reaches past the uniform's bound of the same std
+        assert np.abs(value).max() > 1.9 * std, path
+
+
+# A couple in the fast tier (FCOS's head is also CondInst's and BlendMask's; YOLACT's predictor
+# rule is a config field); each compiles one init of a few seconds.
+FAST = ("fcos", "yolact")
+
+
+@pytest.mark.parametrize(
+    "method", [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in sorted(CASES)]
+)
+def test_head_initialisation_follows_the_reference(method):
+    experiment, overrides, touch, expected = CASES[method]
+    params, cfg = head_params(experiment, overrides, touch)
+    assert params, method
+    if method == "yolact":
+        assert cfg.predictor_init == "xavier"  # the COCO recipe's: mmdetection's rule
+    for path, value in params.items():
+        check(path, value, expected(path, value.shape, cfg))
+
+
+@pytest.mark.slow
+def test_yolact_nuclei_predictors_are_normal_and_the_rest_xavier():
+    """The nuclei experiment's predictor_init "normal" (std 0.01, its backbone is trained from
+    scratch) leaves the head convs, the protonet and the semantic conv Xavier."""
+
+    def expected(path, shape, cfg):
+        if path.endswith("bias"):
+            return 0.0
+        if path.split("/")[:2] in (
+            ["head", "classes"],
+            ["head", "boxes"],
+            ["head", "coefficients"],
+        ):
+            return normal(0.01)
+        return xavier(shape)
+
+    params, cfg = head_params("experiments/yolact_nuclei.py", [], touch_yolact)
+    assert cfg.predictor_init == "normal"
+    for path, value in params.items():
+        check(path, value, expected(path, value.shape, cfg))
