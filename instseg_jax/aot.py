@@ -170,6 +170,10 @@ def prepare_host(name: str) -> None:
 
     if platform == "cuda":  # read when the CUDA plugin loads: no driver or GPU to check here
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if platform == "tpu":
+        # libtpu takes a host-wide lock (/tmp/libtpu_lockfile) that keeps two processes off one
+        # TPU. A compile opens no chip, so two compiles (or a compile beside a probe) may run.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     if xla_bridge.backends_are_initialized():
         return
@@ -226,11 +230,13 @@ def target_devices(name: str) -> Target:
         first = str(error).splitlines()[0]
         installed = importlib.util.find_spec("libtpu") is not None
         if installed and "libtpu" in first.lower():
-            # libtpu runs in one process per host at a time: a second compile fails to start.
+            # Without ALLOW_MULTIPLE_LIBTPU_LOAD (prepare_host sets it unless the user chose
+            # otherwise) a second libtpu process on the host fails to start.
             raise UserError(
                 f"--target {name}: libtpu could not start ({first}); if another process on "
-                "this host is using libtpu (another compile: /tmp/libtpu_lockfile), wait for "
-                "it to end"
+                "this host holds libtpu's lock (/tmp/libtpu_lockfile) and "
+                "ALLOW_MULTIPLE_LIBTPU_LOAD=0 is set, unset it or wait for that process "
+                "(a compile opens no chip)"
             ) from None
         if "TPU support not installed" in first or "libtpu" in first.lower():
             raise UserError(

@@ -248,8 +248,9 @@ def test_another_compile_error_is_not_taken_for_memory():
 
 
 def test_libtpu_held_by_another_process_is_said_so(monkeypatch):
-    """libtpu starts in one process per host: a second compile while one runs failed with
-    "libtpu is not installed", which sent the user to reinstall what was there."""
+    """libtpu starts in one process per host unless ALLOW_MULTIPLE_LIBTPU_LOAD is set (the tool
+    sets it: a compile opens no chip): a second compile while one ran failed with "libtpu is
+    not installed", which sent the user to reinstall what was there."""
     import importlib.util
 
     from jax.experimental import topologies
@@ -270,4 +271,16 @@ def test_libtpu_held_by_another_process_is_said_so(monkeypatch):
         aot.target_devices("v4:2x2x1")
     message = str(caught.value)
     assert "another process" in message and "/tmp/libtpu_lockfile" in message
+    assert "ALLOW_MULTIPLE_LIBTPU_LOAD" in message
     assert "not installed" not in message
+
+
+def test_tpu_compiles_may_share_a_host(monkeypatch):
+    """Two compiles ran side by side on this host once ALLOW_MULTIPLE_LIBTPU_LOAD was set;
+    the tool sets it for TPU targets, and leaves a user's own choice alone."""
+    monkeypatch.delenv("ALLOW_MULTIPLE_LIBTPU_LOAD", raising=False)
+    aot.prepare_host("v5e:2x2")
+    assert os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] == "1"
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "0")
+    aot.prepare_host("v5e:2x2")
+    assert os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] == "0"
