@@ -535,8 +535,10 @@ def _contours(masks, kept, limit, length, scale, offset, valid_hw, flip, counts)
         src_c = np.floor((np.arange(c0, max(c1, c0)) + 0.5 + ox) / scale).astype(np.int64) - left
         ok_r = (src_r >= 0) & (src_r < crop.shape[0])
         ok_c = (src_c >= 0) & (src_c < crop.shape[1])
-        canvas_mask = np.zeros((len(src_r), len(src_c)), bool)
-        canvas_mask[np.ix_(ok_r, ok_c)] = crop[np.ix_(src_r[ok_r], src_c[ok_c])]
+        # The nearest original pixel of each canvas pixel (none past the crop's edge).
+        canvas_mask = crop.take(np.clip(src_r, 0, crop.shape[0] - 1), axis=0)
+        canvas_mask = canvas_mask.take(np.clip(src_c, 0, crop.shape[1] - 1), axis=1)
+        canvas_mask &= ok_r[:, None] & ok_c[None, :]
         rows, cols = outer_contour_pixels(canvas_mask)
         if len(rows):
             points = np.stack([cols + c0 + 0.5, rows + r0 + 0.5], axis=1)

@@ -479,3 +479,28 @@ def test_coco_recipe_trains_conv_biases_at_twice_the_rate_without_decay():
     np.testing.assert_allclose(conv["kernel"], -lr * (0.5 + 1e-4), rtol=1e-6)
     np.testing.assert_allclose(conv["bias"], -2 * lr * 0.5, rtol=1e-6)
     np.testing.assert_allclose(updates["head"]["cls_norm0"]["scale"], -lr * 0.5, rtol=1e-6)
+
+
+def test_contours_over_the_maximum_keep_a_point_near_every_contour_pixel():
+    """The thin-armed shape at 3x: its canvas contour exceeds CONTOUR_POINTS; the grid keeps at
+    most that many, every contour pixel within a few pixels of a kept one (the arms' tips
+    included), and the instance is counted as contour_subsampled."""
+    from instseg_jax.input import report
+    from instseg_jax.input.contours import outer_contour_pixels
+    from instseg_jax.input.instances import InstanceMasks, tight_crop
+    from instseg_jax.input.transforms import _contours
+
+    mask, _ = thin_armed_shape()
+    crop, origin = tight_crop(mask)
+    masks = InstanceMasks([crop], [origin], mask.shape)
+    counts = report.new_counts()
+    length = polarmask.CONTOUR_POINTS
+    ours = _contours(masks, [0], 1, length, 3.0, (0, 0), (480, 480), False, counts)[0]
+    big = np.kron(mask, np.ones((3, 3), bool))  # nearest upsampling by 3
+    rows, cols = outer_contour_pixels(big)
+    full = np.stack([cols + 0.5, rows + 0.5], axis=1)
+    assert len(full) > length and len(np.unique(ours, axis=0)) <= length
+    assert report.as_dict(counts)["contour_subsampled"] == 1
+    gap = np.sqrt(((full[:, None, :] - ours[None, :, :]) ** 2).sum(-1)).min(axis=1)
+    side = len(full) // length + 1  # the cell side the grid needs for this contour
+    assert gap.max() <= side * math.sqrt(2), (gap.max(), side)
