@@ -62,9 +62,18 @@ Known differences from the reference, and why:
   locations per image (static shapes; the overflow is counted), the reference over all.
 - Mass centres: the reference centres sampling on the centroid of the largest contour's polygon
   (get_centerpoint, truncated to integers); here the mean of the instance's visible pixels
-  (structures.py gt_centers, shared with CondInst): the same for a single part without holes.
+  (structures.py gt_centers, shared with CondInst): within a pixel or so of it for a single
+  part without holes.
 - The largest contour is chosen by the part's pixel count, OpenCV's by its polygon's area
   (input/contours.py); they differ only between parts of similar size one of which is thin.
+- The filter's area <= 15 test reads the mask's pixel count: the annotation's polygon area is
+  not carried to the example.
+- Contours: the canvas-resolution mask takes, per canvas pixel, the original pixel under its
+  centre (mmcv's nearest resize takes floor(dst x src / dst)); contours over CONTOUR_POINTS
+  (1024) are kept on a grid of 2+ px cells, where the reference keeps every pixel (how many
+  COCO contours that reaches is not measured here: no COCO data on this machine).
+- experiments/polarmask_nuclei.py uses ray_rule "nearest": on nuclei 5-47 px across the
+  whole-degree rule leaves a quarter of the rays without a point (measured there).
 - Images whose every instance the filter drops train as background; the reference skips them
   (draws another image), which a batch that is a pure function of seed and position cannot.
 - Locations: (i + 0.5) x stride in continuous pixels (FCOS's location_offset), the reference's
