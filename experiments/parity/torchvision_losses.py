@@ -28,6 +28,7 @@ Tolerances in loss_parity (1e-4; the mask term's declared target difference its 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -62,6 +63,7 @@ def _script(name: str):
 
 output_parity = _script("torchvision")
 fcos_parity = _script("fcos")
+keypoint_parity = _script("keypoint_rcnn")
 
 HEAD_PREFIXES = ("rpn.head.", "roi_heads.box_head.", "roi_heads.box_predictor.")
 MASK_PREFIXES = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
@@ -105,13 +107,6 @@ def torchvision_losses(model, scene: loss_parity.Scene) -> dict:
     """torchvision's loss terms, head gradients {state_dict key: array}, training proposals
     and the mask loss's RoIs and targets, on one scene."""
     recorded = {}
-    filter_proposals = model.rpn.filter_proposals
-
-    def recording_filter(*args, **kwargs):
-        boxes, scores = filter_proposals(*args, **kwargs)
-        recorded["proposals"] = boxes[0].detach().numpy().copy()
-        return boxes, scores
-
     project = tv_roi_heads.project_masks_on_boxes
 
     def recording_project(gt_masks, boxes, matched_idxs, size):
@@ -120,12 +115,10 @@ def torchvision_losses(model, scene: loss_parity.Scene) -> dict:
         recorded["mask_targets"] = targets.detach().numpy().copy()
         return targets
 
-    model.rpn.filter_proposals = recording_filter
     tv_roi_heads.project_masks_on_boxes = recording_project
     try:
         out = torch_training_step(model, scene, HEAD_PREFIXES + MASK_PREFIXES)
     finally:
-        del model.rpn.filter_proposals
         tv_roi_heads.project_masks_on_boxes = project
     recorded.setdefault("mask_rois", np.zeros((0, 4), np.float32))
     recorded.setdefault("mask_targets", np.zeros((0, 28, 28), np.float32))
@@ -134,23 +127,40 @@ def torchvision_losses(model, scene: loss_parity.Scene) -> dict:
 
 def torch_training_step(model, scene: loss_parity.Scene, prefixes) -> dict:
     """torchvision's loss dict on one scene in training mode and the gradients of its sum
-    with respect to the parameters named with ``prefixes``."""
+    with respect to the parameters named with ``prefixes`` (and a two-stage model's training
+    proposals)."""
     model.train()
     model.zero_grad()
+    recorded = {}
+    if hasattr(model, "rpn"):  # a two-stage model: record its training proposals
+        filter_proposals = model.rpn.filter_proposals
+
+        def recording_filter(*args, **kwargs):
+            boxes, scores = filter_proposals(*args, **kwargs)
+            recorded["proposals"] = boxes[0].detach().numpy().copy()
+            return boxes, scores
+
+        model.rpn.filter_proposals = recording_filter
     image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0
     target = {
         "boxes": torch.from_numpy(scene.boxes),
         "labels": torch.from_numpy(scene.classes + 1),
         "masks": torch.from_numpy(scene.masks.astype(np.uint8)),
     }
-    losses = model([image], [target])
+    if scene.keypoints is not None:
+        target["keypoints"] = torch.from_numpy(scene.keypoints)
+    try:
+        losses = model([image], [target])
+    finally:
+        if hasattr(model, "rpn"):
+            del model.rpn.filter_proposals
     sum(losses.values()).backward()
     grads = {
         name: p.grad.numpy().copy() if p.grad is not None else np.zeros(p.shape, np.float32)
         for name, p in model.named_parameters()
         if name.startswith(prefixes)
     }
-    return {"losses": {k: v.item() for k, v in losses.items()}, "torch_grads": grads}
+    return {"losses": {k: v.item() for k, v in losses.items()}, "torch_grads": grads, **recorded}
 
 
 def run_fcos(seed: int) -> tuple[list[dict], list, dict]:
@@ -191,6 +201,59 @@ def weights_reference(state_dict: dict, output_fixture: str) -> dict:
             return {"weights_fixture": np.asarray(output_fixture), "weights_digest": digest}
     print(f"{output_fixture} holds other weights: the state_dict is stored here", flush=True)
     return {f"sd/{k}": v for k, v in state_dict.items()}
+
+
+def with_keypoints(scene: loss_parity.Scene, seed: int, count: int = 17) -> loss_parity.Scene:
+    """The scene as one class (person) with `count` keypoints per instance: uniform in the box
+    grown by a quarter on each side (some fall outside the RoIs: no target), visibility 0, 1
+    or 2 at random, and the first keypoint exactly on the box's far corner (x1, y1), where
+    the heatmap rule puts it in the last cell."""
+    rng = np.random.default_rng([seed, len(scene.boxes)])
+    n = len(scene.boxes)
+    keypoints = np.zeros((n, count, 3), np.float32)
+    for i, (x0, y0, x1, y1) in enumerate(scene.boxes):
+        w, h = x1 - x0, y1 - y0
+        keypoints[i, :, 0] = rng.uniform(x0 - w / 4, x1 + w / 4, count)
+        keypoints[i, :, 1] = rng.uniform(y0 - h / 4, y1 + h / 4, count)
+        keypoints[i, :, 2] = rng.choice([0, 1, 2], count, p=[0.2, 0.3, 0.5])
+        keypoints[i, 0] = (x1, y1, 2)
+    return dataclasses.replace(scene, classes=np.zeros(n, np.int64), keypoints=keypoints)
+
+
+def run_keypoint(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
+    """Keypoint R-CNN: (per-scene figures, failures, the fixture's arrays), samplers as for
+    Mask R-CNN."""
+    model = keypoint_parity.seeded_model(seed, 0.0, tiny=True, cls_std=0.5)
+    model.transform.min_size = (128,)
+    model.transform.max_size = 160
+    model.rpn._pre_nms_top_n["training"] = proposals
+    model.rpn._post_nms_top_n["training"] = proposals
+    keep_every_candidate(model)
+    state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    variables, arch = loss_parity.torchvision_keypoint.convert(state_dict, "seeded tiny model")
+    arrays = weights_reference(state_dict, "torchvision_keypoint_tiny.npz")
+    arrays["proposals_per_level"] = np.int64(proposals)
+    rows, failed = [], []
+    prefixes = HEAD_PREFIXES + ("roi_heads.keypoint_head.", "roi_heads.keypoint_predictor.")
+    for index, scene in enumerate(scenes(seed)):
+        scene = with_keypoints(scene, seed)
+        start = time.perf_counter()
+        theirs = torch_training_step(model, scene, prefixes)
+        theirs["grads"] = loss_parity.keypoint_head_gradients_from_torch(
+            state_dict, theirs["torch_grads"], "torchvision gradients"
+        )
+        ours = loss_parity.keypoint_rcnn_losses(variables, arch, scene, proposals)
+        figures = loss_parity.compare_losses(ours, theirs)
+        figures["scene"] = f"{scene.name}: {len(scene.boxes)} instances"
+        figures["keypoint_targets"] = ours["keypoint_targets"]
+        figures["seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps(figures, default=str), flush=True)
+        rows.append(figures)
+        failed += [f"Keypoint R-CNN {scene.name}: {f}" for f in figures["failures"]]
+        arrays.update(scene_arrays(index, scene, theirs))
+        arrays[f"scene{index}/keypoints"] = scene.keypoints
+        arrays[f"scene{index}/proposals"] = theirs["proposals"]
+    return rows, failed, arrays
 
 
 def scene_arrays(index: int, scene: loss_parity.Scene, theirs: dict) -> dict:
@@ -290,12 +353,16 @@ def main(argv=None) -> int:
         help="write the CI tests' data into this folder (torchvision_losses_tiny.npz, "
         "torchvision_fcos_losses_tiny.npz)",
     )
-    parser.add_argument("--models", default="mask_rcnn,fcos", help="comma-separated")
+    parser.add_argument("--models", default="mask_rcnn,fcos,keypoint_rcnn", help="comma-separated")
     parser.add_argument("--record", action="store_true", help="append to RESULTS.md")
     args = parser.parse_args(argv)
     runs = {
         "mask_rcnn": (lambda: run(args.seed, args.proposals), "torchvision_losses_tiny.npz"),
         "fcos": (lambda: run_fcos(args.seed), "torchvision_fcos_losses_tiny.npz"),
+        "keypoint_rcnn": (
+            lambda: run_keypoint(args.seed, args.proposals),
+            "torchvision_keypoint_losses_tiny.npz",
+        ),
     }
     failed, results = [], {}
     for name in args.models.split(","):

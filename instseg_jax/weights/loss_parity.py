@@ -30,11 +30,12 @@ import numpy as np
 
 from instseg_jax import builders
 from instseg_jax.input.transforms import box_crop_target
-from instseg_jax.methods import fcos, mask_rcnn
+from instseg_jax.methods import fcos, keypoint_rcnn, mask_rcnn
 from instseg_jax.methods.fcos import FCOS
+from instseg_jax.methods.keypoint_rcnn import KeypointRCNN
 from instseg_jax.methods.mask_rcnn import MaskRCNN
 from instseg_jax.weights import torchvision as tv
-from instseg_jax.weights import torchvision_fcos
+from instseg_jax.weights import torchvision_fcos, torchvision_keypoint
 
 # torchvision's loss names -> ours (Mask R-CNN).
 MASK_RCNN_TERMS = {
@@ -74,6 +75,7 @@ class Scene:
     boxes: np.ndarray
     classes: np.ndarray
     masks: np.ndarray
+    keypoints: np.ndarray | None = None  # float32[N, K, 3] (x, y, visibility) image pixels
 
 
 def loss_overrides(canvas_hw, num_proposals: int, max_instances: int) -> dict:
@@ -124,7 +126,13 @@ def training_batch(
     gt_valid[:n] = True
     for i in range(n):
         gt_masks[i] = box_crop_target(scene.masks[i], scene.boxes[i], mask_size)
+    extra = {}
+    if scene.keypoints is not None:
+        keypoints = np.zeros((max_instances, scene.keypoints.shape[1], 3), np.float32)
+        keypoints[:n] = scene.keypoints
+        extra = {"gt_keypoints": keypoints[None], "flipped": np.zeros(1, bool)}
     return {
+        **extra,
         "image": pixels[None],
         "image_hw": np.asarray([resized_hw], np.int32),
         "gt_boxes": gt_boxes[None],
@@ -165,14 +173,15 @@ class GivenMaskTargets(MaskRCNN):
 
 
 @functools.cache
-def _gradient_step(cfg):
-    """jit((variables, batch) -> (head-tree gradients, metrics, outputs)) of one config."""
-    model = GivenMaskTargets(cfg)
+def _gradient_step(cfg, model_class=None, loss_fn=mask_rcnn.loss_fn):
+    """jit((variables, batch) -> (gradients, (metrics, outputs))) of one config (the model
+    GivenMaskTargets unless model_class says otherwise)."""
+    model = (model_class or GivenMaskTargets)(cfg)
     key = jax.random.PRNGKey(0)  # samplers keep every candidate: the key picks nothing
 
     def total(params, variables, batch):
         outputs = model.apply({**variables, "params": params}, batch, train=True, key=key)
-        loss, metrics = mask_rcnn.loss_fn(outputs, batch, cfg)
+        loss, metrics = loss_fn(outputs, batch, cfg)
         return loss, (metrics, outputs)
 
     def step(variables, batch):
@@ -396,3 +405,42 @@ def state_dict_digest(state_dict: dict) -> str:
         digest.update(f"{key}:{value.dtype.str}:{value.shape}".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- Keypoint R-CNN
+
+KEYPOINT_TERMS = {**{k: v for k, v in MASK_RCNN_TERMS.items() if k != "loss_mask"}}
+KEYPOINT_TERMS["loss_keypoint"] = "loss_keypoint"
+KEYPOINT_HEADS = ("rpn_head", "box_head", "keypoint_head")
+
+
+def keypoint_rcnn_losses(
+    variables, arch: dict, scene: Scene, num_proposals: int, max_instances: int = 16, overrides=None
+) -> dict:
+    """Our Keypoint R-CNN in training mode under the torchvision preset on one scene (the
+    loss mode's samplers, a keypoint slot for every RoI candidate): {"losses": {torchvision's
+    name: value}, "grads": {head: gradient}, "proposals": the training proposals}."""
+    pixels, _ = tv.preprocess(scene.image, *_sizes(scene.image))
+    config = torchvision_keypoint.coco_config(arch, pixels.shape[:2])
+    fields = loss_overrides(pixels.shape[:2], num_proposals, max_instances)
+    fields["keypoint_fg_per_image"] = fields.pop("mask_fg_per_image")
+    config.model.update({**fields, **(overrides or {})})
+    cfg = builders.model_config(config, arch["num_classes"])
+    batch = training_batch(scene, max_instances, config.input.mask_size)
+    step = _gradient_step(cfg, KeypointRCNN, keypoint_rcnn.loss_fn)
+    grads, (metrics, outputs) = jax.device_get(step(variables, batch))
+    return {
+        "losses": {tv_name: float(metrics[ours]) for tv_name, ours in KEYPOINT_TERMS.items()},
+        "grads": {head: grads[head] for head in KEYPOINT_HEADS},
+        "proposals": np.asarray(outputs["proposal_boxes"][0])[
+            np.asarray(outputs["proposal_valid"][0])
+        ],
+        "keypoint_targets": int(np.sum(outputs["keypoint_valid"])),
+    }
+
+
+def keypoint_head_gradients_from_torch(state_dict: dict, grads: dict, source: str) -> dict:
+    """torchvision's Keypoint R-CNN head gradients in our tree (`head_gradients_from_torch`'s
+    rule)."""
+    variables, _ = torchvision_keypoint.convert({**state_dict, **grads}, source)
+    return {head: variables["params"][head] for head in KEYPOINT_HEADS}

@@ -168,3 +168,25 @@ def test_fcos_closed_size_ranges_break_the_crowded_scene(fcos_fixture):
     figures = loss_parity.compare_losses(ours, theirs)
     assert figures["terms"]["classification"] > 0.01, figures
     assert figures["failures"], figures
+
+
+def test_keypoint_rcnn_losses_and_head_gradients_match_torchvision():
+    state_dict, scenes, arrays = load("torchvision_keypoint_losses_tiny.npz")
+    variables, arch = loss_parity.torchvision_keypoint.convert(state_dict, "fixture")
+    proposals = int(arrays["proposals_per_level"])
+    assert [len(scene.boxes) > 0 for scene, _ in scenes] == [True, True, False]
+    for scene, own in scenes:
+        scene.keypoints = own["keypoints"]
+        losses, grads = terms_and_grads(own)
+        theirs = {
+            "losses": losses,
+            "grads": loss_parity.keypoint_head_gradients_from_torch(state_dict, grads, "grads"),
+            "proposals": own["proposals"],
+        }
+        ours = loss_parity.keypoint_rcnn_losses(variables, arch, scene, proposals)
+        figures = loss_parity.compare_losses(ours, theirs)
+        assert figures["failures"] == [], (scene.name, figures)
+        assert max(figures["terms"].values()) <= 1e-4
+        assert max(figures["grads"].values()) <= 1e-4
+        if len(scene.boxes):
+            assert ours["keypoint_targets"] > 0 and losses["loss_keypoint"] > 0
