@@ -172,22 +172,34 @@ class GivenMaskTargets(MaskRCNN):
         return out
 
 
+def head_gradient(apply_loss, heads):
+    """(variables, batch) -> (gradients of the loss with respect to params[head] for each of
+    `heads`, aux): apply_loss(variables, batch) -> (loss, aux). Only the heads are
+    differentiated (the backbone's backward pass is never built: a faster compile)."""
+
+    def step(variables, batch):
+        def total(head_params):
+            params = {**variables["params"], **head_params}
+            return apply_loss({**variables, "params": params}, batch)
+
+        return jax.grad(total, has_aux=True)({h: variables["params"][h] for h in heads})
+
+    return step
+
+
 @functools.cache
-def _gradient_step(cfg, model_class=None, loss_fn=mask_rcnn.loss_fn):
-    """jit((variables, batch) -> (gradients, (metrics, outputs))) of one config (the model
+def _gradient_step(cfg, model_class=None, loss_fn=mask_rcnn.loss_fn, heads=HEADS):
+    """jit((variables, batch) -> (head gradients, (metrics, outputs))) of one config (the model
     GivenMaskTargets unless model_class says otherwise)."""
     model = (model_class or GivenMaskTargets)(cfg)
     key = jax.random.PRNGKey(0)  # samplers keep every candidate: the key picks nothing
 
-    def total(params, variables, batch):
-        outputs = model.apply({**variables, "params": params}, batch, train=True, key=key)
+    def apply_loss(variables, batch):
+        outputs = model.apply(variables, batch, train=True, key=key)
         loss, metrics = loss_fn(outputs, batch, cfg)
         return loss, (metrics, outputs)
 
-    def step(variables, batch):
-        return jax.grad(total, has_aux=True)(variables["params"], variables, batch)
-
-    return jax.jit(step)
+    return jax.jit(head_gradient(apply_loss, heads))
 
 
 def mask_rcnn_losses(
@@ -361,15 +373,12 @@ def fcos_loss_config(arch: dict, scene: Scene, max_instances: int, overrides=Non
 def _fcos_gradient_step(cfg):
     model = FCOS(cfg)
 
-    def total(params, variables, batch):
-        outputs = model.apply({**variables, "params": params}, batch, train=True)
+    def apply_loss(variables, batch):
+        outputs = model.apply(variables, batch, train=True)
         loss, metrics = fcos.loss_fn(outputs, batch, cfg)
         return loss, (metrics, outputs["targets"]["positives"])
 
-    def step(variables, batch):
-        return jax.grad(total, has_aux=True)(variables["params"], variables, batch)
-
-    return jax.jit(step)
+    return jax.jit(head_gradient(apply_loss, ("head",)))
 
 
 def fcos_losses(
@@ -427,7 +436,7 @@ def keypoint_rcnn_losses(
     config.model.update({**fields, **(overrides or {})})
     cfg = builders.model_config(config, arch["num_classes"])
     batch = training_batch(scene, max_instances, config.input.mask_size)
-    step = _gradient_step(cfg, KeypointRCNN, keypoint_rcnn.loss_fn)
+    step = _gradient_step(cfg, KeypointRCNN, keypoint_rcnn.loss_fn, KEYPOINT_HEADS)
     grads, (metrics, outputs) = jax.device_get(step(variables, batch))
     return {
         "losses": {tv_name: float(metrics[ours]) for tv_name, ours in KEYPOINT_TERMS.items()},
