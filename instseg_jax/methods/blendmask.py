@@ -45,7 +45,7 @@ import ml_collections
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.methods import condinst, fcos
-from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.nn.layers import Conv, GroupNorm, torch_default_bias, torch_default_kernel
 from instseg_jax.ops import dense
 
 BASES_STRIDE = 4
@@ -132,7 +132,8 @@ def semantic_loss(logits, labels, image_hw, stride: int, size_divisibility: int 
 
 
 class SemanticHead(nn.Module):
-    """`convs` x (conv3x3 + GroupNorm + ReLU) and a 1x1 conv to C + 1 logits (background 0)."""
+    """`convs` x (conv3x3 + GroupNorm + ReLU) and a 1x1 conv to C + 1 logits (background 0);
+    plain nn.Conv2d layers in the reference (basis_module.py seg_head): torch's default init."""
 
     channels: int
     convs: int
@@ -143,9 +144,17 @@ class SemanticHead(nn.Module):
     def __call__(self, x):
         for i in range(self.convs):
             x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                     dtype=self.dtype, name=f"conv{i}")(x)  # fmt: skip
+                     dtype=self.dtype, kernel_init=torch_default_kernel(),
+                     name=f"conv{i}")(x)  # fmt: skip
             x = nn.relu(GroupNorm(32, self.dtype, epsilon=1e-5, name=f"norm{i}")(x))
-        return Conv(self.num_classes + 1, (1, 1), dtype=self.dtype, name="logits")(x)
+        return Conv(
+            self.num_classes + 1,
+            (1, 1),
+            dtype=self.dtype,
+            kernel_init=torch_default_kernel(),
+            bias_init=torch_default_bias(x.shape[-1]),
+            name="logits",
+        )(x)
 
 
 class BlendMask(fcos.FCOS):

@@ -50,7 +50,13 @@ from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.methods import fcos
 from instseg_jax.methods.detector import loss_normaliser_group
-from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.nn.layers import (
+    Conv,
+    GroupNorm,
+    kaiming_uniform_a1,
+    torch_default_bias,
+    torch_default_kernel,
+)
 from instseg_jax.ops import dense
 
 MASK_STRIDE = 4  # of the output masks and targets
@@ -119,7 +125,11 @@ class MaskBranch(nn.Module):
     """P3..P5 -> per level conv3x3 + GroupNorm + ReLU to `channels`, upsampled to P3 and summed;
     `convs` x (conv3x3 + GroupNorm + ReLU); with `upsampled_convs` > 0 a 2x bilinear upsampling
     and that many more (BlendMask's bottom module, stride 4); a 1x1 conv to `out_channels`:
-    [B, H/8, W/8, out] (or [B, H/4, W/4, out])."""
+    [B, H/8, W/8, out] (or [B, H/4, W/4, out]).
+
+    Initialised as AdelaiDet's (condinst/mask_branch.py, blendmask/basis_module.py): the
+    conv-norm-ReLU blocks by conv_with_kaiming_uniform (kaiming_uniform_(a=1), no bias), the
+    last 1x1 conv, a plain nn.Conv2d, by torch's default."""
 
     channels: int
     convs: int
@@ -131,7 +141,8 @@ class MaskBranch(nn.Module):
     def __call__(self, features: dict):
         def conv_norm_relu(x, name):
             x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                     dtype=self.dtype, name=f"{name}_conv")(x)  # fmt: skip
+                     dtype=self.dtype, kernel_init=kaiming_uniform_a1(),
+                     name=f"{name}_conv")(x)  # fmt: skip
             return nn.relu(GroupNorm(32, self.dtype, epsilon=1e-5, name=f"{name}_norm")(x))
 
         x = None
@@ -147,7 +158,14 @@ class MaskBranch(nn.Module):
             x = dense.resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
             for i in range(self.upsampled_convs):
                 x = conv_norm_relu(x, f"upsampled{i}")
-        return Conv(self.out_channels, (1, 1), dtype=self.dtype, name="out")(x)
+        return Conv(
+            self.out_channels,
+            (1, 1),
+            dtype=self.dtype,
+            kernel_init=torch_default_kernel(),
+            bias_init=torch_default_bias(x.shape[-1]),
+            name="out",
+        )(x)
 
 
 def dynamic_mask_logits(mask_features, params, points, scales, cfg: CondInstConfig):

@@ -69,7 +69,10 @@ def smoke_backbone(model_section, freeze_at: int | None = 1) -> None:
 
 def loss_normaliser_group(images_per_group: int, batch_size: int) -> int:
     """model.loss_normaliser_images checked against the global batch it splits: the images per
-    normaliser group (ops.group_normalizer_scale; 0: the whole batch)."""
+    normaliser group (ops.group_normalizer_scale; 0: the whole batch). A batch no larger than
+    one group is one group (fewer images than one reference GPU holds)."""
+    if batch_size <= images_per_group:
+        return 0
     if images_per_group and batch_size % images_per_group:
         raise config_lib.ConfigValueError(
             f"model.loss_normaliser_images {images_per_group} must divide the batch of "

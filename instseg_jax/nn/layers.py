@@ -15,6 +15,29 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+def kaiming_uniform_a1():
+    """Caffe2's XavierFill as PyTorch writes it, kaiming_uniform_(a=1): uniform, std
+    1 / sqrt(fan_in) (detectron2's c2_xavier_fill, AdelaiDet's conv_with_kaiming_uniform)."""
+    return nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+def torch_default_kernel():
+    """torch.nn.Conv2d's and Linear's own weight init, kaiming_uniform_(a=sqrt(5)): uniform,
+    std 1 / sqrt(3 fan_in)."""
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias(fan_in: int):
+    """torch.nn.Conv2d's and Linear's own bias init: uniform in +-1 / sqrt(fan_in), fan_in the
+    layer's inputs per output (in channels x kernel area)."""
+    bound = fan_in**-0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
 class FrozenBatchNorm(nn.Module):
     """y = (x - mean) / sqrt(var + eps) * scale + bias, all four fixed (collection "frozen")."""
 

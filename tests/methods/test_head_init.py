@@ -15,8 +15,13 @@ References, by method:
               sqrt(2 / fan_out); predictor normal 0.001; biases 0).
   FCOS        AdelaiDet adet/modeling/fcos/fcos.py FCOSHead.__init__ (towers and predictors
               normal 0.01, bias 0; cls_logits bias -log((1 - 0.01) / 0.01); Scale 1.0).
-  CondInst    AdelaiDet adet/modeling/condinst/condinst.py (controller normal 0.01, bias 0).
-  BlendMask   AdelaiDet adet/modeling/blendmask/blendmask.py (top_layer normal 0.01, bias 0).
+  CondInst    AdelaiDet adet/modeling/condinst/condinst.py (controller normal 0.01, bias 0);
+              condinst/mask_branch.py (conv_with_kaiming_uniform blocks: kaiming_uniform_(a=1),
+              std 1/sqrt(fan_in), no bias; the last 1x1 conv a plain nn.Conv2d: torch's default,
+              std 1/sqrt(3 fan_in), bias U(+-1/sqrt(fan_in))).
+  BlendMask   AdelaiDet adet/modeling/blendmask/blendmask.py (top_layer normal 0.01, bias 0);
+              blendmask/basis_module.py (the bottom module as CondInst's mask branch; seg_head
+              plain nn.Conv2d layers: torch's default).
   SOLOv2      WXinlong/SOLO mmdet/models/anchor_heads/solov2_head.py init_weights (tower convs
               and solo_kernel normal 0.01; solo_cate normal 0.01 with bias
               bias_init_with_prob(0.01)) and mask_heads/mask_feat_head.py (every conv normal
@@ -90,14 +95,25 @@ def touch_fcos(model, cfg):
     model.head(jnp.zeros((1, 2, 2, cfg.fpn_channels)), 0)
 
 
+def pyramid(channels, levels):
+    """Zero maps of levels P3.. at sizes halving from 4 x 4 (P3)."""
+    return {
+        f"p{level}": jnp.zeros((1, 2 ** (5 - level), 2 ** (5 - level), channels))
+        for level in levels
+    }
+
+
 def touch_condinst(model, cfg):
     touch_fcos(model, cfg)
     model.controller(jnp.zeros((1, 2, 2, cfg.fpn_channels)))
+    model.mask_branch(pyramid(cfg.fpn_channels, (3, 4, 5)))
 
 
 def touch_blendmask(model, cfg):
     touch_fcos(model, cfg)
     model.top_layer(jnp.zeros((1, 2, 2, cfg.fpn_channels)))
+    model.bottom(pyramid(cfg.fpn_channels, (3, 4, 5)))
+    model.semantic_head(jnp.zeros((1, 2, 2, cfg.fpn_channels)))
 
 
 def touch_solov2(model, cfg):
@@ -133,7 +149,7 @@ def head_params(experiment, overrides, touch):
     return {"/".join(k.key for k in path): np.asarray(v, np.float64) for path, v in flat}, cfg
 
 
-def expected_mask_rcnn(path, shape, cfg):
+def expected_mask_rcnn(path, shape, cfg, kernel_shape=None):
     if path.startswith("rpn_head/"):
         return normal(0.01) if path.endswith("kernel") else 0.0
     if path.endswith("bias"):
@@ -152,11 +168,24 @@ def expected_mask_rcnn(path, shape, cfg):
     raise KeyError(path)
 
 
-def expected_fcos(path, shape, cfg):
+def torch_default(shape):
+    """torch.nn.Conv2d's own init: kaiming_uniform_(a=sqrt(5)), std 1 / sqrt(3 fan_in)."""
+    return uniform_with_std(1.0 / math.sqrt(3 * fan_in(shape)))
+
+
+def expected_fcos(path, shape, cfg, kernel_shape=None):
     if path == "head/scales":
         return 1.0
-    if path.startswith("head/") and "_norm" in path:
+    if "_norm" in path or "/norm" in path:
         return 1.0 if path.endswith("scale") else 0.0
+    # CondInst's mask branch and BlendMask's bottom module (AdelaiDet mask_branch.py,
+    # basis_module.py): conv_with_kaiming_uniform blocks, then a plain nn.Conv2d; BlendMask's
+    # semantic head (basis_module.py seg_head): plain nn.Conv2d layers.
+    if path.startswith(("mask_branch/", "bottom/", "semantic_head/")):
+        plain = path.startswith("semantic_head/") or path.split("/")[1] == "out"
+        if path.endswith("bias"):  # only the plain 1x1 convs have one: U(+-1 / sqrt(fan_in))
+            return ("uniform_bias", 1.0 / math.sqrt(fan_in(kernel_shape)))
+        return torch_default(shape) if plain else c2_xavier(shape)
     if path == "head/cls_logits/bias":
         return PRIOR_BIAS
     if path.startswith(("head/", "controller/", "top_layer/")):
@@ -164,7 +193,7 @@ def expected_fcos(path, shape, cfg):
     raise KeyError(path)
 
 
-def expected_solov2(path, shape, cfg):
+def expected_solov2(path, shape, cfg, kernel_shape=None):
     if "norm" in path:
         return 1.0 if path.endswith("scale") else 0.0
     if path == "category_tower/predict/bias":
@@ -174,7 +203,7 @@ def expected_solov2(path, shape, cfg):
     return normal(0.01)
 
 
-def expected_yolact(path, shape, cfg):
+def expected_yolact(path, shape, cfg, kernel_shape=None):
     if path.endswith("bias"):
         return 0.0
     return xavier(shape)
@@ -209,6 +238,11 @@ def check(path, value, expected):
         return
     kind, std = expected
     n = value.size
+    if kind == "uniform_bias":  # a few entries: inside the bound, and spread over it
+        bound = std
+        assert np.abs(value).max() <= bound * (1 + 1e-6), path
+        assert np.abs(value).max() >= 0.3 * bound, path
+        return
     assert n >= 500, f"{path}: {n} entries are too few for a statistic"
     # The sample standard deviation's own standard error is about std / sqrt(2 n).
     assert value.std() == pytest.approx(std, rel=max(0.04, 4 / math.sqrt(2 * n))), path
@@ -235,7 +269,8 @@ def test_head_initialisation_follows_the_reference(method):
     if method == "yolact":
         assert cfg.predictor_init == "xavier"  # the COCO recipe's: mmdetection's rule
     for path, value in params.items():
-        check(path, value, expected(path, value.shape, cfg))
+        kernel = params.get(path.rsplit("/", 1)[0] + "/kernel")
+        check(path, value, expected(path, value.shape, cfg, getattr(kernel, "shape", None)))
 
 
 @pytest.mark.slow
@@ -243,7 +278,7 @@ def test_yolact_nuclei_predictors_are_normal_and_the_rest_xavier():
     """The nuclei experiment's predictor_init "normal" (std 0.01, its backbone is trained from
     scratch) leaves the head convs, the protonet and the semantic conv Xavier."""
 
-    def expected(path, shape, cfg):
+    def expected(path, shape, cfg, kernel_shape=None):
         if path.endswith("bias"):
             return 0.0
         if path.split("/")[:2] in (
@@ -257,4 +292,5 @@ def test_yolact_nuclei_predictors_are_normal_and_the_rest_xavier():
     params, cfg = head_params("experiments/yolact_nuclei.py", [], touch_yolact)
     assert cfg.predictor_init == "normal"
     for path, value in params.items():
-        check(path, value, expected(path, value.shape, cfg))
+        kernel = params.get(path.rsplit("/", 1)[0] + "/kernel")
+        check(path, value, expected(path, value.shape, cfg, getattr(kernel, "shape", None)))

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from instseg_jax import config as config_lib
 from instseg_jax.methods import blendmask, condinst, fcos, solov2, yolact
 from tests.methods import fcos_reference
 
@@ -151,8 +152,20 @@ def test_solov2_normalises_per_reference_gpu(images_per_gpu):
 
 def test_solov2_rejects_a_group_that_does_not_divide_the_batch():
     cfg = solov2.SOLOv2Config(num_classes=3, loss_normaliser_images=3)
-    with pytest.raises(Exception, match="loss_normaliser_images"):
+    with pytest.raises(config_lib.ConfigValueError, match="loss_normaliser_images"):
         jax.jit(solov2.loss_fn, static_argnums=2)(jax_tree(solo_case()), {}, cfg)
+
+
+def test_a_batch_no_larger_than_a_group_is_one_group():
+    """Fewer images than one reference GPU holds: one normaliser over them (as 0)."""
+    outputs = solo_case()
+    losses = [
+        jax.jit(solov2.loss_fn, static_argnums=2)(
+            jax_tree(outputs), {}, solov2.SOLOv2Config(num_classes=3, loss_normaliser_images=k)
+        )[0]
+        for k in (0, 4, 8)
+    ]
+    assert float(losses[1]) == float(losses[0]) == float(losses[2])
 
 
 def jax_tree(tree):
