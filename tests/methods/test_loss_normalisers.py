@@ -502,3 +502,19 @@ def test_fcos_alone_has_the_global_normalisers():
         expected, _, _ = adelaidet_fcos_losses(outputs, split)
         for term, value in expected.items():
             assert float(metrics[term]) == pytest.approx(value, rel=1e-5), (term, split)
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    [
+        # WXinlong/SOLO configs/solov2/solov2_r50_fpn_8gpu_1x.py: data imgs_per_gpu=2 (8 GPUs).
+        "experiments/solov2_r50_fpn_coco_1x.py",
+        # AdelaiDet configs/CondInst/Base-CondInst.yaml SOLVER.IMS_PER_BATCH 16, trained with
+        # --num-gpus 8 (configs/CondInst/README.md): 2 images per GPU.
+        "experiments/condinst_r50_fpn_coco_1x.py",
+    ],
+)
+def test_the_coco_recipes_normalise_per_reference_gpu(experiment):
+    config = config_lib.load(experiment, [])
+    assert config.model.loss_normaliser_images == 2
+    assert config.input.global_batch % config.model.loss_normaliser_images == 0
