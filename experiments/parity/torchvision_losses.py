@@ -1,16 +1,19 @@
-"""Loss parity with torchvision's Mask R-CNN in training mode (`make peer` env).
+"""Loss parity with torchvision's Mask R-CNN, FCOS and Keypoint R-CNN in training mode
+(`make peer` env).
 
     .venv-peer/bin/python experiments/parity/torchvision_losses.py            # compare, print
     .venv-peer/bin/python experiments/parity/torchvision_losses.py --record   # + RESULTS.md
-    .venv-peer/bin/python experiments/parity/torchvision_losses.py --make-fixture \
-        tests/fixtures/torchvision_losses_tiny.npz                             # the CI test's data
+    .venv-peer/bin/python experiments/parity/torchvision_losses.py --models fcos
+    .venv-peer/bin/python experiments/parity/torchvision_losses.py --make-fixtures tests/fixtures
 
-The loss mode beside experiments/parity/torchvision.py's output mode: the same tiny seeded
-torchvision MaskRCNN (its `tiny_model`, random frozen-BN statistics), converted by
-instseg_jax.weights.torchvision, trained one step on the same synthetic scenes (one ordinary,
-one crowded, one without instances; 128 x 160, a size torchvision's resize keeps) under the
-torchvision preset. torchvision returns its loss dict in training mode and its head gradients
-by backward(); ours come from instseg_jax.weights.loss_parity (mask_rcnn.loss_fn, jax.grad).
+The loss mode beside the output mode of torchvision.py, fcos.py and keypoint_rcnn.py: their
+tiny seeded models (random frozen-BN statistics, the weights of their output fixtures),
+converted by instseg_jax.weights.torchvision*, trained one step on the same synthetic scenes
+(one ordinary, one crowded, one without instances; 128 x 160, a size torchvision's resize
+keeps; Keypoint R-CNN: one class with 17 random keypoints per instance) under the torchvision
+presets. torchvision returns its loss dict in training mode and its head gradients by
+backward(); ours come from instseg_jax.weights.loss_parity (the methods' loss_fn, jax.grad
+with respect to the heads).
 
 Sampling: torchvision's BalancedPositiveNegativeSampler draws at random (RPN anchors and RoIs);
 this script patches the draw to a rule both sides share instead of injecting indices: the
@@ -19,11 +22,12 @@ set to 1, so every positive and every negative is kept on both sides (ours: loss
 `loss_overrides`). Losses, their normalisers (torchvision divides by the sampled count), the
 matching and the targets stay each side's own. Both sides keep --proposals proposals per
 level before NMS and in all after it in training (torchvision: rpn._pre_nms_top_n and
-_post_nms_top_n), so that the crowded image's RoIs stay few.
+_post_nms_top_n), so that the crowded image's RoIs stay few. FCOS samples nothing.
 
 Figures: each loss term's relative error, each head's gradient relative error (norm of the
 difference over torchvision's), the training proposals of both sides (same set to 1e-3 px).
-Tolerances in loss_parity (1e-4; the mask term's declared target difference its own).
+Tolerances in loss_parity (1e-4; the Mask R-CNN mask targets' declared difference its own,
+and the mask term and mask-head gradient with torchvision's targets given to ours at 1e-4).
 """
 
 from __future__ import annotations

@@ -1,21 +1,23 @@
 """Our side of the torchvision loss parity check (training mode), and the comparison itself.
 
-experiments/parity/torchvision_losses.py runs torchvision's Mask R-CNN in training mode (the
-`make peer` environment) and `mask_rcnn_losses` here on the same converted weights, image and
-ground truth, then `compare_losses`; tests/weights/test_torchvision_losses.py compares
-`mask_rcnn_losses` with torchvision's loss terms and head gradients stored in
-tests/fixtures/torchvision_losses_tiny.npz (no torch needed there).
+experiments/parity/torchvision_losses.py runs torchvision's Mask R-CNN, FCOS and Keypoint
+R-CNN in training mode (the `make peer` environment) and `mask_rcnn_losses`, `fcos_losses` and
+`keypoint_rcnn_losses` here on the same converted weights, image and ground truth, then
+`compare_losses`; tests/weights/test_torchvision_losses.py compares ours with torchvision's
+loss terms and head gradients stored in tests/fixtures/torchvision_*losses_tiny.npz (no torch
+needed there).
 
-Both samplers keep every candidate (the script raises torchvision's batch_size_per_image
-beyond any candidate count; `loss_overrides` sizes ours to all anchors and all RoI
-candidates, positive fraction 1), so no random draw separates the two sides. Everything else
-is each side's own: anchor and RoI matching, targets, proposals (torchvision's training
-proposals are recorded only to measure that both sides trained on the same set), losses and
-their normalisers.
+Both two-stage samplers keep every candidate (the script raises torchvision's
+batch_size_per_image beyond any candidate count; `loss_overrides` sizes ours to all anchors and
+all RoI candidates, positive fraction 1), so no random draw separates the two sides; FCOS
+draws nothing. Everything else is each side's own: matching, targets, proposals (torchvision's
+training proposals are recorded only to check that both sides trained on the same set),
+losses and their normalisers.
 
 Ground truth comes as a `Scene`: image uint8[H, W, 3] at a size torchvision's resize leaves
-alone (the tiny model's 128 x 160), boxes float32[N, 4] xyxy, classes int[N] (ours; torchvision's
-label is class + 1), masks bool[N, H, W]. N = 0 is an image without instances.
+alone (the tiny models' 128 x 160), boxes float32[N, 4] xyxy, classes int[N] (ours;
+torchvision's label is class + 1), masks bool[N, H, W], optionally keypoints float32[N, K, 3].
+N = 0 is an image without instances.
 """
 
 from __future__ import annotations

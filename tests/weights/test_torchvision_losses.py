@@ -1,12 +1,14 @@
-"""Our Mask R-CNN training losses against torchvision's own, without torch.
+"""Our training losses against torchvision's own (Mask R-CNN, FCOS, Keypoint R-CNN), without
+torch.
 
-tests/fixtures/torchvision_losses_tiny.npz was written by `experiments/parity/torchvision_losses.py
---make-fixture` in the `make peer` environment: the state_dict of the tiny seeded torchvision
-MaskRCNN (as in torchvision_tiny.npz), three 128 x 160 synthetic scenes (ordinary, crowded,
-without instances) with their ground truth, and what torchvision computed on each in training
-mode with both samplers keeping every candidate: its five loss terms, the gradient of their sum
-with respect to every head parameter, its training proposals, and the mask loss's foreground
-RoIs and soft targets.
+tests/fixtures/torchvision_{,fcos_,keypoint_}losses_tiny.npz were written by
+`experiments/parity/torchvision_losses.py --make-fixtures tests/fixtures` in the `make peer`
+environment: three 128 x 160 synthetic scenes (ordinary, crowded, without instances) with their
+ground truth, and what torchvision computed on each in training mode, both two-stage samplers
+keeping every candidate: its loss terms, the gradient of their sum with respect to every head
+parameter, its training proposals (and Mask R-CNN's foreground RoIs and soft mask targets).
+The weights are those of the output fixtures (torchvision_tiny.npz, torchvision_fcos_tiny.npz,
+torchvision_keypoint_tiny.npz), named and checked by digest.
 """
 
 from __future__ import annotations
