@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from instseg_jax.ops.boxes import paired_generalized_box_iou
 
@@ -116,6 +117,12 @@ def group_normalizer_scale(counts: jnp.ndarray, images_per_group: int, offset: f
         raise ValueError(
             f"a normaliser group of {images_per_group} images does not divide the batch of {b}"
         )
-    per_group = counts.astype(jnp.float32).reshape(b // k, k).sum(axis=1)
-    scale = 1.0 / ((b // k) * jnp.maximum(per_group + offset, 1.0))
-    return jnp.repeat(scale, k)
+    groups = b // k
+    # Image-to-group membership [B, G] (a constant): the group sums are a reduction over the
+    # batch axis, one all-reduce of G numbers when the batch is sharded (on an 8-device CPU
+    # mesh with a group spanning two devices: all-reduces only), whatever the partitioner
+    # makes of a reshape of the sharded axis.
+    membership = jnp.asarray(np.arange(b)[:, None] // k == np.arange(groups)[None], jnp.float32)
+    per_group = counts.astype(jnp.float32) @ membership  # [G]
+    scale = 1.0 / (groups * jnp.maximum(per_group + offset, 1.0))
+    return membership @ scale  # [B]

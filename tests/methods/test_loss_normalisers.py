@@ -19,6 +19,9 @@ Each test below encodes the reference on its GPUs' images one GPU at a time, the
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -518,3 +521,33 @@ def test_the_coco_recipes_normalise_per_reference_gpu(experiment):
     config = config_lib.load(experiment, [])
     assert config.model.loss_normaliser_images == 2
     assert config.input.global_batch % config.model.loss_normaliser_images == 0
+
+
+GROUP_COLLECTIVES = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from instseg_jax import hlo_collectives, ops
+data = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
+counts = jax.device_put(jnp.arange(8, dtype=jnp.int32), data)
+losses = jax.device_put(jnp.ones(8), data)
+step = jax.jit(lambda c, x: (ops.group_normalizer_scale(c, 2, offset=1.0) * x).sum())
+found = hlo_collectives.collectives(step.lower(counts, losses).compile().as_text())
+print(sorted(k for k, v in hlo_collectives.summary(found).items() if v["count"]))
+"""
+
+
+@pytest.mark.slow
+def test_group_normalisers_cross_devices_as_all_reduces_only():
+    """On the 8-device "data" mesh, one image per device, groups of 2 spanning two devices:
+    the group sums compile to all-reduces, nothing else (DESIGN "Only gradients cross
+    chips")."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    process = subprocess.run(
+        [sys.executable, "-c", GROUP_COLLECTIVES], env=env, capture_output=True, text=True
+    )
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.strip().splitlines()[-1] == "['all-reduce']"
