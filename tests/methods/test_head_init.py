@@ -250,8 +250,8 @@ def check(path, value, expected):
     if kind == "uniform":  # bound sqrt(3) std, reached within a few hundredths
         assert np.abs(value).max() <= math.sqrt(3) * std * (1 + 1e-6), path
         assert np.abs(value).max() >= 0.95 * math.sqrt(3) * std, path
-    else:  # a normal reaches past the uniform's bound of the same std
-        assert np.abs(value).max() > 1.9 * std, path
+    else:  # an untruncated normal: 1.2% beyond 2.5 std (jax's truncated normal stops at 2.27)
+        assert np.mean(np.abs(value) > 2.5 * std) > 0.004, path
 
 
 # A couple in the fast tier (FCOS's head is also CondInst's and BlendMask's; YOLACT's predictor
