@@ -9,8 +9,8 @@
 The loss mode beside the output mode of torchvision.py, fcos.py and keypoint_rcnn.py: their
 tiny seeded models (random frozen-BN statistics, the weights of their output fixtures),
 converted by instseg_jax.weights.torchvision*, trained one step on the same synthetic scenes
-(one ordinary, one crowded, one without instances; 128 x 160, a size torchvision's resize
-keeps; Keypoint R-CNN: one class with 17 random keypoints per instance) under the torchvision
+(one ordinary, one crowded, one without instances, each alone and then all three in one
+batch; 128 x 160, a size torchvision's resize keeps; Keypoint R-CNN: one class with 17 random keypoints per instance) under the torchvision
 presets. torchvision returns its loss dict in training mode and its head gradients by
 backward(); ours come from instseg_jax.weights.loss_parity (the methods' loss_fn, jax.grad
 with respect to the heads).
@@ -107,32 +107,30 @@ def keep_every_candidate(model) -> None:
         sampler.positive_fraction = 1.0
 
 
-def torchvision_losses(model, scene: loss_parity.Scene) -> dict:
-    """torchvision's loss terms, head gradients {state_dict key: array}, training proposals
-    and the mask loss's RoIs and targets, on one scene."""
-    recorded = {}
+def torchvision_losses(model, scenes: list) -> dict:
+    """torchvision's Mask R-CNN loss terms, head gradients {state_dict key: array}, each
+    image's training proposals and the mask loss's foreground RoIs and targets per image."""
+    recorded = {"mask_rois": [], "mask_targets": []}
     project = tv_roi_heads.project_masks_on_boxes
 
-    def recording_project(gt_masks, boxes, matched_idxs, size):
+    def recording_project(gt_masks, boxes, matched_idxs, size):  # called image by image
         targets = project(gt_masks, boxes, matched_idxs, size)
-        recorded["mask_rois"] = boxes.detach().numpy().copy()
-        recorded["mask_targets"] = targets.detach().numpy().copy()
+        recorded["mask_rois"].append(boxes.detach().numpy().copy())
+        recorded["mask_targets"].append(targets.detach().numpy().copy())
         return targets
 
     tv_roi_heads.project_masks_on_boxes = recording_project
     try:
-        out = torch_training_step(model, scene, HEAD_PREFIXES + MASK_PREFIXES)
+        out = torch_training_step(model, scenes, HEAD_PREFIXES + MASK_PREFIXES)
     finally:
         tv_roi_heads.project_masks_on_boxes = project
-    recorded.setdefault("mask_rois", np.zeros((0, 4), np.float32))
-    recorded.setdefault("mask_targets", np.zeros((0, 28, 28), np.float32))
     return {**out, **recorded}
 
 
-def torch_training_step(model, scene: loss_parity.Scene, prefixes) -> dict:
-    """torchvision's loss dict on one scene in training mode and the gradients of its sum
-    with respect to the parameters named with ``prefixes`` (and a two-stage model's training
-    proposals)."""
+def torch_training_step(model, scenes: list, prefixes) -> dict:
+    """torchvision's loss dict on a batch of scenes in training mode and the gradients of its
+    sum with respect to the parameters named with ``prefixes`` (and a two-stage model's
+    training proposals, per image)."""
     model.train()
     model.zero_grad()
     recorded = {}
@@ -141,20 +139,23 @@ def torch_training_step(model, scene: loss_parity.Scene, prefixes) -> dict:
 
         def recording_filter(*args, **kwargs):
             boxes, scores = filter_proposals(*args, **kwargs)
-            recorded["proposals"] = boxes[0].detach().numpy().copy()
+            recorded["proposals"] = [b.detach().numpy().copy() for b in boxes]
             return boxes, scores
 
         model.rpn.filter_proposals = recording_filter
-    image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0
-    target = {
-        "boxes": torch.from_numpy(scene.boxes),
-        "labels": torch.from_numpy(scene.classes + 1),
-        "masks": torch.from_numpy(scene.masks.astype(np.uint8)),
-    }
-    if scene.keypoints is not None:
-        target["keypoints"] = torch.from_numpy(scene.keypoints)
+    images, targets = [], []
+    for scene in scenes:
+        images.append(torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255.0)
+        target = {
+            "boxes": torch.from_numpy(scene.boxes),
+            "labels": torch.from_numpy(scene.classes + 1),
+            "masks": torch.from_numpy(scene.masks.astype(np.uint8)),
+        }
+        if scene.keypoints is not None:
+            target["keypoints"] = torch.from_numpy(scene.keypoints)
+        targets.append(target)
     try:
-        losses = model([image], [target])
+        losses = model(images, targets)
     finally:
         if hasattr(model, "rpn"):
             del model.rpn.filter_proposals
@@ -167,29 +168,60 @@ def torch_training_step(model, scene: loss_parity.Scene, prefixes) -> dict:
     return {"losses": {k: v.item() for k, v in losses.items()}, "torch_grads": grads, **recorded}
 
 
+def cases(scene_list: list) -> list[tuple[str, str, list]]:
+    """(fixture prefix, label, scenes): each scene alone, then all of them in one batch (the
+    normalisers over a batch, an empty image beside others)."""
+    out = [
+        (f"scene{i}/", f"{s.name}: {len(s.boxes)} instances", [s]) for i, s in enumerate(scene_list)
+    ]
+    out.append(("batch/", f"batch of all {len(scene_list)}", scene_list))
+    return out
+
+
+PER_IMAGE = ("proposals", "mask_rois", "mask_targets")  # lists, one array per image
+
+
+def case_arrays(prefix: str, theirs: dict) -> dict:
+    """torchvision's loss terms, head gradients and per-image records of a case, for a
+    fixture (a per-image list `key` as key0, key1, ...)."""
+    arrays = {prefix + f"loss/{k}": np.float64(v) for k, v in theirs["losses"].items()}
+    arrays.update({prefix + f"grad/{k}": v for k, v in theirs["torch_grads"].items()})
+    for key in PER_IMAGE:
+        for i, value in enumerate(theirs.get(key, [])):
+            arrays[f"{prefix}{key}{i}"] = value
+    return arrays
+
+
+def report(label: str, figures: dict, start: float, rows: list, failed: list, model: str):
+    figures["scene"] = label
+    figures["seconds"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(figures, default=str), flush=True)
+    rows.append(figures)
+    failed += [f"{model} {label}: {f}" for f in figures["failures"]]
+
+
 def run_fcos(seed: int) -> tuple[list[dict], list, dict]:
-    """FCOS: (per-scene figures, failures, the fixture's arrays). No sampling to share: every
+    """FCOS: (per-case figures, failures, the fixture's arrays). No sampling to share: every
     location takes part in both sides' losses."""
     model = fcos_parity.tiny_model(seed, 0.2)
     state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     variables, arch = loss_parity.torchvision_fcos.convert(state_dict, "seeded tiny FCOS")
     arrays = weights_reference(state_dict, "torchvision_fcos_tiny.npz")
     rows, failed = [], []
-    for index, scene in enumerate(scenes(seed)):
+    scene_list = scenes(seed)
+    for index, scene in enumerate(scene_list):
+        arrays.update(scene_arrays(index, scene))
+    for prefix, label, batch in cases(scene_list):
         start = time.perf_counter()
-        theirs = torch_training_step(model, scene, ("head.",))
+        theirs = torch_training_step(model, batch, ("head.",))
         theirs["grads"] = loss_parity.fcos_head_gradients_from_torch(
             state_dict, theirs["torch_grads"], "torchvision gradients"
         )
-        ours = loss_parity.fcos_losses(variables, arch, scene)
+        ours = loss_parity.fcos_losses(variables, arch, batch)
         figures = loss_parity.compare_losses(ours, theirs)
-        figures["scene"] = f"{scene.name}: {len(scene.boxes)} instances"
         figures["positives"] = ours["positives"]
-        figures["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(figures, default=str), flush=True)
-        rows.append(figures)
-        failed += [f"FCOS {scene.name}: {f}" for f in figures["failures"]]
-        arrays.update(scene_arrays(index, scene, theirs))
+        report(label, figures, start, rows, failed, "FCOS")
+        arrays.update(case_arrays(prefix, theirs))
     return rows, failed, arrays
 
 
@@ -224,59 +256,9 @@ def with_keypoints(scene: loss_parity.Scene, seed: int, count: int = 17) -> loss
     return dataclasses.replace(scene, classes=np.zeros(n, np.int64), keypoints=keypoints)
 
 
-def run_keypoint(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
-    """Keypoint R-CNN: (per-scene figures, failures, the fixture's arrays), samplers as for
-    Mask R-CNN."""
-    model = keypoint_parity.seeded_model(seed, 0.0, tiny=True, cls_std=0.5)
-    model.transform.min_size = (128,)
-    model.transform.max_size = 160
-    model.rpn._pre_nms_top_n["training"] = proposals
-    model.rpn._post_nms_top_n["training"] = proposals
-    keep_every_candidate(model)
-    state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-    variables, arch = loss_parity.torchvision_keypoint.convert(state_dict, "seeded tiny model")
-    arrays = weights_reference(state_dict, "torchvision_keypoint_tiny.npz")
-    arrays["proposals_per_level"] = np.int64(proposals)
-    rows, failed = [], []
-    prefixes = HEAD_PREFIXES + ("roi_heads.keypoint_head.", "roi_heads.keypoint_predictor.")
-    for index, scene in enumerate(scenes(seed)):
-        scene = with_keypoints(scene, seed)
-        start = time.perf_counter()
-        theirs = torch_training_step(model, scene, prefixes)
-        theirs["grads"] = loss_parity.keypoint_head_gradients_from_torch(
-            state_dict, theirs["torch_grads"], "torchvision gradients"
-        )
-        ours = loss_parity.keypoint_rcnn_losses(variables, arch, scene, proposals)
-        figures = loss_parity.compare_losses(ours, theirs)
-        figures["scene"] = f"{scene.name}: {len(scene.boxes)} instances"
-        figures["keypoint_targets"] = ours["keypoint_targets"]
-        figures["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(figures, default=str), flush=True)
-        rows.append(figures)
-        failed += [f"Keypoint R-CNN {scene.name}: {f}" for f in figures["failures"]]
-        arrays.update(scene_arrays(index, scene, theirs))
-        arrays[f"scene{index}/keypoints"] = scene.keypoints
-        arrays[f"scene{index}/proposals"] = theirs["proposals"]
-    return rows, failed, arrays
-
-
-def scene_arrays(index: int, scene: loss_parity.Scene, theirs: dict) -> dict:
-    """A scene's inputs and torchvision's loss terms and head gradients, for a fixture."""
-    prefix = f"scene{index}/"
-    arrays = {
-        prefix + "name": np.asarray(scene.name),
-        prefix + "image": scene.image,
-        prefix + "boxes": scene.boxes,
-        prefix + "classes": scene.classes,
-        prefix + "masks": np.packbits(scene.masks, axis=-1),
-    }
-    arrays.update({prefix + f"loss/{k}": np.float64(v) for k, v in theirs["losses"].items()})
-    arrays.update({prefix + f"grad/{k}": v for k, v in theirs["torch_grads"].items()})
-    return arrays
-
-
-def build_model(seed: int, proposals: int):
-    model = output_parity.seeded_model(seed, 0.0, tiny=True, cls_std=0.5)
+def two_stage_model(model, proposals: int):
+    """A tiny two-stage model set up for the loss mode: torchvision's resize keeping the
+    128 x 160 scenes, `proposals` training proposals, samplers keeping every candidate."""
     model.transform.min_size = (128,)
     model.transform.max_size = 160
     model.rpn._pre_nms_top_n["training"] = proposals
@@ -285,36 +267,76 @@ def build_model(seed: int, proposals: int):
     return model
 
 
+def run_keypoint(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
+    """Keypoint R-CNN: (per-case figures, failures, the fixture's arrays), samplers as for
+    Mask R-CNN."""
+    model = keypoint_parity.seeded_model(seed, 0.0, tiny=True, cls_std=0.5)
+    model = two_stage_model(model, proposals)
+    state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    variables, arch = loss_parity.torchvision_keypoint.convert(state_dict, "seeded tiny model")
+    arrays = weights_reference(state_dict, "torchvision_keypoint_tiny.npz")
+    arrays["proposals_per_level"] = np.int64(proposals)
+    rows, failed = [], []
+    prefixes = HEAD_PREFIXES + ("roi_heads.keypoint_head.", "roi_heads.keypoint_predictor.")
+    scene_list = [with_keypoints(scene, seed) for scene in scenes(seed)]
+    for index, scene in enumerate(scene_list):
+        arrays.update(scene_arrays(index, scene))
+    for prefix, label, batch in cases(scene_list):
+        start = time.perf_counter()
+        theirs = torch_training_step(model, batch, prefixes)
+        theirs["grads"] = loss_parity.keypoint_head_gradients_from_torch(
+            state_dict, theirs["torch_grads"], "torchvision gradients"
+        )
+        ours = loss_parity.keypoint_rcnn_losses(variables, arch, batch, proposals)
+        figures = loss_parity.compare_losses(ours, theirs)
+        figures["keypoint_targets"] = ours["keypoint_targets"]
+        report(label, figures, start, rows, failed, "Keypoint R-CNN")
+        arrays.update(case_arrays(prefix, theirs))
+    return rows, failed, arrays
+
+
+def scene_arrays(index: int, scene: loss_parity.Scene) -> dict:
+    """A scene's inputs, for a fixture."""
+    prefix = f"scene{index}/"
+    arrays = {
+        prefix + "name": np.asarray(scene.name),
+        prefix + "image": scene.image,
+        prefix + "boxes": scene.boxes,
+        prefix + "classes": scene.classes,
+        prefix + "masks": np.packbits(scene.masks, axis=-1),
+    }
+    if scene.keypoints is not None:
+        arrays[prefix + "keypoints"] = scene.keypoints
+    return arrays
+
+
 def run(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
-    """(per-scene figures, failures, the fixture's arrays)."""
-    model = build_model(seed, proposals)
+    """Mask R-CNN: (per-case figures, failures, the fixture's arrays)."""
+    model = output_parity.seeded_model(seed, 0.0, tiny=True, cls_std=0.5)
+    model = two_stage_model(model, proposals)
     state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     variables, arch = tv.convert(state_dict, "seeded tiny MaskRCNN")
     arrays = weights_reference(state_dict, "torchvision_tiny.npz")
     arrays["proposals_per_level"] = np.int64(proposals)
     rows, failed = [], []
-    for index, scene in enumerate(scenes(seed)):
+    scene_list = scenes(seed)
+    for index, scene in enumerate(scene_list):
+        arrays.update(scene_arrays(index, scene))
+    for prefix, label, batch in cases(scene_list):
         start = time.perf_counter()
-        theirs = torchvision_losses(model, scene)
+        theirs = torchvision_losses(model, batch)
         theirs["grads"] = loss_parity.head_gradients_from_torch(
             state_dict, theirs["torch_grads"], "torchvision gradients"
         )
-        ours = loss_parity.mask_rcnn_losses(variables, arch, scene, proposals)
+        ours = loss_parity.mask_rcnn_losses(variables, arch, batch, proposals)
         given = loss_parity.mask_rcnn_losses(
-            variables, arch, scene, proposals,
-            given_mask_targets=(theirs["mask_rois"], theirs["mask_targets"]),
+            variables, arch, batch, proposals,
+            given_mask_targets=list(zip(theirs["mask_rois"], theirs["mask_targets"], strict=True)),
         )  # fmt: skip
         figures = loss_parity.compare_losses(ours, theirs, given)
-        figures["scene"] = f"{scene.name}: {len(scene.boxes)} instances"
-        figures["mask_rois"] = len(theirs["mask_rois"])
-        figures["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(figures, default=str), flush=True)
-        rows.append(figures)
-        failed += [f"{scene.name}: {f}" for f in figures["failures"]]
-        prefix = f"scene{index}/"
-        arrays.update(scene_arrays(index, scene, theirs))
-        for key in ("proposals", "mask_rois", "mask_targets"):
-            arrays[prefix + key] = theirs[key]
+        figures["mask_rois"] = sum(len(r) for r in theirs["mask_rois"])
+        report(label, figures, start, rows, failed, "Mask R-CNN")
+        arrays.update(case_arrays(prefix, theirs))
     return rows, failed, arrays
 
 
@@ -401,7 +423,8 @@ def main(argv=None) -> int:
     if failed:
         print("LOSS PARITY FAILED:\n  " + "\n  ".join(failed))
         return 1
-    print(f"loss parity holds for {', '.join(results)} on {len(scenes(args.seed))} scenes each")
+    count = len(scenes(args.seed))
+    print(f"loss parity holds for {', '.join(results)} on {count} scenes each and their batch")
     return 0
 
 

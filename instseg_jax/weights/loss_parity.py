@@ -107,15 +107,22 @@ def tv_anchors(canvas_hw):
     )
 
 
-def training_batch(
-    scene: Scene, max_instances: int, mask_size: int, pixels=None, resized_hw=None
-) -> dict:
-    """Our training batch of one scene, built as the input pipeline builds it (boxes on the
-    canvas, box-crop masks by transforms.box_crop_target) on a canvas of the image's size
-    padded to a multiple of 32 with the mean colour (torchvision's batching; or the given
-    pixels of tv.preprocess and the resized size)."""
-    if pixels is None:
-        pixels, resized_hw = tv.preprocess(scene.image, *_sizes(scene.image))
+def as_batch(scenes) -> list[Scene]:
+    """A Scene or a list of them (a batch of images of one size) as a list."""
+    return [scenes] if isinstance(scenes, Scene) else list(scenes)
+
+
+def training_batch(scenes, max_instances: int, mask_size: int, divisor: int = 32) -> dict:
+    """Our training batch of scenes (a Scene or a list of images of one size), built as the
+    input pipeline builds it (boxes on the canvas, box-crop masks by
+    transforms.box_crop_target) on a canvas of the image's size padded to a multiple of
+    ``divisor`` with the mean colour (torchvision's batching)."""
+    images = [_one_image(s, max_instances, mask_size, divisor) for s in as_batch(scenes)]
+    return {k: np.concatenate([image[k] for image in images]) for k in images[0]}
+
+
+def _one_image(scene: Scene, max_instances: int, mask_size: int, divisor: int) -> dict:
+    pixels, resized_hw = tv.preprocess(scene.image, *_sizes(scene.image), divisor)
     n = len(scene.boxes)
     if n > max_instances:
         raise ValueError(f"{scene.name}: {n} instances, more than max_instances {max_instances}")
@@ -155,7 +162,8 @@ def mask_rcnn_loss_config(
     """(MaskRCNNConfig of the converted weights under the torchvision preset and the loss
     mode's samplers, input.mask_size); ``overrides``: model fields to change (e.g. to show
     what a convention is worth)."""
-    pixels, _ = tv.preprocess(scene.image, *_sizes(scene.image))
+    image = as_batch(scene)[0].image
+    pixels, _ = tv.preprocess(image, *_sizes(image))
     config = tv.coco_config(arch, pixels.shape[:2])
     config.model.update(loss_overrides(pixels.shape[:2], num_proposals, max_instances))
     config.model.update(overrides or {})
@@ -207,45 +215,51 @@ def _gradient_step(cfg, model_class=None, loss_fn=mask_rcnn.loss_fn, heads=HEADS
 def mask_rcnn_losses(
     variables,
     arch: dict,
-    scene: Scene,
+    scene,
     num_proposals: int,
     max_instances: int = 16,
-    given_mask_targets: tuple | None = None,
+    given_mask_targets=None,
     overrides: dict | None = None,
 ) -> dict:
-    """Our Mask R-CNN in training mode under the torchvision preset on one scene: {"losses":
-    {torchvision's name: value}, "grads": {head: gradient of the total loss}, "proposals":
-    float32[P, 4] the training proposals, "mask_rois": float32[F, 4] the foreground RoIs of the
-    mask loss, "mask_slots": their slots}. given_mask_targets = (rois[F, 4], targets[F, 28,
-    28]), torchvision's: the mask loss takes these targets instead of ours, each paired with
+    """Our Mask R-CNN in training mode under the torchvision preset on a scene or a batch of
+    them: {"losses": {torchvision's name: value}, "grads": {head: gradient of the total loss},
+    "proposals": [float32[P, 4] each image's training proposals], "mask_rois": [float32[F, 4]
+    each image's foreground RoIs of the mask loss], "mask_slots": [their slots]}.
+    given_mask_targets = [(rois[F, 4], targets[F, 28, 28]) per image] (torchvision's; one
+    pair for one scene): the mask loss takes these targets instead of ours, each paired with
     our foreground RoI of the same box (a missing pair raises)."""
     cfg, mask_size = mask_rcnn_loss_config(arch, scene, num_proposals, max_instances, overrides)
     batch = training_batch(scene, max_instances, mask_size)
+    b = batch["image"].shape[0]
     slots, side = cfg.mask_fg_per_image, 2 * cfg.mask_pool_size
-    batch["given_mask_targets"] = np.zeros((1, slots, side, side), np.float32)
+    batch["given_mask_targets"] = np.zeros((b, slots, side, side), np.float32)
     batch["use_given_mask_targets"] = np.asarray(False)
     step = _gradient_step(cfg)
     if given_mask_targets is not None:
+        if isinstance(given_mask_targets, tuple):
+            given_mask_targets = [given_mask_targets]
         first = mask_rcnn_losses(
             variables, arch, scene, num_proposals, max_instances, overrides=overrides
         )
-        rois, targets = given_mask_targets
-        batch["given_mask_targets"][0, _pairing(first["mask_slots"], first["mask_rois"], rois)] = (
-            targets
-        )
+        for i, (rois, targets) in enumerate(given_mask_targets):
+            pairing = _pairing(first["mask_slots"][i], first["mask_rois"][i], rois)
+            batch["given_mask_targets"][i, pairing] = targets
         batch["use_given_mask_targets"] = np.asarray(True)
     grads, (metrics, outputs) = jax.device_get(step(variables, batch))
     rois = outputs["rois"]
-    fg = np.asarray(outputs["mask_valid"][0])
+    fg = np.asarray(outputs["mask_valid"])
     return {
         "losses": {tv_name: float(metrics[ours]) for tv_name, ours in MASK_RCNN_TERMS.items()},
         "grads": {head: grads[head] for head in HEADS},
-        "proposals": np.asarray(outputs["proposal_boxes"][0])[
-            np.asarray(outputs["proposal_valid"][0])
-        ],
-        "mask_slots": np.flatnonzero(fg),
-        "mask_rois": np.asarray(rois["boxes"][0, : len(fg)])[fg],
+        "proposals": _per_image_proposals(outputs),
+        "mask_slots": [np.flatnonzero(f) for f in fg],
+        "mask_rois": [rois["boxes"][i, : fg.shape[1]][fg[i]] for i in range(b)],
     }
+
+
+def _per_image_proposals(outputs) -> list:
+    boxes, valid = np.asarray(outputs["proposal_boxes"]), np.asarray(outputs["proposal_valid"])
+    return [image[keep] for image, keep in zip(boxes, valid, strict=True)]
 
 
 def _pairing(slots, ours, theirs):
@@ -306,8 +320,21 @@ def _relative_tree(a, b) -> float:
 
 
 def _same_set(a, b) -> dict:
-    """How far two proposal sets are apart: counts and the largest distance (px) of a box of
-    either set to the nearest of the other."""
+    """How far two proposal sets (arrays, or lists of them per image) are apart: counts and
+    the largest distance (px) of a box of either set to the nearest of the other (in the
+    same image)."""
+    if isinstance(a, list) or isinstance(b, list):
+        a = a if isinstance(a, list) else [a]
+        b = b if isinstance(b, list) else [b]
+        if len(a) != len(b):
+            return {"count": (len(a), len(b)), "max_px": float("inf")}
+        each = [_same_set(x, y) for x, y in zip(a, b, strict=True)]
+        counts = tuple(sum(e["count"][k] for e in each) for k in (0, 1))
+        unequal = any(e["count"][0] != e["count"][1] for e in each)  # in some image
+        return {
+            "count": counts,
+            "max_px": float("inf") if unequal else max(e["max_px"] for e in each),
+        }
     out = {"count": (len(a), len(b))}
     if len(a) and len(b):
         gap = np.abs(a[:, None, :] - b[None]).max(-1)
@@ -389,9 +416,8 @@ def fcos_losses(
     """Our FCOS in training mode under the torchvision preset on one scene: {"losses":
     {torchvision's name: value}, "grads": {"head": gradient of the total loss}, "positives":
     the positive locations}."""
-    cfg = fcos_loss_config(arch, scene, max_instances, overrides)
-    pixels, resized_hw = tv.preprocess(scene.image, *_sizes(scene.image), FCOS_DIVISOR)
-    batch = training_batch(scene, max_instances, 1, pixels, resized_hw)
+    cfg = fcos_loss_config(arch, as_batch(scene)[0], max_instances, overrides)
+    batch = training_batch(scene, max_instances, 1, FCOS_DIVISOR)
     del batch["gt_masks"]
     grads, (metrics, positives) = jax.device_get(_fcos_gradient_step(cfg)(variables, batch))
     return {
@@ -431,7 +457,8 @@ def keypoint_rcnn_losses(
     """Our Keypoint R-CNN in training mode under the torchvision preset on one scene (the
     loss mode's samplers, a keypoint slot for every RoI candidate): {"losses": {torchvision's
     name: value}, "grads": {head: gradient}, "proposals": the training proposals}."""
-    pixels, _ = tv.preprocess(scene.image, *_sizes(scene.image))
+    image = as_batch(scene)[0].image
+    pixels, _ = tv.preprocess(image, *_sizes(image))
     config = torchvision_keypoint.coco_config(arch, pixels.shape[:2])
     fields = loss_overrides(pixels.shape[:2], num_proposals, max_instances)
     fields["keypoint_fg_per_image"] = fields.pop("mask_fg_per_image")
@@ -443,9 +470,7 @@ def keypoint_rcnn_losses(
     return {
         "losses": {tv_name: float(metrics[ours]) for tv_name, ours in KEYPOINT_TERMS.items()},
         "grads": {head: grads[head] for head in KEYPOINT_HEADS},
-        "proposals": np.asarray(outputs["proposal_boxes"][0])[
-            np.asarray(outputs["proposal_valid"][0])
-        ],
+        "proposals": _per_image_proposals(outputs),
         "keypoint_targets": int(np.sum(outputs["keypoint_valid"])),
     }
 
