@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instseg_jax import builders
+from instseg_jax import builders, ops
 from instseg_jax.input.transforms import box_crop_target
 from instseg_jax.methods import fcos, keypoint_rcnn, mask_rcnn
 from instseg_jax.methods.fcos import FCOS
@@ -100,8 +100,7 @@ def loss_overrides(canvas_hw, num_proposals: int, max_instances: int) -> dict:
 
 
 def tv_anchors(canvas_hw):
-    from instseg_jax import ops
-
+    """The torchvision preset's anchors of a canvas, level by level."""
     return ops.torchvision_anchors(
         tuple(canvas_hw), ((32,), (64,), (128,), (256,), (512,)), (0.5, 1.0, 2.0)
     )
@@ -368,10 +367,6 @@ def head_gradients_from_torch(state_dict: dict, grads: dict, source: str) -> dic
     mixed.update(grads)
     variables, _ = tv.convert(mixed, source)
     return {head: variables["params"][head] for head in HEADS}
-
-
-def to_jnp(tree):
-    return jax.tree.map(jnp.asarray, tree)
 
 
 # ------------------------------------------------------------------------------------- FCOS
