@@ -146,16 +146,15 @@ def _gather_pool(table, row_base, widths, ys, xs):
     row_start = row_base[:, None, None] + y_first * widths[:, None, None]  # [R, oh, sr]
     top_left = row_start[grid] + x_first[cols]  # [R, oh, sr, ow, sr]
     below = widths[:, None, None, None, None]
-    index = jnp.stack([top_left, top_left + 1, top_left + below, top_left + below + 1], -1)
+    index = jnp.stack([top_left, top_left + 1, top_left + below, top_left + below + 1])
     weight = jnp.stack(
         [
             wy_first[grid] * wx_first[cols],
             wy_first[grid] * wx_second[cols],
             wy_second[grid] * wx_first[cols],
             wy_second[grid] * wx_second[cols],
-        ],
-        -1,
-    ).astype(table.dtype)  # [R, oh, sr, ow, sr, 4]
+        ]
+    ).astype(table.dtype)  # [4, R, oh, sr, ow, sr]
     return pool_bilinear_samples(table, index, weight)
 
 

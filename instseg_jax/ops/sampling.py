@@ -27,25 +27,29 @@ _CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def _chunks(index, weight, bytes_per_row):
-    """Split index/weight [N, ...] into [num_chunks, chunk, ...] (padding has zero weight)."""
-    num = index.shape[0]
-    per_box = bytes_per_row * int(np.prod(index.shape[1:]))
-    chunk = int(max(1, min(num, _CHUNK_BYTES // max(per_box, 1))))
+    """Split index/weight [4, N, S] into [num_chunks, 4, chunk, S] (padding has zero weight)."""
+    _, num, samples = index.shape
+    chunk = int(max(1, min(num, _CHUNK_BYTES // max(bytes_per_row * samples, 1))))
     padded = -(-num // chunk) * chunk
     if padded != num:
-        pad = [(0, padded - num)] + [(0, 0)] * (index.ndim - 1)
+        pad = [(0, 0), (0, padded - num), (0, 0)]
         index = jnp.pad(index, pad)
         weight = jnp.pad(weight, pad)
-    split = lambda x: x.reshape((padded // chunk, chunk) + x.shape[1:])
+
+    def split(x):
+        return jnp.moveaxis(x.reshape(4, padded // chunk, chunk, samples), 1, 0)
+
     return split(index), split(weight), padded
 
 
-def _pool_chunk(flat_features, index, weight):
-    """[n, oh, ow, D] bins of one chunk: four fused gathers, scaled, summed, reduced over sr."""
+def _pool_chunk(flat_features, index, weight, sample_shape):
+    """[n, oh, ow, D] bins of one chunk (index, weight [4, n, S]): four gathers that XLA fuses
+    with the products and the sum, reduced over the sub-bin samples."""
     samples = None
     for k in range(4):
-        term = jnp.take(flat_features, index[..., k], axis=0, mode="clip") * weight[..., k, None]
-        samples = term if samples is None else samples + term  # [n, oh, sr, ow, sr, D]
+        term = jnp.take(flat_features, index[k], axis=0, mode="clip") * weight[k][..., None]
+        samples = term if samples is None else samples + term  # [n, S, D]
+    samples = samples.reshape(samples.shape[:1] + sample_shape + samples.shape[-1:])
     return samples.sum(axis=(2, 4))
 
 
@@ -53,39 +57,63 @@ def _pool_chunk(flat_features, index, weight):
 def pool_bilinear_samples(flat_features, index, weight):
     """Bins [N, oh, ow, D] = sum over samples and neighbours of weight * flat_features[index].
 
-    index int32[N, oh, sr, ow, sr, 4] and weight [N, oh, sr, ow, sr, 4] are the four bilinear
-    neighbours of every sample of N groups (RoIAlign: boxes, whose weights hold the 1/sr^2 of
-    the bin mean; deformable attention: queries x heads, oh = ow = 1).
-    Forward: four gathers per chunk of boxes that XLA fuses with the products and the sum.
-    Backward: a scatter-add of every neighbour row, chunk by chunk into one gradient buffer.
+    index int32[4, N, oh, sr, ow, sr] and weight [4, N, oh, sr, ow, sr] are the four bilinear
+    neighbours (corner axis first) of every sample of N groups (RoIAlign: boxes, whose weights
+    hold the 1/sr^2 of the bin mean; deformable attention: heads x queries, oh = ow = 1).
+    Forward: four gathers per chunk of boxes. Backward: a scatter-add of every neighbour row,
+    chunk by chunk into one gradient buffer.
+
+    The corners lead and each group's samples are one axis: TPUs tile an array's two minor
+    axes in 8 x 128 blocks, and index arrays ending in (sr, 4) were padded 64x there
+    (RESULTS.md, "Bilinear gathers on TPU").
     """
     return _pool_samples_fwd(flat_features, index, weight)[0]
 
 
+def _flat_samples(index, weight):
+    """index, weight [4, N, oh, sr, ow, sr] -> [4, N, S] and the sample shape (oh, sr, ow, sr)."""
+    if index.ndim != 6 or index.shape[0] != 4 or weight.shape != index.shape:
+        raise ValueError(
+            "pool_bilinear_samples: index and weight must both be [4, N, oh, sr, ow, sr], got "
+            f"{index.shape} and {weight.shape}"
+        )
+    sample_shape = index.shape[2:]
+    flat = index.shape[:2] + (-1,)
+    return index.reshape(flat), weight.reshape(flat), sample_shape
+
+
 def _pool_samples_fwd(flat_features, index, weight):
-    num = index.shape[0]
+    index, weight, sample_shape = _flat_samples(index, weight)
+    num = index.shape[1]
     row_bytes = flat_features.shape[-1] * flat_features.dtype.itemsize
     index_c, weight_c, _ = _chunks(index, weight, row_bytes)
-    pooled = jax.lax.map(lambda c: _pool_chunk(flat_features, *c), (index_c, weight_c))
+    pooled = jax.lax.map(
+        lambda c: _pool_chunk(flat_features, *c, sample_shape), (index_c, weight_c)
+    )
     pooled = pooled.reshape((-1,) + pooled.shape[2:])[:num]
-    return pooled, (flat_features, index, weight)
+    return pooled, (flat_features, index, weight, sample_shape)
 
 
 def _pool_samples_bwd(residuals, cotangent):
-    flat_features, index, weight = residuals
+    flat_features, index, weight, sample_shape = residuals
     depth = flat_features.shape[-1]
+    num = index.shape[1]
     row_bytes = depth * flat_features.dtype.itemsize
     index_c, weight_c, padded = _chunks(index, weight, row_bytes)
-    if padded != cotangent.shape[0]:
-        cotangent = jnp.pad(cotangent, [(0, padded - cotangent.shape[0])] + [(0, 0)] * 3)
-    cotangent_c = cotangent.reshape(index_c.shape[:2] + cotangent.shape[1:])
+    if padded != num:
+        cotangent = jnp.pad(cotangent, [(0, padded - num)] + [(0, 0)] * 3)
+    chunk = index_c.shape[2]
+    cotangent_c = cotangent.reshape((index_c.shape[0], chunk) + cotangent.shape[1:])
+    grid = (4, chunk) + sample_shape
 
-    def spread(g):  # [n, oh, ow, D] -> [n, oh, 1, ow, 1, 1, D]
-        return g[:, :, None, :, None, None, :]
+    def spread(g):  # [n, oh, ow, D] -> [1, n, oh, 1, ow, 1, D]
+        return g[None, :, :, None, :, None, :]
 
     def scatter_chunk(i, grad):
-        updates = (spread(cotangent_c[i]) * weight_c[i][..., None]).reshape(-1, depth)
-        return grad.at[index_c[i].reshape(-1)].add(updates, mode="promise_in_bounds")
+        updates = spread(cotangent_c[i]) * weight_c[i].reshape(grid)[..., None]
+        return grad.at[index_c[i].reshape(-1)].add(
+            updates.reshape(-1, depth), mode="promise_in_bounds"
+        )
 
     grad_features = jax.lax.fori_loop(
         0, index_c.shape[0], scatter_chunk, jnp.zeros_like(flat_features)
@@ -95,11 +123,12 @@ def _pool_samples_bwd(residuals, cotangent):
     # (a separate pass, which XLA drops when nothing asks for box gradients).
     def weight_chunk(c):
         idx, g = c
-        return (jnp.take(flat_features, idx, axis=0, mode="clip") * spread(g)).sum(axis=-1)
+        values = jnp.take(flat_features, idx, axis=0, mode="clip").reshape(grid + (depth,))
+        return (values * spread(g)).sum(axis=-1).reshape(idx.shape)
 
-    grad_weight = jax.lax.map(weight_chunk, (index_c, cotangent_c))
-    grad_weight = grad_weight.reshape((-1,) + grad_weight.shape[2:])[: index.shape[0]]
-    return grad_features, None, grad_weight
+    grad_weight = jax.lax.map(weight_chunk, (index_c, cotangent_c))  # [chunks, 4, n, S]
+    grad_weight = jnp.moveaxis(grad_weight, 0, 1).reshape(4, padded, -1)[:, :num]
+    return grad_features, None, grad_weight.reshape((4, num) + sample_shape)
 
 
 pool_bilinear_samples.defvjp(_pool_samples_fwd, _pool_samples_bwd)
@@ -108,8 +137,8 @@ pool_bilinear_samples.defvjp(_pool_samples_fwd, _pool_samples_bwd)
 def bilinear_corners(points: jnp.ndarray, height, width) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Neighbours of points[..., 2] ((x, y) in [0, 1] of a height x width map).
 
-    Returns (index int32[..., 4] flat row-major cells, clamped into the map; weight [..., 4],
-    zero for neighbours outside the map).
+    Returns (index int32[4, ...] flat row-major cells, clamped into the map; weight [4, ...],
+    zero for neighbours outside the map), the corner axis first (see pool_bilinear_samples).
     """
     dtype = points.dtype
     x = points[..., 0] * jnp.asarray(width, dtype) - 0.5
@@ -129,7 +158,7 @@ def bilinear_corners(points: jnp.ndarray, height, width) -> tuple[jnp.ndarray, j
             inside = (xi >= 0) & (xi < width) & (yi >= 0) & (yi < height)
             index.append(jnp.clip(yi, 0, height - 1) * width + jnp.clip(xi, 0, width - 1))
             weight.append(jnp.where(inside, wy * wx, 0.0))
-    return jnp.stack(index, -1), jnp.stack(weight, -1)
+    return jnp.stack(index), jnp.stack(weight)
 
 
 def point_sample(maps: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
@@ -144,16 +173,15 @@ def point_sample(maps: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
     num, height, width = maps.shape
     if num * height * width >= 2**31:
         raise ValueError(f"point_sample: {num} maps of {height} x {width} overflow int32 indices")
-    index, weight = bilinear_corners(points, height, width)  # [N, P, 4]
+    index, weight = bilinear_corners(points, height, width)  # [4, N, P]
     # One gather from the flat maps, corner axis first. TPUs tile an array's two minor axes
     # in 8 x 128 blocks: an index array ending in the 4 corners, or in the (map, cell) pairs
     # take_along_axis builds, is padded 32-40x; at Mask2Former's COCO loss (100 queries x
     # 12,544 points) this form compiles to 0.08 GiB of temporaries instead of 1.28 GiB per
-    # layer (v5e, RESULTS.md "Mask2Former on one v5e chip").
-    offsets = (jnp.arange(num, dtype=jnp.int32) * (height * width))[:, None]
-    index = jnp.moveaxis(index, -1, 0) + offsets  # [4, N, P]
+    # layer (v5e, RESULTS.md "Bilinear gathers on TPU").
+    index = index + (jnp.arange(num, dtype=jnp.int32) * (height * width))[:, None]
     values = jnp.take(maps.reshape(-1), index.reshape(-1), mode="clip").reshape(index.shape)
-    return (values * jnp.moveaxis(weight, -1, 0)).sum(0)
+    return (values * weight).sum(0)
 
 
 def uncertain_points(
@@ -204,8 +232,8 @@ def point_features(features: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
     _, num, per, _ = points.shape
 
     def one_image(image_features, image_points):
-        index, weight = bilinear_corners(image_points, height, width)  # [N, P, 4]
-        shape = (num, per, 1, 1, 1, 4)
+        index, weight = bilinear_corners(image_points, height, width)  # [4, N, P]
+        shape = (4, num, per, 1, 1, 1)
         pooled = pool_bilinear_samples(
             image_features.reshape(height * width, depth),
             index.reshape(shape),
@@ -273,17 +301,17 @@ def deformable_attention(
     # Head-major throughout: rows of an image's flat table are (head, cell), and the sampling
     # arrays are [B, M, Q, ...]. With the 8 heads next to the minor axes instead, TPU's 8 x 128
     # tiling pads them 16x: one COCO encoder layer's backward took 1.22 GiB of temporaries on
-    # v5e against 0.41 GiB in this order (RESULTS.md "Mask2Former on one v5e chip").
+    # v5e against 0.41 GiB in this order (RESULTS.md "Bilinear gathers on TPU").
     locations = jnp.moveaxis(locations, 2, 1)  # [B, M, Q, L, K, 2]
     attention = jnp.moveaxis(attention, 2, 1)
-    index, weight = bilinear_corners(locations, heights, widths)  # [B, M, Q, L, K, 4]
-    index = index + jnp.asarray(starts, jnp.int32)[:, None, None]
-    weight = weight * attention[..., None]
+    index, weight = bilinear_corners(locations, heights, widths)  # [4, B, M, Q, L, K]
+    index = index + jnp.asarray(starts, jnp.int32)[:, None]
+    weight = weight * attention
     # One gather serves all heads of an image. The tables are per image and vmapped over the
     # batch, so that a batch split over devices samples on each device from its own images'
     # values only.
-    head = (jnp.arange(heads, dtype=jnp.int32) * cells)[:, None, None, None, None]
-    shape = (heads * queries, 1, levels * points, 1, 1, 4)
+    head = (jnp.arange(heads, dtype=jnp.int32) * cells)[:, None, None, None]
+    shape = (4, heads * queries, 1, levels * points, 1, 1)
 
     def one_image(image_value, image_index, image_weight):
         pooled = pool_bilinear_samples(
@@ -293,4 +321,4 @@ def deformable_attention(
         )
         return jnp.moveaxis(pooled.reshape(heads, queries, depth), 0, 1)
 
-    return jax.vmap(one_image)(value, index, weight)
+    return jax.vmap(one_image, in_axes=(0, 1, 1))(value, index, weight)
