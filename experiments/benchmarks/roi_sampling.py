@@ -19,6 +19,7 @@ the interleaved pair is comparable.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, machine_line, markdown_table, time_interleaved
+from common import append_results, machine_line, markdown_table
 from compile_and_step import step_program
 
 from instseg_jax import compilation, ops
@@ -63,11 +64,26 @@ def coco_like_boxes(rng, batch: int, count: int) -> np.ndarray:
     return np.stack([x0, y0, np.minimum(x0 + w, CANVAS), np.minimum(y0 + h, CANVAS)], -1)
 
 
-def op_programs(batch: int):
-    """{name: (compiled fwd+bwd program, args)} of the box and mask poolers, fixed vs adaptive."""
+def interleaved_times(candidates: dict, rounds: int) -> dict:
+    """{name: [seconds of each round]} of zero-argument blocking callables run in turn, after one
+    warm-up call each (the minimum is the figure least disturbed by other jobs on the cores)."""
+    for fn in candidates.values():
+        fn()
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def op_programs(batch: int, dtype: str):
+    """{name: (compiled fwd+bwd program, args)} of the box and mask poolers, fixed vs adaptive,
+    on features of dtype (the COCO recipes compute in bfloat16)."""
     rng = np.random.default_rng(0)
     levels = [
-        jnp.asarray(rng.normal(size=(batch, CANVAS >> lv, CANVAS >> lv, CHANNELS)), jnp.float32)
+        jnp.asarray(rng.normal(size=(batch, CANVAS >> lv, CANVAS >> lv, CHANNELS)), dtype)
         for lv in range(2, 6)
     ]
     programs = {}
@@ -80,11 +96,12 @@ def op_programs(batch: int):
                 pooled = ops.multilevel_roi_align(
                     features, b, s, sampling_ratio=r, sampling_ratio_max=m
                 )
-                return jnp.sum(pooled * pooled)
+                return jnp.sum(pooled.astype(jnp.float32) ** 2)
 
             fn = jax.jit(jax.value_and_grad(loss))
             compiled = fn.lower(levels).compile()
-            programs[f"{head} pooler {size}x{size}, {count} RoIs/img, sampling_ratio {ratio}"] = (
+            name = f"{head} pooler {size}x{size}, {count} RoIs/img, {dtype}, sampling_ratio {ratio}"
+            programs[name] = (
                 compiled,
                 (levels,),
             )
@@ -97,16 +114,19 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-step", action="store_true")
+    parser.add_argument("--op-dtypes", default="float32,bfloat16")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("overrides", nargs="*", help="config overrides for both step programs")
     args = parser.parse_args(argv)
     rows = []
 
-    programs = op_programs(args.batch)
+    programs = {}
+    for dtype in args.op_dtypes.split(","):
+        programs.update(op_programs(args.batch, dtype))
     callables = {
         name: (lambda c=c, a=a: jax.block_until_ready(c(*a))) for name, (c, a) in programs.items()
     }
-    medians = time_interleaved(callables, max(args.rounds, 5))
+    times = interleaved_times(callables, max(args.rounds, 5))
     for name, (compiled, _) in programs.items():
         gflop, gb, temp = cost_row(compiled)
         rows.append(
@@ -116,7 +136,8 @@ def main(argv=None) -> int:
                 f"{gb:.2f}",
                 f"{temp:.2f}",
                 "-",
-                f"{medians[name]:.3f}",
+                f"{statistics.median(times[name]):.3f}",
+                f"{min(times[name]):.3f}",
             ]
         )
         print(rows[-1], flush=True)
@@ -137,7 +158,7 @@ def main(argv=None) -> int:
             compiled, state, batch, _ = steps[ratio]
             return lambda: jax.block_until_ready(compiled(state, batch)[1])
 
-        medians = time_interleaved({r: runner(r) for r in steps}, args.rounds)
+        times = interleaved_times({r: runner(r) for r in steps}, args.rounds)
         for ratio, (compiled, _, _, compile_s) in steps.items():
             gflop, gb, temp = cost_row(compiled)
             rows.append(
@@ -147,12 +168,22 @@ def main(argv=None) -> int:
                     f"{gb:.1f}",
                     f"{temp:.2f}",
                     f"{compile_s:.1f}",
-                    f"{medians[ratio]:.2f}",
+                    f"{statistics.median(times[ratio]):.2f}",
+                    f"{min(times[ratio]):.2f}",
                 ]
             )
+            print(f"sampling_ratio {ratio} step times: {times[ratio]}", flush=True)
             print(rows[-1], flush=True)
 
-    columns = ["program", "GFLOP (XLA)", "GB accessed (XLA)", "temp GB", "compile s", "median s"]
+    columns = [
+        "program",
+        "GFLOP (XLA)",
+        "GB accessed (XLA)",
+        "temp GB",
+        "compile s",
+        "median s",
+        "min s",
+    ]
     table = markdown_table(rows, columns)
     header = (
         f"{machine_line()}; experiments/{args.experiment} {' '.join(args.overrides)}, "
