@@ -2,7 +2,8 @@
 2 x 2 samples per bin, in one process: the op alone and a whole training step.
 
     python experiments/benchmarks/roi_sampling.py [--experiment maskrcnn_r50_fpn_coco_1x.py]
-        [--batch 1] [--rounds 3] [--no-step] [--no-append] [overrides ...]
+        [--batch 1] [--rounds 3] [--no-step] [--op-dtypes float32,bfloat16] [--no-append]
+        [overrides ...]
 
 Op: RoIAlign forward and backward of the box pooler (512 RoIs per image, 7x7, 256 channels)
 and of the mask pooler (128 RoIs per image, 14x14) on a COCO-size pyramid (1344 canvas, P2-P5),
@@ -12,8 +13,8 @@ Step: the experiment's training step at the given batch on a padding batch with 
 initial weights (experiments/benchmarks/compile_and_step.py `step_program`), once with
 --config.model.sampling_ratio=2 and once with 0 (the other overrides apply to both). Reported:
 XLA's compiled cost_analysis (flops, bytes accessed) and memory_analysis (temporaries), and the
-median step time of interleaved rounds (2, 0, 2, 0, ...): on a machine others load too, only
-the interleaved pair is comparable.
+median and minimum times of interleaved rounds (2, 0, 2, 0, ...): on a machine others load
+too, only the interleaved pair is comparable.
 """
 
 from __future__ import annotations
