@@ -27,30 +27,30 @@ _CHUNK_BYTES = 4 * 1024 * 1024
 
 
 def _chunks(index, weight, bytes_per_row):
-    """Split index/weight [4, N, S] into [num_chunks, 4, chunk, S] (padding has zero weight)."""
-    _, num, samples = index.shape
+    """Split index/weight [4, S, N] into [num_chunks, 4, S, chunk] (padding has zero weight)."""
+    _, samples, num = index.shape
     chunk = int(max(1, min(num, _CHUNK_BYTES // max(bytes_per_row * samples, 1))))
     padded = -(-num // chunk) * chunk
     if padded != num:
-        pad = [(0, 0), (0, padded - num), (0, 0)]
+        pad = [(0, 0), (0, 0), (0, padded - num)]
         index = jnp.pad(index, pad)
         weight = jnp.pad(weight, pad)
 
     def split(x):
-        return jnp.moveaxis(x.reshape(4, padded // chunk, chunk, samples), 1, 0)
+        return jnp.moveaxis(x.reshape(4, samples, padded // chunk, chunk), 2, 0)
 
     return split(index), split(weight), padded
 
 
 def _pool_chunk(flat_features, index, weight, sample_shape):
-    """[n, oh, ow, D] bins of one chunk (index, weight [4, n, S]): four gathers that XLA fuses
+    """[n, oh, ow, D] bins of one chunk (index, weight [4, S, n]): four gathers that XLA fuses
     with the products and the sum, reduced over the sub-bin samples."""
     samples = None
     for k in range(4):
         term = jnp.take(flat_features, index[k], axis=0, mode="clip") * weight[k][..., None]
-        samples = term if samples is None else samples + term  # [n, S, D]
-    samples = samples.reshape(samples.shape[:1] + sample_shape + samples.shape[-1:])
-    return samples.sum(axis=(2, 4))
+        samples = term if samples is None else samples + term  # [S, n, D]
+    samples = samples.reshape(sample_shape + samples.shape[1:])  # [oh, sr, ow, sr, n, D]
+    return jnp.moveaxis(samples.sum(axis=(1, 3)), 2, 0)
 
 
 @jax.custom_vjp
@@ -63,28 +63,32 @@ def pool_bilinear_samples(flat_features, index, weight):
     Forward: four gathers per chunk of boxes. Backward: a scatter-add of every neighbour row,
     chunk by chunk into one gradient buffer.
 
-    The corners lead and each group's samples are one axis: TPUs tile an array's two minor
-    axes in 8 x 128 blocks, and index arrays ending in (sr, 4) were padded 64x there
-    (RESULTS.md, "Bilinear gathers on TPU").
+    Inside, the residuals and chunks are [4, S, N]: corners first, then the S = oh x sr x ow x sr
+    samples of a group, the groups last. TPUs tile an array's two minor axes in 8 x 128 blocks;
+    with (sr, 4) or the 4 corners at the minor end the index and weight arrays were padded up to
+    64x there, and the adaptive RoIAlign's slots multiplied that (one COCO box pooler's backward:
+    1.83 GiB of v5e temporaries, 0.08 GiB in this order; RESULTS.md, "Bilinear gathers on TPU").
     """
     return _pool_samples_fwd(flat_features, index, weight)[0]
 
 
 def _flat_samples(index, weight):
-    """index, weight [4, N, oh, sr, ow, sr] -> [4, N, S] and the sample shape (oh, sr, ow, sr)."""
+    """index, weight [4, N, oh, sr, ow, sr] -> [4, S, N] and the sample shape (oh, sr, ow, sr)."""
     if index.ndim != 6 or index.shape[0] != 4 or weight.shape != index.shape:
         raise ValueError(
             "pool_bilinear_samples: index and weight must both be [4, N, oh, sr, ow, sr], got "
             f"{index.shape} and {weight.shape}"
         )
-    sample_shape = index.shape[2:]
-    flat = index.shape[:2] + (-1,)
-    return index.reshape(flat), weight.reshape(flat), sample_shape
+
+    def flat(x):
+        return jnp.moveaxis(x.reshape(x.shape[:2] + (-1,)), 1, 2)
+
+    return flat(index), flat(weight), index.shape[2:]
 
 
 def _pool_samples_fwd(flat_features, index, weight):
     index, weight, sample_shape = _flat_samples(index, weight)
-    num = index.shape[1]
+    num = index.shape[2]
     row_bytes = flat_features.shape[-1] * flat_features.dtype.itemsize
     index_c, weight_c, _ = _chunks(index, weight, row_bytes)
     pooled = jax.lax.map(
@@ -97,17 +101,18 @@ def _pool_samples_fwd(flat_features, index, weight):
 def _pool_samples_bwd(residuals, cotangent):
     flat_features, index, weight, sample_shape = residuals
     depth = flat_features.shape[-1]
-    num = index.shape[1]
+    num = index.shape[2]
     row_bytes = depth * flat_features.dtype.itemsize
     index_c, weight_c, padded = _chunks(index, weight, row_bytes)
     if padded != num:
         cotangent = jnp.pad(cotangent, [(0, padded - num)] + [(0, 0)] * 3)
-    chunk = index_c.shape[2]
+    chunk = index_c.shape[3]
     cotangent_c = cotangent.reshape((index_c.shape[0], chunk) + cotangent.shape[1:])
-    grid = (4, chunk) + sample_shape
+    grid = (4,) + sample_shape + (chunk,)
 
-    def spread(g):  # [n, oh, ow, D] -> [1, n, oh, 1, ow, 1, D]
-        return g[None, :, :, None, :, None, :]
+    def spread(g):  # [n, oh, ow, D] -> [1, oh, 1, ow, 1, n, D]
+        g = jnp.moveaxis(g, 0, 2)  # [oh, ow, n, D]
+        return g[None, :, None, :, None, :, :]
 
     def scatter_chunk(i, grad):
         updates = spread(cotangent_c[i]) * weight_c[i].reshape(grid)[..., None]
@@ -119,15 +124,18 @@ def _pool_samples_bwd(residuals, cotangent):
         0, index_c.shape[0], scatter_chunk, jnp.zeros_like(flat_features)
     )
 
-    # The weights depend on the box coordinates: their cotangent carries the box gradient
-    # (a separate pass, which XLA drops when nothing asks for box gradients).
     def weight_chunk(c):
         idx, g = c
         values = jnp.take(flat_features, idx, axis=0, mode="clip").reshape(grid + (depth,))
         return (values * spread(g)).sum(axis=-1).reshape(idx.shape)
 
-    grad_weight = jax.lax.map(weight_chunk, (index_c, cotangent_c))  # [chunks, 4, n, S]
-    grad_weight = jnp.moveaxis(grad_weight, 0, 1).reshape(4, padded, -1)[:, :num]
+    # The weights depend on the box coordinates: their cotangent carries the box gradient
+    # (a separate pass, which XLA drops when nothing asks for box gradients).
+    grad_weight = jax.lax.map(weight_chunk, (index_c, cotangent_c))  # [chunks, 4, S, n]
+    grad_weight = jnp.moveaxis(grad_weight, 0, 2).reshape(4, grad_weight.shape[2], padded)[
+        ..., :num
+    ]
+    grad_weight = jnp.moveaxis(grad_weight, 2, 1)  # [4, N, S]
     return grad_features, None, grad_weight.reshape((4, num) + sample_shape)
 
 
@@ -301,7 +309,7 @@ def deformable_attention(
     # Head-major throughout: rows of an image's flat table are (head, cell), and the sampling
     # arrays are [B, M, Q, ...]. With the 8 heads next to the minor axes instead, TPU's 8 x 128
     # tiling pads them 16x: one COCO encoder layer's backward took 1.22 GiB of temporaries on
-    # v5e against 0.41 GiB in this order (RESULTS.md "Bilinear gathers on TPU").
+    # v5e against 0.49 GiB in this order (RESULTS.md "Bilinear gathers on TPU").
     locations = jnp.moveaxis(locations, 2, 1)  # [B, M, Q, L, K, 2]
     attention = jnp.moveaxis(attention, 2, 1)
     index, weight = bilinear_corners(locations, heights, widths)  # [4, B, M, Q, L, K]
