@@ -179,16 +179,14 @@ def point_sample(maps: jnp.ndarray, points: jnp.ndarray) -> jnp.ndarray:
     if maps.dtype == bool:
         maps = maps.astype(points.dtype)
     num, height, width = maps.shape
-    if num * height * width >= 2**31:
-        raise ValueError(f"point_sample: {num} maps of {height} x {width} overflow int32 indices")
     index, weight = bilinear_corners(points, height, width)  # [4, N, P]
-    # One gather from the flat maps, corner axis first. TPUs tile an array's two minor axes
-    # in 8 x 128 blocks: an index array ending in the 4 corners, or in the (map, cell) pairs
-    # take_along_axis builds, is padded 32-40x; at Mask2Former's COCO loss (100 queries x
-    # 12,544 points) this form compiles to 0.08 GiB of temporaries instead of 1.28 GiB per
-    # layer (v5e, RESULTS.md "Bilinear gathers on TPU").
-    index = index + (jnp.arange(num, dtype=jnp.int32) * (height * width))[:, None]
-    values = jnp.take(maps.reshape(-1), index.reshape(-1), mode="clip").reshape(index.shape)
+    # Each map gathers from itself (the map axis stays a batch axis of the gather, so maps of
+    # images on different chips never meet), corner axis first: TPUs tile an array's two minor
+    # axes in 8 x 128 blocks, and index arrays ending in the 4 corners, or in the (map, cell)
+    # pairs take_along_axis builds, were padded 32-40x there (Mask2Former's COCO loss layer:
+    # 1.28 GiB of v5e temporaries before, RESULTS.md "Bilinear gathers on TPU").
+    gather = jax.vmap(lambda one_map, cells: one_map[cells], in_axes=(0, 1), out_axes=1)
+    values = gather(maps.reshape(num, height * width), index)  # [4, N, P]
     return (values * weight).sum(0)
 
 
