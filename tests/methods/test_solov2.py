@@ -390,6 +390,21 @@ def test_detect_masks_only_the_best_test_candidates_by_category_score():
     assert [c for _, c, _ in everything] != [c for _, c, _ in expected]  # what the bound costs
 
 
+def one_pixel_masks(rng, b, p, side, background_mean, foreground_range):
+    """(targets uint8[b, p, side, side], logits float32[b, p, side, side]) for the dice-eps tests
+    (here and tests/methods/test_condinst.py): each target one random pixel, predicted
+    confidently (logits N(background_mean, 0.5) off it, uniform(*foreground_range) on it), so the
+    dice loss is of the order of its eps."""
+    targets = np.zeros((b, p, side, side), np.uint8)
+    logits = rng.normal(background_mean, 0.5, (b, p, side, side)).astype(np.float32)
+    for i in range(b):
+        for j in range(p):
+            y, x = rng.integers(0, side, 2)
+            targets[i, j, y, x] = 1
+            logits[i, j, y, x] = rng.uniform(*foreground_range)
+    return targets, logits
+
+
 def test_dice_loss_is_the_references_with_its_eps():
     """loss_fn's mask term against WXinlong/SOLO solov2_head.py dice_loss (0.001 added to each
     squared sum of the denominator, none to the numerator), averaged over the trained pairs and
@@ -397,13 +412,7 @@ def test_dice_loss_is_the_references_with_its_eps():
     eps: 2e-3 on the denominator gives ~1e-3 per mask, 1e-3 gives ~5e-4."""
     rng = np.random.default_rng(4)
     b, p, h, w = 2, SCENE_CFG.positive_slots_per_image, 4, 4
-    mask_targets = np.zeros((b, p, h, w), np.uint8)
-    mask_logits = rng.normal(-12.0, 0.5, (b, p, h, w)).astype(np.float32)
-    for i in range(b):
-        for j in range(p):
-            y, x = rng.integers(0, 4, 2)
-            mask_targets[i, j, y, x] = 1
-            mask_logits[i, j, y, x] = rng.uniform(8.0, 14.0)
+    mask_targets, mask_logits = one_pixel_masks(rng, b, p, h, -12.0, (8.0, 14.0))
     mask_logits[0, :3] = rng.normal(0, 2, (3, h, w))  # and a few poor predictions
     slot_valid = np.zeros((b, p), bool)
     slot_valid[0, :5], slot_valid[1, :7] = True, True
@@ -442,17 +451,8 @@ def test_points_nms_matches_the_reference_peak_filter():
 
 
 def test_detect_matches_the_reference_test_procedure():
-    rng = np.random.default_rng(1)
     cfg = dataclasses.replace(SCENE_CFG, test_candidates=10_000, detections_per_image=30)
-    s, c, e = cfg.num_cells, cfg.num_classes, 6
-    h, w = (v // 4 for v in cfg.canvas_hw)
-    # Features: smooth blobs, so masks are regions that overlap each other partly.
-    yy, xx = np.mgrid[0:h, 0:w] / 16.0
-    features = np.stack(
-        [np.cos(3 * xx + k) + np.sin(2 * yy * (k + 1)) for k in range(e)], -1
-    ).astype(np.float32)
-    kernels = rng.normal(0, 1.5, (s, e)).astype(np.float32)
-    logits = rng.normal(-3.0, 1.5, (s, c)).astype(np.float32)
+    logits, kernels, features = detect_inputs(cfg)
     out = solov2.detect(
         jnp.asarray(logits)[None],
         jnp.asarray(kernels)[None],
@@ -460,14 +460,8 @@ def test_detect_matches_the_reference_test_procedure():
         {},
         cfg,
     )
-    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    filtered, start = [], 0
-    for grid in cfg.num_grids:
-        level = probs[start : start + grid * grid].reshape(grid, grid, c)
-        filtered.append(reference.points_nms(level).reshape(-1, c))
-        start += grid * grid
     expected = reference.detect(
-        np.concatenate(filtered),
+        peak_filtered(logits, cfg),
         kernels.astype(np.float64),
         features.astype(np.float64),
         cfg.cell_strides().astype(np.float64),
