@@ -12,6 +12,7 @@ import pytest
 
 from instseg_jax.methods import condinst
 from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
+from tests.methods.test_solov2 import one_pixel_masks
 
 SMOKE = "experiments/condinst_nuclei.py:smoke"
 CFG = condinst.CondInstConfig(num_classes=3, canvas_hw=(128, 128))
@@ -111,13 +112,7 @@ def test_dice_loss_is_the_references_with_its_eps(monkeypatch):
     monkeypatch.setattr(condinst.fcos, "loss_fn", lambda outputs, batch, cfg: (0.0, {}))
     rng = np.random.default_rng(5)
     b, p, h, w = 2, 6, 4, 4
-    targets = np.zeros((b, p, h, w), np.uint8)
-    logits = rng.normal(-16.0, 0.5, (b, p, h, w)).astype(np.float32)
-    for i in range(b):
-        for j in range(p):
-            y, x = rng.integers(0, 4, 2)
-            targets[i, j, y, x] = 1
-            logits[i, j, y, x] = rng.uniform(14.0, 16.0)
+    targets, logits = one_pixel_masks(rng, b, p, h, -16.0, (14.0, 16.0))
     logits[1, :2] = rng.normal(0, 2, (2, h, w))  # and two poor predictions
 
     def loss_and_reference(slot_valid):
