@@ -200,19 +200,34 @@ def report(label: str, figures: dict, start: float, rows: list, failed: list, mo
     failed += [f"{model} {label}: {f}" for f in figures["failures"]]
 
 
-def run_fcos(seed: int) -> tuple[list[dict], list, dict]:
-    """FCOS: (per-case figures, failures, the fixture's arrays). No sampling to share: every
-    location takes part in both sides' losses."""
-    model = fcos_parity.tiny_model(seed, 0.2)
-    state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
-    variables, arch = loss_parity.torchvision_fcos.convert(state_dict, "seeded tiny FCOS")
-    arrays = weights_reference(state_dict, "torchvision_fcos_tiny.npz")
+def numpy_state_dict(model) -> dict:
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def run_cases(scene_list: list, arrays: dict, model: str, compare) -> tuple[list[dict], list]:
+    """Every case of the scenes through compare(batch) -> (figures, theirs): (per-case figures,
+    failures), each case reported as it ends; the scenes' inputs and torchvision's side of each
+    case go into `arrays` (the fixture)."""
     rows, failed = [], []
-    scene_list = scenes(seed)
     for index, scene in enumerate(scene_list):
         arrays.update(scene_arrays(index, scene))
     for prefix, label, batch in cases(scene_list):
         start = time.perf_counter()
+        figures, theirs = compare(batch)
+        report(label, figures, start, rows, failed, model)
+        arrays.update(case_arrays(prefix, theirs))
+    return rows, failed
+
+
+def run_fcos(seed: int) -> tuple[list[dict], list, dict]:
+    """FCOS: (per-case figures, failures, the fixture's arrays). No sampling to share: every
+    location takes part in both sides' losses."""
+    model = fcos_parity.tiny_model(seed, 0.2)
+    state_dict = numpy_state_dict(model)
+    variables, arch = loss_parity.torchvision_fcos.convert(state_dict, "seeded tiny FCOS")
+    arrays = weights_reference(state_dict, "torchvision_fcos_tiny.npz")
+
+    def compare(batch):
         theirs = torch_training_step(model, batch, ("head.",))
         theirs["grads"] = loss_parity.fcos_head_gradients_from_torch(
             state_dict, theirs["torch_grads"], "torchvision gradients"
@@ -220,8 +235,9 @@ def run_fcos(seed: int) -> tuple[list[dict], list, dict]:
         ours = loss_parity.fcos_losses(variables, arch, batch)
         figures = loss_parity.compare_losses(ours, theirs)
         figures["positives"] = ours["positives"]
-        report(label, figures, start, rows, failed, "FCOS")
-        arrays.update(case_arrays(prefix, theirs))
+        return figures, theirs
+
+    rows, failed = run_cases(scenes(seed), arrays, "FCOS", compare)
     return rows, failed, arrays
 
 
@@ -272,17 +288,13 @@ def run_keypoint(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
     Mask R-CNN."""
     model = keypoint_parity.seeded_model(seed, 0.0, tiny=True, cls_std=0.5)
     model = two_stage_model(model, proposals)
-    state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    state_dict = numpy_state_dict(model)
     variables, arch = loss_parity.torchvision_keypoint.convert(state_dict, "seeded tiny model")
     arrays = weights_reference(state_dict, "torchvision_keypoint_tiny.npz")
     arrays["proposals_per_level"] = np.int64(proposals)
-    rows, failed = [], []
     prefixes = HEAD_PREFIXES + ("roi_heads.keypoint_head.", "roi_heads.keypoint_predictor.")
-    scene_list = [with_keypoints(scene, seed) for scene in scenes(seed)]
-    for index, scene in enumerate(scene_list):
-        arrays.update(scene_arrays(index, scene))
-    for prefix, label, batch in cases(scene_list):
-        start = time.perf_counter()
+
+    def compare(batch):
         theirs = torch_training_step(model, batch, prefixes)
         theirs["grads"] = loss_parity.keypoint_head_gradients_from_torch(
             state_dict, theirs["torch_grads"], "torchvision gradients"
@@ -290,8 +302,10 @@ def run_keypoint(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
         ours = loss_parity.keypoint_rcnn_losses(variables, arch, batch, proposals)
         figures = loss_parity.compare_losses(ours, theirs)
         figures["keypoint_targets"] = ours["keypoint_targets"]
-        report(label, figures, start, rows, failed, "Keypoint R-CNN")
-        arrays.update(case_arrays(prefix, theirs))
+        return figures, theirs
+
+    scene_list = [with_keypoints(scene, seed) for scene in scenes(seed)]
+    rows, failed = run_cases(scene_list, arrays, "Keypoint R-CNN", compare)
     return rows, failed, arrays
 
 
@@ -314,16 +328,12 @@ def run(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
     """Mask R-CNN: (per-case figures, failures, the fixture's arrays)."""
     model = output_parity.seeded_model(seed, 0.0, tiny=True, cls_std=0.5)
     model = two_stage_model(model, proposals)
-    state_dict = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    state_dict = numpy_state_dict(model)
     variables, arch = tv.convert(state_dict, "seeded tiny MaskRCNN")
     arrays = weights_reference(state_dict, "torchvision_tiny.npz")
     arrays["proposals_per_level"] = np.int64(proposals)
-    rows, failed = [], []
-    scene_list = scenes(seed)
-    for index, scene in enumerate(scene_list):
-        arrays.update(scene_arrays(index, scene))
-    for prefix, label, batch in cases(scene_list):
-        start = time.perf_counter()
+
+    def compare(batch):
         theirs = torchvision_losses(model, batch)
         theirs["grads"] = loss_parity.head_gradients_from_torch(
             state_dict, theirs["torch_grads"], "torchvision gradients"
@@ -335,8 +345,9 @@ def run(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
         )  # fmt: skip
         figures = loss_parity.compare_losses(ours, theirs, given)
         figures["mask_rois"] = sum(len(r) for r in theirs["mask_rois"])
-        report(label, figures, start, rows, failed, "Mask R-CNN")
-        arrays.update(case_arrays(prefix, theirs))
+        return figures, theirs
+
+    rows, failed = run_cases(scenes(seed), arrays, "Mask R-CNN", compare)
     return rows, failed, arrays
 
 
