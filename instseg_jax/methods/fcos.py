@@ -176,33 +176,39 @@ class Head(nn.Module):
     regression_channels: int = 4
 
     def setup(self):
-        init = nn.initializers.normal(0.01)
-
-        def conv(features, name, bias_init=nn.initializers.zeros):
-            return Conv(
-                features,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                dtype=self.dtype,
-                kernel_init=init,
-                bias_init=bias_init,
-                name=name,
-            )
-
         for tower in ("cls", "box"):
-            for i in range(self.convs):
-                setattr(self, f"{tower}_conv{i}", conv(self.channels, f"{tower}_conv{i}"))
-                setattr(
-                    self,
-                    f"{tower}_norm{i}",
-                    GroupNorm(32, self.dtype, epsilon=1e-5, name=f"{tower}_norm{i}"),
-                )
+            self.setup_tower(tower)
         prior = -math.log((1 - self.prior_prob) / self.prior_prob)
-        self.cls_logits = conv(self.num_classes, "cls_logits", nn.initializers.constant(prior))
-        self.bbox_pred = conv(self.regression_channels, "bbox_pred")
-        self.centerness = conv(1, "centerness")
+        self.cls_logits = self.conv3x3(
+            self.num_classes, "cls_logits", nn.initializers.constant(prior)
+        )
+        self.bbox_pred = self.conv3x3(self.regression_channels, "bbox_pred")
+        self.centerness = self.conv3x3(1, "centerness")
         if self.level_scales:
             self.scales = self.param("scales", nn.initializers.ones, (len(LEVEL_STRIDES),))
+
+    def conv3x3(self, features: int, name: str, bias_init=nn.initializers.zeros) -> Conv:
+        """One of the head's convs (in setup): 3 x 3, same padding, kernel normal(0.01)."""
+        return Conv(
+            features,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(0.01),
+            bias_init=bias_init,
+            name=name,
+        )
+
+    def setup_tower(self, name: str) -> None:
+        """The `convs` x (conv3x3, GroupNorm 32) of the tower `name` (in setup), which `tower`
+        applies."""
+        for i in range(self.convs):
+            setattr(self, f"{name}_conv{i}", self.conv3x3(self.channels, f"{name}_conv{i}"))
+            setattr(
+                self,
+                f"{name}_norm{i}",
+                GroupNorm(32, self.dtype, epsilon=1e-5, name=f"{name}_norm{i}"),
+            )
 
     def tower(self, x, name):
         for i in range(self.convs):

@@ -95,7 +95,6 @@ from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods import fcos
-from instseg_jax.nn.layers import Conv, GroupNorm
 
 # L: the most contour points per instance the input pipeline sends (input/contours.py: more are
 # kept on a grid, counted as contour_subsampled); 4 x 1280 + 4 x 768 would hold any box's
@@ -232,25 +231,8 @@ class RayHead(fcos.Head):
         super().setup()
         if not self.num_rays:
             return
-        init = nn.initializers.normal(0.01)
-
-        def conv(features, name):
-            return Conv(
-                features,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                dtype=self.dtype,
-                kernel_init=init,
-                bias_init=nn.initializers.zeros,
-                name=name,
-            )
-
-        for i in range(self.convs):
-            setattr(self, f"mask_conv{i}", conv(self.channels, f"mask_conv{i}"))
-            setattr(
-                self, f"mask_norm{i}", GroupNorm(32, self.dtype, epsilon=1e-5, name=f"mask_norm{i}")
-            )
-        self.ray_pred = conv(self.num_rays, "ray_pred")
+        self.setup_tower("mask")
+        self.ray_pred = self.conv3x3(self.num_rays, "ray_pred")
         if self.level_scales:
             self.ray_scales = self.param(
                 "ray_scales", nn.initializers.ones, (len(fcos.LEVEL_STRIDES),)
