@@ -100,6 +100,24 @@ def append_results(title: str, header: str, table: str, notes: str = "") -> None
             f.write(f"\n{notes}\n")
 
 
+def step_run_title(title: str, script: str, args) -> str:
+    """A RESULTS.md section title that names the command of a training-step benchmark (args:
+    experiment, batch, overrides): 'title (`python experiments/benchmarks/<script> --experiment
+    E --batch B overrides...`)'."""
+    command = ["python", f"experiments/benchmarks/{script}", "--experiment", args.experiment]
+    command += ["--batch", str(args.batch), *args.overrides]
+    return f"{title} (`{' '.join(command)}`)"
+
+
+def step_run_line(args) -> str:
+    """The start of a training-step benchmark's section header: the machine, then the
+    experiment with its overrides and the batch."""
+    return (
+        f"{machine_line()}; experiments/{args.experiment} {' '.join(args.overrides)}, "
+        f"batch {args.batch}"
+    )
+
+
 def markdown_table(rows: list[list[str]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

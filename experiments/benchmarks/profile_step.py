@@ -42,7 +42,14 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, machine_line, markdown_table, measure_ceilings, time_interleaved
+from common import (
+    append_results,
+    markdown_table,
+    measure_ceilings,
+    step_run_line,
+    step_run_title,
+    time_interleaved,
+)
 from compile_and_step import step_program
 
 from instseg_jax import compilation
@@ -231,10 +238,7 @@ def main(argv=None) -> int:
     ceilings = measure_ceilings()
     peak_conv = conv_peak(options or None)
     achieved = flops / step_s
-    header = (
-        f"{machine_line()}; experiments/{args.experiment} {' '.join(args.overrides)}, "
-        f"batch {args.batch}, option {options or 'not accepted by this jax'}"
-    )
+    header = f"{step_run_line(args)}, option {options or 'not accepted by this jax'}"
     summary = (
         f"Median step {step_s:.3f} s over {args.steps} steps; XLA counts {flops / 1e9:.1f} GFLOP "
         f"per step, so {achieved / 1e9:.1f} GFLOP/s achieved: "
@@ -254,9 +258,7 @@ def main(argv=None) -> int:
     print(tables)
     if not args.no_append:
         append_results(
-            "Training step profile (`python experiments/benchmarks/profile_step.py "
-            f"--experiment {args.experiment} --batch {args.batch} "
-            f"{' '.join(args.overrides)}`)".replace(" `)", "`)"),
+            step_run_title("Training step profile", "profile_step.py", args),
             header,
             tables,
             summary,

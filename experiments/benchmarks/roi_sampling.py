@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import append_results, machine_line, markdown_table
+from common import append_results, markdown_table, step_run_line, step_run_title
 from compile_and_step import step_program
 
 from instseg_jax import compilation, ops
@@ -186,17 +186,12 @@ def main(argv=None) -> int:
         "min s",
     ]
     table = markdown_table(rows, columns)
-    header = (
-        f"{machine_line()}; experiments/{args.experiment} {' '.join(args.overrides)}, "
-        f"batch {args.batch}, {args.rounds} interleaved rounds (ops: {max(args.rounds, 5)})"
-    )
+    header = f"{step_run_line(args)}, {args.rounds} interleaved rounds (ops: {max(args.rounds, 5)})"
     print(header)
     print(table)
     if not args.no_append:
         append_results(
-            "Adaptive RoIAlign sampling against 2 x 2 (`python experiments/benchmarks/"
-            f"roi_sampling.py --experiment {args.experiment} --batch {args.batch} "
-            f"{' '.join(args.overrides)}`)".replace(" `)", "`)"),
+            step_run_title("Adaptive RoIAlign sampling against 2 x 2", "roi_sampling.py", args),
             header,
             table,
         )
