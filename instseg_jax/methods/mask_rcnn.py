@@ -56,6 +56,9 @@ class MaskRCNNConfig(DetectorConfig):
     # MODEL.RPN.SMOOTH_L1_BETA and MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA defaults).
     rpn_smooth_l1_beta: float = 0.0
     box_smooth_l1_beta: float = 0.0
+    # What the RPN losses are divided by: "batch" the sampling budget rpn_batch_per_image x
+    # images (detectron2), "sampled" the anchors actually sampled (torchvision's preset).
+    rpn_loss_normalizer: str = "batch"
     # >= 0: anchors reaching further outside the image take no part in RPN training
     # (Detectron's TRAIN.RPN_STRADDLE_THRESH); detectron2 keeps them all (-1).
     rpn_straddle_threshold: float = -1.0
@@ -112,6 +115,7 @@ class MaskRCNNConfig(DetectorConfig):
             "level_mapper": ("detectron2", "torchvision"),
             "box_rescale": ("scale", "per_axis"),
             "mask_paste": ("detectron2", "torchvision"),
+            "rpn_loss_normalizer": ("batch", "sampled"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -399,6 +403,7 @@ def loss_fn(
         outputs["rpn_target_deltas"],
         cfg.rpn_batch_per_image,
         beta=cfg.rpn_smooth_l1_beta,
+        normalizer_rule=cfg.rpn_loss_normalizer,
     )
     box, metrics = roi_heads.box_losses(
         outputs["class_logits"], outputs["box_deltas"], outputs["rois"], beta=cfg.box_smooth_l1_beta
