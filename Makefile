@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PEER_VENV := .venv-peer
 PEER_PY := $(PEER_VENV)/bin/python
+MMDET_VENV := .venv-mmdet
+MMDET_PY := $(MMDET_VENV)/bin/python
 TPU_VENV := .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 CUDA_VENV := .venv-cuda
@@ -12,7 +14,7 @@ CUDA_PY := $(CUDA_VENV)/bin/python
 # JAX's persistent compilation cache: repeated test runs skip most XLA compile time.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 
-.PHONY: venv data demo test test-all bench peer peer-env parity tpu-env test-tpu cuda-env lint clean
+.PHONY: venv data demo test test-all bench peer peer-env peer-mmdet parity tpu-env test-tpu cuda-env lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +55,22 @@ $(PEER_PY):
 peer-env: $(PEER_PY)
 	$(PEER_PY) -m pip install --quiet torch torchvision transformers torchmetrics
 	$(PEER_PY) -m pip install --quiet -e '.[dev]'
+
+# mmdetection 3.x for its heads' losses (issue 29), in its own environment: never a dependency.
+# mmcv<2.2 is only an sdist; MMCV_WITH_OPS=0 builds it without compiled ops in seconds, but that
+# build names itself mmcv-lite, which pip rejects for a `mmcv` requirement, so it is installed from
+# the downloaded sdist's path. Its setup.py imports pkg_resources: setuptools<70 first.
+# The parity scripts stub mmcv.ops (experiments/parity/mmdet_shim.py).
+$(MMDET_PY):
+	$(PYTHON) -m venv $(MMDET_VENV)
+	$(MMDET_PY) -m pip install --quiet --upgrade pip
+
+peer-mmdet: $(MMDET_PY)
+	$(MMDET_PY) -m pip install --quiet torch torchvision mmengine 'setuptools<70' wheel
+	$(MMDET_PY) -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation -d $(MMDET_VENV)/sdist 'mmcv==2.1.0'
+	MMCV_WITH_OPS=0 $(MMDET_PY) -m pip install --quiet --no-build-isolation $(MMDET_VENV)/sdist/mmcv-2.1.0.tar.gz
+	$(MMDET_PY) -m pip install --quiet 'mmdet>=3.0,<3.4'
+	$(MMDET_PY) -m pip install --quiet -e '.[dev]'
 
 # Side-by-side speed against torchvision: ops, then the whole Mask R-CNN (about 30 min on 2 cores).
 peer: peer-env
