@@ -162,7 +162,10 @@ def transform_config(config, train: bool) -> TransformConfig:
         contour_points=inputs.contour_points,
         mask_size=i.mask_size,
         train=train,
-        resize=i.resize if train else "short_side",
+        # Evaluation resizes to the test size, but a stretch stays a stretch (mmdetection's
+        # test pipeline has the same Resize(keep_ratio=False)).
+        resize=i.resize if train or i.resize == "stretch" else "short_side",
+        stretch_hw=tuple(i.get("stretch_hw", (0, 0))),
         short_side=short_side,
         max_long_side=i.max_long_side if train else test_long,
         lsj_scale=tuple(i.lsj_scale),

@@ -264,7 +264,11 @@ def base() -> ml_collections.ConfigDict:
     # Slots for the boxes of instances beyond max_instances: ignore regions (structures.py).
     c.input.max_ignore_regions = 32
     c.input.mask_size = 112  # side of box-crop mask targets (methods whose INPUTS ask for them)
-    c.input.resize = "short_side"
+    c.input.resize = "short_side"  # or "lsj" (large-scale jitter) or "stretch"
+    # resize "stretch" (training and evaluation): every image resized to exactly this (h, w),
+    # aspect ratio not kept (mmdetection's Resize(keep_ratio=False): YOLACT 550 x 550,
+    # PolarMask 768 x 1280); short_side and max_long_side are then unused.
+    c.input.stretch_hw = (0, 0)
     c.input.short_side = (640, 672, 704, 736, 768, 800)  # training draws one per image
     c.input.max_long_side = 1333
     # Evaluation, periodic evaluation and predict resize to this (detectron2's MIN_SIZE_TEST /

@@ -50,6 +50,8 @@ INPUT_MEANINGS = {
     "image_hw": "(h, w) of the resized image on the canvas",
     "orig_hw": "(h, w) of the original image: boxes and masks come back in its pixels",
     "scale": "canvas pixels per original pixel: the resize's scale (preprocessing)",
+    "scale_yx": "(sy, sx) canvas pixels per original pixel along each axis (both `scale` but "
+    "for input.resize 'stretch')",
     "crop_offset": "(0, 0) at test time",
     "flipped": "False at test time",
     "example_valid": "True for an image, False for a padding slot of the batch",

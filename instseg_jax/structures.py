@@ -9,7 +9,11 @@ Batch (host NumPy, then a global jax.Array sharded over the `data` mesh axis):
   image          uint8[B,H,W,3]   RGB canvas; the image sits at the top-left, padding after it
   image_hw       int32[B,2]       (h, w) of the valid region on the canvas
   orig_hw        int32[B,2]       (h, w) of the original image
-  scale          float32[B]       canvas pixels per original pixel
+  scale          float32[B]       canvas pixels per original pixel (input.resize "stretch": the
+                                  geometric mean of scale_yx's two)
+  scale_yx       float32[B,2]     (sy, sx) canvas pixels per original pixel along each axis
+                                  (equal but for input.resize "stretch"); batches built by hand
+                                  may leave it out: then both are `scale`
   crop_offset    int32[B,2]       (oy, ox) of the crop window in the scaled image (large-scale
                                   jitter); canvas (x, y) = scaled (x + ox, y + oy)
   flipped        bool[B]          the canvas is the horizontal mirror of the valid region
@@ -124,14 +128,16 @@ class ImageGeometry:
     scale: float
     crop_offset: tuple[int, int]  # (oy, ox)
     flipped: bool = False
+    scale_yx: tuple[float, float] | None = None  # (sy, sx); None: both are `scale`
 
     def pixel_centres_on_canvas(self) -> tuple[np.ndarray, np.ndarray]:
         """(float64[H] rows, float64[W] columns): the original pixels' centres in canvas
         pixels, through the resize, the crop and the flip."""
         oy, ox = self.crop_offset
         height, width = self.orig_hw
-        canvas_y = (np.arange(height, dtype=np.float64) + 0.5) * self.scale - oy
-        canvas_x = (np.arange(width, dtype=np.float64) + 0.5) * self.scale - ox
+        sy, sx = self.scale_yx or (self.scale, self.scale)
+        canvas_y = (np.arange(height, dtype=np.float64) + 0.5) * sy - oy
+        canvas_x = (np.arange(width, dtype=np.float64) + 0.5) * sx - ox
         if self.flipped:
             canvas_x = self.image_hw[1] - canvas_x
         return canvas_y, canvas_x
@@ -145,4 +151,7 @@ class ImageGeometry:
             scale=float(batch["scale"][b]),
             crop_offset=tuple(int(v) for v in batch["crop_offset"][b]),
             flipped=bool(batch["flipped"][b]) if "flipped" in batch else False,
+            scale_yx=(
+                tuple(float(v) for v in batch["scale_yx"][b]) if "scale_yx" in batch else None
+            ),
         )

@@ -55,7 +55,7 @@ def aligned_rng(config, index: int) -> np.random.Generator:
     """A generator whose crop offset is a multiple of the stride (canvas cells then sit on
     original pixel centres, so the stride-4 targets are exact)."""
     for seed in range(1000):
-        scale, (oy, ox), _ = _geometry(config, HW, np.random.default_rng([seed, index]))
+        (scale, _), (oy, ox), _ = _geometry(config, HW, np.random.default_rng([seed, index]))
         if oy % STRIDE == 0 and ox % STRIDE == 0 and (scale * 2).is_integer():
             return np.random.default_rng([seed, index])
     raise AssertionError("no aligned crop found")

@@ -147,6 +147,7 @@ def padding_example(config: TransformConfig) -> dict:
         "image_hw": np.zeros(2, np.int32),
         "orig_hw": np.zeros(2, np.int32),
         "scale": np.float32(1.0),
+        "scale_yx": np.ones(2, np.float32),
         "crop_offset": np.zeros(2, np.int32),
         "flipped": np.bool_(False),
         "image_id": np.int64(-1),

@@ -1,8 +1,13 @@
 """Example -> fixed-shape training / evaluation example (host side, NumPy).
 
-Geometry is one affine map per example: scale s, then a crop offset (large-scale jitter) and an
-optional horizontal flip, then padding to the canvas. Canvas pixel (x, y) is original pixel
-((x + ox) / s, (y + oy) / s) (before the flip), so predictions map back exactly.
+Geometry is one affine map per example: a scale per axis (sy, sx), then a crop offset
+(large-scale jitter) and an optional horizontal flip, then padding to the canvas. Canvas pixel
+(x, y) is original pixel ((x + ox) / sx, (y + oy) / sy) (before the flip), so predictions map
+back exactly. "short_side" and "lsj" keep the aspect ratio (sy = sx = the batch's `scale`);
+"stretch" resizes every image to exactly input.stretch_hw, as mmdetection's
+Resize(keep_ratio=False) (YOLACT's 550 x 550, PolarMask's 1280 x 768): sy = stretch_h / h and
+sx = stretch_w / w, carried in the batch's `scale_yx`, which the mapping back to original
+pixels reads (ops.canvas_to_original_boxes, structures.ImageGeometry).
 
 What an example carries besides image, boxes and classes is what the method's INPUTS ask
 (structures.Inputs): box-crop masks, full masks at a stride, mass centres, or several of them.
@@ -44,7 +49,10 @@ class TransformConfig:
     semantic_stride: int = 0  # s > 0: gt_semantic uint8[H/s, W/s] (255 = ignored)
     mask_size: int = 112  # Mc
     train: bool = True
-    resize: str = "short_side"  # "short_side" or "lsj" (large-scale jitter)
+    resize: str = "short_side"  # "short_side", "lsj" (large-scale jitter) or "stretch"
+    # resize "stretch": every image (training and evaluation) resized to exactly this (h, w),
+    # its aspect ratio not kept (mmdetection's Resize(keep_ratio=False)); must fit the canvas.
+    stretch_hw: tuple[int, int] = (0, 0)
     short_side: tuple[int, ...] = (512,)  # training draws one; evaluation uses the first (the
     # test size: builders pass input.test_short_side here for evaluation)
     max_long_side: int = 512
@@ -124,10 +132,23 @@ class TransformConfig:
             raise ConfigValueError(
                 f"input.resize_rule must be 'detectron2' or 'torchvision', got {self.resize_rule!r}"
             )
-        if self.resize not in ("short_side", "lsj"):
+        if self.resize not in ("short_side", "lsj", "stretch"):
             raise ConfigValueError(
-                f"input.resize must be 'short_side' or 'lsj', got {self.resize!r}"
+                f"input.resize must be 'short_side', 'lsj' or 'stretch', got {self.resize!r}"
             )
+        if self.resize == "stretch":
+            stretch_h, stretch_w = self.stretch_hw
+            if not (0 < stretch_h <= self.canvas_hw[0] and 0 < stretch_w <= self.canvas_hw[1]):
+                raise ConfigValueError(
+                    f"input.resize='stretch' needs input.stretch_hw (h, w) positive and within "
+                    f"input.canvas_hw {tuple(self.canvas_hw)}, got {tuple(self.stretch_hw)}"
+                )
+            if self.keypoints or self.copy_paste:
+                raise ConfigValueError(
+                    "input.resize='stretch' does not carry keypoints (their mapping back uses "
+                    "one scale) or copy-paste; set input.resize to 'short_side' or 'lsj', or "
+                    "use a method without keypoints and input.copy_paste=0"
+                )
         if self.max_ignore_regions < 0:
             raise ConfigValueError(
                 f"input.max_ignore_regions must be >= 0, got {self.max_ignore_regions}"
@@ -141,11 +162,14 @@ class TransformConfig:
 
 
 def _geometry(config: TransformConfig, orig_hw, rng):
-    """(scale, (oy, ox) crop offset, flip) for an image of orig_hw."""
+    """((sy, sx) scale per axis, (oy, ox) crop offset, flip) for an image of orig_hw."""
     height, width = orig_hw
     canvas_h, canvas_w = config.canvas_hw
     fit = min(canvas_h / height, canvas_w / width)
     offset = (0, 0)
+    if config.resize == "stretch":  # mmcv Resize, keep_ratio False: new size / old, per axis
+        flip = bool(config.train and rng.uniform() < config.hflip)
+        return (config.stretch_hw[0] / height, config.stretch_hw[1] / width), offset, flip
     if config.train and config.resize == "lsj":
         scale = fit * rng.uniform(*config.lsj_scale)
         scaled_h, scaled_w = round(height * scale), round(width * scale)
@@ -161,20 +185,33 @@ def _geometry(config: TransformConfig, orig_hw, rng):
         )
         scale = min(short / min(height, width), config.max_long_side / max(height, width), fit)
     flip = bool(config.train and rng.uniform() < config.hflip)
-    return scale, offset, flip
+    return (scale, scale), offset, flip
+
+
+def _per_axis(scale) -> tuple[float, float]:
+    """(sy, sx) of a scale given as one number (both axes) or as a (sy, sx) pair."""
+    if np.ndim(scale) == 0:
+        return float(scale), float(scale)
+    sy, sx = scale
+    return float(sy), float(sx)
 
 
 def _resize_image(image, scale, offset, config, flip: bool = False):
     """uint8[H, W, 3] canvas (its valid region mirrored when flip), and the (h, w) of that
-    region."""
+    region. scale: one number or (sy, sx)."""
     canvas_h, canvas_w = config.canvas_hw
     height, width = image.shape[:2]
+    sy, sx = _per_axis(scale)
+    if config.resize == "stretch":  # exactly the target size (no rounding of h * sy)
+        scaled_h, scaled_w = (int(v) for v in config.stretch_hw)
+    elif config.resize_rule == "torchvision":
+        scaled_h, scaled_w = max(1, math.floor(height * sy)), max(1, math.floor(width * sx))
+    else:
+        scaled_h, scaled_w = max(1, round(height * sy)), max(1, round(width * sx))
     if config.resize_rule == "torchvision":
-        scaled_h, scaled_w = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
         resized = resize_bilinear(image.astype(np.float32), (scaled_h, scaled_w))
         resized = np.clip(np.round(resized), 0, 255).astype(np.uint8)
     else:
-        scaled_h, scaled_w = max(1, round(height * scale)), max(1, round(width * scale))
         resized = np.asarray(Image.fromarray(image).resize((scaled_w, scaled_h), Image.BILINEAR))
     oy, ox = offset
     window = resized[oy : oy + canvas_h, ox : ox + canvas_w]
@@ -261,13 +298,16 @@ def transform(
     ``example["masks"]``: instances.InstanceMasks (what the sources give) or bool[n, H, W]."""
     image = example["image"]
     orig_hw = image.shape[:2]
-    scale, (oy, ox), flip = _geometry(config, orig_hw, rng)
+    scale, (oy, ox), flip = _geometry(config, orig_hw, rng)  # scale: (sy, sx)
+    sy, sx = scale
     canvas, (valid_h, valid_w) = _resize_image(image, scale, (oy, ox), config, flip)
     masks = InstanceMasks.from_dense(example["masks"])  # each instance over its own box
 
     # Boxes on the canvas: the visible part of each mask's tight box, clipped to the valid
     # region (a crop can cut an instance: its target covers what is left in the window).
-    canvas_boxes = example["boxes"].astype(np.float64) * scale - np.array([ox, oy, ox, oy])
+    canvas_boxes = example["boxes"].astype(np.float64) * np.array([sx, sy, sx, sy]) - np.array(
+        [ox, oy, ox, oy]
+    )
     canvas_boxes = np.clip(canvas_boxes, 0, np.array([valid_w, valid_h, valid_w, valid_h]))
     keep = _trainable_instances(example, canvas_boxes, config, counts, masks)
     kept, dropped = _instance_limit(np.flatnonzero(keep), masks, config, counts)
@@ -298,7 +338,10 @@ def transform(
         "image": canvas,
         "image_hw": np.array([valid_h, valid_w], np.int32),
         "orig_hw": np.array(orig_hw, np.int32),
-        "scale": np.float32(scale),
+        # One number per image for what reads a single scale (sy = sx but for "stretch",
+        # where it is their geometric mean); the geometry's mapping back reads scale_yx.
+        "scale": np.float32(sy if sy == sx else math.sqrt(sy * sx)),
+        "scale_yx": np.array([sy, sx], np.float32),
         "crop_offset": np.array([oy, ox], np.int32),
         "flipped": np.bool_(flip),
         "image_id": np.int64(example["image_id"]),
@@ -378,6 +421,7 @@ def _mask_targets(
     """What the method's INPUTS ask besides boxes: box-crop masks, stride-s full masks, mass
     centres, each for the kept instances in their slots."""
     oy, ox = offset
+    sy, sx = _per_axis(scale)
     limit = config.max_instances
     extra = {}
     if config.box_masks:
@@ -385,7 +429,7 @@ def _mask_targets(
         box_masks = np.zeros((limit, size, size), np.uint8)
         for slot, i in enumerate(kept):
             # The box's pre-image in original pixels: sample the original mask there.
-            pre_image = (gt_boxes[slot] + np.array([ox, oy, ox, oy])) / scale
+            pre_image = (gt_boxes[slot] + np.array([ox, oy, ox, oy])) / np.array([sx, sy, sx, sy])
             box_masks[slot] = box_crop_target(masks.crops[i], pre_image, size, masks.origins[i])
         if flip:
             box_masks = box_masks[:, :, ::-1]
@@ -418,9 +462,10 @@ def _keypoint_targets(example, kept, config: TransformConfig, scale, offset, val
             "with a 'keypoints' list of that many (x, y, v) per instance"
         )
     (oy, ox), (valid_h, valid_w) = offset, valid_hw
+    sy, sx = _per_axis(scale)
     points = np.asarray(points, np.float64)[kept]
-    x = points[..., 0] * scale - ox
-    y = points[..., 1] * scale - oy
+    x = points[..., 0] * sx - ox
+    y = points[..., 1] * sy - oy
     visible = (points[..., 2] > 0) & (x >= 0) & (x < valid_w) & (y >= 0) & (y < valid_h)
     if flip:
         x = valid_w - x
@@ -468,7 +513,8 @@ def _cell_centres_in_original(config, stride, scale, offset, valid_hw, flip):
     centres_x = (np.arange(canvas_w // stride) + 0.5) * stride
     source_x = valid_w - centres_x if flip else centres_x
     inside = (centres_y < valid_h)[:, None] & (centres_x < valid_w)[None, :]
-    return (centres_y + oy) / scale, (source_x + ox) / scale, inside
+    sy, sx = _per_axis(scale)
+    return (centres_y + oy) / sy, (source_x + ox) / sx, inside
 
 
 def _mirror_boxes(boxes: np.ndarray, valid: np.ndarray, valid_w: int) -> np.ndarray:
@@ -521,18 +567,19 @@ def _contours(masks, kept, limit, length, scale, offset, valid_hw, flip, counts)
     (the rays take maxima: repeats change nothing). A mask no canvas pixel centre falls on
     gives its box centre. Padding slots are 0."""
     (oy, ox), (valid_h, valid_w) = offset, valid_hw
+    sy, sx = _per_axis(scale)
     out = np.zeros((limit, length, 2), np.float32)
     for slot, i in enumerate(kept):
         crop, (top, left) = masks.crops[i], masks.origins[i]
         if not crop.size:
             continue
         # The canvas rows and columns the crop's pre-image covers, inside the valid region.
-        r0 = max(math.floor(top * scale - oy), 0)
-        r1 = min(math.ceil((top + crop.shape[0]) * scale - oy), valid_h)
-        c0 = max(math.floor(left * scale - ox), 0)
-        c1 = min(math.ceil((left + crop.shape[1]) * scale - ox), valid_w)
-        src_r = np.floor((np.arange(r0, max(r1, r0)) + 0.5 + oy) / scale).astype(np.int64) - top
-        src_c = np.floor((np.arange(c0, max(c1, c0)) + 0.5 + ox) / scale).astype(np.int64) - left
+        r0 = max(math.floor(top * sy - oy), 0)
+        r1 = min(math.ceil((top + crop.shape[0]) * sy - oy), valid_h)
+        c0 = max(math.floor(left * sx - ox), 0)
+        c1 = min(math.ceil((left + crop.shape[1]) * sx - ox), valid_w)
+        src_r = np.floor((np.arange(r0, max(r1, r0)) + 0.5 + oy) / sy).astype(np.int64) - top
+        src_c = np.floor((np.arange(c0, max(c1, c0)) + 0.5 + ox) / sx).astype(np.int64) - left
         ok_r = (src_r >= 0) & (src_r < crop.shape[0])
         ok_c = (src_c >= 0) & (src_c < crop.shape[1])
         # The nearest original pixel of each canvas pixel (none past the crop's edge).
@@ -543,8 +590,8 @@ def _contours(masks, kept, limit, length, scale, offset, valid_hw, flip, counts)
         if len(rows):
             points = np.stack([cols + c0 + 0.5, rows + r0 + 0.5], axis=1)
         else:  # a sliver between canvas pixel centres
-            box = (np.array([left, top, left + crop.shape[1], top + crop.shape[0]]) * scale
-                   - np.array([ox, oy, ox, oy]))  # fmt: skip
+            box = (np.array([left, top, left + crop.shape[1], top + crop.shape[0]])
+                   * np.array([sx, sy, sx, sy]) - np.array([ox, oy, ox, oy]))  # fmt: skip
             points = np.clip(
                 [[(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]], 0, [valid_w, valid_h]
             )
@@ -562,12 +609,13 @@ def _mass_centres(masks, kept, limit, scale, offset, valid_hw, flip) -> np.ndarr
     """float32[N, 2] (x, y) canvas mass centre of the visible part of each kept mask (centres
     of its pixels that land in the valid region, averaged); padding slots are 0."""
     (oy, ox), (valid_h, valid_w) = offset, valid_hw
+    sy, sx = _per_axis(scale)
     out = np.zeros((limit, 2), np.float32)
     for slot, i in enumerate(kept):
         ys, xs = np.nonzero(masks.crops[i])
         ys, xs = ys + masks.origins[i][0], xs + masks.origins[i][1]
-        x = (xs + 0.5) * scale - ox
-        y = (ys + 0.5) * scale - oy
+        x = (xs + 0.5) * sx - ox
+        y = (ys + 0.5) * sy - oy
         visible = (x >= 0) & (x < valid_w) & (y >= 0) & (y < valid_h)
         if visible.any():
             cx, cy = float(x[visible].mean()), float(y[visible].mean())

@@ -541,7 +541,7 @@ def canvas_to_original(boxes, batch: dict, cfg: FCOSConfig):
         boxes,
         batch["image_hw"],
         batch["orig_hw"],
-        batch["scale"],
+        batch.get("scale_yx", batch["scale"]),
         batch["crop_offset"],
         batch.get("flipped"),
         per_axis=cfg.box_rescale == "per_axis",

@@ -263,7 +263,7 @@ class MaskRCNN(nn.Module):
             det_boxes,
             batch["image_hw"],
             batch["orig_hw"],
-            batch["scale"],
+            batch.get("scale_yx", batch["scale"]),
             batch["crop_offset"],
             batch.get("flipped"),
             per_axis=self.cfg.box_rescale == "per_axis",

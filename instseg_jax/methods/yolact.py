@@ -261,7 +261,10 @@ class YOLACT(nn.Module):
                 jax.random.split(key, batch["image"].shape[0]),
                 batch.get("ignore_boxes"),
                 batch.get("ignore_valid"),
-                batch.get("scale", jnp.ones(batch["image"].shape[0], jnp.float32)),
+                # (sx, sy) per image: a stretched image's original w and h differ in scale
+                batch["scale_yx"][:, ::-1]
+                if "scale_yx" in batch
+                else batch.get("scale", jnp.ones(batch["image"].shape[0], jnp.float32))[:, None],
             )
         )
         outputs["targets"] = targets
@@ -294,7 +297,8 @@ def anchor_targets(
     anchors float32[T, 4]; gt_boxes float32[N, 4] canvas xyxy; gt_classes int32[N];
     gt_valid bool[N]; optional ignore_boxes float32[I, 4], ignore_valid bool[I]: a negative
     anchor that ops.assign.ignore_mask puts in one of them is ignored (-1). scale: canvas
-    pixels per original pixel (the batch's `scale`): ground truth takes part only if wider and
+    pixels per original pixel, one number or (sx, sy) (the batch's `scale_yx` reversed): ground
+    truth takes part only if wider and
     higher than cfg.min_gt_box_size original pixels.
     Returns a dict: labels int32[T] (1 positive, 0 negative, -1 ignored),
     matched int32[T] (ground-truth slot of positives), classes int32[T] (class of positives,
@@ -509,7 +513,7 @@ def detect(logits, deltas, coefficients, protos, batch, cfg: YOLACTConfig) -> di
         det_boxes,
         batch["image_hw"],
         batch["orig_hw"],
-        batch["scale"],
+        batch.get("scale_yx", batch["scale"]),
         batch["crop_offset"],
         batch.get("flipped"),
     )

@@ -188,7 +188,8 @@ def canvas_to_original_boxes(
 
     The inverse of the input transforms' geometry (instseg_jax.input.transforms): undo the flip
     (bool[B]) inside the valid region image_hw int32[B, 2], add the crop offset int32[B, 2]
-    (oy, ox), divide by scale float32[B]. per_axis (torchvision's rule) rescales each axis by
+    (oy, ox), divide by scale: float32[B], or float32[B, 2] (sy, sx) per axis (the batch's
+    scale_yx, input.resize "stretch"). per_axis (torchvision's rule) rescales each axis by
     orig_hw / image_hw instead of 1 / scale.
     """
     if flipped is not None:
@@ -202,6 +203,8 @@ def canvas_to_original_boxes(
     if per_axis:
         ratio = orig_hw.astype(jnp.float32) / image_hw.astype(jnp.float32)
         original = uncropped * jnp.tile(ratio[:, ::-1], 2)[:, None, :]  # (rx, ry, rx, ry)
+    elif scale.ndim == 2:  # (sy, sx) -> (sx, sy, sx, sy)
+        original = uncropped / jnp.tile(scale[:, ::-1], 2)[:, None, :]
     else:
         original = uncropped / scale[:, None, None]
     return clip_boxes(original, orig_hw[:, None, :])
