@@ -77,8 +77,9 @@ peer: peer-env
 	$(PEER_PY) experiments/benchmarks/ops.py --peer
 	$(PEER_PY) experiments/benchmarks/vs_torchvision.py
 
-# Converted torchvision and transformers weights against those libraries themselves.
-parity: peer-env
+# Converted torchvision and transformers weights against those libraries themselves, and the
+# SOLOv2 loss against mmdetection's.
+parity: peer-env peer-mmdet
 	$(MAKE) data
 	$(PEER_PY) experiments/parity/torchvision.py
 	$(PEER_PY) experiments/parity/torchvision_losses.py
@@ -87,6 +88,7 @@ parity: peer-env
 	$(PEER_PY) experiments/parity/mask2former_loss.py
 	$(PEER_PY) experiments/parity/keypoint_rcnn.py
 	$(PEER_PY) experiments/parity/panoptic_quality.py
+	$(MMDET_PY) experiments/parity/solov2_loss.py
 
 # libtpu (TPU's compiler) in its own environment, at the jax version of .venv: the compile tool
 # (`instseg-jax compile --target v5e:2x2`) compiles for TPU slices on this CPU host. Never a

@@ -26,7 +26,11 @@ def _placeholder(qualified_name: str):
     return type(
         qualified_name.rsplit(".", 1)[-1],
         (),
-        {"__new__": lambda cls, *a, **k: refuse(), "__call__": refuse, "apply": staticmethod(refuse)},
+        {
+            "__new__": lambda cls, *a, **k: refuse(),
+            "__call__": refuse,
+            "apply": staticmethod(refuse),
+        },
     )
 
 

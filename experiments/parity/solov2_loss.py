@@ -1,0 +1,337 @@
+"""Loss parity of our SOLOv2's training side (methods/solov2.py grid_targets and loss_fn) with
+mmdetection 3.x's SOLOV2Head.loss_by_feat (issue 29 item 4; `make peer-mmdet`).
+
+    .venv-mmdet/bin/python experiments/parity/solov2_loss.py
+    .venv-mmdet/bin/python experiments/parity/solov2_loss.py --make-fixture \
+        tests/fixtures/mmdet_solov2_loss_tiny.npz                    # the CI test's data
+
+Environment: mmcv 2.1 is built without its compiled ops (MMCV_WITH_OPS=0, the lite build:
+`make peer-mmdet`), and mmdet imports mmcv.ops names at import time in modules this loss never
+calls, so `mmdet_shim` (this folder) stubs mmcv.ops first: every stubbed name raises if it is
+ever called. SOLOV2Head.loss_by_feat calls none (its targets use mmcv.imrescale, which is
+OpenCV; its FocalLoss takes the pure-PyTorch path on CPU tensors, mmdet/models/losses/
+focal_loss.py FocalLoss.forward; DiceLoss is pure PyTorch).
+
+Inputs: no network runs. The head outputs, random with a fixed seed, go to both sides: per
+level category logits [B, C, g, g] and kernels [B, E, g, g] (ours flattened to [B, S, C] and
+[B, S, E], cells level by level, row-major) and the mask feature map [B, E, h, w] at stride 4
+(ours [B, h, w, E]). Ground truth on a 128 x 128 canvas: `few` (four objects of three classes
+across the levels), `crowded` (twelve discs packed so that centre regions share cells) and
+`empty`, drawn at stride 4 and upsampled 4x (nearest) to full resolution for mmdetection,
+whose target builder shrinks it back with mmcv.imrescale (checked to return the stride-4 masks
+exactly). Boxes are the masks' pixel-edge extents. Each batch is one mmdetection GPU's (two
+images; ours: one loss normaliser group) and every image fills the canvas, so the grids span
+the canvas on both sides (model.grid_extent "image"; mmdetection's padded batch).
+
+Mass centres: mmdetection's center_of_mass averages integer pixel indices (mmdet/models/utils/
+misc.py center_of_mass); ours averages pixel centres, half a pixel later (a declared deviation
+in methods/solov2.py). Ours gets mmdetection's centres for the parity proper; a second pass
+with our own convention reports how many cell labels that changes.
+
+Checks: cell labels (exact), loss_cls and loss_mask (relative difference) and the gradient of
+each with respect to the head outputs (relative norm of the difference).
+
+Known difference (reported, not hidden): mmdetection divides the summed dice loss by its
+GPU's positive *cells* (mmdet 3.3 mmdet/models/dense_heads/solov2_head.py:569-587: num_pos
+counts pos_masks, one per cell, while loss_mask holds one row per (cell, instance) pair; the
+same in solo_head.py:291-301), where WXinlong/SOLO and ours average over the (cell, instance)
+pairs (WXinlong/SOLO solov2_head.py loss: torch.cat(loss_ins).mean()). They differ where two
+instances share a cell (the crowded scene: 22 cells, 51 pairs, mmdetection's mask term 2.3x
+ours); the script reports the raw difference and the one left after rescaling ours by
+pairs / cells, which is what the tolerance applies to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+importlib.import_module("mmdet_shim")  # before mmdet: stubs mmcv.ops
+
+import mmcv  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mmdet.models.dense_heads import SOLOV2Head  # noqa: E402
+from mmdet.structures.mask import BitmapMasks  # noqa: E402
+from mmdet.utils import register_all_modules  # noqa: E402
+from mmengine.structures import InstanceData  # noqa: E402
+
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from instseg_jax.weights import mmdet_loss_parity as parity  # noqa: E402
+
+CANVAS = 128
+STRIDE = 4
+NUM_CLASSES = 3
+MASK_CHANNELS = 8
+MAX_INSTANCES = 12
+BATCHES = (("few", "crowded"), ("crowded", "empty"), ("empty", "empty"))
+TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative; float32 on both sides
+
+
+def ellipse(cy, cx, ry, rx, size=CANVAS // STRIDE):
+    """bool[size, size] at stride 4: the cells whose centres fall inside the ellipse."""
+    y, x = np.mgrid[:size, :size] + 0.5
+    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
+
+
+def scene(name: str):
+    """(classes int[N], masks bool[N, 32, 32] at stride 4)."""
+    if name == "empty":
+        return np.zeros((0,), np.int64), np.zeros((0, CANVAS // STRIDE, CANVAS // STRIDE), bool)
+    if name == "few":
+        shapes = [(5, 5, 2, 2, 0), (10, 22, 4, 6, 1), (20, 10, 8, 6, 2), (16, 16, 14, 13, 0)]
+    else:  # crowded: twelve overlapping discs 8 px apart (level-0 cells are 10.7 px): cells
+        # shared by two or three instances, on two levels (24 px discs: both 1-32 and 16-64)
+        shapes = [(9 + 2 * (i // 4), 9 + 2 * (i % 4) + (i // 4), 3, 3, i % 3) for i in range(12)]
+    masks = np.stack([ellipse(cy, cx, ry, rx) for cy, cx, ry, rx, _ in shapes])
+    return np.array([s[4] for s in shapes], np.int64), masks
+
+
+def full_resolution(masks):
+    return masks.repeat(STRIDE, axis=1).repeat(STRIDE, axis=2)
+
+
+def boxes_of(full_masks):
+    boxes = []
+    for m in full_masks:
+        ys, xs = np.nonzero(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return np.array(boxes, np.float32).reshape(-1, 4)
+
+
+def mmdet_centres(full_masks, offset=0.0):
+    """float32[N, 2] (x, y): mmdetection's center_of_mass (integer pixel indices) + offset."""
+    centres = []
+    for m in full_masks:
+        ys, xs = np.nonzero(m)
+        centres.append([xs.mean() + offset, ys.mean() + offset])
+    return np.array(centres, np.float32).reshape(-1, 2)
+
+
+def make_head(cfg) -> SOLOV2Head:
+    """mmdetection's SOLOv2 head at the tiny config (configs/solov2/solov2_r50_fpn_1x_coco.py's
+    losses: DiceLoss weight 3, FocalLoss gamma 2 alpha 0.25)."""
+    register_all_modules()
+    gn = dict(type="GN", num_groups=4, requires_grad=True)
+    return SOLOV2Head(
+        num_classes=cfg.num_classes,
+        in_channels=16,
+        feat_channels=16,
+        stacked_convs=2,
+        strides=list(cfg.level_strides),
+        scale_ranges=cfg.scale_ranges,
+        pos_scale=cfg.center_scale,
+        num_grids=list(cfg.num_grids),
+        cls_down_index=0,
+        norm_cfg=gn,
+        mask_feature_head=dict(
+            feat_channels=16,
+            start_level=0,
+            end_level=3,
+            out_channels=cfg.mask_channels,
+            mask_stride=STRIDE,
+            norm_cfg=gn,
+        ),
+        loss_mask=dict(type="DiceLoss", use_sigmoid=True, loss_weight=cfg.mask_loss_weight),
+        loss_cls=dict(
+            type="FocalLoss",
+            use_sigmoid=True,
+            gamma=cfg.focal_gamma,
+            alpha=cfg.focal_alpha,
+            loss_weight=1.0,
+        ),
+    )
+
+
+def split_levels(flat, grids):
+    """[B, S, K] (ours) -> per level [B, K, g, g] (mmdetection's)."""
+    out, offset = [], 0
+    for g in grids:
+        level = flat[:, offset : offset + g * g].reshape(flat.shape[0], g, g, -1)
+        out.append(np.ascontiguousarray(level.transpose(0, 3, 1, 2)))
+        offset += g * g
+    return out
+
+
+def join_levels(levels):
+    """Per level [B, K, g, g] -> [B, S, K]."""
+    return np.concatenate(
+        [lv.transpose(0, 2, 3, 1).reshape(lv.shape[0], -1, lv.shape[1]) for lv in levels], 1
+    )
+
+
+def run_mmdet(head, logits, kernels, features, images, cfg):
+    """mmdetection's terms, their gradients in our layouts and its targets."""
+    grids = cfg.num_grids
+    cls_t = [torch.tensor(x, requires_grad=True) for x in split_levels(logits, grids)]
+    ker_t = [torch.tensor(x, requires_grad=True) for x in split_levels(kernels, grids)]
+    feat_t = torch.tensor(np.ascontiguousarray(features.transpose(0, 3, 1, 2)), requires_grad=True)
+    instances = []
+    for classes, masks in images:
+        full = full_resolution(masks).astype(np.uint8)
+        shrunk = np.stack([mmcv.imrescale(m, 1.0 / STRIDE) for m in full]) if len(full) else masks
+        assert np.array_equal(shrunk.astype(bool), masks), "imrescale changed a stride-4 mask"
+        instances.append(
+            InstanceData(
+                bboxes=torch.tensor(boxes_of(full)),
+                labels=torch.tensor(classes),
+                masks=BitmapMasks(full, CANVAS, CANVAS),
+            )
+        )
+    metas = [dict(img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS))] * len(images)
+    losses = head.loss_by_feat(ker_t, cls_t, feat_t, instances, metas)
+    grad_cls = torch.autograd.grad(losses["loss_cls"], cls_t, retain_graph=True)
+    mask_inputs = [*ker_t, feat_t]
+    grad_mask = torch.autograd.grad(losses["loss_mask"], mask_inputs, allow_unused=True)
+    grad_mask = [
+        torch.zeros_like(x) if g is None else g for g, x in zip(grad_mask, mask_inputs, strict=True)
+    ]
+    labels, cells, pairs = [], [], []
+    featmap = feat_t.shape[-2:]
+    for inst in instances:
+        targets, level_labels, pos_masks, _ = head._get_targets_single(inst, featmap_sizes=featmap)
+        labels.append(torch.cat([lv.flatten() for lv in level_labels]).numpy())
+        cells.append(int(sum(int(m.sum()) for m in pos_masks)))
+        pairs.append(int(sum(len(t) for t in targets)))
+    return {
+        "loss_cls": float(losses["loss_cls"]),
+        "loss_mask": float(losses["loss_mask"]),
+        "grad_cls_logits": join_levels([g.numpy() for g in grad_cls]),
+        "grad_mask_kernels": join_levels([g.numpy() for g in grad_mask[:-1]]),
+        "grad_mask_features": grad_mask[-1].numpy().transpose(0, 2, 3, 1),
+        "cell_labels": np.stack(labels).astype(np.int32),
+        "positive_cells": np.array(cells),
+        "pairs": np.array(pairs),
+    }
+
+
+def ground_truth(images, centre_offset=0.0):
+    """Our padded ground truth arrays for one batch."""
+    b = len(images)
+    gt = {
+        "boxes": np.zeros((b, MAX_INSTANCES, 4), np.float32),
+        "classes": np.zeros((b, MAX_INSTANCES), np.int32),
+        "valid": np.zeros((b, MAX_INSTANCES), bool),
+        "centers": np.zeros((b, MAX_INSTANCES, 2), np.float32),
+        "masks": np.zeros((b, MAX_INSTANCES, CANVAS // STRIDE, CANVAS // STRIDE), bool),
+    }
+    for i, (classes, masks) in enumerate(images):
+        n = len(classes)
+        full = full_resolution(masks)
+        gt["boxes"][i, :n] = boxes_of(full)
+        gt["classes"][i, :n] = classes
+        gt["valid"][i, :n] = True
+        gt["centers"][i, :n] = mmdet_centres(full, centre_offset)
+        gt["masks"][i, :n] = masks
+    return gt
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make-fixture", type=Path, help="write the CI test's npz here")
+    args = parser.parse_args()
+    start = time.time()
+    cfg = parity.solov2_config(NUM_CLASSES, CANVAS, MASK_CHANNELS)
+    head = make_head(cfg)
+    rng = np.random.default_rng(29)
+    fixture = {}
+    worst = {"loss": 0.0, "grad": 0.0}
+    failures = []
+    for k, names in enumerate(BATCHES):
+        images = [scene(n) for n in names]
+        b, s, h = len(images), cfg.num_cells, CANVAS // STRIDE
+        logits = (rng.normal(size=(b, s, NUM_CLASSES)) - 2.0).astype(np.float32)
+        kernels = (0.5 * rng.normal(size=(b, s, MASK_CHANNELS))).astype(np.float32)
+        features = rng.normal(size=(b, h, h, MASK_CHANNELS)).astype(np.float32)
+        theirs = run_mmdet(head, logits, kernels, features, images, cfg)
+        gt = ground_truth(images)
+        ours, our_targets = parity.solov2_losses(logits, kernels, features, gt, cfg)
+        label_mismatch = int((our_targets["cell_labels"] != theirs["cell_labels"]).sum())
+        # mmdetection's dice normaliser is positive cells, ours (cell, instance) pairs.
+        pairs, cells = theirs["pairs"].sum(), theirs["positive_cells"].sum()
+        rescale = pairs / cells if cells else 1.0
+        report = {
+            "batch": "+".join(names),
+            "cell_label_mismatches": label_mismatch,
+            "positive_cells": [int(c) for c in theirs["positive_cells"]],
+            "pairs": [int(p) for p in theirs["pairs"]],
+            "ours_pairs": [int(p) for p in our_targets["pairs"]],
+        }
+        for term in ("loss_cls", "loss_mask"):
+            report[term] = (ours[term], theirs[term])
+            report[f"rel_{term}"] = parity.relative_difference(ours[term], theirs[term])
+        report["rel_loss_mask_rescaled"] = parity.relative_difference(
+            ours["loss_mask"] * rescale, theirs["loss_mask"]
+        )
+        for g in ("grad_cls_logits", "grad_mask_kernels", "grad_mask_features"):
+            scale = rescale if g.startswith("grad_mask") else 1.0
+            report[f"rel_{g}"] = parity.relative_difference(ours[g] * scale, theirs[g])
+        checks = {
+            "loss": [report["rel_loss_cls"], report["rel_loss_mask_rescaled"]],
+            "grad": [
+                report[f"rel_{g}"]
+                for g in ("grad_cls_logits", "grad_mask_kernels", "grad_mask_features")
+            ],
+        }
+        for kind, values in checks.items():
+            worst[kind] = max(worst[kind], *values)
+            if max(values) > TOLERANCES[kind]:
+                failures.append(f"{report['batch']}: {kind} {max(values):.2e}")
+        if label_mismatch:
+            failures.append(f"{report['batch']}: {label_mismatch} cell labels differ")
+        # Our own centre convention (pixel centres): how many cell labels move.
+        _, own = parity.solov2_losses(logits, kernels, features, ground_truth(images, 0.5), cfg)
+        report["cell_labels_moved_by_our_centre_convention"] = int(
+            (own["cell_labels"] != theirs["cell_labels"]).sum()
+        )
+        print(json.dumps(report))
+        if args.make_fixture:
+            fixture.update(
+                {f"b{k}_logits": logits, f"b{k}_kernels": kernels, f"b{k}_features": features}
+            )
+            fixture.update({f"b{k}_gt_{name}": v for name, v in gt.items()})
+            for name in (
+                "loss_cls",
+                "loss_mask",
+                "grad_cls_logits",
+                "grad_mask_kernels",
+                "grad_mask_features",
+                "cell_labels",
+                "positive_cells",
+                "pairs",
+            ):
+                fixture[f"b{k}_mmdet_{name}"] = np.asarray(theirs[name])
+    print(
+        json.dumps(
+            {
+                "worst_relative": worst,
+                "tolerances": TOLERANCES,
+                "seconds": round(time.time() - start, 1),
+            }
+        )
+    )
+    if args.make_fixture:
+        meta = {
+            "num_classes": NUM_CLASSES,
+            "canvas": CANVAS,
+            "mask_channels": MASK_CHANNELS,
+            "batches": ["+".join(n) for n in BATCHES],
+        }
+        np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
+        print(f"wrote {args.make_fixture}")
+    if failures:
+        print("FAIL: " + "; ".join(failures))
+        sys.exit(1)
+    print("OK: every term within tolerance (dice normaliser rescaled, see the docstring)")
+
+
+if __name__ == "__main__":
+    main()
