@@ -15,7 +15,8 @@ An FCOS R-50 detector with three GroupNorm towers (classes and centerness; a box
 IoU loss weighted by the polar centerness, which NMS uses; 36 ray lengths, exp of a per-level
 scale x the output), mass-centre sampling, polar IoU loss, detections scored class x
 (centerness + 0.5); instances of <= 15 mask pixels or under 10 x 10 px dropped from training
-(counted); short side 768 (long side at most 1280) on a 1280 x 1280 canvas, batch 16, SGD lr
+(counted); every image stretched to 768 x 1280 (h x w, aspect ratio not kept, training and
+test, as the reference's resize_keep_ratio=False), which is the canvas, batch 16, SGD lr
 0.01, 500 warmup steps from lr / 3, 12 epochs with decays after 8 and 11, gradients clipped at
 35; ImageNet weights through --config.model.backbone_weights. The reference's README reports
 28.9 mask AP on COCO minival (4 GPUs, R-50 1x); this file has not reproduced it.
@@ -35,4 +36,10 @@ def get_config(arg=None):
     # coco_seg.py _parse_ann_info: instances of <= 15 mask pixels, or under 10 x 10 px, are no
     # training targets there (counted here as small_instance_dropped).
     c.input.instance_filter = "polarmask"
+    # img_scale=(1280, 768) (w, h) with resize_keep_ratio=False, training and test: every image
+    # stretched to 768 x 1280 (h, w), which is the canvas (both sides multiples of 128, the
+    # coarsest FPN level's stride).
+    c.input.resize = "stretch"
+    c.input.stretch_hw = (768, 1280)
+    c.input.canvas_hw = (768, 1280)
     return common.accelerator_recipe(c, arg)

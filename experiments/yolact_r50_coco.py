@@ -18,9 +18,9 @@ reference's training augmentation (yolact_r50_1xb8-55e_coco.py train_pipeline): 
 by 1-4 with probability 1/2, filled with the pixel mean), MinIoURandomCrop (min IoUs 0.1, 0.3,
 0.5, 0.7, 0.9 or no crop, sides 0.3-1), flip and PhotoMetricDistortion (instseg_jax/input/
 ssd_augment.py; the distorted pixels are clipped to uint8 where the reference keeps floats).
-Still different: images are resized aspect-preserving to a 550 px long side on a 640 x 640
-canvas where the reference stretches them to 550 x 550 (instseg_jax/methods/yolact.py says
-why). mmdetection reports 29.0 mask AP on COCO
+Images are stretched to 550 x 550 as the reference's Resize(keep_ratio=False) (input.resize
+"stretch"), at training and test, on a 640 x 640 canvas (instseg_jax/methods/yolact.py: what
+still differs). mmdetection reports 29.0 mask AP on COCO
 val2017 for this config; dbolya/yolact 28.2 on test-dev at 42.5 FPS on a Titan Xp. This file
 has not reproduced them.
 `:smoke` shrinks everything to synthetic scenes for tests.
@@ -44,4 +44,9 @@ def get_config(arg=None):
     c.input.min_iou_crop = (0.1, 0.3, 0.5, 0.7, 0.9)
     c.input.min_crop_size = 0.3
     c.input.photometric = True
+    # Resize(img_scale=(550, 550), keep_ratio=False), training and test: every image stretched
+    # to 550 x 550 (dbolya/yolact utils/augmentations.py Resize likewise), on the 640 x 640
+    # canvas (a multiple of 128, the coarsest level's stride).
+    c.input.resize = "stretch"
+    c.input.stretch_hw = (550, 550)
     return common.accelerator_recipe(c, arg)

@@ -418,6 +418,8 @@ def smoke_common(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.input.max_long_side = 128
     c.input.test_short_side = 112
     c.input.test_max_long_side = 128
+    if c.input.get("resize") == "stretch":  # still a stretch: the 112 x 128 scenes to 128 x 128
+        c.input.stretch_hw = (128, 128)
     c.optim.lr = 0.01
     c.optim.clip_norm = 0.0
     c.schedule.total_steps = 100

@@ -145,7 +145,7 @@ def preprocessing(config) -> dict:
     t = builders.transform_config(config, False)
     torchvision = t.resize_rule == "torchvision"
     size = "floor" if torchvision else "round"
-    return {
+    out = {
         "canvas_hw": list(t.canvas_hw),
         "channels": "RGB, uint8 (grey images repeated to 3 channels, alpha dropped)",
         "short_side": int(t.short_side[0]),
@@ -165,6 +165,13 @@ def preprocessing(config) -> dict:
         "normalisation": "inside the program: feed uint8 pixels, not mean/std-normalised ones",
         "padding_slots": "fill unused batch slots with any canvas and example_valid False",
     }
+    if t.resize == "stretch":  # input.resize "stretch": a fixed size, aspect ratio not kept
+        h, w = (int(v) for v in t.stretch_hw)
+        del out["short_side"], out["max_long_side"]
+        out["stretch_hw"] = [h, w]
+        out["scale"] = f"scale_yx = ({h} / h, {w} / w) per axis; scale = sqrt(sy * sx)"
+        out["resized_hw"] = f"({h}, {w})"
+    return out
 
 
 def describe(config, exported, step: int, class_map, platforms, workdir) -> dict:

@@ -130,6 +130,9 @@ RECIPES = {
         "input.min_iou_crop": (0.1, 0.3, 0.5, 0.7, 0.9),
         "input.min_crop_size": 0.3,
         "input.photometric": True,
+        # Resize(img_scale=(550, 550), keep_ratio=False) in the train and test pipelines.
+        "input.resize": "stretch",
+        "input.stretch_hw": (550, 550),
     },
     # xieenze/PolarMask configs/polarmask/4gpu/polar_768_1x_r50.py: 4 GPUs x imgs_per_gpu 4,
     # SGD lr 0.01, momentum 0.9, weight decay 1e-4, grad_clip max_norm 35, linear warmup 500
@@ -150,8 +153,11 @@ RECIPES = {
         "schedule.warmup_factor": 1.0 / 3,
         "schedule.total_steps": 12 * 7330,
         "schedule.steps": (8 * 7330, 11 * 7330),
-        "input.short_side": (768,),
-        "input.max_long_side": 1280,
+        # img_scale=(1280, 768) (w, h), resize_keep_ratio=False, train and test; the canvas
+        # is that size (128, the coarsest stride, divides both sides).
+        "input.resize": "stretch",
+        "input.stretch_hw": (768, 1280),
+        "input.canvas_hw": (768, 1280),
         "input.instance_filter": "polarmask",
         "optim.bias_lr_multiplier": 2.0,  # paramwise_options bias_lr_mult
         "optim.bias_weight_decay_multiplier": 0.0,  # bias_decay_mult

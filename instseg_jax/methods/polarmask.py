@@ -43,10 +43,12 @@ Training data: the COCO recipe sets input.instance_filter = "polarmask", coco_se
 instances with <= 15 mask pixels or under 10 x 10 px (counted as small_instance_dropped).
 
 Known differences from the reference, and why:
-- Input size: the reference stretches every image to exactly 1280 x 768 (resize_keep_ratio
-  False); here the short side is 768 and the long side at most 1280 on a 1280 x 1280 canvas:
-  the package maps detections back with one scale per image, and a stretch needs one per axis
-  in every method's mapping (methods/yolact.py declares the same).
+- Input size: the COCO recipe stretches every image to exactly 1280 x 768 as the reference
+  (resize_keep_ratio False, training and test; input.resize "stretch", a 768 x 1280 canvas;
+  polygons map back per axis through the batch's scale_yx), but with PIL's bilinear filter
+  (antialiased when shrinking) where mmcv uses cv2's. Contours are traced on the mask at canvas
+  resolution through nearest original pixels (pixel centres), where the reference resizes the
+  mask with cv2's nearest rule before tracing: a boundary may move by one canvas pixel.
 - Norm parameters: mmdetection's build_optimizer (mmdet/apis/train.py) decays GroupNorm's
   weights and biases (norm_decay_mult 1); the optimizer here never decays norm parameters.
   Conv biases train at twice the learning rate without decay, as there (optim.bias_*).
@@ -421,7 +423,8 @@ Model = PolarMask
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """xieenze/PolarMask's polar_768_1x_r50 COCO settings: short side 768 (long side at most
+    """xieenze/PolarMask's polar_768_1x_r50 COCO settings but its stretch (which the COCO
+    experiment adds: input.resize "stretch" to 768 x 1280): short side 768 (long side at most
     1280) on a 1280 x 1280 canvas, batch 16, SGD lr 0.01, weight decay 1e-4 (biases: lr x 2,
     no decay), 500 linear warmup steps from lr / 3, 12 epochs (87,960 steps at batch 16) with
     decays after epochs 8 and 11, gradients clipped at norm 35."""

@@ -15,11 +15,13 @@ Static shapes:
                  score, then per class the best `test_top_k`, Fast NMS and the score threshold,
                  then the best `detections_per_image` over all classes (ops.per_class_fast_nms).
 
-Input: aspect-preserving. The reference stretches every image to 550 x 550; here images keep
-their aspect ratio (the shared resize, short side / long side limits) on a canvas divisible by
-128, and the mapping back to original pixels is the one every method uses (one scale per
-image: a stretch needs a scale per axis in every method's mapping back, so it is not offered).
-The COCO experiment resizes the long side to 550 on a 640 x 640 canvas. Its training
+Input: the reference stretches every image to 550 x 550 (Resize keep_ratio=False, training and
+test); the COCO experiment does the same (input.resize = "stretch", input.stretch_hw = (550,
+550), instseg_jax/input/transforms.py) on a 640 x 640 canvas (divisible by 128, the P7 stride;
+the 90 px beyond the image are padding the reference does not have), and detections map back
+per axis (the batch's scale_yx). The nuclei experiment keeps the aspect-preserving resize. The
+image is resized with PIL's bilinear filter (antialiased when shrinking) where mmdetection uses
+cv2's bilinear interpolation. The COCO experiment's training
 augmentation is the reference's (input/ssd_augment.py: Expand 1-4 filled with PIXEL_MEAN,
 MinIoURandomCrop, flip, PhotoMetricDistortion on the resized image), but for the distorted
 pixels being clipped to uint8 (the reference normalises its unclipped floats); the nuclei
