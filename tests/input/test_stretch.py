@@ -90,6 +90,17 @@ def test_stretch_matches_mmdetection_resize_without_keeping_ratio(train):
         assert (to_border <= 1.0).all(), "contour points are on the stretched rectangle's edge"
 
 
+def test_stretched_ignore_regions_scale_per_axis():
+    """An instance over input.max_instances becomes an ignore region: its box resized as
+    mmdetection's _resize_bboxes resizes every box."""
+    config = stretch_config(max_instances=1, max_ignore_regions=2, train=True, hflip=0.0)
+    out = transform(example(), config, np.random.default_rng(0), report.new_counts())
+    expected, _ = reference_resize(RECTS, ORIG_HW, config.stretch_hw)
+    np.testing.assert_allclose(out["gt_boxes"][0], expected[1], rtol=1e-6, atol=1e-5)
+    assert out["ignore_valid"].tolist() == [True, False]
+    np.testing.assert_allclose(out["ignore_boxes"][0], expected[0], rtol=1e-6, atol=1e-5)
+
+
 def test_stretched_predictions_map_back_per_axis():
     config = stretch_config()
     out = transform(example(), config, np.random.default_rng(0), report.new_counts())
