@@ -41,7 +41,11 @@ target for each: the cell takes the class of the later instance (the higher slot
 Loss normalisers: the reference divides its focal loss by its GPU's positive cells + 1 and
 averages its dice loss over its GPU's (cell, instance) pairs, and DDP averages the GPUs'
 gradients; model.loss_normaliser_images (2, the COCO recipe's images per GPU) groups the global
-batch so, and 0 normalises over the whole global batch (the nuclei experiments').
+batch so, and 0 normalises over the whole global batch (the nuclei experiments'). mmdetection
+3.x's SOLOV2Head divides the summed dice loss by the positive cells instead
+(dense_heads/solov2_head.py loss_by_feat, num_pos): the same wherever no two instances share a
+cell, 2.3x ours in the loss-parity test's crowded scene (experiments/parity/solov2_loss.py). The
+COCO recipe follows WXinlong/SOLO, its reference, which averages over the pairs.
 
 Instances beyond input.max_instances arrive as ignore regions (structures.py): a cell that is
 not positive and whose centre lies in one (ops.assign.ignore_mask on the cell centres) is left
