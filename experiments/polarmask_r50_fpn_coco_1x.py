@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.input.eval_split.images = "data/coco/val2017"
     # coco_seg.py _parse_ann_info: instances of <= 15 mask pixels, or under 10 x 10 px, are no
     # training targets there (counted here as small_instance_dropped).
-    c.input.instance_filter = "polarmask"
+    c.input.instance_filter = "coco_seg"
     # img_scale=(1280, 768) (w, h) with resize_keep_ratio=False, training and test: every image
     # stretched to 768 x 1280 (h, w), which is the canvas (both sides multiples of 128, the
     # coarsest FPN level's stride).

@@ -251,7 +251,7 @@ def base() -> ml_collections.ConfigDict:
     # MIN_KEYPOINTS_PER_IMAGE, filter_images_with_few_keypoints); 0 keeps them.
     c.input.min_keypoints_per_image = 1
     # Training drops small instances by a reference's rule, each counted (small_instance_dropped
-    # in the data report): "polarmask" is xieenze/PolarMask's coco_seg.py (mask of 15 pixels or
+    # in the data report): "coco_seg" is xieenze/PolarMask's coco_seg.py (mask of 15 pixels or
     # fewer, or box under 10 px in both width and height); "none" keeps every instance.
     c.input.instance_filter = "none"
     c.input.synthetic_length = 64

@@ -158,7 +158,7 @@ RECIPES = {
         "input.resize": "stretch",
         "input.stretch_hw": (768, 1280),
         "input.canvas_hw": (768, 1280),
-        "input.instance_filter": "polarmask",
+        "input.instance_filter": "coco_seg",
         "optim.bias_lr_multiplier": 2.0,  # paramwise_options bias_lr_mult
         "optim.bias_weight_decay_multiplier": 0.0,  # bias_decay_mult
         "model.candidates_per_level": 1000,

@@ -262,6 +262,8 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_losses(tmp_path):
         assert first[name] == pytest.approx(golden[name], rel=0.05, abs=0.01), name
 
 
+# Slow tier since 2026-12-06 (about 30 s of training), to keep `make test` under 20 minutes.
+@pytest.mark.slow
 def test_step_time_leaves_out_checkpoints_and_evaluation(tmp_path, monkeypatch):
     """Checkpoints and evaluations take PAUSE seconds each here (steps take a fraction of
     it): the logged step time, and so images/s, holds neither; the pipeline's position is

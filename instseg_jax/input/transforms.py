@@ -82,7 +82,7 @@ class TransformConfig:
     min_iou_crop: tuple[float, ...] = ()
     min_crop_size: float = 0.3
     photometric: bool = False
-    # Training only: "polarmask" drops small instances by xieenze/PolarMask's coco_seg.py rule
+    # Training only: "coco_seg" drops small instances by the rule of xieenze/PolarMask's coco_seg.py
     # (mask of 15 pixels or fewer, or box under 10 px in both width and height, on the
     # original image; counted as small_instance_dropped); "none" keeps them.
     instance_filter: str = "none"
@@ -124,9 +124,9 @@ class TransformConfig:
                 f"input.copy_paste_scale must be (low, high) with 0 < low <= high, got "
                 f"{self.copy_paste_scale}"
             )
-        if self.instance_filter not in ("none", "polarmask"):
+        if self.instance_filter not in ("none", "coco_seg"):
             raise ConfigValueError(
-                f"input.instance_filter must be 'none' or 'polarmask', got {self.instance_filter!r}"
+                f"input.instance_filter must be 'none' or 'coco_seg', got {self.instance_filter!r}"
             )
         if self.resize_rule not in ("detectron2", "torchvision"):
             raise ConfigValueError(
@@ -363,7 +363,7 @@ def _trainable_instances(
     (counted) are dropped, and so are boxes narrower or lower on the canvas than
     config.min_box_size (counted as degenerate)."""
     keep = np.ones(len(canvas_boxes), bool)
-    if config.train and config.instance_filter == "polarmask" and len(canvas_boxes):
+    if config.train and config.instance_filter == "coco_seg" and len(canvas_boxes):
         # xieenze/PolarMask mmdet/datasets/coco_seg.py _parse_ann_info drops, crowd regions
         # included, annotations with area <= 15, with w < 10 and h < 10, or with a mask under
         # 15 pixels, on the original image. The annotation's polygon area is not carried

@@ -39,7 +39,7 @@ centerness among those whose class score passes 0.05, the box-branch boxes clipp
 class score x (centerness + 0.5); the polygons (`polygons` payload: vertices clamped to the
 image) are rasterised on the host by pycocotools.
 
-Training data: the COCO recipe sets input.instance_filter = "polarmask", coco_seg.py's drop of
+Training data: the COCO recipe sets input.instance_filter = "coco_seg", coco_seg.py's drop of
 instances with <= 15 mask pixels or under 10 x 10 px (counted as small_instance_dropped).
 
 Known differences from the reference, and why:

@@ -179,6 +179,8 @@ def test_training_fills_the_mask_budget_with_every_positive_or_from_the_data(tmp
         init_variables(model, batch)
 
 
+# Slow tier since 2026-12-06 (about 26 s: two inference programs), for `make test`'s 20 minutes.
+@pytest.mark.slow
 def test_inference_on_a_small_mask_budget_matches_all_slots():
     """make_inference runs the mask head on test_mask_slots_small slots when the detections fit
     and on all K otherwise; either way the valid detections and their masks are those of the

@@ -247,7 +247,7 @@ def test_instance_filter_drops_what_coco_seg_drops_and_counts_it():
     ]
     config = TransformConfig(
         canvas_hw=(64, 64), short_side=(64,), max_long_side=64, hflip=0.0,
-        instance_filter="polarmask", box_masks=False,
+        instance_filter="coco_seg", box_masks=False,
     )  # fmt: skip
     counts = report.new_counts()
     out = transform(example, config, np.random.default_rng(0), counts)
