@@ -4,9 +4,17 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests run tiny programs a few times each, so XLA's CPU compile dominates their time: LLVM's
+# optimisation passes take about 40% of a smoke step's compile and buy nothing at this size
+# (tests/methods/test_fcos.py's smoke step: 62 s at the default level, 38 s at 0). Results stay
+# IEEE float32; the bitwise tests compare runs made under the same flags. Set before JAX starts
+# its backend; subprocesses inherit it (tests that set XLA_FLAGS for them append to it).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
-import jax
-import pytest
+import jax  # noqa: E402 (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
 if _cache:

@@ -55,7 +55,12 @@ def compiled_reports(methods, timeout: int) -> dict:
     process = subprocess.run(
         [sys.executable, DRIVER, *(SMOKE[m] for m in methods)],
         cwd=REPO,
-        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        env={
+            **os.environ,
+            "XLA_FLAGS": (
+                f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+            ),
+        },
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -2,6 +2,7 @@
 8-device step's collectives), jax.distributed with 2 processes (slow tier). Split from
 test_train.py so that the test runner's two workers can each take one of the long files."""
 
+import os
 import socket
 import subprocess
 import warnings
@@ -56,7 +57,8 @@ def test_eight_devices_equal_one(tmp_path):
         tmp_path / "eight.npz",
         *overrides,
         env={
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=8 "
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+            "--xla_force_host_platform_device_count=8 "
             f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step_fn",
             # A step loaded from the persistent cache is not compiled, so not dumped.
             "JAX_ENABLE_COMPILATION_CACHE": "false",

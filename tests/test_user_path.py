@@ -368,7 +368,12 @@ def test_a_global_batch_the_devices_do_not_divide_ends_in_one_line(tmp_path):
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "instseg_jax.cli", "train", "--config", TOY]
     command += ["--workdir", str(workdir), "--config.input.global_batch=2"]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+        ),
+    }
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     line = user_error_line(done.stderr)

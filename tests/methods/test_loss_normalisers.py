@@ -543,7 +543,7 @@ def test_group_normalisers_cross_devices_as_all_reduces_only():
     chips")."""
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         "JAX_PLATFORMS": "cpu",
     }
     process = subprocess.run(

@@ -247,7 +247,7 @@ def test_gathers_of_a_sharded_batch_stay_on_their_chips():
 
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     }
     done = subprocess.run(
