@@ -1,0 +1,387 @@
+"""Loss parity of our CondInst's training side (methods/condinst.py: CondInst.assign, the mask
+slots' dynamic-head logits, loss_fn) with mmdetection 3.x's CondInstBboxHead.loss_by_feat and
+CondInstMaskHead.loss_by_feat (issue 29 item 4; `make peer-mmdet`).
+
+    .venv-mmdet/bin/python experiments/parity/condinst_loss.py
+    .venv-mmdet/bin/python experiments/parity/condinst_loss.py --make-fixture \
+        tests/fixtures/mmdet_condinst_loss_tiny.npz                 # the CI test's data
+
+Environment: as experiments/parity/solov2_loss.py (mmcv's lite build, `mmdet_shim` stubbing
+mmcv.ops; every stub raises if called). These losses call none: FocalLoss takes its
+pure-PyTorch path on CPU tensors, GIoULoss, CrossEntropyLoss and DiceLoss are PyTorch, the
+dynamic convolution is F.conv2d and aligned_bilinear F.interpolate.
+
+Inputs: no network runs. Random head outputs (mmdet_condinst_loss.random_head_outputs, a
+fixed seed per batch; the fixture stores the seed and a checksum) go to both sides: per level class
+logits, box distances (in strides, positive: mmdetection's bbox_preds after norm_on_bbox's
+clamp), centerness logits and controller parameters (169), and the stride-8 mask features
+(8 channels). Ground truth on a 128 x 128 canvas at full resolution: `few` (four ellipses of
+three classes, one large enough for P4), `crowded` (twelve equal discs 14 px apart: locations
+claimed by several equal-area instances, and more positives than mask slots), `empty`, and
+`nuclei` (the masks of a 128 x 128 crop of a DSB2018 stage1_train image, NUCLEI_IMAGE in
+`mmdet_condinst_loss`, which builds every scene; its mask checksum is in the fixture, its masks are not). Boxes are the masks' pixel-edge extents;
+our stride-4 masks are the full ones sampled at [2::4, 2::4], as mmdetection's and AdelaiDet's
+mask targets are (condinst_head.py _get_targets_single).
+
+Batches: four images each = two mmdetection GPUs of two images (the COCO recipe's 2 images per
+GPU; ours model.loss_normaliser_images 2). mmdetection's FCOS normalisers are all-reduced means
+(reduce_mean), so its DDP-averaged box-head loss is its loss_by_feat over the four images at
+once; its mask loss is per GPU (summed dice / that GPU's trained masks), so loss_by_feat runs
+on each pair and the two are averaged, as DDP averages the gradients.
+
+Random draw: mmdetection trains at most max_masks_to_train masks per image, a torch.randperm
+subset of the image's positives (condinst_head.py _get_targets_single). The script wraps
+torch.randperm to record each draw and gives ours the same subset (the mask slots are an input
+of mmdet_condinst_loss.condinst_losses); our own draw (fcos.positive_slots) is checked only
+where no image overflows (every positive trained, the same set) and in its overflow counts.
+
+Where mmdetection deviates from AdelaiDet (the COCO recipe's reference,
+experiments/condinst_r50_fpn_coco_1x.py), ours keeps AdelaiDet's rule; the parity runs ours
+with mmdetection's rule switched on where ours has the option, and reports the raw difference:
+- GIoU: AdelaiDet's IOULoss smooths the IoU term, (I + 1) / (U + 1) (adet/layers/iou_loss.py;
+  ours model.giou_smoothing 1.0); mmdetection's GIoULoss does not (eps 1e-6 only). Compared
+  with giou_smoothing 0; `raw_loss_box_reg` reports ours at 1.0.
+- Mask budget: AdelaiDet trains at most 500 masks per GPU (MAX_PROPOSALS, one randperm over
+  the GPU's 2 images; ours 250 per image, a declared difference in methods/condinst.py);
+  mmdetection 300 per image (max_masks_to_train). The parity injects mmdetection's draw.
+Known difference of ours from both references (declared in methods/condinst.py): the stride-8
+mask logits are upsampled 2x with half-pixel bilinear (torch align_corners=False), theirs by
+aligned_bilinear (mmdet/models/utils/misc.py, from AdelaiDet adet/utils/comm.py). The parity
+proper patches mmdetection's aligned_bilinear to F.interpolate(align_corners=False);
+`raw_loss_mask` and `raw_grad` report the difference with the reference's own upsampling.
+Mass centres: mmdetection and AdelaiDet average integer pixel indices; ours averages pixel
+centres, half a pixel later (declared in methods/condinst.py). Ours gets mmdetection's
+centres for the parity; a second pass with ours reports how many location labels move.
+
+Checks: location labels and matched instances (exact), each loss term (relative difference)
+and the gradient of the total loss with respect to each head output (relative norm of the
+difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+importlib.import_module("mmdet_shim")  # before mmdet: stubs mmcv.ops
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from mmdet.models.dense_heads import CondInstBboxHead, CondInstMaskHead  # noqa: E402
+from mmdet.models.dense_heads import condinst_head as condinst_module  # noqa: E402
+from mmdet.structures.mask import BitmapMasks  # noqa: E402
+from mmdet.utils import register_all_modules  # noqa: E402
+from mmengine.structures import InstanceData  # noqa: E402
+
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from instseg_jax.weights import mmdet_condinst_loss as ours_side  # noqa: E402
+from instseg_jax.weights.mmdet_loss_parity import relative_difference  # noqa: E402
+
+CANVAS = ours_side.CANVAS
+MASK_STRIDE = ours_side.MASK_STRIDE
+NUM_CLASSES = ours_side.NUM_CLASSES
+MASK_SLOTS = 16  # per image, both sides (mmdetection's max_masks_to_train)
+IMAGES_PER_GPU = 2
+SEED = 29  # batch k's head outputs: ours_side.random_head_outputs(SEED + k, ...)
+BATCHES = (
+    ("few", "crowded", "nuclei", "empty"),
+    ("crowded", "empty", "empty", "few"),
+    ("empty", "empty", "empty", "empty"),
+)
+SHARED_NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
+TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative; float32 on both sides
+GRAD_NAMES = [f"grad_{n}" for n in ours_side.HEAD_OUTPUTS]
+
+
+def scene(name):
+    return ours_side.scene(name, SHARED_NUCLEI)
+
+
+def make_heads():
+    """mmdetection's heads at configs/condinst/condinst_r50_fpn_ms-poly-90k_coco_instance.py's
+    loss settings (narrow layers: the head outputs are given)."""
+    register_all_modules()
+    bbox_head = CondInstBboxHead(
+        num_params=169,
+        num_classes=NUM_CLASSES,
+        in_channels=16,
+        stacked_convs=1,
+        feat_channels=16,
+        strides=[8, 16, 32, 64, 128],
+        norm_on_bbox=True,
+        centerness_on_reg=True,
+        center_sampling=True,
+        conv_bias=True,
+        norm_cfg=dict(type="GN", num_groups=4, requires_grad=True),
+        loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+        loss_bbox=dict(type="GIoULoss", loss_weight=1.0),
+        loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+    )
+    mask_head = CondInstMaskHead(
+        num_layers=3,
+        feat_channels=8,
+        size_of_interest=8,
+        mask_out_stride=MASK_STRIDE,
+        max_masks_to_train=MASK_SLOTS,
+        mask_feature_head=dict(
+            in_channels=16,
+            feat_channels=16,
+            start_level=0,
+            end_level=2,
+            out_channels=8,
+            mask_stride=8,
+            num_stacked_convs=1,
+            norm_cfg=dict(type="GN", num_groups=4),
+        ),
+        loss_mask=dict(type="DiceLoss", use_sigmoid=True, activate=True, eps=5e-6, loss_weight=1.0),
+    )
+    return bbox_head, mask_head
+
+
+def split_levels(flat, shapes):
+    """[B, T, K] (ours) -> per level [B, K, h, w] (mmdetection's)."""
+    out, offset = [], 0
+    for h, w in shapes:
+        level = flat[:, offset : offset + h * w].reshape(flat.shape[0], h, w, -1)
+        out.append(np.ascontiguousarray(level.transpose(0, 3, 1, 2)))
+        offset += h * w
+    return out
+
+
+def join_levels(levels):
+    """Per level [B, K, h, w] -> [B, T, K]."""
+    return np.concatenate(
+        [lv.transpose(0, 2, 3, 1).reshape(lv.shape[0], -1, lv.shape[1]) for lv in levels], 1
+    )
+
+
+def half_pixel_bilinear(tensor, factor):
+    """The patch for aligned_bilinear: ours (torch align_corners=False)."""
+    return F.interpolate(tensor, scale_factor=factor, mode="bilinear", align_corners=False)
+
+
+def run_mmdet(heads, head, images, shapes, seed, patch_upsampling):
+    """mmdetection's terms, the gradient of their total in our layouts, its targets and its
+    mask-slot draw."""
+    bbox_head, mask_head = heads
+    levels = {
+        "class_logits": split_levels(head["class_logits"], shapes),
+        "distances": split_levels(head["distances"], shapes),
+        "centerness_logits": split_levels(head["centerness_logits"][..., None], shapes),
+        "dynamic_params": split_levels(head["dynamic_params"], shapes),
+    }
+    tensors = {k: [torch.tensor(x, requires_grad=True) for x in v] for k, v in levels.items()}
+    features = torch.tensor(
+        np.ascontiguousarray(head["mask_features"].transpose(0, 3, 1, 2)), requires_grad=True
+    )
+    instances = [
+        InstanceData(
+            bboxes=torch.tensor(ours_side.boxes_of(masks)),
+            labels=torch.tensor(classes),
+            masks=BitmapMasks(masks.astype(np.uint8), CANVAS, CANVAS),
+        )
+        for classes, masks in images
+    ]
+    metas = [dict(img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS))] * len(images)
+    losses = bbox_head.loss_by_feat(
+        tensors["class_logits"],
+        tensors["distances"],
+        tensors["centerness_logits"],
+        tensors["dynamic_params"],
+        instances,
+        metas,
+    )
+    infos = bbox_head.get_positive_infos()
+    draws = []
+    real_randperm = torch.randperm
+
+    def recorded_randperm(n, *args, **kwargs):
+        perm = real_randperm(n, *args, **kwargs)
+        draws.append(perm.clone())
+        return perm
+
+    torch.manual_seed(seed)
+    real_upsampling = condinst_module.aligned_bilinear
+    torch.randperm = recorded_randperm
+    if patch_upsampling:
+        condinst_module.aligned_bilinear = half_pixel_bilinear
+    try:
+        per_gpu = []
+        for g in range(0, len(images), IMAGES_PER_GPU):
+            part = slice(g, g + IMAGES_PER_GPU)
+            preds = [
+                mask_head.forward_single(features[i], infos[i])[0]
+                for i in range(part.start, part.stop)
+            ]
+            per_gpu.append(
+                mask_head.loss_by_feat(preds, instances[part], metas[part], infos[part])[
+                    "loss_mask"
+                ]
+            )
+    finally:
+        torch.randperm = real_randperm
+        condinst_module.aligned_bilinear = real_upsampling
+    loss_mask = sum(per_gpu) / len(per_gpu)  # DDP's average over the GPUs
+    total = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_centerness"] + loss_mask
+    inputs = [*(t for k in levels for t in tensors[k]), features]
+    grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+    n = len(shapes)
+    grad = {}
+    for k, name in enumerate(levels):
+        grad[f"grad_{name}"] = join_levels([g.numpy() for g in grads[k * n : (k + 1) * n]])
+    grad["grad_centerness_logits"] = grad["grad_centerness_logits"][..., 0]
+    grad["grad_mask_features"] = grads[-1].numpy().transpose(0, 2, 3, 1)
+    # Targets and the mask slots: each image's positive locations, the subset trained.
+    t = sum(h * w for h, w in shapes)
+    labels = np.full((len(images), t), NUM_CLASSES, np.int32)
+    matched = np.full((len(images), t), -1, np.int32)
+    slot_location = np.zeros((len(images), MASK_SLOTS), np.int32)
+    slot_valid = np.zeros((len(images), MASK_SLOTS), bool)
+    draw = iter(draws)
+    for i, (info, (classes, _)) in enumerate(zip(infos, images, strict=True)):
+        pos = info.pos_inds.numpy()
+        matched[i, pos] = info.pos_assigned_gt_inds.numpy()
+        labels[i, pos] = classes[info.pos_assigned_gt_inds.numpy()]
+        chosen = pos
+        if len(pos) > MASK_SLOTS and len(classes):
+            chosen = pos[next(draw).numpy()[:MASK_SLOTS]]
+        slot_location[i, : len(chosen)] = chosen
+        slot_valid[i, : len(chosen)] = True
+    assert next(draw, None) is None, "a randperm draw was not consumed"
+    return {
+        "loss_cls": float(losses["loss_cls"]),
+        "loss_box_reg": float(losses["loss_bbox"]),
+        "loss_centerness": float(losses["loss_centerness"]),
+        "loss_mask": float(loss_mask),
+        **grad,
+        "location_classes": labels,
+        "matched": matched,
+        "slot_location": slot_location,
+        "slot_valid": slot_valid,
+    }
+
+
+def compare(ours, theirs):
+    figures = {f"rel_{n}": relative_difference(ours[n], theirs[n]) for n in ours_side.TERMS}
+    figures.update({f"rel_{n}": relative_difference(ours[n], theirs[n]) for n in GRAD_NAMES})
+    return figures
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make-fixture", type=Path, help="write the CI test's npz here")
+    args = parser.parse_args()
+    start = time.time()
+    cfg = ours_side.condinst_config(NUM_CLASSES, CANVAS, MASK_SLOTS, giou_smoothing=0.0)
+    recipe_cfg = ours_side.condinst_config(NUM_CLASSES, CANVAS, MASK_SLOTS)
+    heads = make_heads()
+    shapes = cfg.level_shapes()
+    fixture, failures = {}, []
+    worst = {"loss": 0.0, "grad": 0.0}
+    for k, names in enumerate(BATCHES):
+        images = [scene(n) for n in names]
+        head = ours_side.random_head_outputs(SEED + k, len(images), cfg)
+        theirs = run_mmdet(heads, head, images, shapes, seed=k, patch_upsampling=True)
+        raw = run_mmdet(heads, head, images, shapes, seed=k, patch_upsampling=False)
+        assert np.array_equal(raw["slot_location"], theirs["slot_location"])
+        gt = ours_side.ground_truth(images)
+        slots = (theirs["slot_location"], theirs["slot_valid"])
+        ours, targets = ours_side.condinst_losses(head, gt, *slots, cfg)
+        report = {"batch": "+".join(names)}
+        report["location_label_mismatches"] = int(
+            (targets["location_classes"] != theirs["location_classes"]).sum()
+        )
+        report["matched_mismatches"] = int((targets["matched"] != theirs["matched"]).sum())
+        report["positives"] = [int(p) for p in (theirs["matched"] >= 0).sum(axis=1)]
+        overflowing = (theirs["matched"] >= 0).sum(axis=1) > MASK_SLOTS
+        report["overflowing_images"] = int(overflowing.sum())
+        # Our own draw: every positive where there is room, and the overflow it counts.
+        room = ~overflowing
+        report["own_slot_set_mismatches"] = int(
+            (targets["own_slots"][room] != (theirs["matched"][room] >= 0)).sum()
+        )
+        expected_overflow = np.maximum((theirs["matched"] >= 0).sum(axis=1) - MASK_SLOTS, 0)
+        report["own_overflow_mismatches"] = int(
+            (targets["own_overflow"] != expected_overflow).sum()
+        )
+        report.update(compare(ours, theirs))
+        report["terms_ours_theirs"] = {n: (ours[n], theirs[n]) for n in ours_side.TERMS}
+        # Raw differences: the reference's own upsampling, ours at the recipe's GIoU smoothing.
+        report["raw_loss_mask"] = relative_difference(ours["loss_mask"], raw["loss_mask"])
+        report["raw_grad"] = {
+            n: relative_difference(ours[n], raw[n])
+            for n in ("grad_dynamic_params", "grad_mask_features")
+        }
+        recipe, _ = ours_side.condinst_losses(head, gt, *slots, recipe_cfg)
+        report["raw_loss_box_reg"] = relative_difference(
+            recipe["loss_box_reg"], theirs["loss_box_reg"]
+        )
+        _, own = ours_side.condinst_losses(head, ours_side.ground_truth(images, 0.5), *slots, cfg)
+        report["labels_moved_by_our_centre_convention"] = int(
+            (own["location_classes"] != theirs["location_classes"]).sum()
+        )
+        checks = {
+            "loss": [report[f"rel_{n}"] for n in ours_side.TERMS],
+            "grad": [report[f"rel_{n}"] for n in GRAD_NAMES],
+        }
+        for kind, values in checks.items():
+            worst[kind] = max(worst[kind], *values)
+            if max(values) > TOLERANCES[kind]:
+                failures.append(f"{report['batch']}: {kind} {max(values):.2e}")
+        for count in (
+            "location_label_mismatches",
+            "matched_mismatches",
+            "own_slot_set_mismatches",
+            "own_overflow_mismatches",
+        ):
+            if report[count]:
+                failures.append(f"{report['batch']}: {count} {report[count]}")
+        print(json.dumps(report))
+        if args.make_fixture:
+            fixture[f"b{k}_head_checksum"] = np.asarray(ours_side.head_checksum(head))
+            # No ground truth: the test rebuilds it (ours_side.scene), nuclei from shared data.
+            for name in (
+                *ours_side.TERMS,
+                *GRAD_NAMES,
+                "location_classes",
+                "matched",
+                "slot_location",
+                "slot_valid",
+            ):
+                fixture[f"b{k}_mmdet_{name}"] = np.asarray(theirs[name])
+    print(
+        json.dumps(
+            {"worst_relative": worst, "tolerances": TOLERANCES, "seconds": time.time() - start}
+        )
+    )
+    if args.make_fixture:
+        meta = {
+            "num_classes": NUM_CLASSES,
+            "canvas": CANVAS,
+            "mask_slots": MASK_SLOTS,
+            "batches": [list(n) for n in BATCHES],
+            "seed": SEED,
+            "nuclei_image": ours_side.NUCLEI_IMAGE,
+            "nuclei_crop": list(ours_side.NUCLEI_CROP),
+            "nuclei_masks_sha256": ours_side.masks_checksum(scene("nuclei")[1]),
+        }
+        np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
+        print(f"wrote {args.make_fixture}")
+    if failures:
+        print("FAIL: " + "; ".join(failures))
+        sys.exit(1)
+    print("OK: every term and gradient within tolerance (mmdetection's GIoU and upsampling)")
+
+
+if __name__ == "__main__":
+    main()
