@@ -306,7 +306,8 @@ def anchor_targets(
     matched int32[T] (ground-truth slot of positives), classes int32[T] (class of positives,
     C elsewhere), box_targets float32[T, 4], slot_anchor / slot_gt int32[P] and slot_valid
     bool[P] (P = masks_per_image: the positives whose masks train), positives int32, overflow
-    int32 (positives without a mask slot).
+    int32 (positives without a mask slot), gt_usable bool[N] (the ground truth that trains: the
+    semantic loss's too).
     """
     # mmdetection's FilterAnnotations(min_gt_bbox_wh=(4, 4)) runs first in the reference's
     # pipeline, on the original image: w > 4 and h > 4 there.
@@ -347,6 +348,7 @@ def anchor_targets(
         "slot_valid": slot_valid,
         "positives": positive.sum().astype(jnp.int32),
         "overflow": overflow,
+        "gt_usable": usable,
     }
 
 
@@ -417,10 +419,14 @@ def loss_fn(outputs: dict, batch: dict, cfg: YOLACTConfig) -> tuple[jnp.ndarray,
     mask_logits = outputs["mask_logits"]  # [B, P, h, w]
     boxes = outputs["mask_boxes"]  # [B, P, 4] canvas
     inside = crop_masks(mask_logits, boxes, PROTO_STRIDE)
-    bce = (
-        jnp.maximum(mask_logits, 0.0)
-        - mask_logits * outputs["mask_targets"].astype(jnp.float32)
-        + jnp.log1p(jnp.exp(-jnp.abs(mask_logits)))
+    mask_targets = outputs["mask_targets"].astype(jnp.float32)
+    # -[t log s(x) + (1 - t) log s(-x)]: its gradient is s(x) - t at every x. The prototypes
+    # are ReLU outputs, so a cell where all are 0 has a logit of exactly 0, where JAX's gradient
+    # of the max(x, 0) + log1p(exp(-|x|)) form is off by 1/2 (|x|' = 1 at 0, max's 1/2); the
+    # mmdetection loss parity (experiments/parity/yolact_loss.py) measured it.
+    bce = -(
+        mask_targets * jax.nn.log_sigmoid(mask_logits)
+        + (1.0 - mask_targets) * jax.nn.log_sigmoid(-mask_logits)
     )
     wh = jnp.maximum(boxes[..., 2:] - boxes[..., :2], 1.0) / PROTO_STRIDE
     per_mask = jnp.sum(jnp.where(inside, bce, 0.0), axis=(2, 3)) / (wh[..., 0] * wh[..., 1])
@@ -433,12 +439,15 @@ def loss_fn(outputs: dict, batch: dict, cfg: YOLACTConfig) -> tuple[jnp.ndarray,
     )
 
     semantic = outputs["semantic_logits"]  # [B, H/8, W/8, C]
-    # An image without ground truth adds nothing (mmdetection's YOLACTSegmHead.loss gives it
-    # zero weights) but still counts in the normaliser (images x h x w).
-    has_gt = batch["gt_valid"].any(axis=1)[:, None, None, None]
+    # Only the ground truth min_gt_box_size keeps: the reference's FilterAnnotations removes
+    # the rest from the image, semantic targets included. An image without ground truth adds
+    # nothing (mmdetection's YOLACTProtonet.loss_by_feat: segm_preds.sum() * 0) but still
+    # counts in the normaliser (images x h x w).
+    usable = targets.get("gt_usable", batch["gt_valid"])  # hand-made targets: every valid one
+    has_gt = usable.any(axis=1)[:, None, None, None]
     loss_semantic = cfg.semantic_loss_weight * ops.binary_cross_entropy_with_logits(
         semantic,
-        semantic_targets(batch, cfg.num_classes, semantic.shape[1:3]),
+        semantic_targets(batch, cfg.num_classes, semantic.shape[1:3], usable),
         weights=has_gt,
         normalizer=b * semantic.shape[1] * semantic.shape[2],
     )
@@ -456,14 +465,16 @@ def loss_fn(outputs: dict, batch: dict, cfg: YOLACTConfig) -> tuple[jnp.ndarray,
     return loss_cls + loss_box + loss_mask + loss_semantic, metrics
 
 
-def semantic_targets(batch, num_classes: int, out_hw):
-    """float32[B, H/8, W/8, C]: per class, the union of its instances at stride 8 (a cell is
-    inside a mask when more than half of its 2 x 2 stride-4 cells are)."""
+def semantic_targets(batch, num_classes: int, out_hw, usable=None):
+    """float32[B, H/8, W/8, C]: per class, the union of its instances (those `usable`, bool[B,
+    N], when given, else gt_valid) at stride 8 (a cell is inside a mask when more than half of
+    its 2 x 2 stride-4 cells are)."""
     masks = batch["gt_full_masks"].astype(jnp.float32)  # [B, N, H/4, W/4]
     b, n = masks.shape[:2]
     oh, ow = out_hw
     pooled = masks[:, :, : 2 * oh, : 2 * ow].reshape(b, n, oh, 2, ow, 2).mean(axis=(3, 5)) > 0.5
-    onehot = jax.nn.one_hot(batch["gt_classes"], num_classes) * batch["gt_valid"][..., None]
+    valid = batch["gt_valid"] if usable is None else usable
+    onehot = jax.nn.one_hot(batch["gt_classes"], num_classes) * valid[..., None]
     return jnp.minimum(jnp.einsum("bnhw,bnc->bhwc", pooled.astype(jnp.float32), onehot), 1.0)
 
 

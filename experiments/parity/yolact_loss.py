@@ -1,0 +1,451 @@
+"""Loss parity of our YOLACT's training side (methods/yolact.py anchor_targets and loss_fn) with
+mmdetection 3.3's YOLACTHead.loss_by_feat (OHEM softmax classification, smooth-L1 boxes) and
+YOLACTProtonet.loss_by_feat (cropped mask BCE normalised by box area; the semantic BCE of its
+SegmentationModule, mmdetection 2.x's YOLACTSegmHead) (issue 29 item 4; `make peer-mmdet`).
+
+    .venv-mmdet/bin/python experiments/parity/yolact_loss.py
+    .venv-mmdet/bin/python experiments/parity/yolact_loss.py --make-fixture \
+        tests/fixtures/mmdet_yolact_loss_tiny.npz                    # the CI test's data
+
+Environment: mmcv 2.1's lite build (no compiled ops), mmdet's mmcv.ops imports stubbed by
+`mmdet_shim` (this folder; every stub raises if called). These losses call none: the
+MaxIoUAssigner's IoU is mmdet's own bbox_overlaps (PyTorch), PseudoSampler, CrossEntropyLoss and
+SmoothL1Loss are PyTorch.
+
+Inputs: no network runs. The head outputs, random with a fixed seed, go to both sides: class
+logits [B, T, C + 1], box deltas [B, T, 4] and tanh'd coefficients [B, T, K] (mmdetection's
+per-level [B, A x ., h, w], anchors (y, x, ratio)), prototypes [B, 32, 32, K] at stride 4 and
+semantic logits [B, 16, 16, C] at stride 8 (theirs channel-first). The protonet's convolutions
+and the semantic 1x1 convolution are replaced by the given tensors (YOLACTProtonet.protonet by
+an identity on the prototypes, segm_branch by a module returning the semantic logits), so
+mmdetection's own forward combines prototypes and coefficients (sigmoid(P @ c)) and crops.
+
+Anchors: mmdetection's AnchorGenerator as configs/yolact/yolact_r50_1xb8-55e_coco.py builds it
+(octave_base_scale 3, ratios 0.5 1 2, stride = image side / feature side, centres at half a
+stride) with the smoke base sizes 4 .. 64 on the 128 x 128 canvas: equal to ours (checked, max
+|difference| printed). At the COCO recipe the two differ: mmdetection's strides are 550 / (69,
+35, 18, 9, 5) on a 550 image, ours 8 .. 128 on the 640 canvas (methods/yolact.py docstring).
+
+Ground truth on the canvas: `few` (four objects, three classes), `crowded` (twelve discs whose
+boxes share anchors), `empty`, each drawn at stride 4 and upsampled 4x (nearest) for
+mmdetection (its bilinear 4x reduction gives back the stride-4 masks exactly, and its stride-8
+semantic targets are ours: more than half of the 2 x 2 stride-4 cells), boxes the masks'
+extents; and `nuclei`, a 128 x 128 crop of a DSB 2018 training image read from the shared data
+(weights/mmdet_yolact_loss.py nuclei_ground_truth: real boxes, stride-4 masks by mmdetection's
+own rule, checked here against its interpolation of the real masks). mmdetection's pipeline
+runs FilterAnnotations(min_gt_bbox_wh=(4, 4)) before the head: applied here (its transform) to
+its ground truth; ours gets every nucleus and leaves the two slivers out itself
+(model.min_gt_box_size).
+
+Random draws: an image with more positives than max_masks_to_train (16 here) trains a random
+subset (YOLACTProtonet._get_targets_single: torch.randperm); torch.randperm is wrapped to
+record mmdetection's draw, and that draw is injected into ours (the trained mask slots).
+
+Semantic classes: mmdetection 3.3 writes instance i's semantic target into channel
+labels[i] - 1 (yolact_head.py _get_targets_single), one class off (class 0 lands in the last
+channel); dbolya/yolact (layers/modules/multibox_loss.py semantic_segmentation_loss) uses
+the class itself, and so do we (a declared difference in methods/yolact.py). The parity gives
+mmdetection's protonet labels + 1, which undoes the shift; its unshifted semantic term is
+reported beside.
+
+Checks: anchors, anchor labels (classes of positives, ignored anchors; exact), each term
+(relative difference) and the gradient of the total loss with respect to each head output
+(relative norm of the difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+importlib.import_module("mmdet_shim")  # before mmdet: stubs mmcv.ops
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from mmdet.datasets.transforms import FilterAnnotations  # noqa: E402
+from mmdet.models.dense_heads import YOLACTHead, YOLACTProtonet  # noqa: E402
+from mmdet.structures.bbox import HorizontalBoxes  # noqa: E402
+from mmdet.structures.mask import BitmapMasks  # noqa: E402
+from mmdet.utils import register_all_modules  # noqa: E402
+from mmengine.config import ConfigDict  # noqa: E402
+from mmengine.structures import InstanceData  # noqa: E402
+
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))
+
+from instseg_jax.weights import mmdet_yolact_loss as parity  # noqa: E402
+
+NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
+CANVAS = 128
+STRIDE = 4
+NUM_CLASSES = 3
+NUM_PROTOS = 8
+MASKS_PER_IMAGE = 16
+MAX_INSTANCES = 32
+BASE_SIZES = (4, 8, 16, 32, 64)  # x octave_base_scale 3: our smoke anchor sizes 12 .. 192
+FEATURE_SIDES = tuple(CANVAS // s for s in (8, 16, 32, 64, 128))
+RATIOS = 3
+BATCHES = (("few", "crowded"), ("nuclei", "empty"), ("empty", "empty"))
+TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative; float32 on both sides
+
+
+def ellipse(cy, cx, ry, rx, size=CANVAS // STRIDE):
+    """bool[size, size] at stride 4: the cells whose centres fall inside the ellipse."""
+    y, x = np.mgrid[:size, :size] + 0.5
+    return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
+
+
+def full_resolution(masks):
+    return masks.repeat(STRIDE, axis=1).repeat(STRIDE, axis=2)
+
+
+def boxes_of(full_masks):
+    boxes = np.zeros((len(full_masks), 4), np.float32)
+    for i, m in enumerate(full_masks):
+        ys, xs = np.nonzero(m)
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return boxes
+
+
+def scene(name: str) -> dict:
+    """classes int32[N], masks bool[N, 32, 32] (stride 4), boxes float32[N, 4] and the
+    full-resolution masks mmdetection gets (nearest 4x upsampling of the stride-4 masks)."""
+    if name == "nuclei":
+        gt = parity.nuclei_ground_truth(NUCLEI, CANVAS, STRIDE)
+        real = torch.tensor(gt["full_masks"], dtype=torch.float32)[None]
+        theirs = F.interpolate(real, (CANVAS // STRIDE,) * 2, mode="bilinear").gt(0.5)[0]
+        assert np.array_equal(theirs.numpy(), gt["masks"]), "stride-4 nuclei masks differ"
+        gt["mmdet_masks"] = full_resolution(gt["masks"])
+        return gt
+    if name == "empty":
+        masks = np.zeros((0, CANVAS // STRIDE, CANVAS // STRIDE), bool)
+        classes = np.zeros((0,), np.int32)
+    else:
+        if name == "few":
+            shapes = [(5, 5, 2, 2, 0), (10, 22, 4, 6, 1), (20, 10, 8, 6, 2), (16, 16, 14, 13, 0)]
+        else:  # crowded: twelve 6-cell discs 2 cells apart, boxes sharing anchors
+            shapes = [
+                (9 + 2 * (i // 4), 9 + 2 * (i % 4) + (i // 4), 3, 3, i % 3) for i in range(12)
+            ]
+        masks = np.stack([ellipse(cy, cx, ry, rx) for cy, cx, ry, rx, _ in shapes])
+        classes = np.array([s[4] for s in shapes], np.int32)
+    full = full_resolution(masks)
+    return {"classes": classes, "masks": masks, "boxes": boxes_of(full), "mmdet_masks": full}
+
+
+def make_heads():
+    """mmdetection's YOLACT heads at the tiny config (configs/yolact/yolact_r50_1xb8-55e_coco.py
+    but for sizes: anchors, train_cfg, losses and their weights as there)."""
+    register_all_modules()
+    train_cfg = ConfigDict(
+        assigner=dict(
+            type="MaxIoUAssigner",
+            pos_iou_thr=0.5,
+            neg_iou_thr=0.4,
+            min_pos_iou=0.0,
+            ignore_iof_thr=-1,
+            gt_max_assign_all=False,
+        ),
+        sampler=dict(type="PseudoSampler"),
+        allowed_border=-1,
+        pos_weight=-1,
+        neg_pos_ratio=3,
+        debug=False,
+    )
+    head = YOLACTHead(
+        num_classes=NUM_CLASSES,
+        in_channels=16,
+        feat_channels=16,
+        anchor_generator=dict(
+            type="AnchorGenerator",
+            octave_base_scale=3,
+            scales_per_octave=1,
+            base_sizes=list(BASE_SIZES),
+            ratios=[0.5, 1.0, 2.0],
+            strides=[CANVAS / x for x in FEATURE_SIDES],
+            centers=[(CANVAS * 0.5 / x, CANVAS * 0.5 / x) for x in FEATURE_SIDES],
+        ),
+        bbox_coder=dict(
+            type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[0.1, 0.1, 0.2, 0.2]
+        ),
+        loss_cls=dict(
+            type="CrossEntropyLoss", use_sigmoid=False, reduction="none", loss_weight=1.0
+        ),
+        loss_bbox=dict(type="SmoothL1Loss", beta=1.0, loss_weight=1.5),
+        num_head_convs=1,
+        num_protos=NUM_PROTOS,
+        use_ohem=True,
+        train_cfg=train_cfg,
+    )
+    protonet = YOLACTProtonet(
+        num_classes=NUM_CLASSES,
+        in_channels=NUM_PROTOS,
+        num_protos=NUM_PROTOS,
+        max_masks_to_train=MASKS_PER_IMAGE,
+        loss_mask_weight=6.125,
+        with_seg_branch=True,
+        loss_segm=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+    )
+    protonet.protonet = torch.nn.Identity()  # the given prototypes are the protonet's output
+    protonet.train()
+    return head, protonet
+
+
+class GivenSemantic(torch.nn.Module):
+    """Stands in for SegmentationModule: returns the given semantic logits."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+class RecordedRandperm:
+    """torch.randperm from a seeded generator, each draw recorded (mmdetection's choice of the
+    trained masks, injected into ours)."""
+
+    def __init__(self, seed: int):
+        self.original = torch.randperm
+        self.generator = torch.Generator().manual_seed(seed)
+        self.draws = []
+
+    def __call__(self, n, *args, **kwargs):
+        perm = self.original(n, generator=self.generator)
+        self.draws.append(perm.clone())
+        return perm
+
+    def __enter__(self):
+        torch.randperm = self
+        return self
+
+    def __exit__(self, *exc):
+        torch.randperm = self.original
+
+
+def split_levels(flat, per_anchor):
+    """[B, T, X] (ours) -> per level [B, A X, h, w] (mmdetection's)."""
+    out, offset = [], 0
+    b = flat.shape[0]
+    for side in FEATURE_SIDES:
+        n = side * side * RATIOS
+        level = flat[:, offset : offset + n].reshape(b, side, side, RATIOS * per_anchor)
+        out.append(np.ascontiguousarray(level.transpose(0, 3, 1, 2)))
+        offset += n
+    return out
+
+
+def join_levels(levels, per_anchor):
+    """Per level [B, A X, h, w] -> [B, T, X]."""
+    return np.concatenate(
+        [lv.transpose(0, 2, 3, 1).reshape(lv.shape[0], -1, per_anchor) for lv in levels], 1
+    )
+
+
+def mmdet_instances(images):
+    """Per image: the head's ground truth after FilterAnnotations(min_gt_bbox_wh=(4, 4)) (the
+    recipe's first training transform) and the protonet's copy with labels + 1 (the semantic
+    class shift undone; the script docstring)."""
+    keep_filter = FilterAnnotations(min_gt_bbox_wh=(4.0, 4.0), keep_empty=False)
+    head_gt, proto_gt, proto_gt_raw = [], [], []
+    for image in images:
+        results = {
+            "gt_bboxes": HorizontalBoxes(torch.tensor(image["boxes"]).reshape(-1, 4)),
+            "gt_bboxes_labels": np.asarray(image["classes"], np.int64),
+            "gt_masks": BitmapMasks(image["mmdet_masks"].astype(np.uint8), CANVAS, CANVAS),
+        }
+        results = keep_filter(results)
+        boxes = results["gt_bboxes"].tensor.float()
+        labels = torch.tensor(results["gt_bboxes_labels"])
+        masks = results["gt_masks"]
+        head_gt.append(InstanceData(bboxes=boxes, labels=labels, masks=masks))
+        proto_gt.append(InstanceData(bboxes=boxes, labels=labels + 1, masks=masks))
+        proto_gt_raw.append(InstanceData(bboxes=boxes, labels=labels, masks=masks))
+    return head_gt, proto_gt, proto_gt_raw
+
+
+def run_mmdet(head, protonet, outputs, images, seed):
+    """mmdetection's terms, the gradient of their sum in our layouts, its anchor labels and its
+    trained mask slots (anchor indices, padded to MASKS_PER_IMAGE)."""
+    logits, deltas, coefficients, protos, semantic = outputs
+    b = logits.shape[0]
+    cls_t = [torch.tensor(x, requires_grad=True) for x in split_levels(logits, NUM_CLASSES + 1)]
+    box_t = [torch.tensor(x, requires_grad=True) for x in split_levels(deltas, 4)]
+    coeff_t = [torch.tensor(x, requires_grad=True) for x in split_levels(coefficients, NUM_PROTOS)]
+    protos_t = torch.tensor(np.ascontiguousarray(protos.transpose(0, 3, 1, 2)), requires_grad=True)
+    semantic_t = torch.tensor(
+        np.ascontiguousarray(semantic.transpose(0, 3, 1, 2)), requires_grad=True
+    )
+    head_gt, proto_gt, proto_gt_raw = mmdet_instances(images)
+    metas = [
+        dict(
+            img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS), batch_input_shape=(CANVAS,) * 2
+        )
+    ] * b
+    head._raw_positive_infos = dict()
+    box_losses = head.loss_by_feat(cls_t, box_t, coeff_t, head_gt, metas)
+    positive_infos = head.get_positive_infos()
+    protonet.segm_branch = GivenSemantic(semantic_t)
+    with RecordedRandperm(seed) as randperm:
+        mask_preds, segm_preds = protonet.forward((protos_t,), positive_infos)
+        mask_losses = protonet.loss_by_feat(mask_preds, segm_preds, proto_gt, metas, positive_infos)
+    with RecordedRandperm(seed):
+        raw = protonet.loss_by_feat(mask_preds, segm_preds, proto_gt_raw, metas, positive_infos)
+    terms = {
+        "loss_cls": sum(box_losses["loss_cls"]),
+        "loss_box_reg": sum(box_losses["loss_bbox"]),
+        "loss_mask": sum(mask_losses["loss_mask"]),
+        "loss_semantic": sum(mask_losses["loss_segm"]),
+    }
+    inputs = [*cls_t, *box_t, *coeff_t, protos_t, semantic_t]
+    grads = torch.autograd.grad(sum(terms.values()), inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+    grads = [g.numpy() for g in grads]
+    n = len(FEATURE_SIDES)
+    answer = {name: float(value) for name, value in terms.items()}
+    answer["loss_semantic_unshifted"] = float(sum(raw["loss_segm"]))
+    answer["grad_class_logits"] = join_levels(grads[:n], NUM_CLASSES + 1)
+    answer["grad_box_deltas"] = join_levels(grads[n : 2 * n], 4)
+    answer["grad_coefficients"] = join_levels(grads[2 * n : 3 * n], NUM_PROTOS)
+    answer["grad_prototypes"] = grads[-2].transpose(0, 2, 3, 1)
+    answer["grad_semantic_logits"] = grads[-1].transpose(0, 2, 3, 1)
+    # anchor labels: class of positives, NUM_CLASSES elsewhere; ignored = neither pos nor neg
+    t = logits.shape[1]
+    classes = np.full((b, t), NUM_CLASSES, np.int32)
+    ignored = np.ones((b, t), bool)
+    slot_anchor = np.zeros((b, MASKS_PER_IMAGE), np.int32)
+    slot_valid = np.zeros((b, MASKS_PER_IMAGE), bool)
+    draws = iter(randperm.draws)
+    for i, result in enumerate(head._raw_positive_infos["sampling_results"]):
+        pos, neg = result.pos_inds.numpy(), result.neg_inds.numpy()
+        classes[i, pos] = result.pos_gt_labels.numpy()
+        ignored[i, pos] = ignored[i, neg] = False
+        chosen = pos
+        if len(pos) > MASKS_PER_IMAGE:  # the protonet's randperm, drawn in image order
+            chosen = pos[next(draws).numpy()[:MASKS_PER_IMAGE]]
+        slot_anchor[i, : len(chosen)] = chosen
+        slot_valid[i, : len(chosen)] = True
+    assert next(draws, None) is None, "a randperm draw was not accounted for"
+    answer.update(
+        classes=classes,
+        ignored=ignored,
+        positives=(classes < NUM_CLASSES).sum(1),
+        slot_anchor=slot_anchor,
+        slot_valid=slot_valid,
+    )
+    return answer
+
+
+def our_ground_truth(images) -> dict:
+    """Our padded ground truth arrays for one batch (every instance, filtered or not)."""
+    b, side = len(images), CANVAS // STRIDE
+    gt = {
+        "boxes": np.zeros((b, MAX_INSTANCES, 4), np.float32),
+        "classes": np.zeros((b, MAX_INSTANCES), np.int32),
+        "valid": np.zeros((b, MAX_INSTANCES), bool),
+        "masks": np.zeros((b, MAX_INSTANCES, side, side), bool),
+    }
+    for i, image in enumerate(images):
+        n = len(image["classes"])
+        gt["boxes"][i, :n] = image["boxes"]
+        gt["classes"][i, :n] = image["classes"]
+        gt["valid"][i, :n] = True
+        gt["masks"][i, :n] = image["masks"]
+    return gt
+
+
+def head_outputs(rng, b, t, side):
+    """Random head outputs in our layouts."""
+    return (
+        (rng.normal(size=(b, t, NUM_CLASSES + 1))).astype(np.float32),
+        (0.8 * rng.normal(size=(b, t, 4))).astype(np.float32),
+        np.tanh(rng.normal(size=(b, t, NUM_PROTOS))).astype(np.float32),
+        np.maximum(rng.normal(size=(b, side, side, NUM_PROTOS)), 0.0).astype(np.float32),
+        rng.normal(size=(b, side // 2, side // 2, NUM_CLASSES)).astype(np.float32),
+    )
+
+
+GRADS = tuple(f"grad_{name}" for name in parity.INPUTS)
+MMDET_KEYS = (*parity.TERMS, "loss_semantic_unshifted", *GRADS, "classes", "ignored")
+MMDET_KEYS += ("positives", "slot_anchor", "slot_valid")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make-fixture", type=Path, help="write the CI test's npz here")
+    args = parser.parse_args()
+    start = time.time()
+    cfg = parity.yolact_config(NUM_CLASSES, CANVAS, NUM_PROTOS, MASKS_PER_IMAGE)
+    head, protonet = make_heads()
+    theirs_anchors = torch.cat(
+        head.prior_generator.grid_priors([(s, s) for s in FEATURE_SIDES], device="cpu")
+    )
+    anchor_gap = float(np.abs(parity.anchors(cfg) - theirs_anchors.numpy()).max())
+    print(json.dumps({"anchors": len(theirs_anchors), "max_abs_anchor_difference": anchor_gap}))
+    failures = [] if anchor_gap < 1e-4 else [f"anchors differ by {anchor_gap}"]
+    rng = np.random.default_rng(29)
+    fixture, worst, checksum = {}, {"loss": 0.0, "grad": 0.0}, None
+    for k, names in enumerate(BATCHES):
+        images = [scene(n) for n in names]
+        if "nuclei" in names:
+            checksum = images[names.index("nuclei")]["checksum"]
+        outputs = head_outputs(rng, len(images), len(theirs_anchors), CANVAS // STRIDE)
+        theirs = run_mmdet(head, protonet, outputs, images, seed=k)
+        gt = our_ground_truth(images)
+        slots = (theirs["slot_anchor"], theirs["slot_valid"])
+        ours, targets = parity.yolact_losses(outputs, gt, cfg, slots)
+        report = {"batch": "+".join(names), "positives": theirs["positives"].tolist()}
+        report["class_mismatches"] = int((targets["classes"] != theirs["classes"]).sum())
+        report["ignored_mismatches"] = int((targets["ignored"] != theirs["ignored"]).sum())
+        if report["class_mismatches"] or report["ignored_mismatches"]:
+            failures.append(f"{report['batch']}: anchor labels differ")
+        for term in parity.TERMS:
+            report[term] = (ours[term], theirs[term])
+            report[f"rel_{term}"] = parity.relative_difference(ours[term], theirs[term])
+        report["loss_semantic_unshifted"] = theirs["loss_semantic_unshifted"]
+        for g in GRADS:
+            report[f"rel_{g}"] = parity.relative_difference(ours[g], theirs[g])
+        checks = {
+            "loss": [report[f"rel_{t}"] for t in parity.TERMS],
+            "grad": [report[f"rel_{g}"] for g in GRADS],
+        }
+        for kind, values in checks.items():
+            worst[kind] = max(worst[kind], *values)
+            if max(values) > TOLERANCES[kind]:
+                failures.append(f"{report['batch']}: {kind} {max(values):.2e}")
+        print(json.dumps(report))
+        fixture.update({f"b{k}_{name}": x for name, x in zip(parity.INPUTS, outputs, strict=True)})
+        if "nuclei" not in names:  # the nuclei ground truth is re-read from the shared data
+            fixture.update({f"b{k}_gt_{name}": v for name, v in gt.items()})
+        fixture.update({f"b{k}_mmdet_{name}": np.asarray(theirs[name]) for name in MMDET_KEYS})
+    summary = {"worst_relative": worst, "tolerances": TOLERANCES}
+    print(json.dumps({**summary, "seconds": round(time.time() - start, 1)}))
+    if args.make_fixture:
+        meta = {
+            "num_classes": NUM_CLASSES,
+            "canvas": CANVAS,
+            "stride": STRIDE,
+            "num_protos": NUM_PROTOS,
+            "masks_per_image": MASKS_PER_IMAGE,
+            "max_instances": MAX_INSTANCES,
+            "batches": [list(n) for n in BATCHES],
+            "nuclei_checksum": checksum,
+        }
+        np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
+        print(f"wrote {args.make_fixture}")
+    if failures:
+        print("FAIL: " + "; ".join(failures))
+        sys.exit(1)
+    print("OK: anchors, anchor labels and every term and gradient within tolerance")
+
+
+if __name__ == "__main__":
+    main()

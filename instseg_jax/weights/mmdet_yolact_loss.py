@@ -1,0 +1,185 @@
+"""Our side of the mmdetection 3.x loss parity check for YOLACT (issue 29 item 4): the anchor
+targets and the four losses of methods/yolact.py (anchor_targets, loss_fn) on given head
+outputs, and the nuclei scene's ground truth read from the shared DSB 2018 set.
+
+experiments/parity/yolact_loss.py (the `make peer-mmdet` environment) feeds the same class
+logits, box deltas, mask coefficients, prototypes and semantic logits, and the same ground
+truth, to mmdetection's YOLACTHead.loss_by_feat and YOLACTProtonet.loss_by_feat and to
+`yolact_losses` here; tests/weights/test_mmdet_yolact_loss.py compares ours with mmdetection's
+answers stored in tests/fixtures/mmdet_yolact_loss_tiny.npz (no torch needed there).
+
+Layouts (ours): class_logits float32[B, T, C + 1] (background last), box_deltas float32[B, T,
+4] and coefficients float32[B, T, K] (after tanh) with the anchors level by level, (y, x,
+aspect ratio) within a level (mmdetection's per-level [B, A x C', h, w] permuted to (y, x, A)
+the same way); prototypes float32[B, h, w, K] at stride 4 (theirs [B, K, h, w]); semantic_logits
+float32[B, h8, w8, C] at stride 8 (theirs [B, C, h8, w8]). Ground truth: boxes float32[B, N, 4]
+canvas xyxy, classes int32[B, N], valid bool[B, N], masks bool[B, N, h, w] at stride 4 (the
+pipeline's gt_full_masks). Every image fills the canvas (mmdetection's img_shape = the canvas),
+and a batch is one mmdetection GPU's (one loss normaliser group).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instseg_jax.methods import yolact
+from instseg_jax.ops import dense
+from instseg_jax.weights.mmdet_loss_parity import relative_difference
+
+__all__ = ["nuclei_ground_truth", "relative_difference", "yolact_config", "yolact_losses"]
+
+GT_FIELDS = ("boxes", "classes", "valid", "masks")
+
+
+def yolact_config(num_classes: int, canvas: int, num_protos: int, masks_per_image: int):
+    """The tiny YOLACT the parity runs: the smoke experiment's anchor sizes (methods/yolact.py
+    smoke: 12 .. 192, mmdetection's base sizes 4 .. 64 x octave_base_scale 3) on a square
+    canvas."""
+    return yolact.YOLACTConfig(
+        num_classes=num_classes,
+        canvas_hw=(canvas, canvas),
+        anchor_sizes=(12, 24, 48, 96, 192),
+        num_protos=num_protos,
+        masks_per_image=masks_per_image,
+    )
+
+
+def anchors(cfg) -> np.ndarray:
+    """float32[T, 4]: our anchors, level by level (to check against mmdetection's)."""
+    return np.asarray(jnp.concatenate(cfg.anchors()))
+
+
+def yolact_outputs(head_outputs, gt: dict, cfg, mask_slots=None) -> dict:
+    """The training outputs YOLACT.__call__ assembles (anchor targets, the trained slots' mask
+    logits, targets and boxes, the semantic logits) on given head outputs. mask_slots: optional
+    (slot_anchor int32[B, P], slot_valid bool[B, P]) replacing our random choice of the trained
+    masks (the reference's draw, where an image has more positives than masks_per_image)."""
+    logits, deltas, coefficients, protos, semantic = head_outputs
+    b = logits.shape[0]
+    all_anchors = jnp.concatenate(cfg.anchors())
+    targets = jax.vmap(
+        lambda boxes, classes, valid, key: yolact.anchor_targets(
+            all_anchors, boxes, classes, valid, cfg, key
+        )
+    )(gt["boxes"], gt["classes"], gt["valid"], jax.random.split(jax.random.key(0), b))
+    if mask_slots is not None:
+        slot_anchor, slot_valid = mask_slots
+        targets["slot_anchor"] = slot_anchor
+        targets["slot_valid"] = slot_valid
+        matched = jnp.take_along_axis(targets["matched"], slot_anchor, axis=1)
+        targets["slot_gt"] = jnp.where(slot_valid, matched, 0)
+    targets = jax.lax.stop_gradient(targets)
+    slot_coefficients = jnp.take_along_axis(coefficients, targets["slot_anchor"][..., None], 1)
+    slot_gt = targets["slot_gt"]
+    return {
+        "class_logits": logits,
+        "box_deltas": deltas,
+        "targets": targets,
+        "mask_logits": dense.dynamic_masks(protos, slot_coefficients),
+        "mask_targets": jnp.take_along_axis(gt["masks"], slot_gt[..., None, None], axis=1),
+        "mask_boxes": jnp.take_along_axis(gt["boxes"], slot_gt[..., None], axis=1),
+        "semantic_logits": semantic,
+    }
+
+
+TERMS = ("loss_cls", "loss_box_reg", "loss_mask", "loss_semantic")
+INPUTS = ("class_logits", "box_deltas", "coefficients", "prototypes", "semantic_logits")
+
+
+def yolact_losses(head_outputs, gt: dict, cfg, mask_slots=None) -> tuple[dict, dict]:
+    """(terms, targets): our four loss terms (TERMS), the gradient of their sum with respect
+    to each head output (grad_<INPUTS name>), and our anchor targets (classes int32[B, T]: the
+    class of positives, C elsewhere; ignored bool[B, T]; positives int32[B])."""
+    inputs = tuple(jnp.asarray(x, jnp.float32) for x in head_outputs)
+    gt = {name: jnp.asarray(gt[name]) for name in GT_FIELDS}
+    if mask_slots is not None:
+        mask_slots = (jnp.asarray(mask_slots[0], jnp.int32), jnp.asarray(mask_slots[1], bool))
+    values, grads, targets = _terms_and_gradient(inputs, gt, mask_slots, cfg)
+    terms = {name: float(v) for name, v in zip(TERMS, values, strict=True)}
+    terms.update({f"grad_{n}": np.asarray(g) for n, g in zip(INPUTS, grads, strict=True)})
+    return terms, {
+        "classes": np.asarray(targets["classes"]),
+        "ignored": np.asarray(targets["labels"] == -1),
+        "positives": np.asarray(targets["positives"]),
+    }
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _terms_and_gradient(inputs, gt, mask_slots, cfg):
+    """The four terms, the gradient of their sum with respect to the five inputs, and our
+    targets: one compiled program for every batch of one shape."""
+    batch = {"gt_valid": gt["valid"], "gt_classes": gt["classes"], "gt_full_masks": gt["masks"]}
+
+    def total(*args):
+        outputs = yolact_outputs(args, gt, cfg, mask_slots)
+        loss, metrics = yolact.loss_fn(outputs, batch, cfg)
+        return loss, (tuple(metrics[t] for t in TERMS), outputs["targets"])
+
+    (_, (values, targets)), grads = jax.value_and_grad(
+        total, argnums=tuple(range(len(inputs))), has_aux=True
+    )(*inputs)
+    return values, grads, targets
+
+
+# ----------------------------------------------------------------------------- nuclei scene
+
+
+# A crop of one DSB 2018 training image with 26 nuclei, two of them slivers the crop cuts to
+# boxes not wider and higher than 4 px (mmdetection's FilterAnnotations drops them; ours keeps
+# them as ground truth that methods/yolact.py's min_gt_box_size leaves out of every loss).
+NUCLEI_IMAGE = "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e"
+NUCLEI_TOP_LEFT = (64, 96)
+
+
+def nuclei_ground_truth(root: Path, canvas: int, stride: int) -> dict:
+    """The nuclei scene (class 0): full_masks bool[N, canvas, canvas] (the crop as read),
+    boxes float32[N, 4] (their pixel-edge extents), masks bool[N, canvas / stride, ...] (the
+    stride-4 masks by mmdetection's rule: bilinear, align_corners=False, > 0.5, which at a
+    4x reduction averages the two middle pixels of each cell per axis; YOLACTProtonet.
+    _get_targets_single), classes int32[N] and checksum (masks_checksum of full_masks)."""
+    full = nuclei_crop(root, NUCLEI_IMAGE, *NUCLEI_TOP_LEFT, canvas)
+    middle = full[:, 1::stride, 1::stride].astype(np.float32)
+    middle = middle + full[:, 2::stride, 1::stride] + full[:, 1::stride, 2::stride]
+    masks = (middle + full[:, 2::stride, 2::stride]) / 4.0 > 0.5
+    boxes = np.zeros((len(full), 4), np.float32)
+    for i, mask in enumerate(full):
+        ys, xs = np.nonzero(mask)
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return {
+        "full_masks": full,
+        "boxes": boxes,
+        "masks": masks,
+        "classes": np.zeros(len(full), np.int32),
+        "checksum": masks_checksum(full),
+    }
+
+
+def nuclei_crop(root: Path, image_id: str, top: int, left: int, size: int) -> np.ndarray:
+    """bool[N, size, size]: the nuclei of one DSB 2018 stage1_train image (root/<id>/masks/
+    *.png, one nucleus each, data/prepare_nuclei.py's layout) inside a size x size crop at
+    (top, left), in file-name order, those with no pixel in the crop left out."""
+    from PIL import Image
+
+    masks = []
+    for path in sorted((Path(root) / image_id / "masks").glob("*.png")):
+        with Image.open(path) as png:
+            mask = np.asarray(png.convert("L")) > 0
+        crop = mask[top : top + size, left : left + size]
+        if crop.any():
+            masks.append(crop)
+    return np.stack(masks) if masks else np.zeros((0, size, size), bool)
+
+
+def masks_checksum(masks: np.ndarray) -> str:
+    """sha256 of bool masks (shape and bits): the fixture's check that the nuclei ground truth
+    re-read from the shared data is the one mmdetection's answers were computed on."""
+    masks = np.ascontiguousarray(masks, bool)
+    digest = hashlib.sha256(repr(masks.shape).encode())
+    digest.update(np.packbits(masks).tobytes())
+    return digest.hexdigest()
