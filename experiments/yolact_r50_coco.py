@@ -49,4 +49,6 @@ def get_config(arg=None):
     # canvas (a multiple of 128, the coarsest level's stride).
     c.input.resize = "stretch"
     c.input.stretch_hw = (550, 550)
+    # Its anchors span the 550 x 550 image: strides 550 / (69, 35, 18, 9, 5), not 8 .. 128.
+    c.model.anchor_extent_hw = (550, 550)
     return common.accelerator_recipe(c, arg)

@@ -133,6 +133,8 @@ RECIPES = {
         # Resize(img_scale=(550, 550), keep_ratio=False) in the train and test pipelines.
         "input.resize": "stretch",
         "input.stretch_hw": (550, 550),
+        # anchor_generator strides 550 / (69, 35, 18, 9, 5), centres at half a stride.
+        "model.anchor_extent_hw": (550, 550),
     },
     # xieenze/PolarMask configs/polarmask/4gpu/polar_768_1x_r50.py: 4 GPUs x imgs_per_gpu 4,
     # SGD lr 0.01, momentum 0.9, weight decay 1e-4, grad_clip max_norm 35, linear warmup 500

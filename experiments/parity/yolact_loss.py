@@ -23,8 +23,19 @@ mmdetection's own forward combines prototypes and coefficients (sigmoid(P @ c)) 
 Anchors: mmdetection's AnchorGenerator as configs/yolact/yolact_r50_1xb8-55e_coco.py builds it
 (octave_base_scale 3, ratios 0.5 1 2, stride = image side / feature side, centres at half a
 stride) with the smoke base sizes 4 .. 64 on the 128 x 128 canvas: equal to ours (checked, max
-|difference| printed). At the COCO recipe the two differ: mmdetection's strides are 550 / (69,
-35, 18, 9, 5) on a 550 image, ours 8 .. 128 on the 640 canvas (methods/yolact.py docstring).
+|difference| printed). At the COCO recipe's size, mmdetection's own config (strides 550 / (69,
+35, 18, 9, 5) on its 550 x 550 image) against ours on the 640 canvas with
+model.anchor_extent_hw (550, 550): checked too (6e-5 px; the canvas grid, strides 8 .. 128,
+would be 81 px off), and three cells per level of theirs go into the fixture.
+
+Found and fixed in methods/yolact.py (each cited there): (1) the mask BCE's gradient at a logit
+of exactly 0 (all prototypes 0 at a cell, which ReLU'd prototypes reach): JAX differentiated
+max(x, 0) + log1p(exp(-|x|)) to s(x) - t -/+ 1/2 there (prototype gradient off by 1.4e-3 and
+4e-2 relative in two batches); now the log-sigmoid form. It never reached a parameter (the
+protonet's last ReLU passes no gradient at 0). (2) The COCO anchors above (anchor_extent_hw).
+(3) Ground truth the size filter leaves out also leaves the semantic targets (the reference's
+FilterAnnotations removes it from the image); at scale 1 no such box (<= 4 px) can cover 3 of
+a stride-8 cell's 4 stride-4 cells, so these scenes do not show it.
 
 Ground truth on the canvas: `few` (four objects, three classes), `crowded` (twelve discs whose
 boxes share anchors), `empty`, each drawn at stride 4 and upsampled 4x (nearest) for
@@ -378,6 +389,46 @@ MMDET_KEYS = (*parity.TERMS, "loss_semantic_unshifted", *GRADS, "classes", "igno
 MMDET_KEYS += ("positives", "slot_anchor", "slot_valid")
 
 
+COCO_SIDES = (69, 35, 18, 9, 5)  # the 550 x 550 image's feature sides (yolact_r50 config)
+
+
+def coco_anchor_check() -> tuple[dict, dict]:
+    """mmdetection's anchors as yolact_r50_1xb8-55e_coco.py makes them (550 x 550 image) against
+    ours under the COCO recipe (640 x 640 canvas, model.anchor_extent_hw (550, 550)) and without
+    it (the canvas grid): ({name: max |difference|}, a sample of theirs for the fixture: three
+    cells per level)."""
+    from mmdet.models.task_modules.prior_generators import AnchorGenerator
+
+    from instseg_jax.methods import yolact
+
+    generator = AnchorGenerator(
+        octave_base_scale=3,
+        scales_per_octave=1,
+        base_sizes=[8, 16, 32, 64, 128],
+        ratios=[0.5, 1.0, 2.0],
+        strides=[550.0 / x for x in COCO_SIDES],
+        centers=[(550 * 0.5 / x, 550 * 0.5 / x) for x in COCO_SIDES],
+    )
+    theirs = generator.grid_priors([(x, x) for x in COCO_SIDES], device="cpu")
+    gaps, sample = {}, {"level": [], "cell_yx": [], "anchors": []}
+    for extent in ((550, 550), ()):
+        cfg = yolact.YOLACTConfig(num_classes=80, anchor_extent_hw=extent)
+        worst = 0.0
+        for level, (ours, their, side) in enumerate(
+            zip(cfg.anchors(), theirs, COCO_SIDES, strict=True)
+        ):
+            grid = np.asarray(ours).reshape(640 // (8 << level), -1, RATIOS, 4)  # the canvas grid
+            their = their.numpy().reshape(side, side, RATIOS, 4)
+            worst = max(worst, float(np.abs(grid[:side, :side] - their).max()))
+            if extent:
+                for cell in ((0, 0), (side // 2, 1), (side - 1, side - 1)):
+                    sample["level"].append(level)
+                    sample["cell_yx"].append(cell)
+                    sample["anchors"].append(their[cell])
+        gaps["canvas_grid" if not extent else "anchor_extent_550"] = worst
+    return gaps, {name: np.asarray(v) for name, v in sample.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make-fixture", type=Path, help="write the CI test's npz here")
@@ -391,6 +442,10 @@ def main():
     anchor_gap = float(np.abs(parity.anchors(cfg) - theirs_anchors.numpy()).max())
     print(json.dumps({"anchors": len(theirs_anchors), "max_abs_anchor_difference": anchor_gap}))
     failures = [] if anchor_gap < 1e-4 else [f"anchors differ by {anchor_gap}"]
+    coco_gaps, coco_sample = coco_anchor_check()
+    print(json.dumps({"coco_recipe_max_abs_anchor_difference": coco_gaps}))
+    if coco_gaps["anchor_extent_550"] > 1e-3:
+        failures.append(f"COCO anchors differ by {coco_gaps['anchor_extent_550']}")
     rng = np.random.default_rng(29)
     fixture, worst, checksum = {}, {"loss": 0.0, "grad": 0.0}, None
     for k, names in enumerate(BATCHES):
@@ -439,6 +494,7 @@ def main():
             "batches": [list(n) for n in BATCHES],
             "nuclei_checksum": checksum,
         }
+        fixture.update({f"coco_anchors_{name}": v for name, v in coco_sample.items()})
         np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
         print(f"wrote {args.make_fixture}")
     if failures:

@@ -19,13 +19,15 @@ Input: the reference stretches every image to 550 x 550 (Resize keep_ratio=False
 test); the COCO experiment does the same (input.resize = "stretch", input.stretch_hw = (550,
 550), instseg_jax/input/transforms.py) on a 640 x 640 canvas (divisible by 128, the P7 stride;
 the 90 px beyond the image are padding the reference does not have), and detections map back
-per axis (the batch's scale_yx). The nuclei experiment keeps the aspect-preserving resize. The
-image is resized with PIL's bilinear filter (antialiased when shrinking) where mmdetection uses
-cv2's bilinear interpolation. The COCO experiment's training
-augmentation is the reference's (input/ssd_augment.py: Expand 1-4 filled with PIXEL_MEAN,
-MinIoURandomCrop, flip, PhotoMetricDistortion on the resized image), but for the distorted
-pixels being clipped to uint8 (the reference normalises its unclipped floats); the nuclei
-experiment keeps flip only.
+per axis (the batch's scale_yx). Its anchors span the 550 x 550 image as the reference's
+(model.anchor_extent_hw: strides 550 / (69, 35, 18, 9, 5), where the canvas grid's 8 .. 128
+would put them up to 81 px away); the anchors past 550 lie in the padding. The nuclei
+experiment keeps the aspect-preserving resize. The image is resized with PIL's bilinear filter
+(antialiased when shrinking) where mmdetection uses cv2's bilinear interpolation. The COCO
+experiment's training augmentation is the reference's (input/ssd_augment.py: Expand 1-4
+filled with PIXEL_MEAN, MinIoURandomCrop, flip, PhotoMetricDistortion on the resized image),
+but for the distorted pixels being clipped to uint8 (the reference normalises its unclipped
+floats); the nuclei experiment keeps flip only.
 
 Matching is mmdetection's MaxIoUAssigner(0.5, 0.4, min_pos_iou=0): an anchor whose best IoU is
 >= 0.5 is positive for that ground truth, < 0.4 negative, else ignored; then every ground truth
@@ -42,7 +44,10 @@ OHEM: an image without positives trains all its negatives (mmdetection's rule; d
 trains none: `negatives_without_positives`). Normalisers are mmdetection's on its one GPU of 8
 images, here the global batch: the class and box losses / the sum over images of max(positives,
 1), the mask loss / the trained masks, the semantic loss / (images x cells), an image without
-ground truth adding no semantic loss.
+ground truth adding no semantic loss; ground truth the size filter leaves out is out of the
+semantic targets too (the reference's FilterAnnotations removes it from the image).
+experiments/parity/yolact_loss.py checks anchors, anchor labels, the four terms and their
+gradients against mmdetection 3.3's YOLACTHead and YOLACTProtonet loss_by_feat (RESULTS.md).
 
 Known differences from the reference: mask targets are the instance masks sampled at the
 centres of the stride-4 cells (the reference resizes them bilinearly and thresholds at 0.5);
@@ -59,6 +64,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
@@ -85,6 +91,11 @@ class YOLACTConfig(DetectorConfig):
     fpn_channels: int = 256
     anchor_sizes: tuple = (24, 48, 96, 192, 384)  # P3..P7: base sizes 8..128 x octave scale 3
     aspect_ratios: tuple = (0.5, 1.0, 2.0)  # h / w
+    # (h, w) the anchor grid spans: () = the canvas (stride 8 .. 128), or the stretched image
+    # size (the COCO recipe: (550, 550)), where level l's anchors sit at (i + 0.5) x extent /
+    # ceil(extent / stride_l), as the reference's strides 550 / (69, 35, 18, 9, 5) (mmdetection
+    # yolact_r50_1xb8-55e_coco.py anchor_generator; dbolya/yolact make_priors likewise).
+    anchor_extent_hw: tuple = ()
     head_convs: int = 1
     num_protos: int = 32
     proto_channels: int = 256
@@ -122,6 +133,15 @@ class YOLACTConfig(DetectorConfig):
             raise config_lib.ConfigValueError(
                 f"model.predictor_init must be 'xavier' or 'normal', got {self.predictor_init!r}"
             )
+        extent = tuple(self.anchor_extent_hw)
+        if extent and (
+            len(extent) != 2
+            or not all(0 < int(e) <= c for e, c in zip(extent, self.canvas_hw, strict=True))
+        ):
+            raise config_lib.ConfigValueError(
+                f"model.anchor_extent_hw must be () or (h, w) within the canvas {self.canvas_hw}, "
+                f"got {self.anchor_extent_hw}"
+            )
         if self.negatives_without_positives not in ("all", "none"):
             raise config_lib.ConfigValueError(
                 "model.negatives_without_positives must be 'all' (mmdetection) or 'none' "
@@ -129,14 +149,28 @@ class YOLACTConfig(DetectorConfig):
             )
 
     def anchors(self) -> list[jnp.ndarray]:
-        """float32[h_l w_l A, 4] per level, centred on the cell centres (offset 0.5)."""
-        return ops.multilevel_anchors(
-            self.canvas_hw,
-            LEVEL_STRIDES,
-            tuple((s,) for s in self.anchor_sizes),
-            self.aspect_ratios,
-            offset=0.5,
-        )
+        """float32[h_l w_l A, 4] per level (one per canvas cell, (y, x, ratio)), centred on the
+        cell centres (offset 0.5), or with anchor_extent_hw on the reference's stretched grid
+        (the anchors past the extent lie in the canvas's padding)."""
+        if not self.anchor_extent_hw:
+            return ops.multilevel_anchors(
+                self.canvas_hw,
+                LEVEL_STRIDES,
+                tuple((s,) for s in self.anchor_sizes),
+                self.aspect_ratios,
+                offset=0.5,
+            )
+        levels = []
+        shapes = ops.level_shapes(self.canvas_hw, LEVEL_STRIDES)
+        extent_shapes = ops.level_shapes(self.anchor_extent_hw, LEVEL_STRIDES)
+        for (h, w), (eh, ew), size in zip(shapes, extent_shapes, self.anchor_sizes, strict=True):
+            cells = ops.cell_anchors((size,), self.aspect_ratios)  # float64[A, 4]
+            ys = (np.arange(h) + 0.5) * (self.anchor_extent_hw[0] / eh)
+            xs = (np.arange(w) + 0.5) * (self.anchor_extent_hw[1] / ew)
+            grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+            centres = np.stack([grid_x, grid_y, grid_x, grid_y], -1).reshape(-1, 1, 4)
+            levels.append(jnp.asarray((centres + cells[None]).reshape(-1, 4), jnp.float32))
+        return levels
 
 
 def _xavier():
@@ -586,6 +620,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.num_protos = 8
     m.proto_channels = 32
     m.masks_per_image = 16
+    if m.anchor_extent_hw:  # the stretched image on the smoke canvas
+        m.anchor_extent_hw = tuple(c.input.stretch_hw)
     m.test_candidates_per_level = 200
     m.test_top_k = 50
     m.detections_per_image = 50

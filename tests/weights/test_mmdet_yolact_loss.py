@@ -109,3 +109,28 @@ def _empty(meta) -> dict:
         "classes": np.zeros((0,), np.int32),
         "masks": np.zeros((0, side, side), bool),
     }
+
+
+def test_yolact_coco_recipe_anchors_are_mmdetections():
+    """The COCO recipe's anchors (640 x 640 canvas, model.anchor_extent_hw (550, 550)) sit where
+    mmdetection's yolact_r50_1xb8-55e_coco.py puts them on its 550 x 550 image (strides 550 /
+    (69, 35, 18, 9, 5)): three cells per level of theirs, stored in the fixture. Without the
+    extent (the canvas grid, strides 8 .. 128) they would be off by up to 81 px."""
+    from instseg_jax import config as config_lib
+    from instseg_jax.methods import yolact
+
+    data = np.load(FIXTURE)
+    config = config_lib.load("experiments/yolact_r50_coco.py")
+    cfg = yolact.YOLACTConfig.from_config(config.model, 80, config.input.canvas_hw)
+    assert tuple(cfg.anchor_extent_hw) == (550, 550)
+    levels = cfg.anchors()
+    for level, (y, x), theirs in zip(
+        data["coco_anchors_level"],
+        data["coco_anchors_cell_yx"],
+        data["coco_anchors_anchors"],
+        strict=True,
+    ):
+        width = cfg.canvas_hw[1] // (8 << level)
+        ours = np.asarray(levels[level]).reshape(-1, width, 3, 4)[y, x]
+        np.testing.assert_allclose(ours, theirs, atol=1e-3, err_msg=f"level {level} cell {y, x}")
+    assert len(data["coco_anchors_level"]) == 15
