@@ -39,6 +39,23 @@ pairs (WXinlong/SOLO solov2_head.py loss: torch.cat(loss_ins).mean()). They diff
 instances share a cell (the crowded scene: 22 cells, 51 pairs, mmdetection's mask term 2.3x
 ours); the script reports the raw difference and the one left after rescaling ours by
 pairs / cells, which is what the tolerance applies to.
+
+Head parameters (weights/mmdet_solov2_head.py): two more batches run mmdetection's whole
+SOLOV2Head (kernel and category towers with GroupNorm, conv_kernel / conv_cls, the
+MaskFeatModule) with a seeded state dict (`random_state_dict`, loaded strictly) on seeded FPN
+maps P2..P6 (`random_fpn_maps`, [B, 16, 32..2, 32..2]); ours runs SOLOv2.heads with the same
+numbers through `convert_head`. Neither is stored: the CI test draws both again and checks
+them against the SHA-256 sums the fixture holds. Compared: the head outputs (category logits, kernels, mask features), the cell
+labels, both terms and the gradient of the total loss with respect to every parameter, by
+mmdetection key (ours mapped back through the converter; the mask term rescaled as above). Our
+heads do what mmdetection's forward does: P2 halved and P6 brought to P5's size (resize_feats),
+CoordConv channels over the resized level, both resized bilinearly to the grid, the category
+branch without the coordinates; CoordConv on P5 in the mask branch. GroupNorm epsilon: ours
+is flax's 1e-6, torch's 1e-5; mmdetection's norms are built with 1e-6 here and the script
+reports how far 1e-5 moves its outputs (declared in weights/mmdet_solov2_head.py).
+Batches: `few` + `crowded`, and `nuclei`: the 128-pixel top-left and bottom-right crops of one
+DSB 2018 stage1_train image (mmdet_solov2_head.NUCLEI_IMAGE; 20 and 22 nuclei), read from
+../shared/data here and in the CI test (the fixture stores the masks' SHA-256 only).
 """
 
 from __future__ import annotations
@@ -66,6 +83,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from instseg_jax.weights import mmdet_loss_parity as parity  # noqa: E402
+from instseg_jax.weights import mmdet_solov2_head as head_parity  # noqa: E402
 
 CANVAS = 128
 STRIDE = 4
@@ -74,6 +92,16 @@ MASK_CHANNELS = 8
 MAX_INSTANCES = 12
 BATCHES = (("few", "crowded"), ("crowded", "empty"), ("empty", "empty"))
 TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative; float32 on both sides
+# The whole head: outputs and parameter gradients pass through convolutions and GroupNorm
+# (float32 sums of a few thousand terms); measured 7e-7 (outputs) and 2e-6 (the worst
+# parameter's gradient, a GroupNorm's), so 1e-5 and 2e-5. Torch's GroupNorm epsilon (1e-5,
+# ours 1e-6) moves the outputs by 1.4e-5 to 2e-5, just above the output tolerance.
+HEAD_TOLERANCES = {"output": 1e-5, "loss": 1e-5, "grad": 2e-5}
+HEAD_BATCHES = (("few", "crowded"), ("nuclei_0", "nuclei_1"))
+HEAD_MAX_INSTANCES = 24
+HEAD_STATE_DICT_SEED = 29
+HEAD_FPN_SEED = 2929  # + the batch's index
+NUCLEI_SOURCE = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
 
 
 def ellipse(cy, cx, ry, rx, size=CANVAS // STRIDE):
@@ -84,6 +112,12 @@ def ellipse(cy, cx, ry, rx, size=CANVAS // STRIDE):
 
 def scene(name: str):
     """(classes int[N], masks bool[N, 32, 32] at stride 4)."""
+    if name.startswith("nuclei_"):
+        top, left = head_parity.NUCLEI_CROPS[int(name[len("nuclei_") :])]
+        classes, masks, _ = head_parity.nuclei_scene(
+            NUCLEI_SOURCE, head_parity.NUCLEI_IMAGE, top, left, CANVAS, STRIDE
+        )
+        return classes, masks
     if name == "empty":
         return np.zeros((0,), np.int64), np.zeros((0, CANVAS // STRIDE, CANVAS // STRIDE), bool)
     if name == "few":
@@ -116,29 +150,31 @@ def mmdet_centres(full_masks, offset=0.0):
     return np.array(centres, np.float32).reshape(-1, 2)
 
 
-def make_head(cfg) -> SOLOV2Head:
+def make_head(cfg, tower_gn=None, mask_gn=None) -> SOLOV2Head:
     """mmdetection's SOLOv2 head at the tiny config (configs/solov2/solov2_r50_fpn_1x_coco.py's
-    losses: DiceLoss weight 3, FocalLoss gamma 2 alpha 0.25)."""
+    losses: DiceLoss weight 3, FocalLoss gamma 2 alpha 0.25); its layers at cfg's widths, its
+    norms tower_gn and mask_gn (GroupNorm configs; 4 groups when left out, where only
+    loss_by_feat runs)."""
     register_all_modules()
     gn = dict(type="GN", num_groups=4, requires_grad=True)
     return SOLOV2Head(
         num_classes=cfg.num_classes,
-        in_channels=16,
-        feat_channels=16,
-        stacked_convs=2,
+        in_channels=cfg.fpn_channels,
+        feat_channels=cfg.head_channels,
+        stacked_convs=cfg.head_convs,
         strides=list(cfg.level_strides),
         scale_ranges=cfg.scale_ranges,
         pos_scale=cfg.center_scale,
         num_grids=list(cfg.num_grids),
         cls_down_index=0,
-        norm_cfg=gn,
+        norm_cfg=tower_gn or gn,
         mask_feature_head=dict(
-            feat_channels=16,
+            feat_channels=cfg.mask_feature_channels,
             start_level=0,
             end_level=3,
             out_channels=cfg.mask_channels,
             mask_stride=STRIDE,
-            norm_cfg=gn,
+            norm_cfg=mask_gn or gn,
         ),
         loss_mask=dict(type="DiceLoss", use_sigmoid=True, loss_weight=cfg.mask_loss_weight),
         loss_cls=dict(
@@ -174,6 +210,27 @@ def run_mmdet(head, logits, kernels, features, images, cfg):
     cls_t = [torch.tensor(x, requires_grad=True) for x in split_levels(logits, grids)]
     ker_t = [torch.tensor(x, requires_grad=True) for x in split_levels(kernels, grids)]
     feat_t = torch.tensor(np.ascontiguousarray(features.transpose(0, 3, 1, 2)), requires_grad=True)
+    instances = mmdet_instances(images)
+    metas = [dict(img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS))] * len(images)
+    losses = head.loss_by_feat(ker_t, cls_t, feat_t, instances, metas)
+    grad_cls = torch.autograd.grad(losses["loss_cls"], cls_t, retain_graph=True)
+    mask_inputs = [*ker_t, feat_t]
+    grad_mask = torch.autograd.grad(losses["loss_mask"], mask_inputs, allow_unused=True)
+    grad_mask = [
+        torch.zeros_like(x) if g is None else g for g, x in zip(grad_mask, mask_inputs, strict=True)
+    ]
+    return {
+        "loss_cls": float(losses["loss_cls"]),
+        "loss_mask": float(losses["loss_mask"]),
+        "grad_cls_logits": join_levels([g.numpy() for g in grad_cls]),
+        "grad_mask_kernels": join_levels([g.numpy() for g in grad_mask[:-1]]),
+        "grad_mask_features": grad_mask[-1].numpy().transpose(0, 2, 3, 1),
+        **mmdet_targets(head, instances, feat_t.shape[-2:]),
+    }
+
+
+def mmdet_instances(images):
+    """mmdetection's InstanceData per image: full-resolution masks, their boxes, the classes."""
     instances = []
     for classes, masks in images:
         full = full_resolution(masks).astype(np.uint8)
@@ -186,42 +243,164 @@ def run_mmdet(head, logits, kernels, features, images, cfg):
                 masks=BitmapMasks(full, CANVAS, CANVAS),
             )
         )
-    metas = [dict(img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS))] * len(images)
-    losses = head.loss_by_feat(ker_t, cls_t, feat_t, instances, metas)
-    grad_cls = torch.autograd.grad(losses["loss_cls"], cls_t, retain_graph=True)
-    mask_inputs = [*ker_t, feat_t]
-    grad_mask = torch.autograd.grad(losses["loss_mask"], mask_inputs, allow_unused=True)
-    grad_mask = [
-        torch.zeros_like(x) if g is None else g for g, x in zip(grad_mask, mask_inputs, strict=True)
-    ]
+    return instances
+
+
+def mmdet_targets(head, instances, featmap):
+    """mmdetection's cell labels [B, S], positive cells [B] and (cell, instance) pairs [B]."""
     labels, cells, pairs = [], [], []
-    featmap = feat_t.shape[-2:]
     for inst in instances:
         targets, level_labels, pos_masks, _ = head._get_targets_single(inst, featmap_sizes=featmap)
         labels.append(torch.cat([lv.flatten() for lv in level_labels]).numpy())
         cells.append(int(sum(int(m.sum()) for m in pos_masks)))
         pairs.append(int(sum(len(t) for t in targets)))
     return {
-        "loss_cls": float(losses["loss_cls"]),
-        "loss_mask": float(losses["loss_mask"]),
-        "grad_cls_logits": join_levels([g.numpy() for g in grad_cls]),
-        "grad_mask_kernels": join_levels([g.numpy() for g in grad_mask[:-1]]),
-        "grad_mask_features": grad_mask[-1].numpy().transpose(0, 2, 3, 1),
         "cell_labels": np.stack(labels).astype(np.int32),
         "positive_cells": np.array(cells),
         "pairs": np.array(pairs),
     }
 
 
-def ground_truth(images, centre_offset=0.0):
+def make_full_head(cfg, eps):
+    """mmdetection's SOLOV2Head at head_parity's widths, GroupNorm epsilon eps, our groups."""
+    tower_gn, mask_gn = (
+        dict(type="GN", num_groups=head_parity.norm_groups(c), requires_grad=True, eps=eps)
+        for c in (cfg.head_channels, cfg.mask_feature_channels)
+    )
+    return make_head(cfg, tower_gn, mask_gn)
+
+
+def run_mmdet_head(head, state_dict, fpn, images, cfg):
+    """mmdetection's head outputs (our layouts), terms, the gradient of their sum with respect
+    to every parameter (by key, torch layouts) and its targets."""
+    head.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
+    head.zero_grad()
+    maps = [torch.tensor(np.ascontiguousarray(f.transpose(0, 3, 1, 2))) for f in fpn]
+    kernels, logits, mask_features = head(maps)
+    instances = mmdet_instances(images)
+    metas = [dict(img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS))] * len(images)
+    losses = head.loss_by_feat(kernels, logits, mask_features, instances, metas)
+    named = list(head.named_parameters())
+    grads = torch.autograd.grad(
+        losses["loss_cls"] + losses["loss_mask"], [p for _, p in named], allow_unused=True
+    )
+    return {
+        "category_logits": join_levels([x.detach().numpy() for x in logits]),
+        "kernels": join_levels([x.detach().numpy() for x in kernels]),
+        "mask_features": mask_features.detach().numpy().transpose(0, 2, 3, 1),
+        "loss_cls": float(losses["loss_cls"].detach()),
+        "loss_mask": float(losses["loss_mask"].detach()),
+        "grads": {
+            name: (torch.zeros_like(p) if g is None else g).numpy()
+            for (name, p), g in zip(named, grads, strict=True)
+        },
+        **mmdet_targets(head, instances, mask_features.shape[-2:]),
+    }
+
+
+HEAD_OUTPUTS = ("category_logits", "kernels", "mask_features")
+
+
+def compare_heads(fixture, failures):
+    """The head-parameter batches: mmdetection's SOLOV2Head against ours on random FPN maps
+    with one seeded state dict; their records go into fixture (when not None)."""
+    cfg = head_parity.head_config(NUM_CLASSES, CANVAS)
+    head = make_full_head(cfg, 1e-6)  # our GroupNorm's epsilon (module docstring)
+    head_torch_eps = make_full_head(cfg, 1e-5)
+    state_dict = head_parity.random_state_dict(cfg, seed=HEAD_STATE_DICT_SEED)
+    worst = {"output": 0.0, "loss": 0.0, "grad": 0.0}
+    fpn_checksums = []
+    nuclei_checksums = [
+        head_parity.nuclei_scene(
+            NUCLEI_SOURCE, head_parity.NUCLEI_IMAGE, top, left, CANVAS, STRIDE
+        )[2]
+        for top, left in head_parity.NUCLEI_CROPS
+    ]
+    for k, names in enumerate(HEAD_BATCHES):
+        images = [scene(n) for n in names]
+        b = len(images)
+        fpn = head_parity.random_fpn_maps(cfg, b, seed=HEAD_FPN_SEED + k)
+        fpn_checksums.append(head_parity.checksum(fpn))
+        theirs = run_mmdet_head(head, state_dict, fpn, images, cfg)
+        pairs, cells = theirs["pairs"].sum(), theirs["positive_cells"].sum()
+        rescale = float(pairs / cells) if cells else 1.0
+        gt = ground_truth(images, max_instances=HEAD_MAX_INSTANCES)
+        # The CI test rebuilds the nuclei batch's arrays with the library's copy of this.
+        shared = head_parity.ground_truth_arrays(images, HEAD_MAX_INSTANCES, STRIDE)
+        assert all(np.array_equal(gt[n], shared[n]) for n in gt), "ground_truth_arrays differs"
+        outputs, terms, grads, targets = head_parity.head_losses(state_dict, fpn, gt, cfg, rescale)
+        eps_moved = run_mmdet_head(head_torch_eps, state_dict, fpn, images, cfg)
+        report = {
+            "head_batch": "+".join(names),
+            "instances": [len(c) for c, _ in images],
+            "cell_label_mismatches": int((targets["cell_labels"] != theirs["cell_labels"]).sum()),
+            "positive_cells": [int(c) for c in theirs["positive_cells"]],
+            "pairs": [int(p) for p in theirs["pairs"]],
+        }
+        for name in HEAD_OUTPUTS:
+            report[f"rel_{name}"] = parity.relative_difference(outputs[name], theirs[name])
+            report[f"torch_gn_eps_moves_{name}"] = parity.relative_difference(
+                eps_moved[name], theirs[name]
+            )
+        report["rel_loss_cls"] = parity.relative_difference(terms["loss_cls"], theirs["loss_cls"])
+        report["rel_loss_mask_rescaled"] = parity.relative_difference(
+            terms["loss_mask"] * rescale, theirs["loss_mask"]
+        )
+        per_param = {
+            key: parity.relative_difference(grads[key], g) for key, g in theirs["grads"].items()
+        }
+        report["rel_grad_worst_parameter"] = max(per_param.items(), key=lambda kv: kv[1])
+        report["rel_grad_all_parameters"] = parity.relative_difference(
+            np.concatenate([grads[key].ravel() for key in theirs["grads"]]),
+            np.concatenate([g.ravel() for g in theirs["grads"].values()]),
+        )
+        checks = {
+            "output": [report[f"rel_{name}"] for name in HEAD_OUTPUTS],
+            "loss": [report["rel_loss_cls"], report["rel_loss_mask_rescaled"]],
+            "grad": list(per_param.values()),
+        }
+        for kind, values in checks.items():
+            worst[kind] = max(worst[kind], *values)
+            if max(values) > HEAD_TOLERANCES[kind]:
+                failures.append(f"{report['head_batch']}: head {kind} {max(values):.2e}")
+        if report["cell_label_mismatches"]:
+            failures.append(f"{report['head_batch']}: cell labels differ")
+        print(json.dumps(report))
+        if fixture is not None:
+            if not names[0].startswith("nuclei"):  # nuclei: re-read from the shared data
+                fixture.update({f"h{k}_gt_{name}": v for name, v in gt.items()})
+            for name in (
+                *HEAD_OUTPUTS,
+                "loss_cls",
+                "loss_mask",
+                "cell_labels",
+                "positive_cells",
+                "pairs",
+            ):
+                fixture[f"h{k}_mmdet_{name}"] = np.asarray(theirs[name])
+            fixture.update({f"h{k}_mmdet_grad.{key}": g for key, g in theirs["grads"].items()})
+    return worst, {
+        "head_batches": ["+".join(n) for n in HEAD_BATCHES],
+        "head_state_dict_seed": HEAD_STATE_DICT_SEED,
+        "head_state_dict_sha256": head_parity.checksum(state_dict),
+        "head_fpn_seed": HEAD_FPN_SEED,
+        "head_fpn_sha256": fpn_checksums,
+        "head_max_instances": HEAD_MAX_INSTANCES,
+        "nuclei_image": head_parity.NUCLEI_IMAGE,
+        "nuclei_crops": [list(c) for c in head_parity.NUCLEI_CROPS],
+        "nuclei_masks_sha256": nuclei_checksums,
+    }
+
+
+def ground_truth(images, centre_offset=0.0, max_instances=MAX_INSTANCES):
     """Our padded ground truth arrays for one batch."""
-    b = len(images)
+    b, n = len(images), max_instances
     gt = {
-        "boxes": np.zeros((b, MAX_INSTANCES, 4), np.float32),
-        "classes": np.zeros((b, MAX_INSTANCES), np.int32),
-        "valid": np.zeros((b, MAX_INSTANCES), bool),
-        "centers": np.zeros((b, MAX_INSTANCES, 2), np.float32),
-        "masks": np.zeros((b, MAX_INSTANCES, CANVAS // STRIDE, CANVAS // STRIDE), bool),
+        "boxes": np.zeros((b, n, 4), np.float32),
+        "classes": np.zeros((b, n), np.int32),
+        "valid": np.zeros((b, n), bool),
+        "centers": np.zeros((b, n, 2), np.float32),
+        "masks": np.zeros((b, n, CANVAS // STRIDE, CANVAS // STRIDE), bool),
     }
     for i, (classes, masks) in enumerate(images):
         n = len(classes)
@@ -309,11 +488,14 @@ def main():
                 "pairs",
             ):
                 fixture[f"b{k}_mmdet_{name}"] = np.asarray(theirs[name])
+    head_worst, head_meta = compare_heads(fixture if args.make_fixture else None, failures)
     print(
         json.dumps(
             {
                 "worst_relative": worst,
                 "tolerances": TOLERANCES,
+                "head_worst_relative": head_worst,
+                "head_tolerances": HEAD_TOLERANCES,
                 "seconds": round(time.time() - start, 1),
             }
         )
@@ -324,6 +506,7 @@ def main():
             "canvas": CANVAS,
             "mask_channels": MASK_CHANNELS,
             "batches": ["+".join(n) for n in BATCHES],
+            **head_meta,
         }
         np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
         print(f"wrote {args.make_fixture}")

@@ -392,9 +392,14 @@ class SOLOv2(nn.Module):
         """(category logits [B, S, C], kernels [B, S, E], mask features [B, H/4, W/4, E]) of
         images [B, H, W, 3] in 0-255 RGB whose grids span extent_hw float32[B, 2]
         (grid_extents); cells run level by level, row-major within a grid."""
+        return self.heads(self.fpn(self.backbone(normalize(image, self.cfg.dtype))), extent_hw)
+
+    def heads(self, features: dict, extent_hw):
+        """predict's outputs from the FPN maps features["p2".."p6"] [B, h, w, fpn_channels]
+        (the head alone: the mmdetection head-parameter parity, weights/mmdet_solov2_head.py,
+        runs it on given maps)."""
         cfg = self.cfg
-        features = self.fpn(self.backbone(normalize(image, cfg.dtype)))
-        b = image.shape[0]
+        b = features["p2"].shape[0]
         logits, kernels = [], []
         for level, (stride, grid) in enumerate(zip(cfg.level_strides, cfg.num_grids, strict=True)):
             on_grid = level_on_grid(
