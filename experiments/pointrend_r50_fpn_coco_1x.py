@@ -34,8 +34,9 @@ def get_config(arg=None):
     c.input.eval_split.images = "data/coco/val2017"
     # Every sampled positive trains the mask head (up to 512 x 0.25), as in the reference.
     c.model.mask_fg_per_image = 128
-    # Point labels come from each mask's box crop: at 224 (the inference mask's size) they are
-    # the full-resolution mask's (detectron2's) for objects up to 224 px across.
+    # Point labels read each mask's pixels from its box crop: at 224 (the inference mask's
+    # size) they are the full-resolution mask's (detectron2's) for boxes up to 130 px a side
+    # (0.58 x 224, methods/pointrend.py point_labels), the crop's nearest cells beyond.
     c.input.mask_size = 224
     # detectron2's POOLER_SAMPLING_RATIO 0 (defaults.py, box pooler; the coarse mask head's
     # point-sampled pooling is RoIAlign with 1 sample per bin): adaptive RoIAlign,

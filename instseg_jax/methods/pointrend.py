@@ -5,16 +5,22 @@ replaced by detectron2's PointRendMaskHead (projects/PointRend):
 
 - coarse head: 14x14 features point-sampled from P2 only (aligned RoIAlign, one sample per
   bin), a 2x2 stride-2 convolution, 2 FC x 1024 and a 7x7 logit map per class, trained with
-  Mask R-CNN's mask loss on 7x7 targets;
+  Mask R-CNN's mask loss on 7x7 targets (detectron2's: the gt mask's share of each bin by
+  adaptive RoIAlign, >= 0.5; ours on the box crop, ops.mask_targets sampling_ratio 0);
 - point head: 3 FC x 256 on the P2 feature vector at a point with the coarse logits of every
   class at that point concatenated to every layer's input, one logit per class;
 - training: 196 points per foreground RoI chosen by uncertainty of the coarse logits of the
   ground-truth class (588 uniform candidates, the 147 most uncertain kept, 49 fresh uniform
   ones), in the box head's predicted boxes (TRAIN_ON_PRED_BOXES), labelled by bilinear samples
-  (soft labels) of the ground-truth mask's box crop at input.mask_size, BCE. detectron2's
-  sample_point_labels samples the full-resolution bitmask instead: the two agree for objects
-  up to input.mask_size pixels across and the crop is coarser beyond (the COCO recipe uses
-  224 x 224 crops, the inference mask's size, so it is exact for most COCO objects);
+  (soft labels) of the ground-truth mask, BCE. detectron2's sample_point_labels samples the
+  full-resolution bitmask; ours reads its pixels from the box crop at input.mask_size
+  (`point_labels`): the same labels for boxes up to 0.58 x input.mask_size pixels a side (130
+  px with the COCO recipe's 224 crops), the crop's nearest cells beyond;
+- loss parity with mmdetection 3.3's PointRendRoIHead (experiments/parity/pointrend_loss.py,
+  which declares where mmdetection leaves detectron2): the same kept points from the same
+  draws, the same point labels (8e-6), both terms and their gradients to float32 noise on the
+  same targets; our coarse targets differ in 0-2 cells of ~1500 (a crop cell is the mask's
+  thresholded bilinear surface, not its pixels), 0.3% of the coarse term;
 - inference: adaptive subdivision: the point head on a regular 28x28 grid (the 7x7 coarse map
   refined twice with every point), then 3 steps of 2x bilinear upsampling with the 784 most
   uncertain cells re-predicted, to a 224x224 box-relative mask, shipped as bfloat16.
@@ -40,7 +46,6 @@ from instseg_jax import ops
 from instseg_jax.methods import mask_rcnn, roi_heads
 from instseg_jax.ops.sampling import (
     point_features,
-    point_sample,
     uncertain_cells,
     uncertain_points,
     upsample2x,
@@ -214,20 +219,45 @@ def of_class(values, classes):
 
 
 def point_labels(gt_crops, gt_boxes, gt_index, canvas_points):
-    """float32[B, F, P] ground-truth mask values at points[B, F, P, 2] (pixels): bilinear
-    samples of each RoI's matched box crop (uint8[B, N, Mc, Mc], the mask inside its box,
-    zero outside): detectron2's soft point labels, from a crop of Mc pixels a side instead of
-    the full-resolution mask (module docstring)."""
+    """float32[B, F, P] ground-truth mask values at points[B, F, P, 2] (canvas pixels):
+    detectron2's soft point labels (projects/PointRend point_features.py sample_point_labels:
+    bilinear samples of the full-resolution bitmask, zero outside it), with each of the four
+    canvas pixels around a point read from its RoI's matched box crop (uint8[B, N, Mc, Mc],
+    the mask inside its box gt_boxes[B, N, 4], zero outside) at the crop cell that holds the
+    pixel's centre.
+
+    A crop cell is the mask's bilinear surface at the cell's centre thresholded at 0.5
+    (input/transforms.py box_crop_target); within 0.29 px of a pixel's centre (both axes) that
+    pixel's own bilinear weight exceeds 0.5, so the cell holding the centre reads the pixel's
+    value whenever the cells are at most 0.58 px apart: the labels are the full mask's exactly
+    for boxes up to 0.58 Mc pixels a side (130 px at Mc = 224) and read the crop's nearest cell
+    beyond. (Bilinear samples of the crop itself, the earlier rule, are sharper than the full
+    mask's within a pixel of every edge: 0.03-0.06 mean and 0.5 largest label differences on
+    the mmdetection loss parity's scenes, experiments/parity/pointrend_loss.py.)"""
     b, f, p, _ = canvas_points.shape
     crop = gt_crops.shape[-1]
-    gt = jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1)  # [B, F, 4]
+    gt = jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1)[:, :, None]  # [B, F, 1, 4]
     crops = jnp.take_along_axis(gt_crops, gt_index[..., None, None], axis=1)
-    in_box = (canvas_points - gt[:, :, None, :2]) / jnp.maximum(
-        gt[:, :, None, 2:] - gt[:, :, None, :2], 1e-6
-    )
-    labels = point_sample(
-        crops.reshape(b * f, crop, crop).astype(jnp.float32), in_box.reshape(b * f, p, 2)
-    )
+    # grid_sample's corners (align_corners=False): pixel centres at integer + 0.5.
+    shifted = canvas_points - 0.5
+    first = jnp.floor(shifted)
+    frac = shifted - first
+    cells_per_pixel = crop / jnp.maximum(gt[..., 2:] - gt[..., :2], 1e-6)  # (x, y)
+    index, weight = [], []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            offset = jnp.asarray([dx, dy], canvas_points.dtype)
+            centre = first + offset + 0.5  # [B, F, P, 2] (x, y)
+            cell = jnp.floor((centre - gt[..., :2]) * cells_per_pixel).astype(jnp.int32)
+            inside = jnp.all((cell >= 0) & (cell < crop), axis=-1)
+            cell = jnp.clip(cell, 0, crop - 1)
+            index.append((cell[..., 1] * crop + cell[..., 0]).reshape(b * f, p))
+            w = jnp.where(offset == 1, frac, 1.0 - frac).prod(-1)
+            weight.append(jnp.where(inside, w, 0.0).reshape(b * f, p))
+    # Each crop gathers from itself, corner axis first (ops/sampling.py point_sample's layout).
+    gather = jax.vmap(lambda one_crop, cells: one_crop[cells], in_axes=(0, 1), out_axes=1)
+    values = gather(crops.reshape(b * f, crop * crop), jnp.stack(index))  # [4, B*F, P]
+    labels = (values.astype(jnp.float32) * jnp.stack(weight)).sum(0)
     return jax.lax.stop_gradient(labels.reshape(b, f, p))
 
 
@@ -287,31 +317,14 @@ class PointRend(mask_rcnn.MaskRCNN):
             rois["boxes"] = jax.lax.stop_gradient(
                 ops.decode_boxes(deltas, rois["boxes"], roi_heads.BOX_WEIGHTS)
             )
-        boxes = rois["boxes"]
-        coarse = self.coarse_logits(features, boxes)  # [B, F, s, s, C]
-        targets, valid = ops.mask_targets(
-            batch["gt_masks"], batch["gt_boxes"], rois, fg, cfg.coarse_side
-        )
-        b = boxes.shape[0]
-        points = uncertain_points(
-            jax.random.fold_in(key, 1),
-            of_class(coarse, classes).reshape(b * fg, cfg.coarse_side, cfg.coarse_side),
-            cfg.train_num_points,
-            cfg.oversample_ratio,
-            cfg.importance_sample_ratio,
-        ).reshape(b, fg, cfg.train_num_points, 2)
-        labels = point_labels(
-            batch["gt_masks"],
-            batch["gt_boxes"],
-            rois["gt_index"],
-            box_points_to_pixels(boxes, points),
+        coarse = self.coarse_logits(features, rois["boxes"])  # [B, F, s, s, C]
+        points, targets = training_points_and_targets(
+            coarse, rois, batch["gt_masks"], batch["gt_boxes"], cfg, jax.random.fold_in(key, 1)
         )
         return {
             "mask_logits": coarse,
-            "mask_targets": targets,
-            "mask_valid": valid,
-            "point_logits": self.point_logits(features, boxes, coarse, points),
-            "point_labels": labels,
+            **targets,
+            "point_logits": self.point_logits(features, rois["boxes"], coarse, points),
         }
 
     def box_masks(self, features, canvas_boxes, classes, flipped=None):
@@ -334,6 +347,30 @@ class PointRend(mask_rcnn.MaskRCNN):
         if flipped is not None:
             masks = ops.mirror_box_masks(masks, flipped)
         return masks
+
+
+def training_points_and_targets(coarse, rois: dict, gt_crops, gt_boxes, cfg, key, draws=None):
+    """(points float32[B, F, P, 2] box-relative, {mask_targets, mask_valid, point_labels}): the
+    mask branch's training points and targets for the coarse logits[B, F, s, s, C] of the
+    foreground RoIs (rois: boxes, classes, gt_index, foreground, each [B, F, ...]). draws: the
+    uniform draws of `uncertain_points` (flattened over B x F) given instead of drawn from key
+    (the mmdetection loss parity feeds both sides the same ones)."""
+    b, fg = coarse.shape[:2]
+    classes = jnp.clip(rois["classes"], 0, cfg.num_classes - 1)
+    # detectron2's coarse targets: BitMasks.crop_and_resize, RoIAlign with adaptive sampling.
+    targets, valid = ops.mask_targets(gt_crops, gt_boxes, rois, fg, cfg.coarse_side, 0)
+    points = uncertain_points(
+        key,
+        of_class(coarse, classes).reshape(b * fg, cfg.coarse_side, cfg.coarse_side),
+        cfg.train_num_points,
+        cfg.oversample_ratio,
+        cfg.importance_sample_ratio,
+        draws,
+    ).reshape(b, fg, cfg.train_num_points, 2)
+    labels = point_labels(
+        gt_crops, gt_boxes, rois["gt_index"], box_points_to_pixels(rois["boxes"], points)
+    )
+    return points, {"mask_targets": targets, "mask_valid": valid, "point_labels": labels}
 
 
 def adaptive_subdivision(predict, num: int, side: int, steps: int, num_points: int):

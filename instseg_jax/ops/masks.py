@@ -90,7 +90,7 @@ def crop_and_resize_masks(
     return pooled[:, 0, :, :, 0]
 
 
-def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
+def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int, sampling_ratio: int = 2):
     """float32[B, F, size, size] {0, 1} targets of the first F = num_fg boxes of `rois`, and
     their validity bool[B, F].
 
@@ -105,6 +105,14 @@ def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
     one cell outside its input as the edge cell, which inside a crop is the mask's edge but on
     detectron2's full mask is the zero just outside the box (an RoI reaching past its box got
     a target dilated by up to a cell along the box's edges without the padding).
+
+    sampling_ratio: samples per bin axis on the crop (2: Mask R-CNN's targets here), or 0 for
+    detectron2's BitMasks.crop_and_resize rule (ROIAlign sampling ratio 0: ceil(RoI side /
+    size) samples per axis), the side in crop cells, exact up to twice the crop's side (an RoI
+    matched at IoU >= 0.5 is at most twice its box's side), pooled in RoIAlign's matmul form
+    (whose cost does not grow with the samples). For size far below the crop (PointRend's 7 x 7
+    from 224 crops) 2 samples per bin misjudge a mask's share of a bin enough to flip 3-5% of
+    the cells of detectron2's targets (experiments/parity/pointrend_loss.py).
     """
     b, _, crop, _ = gt_crops.shape
     index = rois["gt_index"][:, :num_fg]  # [B, F]
@@ -121,8 +129,10 @@ def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int):
         in_crop.reshape(b * num_fg, 1, 4),
         size,
         1.0,
-        2,
+        sampling_ratio,
         True,
+        method="einsum" if sampling_ratio == 0 else "gather",
+        sampling_ratio_max=-(-2 * crop // size) if sampling_ratio == 0 else 0,
     )
     targets = (pooled.reshape(b, num_fg, size, size) >= 0.5).astype(jnp.float32)
     return jax.lax.stop_gradient(targets), valid
