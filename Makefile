@@ -90,6 +90,7 @@ parity: peer-env peer-mmdet
 	$(PEER_PY) experiments/parity/panoptic_quality.py
 	$(MMDET_PY) experiments/parity/solov2_loss.py
 	$(MMDET_PY) experiments/parity/yolact_loss.py
+	$(MMDET_PY) experiments/parity/pointrend_loss.py
 
 # libtpu (TPU's compiler) in its own environment, at the jax version of .venv: the compile tool
 # (`instseg-jax compile --target v5e:2x2`) compiles for TPU slices on this CPU host. Never a
