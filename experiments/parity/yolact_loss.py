@@ -30,12 +30,14 @@ would be 81 px off), and three cells per level of theirs go into the fixture.
 
 Found and fixed in methods/yolact.py (each cited there): (1) the mask BCE's gradient at a logit
 of exactly 0 (all prototypes 0 at a cell, which ReLU'd prototypes reach): JAX differentiated
-max(x, 0) + log1p(exp(-|x|)) to s(x) - t -/+ 1/2 there (prototype gradient off by 1.4e-3 and
-4e-2 relative in two batches); now the log-sigmoid form. It never reached a parameter (the
+max(x, 0) - x t + log1p(exp(-|x|)) to -t there, not s(0) - t = 1/2 - t (the prototype gradient
+1.4e-3 off, relative, on few+crowded); now the log-sigmoid form. It never reached a parameter (the
 protonet's last ReLU passes no gradient at 0). (2) The COCO anchors above (anchor_extent_hw).
 (3) Ground truth the size filter leaves out also leaves the semantic targets (the reference's
 FilterAnnotations removes it from the image); at scale 1 no such box (<= 4 px) can cover 3 of
-a stride-8 cell's 4 stride-4 cells, so these scenes do not show it.
+a stride-8 cell's 4 stride-4 cells, so these scenes do not show it. Declared, not visible on a
+canvas the image fills: at 550 px the reference's prototype and semantic grids are 138 and 69
+cells (3.986 and 7.97 px a cell), ours 4 and 8 px (methods/yolact.py docstring).
 
 Ground truth on the canvas: `few` (four objects, three classes), `crowded` (twelve discs whose
 boxes share anchors), `empty`, each drawn at stride 4 and upsampled 4x (nearest) for

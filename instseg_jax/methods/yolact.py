@@ -52,7 +52,11 @@ gradients against mmdetection 3.3's YOLACTHead and YOLACTProtonet loss_by_feat (
 Known differences from the reference: mask targets are the instance masks sampled at the
 centres of the stride-4 cells (the reference resizes them bilinearly and thresholds at 0.5);
 semantic targets use each instance's class (mmdetection shifts them by one class, a bug
-dbolya/yolact does not have).
+dbolya/yolact does not have). The reference maps boxes to prototype cells by the image's share
+of the prototype grid (550 px on 138 cells: 3.986 px a cell, both references), ours by the
+stride, 4 px: its crop edges lie up to half a cell past the box at the far side of the image
+and its box-area normaliser is 0.7% larger (the mask term 0.7% smaller); the stride-8
+semantic grid likewise (550 px on 69 cells).
 """
 
 from __future__ import annotations
