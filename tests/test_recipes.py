@@ -74,6 +74,10 @@ RECIPES = {
         "model.score_threshold_on": "product",
         "model.mass_centre_sampling": True,
         "model.level_scales": True,
+        # adet/modeling/condinst/dynamic_mask_head.py: aligned_bilinear (adet/utils/comm.py)
+        "model.mask_upsampling": "aligned",
+        # fcos_outputs.py get_sample_region: m10 / m00 over integer pixel indices
+        "model.mass_centre_convention": "pixel_index",
     },
     # AdelaiDet configs/BlendMask/R_50_1x.yaml over Base-BlendMask.yaml (FCOS.THRESH_WITH_CTR
     # True, USE_SCALE False; BASIS_MODULE.LOSS_ON True).

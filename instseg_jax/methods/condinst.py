@@ -17,14 +17,19 @@ Static shapes:
 
 Relative coordinates: (location - cell centre of the mask feature map) / the location's level
 size (the reference's sizes of interest 64, 128, ..., 1024 per level, `relative_scales`), the
-two channels first. Known differences from the reference: GroupNorm in the mask branch (the
-reference uses BatchNorm, which this frame has no running statistics for: frozen or GroupNorm
-only); the stride-8 logits are upsampled to stride 4 with half-pixel bilinear interpolation
-(the reference's aligned_bilinear keeps the corner alignment of its stride-8 grid; the two
-differ by under half a stride-8 cell at the border); mask targets are the instance masks
-sampled at the centres of the stride-4 cells, as the reference samples its bitmasks; mass
-centres (for centre sampling) are means of pixel centres where the reference averages pixel
-indices of its resized bitmask, half a pixel up and left of ours.
+two channels first. The stride-8 logits are upsampled 2x to stride 4 by `mask_upsampling`:
+"aligned" (the default, the COCO recipe's) is the reference's aligned_bilinear (AdelaiDet
+adet/utils/comm.py; mmdetection mmdet/models/utils/misc.py): replicate-pad the end, bilinear
+with corners aligned, shift by factor // 2, so stride-4 pixel k samples the stride-8 grid at
+canvas x = 4k, half a stride-4 pixel before its centre; "half_pixel" samples at the centres
+(torch's align_corners=False; the nuclei experiment keeps it, as its RESULTS figures were
+trained with it). Mask targets are the instance masks sampled at the centres of the stride-4
+cells, as the reference samples its bitmasks. Mass centres (for centre sampling): the
+pipeline's gt_centers average pixel centres; the reference averages pixel indices of its
+resized bitmask, half a pixel up and left, which `mass_centre_convention` "pixel_index" (the
+default, the COCO recipe's) reproduces. Known difference from the reference: GroupNorm in the
+mask branch (the reference uses BatchNorm, which this frame has no running statistics for:
+frozen or GroupNorm only).
 
 Loss normalisers: FCOS's are global (AdelaiDet all-reduces them); the dice loss is averaged
 over the trained slots of each group of model.loss_normaliser_images images, then over the
@@ -88,9 +93,28 @@ class CondInstConfig(fcos.FCOSConfig):
     # the instances carry full bitmasks (CondInst adds them): fcos_outputs.py
     # get_sample_region; False: about the box centre (plain FCOS).
     mass_centre_sampling: bool = True
+    # Where that mass centre is: "pixel_index", the references' centroid of integer pixel
+    # indices of the canvas-sized bitmask (AdelaiDet fcos_outputs.py get_sample_region's m10 /
+    # m00; mmdetection condinst_head.py the same), half a pixel up and left of gt_centers (the
+    # mean of pixel centres); "pixel_centre": gt_centers as they are.
+    mass_centre_convention: str = "pixel_index"
+    # The 2x upsampling of the stride-8 mask logits to stride 4 (module docstring): "aligned",
+    # the reference's aligned_bilinear (AdelaiDet adet/utils/comm.py, mmdetection's copy in
+    # mmdet/models/utils/misc.py), or "half_pixel" (torch's align_corners=False).
+    mask_upsampling: str = "aligned"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.mass_centre_convention not in ("pixel_index", "pixel_centre"):
+            raise config_lib.ConfigValueError(
+                "model.mass_centre_convention must be 'pixel_index' or 'pixel_centre', got "
+                f"{self.mass_centre_convention!r}"
+            )
+        if self.mask_upsampling not in ("aligned", "half_pixel"):
+            raise config_lib.ConfigValueError(
+                "model.mask_upsampling must be 'aligned' or 'half_pixel', got "
+                f"{self.mask_upsampling!r}"
+            )
         if len(self.relative_scales) != len(fcos.LEVEL_STRIDES):
             raise config_lib.ConfigValueError(
                 f"model.relative_scales needs one size per level P3..P7, got {self.relative_scales}"
@@ -201,9 +225,34 @@ def dynamic_mask_logits(mask_features, params, points, scales, cfg: CondInstConf
     return x[..., 0]
 
 
-def upsample_logits(logits, out_hw):
-    """[P, h, w] -> [P, oh, ow] bilinear (half-pixel centres)."""
-    return dense.resize_bilinear(jnp.moveaxis(logits, 0, -1)[None], out_hw)[0].transpose(2, 0, 1)
+def aligned_bilinear_matrix(in_size: int, factor: int) -> np.ndarray:
+    """float32[factor x in_size, in_size]: the reference's aligned_bilinear on one axis as a
+    matrix. It pads the input's end by one (replicate), resizes bilinearly with corners aligned
+    to factor x in_size + 1 samples (sample j at input position j / factor), replicate-pads
+    factor // 2 at the start and keeps the first factor x in_size: output k samples input
+    position max(k - factor // 2, 0) / factor, the end's neighbour being the last entry."""
+    source = np.maximum(np.arange(factor * in_size) - factor // 2, 0) / factor
+    low = np.floor(source).astype(np.int64)
+    high = np.minimum(low + 1, in_size - 1)
+    frac = source - low
+    matrix = np.zeros((factor * in_size, in_size), np.float64)
+    matrix[np.arange(len(source)), low] += 1.0 - frac
+    matrix[np.arange(len(source)), high] += frac
+    return matrix.astype(np.float32)
+
+
+def upsample_logits(logits, out_hw, mode: str = "half_pixel"):
+    """[P, h, w] -> [P, oh, ow] bilinear: "half_pixel" (torch's align_corners=False) or
+    "aligned" (the reference's aligned_bilinear; out_hw a whole multiple of (h, w))."""
+    if mode == "half_pixel":
+        x = jnp.moveaxis(logits, 0, -1)[None]
+        return dense.resize_bilinear(x, out_hw)[0].transpose(2, 0, 1)
+    (h, w), (oh, ow) = logits.shape[1:], out_hw
+    if oh % h or ow % w or oh // h != ow // w:
+        raise ValueError(f"aligned_bilinear needs one whole factor: {(h, w)} -> {(oh, ow)}")
+    rows = jnp.asarray(aligned_bilinear_matrix(h, oh // h), logits.dtype)
+    cols = jnp.asarray(aligned_bilinear_matrix(w, ow // w), logits.dtype)
+    return jnp.einsum("oh,phw,qw->poq", rows, logits, cols)
 
 
 class CondInst(fcos.FCOS):
@@ -229,7 +278,10 @@ class CondInst(fcos.FCOS):
     def assign(self, batch: dict) -> dict:
         """FCOS's assignment, with centre sampling about the mass centres (the config's
         mass_centre_sampling)."""
-        centres = batch["gt_centers"] if self.cfg.mass_centre_sampling else None
+        centres = None
+        if self.cfg.mass_centre_sampling:
+            shift = 0.5 if self.cfg.mass_centre_convention == "pixel_index" else 0.0
+            centres = batch["gt_centers"] - shift
         return fcos.batch_targets(batch, self.cfg, centres=centres)
 
     def predict(self, image) -> dict:
@@ -254,7 +306,9 @@ class CondInst(fcos.FCOS):
         out_hw = tuple(v // MASK_STRIDE for v in cfg.canvas_hw)
         return jax.vmap(
             lambda feats, p, loc: upsample_logits(
-                dynamic_mask_logits(feats, p[loc], points[loc], scales[loc], cfg), out_hw
+                dynamic_mask_logits(feats, p[loc], points[loc], scales[loc], cfg),
+                out_hw,
+                cfg.mask_upsampling,
             )
         )(predictions["mask_features"], predictions["dynamic_params"], location)
 

@@ -14,7 +14,7 @@ float32[B, T, 4] (l, t, r, b in strides, after the head's activation: mmdetectio
 under norm_on_bbox), centerness_logits float32[B, T], dynamic_params float32[B, T, 169]; and
 mask_features float32[B, h, w, 8] at stride 8 (theirs [B, 8, h, w]). Ground truth: boxes
 float32[B, N, 4] canvas xyxy, classes int32[B, N], valid bool[B, N], centers float32[B, N, 2]
-(x, y) mass centres, masks bool[B, N, H/4, W/4] (the pipeline's gt_full_masks). The mask
+(x, y) mass centres as the pipeline's gt_centers (means of pixel centres), masks bool[B, N, H/4, W/4] (the pipeline's gt_full_masks). The mask
 slots (which positive locations train the dynamic head) are given: mmdetection draws them
 (torch.randperm over an image's positives beyond max_masks_to_train), so the same draw goes
 to both sides; `own_slots` reports the choice methods/fcos.py positive_slots makes itself.
@@ -229,9 +229,11 @@ def mass_centres(masks, offset: float = 0.0) -> np.ndarray:
     return (np.array(centres, np.float64).reshape(-1, 2) + offset).astype(np.float32)
 
 
-def ground_truth(images, centre_offset: float = 0.0) -> dict:
-    """Our padded ground truth for a batch of (classes, full masks) images; masks at stride 4
-    sampled at [2::4, 2::4], as mmdetection's and AdelaiDet's mask targets."""
+def ground_truth(images, centre_offset: float = 0.5) -> dict:
+    """Our padded ground truth for a batch of (classes, full masks) images: mass centres as the
+    pipeline's gt_centers (means of pixel centres: centre_offset 0.5 on the integer-index
+    means), masks at stride 4 sampled at [2::4, 2::4], as mmdetection's and AdelaiDet's mask
+    targets."""
     b, s = len(images), CANVAS // MASK_STRIDE
     gt = {
         "boxes": np.zeros((b, MAX_INSTANCES, 4), np.float32),

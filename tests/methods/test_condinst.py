@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from instseg_jax.methods import condinst
+from instseg_jax.ops import dense
 from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
 from tests.methods.test_solov2 import one_pixel_masks
 
@@ -88,13 +89,57 @@ def test_centre_sampling_is_about_the_mass_centre():
     }
     out = condinst.CondInst(CFG).assign(batch)
     points = reference.locations(CFG.level_shapes(), (8, 16, 32, 64, 128), CFG.location_offset)
-    matched, _ = reference.assign(points, boxes, valid, CFG.sizes_of_interest, 1.5, centres)
+    # gt_centers average pixel centres; the reference's centroid (integer pixel indices) is
+    # half a pixel up and left (CondInstConfig.mass_centre_convention "pixel_index")
+    matched, _ = reference.assign(points, boxes, valid, CFG.sizes_of_interest, 1.5, centres - 0.5)
     np.testing.assert_array_equal(np.asarray(out["matched"][0]), matched)
     by_box, _ = reference.assign(points, boxes, valid, CFG.sizes_of_interest, 1.5)
     assert (matched != by_box).sum() > 4  # the scene tells the two rules apart
     plain = dataclasses.replace(CFG, mass_centre_sampling=False)
     out = condinst.CondInst(plain).assign({k: v for k, v in batch.items() if k != "gt_centers"})
     np.testing.assert_array_equal(np.asarray(out["matched"][0]), by_box)
+
+
+def reference_aligned_bilinear(x, factor):
+    """float64 [P, f h, f w]: AdelaiDet adet/utils/comm.py aligned_bilinear step by step (the
+    copy in mmdetection mmdet/models/utils/misc.py): replicate-pad one row and column at the
+    end, resize to (f h + 1, f w + 1) bilinearly with align_corners=True, replicate-pad f // 2
+    at the start, crop the first f h x f w."""
+    x = np.pad(x, ((0, 0), (0, 1), (0, 1)), mode="edge")
+
+    def corners_aligned(v, out, axis):  # align_corners=True: output j at j (in - 1) / (out - 1)
+        src = np.arange(out) * (v.shape[axis] - 1) / (out - 1)
+        low = np.floor(src).astype(int)
+        high = np.minimum(low + 1, v.shape[axis] - 1)
+        frac = (src - low).reshape([-1 if a == axis else 1 for a in range(v.ndim)])
+        return np.take(v, low, axis) * (1 - frac) + np.take(v, high, axis) * frac
+
+    _, h, w = x.shape
+    up = corners_aligned(corners_aligned(x, factor * (h - 1) + 1, 1), factor * (w - 1) + 1, 2)
+    shift = factor // 2
+    up = np.pad(up, ((0, 0), (shift, 0), (shift, 0)), mode="edge")
+    return up[:, : factor * (h - 1), : factor * (w - 1)]
+
+
+def test_aligned_upsampling_is_the_references_aligned_bilinear():
+    """The matrices upsample_logits applies on each axis under mask_upsampling "aligned" (its
+    einsum path runs in the mmdetection loss parity, tests/weights/test_mmdet_condinst_loss.py)."""
+    rng = np.random.default_rng(1)
+    for (h, w), factor in [((16, 16), 2), ((5, 7), 2), ((3, 4), 4)]:
+        logits = rng.normal(size=(3, h, w))
+        rows = condinst.aligned_bilinear_matrix(h, factor)
+        cols = condinst.aligned_bilinear_matrix(w, factor)
+        ours = np.einsum("oh,phw,qw->poq", rows, logits, cols)
+        expected = reference_aligned_bilinear(logits, factor)
+        np.testing.assert_allclose(ours, expected, atol=1e-6)
+        # half_pixel (torch's align_corners=False) samples elsewhere: the option matters
+        half = np.einsum(
+            "oh,phw,qw->poq",
+            dense.bilinear_matrix(h, factor * h),
+            logits,
+            dense.bilinear_matrix(w, factor * w),
+        )
+        assert np.abs(half - expected).max() > 0.01
 
 
 def test_location_scales_follow_the_levels():

@@ -11,9 +11,11 @@ beyond 16 masks per image, given to ours), the four loss terms and the gradient 
 with respect to every head output. Here the same inputs go through CondInst.assign, the mask
 slots' dynamic heads and loss_fn, with no torch.
 
-mmdetection ran with the two rules the script's docstring declares patched to ours: GIoU without
-AdelaiDet's +1 smoothing (ours: model.giou_smoothing 0 here, 1 in the recipe) and the mask logits
-upsampled half-pixel (its aligned_bilinear patched).
+Ours runs at the COCO recipe's rules (CondInstConfig's defaults: mask_upsampling "aligned", the
+references' aligned_bilinear; mass_centre_convention "pixel_index", their centroid of integer
+pixel indices, from our pipeline's pixel-centre gt_centers) except one where mmdetection deviates from AdelaiDet (the
+script's docstring): GIoU without AdelaiDet's +1 smoothing (model.giou_smoothing 0 here, 1 in
+the recipe).
 """
 
 import json
