@@ -12,7 +12,10 @@ convolutions on each of the 1024 RoIs a step samples (about 1.4 s more per step 
 a 2-conv mask head as Mask R-CNN's here (conv1 per level and fused, conv2), with the FC branch
 off the fused conv1; 1500 steps (cosine decay over them), which fit the hour at PANet's
 ~2.1 s step here (adaptive pooling runs the box head's first FC on four levels: about twice
-Mask R-CNN's step). Results: experiments/benchmarks/RESULTS.md, "PANet nuclei quality run".
+Mask R-CNN's step); the mask predictor initialised as detectron2's (normal, std 0.001), as in
+the measured run: the authors' MSRAFill over 1 + C maps is std 1.0 with one class, the size
+their own code avoids for a one-map predictor (mask_rcnn_heads.py mask_rcnn_outputs).
+Results: experiments/benchmarks/RESULTS.md, "PANet nuclei quality run".
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
@@ -25,4 +28,5 @@ def get_config(arg=None):
     c.model.mask_head_convs = 2
     c.model.box_head = "2fc"
     c.schedule.total_steps = 1500
+    c.model.mask_predictor_init = "normal"
     return common.finish(c, arg)

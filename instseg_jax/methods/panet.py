@@ -21,11 +21,22 @@ Their training rules kept in the COCO config (base_config): smooth L1 with beta 
 (lib/modeling/FPN.py) and 1/3 on the box head (fast_rcnn_heads.py), and anchors reaching
 outside the image left out of RPN training (TRAIN.RPN_STRADDLE_THRESH 0, lib/roi_data/rpn.py).
 
+Their initialisation (lib/nn/init.py's XavierFill: uniform, std 1 / sqrt(fan_in); MSRAFill:
+normal, std sqrt(2 / fan_out)): XavierFill on the bottom-up path's convs (FPN.py
+fpn._init_weights) and the box head's FCs, MSRAFill on the box and mask heads' convs
+(fast_rcnn_heads.py roi_Xconv1fc_gn_head_panet, mask_rcnn_heads.py
+mask_rcnn_fcn_head_v1upXconvs_gn_adp_ff with the recipe's MRCNN.CONV_INIT MSRAFill), normal 0.01
+on the FC-fusion layer; the mask predictor (mask_rcnn_outputs) MSRAFill over its 1 + C output
+maps (`mask_predictor_init` "msra_fill"; "normal" is detectron2's std 0.001, which the nuclei
+experiment keeps).
+
 Not carried over from the authors' code: GroupNorm inside the FPN itself (this package keeps
 detectron2's FPN); twice the learning rate and no weight decay on biases
 (SOLVER.BIAS_DOUBLE_LR, BIAS_WEIGHT_DECAY False: the optimizer has no per-bias group); proposals
 inside crowd regions left out of RoI sampling (TRAIN.CROWD_FILTER_THRESH 0.7: crowd regions are
-ignore regions for the RPN only); MSRAFill initialisation of the mask head (detectron2's).
+ignore regions for the RPN only); the bias (initialised 0) of the reference's convolutions
+and FCs followed by GroupNorm in the bottom-up path and the "2fc" box head, which the norm's
+shift makes redundant.
 """
 
 from __future__ import annotations
@@ -40,7 +51,13 @@ import ml_collections
 from instseg_jax import config as config_lib
 from instseg_jax import ops
 from instseg_jax.methods import mask_rcnn, roi_heads
-from instseg_jax.nn.layers import ConvNorm, Deconv2x2, GroupNorm, depth_to_space_2x2
+from instseg_jax.nn.layers import (
+    ConvNorm,
+    Deconv2x2,
+    GroupNorm,
+    depth_to_space_2x2,
+    kaiming_uniform_a1,
+)
 
 INPUTS = mask_rcnn.INPUTS
 
@@ -57,9 +74,19 @@ class PANetConfig(mask_rcnn.MaskRCNNConfig):
     box_head: str = "4conv1fc"  # or "2fc" (box_fc_dim wide, the first FC per level)
     box_conv_dim: int = 256
     box_num_convs: int = 4
+    # The mask predictor's init: "msra_fill", the authors' (mask_rcnn_heads.py
+    # mask_rcnn_outputs under MRCNN.CONV_INIT MSRAFill: normal, std sqrt(2 / (1 + C)) with C
+    # classes, their predictor's 1 + C output maps counted as its fan-out), or "normal"
+    # (std 0.001, detectron2's and their GaussianFill default).
+    mask_predictor_init: str = "msra_fill"
 
     def __post_init__(self):
         super().__post_init__()
+        if self.mask_predictor_init not in ("msra_fill", "normal"):
+            raise config_lib.ConfigValueError(
+                "model.mask_predictor_init must be 'msra_fill' or 'normal', got "
+                f"{self.mask_predictor_init!r}"
+            )
         if self.box_head not in ("4conv1fc", "2fc"):
             raise config_lib.ConfigValueError(
                 f"model.box_head must be '4conv1fc' or '2fc', got {self.box_head!r}"
@@ -85,16 +112,20 @@ class BottomUpPath(nn.Module):
 
     @nn.compact
     def __call__(self, features: dict) -> dict:
+        # XavierFill, as the authors' FPN._init_weights gives every conv of their pyramid.
+        conv = lambda stride, name: ConvNorm(
+            self.channels,
+            3,
+            stride,
+            self.norm,
+            dtype=self.dtype,
+            kernel_init=kaiming_uniform_a1(),
+            name=name,
+        )
         levels = [features["p2"]]
         for level in (3, 4, 5):
-            down = ConvNorm(self.channels, 3, 2, self.norm, dtype=self.dtype, name=f"down{level}")(
-                levels[-1]
-            )
-            levels.append(
-                ConvNorm(self.channels, 3, 1, self.norm, dtype=self.dtype, name=f"out{level}")(
-                    down + features[f"p{level}"]
-                )
-            )
+            down = conv(2, f"down{level}")(levels[-1])
+            levels.append(conv(1, f"out{level}")(down + features[f"p{level}"]))
         out = {f"p{i + 2}": x for i, x in enumerate(levels)}
         out["p6"] = out["p5"][:, ::2, ::2, :]
         return out
@@ -200,6 +231,7 @@ class FusedMaskHead(nn.Module):
     num_convs: int = 4
     fc_fusion: bool = True
     norm: str = "group_norm"
+    predictor_init: str = "msra_fill"  # PANetConfig.mask_predictor_init
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -216,10 +248,12 @@ class FusedMaskHead(nn.Module):
         x = conv(self.channels, f"conv{self.num_convs}")(x)
         init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
         x = nn.relu(Deconv2x2(self.channels, self.dtype, init, blocked=True, name="deconv")(x))
+        # The authors' predictor has a background map too: 1 + C outputs make its fan-out.
+        std = (2.0 / (1 + self.num_classes)) ** 0.5 if self.predictor_init == "msra_fill" else 1e-3
         x = nn.Dense(
             self.num_classes,
             dtype=self.dtype,
-            kernel_init=nn.initializers.normal(0.001),
+            kernel_init=nn.initializers.normal(std),
             name="predictor",
         )(x)
         logits = depth_to_space_2x2(x)  # [n, 28, 28, C]
@@ -265,6 +299,7 @@ class PANet(mask_rcnn.MaskRCNN):
             cfg.mask_head_convs,
             cfg.fc_fusion,
             cfg.head_norm,
+            cfg.mask_predictor_init,
             cfg.dtype,
         )
 

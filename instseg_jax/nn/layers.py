@@ -147,6 +147,9 @@ class ConvNorm(nn.Module):
     norm: str = "group_norm"
     relu: bool = True
     dtype: Dtype = jnp.float32
+    # MSRAFill (kaiming_normal_, fan_out, relu: detectron2's c2_msra_fill) unless a caller's
+    # reference says otherwise (PANet's bottom-up path: XavierFill).
+    kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
     @nn.compact
     def __call__(self, x):
@@ -158,7 +161,7 @@ class ConvNorm(nn.Module):
             padding=((pad, pad), (pad, pad)),
             use_bias=self.norm == "none",
             dtype=self.dtype,
-            kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+            kernel_init=self.kernel_init,
             name="conv",
         )(x)
         x = make_norm(self.norm, self.dtype)(name="norm")(x)

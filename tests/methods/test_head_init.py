@@ -30,6 +30,28 @@ References, by method:
               (xavier_init uniform, bias 0, on head_convs, conv_cls, conv_reg, conv_coeff),
               YOLACTProtonet.init_weights (xavier uniform on every conv), YOLACTSegmHead
               (Xavier uniform on segm_conv): std sqrt(2 / (fan_in + fan_out)).
+  PANet       ShuLiu1993/PANet lib/nn/init.py (XavierFill: uniform, fan_in = numel /
+              weight.shape[0], std 1/sqrt(fan_in); MSRAFill: normal, fan_out = numel /
+              weight.shape[1], std sqrt(2 / fan_out)); lib/modeling/FPN.py fpn._init_weights
+              (XavierFill on the bottom-up path's convs, biases 0); fast_rcnn_heads.py
+              roi_Xconv1fc_gn_head_panet and roi_2mlp_head_gn_panet (MSRAFill convs, XavierFill
+              FCs with bias 0), fast_rcnn_outputs (cls_score normal 0.01, bbox_pred 0.001);
+              mask_rcnn_heads.py mask_rcnn_fcn_head_v1upXconvs_gn_adp_ff._init_weights (under
+              the recipe's MRCNN.CONV_INIT MSRAFill: MSRAFill convs and upconv, mask_fc normal
+              0.01, biases 0) and mask_rcnn_outputs._init_weights (class-specific conv
+              predictor: MSRAFill over NUM_CLASSES = 81 maps on COCO, tools/train_net_step.py);
+              torch's GroupNorm: weight 1, bias 0.
+  PointRend   detectron2 projects/PointRend/point_rend/mask_head.py ConvFCHead.__init__
+              (c2_msra_fill on the 1x1 and 2x2 stride-2 convs, c2_xavier_fill on the FCs,
+              prediction normal 0.001, bias 0); point_head.py StandardPointHead.__init__
+              (c2_msra_fill on the kernel-1 Conv1d FCs, predictor normal 0.001, bias 0).
+  Panoptic    detectron2 modeling/meta_arch/semantic_seg.py SemSegFPNHead.__init__
+  FPN         (c2_msra_fill on every conv and on the 1x1 predictor, biases 0; GN convs have
+              none).
+  Keypoint    detectron2 modeling/roi_heads/keypoint_head.py
+  R-CNN       KRCNNConvDeconvUpsampleHead.__init__ (kaiming_normal_ fan_out relu on the conv
+              weights and on score_lowres, a ConvTranspose2d [in, out, 4, 4] whose torch fan_out
+              is in x 16; biases 0).
 """
 
 from __future__ import annotations
@@ -142,8 +164,10 @@ def head_params(experiment, overrides, touch):
     module = builders.method(config)
     cfg = builders.model_config(config, NUM_CLASSES)
     model = module.Model(cfg)
+    # XLA's RngBitGenerator ("rbg") compiles in half threefry's time on CPU (FCOS's heads: 2.2
+    # against 4.8 s); the statistics checked do not depend on the generator.
     params = jax.jit(lambda key: model.init(key, method=lambda m: touch(m, cfg))["params"])(
-        jax.random.key(0)
+        jax.random.key(0, impl="rbg")
     )
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return {"/".join(k.key for k in path): np.asarray(v, np.float64) for path, v in flat}, cfg
@@ -209,6 +233,111 @@ def expected_yolact(path, shape, cfg, kernel_shape=None):
     return xavier(shape)
 
 
+def halving(channels, levels, finest):
+    """Zero maps of the levels, P{levels[0]} finest x finest and each next one half as wide."""
+    return {
+        f"p{level}": jnp.zeros((1, finest >> i, finest >> i, channels))
+        for i, level in enumerate(levels)
+    }
+
+
+def touch_panet(model, cfg):
+    d = cfg.fpn_channels
+    model.bottom_up(halving(d, range(2, 6), 8))
+    # [B, R, L, S, S, D]: the four levels' RoI features of adaptive pooling, at a 4 x 4 pooled
+    # size (the rules do not depend on it; the FCs' fan-in does and is read from the shape).
+    model.box_head(jnp.zeros((1, 1, 4, 4, 4, d)))
+    model.mask_head(jnp.zeros((1, 1, 4, 4, 4, d)))
+
+
+def xavier_fill(shape):
+    """PANet lib/nn/init.py XavierFill: fan_in = numel / weight.shape[0] (torch's weight
+    [out, in, kh, kw] or [out, in]: in x kh x kw), uniform, std 1 / sqrt(fan_in)."""
+    return uniform_with_std(1.0 / math.sqrt(fan_in(shape)))
+
+
+def msra_fill_transposed(shape):
+    """MSRAFill's fan_out = numel / weight.shape[1] on a ConvTranspose2d weight [in, out, kh,
+    kw]: in x kh x kw, here the flax kernel's [kh, kw, in] axes."""
+    return normal(math.sqrt(2.0 / (shape[0] * shape[1] * shape[2])))
+
+
+def expected_panet(path, shape, cfg, kernel_shape=None):
+    if "norm" in path:
+        return 1.0 if path.endswith("scale") else 0.0
+    if path.endswith("bias"):
+        return 0.0
+    if path.startswith("bottom_up/"):
+        return xavier_fill(shape)
+    if path == "box_head/cls_score/kernel":
+        return normal(0.01)
+    if path == "box_head/bbox_pred/kernel":
+        return normal(0.001)
+    if path.startswith("box_head/fc"):
+        return xavier_fill(shape)
+    if path == "mask_head/deconv/kernel":
+        return msra_fill_transposed(shape)
+    if path == "mask_head/predictor/kernel":
+        if cfg.mask_predictor_init == "normal":
+            return normal(0.001)
+        # A 1x1 Conv2d [NUM_CLASSES, D, 1, 1] with background counted: fan_out 1 + C.
+        return normal(math.sqrt(2.0 / (1 + cfg.num_classes)))
+    if path == "mask_head/fc_branch_fc/kernel":
+        return normal(0.01)
+    if path.startswith(("box_head/conv", "mask_head/conv", "mask_head/fc_branch_conv")):
+        return msra_fan_out(shape)  # torch's Conv2d [out, in, kh, kw]: out x kh x kw
+    raise KeyError(path)
+
+
+def touch_pointrend(model, cfg):
+    d = cfg.fpn_channels
+    model.coarse_head(jnp.zeros((1, 1, 4, 4, d)))
+    model.point_head(None, (jnp.zeros((1, 4, d)), jnp.zeros((1, 4, cfg.num_classes))))
+
+
+def expected_pointrend(path, shape, cfg, kernel_shape=None):
+    if path.endswith("bias"):
+        return 0.0
+    if path in ("coarse_head/prediction/kernel", "point_head/predictor/kernel"):
+        return normal(0.001)
+    if path.startswith("coarse_head/fc"):
+        return c2_xavier(shape)
+    if path == "coarse_head/reduce_spatial/kernel":
+        # A 2x2 stride-2 Conv2d, fan_out out x 4, here a matmul kernel [4 x in, out].
+        return normal(math.sqrt(2.0 / (4 * shape[1])))
+    if path == "coarse_head/reduce_channels/kernel" or path.startswith("point_head/fc"):
+        return msra_fan_out(shape)  # kernel-1 convs (Conv2d, Conv1d) as [in, out]: fan_out out
+    raise KeyError(path)
+
+
+def touch_panoptic_fpn(model, cfg):
+    model.semantic_head(halving(cfg.fpn_channels, range(2, 6), 8))
+
+
+def expected_panoptic_fpn(path, shape, cfg, kernel_shape=None):
+    if "norm" in path:
+        return 1.0 if path.endswith("scale") else 0.0
+    if path.endswith("bias"):
+        return 0.0
+    if path.startswith("semantic_head/"):
+        return msra_fan_out(shape)  # the 3x3 convs and the 1x1 predictor ([in, out]) alike
+    raise KeyError(path)
+
+
+def touch_keypoint_rcnn(model, cfg):
+    model.keypoint_head(jnp.zeros((1, 1, 4, 4, cfg.fpn_channels)))
+
+
+def expected_keypoint_rcnn(path, shape, cfg, kernel_shape=None):
+    if path.endswith("bias"):
+        return 0.0
+    if path == "keypoint_head/score_lowres/kernel":
+        return msra_fill_transposed(shape)  # [4, 4, in, out]: torch's fan_out in x 16
+    if path.startswith("keypoint_head/conv"):
+        return msra_fan_out(shape)
+    raise KeyError(path)
+
+
 # The COCO recipes, the widest layers narrowed where drawing their millions of weights would
 # cost seconds (the rules do not depend on the width).
 CASES = {
@@ -228,6 +357,38 @@ CASES = {
         expected_solov2,
     ),
     "yolact": ("experiments/yolact_r50_coco.py", [], touch_yolact, expected_yolact),
+    # Two convs per stack (each stack's layers share one rule) keep PANet's compile short.
+    "panet": (
+        "experiments/panet_r50_fpn_coco_2x.py",
+        [
+            "model.fpn_channels=64",
+            "model.box_conv_dim=64",
+            "model.box_fc_dim=256",
+            "model.box_num_convs=2",
+            "model.mask_head_convs=2",
+        ],
+        touch_panet,
+        expected_panet,
+    ),
+    # A coarse conv_dim under the features' width brings in the 1x1 channel reduction.
+    "pointrend": (
+        "experiments/pointrend_r50_fpn_coco_1x.py",
+        ["model.coarse_conv_dim=128", "model.coarse_fc_dim=128"],
+        touch_pointrend,
+        expected_pointrend,
+    ),
+    "panoptic_fpn": (
+        "experiments/panoptic_fpn_r50_coco_1x.py",
+        ["model.fpn_channels=64"],
+        touch_panoptic_fpn,
+        expected_panoptic_fpn,
+    ),
+    "keypoint_rcnn": (
+        "experiments/keypoint_rcnn_r50_fpn_coco_1x.py",
+        ["model.keypoint_head_dim=128"],
+        touch_keypoint_rcnn,
+        expected_keypoint_rcnn,
+    ),
 }
 
 
@@ -254,9 +415,11 @@ def check(path, value, expected):
         assert np.mean(np.abs(value) > 2.5 * std) > 0.004, path
 
 
-# FCOS's in the fast tier (its head is also CondInst's and BlendMask's); the others, YOLACT's
-# config-chosen predictors included, in the slow one; each compiles one init of a few seconds.
-FAST = ("fcos",)
+# FCOS's in the fast tier (its head is also CondInst's and BlendMask's) and PANet's (the rules
+# its module sets itself: XavierFill bottom-up path, MSRAFill mask predictor); the others,
+# YOLACT's config-chosen predictors included, in the slow one; each compiles one init of a few
+# seconds.
+FAST = ("fcos", "panet")
 
 
 @pytest.mark.parametrize(
@@ -268,6 +431,8 @@ def test_head_initialisation_follows_the_reference(method):
     assert params, method
     if method == "yolact":
         assert cfg.predictor_init == "xavier"  # the COCO recipe's: mmdetection's rule
+    if method == "panet":
+        assert cfg.mask_predictor_init == "msra_fill"  # the authors' MRCNN.CONV_INIT
     for path, value in params.items():
         kernel = params.get(path.rsplit("/", 1)[0] + "/kernel")
         check(path, value, expected(path, value.shape, cfg, getattr(kernel, "shape", None)))
@@ -294,3 +459,16 @@ def test_yolact_nuclei_predictors_are_normal_and_the_rest_xavier():
     for path, value in params.items():
         kernel = params.get(path.rsplit("/", 1)[0] + "/kernel")
         check(path, value, expected(path, value.shape, cfg, getattr(kernel, "shape", None)))
+
+
+@pytest.mark.slow
+def test_panet_nuclei_heads_2fc_and_a_normal_mask_predictor():
+    """The nuclei experiment's "2fc" box head (fast_rcnn_heads.py roi_2mlp_head_gn_panet:
+    XavierFill FCs, GroupNorm) and its mask predictor at detectron2's normal 0.001 (the authors'
+    MSRAFill would be std 1.0 over its 2 maps); the rest as the COCO recipe's."""
+    params, cfg = head_params("experiments/panet_nuclei.py", ["model.fpn_channels=64"], touch_panet)
+    assert cfg.box_head == "2fc" and cfg.mask_predictor_init == "normal"
+    assert "box_head/fc1_level3/kernel" in params and "box_head/fc2/kernel" in params
+    for path, value in params.items():
+        kernel = params.get(path.rsplit("/", 1)[0] + "/kernel")
+        check(path, value, expected_panet(path, value.shape, cfg, getattr(kernel, "shape", None)))
