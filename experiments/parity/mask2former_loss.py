@@ -9,7 +9,11 @@ layer_losses, loss_fn) with transformers' Mask2FormerLoss and Mask2FormerHungari
 The model is experiments/parity/mask2former.py's tiny one (the same seeded weights as the
 output parity, train_num_points 64), on three 64 x 64 scenes: four objects of three classes,
 a crowded one (ten small discs for eight queries: two ground truths stay unmatched) and an
-empty one.
+empty one, in one batch; then a batch of three real images (NUCLEI: 128 px crops of DSB 2018
+fluorescence images halved to 64 x 64, their nuclei as one class: ten touching nuclei for 8
+queries, three, none; read from ../shared/data, skipped when missing; the fixture keeps the
+crops and digests of the scenes and of their stride-4 masks, transformers' answers and the
+draws, not the pixels or masks). Both batches have SLOTS ground-truth slots per image.
 
 The same random points on both sides: every uniform draw comes from one NumPy generator and is
 fed to both. Ours takes them through set_targets(..., draws=...) (the matching points per layer
@@ -40,6 +44,7 @@ of (1) are written for tests/weights/test_huggingface_loss.py (no torch).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import sys
@@ -61,6 +66,7 @@ import jax  # noqa: E402
 
 from instseg_jax.methods import mask2former as m2f  # noqa: E402
 from instseg_jax.weights import huggingface as hf  # noqa: E402
+from instseg_jax.weights import loss_parity  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("mask2former_output_parity", HERE / "mask2former.py")
 output_parity = importlib.util.module_from_spec(_spec)
@@ -70,6 +76,17 @@ SIZE = 64
 STRIDE = m2f.MASK_STRIDE
 POINTS = 64
 SLOTS = 10  # ground-truth slots per image (the crowded scene's count)
+SHARED_NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
+# The nuclei batch: ten touching nuclei (21 to 224 px^2, some cut by the crop) for the 8
+# queries, three nuclei, and a crop of background, each 128 px of a fluorescence image halved.
+NUCLEI = tuple(
+    loss_parity.NucleiCrop(image_id, (top, left, 2 * SIZE, 2 * SIZE), (SIZE, SIZE))
+    for image_id, top, left in (
+        ("37ed50eea5a1e0bade3e6753793b6caeb061cd4c2f365658c257f69cab1f6288", 16, 96),
+        ("98c5ead89cd066637efd5c93a6edc55c85908eb66807471f0d246d5457341f9c", 0, 112),
+        ("00071198d059ba7f5914a526d124d28e6d010c92466da21d4a04cd5413362552", 32, 0),
+    )
+)
 TERMS = ("ce", "mask", "dice")
 REFERENCE_TERMS = {"ce": "loss_cross_entropy", "mask": "loss_mask", "dice": "loss_dice"}
 # (1) on the same logits: float32 noise of sums over 64 points and 24 queries;
@@ -119,14 +136,14 @@ def strided(masks: np.ndarray) -> np.ndarray:
     return centre / 4 >= 0.5
 
 
-def draws(num_layers: int, batch: int, seed: int = 11) -> dict:
+def draws(num_layers: int, batch: int, seed: int = 11, slots: int = SLOTS) -> dict:
     """The uniform draws both sides use, in set_targets' layout (per layer, image and slot)."""
     rng = np.random.default_rng(seed)
     kept = int(0.75 * POINTS)
     return {
         "match": rng.random((num_layers, batch, POINTS, 2), np.float32),
-        "candidates": rng.random((num_layers, batch, SLOTS, 3 * POINTS, 2), np.float32),
-        "fill": rng.random((num_layers, batch, SLOTS, POINTS - kept, 2), np.float32),
+        "candidates": rng.random((num_layers, batch, slots, 3 * POINTS, 2), np.float32),
+        "fill": rng.random((num_layers, batch, slots, POINTS - kept, 2), np.float32),
     }
 
 
@@ -358,18 +375,10 @@ def term_errors(ours_terms: dict, theirs_terms: dict, num_layers: int, prefix: s
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--make-fixture", metavar="NPZ", help="write the CI test's data")
-    args = parser.parse_args()
-    torch.use_deterministic_algorithms(True)
-    model = build()
-    images, full_masks, classes, valid = scenes()
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        sd, hf_config = hf.load(tmp)
-    params, frozen, fields, num_classes = hf.convert(sd, hf_config)
-    cfg = our_config(fields, num_classes, hf_config)
+def compare(model, cfg, params, frozen, images, full_masks, classes, valid, shared):
+    """(figures, the declared deviation's figures, transformers' answers for a fixture) of one
+    batch of scenes: (1) on transformers' logits, (2) end to end, then transformers on the
+    full-resolution masks."""
     batch = our_batch(images, full_masks, classes, valid)
     gt_masks = batch["gt_full_masks"]
 
@@ -377,7 +386,6 @@ def main():
     with torch.no_grad():
         ref_classes, ref_masks = reference_logits(model, images)
     num_layers = len(ref_classes)
-    shared = draws(num_layers, len(images))
     class_leaves = [c.clone().requires_grad_() for c in ref_classes]
     mask_leaves = [m.clone().requires_grad_() for m in ref_masks]
     theirs_terms, theirs_total, theirs_match = reference_loss(
@@ -433,13 +441,20 @@ def main():
     deviation["total"] = relative(float(theirs_total.detach()), float(full_total))
     deviation["matching_changes"] = int((full_match != theirs_match).sum())
     deviation["matching_changes_per_image"] = (full_match != theirs_match).sum((0, 2)).tolist()
+    answers = {
+        "class_logits": logits_c,
+        "mask_logits": logits_m,
+        **{f"draws_{name}": value for name, value in shared.items()},
+        "terms": np.array([[theirs_terms[t, layer] for t in TERMS] for layer in range(num_layers)]),
+        "query_to_gt": theirs_match.astype(np.int32),
+        "class_grad": theirs_class_grad,
+        "mask_grad": theirs_mask_grad,
+    }
+    return figures, deviation, answers
 
-    print(
-        f"transformers {transformers.__version__}, torch {torch.__version__}, jax {jax.__version__}"
-    )
-    print(json.dumps(figures, indent=1))
-    print("stride-4 against full-resolution ground truth in transformers (the declared deviation):")
-    print(json.dumps(deviation, indent=1))
+
+def failures(figures: dict) -> list[str]:
+    """The figures beyond TOLERANCES."""
     failed = [
         name
         for name, bar in (
@@ -456,6 +471,75 @@ def main():
             failed += [name] if value > TOLERANCES["terms"] else []
         if name.startswith("end_to_end_") and "matching" not in name:
             failed += [name] if value > TOLERANCES["end_to_end_terms"] else []
+    return failed
+
+
+def nuclei_inputs():
+    """(the nuclei Scenes, images, full masks, classes, valid) of NUCLEI in scenes()' layout
+    (SLOTS slots per image, valid first, one class); None where the shared data set is
+    missing."""
+    if not SHARED_NUCLEI.is_dir():
+        print(f"no {SHARED_NUCLEI}: the nuclei case is skipped")
+        return None
+    crops = [loss_parity.nuclei_scene(SHARED_NUCLEI, spec) for spec in NUCLEI]
+    masks = np.zeros((len(crops), SLOTS, SIZE, SIZE), bool)
+    valid = np.zeros((len(crops), SLOTS), bool)
+    for i, crop in enumerate(crops):
+        masks[i, : len(crop.masks)] = crop.masks
+        valid[i, : len(crop.masks)] = True
+    images = np.stack([crop.image for crop in crops])
+    return crops, images, masks, np.zeros((len(crops), SLOTS), np.int64), valid
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--make-fixture", metavar="NPZ", help="write the CI test's data")
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    model = build()
+    images, full_masks, classes, valid = scenes()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        sd, hf_config = hf.load(tmp)
+    params, frozen, fields, num_classes = hf.convert(sd, hf_config)
+    cfg = our_config(fields, num_classes, hf_config)
+    with torch.no_grad():  # the prediction layers, for the draws' layout
+        num_layers = len(reference_logits(model, images[:1])[0])
+    shared = draws(num_layers, len(images))
+    figures, deviation, answers = compare(
+        model, cfg, params, frozen, images, full_masks, classes, valid, shared
+    )
+    print(
+        f"transformers {transformers.__version__}, torch {torch.__version__}, jax {jax.__version__}"
+    )
+    print(json.dumps(figures, indent=1))
+    print("stride-4 against full-resolution ground truth in transformers (the declared deviation):")
+    print(json.dumps(deviation, indent=1))
+    failed = failures(figures)
+    fixture = {
+        "gt_valid": valid,
+        "gt_classes": classes.astype(np.int32),
+        "gt_masks": strided(full_masks),
+        **answers,
+    }
+    nuclei = nuclei_inputs()
+    if nuclei is not None:
+        crops, *inputs = nuclei
+        nuclei_draws = draws(num_layers, len(crops), seed=12)
+        figures, deviation, answers = compare(model, cfg, params, frozen, *inputs, nuclei_draws)
+        counts = [len(crop.boxes) for crop in crops]
+        print(f"nuclei crops {NUCLEI} ({counts} nuclei, {cfg.num_queries} queries):")
+        print(json.dumps(figures, indent=1))
+        print("nuclei, stride-4 against full-resolution ground truth in transformers:")
+        print(json.dumps(deviation, indent=1))
+        failed += [f"nuclei {name}" for name in failures(figures)]
+        fixture["nuclei/specs"] = np.asarray([spec.as_json() for spec in NUCLEI])
+        fixture["nuclei/digests"] = np.asarray([loss_parity.scene_digest(c) for c in crops])
+        strided_masks = np.ascontiguousarray(strided(inputs[1]))
+        fixture["nuclei/strided_digest"] = np.asarray(
+            hashlib.sha256(strided_masks.tobytes()).hexdigest()
+        )
+        fixture.update({f"nuclei/{k}": v for k, v in answers.items()})
     print(f"tolerances {TOLERANCES}: {'all within' if not failed else 'ABOVE: ' + str(failed)}")
     if args.make_fixture:
         np.savez_compressed(
@@ -463,18 +547,7 @@ def main():
             config=np.array(
                 json.dumps({"num_classes": num_classes, "points": POINTS, "size": SIZE})
             ),
-            class_logits=logits_c,
-            mask_logits=logits_m,
-            gt_valid=valid,
-            gt_classes=classes.astype(np.int32),
-            gt_masks=gt_masks,
-            **{f"draws_{name}": value for name, value in shared.items()},
-            terms=np.array(
-                [[theirs_terms[t, layer] for t in TERMS] for layer in range(num_layers)]
-            ),
-            query_to_gt=theirs_match.astype(np.int32),
-            class_grad=theirs_class_grad,
-            mask_grad=theirs_mask_grad,
+            **fixture,
         )
         print(f"wrote {args.make_fixture}")
     sys.exit(0 if not failed else 1)

@@ -10,10 +10,14 @@ The loss mode beside the output mode of torchvision.py, fcos.py and keypoint_rcn
 tiny seeded models (random frozen-BN statistics, the weights of their output fixtures),
 converted by instseg_jax.weights.torchvision*, trained one step on the same synthetic scenes
 (one ordinary, one crowded, one without instances, each alone and then all three in one
-batch; 128 x 160, a size torchvision's resize keeps; Keypoint R-CNN: one class with 17 random keypoints per instance) under the torchvision
-presets. torchvision returns its loss dict in training mode and its head gradients by
-backward(); ours come from instseg_jax.weights.loss_parity (the methods' loss_fn, jax.grad
-with respect to the heads).
+batch; 128 x 160, a size torchvision's resize keeps; Keypoint R-CNN: one class with 17 random
+keypoints per instance) under the torchvision presets. Mask R-CNN and FCOS also train on a
+real nuclei image alone (NUCLEI: a crop of a DSB 2018 fluorescence image resized to 128 x 160,
+its 45 nuclei of 2 to 126 px^2 as ground truth, one class; read from ../shared/data, skipped
+when missing; the fixtures keep the crop and a digest of the scene, not its pixels). Keypoint
+R-CNN has no nuclei case: the data set has no keypoints. torchvision returns its loss dict in
+training mode and its head gradients by backward(); ours come from
+instseg_jax.weights.loss_parity (the methods' loss_fn, jax.grad with respect to the heads).
 
 Sampling: torchvision's BalancedPositiveNegativeSampler draws at random (RPN anchors and RoIs);
 this script patches the draw to a rule both sides share instead of injecting indices: the
@@ -55,6 +59,7 @@ sys.path.insert(0, str(ROOT / "experiments" / "benchmarks"))
 from instseg_jax.input.synthetic import SyntheticSource  # noqa: E402
 from instseg_jax.weights import loss_parity  # noqa: E402
 from instseg_jax.weights import torchvision as tv  # noqa: E402
+from instseg_jax.weights.loss_parity import NucleiCrop  # noqa: E402
 
 
 def _script(name: str):
@@ -72,6 +77,14 @@ keypoint_parity = _script("keypoint_rcnn")
 HEAD_PREFIXES = ("rpn.head.", "roi_heads.box_head.", "roi_heads.box_predictor.")
 MASK_PREFIXES = ("roi_heads.mask_head.", "roi_heads.mask_predictor.")
 KEEP_ALL = 10**9  # a sampling budget beyond any candidate count
+SHARED_NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
+# The nuclei case: 45 small nuclei (median 27 px^2 on the canvas), some touching, some cut by
+# the crop (2 px^2 slivers), on a dark fluorescence background.
+NUCLEI = NucleiCrop(
+    "1c681dfa5cf7e413305d2e90ee47553a46e29cce4f6ed034c8297e511714f867",
+    (16, 16, 192, 240),
+    (128, 160),
+)
 
 
 def scenes(seed: int) -> list[loss_parity.Scene]:
@@ -98,6 +111,24 @@ def scenes(seed: int) -> list[loss_parity.Scene]:
         )
     )  # fmt: skip
     return out
+
+
+def nuclei_case(arrays: dict, model: str, compare) -> tuple[list[dict], list]:
+    """The nuclei crop alone through compare, as run_cases' cases; its crop and digest go into
+    `arrays` ("nuclei/spec", "nuclei/digest"), never its pixels or masks. No rows where the
+    shared data is missing."""
+    if not SHARED_NUCLEI.is_dir():
+        print(f"no {SHARED_NUCLEI}: the nuclei case is skipped", flush=True)
+        return [], []
+    scene = loss_parity.nuclei_scene(SHARED_NUCLEI, NUCLEI)
+    arrays["nuclei/spec"] = np.asarray(NUCLEI.as_json())
+    arrays["nuclei/digest"] = np.asarray(loss_parity.scene_digest(scene))
+    rows, failed = [], []
+    start = time.perf_counter()
+    figures, theirs = compare([scene])
+    report(f"nuclei: {len(scene.boxes)} instances", figures, start, rows, failed, model)
+    arrays.update(case_arrays("nuclei/", theirs))
+    return rows, failed
 
 
 def keep_every_candidate(model) -> None:
@@ -238,7 +269,8 @@ def run_fcos(seed: int) -> tuple[list[dict], list, dict]:
         return figures, theirs
 
     rows, failed = run_cases(scenes(seed), arrays, "FCOS", compare)
-    return rows, failed, arrays
+    nuclei_rows, nuclei_failed = nuclei_case(arrays, "FCOS", compare)
+    return rows + nuclei_rows, failed + nuclei_failed, arrays
 
 
 def weights_reference(state_dict: dict, output_fixture: str) -> dict:
@@ -342,13 +374,15 @@ def run(seed: int, proposals: int) -> tuple[list[dict], list, dict]:
         given = loss_parity.mask_rcnn_losses(
             variables, arch, batch, proposals,
             given_mask_targets=list(zip(theirs["mask_rois"], theirs["mask_targets"], strict=True)),
+            ours=ours,
         )  # fmt: skip
         figures = loss_parity.compare_losses(ours, theirs, given)
         figures["mask_rois"] = sum(len(r) for r in theirs["mask_rois"])
         return figures, theirs
 
     rows, failed = run_cases(scenes(seed), arrays, "Mask R-CNN", compare)
-    return rows, failed, arrays
+    nuclei_rows, nuclei_failed = nuclei_case(arrays, "Mask R-CNN", compare)
+    return rows + nuclei_rows, failed + nuclei_failed, arrays
 
 
 def record(results: dict, args) -> None:
@@ -386,7 +420,8 @@ def record(results: dict, args) -> None:
         "experiments/parity/torchvision_losses.py --record` (in `make parity`)",
         common.machine_line({"torch": torch.__version__, "torchvision": torchvision.__version__})
         + f"; the tiny seeded models of the output fixtures (seed {args.seed}), 128 x 160 "
-        f"synthetic scenes, {args.proposals} training proposals",
+        f"synthetic scenes and (Mask R-CNN, FCOS) a nuclei crop ({NUCLEI.image_id[:8]}, "
+        f"{NUCLEI.crop} resized to 128 x 160), {args.proposals} training proposals",
         table,
         "Relative error |ours - torchvision| / |torchvision| of each loss term, and norm of the "
         "difference over torchvision's norm for the gradient of the total loss with respect to "

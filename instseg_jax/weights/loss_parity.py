@@ -25,12 +25,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from instseg_jax import builders, ops
+from instseg_jax.input.instances import mask_box
 from instseg_jax.input.transforms import box_crop_target
 from instseg_jax.methods import fcos, keypoint_rcnn, mask_rcnn
 from instseg_jax.methods.fcos import FCOS
@@ -68,6 +71,11 @@ MASK_TARGET_NOTE = (
     "soft values (roi_heads.py project_masks_on_boxes). Given torchvision's targets, ours "
     "gives its mask loss and mask-head gradient to float noise (mask_with_tv_targets)."
 )
+
+
+# Ground-truth slots per image of our side: the nuclei crop's 45 nuclei fit (torchvision takes
+# each image's own count; empty slots change nothing but the compiled shapes).
+MAX_INSTANCES = 48
 
 
 @dataclasses.dataclass
@@ -216,9 +224,10 @@ def mask_rcnn_losses(
     arch: dict,
     scene,
     num_proposals: int,
-    max_instances: int = 16,
+    max_instances: int = MAX_INSTANCES,
     given_mask_targets=None,
     overrides: dict | None = None,
+    ours: dict | None = None,
 ) -> dict:
     """Our Mask R-CNN in training mode under the torchvision preset on a scene or a batch of
     them: {"losses": {torchvision's name: value}, "grads": {head: gradient of the total loss},
@@ -226,7 +235,9 @@ def mask_rcnn_losses(
     each image's foreground RoIs of the mask loss], "mask_slots": [their slots]}.
     given_mask_targets = [(rois[F, 4], targets[F, 28, 28]) per image] (torchvision's; one
     pair for one scene): the mask loss takes these targets instead of ours, each paired with
-    our foreground RoI of the same box (a missing pair raises)."""
+    our foreground RoI of the same box (a missing pair raises); ours: this function's answer
+    on the same arguments without given targets, where the caller has it (its RoIs pair the
+    targets; else it is run here)."""
     cfg, mask_size = mask_rcnn_loss_config(arch, scene, num_proposals, max_instances, overrides)
     batch = training_batch(scene, max_instances, mask_size)
     b = batch["image"].shape[0]
@@ -237,7 +248,7 @@ def mask_rcnn_losses(
     if given_mask_targets is not None:
         if isinstance(given_mask_targets, tuple):
             given_mask_targets = [given_mask_targets]
-        first = mask_rcnn_losses(
+        first = ours or mask_rcnn_losses(
             variables, arch, scene, num_proposals, max_instances, overrides=overrides
         )
         for i, (rois, targets) in enumerate(given_mask_targets):
@@ -406,7 +417,7 @@ def _fcos_gradient_step(cfg):
 
 
 def fcos_losses(
-    variables, arch: dict, scene: Scene, max_instances: int = 16, overrides=None
+    variables, arch: dict, scene: Scene, max_instances: int = MAX_INSTANCES, overrides=None
 ) -> dict:
     """Our FCOS in training mode under the torchvision preset on one scene: {"losses":
     {torchvision's name: value}, "grads": {"head": gradient of the total loss}, "positives":
@@ -447,7 +458,12 @@ KEYPOINT_HEADS = ("rpn_head", "box_head", "keypoint_head")
 
 
 def keypoint_rcnn_losses(
-    variables, arch: dict, scene: Scene, num_proposals: int, max_instances: int = 16, overrides=None
+    variables,
+    arch: dict,
+    scene: Scene,
+    num_proposals: int,
+    max_instances: int = MAX_INSTANCES,
+    overrides=None,
 ) -> dict:
     """Our Keypoint R-CNN in training mode under the torchvision preset on one scene (the
     loss mode's samplers, a keypoint slot for every RoI candidate): {"losses": {torchvision's
@@ -475,3 +491,86 @@ def keypoint_head_gradients_from_torch(state_dict: dict, grads: dict, source: st
     rule)."""
     variables, _ = torchvision_keypoint.convert({**state_dict, **grads}, source)
     return {head: variables["params"][head] for head in KEYPOINT_HEADS}
+
+
+# ------------------------------------------------------------------------------ nuclei crops
+
+
+@dataclasses.dataclass(frozen=True)
+class NucleiCrop:
+    """A crop of a DSB 2018 stage1_train image (data/prepare_nuclei.py's source layout)
+    resized to a loss fixture's canvas: image_id, crop (y0, x0, h, w) in source pixels,
+    canvas (H, W). The fixtures store this and `scene_digest` of the result, never the
+    pixels or masks (the data set is not copied into the repository)."""
+
+    image_id: str
+    crop: tuple[int, int, int, int]
+    canvas: tuple[int, int]
+
+    def as_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> NucleiCrop:
+        fields = json.loads(text)
+        return cls(fields["image_id"], tuple(fields["crop"]), tuple(fields["canvas"]))
+
+
+def resize_bilinear(array: np.ndarray, out_hw) -> np.ndarray:
+    """float64 array[H, W, ...] resized to out_hw, bilinear at half-pixel centres (output pixel
+    i samples source (i + 0.5) * H / out_H - 0.5, clamped at the edges; no antialiasing).
+    Plain float64 NumPy: the same answer on every machine, which the fixtures' digests need."""
+
+    def taps(size_in, size_out):
+        position = (np.arange(size_out) + 0.5) * size_in / size_out - 0.5
+        position = np.clip(position, 0, size_in - 1)
+        low = np.floor(position).astype(np.int64)
+        high = np.minimum(low + 1, size_in - 1)
+        return low, high, position - low
+
+    array = np.asarray(array, np.float64)
+    (y0, y1, wy), (x0, x1, wx) = taps(array.shape[0], out_hw[0]), taps(array.shape[1], out_hw[1])
+    shape = (-1, 1) + (1,) * (array.ndim - 2)
+    rows = array[y0] * (1 - wy.reshape(shape)) + array[y1] * wy.reshape(shape)
+    shape = (1, -1) + (1,) * (array.ndim - 2)
+    return rows[:, x0] * (1 - wx.reshape(shape)) + rows[:, x1] * wx.reshape(shape)
+
+
+def nuclei_scene(source: Path, spec: NucleiCrop, name: str = "nuclei") -> Scene:
+    """The Scene of a nuclei crop: the image's RGB pixels (PNG's alpha dropped) cropped and
+    resized (`resize_bilinear`, rounded), each nucleus mask (files in name order) cropped,
+    resized and thresholded at 0.5; nuclei with no pixel left are dropped; one class (0),
+    tight boxes (+1 on the max side, as the synthetic scenes'). source: the stage1_train
+    folder (tests/conftest.py SHARED_NUCLEI)."""
+    from PIL import Image
+
+    folder = Path(source) / spec.image_id
+    y0, x0, h, w = spec.crop
+    window = (slice(y0, y0 + h), slice(x0, x0 + w))
+    with Image.open(folder / "images" / f"{spec.image_id}.png") as png:
+        rgb = np.asarray(png.convert("RGB"))
+    if y0 + h > rgb.shape[0] or x0 + w > rgb.shape[1]:
+        raise ValueError(f"{folder}: crop {spec.crop} outside the {rgb.shape[:2]} image")
+    image = np.round(resize_bilinear(rgb[window], spec.canvas)).astype(np.uint8)
+    masks = []
+    for path in sorted((folder / "masks").glob("*.png")):
+        with Image.open(path) as png:
+            nucleus = np.asarray(png.convert("L"))[window] > 0
+        if nucleus.any():
+            resized = resize_bilinear(nucleus, spec.canvas) >= 0.5
+            if resized.any():
+                masks.append(resized)
+    masks = np.stack(masks) if masks else np.zeros((0, *spec.canvas), bool)
+    boxes = np.asarray([mask_box(m) for m in masks], np.float32).reshape(-1, 4)
+    return Scene(name, image, boxes, np.zeros(len(masks), np.int64), masks)
+
+
+def scene_digest(scene: Scene) -> str:
+    """sha256 of a scene's image, masks, boxes and classes: a fixture's check that a test
+    re-read the same nuclei crop as the script that made it."""
+    digest = hashlib.sha256()
+    for array in (scene.image, scene.masks, scene.boxes, scene.classes):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
