@@ -57,6 +57,19 @@ ours keeps detectron2's rule:
 Otherwise the two agree: detectron2's BitMasks.crop_and_resize (ROIAlign sampling 0, aligned,
 >= 0.5), its point_sample of the bitmask at points / image size, and its mean BCE of the
 gt-class logits are mmdetection's rules above.
+
+Head parameters (weights/mmdet_pointrend_head.py): per batch, mmdetection's CoarseMaskHead and
+MaskPointHead with a seeded state dict (`random_state_dict`, loaded strictly) run on seeded RoI
+features and fine-grained point features (`random_features`, in place of RoIAlign and
+point_sample of P2: the heads alone): CoarseMaskHead forward and loss_and_target, then
+PointRendRoIHead._mask_point_loss itself on a stand-in roi head whose
+_get_fine_grained_point_feats returns the given features (torch.rand serves the batch's
+draws, as above). Ours runs the state dict through `convert_heads` (PointRend.coarse_head,
+point_head_logits), selects its points from its own coarse logits and the same draws (checked:
+mmdetection's set), and runs the point head on mmdetection's points with its targets. Compared:
+both heads' outputs, both terms and the gradient of their sum with respect to every parameter
+(by mmdetection key). Neither features nor state dict are stored: the CI test draws both again
+and checks the SHA-256 sums the fixture holds.
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 # This folder holds torchvision.py, which would shadow the package: import it without the folder.
 HERE = Path(__file__).resolve().parent
@@ -79,6 +93,7 @@ importlib.import_module("mmdet_shim")  # before mmdet: stubs mmcv.ops
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from mmdet.models.roi_heads import PointRendRoIHead  # noqa: E402
 from mmdet.models.roi_heads.mask_heads import CoarseMaskHead, MaskPointHead  # noqa: E402
 from mmdet.models.task_modules.assigners import AssignResult  # noqa: E402
 from mmdet.models.task_modules.samplers import SamplingResult  # noqa: E402
@@ -92,11 +107,17 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from instseg_jax.weights import mmdet_loss_parity  # noqa: E402
+from instseg_jax.weights import mmdet_pointrend_head as head_parity  # noqa: E402
 from instseg_jax.weights import mmdet_pointrend_loss as parity  # noqa: E402
 
 SHARED_NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
 BATCHES = (("few", "crowded"), ("crowded", "empty"), ("nuclei", "few"))
 TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative, with mmdetection's targets; float32
+# The heads themselves (weights/mmdet_pointrend_head.py): outputs, terms and each parameter's
+# gradient, relative; float32 matmuls of a few hundred terms on both sides.
+HEAD_TOLERANCES = {"output": 1e-5, "loss": 1e-5, "grad": 2e-5}
+HEAD_STATE_DICT_SEED = 29
+HEAD_FEATURE_SEED = 2929  # + the batch's index
 
 
 def roi_align_torchvision(
@@ -196,6 +217,31 @@ def run_mmdet(heads, images, rois, coarse_logits, point_logits, draws):
     point_t = torch.tensor(
         np.ascontiguousarray(point_logits[valid].transpose(0, 2, 1)), requires_grad=True
     )
+    sampling_results, gt_instances = mmdet_batch(images, rois)
+    coarse = coarse_head.loss_and_target(coarse_t, sampling_results, gt_instances, train_cfg)
+    pos_labels = torch.cat([res.pos_gt_labels for res in sampling_results])
+    drawn, fill = (d.reshape(valid.shape + d.shape[1:])[valid] for d in draws)
+    with served_rand([drawn, fill]):
+        points = point_head.get_roi_rel_points_train(coarse_t, pos_labels, cfg=train_cfg)
+    point = point_head.loss_and_target(point_t, points, sampling_results, gt_instances, train_cfg)
+    loss_mask, loss_point = coarse["loss_mask"]["loss_mask"], point["loss_point"]
+    grad_coarse, grad_point = torch.autograd.grad(
+        loss_mask.sum() + loss_point.sum(), [coarse_t, point_t]
+    )
+    return {
+        "loss_mask": float(loss_mask.detach()),
+        "loss_mask_point": float(loss_point.detach()),
+        "grad_coarse_logits": parity.to_slots(grad_coarse.numpy().transpose(0, 2, 3, 1), valid),
+        "grad_point_logits": parity.to_slots(grad_point.numpy().transpose(0, 2, 1), valid),
+        "points": parity.to_slots(points.numpy(), valid),
+        "mask_targets": parity.to_slots(coarse["mask_targets"].numpy(), valid),
+        "point_labels": parity.to_slots(point["point_target"].numpy(), valid),
+    }
+
+
+def mmdet_batch(images, rois):
+    """mmdetection's SamplingResult and gt InstanceData per image for our RoI slots."""
+    valid = rois["foreground"]
     sampling_results, gt_instances = [], []
     for i, (classes, masks) in enumerate(images):
         k = int(valid[i].sum())
@@ -224,25 +270,7 @@ def run_mmdet(heads, images, rois, coarse_logits, point_logits, draws):
                 masks=BitmapMasks(masks.astype(np.uint8), parity.CANVAS, parity.CANVAS),
             )
         )
-    coarse = coarse_head.loss_and_target(coarse_t, sampling_results, gt_instances, train_cfg)
-    pos_labels = torch.cat([res.pos_gt_labels for res in sampling_results])
-    drawn, fill = (d.reshape(valid.shape + d.shape[1:])[valid] for d in draws)
-    with served_rand([drawn, fill]):
-        points = point_head.get_roi_rel_points_train(coarse_t, pos_labels, cfg=train_cfg)
-    point = point_head.loss_and_target(point_t, points, sampling_results, gt_instances, train_cfg)
-    loss_mask, loss_point = coarse["loss_mask"]["loss_mask"], point["loss_point"]
-    grad_coarse, grad_point = torch.autograd.grad(
-        loss_mask.sum() + loss_point.sum(), [coarse_t, point_t]
-    )
-    return {
-        "loss_mask": float(loss_mask.detach()),
-        "loss_mask_point": float(loss_point.detach()),
-        "grad_coarse_logits": parity.to_slots(grad_coarse.numpy().transpose(0, 2, 3, 1), valid),
-        "grad_point_logits": parity.to_slots(grad_point.numpy().transpose(0, 2, 1), valid),
-        "points": parity.to_slots(points.numpy(), valid),
-        "mask_targets": parity.to_slots(coarse["mask_targets"].numpy(), valid),
-        "point_labels": parity.to_slots(point["point_target"].numpy(), valid),
-    }
+    return sampling_results, gt_instances
 
 
 def head_outputs(rois, cfg, rng):
@@ -267,6 +295,140 @@ def compare(ours, theirs, names):
 
 TERMS = ("loss_mask", "loss_mask_point")
 GRADS = ("grad_coarse_logits", "grad_point_logits")
+HEAD_OUTPUTS = ("coarse_logits", "point_logits")
+
+
+def make_full_heads(cfg):
+    """mmdetection's CoarseMaskHead and MaskPointHead at head_parity's widths (make_heads'
+    losses and training config)."""
+    _, _, train_cfg = make_heads(cfg)
+    loss = dict(type="CrossEntropyLoss", use_mask=True, loss_weight=1.0)
+    coarse = CoarseMaskHead(
+        num_fcs=cfg.coarse_num_fc,
+        in_channels=head_parity.ROI_FEATURE_CHANNELS,
+        conv_out_channels=cfg.coarse_conv_dim,
+        fc_out_channels=cfg.coarse_fc_dim,
+        num_classes=cfg.num_classes,
+        roi_feat_size=cfg.mask_pool_size,
+        loss_mask=loss,
+    )
+    point = MaskPointHead(
+        num_classes=cfg.num_classes,
+        num_fcs=cfg.point_num_fc,
+        in_channels=head_parity.ROI_FEATURE_CHANNELS,
+        fc_channels=cfg.point_fc_dim,
+        loss_point=loss,
+    )
+    return coarse, point, train_cfg
+
+
+def run_mmdet_heads(heads, state_dict, roi_features, fine, images, rois, draws):
+    """mmdetection's head outputs (our layouts, positive RoIs' rows), terms, training points,
+    point labels and the gradient of the terms' sum with respect to every parameter (by
+    key, torch layouts): CoarseMaskHead on the RoI features (StandardRoIHead._mask_forward's
+    mask_head call), its loss_and_target, then PointRendRoIHead._mask_point_loss itself with
+    _get_fine_grained_point_feats answering the given fine features."""
+    coarse_head, point_head, train_cfg = heads
+    for prefix, head in (("mask_head.", coarse_head), ("point_head.", point_head)):
+        part = {
+            k[len(prefix) :]: torch.tensor(v) for k, v in state_dict.items() if k.startswith(prefix)
+        }
+        head.load_state_dict(part, strict=True)
+    valid = rois["foreground"]
+    roi_t = torch.tensor(np.ascontiguousarray(roi_features[valid].transpose(0, 3, 1, 2)))
+    fine_t = torch.tensor(np.ascontiguousarray(fine[valid].transpose(0, 2, 1)))  # [K, D, P]
+    sampling_results, gt_instances = mmdet_batch(images, rois)
+    mask_preds = coarse_head(roi_t)
+    coarse = coarse_head.loss_and_target(mask_preds, sampling_results, gt_instances, train_cfg)
+    seen = {}
+
+    def fine_grained(x, rois, rel_roi_points):
+        seen["points"] = rel_roi_points
+        return fine_t
+
+    hook = point_head.register_forward_hook(lambda m, i, out: seen.update(point_logits=out))
+    roi_head = SimpleNamespace(
+        point_head=point_head, train_cfg=train_cfg, _get_fine_grained_point_feats=fine_grained
+    )
+    drawn, fill = (d.reshape(valid.shape + d.shape[1:])[valid] for d in draws)
+    with served_rand([drawn, fill]):
+        point = PointRendRoIHead._mask_point_loss(
+            roi_head,
+            x=None,
+            sampling_results=sampling_results,
+            mask_preds=mask_preds,
+            batch_gt_instances=gt_instances,
+        )
+    hook.remove()
+    loss_mask, loss_point = coarse["loss_mask"]["loss_mask"], point["loss_point"]
+    named = [
+        (prefix + name, p)
+        for prefix, head in (("mask_head.", coarse_head), ("point_head.", point_head))
+        for name, p in head.named_parameters()
+    ]
+    grads = torch.autograd.grad(loss_mask + loss_point, [p for _, p in named])
+    return {
+        "coarse_logits": mask_preds.detach().numpy().transpose(0, 2, 3, 1),
+        "point_logits": seen["point_logits"].detach().numpy().transpose(0, 2, 1),
+        "points": seen["points"].numpy(),
+        "point_labels": point["point_target"].numpy(),
+        "loss_mask": float(loss_mask.detach()),
+        "loss_mask_point": float(loss_point.detach()),
+        "grads": {name: g.numpy() for (name, _), g in zip(named, grads, strict=True)},
+    }
+
+
+def compare_heads(k, heads, state_dict, images, rois, draws, theirs_targets, failures):
+    """Batch k's head-parameter check: mmdetection's heads against ours on seeded features
+    (module docstring); returns (report, mmdetection's record for the fixture)."""
+    cfg = head_parity.head_config()
+    valid = rois["foreground"]
+    roi_features, fine = head_parity.random_features(cfg, len(images), HEAD_FEATURE_SEED + k)
+    theirs = run_mmdet_heads(heads, state_dict, roi_features, fine, images, rois, draws)
+    given = {
+        "points": parity.to_slots(theirs["points"], valid),
+        "point_labels": parity.to_slots(theirs["point_labels"], valid),
+        "mask_targets": theirs_targets["mask_targets"],
+    }
+    outputs, terms, grads, points = head_parity.head_losses(
+        state_dict, roi_features, fine, rois, draws, cfg, given
+    )
+    order, sets_differing = parity.point_order(points, given["points"], valid)
+    per_param = {
+        key: mmdet_loss_parity.relative_difference(grads[key], g)
+        for key, g in theirs["grads"].items()
+    }
+    report = {
+        "head_batch": k,
+        "rows_whose_point_sets_differ": sets_differing,
+        "points_in_another_place": int((order != np.arange(order.shape[-1]))[valid].sum()),
+        **{
+            f"rel_{n}": mmdet_loss_parity.relative_difference(outputs[n][valid], theirs[n])
+            for n in HEAD_OUTPUTS
+        },
+        **{f"rel_{t}": mmdet_loss_parity.relative_difference(terms[t], theirs[t]) for t in TERMS},
+        "rel_grad_worst_parameter": max(per_param.items(), key=lambda kv: kv[1]),
+        "rel_grad_all_parameters": mmdet_loss_parity.relative_difference(
+            np.concatenate([grads[key].ravel() for key in theirs["grads"]]),
+            np.concatenate([g.ravel() for g in theirs["grads"].values()]),
+        ),
+    }
+    checks = {
+        "output": [report[f"rel_{n}"] for n in HEAD_OUTPUTS],
+        "loss": [report[f"rel_{t}"] for t in TERMS],
+        "grad": list(per_param.values()),
+    }
+    for kind, values in checks.items():
+        report[f"worst_{kind}"] = max(values)
+        if max(values) > HEAD_TOLERANCES[kind]:
+            failures.append(f"head batch {k}: {kind} {max(values):.2e}")
+    if sets_differing:
+        failures.append(f"head batch {k}: {sets_differing} RoIs' training points differ")
+    record = {
+        **{n: theirs[n] for n in (*HEAD_OUTPUTS, "points", "point_labels", *TERMS)},
+        **{f"grad.{key}": g for key, g in theirs["grads"].items()},
+    }
+    return report, record, head_parity.checksum([roi_features, fine])
 
 
 def main():
@@ -276,9 +438,13 @@ def main():
     start = time.time()
     cfg = parity.pointrend_config()
     heads = make_heads(cfg)
+    full_heads = make_full_heads(head_parity.head_config())
+    state_dict = head_parity.random_state_dict(head_parity.head_config(), HEAD_STATE_DICT_SEED)
+    feature_checksums = []
     rng = np.random.default_rng(29)
     fixture, meta_scenes = {}, {}
     worst = {"loss": 0.0, "grad": 0.0, "own_targets_loss": 0.0, "own_targets_grad": 0.0}
+    head_worst = {"output": 0.0, "loss": 0.0, "grad": 0.0}
     failures = []
     for k, names in enumerate(BATCHES):
         images = [parity.scene(n, SHARED_NUCLEI) for n in names]
@@ -333,7 +499,15 @@ def main():
         if sets_differing:
             failures.append(f"{report['batch']}: {sets_differing} RoIs' training points differ")
         print(json.dumps(report))
+        head_report, head_record, features_sha = compare_heads(
+            k, full_heads, state_dict, images, rois, draws, theirs, failures
+        )
+        feature_checksums.append(features_sha)
+        for kind in head_worst:
+            head_worst[kind] = max(head_worst[kind], head_report[f"worst_{kind}"])
+        print(json.dumps(head_report))
         if args.make_fixture:
+            fixture.update({f"h{k}_mmdet_{n}": np.asarray(v) for n, v in head_record.items()})
             fixture.update({f"b{k}_{n}": v for n, v in rois.items()})
             fixture.update({f"b{k}_{n}": v for n, v in rows.items()})
             for name, value in theirs.items():  # arrays: the positive RoIs' rows only
@@ -358,12 +532,21 @@ def main():
             {
                 "worst_relative": worst,
                 "tolerances": TOLERANCES,
+                "head_worst_relative": head_worst,
+                "head_tolerances": HEAD_TOLERANCES,
                 "seconds": round(time.time() - start, 1),
             }
         )
     )
     if args.make_fixture:
-        meta = {"batches": ["+".join(n) for n in BATCHES], "checksums": meta_scenes}
+        meta = {
+            "batches": ["+".join(n) for n in BATCHES],
+            "checksums": meta_scenes,
+            "head_state_dict_seed": HEAD_STATE_DICT_SEED,
+            "head_state_dict_sha256": head_parity.checksum(state_dict),
+            "head_feature_seed": HEAD_FEATURE_SEED,
+            "head_features_sha256": feature_checksums,
+        }
         np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
         print(f"wrote {args.make_fixture}")
     if failures:

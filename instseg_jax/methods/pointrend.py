@@ -20,7 +20,9 @@ replaced by detectron2's PointRendMaskHead (projects/PointRend):
   which declares where mmdetection leaves detectron2): the same kept points from the same
   draws, the same point labels (8e-6), both terms and their gradients to float32 noise on the
   same targets; our coarse targets differ in 0-2 cells of ~1500 (a crop cell is the mask's
-  thresholded bilinear surface, not its pixels), 0.3% of the coarse term;
+  thresholded bilinear surface, not its pixels), 0.3% of the coarse term; the two heads with
+  CoarseMaskHead's and MaskPointHead's weights converted (weights/mmdet_pointrend_head.py):
+  outputs and every parameter's gradient to float32 noise;
 - inference: adaptive subdivision: the point head on a regular 28x28 grid (the 7x7 coarse map
   refined twice with every point), then 3 steps of 2x bilinear upsampling with the 784 most
   uncertain cells re-predicted, to a 224x224 box-relative mask, shipped as bfloat16.
@@ -290,6 +292,12 @@ class PointRend(mask_rcnn.MaskRCNN):
         runs the head over chunks of that many rows (one scan step each)."""
         canvas_wh = jnp.asarray(self.cfg.canvas_hw[::-1], jnp.float32)
         fine = point_features(features["p2"], box_points_to_pixels(boxes, points) / canvas_wh)
+        return self.point_head_logits(fine, coarse, points, chunk_rows)
+
+    def point_head_logits(self, fine, coarse, points, chunk_rows: int = 0):
+        """point_logits' head on given fine-grained features fine[B, F, P, D] at points[B, F,
+        P, 2] (the mmdetection head-parameter parity, weights/mmdet_pointrend_head.py, gives
+        them in place of P2's samples)."""
         coarse_there = coarse_at_points(coarse, points)
         shape = fine.shape[:-1]
         fine = fine.reshape(-1, fine.shape[-1])

@@ -16,6 +16,13 @@ rounding, the script's docstring); on mmdetection's targets both terms and gradi
 float32 noise; our point labels equal its labels (bilinear samples of the full mask, ours read
 from 224-cell box crops); our coarse targets differ in at most 3 cells (measured 1, 0, 2 of
 1568, 1176, 1568: a crop cell is the mask's thresholded bilinear surface, not its pixels).
+
+The heads' parameters (weights/mmdet_pointrend_head.py), every batch: mmdetection's
+CoarseMaskHead and MaskPointHead with a seeded state dict, on seeded RoI features and fine-
+grained point features (drawn again here, checked against the fixture's SHA-256), against our
+PointRend.coarse_head and point_head_logits with that state dict converted, on the same
+draws: our training points are mmdetection's set, and the coarse and point logits, both terms
+and the gradient of their sum with respect to each parameter (mmdetection's names) agree.
 """
 
 import json
@@ -24,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from instseg_jax.weights import mmdet_pointrend_head as head_parity
 from instseg_jax.weights import mmdet_pointrend_loss as parity
 from instseg_jax.weights.mmdet_loss_parity import relative_difference
 from tests.conftest import SHARED_NUCLEI
@@ -34,6 +42,10 @@ GRAD_TOLERANCE = 1e-5  # relative norm of the difference; measured 9e-8
 LABEL_TOLERANCE = 2e-5  # absolute, point labels in [0, 1]; measured 8e-6
 COARSE_CELLS_DIFFERING = 3  # per batch; measured 1, 0, 2
 OWN_COARSE_TERM_TOLERANCE = 5e-3  # relative, loss_mask on our coarse targets; measured 3e-3
+# The heads (experiments/parity/pointrend_loss.py HEAD_TOLERANCES): outputs measured 2.8e-7,
+# the worst parameter's gradient 1.1e-6 (point_head.fcs.2.conv.bias).
+HEAD_OUTPUT_TOLERANCE = 1e-5
+HEAD_GRAD_TOLERANCE = 2e-5
 ROI_FIELDS = ("boxes", "classes", "gt_index", "foreground")
 HEAD_FIELDS = ("coarse_logits", "point_logits", "draw_candidates", "draw_fill")
 
@@ -75,7 +87,38 @@ def check_batch(data, k: int, images, cfg):
         TERM_TOLERANCE
     )
     assert relative_difference(mine["loss_mask"], theirs["loss_mask"]) < (OWN_COARSE_TERM_TOLERANCE)
+    check_heads(data, k, rois, draws, theirs["mask_targets"])
     return rois, coarse, point_logits, draws, gt, given
+
+
+def check_heads(data, k: int, rois, draws, mask_targets):
+    meta = json.loads(str(data["config"]))
+    cfg = head_parity.head_config()
+    state_dict = head_parity.random_state_dict(cfg, meta["head_state_dict_seed"])
+    roi_features, fine = head_parity.random_features(cfg, 2, meta["head_feature_seed"] + k)
+    redraw = "NumPy drew other numbers than the fixture's: rerun its --make-fixture"
+    assert head_parity.checksum(state_dict) == meta["head_state_dict_sha256"], redraw
+    assert head_parity.checksum([roi_features, fine]) == meta["head_features_sha256"][k], redraw
+    valid = rois["foreground"]
+    prefix = f"h{k}_mmdet_"
+    theirs = {n[len(prefix) :]: data[n] for n in data.files if n.startswith(prefix)}
+    given = {
+        "points": parity.to_slots(theirs["points"], valid),
+        "point_labels": parity.to_slots(theirs["point_labels"], valid),
+        "mask_targets": mask_targets,
+    }
+    outputs, terms, grads, points = head_parity.head_losses(
+        state_dict, roi_features, fine, rois, draws, cfg, given
+    )
+    assert parity.point_order(points, given["points"], valid)[1] == 0, k
+    for name in ("coarse_logits", "point_logits"):
+        assert relative_difference(outputs[name][valid], theirs[name]) < HEAD_OUTPUT_TOLERANCE
+    for term in ("loss_mask", "loss_mask_point"):
+        assert relative_difference(terms[term], theirs[term]) < TERM_TOLERANCE, (k, term)
+    their_grads = {n[len("grad.") :]: v for n, v in theirs.items() if n.startswith("grad.")}
+    assert sorted(their_grads) == sorted(grads), "the converter covers every parameter"
+    for key, value in their_grads.items():
+        assert relative_difference(grads[key], value) < HEAD_GRAD_TOLERANCE, (k, key)
 
 
 def test_pointrend_mask_losses_match_mmdetection_on_synthetic_scenes():
