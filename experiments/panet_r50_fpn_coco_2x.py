@@ -42,4 +42,8 @@ def get_config(arg=None):
     c.schedule.warmup_factor = 1.0 / 3.0
     # Every sampled positive trains the mask head (up to 512 x 0.25), as in the reference.
     c.model.mask_fg_per_image = 128
+    # The reference rasterises COCO's polygons inside each RoI at 28 x 28
+    # (PANet's lib/utils/segms.py polys_to_mask_wrt_box); from the box crop
+    # the closest rule is the adaptive one (experiments/parity/mask_target_rules.py).
+    c.model.mask_target_sampling_ratio = 0
     return common.accelerator_recipe(c, arg)

@@ -45,4 +45,8 @@ def get_config(arg=None):
     # adaptive RoIAlign, ceil(RoI side / pool size) samples per bin axis, exact up to RoI sides
     # of model.adaptive_sampling_max_side (42) cells of their level (ops/roi_align.py).
     c.model.sampling_ratio = 0
+    # The reference rasterises COCO's polygons inside each RoI at 28 x 28
+    # (detectron2's default INPUT.MASK_FORMAT "polygon"); from the box crop
+    # the closest rule is the adaptive one (experiments/parity/mask_target_rules.py).
+    c.model.mask_target_sampling_ratio = 0
     return common.accelerator_recipe(c, arg)

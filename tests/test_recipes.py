@@ -34,6 +34,12 @@ DETECTRON2_1X = {
 # yaml of the recipes below overrides it (PointRend's mask head pools by point sampling instead).
 DETECTRON2_POOLERS = {"model.sampling_ratio": 0}
 
+# detectron2's and PANet's mask targets rasterise COCO's polygons inside each RoI at 28 x 28
+# (defaults.py INPUT.MASK_FORMAT "polygon": structures/masks.py rasterize_polygons_within_box;
+# PANet lib/utils/segms.py polys_to_mask_wrt_box); ours pool a box crop, where the adaptive
+# sampling ratio is the closest rule (measured: experiments/parity/mask_target_rules.py).
+POLYGON_MASK_TARGETS = {"model.mask_target_sampling_ratio": 0}
+
 # AdelaiDet's Base-FCOS.yaml, Base-CondInst.yaml and Base-BlendMask.yaml: batch 16, lr 0.01,
 # the 1x steps, multi-scale 640..800; the rest from detectron2's defaults (no file sets a
 # warmup factor: 1/1000).
@@ -41,7 +47,7 @@ ADELAIDET_1X = {**DETECTRON2_1X, "optim.lr": 0.01}
 
 RECIPES = {
     # configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml over Base-RCNN-FPN.yaml.
-    "maskrcnn_r50_fpn_coco_1x": {**DETECTRON2_1X, **DETECTRON2_POOLERS},
+    "maskrcnn_r50_fpn_coco_1x": {**DETECTRON2_1X, **DETECTRON2_POOLERS, **POLYGON_MASK_TARGETS},
     # configs/COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml over Base-Keypoint-RCNN-FPN.yaml:
     # ROI_BOX_HEAD.SMOOTH_L1_BETA 0.5 ("Keypoint AP degrades ... when using plain L1 loss"),
     # RPN.POST_NMS_TOPK_TRAIN 1500.
@@ -56,7 +62,7 @@ RECIPES = {
     # Base-PointRend-RCNN-FPN.yaml over Base-RCNN-FPN.yaml (no solver or input override).
     "pointrend_r50_fpn_coco_1x": {**DETECTRON2_1X, **DETECTRON2_POOLERS},
     # configs/COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml over Base-Panoptic-FPN.yaml.
-    "panoptic_fpn_r50_coco_1x": {**DETECTRON2_1X, **DETECTRON2_POOLERS},
+    "panoptic_fpn_r50_coco_1x": {**DETECTRON2_1X, **DETECTRON2_POOLERS, **POLYGON_MASK_TARGETS},
     # AdelaiDet configs/FCOS-Detection/R_50_1x.yaml: INPUT.MIN_SIZE_TRAIN (800,);
     # adet/config/defaults.py FCOS.THRESH_WITH_CTR False, USE_SCALE True.
     "fcos_r50_fpn_coco_1x": {
@@ -108,6 +114,7 @@ RECIPES = {
         "model.box_smooth_l1_beta": 1.0 / 3,
         "model.rpn_straddle_threshold": 0.0,
         "model.sampling_ratio": 2,
+        **POLYGON_MASK_TARGETS,
     },
     # mmdetection configs/yolact/yolact_r50_1xb8-55e_coco.py: batch 8, SGD lr 1e-3, momentum 0.9,
     # weight decay 5e-4, LinearLR start_factor 0.1 over 500 iterations, 55 epochs with

@@ -18,6 +18,11 @@ pyramid for the "stuff" classes:
   the stride-4 logits is read at each pixel's cell (one byte per cell to the host, not 54
   floats per pixel), so stuff edges can be up to 2 px blockier.
 
+Mask targets are Mask R-CNN's (its docstring declares how they differ from detectron2's
+rasterised polygons; mask_target_sampling_ratio 0 in the COCO recipe), read from the panoptic
+PNG's visible segments where detectron2's "separated" panoptic dataset trains on the instances
+json's polygons.
+
 Config: the stuff classes are the data's (a source's stuff_category_ids and stuff_names;
 model.num_stuff_classes must match); thing classes are the dataset's categories as for
 Mask R-CNN.

@@ -138,6 +138,31 @@ def test_foreground_rois_beyond_the_mask_budget_are_counted():
     assert float(metrics["mask_rois_over_budget_fraction"]) == pytest.approx(left_out)
 
 
+def test_mask_targets_take_the_configured_sampling_ratio(monkeypatch):
+    """model.mask_target_sampling_ratio reaches ops.mask_targets (1: neither the default 2 nor
+    the COCO recipes' 0, which test_mask_rcnn_targets.py checks against detectron2's rule);
+    traced only, not run."""
+    sampling_ratio = 1
+    from instseg_jax import ops
+
+    seen = []
+    build = ops.mask_targets
+
+    def spy(*args):
+        seen.append(args[5])
+        return build(*args)
+
+    monkeypatch.setattr(ops, "mask_targets", spy)
+    overrides = [f"--config.model.mask_target_sampling_ratio={sampling_ratio}"]
+    config = config_lib.load(SMOKE, overrides)
+    source, batch = first_batch(config)
+    model = mask_rcnn.Model(builders.model_config(config, source.num_classes))
+    jax.eval_shape(
+        lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1)), batch
+    )
+    assert seen == [sampling_ratio]
+
+
 def test_mask_budget_rule_from_instances_per_image():
     """95th percentile of instances per image, up to a multiple of 8, within [8, the cap]."""
     rule = mask_rcnn.mask_budget_from_data

@@ -16,6 +16,7 @@ import pytest
 from instseg_jax import ops
 from instseg_jax.methods import roi_heads, rpn
 from tests.methods import mask_rcnn_reference as reference
+from tests.ops import reference as ops_reference
 
 # ----------------------------------------------------------------------------- RPN targets
 
@@ -415,6 +416,43 @@ def test_mask_targets_of_an_roi_reaching_past_its_box():
     roi = [8.7, 7.4, 54.1, 53.3]
     masks, targets, _ = targets_for([[roi], [roi]], [[0], [0]], [[True], [False]], 1)
     assert_targets_match(targets[0, 0], masks[0][0], roi)
+
+
+def test_adaptive_mask_targets_of_large_rois_match_detectron2_bitmasks():
+    """mask_targets at sampling ratio 0 (model.mask_target_sampling_ratio of the COCO recipes)
+    is detectron2/structures/masks.py BitMasks.crop_and_resize: aligned ROIAlign with sampling
+    ratio 0 (ceil(RoI side / 28) samples per bin axis, each axis its own), then >= 0.5, as
+    encoded in float64 by tests/ops/reference.py bitmask_crop_and_resize. A wavy blob in a
+    96 px box whose 96 x 96 crop holds its pixels; RoIs of 60-119 px (3 to 5 samples per axis,
+    one reaching 21 px past the box). Fails if the sampling ratio is ignored: the default 2
+    samples per bin give other bins for these RoIs."""
+    ys, xs = np.mgrid[:160, :160] + 0.5
+    angle = np.arctan2(ys - 78, xs - 77)
+    radius = 40 + 6 * np.cos(5 * angle) + 3 * np.sin(9 * angle)
+    mask = (np.hypot(xs - 77, ys - 78) <= radius).astype(np.uint8)
+    box = [30, 30, 126, 126]
+    assert mask.sum() == mask[30:126, 30:126].sum()  # the box holds the whole mask
+    rois = np.array(
+        [[25.3, 33.7, 120.2, 131.9], [40.6, 28.1, 100.9, 119.4], [28.2, 26.5, 147.1, 140.3]]
+    )
+    batch_rois = {
+        "boxes": jnp.asarray(rois[None], jnp.float32),
+        "gt_index": jnp.zeros((1, 3), jnp.int32),
+        "foreground": jnp.ones((1, 3), bool),
+    }
+    crops = jnp.asarray(mask[None, None, 30:126, 30:126])
+    boxes = jnp.asarray([[box]], jnp.float32)
+    build = jax.jit(ops.mask_targets, static_argnums=(3, 4, 5))
+    adaptive = np.asarray(build(crops, boxes, batch_rois, 3, 28, 0)[0])[0]
+    fixed = np.asarray(build(crops, boxes, batch_rois, 3, 28, 2)[0])[0]
+    fixed_misses = 0
+    for got, got_fixed, roi in zip(adaptive, fixed, rois, strict=True):
+        soft = ops_reference.bitmask_roi_align(mask, roi, 28, 0)
+        decided = np.abs(soft - 0.5) > 1e-4  # float32 may round either way within 1e-4
+        assert decided.sum() >= 28 * 28 - 4
+        np.testing.assert_array_equal((got > 0.5)[decided], (soft >= 0.5)[decided])
+        fixed_misses += int(((got_fixed > 0.5) != (soft >= 0.5))[decided].sum())
+    assert fixed_misses > 0
 
 
 # ----------------------------------------------------------------------------- losses

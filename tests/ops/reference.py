@@ -306,3 +306,76 @@ def match(iou_matrix, thresholds, labels, allow_low_quality, gt_valid=None):
                 if iou_matrix[g, p] == best:
                     out_labels[p] = 1
     return matched, out_labels
+
+
+# ----------------------------------------------------------------------------- mask targets
+
+
+def _roi_align_axis(start, length, bins, size, sampling_ratio) -> np.ndarray:
+    """float64[bins, size]: one axis of torchvision's roi_align_forward_kernel_impl (aligned),
+    whose bilinear weights, out-of-range rule and sample count each factor per axis: the
+    samples of bin b at start + b * length / bins + (i + 0.5) * length / bins / grid, grid =
+    sampling_ratio or, for 0, ceil(length / bins); each sample's two taps (`_bilinear_taps`'
+    rule on one axis) divided by grid."""
+    grid = sampling_ratio if sampling_ratio > 0 else math.ceil(length / bins)
+    weights = np.zeros((bins, size))
+    bin_size = length / bins
+    for b in range(bins):
+        for i in range(grid):
+            y = start + b * bin_size + (i + 0.5) * bin_size / grid
+            if y < -1.0 or y > size:
+                continue
+            y = max(y, 0.0)
+            low = int(y)
+            if low >= size - 1:
+                high = low = size - 1
+                y = float(low)
+            else:
+                high = low + 1
+            weights[b, low] += (1.0 - (y - low)) / grid
+            weights[b, high] += (y - low) / grid
+    return weights
+
+
+def bitmask_roi_align(mask, box, mask_size: int, sampling_ratio: int = 0) -> np.ndarray:
+    """float64[M, M]: ROIAlign((M, M), 1.0, sampling_ratio, aligned=True) (detectron2/layers/
+    roi_align.py: torchvision's roi_align) of one full-resolution mask[H, W] in one box (xyxy,
+    mask pixels). Separable: rows and columns pooled by `_roi_align_axis`."""
+    height, width = mask.shape
+    x0, y0, x1, y1 = (float(v) - 0.5 for v in box)  # aligned: the half-pixel shift
+    rows = _roi_align_axis(y0, y1 - y0, mask_size, height, sampling_ratio)
+    cols = _roi_align_axis(x0, x1 - x0, mask_size, width, sampling_ratio)
+    return rows @ np.asarray(mask, np.float64) @ cols.T
+
+
+def bitmask_crop_and_resize(mask, box, mask_size: int, sampling_ratio: int = 0) -> np.ndarray:
+    """bool[M, M]: detectron2/structures/masks.py BitMasks.crop_and_resize of one full-
+    resolution mask for one box: `bitmask_roi_align` at sampling ratio 0, then >= 0.5."""
+    return bitmask_roi_align(mask, box, mask_size, sampling_ratio) >= 0.5
+
+
+def polygons_to_bitmask(polygons, height: int, width: int) -> np.ndarray:
+    """bool[H, W]: detectron2/structures/masks.py polygons_to_bitmask (pycocotools
+    frPyObjects, merge, decode): how COCO's polygons become masks (and annToMask's rule)."""
+    from pycocotools import mask as mask_util
+
+    rles = mask_util.frPyObjects([list(map(float, p)) for p in polygons], height, width)
+    return mask_util.decode(mask_util.merge(rles)).astype(bool)
+
+
+def polygon_crop_and_resize(polygons, box, mask_size: int, min_side: float = 0.1) -> np.ndarray:
+    """bool[M, M]: detectron2/structures/masks.py rasterize_polygons_within_box (PolygonMasks.
+    crop_and_resize, the targets under INPUT.MASK_FORMAT "polygon", defaults.py's default): the
+    polygons shifted to the box, scaled by M / max(side, min_side) per axis and rasterised at
+    M x M by `polygons_to_bitmask`. ShuLiu1993/PANet lib/utils/segms.py polys_to_mask_wrt_box is
+    the same rule with min_side 1 (sides np.maximum(w, 1)) and the union of the polygons."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ratio_w = mask_size / max(x1 - x0, min_side)
+    ratio_h = mask_size / max(y1 - y0, min_side)
+    moved = []
+    for polygon in polygons:
+        p = np.array(polygon, np.float64)
+        p[0::2] = (p[0::2] - x0) * ratio_w
+        p[1::2] = (p[1::2] - y0) * ratio_h
+        moved.append(p)
+    return polygons_to_bitmask(moved, mask_size, mask_size)
