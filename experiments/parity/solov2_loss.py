@@ -52,7 +52,7 @@ heads do what mmdetection's forward does: P2 halved and P6 brought to P5's size 
 CoordConv channels over the resized level, both resized bilinearly to the grid, the category
 branch without the coordinates; CoordConv on P5 in the mask branch. Found and fixed: our head's
 GroupNorms ran with flax's epsilon 1e-6 where mmdetection's (and WXinlong/SOLO's) take torch's
-1e-5 (mmcv/cnn/bricks/norm.py build_norm_layer); methods/solov2.py GN_EPSILON is 1e-5 now, and
+1e-5 (mmcv/cnn/bricks/norm.py build_norm_layer); nn/layers.py GN_EPSILON is 1e-5 now, and
 the script still reports how far 1e-6 moves mmdetection's outputs (`gn_eps_1e-6_moves_*`:
 above the output tolerance, so the check sees such a difference).
 Batches: `few` + `crowded`, and `nuclei`: the 128-pixel top-left and bottom-right crops of one

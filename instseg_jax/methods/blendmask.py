@@ -146,7 +146,7 @@ class SemanticHead(nn.Module):
             x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                      dtype=self.dtype, kernel_init=torch_default_kernel(),
                      name=f"conv{i}")(x)  # fmt: skip
-            x = nn.relu(GroupNorm(32, self.dtype, epsilon=1e-5, name=f"norm{i}")(x))
+            x = nn.relu(GroupNorm(32, self.dtype, name=f"norm{i}")(x))
         return Conv(
             self.num_classes + 1,
             (1, 1),

@@ -167,7 +167,7 @@ class MaskBranch(nn.Module):
             x = Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                      dtype=self.dtype, kernel_init=kaiming_uniform_a1(),
                      name=f"{name}_conv")(x)  # fmt: skip
-            return nn.relu(GroupNorm(32, self.dtype, epsilon=1e-5, name=f"{name}_norm")(x))
+            return nn.relu(GroupNorm(32, self.dtype, name=f"{name}_norm")(x))
 
         x = None
         for level in (3, 4, 5):

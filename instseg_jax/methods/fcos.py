@@ -207,7 +207,7 @@ class Head(nn.Module):
             setattr(
                 self,
                 f"{name}_norm{i}",
-                GroupNorm(32, self.dtype, epsilon=1e-5, name=f"{name}_norm{i}"),
+                GroupNorm(32, self.dtype, name=f"{name}_norm{i}"),
             )
 
     def tower(self, x, name):

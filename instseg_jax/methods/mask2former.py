@@ -178,8 +178,8 @@ EMBED_INIT = nn.initializers.normal(1.0)  # torch's nn.Embedding
 
 
 def norm32(name, dtype):
-    """GroupNorm 32 with torch's epsilon (the reference's numbers, for imported weights)."""
-    return GroupNorm(32, dtype, 1e-5, name=name)
+    """GroupNorm 32 (torch's epsilon, nn/layers.py GN_EPSILON: the reference's numbers)."""
+    return GroupNorm(32, dtype, name=name)
 
 
 def _conv(features, kernel, name, use_bias, dtype):

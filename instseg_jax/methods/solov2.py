@@ -100,11 +100,6 @@ MASK_STRIDE = 4
 GRID_SIZE_DIVISIBILITY = 32
 # FPN P2..P6: the strides of the maps the grid branches start from.
 NATIVE_STRIDES = (4, 8, 16, 32, 64)
-# The head's GroupNorms: torch's epsilon (mmcv/cnn/bricks/norm.py build_norm_layer,
-# cfg_.setdefault('eps', 1e-5), which both WXinlong/SOLO and mmdetection build them with), not
-# flax's 1e-6; the mmdetection head parity (experiments/parity/solov2_loss.py) sees the
-# difference (2e-5 to 4e-5 of the head outputs, above its tolerance).
-GN_EPSILON = 1e-5
 
 INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE, centers=True)
 
@@ -323,7 +318,7 @@ class Tower(nn.Module):
                 kernel_init=_head_init(),
                 name=f"conv{i}",
             )(x)
-            x = nn.relu(GroupNorm(32, self.dtype, GN_EPSILON, name=f"norm{i}")(x))
+            x = nn.relu(GroupNorm(32, self.dtype, name=f"norm{i}")(x))
         return Conv(
             self.outputs,
             (3, 3),
@@ -355,7 +350,7 @@ class MaskFeatureBranch(nn.Module):
             kernel_init=_head_init(),
             name=f"{name}_conv",
         )(x)
-        return nn.relu(GroupNorm(32, self.dtype, GN_EPSILON, name=f"{name}_norm")(x))
+        return nn.relu(GroupNorm(32, self.dtype, name=f"{name}_norm")(x))
 
     @nn.compact
     def __call__(self, features: dict, extent_hw) -> jnp.ndarray:

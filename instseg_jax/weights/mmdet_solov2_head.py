@@ -19,7 +19,7 @@ and layouts through the same table (`to_state_dict_layout`).
 
 GroupNorm: ours takes min(32, C) groups (nn/layers.py GroupNorm); mmdetection's norm_cfg gets
 the same count (`norm_groups`: 32 in the towers, 16 in the mask branch). Epsilon: torch's 1e-5
-on both sides (solov2.GN_EPSILON; the head ran with flax's 1e-6 until this parity found it).
+on both sides (nn/layers.py GN_EPSILON; the head ran with flax's 1e-6 until this parity found it).
 
 Nuclei ground truth (`nuclei_scene`): a crop of one DSB 2018 stage1_train image's masks, read
 from the shared data at fixture time and at test time (the fixture stores a checksum only).
