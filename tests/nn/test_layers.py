@@ -90,3 +90,30 @@ def test_subsample_takes_what_a_strided_slice_takes(shape, strides):
     got = jax.grad(lambda v: jnp.sum(layers.subsample(v, strides) * weights))(x)
     want = jax.grad(lambda v: jnp.sum(v[:, ::sy, ::sx] * weights))(x)
     np.testing.assert_array_equal(got, want)
+
+
+def reference_group_norm(x, groups, scale, bias, eps):
+    """float64 NumPy torch.nn.GroupNorm (its documented rule): per image and group of
+    consecutive channels, (x - mean) / sqrt(biased variance + eps), then the per-channel affine
+    terms; x is NHWC here, torch's NCHW grouping of channels C // groups at a time."""
+    n, h, w, c = x.shape
+    grouped = x.astype(np.float64).reshape(n, h, w, groups, c // groups)
+    mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+    var = grouped.var(axis=(1, 2, 4), keepdims=True)
+    normalised = ((grouped - mean) / np.sqrt(var + eps)).reshape(n, h, w, c)
+    return normalised * scale + bias
+
+
+def test_group_norm_is_torchs_with_its_default_epsilon():
+    """GroupNorm, as built directly and through make_norm (the backbones' ConvNorm), is
+    torch.nn.GroupNorm with its default eps 1e-5 (the references' GroupNorms: detectron2,
+    mmcv's build_norm_layer, AdelaiDet, PANet's GROUP_NORM.EPSILON). The input's variance (9e-6)
+    is of the epsilon's order: flax's 1e-6 gives outputs 1.38x as large."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(2, 5, 6, 8)) * 3e-3).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+    bias = rng.normal(size=8).astype(np.float32)
+    want = reference_group_norm(x, 4, scale, bias, 1e-5)
+    for layer in (layers.GroupNorm(4), layers.make_norm("group_norm", jnp.float32, groups=4)()):
+        got = layer.apply({"params": {"gn": {"scale": scale, "bias": bias}}}, x)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
