@@ -4,8 +4,9 @@ YOLACTProtonet.loss_by_feat (cropped mask BCE normalised by box area; the semant
 SegmentationModule, mmdetection 2.x's YOLACTSegmHead) (issue 29 item 4; `make peer-mmdet`).
 
     .venv-mmdet/bin/python experiments/parity/yolact_loss.py
-    .venv-mmdet/bin/python experiments/parity/yolact_loss.py --make-fixture \
-        tests/fixtures/mmdet_yolact_loss_tiny.npz                    # the CI test's data
+    .venv-mmdet/bin/python experiments/parity/yolact_loss.py \
+        --make-fixture tests/fixtures/mmdet_yolact_loss_tiny.npz \
+        --make-head-fixture tests/fixtures/mmdet_yolact_head_tiny.npz  # the CI tests' data
 
 Environment: mmcv 2.1's lite build (no compiled ops), mmdet's mmcv.ops imports stubbed by
 `mmdet_shim` (this folder; every stub raises if called). These losses call none: the
@@ -64,6 +65,12 @@ reported beside.
 Checks: anchors, anchor labels (classes of positives, ignored anchors; exact), each term
 (relative difference) and the gradient of the total loss with respect to each head output
 (relative norm of the difference).
+
+Head parameters (the stretch check): mmdetection's YOLACTHead and a YOLACTProtonet with its own
+layers ((16, 3) x 3, bilinear x 2, (16, 3), (8, 1), ReLUs, and the semantic 1x1 convolution),
+Xavier-initialised by their init_weights plus random biases, converted to our params
+(weights/mmdet_yolact_loss.py convert_mmdet_heads); random FPN features P3..P7 into both; each
+term and the gradient of the total with respect to every parameter tensor (relative norm).
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -88,6 +96,7 @@ from mmdet.structures.bbox import HorizontalBoxes  # noqa: E402
 from mmdet.structures.mask import BitmapMasks  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import ConfigDict  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
 ROOT = HERE.parents[1]
@@ -330,13 +339,19 @@ def run_mmdet(head, protonet, outputs, images, seed):
     answer["grad_coefficients"] = join_levels(grads[2 * n : 3 * n], NUM_PROTOS)
     answer["grad_prototypes"] = grads[-2].transpose(0, 2, 3, 1)
     answer["grad_semantic_logits"] = grads[-1].transpose(0, 2, 3, 1)
-    # anchor labels: class of positives, NUM_CLASSES elsewhere; ignored = neither pos nor neg
-    t = logits.shape[1]
+    answer.update(assignment(head, randperm.draws, b, logits.shape[1]))
+    return answer
+
+
+def assignment(head, draws, b, t) -> dict:
+    """mmdetection's anchor labels (the class of positives, NUM_CLASSES elsewhere; ignored:
+    neither positive nor negative) and trained mask slots (anchor indices, padded to
+    MASKS_PER_IMAGE) from its last loss_by_feat and the protonet's randperm draws."""
     classes = np.full((b, t), NUM_CLASSES, np.int32)
     ignored = np.ones((b, t), bool)
     slot_anchor = np.zeros((b, MASKS_PER_IMAGE), np.int32)
     slot_valid = np.zeros((b, MASKS_PER_IMAGE), bool)
-    draws = iter(randperm.draws)
+    draws = iter(draws)
     for i, result in enumerate(head._raw_positive_infos["sampling_results"]):
         pos, neg = result.pos_inds.numpy(), result.neg_inds.numpy()
         classes[i, pos] = result.pos_gt_labels.numpy()
@@ -347,14 +362,139 @@ def run_mmdet(head, protonet, outputs, images, seed):
         slot_anchor[i, : len(chosen)] = chosen
         slot_valid[i, : len(chosen)] = True
     assert next(draws, None) is None, "a randperm draw was not accounted for"
-    answer.update(
-        classes=classes,
-        ignored=ignored,
-        positives=(classes < NUM_CLASSES).sum(1),
-        slot_anchor=slot_anchor,
-        slot_valid=slot_valid,
+    return {
+        "classes": classes,
+        "ignored": ignored,
+        "positives": (classes < NUM_CLASSES).sum(1),
+        "slot_anchor": slot_anchor,
+        "slot_valid": slot_valid,
+    }
+
+
+HEAD_CHANNELS = 16  # the FPN features' and the protonet's width
+HEAD_BATCHES = (("few", "crowded"), ("nuclei", "empty"))
+
+
+def make_real_heads(seed: int):
+    """mmdetection's YOLACTHead and YOLACTProtonet with their own layers (the protonet's
+    (C, 3) x 3, bilinear x 2, (C, 3), (K, 1) and the semantic 1x1 convolution), initialised by
+    their init_weights and given random biases (their init's are 0), so that the conversion
+    of every bias is tested."""
+    head, _ = make_heads()
+    protonet = YOLACTProtonet(
+        num_classes=NUM_CLASSES,
+        in_channels=HEAD_CHANNELS,
+        proto_channels=(HEAD_CHANNELS,) * 3 + (None, HEAD_CHANNELS, NUM_PROTOS),
+        num_protos=NUM_PROTOS,
+        max_masks_to_train=MASKS_PER_IMAGE,
+        loss_mask_weight=6.125,
+        with_seg_branch=True,
+        loss_segm=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
     )
+    torch.manual_seed(seed)
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # init_weights lists every tensor
+    head.init_weights()
+    protonet.init_weights()
+    with torch.no_grad():
+        for module in (head, protonet):
+            for name, param in module.named_parameters():
+                if name.endswith("bias"):
+                    param.normal_(0.0, 0.1)
+    protonet.train()
+    return head, protonet
+
+
+def run_mmdet_heads(head, protonet, features, images, seed):
+    """mmdetection's heads on given FPN features (per level [B, C, s, s]): the four terms, the
+    gradient of their sum with respect to every head parameter (detector state-dict names),
+    the parameters themselves and its mask slots."""
+    feats = [torch.tensor(f) for f in features]
+    head_gt, proto_gt, _ = mmdet_instances(images)
+    b = len(images)
+    metas = [
+        dict(
+            img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS), batch_input_shape=(CANVAS,) * 2
+        )
+    ] * b
+    head._raw_positive_infos = dict()
+    cls, box, coeff = head.forward(tuple(feats))
+    box_losses = head.loss_by_feat(cls, box, coeff, head_gt, metas)
+    positive_infos = head.get_positive_infos()
+    with RecordedRandperm(seed) as randperm:
+        mask_preds, segm_preds = protonet.forward((feats[0],), positive_infos)
+        mask_losses = protonet.loss_by_feat(mask_preds, segm_preds, proto_gt, metas, positive_infos)
+    terms = {
+        "loss_cls": sum(box_losses["loss_cls"]),
+        "loss_box_reg": sum(box_losses["loss_bbox"]),
+        "loss_mask": sum(mask_losses["loss_mask"]),
+        "loss_semantic": sum(mask_losses["loss_segm"]),
+    }
+    named = [(f"bbox_head.{n}", p) for n, p in head.named_parameters()]
+    named += [(f"mask_head.{n}", p) for n, p in protonet.named_parameters()]
+    grads = torch.autograd.grad(sum(terms.values()), [p for _, p in named], allow_unused=True)
+    answer = {name: float(value.detach()) for name, value in terms.items()}
+    answer["state"] = {n: p.detach().numpy().copy() for n, p in named}
+    answer["grads"] = {
+        n: (np.zeros(p.shape, np.float32) if g is None else g.numpy())
+        for (n, p), g in zip(named, grads, strict=True)
+    }
+    anchors = sum(c.shape[1] // (NUM_CLASSES + 1) * c.shape[2] * c.shape[3] for c in cls)
+    answer.update(assignment(head, randperm.draws, b, anchors))
     return answer
+
+
+def head_parameter_parity(rng, failures) -> dict:
+    """The stretch check: mmdetection's head weights converted to ours
+    (weights/mmdet_yolact_loss.convert_mmdet_heads), random FPN features into both heads, the
+    same losses; each term and every parameter's gradient compared. Returns the fixture's
+    entries."""
+    cfg = parity.yolact_config(NUM_CLASSES, CANVAS, NUM_PROTOS, MASKS_PER_IMAGE)
+    head, protonet = make_real_heads(seed=29)
+    fixture = {}
+    for k, names in enumerate(HEAD_BATCHES):
+        images = [scene(n) for n in names]
+        features = [
+            rng.normal(size=(len(images), HEAD_CHANNELS, s, s)).astype(np.float32)
+            for s in FEATURE_SIDES
+        ]
+        theirs = run_mmdet_heads(head, protonet, features, images, seed=100 + k)
+        params = parity.convert_mmdet_heads(theirs["state"])
+        ours_nhwc = [f.transpose(0, 2, 3, 1) for f in features]
+        slots = (theirs["slot_anchor"], theirs["slot_valid"])
+        ours, our_grads = parity.yolact_head_losses(
+            params, ours_nhwc, our_ground_truth(images), cfg, HEAD_CHANNELS, slots
+        )
+        their_grads = parity.convert_mmdet_heads(theirs["grads"])
+        report = {"head_batch": "+".join(names), "positives": theirs["positives"].tolist()}
+        for term in parity.TERMS:
+            report[f"rel_{term}"] = parity.relative_difference(ours[term], theirs[term])
+        leaves = jax_leaves(our_grads, their_grads)
+        report["rel_param_grads_max"] = max(leaves.values())
+        report["rel_param_grads_worst"] = max(leaves, key=leaves.get)
+        print(json.dumps(report))
+        if max(report[f"rel_{t}"] for t in parity.TERMS) > TOLERANCES["loss"]:
+            failures.append(f"head {report['head_batch']}: a term")
+        if report["rel_param_grads_max"] > TOLERANCES["grad"]:
+            failures.append(f"head {report['head_batch']}: parameter gradients")
+        fixture.update({f"h{k}_p{i + 3}": f for i, f in enumerate(ours_nhwc)})
+        if "nuclei" not in names:
+            fixture.update({f"h{k}_gt_{n}": v for n, v in our_ground_truth(images).items()})
+        fixture.update({f"h{k}_mmdet_{t}": np.float64(theirs[t]) for t in parity.TERMS})
+        fixture.update({f"h{k}_mmdet_grad_{n}": g for n, g in theirs["grads"].items()})
+        fixture.update({f"h{k}_mmdet_{n}": theirs[n] for n in ("slot_anchor", "slot_valid")})
+    fixture.update({f"state_{n}": v for n, v in theirs["state"].items()})
+    return fixture
+
+
+def jax_leaves(ours: dict, theirs: dict, path: str = "") -> dict:
+    """{parameter path: relative difference} over two parameter trees of one structure."""
+    out = {}
+    for key, value in ours.items():
+        if isinstance(value, dict):
+            out.update(jax_leaves(value, theirs[key], f"{path}{key}/"))
+        else:
+            out[f"{path}{key}"] = parity.relative_difference(value, theirs[key])
+    return out
 
 
 def our_ground_truth(images) -> dict:
@@ -434,6 +574,9 @@ def coco_anchor_check() -> tuple[dict, dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make-fixture", type=Path, help="write the CI test's npz here")
+    parser.add_argument(
+        "--make-head-fixture", type=Path, help="write the head-parameter test's npz here"
+    )
     args = parser.parse_args()
     start = time.time()
     cfg = parity.yolact_config(NUM_CLASSES, CANVAS, NUM_PROTOS, MASKS_PER_IMAGE)
@@ -483,6 +626,11 @@ def main():
         if "nuclei" not in names:  # the nuclei ground truth is re-read from the shared data
             fixture.update({f"b{k}_gt_{name}": v for name, v in gt.items()})
         fixture.update({f"b{k}_mmdet_{name}": np.asarray(theirs[name]) for name in MMDET_KEYS})
+    head_fixture = head_parameter_parity(rng, failures)
+    if args.make_head_fixture:
+        meta = {"channels": HEAD_CHANNELS, "batches": [list(n) for n in HEAD_BATCHES]}
+        np.savez_compressed(args.make_head_fixture, config=json.dumps(meta), **head_fixture)
+        print(f"wrote {args.make_head_fixture}")
     summary = {"worst_relative": worst, "tolerances": TOLERANCES}
     print(json.dumps({**summary, "seconds": round(time.time() - start, 1)}))
     if args.make_fixture:

@@ -16,6 +16,10 @@ float32[B, h8, w8, C] at stride 8 (theirs [B, C, h8, w8]). Ground truth: boxes f
 canvas xyxy, classes int32[B, N], valid bool[B, N], masks bool[B, N, h, w] at stride 4 (the
 pipeline's gt_full_masks). Every image fills the canvas (mmdetection's img_shape = the canvas),
 and a batch is one mmdetection GPU's (one loss normaliser group).
+
+convert_mmdet_heads maps mmdetection's YOLACT head tensors (bbox_head, mask_head) onto our
+PredictionHead, Protonet and semantic convolution; yolact_head_losses then runs our heads on
+given FPN features and differentiates the losses with respect to those parameters.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from instseg_jax.methods import yolact
+from instseg_jax.nn.layers import Conv
 from instseg_jax.ops import dense
 from instseg_jax.weights.mmdet_loss_parity import relative_difference
 
@@ -183,3 +188,75 @@ def masks_checksum(masks: np.ndarray) -> str:
     digest = hashlib.sha256(repr(masks.shape).encode())
     digest.update(np.packbits(masks).tobytes())
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- head parameters
+
+# Our parameter path -> mmdetection's YOLACT state-dict prefix (its detector's bbox_head and
+# mask_head: YOLACTHead, YOLACTProtonet with its protonet Sequential of conv, ReLU, ..., and
+# SegmentationModule).
+MMDET_HEAD_NAMES = {
+    ("head", "conv0"): "bbox_head.head_convs.0.conv",
+    ("head", "classes"): "bbox_head.conv_cls",
+    ("head", "boxes"): "bbox_head.conv_reg",
+    ("head", "coefficients"): "bbox_head.conv_coeff",
+    ("protonet", "conv0"): "mask_head.protonet.0",
+    ("protonet", "conv1"): "mask_head.protonet.2",
+    ("protonet", "conv2"): "mask_head.protonet.4",
+    ("protonet", "conv3"): "mask_head.protonet.8",  # after the interpolation (6) and ReLU (7)
+    ("protonet", "protos"): "mask_head.protonet.10",
+    ("semantic",): "mask_head.segm_branch.segm_conv",
+}
+
+
+def convert_mmdet_heads(state: dict) -> dict:
+    """mmdetection YOLACT head tensors (name -> array, torch layout: weight [out, in, kh, kw],
+    bias [out]) -> our params {"head", "protonet", "semantic"} (kernel [kh, kw, in, out]). Both
+    sides lay a predictor's channels out anchor-major (a x outputs + o), so nothing permutes."""
+    params: dict = {}
+    for path, prefix in MMDET_HEAD_NAMES.items():
+        node = params
+        for key in path:
+            node = node.setdefault(key, {})
+        node["kernel"] = np.asarray(state[f"{prefix}.weight"], np.float32).transpose(2, 3, 1, 0)
+        node["bias"] = np.asarray(state[f"{prefix}.bias"], np.float32)
+    return params
+
+
+def head_outputs_from_params(params, features, cfg, channels: int):
+    """Our PredictionHead on each level of features (P3..P7, NHWC), Protonet and the semantic
+    1x1 convolution on P3: the five head outputs yolact_losses takes."""
+    head = yolact.PredictionHead(
+        cfg.num_classes, len(cfg.aspect_ratios), cfg.num_protos, channels, cfg.head_convs
+    )
+    outs = [head.apply({"params": params["head"]}, level) for level in features]
+    logits, deltas, coefficients = (jnp.concatenate([o[i] for o in outs], 1) for i in range(3))
+    protonet = yolact.Protonet(cfg.num_protos, channels)
+    protos = protonet.apply({"params": params["protonet"]}, features[0])
+    semantic = Conv(cfg.num_classes, (1, 1)).apply({"params": params["semantic"]}, features[0])
+    return logits, deltas, coefficients, protos, semantic
+
+
+def yolact_head_losses(params, features, gt: dict, cfg, channels: int, mask_slots):
+    """(terms, grads): the four terms of our heads with the given params on the given FPN
+    features, and the gradient of their sum with respect to every parameter (our tree)."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    features = tuple(jnp.asarray(f, jnp.float32) for f in features)
+    gt = {name: jnp.asarray(gt[name]) for name in GT_FIELDS}
+    slots = (jnp.asarray(mask_slots[0], jnp.int32), jnp.asarray(mask_slots[1], bool))
+    values, grads = _head_terms_and_gradient(params, features, gt, slots, cfg, channels)
+    terms = {name: float(v) for name, v in zip(TERMS, values, strict=True)}
+    return terms, jax.tree.map(np.asarray, grads)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _head_terms_and_gradient(params, features, gt, mask_slots, cfg, channels):
+    batch = {"gt_valid": gt["valid"], "gt_classes": gt["classes"], "gt_full_masks": gt["masks"]}
+
+    def total(p):
+        outputs = head_outputs_from_params(p, features, cfg, channels)
+        loss, metrics = yolact.loss_fn(yolact_outputs(outputs, gt, cfg, mask_slots), batch, cfg)
+        return loss, tuple(metrics[t] for t in TERMS)
+
+    (_, values), grads = jax.value_and_grad(total, has_aux=True)(params)
+    return values, grads

@@ -11,7 +11,9 @@ semantic logits; and mmdetection's answers: its anchor labels, the masks its tor
 chose to train (injected into ours), the four terms and the gradient of their sum with respect
 to each head output. Here the same inputs go through anchor_targets and loss_fn, with no torch.
 The nuclei ground truth is not stored: it is re-read from the shared data and checked against
-the fixture's checksum.
+the fixture's checksum. The COCO recipe's anchors are checked against a sample of mmdetection's
+for its yolact config, and (slow tier) mmdetection's head weights, converted, against its
+parameter gradients (tests/fixtures/mmdet_yolact_head_tiny.npz).
 """
 
 import json
@@ -134,3 +136,55 @@ def test_yolact_coco_recipe_anchors_are_mmdetections():
         ours = np.asarray(levels[level]).reshape(-1, width, 3, 4)[y, x]
         np.testing.assert_allclose(ours, theirs, atol=1e-3, err_msg=f"level {level} cell {y, x}")
     assert len(data["coco_anchors_level"]) == 15
+
+
+HEAD_FIXTURE = FIXTURE.with_name("mmdet_yolact_head_tiny.npz")
+PARAM_GRAD_TOLERANCE = 1e-5  # relative, per parameter tensor; measured 5.5e-7
+
+
+def _leaves(tree, path=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{path}{key}/")
+        else:
+            yield f"{path}{key}", value
+
+
+@pytest.mark.slow  # 15 s with a cold compilation cache, 3 s warm: over the fast tier's budget
+def test_yolact_heads_from_mmdetection_weights_match_its_losses_and_parameter_gradients():
+    """mmdetection's YOLACTHead and YOLACTProtonet (with its protonet and semantic convolution)
+    state dict, converted by convert_mmdet_heads, on the fixture's random FPN features: the four
+    terms and the gradient of their sum with respect to every head parameter match
+    mmdetection's (experiments/parity/yolact_loss.py --make-head-fixture)."""
+    _, meta, cfg = _fixture()
+    heads = np.load(HEAD_FIXTURE)
+    head_meta = json.loads(str(heads["config"]))
+    state = {n[len("state_") :]: heads[n] for n in heads.files if n.startswith("state_")}
+    params = parity.convert_mmdet_heads(state)
+    checked = 0
+    for k, names in enumerate(head_meta["batches"]):
+        if "nuclei" in names:
+            if not NUCLEI.is_dir():
+                continue  # the synthetic batch still runs; the nuclei one needs the shared data
+            images = [_nuclei_image(meta) if n == "nuclei" else _empty(meta) for n in names]
+            gt = _ground_truth(images, meta)
+        else:
+            gt = {n: heads[f"h{k}_gt_{n}"] for n in parity.GT_FIELDS}
+        features = [heads[f"h{k}_p{level}"] for level in range(3, 8)]
+        slots = (heads[f"h{k}_mmdet_slot_anchor"], heads[f"h{k}_mmdet_slot_valid"])
+        ours, grads = parity.yolact_head_losses(
+            params, features, gt, cfg, head_meta["channels"], slots
+        )
+        for term in parity.TERMS:
+            theirs = float(heads[f"h{k}_mmdet_{term}"])
+            assert parity.relative_difference(ours[term], theirs) < TERM_TOLERANCE, (names, term)
+        prefix = f"h{k}_mmdet_grad_"
+        their_grads = parity.convert_mmdet_heads(
+            {n[len(prefix) :]: heads[n] for n in heads.files if n.startswith(prefix)}
+        )
+        theirs = dict(_leaves(their_grads))
+        for name, grad in _leaves(grads):
+            difference = parity.relative_difference(grad, theirs[name])
+            assert difference < PARAM_GRAD_TOLERANCE, (names, name, difference)
+        checked += 1
+    assert checked >= 1
