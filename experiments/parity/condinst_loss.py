@@ -61,6 +61,26 @@ COCO recipe's, added after this parity counted the labels it moves);
 Checks: location labels and matched instances (exact), each loss term (relative difference)
 and the gradient of the total loss with respect to each head output (relative norm of the
 difference).
+
+Head parameters (weights/mmdet_condinst_head.py): the first batch runs again through the whole
+heads: mmdetection's CondInstBboxHead (cls/reg towers, one conv + GroupNorm each, conv_cls,
+conv_reg, conv_centerness, the five Scale modules, the controller) and CondInstMaskHead's
+MaskFeatModule (a conv + GroupNorm per level P3..P5, one after their sum, conv_pred), 64 and 16
+channels, a seeded state dict (`random_state_dict`, loaded strictly) on seeded FPN maps P3..P7
+(`random_fpn_maps`); ours runs CondInst.heads with the same numbers through `convert_head` and
+mmdetection's randperm draw of that run. Neither input is stored: the CI test draws both again
+and checks their SHA-256 against the fixture's. Compared: the five head outputs, labels and
+matches, the four terms and the gradient of the total loss with respect to every parameter
+(35 tensors), by mmdetection key (ours mapped back through the converter). mmdetection's COCO
+config has BatchNorm in the mask branch (AdelaiDet too); ours GroupNorm (methods/condinst.py),
+so theirs is built with GroupNorm here, at our groups (min(32, C)) and torch's epsilon (ours).
+Found: the mask branch brought P4 and P5 to P3 by half-pixel bilinear; both references use
+aligned_bilinear there (mmdet condinst_head.py MaskFeatModule.forward, AdelaiDet
+condinst/mask_branch.py forward), so model.mask_upsampling now covers it too ("aligned" in the
+COCO recipe; `raw_half_pixel` reports ours at "half_pixel": 22% on the mask features, up to
+97% on the mask branch's gradients). The worst parameter gradient (about 1e-5, the P3 refine
+GroupNorm's weight) is float32 cancellation: run in float64, torch's answer is 6e-6 from each
+float32 side.
 """
 
 from __future__ import annotations
@@ -88,6 +108,7 @@ from mmengine.structures import InstanceData  # noqa: E402
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from instseg_jax.weights import mmdet_condinst_head as head_parity  # noqa: E402
 from instseg_jax.weights import mmdet_condinst_loss as ours_side  # noqa: E402
 from instseg_jax.weights.mmdet_loss_parity import relative_difference  # noqa: E402
 
@@ -105,28 +126,42 @@ BATCHES = (
 SHARED_NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
 TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative; float32 on both sides
 GRAD_NAMES = [f"grad_{n}" for n in ours_side.HEAD_OUTPUTS]
+# The whole heads: outputs pass through convolutions and GroupNorm (float32 sums of a few
+# thousand terms), measured 9e-7, so 1e-5. Parameter gradients: 34 of 35 within 6e-6; the
+# worst, the P3 refine GroupNorm's weight (1.1e-5), is a sum that cancels (its norm 3e-3, the
+# convs' 0.1), each float32 side 6e-6 from torch's float64 answer (module docstring): 4e-5
+# leaves room for another summation order; a wrong rule moves it by 1e-3 to 1.
+HEAD_TOLERANCES = {"output": 1e-5, "loss": 1e-5, "grad": 4e-5}
+HEAD_BATCH = 0  # BATCHES[0]: all four scenes, two GPUs, the crowded image's randperm draw
+HEAD_STATE_DICT_SEED = 29
+HEAD_FPN_SEED = 2929
 
 
 def scene(name):
     return ours_side.scene(name, SHARED_NUCLEI)
 
 
-def make_heads():
+def make_heads(cfg=None):
     """mmdetection's heads at configs/condinst/condinst_r50_fpn_ms-poly-90k_coco_instance.py's
-    loss settings (narrow layers: the head outputs are given)."""
+    loss settings: narrow layers where only loss_by_feat runs (cfg None: the head outputs are
+    given), else cfg's widths (head_parity.head_config) with our GroupNorm groups."""
     register_all_modules()
+    c = 16 if cfg is None else cfg.fpn_channels
+    m = 16 if cfg is None else cfg.mask_branch_channels
+    tower_gn = dict(type="GN", num_groups=4 if cfg is None else head_parity.norm_groups(c))
+    mask_gn = dict(type="GN", num_groups=4 if cfg is None else head_parity.norm_groups(m))
     bbox_head = CondInstBboxHead(
         num_params=169,
         num_classes=NUM_CLASSES,
-        in_channels=16,
+        in_channels=c,
         stacked_convs=1,
-        feat_channels=16,
+        feat_channels=c,
         strides=[8, 16, 32, 64, 128],
         norm_on_bbox=True,
         centerness_on_reg=True,
         center_sampling=True,
         conv_bias=True,
-        norm_cfg=dict(type="GN", num_groups=4, requires_grad=True),
+        norm_cfg=dict(**tower_gn, requires_grad=True),
         loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
         loss_bbox=dict(type="GIoULoss", loss_weight=1.0),
         loss_centerness=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
@@ -138,14 +173,14 @@ def make_heads():
         mask_out_stride=MASK_STRIDE,
         max_masks_to_train=MASK_SLOTS,
         mask_feature_head=dict(
-            in_channels=16,
-            feat_channels=16,
+            in_channels=c,
+            feat_channels=m,
             start_level=0,
             end_level=2,
             out_channels=8,
             mask_stride=8,
             num_stacked_convs=1,
-            norm_cfg=dict(type="GN", num_groups=4),
+            norm_cfg=mask_gn,
         ),
         loss_mask=dict(type="DiceLoss", use_sigmoid=True, activate=True, eps=5e-6, loss_weight=1.0),
     )
@@ -177,7 +212,6 @@ def half_pixel_bilinear(tensor, factor):
 def run_mmdet(heads, head, images, shapes, seed, patch_upsampling):
     """mmdetection's terms, the gradient of their total in our layouts, its targets and its
     mask-slot draw."""
-    bbox_head, mask_head = heads
     levels = {
         "class_logits": split_levels(head["class_logits"], shapes),
         "distances": split_levels(head["distances"], shapes),
@@ -188,6 +222,34 @@ def run_mmdet(heads, head, images, shapes, seed, patch_upsampling):
     features = torch.tensor(
         np.ascontiguousarray(head["mask_features"].transpose(0, 3, 1, 2)), requires_grad=True
     )
+    losses, loss_mask, infos, draws = mmdet_losses(
+        heads, tensors, features, images, seed, patch_upsampling
+    )
+    total = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_centerness"] + loss_mask
+    inputs = [*(t for k in levels for t in tensors[k]), features]
+    grads = torch.autograd.grad(total, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
+    n = len(shapes)
+    grad = {}
+    for k, name in enumerate(levels):
+        grad[f"grad_{name}"] = join_levels([g.numpy() for g in grads[k * n : (k + 1) * n]])
+    grad["grad_centerness_logits"] = grad["grad_centerness_logits"][..., 0]
+    grad["grad_mask_features"] = grads[-1].numpy().transpose(0, 2, 3, 1)
+    return {
+        "loss_cls": float(losses["loss_cls"]),
+        "loss_box_reg": float(losses["loss_bbox"]),
+        "loss_centerness": float(losses["loss_centerness"]),
+        "loss_mask": float(loss_mask),
+        **grad,
+        **mmdet_targets(infos, draws, images, shapes),
+    }
+
+
+def mmdet_losses(heads, tensors, features, images, seed, patch_upsampling):
+    """(the box head's loss_by_feat, the mask loss averaged over the GPUs, the positive infos,
+    the randperm draws) of per-level head outputs tensors (class_logits, distances,
+    centerness_logits, dynamic_params: lists of [B, K, h, w]) and mask features [B, 8, h, w]."""
+    bbox_head, mask_head = heads
     instances = [
         InstanceData(
             bboxes=torch.tensor(ours_side.boxes_of(masks)),
@@ -236,16 +298,12 @@ def run_mmdet(heads, head, images, shapes, seed, patch_upsampling):
         torch.randperm = real_randperm
         condinst_module.aligned_bilinear = real_upsampling
     loss_mask = sum(per_gpu) / len(per_gpu)  # DDP's average over the GPUs
-    total = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_centerness"] + loss_mask
-    inputs = [*(t for k in levels for t in tensors[k]), features]
-    grads = torch.autograd.grad(total, inputs, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
-    n = len(shapes)
-    grad = {}
-    for k, name in enumerate(levels):
-        grad[f"grad_{name}"] = join_levels([g.numpy() for g in grads[k * n : (k + 1) * n]])
-    grad["grad_centerness_logits"] = grad["grad_centerness_logits"][..., 0]
-    grad["grad_mask_features"] = grads[-1].numpy().transpose(0, 2, 3, 1)
+    return losses, loss_mask, infos, draws
+
+
+def mmdet_targets(infos, draws, images, shapes):
+    """mmdetection's location labels and matches [B, T] and its mask slots [B, MASK_SLOTS]
+    (the randperm draw where an image has more positives)."""
     # Targets and the mask slots: each image's positive locations, the subset trained.
     t = sum(h * w for h, w in shapes)
     labels = np.full((len(images), t), NUM_CLASSES, np.int32)
@@ -264,16 +322,139 @@ def run_mmdet(heads, head, images, shapes, seed, patch_upsampling):
         slot_valid[i, : len(chosen)] = True
     assert next(draw, None) is None, "a randperm draw was not consumed"
     return {
-        "loss_cls": float(losses["loss_cls"]),
-        "loss_box_reg": float(losses["loss_bbox"]),
-        "loss_centerness": float(losses["loss_centerness"]),
-        "loss_mask": float(loss_mask),
-        **grad,
         "location_classes": labels,
         "matched": matched,
         "slot_location": slot_location,
         "slot_valid": slot_valid,
     }
+
+
+def run_mmdet_head(heads, state_dict, fpn, images, shapes, seed):
+    """mmdetection's head outputs (our layouts), terms, the gradient of their total with
+    respect to every parameter (by key, torch layouts), its targets and mask-slot draw."""
+    bbox_head, mask_head = heads
+    torch_keys = {f"bbox_head.{k}" for k in bbox_head.state_dict()}
+    torch_keys |= {f"mask_head.{k}" for k in mask_head.state_dict()}
+    assert torch_keys == set(state_dict), sorted(torch_keys ^ set(state_dict))
+    for prefix, module in (("bbox_head.", bbox_head), ("mask_head.", mask_head)):
+        module.load_state_dict(
+            {
+                k[len(prefix) :]: torch.tensor(v)
+                for k, v in state_dict.items()
+                if k.startswith(prefix)
+            },
+            strict=True,
+        )
+    maps = [torch.tensor(np.ascontiguousarray(f.transpose(0, 3, 1, 2))) for f in fpn]
+    class_logits, distances, centerness, params = bbox_head(maps)
+    features = mask_head.mask_feature_head(maps)
+    tensors = {
+        "class_logits": class_logits,
+        "distances": distances,
+        "centerness_logits": centerness,
+        "dynamic_params": params,
+    }
+    losses, loss_mask, infos, draws = mmdet_losses(heads, tensors, features, images, seed, False)
+    total = losses["loss_cls"] + losses["loss_bbox"] + losses["loss_centerness"] + loss_mask
+    named = [(f"bbox_head.{n}", p) for n, p in bbox_head.named_parameters()]
+    named += [(f"mask_head.{n}", p) for n, p in mask_head.named_parameters()]
+    grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    outputs = {name: join_levels([x.detach().numpy() for x in v]) for name, v in tensors.items()}
+    outputs["centerness_logits"] = outputs["centerness_logits"][..., 0]
+    outputs["mask_features"] = features.detach().numpy().transpose(0, 2, 3, 1)
+    return {
+        **outputs,
+        "loss_cls": float(losses["loss_cls"]),
+        "loss_box_reg": float(losses["loss_bbox"]),
+        "loss_centerness": float(losses["loss_centerness"]),
+        "loss_mask": float(loss_mask),
+        "grads": {
+            name: (torch.zeros_like(p) if g is None else g).numpy()
+            for (name, p), g in zip(named, grads, strict=True)
+        },
+        **mmdet_targets(infos, draws, images, shapes),
+    }
+
+
+def compare_heads(fixture, failures):
+    """The head-parameter batch: mmdetection's CondInstBboxHead and CondInstMaskHead against
+    our CondInst.heads on seeded FPN maps with one seeded state dict; ours at the recipe's
+    mask_upsampling ("aligned") and, reported raw, at "half_pixel"."""
+    cfg = head_parity.head_config(MASK_SLOTS, giou_smoothing=0.0)
+    loss_cfg = ours_side.condinst_config(NUM_CLASSES, CANVAS, MASK_SLOTS, giou_smoothing=0.0)
+    half_pixel = dict(giou_smoothing=0.0, mask_upsampling="half_pixel")
+    half_pixel_cfg = head_parity.head_config(MASK_SLOTS, **half_pixel)
+    half_pixel_loss_cfg = ours_side.condinst_config(NUM_CLASSES, CANVAS, MASK_SLOTS, **half_pixel)
+    heads = make_heads(cfg)
+    state_dict = head_parity.random_state_dict(cfg, seed=HEAD_STATE_DICT_SEED)
+    names = BATCHES[HEAD_BATCH]
+    images = [scene(n) for n in names]
+    fpn = head_parity.random_fpn_maps(cfg, len(images), seed=HEAD_FPN_SEED)
+    shapes = cfg.level_shapes()
+    theirs = run_mmdet_head(heads, state_dict, fpn, images, shapes, seed=HEAD_BATCH)
+    gt = ours_side.ground_truth(images)
+    slots = (theirs["slot_location"], theirs["slot_valid"])
+    outputs, terms, grads, targets = head_parity.head_losses(
+        state_dict, fpn, gt, *slots, cfg, loss_cfg
+    )
+    report = {
+        "head_batch": "+".join(names),
+        "location_label_mismatches": int(
+            (targets["location_classes"] != theirs["location_classes"]).sum()
+        ),
+        "matched_mismatches": int((targets["matched"] != theirs["matched"]).sum()),
+        "positives": [int(p) for p in (theirs["matched"] >= 0).sum(axis=1)],
+        "parameters": len(theirs["grads"]),
+    }
+    for name in ours_side.HEAD_OUTPUTS:
+        report[f"rel_{name}"] = relative_difference(outputs[name], theirs[name])
+    for name in ours_side.TERMS:
+        report[f"rel_{name}"] = relative_difference(terms[name], theirs[name])
+    per_param = {key: relative_difference(grads[key], g) for key, g in theirs["grads"].items()}
+    report["rel_grad_worst_parameter"] = max(per_param.items(), key=lambda kv: kv[1])
+    report["rel_grad_all_parameters"] = relative_difference(
+        np.concatenate([grads[key].ravel() for key in theirs["grads"]]),
+        np.concatenate([g.ravel() for g in theirs["grads"].values()]),
+    )
+    # Ours with the mask branch's levels (and the logits) upsampled at half-pixel centres.
+    half_outputs, half_terms, half_grads, _ = head_parity.head_losses(
+        state_dict, fpn, gt, *slots, half_pixel_cfg, half_pixel_loss_cfg
+    )
+    report["raw_half_pixel"] = {
+        "mask_features": relative_difference(
+            half_outputs["mask_features"], theirs["mask_features"]
+        ),
+        "loss_mask": relative_difference(half_terms["loss_mask"], theirs["loss_mask"]),
+        "worst_mask_branch_grad": max(
+            relative_difference(half_grads[k], g)
+            for k, g in theirs["grads"].items()
+            if k.startswith("mask_head.")
+        ),
+    }
+    checks = {
+        "output": [report[f"rel_{n}"] for n in ours_side.HEAD_OUTPUTS],
+        "loss": [report[f"rel_{n}"] for n in ours_side.TERMS],
+        "grad": list(per_param.values()),
+    }
+    worst = {}
+    for kind, values in checks.items():
+        worst[kind] = max(values)
+        if max(values) > HEAD_TOLERANCES[kind]:
+            failures.append(f"{report['head_batch']}: head {kind} {max(values):.2e}")
+    for count in ("location_label_mismatches", "matched_mismatches"):
+        if report[count]:
+            failures.append(f"{report['head_batch']}: head {count} {report[count]}")
+    print(json.dumps(report))
+    if fixture is not None:
+        fixture["h_state_dict_sha256"] = np.asarray(head_parity.checksum(state_dict))
+        fixture["h_fpn_sha256"] = np.asarray(head_parity.checksum(fpn))
+        for name in (*ours_side.HEAD_OUTPUTS, *ours_side.TERMS, "location_classes", "matched"):
+            fixture[f"h_mmdet_{name}"] = np.asarray(theirs[name])
+        for name in ("slot_location", "slot_valid"):
+            fixture[f"h_mmdet_{name}"] = np.asarray(theirs[name])
+        for key, g in theirs["grads"].items():
+            fixture[f"h_mmdet_grad.{key}"] = g
+    return worst
 
 
 def compare(ours, theirs):
@@ -374,13 +555,23 @@ def main():
                 "slot_valid",
             ):
                 fixture[f"b{k}_mmdet_{name}"] = np.asarray(theirs[name])
+    head_worst = compare_heads(fixture if args.make_fixture else None, failures)
     print(
         json.dumps(
-            {"worst_relative": worst, "tolerances": TOLERANCES, "seconds": time.time() - start}
+            {
+                "worst_relative": worst,
+                "tolerances": TOLERANCES,
+                "head_worst_relative": head_worst,
+                "head_tolerances": HEAD_TOLERANCES,
+                "seconds": time.time() - start,
+            }
         )
     )
     if args.make_fixture:
         meta = {
+            "head_batch": HEAD_BATCH,
+            "head_state_dict_seed": HEAD_STATE_DICT_SEED,
+            "head_fpn_seed": HEAD_FPN_SEED,
             "num_classes": NUM_CLASSES,
             "canvas": CANVAS,
             "mask_slots": MASK_SLOTS,

@@ -23,13 +23,16 @@ adet/utils/comm.py; mmdetection mmdet/models/utils/misc.py): replicate-pad the e
 with corners aligned, shift by factor // 2, so stride-4 pixel k samples the stride-8 grid at
 canvas x = 4k, half a stride-4 pixel before its centre; "half_pixel" samples at the centres
 (torch's align_corners=False; the nuclei experiment keeps it, as its RESULTS figures were
-trained with it). Mask targets are the instance masks sampled at the centres of the stride-4
-cells, as the reference samples its bitmasks. Mass centres (for centre sampling): the
-pipeline's gt_centers average pixel centres; the reference averages pixel indices of its
-resized bitmask, half a pixel up and left, which `mass_centre_convention` "pixel_index" (the
-default, the COCO recipe's) reproduces. Known difference from the reference: GroupNorm in the
-mask branch (the reference uses BatchNorm, which this frame has no running statistics for:
-frozen or GroupNorm only).
+trained with it). The same switch takes the mask branch's P4 and P5 to P3's size (both
+references call aligned_bilinear there too: AdelaiDet condinst/mask_branch.py forward,
+mmdetection condinst_head.py MaskFeatModule.forward; found by the head-parameter parity,
+weights/mmdet_condinst_head.py). Mask targets are the instance masks sampled at the centres
+of the stride-4 cells, as the reference samples its bitmasks. Mass centres (for centre
+sampling): the pipeline's gt_centers average pixel centres; the reference averages pixel
+indices of its resized bitmask, half a pixel up and left, which `mass_centre_convention`
+"pixel_index" (the default, the COCO recipe's) reproduces. Known difference from the
+reference: GroupNorm in the mask branch (the reference uses BatchNorm, which this frame has no
+running statistics for: frozen or GroupNorm only).
 
 Loss normalisers: FCOS's are global (AdelaiDet all-reduces them); the dice loss is averaged
 over the trained slots of each group of model.loss_normaliser_images images, then over the
@@ -98,9 +101,10 @@ class CondInstConfig(fcos.FCOSConfig):
     # m00; mmdetection condinst_head.py the same), half a pixel up and left of gt_centers (the
     # mean of pixel centres); "pixel_centre": gt_centers as they are.
     mass_centre_convention: str = "pixel_index"
-    # The 2x upsampling of the stride-8 mask logits to stride 4 (module docstring): "aligned",
-    # the reference's aligned_bilinear (AdelaiDet adet/utils/comm.py, mmdetection's copy in
-    # mmdet/models/utils/misc.py), or "half_pixel" (torch's align_corners=False).
+    # The 2x upsampling of the stride-8 mask logits to stride 4 and the mask branch's of P4 and
+    # P5 to P3 (module docstring): "aligned", the reference's aligned_bilinear (AdelaiDet
+    # adet/utils/comm.py, mmdetection's copy in mmdet/models/utils/misc.py), or "half_pixel"
+    # (torch's align_corners=False).
     mask_upsampling: str = "aligned"
 
     def __post_init__(self):
@@ -160,6 +164,10 @@ class MaskBranch(nn.Module):
     out_channels: int
     dtype: jnp.dtype = jnp.float32
     upsampled_convs: int = 0
+    # How P4 and P5 reach P3's size: "half_pixel" (torch's align_corners=False) or "aligned"
+    # (AdelaiDet's condinst/mask_branch.py forward and mmdetection's MaskFeatModule.forward
+    # both call aligned_bilinear: `upsample_features`).
+    level_upsampling: str = "half_pixel"
 
     @nn.compact
     def __call__(self, features: dict):
@@ -175,7 +183,7 @@ class MaskBranch(nn.Module):
             if x is None:
                 x = refined
             else:
-                x = x + dense.resize_bilinear(refined, x.shape[1:3])
+                x = x + upsample_features(refined, x.shape[1:3], self.level_upsampling)
         for i in range(self.convs):
             x = conv_norm_relu(x, f"tower{i}")
         if self.upsampled_convs:
@@ -241,6 +249,16 @@ def aligned_bilinear_matrix(in_size: int, factor: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
+def upsample_features(x, out_hw, mode: str = "half_pixel"):
+    """[B, h, w, C] -> [B, oh, ow, C] bilinear, as `upsample_logits` ("aligned": out_hw a
+    whole multiple of (h, w))."""
+    if mode == "half_pixel":
+        return dense.resize_bilinear(x, out_hw)
+    return jax.vmap(lambda image: upsample_logits(image.transpose(2, 0, 1), out_hw, mode))(
+        x
+    ).transpose(0, 2, 3, 1)
+
+
 def upsample_logits(logits, out_hw, mode: str = "half_pixel"):
     """[P, h, w] -> [P, oh, ow] bilinear: "half_pixel" (torch's align_corners=False) or
     "aligned" (the reference's aligned_bilinear; out_hw a whole multiple of (h, w))."""
@@ -272,7 +290,11 @@ class CondInst(fcos.FCOS):
             kernel_init=nn.initializers.normal(0.01),
         )
         self.mask_branch = MaskBranch(
-            cfg.mask_branch_channels, cfg.mask_branch_convs, cfg.mask_channels, cfg.dtype
+            cfg.mask_branch_channels,
+            cfg.mask_branch_convs,
+            cfg.mask_channels,
+            cfg.dtype,
+            level_upsampling=cfg.mask_upsampling,
         )
 
     def assign(self, batch: dict) -> dict:
@@ -284,11 +306,11 @@ class CondInst(fcos.FCOS):
             centres = batch["gt_centers"] - shift
         return fcos.batch_targets(batch, self.cfg, centres=centres)
 
-    def predict(self, image) -> dict:
-        """FCOS's predictions plus "dynamic_params" [B, T, 169] per location and
-        "mask_features" [B, H/8, W/8, mask_channels]."""
-        predictions = super().predict(image)
-        b, n = image.shape[0], self.cfg.num_dynamic_params
+    def heads(self, features: dict) -> dict:
+        """FCOS's head outputs plus "dynamic_params" [B, T, 169] per location and
+        "mask_features" [B, H/8, W/8, mask_channels] (FCOS.predict runs this on its pyramid)."""
+        predictions = super().heads(features)
+        b, n = features["p3"].shape[0], self.cfg.num_dynamic_params
         params = jnp.concatenate(
             [self.controller(tower).reshape(b, -1, n) for tower in predictions["towers"]], axis=1
         ).astype(jnp.float32)

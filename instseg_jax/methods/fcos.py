@@ -290,7 +290,12 @@ class FCOS(nn.Module):
         [B, T, R] (the head's regression: l, t, r, b in strides for FCOS), "centerness_logits"
         [B, T]; "features" the pyramid {"p3".."p7"}; "towers" the regression tower's features of
         each level. A method with more branches adds their predictions."""
-        features = self.fpn(self.backbone(normalize(image, self.cfg.dtype)))
+        return self.heads(self.fpn(self.backbone(normalize(image, self.cfg.dtype))))
+
+    def heads(self, features: dict) -> dict:
+        """predict's outputs from the pyramid features["p3".."p7"] [B, h, w, fpn_channels]: the
+        heads alone (the mmdetection head-parameter parity, weights/mmdet_condinst_head.py,
+        runs them on given maps)."""
         outs = [self.head(features[f"p{level}"], level - 3) for level in range(3, 8)]
         logits, distances, centerness = (
             jnp.concatenate([o[i] for o in outs], axis=1) for i in range(3)
