@@ -164,9 +164,10 @@ class MaskBranch(nn.Module):
     out_channels: int
     dtype: jnp.dtype = jnp.float32
     upsampled_convs: int = 0
-    # How P4 and P5 reach P3's size: "half_pixel" (torch's align_corners=False) or "aligned"
-    # (AdelaiDet's condinst/mask_branch.py forward and mmdetection's MaskFeatModule.forward
-    # both call aligned_bilinear: `upsample_features`).
+    # How P4 and P5 reach P3's size: "half_pixel" (torch's align_corners=False, as AdelaiDet's
+    # blendmask/basis_module.py ProtoNet.forward) or "aligned" (CondInst's: AdelaiDet's
+    # condinst/mask_branch.py forward and mmdetection's MaskFeatModule.forward both call
+    # aligned_bilinear; `upsample_features`).
     level_upsampling: str = "half_pixel"
 
     @nn.compact
