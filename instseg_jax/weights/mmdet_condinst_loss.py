@@ -14,10 +14,11 @@ float32[B, T, 4] (l, t, r, b in strides, after the head's activation: mmdetectio
 under norm_on_bbox), centerness_logits float32[B, T], dynamic_params float32[B, T, 169]; and
 mask_features float32[B, h, w, 8] at stride 8 (theirs [B, 8, h, w]). Ground truth: boxes
 float32[B, N, 4] canvas xyxy, classes int32[B, N], valid bool[B, N], centers float32[B, N, 2]
-(x, y) mass centres as the pipeline's gt_centers (means of pixel centres), masks bool[B, N, H/4, W/4] (the pipeline's gt_full_masks). The mask
-slots (which positive locations train the dynamic head) are given: mmdetection draws them
-(torch.randperm over an image's positives beyond max_masks_to_train), so the same draw goes
-to both sides; `own_slots` reports the choice methods/fcos.py positive_slots makes itself.
+(x, y) mass centres as the pipeline's gt_centers (means of pixel centres), masks
+bool[B, N, H/4, W/4] (the pipeline's gt_full_masks). The mask slots (which positive
+locations train the dynamic head) are given: mmdetection draws them (torch.randperm over an
+image's positives beyond max_masks_to_train), so the same draw goes to both sides;
+`own_slots` reports the choice methods/fcos.py positive_slots makes itself.
 
 The scenes (`scene`, `ground_truth`) live here, torch-free, so that the CI test rebuilds the
 ground truth the fixture was made from instead of storing it; the nuclei scene is read from the
