@@ -110,7 +110,7 @@ sys.path.insert(0, str(ROOT))
 
 from instseg_jax.weights import mmdet_condinst_head as head_parity  # noqa: E402
 from instseg_jax.weights import mmdet_condinst_loss as ours_side  # noqa: E402
-from instseg_jax.weights.mmdet_loss_parity import relative_difference  # noqa: E402
+from instseg_jax.weights.mmdet_loss_parity import checksum, relative_difference  # noqa: E402
 
 CANVAS = ours_side.CANVAS
 MASK_STRIDE = ours_side.MASK_STRIDE
@@ -446,8 +446,8 @@ def compare_heads(fixture, failures):
             failures.append(f"{report['head_batch']}: head {count} {report[count]}")
     print(json.dumps(report))
     if fixture is not None:
-        fixture["h_state_dict_sha256"] = np.asarray(head_parity.checksum(state_dict))
-        fixture["h_fpn_sha256"] = np.asarray(head_parity.checksum(fpn))
+        fixture["h_state_dict_sha256"] = np.asarray(checksum(state_dict))
+        fixture["h_fpn_sha256"] = np.asarray(checksum(fpn))
         for name in (*ours_side.HEAD_OUTPUTS, *ours_side.TERMS, "location_classes", "matched"):
             fixture[f"h_mmdet_{name}"] = np.asarray(theirs[name])
         for name in ("slot_location", "slot_valid"):

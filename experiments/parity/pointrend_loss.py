@@ -428,7 +428,7 @@ def compare_heads(k, heads, state_dict, images, rois, draws, theirs_targets, fai
         **{n: theirs[n] for n in (*HEAD_OUTPUTS, "points", "point_labels", *TERMS)},
         **{f"grad.{key}": g for key, g in theirs["grads"].items()},
     }
-    return report, record, head_parity.checksum([roi_features, fine])
+    return report, record, mmdet_loss_parity.checksum([roi_features, fine])
 
 
 def main():
@@ -543,7 +543,7 @@ def main():
             "batches": ["+".join(n) for n in BATCHES],
             "checksums": meta_scenes,
             "head_state_dict_seed": HEAD_STATE_DICT_SEED,
-            "head_state_dict_sha256": head_parity.checksum(state_dict),
+            "head_state_dict_sha256": mmdet_loss_parity.checksum(state_dict),
             "head_feature_seed": HEAD_FEATURE_SEED,
             "head_features_sha256": feature_checksums,
         }

@@ -322,7 +322,7 @@ def compare_heads(fixture, failures):
         images = [scene(n) for n in names]
         b = len(images)
         fpn = head_parity.random_fpn_maps(cfg, b, seed=HEAD_FPN_SEED + k)
-        fpn_checksums.append(head_parity.checksum(fpn))
+        fpn_checksums.append(parity.checksum(fpn))
         theirs = run_mmdet_head(head, state_dict, fpn, images, cfg)
         pairs, cells = theirs["pairs"].sum(), theirs["positive_cells"].sum()
         rescale = float(pairs / cells) if cells else 1.0
@@ -384,7 +384,7 @@ def compare_heads(fixture, failures):
     return worst, {
         "head_batches": ["+".join(n) for n in HEAD_BATCHES],
         "head_state_dict_seed": HEAD_STATE_DICT_SEED,
-        "head_state_dict_sha256": head_parity.checksum(state_dict),
+        "head_state_dict_sha256": parity.checksum(state_dict),
         "head_fpn_seed": HEAD_FPN_SEED,
         "head_fpn_sha256": fpn_checksums,
         "head_max_instances": HEAD_MAX_INSTANCES,

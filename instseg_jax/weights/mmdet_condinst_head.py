@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,8 @@ import numpy as np
 
 from instseg_jax.methods import condinst, fcos
 from instseg_jax.weights import mmdet_condinst_loss
-from instseg_jax.weights.state_dict import check_keys, conv_kernel, f32
+from instseg_jax.weights import mmdet_loss_parity as parity
+from instseg_jax.weights.state_dict import check_keys, f32
 
 FPN_CHANNELS = 64  # the FCOS towers' width too: 32 GroupNorm groups of two channels
 MASK_BRANCH_CHANNELS = 16  # 16 groups of one channel
@@ -135,44 +135,24 @@ def conversion_table(cfg) -> list[tuple[str, tuple, str, tuple]]:
     return rows
 
 
-def _unit_uniform(rng, shape) -> np.ndarray:
-    """Zero-mean unit-variance uniform draws from Generator.random (the stream NumPy is least
-    likely to change, NEP 19; the fixture stores a checksum of what came out)."""
-    return (np.sqrt(3.0) * (2.0 * rng.random(shape) - 1.0)).astype(np.float32)
-
-
 def random_state_dict(cfg, seed: int) -> dict[str, np.ndarray]:
     """Both heads' state dict of seeded draws (torch layouts): convs of variance 1 / fan in,
     norm weights and level scales 1 + 0.1 u, biases 0.1 u (u of unit variance), conv_reg's
     bias 1 + 0.1 u (most distances above the clamp at 0). The same numbers on both sides."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, _, layout, shape in conversion_table(cfg):
-        if layout == "conv":
-            fan_in = shape[1] * shape[2] * shape[3]
-            out[key] = _unit_uniform(rng, shape) / np.float32(np.sqrt(fan_in))
-        elif key.endswith(("gn.weight", ".scale", "conv_reg.bias")):
-            out[key] = np.float32(1.0) + np.float32(0.1) * _unit_uniform(rng, shape)
-        else:
-            out[key] = np.float32(0.1) * _unit_uniform(rng, shape)
-    return out
+    return parity.seeded_state_dict(
+        conversion_table(cfg),
+        seed,
+        fan_in_scaled=lambda key, layout: layout == "conv",
+        near_one=("gn.weight", ".scale", "conv_reg.bias"),
+    )
 
 
 def random_fpn_maps(cfg, batch: int, seed: int) -> list[np.ndarray]:
     """P3..P7 maps float32[batch, h, w, fpn_channels] (cfg.level_shapes()) of seeded
     unit-variance draws."""
     rng = np.random.default_rng(seed)
-    return [_unit_uniform(rng, (batch, h, w, cfg.fpn_channels)) for h, w in cfg.level_shapes()]
-
-
-def checksum(arrays) -> str:
-    """SHA-256 of the arrays' bytes in order (a state dict: in key order)."""
-    if isinstance(arrays, dict):
-        arrays = [arrays[k] for k in sorted(arrays)]
-    digest = hashlib.sha256()
-    for a in arrays:
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()
+    shapes = cfg.level_shapes()
+    return [parity.unit_uniform(rng, (batch, h, w, cfg.fpn_channels)) for h, w in shapes]
 
 
 def convert_head(state_dict: dict, cfg) -> dict:
@@ -181,17 +161,12 @@ def convert_head(state_dict: dict, cfg) -> dict:
     StateDictError names the first missing or unexpected key."""
     table = conversion_table(cfg)
     check_keys(state_dict, [row[0] for row in table], "not a CondInst heads' state dict")
-    params: dict = {}
+    rows = [row for row in table if row[2] != "scale"]
+    params = parity.tree_from_table(state_dict, rows)
     scales = np.zeros(len(fcos.LEVEL_STRIDES), np.float32)
     for key, path, layout, _ in table:
-        value = state_dict[key]
-        if layout == "scale":
-            scales[path[-1]] = f32(value).reshape(())
-            continue
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = conv_kernel(value) if layout == "conv" else f32(value)
+        if layout == "scale":  # one entry of our per-level vector
+            scales[path[-1]] = f32(state_dict[key]).reshape(())
     params["head"]["scales"] = scales
     return params
 
@@ -199,14 +174,7 @@ def convert_head(state_dict: dict, cfg) -> dict:
 def to_state_dict_layout(tree: dict, cfg) -> dict[str, np.ndarray]:
     """A tree shaped like convert_head's output (a gradient) in mmdetection's names and torch
     layouts: the converter's table run backwards."""
-    out = {}
-    for key, path, layout, _ in conversion_table(cfg):
-        value = tree
-        for part in path:
-            value = value[part]
-        value = np.asarray(value, np.float32)
-        out[key] = np.transpose(value, (3, 2, 0, 1)) if layout == "conv" else value
-    return out
+    return parity.state_dict_from_tree(tree, conversion_table(cfg))
 
 
 def head_losses(state_dict, fpn_features, gt: dict, slot_location, slot_valid, cfg, loss_cfg):

@@ -34,9 +34,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from instseg_jax.methods import condinst, fcos
+from instseg_jax.weights import mmdet_loss_parity
 
 CANVAS = 128
 MASK_STRIDE = 4  # of our mask targets: the full masks at [2::4, 2::4]
@@ -91,10 +91,8 @@ def random_head_outputs(seed: int, batch_size: int, cfg) -> dict:
 
 
 def head_checksum(head: dict) -> str:
-    digest = hashlib.sha256()
-    for name in HEAD_OUTPUTS:
-        digest.update(np.ascontiguousarray(head[name], np.float32).tobytes())
-    return digest.hexdigest()
+    """mmdet_loss_parity.checksum of the head outputs as float32, in HEAD_OUTPUTS' order."""
+    return mmdet_loss_parity.checksum([np.asarray(head[name], np.float32) for name in HEAD_OUTPUTS])
 
 
 def condinst_outputs(head: dict, gt: dict, slot_location, slot_valid, cfg) -> tuple[dict, dict]:
@@ -180,14 +178,7 @@ def ellipse(cy, cx, ry, rx) -> np.ndarray:
 def nuclei_masks(stage1_train: Path) -> np.ndarray:
     """bool[N, 128, 128]: NUCLEI_IMAGE's masks (stage1_train/<id>/masks/*.png, in sorted file
     order) that have a pixel in the crop NUCLEI_CROP."""
-    y, x = NUCLEI_CROP
-    masks = []
-    for path in sorted((Path(stage1_train) / NUCLEI_IMAGE / "masks").glob("*.png")):
-        with Image.open(path) as image:
-            crop = np.asarray(image.convert("L"))[y : y + CANVAS, x : x + CANVAS] > 0
-        if crop.any():
-            masks.append(crop)
-    return np.stack(masks)
+    return mmdet_loss_parity.nuclei_crop(stage1_train, NUCLEI_IMAGE, *NUCLEI_CROP, CANVAS)
 
 
 def masks_checksum(masks: np.ndarray) -> str:

@@ -20,6 +20,8 @@ batch; the batch is one mmdetection GPU's (one loss normaliser group).
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ import numpy as np
 
 from instseg_jax.methods import solov2
 from instseg_jax.ops import dense
+from instseg_jax.weights.state_dict import conv_kernel, f32
 
 
 def solov2_config(num_classes: int, canvas: int, mask_channels: int, **overrides):
@@ -126,3 +129,105 @@ def relative_difference(ours, theirs) -> float:
     scale = np.linalg.norm(theirs)
     diff = np.linalg.norm(ours - theirs)
     return float(diff / scale) if scale > 0 else float(diff)
+
+
+# ------------------------------------------------- shared by the mmdetection parity modules
+# (mmdet_solov2_head, mmdet_condinst_head, mmdet_pointrend_head and the loss modules): the
+# seeded inputs both sides of a parity run on, their checksums, the converter tables' walks.
+
+
+def unit_uniform(rng, shape) -> np.ndarray:
+    """Zero-mean unit-variance uniform draws: Generator.random's stream (plain 53-bit doubles)
+    is the part of NumPy's generator least likely to change across releases, where normal's
+    algorithm may (NEP 19); the fixtures store a checksum of what came out (`checksum`)."""
+    return (np.sqrt(3.0) * (2.0 * rng.random(shape) - 1.0)).astype(np.float32)
+
+
+def seeded_state_dict(table, seed: int, fan_in_scaled, near_one=()) -> dict[str, np.ndarray]:
+    """A state dict of seeded draws over a converter table's rows (key, path, layout, torch
+    shape), in the table's order: the rows fan_in_scaled(key, layout) picks get u / sqrt(fan
+    in) (fan in: the shape's product past the first axis), keys ending in one of near_one
+    (norm weights, scales) 1 + 0.1 u, the rest 0.1 u (u of unit variance), so that every
+    parameter's gradient is well above float32 noise."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, _, layout, shape in table:
+        if fan_in_scaled(key, layout):
+            fan_in = int(np.prod(shape[1:]))
+            out[key] = unit_uniform(rng, shape) / np.float32(np.sqrt(fan_in))
+        elif near_one and key.endswith(tuple(near_one)):
+            out[key] = np.float32(1.0) + np.float32(0.1) * unit_uniform(rng, shape)
+        else:
+            out[key] = np.float32(0.1) * unit_uniform(rng, shape)
+    return out
+
+
+def checksum(arrays) -> str:
+    """SHA-256 of the arrays' bytes in order (a state dict: in key order)."""
+    if isinstance(arrays, dict):
+        arrays = [arrays[k] for k in sorted(arrays)]
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
+
+
+def conv_or_vector_to_ours(layout: str, value) -> np.ndarray:
+    """One torch tensor in our layout: "conv" [O, I, kh, kw] -> [kh, kw, I, O]; anything else
+    as float32."""
+    return conv_kernel(value) if layout == "conv" else f32(value)
+
+
+def conv_or_vector_to_torch(layout: str, value, shape) -> np.ndarray:
+    """One of our arrays (a gradient) in torch's layout: "conv" kernels [kh, kw, I, O] ->
+    [O, I, kh, kw]; anything else (vectors, scalars) as it is."""
+    value = np.asarray(value, np.float32)
+    return np.transpose(value, (3, 2, 0, 1)) if layout == "conv" else value
+
+
+def tree_from_table(state_dict: dict, table, to_ours=conv_or_vector_to_ours) -> dict:
+    """Our nested params from a state dict: each table row's tensor, to_ours(layout, value),
+    at its path (the caller checks the keys first)."""
+    params: dict = {}
+    for key, path, layout, _ in table:
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = to_ours(layout, state_dict[key])
+    return params
+
+
+def state_dict_from_tree(tree: dict, table, to_torch=conv_or_vector_to_torch) -> dict:
+    """A tree shaped like tree_from_table's output (a gradient) by mmdetection key in torch
+    layout: the converter's table run backwards, to_torch(layout, value, torch shape)."""
+    out = {}
+    for key, path, layout, shape in table:
+        value = tree
+        for part in path:
+            value = value[part]
+        out[key] = to_torch(layout, value, shape)
+    return out
+
+
+def nuclei_crop(stage1_train: Path, image_id: str, top: int, left: int, size: int) -> np.ndarray:
+    """bool[N, size, size]: the nuclei of one DSB 2018 stage1_train image (stage1_train/<id>/
+    masks/*.png, one nucleus each, data/prepare_nuclei.py's layout) inside the size x size crop
+    at (top, left), in file-name order, those with no pixel in the crop left out.
+
+    FileNotFoundError names the folder when the image is not there; ValueError names the mask
+    when the image has no such crop."""
+    from PIL import Image  # only the nuclei scenes read images
+
+    folder = Path(stage1_train) / image_id / "masks"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no nuclei masks (the DSB 2018 stage1_train set)")
+    kept = []
+    for path in sorted(folder.glob("*.png")):
+        with Image.open(path) as image:
+            mask = np.asarray(image.convert("L")) > 0
+        crop = mask[top : top + size, left : left + size]
+        if crop.shape != (size, size):
+            raise ValueError(f"{path}: {mask.shape} has no {size}-pixel crop at {top, left}")
+        if crop.any():
+            kept.append(crop)
+    return np.stack(kept) if kept else np.zeros((0, size, size), bool)

@@ -33,7 +33,6 @@ meet another point. The test checks our own points are mmdetection's set (point_
 from __future__ import annotations
 
 import functools
-import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ import numpy as np
 
 from instseg_jax.methods import pointrend
 from instseg_jax.ops.sampling import uncertain_points
-from instseg_jax.weights import mmdet_pointrend_loss
+from instseg_jax.weights import mmdet_loss_parity, mmdet_pointrend_loss
 from instseg_jax.weights.state_dict import check_keys
 
 ROI_FEATURE_CHANNELS = 8  # D: the RoI and fine-grained point features' width
@@ -183,25 +182,13 @@ def _to_torch(layout: str, value: np.ndarray, shape: tuple, cfg) -> np.ndarray:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def _unit_uniform(rng, shape) -> np.ndarray:
-    """Zero-mean unit-variance uniform draws (Generator.random's stream: the part of NumPy's
-    generator least likely to change across releases; the fixture keeps checksums)."""
-    return (np.sqrt(3.0) * (2.0 * rng.random(shape) - 1.0)).astype(np.float32)
-
-
 def random_state_dict(cfg, seed: int) -> dict[str, np.ndarray]:
     """Both heads' state dict of seeded draws (torch layouts): weights of variance 1 / fan in,
     biases 0.1 u (u of unit variance), so that the coarse logits spread over a few units (the
     training points' uncertainties well apart) and every gradient is well above float32 noise."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, _, _, shape in conversion_table(cfg):
-        if key.endswith(".weight"):
-            fan_in = int(np.prod(shape[1:]))
-            out[key] = _unit_uniform(rng, shape) / np.float32(np.sqrt(fan_in))
-        else:
-            out[key] = np.float32(0.1) * _unit_uniform(rng, shape)
-    return out
+    return mmdet_loss_parity.seeded_state_dict(
+        conversion_table(cfg), seed, fan_in_scaled=lambda key, layout: key.endswith(".weight")
+    )
 
 
 def random_features(cfg, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -210,19 +197,9 @@ def random_features(cfg, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]
     and the fine-grained features at each training point's slot."""
     rng = np.random.default_rng(seed)
     f, side, p = cfg.mask_fg_per_image, cfg.mask_pool_size, cfg.train_num_points
-    roi = _unit_uniform(rng, (batch, f, side, side, ROI_FEATURE_CHANNELS))
-    fine = _unit_uniform(rng, (batch, f, p, ROI_FEATURE_CHANNELS))
+    roi = mmdet_loss_parity.unit_uniform(rng, (batch, f, side, side, ROI_FEATURE_CHANNELS))
+    fine = mmdet_loss_parity.unit_uniform(rng, (batch, f, p, ROI_FEATURE_CHANNELS))
     return roi, fine
-
-
-def checksum(arrays) -> str:
-    """SHA-256 of the arrays' bytes in order (a state dict: in key order)."""
-    if isinstance(arrays, dict):
-        arrays = [arrays[k] for k in sorted(arrays)]
-    digest = hashlib.sha256()
-    for a in arrays:
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()
 
 
 def convert_heads(state_dict: dict, cfg) -> dict:
@@ -231,24 +208,19 @@ def convert_heads(state_dict: dict, cfg) -> dict:
     unexpected key."""
     table = conversion_table(cfg)
     check_keys(state_dict, [row[0] for row in table], "not a CoarseMaskHead + MaskPointHead")
-    params: dict = {}
-    for key, path, layout, _ in table:
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = _to_ours(layout, state_dict[key], cfg)  # NumPy: jit takes it as is
-    return params
+    # NumPy arrays: jit takes them as they are
+    return mmdet_loss_parity.tree_from_table(
+        state_dict, table, lambda layout, value: _to_ours(layout, value, cfg)
+    )
 
 
 def to_state_dict_layout(tree: dict, cfg) -> dict[str, np.ndarray]:
     """A tree shaped like convert_heads' output (a gradient) by mmdetection key, torch layout."""
-    out = {}
-    for key, path, layout, shape in conversion_table(cfg):
-        value = tree
-        for part in path:
-            value = value[part]
-        out[key] = _to_torch(layout, value, shape, cfg)
-    return out
+    return mmdet_loss_parity.state_dict_from_tree(
+        tree,
+        conversion_table(cfg),
+        lambda layout, value, shape: _to_torch(layout, value, shape, cfg),
+    )
 
 
 def head_losses(state_dict, roi_features, fine, rois, draws, cfg, given: dict):

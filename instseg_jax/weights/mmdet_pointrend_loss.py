@@ -34,6 +34,7 @@ import numpy as np
 
 from instseg_jax.input.transforms import box_crop_target
 from instseg_jax.methods import pointrend
+from instseg_jax.weights import mmdet_loss_parity
 
 CANVAS = 128
 NUM_CLASSES = 3
@@ -87,18 +88,8 @@ def nuclei_scene(stage1_train: Path) -> tuple[np.ndarray, np.ndarray]:
     """(classes int64[N] (all 0), masks bool[N, 128, 128]): the nuclei of NUCLEI_IMAGE's
     top-left 128 x 128 crop (those cut by the crop keep their visible part), in file-name order.
     FileNotFoundError where the shared set is absent."""
-    from PIL import Image
-
-    folder = Path(stage1_train) / NUCLEI_IMAGE / "masks"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no nuclei masks at {folder}")
-    masks = []
-    for path in sorted(folder.glob("*.png")):
-        with Image.open(path) as image:
-            crop = np.asarray(image.convert("L"))[:CANVAS, :CANVAS] > 0
-        if crop.any():
-            masks.append(crop)
-    masks = np.stack(masks)[:MAX_INSTANCES]
+    masks = mmdet_loss_parity.nuclei_crop(stage1_train, NUCLEI_IMAGE, 0, 0, CANVAS)
+    masks = masks[:MAX_INSTANCES]
     return np.zeros(len(masks), np.int64), masks
 
 

@@ -28,17 +28,15 @@ from the shared data at fixture time and at test time (the fixture stores a chec
 from __future__ import annotations
 
 import functools
-import hashlib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from instseg_jax.methods import solov2
 from instseg_jax.weights import mmdet_loss_parity
-from instseg_jax.weights.state_dict import check_keys, conv_kernel, f32
+from instseg_jax.weights.state_dict import check_keys
 
 FPN_CHANNELS = 16
 TOWER_CHANNELS = 64  # 32 GroupNorm groups of two channels
@@ -128,28 +126,16 @@ def conversion_table(cfg) -> list[tuple[str, tuple, str, tuple]]:
     return rows
 
 
-def _unit_uniform(rng, shape) -> np.ndarray:
-    """Zero-mean unit-variance uniform draws: Generator.random's stream (plain 53-bit doubles)
-    is the part of NumPy's generator least likely to change across releases, where normal's
-    algorithm may (NEP 19); the fixture stores a checksum of what came out (`checksum`)."""
-    return (np.sqrt(3.0) * (2.0 * rng.random(shape) - 1.0)).astype(np.float32)
-
-
 def random_state_dict(cfg, seed: int) -> dict[str, np.ndarray]:
     """A SOLOV2Head state dict of seeded draws (torch layouts): convs of variance 1 / fan in,
     norms 1 + 0.1 u and biases 0.1 u (u of unit variance), so that every parameter's gradient
     is well above float32 noise. The same numbers on both sides of the parity."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, _, layout, shape in conversion_table(cfg):
-        if layout == "conv":
-            fan_in = shape[1] * shape[2] * shape[3]
-            out[key] = _unit_uniform(rng, shape) / np.float32(np.sqrt(fan_in))
-        elif key.endswith("gn.weight"):
-            out[key] = 1.0 + np.float32(0.1) * _unit_uniform(rng, shape)
-        else:
-            out[key] = np.float32(0.1) * _unit_uniform(rng, shape)
-    return out
+    return mmdet_loss_parity.seeded_state_dict(
+        conversion_table(cfg),
+        seed,
+        fan_in_scaled=lambda key, layout: layout == "conv",
+        near_one=("gn.weight",),
+    )
 
 
 def random_fpn_maps(cfg, batch: int, seed: int) -> list[np.ndarray]:
@@ -158,18 +144,9 @@ def random_fpn_maps(cfg, batch: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     h, w = cfg.canvas_hw
     return [
-        _unit_uniform(rng, (batch, h // s, w // s, cfg.fpn_channels)) for s in solov2.NATIVE_STRIDES
+        mmdet_loss_parity.unit_uniform(rng, (batch, h // s, w // s, cfg.fpn_channels))
+        for s in solov2.NATIVE_STRIDES
     ]
-
-
-def checksum(arrays) -> str:
-    """SHA-256 of the arrays' bytes in order (a state dict: in key order)."""
-    if isinstance(arrays, dict):
-        arrays = [arrays[k] for k in sorted(arrays)]
-    digest = hashlib.sha256()
-    for a in arrays:
-        digest.update(np.ascontiguousarray(a).tobytes())
-    return digest.hexdigest()
 
 
 def convert_head(state_dict: dict, cfg) -> dict:
@@ -177,27 +154,13 @@ def convert_head(state_dict: dict, cfg) -> dict:
     SOLOV2Head state dict; StateDictError names the first missing or unexpected key."""
     table = conversion_table(cfg)
     check_keys(state_dict, [row[0] for row in table], "not a SOLOV2Head state dict")
-    params: dict = {}
-    for key, path, layout, _ in table:
-        value = state_dict[key]
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = conv_kernel(value) if layout == "conv" else f32(value)
-    return params
+    return mmdet_loss_parity.tree_from_table(state_dict, table)
 
 
 def to_state_dict_layout(tree: dict, cfg) -> dict[str, np.ndarray]:
     """A tree shaped like convert_head's output (a gradient) in mmdetection's names and torch
     layouts: the converter's table run backwards."""
-    out = {}
-    for key, path, layout, _ in conversion_table(cfg):
-        value = tree
-        for part in path:
-            value = value[part]
-        value = np.asarray(value, np.float32)
-        out[key] = np.transpose(value, (3, 2, 0, 1)) if layout == "conv" else value
-    return out
+    return mmdet_loss_parity.state_dict_from_tree(tree, conversion_table(cfg))
 
 
 def head_losses(state_dict, fpn_features, gt: dict, cfg, mask_rescale: float):
@@ -263,22 +226,11 @@ def nuclei_scene(source: Path, image_id: str, top: int, left: int, canvas: int, 
     dropped, in the masks' file-name order. checksum: SHA-256 of the masks' bytes.
 
     FileNotFoundError names the folder when the image is not there."""
-    masks_dir = Path(source) / image_id / "masks"
-    if not masks_dir.is_dir():
-        raise FileNotFoundError(f"{masks_dir}: no nuclei masks (the DSB 2018 stage1_train set)")
+    full = mmdet_loss_parity.nuclei_crop(source, image_id, top, left, canvas)
     centre = stride // 2
-    kept = []
-    for path in sorted(masks_dir.glob("*.png")):
-        with Image.open(path) as image:
-            mask = np.asarray(image.convert("L")) > 0
-        crop = mask[top : top + canvas, left : left + canvas][centre::stride, centre::stride]
-        if crop.shape != (canvas // stride, canvas // stride):
-            raise ValueError(f"{path}: {mask.shape} has no {canvas}-pixel crop at {top, left}")
-        if crop.any():
-            kept.append(crop)
-    size = canvas // stride
-    masks = np.stack(kept) if kept else np.zeros((0, size, size), bool)
-    return np.zeros(len(masks), np.int64), masks, checksum([masks])
+    sampled = full[:, centre::stride, centre::stride]
+    masks = sampled[sampled.any(axis=(1, 2))]
+    return np.zeros(len(masks), np.int64), masks, mmdet_loss_parity.checksum([masks])
 
 
 def ground_truth_arrays(images, max_instances: int, stride: int) -> dict:

@@ -35,7 +35,7 @@ import numpy as np
 from instseg_jax.methods import yolact
 from instseg_jax.nn.layers import Conv
 from instseg_jax.ops import dense
-from instseg_jax.weights.mmdet_loss_parity import relative_difference
+from instseg_jax.weights.mmdet_loss_parity import nuclei_crop, relative_difference
 
 __all__ = ["nuclei_ground_truth", "relative_difference", "yolact_config", "yolact_losses"]
 
@@ -163,22 +163,6 @@ def nuclei_ground_truth(root: Path, canvas: int, stride: int) -> dict:
         "classes": np.zeros(len(full), np.int32),
         "checksum": masks_checksum(full),
     }
-
-
-def nuclei_crop(root: Path, image_id: str, top: int, left: int, size: int) -> np.ndarray:
-    """bool[N, size, size]: the nuclei of one DSB 2018 stage1_train image (root/<id>/masks/
-    *.png, one nucleus each, data/prepare_nuclei.py's layout) inside a size x size crop at
-    (top, left), in file-name order, those with no pixel in the crop left out."""
-    from PIL import Image
-
-    masks = []
-    for path in sorted((Path(root) / image_id / "masks").glob("*.png")):
-        with Image.open(path) as png:
-            mask = np.asarray(png.convert("L")) > 0
-        crop = mask[top : top + size, left : left + size]
-        if crop.any():
-            masks.append(crop)
-    return np.stack(masks) if masks else np.zeros((0, size, size), bool)
 
 
 def masks_checksum(masks: np.ndarray) -> str:

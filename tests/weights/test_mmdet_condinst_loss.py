@@ -34,7 +34,7 @@ import pytest
 
 from instseg_jax.weights import mmdet_condinst_head as head_parity
 from instseg_jax.weights import mmdet_condinst_loss as parity
-from instseg_jax.weights.mmdet_loss_parity import relative_difference
+from instseg_jax.weights.mmdet_loss_parity import checksum, relative_difference
 from tests.conftest import SHARED_NUCLEI
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mmdet_condinst_loss_tiny.npz"
@@ -104,8 +104,8 @@ def test_condinst_head_parameters_match_mmdetection():
     state_dict = head_parity.random_state_dict(cfg, META["head_state_dict_seed"])
     fpn = head_parity.random_fpn_maps(cfg, len(names), META["head_fpn_seed"])
     redraw = "NumPy drew other numbers than the fixture's: rerun its --make-fixture"
-    assert head_parity.checksum(state_dict) == str(DATA["h_state_dict_sha256"]), redraw
-    assert head_parity.checksum(fpn) == str(DATA["h_fpn_sha256"]), redraw
+    assert checksum(state_dict) == str(DATA["h_state_dict_sha256"]), redraw
+    assert checksum(fpn) == str(DATA["h_fpn_sha256"]), redraw
     images = [parity.scene(n, SHARED_NUCLEI) for n in names]
     if "nuclei" in names:
         masks = images[names.index("nuclei")][1]

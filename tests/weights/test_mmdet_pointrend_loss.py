@@ -33,7 +33,7 @@ import pytest
 
 from instseg_jax.weights import mmdet_pointrend_head as head_parity
 from instseg_jax.weights import mmdet_pointrend_loss as parity
-from instseg_jax.weights.mmdet_loss_parity import relative_difference
+from instseg_jax.weights.mmdet_loss_parity import checksum, relative_difference
 from tests.conftest import SHARED_NUCLEI
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mmdet_pointrend_loss_tiny.npz"
@@ -97,8 +97,8 @@ def check_heads(data, k: int, rois, draws, mask_targets):
     state_dict = head_parity.random_state_dict(cfg, meta["head_state_dict_seed"])
     roi_features, fine = head_parity.random_features(cfg, 2, meta["head_feature_seed"] + k)
     redraw = "NumPy drew other numbers than the fixture's: rerun its --make-fixture"
-    assert head_parity.checksum(state_dict) == meta["head_state_dict_sha256"], redraw
-    assert head_parity.checksum([roi_features, fine]) == meta["head_features_sha256"][k], redraw
+    assert checksum(state_dict) == meta["head_state_dict_sha256"], redraw
+    assert checksum([roi_features, fine]) == meta["head_features_sha256"][k], redraw
     valid = rois["foreground"]
     prefix = f"h{k}_mmdet_"
     theirs = {n[len(prefix) :]: data[n] for n in data.files if n.startswith(prefix)}

@@ -83,8 +83,8 @@ def test_solov2_head_parameters_match_mmdetection(k):
     state_dict = head_parity.random_state_dict(cfg, meta["head_state_dict_seed"])
     fpn = head_parity.random_fpn_maps(cfg, 2, meta["head_fpn_seed"] + k)
     redraw = "NumPy drew other numbers than the fixture's: rerun its --make-fixture"
-    assert head_parity.checksum(state_dict) == meta["head_state_dict_sha256"], redraw
-    assert head_parity.checksum(fpn) == meta["head_fpn_sha256"][k], redraw
+    assert parity.checksum(state_dict) == meta["head_state_dict_sha256"], redraw
+    assert parity.checksum(fpn) == meta["head_fpn_sha256"][k], redraw
     if batch.startswith("nuclei"):
         if not SHARED_NUCLEI.is_dir():
             pytest.skip(f"no nuclei source at {SHARED_NUCLEI}")
