@@ -142,6 +142,25 @@ NUCLEI_IMAGE = "00ae65c1c6631ae6f2be1a449902976e6eb8483bf6b0740d00530220832c6d3e
 NUCLEI_TOP_LEFT = (64, 96)
 
 
+def padded_ground_truth(images, max_instances: int, side: int) -> dict:
+    """Our padded ground truth arrays of one batch of images ({boxes, classes, masks bool[N,
+    side, side]} each, every instance, filtered by min_gt_box_size or not): boxes float32[B, M,
+    4], classes int32[B, M], valid bool[B, M], masks bool[B, M, side, side]."""
+    b = len(images)
+    gt = {
+        "boxes": np.zeros((b, max_instances, 4), np.float32),
+        "classes": np.zeros((b, max_instances), np.int32),
+        "valid": np.zeros((b, max_instances), bool),
+        "masks": np.zeros((b, max_instances, side, side), bool),
+    }
+    for i, image in enumerate(images):
+        n = len(image["classes"])
+        for name in ("boxes", "classes", "masks"):
+            gt[name][i, :n] = image[name]
+        gt["valid"][i, :n] = True
+    return gt
+
+
 def nuclei_ground_truth(root: Path, canvas: int, stride: int) -> dict:
     """The nuclei scene (class 0): full_masks bool[N, canvas, canvas] (the crop as read),
     boxes float32[N, 4] (their pixel-edge extents), masks bool[N, canvas / stride, ...] (the

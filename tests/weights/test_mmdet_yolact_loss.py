@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from instseg_jax.weights import mmdet_yolact_loss as parity
 from tests.conftest import SHARED_NUCLEI
@@ -47,19 +48,8 @@ def _nuclei_image(meta) -> dict:
 
 
 def _ground_truth(images, meta) -> dict:
-    b, n, side = len(images), meta["max_instances"], meta["canvas"] // meta["stride"]
-    gt = {
-        "boxes": np.zeros((b, n, 4), np.float32),
-        "classes": np.zeros((b, n), np.int32),
-        "valid": np.zeros((b, n), bool),
-        "masks": np.zeros((b, n, side, side), bool),
-    }
-    for i, image in enumerate(images):
-        k = len(image["classes"])
-        for name in ("boxes", "classes", "masks"):
-            gt[name][i, :k] = image[name]
-        gt["valid"][i, :k] = True
-    return gt
+    side = meta["canvas"] // meta["stride"]
+    return parity.padded_ground_truth(images, meta["max_instances"], side)
 
 
 def _check_batch(data, cfg, k, gt, batch):
@@ -142,14 +132,6 @@ HEAD_FIXTURE = FIXTURE.with_name("mmdet_yolact_head_tiny.npz")
 PARAM_GRAD_TOLERANCE = 1e-5  # relative, per parameter tensor; measured 5.5e-7
 
 
-def _leaves(tree, path=""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{path}{key}/")
-        else:
-            yield f"{path}{key}", value
-
-
 @pytest.mark.slow  # 15 s with a cold compilation cache, 3 s warm: over the fast tier's budget
 def test_yolact_heads_from_mmdetection_weights_match_its_losses_and_parameter_gradients():
     """mmdetection's YOLACTHead and YOLACTProtonet (with its protonet and semantic convolution)
@@ -182,8 +164,8 @@ def test_yolact_heads_from_mmdetection_weights_match_its_losses_and_parameter_gr
         their_grads = parity.convert_mmdet_heads(
             {n[len(prefix) :]: heads[n] for n in heads.files if n.startswith(prefix)}
         )
-        theirs = dict(_leaves(their_grads))
-        for name, grad in _leaves(grads):
+        theirs = flatten_dict(their_grads, sep="/")
+        for name, grad in flatten_dict(grads, sep="/").items():
             difference = parity.relative_difference(grad, theirs[name])
             assert difference < PARAM_GRAD_TOLERANCE, (names, name, difference)
         checked += 1
