@@ -108,6 +108,14 @@ from mmengine.structures import InstanceData  # noqa: E402
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mmdet_common import (  # noqa: E402
+    join_levels,
+    print_summary,
+    split_levels,
+    verdict,
+    write_fixture,
+)
+
 from instseg_jax.weights import mmdet_condinst_head as head_parity  # noqa: E402
 from instseg_jax.weights import mmdet_condinst_loss as ours_side  # noqa: E402
 from instseg_jax.weights.mmdet_loss_parity import checksum, relative_difference  # noqa: E402
@@ -185,23 +193,6 @@ def make_heads(cfg=None):
         loss_mask=dict(type="DiceLoss", use_sigmoid=True, activate=True, eps=5e-6, loss_weight=1.0),
     )
     return bbox_head, mask_head
-
-
-def split_levels(flat, shapes):
-    """[B, T, K] (ours) -> per level [B, K, h, w] (mmdetection's)."""
-    out, offset = [], 0
-    for h, w in shapes:
-        level = flat[:, offset : offset + h * w].reshape(flat.shape[0], h, w, -1)
-        out.append(np.ascontiguousarray(level.transpose(0, 3, 1, 2)))
-        offset += h * w
-    return out
-
-
-def join_levels(levels):
-    """Per level [B, K, h, w] -> [B, T, K]."""
-    return np.concatenate(
-        [lv.transpose(0, 2, 3, 1).reshape(lv.shape[0], -1, lv.shape[1]) for lv in levels], 1
-    )
 
 
 def half_pixel_bilinear(tensor, factor):
@@ -556,37 +547,22 @@ def main():
             ):
                 fixture[f"b{k}_mmdet_{name}"] = np.asarray(theirs[name])
     head_worst = compare_heads(fixture if args.make_fixture else None, failures)
-    print(
-        json.dumps(
-            {
-                "worst_relative": worst,
-                "tolerances": TOLERANCES,
-                "head_worst_relative": head_worst,
-                "head_tolerances": HEAD_TOLERANCES,
-                "seconds": time.time() - start,
-            }
-        )
-    )
-    if args.make_fixture:
-        meta = {
-            "head_batch": HEAD_BATCH,
-            "head_state_dict_seed": HEAD_STATE_DICT_SEED,
-            "head_fpn_seed": HEAD_FPN_SEED,
-            "num_classes": NUM_CLASSES,
-            "canvas": CANVAS,
-            "mask_slots": MASK_SLOTS,
-            "batches": [list(n) for n in BATCHES],
-            "seed": SEED,
-            "nuclei_image": ours_side.NUCLEI_IMAGE,
-            "nuclei_crop": list(ours_side.NUCLEI_CROP),
-            "nuclei_masks_sha256": ours_side.masks_checksum(scene("nuclei")[1]),
-        }
-        np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
-        print(f"wrote {args.make_fixture}")
-    if failures:
-        print("FAIL: " + "; ".join(failures))
-        sys.exit(1)
-    print("OK: every term and gradient within tolerance (ours at mmdetection's GIoU rule)")
+    print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
+    meta = {
+        "head_batch": HEAD_BATCH,
+        "head_state_dict_seed": HEAD_STATE_DICT_SEED,
+        "head_fpn_seed": HEAD_FPN_SEED,
+        "num_classes": NUM_CLASSES,
+        "canvas": CANVAS,
+        "mask_slots": MASK_SLOTS,
+        "batches": [list(n) for n in BATCHES],
+        "seed": SEED,
+        "nuclei_image": ours_side.NUCLEI_IMAGE,
+        "nuclei_crop": list(ours_side.NUCLEI_CROP),
+        "nuclei_masks_sha256": ours_side.masks_checksum(scene("nuclei")[1]),
+    }
+    write_fixture(args.make_fixture, meta, fixture)
+    verdict(failures, "every term and gradient within tolerance (ours at mmdetection's GIoU rule)")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ from mmengine.structures import InstanceData  # noqa: E402
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mmdet_common import print_summary, verdict, write_fixture  # noqa: E402
+
 from instseg_jax.weights import mmdet_loss_parity  # noqa: E402
 from instseg_jax.weights import mmdet_pointrend_head as head_parity  # noqa: E402
 from instseg_jax.weights import mmdet_pointrend_loss as parity  # noqa: E402
@@ -527,32 +529,19 @@ def main():
     print(json.dumps({"batch": "empty+empty (ours only)", "loss": empty_total, "grad": empty_grad}))
     if empty_total or empty_grad:
         failures.append("empty batch: our losses or gradients are not zero")
-    print(
-        json.dumps(
-            {
-                "worst_relative": worst,
-                "tolerances": TOLERANCES,
-                "head_worst_relative": head_worst,
-                "head_tolerances": HEAD_TOLERANCES,
-                "seconds": round(time.time() - start, 1),
-            }
-        )
+    print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
+    meta = {
+        "batches": ["+".join(n) for n in BATCHES],
+        "checksums": meta_scenes,
+        "head_state_dict_seed": HEAD_STATE_DICT_SEED,
+        "head_state_dict_sha256": mmdet_loss_parity.checksum(state_dict),
+        "head_feature_seed": HEAD_FEATURE_SEED,
+        "head_features_sha256": feature_checksums,
+    }
+    write_fixture(args.make_fixture, meta, fixture)
+    verdict(
+        failures, "terms and gradients within tolerance on mmdetection's targets; ours reported"
     )
-    if args.make_fixture:
-        meta = {
-            "batches": ["+".join(n) for n in BATCHES],
-            "checksums": meta_scenes,
-            "head_state_dict_seed": HEAD_STATE_DICT_SEED,
-            "head_state_dict_sha256": mmdet_loss_parity.checksum(state_dict),
-            "head_feature_seed": HEAD_FEATURE_SEED,
-            "head_features_sha256": feature_checksums,
-        }
-        np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
-        print(f"wrote {args.make_fixture}")
-    if failures:
-        print("FAIL: " + "; ".join(failures))
-        sys.exit(1)
-    print("OK: terms and gradients within tolerance on mmdetection's targets; ours reported")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,14 @@ from mmengine.structures import InstanceData  # noqa: E402
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mmdet_common import (  # noqa: E402
+    join_levels,
+    print_summary,
+    split_levels,
+    verdict,
+    write_fixture,
+)
+
 from instseg_jax.weights import mmdet_loss_parity as parity  # noqa: E402
 from instseg_jax.weights import mmdet_solov2_head as head_parity  # noqa: E402
 
@@ -189,26 +197,9 @@ def make_head(cfg, tower_gn=None, mask_gn=None) -> SOLOV2Head:
     )
 
 
-def split_levels(flat, grids):
-    """[B, S, K] (ours) -> per level [B, K, g, g] (mmdetection's)."""
-    out, offset = [], 0
-    for g in grids:
-        level = flat[:, offset : offset + g * g].reshape(flat.shape[0], g, g, -1)
-        out.append(np.ascontiguousarray(level.transpose(0, 3, 1, 2)))
-        offset += g * g
-    return out
-
-
-def join_levels(levels):
-    """Per level [B, K, g, g] -> [B, S, K]."""
-    return np.concatenate(
-        [lv.transpose(0, 2, 3, 1).reshape(lv.shape[0], -1, lv.shape[1]) for lv in levels], 1
-    )
-
-
 def run_mmdet(head, logits, kernels, features, images, cfg):
     """mmdetection's terms, their gradients in our layouts and its targets."""
-    grids = cfg.num_grids
+    grids = [(g, g) for g in cfg.num_grids]
     cls_t = [torch.tensor(x, requires_grad=True) for x in split_levels(logits, grids)]
     ker_t = [torch.tensor(x, requires_grad=True) for x in split_levels(kernels, grids)]
     feat_t = torch.tensor(np.ascontiguousarray(features.transpose(0, 3, 1, 2)), requires_grad=True)
@@ -491,31 +482,16 @@ def main():
             ):
                 fixture[f"b{k}_mmdet_{name}"] = np.asarray(theirs[name])
     head_worst, head_meta = compare_heads(fixture if args.make_fixture else None, failures)
-    print(
-        json.dumps(
-            {
-                "worst_relative": worst,
-                "tolerances": TOLERANCES,
-                "head_worst_relative": head_worst,
-                "head_tolerances": HEAD_TOLERANCES,
-                "seconds": round(time.time() - start, 1),
-            }
-        )
-    )
-    if args.make_fixture:
-        meta = {
-            "num_classes": NUM_CLASSES,
-            "canvas": CANVAS,
-            "mask_channels": MASK_CHANNELS,
-            "batches": ["+".join(n) for n in BATCHES],
-            **head_meta,
-        }
-        np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
-        print(f"wrote {args.make_fixture}")
-    if failures:
-        print("FAIL: " + "; ".join(failures))
-        sys.exit(1)
-    print("OK: every term within tolerance (dice normaliser rescaled, see the docstring)")
+    print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
+    meta = {
+        "num_classes": NUM_CLASSES,
+        "canvas": CANVAS,
+        "mask_channels": MASK_CHANNELS,
+        "batches": ["+".join(n) for n in BATCHES],
+        **head_meta,
+    }
+    write_fixture(args.make_fixture, meta, fixture)
+    verdict(failures, "every term within tolerance (dice normaliser rescaled, see the docstring)")
 
 
 if __name__ == "__main__":

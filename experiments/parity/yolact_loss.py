@@ -102,6 +102,8 @@ from mmengine.structures import InstanceData  # noqa: E402
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mmdet_common import join_levels, split_levels, verdict, write_fixture  # noqa: E402
+
 from instseg_jax.weights import mmdet_yolact_loss as parity  # noqa: E402
 
 NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
@@ -114,6 +116,7 @@ MAX_INSTANCES = 32
 BASE_SIZES = (4, 8, 16, 32, 64)  # x octave_base_scale 3: our smoke anchor sizes 12 .. 192
 FEATURE_SIDES = tuple(CANVAS // s for s in (8, 16, 32, 64, 128))
 RATIOS = 3
+LEVEL_SHAPES = tuple((side, side) for side in FEATURE_SIDES)
 BATCHES = (("few", "crowded"), ("nuclei", "empty"), ("empty", "empty"))
 TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative; float32 on both sides
 
@@ -253,23 +256,15 @@ class RecordedRandperm:
         torch.randperm = self.original
 
 
-def split_levels(flat, per_anchor):
-    """[B, T, X] (ours) -> per level [B, A X, h, w] (mmdetection's)."""
-    out, offset = [], 0
-    b = flat.shape[0]
-    for side in FEATURE_SIDES:
-        n = side * side * RATIOS
-        level = flat[:, offset : offset + n].reshape(b, side, side, RATIOS * per_anchor)
-        out.append(np.ascontiguousarray(level.transpose(0, 3, 1, 2)))
-        offset += n
-    return out
-
-
-def join_levels(levels, per_anchor):
-    """Per level [B, A X, h, w] -> [B, T, X]."""
-    return np.concatenate(
-        [lv.transpose(0, 2, 3, 1).reshape(lv.shape[0], -1, per_anchor) for lv in levels], 1
-    )
+def mmdet_terms(box_losses, mask_losses) -> dict:
+    """Our four terms from YOLACTHead's and YOLACTProtonet's loss_by_feat answers (per-level or
+    per-image lists summed)."""
+    return {
+        "loss_cls": sum(box_losses["loss_cls"]),
+        "loss_box_reg": sum(box_losses["loss_bbox"]),
+        "loss_mask": sum(mask_losses["loss_mask"]),
+        "loss_semantic": sum(mask_losses["loss_segm"]),
+    }
 
 
 def mmdet_instances(images):
@@ -299,9 +294,16 @@ def run_mmdet(head, protonet, outputs, images, seed):
     trained mask slots (anchor indices, padded to MASKS_PER_IMAGE)."""
     logits, deltas, coefficients, protos, semantic = outputs
     b = logits.shape[0]
-    cls_t = [torch.tensor(x, requires_grad=True) for x in split_levels(logits, NUM_CLASSES + 1)]
-    box_t = [torch.tensor(x, requires_grad=True) for x in split_levels(deltas, 4)]
-    coeff_t = [torch.tensor(x, requires_grad=True) for x in split_levels(coefficients, NUM_PROTOS)]
+    cls_t = [
+        torch.tensor(x, requires_grad=True) for x in split_levels(logits, LEVEL_SHAPES, RATIOS)
+    ]
+    box_t = [
+        torch.tensor(x, requires_grad=True) for x in split_levels(deltas, LEVEL_SHAPES, RATIOS)
+    ]
+    coeff_t = [
+        torch.tensor(x, requires_grad=True)
+        for x in split_levels(coefficients, LEVEL_SHAPES, RATIOS)
+    ]
     protos_t = torch.tensor(np.ascontiguousarray(protos.transpose(0, 3, 1, 2)), requires_grad=True)
     semantic_t = torch.tensor(
         np.ascontiguousarray(semantic.transpose(0, 3, 1, 2)), requires_grad=True
@@ -321,12 +323,7 @@ def run_mmdet(head, protonet, outputs, images, seed):
         mask_losses = protonet.loss_by_feat(mask_preds, segm_preds, proto_gt, metas, positive_infos)
     with RecordedRandperm(seed):
         raw = protonet.loss_by_feat(mask_preds, segm_preds, proto_gt_raw, metas, positive_infos)
-    terms = {
-        "loss_cls": sum(box_losses["loss_cls"]),
-        "loss_box_reg": sum(box_losses["loss_bbox"]),
-        "loss_mask": sum(mask_losses["loss_mask"]),
-        "loss_semantic": sum(mask_losses["loss_segm"]),
-    }
+    terms = mmdet_terms(box_losses, mask_losses)
     inputs = [*cls_t, *box_t, *coeff_t, protos_t, semantic_t]
     grads = torch.autograd.grad(sum(terms.values()), inputs, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs, strict=True)]
@@ -334,9 +331,9 @@ def run_mmdet(head, protonet, outputs, images, seed):
     n = len(FEATURE_SIDES)
     answer = {name: float(value) for name, value in terms.items()}
     answer["loss_semantic_unshifted"] = float(sum(raw["loss_segm"]))
-    answer["grad_class_logits"] = join_levels(grads[:n], NUM_CLASSES + 1)
-    answer["grad_box_deltas"] = join_levels(grads[n : 2 * n], 4)
-    answer["grad_coefficients"] = join_levels(grads[2 * n : 3 * n], NUM_PROTOS)
+    answer["grad_class_logits"] = join_levels(grads[:n], RATIOS)
+    answer["grad_box_deltas"] = join_levels(grads[n : 2 * n], RATIOS)
+    answer["grad_coefficients"] = join_levels(grads[2 * n : 3 * n], RATIOS)
     answer["grad_prototypes"] = grads[-2].transpose(0, 2, 3, 1)
     answer["grad_semantic_logits"] = grads[-1].transpose(0, 2, 3, 1)
     answer.update(assignment(head, randperm.draws, b, logits.shape[1]))
@@ -423,12 +420,7 @@ def run_mmdet_heads(head, protonet, features, images, seed):
     with RecordedRandperm(seed) as randperm:
         mask_preds, segm_preds = protonet.forward((feats[0],), positive_infos)
         mask_losses = protonet.loss_by_feat(mask_preds, segm_preds, proto_gt, metas, positive_infos)
-    terms = {
-        "loss_cls": sum(box_losses["loss_cls"]),
-        "loss_box_reg": sum(box_losses["loss_bbox"]),
-        "loss_mask": sum(mask_losses["loss_mask"]),
-        "loss_semantic": sum(mask_losses["loss_segm"]),
-    }
+    terms = mmdet_terms(box_losses, mask_losses)
     named = [(f"bbox_head.{n}", p) for n, p in head.named_parameters()]
     named += [(f"mask_head.{n}", p) for n, p in protonet.named_parameters()]
     grads = torch.autograd.grad(sum(terms.values()), [p for _, p in named], allow_unused=True)
@@ -499,20 +491,7 @@ def jax_leaves(ours: dict, theirs: dict, path: str = "") -> dict:
 
 def our_ground_truth(images) -> dict:
     """Our padded ground truth arrays for one batch (every instance, filtered or not)."""
-    b, side = len(images), CANVAS // STRIDE
-    gt = {
-        "boxes": np.zeros((b, MAX_INSTANCES, 4), np.float32),
-        "classes": np.zeros((b, MAX_INSTANCES), np.int32),
-        "valid": np.zeros((b, MAX_INSTANCES), bool),
-        "masks": np.zeros((b, MAX_INSTANCES, side, side), bool),
-    }
-    for i, image in enumerate(images):
-        n = len(image["classes"])
-        gt["boxes"][i, :n] = image["boxes"]
-        gt["classes"][i, :n] = image["classes"]
-        gt["valid"][i, :n] = True
-        gt["masks"][i, :n] = image["masks"]
-    return gt
+    return parity.padded_ground_truth(images, MAX_INSTANCES, CANVAS // STRIDE)
 
 
 def head_outputs(rng, b, t, side):
@@ -627,30 +606,23 @@ def main():
             fixture.update({f"b{k}_gt_{name}": v for name, v in gt.items()})
         fixture.update({f"b{k}_mmdet_{name}": np.asarray(theirs[name]) for name in MMDET_KEYS})
     head_fixture = head_parameter_parity(rng, failures)
-    if args.make_head_fixture:
-        meta = {"channels": HEAD_CHANNELS, "batches": [list(n) for n in HEAD_BATCHES]}
-        np.savez_compressed(args.make_head_fixture, config=json.dumps(meta), **head_fixture)
-        print(f"wrote {args.make_head_fixture}")
+    head_meta = {"channels": HEAD_CHANNELS, "batches": [list(n) for n in HEAD_BATCHES]}
+    write_fixture(args.make_head_fixture, head_meta, head_fixture)
     summary = {"worst_relative": worst, "tolerances": TOLERANCES}
     print(json.dumps({**summary, "seconds": round(time.time() - start, 1)}))
-    if args.make_fixture:
-        meta = {
-            "num_classes": NUM_CLASSES,
-            "canvas": CANVAS,
-            "stride": STRIDE,
-            "num_protos": NUM_PROTOS,
-            "masks_per_image": MASKS_PER_IMAGE,
-            "max_instances": MAX_INSTANCES,
-            "batches": [list(n) for n in BATCHES],
-            "nuclei_checksum": checksum,
-        }
-        fixture.update({f"coco_anchors_{name}": v for name, v in coco_sample.items()})
-        np.savez_compressed(args.make_fixture, config=json.dumps(meta), **fixture)
-        print(f"wrote {args.make_fixture}")
-    if failures:
-        print("FAIL: " + "; ".join(failures))
-        sys.exit(1)
-    print("OK: anchors, anchor labels and every term and gradient within tolerance")
+    meta = {
+        "num_classes": NUM_CLASSES,
+        "canvas": CANVAS,
+        "stride": STRIDE,
+        "num_protos": NUM_PROTOS,
+        "masks_per_image": MASKS_PER_IMAGE,
+        "max_instances": MAX_INSTANCES,
+        "batches": [list(n) for n in BATCHES],
+        "nuclei_checksum": checksum,
+    }
+    fixture.update({f"coco_anchors_{name}": v for name, v in coco_sample.items()})
+    write_fixture(args.make_fixture, meta, fixture)
+    verdict(failures, "anchors, anchor labels and every term and gradient within tolerance")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""What the mmdetection loss parity scripts (solov2_loss.py, yolact_loss.py, condinst_loss.py,
+pointrend_loss.py; `make peer-mmdet`'s environment) share: the level layout conversion between
+our flat head outputs and mmdetection's per-level maps, the closing summary line, the
+fixture writing and the verdict every script ends with.
+
+Import it after mmdet_shim, from the scripts' folder (they put it on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def split_levels(flat, shapes, anchors: int = 1) -> list[np.ndarray]:
+    """[B, T, K] (ours: the levels' cells in turn, row-major, `anchors` rows a cell) -> per level
+    [B, anchors K, h, w] (mmdetection's), for levels of `shapes` (h, w)."""
+    out, offset = [], 0
+    for h, w in shapes:
+        n = h * w * anchors
+        level = flat[:, offset : offset + n].reshape(flat.shape[0], h, w, -1)
+        out.append(np.ascontiguousarray(level.transpose(0, 3, 1, 2)))
+        offset += n
+    return out
+
+
+def join_levels(levels, anchors: int = 1) -> np.ndarray:
+    """split_levels run backwards: per level [B, anchors K, h, w] -> [B, T, K]."""
+    return np.concatenate(
+        [
+            lv.transpose(0, 2, 3, 1).reshape(lv.shape[0], -1, lv.shape[1] // anchors)
+            for lv in levels
+        ],
+        1,
+    )
+
+
+def print_summary(worst, tolerances, head_worst, head_tolerances, start: float) -> None:
+    """The closing JSON line: the worst relative differences of the loss parity and of the
+    head-parameter parity against their tolerances, and the run's seconds since `start`."""
+    summary = {
+        "worst_relative": worst,
+        "tolerances": tolerances,
+        "head_worst_relative": head_worst,
+        "head_tolerances": head_tolerances,
+        "seconds": round(time.time() - start, 1),
+    }
+    print(json.dumps(summary))
+
+
+def write_fixture(path, meta: dict, arrays: dict) -> None:
+    """Writes the CI test's npz (config: meta as JSON, and the arrays) where --make-fixture
+    named a path; nothing without one."""
+    if path:
+        np.savez_compressed(path, config=json.dumps(meta), **arrays)
+        print(f"wrote {path}")
+
+
+def verdict(failures: list, ok: str) -> None:
+    """The last line: exit status 1 with every failure listed, else `OK: ok`."""
+    if failures:
+        print("FAIL: " + "; ".join(failures))
+        sys.exit(1)
+    print(f"OK: {ok}")
