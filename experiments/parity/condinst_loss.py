@@ -94,7 +94,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-importlib.import_module("mmdet_shim")  # before mmdet: stubs mmcv.ops
+common = importlib.import_module("mmdet_common")  # before mmdet: it stubs mmcv.ops
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -104,17 +104,6 @@ from mmdet.models.dense_heads import condinst_head as condinst_module  # noqa: E
 from mmdet.structures.mask import BitmapMasks  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
-
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mmdet_common import (  # noqa: E402
-    join_levels,
-    print_summary,
-    split_levels,
-    verdict,
-    write_fixture,
-)
 
 from instseg_jax.weights import mmdet_condinst_head as head_parity  # noqa: E402
 from instseg_jax.weights import mmdet_condinst_loss as ours_side  # noqa: E402
@@ -131,7 +120,7 @@ BATCHES = (
     ("crowded", "empty", "empty", "few"),
     ("empty", "empty", "empty", "empty"),
 )
-SHARED_NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
+SHARED_NUCLEI = common.SHARED_NUCLEI
 TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative; float32 on both sides
 GRAD_NAMES = [f"grad_{n}" for n in ours_side.HEAD_OUTPUTS]
 # The whole heads: outputs pass through convolutions and GroupNorm (float32 sums of a few
@@ -204,10 +193,10 @@ def run_mmdet(heads, head, images, shapes, seed, patch_upsampling):
     """mmdetection's terms, the gradient of their total in our layouts, its targets and its
     mask-slot draw."""
     levels = {
-        "class_logits": split_levels(head["class_logits"], shapes),
-        "distances": split_levels(head["distances"], shapes),
-        "centerness_logits": split_levels(head["centerness_logits"][..., None], shapes),
-        "dynamic_params": split_levels(head["dynamic_params"], shapes),
+        "class_logits": common.split_levels(head["class_logits"], shapes),
+        "distances": common.split_levels(head["distances"], shapes),
+        "centerness_logits": common.split_levels(head["centerness_logits"][..., None], shapes),
+        "dynamic_params": common.split_levels(head["dynamic_params"], shapes),
     }
     tensors = {k: [torch.tensor(x, requires_grad=True) for x in v] for k, v in levels.items()}
     features = torch.tensor(
@@ -223,7 +212,7 @@ def run_mmdet(heads, head, images, shapes, seed, patch_upsampling):
     n = len(shapes)
     grad = {}
     for k, name in enumerate(levels):
-        grad[f"grad_{name}"] = join_levels([g.numpy() for g in grads[k * n : (k + 1) * n]])
+        grad[f"grad_{name}"] = common.join_levels([g.numpy() for g in grads[k * n : (k + 1) * n]])
     grad["grad_centerness_logits"] = grad["grad_centerness_logits"][..., 0]
     grad["grad_mask_features"] = grads[-1].numpy().transpose(0, 2, 3, 1)
     return {
@@ -350,7 +339,9 @@ def run_mmdet_head(heads, state_dict, fpn, images, shapes, seed):
     named = [(f"bbox_head.{n}", p) for n, p in bbox_head.named_parameters()]
     named += [(f"mask_head.{n}", p) for n, p in mask_head.named_parameters()]
     grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
-    outputs = {name: join_levels([x.detach().numpy() for x in v]) for name, v in tensors.items()}
+    outputs = {
+        name: common.join_levels([x.detach().numpy() for x in v]) for name, v in tensors.items()
+    }
     outputs["centerness_logits"] = outputs["centerness_logits"][..., 0]
     outputs["mask_features"] = features.detach().numpy().transpose(0, 2, 3, 1)
     return {
@@ -547,7 +538,7 @@ def main():
             ):
                 fixture[f"b{k}_mmdet_{name}"] = np.asarray(theirs[name])
     head_worst = compare_heads(fixture if args.make_fixture else None, failures)
-    print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
+    common.print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
     meta = {
         "head_batch": HEAD_BATCH,
         "head_state_dict_seed": HEAD_STATE_DICT_SEED,
@@ -561,8 +552,10 @@ def main():
         "nuclei_crop": list(ours_side.NUCLEI_CROP),
         "nuclei_masks_sha256": ours_side.masks_checksum(scene("nuclei")[1]),
     }
-    write_fixture(args.make_fixture, meta, fixture)
-    verdict(failures, "every term and gradient within tolerance (ours at mmdetection's GIoU rule)")
+    common.write_fixture(args.make_fixture, meta, fixture)
+    common.verdict(
+        failures, "every term and gradient within tolerance (ours at mmdetection's GIoU rule)"
+    )
 
 
 if __name__ == "__main__":

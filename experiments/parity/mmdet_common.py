@@ -3,7 +3,9 @@ pointrend_loss.py; `make peer-mmdet`'s environment) share: the level layout conv
 our flat head outputs and mmdetection's per-level maps, the closing summary line, the
 fixture writing and the verdict every script ends with.
 
-Import it after mmdet_shim, from the scripts' folder (they put it on sys.path).
+Import it first, from the scripts' folder (they put it on sys.path): it imports mmdet_shim,
+which must stub mmcv.ops before anything imports mmdet, and puts the repository on sys.path for
+instseg_jax.
 """
 
 from __future__ import annotations
@@ -11,8 +13,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
+import mmdet_shim  # noqa: F401  (stubs mmcv.ops: imported for that effect)
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+SHARED_NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
 
 
 def split_levels(flat, shapes, anchors: int = 1) -> list[np.ndarray]:

@@ -89,7 +89,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 import torchvision  # noqa: E402
 
 sys.path.insert(0, str(HERE))
-importlib.import_module("mmdet_shim")  # before mmdet: stubs mmcv.ops
+common = importlib.import_module("mmdet_common")  # before mmdet: it stubs mmcv.ops
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -103,16 +103,11 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import ConfigDict  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mmdet_common import print_summary, verdict, write_fixture  # noqa: E402
-
 from instseg_jax.weights import mmdet_loss_parity  # noqa: E402
 from instseg_jax.weights import mmdet_pointrend_head as head_parity  # noqa: E402
 from instseg_jax.weights import mmdet_pointrend_loss as parity  # noqa: E402
 
-SHARED_NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
+SHARED_NUCLEI = common.SHARED_NUCLEI
 BATCHES = (("few", "crowded"), ("crowded", "empty"), ("nuclei", "few"))
 TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative, with mmdetection's targets; float32
 # The heads themselves (weights/mmdet_pointrend_head.py): outputs, terms and each parameter's
@@ -529,7 +524,7 @@ def main():
     print(json.dumps({"batch": "empty+empty (ours only)", "loss": empty_total, "grad": empty_grad}))
     if empty_total or empty_grad:
         failures.append("empty batch: our losses or gradients are not zero")
-    print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
+    common.print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
     meta = {
         "batches": ["+".join(n) for n in BATCHES],
         "checksums": meta_scenes,
@@ -538,8 +533,8 @@ def main():
         "head_feature_seed": HEAD_FEATURE_SEED,
         "head_features_sha256": feature_checksums,
     }
-    write_fixture(args.make_fixture, meta, fixture)
-    verdict(
+    common.write_fixture(args.make_fixture, meta, fixture)
+    common.verdict(
         failures, "terms and gradients within tolerance on mmdetection's targets; ours reported"
     )
 

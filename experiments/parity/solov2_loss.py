@@ -71,7 +71,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-importlib.import_module("mmdet_shim")  # before mmdet: stubs mmcv.ops
+common = importlib.import_module("mmdet_common")  # before mmdet: it stubs mmcv.ops
 
 import mmcv  # noqa: E402
 import numpy as np  # noqa: E402
@@ -80,17 +80,6 @@ from mmdet.models.dense_heads import SOLOV2Head  # noqa: E402
 from mmdet.structures.mask import BitmapMasks  # noqa: E402
 from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
-
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mmdet_common import (  # noqa: E402
-    join_levels,
-    print_summary,
-    split_levels,
-    verdict,
-    write_fixture,
-)
 
 from instseg_jax.weights import mmdet_loss_parity as parity  # noqa: E402
 from instseg_jax.weights import mmdet_solov2_head as head_parity  # noqa: E402
@@ -111,7 +100,7 @@ HEAD_BATCHES = (("few", "crowded"), ("nuclei_0", "nuclei_1"))
 HEAD_MAX_INSTANCES = 24
 HEAD_STATE_DICT_SEED = 29
 HEAD_FPN_SEED = 2929  # + the batch's index
-NUCLEI_SOURCE = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
+NUCLEI_SOURCE = common.SHARED_NUCLEI
 
 
 def ellipse(cy, cx, ry, rx, size=CANVAS // STRIDE):
@@ -200,8 +189,8 @@ def make_head(cfg, tower_gn=None, mask_gn=None) -> SOLOV2Head:
 def run_mmdet(head, logits, kernels, features, images, cfg):
     """mmdetection's terms, their gradients in our layouts and its targets."""
     grids = [(g, g) for g in cfg.num_grids]
-    cls_t = [torch.tensor(x, requires_grad=True) for x in split_levels(logits, grids)]
-    ker_t = [torch.tensor(x, requires_grad=True) for x in split_levels(kernels, grids)]
+    cls_t = [torch.tensor(x, requires_grad=True) for x in common.split_levels(logits, grids)]
+    ker_t = [torch.tensor(x, requires_grad=True) for x in common.split_levels(kernels, grids)]
     feat_t = torch.tensor(np.ascontiguousarray(features.transpose(0, 3, 1, 2)), requires_grad=True)
     instances = mmdet_instances(images)
     metas = [dict(img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS))] * len(images)
@@ -215,8 +204,8 @@ def run_mmdet(head, logits, kernels, features, images, cfg):
     return {
         "loss_cls": float(losses["loss_cls"]),
         "loss_mask": float(losses["loss_mask"]),
-        "grad_cls_logits": join_levels([g.numpy() for g in grad_cls]),
-        "grad_mask_kernels": join_levels([g.numpy() for g in grad_mask[:-1]]),
+        "grad_cls_logits": common.join_levels([g.numpy() for g in grad_cls]),
+        "grad_mask_kernels": common.join_levels([g.numpy() for g in grad_mask[:-1]]),
         "grad_mask_features": grad_mask[-1].numpy().transpose(0, 2, 3, 1),
         **mmdet_targets(head, instances, feat_t.shape[-2:]),
     }
@@ -278,8 +267,8 @@ def run_mmdet_head(head, state_dict, fpn, images, cfg):
         losses["loss_cls"] + losses["loss_mask"], [p for _, p in named], allow_unused=True
     )
     return {
-        "category_logits": join_levels([x.detach().numpy() for x in logits]),
-        "kernels": join_levels([x.detach().numpy() for x in kernels]),
+        "category_logits": common.join_levels([x.detach().numpy() for x in logits]),
+        "kernels": common.join_levels([x.detach().numpy() for x in kernels]),
         "mask_features": mask_features.detach().numpy().transpose(0, 2, 3, 1),
         "loss_cls": float(losses["loss_cls"].detach()),
         "loss_mask": float(losses["loss_mask"].detach()),
@@ -482,7 +471,7 @@ def main():
             ):
                 fixture[f"b{k}_mmdet_{name}"] = np.asarray(theirs[name])
     head_worst, head_meta = compare_heads(fixture if args.make_fixture else None, failures)
-    print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
+    common.print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
     meta = {
         "num_classes": NUM_CLASSES,
         "canvas": CANVAS,
@@ -490,8 +479,10 @@ def main():
         "batches": ["+".join(n) for n in BATCHES],
         **head_meta,
     }
-    write_fixture(args.make_fixture, meta, fixture)
-    verdict(failures, "every term within tolerance (dice normaliser rescaled, see the docstring)")
+    common.write_fixture(args.make_fixture, meta, fixture)
+    common.verdict(
+        failures, "every term within tolerance (dice normaliser rescaled, see the docstring)"
+    )
 
 
 if __name__ == "__main__":

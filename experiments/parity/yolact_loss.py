@@ -85,7 +85,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-importlib.import_module("mmdet_shim")  # before mmdet: stubs mmcv.ops
+common = importlib.import_module("mmdet_common")  # before mmdet: it stubs mmcv.ops
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -99,14 +99,9 @@ from mmengine.config import ConfigDict  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.structures import InstanceData  # noqa: E402
 
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mmdet_common import join_levels, split_levels, verdict, write_fixture  # noqa: E402
-
 from instseg_jax.weights import mmdet_yolact_loss as parity  # noqa: E402
 
-NUCLEI = ROOT.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
+NUCLEI = common.SHARED_NUCLEI
 CANVAS = 128
 STRIDE = 4
 NUM_CLASSES = 3
@@ -295,14 +290,16 @@ def run_mmdet(head, protonet, outputs, images, seed):
     logits, deltas, coefficients, protos, semantic = outputs
     b = logits.shape[0]
     cls_t = [
-        torch.tensor(x, requires_grad=True) for x in split_levels(logits, LEVEL_SHAPES, RATIOS)
+        torch.tensor(x, requires_grad=True)
+        for x in common.split_levels(logits, LEVEL_SHAPES, RATIOS)
     ]
     box_t = [
-        torch.tensor(x, requires_grad=True) for x in split_levels(deltas, LEVEL_SHAPES, RATIOS)
+        torch.tensor(x, requires_grad=True)
+        for x in common.split_levels(deltas, LEVEL_SHAPES, RATIOS)
     ]
     coeff_t = [
         torch.tensor(x, requires_grad=True)
-        for x in split_levels(coefficients, LEVEL_SHAPES, RATIOS)
+        for x in common.split_levels(coefficients, LEVEL_SHAPES, RATIOS)
     ]
     protos_t = torch.tensor(np.ascontiguousarray(protos.transpose(0, 3, 1, 2)), requires_grad=True)
     semantic_t = torch.tensor(
@@ -331,9 +328,9 @@ def run_mmdet(head, protonet, outputs, images, seed):
     n = len(FEATURE_SIDES)
     answer = {name: float(value) for name, value in terms.items()}
     answer["loss_semantic_unshifted"] = float(sum(raw["loss_segm"]))
-    answer["grad_class_logits"] = join_levels(grads[:n], RATIOS)
-    answer["grad_box_deltas"] = join_levels(grads[n : 2 * n], RATIOS)
-    answer["grad_coefficients"] = join_levels(grads[2 * n : 3 * n], RATIOS)
+    answer["grad_class_logits"] = common.join_levels(grads[:n], RATIOS)
+    answer["grad_box_deltas"] = common.join_levels(grads[n : 2 * n], RATIOS)
+    answer["grad_coefficients"] = common.join_levels(grads[2 * n : 3 * n], RATIOS)
     answer["grad_prototypes"] = grads[-2].transpose(0, 2, 3, 1)
     answer["grad_semantic_logits"] = grads[-1].transpose(0, 2, 3, 1)
     answer.update(assignment(head, randperm.draws, b, logits.shape[1]))
@@ -607,7 +604,7 @@ def main():
         fixture.update({f"b{k}_mmdet_{name}": np.asarray(theirs[name]) for name in MMDET_KEYS})
     head_fixture = head_parameter_parity(rng, failures)
     head_meta = {"channels": HEAD_CHANNELS, "batches": [list(n) for n in HEAD_BATCHES]}
-    write_fixture(args.make_head_fixture, head_meta, head_fixture)
+    common.write_fixture(args.make_head_fixture, head_meta, head_fixture)
     summary = {"worst_relative": worst, "tolerances": TOLERANCES}
     print(json.dumps({**summary, "seconds": round(time.time() - start, 1)}))
     meta = {
@@ -621,8 +618,8 @@ def main():
         "nuclei_checksum": checksum,
     }
     fixture.update({f"coco_anchors_{name}": v for name, v in coco_sample.items()})
-    write_fixture(args.make_fixture, meta, fixture)
-    verdict(failures, "anchors, anchor labels and every term and gradient within tolerance")
+    common.write_fixture(args.make_fixture, meta, fixture)
+    common.verdict(failures, "anchors, anchor labels and every term and gradient within tolerance")
 
 
 if __name__ == "__main__":
