@@ -419,10 +419,9 @@ def compare_heads(fixture, failures):
         "grad": list(per_param.values()),
     }
     worst = {}
-    for kind, values in checks.items():
-        worst[kind] = max(values)
-        if max(values) > HEAD_TOLERANCES[kind]:
-            failures.append(f"{report['head_batch']}: head {kind} {max(values):.2e}")
+    common.check_tolerances(
+        f"{report['head_batch']}: head", checks, HEAD_TOLERANCES, worst, failures
+    )
     for count in ("location_label_mismatches", "matched_mismatches"):
         if report[count]:
             failures.append(f"{report['head_batch']}: head {count} {report[count]}")
@@ -512,10 +511,7 @@ def main():
             "loss": [report[f"rel_{n}"] for n in ours_side.TERMS],
             "grad": [report[f"rel_{n}"] for n in GRAD_NAMES],
         }
-        for kind, values in checks.items():
-            worst[kind] = max(worst[kind], *values)
-            if max(values) > TOLERANCES[kind]:
-                failures.append(f"{report['batch']}: {kind} {max(values):.2e}")
+        common.check_tolerances(f"{report['batch']}:", checks, TOLERANCES, worst, failures)
         for count in (
             "location_label_mismatches",
             "matched_mismatches",

@@ -1,6 +1,7 @@
 """What the mmdetection loss parity scripts (solov2_loss.py, yolact_loss.py, condinst_loss.py,
 pointrend_loss.py; `make peer-mmdet`'s environment) share: the level layout conversion between
-our flat head outputs and mmdetection's per-level maps, the closing summary line, the
+our flat head outputs and mmdetection's per-level maps, the tolerance bookkeeping, the closing
+summary line, the
 fixture writing and the verdict every script ends with.
 
 Import it first, from the scripts' folder (they put it on sys.path): it imports mmdet_shim,
@@ -44,6 +45,16 @@ def join_levels(levels, anchors: int = 1) -> np.ndarray:
         ],
         1,
     )
+
+
+def check_tolerances(label: str, checks: dict, tolerances: dict, worst: dict, failures: list):
+    """For each kind of figure in checks ({kind: relative differences}): raises worst[kind] to
+    the largest (from 0 where worst has none yet), and lists a failure "label kind value"
+    where that exceeds tolerances[kind]."""
+    for kind, values in checks.items():
+        worst[kind] = max(worst.get(kind, 0.0), *values)
+        if max(values) > tolerances[kind]:
+            failures.append(f"{label} {kind} {max(values):.2e}")
 
 
 def print_summary(worst, tolerances, head_worst, head_tolerances, start: float) -> None:

@@ -415,10 +415,9 @@ def compare_heads(k, heads, state_dict, images, rois, draws, theirs_targets, fai
         "loss": [report[f"rel_{t}"] for t in TERMS],
         "grad": list(per_param.values()),
     }
-    for kind, values in checks.items():
-        report[f"worst_{kind}"] = max(values)
-        if max(values) > HEAD_TOLERANCES[kind]:
-            failures.append(f"head batch {k}: {kind} {max(values):.2e}")
+    worst = {}
+    common.check_tolerances(f"head batch {k}:", checks, HEAD_TOLERANCES, worst, failures)
+    report.update({f"worst_{kind}": value for kind, value in worst.items()})
     if sets_differing:
         failures.append(f"head batch {k}: {sets_differing} RoIs' training points differ")
     record = {

@@ -341,10 +341,9 @@ def compare_heads(fixture, failures):
             "loss": [report["rel_loss_cls"], report["rel_loss_mask_rescaled"]],
             "grad": list(per_param.values()),
         }
-        for kind, values in checks.items():
-            worst[kind] = max(worst[kind], *values)
-            if max(values) > HEAD_TOLERANCES[kind]:
-                failures.append(f"{report['head_batch']}: head {kind} {max(values):.2e}")
+        common.check_tolerances(
+            f"{report['head_batch']}: head", checks, HEAD_TOLERANCES, worst, failures
+        )
         if report["cell_label_mismatches"]:
             failures.append(f"{report['head_batch']}: cell labels differ")
         print(json.dumps(report))
@@ -442,10 +441,7 @@ def main():
                 for g in ("grad_cls_logits", "grad_mask_kernels", "grad_mask_features")
             ],
         }
-        for kind, values in checks.items():
-            worst[kind] = max(worst[kind], *values)
-            if max(values) > TOLERANCES[kind]:
-                failures.append(f"{report['batch']}: {kind} {max(values):.2e}")
+        common.check_tolerances(f"{report['batch']}:", checks, TOLERANCES, worst, failures)
         if label_mismatch:
             failures.append(f"{report['batch']}: {label_mismatch} cell labels differ")
         # Our own centre convention (pixel centres): how many cell labels move.

@@ -593,10 +593,7 @@ def main():
             "loss": [report[f"rel_{t}"] for t in parity.TERMS],
             "grad": [report[f"rel_{g}"] for g in GRADS],
         }
-        for kind, values in checks.items():
-            worst[kind] = max(worst[kind], *values)
-            if max(values) > TOLERANCES[kind]:
-                failures.append(f"{report['batch']}: {kind} {max(values):.2e}")
+        common.check_tolerances(f"{report['batch']}:", checks, TOLERANCES, worst, failures)
         print(json.dumps(report))
         fixture.update({f"b{k}_{name}": x for name, x in zip(parity.INPUTS, outputs, strict=True)})
         if "nuclei" not in names:  # the nuclei ground truth is re-read from the shared data
