@@ -288,19 +288,13 @@ def mmdet_targets(infos, draws, images, shapes):
     t = sum(h * w for h, w in shapes)
     labels = np.full((len(images), t), NUM_CLASSES, np.int32)
     matched = np.full((len(images), t), -1, np.int32)
-    slot_location = np.zeros((len(images), MASK_SLOTS), np.int32)
-    slot_valid = np.zeros((len(images), MASK_SLOTS), bool)
-    draw = iter(draws)
+    positives = []
     for i, (info, (classes, _)) in enumerate(zip(infos, images, strict=True)):
         pos = info.pos_inds.numpy()
         matched[i, pos] = info.pos_assigned_gt_inds.numpy()
         labels[i, pos] = classes[info.pos_assigned_gt_inds.numpy()]
-        chosen = pos
-        if len(pos) > MASK_SLOTS and len(classes):
-            chosen = pos[next(draw).numpy()[:MASK_SLOTS]]
-        slot_location[i, : len(chosen)] = chosen
-        slot_valid[i, : len(chosen)] = True
-    assert next(draw, None) is None, "a randperm draw was not consumed"
+        positives.append(pos)
+    slot_location, slot_valid = common.mask_slots(positives, draws, MASK_SLOTS)
     return {
         "location_classes": labels,
         "matched": matched,

@@ -57,6 +57,24 @@ def check_tolerances(label: str, checks: dict, tolerances: dict, worst: dict, fa
             failures.append(f"{label} {kind} {max(values):.2e}")
 
 
+def mask_slots(positives, draws, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """(index int32[B, slots], valid bool[B, slots]): the positives each image trains its masks
+    on, as mmdetection picks them: all of an image's positives (int[P], in its order) where
+    they fit, else the first `slots` of a recorded torch.randperm draw over them; `draws` holds
+    one draw per such image, in image order, and every draw must be used."""
+    index = np.zeros((len(positives), slots), np.int32)
+    valid = np.zeros((len(positives), slots), bool)
+    draws = iter(draws)
+    for i, pos in enumerate(positives):
+        chosen = pos
+        if len(pos) > slots:
+            chosen = pos[next(draws).numpy()[:slots]]
+        index[i, : len(chosen)] = chosen
+        valid[i, : len(chosen)] = True
+    assert next(draws, None) is None, "a randperm draw was not accounted for"
+    return index, valid
+
+
 def print_summary(worst, tolerances, head_worst, head_tolerances, start: float) -> None:
     """The closing JSON line: the worst relative differences of the loss parity and of the
     head-parameter parity against their tolerances, and the run's seconds since `start`."""

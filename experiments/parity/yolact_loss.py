@@ -343,19 +343,14 @@ def assignment(head, draws, b, t) -> dict:
     MASKS_PER_IMAGE) from its last loss_by_feat and the protonet's randperm draws."""
     classes = np.full((b, t), NUM_CLASSES, np.int32)
     ignored = np.ones((b, t), bool)
-    slot_anchor = np.zeros((b, MASKS_PER_IMAGE), np.int32)
-    slot_valid = np.zeros((b, MASKS_PER_IMAGE), bool)
-    draws = iter(draws)
+    positives = []
     for i, result in enumerate(head._raw_positive_infos["sampling_results"]):
         pos, neg = result.pos_inds.numpy(), result.neg_inds.numpy()
         classes[i, pos] = result.pos_gt_labels.numpy()
         ignored[i, pos] = ignored[i, neg] = False
-        chosen = pos
-        if len(pos) > MASKS_PER_IMAGE:  # the protonet's randperm, drawn in image order
-            chosen = pos[next(draws).numpy()[:MASKS_PER_IMAGE]]
-        slot_anchor[i, : len(chosen)] = chosen
-        slot_valid[i, : len(chosen)] = True
-    assert next(draws, None) is None, "a randperm draw was not accounted for"
+        positives.append(pos)
+    # The protonet's randperm, drawn in image order.
+    slot_anchor, slot_valid = common.mask_slots(positives, draws, MASKS_PER_IMAGE)
     return {
         "classes": classes,
         "ignored": ignored,
