@@ -232,9 +232,7 @@ def head_losses(state_dict, roi_features, fine, rois, draws, cfg, given: dict):
     mmdetection key in torch layout; points: the training points ours selects from its own
     coarse logits and `draws` (uncertain_points' uniform draws), for the set check."""
     params = convert_heads(state_dict, cfg)
-    rois = {name: jnp.asarray(value) for name, value in rois.items()}
-    draws = tuple(jnp.asarray(d, jnp.float32) for d in draws)
-    given = {name: jnp.asarray(value, jnp.float32) for name, value in given.items()}
+    rois, draws, given = mmdet_pointrend_loss.jax_inputs(rois, draws, given)
     outputs, terms, grads, points = _head_program(
         params,
         jnp.asarray(roi_features, jnp.float32),

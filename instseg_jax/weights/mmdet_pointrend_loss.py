@@ -178,12 +178,8 @@ def pointrend_losses(
     (grad_point_logits). targets: our training points (points), coarse targets
     (mask_targets) and point labels (point_labels). given_targets: {mask_targets,
     point_labels} (mmdetection's, in our layout) used in the loss instead of ours."""
-    rois = {name: jnp.asarray(value) for name, value in rois.items()}
+    rois, draws, given = jax_inputs(rois, draws, given_targets)
     gt = {name: jnp.asarray(gt[name]) for name in ("boxes", "crops")}
-    draws = tuple(jnp.asarray(d, jnp.float32) for d in draws)
-    given = None
-    if given_targets is not None:
-        given = {name: jnp.asarray(value, jnp.float32) for name, value in given_targets.items()}
     (loss_mask, loss_point), (grad_coarse, grad_point), (points, targets) = _terms(
         rois,
         jnp.asarray(coarse_logits, jnp.float32),
@@ -202,6 +198,16 @@ def pointrend_losses(
     ours = {name: np.asarray(value) for name, value in targets.items()}
     ours["points"] = np.asarray(points)
     return terms, ours
+
+
+def jax_inputs(rois: dict, draws, given: dict | None):
+    """(rois, draws, given) as the compiled programs take them: the RoI arrays as they are,
+    uncertain_points' draws and mmdetection's given targets (or None) as float32."""
+    rois = {name: jnp.asarray(value) for name, value in rois.items()}
+    draws = tuple(jnp.asarray(d, jnp.float32) for d in draws)
+    if given is not None:
+        given = {name: jnp.asarray(value, jnp.float32) for name, value in given.items()}
+    return rois, draws, given
 
 
 @functools.partial(jax.jit, static_argnums=6)
