@@ -15,6 +15,10 @@ bool[B, N], centers float32[B, N, 2] (x, y) canvas mass centres, masks bool[B, N
 stride 4 (the pipeline's gt_full_masks). Every image spans the whole canvas (image_hw = canvas),
 so the grids span the canvas under model.grid_extent "image", as mmdetection's span its padded
 batch; the batch is one mmdetection GPU's (one loss normaliser group).
+
+The module's last part serves every mmdetection parity module (SOLOv2, YOLACT, CondInst,
+PointRend): seeded state dicts and features, checksums, the converter tables' walks both ways,
+the nuclei crop reader and the relative-difference figure.
 """
 
 from __future__ import annotations
