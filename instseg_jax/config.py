@@ -36,6 +36,15 @@ class ConfigFileNotFound(UserError, FileNotFoundError):
     pass
 
 
+def check_choice(field: str, value, choices: tuple[str, ...]) -> None:
+    """Raises ConfigValueError naming the field, the values it takes and the one given, e.g.
+    "model.grid_extent must be 'image' or 'canvas', got 'padded'"."""
+    if value not in choices:
+        quoted = [f"'{choice}'" for choice in choices]
+        allowed = f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        raise ConfigValueError(f"{field} must be {allowed}, got {value!r}")
+
+
 # COCOeval implementations (eval.evaluator, `eval --evaluator`); the first is the default.
 COCO_EVALUATORS = ("hotcoco", "pycocotools")
 

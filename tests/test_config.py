@@ -78,3 +78,19 @@ def test_experiments_load_locked(spec):
     assert c.is_locked and name.startswith(c.method.replace("_", "")), (spec, c.method)
     with pytest.raises(ValueError, match="unknown experiment argument"):
         config_lib.load(spec.split(":")[0] + ":bogus")
+
+
+def test_a_choice_field_names_itself_its_values_and_the_value_given():
+    with pytest.raises(
+        config_lib.ConfigValueError,
+        match=r"^model\.f must be 'class', 'product' or 'combined', got 'y'$",
+    ):
+        config_lib.check_choice("model.f", "y", ("class", "product", "combined"))
+    config_lib.check_choice("model.f", "class", ("class", "product", "combined"))
+    from instseg_jax.methods import solov2
+
+    with pytest.raises(
+        config_lib.ConfigValueError,
+        match=r"^model\.grid_extent must be 'image' or 'canvas', got 'padded'$",
+    ):
+        solov2.SOLOv2Config(num_classes=1, grid_extent="padded")

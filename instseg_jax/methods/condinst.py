@@ -109,16 +109,14 @@ class CondInstConfig(fcos.FCOSConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mass_centre_convention not in ("pixel_index", "pixel_centre"):
-            raise config_lib.ConfigValueError(
-                "model.mass_centre_convention must be 'pixel_index' or 'pixel_centre', got "
-                f"{self.mass_centre_convention!r}"
-            )
-        if self.mask_upsampling not in ("aligned", "half_pixel"):
-            raise config_lib.ConfigValueError(
-                "model.mask_upsampling must be 'aligned' or 'half_pixel', got "
-                f"{self.mask_upsampling!r}"
-            )
+        config_lib.check_choice(
+            "model.mass_centre_convention",
+            self.mass_centre_convention,
+            ("pixel_index", "pixel_centre"),
+        )
+        config_lib.check_choice(
+            "model.mask_upsampling", self.mask_upsampling, ("aligned", "half_pixel")
+        )
         if len(self.relative_scales) != len(fcos.LEVEL_STRIDES):
             raise config_lib.ConfigValueError(
                 f"model.relative_scales needs one size per level P3..P7, got {self.relative_scales}"

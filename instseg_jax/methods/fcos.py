@@ -108,34 +108,22 @@ class FCOSConfig(DetectorConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.box_rescale not in ("scale", "per_axis"):
-            raise config_lib.ConfigValueError(
-                f"model.box_rescale must be 'scale' or 'per_axis', got {self.box_rescale!r}"
-            )
+        config_lib.check_choice("model.box_rescale", self.box_rescale, ("scale", "per_axis"))
         if len(self.sizes_of_interest) != len(LEVEL_STRIDES) - 1:
             raise config_lib.ConfigValueError(
                 f"model.sizes_of_interest needs {len(LEVEL_STRIDES) - 1} boundaries between "
                 f"the levels P3..P7, got {self.sizes_of_interest}"
             )
-        if self.size_range_bounds not in ("closed", "open"):
-            raise config_lib.ConfigValueError(
-                f"model.size_range_bounds must be 'closed' or 'open', got "
-                f"{self.size_range_bounds!r}"
-            )
-        if self.box_loss_weighting not in ("centerness", "none"):
-            raise config_lib.ConfigValueError(
-                f"model.box_loss_weighting must be 'centerness' or 'none', got "
-                f"{self.box_loss_weighting!r}"
-            )
-        if self.detection_score not in ("sqrt", "product"):
-            raise config_lib.ConfigValueError(
-                f"model.detection_score must be 'sqrt' or 'product', got {self.detection_score!r}"
-            )
-        if self.score_threshold_on not in ("class", "product", "combined"):
-            raise config_lib.ConfigValueError(
-                f"model.score_threshold_on must be 'class', 'product' or 'combined', got "
-                f"{self.score_threshold_on!r}"
-            )
+        config_lib.check_choice(
+            "model.size_range_bounds", self.size_range_bounds, ("closed", "open")
+        )
+        config_lib.check_choice(
+            "model.box_loss_weighting", self.box_loss_weighting, ("centerness", "none")
+        )
+        config_lib.check_choice("model.detection_score", self.detection_score, ("sqrt", "product"))
+        config_lib.check_choice(
+            "model.score_threshold_on", self.score_threshold_on, ("class", "product", "combined")
+        )
 
     def level_shapes(self) -> list[tuple[int, int]]:
         return ops.level_shapes(self.canvas_hw, LEVEL_STRIDES)

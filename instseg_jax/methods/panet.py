@@ -86,20 +86,12 @@ class PANetConfig(mask_rcnn.MaskRCNNConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.mask_predictor_init not in ("msra_fill", "normal"):
-            raise config_lib.ConfigValueError(
-                "model.mask_predictor_init must be 'msra_fill' or 'normal', got "
-                f"{self.mask_predictor_init!r}"
-            )
-        if self.box_head not in ("4conv1fc", "2fc"):
-            raise config_lib.ConfigValueError(
-                f"model.box_head must be '4conv1fc' or '2fc', got {self.box_head!r}"
-            )
+        config_lib.check_choice(
+            "model.mask_predictor_init", self.mask_predictor_init, ("msra_fill", "normal")
+        )
+        config_lib.check_choice("model.box_head", self.box_head, ("4conv1fc", "2fc"))
         for name in ("head_norm", "neck_norm"):
-            if getattr(self, name) not in ("group_norm", "none"):
-                raise config_lib.ConfigValueError(
-                    f"model.{name} must be 'group_norm' or 'none', got {getattr(self, name)!r}"
-                )
+            config_lib.check_choice(f"model.{name}", getattr(self, name), ("group_norm", "none"))
         if self.mask_on and self.mask_head_convs < 2:
             raise config_lib.ConfigValueError(
                 f"model.mask_head_convs is {self.mask_head_convs}; PANet's mask head needs at "

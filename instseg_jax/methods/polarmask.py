@@ -137,10 +137,7 @@ class PolarMaskConfig(fcos.FCOSConfig):
                 f"model.num_rays must divide 360 (whole-degree rays) and be >= 3 (a polygon), "
                 f"got {self.num_rays}"
             )
-        if self.ray_rule not in ("reference", "nearest"):
-            raise config_lib.ConfigValueError(
-                f"model.ray_rule must be 'reference' or 'nearest', got {self.ray_rule!r}"
-            )
+        config_lib.check_choice("model.ray_rule", self.ray_rule, ("reference", "nearest"))
 
     def ray_angles(self) -> np.ndarray:
         """float32[R]: 2 pi k / R, measured from +y towards +x (ray_directions)."""

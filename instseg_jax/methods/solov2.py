@@ -169,15 +169,10 @@ class SOLOv2Config(DetectorConfig):
                     f"input.canvas_hw {self.canvas_hw} must be divisible by every "
                     f"model.level_strides entry {self.level_strides}"
                 )
-        if self.matrix_nms_kernel not in ("gaussian", "linear"):
-            raise config_lib.ConfigValueError(
-                "model.matrix_nms_kernel must be 'gaussian' or 'linear', got "
-                f"{self.matrix_nms_kernel!r}"
-            )
-        if self.grid_extent not in ("image", "canvas"):
-            raise config_lib.ConfigValueError(
-                f"model.grid_extent must be 'image' or 'canvas', got {self.grid_extent!r}"
-            )
+        config_lib.check_choice(
+            "model.matrix_nms_kernel", self.matrix_nms_kernel, ("gaussian", "linear")
+        )
+        config_lib.check_choice("model.grid_extent", self.grid_extent, ("image", "canvas"))
         for stride in self.level_strides:
             if GRID_SIZE_DIVISIBILITY % stride:
                 raise config_lib.ConfigValueError(

@@ -133,10 +133,7 @@ class YOLACTConfig(DetectorConfig):
             raise config_lib.ConfigValueError(
                 f"model.anchor_sizes needs one size per level P3..P7, got {self.anchor_sizes}"
             )
-        if self.predictor_init not in ("xavier", "normal"):
-            raise config_lib.ConfigValueError(
-                f"model.predictor_init must be 'xavier' or 'normal', got {self.predictor_init!r}"
-            )
+        config_lib.check_choice("model.predictor_init", self.predictor_init, ("xavier", "normal"))
         extent = tuple(self.anchor_extent_hw)
         if extent and (
             len(extent) != 2
