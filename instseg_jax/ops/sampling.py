@@ -151,6 +151,13 @@ def bilinear_corners(points: jnp.ndarray, height, width) -> tuple[jnp.ndarray, j
     dtype = points.dtype
     x = points[..., 0] * jnp.asarray(width, dtype) - 0.5
     y = points[..., 1] * jnp.asarray(height, dtype) - 0.5
+    return pixel_corners(x, y, height, width)
+
+
+def pixel_corners(x: jnp.ndarray, y: jnp.ndarray, height, width):
+    """bilinear_corners of points given in pixel units: x[...], y[...] with cell (i, j)'s centre
+    at (x, y) = (j, i) (deformable convolution's sampling positions). The same (index, weight)
+    layout and zero weight for neighbours outside the map."""
     x0 = jnp.floor(x)
     y0 = jnp.floor(y)
     fx = x - x0
