@@ -46,6 +46,7 @@ from instseg_jax.ops.masks import (
     paste_masks,
 )
 from instseg_jax.ops.nms import batched_nms, fast_nms, matrix_nms, nms, per_class_fast_nms
+from instseg_jax.ops.ps_roi_pool import ps_roi_pool
 from instseg_jax.ops.roi_align import fpn_level, multilevel_roi_align, roi_align
 from instseg_jax.ops.topk import top_k
 
@@ -84,6 +85,7 @@ __all__ = [
     "paste_mask_probabilities",
     "paste_masks",
     "per_class_fast_nms",
+    "ps_roi_pool",
     "roi_align",
     "sample_balanced",
     "sigmoid_focal_loss",
