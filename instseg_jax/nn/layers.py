@@ -112,6 +112,7 @@ class Conv(nn.Module):
     dtype: Dtype = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
+    dilation: int = 1  # kernel dilation (atrous convolution; FCIS's res5)
 
     @nn.compact
     def __call__(self, x):
@@ -123,7 +124,12 @@ class Conv(nn.Module):
             y = subsample(x, self.strides) @ kernel[0, 0]  # [B, H/s, W/s, features]
         else:
             y = jax.lax.conv_general_dilated(
-                x, kernel, self.strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+                x,
+                kernel,
+                self.strides,
+                padding,
+                rhs_dilation=(self.dilation, self.dilation),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
@@ -160,10 +166,11 @@ class ConvNorm(nn.Module):
     # MSRAFill (kaiming_normal_, fan_out, relu: detectron2's c2_msra_fill) unless a caller's
     # reference says otherwise (PANet's bottom-up path: XavierFill).
     kernel_init: Any = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    dilation: int = 1  # kernel dilation, padded to keep the size (FCIS's dilated res5)
 
     @nn.compact
     def __call__(self, x):
-        pad = self.kernel // 2
+        pad = self.dilation * (self.kernel // 2)
         x = Conv(
             self.features,
             (self.kernel, self.kernel),
@@ -173,6 +180,7 @@ class ConvNorm(nn.Module):
             dtype=self.dtype,
             kernel_init=self.kernel_init,
             name="conv",
+            dilation=self.dilation,
         )(x)
         x = make_norm(self.norm, self.dtype)(name="norm")(x)
         return nn.relu(x) if self.relu else x
