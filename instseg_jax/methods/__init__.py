@@ -43,7 +43,9 @@ from instseg_jax.config import ConfigValueError
 from instseg_jax.methods import (
     blendmask,
     condinst,
+    deepmask,
     fcos,
+    instancefcn,
     keypoint_rcnn,
     mask2former,
     mask_rcnn,
@@ -59,7 +61,9 @@ from instseg_jax.methods import (
 METHODS: dict[str, ModuleType] = {
     "blendmask": blendmask,
     "condinst": condinst,
+    "deepmask": deepmask,
     "fcos": fcos,
+    "instancefcn": instancefcn,
     "keypoint_rcnn": keypoint_rcnn,
     "mask2former": mask2former,
     "mask_rcnn": mask_rcnn,
