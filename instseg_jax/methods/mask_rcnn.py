@@ -272,6 +272,13 @@ class MaskRCNN(nn.Module):
         detections["boxes"] = self.original_boxes(det_boxes, det_valid, batch)
         return detections, det_boxes
 
+    def slot_payloads(self, features, canvas_boxes, classes, scores, flipped=None) -> dict:
+        """The mask branch's outputs for the kept boxes canvas_boxes[B, S, 4] of classes[B, S]
+        and scores[B, S], each [B, S, ...], which replace the detections' own (make_inference's
+        second program): the masks here; Mask Scoring R-CNN also rescores."""
+        del scores
+        return {"masks": self.box_masks(features, canvas_boxes, classes, flipped)}
+
     def box_masks(self, features, canvas_boxes, classes, flipped=None):
         """[B, S, 28, 28] mask probabilities of classes[B, S] in canvas_boxes[B, S, 4]."""
         cfg = self.cfg
@@ -531,7 +538,8 @@ def object_sizes_covered(model: ml_collections.ConfigDict) -> tuple[str, float, 
 def make_inference(model: MaskRCNN):
     """(variables, device batch) -> Detections, with the mask head on a budget that fits.
 
-    Two jitted programs: boxes (backbone to NMS), then the mask head on the first S slots,
+    Two jitted programs: boxes (backbone to NMS), then the mask branch (the model's
+    `slot_payloads`: masks, and Mask Scoring R-CNN's rescored scores) on the first S slots,
     S = test_mask_slots_small when every image's detections fit in it (read on the host:
     valid detections are a prefix of the K slots), else all K. The masks of the valid slots
     are those of the one-program forward; slots beyond S hold zeros (they are not valid).
@@ -539,7 +547,7 @@ def make_inference(model: MaskRCNN):
     cfg = model.cfg
     k = cfg.detections_per_image
 
-    model_class = type(model)  # a subclass's own box_masks (PointRend)
+    model_class = type(model)  # a subclass's own box_masks (PointRend) or slot_payloads
 
     def boxes_fn(variables, batch):
         return model.apply(variables, batch, method=model_class.detect_boxes)
@@ -548,16 +556,20 @@ def make_inference(model: MaskRCNN):
 
     @functools.cache
     def masks(slots: int):
-        def masks_fn(variables, features, canvas_boxes, classes, flipped):
+        def masks_fn(variables, features, canvas_boxes, classes, scores, flipped):
             out = model.apply(
                 variables,
                 features,
                 canvas_boxes[:, :slots],
                 classes[:, :slots],
+                scores[:, :slots],
                 flipped,
-                method=model_class.box_masks,
+                method=model_class.slot_payloads,
             )
-            return jnp.pad(out, ((0, 0), (0, k - slots), (0, 0), (0, 0)))
+            return {
+                name: jnp.pad(value, ((0, 0), (0, k - slots)) + ((0, 0),) * (value.ndim - 2))
+                for name, value in out.items()
+            }
 
         return compilation.jit(masks_fn)
 
@@ -569,8 +581,15 @@ def make_inference(model: MaskRCNN):
             return detections
         count = int(np.max(np.sum(np.asarray(detections["valid"]), axis=1), initial=0))
         slots = next(s for s in budgets if s >= count)
-        detections["masks"] = masks(slots)(
-            variables, features, canvas_boxes, detections["classes"], batch.get("flipped")
+        detections.update(
+            masks(slots)(
+                variables,
+                features,
+                canvas_boxes,
+                detections["classes"],
+                detections["scores"],
+                batch.get("flipped"),
+            )
         )
         return detections
 
