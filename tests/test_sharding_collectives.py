@@ -40,6 +40,7 @@ SMOKE = {
     "keypoint_rcnn": "experiments/keypoint_rcnn_synthetic.py:smoke",
     "mask2former": "experiments/mask2former_nuclei.py:smoke",
     "mask_rcnn": "experiments/maskrcnn_nuclei.py:smoke",
+    "ms_rcnn": "experiments/ms_rcnn_nuclei.py:smoke",
     "panet": "experiments/panet_nuclei.py:smoke",
     "panoptic_fpn": "experiments/panoptic_fpn_synthetic.py:smoke",
     "pointrend": "experiments/pointrend_nuclei.py:smoke",
