@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instseg_jax.nn.deform_conv import DeformConvNorm
 from instseg_jax.nn.layers import ConvNorm, max_pool_3x3_s2
 
 STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -24,11 +25,48 @@ def normalize(image, dtype, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return x.astype(dtype)
 
 
+def deformable_blocks(stage_blocks, dcn_layers=(), dcn_interval: int = 1) -> tuple:
+    """Per stage (res2..res5), per block, whether its 3x3 is a modulated deformable convolution
+    (DCNv2): dbolya/yolact backbone.py ResNetBackbone._make_layer's rule. In a stage of n
+    blocks with d = dcn_layers[stage], block 0 is deformable when d >= n and block i > 0 when
+    i + d >= n and i % dcn_interval == 0 (the last d blocks, every dcn_interval-th of them).
+    dcn_layers () = none (every method but YOLACT++). YOLACT++ R-50: (0, 4, 6, 3), interval 1,
+    every block of res3..res5; R-101: (0, 4, 23, 3), interval 3."""
+    if not dcn_layers:
+        return tuple((False,) * n for n in stage_blocks)
+    if len(dcn_layers) != len(stage_blocks) or dcn_interval < 1:
+        raise ValueError(
+            f"model.dcn_layers needs one count per stage ({len(stage_blocks)}) and "
+            f"model.dcn_interval >= 1, got {tuple(dcn_layers)} and {dcn_interval}"
+        )
+    return tuple(
+        tuple((d >= n) if i == 0 else (i + d >= n and i % dcn_interval == 0) for i in range(n))
+        for n, d in zip(stage_blocks, dcn_layers, strict=True)
+    )
+
+
+def deformable_conv_name(bottleneck: bool) -> str:
+    """The block's 3x3 that deformable_blocks makes deformable: the strided 3x3 of either block
+    kind (a bottleneck's conv2, the reference's; a basic block's conv1, which no reference
+    defines: for the small test and nuclei models)."""
+    return "conv2" if bottleneck else "conv1"
+
+
+def _conv3x3(deformable: bool, features, stride, norm, relu, dtype, name, dilation: int = 1):
+    if deformable:
+        if dilation != 1:
+            raise ValueError("a deformable 3x3 convolution here is not dilated (res5_dilation 1)")
+        return DeformConvNorm(features, stride, norm, relu, dtype, name=name)
+    return ConvNorm(features, 3, stride, norm, relu, dtype, name=name, dilation=dilation)
+
+
 class BasicBlock(nn.Module):
     features: int
     stride: int
     norm: str
     dtype: Any
+    deformable: bool = False  # conv1 a modulated deformable convolution (deformable_blocks)
+    dilation: int = 1  # of both 3x3 convolutions (ResNet.res5_dilation)
 
     @nn.compact
     def __call__(self, x):
@@ -37,8 +75,11 @@ class BasicBlock(nn.Module):
             shortcut = ConvNorm(
                 self.features, 1, self.stride, self.norm, False, self.dtype, name="shortcut"
             )(x)
-        y = ConvNorm(self.features, 3, self.stride, self.norm, True, self.dtype, name="conv1")(x)
-        y = ConvNorm(self.features, 3, 1, self.norm, False, self.dtype, name="conv2")(y)
+        d = self.dilation
+        y = _conv3x3(
+            self.deformable, self.features, self.stride, self.norm, True, self.dtype, "conv1", d
+        )(x)
+        y = ConvNorm(self.features, 3, 1, self.norm, False, self.dtype, name="conv2", dilation=d)(y)
         return nn.relu(y + shortcut)
 
 
@@ -47,6 +88,8 @@ class Bottleneck(nn.Module):
     stride: int
     norm: str
     dtype: Any
+    deformable: bool = False  # conv2 a modulated deformable convolution (deformable_blocks)
+    dilation: int = 1  # of the 3x3 convolution (ResNet.res5_dilation)
 
     @nn.compact
     def __call__(self, x):
@@ -57,7 +100,9 @@ class Bottleneck(nn.Module):
                 self.features, 1, self.stride, self.norm, False, self.dtype, name="shortcut"
             )(x)
         y = ConvNorm(width, 1, 1, self.norm, True, self.dtype, name="conv1")(x)
-        y = ConvNorm(width, 3, self.stride, self.norm, True, self.dtype, name="conv2")(y)
+        y = _conv3x3(
+            self.deformable, width, self.stride, self.norm, True, self.dtype, "conv2", self.dilation
+        )(y)
         y = ConvNorm(self.features, 1, 1, self.norm, False, self.dtype, name="conv3")(y)
         return nn.relu(y + shortcut)
 
@@ -69,6 +114,10 @@ class ResNet(nn.Module):
     narrower for tests). freeze_at: 0 trains everything, 1 freezes the stem, 2 the stem and
     res2 (detectron2's default): their outputs pass through stop_gradient. stage_blocks:
     blocks per stage when not those of `depth` (depth then only picks the block kind).
+    dcn_layers, dcn_interval: which blocks' 3x3 convolutions are modulated deformable ones
+    (deformable_blocks; () = none). res5_dilation: 1 as published; 2 keeps res5 at stride
+    16 with its 3x3 convolutions dilated by 2 (FCIS's trunk: msracver/FCIS
+    resnet_v1_101_fcis.py get_resnet_v1_conv5), the same parameters.
     """
 
     depth: int = 50
@@ -77,6 +126,9 @@ class ResNet(nn.Module):
     freeze_at: int = 2
     dtype: Any = jnp.float32
     stage_blocks: tuple = ()
+    dcn_layers: tuple = ()
+    dcn_interval: int = 1
+    res5_dilation: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -93,14 +145,27 @@ class ResNet(nn.Module):
         if self.freeze_at >= 1:
             x = jax.lax.stop_gradient(x)
         outputs = {}
-        for stage, blocks in enumerate(self.stage_blocks or STAGES[self.depth]):
+        stage_blocks = self.stage_blocks or STAGES[self.depth]
+        deformable = deformable_blocks(stage_blocks, self.dcn_layers, self.dcn_interval)
+        for stage, blocks in enumerate(stage_blocks):
             features = self.width * 2**stage * (4 if bottleneck else 1)
+            dilation = self.res5_dilation if stage == 3 else 1
             for i in range(blocks):
-                stride = 2 if (i == 0 and stage > 0) else 1
-                x = block(features, stride, self.norm, self.dtype, name=f"res{stage + 2}_{i}")(x)
+                stride = 2 if (i == 0 and stage > 0 and dilation == 1) else 1
+                name = f"res{stage + 2}_{i}"
+                x = block(
+                    features,
+                    stride,
+                    self.norm,
+                    self.dtype,
+                    deformable[stage][i],
+                    dilation=dilation,
+                    name=name,
+                )(x)
             if self.freeze_at >= stage + 2:
                 x = jax.lax.stop_gradient(x)
             outputs[f"res{stage + 2}"] = x  # [B, H/2^(stage+2), W/2^(stage+2), features]
+            # (res5 at H/16 when dilated)
         return outputs
 
 

@@ -56,6 +56,7 @@ from instseg_jax.methods import (
     polarmask,
     solov2,
     yolact,
+    yolact_plus,
 )
 
 METHODS: dict[str, ModuleType] = {
@@ -74,6 +75,7 @@ METHODS: dict[str, ModuleType] = {
     "polarmask": polarmask,
     "solov2": solov2,
     "yolact": yolact,
+    "yolact_plus": yolact_plus,
 }
 
 REQUIRED = ("Config", "INPUTS", "Model", "loss_fn", "base_config", "smoke")

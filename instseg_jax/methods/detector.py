@@ -50,10 +50,26 @@ class DetectorConfig:
     def dtype(self):
         return jnp.dtype(self.compute_dtype)
 
+    def deformable_layers(self) -> tuple[tuple, int]:
+        """(dcn_layers, dcn_interval) of the ResNet (backbones/resnet.py deformable_blocks):
+        no deformable convolution here; a Config with deformable fields (YOLACT++) returns
+        them."""
+        return (), 1
+
 
 def build_backbone(cfg: DetectorConfig) -> ResNet:
     """The ResNet of cfg's backbone fields, in cfg's compute dtype."""
-    return ResNet(cfg.depth, cfg.width, cfg.norm, cfg.freeze_at, cfg.dtype, tuple(cfg.stage_blocks))
+    dcn_layers, dcn_interval = cfg.deformable_layers()
+    return ResNet(
+        cfg.depth,
+        cfg.width,
+        cfg.norm,
+        cfg.freeze_at,
+        cfg.dtype,
+        tuple(cfg.stage_blocks),
+        tuple(dcn_layers),
+        dcn_interval,
+    )
 
 
 def smoke_backbone(model_section, freeze_at: int | None = 1) -> None:

@@ -149,23 +149,33 @@ class YOLACTConfig(DetectorConfig):
                 f"(dbolya/yolact), got {self.negatives_without_positives!r}"
             )
 
+    def level_anchor_sizes(self) -> tuple[tuple[float, ...], ...]:
+        """The anchor sizes of each level P3..P7: one, anchor_sizes[l] (YOLACT++'s config gives
+        three per level)."""
+        return tuple((s,) for s in self.anchor_sizes)
+
+    def anchors_per_cell(self) -> int:
+        """A: anchors per location, sizes x aspect ratios (size-major, ops.cell_anchors)."""
+        return len(self.level_anchor_sizes()[0]) * len(self.aspect_ratios)
+
     def anchors(self) -> list[jnp.ndarray]:
-        """float32[h_l w_l A, 4] per level (one per canvas cell, (y, x, ratio)), centred on the
+        """float32[h_l w_l A, 4] per level (per canvas cell, (y, x, size, ratio)), centred on the
         cell centres (offset 0.5), or with anchor_extent_hw on the reference's stretched grid
         (the anchors past the extent lie in the canvas's padding)."""
         if not self.anchor_extent_hw:
             return ops.multilevel_anchors(
                 self.canvas_hw,
                 LEVEL_STRIDES,
-                tuple((s,) for s in self.anchor_sizes),
+                self.level_anchor_sizes(),
                 self.aspect_ratios,
                 offset=0.5,
             )
         levels = []
         shapes = ops.level_shapes(self.canvas_hw, LEVEL_STRIDES)
         extent_shapes = ops.level_shapes(self.anchor_extent_hw, LEVEL_STRIDES)
-        for (h, w), (eh, ew), size in zip(shapes, extent_shapes, self.anchor_sizes, strict=True):
-            cells = ops.cell_anchors((size,), self.aspect_ratios)  # float64[A, 4]
+        sizes = self.level_anchor_sizes()
+        for (h, w), (eh, ew), level_sizes in zip(shapes, extent_shapes, sizes, strict=True):
+            cells = ops.cell_anchors(level_sizes, self.aspect_ratios)  # float64[A, 4]
             ys = (np.arange(h) + 0.5) * (self.anchor_extent_hw[0] / eh)
             xs = (np.arange(w) + 0.5) * (self.anchor_extent_hw[1] / ew)
             grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
@@ -253,7 +263,7 @@ class YOLACT(nn.Module):
         self.fpn = FPNP3P7(cfg.fpn_channels, cfg.dtype)
         self.head = PredictionHead(
             cfg.num_classes,
-            len(cfg.aspect_ratios),
+            cfg.anchors_per_cell(),
             cfg.num_protos,
             cfg.fpn_channels,
             cfg.head_convs,

@@ -18,7 +18,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from instseg_jax.backbones.resnet import STAGES
+import numpy as np
+
+from instseg_jax.backbones.resnet import STAGES, deformable_blocks, deformable_conv_name
 from instseg_jax.config import ConfigValueError
 from instseg_jax.weights.state_dict import conv_kernel, count_indices, f32, load_state_dict
 
@@ -91,6 +93,35 @@ def convert_body(sd: dict, layout: dict, prefix: str = "") -> tuple[dict, dict]:
             params[f"res{stage + 1}_{block}"] = p
             frozen[f"res{stage + 1}_{block}"] = f
     return params, frozen
+
+
+def with_deformable_starts(params: dict, layout: dict, model_config) -> dict:
+    """params with the deformable convolutions' own parameters (model.dcn_layers and
+    model.dcn_interval; backbones/resnet.py deformable_blocks) at their start: the pretrained
+    3x3 kernel stays the deformed convolution's "kernel", its bias and the offset-and-modulation
+    convolution ("offset") start at zero, as dbolya/yolact backbone.py sets them after loading
+    the ImageNet weights (offsets 0, modulation 0.5)."""
+    placement = deformable_blocks(
+        layout["stage_blocks"],
+        tuple(model_config.get("dcn_layers", ()) or ()),
+        int(model_config.get("dcn_interval", 1)),
+    )
+    name = deformable_conv_name(layout["bottleneck"])
+    out = dict(params)
+    for stage, blocks in enumerate(placement):
+        for block, deformable in enumerate(blocks):
+            if not deformable:
+                continue
+            key = f"res{stage + 2}_{block}"
+            conv = dict(out[key][name]["conv"])
+            kh, kw, channels, features = conv["kernel"].shape
+            conv["bias"] = np.zeros((features,), np.float32)
+            conv["offset"] = {
+                "kernel": np.zeros((kh, kw, channels, 3 * kh * kw), np.float32),
+                "bias": np.zeros((3 * kh * kw,), np.float32),
+            }
+            out[key] = {**out[key], name: {**out[key][name], "conv": conv}}
+    return out
 
 
 # torchvision's ImageNet classification checkpoints (ResNet{depth}_Weights.IMAGENET1K_V1).
@@ -169,6 +200,7 @@ def load_backbone(path: str | Path, model_config) -> tuple[dict, dict, str]:
             f"{field}={path}: missing key {missing[0]!r} ({len(missing)} missing in all)"
         )
     params, frozen = convert_body(sd, layout, prefix)
+    params = with_deformable_starts(params, layout, model_config)
     dropped = sorted(set(sd) - set(expected))
     description = (
         f"{path}: torchvision ResNet ({'bottleneck' if layout['bottleneck'] else 'basic'} "
