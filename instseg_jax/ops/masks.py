@@ -90,7 +90,15 @@ def crop_and_resize_masks(
     return pooled[:, 0, :, :, 0]
 
 
-def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int, sampling_ratio: int = 2):
+def mask_targets(
+    gt_crops,
+    gt_boxes,
+    rois: dict,
+    num_fg: int,
+    size: int,
+    sampling_ratio: int = 2,
+    threshold: float = 0.5,
+):
     """float32[B, F, size, size] {0, 1} targets of the first F = num_fg boxes of `rois`, and
     their validity bool[B, F].
 
@@ -99,7 +107,8 @@ def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int, samplin
     ground-truth slot each box takes its target from, "foreground" bool[B, R] its validity}, R
     >= F. Each box samples its ground truth's crop at its bins: the box is mapped into the crop's
     frame and pooled with aligned RoIAlign, then thresholded at 0.5 as detectron2 does (Mask
-    R-CNN's RoIs; BlendMask's ground-truth boxes). Full-resolution masks never reach the device.
+    R-CNN's RoIs; BlendMask's ground-truth boxes; `threshold` another cut, FCIS's 0.4).
+    Full-resolution masks never reach the device.
 
     The crop is padded with one zero cell per side before pooling: RoIAlign reads a sample up to
     one cell outside its input as the edge cell, which inside a crop is the mask's edge but on
@@ -134,7 +143,7 @@ def mask_targets(gt_crops, gt_boxes, rois: dict, num_fg: int, size: int, samplin
         method="einsum" if sampling_ratio == 0 else "gather",
         sampling_ratio_max=-(-2 * crop // size) if sampling_ratio == 0 else 0,
     )
-    targets = (pooled.reshape(b, num_fg, size, size) >= 0.5).astype(jnp.float32)
+    targets = (pooled.reshape(b, num_fg, size, size) >= threshold).astype(jnp.float32)
     return jax.lax.stop_gradient(targets), valid
 
 
