@@ -59,10 +59,11 @@ Deviations, each declared:
     region (structures.py), are never sampled.
   - Inference: the best model.pre_nms_topk windows by objectness (score > score_threshold,
     centre in the image) are assembled; NMS runs on the boxes of their binarised masks (box
-    IoU > model.nms_threshold suppresses), keeping K = detections_per_image. Each mask is
-    resampled bilinearly from its window to its own tight box (clipped to the image), so the
-    Detections carry box-relative masks of side mask_side (structures.py) with boxes that are
-    the masks' boxes.
+    IoU > model.nms_threshold suppresses), keeping K = detections_per_image. The Detections
+    carry box-relative masks of side mask_side (structures.py) whose boxes are the kept windows
+    within the image (each mask resampled bilinearly from its window to that part): the boxes
+    are windows, not the objects' tight boxes, so COCO's bbox figures measure windows; the
+    segm figures are the method's.
   - Scales: the training images come at input.short_side's scales (one drawn per image), the
     test at one scale; the pyramid of scales is the FPN's (above).
 
@@ -507,8 +508,9 @@ def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
     """Dense multi-scale inference (section 4): every window scored by its objectness (the best
     class's probability), the best pre_nms_topk centred in the image assembled at each window
     side and resized to M = cfg.output_side, NMS on the boxes of the binarised (>= 0.5) masks
-    clipped to the image, K = detections_per_image kept; each kept mask resampled from its
-    window to its box. Detections (structures.py) with box-relative masks [B, K, M, M]."""
+    clipped to the image, K = detections_per_image kept. Detections (structures.py) with
+    box-relative masks [B, K, M, M] whose boxes are the kept windows within the image (each
+    mask resampled from its window to that part of it)."""
     layout = window_layout(tuple(cfg.canvas_hw), tuple(cfg.levels), tuple(cfg.window_cells))
     boxes_np = window_boxes(layout)
     big_m = cfg.output_side
@@ -554,11 +556,19 @@ def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
         keep, _ = ops.nms(box, top, cfg.nms_threshold, min(k_out, q), valid)
         kept = keep >= 0
         pick = jnp.maximum(keep, 0)
-        box, masks, window = box[pick], masks[pick], window[pick]
-        extent = extent[pick]
-        rows = _resample_matrices(box[:, 1], box[:, 3] - box[:, 1], window[:, 1], extent, big_m)
-        cols = _resample_matrices(box[:, 0], box[:, 2] - box[:, 0], window[:, 0], extent, big_m)
+        masks, window, extent = masks[pick], window[pick], extent[pick]
+        # The payload's frame: the window within the image (the window itself where it fits),
+        # the mask resampled into it. Not the mask's tight box: a second resampling would put
+        # the object's edge cells at the frame's border, where pasting halves them.
+        frame = ops.clip_boxes(window, hw)
+        rows = _resample_matrices(
+            frame[:, 1], frame[:, 3] - frame[:, 1], window[:, 1], extent, big_m
+        )
+        cols = _resample_matrices(
+            frame[:, 0], frame[:, 2] - frame[:, 0], window[:, 0], extent, big_m
+        )
         masks = jnp.einsum("kia,kab,kjb->kij", rows, masks, cols)
+        box = frame
         pad = k_out - keep.shape[0]
         return (
             jnp.pad(jnp.where(kept[:, None], box, 0.0), ((0, pad), (0, 0))),
