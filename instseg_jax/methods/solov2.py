@@ -105,7 +105,10 @@ INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE, centers=True)
 
 
 @dataclasses.dataclass(frozen=True)
-class SOLOv2Config(DetectorConfig):
+class SOLOGridConfig(DetectorConfig):
+    """The fields SOLO and SOLOv2 share (grids, assignment, losses, test); each method's Config
+    adds its mask branch's (SOLOv2Config here, methods/solo.py's SOLOConfig)."""
+
     canvas_hw: tuple[int, int] = (1344, 1344)
     fpn_channels: int = 256
     # FPN P2..P6 resampled bilinearly to these strides (P2 halved, P6 doubled to P5's size).
@@ -123,8 +126,6 @@ class SOLOv2Config(DetectorConfig):
     )
     head_channels: int = 512
     head_convs: int = 4
-    mask_feature_channels: int = 128
-    mask_channels: int = 256  # E: channels of the mask feature map and length of each kernel
     positive_slots_per_image: int = 256
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
@@ -216,6 +217,12 @@ class SOLOv2Config(DetectorConfig):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class SOLOv2Config(SOLOGridConfig):
+    mask_feature_channels: int = 128
+    mask_channels: int = 256  # E: channels of the mask feature map and length of each kernel
+
+
 def coordinates(h: int, w: int, extent_hw, stride: int, dtype) -> jnp.ndarray:
     """[B, h, w, 2] CoordConv channels (x, y) of a stride-`stride` map whose image b spans
     extent_hw[b] (float32[B, 2] canvas pixels): each spans [-1, 1] over the extent's
@@ -234,7 +241,7 @@ def coordinates(h: int, w: int, extent_hw, stride: int, dtype) -> jnp.ndarray:
     ).astype(dtype)
 
 
-def grid_extents(image_hw, cfg: SOLOv2Config) -> jnp.ndarray:
+def grid_extents(image_hw, cfg: SOLOGridConfig) -> jnp.ndarray:
     """float32[B, 2] (h, w) canvas pixels each image's grids span (model.grid_extent): its
     valid region image_hw int32[B, 2] rounded up to GRID_SIZE_DIVISIBILITY (at most the canvas),
     or the canvas."""
@@ -464,7 +471,7 @@ def grid_targets(
     gt_valid,
     gt_centers,
     gt_nonempty,
-    cfg: SOLOv2Config,
+    cfg: SOLOGridConfig,
     key,
     ignore_boxes=None,
     ignore_valid=None,
@@ -491,6 +498,50 @@ def grid_targets(
     random subset of the positive (cell, instance) pairs when they overflow), pairs int32 (all
     positive pairs) and overflow int32 (pairs without a slot).
     """
+    assigned = cell_assignment(
+        gt_boxes,
+        gt_classes,
+        gt_valid,
+        gt_centers,
+        gt_nonempty,
+        cfg,
+        ignore_boxes,
+        ignore_valid,
+        extent_hw,
+    )
+    cells, instances, valid = assigned["pair_cells"], assigned["pair_instances"], assigned["pairs"]
+    chosen, slot_valid, overflow = dense.budgeted_select(valid, cfg.positive_slots_per_image, key)
+    return {
+        "cell_labels": assigned["cell_labels"],
+        "positive": assigned["positive"],
+        "ignored": assigned["ignored"],
+        "slot_cell": jnp.where(slot_valid, cells[chosen], 0),
+        "slot_instance": jnp.where(slot_valid, instances[chosen], 0),
+        "slot_valid": slot_valid,
+        "pairs": valid.sum().astype(jnp.int32),
+        "overflow": overflow,
+    }
+
+
+def cell_assignment(
+    gt_boxes,
+    gt_classes,
+    gt_valid,
+    gt_centers,
+    gt_nonempty,
+    cfg: SOLOGridConfig,
+    ignore_boxes=None,
+    ignore_valid=None,
+    extent_hw=None,
+):
+    """One image's cells and (cell, instance) pairs by SOLO's rules (grid_targets' docstring;
+    shared with methods/solo.py): the inputs of grid_targets but its key.
+
+    Returns a dict: cell_labels int32[S] (class, or C for background), positive bool[S],
+    ignored bool[S], cell_instance int32[S] (the instance whose class a positive cell takes: the
+    later instance where several claim it; 0 on other cells), and the positive pairs as
+    pair_cells / pair_instances int32[9 L N] with pairs bool[9 L N] (level by level, then the
+    3 x 3 neighbourhood of each instance's centre cell)."""
     c = cfg.num_classes
     if extent_hw is None:
         extent_hw = jnp.asarray(cfg.canvas_hw, jnp.float32)
@@ -537,16 +588,14 @@ def grid_targets(
     if ignore_boxes is not None:
         centres = jnp.tile(cfg.cell_centres(extent_hw), (1, 2))  # [S, 4] points (x, y, x, y)
         ignored = ignore_mask(centres, ignore_boxes, ignore_valid) & ~positive
-    chosen, slot_valid, overflow = dense.budgeted_select(valid, cfg.positive_slots_per_image, key)
     return {
         "cell_labels": cell_labels.astype(jnp.int32),
         "positive": positive,
         "ignored": ignored,
-        "slot_cell": jnp.where(slot_valid, cells[chosen], 0),
-        "slot_instance": jnp.where(slot_valid, instances[chosen], 0),
-        "slot_valid": slot_valid,
-        "pairs": valid.sum().astype(jnp.int32),
-        "overflow": overflow,
+        "cell_instance": jnp.maximum(winner - 1, 0),
+        "pair_cells": cells,
+        "pair_instances": instances,
+        "pairs": valid,
     }
 
 
@@ -573,6 +622,25 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config, extent_hw=N
     >= keep_score_threshold kept, the best K in descending order.
     """
     del batch
+
+    def candidate_masks(cells, image_kernels, features):
+        return jax.nn.sigmoid(
+            dense.dynamic_masks(features[None], image_kernels[cells][None])[0].astype(jnp.float32)
+        )
+
+    return detect_from_masks(
+        peak_filtered_scores(logits, cfg),
+        candidate_masks,
+        (kernels, mask_features),
+        mask_features.shape[1:3],
+        cfg,
+        extent_hw,
+    )
+
+
+def peak_filtered_scores(logits, cfg: SOLOGridConfig) -> jnp.ndarray:
+    """float32[B, S C]: the category probabilities of logits [B, S, C] through each level's 2x2
+    peak filter (points_nms), flattened (cell, class) so that index // C is the cell."""
     b, s, c = logits.shape
     probs = jax.nn.sigmoid(logits)
     filtered, start = [], 0
@@ -580,11 +648,23 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config, extent_hw=N
         level = probs[:, start : start + grid * grid].reshape(b, grid, grid, c)
         filtered.append(points_nms(level).reshape(b, grid * grid, c))
         start += grid * grid
-    scores = jnp.concatenate(filtered, 1).reshape(b, s * c)
-    q = min(cfg.test_candidates, s * c)
+    return jnp.concatenate(filtered, 1).reshape(b, s * c)
+
+
+def detect_from_masks(
+    scores, candidate_masks, mask_inputs, mask_hw, cfg: SOLOGridConfig, extent_hw=None
+) -> dict:
+    """detect's test procedure from the (cell, class) scores float32[B, S C]
+    (peak_filtered_scores) on, for any mask branch (shared with methods/solo.py):
+    candidate_masks(cells int32[Q], *one image's mask_inputs) -> float32[Q, h, w] mask
+    probabilities at stride 4 of those cells; mask_inputs a tuple of [B, ...] arrays; mask_hw
+    (h, w) their static size."""
+    b = scores.shape[0]
+    c = cfg.num_classes
+    q = min(cfg.test_candidates, scores.shape[1])
     k = cfg.detections_per_image
     cell_strides = jnp.asarray(cfg.cell_strides())
-    h, w = mask_features.shape[1:3]
+    h, w = mask_hw
     if extent_hw is None:
         extent_hw = jnp.broadcast_to(jnp.asarray([h, w], jnp.float32) * MASK_STRIDE, (b, 2))
     cells_hw = extent_hw / MASK_STRIDE
@@ -592,12 +672,10 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config, extent_hw=N
         jnp.arange(w)[None, None, :] < cells_hw[:, 1, None, None]
     )  # [B, h, w]
 
-    def one_image(image_scores, image_kernels, features, image_inside):
+    def one_image(image_scores, image_inside, *image_mask_inputs):
         top, index = ops.top_k(image_scores, q)
         cell, cls = index // c, (index % c).astype(jnp.int32)
-        masks = jax.nn.sigmoid(
-            dense.dynamic_masks(features[None], image_kernels[cell][None])[0].astype(jnp.float32)
-        )  # [Q, h, w]
+        masks = candidate_masks(cell, *image_mask_inputs)  # [Q, h, w]
         masks = jnp.where(image_inside, masks, 0.0)
         binary = masks > cfg.mask_threshold
         area = binary.sum(axis=(1, 2)).astype(jnp.float32)
@@ -630,7 +708,7 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config, extent_hw=N
         )
 
     det_scores, det_classes, det_valid, det_masks = jax.vmap(one_image)(
-        scores, kernels, mask_features, inside
+        scores, inside, *mask_inputs
     )
     return {
         "scores": det_scores,
@@ -640,27 +718,31 @@ def detect(logits, kernels, mask_features, batch, cfg: SOLOv2Config, extent_hw=N
     }
 
 
-def loss_fn(outputs: dict, batch: dict, cfg: SOLOv2Config) -> tuple[jnp.ndarray, dict]:
-    """Focal loss over every grid cell but the ignored ones / (positive cells + 1) and dice
-    loss (squared, weight 3) averaged over the trained (cell, instance) pairs, each within a
-    group of model.loss_normaliser_images images, then averaged over the groups."""
-    del batch  # every target was built inside the model
-    targets = outputs["targets"]
-    logits = outputs["category_logits"]  # [B, S, C]
-    labels = targets["cell_labels"]
-    one_hot = jax.nn.one_hot(labels, cfg.num_classes, dtype=logits.dtype)  # background: zeros
-    b, p = targets["slot_valid"].shape
-    group = loss_normaliser_group(cfg.loss_normaliser_images, b)
-    positive_per_image = targets["positive"].sum(axis=1)
-    num_positive = positive_per_image.sum().astype(jnp.float32)
-    cls_scale = ops.group_normalizer_scale(positive_per_image, group, offset=1.0)
-    loss_cls = ops.sigmoid_focal_loss(
+def category_loss(logits, targets: dict, cfg: SOLOGridConfig, group: int) -> jnp.ndarray:
+    """Focal loss of the category logits [B, S, C] over every cell but the ignored ones, each
+    group of `group` images divided by its positive cells + 1 (shared with methods/solo.py)."""
+    # Background cells (label C) get all-zero rows.
+    one_hot = jax.nn.one_hot(targets["cell_labels"], cfg.num_classes, dtype=logits.dtype)
+    cls_scale = ops.group_normalizer_scale(targets["positive"].sum(axis=1), group, offset=1.0)
+    return ops.sigmoid_focal_loss(
         logits,
         one_hot,
         cfg.focal_alpha,
         cfg.focal_gamma,
         weights=(~targets["ignored"] * cls_scale[:, None])[..., None],  # [B, S, 1]
     )
+
+
+def loss_fn(outputs: dict, batch: dict, cfg: SOLOv2Config) -> tuple[jnp.ndarray, dict]:
+    """Focal loss over every grid cell but the ignored ones / (positive cells + 1) and dice
+    loss (squared, weight 3) averaged over the trained (cell, instance) pairs, each within a
+    group of model.loss_normaliser_images images, then averaged over the groups."""
+    del batch  # every target was built inside the model
+    targets = outputs["targets"]
+    b, p = targets["slot_valid"].shape
+    group = loss_normaliser_group(cfg.loss_normaliser_images, b)
+    loss_cls = category_loss(outputs["category_logits"], targets, cfg, group)
+    num_positive = targets["positive"].sum().astype(jnp.float32)
     mask_scale = ops.group_normalizer_scale(targets["slot_valid"].sum(axis=1), group)
     slot_valid = (targets["slot_valid"] * mask_scale[:, None]).reshape(b * p)
     mask_logits = outputs["mask_logits"].reshape((b * p,) + outputs["mask_logits"].shape[2:])

@@ -86,15 +86,17 @@ def dice_loss(
     smooth: float = 1.0,
     squared: bool = False,
     eps: float = 0.0,
+    activate: bool = True,
 ) -> jnp.ndarray:
     """Per-instance dice loss of mask logits[N, ...] against {0, 1} targets[N, ...].
 
     loss_n = 1 - (2 sum(p t) + smooth) / (sum(p^k) + sum(t^k) + smooth + eps) with
     p = sigmoid(logits) over all but the first axis; k = 2 when ``squared`` (SOLO, CondInst),
     else 1 (MaskFormer). SOLO's reference has smooth 0 and eps 2e-3 (1e-3 on each sum).
-    ``weights`` are per instance [N].
+    ``weights`` are per instance [N]. ``activate`` False: `logits` are probabilities already
+    (Decoupled SOLO's product of two sigmoids; mmdetection's DiceLoss activate=False).
     """
-    probs = jax.nn.sigmoid(logits).reshape(logits.shape[0], -1)
+    probs = (jax.nn.sigmoid(logits) if activate else logits).reshape(logits.shape[0], -1)
     targets = targets.reshape(targets.shape[0], -1).astype(probs.dtype)
     power = 2 if squared else 1
     numerator = 2.0 * (probs * targets).sum(axis=1) + smooth
