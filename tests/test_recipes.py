@@ -207,6 +207,19 @@ RECIPES = {
         "input.short_side": (800,),
         "input.max_long_side": 1333,
     },
+    # InstanceFCN has no released code: its paper's section 4 (arXiv 1603.08678), the head and
+    # the training samples (k = 5, m = 21 at stride 8, 512-d branches, 256 windows at 1 : 1,
+    # DeepMask's canonical object 128 / 224 of the window).
+    "instancefcn_r50_coco": {
+        "model.grid_k": 5,
+        "model.window_cells": (21, 15),
+        "model.levels": (3, 4, 5, 6),
+        "model.branch_channels": 512,
+        "model.windows_per_image": 256,
+        "model.positive_fraction": 0.5,
+        "model.canonical_object": 128 / 224,
+        "input.global_batch": 16,
+    },
 }
 
 

@@ -308,9 +308,10 @@ def test_overfits_four_scenes(tmp_path):
         overrides=[
             "--config.optim.name=adamw",
             "--config.optim.lr=0.001",
-            # Shapes of 32-230 px on the 512 canvas: canonical objects 32-590 px.
-            "--config.model.levels=(2, 3, 4, 5)",
-            "--config.model.window_cells=(15, 21)",
+            # Shapes of 32-230 px on the 512 canvas: windows on P2 and P3 whose canonical
+            # objects (34-261 px, half an octave apart) cover them with masks at stride 4-8.
+            "--config.model.levels=(2, 3)",
+            "--config.model.window_cells=(15, 21, 29, 41, 57)",
             "--config.model.branch_channels=64",
             "--config.model.windows_per_image=256",
             *CANVAS_4X,
