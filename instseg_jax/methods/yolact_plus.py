@@ -154,6 +154,22 @@ def mask_iou_targets(pred_masks, gt_masks):
     return intersection / jnp.maximum(union, 1.0), gt_area
 
 
+def mask_iou_training(mask_logits, boxes, gt_masks, slot_valid, discard_mask_area: float):
+    """The mask IoU head's training inputs and targets (multibox_loss.py lincomb_mask_loss).
+
+    mask_logits float32[B, P, h, w] of the mask slots; boxes float32[B, P, 4] their ground-truth
+    boxes (canvas xyxy); gt_masks [B, P, h, w] their ground-truth masks at stride 4;
+    slot_valid bool[B, P]. Returns the head's input sigmoid(logits) cropped by the box
+    (yolact.crop_masks, one cell of padding) [B, P, h, w], with its gradient; the IoU target
+    float32[B, P] (mask_iou_targets, no gradient); and which slots train: valid ones whose
+    ground truth covers more than discard_mask_area cells, bool[B, P].
+    """
+    inside = crop_masks(mask_logits, boxes, PROTO_STRIDE)
+    pred_masks = jnp.where(inside, jax.nn.sigmoid(mask_logits), 0.0)
+    iou, gt_area = jax.lax.stop_gradient(mask_iou_targets(pred_masks, gt_masks))
+    return pred_masks, iou, slot_valid & (gt_area > discard_mask_area)
+
+
 class YOLACTPlus(yolact.YOLACT):
     cfg: YOLACTPlusConfig
 
@@ -179,15 +195,18 @@ class YOLACTPlus(yolact.YOLACT):
                 scores = jnp.where(detections["valid"], detections["scores"] * ious, 0.0)
                 outputs["detections"] = {**detections, "scores": scores}
             return outputs
-        mask_logits = outputs["mask_logits"]  # [B, P, h, w]
-        inside = crop_masks(mask_logits, outputs["mask_boxes"], PROTO_STRIDE)
-        pred_masks = jnp.where(inside, jax.nn.sigmoid(mask_logits), 0.0)
         targets = outputs["targets"]
-        iou, gt_area = jax.lax.stop_gradient(mask_iou_targets(pred_masks, outputs["mask_targets"]))
+        pred_masks, iou, trained = mask_iou_training(
+            outputs["mask_logits"],
+            outputs["mask_boxes"],
+            outputs["mask_targets"],
+            targets["slot_valid"],
+            cfg.discard_mask_area,
+        )
         slot_classes = jnp.take_along_axis(batch["gt_classes"], targets["slot_gt"], axis=1)
         outputs["mask_iou_pred"] = self.mask_ious(pred_masks, slot_classes)  # [B, P]
         outputs["mask_iou_targets"] = iou
-        outputs["mask_iou_trained"] = targets["slot_valid"] & (gt_area > cfg.discard_mask_area)
+        outputs["mask_iou_trained"] = trained
         return outputs
 
 
