@@ -21,10 +21,11 @@ reference's 300 epochs of 4000 batches of 32 windows, a step being a mask batch 
 batch); COCO images at their own size (long side 640 on a 640 canvas); test at scales 2^-2.5
 .. 2^0.5, the best 1000 windows, masks at probability 0.2, no NMS, COCOeval at maxDets 1000.
 
-Class-agnostic proposals: every detection is class 0, and evaluate.py has no class-agnostic
-COCOeval yet (useCats 0), so COCO's AR of the reference is not what `eval` prints here. The
-reference's README gives no AR table; the SharpMask paper (Pinheiro et al., ECCV 2016,
-Table 1) reports this DeepMask's segment AR on COCO val.
+Class-agnostic proposals: every detection is class 0 and COCOeval runs with useCats 0
+(eval.class_agnostic), so the 80 classes count as one "object", as the reference's
+evalPerImage.lua scores them; its AR@10/100/1000 rows are the paper's measure. The reference's
+README gives no AR table; the SharpMask paper (Pinheiro et al., ECCV 2016) reports this
+DeepMask's segment AR on COCO val; this file has not reproduced it.
 
 `:smoke` shrinks everything to synthetic scenes for tests.
 """

@@ -360,6 +360,9 @@ def base() -> ml_collections.ConfigDict:
     # Whose COCOeval scores bbox, segm and keypoints (COCO_EVALUATORS): hotcoco gives
     # pycocotools' stats bit for bit, over 100x faster; "pycocotools" runs pycocotools' own.
     c.eval.evaluator = COCO_EVALUATORS[0]
+    # COCOeval with useCats 0: every detection may match every ground truth whatever the
+    # classes (class-agnostic proposals: DeepMask's AR; per-category tables are left out).
+    c.eval.class_agnostic = False
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.distributed = False

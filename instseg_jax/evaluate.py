@@ -76,6 +76,7 @@ def coco_evaluate(
     max_detections: int = 100,
     keypoint_sigmas=None,
     evaluator: str = EVALUATORS[0],
+    class_agnostic: bool = False,
 ) -> dict[str, list[float]]:
     """pycocotools' 12 stats per IoU type, bbox then segm, with maxDets (1, 10, 100), and its
     10 keypoint stats (OKS, maxDets 20 as COCO's keypoint tables) for "keypoints".
@@ -86,6 +87,7 @@ def coco_evaluate(
     (pycocotools' own precision and recall arrays). keypoint_sigmas: the OKS sigma of each
     keypoint (input/keypoints.py); None keeps pycocotools' 17 COCO person sigmas.
     evaluator: whose COCOeval computes them (EVALUATORS); the numbers are the same.
+    class_agnostic: useCats 0 (any detection matches any ground truth; no per-category table).
     """
     check_evaluator(evaluator, "evaluator")
     if max_detections < 100:
@@ -142,6 +144,8 @@ def coco_evaluate(
             else:
                 detections_coco = _no_detections(gt)
             run = COCOeval(gt, detections_coco, iou_type)
+        if class_agnostic:
+            run.params.useCats = 0
         if keypoints:
             if keypoint_sigmas is not None:
                 run.params.kpt_oks_sigmas = np.asarray(keypoint_sigmas, np.float64)
@@ -162,7 +166,7 @@ def coco_evaluate(
             run.summarize()
             if extra and not keypoints:
                 run.params.maxDets = [1, 10, 100, max_detections]
-        if print_tables:
+        if print_tables and not class_agnostic:
             print(per_category_table(run, gt, iou_type))
         values = [float(v) for v in run.stats]
         if extra and not keypoints:
@@ -502,7 +506,16 @@ def evaluate_model(
         )
     start = time.perf_counter()
     evaluator = check_evaluator(config.eval.get("evaluator", EVALUATORS[0]))
-    stats = coco_evaluate(gt, results, iou_types, print_tables, max_detections, sigmas, evaluator)
+    stats = coco_evaluate(
+        gt,
+        results,
+        iou_types,
+        print_tables,
+        max_detections,
+        sigmas,
+        evaluator,
+        bool(config.eval.get("class_agnostic", False)),
+    )
     seconds["cocoeval_s"] = time.perf_counter() - start
     report = {k: named(v, max_detections) for k, v in stats.items()}
     if panoptic_evaluation is not None:

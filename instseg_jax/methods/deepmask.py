@@ -1,8 +1,8 @@
 """DeepMask (Pinheiro, Collobert and Dollar, NeurIPS 2015, "Learning to Segment Object
 Candidates"), in the updated form of facebookresearch/deepmask (the SharpMask paper's DeepMask:
 a ResNet-50 trunk): the method module (methods/__init__.py). Class-agnostic segment proposals:
-every detection is class 0 (nuclei has one class; on COCO the 80 classes only decide nothing:
-proposals are meant for COCO's class-agnostic AR, see "Left out").
+every detection is class 0 (nuclei has one class; on COCO the 80 classes are one "object" and
+evaluated class-agnostically, see "Evaluation").
 
 Reference files and what each rule here follows:
   DeepMask.lua       the trunk (ResNet-50 to res4, stride 16, BatchNorm fixed), its border cell
@@ -75,8 +75,9 @@ Deviations from the reference, and why:
     counts the many near-identical windows on one object as false positives.
   - SharpMask's refinement (SharpMask.lua) is not built.
 
-Left out: COCO's class-agnostic evaluation (COCOeval with useCats 0) is not in evaluate.py: on
-COCO the proposals (class 0) score only against the first category until it is.
+Evaluation: class-agnostic (eval.class_agnostic, COCOeval with useCats 0, set by base_config):
+on COCO the 80 classes only count as objects: the reference's evalPerImage.lua writes every
+proposal with category_id 1, and the papers' AR is over all objects.
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ def sample_windows(draws: dict, gt_boxes, gt_valid, image_hw, cfg: DeepMaskConfi
     positive bool[W], valid bool[W], instance int32[W] (the positive's object, 0 otherwise),
     negative_found bool[W] (False on a negative whose every try was blocked; True elsewhere).
     """
+    gt_boxes, gt_valid, image_hw = (jnp.asarray(a) for a in (gt_boxes, gt_valid, image_hw))
     w_side, i_side = float(cfg.window), float(cfg.window_inner)
     widths = gt_boxes[:, 2] - gt_boxes[:, 0]
     heights = gt_boxes[:, 3] - gt_boxes[:, 1]
@@ -309,6 +311,7 @@ def crop_windows(image, image_hw, windows, size: int):
     """float32[W, size, size, 3] pixels of square canvas windows float32[W, 4] from
     image uint8[H, W, 3]: bilinear at the window's cell centres, grey outside the valid
     region image_hw int32[2] (DataSampler pads its crops with 0.5)."""
+    image, image_hw, windows = (jnp.asarray(a) for a in (image, image_hw, windows))
     h, w = image_hw[0], image_hw[1]
     rows = jnp.arange(image.shape[0])[:, None, None]
     cols = jnp.arange(image.shape[1])[None, :, None]
@@ -324,6 +327,9 @@ def window_mask_targets(gt_masks, gt_boxes, instance, inner, size: int):
     mask over the central region inner float32[W, 4] at size x size, the crop's origin rounded
     at the target resolution (cropTensor's round), read from the box crops gt_masks
     uint8[N, Mc, Mc] of gt_boxes float32[N, 4] bilinearly at the cells' centres, > 0.5."""
+    gt_masks, gt_boxes, instance, inner = (
+        jnp.asarray(a) for a in (gt_masks, gt_boxes, instance, inner)
+    )
     mc = gt_masks.shape[-1]
     side = inner[:, 2] - inner[:, 0]  # [W]
     per_pixel = size / jnp.maximum(side, 1e-6)  # target cells per canvas pixel
@@ -541,6 +547,9 @@ def select_proposals(logits, score_logits, ok, regions, cfg: DeepMaskConfig) -> 
     Returns boxes float32[K, 4] canvas (tight boxes of the masks at mask_threshold), scores
     float32[K] (sigmoid), valid bool[K], masks float32[K, oSz, oSz] probabilities relative to
     the boxes, shifted so that 0.5 is the mask threshold."""
+    logits, score_logits, ok, regions = (
+        jnp.asarray(a) for a in (logits, score_logits, ok, regions)
+    )
     m = cfg.mask_size
     cut = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
     cells = ops.masks_to_boxes(logits > cut)  # [C, 4] in mask cells
@@ -647,6 +656,7 @@ def base_config() -> ml_collections.ConfigDict:
     # One gamma for both decays: 1e-3, 5e-4, then 2.5e-4 where the reference's last is 1e-4.
     c.schedule.gamma = 0.5
     c.eval.max_detections = 1000
+    c.eval.class_agnostic = True  # proposals: every ground truth is an object to recall
     return c
 
 
