@@ -47,6 +47,7 @@ SMOKE = {
     "polarmask": "experiments/polarmask_nuclei.py:smoke",
     "solov2": "experiments/solov2_nuclei.py:smoke",
     "yolact": "experiments/yolact_nuclei.py:smoke",
+    "yolact_plus": "experiments/yolact_plus_nuclei.py:smoke",
 }
 # Bytes an all-reduce may carry besides gradients: the global-batch normalisers and metrics.
 SCALAR_BYTES = 1024
