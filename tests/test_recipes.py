@@ -207,6 +207,34 @@ RECIPES = {
         "input.short_side": (800,),
         "input.max_long_side": 1333,
     },
+    # mmdetection configs/ms_rcnn/ms-rcnn_r50-caffe_fpn_1x_coco.py over mask_rcnn/
+    # mask-rcnn_r50-caffe_fpn_1x_coco.py, _base_/schedules/schedule_1x.py (SGD lr 0.02, momentum
+    # 0.9, weight decay 1e-4, LinearLR start_factor 0.001 over 500 iterations, 12 epochs with
+    # milestones 8 and 11), _base_/datasets/coco_instance.py (batch 2 x 8 GPUs, Resize scale
+    # (1333, 800) keep_ratio), _base_/models/mask-rcnn_r50_fpn.py (RoIAlign sampling_ratio 0;
+    # RPN losses over avg_factor, the anchors sampled); MaskIoUHead's defaults.
+    "ms_rcnn_r50_fpn_coco_1x": {
+        "input.global_batch": 16,
+        "optim.name": "sgd",
+        "optim.lr": 0.02,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 1e-4,
+        "optim.clip_norm": 0.0,
+        "schedule.warmup_steps": 500,
+        "schedule.warmup_factor": 0.001,
+        "schedule.total_steps": 12 * 7330,
+        "schedule.steps": (8 * 7330, 11 * 7330),
+        "input.short_side": (800,),
+        "input.max_long_side": 1333,
+        "model.sampling_ratio": 0,
+        "model.rpn_loss_normalizer": "sampled",
+        "model.maskiou_num_convs": 4,
+        "model.maskiou_conv_dim": 256,
+        "model.maskiou_num_fcs": 2,
+        "model.maskiou_fc_dim": 1024,
+        "model.maskiou_logit_threshold": 0.5,  # train_cfg.rcnn.mask_thr_binary
+        "model.maskiou_loss_weight": 0.5,  # loss_iou MSELoss loss_weight
+    },
     # InstanceFCN has no released code: its paper's section 4 (arXiv 1603.08678), the head and
     # the training samples (k = 5, m = 21 at stride 8, 512-d branches, 256 windows at 1 : 1,
     # DeepMask's canonical object 128 / 224 of the window).

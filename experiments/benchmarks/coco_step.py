@@ -34,6 +34,7 @@ EXPERIMENTS = {
     "mask2former": "mask2former_r50_coco_50ep.py",
     "pointrend": "pointrend_r50_fpn_coco_1x.py",
     "panet": "panet_r50_fpn_coco_2x.py",
+    "ms_rcnn": "ms_rcnn_r50_fpn_coco_1x.py",
     "keypoint_rcnn": "keypoint_rcnn_r50_fpn_coco_1x.py",
     "panoptic_fpn": "panoptic_fpn_r50_coco_1x.py",
     "instancefcn": "instancefcn_r50_coco.py",
