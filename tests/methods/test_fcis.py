@@ -1,0 +1,264 @@
+"""FCIS: RoI targets and OHEM against float64 NumPy encodings of msracver/FCIS's rules
+(fcis/operator_py/proposal_annotator.py ProposalAnnotatorOperator.sample_rois with BATCH_ROIS
+-1, fcis/operator_py/box_annotator_ohem.py BoxAnnotatorOHEMOperator.forward, the loss heads of
+fcis/symbols/resnet_v1_101_fcis.py get_symbol), the assembling of the position-sensitive maps,
+the smoke step, and (slow) over-fitting 4 scenes and the COCO step."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instseg_jax.methods import fcis
+from tests.methods.smoke import assert_total_is_the_sum, magnitude, smoke_step
+from tests.ops.test_ps_roi_pool import reference_pool
+
+SMOKE = "experiments/fcis_nuclei.py:smoke"
+
+CFG = fcis.FCISConfig(
+    num_classes=2,
+    canvas_hw=(128, 128),
+    ps_group_size=3,
+    mask_size=8,
+    ohem_rois=3,
+    mask_target_sampling_ratio=0,
+)
+
+
+def iou(a, b):
+    """float64[len(a), len(b)] IoU of continuous xyxy boxes."""
+    a, b = np.asarray(a, np.float64)[:, None], np.asarray(b, np.float64)[None]
+    w = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    h = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])
+    inter = w * h
+    return inter / (area(a) + area(b) - inter)
+
+
+def encode(gt, roi, weights):
+    """bbox_transform divided by BBOX_STDS (weights = 1 / stds), continuous boxes."""
+    gt, roi = np.asarray(gt, np.float64), np.asarray(roi, np.float64)
+    rw, rh = roi[:, 2] - roi[:, 0], roi[:, 3] - roi[:, 1]
+    gw, gh = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    dx = (gt[:, 0] + gw / 2 - roi[:, 0] - rw / 2) / rw
+    dy = (gt[:, 1] + gh / 2 - roi[:, 1] - rh / 2) / rh
+    return np.stack([dx, dy, np.log(gw / rw), np.log(gh / rh)], 1) * np.asarray(weights)
+
+
+def annotate(proposals, gt_boxes, gt_classes, num_classes, weights, threshold=0.5):
+    """sample_rois with BATCH_ROIS -1: every proposal and ground truth, labelled by its best
+    ground truth (class at IoU >= 0.5, background below), box targets of the foreground.
+    Returns {tuple(box): (label, target deltas or None)}."""
+    candidates = np.concatenate([proposals, gt_boxes])
+    overlaps = iou(candidates, gt_boxes)
+    best, best_iou = overlaps.argmax(1), overlaps.max(1)
+    targets = encode(gt_boxes[best], candidates, weights)
+    out = {}
+    for box, g, o, t in zip(candidates, best, best_iou, targets, strict=True):
+        fg = o >= threshold
+        out[tuple(np.round(box, 3))] = (gt_classes[g] if fg else num_classes, t if fg else None)
+    return out
+
+
+# A hand-made scene on a 128 canvas: two ground truths (A class 0 filled box, B class 1 with
+# its left half filled), a padding slot; proposals: one on A, one on B, one on background, one
+# padding.
+GT_BOXES = np.array([[10, 10, 50, 50], [60, 20, 100, 90], [0, 0, 0, 0]], np.float32)
+GT_CLASSES = np.array([0, 1, 0], np.int32)
+GT_VALID = np.array([True, True, False])
+PROPOSALS = np.array([[12, 12, 52.75, 48], [60, 30, 100, 80], [0, 60, 30, 120], [0, 0, 0, 0]])
+PROPOSAL_VALID = np.array([True, True, True, False])
+CROP = 16
+
+
+def scene_batch():
+    crops = np.zeros((3, CROP, CROP), np.uint8)
+    crops[0] = 1
+    crops[1, :, : CROP // 2] = 1
+    return {
+        "gt_boxes": jnp.asarray(GT_BOXES[None]),
+        "gt_classes": jnp.asarray(GT_CLASSES[None]),
+        "gt_valid": jnp.asarray(GT_VALID[None]),
+        "gt_masks": jnp.asarray(crops[None]),
+    }
+
+
+def reference_mask_target(roi, gt_box, filled_right_edge, size, threshold, supersample=64):
+    """The ground truth's mask inside the RoI (intersect_box_mask) resized to size x size as
+    each bin's covered fraction (the area rule cv2's resize approaches), >= threshold. The mask
+    is its box up to x = filled_right_edge."""
+    x0, y0, x1, y1 = roi
+    offsets = (np.arange(size * supersample) + 0.5) / (size * supersample)
+    xs, ys = x0 + offsets * (x1 - x0), y0 + offsets * (y1 - y0)
+    inside_x = (xs >= gt_box[0]) & (xs < min(gt_box[2], filled_right_edge))
+    inside_y = (ys >= gt_box[1]) & (ys < gt_box[3])
+    cover = inside_y[:, None] & inside_x[None, :]
+    fraction = cover.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
+    return fraction >= threshold, fraction
+
+
+def test_training_rois_are_every_proposal_and_ground_truth_labelled_by_the_annotator_rules():
+    batch = scene_batch()
+    outputs = {
+        "proposal_boxes": jnp.asarray(PROPOSALS[None], jnp.float32),
+        "proposal_valid": jnp.asarray(PROPOSAL_VALID[None]),
+    }
+    build = jax.jit(lambda o, b: fcis.training_rois(o, b, CFG, jax.random.key(0)))
+    rois = jax.tree.map(np.asarray, build(outputs, batch))
+    keep = GT_VALID
+    want = annotate(PROPOSALS[PROPOSAL_VALID], GT_BOXES[keep], GT_CLASSES[keep], 2, CFG.box_weights)
+    got = {tuple(np.round(b, 3)): i for i, b in enumerate(rois["boxes"][0]) if rois["valid"][0, i]}
+    assert set(got) == set(want)  # 3 proposals + 2 ground truths, padding left out
+    for box, i in got.items():
+        label, deltas = want[box]
+        assert rois["classes"][0, i] == label, box
+        assert rois["foreground"][0, i] == (label < 2), box
+        if deltas is not None:
+            np.testing.assert_allclose(rois["target_deltas"][0, i], deltas, atol=1e-5)
+    # Foreground first: the 4 foreground RoIs (2 proposals, 2 ground truths) lead.
+    assert rois["foreground"][0, :4].all() and not rois["foreground"][0, 4:].any()
+
+    # Mask targets: B's left half inside B's proposal, A's full box inside A's proposal (which
+    # overhangs A by 2.75 px on the right: its last column is 45% covered, a target at 0.4
+    # and not at detectron2's 0.5).
+    b_roi = got[tuple(np.round(PROPOSALS[1], 3))]
+    want_b, _ = reference_mask_target(PROPOSALS[1], GT_BOXES[1], 80.0, 8, 0.4)
+    np.testing.assert_array_equal(rois["mask_targets"][0, b_roi], want_b)
+    a_roi = got[tuple(np.round(PROPOSALS[0], 3))]
+    want_a, fraction = reference_mask_target(PROPOSALS[0], GT_BOXES[0], 50.0, 8, 0.4)
+    assert 0.4 <= fraction[3, 7] < 0.5  # the threshold decides this column
+    np.testing.assert_array_equal(rois["mask_targets"][0, a_roi], want_a)
+
+
+def reference_ohem(cls_logits, labels, mask_logits, mask_targets, fg, deltas, targets, budget):
+    """box_annotator_ohem for one image: per-RoI cls CE + 10 x mean over cells of the mask CE
+    (0 for background: their targets are all -1) + 1 x smooth L1 (sigma 1) summed over the
+    foreground's deltas; the top `budget` by that loss are kept (argsort, descending)."""
+    log_p = cls_logits - np.log(np.exp(cls_logits).sum(-1, keepdims=True))
+    cls = -log_p[np.arange(len(labels)), labels]
+    mask_log = mask_logits - np.log(np.exp(mask_logits).sum(-1, keepdims=True))
+    picked = np.where(mask_targets > 0.5, mask_log[..., 1], mask_log[..., 0])
+    seg = np.where(fg, -picked.mean(axis=(1, 2)), 0.0)
+    d = np.abs(deltas - targets)
+    box = np.where(fg, np.where(d < 1, 0.5 * d * d, d - 0.5).sum(-1), 0.0)
+    total = cls + 10 * seg + box
+    return set(np.argsort(total)[::-1][:budget].tolist()), cls, seg, box
+
+
+def test_ohem_keeps_the_hardest_rois_and_the_losses_are_the_reference_heads():
+    rng = np.random.default_rng(0)
+    b, r, s, c = 2, 7, 8, 2
+    fg = rng.random((b, r)) < 0.5
+    classes = np.where(fg, rng.integers(0, c, (b, r)), c)
+    valid = np.ones((b, r), bool)
+    valid[1, 5:] = False  # padding RoIs never train
+    rois = {
+        "classes": jnp.asarray(classes, jnp.int32),
+        "foreground": jnp.asarray(fg),
+        "valid": jnp.asarray(valid),
+        "target_deltas": jnp.asarray(np.where(fg[..., None], rng.normal(size=(b, r, 4)), 0.0)),
+        "mask_targets": jnp.asarray((rng.random((b, r, s, s)) < 0.5).astype(np.float32)),
+    }
+    outputs = {
+        "rois": rois,
+        "class_logits": jnp.asarray(rng.normal(size=(b, r, c + 1)), jnp.float32),
+        "mask_logits": jnp.asarray(rng.normal(size=(b, r, s, s, 2)), jnp.float32),
+        "box_deltas": jnp.asarray(rng.normal(size=(b, r, 4)), jnp.float32),
+        "rpn_logits": jnp.zeros((b, 6)),
+        "rpn_deltas": jnp.zeros((b, 6, 4)),
+        "rpn_labels": jnp.zeros((b, 6), jnp.int32),
+        "rpn_target_deltas": jnp.zeros((b, 6, 4)),
+    }
+
+    @jax.jit
+    def ohem_and_losses(outputs):
+        outputs = dict(outputs, ohem=fcis.ohem_selection(outputs, CFG))
+        return outputs["ohem"], fcis.loss_fn(outputs, {}, CFG)[1]
+
+    kept, metrics = ohem_and_losses(outputs)
+    kept = np.asarray(kept)
+    sums = {"cls": 0.0, "seg": 0.0, "box": 0.0}
+    for i in range(b):
+        n = valid[i].sum()
+        chosen, cls, seg, box = reference_ohem(
+            np.asarray(outputs["class_logits"][i, :n], np.float64),
+            classes[i, :n],
+            np.asarray(outputs["mask_logits"][i, :n], np.float64),
+            np.asarray(rois["mask_targets"][i, :n]),
+            fg[i, :n],
+            np.asarray(outputs["box_deltas"][i, :n], np.float64),
+            np.asarray(rois["target_deltas"][i, :n], np.float64),
+            CFG.ohem_rois,
+        )
+        assert set(np.flatnonzero(kept[i]).tolist()) == chosen
+        idx = sorted(chosen)
+        sums["cls"] += cls[idx].sum()
+        sums["seg"] += seg[idx].sum()
+        sums["box"] += box[idx].sum()
+    # normalization 'valid' for the class loss; grad_scale 10 / BATCH_ROIS_OHEM (mask, the
+    # 441 cells averaged by multi_output) and 1 / BATCH_ROIS_OHEM (box), per image -> x images.
+    assert float(metrics["loss_cls"]) == pytest.approx(sums["cls"] / kept.sum(), rel=1e-5)
+    budget = CFG.ohem_rois * b
+    assert float(metrics["loss_mask"]) == pytest.approx(10 * sums["seg"] / budget, rel=1e-5)
+    assert float(metrics["loss_box_reg"]) == pytest.approx(sums["box"] / budget, rel=1e-5)
+
+
+def test_assembling_is_the_group_max_mean_and_the_class_pair():
+    """Class logits = mean over the S x S bins of max(outside, inside) per class (Group_Max,
+    global average pool); pairs and box deltas from PSROIPooling of the two map sets."""
+    cfg = dataclasses.replace(CFG, mask_size=5)
+    k, s, c = cfg.ps_group_size, cfg.mask_size, cfg.num_classes
+    rng = np.random.default_rng(3)
+    cls_seg = rng.normal(size=(1, 6, 7, k * k * (c + 1) * 2)).astype(np.float32)
+    box = rng.normal(size=(1, 6, 7, k * k * 4)).astype(np.float32)
+    boxes = np.array([[[3.0, 5.0, 70.0, 90.0], [40.0, 10.0, 100.0, 60.0]]], np.float32)
+    logits, pairs, deltas = jax.jit(
+        lambda maps, b: fcis.FCIS(cfg).apply({}, maps, b, method=fcis.FCIS.assemble)
+    )((jnp.asarray(cls_seg), jnp.asarray(box)), jnp.asarray(boxes))
+    zero = np.zeros((1, 2, s, s, (c + 1) * 2))
+    want_pairs, _ = reference_pool(cls_seg, boxes, k, s, 1 / 16, zero)
+    want_pairs = want_pairs.reshape(1, 2, s, s, c + 1, 2)
+    np.testing.assert_allclose(np.asarray(pairs), want_pairs, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits), want_pairs.max(-1).mean((2, 3)), atol=1e-5)
+    want_box, _ = reference_pool(box, boxes, k, s, 1 / 16, np.zeros((1, 2, s, s, 4)))
+    np.testing.assert_allclose(np.asarray(deltas), want_box.mean((2, 3)), atol=1e-5)
+
+
+def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
+    step = smoke_step(fcis, SMOKE)
+    metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
+    assert np.isfinite(step.total)
+    terms = ("loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_mask", "loss_box_reg")
+    assert_total_is_the_sum(step, terms)
+    assert float(metrics["num_fg_rois"]) > 0 and float(metrics["ohem_fg_rois"]) > 0
+    for name in ("rpn_head", "score_maps"):
+        assert magnitude(grads[name]) > 0, name
+    for name, group in grads["backbone"].items():
+        assert (magnitude(group) > 0) == (name != "stem"), name  # smoke: freeze_at=1
+    k, s = cfg.detections_per_image, cfg.mask_size
+    assert det["masks"].shape == (2, k, s, s)
+    assert det["boxes"].shape == (2, k, 4)
+    assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
+
+
+@pytest.mark.slow
+def test_overfits_four_scenes(tmp_path):
+    from tests.methods.overfit import overfit_report
+
+    report = overfit_report(
+        "experiments/fcis_nuclei.py",
+        tmp_path / "overfit",
+        steps=300,
+        overrides=["--config.optim.name=adamw", "--config.optim.lr=0.001"],
+    )
+    assert report["segm"]["AP"] >= 0.9, report["segm"]
+
+
+@pytest.mark.slow
+def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
+    from tests.methods.overfit import coco_step_result
+
+    result = coco_step_result("fcis")
+    assert np.isfinite(result["loss"]) and result["step_s"] > 0
