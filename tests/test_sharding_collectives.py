@@ -35,6 +35,7 @@ SMOKE = {
     "blendmask": "experiments/blendmask_nuclei.py:smoke",
     "condinst": "experiments/condinst_nuclei.py:smoke",
     "deepmask": "experiments/deepmask_nuclei.py:smoke",
+    "fcis": "experiments/fcis_nuclei.py:smoke",
     "fcos": "experiments/fcos_nuclei.py:smoke",
     "instancefcn": "experiments/instancefcn_nuclei.py:smoke",
     "keypoint_rcnn": "experiments/keypoint_rcnn_synthetic.py:smoke",
