@@ -12,8 +12,9 @@ https://download.pytorch.org/models/resnet50-0676ba61.pth), fetched once where t
 FrozenBN ResNet needs those weights.
 
 The paper's settings (section 4): k = 5 relative positions, windows of m = 21 cells at stride 8
-(here FPN P3; P4-P6 stand for the octaves of its image pyramid and 15-cell windows for the
-half octaves: instseg_jax/methods/instancefcn.py says why), 512-d branches, 256 windows per
+(here FPN P3; P2 and P4-P6 stand for the octaves of its image pyramid, 15-cell windows for the
+half octaves: instseg_jax/methods/instancefcn.py says why; objects from 29 px up have positive
+windows), 512-d branches, 256 windows per
 image at positives : negatives 1 : 1 with DeepMask's window rules, logistic objectness plus
 per-pixel logistic mask loss. Its trunk is an ImageNet VGG-16 with dilated conv5; here a
 FrozenBN ImageNet ResNet-50 with an FPN (the library has no dilated trunk). The paper gives no
@@ -44,6 +45,9 @@ def get_config(arg=None):
     c.input.max_long_side = 1000
     c.input.test_short_side = 600
     c.input.test_max_long_side = 1000
+    # P2 too: the paper's pyramid reaches small objects by upscaling the image; on P3-P6 alone
+    # no window takes an object under 58 px (model.window_cells' canonical sizes, 2^(-1/4)).
+    c.model.levels = (2, 3, 4, 5, 6)
     c.model.detections_per_image = 1000
     c.eval.max_detections = 1000
     return common.accelerator_recipe(c, arg)

@@ -241,7 +241,6 @@ RECIPES = {
     "instancefcn_r50_coco": {
         "model.grid_k": 5,
         "model.window_cells": (21, 15),
-        "model.levels": (3, 4, 5, 6),
         "model.branch_channels": 512,
         "model.windows_per_image": 256,
         "model.positive_fraction": 0.5,
