@@ -26,6 +26,8 @@ from compile_and_step import step_program
 EXPERIMENTS = {
     "mask_rcnn": "maskrcnn_r50_fpn_coco_1x.py",
     "solov2": "solov2_r50_fpn_coco_1x.py",
+    "solo": "solo_r50_fpn_coco_1x.py",
+    "solo_decoupled": "solo_decoupled_r50_fpn_coco_1x.py",
     "yolact": "yolact_r50_coco.py",
     "fcos": "fcos_r50_fpn_coco_1x.py",
     "condinst": "condinst_r50_fpn_coco_1x.py",

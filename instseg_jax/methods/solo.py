@@ -293,24 +293,11 @@ class SOLO(nn.Module):
                 )
         return jnp.concatenate(logits, 1).astype(jnp.float32), mask_maps
 
-    def cell_mask_probabilities(self, mask_maps, cells, level: int) -> jnp.ndarray:
-        """float32[B, K, h, w]: the mask probabilities of cells int32[B, K] (indices into [S])
-        on `level`'s map, as if every cell were on that level (a cell elsewhere reads an
-        arbitrary entry of this level: the caller keeps each cell's own level)."""
-        cfg = self.cfg
-        grid = cfg.num_grids[level]
-        local = jnp.clip(cells - cfg.cell_offsets()[level], 0, grid * grid - 1)
-        if cfg.mask_branch == "vanilla":
-            kernels = self.mask_kernels[level].T[local]  # [B, K, E]
-            logits = dense.dynamic_masks(mask_maps[level], kernels).astype(jnp.float32)
-            return jax.nn.sigmoid(logits + self.mask_biases[level][local][..., None, None])
-        x_map, y_map = mask_maps[level]  # [B, h, w, S_l]
-        # Cell (i, j) reads X's channel j and Y's channel i (one-hot products: no gather).
-        column = jax.nn.one_hot(local % grid, grid, dtype=jnp.float32)
-        row = jax.nn.one_hot(local // grid, grid, dtype=jnp.float32)
-        x = jnp.einsum("bhwg,bkg->bkhw", jax.nn.sigmoid(x_map), column)
-        y = jnp.einsum("bhwg,bkg->bkhw", jax.nn.sigmoid(y_map), row)
-        return x * y
+    def predictor_weights(self):
+        """(kernels, biases) of the vanilla 1x1 predictors per level; (None, None) decoupled."""
+        if self.cfg.mask_branch == "vanilla":
+            return self.mask_kernels, self.mask_biases
+        return None, None
 
     def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
         cfg = self.cfg
@@ -353,7 +340,9 @@ class SOLO(nn.Module):
         probabilities, mask_targets = [], []
         for level, stride in enumerate(cfg.mask_strides()):
             probabilities.append(
-                self.cell_mask_probabilities(mask_maps, targets["slot_cell"], level)
+                cell_mask_probabilities(
+                    cfg, mask_maps, targets["slot_cell"], level, *self.predictor_weights()
+                )
             )
             level_masks = rescaled_targets(batch["gt_full_masks"], stride // MASK_STRIDE)
             mask_targets.append(
@@ -370,6 +359,7 @@ class SOLO(nn.Module):
         cfg = self.cfg
         h, w = (v // MASK_STRIDE for v in cfg.canvas_hw)
         offsets = cfg.cell_offsets()
+        weights = self.predictor_weights()  # read outside the vmap below
 
         def candidate_masks(cells, extent, *image_maps):
             maps = jax.tree.map(lambda m: m[None], list(image_maps))
@@ -377,8 +367,12 @@ class SOLO(nn.Module):
             for level, (grid, stride) in enumerate(
                 zip(cfg.num_grids, cfg.mask_strides(), strict=True)
             ):
-                level_masks = self.cell_mask_probabilities(
-                    maps if cfg.mask_branch == "vanilla" else _pairs(maps), cells[None], level
+                level_masks = cell_mask_probabilities(
+                    cfg,
+                    maps if cfg.mask_branch == "vanilla" else _pairs(maps),
+                    cells[None],
+                    level,
+                    *weights,
                 )
                 level_masks = resample(level_masks, extent[None], stride, MASK_STRIDE, (h, w))[0]
                 on_level = (cells >= offsets[level]) & (cells < offsets[level] + grid * grid)
@@ -394,6 +388,29 @@ class SOLO(nn.Module):
             cfg,
             extent_hw,
         )
+
+
+def cell_mask_probabilities(
+    cfg: SOLOConfig, mask_maps, cells, level: int, kernels=None, biases=None
+) -> jnp.ndarray:
+    """float32[B, K, h, w]: the mask probabilities of cells int32[B, K] (indices into [S]) on
+    `level`'s map (SOLO.heads' mask maps), as if every cell were on that level (a cell elsewhere
+    reads an arbitrary entry of this level: the caller keeps each cell's own level). Vanilla:
+    sigmoid(map . kernels[level][:, cell] + biases[level][cell]) (the 1x1 predictor's weights);
+    decoupled: sigmoid(X[..., j]) * sigmoid(Y[..., i]) for cell (i, j) of the level's grid."""
+    grid = cfg.num_grids[level]
+    local = jnp.clip(cells - cfg.cell_offsets()[level], 0, grid * grid - 1)
+    if cfg.mask_branch == "vanilla":
+        cell_kernels = kernels[level].T[local]  # [B, K, E]
+        logits = dense.dynamic_masks(mask_maps[level], cell_kernels).astype(jnp.float32)
+        return jax.nn.sigmoid(logits + biases[level][local][..., None, None].astype(jnp.float32))
+    x_map, y_map = mask_maps[level]  # [B, h, w, S_l]
+    # Cell (i, j) reads X's channel j and Y's channel i (one-hot products: no gather).
+    column = jax.nn.one_hot(local % grid, grid, dtype=jnp.float32)
+    row = jax.nn.one_hot(local // grid, grid, dtype=jnp.float32)
+    x = jnp.einsum("bhwg,bkg->bkhw", jax.nn.sigmoid(x_map), column)
+    y = jnp.einsum("bhwg,bkg->bkhw", jax.nn.sigmoid(y_map), row)
+    return x * y
 
 
 def _flatten(pairs):

@@ -78,10 +78,20 @@ def detect(probs, kernels, features, cell_strides, cfg):
     """The reference's test for one image, dynamic shapes: probs float64[S, C] after the peak
     filter, kernels [S, E], features [h, w, E]. Returns [(score, class, binary mask)], best
     first."""
+
+    def cell_masks(cells):
+        return 1.0 / (1.0 + np.exp(-np.einsum("hwe,ne->nhw", features, kernels[cells])))
+
+    return detect_from_masks(probs, cell_masks, cell_strides, cfg)
+
+
+def detect_from_masks(probs, cell_masks, cell_strides, cfg):
+    """detect from the peak-filtered probs on, for any mask branch: cell_masks(cells int[n]) ->
+    float64[n, h, w] mask probabilities at stride 4 (SOLO's get_seg_single and SOLOv2's share
+    everything after their masks are made)."""
     cells, classes = np.nonzero(probs > cfg.score_threshold)
     scores = probs[cells, classes]
-    logits = np.einsum("hwe,ne->nhw", features, kernels[cells])
-    masks = 1.0 / (1.0 + np.exp(-logits))
+    masks = cell_masks(cells)
     binary = masks > cfg.mask_threshold
     area = binary.sum(axis=(1, 2)).astype(np.float64)
     keep = area > cell_strides[cells]
