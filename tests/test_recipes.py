@@ -147,6 +147,44 @@ RECIPES = {
         # anchor_generator strides 550 / (69, 35, 18, 9, 5), centres at half a stride.
         "model.anchor_extent_hw": (550, 550),
     },
+    # dbolya/yolact data/config.py yolact_plus_resnet50_config over yolact_base_config and
+    # coco_base_config: batch 8 (train.py --batch_size default), lr 1e-3, momentum 0.9, decay
+    # 5e-4, lr_warmup_init 1e-4 until 500, max_iter 800k, lr_steps (280k, 600k, 700k, 750k);
+    # pred_scales 24..384 x 2^(j/3), pred_aspect_ratios (1, 1/2, 2) (w/h), resnet50_dcnv2_backbone
+    # args ([3, 4, 6, 3], [0, 4, 6, 3]), maskiou_net five stride-2 3x3s, maskiou_alpha 25,
+    # discard_mask_area 25, rescore_mask; MultiBoxLoss OHEM 3:1 (none without positives);
+    # max_size 550 stretched; utils/augmentations.py RandomSampleCrop (0.1, 0.3, 0.7, 0.9, any).
+    "yolact_plus_r50_coco": {
+        "input.global_batch": 8,
+        "optim.name": "sgd",
+        "optim.lr": 1e-3,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 5e-4,
+        "optim.clip_norm": 0.0,
+        "schedule.warmup_steps": 500,
+        "schedule.warmup_factor": 0.1,
+        "schedule.total_steps": 800_000,
+        "schedule.steps": (280_000, 600_000, 700_000, 750_000),
+        "model.depth": 50,
+        "model.anchor_sizes": (24, 48, 96, 192, 384),
+        "model.anchor_scales": (1.0, 2 ** (1 / 3), 2 ** (2 / 3)),
+        "model.aspect_ratios": (1.0, 2.0, 0.5),
+        "model.dcn_layers": (0, 4, 6, 3),
+        "model.dcn_interval": 1,
+        "model.maskiou_channels": (8, 16, 32, 64, 128),
+        "model.maskiou_loss_weight": 25.0,
+        "model.discard_mask_area": 25.0,
+        "model.rescore_scores": True,
+        "model.negatives_per_positive": 3,
+        "model.negatives_without_positives": "none",
+        "input.expand_ratio": (1.0, 4.0),
+        "input.min_iou_crop": (0.1, 0.3, 0.7, 0.9),
+        "input.min_crop_size": 0.3,
+        "input.photometric": True,
+        "input.resize": "stretch",
+        "input.stretch_hw": (550, 550),
+        "model.anchor_extent_hw": (550, 550),
+    },
     # xieenze/PolarMask configs/polarmask/4gpu/polar_768_1x_r50.py: 4 GPUs x imgs_per_gpu 4,
     # SGD lr 0.01, momentum 0.9, weight decay 1e-4, grad_clip max_norm 35, linear warmup 500
     # iterations from warmup_ratio 1/3, 12 epochs with steps at 8 and 11 (7330 iterations per
@@ -206,6 +244,34 @@ RECIPES = {
         "schedule.warmup_factor": 0.001,
         "input.short_side": (800,),
         "input.max_long_side": 1333,
+    },
+    # mmdetection configs/solo/solo_r50_fpn_1x_coco.py (optim_wrapper lr 0.01, no clip_grad;
+    # mask_head stacked_convs 7, feat_channels 256, pos_scale 0.2, DiceLoss loss_weight 3.0) over
+    # _base_/schedules/schedule_1x.py, and decoupled-solo_r50_fpn_1x_coco.py over it.
+    **{
+        name: {
+            "model.mask_branch": branch,
+            "model.grid_extent": "image",
+            "model.head_convs": 7,
+            "model.head_channels": 256,
+            "model.center_scale": 0.2,
+            "model.mask_loss_weight": 3.0,
+            "model.nms_pre": 500,
+            "input.global_batch": 16,
+            "optim.name": "sgd",
+            "optim.lr": 0.01,
+            "optim.momentum": 0.9,
+            "optim.weight_decay": 1e-4,
+            "optim.clip_norm": 0.0,
+            "schedule.warmup_steps": 500,
+            "schedule.warmup_factor": 0.001,
+            "input.short_side": (800,),
+            "input.max_long_side": 1333,
+        }
+        for name, branch in (
+            ("solo_r50_fpn_coco_1x", "vanilla"),
+            ("solo_decoupled_r50_fpn_coco_1x", "decoupled"),
+        )
     },
     # mmdetection configs/ms_rcnn/ms-rcnn_r50-caffe_fpn_1x_coco.py over mask_rcnn/
     # mask-rcnn_r50-caffe_fpn_1x_coco.py, _base_/schedules/schedule_1x.py (SGD lr 0.02, momentum
