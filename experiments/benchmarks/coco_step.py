@@ -29,6 +29,7 @@ EXPERIMENTS = {
     "solo": "solo_r50_fpn_coco_1x.py",
     "solo_decoupled": "solo_decoupled_r50_fpn_coco_1x.py",
     "yolact": "yolact_r50_coco.py",
+    "yolact_plus": "yolact_plus_r50_coco.py",
     "fcos": "fcos_r50_fpn_coco_1x.py",
     "condinst": "condinst_r50_fpn_coco_1x.py",
     "blendmask": "blendmask_r50_fpn_coco_1x.py",
