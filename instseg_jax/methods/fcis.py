@@ -434,9 +434,12 @@ def ohem_selection(outputs: dict, cfg: FCISConfig):
     )
     total = jnp.where(rois["valid"], total, -jnp.inf)
     take = min(cfg.ohem_rois, total.shape[1])
-    _, index = jax.lax.top_k(total, take)  # [B, take]
-    chosen = jnp.zeros(total.shape, bool).at[jnp.arange(total.shape[0])[:, None], index].set(True)
-    return chosen & rois["valid"]
+
+    def one_image(image_total):  # per image, so that nothing crosses chips
+        _, index = ops.top_k(image_total, take)  # [take]
+        return jnp.zeros(image_total.shape, bool).at[index].set(True)
+
+    return jax.vmap(one_image)(total) & rois["valid"]
 
 
 def per_roi_losses(outputs: dict, cfg: FCISConfig) -> dict:
