@@ -59,6 +59,11 @@ Deviations from the reference, and why:
   - negSamplingBB compares the window centre, in the frame of the window's scale, with object
     centres in the frame of each object's own canonical scale; here both are in the window's
     frame (the two agree when the scales are equal; the reference's mix looks unintended).
+  - `scale_negative_fraction` (0 in the COCO recipe, as the code; the nuclei experiment 0.5)
+    draws that fraction of the negatives by the paper's second rule (section 3.1: an object at
+    least 2^1 off the canonical scale), which the code lacks: without it no window centred on
+    an object at a wrong scale is ever a negative, and zoomed-in windows inside objects outrank
+    the right ones at test.
   - The positive object is drawn uniformly among the image's eligible instances, where the
     reference draws a category, then an annotation of it, from the whole dataset (class-balanced).
     The object filter reads box areas (the batch has no mask areas) in canvas pixels.
@@ -125,6 +130,9 @@ class DeepMaskConfig(DetectorConfig):
     negative_distance: float = 48.0  # 3 x shift: a negative's centre this far from objects
     negative_scale_steps: int = 10  # objects within this many scale steps block a negative
     negative_tries: int = 16  # draws per negative slot (negSamplingBB: up to 100)
+    # The fraction of negatives drawn by the paper's second rule (section 3.1: a window about an
+    # object whose scale is off by 2^1 or more; here 1 to 2 octaves), absent from the code (0).
+    scale_negative_fraction: float = 0.0
     min_object_area: float = 100.0  # maskSampling's filter (ann.area < 100 refused)
     min_object_side: float = 5.0  # maskSampling's filter (bbox sides < 5 refused)
     mask_loss_scale: float = 32.0  # TrainerDeepMask.lua: gradOutputs:mul(batch of 32)
@@ -191,7 +199,7 @@ class DeepMaskConfig(DetectorConfig):
 def window_draws(key: jax.Array, cfg: DeepMaskConfig) -> dict:
     """The uniform draws in [0, 1) of one image's windows (`sample_windows` reads them)."""
     p, n, t = cfg.positive_windows, cfg.windows_per_image - cfg.positive_windows, cfg.negative_tries
-    keys = jax.random.split(key, 7)
+    keys = jax.random.split(key, 12)
     return {
         "instance": jax.random.uniform(keys[0], (p,)),
         "scale": jax.random.uniform(keys[1], (p,)),
@@ -200,6 +208,12 @@ def window_draws(key: jax.Array, cfg: DeepMaskConfig) -> dict:
         "negative_scale": jax.random.uniform(keys[4], (n, t)),
         "negative_x": jax.random.uniform(keys[5], (n, t)),
         "negative_y": jax.random.uniform(keys[6], (n, t)),
+        # the paper's scale negatives (`scale_negative_fraction`)
+        "off_instance": jax.random.uniform(keys[7], (n,)),
+        "off_scale": jax.random.uniform(keys[8], (n,)),
+        "off_sign": jax.random.uniform(keys[9], (n,)),
+        "off_dx": jax.random.uniform(keys[10], (n,)),
+        "off_dy": jax.random.uniform(keys[11], (n,)),
     }
 
 
@@ -233,21 +247,28 @@ def sample_windows(draws: dict, gt_boxes, gt_valid, image_hw, cfg: DeepMaskConfi
         & (heights >= cfg.min_object_side)
     )
     count = eligible.sum()
-    # Positive p takes the k-th eligible object, k = floor(u count).
-    k = jnp.minimum(jnp.floor(draws["instance"] * count), jnp.maximum(count - 1, 0))
     rank = jnp.cumsum(eligible) - 1  # [N] rank of each eligible object
-    hit = eligible[None, :] & (rank[None, :] == k[:, None].astype(rank.dtype))
-    instance = jnp.argmax(hit, axis=1).astype(jnp.int32)  # [P]
-    box = gt_boxes[instance]
-    max_dim = jnp.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])
-    s = jnp.log2(jnp.maximum(max_dim, 1e-6) / cfg.object_size) + cfg.scale_jitter * (
-        2.0 * draws["scale"] - 1.0
+
+    def about_an_object(u_instance, scale_offset, u_dx, u_dy):
+        """(object int32[n], centres [n, 2], window side factors 2^s [n]) of windows about the
+        floor(u count)-th eligible object, at its log2(maxDim / objSz) + scale_offset, the
+        centre jittered by +-shift 2^s (jitterBox)."""
+        k = jnp.minimum(jnp.floor(u_instance * count), jnp.maximum(count - 1, 0))
+        hit = eligible[None, :] & (rank[None, :] == k[:, None].astype(rank.dtype))
+        instance = jnp.argmax(hit, axis=1).astype(jnp.int32)
+        box = gt_boxes[instance]
+        max_dim = jnp.maximum(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1])
+        factor = 2.0 ** (jnp.log2(jnp.maximum(max_dim, 1e-6) / cfg.object_size) + scale_offset)
+        xc = (box[:, 0] + box[:, 2]) / 2 + cfg.shift * (2.0 * u_dx - 1.0) * factor
+        yc = (box[:, 1] + box[:, 3]) / 2 + cfg.shift * (2.0 * u_dy - 1.0) * factor
+        return instance, jnp.stack([xc, yc], axis=1), factor
+
+    instance, positive_centres, positive_sides = about_an_object(
+        draws["instance"],
+        cfg.scale_jitter * (2.0 * draws["scale"] - 1.0),
+        draws["dx"],
+        draws["dy"],
     )
-    factor = 2.0**s
-    xc = (box[:, 0] + box[:, 2]) / 2 + cfg.shift * (2.0 * draws["dx"] - 1.0) * factor
-    yc = (box[:, 1] + box[:, 3]) / 2 + cfg.shift * (2.0 * draws["dy"] - 1.0) * factor
-    positive_centres = jnp.stack([xc, yc], axis=1)
-    positive_sides = factor
 
     # Negatives: try t of slot n is scale grid[floor(u G)] and a centre uniform in the image.
     grid = jnp.asarray(cfg.negative_scale_grid(), jnp.float32)
@@ -273,6 +294,17 @@ def sample_windows(draws: dict, gt_boxes, gt_valid, image_hw, cfg: DeepMaskConfi
     negative_sides = 2.0 ** -pick(scale)
 
     n_neg = negative_sides.shape[0]
+    # The paper's scale negatives: the first slots, when the image has an eligible object, are
+    # about one at 1 to 2 octaves off its scale (either way), in place of the random draw.
+    off = jnp.where(draws["off_sign"] < 0.5, -1.0, 1.0) * (1.0 + draws["off_scale"])
+    _, off_centres, off_sides = about_an_object(
+        draws["off_instance"], off, draws["off_dx"], draws["off_dy"]
+    )
+    n_off = round(n_neg * cfg.scale_negative_fraction)
+    use_off = (jnp.arange(n_neg) < n_off) & (count > 0)
+    negative_centres = jnp.where(use_off[:, None], off_centres, negative_centres)
+    negative_sides = jnp.where(use_off, off_sides, negative_sides)
+    free = free | use_off[:, None]
     centres_all = jnp.concatenate([positive_centres, negative_centres])  # [W, 2]
     factors = jnp.concatenate([positive_sides, negative_sides])  # [W]
 
@@ -682,6 +714,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.candidates = 100
     m.detections_per_image = 50
     m.nms_threshold = 0.5
+    m.scale_negative_fraction = 0.5
     c.input.mask_size = 56
     c.optim.weight_decay = 1e-4
     return c

@@ -141,6 +141,32 @@ def test_negative_windows_follow_negsamplingbb():
     np.testing.assert_allclose(chosen_x, [600.0, 150.0, 150.0], atol=1e-3)
 
 
+def test_scale_negatives_are_about_objects_one_to_two_octaves_off():
+    """The paper's second negative rule (model.scale_negative_fraction): centred within the
+    shift, the window's scale 1 to 2 octaves from the object's canonical one, either way."""
+    boxes, valid = scene()
+    cfg = deepmask.DeepMaskConfig(
+        num_classes=1, windows_per_image=40, negative_tries=1, scale_negative_fraction=1.0
+    )
+    draws = jax.jit(lambda k: deepmask.window_draws(k, cfg))(jax.random.key(3))
+    out = jax.jit(lambda d: deepmask.sample_windows(d, boxes, valid, jnp.array([640, 640]), cfg))(
+        draws
+    )
+    windows = np.asarray(out["windows"][20:], np.float64)
+    side = windows[:, 2] - windows[:, 0]
+    centre = (windows[:, :2] + windows[:, 2:]) / 2
+    eligible = boxes[[0, 2]].astype(np.float64)  # the 9 x 9 box is too small
+    max_dim = np.maximum(eligible[:, 2] - eligible[:, 0], eligible[:, 3] - eligible[:, 1])
+    offset = np.log2(side[:, None] / (cfg.window * max_dim[None] / cfg.object_size))  # [20, 2]
+    shift = np.abs(centre[:, None] - (eligible[None, :, :2] + eligible[None, :, 2:]) / 2).max(-1)
+    about = (shift <= cfg.shift * side[:, None] / cfg.window + 1e-3) & (
+        (np.abs(offset) >= 1 - 1e-5) & (np.abs(offset) <= 2 + 1e-5)
+    )
+    assert about.any(axis=1).all()
+    assert (offset[about] > 0).any() and (offset[about] < 0).any()
+    assert not np.asarray(out["positive"][20:]).any() and np.asarray(out["negative_found"]).all()
+
+
 def test_mask_targets_are_cropmasks_of_the_central_region():
     """An ellipse and a rectangle, their box crops rasterised at 112 (what the input pipeline
     gives), against cropMask's target of the analytic shapes: equal away from the outlines."""
