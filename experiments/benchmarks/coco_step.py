@@ -41,6 +41,7 @@ EXPERIMENTS = {
     "keypoint_rcnn": "keypoint_rcnn_r50_fpn_coco_1x.py",
     "panoptic_fpn": "panoptic_fpn_r50_coco_1x.py",
     "instancefcn": "instancefcn_r50_coco.py",
+    "deepmask": "deepmask_r50_coco.py",
     "fcis": "fcis_r101_coco.py",
 }
 BATCH = 2
