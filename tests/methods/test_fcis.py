@@ -226,6 +226,49 @@ def test_assembling_is_the_group_max_mean_and_the_class_pair():
     np.testing.assert_allclose(np.asarray(deltas), want_box.mean((2, 3)), atol=1e-5)
 
 
+def test_detect_scores_the_proposals_and_their_regressed_boxes_and_reports_the_candidates():
+    """TEST.ITER 2 (fcis/core/tester.py im_detect with the test graph of get_symbol): constant
+    maps make every RoI's class logits (4, 0, 0) (class 0's inside score 4) and its deltas
+    (1, 0, 0, 0) after the (5, 5, 2, 2) weights, so each proposal's regressed box is its own
+    width to the right (clipped to the image). Both sets are candidates with the same scores;
+    per class NMS at 0.3 keeps all four boxes, reported as the candidates themselves, with class
+    0's masks sigmoid(4) and class 1's 0.5."""
+    cfg = dataclasses.replace(CFG, detections_per_image=10)
+    k, c = cfg.ps_group_size, cfg.num_classes
+    cls_seg = np.zeros((1, 8, 8, k * k, c + 1, 2), np.float32)
+    cls_seg[..., 0, 1] = 4.0
+    box = np.zeros((1, 8, 8, k * k, 4), np.float32)
+    box[..., 0] = 5.0
+    maps = (jnp.asarray(cls_seg.reshape(1, 8, 8, -1)), jnp.asarray(box.reshape(1, 8, 8, -1)))
+    proposals = np.array([[[10, 10, 30, 30], [60, 60, 100, 90], [0, 0, 0, 0]]], np.float32)
+    outputs = {
+        "proposal_boxes": jnp.asarray(proposals),
+        "proposal_valid": jnp.asarray([[True, True, False]]),
+    }
+    batch = {
+        "image_hw": jnp.asarray([[128, 128]], jnp.int32),
+        "orig_hw": jnp.asarray([[128, 128]], jnp.int32),
+        "scale": jnp.asarray([1.0]),
+        "crop_offset": jnp.zeros((1, 2), jnp.int32),
+    }
+    det = jax.jit(lambda m, o, b: fcis.FCIS(cfg).apply({}, m, o, b, method=fcis.FCIS.detect))(
+        maps, outputs, batch
+    )
+    det = jax.tree.map(np.asarray, det)
+    assert det["valid"].sum() == 8 and det["valid"][0, :8].all()
+    top = np.exp(4.0) / (np.exp(4.0) + 2.0)
+    np.testing.assert_allclose(det["scores"][0, :4], top, rtol=1e-5)
+    np.testing.assert_allclose(det["scores"][0, 4:8], 1.0 / (np.exp(4.0) + 2.0), rtol=1e-5)
+    assert det["classes"][0, :8].tolist() == [0] * 4 + [1] * 4
+    want = {(10, 10, 30, 30), (60, 60, 100, 90), (30, 10, 50, 30), (100, 60, 128, 90)}
+    for first in (0, 4):
+        got = {tuple(np.round(b).astype(int).tolist()) for b in det["boxes"][0, first : first + 4]}
+        assert got == want
+    sigmoid4 = 1.0 / (1.0 + np.exp(-4.0))
+    np.testing.assert_allclose(det["masks"][0, :4], sigmoid4, rtol=1e-5)
+    np.testing.assert_allclose(det["masks"][0, 4:8], 0.5, rtol=1e-5)
+
+
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
     step = smoke_step(fcis, SMOKE)
     metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
@@ -245,13 +288,25 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 
 @pytest.mark.slow
 def test_overfits_four_scenes(tmp_path):
-    from tests.methods.overfit import overfit_report
+    from tests.methods.overfit import CANVAS_4X, overfit_report
 
+    # At 4x the scenes' shapes are 32-230 px on 32 x 32 score maps (stride 16): the reference's
+    # k = 7 and 21 x 21 masks, anchors 32-256.
     report = overfit_report(
         "experiments/fcis_nuclei.py",
         tmp_path / "overfit",
         steps=300,
-        overrides=["--config.optim.name=adamw", "--config.optim.lr=0.001"],
+        overrides=[
+            "--config.optim.name=adamw",
+            "--config.optim.lr=0.002",
+            "--config.model.anchor_sizes=(32, 64, 128, 256)",
+            "--config.model.ps_group_size=7",
+            "--config.model.mask_size=21",
+            "--config.model.rpn_post_nms_topk_train=64",
+            "--config.model.rpn_post_nms_topk_test=64",
+            "--config.model.ohem_rois=32",
+            *CANVAS_4X,
+        ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
 
