@@ -31,6 +31,10 @@ dbolya/yolact's `yolact_plus_resnet50_config` (data/config.py):
                             head reads each detection's cropped mask, and the score becomes score
                             x its predicted IoU at the detected class.
 
+The reference's published figure: 34.1 mask AP on COCO test-dev for YOLACT++ R-50 at 33.5 FPS
+on a Titan Xp (dbolya/yolact README, yolact_plus_resnet50_54_800000.pth); experiments/
+yolact_plus_r50_coco.py is its recipe, not run here.
+
 Deviations, and why:
   - YOLACT's own terms and normalisers are mmdetection's (methods/yolact.py docstring), where
     dbolya/yolact divides the mask loss by the positives and scales an image's over-budget
