@@ -185,6 +185,48 @@ RECIPES = {
         "input.stretch_hw": (550, 550),
         "model.anchor_extent_hw": (550, 550),
     },
+    # msracver/FCIS experiments/fcis/cfgs/resnet_v1_101_coco_fcis_end2end_ohem.yaml: 8 GPUs x
+    # BATCH_IMAGES 1 with their gradients summed (train_end2end.py rescale_grad 1) at lr 0.0005
+    # and wd 5e-4 (x 8 and / 8 for losses averaged over the batch), momentum 0.9, 8 epochs with
+    # lr_step 5.33, warmup 250 steps at 0.00005, SCALES (600, 1000); ResNet-101 res5 dilated;
+    # RPN 6000 -> 300 at 0.7, allowed border 0; BATCH_ROIS_OHEM 128, LOSS_WEIGHT (1, 10, 1),
+    # BBOX_STDS (0.2, 0.2, 0.5, 0.5), MASK_SIZE 21 from 7 x 7 groups, BINARY_THRESH 0.4;
+    # TEST.ITER 2, NMS 0.3.
+    "fcis_r101_coco": {
+        "input.global_batch": 8,
+        "input.short_side": (600,),
+        "input.max_long_side": 1000,
+        "input.test_short_side": 600,
+        "input.test_max_long_side": 1000,
+        "optim.name": "sgd",
+        "optim.lr": 0.004,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 6.25e-5,
+        "schedule.warmup_steps": 250,
+        "schedule.warmup_factor": 0.1,
+        "schedule.total_steps": 118_000,
+        "schedule.steps": (78_600,),
+        "model.depth": 101,
+        "model.res5_dilation": 2,
+        "model.norm": "frozen_bn",
+        "model.freeze_at": 2,
+        "model.anchor_sizes": (64.0, 128.0, 256.0, 512.0),
+        "model.rpn_pre_nms_topk_train": 6000,
+        "model.rpn_post_nms_topk_train": 300,
+        "model.rpn_nms_threshold": 0.7,
+        "model.rpn_straddle_threshold": 0.0,
+        "model.ohem_rois": 128,
+        "model.cls_loss_weight": 1.0,
+        "model.mask_loss_weight": 10.0,
+        "model.box_loss_weight": 1.0,
+        "model.box_weights": (5.0, 5.0, 2.0, 2.0),
+        "model.ps_group_size": 7,
+        "model.mask_size": 21,
+        "model.mask_threshold": 0.4,
+        "model.test_box_refinement": True,
+        "model.test_nms_threshold": 0.3,
+        "model.compute_dtype": "bfloat16",
+    },
     # xieenze/PolarMask configs/polarmask/4gpu/polar_768_1x_r50.py: 4 GPUs x imgs_per_gpu 4,
     # SGD lr 0.01, momentum 0.9, weight decay 1e-4, grad_clip max_norm 35, linear warmup 500
     # iterations from warmup_ratio 1/3, 12 epochs with steps at 8 and 11 (7330 iterations per
@@ -312,6 +354,28 @@ RECIPES = {
         "model.positive_fraction": 0.5,
         "model.canonical_object": 128 / 224,
         "input.global_batch": 16,
+    },
+    # facebookresearch/deepmask: train.lua's options (-iSz 160 -oSz 56 -gSz 112 -shift 16
+    # -scale .25 -hfreq .5 -momentum .9 -wd 5e-4), TrainerDeepMask.lua's first lr regime (1e-3),
+    # DataSampler.lua's objSz = ceil(iSz 128 / 224), DeepMask.lua's trunk (ResNet-50 to res4),
+    # evalPerImage.lua's scales (-smin -2.5 -smax .5 -sstep .5) and mask threshold (-thr .2).
+    "deepmask_r50_coco": {
+        "model.depth": 50,
+        "model.trunk_level": "res4",
+        "model.window_inner": 160,
+        "model.object_size": 92,
+        "model.mask_size": 56,
+        "model.mask_target_size": 112,
+        "model.shift": 16.0,
+        "model.scale_jitter": 0.25,
+        "model.positive_fraction": 0.5,
+        "model.scale_negative_fraction": 0.0,
+        "model.test_scales": (-2.5, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5),
+        "model.mask_threshold": 0.2,
+        "optim.name": "sgd",
+        "optim.lr": 1e-3,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 5e-4,
     },
 }
 
