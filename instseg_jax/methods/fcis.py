@@ -134,15 +134,10 @@ class FCISConfig(DetectorConfig):
                 f"model.mask_size ({self.mask_size}) must be >= model.ps_group_size "
                 f"({self.ps_group_size}) >= 1: each output bin reads one position group"
             )
-        if self.res5_dilation not in (1, 2):
-            raise config_lib.ConfigValueError(
-                f"model.res5_dilation must be 2 (FCIS: res5 at stride 16) or 1 (res5 at stride "
-                f"32, which this head cannot read), got {self.res5_dilation}"
-            )
         if self.res5_dilation != 2:
             raise config_lib.ConfigValueError(
-                "model.res5_dilation 1 puts res5 at stride 32; FCIS's score maps are read at "
-                "stride 16: use 2"
+                f"model.res5_dilation is {self.res5_dilation}: FCIS reads its score maps at "
+                "stride 16, from res5 dilated by 2 (get_resnet_v1_conv5); use 2"
             )
         if self.ohem_rois < 1:
             raise config_lib.ConfigValueError(
