@@ -304,6 +304,7 @@ CLASS_MODULES = {
     "polarmask": {"head/cls_logits"},
     "blendmask": {"head/cls_logits", "semantic_head/logits"},
     "solov2": {"category_tower/predict"},
+    "instancefcn": {"obj2"},  # one objectness logit per window side and class
     "yolact": {"head/classes", "semantic"},
     "mask2former": {"transformer_decoder/heads/class_embed"},
 }
