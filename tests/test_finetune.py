@@ -303,6 +303,7 @@ CLASS_MODULES = {
     "condinst": {"head/cls_logits"},
     "polarmask": {"head/cls_logits"},
     "blendmask": {"head/cls_logits", "semantic_head/logits"},
+    "solo": {"category_tower/predict"},
     "solov2": {"category_tower/predict"},
     "instancefcn": {"obj2"},  # one objectness logit per window side and class
     "yolact": {"head/classes", "semantic"},
