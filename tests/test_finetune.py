@@ -294,6 +294,7 @@ R_CNN = {"box_head/cls_score", "box_head/bbox_pred"}
 CLASS_MODULES = {
     "mask_rcnn": MASK_RCNN_PREDICTORS,
     "panet": MASK_RCNN_PREDICTORS,
+    "ms_rcnn": MASK_RCNN_PREDICTORS | {"maskiou_head/fc_mask_iou"},  # MaskIoUHead's per class
     "panoptic_fpn": MASK_RCNN_PREDICTORS | {"semantic_head/predictor"},
     "keypoint_rcnn": R_CNN,
     "pointrend": R_CNN
