@@ -11,7 +11,8 @@ and res5 not built) with windows of 32 + 16 px about objects of 19 px (the refer
 proportions: objSz = ceil(iSz 128 / 224), shift and negative distance scaled by 32 / 160), so
 test scales 2^-1.5 .. 2^1.5 cover 6-60 px objects at a CPU cost; 16 windows per image (8
 positive); negatives at scales 2^-2 .. 2^2, half of them by the paper's scale rule (an object
-1-2 octaves off its scale: model.scale_negative_fraction, which the reference code lacks); NMS at IoU 0.5 on the masks' tight boxes (the
+1-2 octaves off its scale: model.scale_negative_fraction, which the reference code lacks); training crops with 2 feature cells of context on each
+side (model.train_context: their features are then those of the dense test); NMS at IoU 0.5 on the masks' tight boxes (the
 reference has none: COCOeval's AP counts the near-identical windows on one nucleus as false
 positives); 1000 candidate windows, 200 detection slots with COCOeval at maxDets 200 beside
 COCO's 100; SGD lr 0.01 with 200 warmup steps and cosine decay over 3000 steps, gradients
@@ -37,6 +38,7 @@ def get_config(arg=None):
     m.negative_scales = (-2.0, 2.0, 0.25)
     m.windows_per_image = 16
     m.scale_negative_fraction = 0.5
+    m.train_context = 2
     m.min_object_area = 9.0
     m.min_object_side = 3.0
     m.test_scales = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)
