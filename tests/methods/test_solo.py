@@ -112,6 +112,16 @@ def test_coarser_mask_targets_are_mmcv_imrescale():
     assert ((rows > 0.5) != stored["half"]).any()  # halves occur: the rounding matters
 
 
+def test_config_errors_name_the_field_and_the_fix():
+    from instseg_jax.config import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"model\.mask_branch must be 'vanilla' or 'dec"):
+        dataclasses.replace(SCENE_CFG, mask_branch="xy")
+    # A level at stride 4 would predict masks at stride 2, finer than the targets.
+    with pytest.raises(ConfigValueError, match="use multiples of 8"):
+        dataclasses.replace(SCENE_CFG, level_strides=(4, 8, 16, 32, 32), canvas_hw=(64, 64))
+
+
 def random_maps(cfg, rng):
     """Per level the mask-branch outputs of one image at the level's mask stride: vanilla maps
     [h, w, E] with weights [E, S_l^2] and biases; decoupled X and Y logits [h, w, S_l]."""
