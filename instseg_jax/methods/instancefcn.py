@@ -123,7 +123,9 @@ class InstanceFCNConfig(DetectorConfig):
     objectness_loss_weight: float = 1.0
     mask_loss_weight: float = 1.0
     # Test: windows assembled (the best by objectness), NMS on their masks' boxes, K kept.
-    pre_nms_topk: int = 2000
+    # Many windows score high around each object (neighbour positions and sides, and the
+    # never-sampled band between positives and negatives): a small budget misses objects.
+    pre_nms_topk: int = 6000
     nms_threshold: float = 0.7
     score_threshold: float = 0.0
     detections_per_image: int = 100
