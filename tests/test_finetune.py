@@ -302,6 +302,7 @@ CLASS_MODULES = {
     | {"point_head/predictor"},
     "fcos": {"head/cls_logits"},
     "condinst": {"head/cls_logits"},
+    "deepmask": set(),  # class-agnostic: no module is sized by the class count
     "polarmask": {"head/cls_logits"},
     "blendmask": {"head/cls_logits", "semantic_head/logits"},
     "solo": {"category_tower/predict"},
