@@ -13,7 +13,8 @@ FrozenBN ResNet needs those weights (the reference starts from fb.resnet.torch's
 its BatchNorm fixed and trains every layer).
 
 The reference's settings (instseg_jax/methods/deepmask.py, base_config): the trunk to res4
-(res5 not built), windows of 192 px whose central 160 carry a 56 x 56 mask (upsampled to 112
+(res5 is computed and unread: the backbone weights loader wants torchvision's four stages, so
+model.stage_blocks stays ResNet-50's), windows of 192 px whose central 160 carry a 56 x 56 mask (upsampled to 112
 for the loss) of an object of max side 92, shift 16 px, scale jitter 2^+-0.25; 16 images x 4
 windows per step (2 positive), the mask loss x 32 (the reference's lambda = 1/32 on the score);
 SGD momentum 0.9, weight decay 5e-4, lr 1e-3, halved at 100k and 240k steps of 600k (the
@@ -40,5 +41,4 @@ def get_config(arg=None):
     c.input.train_split.images = "data/coco/train2017"
     c.input.eval_split.annotations = "data/coco/annotations/instances_val2017.json"
     c.input.eval_split.images = "data/coco/val2017"
-    c.model.stage_blocks = (3, 4, 6, 0)  # ResNet-50's blocks to res4; res5 unread
     return common.accelerator_recipe(c, arg)
