@@ -237,7 +237,10 @@ class FCIS(nn.Module):
         b, r = boxes.shape[:2]
         pairs = ops.ps_roi_pool(cls_seg, boxes, k, s, 1.0 / STRIDE)
         pairs = pairs.reshape(b, r, s, s, cfg.num_classes + 1, 2)
-        class_logits = jnp.mean(jnp.max(pairs, axis=-1), axis=(2, 3))  # Group_Max, avg pool
+        # Group_Max then the global average pool. An elementwise maximum of the two maps: the
+        # gradient of a max reduction divides by the count of entries equal to the maximum,
+        # which came out 0 (NaN gradients) on XLA:CPU at --xla_backend_optimization_level=0.
+        class_logits = jnp.mean(jnp.maximum(pairs[..., 0], pairs[..., 1]), axis=(2, 3))
         deltas = jnp.mean(ops.ps_roi_pool(box, boxes, k, s, 1.0 / STRIDE), axis=(2, 3))
         return class_logits, pairs, deltas
 
