@@ -83,8 +83,8 @@ from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPN
 from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods import solov2
-from instseg_jax.methods.detector import build_backbone, loss_normaliser_group, smoke_backbone
-from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.methods.detector import build_backbone, loss_normaliser_group
+from instseg_jax.nn.layers import Conv
 from instseg_jax.ops import dense
 
 MASK_STRIDE = solov2.MASK_STRIDE
@@ -133,7 +133,7 @@ def _head_init():
 
 
 class ConvNormStack(nn.Module):
-    """`convs` x (conv3x3 without bias, GroupNorm 32, ReLU): the references' ConvModule stack."""
+    """solov2.conv_norm_stack as a module of its own (its layers conv{i}, norm{i})."""
 
     channels: int
     convs: int
@@ -141,18 +141,7 @@ class ConvNormStack(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        for i in range(self.convs):
-            x = Conv(
-                self.channels,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                use_bias=False,
-                dtype=self.dtype,
-                kernel_init=_head_init(),
-                name=f"conv{i}",
-            )(x)
-            x = nn.relu(GroupNorm(32, self.dtype, name=f"norm{i}")(x))
-        return x
+        return solov2.conv_norm_stack(x, self.channels, self.convs, self.dtype)
 
 
 def level_map(feature, extent_hw, native_stride: int, level_stride: int) -> jnp.ndarray:
@@ -309,34 +298,7 @@ class SOLO(nn.Module):
             return outputs
         if key is None:
             raise ValueError("training needs a key for the choice of positive slots")
-        targets = jax.lax.stop_gradient(
-            jax.vmap(
-                lambda extent, boxes, classes, valid, centers, masks, k, ignore, ignore_ok: (
-                    cell_targets(
-                        boxes,
-                        classes,
-                        valid,
-                        centers,
-                        masks.any(axis=(1, 2)),
-                        cfg,
-                        k,
-                        ignore,
-                        ignore_ok,
-                        extent,
-                    )
-                )
-            )(
-                extent_hw,
-                batch["gt_boxes"],
-                batch["gt_classes"],
-                batch["gt_valid"],
-                batch["gt_centers"],
-                batch["gt_full_masks"],
-                jax.random.split(key, batch["image"].shape[0]),
-                batch.get("ignore_boxes"),
-                batch.get("ignore_valid"),
-            )
-        )
+        targets = solov2.batch_targets(cell_targets, batch, extent_hw, cfg, key)
         probabilities, mask_targets = [], []
         for level, stride in enumerate(cfg.mask_strides()):
             probabilities.append(
@@ -526,18 +488,6 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Shrink a SOLO config to seconds on a CPU: synthetic scenes, ResNet-18 of width 16, a
-    128x128 canvas, narrow one-conv towers, small grids."""
-    c = config_lib.smoke_common(c)
-    m = c.model
-    smoke_backbone(m)
-    m.fpn_channels = 32
-    m.num_grids = (12, 10, 8, 6, 4)
-    m.scale_ranges = ((1, 32), (16, 64), (32, 128), (64, 256), (128, 512))
-    m.head_channels = 32
-    m.head_convs = 1
-    m.positive_slots_per_image = 32
-    m.test_candidates = 100
-    m.min_mask_area_per_stride = 0.0  # shapes from 8 px: 4 cells at stride 4
-    m.detections_per_image = 50
-    return c
+    """Shrink a SOLO config to seconds on a CPU: solov2.smoke_grid (SOLOv2's smoke less its
+    mask-feature fields)."""
+    return solov2.smoke_grid(c)

@@ -299,6 +299,23 @@ def _head_init():
     return nn.initializers.normal(0.01)
 
 
+def conv_norm_stack(x, channels: int, convs: int, dtype):
+    """`convs` x (conv3x3 without bias, GroupNorm 32, ReLU): the references' ConvModule stack.
+    Called inside a compact method: its layers (conv{i}, norm{i}) are the caller's own."""
+    for i in range(convs):
+        x = Conv(
+            channels,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=_head_init(),
+            name=f"conv{i}",
+        )(x)
+        x = nn.relu(GroupNorm(32, dtype, name=f"norm{i}")(x))
+    return x
+
+
 class Tower(nn.Module):
     """`convs` x (conv3x3 without bias, GroupNorm 32, ReLU), then a conv3x3 predictor."""
 
@@ -310,17 +327,7 @@ class Tower(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        for i in range(self.convs):
-            x = Conv(
-                self.channels,
-                (3, 3),
-                padding=((1, 1), (1, 1)),
-                use_bias=False,
-                dtype=self.dtype,
-                kernel_init=_head_init(),
-                name=f"conv{i}",
-            )(x)
-            x = nn.relu(GroupNorm(32, self.dtype, name=f"norm{i}")(x))
+        x = conv_norm_stack(x, self.channels, self.convs, self.dtype)
         return Conv(
             self.outputs,
             (3, 3),
@@ -426,34 +433,7 @@ class SOLOv2(nn.Module):
             return outputs
         if key is None:
             raise ValueError("training needs a key for the choice of positive slots")
-        targets = jax.lax.stop_gradient(
-            jax.vmap(
-                lambda extent, boxes, classes, valid, centers, masks, k, ignore, ignore_ok: (
-                    grid_targets(
-                        boxes,
-                        classes,
-                        valid,
-                        centers,
-                        masks.any(axis=(1, 2)),
-                        cfg,
-                        k,
-                        ignore,
-                        ignore_ok,
-                        extent,
-                    )
-                )
-            )(
-                extent_hw,
-                batch["gt_boxes"],
-                batch["gt_classes"],
-                batch["gt_valid"],
-                batch["gt_centers"],
-                batch["gt_full_masks"],
-                jax.random.split(key, batch["image"].shape[0]),
-                batch.get("ignore_boxes"),
-                batch.get("ignore_valid"),
-            )
-        )
+        targets = batch_targets(grid_targets, batch, extent_hw, cfg, key)
         slot_kernels = jnp.take_along_axis(kernels, targets["slot_cell"][..., None], axis=1)
         outputs["mask_logits"] = dense.dynamic_masks(mask_features, slot_kernels).astype(
             jnp.float32
@@ -463,6 +443,40 @@ class SOLOv2(nn.Module):
         )
         outputs["targets"] = targets
         return outputs
+
+
+def batch_targets(image_targets, batch: dict, extent_hw, cfg: SOLOGridConfig, key) -> dict:
+    """image_targets (grid_targets, or solo.cell_targets: one image's targets from the same
+    arguments) over the batch's images, out of the gradient; extent_hw float32[B, 2]
+    (grid_extents), key split into one per image."""
+    return jax.lax.stop_gradient(
+        jax.vmap(
+            lambda extent, boxes, classes, valid, centers, masks, k, ignore, ignore_ok: (
+                image_targets(
+                    boxes,
+                    classes,
+                    valid,
+                    centers,
+                    masks.any(axis=(1, 2)),
+                    cfg,
+                    k,
+                    ignore,
+                    ignore_ok,
+                    extent,
+                )
+            )
+        )(
+            extent_hw,
+            batch["gt_boxes"],
+            batch["gt_classes"],
+            batch["gt_valid"],
+            batch["gt_centers"],
+            batch["gt_full_masks"],
+            jax.random.split(key, batch["image"].shape[0]),
+            batch.get("ignore_boxes"),
+            batch.get("ignore_valid"),
+        )
+    )
 
 
 def grid_targets(
@@ -802,9 +816,9 @@ def object_sizes_covered(model: ml_collections.ConfigDict) -> tuple[str, float, 
     )
 
 
-def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Shrink a SOLOv2 config to seconds on a CPU: synthetic scenes, ResNet-18 of width 16, a
-    128x128 canvas, narrow heads, small grids."""
+def smoke_grid(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The smoke settings of SOLOGridConfig's fields (SOLOv2's and SOLO's smoke): synthetic
+    scenes, ResNet-18 of width 16, a 128x128 canvas, narrow one-conv towers, small grids."""
     c = config_lib.smoke_common(c)
     m = c.model
     smoke_backbone(m)
@@ -813,10 +827,16 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.scale_ranges = ((1, 32), (16, 64), (32, 128), (64, 256), (128, 512))
     m.head_channels = 32
     m.head_convs = 1
-    m.mask_feature_channels = 32
-    m.mask_channels = 32
     m.positive_slots_per_image = 32
     m.test_candidates = 100
     m.min_mask_area_per_stride = 0.0  # shapes from 8 px: 4 cells at stride 4
     m.detections_per_image = 50
+    return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a SOLOv2 config to seconds on a CPU: smoke_grid, narrow mask features."""
+    c = smoke_grid(c)
+    c.model.mask_feature_channels = 32
+    c.model.mask_channels = 32
     return c
