@@ -535,6 +535,16 @@ def object_sizes_covered(model: ml_collections.ConfigDict) -> tuple[str, float, 
     return "model.anchor_sizes", min(sides) * ratio, max(sides) / ratio
 
 
+def with_slot_payloads(slot_payloads, detections: dict, canvas_boxes, flipped) -> dict:
+    """detections updated with slot_payloads(canvas_boxes, classes, scores, flipped) of their
+    own classes and scores (a model's `slot_payloads`, bound to its features; make_inference's
+    and Mask Scoring R-CNN's detect)."""
+    detections.update(
+        slot_payloads(canvas_boxes, detections["classes"], detections["scores"], flipped)
+    )
+    return detections
+
+
 def make_inference(model: MaskRCNN):
     """(variables, device batch) -> Detections, with the mask head on a budget that fits.
 
@@ -581,17 +591,12 @@ def make_inference(model: MaskRCNN):
             return detections
         count = int(np.max(np.sum(np.asarray(detections["valid"]), axis=1), initial=0))
         slots = next(s for s in budgets if s >= count)
-        detections.update(
-            masks(slots)(
-                variables,
-                features,
-                canvas_boxes,
-                detections["classes"],
-                detections["scores"],
-                batch.get("flipped"),
-            )
+        return with_slot_payloads(
+            functools.partial(masks(slots), variables, features),
+            detections,
+            canvas_boxes,
+            batch.get("flipped"),
         )
-        return detections
 
     return infer
 

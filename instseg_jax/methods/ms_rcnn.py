@@ -253,16 +253,12 @@ class MSRCNN(mask_rcnn.MaskRCNN):
     def detect(self, features, outputs: dict, batch: dict) -> dict:
         """Detections with masks and mask-scored scores on all K slots."""
         detections, canvas_boxes = self.select_detections(outputs, batch)
-        detections.update(
-            self.slot_payloads(
-                features,
-                canvas_boxes,
-                detections["classes"],
-                detections["scores"],
-                batch.get("flipped"),
-            )
+        return mask_rcnn.with_slot_payloads(
+            functools.partial(self.slot_payloads, features),
+            detections,
+            canvas_boxes,
+            batch.get("flipped"),
         )
-        return detections
 
 
 def mask_scoring_losses(outputs: dict, cfg: MSRCNNConfig) -> dict:
