@@ -250,23 +250,9 @@ class FCIS(nn.Module):
         features = self.backbone(normalize(batch["image"], cfg.dtype))
         logits, deltas = self.rpn_head(features["res4"])  # [B, T], [B, T, 4]
         maps = self.score_maps(features["res5"])
-        boxes, scores, valid = rpn.proposals(
-            logits,
-            deltas,
-            self.anchors(),
-            batch["image_hw"],
-            cfg.rpn_pre_nms_topk_train if train else cfg.rpn_pre_nms_topk_test,
-            cfg.rpn_post_nms_topk_train if train else cfg.rpn_post_nms_topk_test,
-            cfg.rpn_nms_threshold,
-            cfg.rpn_min_size,
+        outputs = rpn.proposal_outputs(
+            logits, deltas, self.anchors(), batch["image_hw"], cfg, train
         )
-        outputs = {
-            "proposal_boxes": boxes,
-            "proposal_scores": scores,
-            "proposal_valid": valid,
-            "rpn_logits": logits,
-            "rpn_deltas": deltas,
-        }
         return maps, outputs
 
     def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
@@ -278,19 +264,9 @@ class FCIS(nn.Module):
             raise ValueError("training needs a key for anchor sampling")
         cfg = self.cfg
         anchor_key, roi_key = jax.random.split(key)
-        labels, target_deltas = rpn.anchor_targets(
-            jnp.concatenate(self.anchors()),
-            batch["gt_boxes"],
-            batch["gt_valid"],
-            anchor_key,
-            cfg.rpn_batch_per_image,
-            cfg.rpn_positive_fraction,
-            ignore_boxes=batch.get("ignore_boxes"),
-            ignore_valid=batch.get("ignore_valid"),
-            image_hw=batch["image_hw"],
-            straddle_threshold=cfg.rpn_straddle_threshold,
+        outputs.update(
+            rpn.anchor_target_outputs(jnp.concatenate(self.anchors()), batch, cfg, anchor_key)
         )
-        outputs.update(rpn_labels=labels, rpn_target_deltas=target_deltas)
         rois = training_rois(outputs, batch, cfg, roi_key)
         class_logits, pairs, deltas = self.assemble(maps, rois["boxes"])
         fg_class = jnp.clip(rois["classes"], 0, cfg.num_classes - 1)
@@ -467,14 +443,7 @@ def loss_fn(outputs: dict, batch: dict, cfg: FCISConfig) -> tuple[jnp.ndarray, d
     """Total loss and metrics (module docstring, "OHEM"): RPN terms, then the class, mask and
     box terms over each image's OHEM-kept RoIs."""
     del batch  # every target was built inside the model
-    losses = rpn.rpn_losses(
-        outputs["rpn_logits"],
-        outputs["rpn_deltas"],
-        outputs["rpn_labels"],
-        outputs["rpn_target_deltas"],
-        cfg.rpn_batch_per_image,
-        beta=cfg.rpn_smooth_l1_beta,
-    )
+    losses = rpn.output_losses(outputs, cfg)
     rois = outputs["rois"]
     kept = outputs["ohem"]
     per_roi = per_roi_losses(outputs, cfg)

@@ -313,24 +313,9 @@ class MaskRCNN(nn.Module):
         cfg = self.cfg
         features = self.features(batch["image"])
         logits, deltas = self.rpn_head(features)  # [B, T], [B, T, 4]
-        anchors_by_level = self.anchors()
-        proposal_boxes, proposal_scores, proposal_valid = rpn.proposals(
-            logits,
-            deltas,
-            anchors_by_level,
-            batch["image_hw"],
-            cfg.rpn_pre_nms_topk_train if train else cfg.rpn_pre_nms_topk_test,
-            cfg.rpn_post_nms_topk_train if train else cfg.rpn_post_nms_topk_test,
-            cfg.rpn_nms_threshold,
-            cfg.rpn_min_size,
+        outputs = rpn.proposal_outputs(
+            logits, deltas, self.anchors(), batch["image_hw"], cfg, train
         )
-        outputs = {
-            "proposal_boxes": proposal_boxes,
-            "proposal_scores": proposal_scores,
-            "proposal_valid": proposal_valid,
-            "rpn_logits": logits,
-            "rpn_deltas": deltas,
-        }
         return features, outputs
 
     def __call__(self, batch: dict, train: bool, key: jax.Array | None = None) -> dict:
@@ -349,20 +334,9 @@ class MaskRCNN(nn.Module):
         if key is None:
             raise ValueError("training needs a key for anchor and RoI sampling")
         anchor_key, roi_key = jax.random.split(key)
-        anchors = jnp.concatenate(self.anchors())
-        labels, target_deltas = rpn.anchor_targets(
-            anchors,
-            batch["gt_boxes"],
-            batch["gt_valid"],
-            anchor_key,
-            cfg.rpn_batch_per_image,
-            cfg.rpn_positive_fraction,
-            ignore_boxes=batch.get("ignore_boxes"),
-            ignore_valid=batch.get("ignore_valid"),
-            image_hw=batch["image_hw"],
-            straddle_threshold=cfg.rpn_straddle_threshold,
+        outputs.update(
+            rpn.anchor_target_outputs(jnp.concatenate(self.anchors()), batch, cfg, anchor_key)
         )
-        outputs.update(rpn_labels=labels, rpn_target_deltas=target_deltas)
         rois = roi_heads.sample_rois(
             proposal_boxes,
             proposal_valid,
@@ -433,15 +407,7 @@ def loss_fn(
     (outputs, cfg) -> {name: loss} is the mask branch's part (a method with another mask head
     passes its own)."""
     del batch  # every target was built inside the model
-    losses = rpn.rpn_losses(
-        outputs["rpn_logits"],
-        outputs["rpn_deltas"],
-        outputs["rpn_labels"],
-        outputs["rpn_target_deltas"],
-        cfg.rpn_batch_per_image,
-        beta=cfg.rpn_smooth_l1_beta,
-        normalizer_rule=cfg.rpn_loss_normalizer,
-    )
+    losses = rpn.output_losses(outputs, cfg, cfg.rpn_loss_normalizer)
     box, metrics = roi_heads.box_losses(
         outputs["class_logits"], outputs["box_deltas"], outputs["rois"], beta=cfg.box_smooth_l1_beta
     )

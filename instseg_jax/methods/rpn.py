@@ -113,6 +113,30 @@ def proposals(
     return jax.vmap(one_image)(logits, deltas, image_hw.astype(jnp.float32))
 
 
+def proposal_outputs(logits, deltas, anchors_by_level, image_hw, cfg, train: bool) -> dict:
+    """`proposals` of the RPN's logits float32[B, T] and deltas float32[B, T, 4] under a
+    config's rpn_* fields (the train or test top-k), with the RPN's own outputs: the model
+    outputs proposal_boxes / proposal_scores / proposal_valid, rpn_logits, rpn_deltas (Mask
+    R-CNN's and FCIS's)."""
+    boxes, scores, valid = proposals(
+        logits,
+        deltas,
+        anchors_by_level,
+        image_hw,
+        cfg.rpn_pre_nms_topk_train if train else cfg.rpn_pre_nms_topk_test,
+        cfg.rpn_post_nms_topk_train if train else cfg.rpn_post_nms_topk_test,
+        cfg.rpn_nms_threshold,
+        cfg.rpn_min_size,
+    )
+    return {
+        "proposal_boxes": boxes,
+        "proposal_scores": scores,
+        "proposal_valid": valid,
+        "rpn_logits": logits,
+        "rpn_deltas": deltas,
+    }
+
+
 def anchor_targets(
     anchors,
     gt_boxes,
@@ -172,6 +196,25 @@ def anchor_targets(
     return jax.vmap(one_image)(gt_boxes, gt_valid, keys, ignore_boxes, ignore_valid, image_hw)
 
 
+def anchor_target_outputs(anchors, batch: dict, cfg, key) -> dict:
+    """`anchor_targets` of anchors float32[T, 4] for the batch's ground truth and ignore
+    regions under a config's rpn_* fields, as the model outputs rpn_labels and
+    rpn_target_deltas (Mask R-CNN's and FCIS's)."""
+    labels, target_deltas = anchor_targets(
+        anchors,
+        batch["gt_boxes"],
+        batch["gt_valid"],
+        key,
+        cfg.rpn_batch_per_image,
+        cfg.rpn_positive_fraction,
+        ignore_boxes=batch.get("ignore_boxes"),
+        ignore_valid=batch.get("ignore_valid"),
+        image_hw=batch["image_hw"],
+        straddle_threshold=cfg.rpn_straddle_threshold,
+    )
+    return {"rpn_labels": labels, "rpn_target_deltas": target_deltas}
+
+
 def rpn_losses(
     logits,
     deltas,
@@ -198,3 +241,17 @@ def rpn_losses(
         deltas, target_deltas, beta=beta, weights=(labels == 1)[..., None], normalizer=normalizer
     )
     return {"loss_rpn_cls": objectness, "loss_rpn_loc": regression}
+
+
+def output_losses(outputs: dict, cfg, normalizer_rule: str = "batch") -> dict:
+    """rpn_losses of the model outputs (proposal_outputs' and anchor_target_outputs') under a
+    config's rpn_batch_per_image and rpn_smooth_l1_beta (Mask R-CNN's and FCIS's)."""
+    return rpn_losses(
+        outputs["rpn_logits"],
+        outputs["rpn_deltas"],
+        outputs["rpn_labels"],
+        outputs["rpn_target_deltas"],
+        cfg.rpn_batch_per_image,
+        beta=cfg.rpn_smooth_l1_beta,
+        normalizer_rule=normalizer_rule,
+    )
