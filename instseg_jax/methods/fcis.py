@@ -333,16 +333,8 @@ class FCIS(nn.Module):
         masks = jnp.where(det_valid[..., None, None], masks, 0.0)
         if batch.get("flipped") is not None:  # masks relative to the unmirrored boxes
             masks = ops.mirror_box_masks(masks, batch["flipped"])
-        original = ops.canvas_to_original_boxes(
-            det_boxes,
-            batch["image_hw"],
-            batch["orig_hw"],
-            batch.get("scale_yx", batch["scale"]),
-            batch["crop_offset"],
-            batch.get("flipped"),
-        )
         return {
-            "boxes": jnp.where(det_valid[..., None], original, 0.0),
+            "boxes": ops.original_detection_boxes(det_boxes, det_valid, batch),
             "scores": det_scores,
             "classes": det_classes,
             "valid": det_valid,

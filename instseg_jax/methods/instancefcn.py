@@ -591,16 +591,8 @@ def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
     flipped = batch.get("flipped")
     if flipped is not None:  # a mirrored canvas: masks relative to the unmirrored boxes
         masks = ops.mirror_box_masks(masks, flipped)
-    original = ops.canvas_to_original_boxes(
-        boxes,
-        batch["image_hw"],
-        batch["orig_hw"],
-        batch.get("scale_yx", batch["scale"]),
-        batch["crop_offset"],
-        flipped,
-    )
     return {
-        "boxes": jnp.where(valid[..., None], original, 0.0),
+        "boxes": ops.original_detection_boxes(boxes, valid, batch),
         "scores": det_scores,
         "classes": det_classes,
         "valid": valid,

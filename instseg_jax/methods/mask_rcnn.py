@@ -291,16 +291,9 @@ class MaskRCNN(nn.Module):
         return masks
 
     def original_boxes(self, det_boxes, det_valid, batch):
-        original = ops.canvas_to_original_boxes(
-            det_boxes,
-            batch["image_hw"],
-            batch["orig_hw"],
-            batch.get("scale_yx", batch["scale"]),
-            batch["crop_offset"],
-            batch.get("flipped"),
-            per_axis=self.cfg.box_rescale == "per_axis",
+        return ops.original_detection_boxes(
+            det_boxes, det_valid, batch, per_axis=self.cfg.box_rescale == "per_axis"
         )
-        return jnp.where(det_valid[..., None], original, 0.0)
 
     def proposals_and_boxes(self, batch: dict):
         """Inference's features and outputs: proposals and the box head on them."""

@@ -567,16 +567,8 @@ def detect(logits, deltas, coefficients, protos, batch, cfg: YOLACTConfig) -> di
     det_boxes, det_scores, det_classes, det_valid, det_masks = jax.vmap(one_image)(
         scores, deltas, coefficients, protos, batch["image_hw"]
     )
-    original = ops.canvas_to_original_boxes(
-        det_boxes,
-        batch["image_hw"],
-        batch["orig_hw"],
-        batch.get("scale_yx", batch["scale"]),
-        batch["crop_offset"],
-        batch.get("flipped"),
-    )
     return {
-        "boxes": jnp.where(det_valid[..., None], original, 0.0),
+        "boxes": ops.original_detection_boxes(det_boxes, det_valid, batch),
         "scores": det_scores,
         "classes": det_classes,
         "valid": det_valid,

@@ -208,3 +208,21 @@ def canvas_to_original_boxes(
     else:
         original = uncropped / scale[:, None, None]
     return clip_boxes(original, orig_hw[:, None, :])
+
+
+def original_detection_boxes(
+    boxes: jnp.ndarray, valid: jnp.ndarray, batch: dict, per_axis: bool = False
+) -> jnp.ndarray:
+    """float32[B, K, 4]: canvas_to_original_boxes of detections' canvas boxes[B, K, 4] under
+    the batch's geometry (image_hw, orig_hw, scale_yx or scale, crop_offset, flipped), zero on
+    slots that are not valid bool[B, K] (the Detections' boxes)."""
+    original = canvas_to_original_boxes(
+        boxes,
+        batch["image_hw"],
+        batch["orig_hw"],
+        batch.get("scale_yx", batch["scale"]),
+        batch["crop_offset"],
+        batch.get("flipped"),
+        per_axis=per_axis,
+    )
+    return jnp.where(valid[..., None], original, 0.0)
