@@ -5,6 +5,7 @@ decoupled_solo_head.py), mmcv.imrescale's own output (a stored fixture), the smo
 (slow) over-fitting 4 scenes."""
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax
@@ -14,6 +15,7 @@ import pytest
 
 from instseg_jax.methods import solo
 from tests.methods import solo_reference as reference
+from tests.methods import test_solov2 as solov2_tests
 from tests.methods.smoke import magnitude, smoke_step
 from tests.methods.test_solov2 import SCENE, assert_detections, peak_filtered, random_scene
 
@@ -30,24 +32,7 @@ SCENE_CFG = solo.SOLOConfig(
     positive_slots_per_image=16,
     head_channels=4,
 )
-NO_IGNORE = ([[0, 0, 0, 0]] * 2, [False, False])
-
-
-def targets(cfg, boxes, classes, centers, nonempty, valid=None, extent=None):
-    n = len(boxes)
-    valid = np.ones(n, bool) if valid is None else np.asarray(valid)
-    return jax.jit(solo.cell_targets, static_argnums=5)(
-        jnp.asarray(boxes, jnp.float32),
-        jnp.asarray(classes, jnp.int32),
-        jnp.asarray(valid),
-        jnp.asarray(centers, jnp.float32),
-        jnp.asarray(nonempty),
-        cfg,
-        None,
-        jnp.asarray(NO_IGNORE[0], jnp.float32),
-        jnp.asarray(NO_IGNORE[1], bool),
-        jnp.asarray(cfg.canvas_hw if extent is None else extent, jnp.float32),
-    )
+targets = functools.partial(solov2_tests.targets, image_targets=solo.cell_targets)
 
 
 def trained_cells(out) -> dict:
@@ -81,16 +66,8 @@ def test_cell_targets_match_the_reference_loop_on_random_scenes(seed):
     )
     boxes, classes, centers, nonempty = random_scene(np.random.default_rng(seed), (96, 160))
     out = targets(cfg, boxes, classes, centers, nonempty, extent=(96.0, 160.0))
-    labels, pairs = reference.grid_targets(
-        boxes.astype(np.float32),
-        classes,
-        centers.astype(np.float32),
-        nonempty,
-        (96, 160),
-        cfg.num_grids,
-        cfg.scale_ranges,
-        cfg.center_scale,
-        3,
+    labels, pairs = solov2_tests.reference_targets(
+        cfg, boxes, classes, centers, nonempty, (96, 160)
     )
     last_writer = {}
     for cell, instance in pairs:  # the reference's loop order: the later write stays
@@ -297,7 +274,7 @@ VANILLA_SHORT_OF_THE_BAR = pytest.mark.xfail(
     "branch", [pytest.param("vanilla", marks=VANILLA_SHORT_OF_THE_BAR), "decoupled"]
 )
 def test_overfits_four_scenes(tmp_path, branch):
-    from tests.methods.overfit import CANVAS_4X, overfit_report
+    from tests.methods.overfit import overfit_report
 
     report = overfit_report(
         "experiments/solo_nuclei.py",
@@ -305,13 +282,7 @@ def test_overfits_four_scenes(tmp_path, branch):
         steps=300,
         overrides=[
             f"--config.model.mask_branch={branch}",
-            "--config.optim.name=adamw",
-            "--config.optim.lr=0.002",
-            # The reference's grids and COCO scale ranges halved, for shapes of 32-230 px.
-            "--config.model.num_grids=(40, 36, 24, 16, 12)",
-            "--config.model.scale_ranges=((1, 48), (24, 96), (48, 192), (96, 384), (192, 2048))",
-            "--config.model.positive_slots_per_image=64",
-            *CANVAS_4X,
+            *solov2_tests.overfit_overrides(),
         ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]

@@ -29,12 +29,22 @@ NO_IGNORE = ([[0, 0, 0, 0]] * 2, [False, False])
 
 
 def targets(
-    cfg, boxes, classes, centers, nonempty, valid=None, key=None, ignore=NO_IGNORE, extent=None
+    cfg,
+    boxes,
+    classes,
+    centers,
+    nonempty,
+    valid=None,
+    key=None,
+    ignore=NO_IGNORE,
+    extent=None,
+    image_targets=solov2.grid_targets,
 ):
-    """grid_targets of one image whose grids span `extent` (h, w) (the canvas by default)."""
+    """image_targets (grid_targets, or test_solo's solo.cell_targets) of one image whose grids
+    span `extent` (h, w) (the canvas by default)."""
     n = len(boxes)
     valid = np.ones(n, bool) if valid is None else np.asarray(valid)
-    return jax.jit(solov2.grid_targets, static_argnums=5)(
+    return jax.jit(image_targets, static_argnums=5)(
         jnp.asarray(boxes, jnp.float32),
         jnp.asarray(classes, jnp.int32),
         jnp.asarray(valid),
@@ -46,6 +56,37 @@ def targets(
         jnp.asarray(ignore[1], bool),
         jnp.asarray(cfg.canvas_hw if extent is None else extent, jnp.float32),
     )
+
+
+def reference_targets(cfg, boxes, classes, centers, nonempty, extent_hw):
+    """solo_reference.grid_targets (labels, pairs) of a random scene (boxes and centres cast to
+    float32, as `targets` hands them over) on grids spanning extent_hw, under cfg's grids."""
+    return reference.grid_targets(
+        boxes.astype(np.float32),
+        classes,
+        centers.astype(np.float32),
+        nonempty,
+        extent_hw,
+        cfg.num_grids,
+        cfg.scale_ranges,
+        cfg.center_scale,
+        3,
+    )
+
+
+def overfit_overrides() -> list[str]:
+    """The over-fitting runs' flags (test_solo's too): AdamW, the reference's grids and COCO
+    scale ranges halved (shapes of 32-230 px), 64 slots, the 4x canvas."""
+    from tests.methods.overfit import CANVAS_4X
+
+    return [
+        "--config.optim.name=adamw",
+        "--config.optim.lr=0.002",
+        "--config.model.num_grids=(40, 36, 24, 16, 12)",
+        "--config.model.scale_ranges=((1, 48), (24, 96), (48, 192), (96, 384), (192, 2048))",
+        "--config.model.positive_slots_per_image=64",
+        *CANVAS_4X,
+    ]
 
 
 def trained_pairs(out):
@@ -199,17 +240,7 @@ def test_grid_targets_match_the_reference_loop_on_random_scenes(seed, center_sca
     n = 24
     boxes, classes, centers, nonempty = random_scene(rng, cfg.canvas_hw, n)
     out = targets(cfg, boxes, classes, centers, nonempty)
-    labels, pairs = reference.grid_targets(
-        boxes.astype(np.float32),
-        classes,
-        centers.astype(np.float32),
-        nonempty,
-        cfg.canvas_hw,
-        cfg.num_grids,
-        cfg.scale_ranges,
-        cfg.center_scale,
-        3,
-    )
+    labels, pairs = reference_targets(cfg, boxes, classes, centers, nonempty, cfg.canvas_hw)
     assert len(pairs) > n  # the scene exercises several cells per instance and shared cells
     clamped = sum(
         1 for b in boxes if 0.5 * (b[3] - b[1]) * center_scale > 1.5 * 128 / cfg.num_grids[1]
@@ -239,17 +270,7 @@ def test_grids_span_the_padded_image_on_a_non_square_image():
     boxes, classes, centers, nonempty = random_scene(np.random.default_rng(7), image_hw)
     out = targets(cfg, boxes, classes, centers, nonempty, extent=extents[0])
     expected = [
-        reference.grid_targets(
-            boxes.astype(np.float32),
-            classes,
-            centers.astype(np.float32),
-            nonempty,
-            hw,
-            cfg.num_grids,
-            cfg.scale_ranges,
-            cfg.center_scale,
-            3,
-        )
+        reference_targets(cfg, boxes, classes, centers, nonempty, hw)
         for hw in (padded, cfg.canvas_hw)
     ]
     labels, pairs = expected[0]
@@ -498,22 +519,13 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipes' compute dtype
 def test_overfits_four_scenes(tmp_path, dtype):
-    from tests.methods.overfit import CANVAS_4X, overfit_report
+    from tests.methods.overfit import overfit_report
 
     report = overfit_report(
         "experiments/solov2_nuclei.py",
         tmp_path / "overfit",
         steps=300,
-        overrides=[
-            f"--config.model.compute_dtype={dtype}",
-            "--config.optim.name=adamw",
-            "--config.optim.lr=0.002",
-            # The reference's grids and COCO scale ranges halved, for shapes of 32-230 px.
-            "--config.model.num_grids=(40, 36, 24, 16, 12)",
-            "--config.model.scale_ranges=((1, 48), (24, 96), (48, 192), (96, 384), (192, 2048))",
-            "--config.model.positive_slots_per_image=64",
-            *CANVAS_4X,
-        ],
+        overrides=[f"--config.model.compute_dtype={dtype}", *overfit_overrides()],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
 
