@@ -213,22 +213,29 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
     assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
 
 
+def overfit_overrides() -> list[str]:
+    """The over-fitting runs' flags (test_yolact_plus's too): AdamW, the reference's anchor
+    sizes, the 4x canvas."""
+    from tests.methods.overfit import CANVAS_4X
+
+    return [
+        "--config.optim.name=adamw",
+        "--config.optim.lr=0.002",
+        "--config.model.anchor_sizes=(24, 48, 96, 192, 384)",  # the reference's
+        *CANVAS_4X,
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipes' compute dtype
 def test_overfits_four_scenes(tmp_path, dtype):
-    from tests.methods.overfit import CANVAS_4X, overfit_report
+    from tests.methods.overfit import overfit_report
 
     report = overfit_report(
         "experiments/yolact_nuclei.py",
         tmp_path / "overfit",
         steps=300,
-        overrides=[
-            f"--config.model.compute_dtype={dtype}",
-            "--config.optim.name=adamw",
-            "--config.optim.lr=0.002",
-            "--config.model.anchor_sizes=(24, 48, 96, 192, 384)",  # the reference's
-            *CANVAS_4X,
-        ],
+        overrides=[f"--config.model.compute_dtype={dtype}", *overfit_overrides()],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
 

@@ -214,18 +214,14 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 
 @pytest.mark.slow
 def test_overfits_four_scenes(tmp_path):
-    from tests.methods.overfit import CANVAS_4X, overfit_report
+    from tests.methods.overfit import overfit_report
+    from tests.methods.test_yolact import overfit_overrides
 
     report = overfit_report(
         "experiments/yolact_plus_nuclei.py",
         tmp_path / "overfit",
         steps=300,
-        overrides=[
-            "--config.optim.name=adamw",
-            "--config.optim.lr=0.002",
-            "--config.model.anchor_sizes=(24, 48, 96, 192, 384)",  # the reference's
-            *CANVAS_4X,
-        ],
+        overrides=overfit_overrides(),
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
 
