@@ -365,19 +365,25 @@ class MaskRCNN(nn.Module):
         mask_pooled = self.pool(
             features, rois["boxes"][:, :fg], cfg.mask_pool_size
         )  # [B, F, 14, 14, D]
-        targets, valid = ops.mask_targets(
-            batch["gt_masks"],
-            batch["gt_boxes"],
-            rois,
-            fg,
-            2 * cfg.mask_pool_size,
-            cfg.mask_target_sampling_ratio,
-        )
+        targets, valid = self.mask_head_targets(batch, rois)
         return {
             "mask_logits": self.mask_head(mask_pooled),  # [B, F, 28, 28, C]
             "mask_targets": targets,
             "mask_valid": valid,
         }
+
+    def mask_head_targets(self, batch: dict, rois: dict):
+        """(float32[B, F, 28, 28] targets, bool[B, F] valid) of the first F =
+        mask_fg_per_image `rois` (ops.mask_targets at the mask head's output size)."""
+        cfg = self.cfg
+        return ops.mask_targets(
+            batch["gt_masks"],
+            batch["gt_boxes"],
+            rois,
+            cfg.mask_fg_per_image,
+            2 * cfg.mask_pool_size,
+            cfg.mask_target_sampling_ratio,
+        )
 
 
 def mask_head_losses(outputs: dict, cfg: MaskRCNNConfig) -> dict:

@@ -209,14 +209,7 @@ class MSRCNN(mask_rcnn.MaskRCNN):
         rois = {k: v[:, :fg] for k, v in outputs["rois"].items()}
         pooled = self.pool(features, rois["boxes"], cfg.mask_pool_size)  # [B, F, 14, 14, D]
         logits = self.mask_head(pooled)  # [B, F, 28, 28, C]
-        targets, valid = ops.mask_targets(
-            batch["gt_masks"],
-            batch["gt_boxes"],
-            rois,
-            fg,
-            2 * cfg.mask_pool_size,
-            cfg.mask_target_sampling_ratio,
-        )
+        targets, valid = self.mask_head_targets(batch, rois)
         class_logits = of_class(logits, rois["classes"])  # [B, F, 28, 28]
         ratios = area_ratios(
             batch["gt_masks"], batch["gt_boxes"], rois["gt_index"], rois["boxes"], cfg.canvas_hw
