@@ -31,7 +31,9 @@ def main(path: str) -> None:
     quarter = mmcv.imrescale(mask, scale=1.0 / 4)
     assert half.shape == (h // 2, w // 2) and quarter.shape == (h // 4, w // 4)
     np.savez_compressed(path, mask=mask, half=half, quarter=quarter)
-    print(f"wrote {path}: {mask.sum()} / {mask.size} pixels; half {half.sum()}, quarter {quarter.sum()}")
+    print(
+        f"wrote {path}: {mask.sum()} / {mask.size} pixels; half {half.sum()}, quarter {quarter.sum()}"
+    )
 
 
 if __name__ == "__main__":
