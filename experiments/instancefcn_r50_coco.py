@@ -25,7 +25,7 @@ proposals per image (COCOeval at maxDets 1000).
 
 Published figure (the paper's Table on MS COCO segment proposals, first 5k val images,
 class-agnostic): AR@10 16.6, AR@100 31.7, AR@1000 39.2 (DeepMask 12.6 / 24.5 / 33.1 in the same
-table). This recipe detects 80 classes with a per-class objectness (the module docstring) and
+table; quoted without the paper at hand, to be checked against it). This recipe detects 80 classes with a per-class objectness (the module docstring) and
 is evaluated by COCO's per-class segm AP, not by class-agnostic AR; it has not been run.
 `:smoke` shrinks everything to synthetic scenes for tests.
 """

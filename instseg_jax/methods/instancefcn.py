@@ -68,9 +68,9 @@ Deviations, each declared:
     test at one scale; the pyramid of scales is the FPN's (above).
 
 Published figure: the paper's MS COCO segment-proposal table (first 5k val images, class-agnostic,
-VGG-16): AR@10 16.6, AR@100 31.7, AR@1000 39.2 (DeepMask 12.6 / 24.5 / 33.1). This library
-evaluates per-class COCO AP, not that AR (above); experiments/instancefcn_r50_coco.py is the
-paper's settings and has not been run.
+VGG-16): AR@10 16.6, AR@100 31.7, AR@1000 39.2 (DeepMask 12.6 / 24.5 / 33.1), quoted without the
+paper at hand: check them against its table. This library evaluates per-class COCO AP, not that
+AR (above); experiments/instancefcn_r50_coco.py is the paper's settings and has not been run.
 
 Static shapes: T windows (levels x sides x positions, `window_layout`), a [T, N] label matrix
 per image, exactly windows_per_image sampled windows per image (a seeded key inside the jitted
