@@ -46,6 +46,7 @@ SMOKE = {
     "panoptic_fpn": "experiments/panoptic_fpn_synthetic.py:smoke",
     "pointrend": "experiments/pointrend_nuclei.py:smoke",
     "polarmask": "experiments/polarmask_nuclei.py:smoke",
+    "rdsnet": "experiments/rdsnet_nuclei.py:smoke",
     "solo": "experiments/solo_nuclei.py:smoke",
     "solov2": "experiments/solov2_nuclei.py:smoke",
     "yolact": "experiments/yolact_nuclei.py:smoke",
