@@ -377,6 +377,38 @@ RECIPES = {
         "optim.momentum": 0.9,
         "optim.weight_decay": 5e-4,
     },
+    # wangsr126/RDSNet configs/rdsnet/rdsnet_r50_fpn_1x.py (imgs_per_gpu 2 on 8 GPUs, the
+    # README's 90k iterations; lr_config warmup 'linear' 500 iterations at ratio 1/3, steps at
+    # epochs 8 and 11 of 12; grad_clip max_norm 35; Resize (1333, 800); train_cfg crop padding
+    # 0.25, test_cfg crop padding 0.1 and mask_thr_binary 0.4, masks_to_train 100,
+    # pos_neg_ratio 1; RdsRetinaHead octave_base_scale 4, scales_per_octave 3, SmoothL1 beta 0.11;
+    # rdsnet_refine_r50_fpn_1x.py's mbrm_cfg gamma 0.05).
+    "rdsnet_r50_fpn_coco_1x": {
+        "input.global_batch": 16,
+        "optim.name": "sgd",
+        "optim.lr": 0.005,
+        "optim.momentum": 0.9,
+        "optim.weight_decay": 1e-4,
+        "optim.clip_norm": 35.0,
+        "schedule.warmup_steps": 500,
+        "schedule.warmup_factor": 1.0 / 3,
+        "schedule.total_steps": 12 * 7330,
+        "schedule.steps": (8 * 7330, 11 * 7330),
+        "input.short_side": (800,),
+        "input.max_long_side": 1333,
+        "model.train_crop_padding": 0.25,
+        "model.test_crop_padding": 0.1,
+        "model.mask_threshold": 0.4,
+        "model.masks_per_image": 100,
+        "model.mask_negatives_per_positive": 1.0,
+        "model.anchor_octave_base": 4.0,
+        "model.scales_per_octave": 3,
+        "model.box_smooth_l1_beta": 0.11,
+        "model.positive_iou": 0.5,
+        "model.negative_iou": 0.4,
+        "model.mbrm": True,
+        "model.mbrm_gamma": 0.05,
+    },
 }
 
 
