@@ -244,3 +244,39 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
     assert det["canvas_masks"].shape == (2, k, h, w) and det["boxes"].shape == (2, k, 4)
     assert det["scores"].shape == det["classes"].shape == det["valid"].shape == (2, k)
     assert np.isfinite(np.asarray(det["boxes"])).all()
+
+
+def overfit_overrides() -> list[str]:
+    """The over-fitting runs' flags: AdamW, the reference's anchors (octave base 4: 32..645 px)
+    and mask-area floor (100 px) for the scenes drawn at 4x on the 512 canvas."""
+    from tests.methods.overfit import CANVAS_4X
+
+    return [
+        "--config.optim.name=adamw",
+        "--config.optim.lr=0.002",
+        "--config.model.anchor_octave_base=4.0",
+        "--config.model.mask_min_area=100.0",
+        *CANVAS_4X,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipe's compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
+    from tests.methods.overfit import overfit_report
+
+    report = overfit_report(
+        SMOKE.split(":")[0],
+        tmp_path / "overfit",
+        steps=300,
+        overrides=[f"--config.model.compute_dtype={dtype}", *overfit_overrides()],
+    )
+    assert report["segm"]["AP"] >= 0.9, report["segm"]
+
+
+@pytest.mark.slow
+def test_the_coco_experiment_compiles_and_steps_at_its_real_input_size():
+    from tests.methods.overfit import coco_step_result
+
+    result = coco_step_result("rdsnet")
+    assert np.isfinite(result["loss"]) and result["step_s"] > 0
