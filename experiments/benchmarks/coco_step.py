@@ -43,6 +43,7 @@ EXPERIMENTS = {
     "instancefcn": "instancefcn_r50_coco.py",
     "deepmask": "deepmask_r50_coco.py",
     "fcis": "fcis_r101_coco.py",
+    "rdsnet": "rdsnet_r50_fpn_coco_1x.py",
 }
 BATCH = 2
 # Mask2Former at batch 2 on 1024 x 1024 peaks at the 24 GB of this machine (measured 24.3 GB
