@@ -93,6 +93,7 @@ parity: peer-env peer-mmdet
 	$(MMDET_PY) experiments/parity/pointrend_loss.py
 	$(MMDET_PY) experiments/parity/condinst_loss.py
 	$(MMDET_PY) experiments/parity/ms_rcnn_loss.py
+	$(MMDET_PY) experiments/parity/solo_loss.py
 
 # libtpu (TPU's compiler) in its own environment, at the jax version of .venv: the compile tool
 # (`instseg-jax compile --target v5e:2x2`) compiles for TPU slices on this CPU host. Never a

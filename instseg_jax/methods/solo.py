@@ -298,21 +298,9 @@ class SOLO(nn.Module):
             return outputs
         if key is None:
             raise ValueError("training needs a key for the choice of positive slots")
-        targets = solov2.batch_targets(cell_targets, batch, extent_hw, cfg, key)
-        probabilities, mask_targets = [], []
-        for level, stride in enumerate(cfg.mask_strides()):
-            probabilities.append(
-                cell_mask_probabilities(
-                    cfg, mask_maps, targets["slot_cell"], level, *self.predictor_weights()
-                )
-            )
-            level_masks = rescaled_targets(batch["gt_full_masks"], stride // MASK_STRIDE)
-            mask_targets.append(
-                jnp.take_along_axis(level_masks, targets["slot_instance"][..., None, None], axis=1)
-            )
-        outputs["mask_probabilities"] = probabilities  # per level [B, P, h_l, w_l]
-        outputs["mask_targets"] = mask_targets
-        outputs["targets"] = targets
+        outputs.update(
+            training_outputs(cfg, mask_maps, batch, extent_hw, key, *self.predictor_weights())
+        )
         return outputs
 
     def detect(self, logits, mask_maps, extent_hw) -> dict:
@@ -350,6 +338,31 @@ class SOLO(nn.Module):
             cfg,
             extent_hw,
         )
+
+
+def training_outputs(
+    cfg: SOLOConfig, mask_maps, batch: dict, extent_hw, key, kernels=None, biases=None
+) -> dict:
+    """What loss_fn reads beside the category logits, from the mask maps (SOLO.heads) and the
+    batch's ground truth: the targets (solov2.batch_targets of cell_targets), and per level the
+    trained slots' mask probabilities (cell_mask_probabilities) and mask targets (the slot's
+    instance, rescaled_targets at the level's mask stride), each [B, P, h_l, w_l]. A function
+    so that the mmdetection loss parity (weights/mmdet_solo_loss.py) runs it on given maps."""
+    targets = solov2.batch_targets(cell_targets, batch, extent_hw, cfg, key)
+    probabilities, mask_targets = [], []
+    for level, stride in enumerate(cfg.mask_strides()):
+        probabilities.append(
+            cell_mask_probabilities(cfg, mask_maps, targets["slot_cell"], level, kernels, biases)
+        )
+        level_masks = rescaled_targets(batch["gt_full_masks"], stride // MASK_STRIDE)
+        mask_targets.append(
+            jnp.take_along_axis(level_masks, targets["slot_instance"][..., None, None], axis=1)
+        )
+    return {
+        "mask_probabilities": probabilities,
+        "mask_targets": mask_targets,
+        "targets": targets,
+    }
 
 
 def cell_mask_probabilities(
