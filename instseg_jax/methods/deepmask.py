@@ -77,9 +77,10 @@ Deviations from the reference, and why:
   - The trunk pads with zeros (the reference swaps 3x3 zero padding for symmetric padding,
     modelUtils.updatePadding); crops and the test pyramid resample bilinearly with half-pixel
     centres (torch's image.scale and nnx's SpatialReSamplingEx are not reproduced).
-  - Detections carry tight boxes of the thresholded masks and the window mask resampled into
-    them (box-relative masks, pasted as Mask R-CNN's at >= 0.5): probabilities are
-    sigmoid(logit - logit(mask_threshold)), so the paste's 0.5 is the reference's threshold.
+  - Detections carry tight boxes of the thresholded masks, cut to the image (getTopMasks
+    writes only pixels inside it), and the window mask resampled into them (box-relative
+    masks, pasted as Mask R-CNN's at >= 0.5): probabilities are sigmoid(logit -
+    logit(mask_threshold)), so the paste's 0.5 is the reference's threshold.
     Windows whose mask is empty are not kept (the reference returns them as empty proposals).
   - Optional NMS (the reference has none): the nuclei experiment uses it, since COCOeval's AP
     counts the many near-identical windows on one object as false positives.
@@ -565,8 +566,8 @@ class DeepMask(nn.Module):
         best, index = jax.vmap(lambda s: ops.top_k(s, cfg.candidates))(ranked)  # [B, C]
         chosen = jnp.take_along_axis(embeddings, index[..., None], axis=1)  # [B, C, E]
         logits = self.heads.mask_logits(chosen)  # [B, C, oSz, oSz]
-        kept = jax.vmap(lambda lg, s, ok, r: select_proposals(lg, s, ok, r, cfg))(
-            logits, best, jnp.isfinite(best), regions[index]
+        kept = jax.vmap(lambda lg, s, ok, r, hw: select_proposals(lg, s, ok, r, cfg, hw))(
+            logits, best, jnp.isfinite(best), regions[index], batch["image_hw"]
         )
         boxes = ops.canvas_to_original_boxes(
             kept["boxes"],
@@ -589,30 +590,45 @@ class DeepMask(nn.Module):
         }
 
 
-def select_proposals(logits, score_logits, ok, regions, cfg: DeepMaskConfig) -> dict:
+def select_proposals(logits, score_logits, ok, regions, cfg: DeepMaskConfig, image_hw) -> dict:
     """One image's proposals from its best windows: logits float32[C, oSz, oSz], score_logits
-    float32[C] (descending), ok bool[C], regions float32[C, 4] canvas xyxy central regions.
-    Returns boxes float32[K, 4] canvas (tight boxes of the masks at mask_threshold), scores
-    float32[K] (sigmoid), valid bool[K], masks float32[K, oSz, oSz] probabilities relative to
-    the boxes, shifted so that 0.5 is the mask threshold."""
-    logits, score_logits, ok, regions = (
-        jnp.asarray(a) for a in (logits, score_logits, ok, regions)
+    float32[C] (descending), ok bool[C], regions float32[C, 4] canvas xyxy central regions,
+    image_hw int32[2] the image's valid part of the canvas. Returns boxes float32[K, 4] canvas
+    (tight boxes of the masks at mask_threshold, cut to the image), scores float32[K]
+    (sigmoid), valid bool[K], masks float32[K, oSz, oSz] probabilities relative to the boxes,
+    shifted so that 0.5 is the mask threshold."""
+    logits, score_logits, ok, regions, image_hw = (
+        jnp.asarray(a) for a in (logits, score_logits, ok, regions, image_hw)
     )
     m = cfg.mask_size
     cut = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
     cells = ops.masks_to_boxes(logits > cut)  # [C, 4] in mask cells
-    nonempty = cells[:, 2] > cells[:, 0]
     cell_w = (regions[:, 2] - regions[:, 0]) / m
     cell_h = (regions[:, 3] - regions[:, 1]) / m
+    # The mask's part inside the image (InferDeepMask.lua getTopMasks writes only the pixels
+    # within the image): cut here, before the mask is resampled into its box, since a box cut
+    # later (the detections' clip to the image) would squeeze the mask into the smaller box.
+    hgt, wid = image_hw[0].astype(jnp.float32), image_hw[1].astype(jnp.float32)
     boxes = jnp.stack(
         [
-            regions[:, 0] + cells[:, 0] * cell_w,
-            regions[:, 1] + cells[:, 1] * cell_h,
-            regions[:, 0] + cells[:, 2] * cell_w,
-            regions[:, 1] + cells[:, 3] * cell_h,
+            jnp.clip(regions[:, 0] + cells[:, 0] * cell_w, 0.0, wid),
+            jnp.clip(regions[:, 1] + cells[:, 1] * cell_h, 0.0, hgt),
+            jnp.clip(regions[:, 0] + cells[:, 2] * cell_w, 0.0, wid),
+            jnp.clip(regions[:, 1] + cells[:, 3] * cell_h, 0.0, hgt),
         ],
         axis=1,
     )
+    # The cut box in mask cells, the frame the logits are resampled into.
+    cells = jnp.stack(
+        [
+            (boxes[:, 0] - regions[:, 0]) / cell_w,
+            (boxes[:, 1] - regions[:, 1]) / cell_h,
+            (boxes[:, 2] - regions[:, 0]) / cell_w,
+            (boxes[:, 3] - regions[:, 1]) / cell_h,
+        ],
+        axis=1,
+    )
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     ok = ok & nonempty
     k = cfg.detections_per_image
     if cfg.nms_threshold < 1.0 - 1e-6:

@@ -281,11 +281,39 @@ def test_proposals_take_tight_boxes_and_the_threshold_lands_at_one_half():
         [[0.0, 0.0, 112.0, 112.0], [100.0, 100.0, 156.0, 156.0], [0, 0, 56, 56]], np.float32
     )
     ok = np.array([True, True, True])  # the third window's mask is empty: never kept
-    out = jax.jit(lambda: deepmask.select_proposals(logits, scores, ok, regions, cfg))()
+    image_hw = np.array([200, 200], np.int32)  # every box inside the image
+    out = jax.jit(lambda: deepmask.select_proposals(logits, scores, ok, regions, cfg, image_hw))()
     np.testing.assert_allclose(out["boxes"], [[40, 20, 100, 60], [100, 100, 128, 156]])
     np.testing.assert_allclose(out["scores"], 1 / (1 + np.exp(-scores[:2])), rtol=1e-6)
     assert np.asarray(out["valid"]).all()
     assert (np.asarray(out["masks"]) >= 0.5).all()  # each box is its mask's tight box
+
+
+def test_proposals_keep_the_masks_part_inside_the_image():
+    """A window across the image's left border (InferDeepMask.lua getTopMasks writes only the
+    pixels within the image): the box is the mask's part inside the image and the pasted mask
+    is that part unsqueezed. Before the fix the box reached past the border and the later clip
+    of boxes to the image squeezed a 26-pixel mask into 14 pixels."""
+    from instseg_jax.detections import paste_box_mask
+
+    cfg = deepmask.DeepMaskConfig(num_classes=1, candidates=1, detections_per_image=1)
+    m = cfg.mask_size
+    logits = np.full((1, m, m), -5.0, np.float32)
+    logits[0, 10:40, 4:30] = 5.0  # one pixel per cell: canvas x -12..13, y 50..79
+    regions = np.array([[-16.0, 40.0, 40.0, 96.0]], np.float32)
+    image_hw = np.array([100, 120], np.int32)
+    out = jax.jit(
+        lambda: deepmask.select_proposals(
+            logits, np.array([1.0], np.float32), np.array([True]), regions, cfg, image_hw
+        )
+    )()
+    np.testing.assert_allclose(out["boxes"][0], [0, 50, 14, 80], atol=1e-4)
+    region, top, left = paste_box_mask(np.asarray(out["masks"][0]), out["boxes"][0], (100, 120))
+    pasted = np.zeros((100, 120), bool)
+    pasted[top : top + region.shape[0], left : left + region.shape[1]] = region
+    expected = np.zeros((100, 120), bool)
+    expected[50:80, 0:14] = True
+    assert (pasted == expected).all(), np.argwhere(pasted != expected)[:5]
 
 
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
