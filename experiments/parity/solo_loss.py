@@ -36,6 +36,21 @@ input (relative norm of the difference). Both divide the dice sum by the positiv
 mask target per cell: mmdet/models/dense_heads/solo_head.py:291-301 num_pos, :846-864 num_pos
 += num_masks; ours by the trained slots), and the focal loss by positive cells + 1
 (solo_head.py:307-308, :870-871).
+
+Head parameters (weights/mmdet_solo_loss.py head_config, conversion_table): per branch, two more
+batches (few+crowded, and the nuclei crops) run mmdetection's whole SOLOHead / DecoupledSOLOHead
+(one conv per tower of 32 channels, GroupNorm of 32 groups at torch's epsilon, as ours) with a
+seeded state dict (`random_state_dict`, loaded strictly) on seeded FPN maps P2..P6 of 16
+channels (mmdet_solov2_head.random_fpn_maps), ours SOLO.heads with the same numbers through
+`convert_head`: resize_feats (P2 halved, P6 to P5's size), CoordConv on every level (x and y for
+vanilla, one of them per decoupled tower), the towers, 2x bilinear upsampling, the predictors
+and the category branch. Compared: the head outputs (category logits; vanilla's S^2 mask
+logits, ours formed from the tower map and the 1x1 predictor; decoupled's X and Y logits), the
+cell labels, both terms, and the gradient of their sum with respect to every parameter, by
+mmdetection key. The fixture keeps mmdetection's logits, terms, labels and gradients, and the
+SHA-256 of the state dicts and maps (the CI test draws them again).
+
+Found: no disagreement (figures in experiments/benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -71,13 +86,19 @@ BATCHES = (("few", "crowded"), ("crowded", "empty"), ("empty", "empty"), ("nucle
 BRANCHES = ("vanilla", "decoupled")
 SEED = 31  # + 10 x the branch's index + the batch's index
 TOLERANCES = {"loss": 1e-5, "grad": 1e-5}  # relative; float32 on both sides
+# The whole heads: outputs and parameter gradients pass through convolutions and GroupNorm.
+HEAD_TOLERANCES = {"output": 1e-5, "loss": 1e-5, "grad": 2e-5}
+HEAD_BATCHES = (("few", "crowded"), ("nuclei_0", "nuclei_1"))
+HEAD_STATE_DICT_SEED = 131  # + the branch's index
+HEAD_FPN_SEED = 1313  # + 10 x the branch's index + the batch's index
 MASK_INPUTS = {"vanilla": ("maps", "kernels", "biases"), "decoupled": ("x", "y")}
 
 
-def make_head(cfg):
-    """mmdetection's head of cfg's branch with configs/solo's losses (DiceLoss weight 3, for
-    Decoupled SOLO activate=False: it takes the product of sigmoids; FocalLoss gamma 2 alpha
-    0.25); its layers at cfg's widths (only loss_by_feat runs)."""
+def make_head(cfg, norm_groups: int = 1):
+    """mmdetection's head of cfg's branch at cfg's widths with configs/solo's losses (DiceLoss
+    weight 3, for Decoupled SOLO activate=False: it takes the product of sigmoids; FocalLoss
+    gamma 2 alpha 0.25), GroupNorm of norm_groups groups at torch's epsilon 1e-5 (ours: min(32,
+    C) groups, nn/layers.py)."""
     register_all_modules()
     decoupled = cfg.mask_branch == "decoupled"
     head_class = DecoupledSOLOHead if decoupled else SOLOHead
@@ -86,9 +107,9 @@ def make_head(cfg):
         dice["activate"] = False
     return head_class(
         num_classes=cfg.num_classes,
-        in_channels=cfg.head_channels,
+        in_channels=cfg.fpn_channels,
         feat_channels=cfg.head_channels,
-        stacked_convs=1,
+        stacked_convs=cfg.head_convs,
         strides=list(cfg.level_strides),
         scale_ranges=cfg.scale_ranges,
         pos_scale=cfg.center_scale,
@@ -102,7 +123,7 @@ def make_head(cfg):
             alpha=cfg.focal_alpha,
             loss_weight=1.0,
         ),
-        norm_cfg=dict(type="GN", num_groups=1, requires_grad=True),
+        norm_cfg=dict(type="GN", num_groups=norm_groups, requires_grad=True, eps=1e-5),
     )
 
 
@@ -248,6 +269,93 @@ def compare(ours, theirs, names) -> dict:
     return checks
 
 
+def run_mmdet_head(head, state_dict, fpn, images, cfg):
+    """mmdetection's whole head on FPN maps: its outputs (our layouts), terms, the gradient of
+    their sum with respect to every parameter (by key, torch layouts) and its targets."""
+    head.load_state_dict({k: torch.tensor(v) for k, v in state_dict.items()}, strict=True)
+    head.train()
+    head.zero_grad()
+    maps = [torch.tensor(np.ascontiguousarray(f.transpose(0, 3, 1, 2))) for f in fpn]
+    preds = head(maps)
+    instances = solov2_parity.mmdet_instances(images)
+    metas = [dict(img_shape=(CANVAS, CANVAS), pad_shape=(CANVAS, CANVAS))] * len(images)
+    losses = head.loss_by_feat(*preds, instances, metas)
+    named = list(head.named_parameters())
+    grads = torch.autograd.grad(
+        losses["loss_cls"] + losses["loss_mask"], [p for _, p in named], allow_unused=True
+    )
+    outputs = {"logits": common.join_levels([x.detach().numpy() for x in preds[-1]])}
+    mask_names = ("mask",) if cfg.mask_branch == "vanilla" else ("x", "y")
+    for name, levels in zip(mask_names, preds[:-1], strict=True):
+        for level, x in enumerate(levels):
+            outputs[f"{name}_{level}"] = x.detach().numpy().transpose(0, 2, 3, 1)
+    return {
+        "outputs": outputs,
+        "loss_cls": float(losses["loss_cls"].detach()),
+        "loss_mask": float(losses["loss_mask"].detach()),
+        "grads": {
+            name: (torch.zeros_like(p) if g is None else g).numpy()
+            for (name, p), g in zip(named, grads, strict=True)
+        },
+        **mmdet_targets(head, instances, [tuple(x.shape[-2:]) for x in preds[0]]),
+    }
+
+
+def compare_heads(fixture, failures):
+    """Both branches' whole heads (weights/mmdet_solo_loss.py head_config) with one seeded
+    state dict each on seeded FPN maps; their records go into fixture (when not None)."""
+    worst = {}
+    meta = {
+        "head_batches": ["+".join(n) for n in HEAD_BATCHES],
+        "head_state_dict_seed": HEAD_STATE_DICT_SEED,
+        "head_fpn_seed": HEAD_FPN_SEED,
+        "head_sha256": {},
+    }
+    rel = mmdet_loss_parity.relative_difference
+    for bi, branch in enumerate(BRANCHES):
+        cfg = parity.head_config(NUM_CLASSES, CANVAS, branch)
+        head = make_head(cfg, min(32, cfg.head_channels))
+        state_dict = parity.random_state_dict(cfg, HEAD_STATE_DICT_SEED + bi)
+        meta["head_sha256"][f"{branch}_state_dict"] = mmdet_loss_parity.checksum(state_dict)
+        for k, names in enumerate(HEAD_BATCHES):
+            images = [solov2_parity.scene(n) for n in names]
+            fpn = head_parity.random_fpn_maps(cfg, len(images), HEAD_FPN_SEED + 10 * bi + k)
+            meta["head_sha256"][f"{branch}_fpn_{k}"] = mmdet_loss_parity.checksum(fpn)
+            theirs = run_mmdet_head(head, state_dict, fpn, images, cfg)
+            gt = head_parity.ground_truth_arrays(images, MAX_INSTANCES, STRIDE)
+            outputs, terms, grads, targets = parity.head_losses(state_dict, fpn, gt, cfg)
+            label = f"{branch} head {'+'.join(names)}"
+            per_param = {key: rel(grads[key], g) for key, g in theirs["grads"].items()}
+            checks = {
+                "output": [rel(outputs[n], theirs["outputs"][n]) for n in theirs["outputs"]],
+                "loss": [rel(terms[t], theirs[t]) for t in ("loss_cls", "loss_mask")],
+                "grad": list(per_param.values()),
+            }
+            common.check_tolerances(label, checks, HEAD_TOLERANCES, worst, failures)
+            if (targets["cell_labels"] != theirs["cell_labels"]).any():
+                failures.append(f"{label}: cell labels differ")
+            report = {
+                "head_batch": label,
+                "positive_cells": [int(c) for c in theirs["positive_cells"]],
+                "rel_outputs_worst": max(checks["output"]),
+                "rel_loss_cls": checks["loss"][0],
+                "rel_loss_mask": checks["loss"][1],
+                "rel_grad_worst_parameter": max(per_param.items(), key=lambda kv: kv[1]),
+                "rel_grad_all_parameters": rel(
+                    np.concatenate([grads[key].ravel() for key in theirs["grads"]]),
+                    np.concatenate([g.ravel() for g in theirs["grads"].values()]),
+                ),
+            }
+            print(json.dumps(report))
+            if fixture is not None:
+                prefix = f"{branch}_h{k}_mmdet_"
+                for n in ("loss_cls", "loss_mask", "cell_labels", "positive_cells"):
+                    fixture[prefix + n] = np.asarray(theirs[n])
+                fixture[prefix + "logits"] = theirs["outputs"]["logits"]
+                fixture.update({f"{prefix}grad.{key}": g for key, g in theirs["grads"].items()})
+    return worst, meta
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--make-fixture", type=Path, help="write the CI test's npz here")
@@ -308,15 +416,8 @@ def main():
                 for n in names:
                     for level, g in enumerate(theirs[f"grad_{n}"]):
                         fixture[f"{prefix}mmdet_grad_{n}{level}"] = g
-    print(
-        json.dumps(
-            {
-                "worst_relative": worst,
-                "tolerances": TOLERANCES,
-                "seconds": round(time.time() - start, 1),
-            }
-        )
-    )
+    head_worst, head_meta = compare_heads(fixture if args.make_fixture else None, failures)
+    common.print_summary(worst, TOLERANCES, head_worst, HEAD_TOLERANCES, start)
     nuclei = [
         head_parity.nuclei_scene(
             common.SHARED_NUCLEI, head_parity.NUCLEI_IMAGE, top, left, CANVAS, STRIDE
@@ -335,6 +436,7 @@ def main():
         "nuclei_image": head_parity.NUCLEI_IMAGE,
         "nuclei_crops": [list(c) for c in head_parity.NUCLEI_CROPS],
         "nuclei_masks_sha256": nuclei,
+        **head_meta,
     }
     common.write_fixture(args.make_fixture, meta, fixture)
     common.verdict(failures, "SOLO and Decoupled SOLO: every term and gradient within tolerance")

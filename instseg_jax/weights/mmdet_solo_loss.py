@@ -18,6 +18,11 @@ Ground truth as weights/mmdet_solov2_head.ground_truth_arrays builds it (stride-
 and mmdetection's integer-index mass centres of the masks repeated 4 x 4). Every image spans the
 whole canvas (model.grid_extent "image", image_hw = canvas: mmdetection's padded batch); the
 batch is one mmdetection GPU's (one loss normaliser group).
+
+The head-parameter half (`head_config`, `conversion_table`, `convert_head`, `head_losses`): the
+branch's whole head from an mmdetection state dict (SOLOHead / DecoupledSOLOHead keys), run by
+SOLO.heads on given FPN maps through the same targets and loss, gradients back in mmdetection's
+names and layouts.
 """
 
 from __future__ import annotations
@@ -29,15 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from instseg_jax.methods import solo, solov2
+from instseg_jax.weights import mmdet_loss_parity
 from instseg_jax.weights.mmdet_loss_parity import unit_uniform
+from instseg_jax.weights.state_dict import check_keys
 
 
-def solo_config(num_classes: int, canvas: int, mask_branch: str, head_channels: int):
+def solo_config(num_classes: int, canvas: int, mask_branch: str, head_channels: int, **overrides):
     """The tiny SOLO the parity runs: SOLOv2's parity grids and scale ranges (the smoke
     experiment's, mmdet_loss_parity.solov2_config) on a square canvas, the reference's strides
     (8, 8, 16, 32, 32: mask maps at strides 4, 4, 8, 16, 16), a positive-slot budget no scene
     fills."""
-    return solo.SOLOConfig(
+    fields = dict(
         num_classes=num_classes,
         canvas_hw=(canvas, canvas),
         num_grids=(12, 10, 8, 6, 4),
@@ -46,6 +53,8 @@ def solo_config(num_classes: int, canvas: int, mask_branch: str, head_channels: 
         mask_branch=mask_branch,
         head_channels=head_channels,
     )
+    fields.update(overrides)
+    return solo.SOLOConfig(**fields)
 
 
 def mask_map_sides(cfg) -> tuple[int, ...]:
@@ -113,9 +122,27 @@ def solo_losses(outputs: dict, gt: dict, cfg) -> tuple[dict, dict]:
 def _terms_and_gradients(logits, mask_inputs, gt, cfg):
     """(loss_cls, loss_mask), d loss_cls / d logits, d loss_mask / d mask_inputs, our targets:
     one compiled program per branch and batch shape."""
-    b = logits.shape[0]
+    batch, extent_hw = _batch(gt, cfg)
+
+    def terms(category_logits, inputs):
+        if cfg.mask_branch == "vanilla":
+            maps, weights = inputs["maps"], (inputs["kernels"], inputs["biases"])
+        else:
+            maps, weights = list(zip(inputs["x"], inputs["y"], strict=True)), ()
+        return _loss_terms(category_logits, maps, weights, batch, extent_hw, cfg)
+
+    values, pull_back, targets = jax.vjp(terms, logits, mask_inputs, has_aux=True)
+    one, zero = jnp.ones_like(values[0]), jnp.zeros_like(values[0])
+    grad_cls, _ = pull_back((one, zero))
+    _, grad_mask = pull_back((zero, one))
+    return values, grad_cls, grad_mask, targets
+
+
+def _batch(gt: dict, cfg) -> tuple[dict, jnp.ndarray]:
+    """(the batch fields training_outputs and loss_fn read, extent_hw) of images that fill
+    the canvas."""
+    b = gt["boxes"].shape[0]
     image_hw = jnp.broadcast_to(jnp.asarray(cfg.canvas_hw, jnp.int32), (b, 2))
-    extent_hw = solov2.grid_extents(image_hw, cfg)
     batch = {
         "image": jnp.zeros((b, 1, 1, 3), jnp.float32),  # only its batch size is read
         "gt_boxes": jnp.asarray(gt["boxes"], jnp.float32),
@@ -124,19 +151,170 @@ def _terms_and_gradients(logits, mask_inputs, gt, cfg):
         "gt_centers": jnp.asarray(gt["centers"], jnp.float32),
         "gt_full_masks": jnp.asarray(gt["masks"]).astype(jnp.uint8),
     }
+    return batch, solov2.grid_extents(image_hw, cfg)
 
-    def terms(category_logits, inputs):
+
+def _loss_terms(category_logits, mask_maps, weights, batch, extent_hw, cfg):
+    """((loss_cls, loss_mask), targets) of SOLO.__call__'s training outputs on given logits and
+    mask maps (weights: the vanilla predictors' (kernels, biases) lists, () decoupled)."""
+    outputs = solo.training_outputs(cfg, mask_maps, batch, extent_hw, jax.random.key(0), *weights)
+    outputs["category_logits"] = category_logits
+    _, metrics = solo.loss_fn(outputs, batch, cfg)
+    return (metrics["loss_cls"], metrics["loss_mask"]), outputs["targets"]
+
+
+# ----------------------------------------------------------------------- head parameters
+# mmdetection's whole SOLOHead / DecoupledSOLOHead (one conv per tower) with a seeded state
+# dict on seeded FPN maps, against SOLO.heads with that state dict converted.
+
+FPN_CHANNELS = 16
+TOWER_CHANNELS = 32  # our GroupNorm: min(32, C) groups (nn/layers.py), here of one channel
+
+
+def head_config(num_classes: int, canvas: int, mask_branch: str):
+    """The tiny SOLO of the head-parameter parity: solo_config's grids, one conv per tower."""
+    return solo_config(
+        num_classes, canvas, mask_branch, TOWER_CHANNELS, fpn_channels=FPN_CHANNELS, head_convs=1
+    )
+
+
+def _conv_norm_rows(torch_prefix, tower, i, out_ch, in_ch):
+    return [
+        (
+            f"{torch_prefix}.conv.weight",
+            (tower, f"conv{i}", "kernel"),
+            "conv",
+            (out_ch, in_ch, 3, 3),
+        ),
+        (f"{torch_prefix}.gn.weight", (tower, f"norm{i}", "gn", "scale"), "vector", (out_ch,)),
+        (f"{torch_prefix}.gn.bias", (tower, f"norm{i}", "gn", "bias"), "vector", (out_ch,)),
+    ]
+
+
+def conversion_table(cfg) -> list[tuple[str, tuple, str, tuple]]:
+    """(mmdetection key, our parameter path, layout, torch shape) for every tensor of the
+    branch's head (mmdet/models/dense_heads/solo_head.py SOLOHead._init_layers: mask_convs,
+    cls_convs, conv_mask_list (1x1, S^2 outputs: ours mask_predict{l}_kernel [E, S^2], layout
+    "matrix"), conv_cls; DecoupledSOLOHead: mask_convs_x / _y (FPN + 1 CoordConv channel),
+    conv_mask_list_x / _y (3x3, S outputs: ours predict_x_{l} / predict_y_{l}))."""
+    c, t = cfg.fpn_channels, cfg.head_channels
+    rows = []
+    if cfg.mask_branch == "vanilla":
+        for i in range(cfg.head_convs):
+            rows += _conv_norm_rows(f"mask_convs.{i}", "mask_tower", i, t, c + 2 if i == 0 else t)
+    else:
+        for axis in ("x", "y"):
+            for i in range(cfg.head_convs):
+                rows += _conv_norm_rows(
+                    f"mask_convs_{axis}.{i}", f"mask_tower_{axis}", i, t, c + 1 if i == 0 else t
+                )
+    for i in range(cfg.head_convs):
+        rows += _conv_norm_rows(f"cls_convs.{i}", "category_tower", i, t, c if i == 0 else t)
+    for level, g in enumerate(cfg.num_grids):
         if cfg.mask_branch == "vanilla":
-            maps, weights = inputs["maps"], (inputs["kernels"], inputs["biases"])
+            key = f"conv_mask_list.{level}"
+            rows.append(
+                (f"{key}.weight", (f"mask_predict{level}_kernel",), "matrix", (g * g, t, 1, 1))
+            )
+            rows.append((f"{key}.bias", (f"mask_predict{level}_bias",), "vector", (g * g,)))
         else:
-            maps, weights = list(zip(inputs["x"], inputs["y"], strict=True)), ()
-        outputs = solo.training_outputs(cfg, maps, batch, extent_hw, jax.random.key(0), *weights)
-        outputs["category_logits"] = category_logits
-        _, metrics = solo.loss_fn(outputs, batch, cfg)
-        return (metrics["loss_cls"], metrics["loss_mask"]), outputs["targets"]
+            for axis in ("x", "y"):
+                key, ours = f"conv_mask_list_{axis}.{level}", f"predict_{axis}_{level}"
+                rows.append((f"{key}.weight", (ours, "kernel"), "conv", (g, t, 3, 3)))
+                rows.append((f"{key}.bias", (ours, "bias"), "vector", (g,)))
+    rows.append(
+        (
+            "conv_cls.weight",
+            ("category_tower", "predict", "kernel"),
+            "conv",
+            (cfg.num_classes, t, 3, 3),
+        )
+    )
+    rows.append(
+        ("conv_cls.bias", ("category_tower", "predict", "bias"), "vector", (cfg.num_classes,))
+    )
+    return rows
 
-    values, pull_back, targets = jax.vjp(terms, logits, mask_inputs, has_aux=True)
-    one, zero = jnp.ones_like(values[0]), jnp.zeros_like(values[0])
-    grad_cls, _ = pull_back((one, zero))
-    _, grad_mask = pull_back((zero, one))
-    return values, grad_cls, grad_mask, targets
+
+def _to_ours(layout, value):
+    if layout == "matrix":  # a 1x1 conv [O, I, 1, 1] -> [I, O]
+        return np.ascontiguousarray(np.asarray(value, np.float32)[:, :, 0, 0].T)
+    return mmdet_loss_parity.conv_or_vector_to_ours(layout, value)
+
+
+def _to_torch(layout, value, shape):
+    if layout == "matrix":
+        return np.ascontiguousarray(np.asarray(value, np.float32).T[:, :, None, None])
+    return mmdet_loss_parity.conv_or_vector_to_torch(layout, value, shape)
+
+
+def random_state_dict(cfg, seed: int) -> dict[str, np.ndarray]:
+    """The head's state dict of seeded draws (torch layouts; mmdet_loss_parity.seeded_state_dict:
+    convs of variance 1 / fan in, GroupNorm weights 1 + 0.1 u, biases 0.1 u)."""
+    return mmdet_loss_parity.seeded_state_dict(
+        conversion_table(cfg),
+        seed,
+        fan_in_scaled=lambda key, layout: layout in ("conv", "matrix"),
+        near_one=("gn.weight",),
+    )
+
+
+def convert_head(state_dict: dict, cfg) -> dict:
+    """Our SOLO head params from mmdetection's head state dict; StateDictError names the first
+    missing or unexpected key."""
+    table = conversion_table(cfg)
+    check_keys(
+        state_dict, [row[0] for row in table], "not a SOLOHead / DecoupledSOLOHead state dict"
+    )
+    return mmdet_loss_parity.tree_from_table(state_dict, table, _to_ours)
+
+
+def head_losses(state_dict, fpn_features, gt: dict, cfg):
+    """(outputs, terms, gradients, targets) of our head (SOLO.heads on the converted state
+    dict) on FPN maps P2..P6 ([B, h, w, fpn_channels] each) of images that fill the canvas:
+    outputs "logits" [B, S, C] and per level "mask_<l>" (vanilla: the S^2 mask logits
+    [B, h, w, S^2] the 1x1 predictor gives, mmdetection's forward output; decoupled: "x_<l>",
+    "y_<l>" [B, h, w, S_l]); terms loss_cls, loss_mask; gradients of their sum by mmdetection
+    key in torch layout; targets as solo_losses'."""
+    params = convert_head(state_dict, cfg)
+    features = {f"p{i + 2}": jnp.asarray(x, jnp.float32) for i, x in enumerate(fpn_features)}
+    gt = {name: jnp.asarray(value) for name, value in gt.items()}
+    outputs, terms, grads, targets = _head_program(params, features, gt, cfg)
+    return (
+        {name: np.asarray(v) for name, v in outputs.items()},
+        {name: float(v) for name, v in terms.items()},
+        mmdet_loss_parity.state_dict_from_tree(grads, conversion_table(cfg), _to_torch),
+        {
+            "cell_labels": np.asarray(targets["cell_labels"]),
+            "positive_cells": np.asarray(targets["positive"].sum(axis=1)),
+            "trained": np.asarray(targets["slot_valid"].sum(axis=1)),
+        },
+    )
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _head_program(params, features, gt, cfg):
+    model = solo.SOLO(cfg)
+    batch, extent_hw = _batch(gt, cfg)
+
+    def total(p):
+        logits, mask_maps = model.apply({"params": p}, features, extent_hw, method=solo.SOLO.heads)
+        outputs = {"logits": logits}
+        weights = ()
+        if cfg.mask_branch == "vanilla":
+            kernels = [p[f"mask_predict{lv}_kernel"] for lv in range(len(cfg.num_grids))]
+            biases = [p[f"mask_predict{lv}_bias"] for lv in range(len(cfg.num_grids))]
+            weights = (kernels, biases)
+            for lv, m in enumerate(mask_maps):
+                outputs[f"mask_{lv}"] = jnp.einsum("bhwe,es->bhws", m, kernels[lv]) + biases[lv]
+        else:
+            for lv, (x, y) in enumerate(mask_maps):
+                outputs[f"x_{lv}"], outputs[f"y_{lv}"] = x, y
+        (loss_cls, loss_mask), targets = _loss_terms(
+            logits, mask_maps, weights, batch, extent_hw, cfg
+        )
+        terms = {"loss_cls": loss_cls, "loss_mask": loss_mask}
+        return loss_cls + loss_mask, (outputs, terms, targets)
+
+    grads, (outputs, terms, targets) = jax.grad(total, has_aux=True)(params)
+    return outputs, terms, grads, targets

@@ -12,6 +12,10 @@ loss_cls with respect to the category logits and of loss_mask with respect to ea
 (vanilla: the upsampled tower maps and the 1x1 predictors' kernels and biases; decoupled: the X
 and Y logits). The head outputs are seeded draws (weights/mmdet_solo_loss.py
 random_head_outputs) made again here and checked against the fixture's SHA-256.
+
+The head-parameter test (slow) runs each branch's whole head: mmdetection's with a seeded state
+dict on seeded FPN maps against SOLO.heads with that state dict converted (weights/
+mmdet_solo_loss.py head_losses), on few+crowded and on the nuclei crops.
 """
 
 import json
@@ -88,3 +92,47 @@ def test_solo_targets_losses_and_gradients_match_mmdetection(branch, nuclei):
             mmdet = np.concatenate([theirs[f"grad_{n}{lv}"].ravel() for lv in range(levels)])
             assert rel(mine, mmdet) < GRAD_TOLERANCE, (batch, n)
     assert positives > 0
+
+
+HEAD_OUTPUT_TOLERANCE = 1e-5  # measured 4.9e-7 (the script's HEAD_TOLERANCES)
+HEAD_GRAD_TOLERANCE = 2e-5  # each parameter's; measured 1.7e-6 at worst (a predictor's bias)
+
+
+# Slow: two more programs (each head's forward and backward), about 6 s of CPU warm and a
+# minute cold on this 2-core machine, beyond the fast tier's share of this method.
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [0, 1], ids=["few+crowded", "nuclei"])
+@pytest.mark.parametrize("branch", ["vanilla", "decoupled"])
+def test_solo_head_parameters_match_mmdetection(branch, k):
+    """The whole head (weights/mmdet_solo_loss.py head_config: one conv per tower): mmdetection's
+    SOLOHead / DecoupledSOLOHead with a seeded state dict on seeded FPN maps against SOLO.heads
+    with that state dict converted: category logits, cell labels, both terms and the gradient of
+    their sum with respect to every parameter, by mmdetection key."""
+    data = np.load(FIXTURE)
+    meta = json.loads(str(data["config"]))
+    branch_index = meta["branches"].index(branch)
+    cfg = parity.head_config(meta["num_classes"], meta["canvas"], branch)
+    state_dict = parity.random_state_dict(cfg, meta["head_state_dict_seed"] + branch_index)
+    fpn = head_parity.random_fpn_maps(cfg, 2, meta["head_fpn_seed"] + 10 * branch_index + k)
+    redraw = "NumPy drew other numbers than the fixture's: rerun its --make-fixture"
+    sums = meta["head_sha256"]
+    assert mmdet_loss_parity.checksum(state_dict) == sums[f"{branch}_state_dict"], redraw
+    assert mmdet_loss_parity.checksum(fpn) == sums[f"{branch}_fpn_{k}"], redraw
+    if meta["head_batches"][k].startswith("nuclei"):
+        gt = nuclei_ground_truth(meta)
+    else:  # the loss parity's first batch holds the same scenes
+        assert meta["batches"][0] == meta["head_batches"][k]
+        gt = {n: data[f"vanilla0_gt_{n}"] for n in GT_FIELDS}
+    prefix = f"{branch}_h{k}_mmdet_"
+    theirs = {n[len(prefix) :]: data[n] for n in data.files if n.startswith(prefix)}
+    outputs, terms, grads, targets = parity.head_losses(state_dict, fpn, gt, cfg)
+    np.testing.assert_array_equal(targets["cell_labels"], theirs["cell_labels"])
+    np.testing.assert_array_equal(targets["trained"], theirs["positive_cells"])
+    rel = mmdet_loss_parity.relative_difference
+    assert rel(outputs["logits"], theirs["logits"]) < HEAD_OUTPUT_TOLERANCE
+    for term in ("loss_cls", "loss_mask"):
+        assert rel(terms[term], theirs[term]) < TERM_TOLERANCE, term
+    their_grads = {n[len("grad.") :]: v for n, v in theirs.items() if n.startswith("grad.")}
+    assert sorted(their_grads) == sorted(grads), "the converter covers every parameter"
+    for key, value in their_grads.items():
+        assert rel(grads[key], value) < HEAD_GRAD_TOLERANCE, key
