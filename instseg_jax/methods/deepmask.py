@@ -48,7 +48,8 @@ Static shapes:
              every window, the best `candidates` over all scales (a fixed top_k), their masks
              (the mask branch on those windows only: T x 3136 logits would not fit), tight
              boxes of the thresholded masks, greedy NMS on them at `nms_threshold` (1.0 keeps
-             every window: the reference has no NMS), the best `detections_per_image`.
+             every window: the reference has no NMS; with `nms_mask_stride` s > 0 on the masks'
+             IoU, the masks read on a canvas grid of stride s), the best `detections_per_image`.
 
 Deviations from the reference, and why:
   - One joint step: every window trains the score branch and the positives also the mask
@@ -83,7 +84,10 @@ Deviations from the reference, and why:
     logit(mask_threshold)), so the paste's 0.5 is the reference's threshold.
     Windows whose mask is empty are not kept (the reference returns them as empty proposals).
   - Optional NMS (the reference has none): the nuclei experiment uses it, since COCOeval's AP
-    counts the many near-identical windows on one object as false positives.
+    counts the many near-identical windows on one object as false positives. On the masks'
+    tight boxes, or (model.nms_mask_stride) on the masks: off-centre windows' masks carry stray
+    blobs that widen their tight boxes (on the over-fitting scenes near-duplicates with 4 to 11
+    components escaped box NMS at 0.5).
   - SharpMask's refinement (SharpMask.lua) is not built.
 
 Evaluation: class-agnostic (eval.class_agnostic, COCOeval with useCats 0, set by base_config):
@@ -150,6 +154,10 @@ class DeepMaskConfig(DetectorConfig):
     candidates: int = 1000  # best windows over all scales whose masks are computed
     mask_threshold: float = 0.2  # evalPerImage.lua -thr
     nms_threshold: float = 1.0  # > 1 - 1e-6: no NMS (the reference has none)
+    # 0: NMS compares the masks' tight boxes; s > 0: it compares the masks themselves (their
+    # IoU on a grid of one cell per s canvas pixels). A stray blob of a thresholded window mask
+    # widens its tight box, so near-duplicates of one object escape box NMS.
+    nms_mask_stride: int = 0
     detections_per_image: int = 1000
     box_rescale: str = "scale"
 
@@ -590,6 +598,42 @@ class DeepMask(nn.Module):
         }
 
 
+def window_masks_on_grid(logits, regions, image_hw, cfg: DeepMaskConfig):
+    """bool[C, H / s, W / s] the thresholded window masks (logits float32[C, oSz, oSz] over
+    regions float32[C, 4] canvas xyxy) on a grid of the canvas, one cell per s =
+    nms_mask_stride pixels, read bilinearly at the cells' centres; cells outside the window or
+    the image image_hw int32[2] are off."""
+    s, m = cfg.nms_mask_stride, cfg.mask_size
+    cut = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
+    gy = (jnp.arange(-(-cfg.canvas_hw[0] // s), dtype=jnp.float32) + 0.5) * s  # canvas
+    gx = (jnp.arange(-(-cfg.canvas_hw[1] // s), dtype=jnp.float32) + 0.5) * s
+    side_w = (regions[:, 2] - regions[:, 0]) / m
+    side_h = (regions[:, 3] - regions[:, 1]) / m
+    u = (gx[None] - regions[:, 0:1]) / side_w[:, None] - 0.5  # [C, Gw] window cells
+    v = (gy[None] - regions[:, 1:2]) / side_h[:, None] - 0.5  # [C, Gh]
+    outside = -1e4  # far below any threshold
+    sampled = jax.vmap(lambda g, yy, xx: _bilinear(g, yy[:, None], xx[None, :], outside))(
+        logits[..., None], v, u
+    )[..., 0]  # [C, Gh, Gw]
+    inside = (gy[:, None] < image_hw[0]) & (gx[None, :] < image_hw[1])
+    return (sampled > cut) & inside[None]
+
+
+def greedy_nms_by_overlap(overlap, ok, threshold: float, k: int):
+    """int32[k] indices of the candidates greedy NMS keeps, in order, -1 after the last: the
+    candidates are in descending score order, overlap float32[C, C] their pairwise IoU, ok
+    bool[C]; a candidate is dropped when its overlap with a kept one is > threshold."""
+    c = ok.shape[0]
+
+    def visit(i, kept):
+        suppressed = jnp.any(kept & (overlap[:, i] > threshold))
+        return kept.at[i].set(ok[i] & ~suppressed)
+
+    kept = jax.lax.fori_loop(0, c, visit, jnp.zeros((c,), bool))
+    order = jnp.argsort(~kept, stable=True)[:k]  # the kept ones first, in score order
+    return jnp.where(kept[order], order, -1).astype(jnp.int32)
+
+
 def select_proposals(logits, score_logits, ok, regions, cfg: DeepMaskConfig, image_hw) -> dict:
     """One image's proposals from its best windows: logits float32[C, oSz, oSz], score_logits
     float32[C] (descending), ok bool[C], regions float32[C, 4] canvas xyxy central regions,
@@ -631,7 +675,10 @@ def select_proposals(logits, score_logits, ok, regions, cfg: DeepMaskConfig, ima
     nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     ok = ok & nonempty
     k = cfg.detections_per_image
-    if cfg.nms_threshold < 1.0 - 1e-6:
+    if cfg.nms_threshold < 1.0 - 1e-6 and cfg.nms_mask_stride > 0:
+        grid = window_masks_on_grid(logits, regions, image_hw, cfg)
+        keep = greedy_nms_by_overlap(ops.mask_iou(grid, grid), ok, cfg.nms_threshold, k)
+    elif cfg.nms_threshold < 1.0 - 1e-6:
         keep, _ = ops.nms(boxes, score_logits, cfg.nms_threshold, k, ok)
     else:  # no NMS: the best k windows with a mask, in score order
         _, keep = ops.top_k(jnp.where(ok, score_logits, -jnp.inf), k)
