@@ -485,6 +485,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     smoke_backbone(m)
     m.anchor_sizes = (16.0, 32.0, 64.0)
     m.rpn_channels = 32
+    # Of the 8 x 8 x 9 = 576 anchors: a larger canvas needs more, or the top anchors all sit
+    # on the largest objects and smaller ones get no proposal (test_overfits_four_scenes).
     m.rpn_pre_nms_topk_train = 200
     m.rpn_pre_nms_topk_test = 100
     m.rpn_post_nms_topk_train = 32
