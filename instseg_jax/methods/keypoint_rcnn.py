@@ -39,6 +39,7 @@ from instseg_jax import structures
 from instseg_jax.input.keypoints import COCO_PERSON, SYNTHETIC_SHAPES
 from instseg_jax.methods import mask_rcnn
 from instseg_jax.methods.roi_heads import conv_relu_stack
+from instseg_jax.ops import mixed_precision
 from instseg_jax.ops.sampling import upsample2x
 
 
@@ -83,15 +84,14 @@ class TransposedConv4x4(nn.Module):
             (4, 4, x.shape[-1], self.features),
         )
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            kernel[::-1, ::-1].astype(self.dtype),
-            window_strides=(1, 1),
+        y = mixed_precision.conv(
+            x,
+            kernel[::-1, ::-1],
+            self.dtype,
             padding=((2, 2), (2, 2)),
             lhs_dilation=(2, 2),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        return y + bias.astype(self.dtype)
+        return mixed_precision.add_bias(y, bias)
 
 
 def heatmap_targets(keypoints, rois, size: int):

@@ -70,7 +70,7 @@ from instseg_jax import config as config_lib
 from instseg_jax import structures
 from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
-from instseg_jax.nn.layers import Conv, GroupNorm
+from instseg_jax.nn.layers import Conv, Dense, GroupNorm
 from instseg_jax.nn.transformer import (
     Attention,
     FeedForward,
@@ -303,10 +303,10 @@ class PredictionHeads(nn.Module):
     def __call__(self, queries, mask_features):
         cfg = self.cfg
         x = layer_norm("decoder_norm", cfg.dtype)(queries)
-        class_logits = nn.Dense(cfg.num_classes + 1, dtype=cfg.dtype, name="class_embed")(x)
+        class_logits = Dense(cfg.num_classes + 1, dtype=cfg.dtype, name="class_embed")(x)
         e = x
         for i in range(3):
-            e = nn.Dense(
+            e = Dense(
                 cfg.hidden_dim if i < 2 else cfg.mask_dim, dtype=cfg.dtype, name=f"mask_embed{i}"
             )(e)
             e = nn.relu(e) if i < 2 else e

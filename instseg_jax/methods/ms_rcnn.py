@@ -57,7 +57,7 @@ import ml_collections
 from instseg_jax import config as config_lib
 from instseg_jax import ops
 from instseg_jax.methods import mask_rcnn
-from instseg_jax.nn.layers import Conv
+from instseg_jax.nn.layers import Conv, Dense
 
 INPUTS = mask_rcnn.INPUTS
 
@@ -123,9 +123,9 @@ class MaskIoUHead(nn.Module):
         fc_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")  # Caffe2Xavier
         for i in range(self.num_fcs):
             x = nn.relu(
-                nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=fc_init, name=f"fc{i + 1}")(x)
+                Dense(self.fc_dim, dtype=self.dtype, kernel_init=fc_init, name=f"fc{i + 1}")(x)
             )
-        iou = nn.Dense(
+        iou = Dense(
             self.num_classes,
             dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.01),

@@ -58,6 +58,7 @@ from instseg_jax.methods import mask_rcnn, roi_heads
 from instseg_jax.nn.layers import (
     ConvNorm,
     Deconv2x2,
+    Dense,
     GroupNorm,
     depth_to_space_2x2,
     kaiming_uniform_a1,
@@ -162,7 +163,7 @@ def dense_norm_relu(features, norm, dtype, name):
     """FC -> GroupNorm (when norm is "group_norm") -> ReLU on [n, D] rows."""
 
     def layer(x):
-        x = nn.Dense(
+        x = Dense(
             features,
             dtype=dtype,
             use_bias=norm == "none",
@@ -246,7 +247,7 @@ class FusedMaskHead(nn.Module):
         x = nn.relu(Deconv2x2(self.channels, self.dtype, init, blocked=True, name="deconv")(x))
         # The authors' predictor has a background map too: 1 + C outputs make its fan-out.
         std = (2.0 / (1 + self.num_classes)) ** 0.5 if self.predictor_init == "msra_fill" else 1e-3
-        x = nn.Dense(
+        x = Dense(
             self.num_classes,
             dtype=self.dtype,
             kernel_init=nn.initializers.normal(std),
@@ -256,7 +257,7 @@ class FusedMaskHead(nn.Module):
         if self.fc_fusion:
             y = conv(self.channels, "fc_branch_conv1")(branch)
             y = conv(self.channels // 2, "fc_branch_conv2")(y)
-            y = nn.Dense(
+            y = Dense(
                 4 * h * w,
                 dtype=self.dtype,
                 kernel_init=nn.initializers.normal(0.01),

@@ -41,7 +41,7 @@ import ml_collections
 from instseg_jax import config as config_lib
 from instseg_jax import structures
 from instseg_jax.methods import mask_rcnn
-from instseg_jax.nn.layers import ConvNorm
+from instseg_jax.nn.layers import ConvNorm, Dense
 from instseg_jax.ops.dense import resize_bilinear
 
 INPUTS = structures.Inputs(box_masks=True, semantic_stride=4)
@@ -83,7 +83,7 @@ class SemanticFPNHead(nn.Module):
                 if level > 2:
                     x = resize_bilinear(x, (2 * x.shape[1], 2 * x.shape[2]))
             total = x if total is None else total + x
-        logits = nn.Dense(
+        logits = Dense(
             self.num_classes,
             dtype=self.dtype,
             kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),

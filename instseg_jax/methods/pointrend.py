@@ -46,6 +46,7 @@ import ml_collections
 from instseg_jax import config as config_lib
 from instseg_jax import ops
 from instseg_jax.methods import mask_rcnn, roi_heads
+from instseg_jax.nn.layers import Dense
 from instseg_jax.ops.sampling import (
     point_features,
     uncertain_cells,
@@ -122,7 +123,7 @@ class CoarseMaskHead(nn.Module):
         x = pooled.reshape(b * f, h, w, d).astype(self.dtype)
         if d > self.conv_dim:
             x = nn.relu(
-                nn.Dense(
+                Dense(
                     self.conv_dim,
                     dtype=self.dtype,
                     kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
@@ -135,7 +136,7 @@ class CoarseMaskHead(nn.Module):
         x = x.reshape(b * f, h // 2, 2, w // 2, 2, d).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(b * f, h // 2, w // 2, 4 * d)
         x = nn.relu(
-            nn.Dense(
+            Dense(
                 self.conv_dim,
                 dtype=self.dtype,
                 kernel_init=nn.initializers.variance_scaling(0.5, "fan_out", "normal"),
@@ -145,14 +146,14 @@ class CoarseMaskHead(nn.Module):
         x = x.reshape(b * f, -1)
         for i in range(self.num_fc):
             x = nn.relu(
-                nn.Dense(
+                Dense(
                     self.fc_dim,
                     dtype=self.dtype,
                     kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "uniform"),
                     name=f"fc{i + 1}",
                 )(x)
             )
-        x = nn.Dense(
+        x = Dense(
             self.side * self.side * self.num_classes,
             dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.001),
@@ -179,7 +180,7 @@ class PointHead(nn.Module):
         for i in range(self.num_fc):
             x = jnp.concatenate([x, coarse], axis=-1)
             x = nn.relu(
-                nn.Dense(
+                Dense(
                     self.fc_dim,
                     dtype=self.dtype,
                     kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
@@ -187,7 +188,7 @@ class PointHead(nn.Module):
                 )(x)
             )
         x = jnp.concatenate([x, coarse], axis=-1)
-        logits = nn.Dense(
+        logits = Dense(
             self.num_classes,
             dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.001),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from instseg_jax import ops
-from instseg_jax.nn.layers import Conv, Deconv2x2, depth_to_space_2x2
+from instseg_jax.nn.layers import Conv, Deconv2x2, Dense, depth_to_space_2x2
 from instseg_jax.ops.assign import ignore_mask
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
@@ -127,8 +127,8 @@ class BoxHead(nn.Module):
         b, r = pooled.shape[:2]
         x = pooled.reshape(b, r, -1).astype(self.dtype)
         init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
-        x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc1")(x))
-        x = nn.relu(nn.Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc2")(x))
+        x = nn.relu(Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc1")(x))
+        x = nn.relu(Dense(self.fc_dim, dtype=self.dtype, kernel_init=init, name="fc2")(x))
         return box_predictions(x, self.num_classes, self.dtype)
 
 
@@ -136,10 +136,10 @@ def box_predictions(x, num_classes: int, dtype):
     """The box head's predictors on features x[..., D] (inside a compact module, which owns
     their parameters "cls_score" and "bbox_pred"): class logits [..., C+1] and class-specific
     deltas [..., C, 4], float32."""
-    logits = nn.Dense(
+    logits = Dense(
         num_classes + 1, dtype=dtype, kernel_init=nn.initializers.normal(0.01), name="cls_score"
     )(x)
-    deltas = nn.Dense(
+    deltas = Dense(
         num_classes * 4, dtype=dtype, kernel_init=nn.initializers.normal(0.001), name="bbox_pred"
     )(x)
     return (
@@ -186,7 +186,7 @@ class MaskHead(nn.Module):
         x = nn.relu(Deconv2x2(self.channels, self.dtype, init, blocked=True, name="deconv")(x))
         # A 1x1 convolution written as a Dense layer over channels: the same numbers, but XLA's
         # CPU convolution gradient for a few output maps took seconds where a matmul takes ms.
-        x = nn.Dense(
+        x = Dense(
             self.num_classes,
             dtype=self.dtype,
             kernel_init=nn.initializers.normal(0.001),

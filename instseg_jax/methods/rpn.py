@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from instseg_jax import ops
-from instseg_jax.nn.layers import Conv
+from instseg_jax.nn.layers import Conv, Dense
 from instseg_jax.ops.assign import ignore_mask
 
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
@@ -40,10 +40,8 @@ class RPNHead(nn.Module):
         )
         # 1x1 convolutions as Dense layers over channels (same numbers; XLA's CPU gradient of a
         # convolution with few output maps is far slower than the matmul's).
-        objectness = nn.Dense(
-            self.num_anchors, dtype=self.dtype, kernel_init=init, name="objectness"
-        )
-        deltas = nn.Dense(self.num_anchors * 4, dtype=self.dtype, kernel_init=init, name="deltas")
+        objectness = Dense(self.num_anchors, dtype=self.dtype, kernel_init=init, name="objectness")
+        deltas = Dense(self.num_anchors * 4, dtype=self.dtype, kernel_init=init, name="deltas")
         logits, boxes = [], []
         for level in LEVELS:
             x = nn.relu(shared(features[level]))  # [B, h, w, D]

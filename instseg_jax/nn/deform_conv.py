@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from instseg_jax.nn.layers import Conv, make_norm
+from instseg_jax.ops import mixed_precision
 from instseg_jax.ops.deform_conv import deform_conv2d
 
 
@@ -53,12 +54,13 @@ class ModulatedDeformConv(nn.Module):
             x.astype(self.dtype),
             offset,
             mask,
-            kernel.astype(self.dtype),
+            kernel,
             self.strides,
             self.padding,
         )
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,))
+            y = mixed_precision.add_bias(y, bias)
         return y
 
 

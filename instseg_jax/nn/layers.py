@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instseg_jax.ops import mixed_precision
+
 Dtype = Any
 
 
@@ -118,22 +120,43 @@ class Conv(nn.Module):
     def __call__(self, x):
         kh, kw = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        x = x.astype(self.dtype)
         padding = tuple(tuple(p) for p in self.padding)
         if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-            y = subsample(x, self.strides) @ kernel[0, 0]  # [B, H/s, W/s, features]
+            # [B, H/s, W/s, features]
+            y = mixed_precision.dense(subsample(x, self.strides), kernel[0, 0], self.dtype)
         else:
-            y = jax.lax.conv_general_dilated(
+            y = mixed_precision.conv(
                 x,
                 kernel,
-                self.strides,
-                padding,
+                self.dtype,
+                window_strides=self.strides,
+                padding=padding,
                 rhs_dilation=(self.dilation, self.dilation),
-                dimension_numbers=("NHWC", "HWIO", "NHWC"),
             )
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,))
-            y = y + bias.astype(self.dtype)
+            y = mixed_precision.add_bias(y, bias)
+        return y
+
+
+class Dense(nn.Module):
+    """flax.linen.Dense's parameters ("kernel" [in, features], "bias" [features]) and numbers
+    over x's last axis, computed in `dtype` with float32 parameter gradients
+    (ops/mixed_precision.py): every fully connected layer of the package."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        y = mixed_precision.dense(x, kernel, self.dtype)
+        if self.use_bias:
+            y = mixed_precision.add_bias(y, self.param("bias", self.bias_init, (self.features,)))
         return y
 
 
@@ -210,8 +233,8 @@ class Deconv2x2(nn.Module):
         c = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (2, 2, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = jnp.einsum("nhwc,abco->nhwabo", x.astype(self.dtype), kernel.astype(self.dtype))
-        y = y + bias.astype(self.dtype)
+        y = mixed_precision.contract("nhwc,abco->nhwabo", x, kernel, self.dtype)
+        y = mixed_precision.add_bias(y, bias)
         return y if self.blocked else depth_to_space_2x2(y)
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from instseg_jax.nn.layers import Dense
 from instseg_jax.ops.sampling import deformable_attention
 
 
@@ -45,7 +46,7 @@ def xavier():
 
 def dense_layer(features, name, kernel_init=None, bias_init=nn.initializers.zeros, dtype=None):
     """A linear layer, Xavier-uniform kernel and zero bias unless told otherwise."""
-    return nn.Dense(
+    return Dense(
         features,
         kernel_init=kernel_init or xavier(),
         bias_init=bias_init,

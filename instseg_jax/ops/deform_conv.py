@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from instseg_jax.ops import mixed_precision
 from instseg_jax.ops.sampling import pixel_corners, pool_bilinear_samples
 
 
@@ -75,7 +76,9 @@ def deform_conv2d(
     tap_cols = jnp.arange(kw, dtype=jnp.float32) * dilation[1]
     base_y = rows[:, None, None, None] + tap_rows[None, None, :, None]  # [Ho, 1, kh, 1]
     base_x = cols[None, :, None, None] + tap_cols[None, None, None, :]  # [1, Wo, 1, kw]
-    flat_kernel = kernel.astype(x.dtype).reshape(taps * channels, out_channels)
+    # The kernel keeps its own dtype (float32 parameters) until the product, whose weight
+    # gradient mixed_precision keeps in float32.
+    flat_kernel = kernel.reshape(taps * channels, out_channels)
 
     def one_image(image, image_offset, image_mask):
         deltas = image_offset.astype(jnp.float32).reshape(ho, wo, kh, kw, 2)
@@ -90,8 +93,8 @@ def deform_conv2d(
             index.reshape(shape),
             weight.astype(image.dtype).reshape(shape),
         )  # [Ho Wo, kh, kw, Cin]
-        return (columns.reshape(ho * wo, taps * channels) @ flat_kernel).reshape(
-            ho, wo, out_channels
-        )
+        return mixed_precision.dense(
+            columns.reshape(ho * wo, taps * channels), flat_kernel, image.dtype
+        ).reshape(ho, wo, out_channels)
 
     return jax.vmap(one_image)(x, offset, mask)

@@ -1,0 +1,144 @@
+"""ops/mixed_precision.py: bfloat16 contractions whose parameter gradients are float32.
+
+The reference is a float64 NumPy product of the same bfloat16-rounded operands (the forward
+input and the cotangent the bfloat16 output receives): what PyTorch's autocast accumulates into
+a float32 `param.grad` before DistributedDataParallel all-reduces it. The plain bfloat16 path
+misses it by bfloat16's rounding (about 1e-3 relative), so each check can fail.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instseg_jax.ops import mixed_precision
+
+BF16 = jnp.bfloat16
+
+
+def _bf16_as_f64(a):
+    return np.asarray(jnp.asarray(a, jnp.float32).astype(BF16).astype(jnp.float32), np.float64)
+
+
+def _relative(got, want):
+    return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
+
+
+def _gradients(fn, x, kernel, cotangent):
+    """(output, x gradient, kernel gradient) of sum(fn(x, kernel) * cotangent), op by op: under
+    jit XLA:CPU may keep the plain path's product in float32 (excess precision), which would
+    hide the rounding the accelerators do."""
+
+    def loss(x_, k_):
+        return jnp.sum(fn(x_, k_).astype(jnp.float32) * cotangent)
+
+    out = fn(x, kernel)
+    gx, gk = jax.grad(loss, argnums=(0, 1))(x, kernel)
+    return out, gx, gk
+
+
+def test_dense_kernel_gradient_is_float32_accumulated():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 40, 24)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(24, 8)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(3, 40, 8)), jnp.float32)
+    out, gx, gk = _gradients(lambda a, k: mixed_precision.dense(a, k, BF16), x, kernel, cot)
+    assert out.dtype == BF16 and gk.dtype == jnp.float32
+    xb, gb = _bf16_as_f64(x).reshape(-1, 24), _bf16_as_f64(cot).reshape(-1, 8)
+    assert _relative(gk, xb.T @ gb) < 1e-6
+    # The plain bfloat16 path: same forward and input gradient, a bfloat16-rounded kernel one.
+    p_out, p_gx, p_gk = _gradients(lambda a, k: a.astype(BF16) @ k.astype(BF16), x, kernel, cot)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(p_out, np.float32))
+    np.testing.assert_array_equal(np.asarray(gx), np.asarray(p_gx))
+    assert _relative(p_gk, xb.T @ gb) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "size, k, stride, pad, dilation, lhs_dilation",
+    [
+        (9, 3, 2, 1, 1, 1),  # a ResNet stride-2 3x3
+        (10, 3, 2, 1, 1, 1),  # the stride leaves a row unread
+        (9, 3, 1, 2, 2, 1),  # FCIS's dilated res5
+        (5, 4, 1, 2, 1, 2),  # Keypoint R-CNN's 4x4 transposed convolution
+    ],
+)
+def test_conv_kernel_gradient_is_float32_accumulated(size, k, stride, pad, dilation, lhs_dilation):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(2, size, size, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(k, k, 5, 4)), jnp.float32)
+    kwargs = dict(
+        window_strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        lhs_dilation=(lhs_dilation, lhs_dilation),
+        rhs_dilation=(dilation, dilation),
+    )
+    plain = jax.eval_shape(
+        lambda a, w: jax.lax.conv_general_dilated(
+            a, w, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs
+        ),
+        x,
+        kernel,
+    )
+    cot = jnp.asarray(rng.normal(size=plain.shape), jnp.float32)
+    out, gx, gk = _gradients(
+        lambda a, w: mixed_precision.conv(a, w, BF16, **kwargs), x, kernel, cot
+    )
+    assert out.dtype == BF16 and gk.dtype == jnp.float32
+    # float64 loop: x dilated, then padded; output (i, j) reads rows s i + d a, cols s j + d b.
+    xd = np.zeros((2, (size - 1) * lhs_dilation + 1, (size - 1) * lhs_dilation + 1, 5))
+    xd[:, ::lhs_dilation, ::lhs_dilation] = _bf16_as_f64(x)
+    xp = np.pad(xd, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    gb = _bf16_as_f64(cot)
+    ho = gb.shape[1]
+    want = np.zeros((k, k, 5, 4))
+    for a in range(k):
+        for b in range(k):
+            rows = slice(a * dilation, a * dilation + (ho - 1) * stride + 1, stride)
+            cols = slice(b * dilation, b * dilation + (ho - 1) * stride + 1, stride)
+            want[a, b] = np.einsum("nijc,nijo->co", xp[:, rows, cols, :], gb)
+    assert _relative(gk, want) < 1e-6
+    p_out, p_gx, p_gk = _gradients(
+        lambda a, w: jax.lax.conv_general_dilated(
+            a.astype(BF16), w.astype(BF16), dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs
+        ),
+        x,
+        kernel,
+        cot,
+    )
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(p_out, np.float32))
+    np.testing.assert_array_equal(np.asarray(gx), np.asarray(p_gx))
+    assert _relative(p_gk, want) > 1e-4
+
+
+def test_bias_gradient_is_float32_sum():
+    rng = np.random.default_rng(2)
+    y = jnp.asarray(rng.normal(size=(64, 32, 6)), jnp.float32).astype(BF16)
+    bias = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(64, 32, 6)), jnp.float32)
+    gb = jax.grad(lambda b: jnp.sum(mixed_precision.add_bias(y, b).astype(jnp.float32) * cot))(bias)
+    assert gb.dtype == jnp.float32
+    assert _relative(gb, _bf16_as_f64(cot).sum(axis=(0, 1))) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["dense", "conv", "contract"])
+def test_float32_compute_is_the_plain_operation(name):
+    """At the parameters' own dtype nothing is wrapped: the float32 experiments' programs."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)), jnp.float32)
+    if name == "dense":
+        k = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+        got, want = mixed_precision.dense(x, k, jnp.float32), x @ k
+    elif name == "conv":
+        k = jnp.asarray(rng.normal(size=(3, 3, 3, 4)), jnp.float32)
+        got = mixed_precision.conv(x, k, jnp.float32, padding=((1, 1), (1, 1)))
+        want = jax.lax.conv_general_dilated(
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    else:
+        k = jnp.asarray(rng.normal(size=(2, 2, 3, 4)), jnp.float32)
+        got = mixed_precision.contract("nhwc,abco->nhwabo", x, k, jnp.float32)
+        want = jnp.einsum("nhwc,abco->nhwabo", x, k)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert "custom_vjp" not in str(jax.make_jaxpr(lambda a: jnp.sum(a))(x))
