@@ -409,8 +409,11 @@ def test_class_agnostic_evaluation_matches_any_class(evaluator):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="measured 2026-12-07: segm AP 0.183 (AR@100 0.479) after 600 steps, short of the 0.9 "
-    "bar (experiments/benchmarks/RESULTS.md, DeepMask over-fitting)",
+    reason="measured 2026-12-07 with these settings: segm AP 0.656 (AP50 0.976, AP75 0.716, "
+    "AR@100 0.736; 0.183 before the fixes of c61c4ff and 6ddef88), short of the 0.9 bar: mask "
+    "precision on thin and occluded shapes in the smoke's 32 px window (4 x 4 feature cells; best "
+    "window IoU 0.59-0.79 for 5 of 14 objects) and no score preference among positive-band "
+    "windows (experiments/benchmarks/RESULTS.md, DeepMask over-fitting: diagnosis and fixes)",
     strict=False,
 )
 def test_overfits_four_scenes(tmp_path):
@@ -424,8 +427,18 @@ def test_overfits_four_scenes(tmp_path):
             "--config.optim.name=adamw",
             "--config.optim.lr=0.002",
             "--config.model.windows_per_image=32",
-            # objects of 8 to 73 px about windows for objects of 19: 2^-2 .. 2^1.5
-            "--config.model.test_scales=(-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)",
+            # The reference's head (DeepMask.lua: a 1x1 conv to 128, a 512-d embedding) in
+            # place of the smoke's 16 and 64, whose masks of thin shapes stayed coarse.
+            "--config.model.trunk_channels=128",
+            "--config.model.embedding=512",
+            # The reference's rule for test scales: the half-octave steps that bring the
+            # objects to objSz. The 4 scenes' objects have larger sides of 13 to 73 px, so
+            # 19 / 73 .. 19 / 13 = 2^-1.94 .. 2^0.55: 2^-2 .. 2^0.5. Finer scales only add
+            # windows on object parts (at 2^1 and 2^1.5 such windows scored as high as the
+            # right ones, with fragment masks).
+            "--config.model.test_scales=(-2.0, -1.5, -1.0, -0.5, 0.0, 0.5)",
+            # NMS on the masks, not their tight boxes (model.nms_mask_stride).
+            "--config.model.nms_mask_stride=1",
         ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
