@@ -77,7 +77,7 @@ from instseg_jax import ops, structures
 from instseg_jax.backbones.resnet import ResNet, normalize
 from instseg_jax.methods import roi_heads, rpn
 from instseg_jax.methods.detector import DetectorConfig, smoke_backbone
-from instseg_jax.nn.layers import Conv
+from instseg_jax.nn.layers import Conv, Dense
 
 # Mask targets are RoIAligned from box crops of input.mask_size (never full-resolution masks).
 INPUTS = structures.Inputs(box_masks=True)
@@ -167,8 +167,8 @@ class RPNHead(nn.Module):
             name="conv",
         )(x)
         x = nn.relu(x)
-        logits = nn.Dense(self.num_anchors, dtype=self.dtype, kernel_init=init, name="objectness")
-        deltas = nn.Dense(self.num_anchors * 4, dtype=self.dtype, kernel_init=init, name="deltas")
+        logits = Dense(self.num_anchors, dtype=self.dtype, kernel_init=init, name="objectness")
+        deltas = Dense(self.num_anchors * 4, dtype=self.dtype, kernel_init=init, name="deltas")
         return (
             logits(x).reshape(b, -1).astype(jnp.float32),  # (y, x, anchor) order
             deltas(x).reshape(b, -1, 4).astype(jnp.float32),
@@ -190,13 +190,11 @@ class ScoreMaps(nn.Module):
     def __call__(self, x):
         init = nn.initializers.normal(0.01)
         k2 = self.group_size**2
-        x = nn.relu(
-            nn.Dense(self.channels, dtype=self.dtype, kernel_init=init, name="conv_new_1")(x)
-        )
-        cls_seg = nn.Dense(
+        x = nn.relu(Dense(self.channels, dtype=self.dtype, kernel_init=init, name="conv_new_1")(x))
+        cls_seg = Dense(
             k2 * (self.num_classes + 1) * 2, dtype=self.dtype, kernel_init=init, name="cls_seg"
         )(x)
-        box = nn.Dense(k2 * 4, dtype=self.dtype, kernel_init=init, name="bbox")(x)
+        box = Dense(k2 * 4, dtype=self.dtype, kernel_init=init, name="bbox")(x)
         return cls_seg, box
 
 
