@@ -110,7 +110,7 @@ from instseg_jax import config as config_lib
 from instseg_jax import ops, structures
 from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
-from instseg_jax.nn.layers import Conv
+from instseg_jax.nn.layers import Conv, Dense
 from instseg_jax.ops.dense import resize_bilinear
 
 INPUTS = structures.Inputs(box_masks=True)
@@ -413,9 +413,9 @@ class Heads(nn.Module):
         f = cfg.feature_side
         self.reduce = Conv(cfg.trunk_channels, (1, 1), dtype=cfg.dtype, name="reduce")
         self.embed = Conv(cfg.embedding, (f, f), dtype=cfg.dtype, name="embed")
-        self.mask = nn.Dense(cfg.mask_size**2, dtype=cfg.dtype, name="mask")
-        self.score_hidden = nn.Dense(cfg.score_hidden, dtype=cfg.dtype, name="score_hidden")
-        self.score = nn.Dense(1, dtype=cfg.dtype, name="score")
+        self.mask = Dense(cfg.mask_size**2, dtype=cfg.dtype, name="mask")
+        self.score_hidden = Dense(cfg.score_hidden, dtype=cfg.dtype, name="score_hidden")
+        self.score = Dense(1, dtype=cfg.dtype, name="score")
 
     def embedding(self, features):
         """features [..., h, w, D] -> [..., h - fSz + 1, w - fSz + 1, embedding]."""

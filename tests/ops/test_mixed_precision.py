@@ -142,3 +142,21 @@ def test_float32_compute_is_the_plain_operation(name):
         want = jnp.einsum("nhwc,abco->nhwabo", x, k)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert "custom_vjp" not in str(jax.make_jaxpr(lambda a: jnp.sum(a))(x))
+
+
+def test_every_weight_layer_goes_through_mixed_precision():
+    """A flax nn.Dense / nn.Conv or a bare lax convolution casts its float32 kernel outside the
+    gradient and all-reduces bfloat16 partial sums: the package's layers are nn/layers.py's."""
+    import pathlib
+
+    import instseg_jax
+
+    root = pathlib.Path(instseg_jax.__file__).parent
+    found = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted(root.rglob("*.py"))
+        if path.name != "mixed_precision.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if any(call in line for call in ("nn.Dense(", "nn.Conv(", "conv_general_dilated("))
+    ]
+    assert not found, f"use nn/layers.py's Dense / Conv (ops/mixed_precision.py) at {found}"
