@@ -97,9 +97,9 @@ from instseg_jax import ops, structures
 from instseg_jax.backbones.fpn import FPNP3P7
 from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
+from instseg_jax.methods.yolact import anchor_and_slot_targets
 from instseg_jax.nn.layers import Conv, ConvNorm
 from instseg_jax.ops import dense
-from instseg_jax.ops.assign import ignore_mask
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # configs/rdsnet/rdsnet_r50_fpn_1x.py img_norm_cfg
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -389,26 +389,18 @@ def anchor_targets(
     claim = jnp.max(jnp.where(claims, jnp.arange(1, n + 1, dtype=jnp.int32)[:, None], 0), axis=0)
     labels = jnp.where(claim > 0, 1, labels)
     matched = jnp.where(claim > 0, claim - 1, matched)
-    if ignore_boxes is not None:
-        covered = ignore_mask(anchors, ignore_boxes, ignore_valid)
-        labels = jnp.where((labels == 0) & covered, -1, labels)
-    positive = labels == 1
-    classes = jnp.where(positive, gt_classes[matched], cfg.num_classes)
-    box_targets = ops.encode_boxes(gt_boxes[matched], anchors)
-    box_targets = jnp.where(positive[:, None], box_targets, 0.0)
-    eligible = positive & (gt_mask_area[matched] > cfg.mask_min_area)
-    chosen, slot_valid, overflow = dense.budgeted_select(eligible, cfg.masks_per_image, key)
-    return {
-        "labels": labels.astype(jnp.int32),
-        "matched": matched,
-        "classes": classes.astype(jnp.int32),
-        "box_targets": box_targets,
-        "slot_anchor": chosen,
-        "slot_gt": jnp.where(slot_valid, matched[chosen], 0),
-        "slot_valid": slot_valid,
-        "positives": positive.sum().astype(jnp.int32),
-        "overflow": overflow,
-    }
+    return anchor_and_slot_targets(
+        labels,
+        matched,
+        anchors,
+        gt_boxes,
+        gt_classes,
+        cfg.num_classes,
+        cfg.masks_per_image,
+        key,
+        ignore=None if ignore_boxes is None else (ignore_boxes, ignore_valid),
+        mask_eligible_gt=gt_mask_area > cfg.mask_min_area,
+    )
 
 
 def crop_region(boxes: jnp.ndarray, hw, padding: float) -> jnp.ndarray:

@@ -375,14 +375,49 @@ def anchor_targets(
     )
     labels = jnp.where(claim > 0, 1, labels)
     matched = jnp.where(claim > 0, claim - 1, matched)
-    if ignore_boxes is not None:
-        covered = ignore_mask(anchors, ignore_boxes, ignore_valid)
+    targets = anchor_and_slot_targets(
+        labels,
+        matched,
+        anchors,
+        gt_boxes,
+        gt_classes,
+        cfg.num_classes,
+        cfg.masks_per_image,
+        key,
+        ignore=None if ignore_boxes is None else (ignore_boxes, ignore_valid),
+        box_weights=BOX_WEIGHTS,
+    )
+    return {**targets, "gt_usable": usable}
+
+
+def anchor_and_slot_targets(
+    labels,
+    matched,
+    anchors,
+    gt_boxes,
+    gt_classes,
+    num_classes: int,
+    masks_per_image: int,
+    key,
+    ignore=None,
+    box_weights=(1.0, 1.0, 1.0, 1.0),
+    mask_eligible_gt=None,
+) -> dict:
+    """The anchor targets of an assignment (labels int32[T]: 1, 0 or -1 ignored; matched int32[T])
+    and the mask slots drawn from its positives, shared by the prototype-and-coefficient methods
+    (YOLACT, RDSNet): negatives inside ignore = (boxes, valid) become ignored; classes take C off
+    the positives; box targets are zero off them; masks_per_image slots are drawn at random
+    (key) from the positives whose ground truth mask_eligible_gt bool[N] allows (all by
+    default), the rest counted as overflow."""
+    if ignore is not None:
+        covered = ignore_mask(anchors, *ignore)
         labels = jnp.where((labels == 0) & covered, -1, labels)
     positive = labels == 1
-    classes = jnp.where(positive, gt_classes[matched], cfg.num_classes)
-    box_targets = ops.encode_boxes(gt_boxes[matched], anchors, BOX_WEIGHTS)
+    classes = jnp.where(positive, gt_classes[matched], num_classes)
+    box_targets = ops.encode_boxes(gt_boxes[matched], anchors, box_weights)
     box_targets = jnp.where(positive[:, None], box_targets, 0.0)
-    chosen, slot_valid, overflow = dense.budgeted_select(positive, cfg.masks_per_image, key)
+    eligible = positive if mask_eligible_gt is None else positive & mask_eligible_gt[matched]
+    chosen, slot_valid, overflow = dense.budgeted_select(eligible, masks_per_image, key)
     return {
         "labels": labels.astype(jnp.int32),
         "matched": matched,
@@ -393,7 +428,6 @@ def anchor_targets(
         "slot_valid": slot_valid,
         "positives": positive.sum().astype(jnp.int32),
         "overflow": overflow,
-        "gt_usable": usable,
     }
 
 
