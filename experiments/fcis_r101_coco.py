@@ -23,8 +23,8 @@ steps and weight decay 6.25e-5 = 5e-4 / 8 the same decay per step. FrozenBN ResN
 stem and res2 frozen (FIXED_PARAMS), res5 dilated at stride 16. The RPN trains on 256 anchors,
 proposals 6000 -> 300 at NMS 0.7; every proposal and ground truth is an RoI and OHEM keeps 128
 per image; k = 7, 21 x 21 masks; loss weights 1, 10, 1. Test: the 300 proposals and their
-regressed boxes scored (TEST.ITER 2), NMS 0.3 per class, 100 detections (methods/fcis.py lists
-what is not built: mask voting among others). The FCIS README reports 29.2 mask AP
+regressed boxes scored (TEST.ITER 2), NMS 0.3 per class, 100 detections, mask voting at 0.5
+(TEST.USE_MASK_MERGE; methods/fcis.py lists how it and the rest differ from the reference). The FCIS README reports 29.2 mask AP
 (mAP@[0.5:0.95]) on COCO test-dev for this recipe with OHEM (the survey's table: 29.2); this
 file has not reproduced it.
 `:smoke` shrinks everything to synthetic scenes for tests.

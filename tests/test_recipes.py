@@ -191,7 +191,7 @@ RECIPES = {
     # lr_step 5.33, warmup 250 steps at 0.00005, SCALES (600, 1000); ResNet-101 res5 dilated;
     # RPN 6000 -> 300 at 0.7, allowed border 0; BATCH_ROIS_OHEM 128, LOSS_WEIGHT (1, 10, 1),
     # BBOX_STDS (0.2, 0.2, 0.5, 0.5), MASK_SIZE 21 from 7 x 7 groups, BINARY_THRESH 0.4;
-    # TEST.ITER 2, NMS 0.3.
+    # TEST.ITER 2, NMS 0.3, USE_MASK_MERGE at 0.5 (config.py's MASK_MERGE_THRESH).
     "fcis_r101_coco": {
         "input.global_batch": 8,
         "input.short_side": (600,),
@@ -225,6 +225,9 @@ RECIPES = {
         "model.mask_threshold": 0.4,
         "model.test_box_refinement": True,
         "model.test_nms_threshold": 0.3,
+        "model.test_mask_voting": True,  # USE_MASK_MERGE, MASK_MERGE_THRESH, BINARY_THRESH
+        "model.test_mask_merge_threshold": 0.5,
+        "model.test_mask_binary_threshold": 0.4,
         "model.compute_dtype": "bfloat16",
     },
     # xieenze/PolarMask configs/polarmask/4gpu/polar_768_1x_r50.py: 4 GPUs x imgs_per_gpu 4,

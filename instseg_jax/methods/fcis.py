@@ -40,15 +40,32 @@ Reference: msracver/FCIS (MXNet). What is built, and where it comes from:
   candidates, each with its own class probabilities and masks, and the boxes reported are the
   candidate boxes themselves (the reference never applies the second regression); boxes under
   2 px are dropped (MIN_DROP_SIZE); per class scores above 0.001, NMS at 0.3, K kept.
+- Mask voting (TEST.USE_MASK_MERGE, true in the COCO recipe; model.test_mask_voting;
+  lib/mask/mask_transform.py cpu_mask_voting / mask_aggregation and gpu_mask_voting with
+  lib/mask/mv_kernel.cu, the one the recipe runs): for each kept detection of class c, every
+  candidate (all 2 x P, whatever their score) at box IoU >= 0.5 with it (MASK_MERGE_THRESH)
+  votes with weight its probability of c, the weights normalised to sum 1; each voter's mask,
+  resampled into its box (bilinear, edge cells held), is binarised at 0.4 (BINARY_THRESH) and
+  the weighted votes summed; the detection's box becomes the tight box of the sum >= 0.4, its
+  mask the sum resampled into that box at S x S; its score stays. A detection whose sum
+  reaches 0.4 nowhere is dropped (the GPU path drops the boxes it leaves degenerate).
 
 Deviations (static shapes, the library's conventions, and what is not built):
-- Mask voting (TEST.USE_MASK_MERGE: lib/mask/mask_transform.py gpu_mask_voting, which averages
-  each kept mask with the masks of every candidate overlapping it at 0.5, pasted at full image
-  resolution) is not built; inference is the reference's non-merging path (per-class NMS, the
-  kept candidate's own mask). The paste thresholds at 0.5 (the library's host-side paste), the
-  reference at 0.4 (BINARY_THRESH).
+- Mask voting sums the votes on a grid of test_mask_voting_grid^2 cells spanning the union of
+  the voters' boxes, not on the image's pixels, so the voted box and mask are resolved to a cell
+  (1/64 of that union at the default; below a pixel for boxes under 64 px); the voters' boxes
+  are not rounded to pixels. Only the test_mask_voters heaviest voters vote (their weights
+  normalised among themselves), the reference every candidate at IoU >= 0.5 however light.
+  The voters' masks are of the kept detection's class (below). The merged mask's resampling
+  follows the GPU kernel (mask_resize: bilinear on the whole map, reading the cells just
+  beyond the tight box), where the CPU path's cv2.resize of the crop holds the crop's edge
+  cells.
+- The library's host-side paste cuts masks at 0.5, the reference's at 0.4 (BINARY_THRESH,
+  lib/utils/mask_voc2coco.py mask_voc2coco); a voted mask is the weighted fraction of votes,
+  so a pixel where 40-50% of the weight voted inside is in the reference's mask, not in ours.
 - The kept detection's mask is that of its class; the reference's test graph picks the mask of
-  the RoI's highest-scoring class (Group_Pick Score_Pick) for every class's detection of it.
+  the RoI's highest-scoring class (Group_Pick Score_Pick) for every class's detection of it
+  (and for every vote it casts).
 - conv_new_1 learns at 3x the rate in the reference (CONVNEW3, lr_mult 3); here every
   parameter takes the optimizer's rate.
 - The RPN predicts one objectness logit per anchor (BCE), the reference a 2-way softmax; both
@@ -124,6 +141,15 @@ class FCISConfig(DetectorConfig):
     score_threshold: float = 1e-3  # pred_eval's thresh
     test_nms_threshold: float = 0.3  # TEST.NMS
     detections_per_image: int = 100
+    # TEST.USE_MASK_MERGE (true in the COCO recipe): each kept detection's box and mask become
+    # the vote of the candidates overlapping it (mask_voting); False: its own box and mask.
+    test_mask_voting: bool = True
+    test_mask_merge_threshold: float = 0.5  # TEST.MASK_MERGE_THRESH: a voter's box IoU, at least
+    test_mask_binary_threshold: float = 0.4  # BINARY_THRESH: the voters' masks and the vote's cut
+    test_mask_voters: int = 32  # the highest-weighted voters per detection (static shapes)
+    # Cells per side of the grid the votes are summed on, spanning the voters' boxes (the
+    # reference sums them on the image's pixels).
+    test_mask_voting_grid: int = 64
 
     COARSEST_LEVEL = ("res5", STRIDE)
 
@@ -143,6 +169,16 @@ class FCISConfig(DetectorConfig):
             raise config_lib.ConfigValueError(
                 f"model.ohem_rois must be >= 1 (RoIs per image that train), got {self.ohem_rois}"
             )
+        if self.test_mask_voters < 1 or self.test_mask_voting_grid < 2:
+            raise config_lib.ConfigValueError(
+                f"model.test_mask_voters ({self.test_mask_voters}) must be >= 1 and "
+                f"model.test_mask_voting_grid ({self.test_mask_voting_grid}) >= 2 (mask voting)"
+            )
+        for name in ("test_mask_merge_threshold", "test_mask_binary_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise config_lib.ConfigValueError(
+                    f"model.{name} must be in (0, 1], got {getattr(self, name)}"
+                )
 
 
 class RPNHead(nn.Module):
@@ -322,12 +358,19 @@ class FCIS(nn.Module):
 
         chosen, det_scores, det_classes, det_valid = jax.vmap(one_image)(scores, boxes)
         det_boxes = jnp.take_along_axis(boxes, chosen[..., None], axis=1)  # [B, K, 4]
+        if cfg.test_mask_voting:  # per image, so that nothing crosses chips
+            vote = lambda *image: mask_voting(*image, cfg=cfg)
+            det_boxes, masks, det_valid = jax.vmap(vote)(
+                det_boxes, det_classes, det_valid, boxes, valid, probs, pairs
+            )
+            det_scores = jnp.where(det_valid, det_scores, 0.0)
+        else:
+            det_pairs = jnp.take_along_axis(pairs, chosen[:, :, None, None, None, None], axis=1)
+            det_pairs = jnp.take_along_axis(
+                det_pairs, det_classes[:, :, None, None, None, None], axis=4
+            )[:, :, :, :, 0]  # [B, K, S, S, 2]
+            masks = jax.nn.softmax(det_pairs, axis=-1)[..., 1]
         det_boxes = jnp.where(det_valid[..., None], det_boxes, 0.0)
-        det_pairs = jnp.take_along_axis(pairs, chosen[:, :, None, None, None, None], axis=1)
-        det_pairs = jnp.take_along_axis(
-            det_pairs, det_classes[:, :, None, None, None, None], axis=4
-        )[:, :, :, :, 0]  # [B, K, S, S, 2]
-        masks = jax.nn.softmax(det_pairs, axis=-1)[..., 1]
         masks = jnp.where(det_valid[..., None, None], masks, 0.0)
         if batch.get("flipped") is not None:  # masks relative to the unmirrored boxes
             masks = ops.mirror_box_masks(masks, batch["flipped"])
@@ -338,6 +381,70 @@ class FCIS(nn.Module):
             "valid": det_valid,
             "masks": masks,
         }
+
+
+def mask_voting(kept_boxes, kept_classes, kept_valid, boxes, valid, probs, pairs, cfg):
+    """TEST.USE_MASK_MERGE for one image (module docstring, "Test" and "Deviations"): the voted
+    boxes float32[K, 4], masks float32[K, S, S] and validity bool[K] of the kept detections
+    (kept_boxes [K, 4], kept_classes int32[K], kept_valid bool[K]), from the Q candidates'
+    boxes [Q, 4], validity bool[Q], class probabilities [Q, C] and mask logit pairs
+    [Q, S, S, C + 1, 2] (outside, inside)."""
+    s, m = cfg.mask_size, cfg.test_mask_voting_grid
+    k, q = kept_boxes.shape[0], boxes.shape[0]
+    v = min(cfg.test_mask_voters, q)
+    # The voters: every candidate at box IoU >= the merge threshold, weighted by its
+    # probability of the kept detection's class; the v heaviest vote.
+    overlap = ops.box_iou(kept_boxes, boxes)  # [K, Q]
+    eligible = valid[None, :] & kept_valid[:, None] & (overlap >= cfg.test_mask_merge_threshold)
+    weight = jnp.where(eligible, jnp.take(probs, kept_classes, axis=1).T, 0.0)
+    weight, voter = ops.top_k(weight, v)  # [K, V]
+    votes = weight > 0
+    weight = weight / jnp.maximum(jnp.sum(weight, axis=1, keepdims=True), 1e-12)
+    voter_boxes = boxes[voter]  # [K, V, 4]
+    voter_pairs = pairs[voter, :, :, kept_classes[:, None], :]  # [K, V, S, S, 2]
+    voter_masks = jax.nn.softmax(voter_pairs, axis=-1)[..., 1]
+    # The frame: the union of the voters' boxes (the kept box alone where none votes).
+    lo = jnp.where(votes[..., None], voter_boxes[..., :2], jnp.inf).min(axis=1)
+    hi = jnp.where(votes[..., None], voter_boxes[..., 2:], -jnp.inf).max(axis=1)
+    any_vote = votes.any(axis=1)[:, None]
+    lo = jnp.where(any_vote, lo, kept_boxes[:, :2])
+    hi = jnp.where(any_vote, hi, kept_boxes[:, 2:])
+    cell = jnp.maximum(hi - lo, 1e-6) / m  # [K, 2] pixels per cell (x, y)
+    # Each voter's mask sampled at the frame's cell centres (cv2.resize's rule in the
+    # reference: bilinear, the mask's edge cells held up to the box's edge), zero outside its
+    # box, binarised.
+    side = jnp.maximum(voter_boxes[..., 2:] - voter_boxes[..., :2], 1e-6)  # [K, V, 2]
+    frame = jnp.concatenate([lo, hi], axis=-1)[:, None, :]  # [K, 1, 4]
+    origin = jnp.concatenate([voter_boxes[..., :2]] * 2, axis=-1)
+    in_mask = (frame - origin) * jnp.concatenate([s / side] * 2, axis=-1)  # [K, V, 4]
+    sampled = ops.roi_align(
+        voter_masks.reshape(k * v, s, s, 1),
+        in_mask.reshape(k * v, 1, 4),
+        m,
+        1.0,
+        sampling_ratio=1,
+        aligned=True,
+        method="einsum",
+    ).reshape(k, v, m, m)
+    centres = lo[:, None, :] + (jnp.arange(m, dtype=jnp.float32)[:, None] + 0.5) * cell[:, None]
+    inside = (centres[:, None] >= voter_boxes[:, :, None, :2]) & (
+        centres[:, None] < voter_boxes[:, :, None, 2:]
+    )  # [K, V, M, 2]: cell centre i within the voter's box along x, along y
+    binary = (sampled >= cfg.test_mask_binary_threshold) & (
+        inside[:, :, :, None, 1] & inside[:, :, None, :, 0]
+    )
+    merged = jnp.einsum("kv,kvyx->kyx", weight, binary.astype(jnp.float32))
+    # The vote's tight box (cells), and the merged map resampled into it at S x S (the
+    # reference's GPU kernel, mv_kernel.cu mask_resize: bilinear on the whole map, so the
+    # samples near the box's edge read the cells beyond it; zero beyond the frame).
+    above = merged >= cfg.test_mask_binary_threshold
+    tight = ops.masks_to_boxes(above)  # [K, 4] cells
+    padded = jnp.pad(merged, ((0, 0), (1, 1), (1, 1)))[..., None]
+    masks = ops.roi_align(
+        padded, tight[:, None, :] + 1.0, s, 1.0, sampling_ratio=1, aligned=True, method="einsum"
+    )[:, 0, :, :, 0]
+    voted_boxes = jnp.concatenate([lo, lo], axis=-1) + tight * jnp.concatenate([cell] * 2, -1)
+    return voted_boxes, masks, kept_valid & above.any(axis=(1, 2))
 
 
 def training_rois(outputs: dict, batch: dict, cfg: FCISConfig, key) -> dict:

@@ -233,7 +233,7 @@ def test_detect_scores_the_proposals_and_their_regressed_boxes_and_reports_the_c
     width to the right (clipped to the image). Both sets are candidates with the same scores;
     per class NMS at 0.3 keeps all four boxes, reported as the candidates themselves, with class
     0's masks sigmoid(4) and class 1's 0.5."""
-    cfg = dataclasses.replace(CFG, detections_per_image=10)
+    cfg = dataclasses.replace(CFG, detections_per_image=10, test_mask_voting=False)
     k, c = cfg.ps_group_size, cfg.num_classes
     cls_seg = np.zeros((1, 8, 8, k * k, c + 1, 2), np.float32)
     cls_seg[..., 0, 1] = 4.0
@@ -267,6 +267,212 @@ def test_detect_scores_the_proposals_and_their_regressed_boxes_and_reports_the_c
     sigmoid4 = 1.0 / (1.0 + np.exp(-4.0))
     np.testing.assert_allclose(det["masks"][0, :4], sigmoid4, rtol=1e-5)
     np.testing.assert_allclose(det["masks"][0, 4:8], 0.5, rtol=1e-5)
+
+
+def reference_resize(image, out_h, out_w, y0=0.0, x0=0.0, span_h=None, span_w=None):
+    """float64[out_h, out_w]: the span of `image` starting at (y0, x0) (default: all of it)
+    resampled bilinearly at the output's cell centres, the coordinates clamped into the image
+    (cv2.resize's INTER_LINEAR on a whole image; lib/mask/mv_kernel.cu bilinear_interpolate:
+    below 0 to 0, at or beyond the last cell onto it)."""
+    image = np.asarray(image, np.float64)
+    h, w = image.shape
+    span_h = h if span_h is None else span_h
+    span_w = w if span_w is None else span_w
+
+    def axis(start, span, out, size):
+        u = np.maximum(start + (np.arange(out) + 0.5) * span / out - 0.5, 0.0)
+        low = np.minimum(np.floor(u).astype(int), size - 1)
+        frac = np.where(low >= size - 1, 0.0, u - low)
+        return low, np.minimum(low + 1, size - 1), frac
+
+    ya, yb, fy = axis(y0, span_h, out_h, h)
+    xa, xb, fx = axis(x0, span_w, out_w, w)
+    top = image[ya][:, xa] * (1 - fx) + image[ya][:, xb] * fx
+    bottom = image[yb][:, xa] * (1 - fx) + image[yb][:, xb] * fx
+    return top * (1 - fy)[:, None] + bottom * fy[:, None]
+
+
+def reference_vote(kept_box, c, boxes, scores, masks, im_hw, merge=0.5, binary=0.4):
+    """One kept detection's (mask float64[S, S], box) by msracver/FCIS's mask voting, in the
+    reference's inclusive pixel boxes (x1, y1, x2, y2): lib/mask/mask_transform.py
+    cpu_mask_voting's loop over a class's kept boxes (lines 167-180: voters at box IoU >= merge,
+    weights their class-c scores normalised) and mask_aggregation (lines 95-125: each voter's
+    mask resized to its rounded box, binarised, weighted and summed on the image; the tight box
+    of the sum >= binary), the merged map resized into that box as the recipe's GPU path does
+    (lib/mask/mv_kernel.cu mask_resize, bilinear on the whole image map). boxes [Q, 4]
+    inclusive, scores [Q, C], masks [Q, C, S, S] (each candidate's mask of each class)."""
+    boxes = np.asarray(boxes, np.float64)
+    s = masks.shape[-1]
+    x1, y1, x2, y2 = (boxes[:, i] for i in range(4))
+    kx1, ky1, kx2, ky2 = kept_box
+    iw = np.clip(np.minimum(x2, kx2) - np.maximum(x1, kx1) + 1, 0, None)
+    ih = np.clip(np.minimum(y2, ky2) - np.maximum(y1, ky1) + 1, 0, None)
+    inter = iw * ih
+    union = (x2 - x1 + 1) * (y2 - y1 + 1) + (kx2 - kx1 + 1) * (ky2 - ky1 + 1) - inter
+    voters = np.flatnonzero(inter / union >= merge)
+    weights = scores[voters, c] / scores[voters, c].sum()
+    # (The test's scenes: no subset of the weights sums within 1e-3 of the cut, so float
+    # rounding cannot move a cell across it between the two encodings.)
+    sums = [weights[np.array(bits, bool)].sum() for bits in np.ndindex(*[2] * len(weights))]
+    assert np.abs(np.array(sums) - binary).min() > 1e-3
+    image = np.zeros(im_hw)
+    for j, weight in zip(voters, weights, strict=True):
+        bx1, by1, bx2, by2 = np.round(boxes[j]).astype(int)
+        resized = reference_resize(masks[j, c], by2 - by1 + 1, bx2 - bx1 + 1)
+        image[by1 : by2 + 1, bx1 : bx2 + 1] += (resized >= binary) * weight
+    rows, cols = np.nonzero(image >= binary)
+    box = (cols.min(), rows.min(), cols.max(), rows.max())
+    mask = reference_resize(image, s, s, box[1], box[0], box[3] - box[1] + 1, box[2] - box[0] + 1)
+    return mask, box
+
+
+def disc_mask(box, size, centre=(20.0, 20.0), radius=12.0, inside=0.9, outside=0.1):
+    """float32[size, size]: a candidate's mask in its box (x0, y0, x1, y1): `inside` at the cell
+    centres within the disc, `outside` elsewhere (values whose bilinear mixes never land on 0.4
+    for the integer boxes here)."""
+    x0, y0, x1, y1 = box
+    ys = y0 + (np.arange(size) + 0.5) * (y1 - y0) / size
+    xs = x0 + (np.arange(size) + 0.5) * (x1 - x0) / size
+    hit = (ys[:, None] - centre[1]) ** 2 + (xs[None, :] - centre[0]) ** 2 <= radius**2
+    return np.where(hit, inside, outside).astype(np.float32)
+
+
+# A 64 x 64 image: a disc (centre (20, 20), radius 12, tight box T) found by candidates T,
+# two partial ones (A, B) and a box P over its top 14 rows whose mask claims all of P (the
+# over-fitted model's failure), the highest-scoring; L alone elsewhere; X overlapping P below
+# the merge threshold; a dropped slot. Boxes continuous (x0, y0, x1, y1), integer. Class 1:
+# smaller scores, masks filled on the left half of each box.
+VOTE_BOXES = np.array(
+    [
+        [8, 8, 32, 32],  # T
+        [8, 8, 28, 30],  # A: IoU 0.76 with T, 0.56 with P
+        [10, 8, 32, 26],  # B
+        [8, 8, 32, 22],  # P: IoU 0.58 with T
+        [36, 36, 60, 60],  # L
+        [20, 20, 44, 44],  # X
+        [0, 0, 30, 30],  # dropped (MIN_DROP_SIZE or padding)
+    ],
+    np.float32,
+)
+VOTE_VALID = np.array([True] * 6 + [False])
+VOTE_SCORES = np.array(
+    [[0.9, 0.3], [0.6, 0.05], [0.7, 0.2], [0.99, 0.1], [0.8, 0.01], [0.95, 0.01], [0.99, 0.5]],
+    np.float32,
+)
+# Kept detections (as the NMS would leave them): P and L of class 0, T of class 1, an empty slot.
+KEPT = np.array([3, 4, 0, 0])
+KEPT_CLASSES = np.array([0, 0, 1, 0], np.int32)
+KEPT_VALID = np.array([True, True, True, False])
+VOTE_SIZE = 8
+
+
+def vote_masks():
+    """float32[Q, C, S, S] candidate masks of VOTE_BOXES (module comment above)."""
+    s = VOTE_SIZE
+    masks = np.zeros((len(VOTE_BOXES), 2, s, s), np.float32)
+    for q, box in enumerate(VOTE_BOXES):
+        masks[q, 0] = disc_mask(box, s)
+        masks[q, 1] = 0.1
+        masks[q, 1, :, : s // 2] = 0.9
+    masks[3, 0] = 0.9  # P claims its whole box
+    masks[4, 0] = np.triu(np.full((s, s), 0.8)) + 0.1  # L: a triangle
+    return masks
+
+
+def run_vote(cfg):
+    """mask_voting (jitted alone) of the scene above: (boxes, masks, valid) as NumPy."""
+    probs = np.clip(vote_masks(), 1e-6, 1 - 1e-6).transpose(0, 2, 3, 1)  # [Q, S, S, C]
+    pairs = np.zeros(probs.shape[:3] + (3, 2), np.float32)  # background pair (0, 0)
+    pairs[..., :2, 1] = np.log(probs / (1 - probs))  # softmax((0, logit p)) = (1 - p, p)
+    vote = jax.jit(lambda *a: fcis.mask_voting(*a, cfg=cfg))
+    out = vote(
+        jnp.asarray(VOTE_BOXES[KEPT]),
+        jnp.asarray(KEPT_CLASSES),
+        jnp.asarray(KEPT_VALID),
+        jnp.asarray(VOTE_BOXES),
+        jnp.asarray(VOTE_VALID),
+        jnp.asarray(VOTE_SCORES),
+        jnp.asarray(pairs),
+    )
+    return jax.tree.map(np.asarray, out)
+
+
+def reference_paste(mask, box, hw, threshold=0.4):
+    """bool[H, W]: lib/utils/mask_voc2coco.py mask_voc2coco's paste of one mask at its
+    inclusive box (resized to the rounded box, >= BINARY_THRESH)."""
+    out = np.zeros(hw, bool)
+    x1, y1, x2, y2 = np.round(box).astype(int)
+    out[y1 : y2 + 1, x1 : x2 + 1] = reference_resize(mask, y2 - y1 + 1, x2 - x1 + 1) >= threshold
+    return out
+
+
+def reference_votes():
+    """The reference's (mask, inclusive box) of each valid kept detection of the scene."""
+    valid = np.flatnonzero(VOTE_VALID)
+    inclusive = VOTE_BOXES[valid] - np.array([0, 0, 1, 1], np.float32)
+    masks = vote_masks()[valid]
+    scores = VOTE_SCORES[valid]
+    out = []
+    for k in np.flatnonzero(KEPT_VALID):
+        kept = VOTE_BOXES[KEPT[k]] - np.array([0, 0, 1, 1], np.float32)
+        out.append(reference_vote(kept, KEPT_CLASSES[k], inclusive, scores, masks, (64, 64)))
+    return out
+
+
+def test_mask_voting_is_the_reference_vote_on_a_pixel_grid():
+    """With one grid cell per pixel (the voters' union is 24 x 24 px for every detection here,
+    the grid 24 x 24) the voted boxes and masks are the reference's (reference_vote: FCIS's
+    cpu_mask_voting / mask_aggregation, the GPU path's final resize); an empty kept slot stays
+    invalid; at a coarser grid (2 px cells) the boxes stay within a cell and the pasted masks
+    agree."""
+    want = reference_votes()
+    cfg = dataclasses.replace(
+        CFG, mask_size=VOTE_SIZE, test_mask_voters=8, test_mask_voting_grid=24
+    )
+    boxes, masks, valid = run_vote(cfg)
+    assert valid.tolist() == KEPT_VALID.tolist()
+    for k, (want_mask, want_box) in enumerate(want):
+        np.testing.assert_allclose(boxes[k], np.add(want_box, [0, 0, 1, 1]), atol=1e-4)
+        np.testing.assert_allclose(masks[k], want_mask, atol=1e-5)
+    # P's vote is not P: the tight voters moved its box (the over-fitting miss's remedy).
+    assert not np.allclose(boxes[0], VOTE_BOXES[3], atol=1.0)
+
+    coarse = dataclasses.replace(cfg, test_mask_voting_grid=12)
+    boxes, masks, valid = run_vote(coarse)
+    assert valid.tolist() == KEPT_VALID.tolist()
+    for k, (want_mask, want_box) in enumerate(want):
+        assert np.abs(boxes[k] - np.add(want_box, [0, 0, 1, 1])).max() <= 2.0 + 1e-4
+        got = reference_paste(masks[k], boxes[k] - np.array([0, 0, 1, 1]), (64, 64))
+        ref = reference_paste(want_mask, want_box, (64, 64))
+        assert (got & ref).sum() / (got | ref).sum() >= 0.85, k
+
+
+def test_mask_voting_pulls_a_partial_box_toward_the_tight_voters():
+    """P (the top 14 rows of the disc, score 0.99, its mask all inside) wins the NMS; without
+    voting its box and mask are P's own, box IoU 0.58 with the disc's; with voting the region
+    only P claims carries 31% of the weight, under the 0.4 cut, and the tight voters extend the
+    box down the disc: the voted box and pasted mask are far closer to the disc's."""
+    cfg = dataclasses.replace(
+        CFG, mask_size=VOTE_SIZE, test_mask_voters=8, test_mask_voting_grid=24
+    )
+    boxes, masks, _ = run_vote(cfg)
+    disc = np.zeros((64, 64), bool)
+    yy, xx = np.mgrid[:64, :64] + 0.5
+    disc[(yy - 20) ** 2 + (xx - 20) ** 2 <= 144] = True
+    truth = np.array([[8, 8, 32, 32]], np.float32)
+
+    def mask_iou(mask, box, threshold):
+        pasted = reference_paste(mask, box - np.array([0, 0, 1, 1]), (64, 64), threshold)
+        return (pasted & disc).sum() / (pasted | disc).sum()
+
+    own_box, own_mask = VOTE_BOXES[3], vote_masks()[3, 0]
+    assert iou(own_box[None], truth)[0, 0] < 0.6
+    assert iou(boxes[:1], truth)[0, 0] > 0.9
+    # Pasted at the reference's 0.4 (measured 0.87 voted, 0.53 P's own) and at the library's
+    # 0.5, which drops the rows where only T and A (47% of the weight) voted (0.81).
+    assert mask_iou(own_mask, own_box, 0.4) < 0.6
+    assert mask_iou(masks[0], boxes[0], 0.4) > 0.85
+    assert mask_iou(masks[0], boxes[0], 0.5) > 0.8
 
 
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
