@@ -120,6 +120,11 @@ def test_bias_gradient_is_float32_sum():
     gb = jax.grad(lambda b: jnp.sum(mixed_precision.add_bias(y, b).astype(jnp.float32) * cot))(bias)
     assert gb.dtype == jnp.float32
     assert _relative(gb, _bf16_as_f64(cot).sum(axis=(0, 1))) < 1e-6
+    # float32 compute: the plain sum, in float32
+    y32 = y.astype(jnp.float32)
+    gb = jax.grad(lambda b: jnp.sum(mixed_precision.add_bias(y32, b) * cot))(bias)
+    assert gb.dtype == jnp.float32
+    assert _relative(gb, np.asarray(cot, np.float64).sum(axis=(0, 1))) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["dense", "conv", "contract"])
@@ -141,7 +146,11 @@ def test_float32_compute_is_the_plain_operation(name):
         got = mixed_precision.contract("nhwc,abco->nhwabo", x, k, jnp.float32)
         want = jnp.einsum("nhwc,abco->nhwabo", x, k)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    assert "custom_vjp" not in str(jax.make_jaxpr(lambda a: jnp.sum(a))(x))
+    op = {"dense": mixed_precision.dense, "conv": mixed_precision.conv}.get(name)
+    if op is not None:
+        kwargs = {"padding": ((1, 1), (1, 1))} if name == "conv" else {}
+        jaxpr = str(jax.make_jaxpr(lambda a, b: op(a, b, jnp.float32, **kwargs))(x, k))
+        assert "custom_vjp" not in jaxpr
 
 
 def test_every_weight_layer_goes_through_mixed_precision():
@@ -160,3 +169,39 @@ def test_every_weight_layer_goes_through_mixed_precision():
         if any(call in line for call in ("nn.Dense(", "nn.Conv(", "conv_general_dilated("))
     ]
     assert not found, f"use nn/layers.py's Dense / Conv (ops/mixed_precision.py) at {found}"
+
+
+@pytest.mark.slow
+@pytest.mark.tpu
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("libtpu") is None,
+    reason="needs libtpu: make tpu-env, then make test-tpu",
+)
+def test_bias_gradient_all_reduces_only_the_bias_on_tpu():
+    """An anchor head's bias (RetinaNet-style: [B, H, W, A x C] viewed as [B, H x W x A, C],
+    levels concatenated) trained data-parallel on v5e:2x2: the plain `y + bias` has XLA:TPU
+    all-reduce the batch-summed cotangent, H x W x A x C values per level; add_bias moves only
+    the bias's C values (XLA:CPU does not make that rewrite, hence a TPU test)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from instseg_jax import aot, hlo_collectives
+
+    aot.prepare_host("v5e:2x2")
+    mesh = Mesh(np.array(aot.target_devices("v5e:2x2").devices), ("data",))
+    data, whole = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    levels = [jax.ShapeDtypeStruct((8, s, s, 3 * 5), BF16, sharding=data) for s in (32, 16)]
+    bias = jax.ShapeDtypeStruct((15,), jnp.float32, sharding=whole)
+
+    def all_reduced_bytes(add):
+        def loss(b, maps):
+            flat = jnp.concatenate([add(m, b).reshape(8, -1, 5) for m in maps], axis=1)
+            return jnp.mean(jax.nn.sigmoid(flat.astype(jnp.float32)) * flat)
+
+        step = jax.jit(jax.grad(loss), out_shardings=whole)
+        found = hlo_collectives.collectives(step.lower(bias, levels).compile().as_text())
+        return hlo_collectives.summary(found)["all-reduce"]["bytes"]
+
+    plain = all_reduced_bytes(lambda m, b: m + b.astype(m.dtype))
+    wrapped = all_reduced_bytes(mixed_precision.add_bias)
+    assert wrapped <= 2 * 15 * 4  # the bias's sums (once per level at most)
+    assert plain > 100 * wrapped  # the rewrite this guards against, still in this XLA
