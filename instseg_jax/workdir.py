@@ -7,6 +7,7 @@ evaluate, predict and demo read one back; import-weights writes one a training r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -85,6 +86,7 @@ def restore_variables(
             "`instseg-jax import-weights`"
         )
     config = config_lib.from_json(workdir / CONFIG_FILE, lock=False)
+    add_new_model_fields(config, workdir / CONFIG_FILE)
     for override in overrides:
         config_lib.apply_override(config, override)
     if overrides:  # checked as train checks its own
@@ -116,6 +118,23 @@ def restore_variables(
             config.optim.get("ema_decay", "?"),
         )
     return config, {"params": params, "frozen": state.get("frozen", {})}, step
+
+
+def add_new_model_fields(config: ml_collections.ConfigDict, source) -> list[str]:
+    """Give a config.json written before its method gained a model field (FCIS's
+    model.test_mask_voting) that field's default, the value the method's Config takes for it
+    anyway, so that `--config.model.FIELD=VALUE` can override it; the fields added, logged."""
+    added = []
+    if config.get("model") is None or not config.get("method"):  # nothing to complete
+        return added
+    for field in dataclasses.fields(builders.method(config).Config):
+        known = field.name in config.model or field.name in ("num_classes", "canvas_hw")
+        if not known and field.default is not dataclasses.MISSING:
+            config.model[field.name] = field.default
+            added.append(field.name)
+    if added:
+        log.info("%s predates model fields %s: their defaults apply", source, ", ".join(added))
+    return added
 
 
 def check_resumable(config, ckpt, step: int, config_shapes: dict) -> None:

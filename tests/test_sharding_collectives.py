@@ -11,9 +11,14 @@ process: 15-30 minutes cold, about 3 warm.
 
 On CPU a weight shared by several pyramid levels (the RPN head, the FCOS-family towers) has its
 gradient all-reduced once per level: XLA's CPU pipeline does not reassociate the sum of the
-levels' all-reduces as its TPU pipeline does (a v5e compile of the FCOS smoke step
-all-reduces 3.17 MB for 3.18 MB of parameters; 3.80 MB here). Such duplicates are allowed
-here; anything all-reduced that is not of a parameter's size counts against SCALAR_BYTES.
+levels' all-reduces (a v5e compile of the FCOS smoke step does: 3.17 MB for 3.18 MB of
+parameters; 3.80 MB here). XLA:TPU did not for bfloat16 gradients either (the FCOS COCO
+recipe's v5e:2x2 step all-reduced 51 copies of its 19 [3, 3, 256, 256] kernels); with float32
+gradients (ops/mixed_precision.py) it does (RDSNet's: 27 copies of its 27). Such duplicates
+are allowed here; anything all-reduced that is not of a parameter's size counts against
+SCALAR_BYTES. (An activation-sized all-reduce that only XLA:TPU makes, the batch-summed
+cotangent of an anchor head's bias, is guarded by tests/ops/test_mixed_precision.py's TPU
+test.)
 """
 
 import json

@@ -376,3 +376,25 @@ def test_the_ap_plot_is_matplotlibs_with_axes_and_the_runs_name(tmp_path):
     assert picture.size == (640, 400)
     assert picture.info["Software"].startswith("Matplotlib")  # axes, ticks and labels drawn
     assert picture.info["Title"] == "fruit_run: evaluation AP versus training step"
+
+
+def test_a_workdir_older_than_a_model_field_takes_its_override(tmp_path, caplog):
+    """eval/predict on a config.json written before the method gained a field (FCIS's
+    model.test_mask_voting came after its first runs): the field gets the default the method
+    would use, and `--config.model.FIELD=VALUE` overrides it instead of being refused."""
+    from instseg_jax import workdir as workdir_lib
+
+    config = config_lib.load("tests/methods/toy_canvas.py:smoke")
+    path = workdir_lib.save_config(config, tmp_path)
+    document = json.loads(path.read_text())
+    del document["model"]["score_threshold"]
+    path.write_text(json.dumps(document))
+    old = config_lib.from_json(path, lock=False)
+    with pytest.raises(config_lib.ConfigKeyError):
+        config_lib.apply_override(old, "model.score_threshold=0.5")
+    with caplog.at_level(logging.INFO):
+        assert workdir_lib.add_new_model_fields(old, path) == ["score_threshold"]
+    assert old.model.score_threshold == 0.05  # toy_canvas.Config's default
+    config_lib.apply_override(old, "model.score_threshold=0.5")
+    assert old.model.score_threshold == 0.5
+    assert "predates model fields score_threshold" in caplog.text
