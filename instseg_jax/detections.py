@@ -16,7 +16,8 @@ Both payloads use one separable bilinear resampler (two taps per axis):
                 crop cut off the canvas stay 0. The taps are computed once per image and
                 shared by its K masks.
   polygons      rasterised by pycocotools within each polygon's box (`polygon_region`)
-Foreground is value >= 0.5.
+Foreground is value >= 0.5; a box-relative mask's cut is its method's (`paste_threshold`,
+builders.paste_threshold: 0.5 unless the method config's mask_paste_threshold says otherwise).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def _resample(grid: np.ndarray, y_taps, x_taps) -> np.ndarray:
     return rows[:, x0] * wx0[None, :] + rows[:, x1] * wx1[None, :]  # [Y, X]
 
 
-def paste_box_mask(mask: np.ndarray, box, image_hw):
+def paste_box_mask(mask: np.ndarray, box, image_hw, threshold: float = 0.5):
     """(bool[h, w] region, top, left): a box-relative mask[M, M] of probabilities pasted into
-    box (xyxy, image pixels), over the rows and columns it can reach."""
+    box (xyxy, image pixels), over the rows and columns it can reach; foreground is value >=
+    threshold."""
     height, width = (int(v) for v in image_hw)
     side_y, side_x = mask.shape
     x0, y0, x1, y1 = (np.float32(v) for v in box)
@@ -80,7 +82,7 @@ def paste_box_mask(mask: np.ndarray, box, image_hw):
     u_y = (ys - y0) / box_h * np.float32(side_y) - np.float32(0.5)
     u_x = (xs - x0) / box_w * np.float32(side_x) - np.float32(0.5)
     values = _resample(np.asarray(mask, np.float32), _taps(u_y, side_y), _taps(u_x, side_x))
-    return values >= 0.5, top, left
+    return values >= np.float32(threshold), top, left
 
 
 class CanvasResampler:
@@ -140,10 +142,10 @@ def encode_region(region: np.ndarray, top: int, left: int, buffer: np.ndarray) -
     return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
 
 
-def paste_box_mask_torchvision(mask: np.ndarray, box, image_hw):
+def paste_box_mask_torchvision(mask: np.ndarray, box, image_hw, threshold: float = 0.5):
     """As paste_box_mask, by torchvision's paste_masks_in_image (the torchvision preset):
     (bool[h, w] region, top, left) of one mask[M, M] of probabilities pasted with padding 1 into
-    box (xyxy, original pixels), thresholded at 0.5.
+    box (xyxy, original pixels), foreground above threshold (torchvision's > 0.5).
 
     The mask grows by one zero cell per side and its box by (M + 2) / M about its centre; the
     box is truncated to integers and the mask resized bilinearly to (y1 - y0 + 1, x1 - x0 + 1)
@@ -167,7 +169,7 @@ def paste_box_mask_torchvision(mask: np.ndarray, box, image_hw):
     if right <= left or bottom <= top:
         return np.zeros((0, 0), bool), 0, 0
     resized = resize_bilinear(padded, (h, w))
-    return resized[top - y0 : bottom - y0, left - x0 : right - x0] > 0.5, top, left
+    return resized[top - y0 : bottom - y0, left - x0 : right - x0] > threshold, top, left
 
 
 PASTE_RULES = {"detectron2": paste_box_mask, "torchvision": paste_box_mask_torchvision}
@@ -272,10 +274,12 @@ def image_instances(
     geometry: ImageGeometry,
     paste_rule: str = "detectron2",
     min_score: float | None = None,
+    paste_threshold: float = 0.5,
 ):
     """Per valid detection of image b (with score >= min_score when given), in slot order:
     dict(box xyxy original pixels, score, class, region bool[h, w] or None, top, left). Boxes
-    of methods without them come from the pasted masks."""
+    of methods without them come from the pasted masks. paste_rule and paste_threshold: how
+    box-relative masks are pasted and cut (builders.paste_rule, builders.paste_threshold)."""
     scores = np.asarray(detections["scores"][b])
     wanted = np.asarray(detections["valid"][b])
     if min_score is not None:
@@ -293,7 +297,7 @@ def image_instances(
         region, top, left = None, 0, 0
         if payload == "masks":
             region, top, left = paste(
-                np.asarray(detections["masks"][b, k]), boxes[k], geometry.orig_hw
+                np.asarray(detections["masks"][b, k]), boxes[k], geometry.orig_hw, paste_threshold
             )
         elif payload == "canvas_masks":
             region, top, left = resampler.region(np.asarray(detections["canvas_masks"][b, k]))
@@ -373,12 +377,18 @@ def image_results(instances, image_id: int, orig_hw, category_ids) -> list[dict]
 
 
 def detections_to_results(
-    detections: dict, batch: dict, category_ids, paste_rule: str = "detectron2"
+    detections: dict,
+    batch: dict,
+    category_ids,
+    paste_rule: str = "detectron2",
+    paste_threshold: float = 0.5,
 ) -> list[dict]:
     """COCO results of one batch of host detections; padding examples and slots never reach
     them. batch: the host Batch the detections came from (image_id, example_valid, geometry)."""
     results = []
     for b, image_id, geometry in batch_examples(batch):
-        instances = image_instances(detections, b, geometry, paste_rule)
+        instances = image_instances(
+            detections, b, geometry, paste_rule, paste_threshold=paste_threshold
+        )
         results += image_results(instances, image_id, geometry.orig_hw, category_ids)
     return results

@@ -63,7 +63,7 @@ OUTPUT_MEANINGS = {
     "classes": "class index in [0, C): classes.category_ids / class_names",
     "valid": "a real detection (True) or a padding slot; valid slots come first",
     "masks": "box-relative mask probabilities, resampled bilinearly into each box at the "
-    "original size and thresholded at 0.5 (mask_paste)",
+    "original size and cut at mask_paste_threshold (mask_paste)",
     "canvas_masks": "mask probabilities on the canvas at stride canvas_h / H_s: undo the "
     "stride and the padding, then the resize; threshold at 0.5",
     "polygons": "(x, y) vertices in original image pixels",
@@ -207,6 +207,7 @@ def describe(config, exported, step: int, class_map, platforms, workdir) -> dict
             for k, v in outputs_tree.items()
         },
         "mask_paste": builders.paste_rule(model_cfg),
+        "mask_paste_threshold": builders.paste_threshold(model_cfg),
         "score_threshold": config.model.get("score_threshold"),
         "preprocessing": preprocessing(config),
         "classes": {"category_ids": list(class_map[0]), "class_names": list(class_map[1])},

@@ -155,6 +155,7 @@ def predict(
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = builders.model_config(config, len(class_names))
     paste_rule = builders.paste_rule(model_cfg)
+    paste_threshold = builders.paste_threshold(model_cfg)
     skeleton = ()
     if config.input.get("keypoints"):
         from instseg_jax.input.keypoints import keypoint_set
@@ -175,7 +176,12 @@ def predict(
                 )
             else:
                 instances = detections.image_instances(
-                    found, b, geometry, paste_rule, min_score=score_threshold
+                    found,
+                    b,
+                    geometry,
+                    paste_rule,
+                    min_score=score_threshold,
+                    paste_threshold=paste_threshold,
                 )
             _write(path, out, geometry.orig_hw, instances, class_names, skeleton, panoptic_map)
             written += 1
@@ -205,7 +211,12 @@ def _panoptic(found, b, geometry, paste_rule, cfg, class_map, stuff_map):
             "training: add them to classes.json"
         )
     instances = detections.image_instances(
-        found, b, geometry, paste_rule, min_score=cfg.combine_score
+        found,
+        b,
+        geometry,
+        paste_rule,
+        min_score=cfg.combine_score,
+        paste_threshold=builders.paste_threshold(cfg),
     )
     ids, segments = panoptic.predicted_map(
         instances, found["semantic_classes"][b], geometry, class_map[0], stuff_map[0], cfg

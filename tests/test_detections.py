@@ -252,3 +252,65 @@ def test_host_side_compiles_nothing_for_new_image_sizes():
         }
         assert len(detections.detections_to_results(found, batch, [1])) == k
     assert compiled == []
+
+
+def test_paste_threshold_is_the_method_configs_choice():
+    """A box-relative mask of probabilities 0.30-0.62 pasted by detections_to_results at the cut
+    builders.paste_threshold reads from each method config: FCIS's keeps the pixels >= 0.4, its
+    reference's rule (lib/utils/mask_voc2coco.py mask_voc2coco, line 51: `pred_mask >=
+    binary_thresh`, BINARY_THRESH 0.4 in fcis/config/config.py); a config without the
+    mask_paste_threshold field (Mask R-CNN's) keeps those >= 0.5, as before the field existed.
+
+    Expected pixels: the mask evaluated in float64 at each pixel centre as a sum of tent weights
+    max(0, 1 - |u - i|) over its cells (bilinear with zero beyond the mask, the paste rule of
+    detectron2's paste_masks_in_image), cut in NumPy."""
+    from instseg_jax import builders
+    from instseg_jax.methods import fcis, mask_rcnn
+
+    side, hw = 7, (48, 56)
+    cells = np.arange(side)
+    mask = 0.30 + 0.32 * (cells[:, None] + cells[None, :]) / (2 * (side - 1))
+    box = np.array([6.2, 4.6, 40.3, 37.7])  # xyxy
+    found = {
+        "boxes": box[None, None].astype(np.float32),
+        "scores": np.ones((1, 1), np.float32),
+        "classes": np.zeros((1, 1), np.int32),
+        "valid": np.ones((1, 1), bool),
+        "masks": mask[None, None].astype(np.float32),
+    }
+    batch = {
+        "image": np.zeros((1, 64, 64, 3), np.uint8),
+        "image_id": np.array([3]),
+        "example_valid": np.array([True]),
+        "orig_hw": np.array([hw]),
+        "image_hw": np.array([hw]),
+        "scale": np.ones(1, np.float32),
+        "crop_offset": np.zeros((1, 2), np.int32),
+    }
+
+    def tent_weights(centres, lo, hi):
+        u = (centres - lo) / (hi - lo) * side - 0.5
+        return np.maximum(0.0, 1.0 - np.abs(u[:, None] - cells[None, :]))
+
+    weights_y = tent_weights(np.arange(hw[0]) + 0.5, box[1], box[3])
+    weights_x = tent_weights(np.arange(hw[1]) + 0.5, box[0], box[2])
+    values = weights_y @ mask @ weights_x.T  # [H, W] float64
+
+    fcis_cfg = fcis.Config(num_classes=3)
+    mask_rcnn_cfg = mask_rcnn.Config(num_classes=3)
+    assert not hasattr(mask_rcnn_cfg, "mask_paste_threshold")
+    pasted = {}
+    for name, cfg, cut in (("fcis", fcis_cfg, 0.4), ("mask_rcnn", mask_rcnn_cfg, 0.5)):
+        # No pixel within float32 rounding of the cut: the comparison is exact either way.
+        assert np.abs(values - cut).min() > 1e-4
+        (result,) = detections.detections_to_results(
+            found, batch, [1], builders.paste_rule(cfg), builders.paste_threshold(cfg)
+        )
+        segmentation = dict(result["segmentation"])
+        segmentation["counts"] = segmentation["counts"].encode("ascii")
+        pasted[name] = mask_utils.decode(segmentation).astype(bool)
+        np.testing.assert_array_equal(pasted[name], values >= cut, err_msg=name)
+    # The soft band [0.4, 0.5) is in FCIS's mask and not in the default one.
+    band = pasted["fcis"] & ~pasted["mask_rcnn"]
+    assert band.sum() > 100 and (pasted["mask_rcnn"] <= pasted["fcis"]).all()
+    assert ((values[band] >= 0.4) & (values[band] < 0.5)).all()

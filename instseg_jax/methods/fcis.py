@@ -60,9 +60,12 @@ Deviations (static shapes, the library's conventions, and what is not built):
   follows the GPU kernel (mask_resize: bilinear on the whole map, reading the cells just
   beyond the tight box), where the CPU path's cv2.resize of the crop holds the crop's edge
   cells.
-- The library's host-side paste cuts masks at 0.5, the reference's at 0.4 (BINARY_THRESH,
-  lib/utils/mask_voc2coco.py mask_voc2coco); a voted mask is the weighted fraction of votes,
-  so a pixel where 40-50% of the weight voted inside is in the reference's mask, not in ours.
+- The host-side paste cuts each box-relative mask at mask_paste_threshold 0.4, the reference's
+  BINARY_THRESH (lib/utils/mask_voc2coco.py mask_voc2coco, line 51: pred_mask >=
+  binary_thresh), so a voted pixel where 40-50% of the weight voted inside is kept as there; the
+  mask is resampled bilinearly into the unrounded box at pixel centres (detections.py), where
+  the reference cv2.resizes it to the rounded box's pixels, both ends included, holding its
+  edge cells where ours fades out across the box border.
 - The kept detection's mask is that of its class; the reference's test graph picks the mask of
   the RoI's highest-scoring class (Group_Pick Score_Pick) for every class's detection of it
   (and for every vote it casts).
@@ -150,6 +153,10 @@ class FCISConfig(DetectorConfig):
     # Cells per side of the grid the votes are summed on, spanning the voters' boxes (the
     # reference sums them on the image's pixels).
     test_mask_voting_grid: int = 64
+    # Where the host-side paste cuts each pasted mask (builders.paste_threshold; the library's
+    # default is 0.5): BINARY_THRESH 0.4 (fcis/config/config.py line 27), applied as
+    # pred_mask >= binary_thresh in lib/utils/mask_voc2coco.py mask_voc2coco (line 51).
+    mask_paste_threshold: float = 0.4
 
     COARSEST_LEVEL = ("res5", STRIDE)
 
@@ -174,7 +181,11 @@ class FCISConfig(DetectorConfig):
                 f"model.test_mask_voters ({self.test_mask_voters}) must be >= 1 and "
                 f"model.test_mask_voting_grid ({self.test_mask_voting_grid}) >= 2 (mask voting)"
             )
-        for name in ("test_mask_merge_threshold", "test_mask_binary_threshold"):
+        for name in (
+            "test_mask_merge_threshold",
+            "test_mask_binary_threshold",
+            "mask_paste_threshold",
+        ):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise config_lib.ConfigValueError(
                     f"model.{name} must be in (0, 1], got {getattr(self, name)}"
