@@ -54,6 +54,7 @@ import numpy as np
 
 from instseg_jax import builders, compilation, hlo_collectives, rng, sharding
 from instseg_jax import config as config_lib
+from instseg_jax import workdir as workdir_lib
 from instseg_jax.config import UserError
 from instseg_jax.input.pipeline import padding_example
 
@@ -440,7 +441,9 @@ def compile_experiment(
     """The compile report of an experiment on a target (see the module docstring)."""
     if per_chip_batch < 1:
         raise UserError(f"--per-chip-batch {per_chip_batch}: give at least 1")
-    config = config_lib.load(spec, list(overrides))
+    config = config_lib.load(
+        spec, list(overrides), complete_record=workdir_lib.add_new_model_fields
+    )
     target = target_devices(target_name)
     classes, classes_from = number_of_classes(config, num_classes)
     chips = len(target.devices)

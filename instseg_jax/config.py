@@ -49,12 +49,16 @@ def check_choice(field: str, value, choices: tuple[str, ...]) -> None:
 COCO_EVALUATORS = ("hotcoco", "pycocotools")
 
 
-def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+def load(
+    spec: str, overrides: list[str] | tuple[str, ...] = (), complete_record=None
+) -> ml_collections.ConfigDict:
     """Config of ``path/to/experiment.py[:arg]`` with dotted overrides ``a.b=value`` applied.
 
     The experiment module defines get_config(arg) -> ConfigDict. Overrides must name existing
     fields; a string field takes the text as it is, other values are parsed as Python literals
-    and must keep the field's type.
+    and must keep the field's type. complete_record(config, path), when given, adds to a
+    workdir's config.json the method fields added since it was written, before the overrides
+    (workdir.add_new_model_fields: the method table lies above this module).
     """
     # ml_collections' config_flags loads the same "file.py:arg" specs, but only while absl
     # parses the whole command line (ours is argparse), through the deprecated load_module under
@@ -71,6 +75,9 @@ def load(spec: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collectio
             raise ConfigValueError(f"--config {spec}: a config.json takes no ':{arg}'")
         config = from_json(file)
         _add_new_trainer_fields(config)
+        if complete_record is not None:
+            with config.unlocked():
+                complete_record(config, file)
     elif file.suffix == ".py":
         config = _from_experiment(file, arg)
     else:

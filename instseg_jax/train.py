@@ -824,7 +824,9 @@ def periodic_eval(config, state, workdir: Path, step: int, best: dict, pipeline)
 
 
 def main(args) -> int:
-    config = config_lib.load(args.config, args.overrides)
+    config = config_lib.load(
+        args.config, args.overrides, complete_record=workdir_lib.add_new_model_fields
+    )
     try:
         train(config, args.workdir, max_steps=args.max_steps)
     except TrainingStopped as stopped:

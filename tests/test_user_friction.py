@@ -398,3 +398,12 @@ def test_a_workdir_older_than_a_model_field_takes_its_override(tmp_path, caplog)
     config_lib.apply_override(old, "model.score_threshold=0.5")
     assert old.model.score_threshold == 0.5
     assert "predates model fields score_threshold" in caplog.text
+    # `train --config WORKDIR --config.model.FIELD=VALUE` (and `compile`) load it the same way.
+    with pytest.raises(config_lib.ConfigKeyError):
+        config_lib.load(str(tmp_path), ["--config.model.score_threshold=0.5"])
+    loaded = config_lib.load(
+        str(tmp_path),
+        ["--config.model.score_threshold=0.5"],
+        complete_record=workdir_lib.add_new_model_fields,
+    )
+    assert loaded.model.score_threshold == 0.5 and loaded.is_locked
