@@ -16,6 +16,7 @@ import numpy as np
 from instseg_jax import methods
 from instseg_jax.backbones.resnet import IMAGENET_MEAN
 from instseg_jax.config import ConfigValueError
+from instseg_jax.detections import MaskPaste
 from instseg_jax.input.coco import CocoSource, split_image_ids
 from instseg_jax.input.synthetic import SyntheticSource
 from instseg_jax.input.transforms import TransformConfig
@@ -233,17 +234,13 @@ def build_model(config, num_classes: int):
     return module, cfg, module.Model(cfg)
 
 
-def paste_rule(cfg) -> str:
-    """How box-relative masks are pasted: a method config's optional `mask_paste` field
-    ("detectron2" by default, "torchvision" under the torchvision preset)."""
-    return getattr(cfg, "mask_paste", "detectron2")
-
-
-def paste_threshold(cfg) -> float:
-    """Where pasted box-relative masks are cut (foreground >= it; > it under the torchvision
-    rule): a method config's optional `mask_paste_threshold` field, 0.5 by default (FCIS: 0.4,
-    its reference's BINARY_THRESH)."""
-    return float(getattr(cfg, "mask_paste_threshold", 0.5))
+def mask_paste(cfg) -> MaskPaste:
+    """How a model config's box-relative masks are pasted and cut: its optional `mask_paste`
+    field ("detectron2" by default, "torchvision" under the torchvision preset) and its optional
+    `mask_paste_threshold` (0.5 by default; FCIS: 0.4, its reference's BINARY_THRESH)."""
+    return MaskPaste(
+        getattr(cfg, "mask_paste", "detectron2"), float(getattr(cfg, "mask_paste_threshold", 0.5))
+    )
 
 
 def instances_per_image(source, max_instances: int, sample: int = 1000) -> np.ndarray:

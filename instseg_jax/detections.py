@@ -16,12 +16,13 @@ Both payloads use one separable bilinear resampler (two taps per axis):
                 crop cut off the canvas stay 0. The taps are computed once per image and
                 shared by its K masks.
   polygons      rasterised by pycocotools within each polygon's box (`polygon_region`)
-Foreground is value >= 0.5; a box-relative mask's cut is its method's (`paste_threshold`,
-builders.paste_threshold: 0.5 unless the method config's mask_paste_threshold says otherwise).
+Foreground is value >= 0.5; a box-relative mask's cut is its method's (`MaskPaste.threshold`,
+builders.mask_paste: 0.5 unless the method config's mask_paste_threshold says otherwise).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -175,6 +176,16 @@ def paste_box_mask_torchvision(mask: np.ndarray, box, image_hw, threshold: float
 PASTE_RULES = {"detectron2": paste_box_mask, "torchvision": paste_box_mask_torchvision}
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskPaste:
+    """How a method's box-relative masks reach the original image: pasted by `rule` (a key of
+    PASTE_RULES) and cut at `threshold` (foreground >= it; > it under the torchvision rule).
+    builders.mask_paste reads a model config's."""
+
+    rule: str = "detectron2"
+    threshold: float = 0.5
+
+
 def polygon_region(polygon, image_hw):
     """(bool region[h, w], top, left) of a polygon float[V, 2] of (x, y) original pixels: its
     vertices clamped to the image (as PolarMask clamps its ray ends), rasterised by pycocotools
@@ -272,14 +283,13 @@ def image_instances(
     detections: dict,
     b: int,
     geometry: ImageGeometry,
-    paste_rule: str = "detectron2",
+    paste: MaskPaste = MaskPaste(),
     min_score: float | None = None,
-    paste_threshold: float = 0.5,
 ):
     """Per valid detection of image b (with score >= min_score when given), in slot order:
     dict(box xyxy original pixels, score, class, region bool[h, w] or None, top, left). Boxes
-    of methods without them come from the pasted masks. paste_rule and paste_threshold: how
-    box-relative masks are pasted and cut (builders.paste_rule, builders.paste_threshold)."""
+    of methods without them come from the pasted masks. paste: how box-relative masks are pasted
+    and cut (builders.mask_paste of the model config)."""
     scores = np.asarray(detections["scores"][b])
     wanted = np.asarray(detections["valid"][b])
     if min_score is not None:
@@ -291,13 +301,13 @@ def image_instances(
     resampler = None
     if payload == "canvas_masks" and keep.size:
         resampler = CanvasResampler(geometry, np.shape(detections["canvas_masks"])[2:4])
-    paste = PASTE_RULES[paste_rule]
+    paste_box = PASTE_RULES[paste.rule]
     out = []
     for k in keep:
         region, top, left = None, 0, 0
         if payload == "masks":
-            region, top, left = paste(
-                np.asarray(detections["masks"][b, k]), boxes[k], geometry.orig_hw, paste_threshold
+            region, top, left = paste_box(
+                np.asarray(detections["masks"][b, k]), boxes[k], geometry.orig_hw, paste.threshold
             )
         elif payload == "canvas_masks":
             region, top, left = resampler.region(np.asarray(detections["canvas_masks"][b, k]))
@@ -380,15 +390,12 @@ def detections_to_results(
     detections: dict,
     batch: dict,
     category_ids,
-    paste_rule: str = "detectron2",
-    paste_threshold: float = 0.5,
+    paste: MaskPaste = MaskPaste(),
 ) -> list[dict]:
     """COCO results of one batch of host detections; padding examples and slots never reach
     them. batch: the host Batch the detections came from (image_id, example_valid, geometry)."""
     results = []
     for b, image_id, geometry in batch_examples(batch):
-        instances = image_instances(
-            detections, b, geometry, paste_rule, paste_threshold=paste_threshold
-        )
+        instances = image_instances(detections, b, geometry, paste)
         results += image_results(instances, image_id, geometry.orig_hw, category_ids)
     return results

@@ -450,8 +450,7 @@ def evaluate_model(
         )
     category_ids = class_map[0]
     model_cfg = builders.model_config(config, len(category_ids))
-    paste_rule = builders.paste_rule(model_cfg)
-    paste_threshold = builders.paste_threshold(model_cfg)
+    paste = builders.mask_paste(model_cfg)
     max_detections = int(config.eval.get("max_detections", 100))
     results, has_masks, has_keypoints = [], False, False
     panoptic_evaluation = None  # Panoptic FPN: its panoptic maps scored batch by batch
@@ -471,9 +470,7 @@ def evaluate_model(
             panoptic_evaluation = PanopticEvaluation(source, category_ids, model_cfg)
         for b, image_id, geometry in detections.batch_examples(batch):
             start = time.perf_counter()
-            instances = detections.image_instances(
-                found, b, geometry, paste_rule, paste_threshold=paste_threshold
-            )
+            instances = detections.image_instances(found, b, geometry, paste)
             results += detections.image_results(instances, image_id, geometry.orig_hw, category_ids)
             seconds["paste_rle_s"] += time.perf_counter() - start
             if panoptic_evaluation is not None:  # the same pasted instances, not a second paste

@@ -206,8 +206,8 @@ def describe(config, exported, step: int, class_map, platforms, workdir) -> dict
             k: spec(v, OUTPUT_MEANINGS.get(k, "see instseg_jax/structures.py, Detections"))
             for k, v in outputs_tree.items()
         },
-        "mask_paste": builders.paste_rule(model_cfg),
-        "mask_paste_threshold": builders.paste_threshold(model_cfg),
+        "mask_paste": builders.mask_paste(model_cfg).rule,
+        "mask_paste_threshold": builders.mask_paste(model_cfg).threshold,
         "score_threshold": config.model.get("score_threshold"),
         "preprocessing": preprocessing(config),
         "classes": {"category_ids": list(class_map[0]), "class_names": list(class_map[1])},

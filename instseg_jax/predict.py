@@ -154,8 +154,7 @@ def predict(
         raise UserError(f"--out {out} is a file; give a folder for the JSON and PNG files")
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = builders.model_config(config, len(class_names))
-    paste_rule = builders.paste_rule(model_cfg)
-    paste_threshold = builders.paste_threshold(model_cfg)
+    paste = builders.mask_paste(model_cfg)
     skeleton = ()
     if config.input.get("keypoints"):
         from instseg_jax.input.keypoints import keypoint_set
@@ -172,16 +171,11 @@ def predict(
             panoptic_map = None
             if "semantic_classes" in found:  # its own threshold: model.combine_score
                 instances, panoptic_map = _panoptic(
-                    found, b, geometry, paste_rule, model_cfg, class_map, stuff_map
+                    found, b, geometry, paste, model_cfg, class_map, stuff_map
                 )
             else:
                 instances = detections.image_instances(
-                    found,
-                    b,
-                    geometry,
-                    paste_rule,
-                    min_score=score_threshold,
-                    paste_threshold=paste_threshold,
+                    found, b, geometry, paste, min_score=score_threshold
                 )
             _write(path, out, geometry.orig_hw, instances, class_names, skeleton, panoptic_map)
             written += 1
@@ -199,7 +193,7 @@ def predict(
     return {"written": written, "skipped": skipped}
 
 
-def _panoptic(found, b, geometry, paste_rule, cfg, class_map, stuff_map):
+def _panoptic(found, b, geometry, paste, cfg, class_map, stuff_map):
     """(the things of image b's panoptic map, each with its region cut to its segment, and the
     map: (ids, segments with category names, stuff names))."""
     from instseg_jax import panoptic
@@ -210,14 +204,7 @@ def _panoptic(found, b, geometry, paste_rule, cfg, class_map, stuff_map):
             "classes (stuff_category_ids, stuff_names); it was written before panoptic "
             "training: add them to classes.json"
         )
-    instances = detections.image_instances(
-        found,
-        b,
-        geometry,
-        paste_rule,
-        min_score=cfg.combine_score,
-        paste_threshold=builders.paste_threshold(cfg),
-    )
+    instances = detections.image_instances(found, b, geometry, paste, min_score=cfg.combine_score)
     ids, segments = panoptic.predicted_map(
         instances, found["semantic_classes"][b], geometry, class_map[0], stuff_map[0], cfg
     )

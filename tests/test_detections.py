@@ -256,7 +256,7 @@ def test_host_side_compiles_nothing_for_new_image_sizes():
 
 def test_paste_threshold_is_the_method_configs_choice():
     """A box-relative mask of probabilities 0.30-0.62 pasted by detections_to_results at the cut
-    builders.paste_threshold reads from each method config: FCIS's keeps the pixels >= 0.4, its
+    builders.mask_paste reads from each method config: FCIS's keeps the pixels >= 0.4, its
     reference's rule (lib/utils/mask_voc2coco.py mask_voc2coco, line 51: `pred_mask >=
     binary_thresh`, BINARY_THRESH 0.4 in fcis/config/config.py); a config without the
     mask_paste_threshold field (Mask R-CNN's) keeps those >= 0.5, as before the field existed.
@@ -303,9 +303,7 @@ def test_paste_threshold_is_the_method_configs_choice():
     for name, cfg, cut in (("fcis", fcis_cfg, 0.4), ("mask_rcnn", mask_rcnn_cfg, 0.5)):
         # No pixel within float32 rounding of the cut: the comparison is exact either way.
         assert np.abs(values - cut).min() > 1e-4
-        (result,) = detections.detections_to_results(
-            found, batch, [1], builders.paste_rule(cfg), builders.paste_threshold(cfg)
-        )
+        (result,) = detections.detections_to_results(found, batch, [1], builders.mask_paste(cfg))
         segmentation = dict(result["segmentation"])
         segmentation["counts"] = segmentation["counts"].encode("ascii")
         pasted[name] = mask_utils.decode(segmentation).astype(bool)

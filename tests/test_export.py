@@ -223,7 +223,9 @@ def test_exported_program_reproduces_predict_in_a_fresh_process(tiny_workdir, ex
             scale=float(found["in_scale"][b]),
             crop_offset=(0, 0),
         )
-        ours = detections.image_instances(found, b, geometry, "torchvision", min_score=0.0)
+        ours = detections.image_instances(
+            found, b, geometry, detections.MaskPaste("torchvision"), min_score=0.0
+        )
         for instance, rle in zip(ours, theirs["masks"], strict=True):
             buffer = np.zeros(image.shape[:2], np.uint8, order="F")
             region = detections.encode_region(

@@ -115,11 +115,7 @@ def setup(name: str, workdir: str | None):
 
     def to_results(found):
         return detections.detections_to_results(
-            found,
-            eval_batch,
-            category_ids,
-            builders.paste_rule(cfg),
-            builders.paste_threshold(cfg),
+            found, eval_batch, category_ids, builders.mask_paste(cfg)
         )
 
     found = device()

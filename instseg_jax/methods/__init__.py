@@ -14,7 +14,7 @@ A method module provides (see README "Adding a method"):
 
 Config must be hashable (tuples, not lists: the jitted inference is cached per config); an
 optional `mask_paste` field picks the host-side paste rule of box-relative masks and an optional
-`mask_paste_threshold` their cut (0.5 without it; builders.paste_threshold).
+`mask_paste_threshold` their cut (0.5 without it; builders.mask_paste).
 
 Optional, used when present:
   defaults_from_data(config, instances_per_image) -> list of log lines

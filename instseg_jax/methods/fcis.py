@@ -153,7 +153,7 @@ class FCISConfig(DetectorConfig):
     # Cells per side of the grid the votes are summed on, spanning the voters' boxes (the
     # reference sums them on the image's pixels).
     test_mask_voting_grid: int = 64
-    # Where the host-side paste cuts each pasted mask (builders.paste_threshold; the library's
+    # Where the host-side paste cuts each pasted mask (builders.mask_paste; the library's
     # default is 0.5): BINARY_THRESH 0.4 (fcis/config/config.py line 27), applied as
     # pred_mask >= binary_thresh in lib/utils/mask_voc2coco.py mask_voc2coco (line 51).
     mask_paste_threshold: float = 0.4
