@@ -57,9 +57,10 @@ Deviations, each declared:
     beyond the feature map (windows at the border) take no mask loss and probability 0 at test.
     Windows whose centre lies outside the image's valid region, or (not positive) in an ignore
     region (structures.py), are never sampled.
-  - Inference: the best model.pre_nms_topk windows by objectness (score > score_threshold,
-    centre in the image) are assembled; NMS runs on the boxes of their binarised masks (box
-    IoU > model.nms_threshold suppresses), keeping K = detections_per_image. The Detections
+  - Inference: the best model.pre_nms_topk windows by objectness logit (probability >
+    score_threshold, centre in the image) are assembled; NMS runs on the boxes of their
+    binarised masks (box IoU > model.nms_threshold suppresses), keeping K =
+    detections_per_image. The Detections
     carry box-relative masks of side mask_side (structures.py) whose boxes are the kept windows
     within the image (each mask resampled bilinearly from its window to that part): the boxes
     are windows, not the objects' tight boxes, so COCO's bbox figures measure windows; the
@@ -81,6 +82,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -512,10 +514,11 @@ def _resample_matrices(start, length, window_start, window_extent, side: int):
 
 
 def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
-    """Dense multi-scale inference (section 4): every window scored by its objectness (the best
-    class's probability), the best pre_nms_topk centred in the image assembled at each window
-    side and resized to M = cfg.output_side, NMS on the boxes of the binarised (>= 0.5) masks
-    clipped to the image, K = detections_per_image kept. Detections (structures.py) with
+    """Dense multi-scale inference (section 4): every window ranked by its best class's
+    objectness logit (the probability is the detection's score), the best pre_nms_topk
+    centred in the image assembled at each window side and resized to M = cfg.output_side,
+    NMS on the boxes of the binarised (>= 0.5) masks clipped to the image, K =
+    detections_per_image kept. Detections (structures.py) with
     box-relative masks [B, K, M, M] whose boxes are the kept windows within the image (each
     mask resampled from its window to that part of it)."""
     layout = window_layout(tuple(cfg.canvas_hw), tuple(cfg.levels), tuple(cfg.window_cells))
@@ -523,14 +526,18 @@ def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
     big_m = cfg.output_side
     k_out = cfg.detections_per_image
     q = min(cfg.pre_nms_topk, boxes_np.shape[0])
-    probs = jax.nn.sigmoid(objectness)  # [B, T, C]
-    scores = probs.max(-1)
-    classes = jnp.argmax(probs, -1).astype(jnp.int32)
+    # Windows are ranked by the best class's logit, not its probability: a trained window's
+    # logit passes 17, where float32's sigmoid is exactly 1.0, and the tied windows would fall
+    # back to index order (level, side, row, column), not to how sure the model is.
+    scores = objectness.max(-1)  # [B, T] logits
+    classes = jnp.argmax(objectness, -1).astype(jnp.int32)
+    t = cfg.score_threshold
+    logit_threshold = -math.inf if t <= 0.0 else math.inf if t >= 1.0 else math.log(t / (1 - t))
 
     def one_image(image_table, image_scores, image_classes, image_hw):
         cx, cy = jnp.asarray(layout["centre_x"]), jnp.asarray(layout["centre_y"])
-        usable = (cx < image_hw[1]) & (cy < image_hw[0]) & (image_scores > cfg.score_threshold)
-        top, index = ops.top_k(jnp.where(usable, image_scores, -1.0), q)
+        usable = (cx < image_hw[1]) & (cy < image_hw[0]) & (image_scores > logit_threshold)
+        top, index = ops.top_k(jnp.where(usable, image_scores, -jnp.inf), q)
         row = jnp.asarray(layout["row"])[index]
         col = jnp.asarray(layout["col"])[index]
         level = jnp.asarray(layout["level"])[index]
@@ -559,7 +566,7 @@ def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
         hw = image_hw.astype(jnp.float32)
         box = ops.clip_boxes(box, hw)
         nonempty = (box[:, 2] > box[:, 0]) & (box[:, 3] > box[:, 1])
-        valid = (top > cfg.score_threshold) & nonempty & (top >= 0)
+        valid = (top > logit_threshold) & nonempty & jnp.isfinite(top)
         keep, _ = ops.nms(box, top, cfg.nms_threshold, min(k_out, q), valid)
         kept = keep >= 0
         pick = jnp.maximum(keep, 0)
@@ -579,7 +586,7 @@ def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
         pad = k_out - keep.shape[0]
         return (
             jnp.pad(jnp.where(kept[:, None], box, 0.0), ((0, pad), (0, 0))),
-            jnp.pad(jnp.where(kept, top[pick], 0.0), (0, pad)),
+            jnp.pad(jnp.where(kept, jax.nn.sigmoid(top[pick]), 0.0), (0, pad)),
             jnp.pad(jnp.where(kept, image_classes[index][pick], 0), (0, pad)),
             jnp.pad(kept, (0, pad)),
             jnp.pad(jnp.where(kept[:, None, None], masks, 0.0), ((0, pad), (0, 0), (0, 0))),

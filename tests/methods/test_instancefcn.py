@@ -280,6 +280,37 @@ def test_a_planted_window_comes_out_as_its_mask_and_box():
     assert pasted[want].mean() > 0.98
 
 
+def test_windows_beyond_float32_saturation_rank_by_logit():
+    """Two planted 9-cell windows of P3 (centre cells (4, 4) and (11, 11), disjoint masks) with
+    objectness logits 20 and 30: both probabilities are exactly 1.0 in float32, so ranking by
+    probability would keep them in index order (the first window first). The more confident
+    window (logit 30, the later index) takes slot 0."""
+    cfg = config(num_classes=1, levels=(3,), window_cells=(9,), detections_per_image=4)
+    k = cfg.grid_k
+    assert float(jax.nn.sigmoid(jnp.float32(20.0))) == float(jax.nn.sigmoid(jnp.float32(30.0)))
+    maps = np.full((16, 16, k * k), -10.0, np.float32)
+    channels = instancefcn.relative_position_channels(9, k)
+    objectness = np.full((1, 256, 1), -10.0, np.float32)
+    for centre, logit in ((4, 20.0), (11, 30.0)):
+        for a in range(2, 7):
+            for b in range(2, 7):
+                maps[centre - 4 + a, centre - 4 + b, channels[a, b]] = 10.0
+        objectness[0, centre * 16 + centre, 0] = logit
+    batch = {
+        "image_hw": jnp.asarray([[128, 128]], jnp.int32),
+        "orig_hw": jnp.asarray([[128, 128]], jnp.int32),
+        "scale": jnp.ones((1,), jnp.float32),
+        "crop_offset": jnp.zeros((1, 2), jnp.int32),
+    }
+    det = jax.jit(lambda t, o, bt: instancefcn.detect(t, o, bt, cfg))(
+        jnp.asarray(maps.reshape(1, -1, k * k)), jnp.asarray(objectness), batch
+    )
+    assert np.asarray(det["valid"][0]).tolist() == [True, True, False, False]
+    np.testing.assert_allclose(
+        np.asarray(det["boxes"][0, :2]), [[56, 56, 128, 128], [0, 0, 72, 72]]
+    )
+
+
 def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
     step = smoke_step(instancefcn, SMOKE)
     metrics, grads, det, cfg = step.metrics, step.grads, step.detections, step.cfg
