@@ -240,7 +240,7 @@ def test_predict_writes_the_panoptic_map_its_segments_and_an_overlay(tmp_path):
 
     from PIL import Image
 
-    from instseg_jax import predict, structures
+    from instseg_jax import detections, predict, structures
     from instseg_jax.input.coco_panoptic import rgb_to_id
     from instseg_jax.input.synthetic import SyntheticSource
 
@@ -251,7 +251,7 @@ def test_predict_writes_the_panoptic_map_its_segments_and_an_overlay(tmp_path):
     stuff_map = ([4, 5], ["sky", "ground"])
     geometry = structures.ImageGeometry.of_batch(batch, 1)
     things, (ids, segments) = predict._panoptic(
-        found, 1, geometry, "detectron2", cfg, class_map, stuff_map
+        found, 1, geometry, detections.MaskPaste(), cfg, class_map, stuff_map
     )
     example = source.load(1)
     image_path = tmp_path / "scene.png"
