@@ -240,6 +240,21 @@ def test_loss_is_equation_1_with_the_declared_normalisers():
     assert float(loss) == pytest.approx(want_objectness + want_mask, rel=1e-5)
 
 
+def detect_on_a_128_canvas(maps, objectness, cfg):
+    """instancefcn.detect of hand-made P3 score maps float32[16, 16, k²] and objectness
+    float32[1, 256, C] for one 128 x 128 image at scale 1 on its canvas."""
+    batch = {
+        "image_hw": jnp.asarray([[128, 128]], jnp.int32),
+        "orig_hw": jnp.asarray([[128, 128]], jnp.int32),
+        "scale": jnp.ones((1,), jnp.float32),
+        "crop_offset": jnp.zeros((1, 2), jnp.int32),
+    }
+    table = jnp.asarray(maps.reshape(1, -1, maps.shape[-1]))
+    return jax.jit(lambda t, o, bt: instancefcn.detect(t, o, bt, cfg))(
+        table, jnp.asarray(objectness), batch
+    )
+
+
 def test_a_planted_window_comes_out_as_its_mask_and_box():
     """Inference on hand-made maps: one 9-cell window of P3 (centre cell (8, 8), canvas pixels
     32-104) scores high, and the score maps make its assembled mask the cells 2-6 of the window
@@ -255,15 +270,7 @@ def test_a_planted_window_comes_out_as_its_mask_and_box():
             maps[4 + a, 4 + b, channels[a, b]] = 10.0
     objectness = np.full((1, 256, 1), -10.0, np.float32)
     objectness[0, 8 * 16 + 8, 0] = 10.0
-    batch = {
-        "image_hw": jnp.asarray([[128, 128]], jnp.int32),
-        "orig_hw": jnp.asarray([[128, 128]], jnp.int32),
-        "scale": jnp.ones((1,), jnp.float32),
-        "crop_offset": jnp.zeros((1, 2), jnp.int32),
-    }
-    det = jax.jit(lambda t, o, bt: instancefcn.detect(t, o, bt, cfg))(
-        jnp.asarray(maps.reshape(1, -1, k * k)), jnp.asarray(objectness), batch
-    )
+    det = detect_on_a_128_canvas(maps, objectness, cfg)
     assert bool(det["valid"][0, 0]) and float(det["scores"][0, 0]) > 0.99
     np.testing.assert_allclose(np.asarray(det["boxes"][0, 0]), [32, 32, 104, 104])
     region, top, left = host_detections.paste_box_mask(
@@ -296,15 +303,7 @@ def test_windows_beyond_float32_saturation_rank_by_logit():
             for b in range(2, 7):
                 maps[centre - 4 + a, centre - 4 + b, channels[a, b]] = 10.0
         objectness[0, centre * 16 + centre, 0] = logit
-    batch = {
-        "image_hw": jnp.asarray([[128, 128]], jnp.int32),
-        "orig_hw": jnp.asarray([[128, 128]], jnp.int32),
-        "scale": jnp.ones((1,), jnp.float32),
-        "crop_offset": jnp.zeros((1, 2), jnp.int32),
-    }
-    det = jax.jit(lambda t, o, bt: instancefcn.detect(t, o, bt, cfg))(
-        jnp.asarray(maps.reshape(1, -1, k * k)), jnp.asarray(objectness), batch
-    )
+    det = detect_on_a_128_canvas(maps, objectness, cfg)
     # Slots 2-3 are windows at logit -10 (probability > score_threshold 0) that overlap the
     # planted cells: valid, and behind both planted windows.
     assert np.asarray(det["valid"][0, :2]).all()
