@@ -185,6 +185,7 @@ def describe(config, exported, step: int, class_map, platforms, workdir) -> dict
         return {"shape": list(aval.shape), "dtype": str(aval.dtype), "meaning": meaning}
 
     model_cfg = builders.model_config(config, len(class_map[1]))
+    paste = builders.mask_paste(model_cfg)
     return {
         "format": "jax.export serialized StableHLO: jax.export.deserialize(bytes).call(inputs)",
         "call": "exported.call({input name: array}) -> {output name: array}",
@@ -206,8 +207,8 @@ def describe(config, exported, step: int, class_map, platforms, workdir) -> dict
             k: spec(v, OUTPUT_MEANINGS.get(k, "see instseg_jax/structures.py, Detections"))
             for k, v in outputs_tree.items()
         },
-        "mask_paste": builders.mask_paste(model_cfg).rule,
-        "mask_paste_threshold": builders.mask_paste(model_cfg).threshold,
+        "mask_paste": paste.rule,
+        "mask_paste_threshold": paste.threshold,
         "score_threshold": config.model.get("score_threshold"),
         "preprocessing": preprocessing(config),
         "classes": {"category_ids": list(class_map[0]), "class_names": list(class_map[1])},

@@ -60,11 +60,10 @@ Deviations, each declared:
   - Inference: the best model.pre_nms_topk windows by objectness logit (probability >
     score_threshold, centre in the image) are assembled; NMS runs on the boxes of their
     binarised masks (box IoU > model.nms_threshold suppresses), keeping K =
-    detections_per_image. The Detections
-    carry box-relative masks of side mask_side (structures.py) whose boxes are the kept windows
-    within the image (each mask resampled bilinearly from its window to that part): the boxes
-    are windows, not the objects' tight boxes, so COCO's bbox figures measure windows; the
-    segm figures are the method's.
+    detections_per_image. The Detections carry box-relative masks of side mask_side
+    (structures.py) whose boxes are the kept windows within the image (each mask resampled
+    bilinearly from its window to that part): the boxes are windows, not the objects' tight
+    boxes, so COCO's bbox figures measure windows; the segm figures are the method's.
   - Scales: the training images come at input.short_side's scales (one drawn per image), the
     test at one scale; the pyramid of scales is the FPN's (above).
 
@@ -518,9 +517,9 @@ def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
     objectness logit (the probability is the detection's score), the best pre_nms_topk
     centred in the image assembled at each window side and resized to M = cfg.output_side,
     NMS on the boxes of the binarised (>= 0.5) masks clipped to the image, K =
-    detections_per_image kept. Detections (structures.py) with
-    box-relative masks [B, K, M, M] whose boxes are the kept windows within the image (each
-    mask resampled from its window to that part of it)."""
+    detections_per_image kept. Detections (structures.py) with box-relative masks
+    [B, K, M, M] whose boxes are the kept windows within the image (each mask resampled from
+    its window to that part of it)."""
     layout = window_layout(tuple(cfg.canvas_hw), tuple(cfg.levels), tuple(cfg.window_cells))
     boxes_np = window_boxes(layout)
     big_m = cfg.output_side
