@@ -98,7 +98,6 @@ proposal with category_id 1, and the papers' AR is over all objects.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -604,7 +603,7 @@ def window_masks_on_grid(logits, regions, image_hw, cfg: DeepMaskConfig):
     nms_mask_stride pixels, read bilinearly at the cells' centres; cells outside the window or
     the image image_hw int32[2] are off."""
     s, m = cfg.nms_mask_stride, cfg.mask_size
-    cut = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
+    cut = ops.probability_logit(cfg.mask_threshold)
     gy = (jnp.arange(-(-cfg.canvas_hw[0] // s), dtype=jnp.float32) + 0.5) * s  # canvas
     gx = (jnp.arange(-(-cfg.canvas_hw[1] // s), dtype=jnp.float32) + 0.5) * s
     side_w = (regions[:, 2] - regions[:, 0]) / m
@@ -645,7 +644,7 @@ def select_proposals(logits, score_logits, ok, regions, cfg: DeepMaskConfig, ima
         jnp.asarray(a) for a in (logits, score_logits, ok, regions, image_hw)
     )
     m = cfg.mask_size
-    cut = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
+    cut = ops.probability_logit(cfg.mask_threshold)
     cells = ops.masks_to_boxes(logits > cut)  # [C, 4] in mask cells
     cell_w = (regions[:, 2] - regions[:, 0]) / m
     cell_h = (regions[:, 3] - regions[:, 1]) / m

@@ -166,7 +166,7 @@ class Head(nn.Module):
     def setup(self):
         for tower in ("cls", "box"):
             self.setup_tower(tower)
-        prior = -math.log((1 - self.prior_prob) / self.prior_prob)
+        prior = ops.probability_logit(self.prior_prob)
         self.cls_logits = self.conv3x3(
             self.num_classes, "cls_logits", nn.initializers.constant(prior)
         )

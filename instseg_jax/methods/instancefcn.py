@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -530,8 +529,7 @@ def detect(table, objectness, batch: dict, cfg: InstanceFCNConfig) -> dict:
     # back to index order (level, side, row, column), not to how sure the model is.
     scores = objectness.max(-1)  # [B, T] logits
     classes = jnp.argmax(objectness, -1).astype(jnp.int32)
-    t = cfg.score_threshold
-    logit_threshold = -math.inf if t <= 0.0 else math.inf if t >= 1.0 else math.log(t / (1 - t))
+    logit_threshold = ops.probability_logit(cfg.score_threshold)
 
     def one_image(image_table, image_scores, image_classes, image_hw):
         cx, cy = jnp.asarray(layout["centre_x"]), jnp.asarray(layout["centre_y"])

@@ -241,7 +241,7 @@ class ObjectStream(nn.Module):
             )(y)
             return y.reshape(b, -1, outputs).astype(jnp.float32)  # anchors (y, x, a)
 
-        prior = -math.log((1 - 0.01) / 0.01)  # mmdetection's bias_init_with_prob(0.01)
+        prior = ops.probability_logit(0.01)  # mmdetection's bias_init_with_prob(0.01)
         return (
             branch("cls", self.num_classes, nn.initializers.constant(prior)),
             branch("reg", 4),
@@ -550,7 +550,7 @@ def detect(logits, deltas, kernels, pixels, batch, cfg: RDSNetConfig) -> dict:
     anchors_by_level = cfg.anchors()
     scores = jax.nn.sigmoid(logits)  # [B, T, C]
     k, c = cfg.detections_per_image, cfg.num_classes
-    cut = math.log(cfg.mask_threshold / (1.0 - cfg.mask_threshold))
+    cut = ops.probability_logit(cfg.mask_threshold)
     canvas_hw = tuple(cfg.canvas_hw)
 
     def one_image(image_scores, image_deltas, image_kernels, image_pixels, image_hw):

@@ -71,7 +71,6 @@ Deviations, each with its reason:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -91,7 +90,7 @@ MASK_STRIDE = solov2.MASK_STRIDE
 NATIVE_STRIDES = solov2.NATIVE_STRIDES
 INPUTS = structures.Inputs(full_mask_stride=MASK_STRIDE, centers=True)
 # bias_init_with_prob(0.01) of both references' category and mask predictors.
-PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
+PRIOR_BIAS = ops.probability_logit(0.01)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,7 +72,6 @@ Deviations, each with its reason:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -386,7 +385,7 @@ class SOLOv2(nn.Module):
         cfg = self.cfg
         self.backbone = build_backbone(cfg)
         self.fpn = FPN(cfg.fpn_channels, cfg.dtype)
-        prior = -math.log((1 - 0.01) / 0.01)
+        prior = ops.probability_logit(0.01)
         self.category_tower = Tower(
             cfg.head_channels, cfg.head_convs, cfg.num_classes, prior, cfg.dtype
         )

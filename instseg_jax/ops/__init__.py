@@ -34,6 +34,7 @@ from instseg_jax.ops.losses import (
     dice_loss,
     giou_loss,
     group_normalizer_scale,
+    probability_logit,
     sigmoid_focal_loss,
     smooth_l1_loss,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "paste_mask_probabilities",
     "paste_masks",
     "per_class_fast_nms",
+    "probability_logit",
     "ps_roi_pool",
     "roi_align",
     "sample_balanced",

@@ -8,11 +8,30 @@ that choice is part of a method's definition and padding must never enter it imp
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from instseg_jax.ops.boxes import paired_generalized_box_iou
+
+
+def probability_logit(p: float) -> float:
+    """The logit log(p / (1 - p)) of a probability, as a Python float (-inf at 0, inf at 1).
+
+    Two uses share it: a probability cut compared on logits (a float32 sigmoid is exactly 1.0
+    past a logit of about 17, so cutting or ranking on probabilities ties sure predictions),
+    and a classifier bias that starts every prediction at a prior probability (mmcv's
+    bias_init_with_prob(p) is -log((1 - p) / p), the same number).
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"probability_logit: {p} is not a probability in [0, 1]")
+    if p == 0.0:
+        return -math.inf
+    if p == 1.0:
+        return math.inf
+    return math.log(p / (1.0 - p))
 
 
 def _reduce(loss: jnp.ndarray, weights, normalizer) -> jnp.ndarray:

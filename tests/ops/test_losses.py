@@ -99,3 +99,15 @@ def test_losses_have_finite_gradients(logits_targets):
         assert np.isfinite(np.asarray(grad)).all()
     grad = jax.grad(lambda p: ops.smooth_l1_loss(p, jnp.zeros_like(p), beta=0.0))(jnp.zeros(3))
     assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_probability_logit_inverts_the_sigmoid_and_matches_mmcv_prior():
+    """Inverse of the float64 sigmoid above; the prior bias is mmcv's bias_init_with_prob
+    (mmcv/cnn/utils/weight_init.py: float(-np.log((1 - prior_prob) / prior_prob)))."""
+    for p in (1e-6, 0.01, 0.2, 0.5, 0.9, 1 - 1e-9):
+        assert sigmoid(ops.probability_logit(p)) == pytest.approx(p, rel=1e-12, abs=1e-15)
+    assert ops.probability_logit(0.01) == pytest.approx(float(-np.log((1 - 0.01) / 0.01)))
+    assert ops.probability_logit(0.0) == -math.inf
+    assert ops.probability_logit(1.0) == math.inf
+    with pytest.raises(ValueError, match="not a probability"):
+        ops.probability_logit(1.5)
