@@ -73,11 +73,7 @@ def load(
     if file.suffix == ".json":
         if arg:
             raise ConfigValueError(f"--config {spec}: a config.json takes no ':{arg}'")
-        config = from_json(file)
-        _add_new_trainer_fields(config)
-        if complete_record is not None:
-            with config.unlocked():
-                complete_record(config, file)
+        config = from_record(file, complete_record)
     elif file.suffix == ".py":
         config = _from_experiment(file, arg)
     else:
@@ -102,6 +98,19 @@ def from_json(path: Path, lock: bool = True) -> ml_collections.ConfigDict:
     if not isinstance(document, dict):
         raise ConfigValueError(f"{path}: not a config (a JSON object of config sections)")
     config = ml_collections.ConfigDict(_lists_as_tuples(document))
+    if lock:
+        config.lock()
+    return config
+
+
+def from_record(path: Path, complete_record=None, lock: bool = True) -> ml_collections.ConfigDict:
+    """The config of a workdir's config.json (from_json) with the fields added since it was
+    written: the trainer's model fields here, the method's through complete_record(config, path)
+    (workdir.add_new_model_fields; load's docstring). What train, eval and predict all read."""
+    config = from_json(path, lock=False)
+    _add_new_trainer_fields(config)
+    if complete_record is not None:
+        complete_record(config, path)
     if lock:
         config.lock()
     return config

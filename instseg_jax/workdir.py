@@ -85,8 +85,7 @@ def restore_variables(
             f"{workdir}: no config.json; give a workdir written by `instseg-jax train` or "
             "`instseg-jax import-weights`"
         )
-    config = config_lib.from_json(workdir / CONFIG_FILE, lock=False)
-    add_new_model_fields(config, workdir / CONFIG_FILE)
+    config = config_lib.from_record(workdir / CONFIG_FILE, add_new_model_fields, lock=False)
     for override in overrides:
         config_lib.apply_override(config, override)
     if overrides:  # checked as train checks its own
