@@ -96,13 +96,17 @@ RECIPES = {
     # 8 GPUs x TRAIN.IMS_PER_BATCH 2, SOLVER.WARM_UP_ITERS 500 from WARM_UP_FACTOR 1/3, the
     # yaml's weight decay 1e-4 (the file's default is 5e-4); smooth-L1 beta 1/9 on the RPN
     # (lib/modeling/FPN.py), 1/3 on the box head (fast_rcnn_heads.py); RPN_STRADDLE_THRESH 0;
-    # FAST_RCNN and MRCNN ROI_XFORM_SAMPLING_RATIO 2 in the yaml (config.py's default is 0).
+    # FAST_RCNN and MRCNN ROI_XFORM_SAMPLING_RATIO 2 in the yaml (config.py's default is 0);
+    # SOLVER.BIAS_DOUBLE_LR True and BIAS_WEIGHT_DECAY False (config.py), applied by
+    # tools/train_net_step.py's bias param group and lib/utils/net.py update_learning_rate.
     "panet_r50_fpn_coco_2x": {
         "input.global_batch": 16,
         "optim.name": "sgd",
         "optim.lr": 0.02,
         "optim.momentum": 0.9,
         "optim.weight_decay": 1e-4,
+        "optim.bias_lr_multiplier": 2.0,
+        "optim.bias_weight_decay_multiplier": 0.0,
         "optim.clip_norm": 0.0,
         "schedule.warmup_steps": 500,
         "schedule.warmup_factor": 1.0 / 3,

@@ -30,9 +30,13 @@ on the FC-fusion layer; the mask predictor (mask_rcnn_outputs) MSRAFill over its
 maps (`mask_predictor_init` "msra_fill"; "normal" is detectron2's std 0.001, which the nuclei
 experiment keeps).
 
-Not carried over from the authors' code: GroupNorm inside the FPN itself (this package keeps
-detectron2's FPN); twice the learning rate and no weight decay on biases
-(SOLVER.BIAS_DOUBLE_LR, BIAS_WEIGHT_DECAY False: the optimizer has no per-bias group); proposals
+The COCO recipe trains the convolutions' and FCs' biases at twice the learning rate without
+weight decay (SOLVER.BIAS_DOUBLE_LR, BIAS_WEIGHT_DECAY False; optim.bias_lr_multiplier and
+bias_weight_decay_multiplier). Not carried over from the authors' code: the GroupNorms' biases
+at twice the learning rate too (tools/train_net_step.py puts every parameter named "bias" in
+that group, GroupNorm's included; ours keeps every norm parameter at the base rate, as mmcv's
+bias_lr_mult does; neither decays them); GroupNorm inside the FPN itself (this package keeps
+detectron2's FPN); proposals
 inside crowd regions left out of RoI sampling (TRAIN.CROWD_FILTER_THRESH 0.7: crowd regions are
 ignore regions for the RPN only); the bias (initialised 0) of the reference's convolutions
 and FCs followed by GroupNorm in the bottom-up path and the "2fc" box head, which the norm's
