@@ -120,6 +120,51 @@ RECIPES = {
         "model.sampling_ratio": 2,
         **POLYGON_MASK_TARGETS,
     },
+    # facebookresearch/Mask2Former configs/coco/instance-segmentation/
+    # maskformer2_R50_bs16_50ep.yaml over Base-COCO-InstanceSegmentation.yaml: SOLVER (batch 16,
+    # ADAMW, BASE_LR 1e-4, WEIGHT_DECAY 0.05, BACKBONE_MULTIPLIER 0.1, WARMUP_ITERS 10 at
+    # WARMUP_FACTOR 1.0, MAX_ITER 368750, STEPS (327778, 355092), CLIP_GRADIENTS full_model
+    # 0.01), INPUT coco_instance_lsj (IMAGE_SIZE 1024, MIN_SCALE 0.1, MAX_SCALE 2.0),
+    # BACKBONE.FREEZE_AT 0; MASK_FORMER: 100 queries, DEC_LAYERS 10 (9 layers and the loss on the
+    # learnable queries), CLASS/MASK/DICE_WEIGHT 2/5/5, NO_OBJECT_WEIGHT 0.1, TRAIN_NUM_POINTS
+    # 12544, OVERSAMPLE_RATIO 3.0, IMPORTANCE_SAMPLE_RATIO 0.75, HIDDEN_DIM 256, NHEADS 8,
+    # DIM_FEEDFORWARD 2048; SEM_SEG_HEAD: MSDeformAttnPixelDecoder, TRANSFORMER_ENC_LAYERS 6,
+    # CONVS_DIM and MASK_DIM 256.
+    "mask2former_r50_coco_50ep": {
+        "input.global_batch": 16,
+        "optim.name": "adamw",
+        "optim.lr": 1e-4,
+        "optim.weight_decay": 0.05,
+        "optim.backbone_lr_multiplier": 0.1,
+        "optim.clip_norm": 0.01,
+        "schedule.warmup_steps": 10,
+        "schedule.warmup_factor": 1.0,
+        "schedule.total_steps": 368_750,
+        "schedule.steps": (327_778, 355_092),
+        "input.resize": "lsj",
+        "input.canvas_hw": (1024, 1024),
+        "input.lsj_scale": (0.1, 2.0),
+        "input.hflip": 0.5,
+        "model.freeze_at": 0,
+        "model.num_queries": 100,
+        "model.decoder_layers": 9,
+        "model.deep_supervision": True,
+        "model.class_weight": 2.0,
+        "model.mask_weight": 5.0,
+        "model.dice_weight": 5.0,
+        "model.no_object_weight": 0.1,
+        "model.train_points": 12544,
+        "model.match_points": 12544,  # maskformer_model.py: the matcher's num_points too
+        "model.oversample_ratio": 3.0,
+        "model.importance_sample_ratio": 0.75,
+        "model.hidden_dim": 256,
+        "model.heads": 8,
+        "model.decoder_feedforward": 2048,
+        "model.pixel_decoder": "msdeform",
+        "model.encoder_layers": 6,
+        "model.conv_dim": 256,
+        "model.mask_dim": 256,
+    },
     # mmdetection configs/yolact/yolact_r50_1xb8-55e_coco.py: batch 8, SGD lr 1e-3, momentum 0.9,
     # weight decay 5e-4, LinearLR start_factor 0.1 over 500 iterations, 55 epochs with
     # MultiStepLR at 20, 42, 49 and 52 (14,658 iterations per epoch at batch 8), train_cfg
