@@ -22,6 +22,10 @@ References, by method:
   BlendMask   AdelaiDet adet/modeling/blendmask/blendmask.py (top_layer normal 0.01, bias 0);
               blendmask/basis_module.py (the bottom module as CondInst's mask branch; seg_head
               plain nn.Conv2d layers: torch's default).
+  PolarMask   xieenze/PolarMask mmdet/models/anchor_heads/polarmask_head.py init_weights
+              (cls, reg and mask tower convs normal 0.01, GroupNorm convs without bias;
+              polar_cls normal 0.01 with bias bias_init_with_prob(0.01); polar_reg, polar_mask,
+              polar_centerness normal 0.01, bias 0; scales_bbox and scales_mask Scale(1.0)).
   SOLOv2      WXinlong/SOLO mmdet/models/anchor_heads/solov2_head.py init_weights (tower convs
               and solo_kernel normal 0.01; solo_cate normal 0.01 with bias
               bias_init_with_prob(0.01)) and mask_heads/mask_feat_head.py (every conv normal
@@ -217,6 +221,14 @@ def expected_fcos(path, shape, cfg, kernel_shape=None):
     raise KeyError(path)
 
 
+def expected_polarmask(path, shape, cfg, kernel_shape=None):
+    """FCOS's rules on the three towers and four predictors (the box branch's ray tower and
+    predictor included); the rays' level scales start at 1.0 as the boxes' (Scale(1.0))."""
+    if path == "head/ray_scales":
+        return 1.0
+    return expected_fcos(path, shape, cfg, kernel_shape)
+
+
 def expected_solov2(path, shape, cfg, kernel_shape=None):
     if "norm" in path:
         return 1.0 if path.endswith("scale") else 0.0
@@ -357,6 +369,12 @@ CASES = {
         expected_solov2,
     ),
     "yolact": ("experiments/yolact_r50_coco.py", [], touch_yolact, expected_yolact),
+    "polarmask": (
+        "experiments/polarmask_r50_fpn_coco_1x.py",
+        [],
+        touch_fcos,
+        expected_polarmask,
+    ),
     # Two convs per stack (each stack's layers share one rule) keep PANet's compile short.
     "panet": (
         "experiments/panet_r50_fpn_coco_2x.py",
