@@ -14,7 +14,8 @@ cells); class, box and coefficient predictors from a normal of std 0.01 (Xavier'
 losses were ~20 from scratch); up to 100 mask slots per image and 200 detection slots with
 COCOeval at maxDets 200 beside COCO's 100; SGD lr 0.01 with 200 warmup steps and cosine decay
 over 5500 steps, gradients clipped at global norm 10, as YOLACT's; val AP every 500 steps, the
-best checkpoint kept in workdir/best. Not run yet (the lead queues the 60-minute run).
+best checkpoint kept in workdir/best. Results: experiments/benchmarks/RESULTS.md, "YOLACT++
+nuclei quality run" (2500 of the 5500 steps, what fit the hour on a slow host).
 
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
