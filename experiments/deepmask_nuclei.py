@@ -17,6 +17,7 @@ reference has none: COCOeval's AP counts the near-identical windows on one nucle
 positives); 1000 candidate windows, 200 detection slots with COCOeval at maxDets 200 beside
 COCO's 100; SGD lr 0.01 with 200 warmup steps and cosine decay over 3000 steps, gradients
 clipped at global norm 10; val AP every 500 steps, the best checkpoint kept in workdir/best.
+Results: experiments/benchmarks/RESULTS.md, "DeepMask nuclei quality run".
 
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
