@@ -171,6 +171,10 @@ class DeepMaskConfig(DetectorConfig):
                 f"model.window_inner {self.window_inner} must be a multiple of the trunk's "
                 f"stride {self.stride} (model.trunk_level {self.trunk_level!r})"
             )
+        if not 0.0 < self.mask_threshold < 1.0:  # compared as a logit on the mask logits
+            raise config_lib.ConfigValueError(
+                f"model.mask_threshold must be in (0, 1), got {self.mask_threshold}"
+            )
         if not 0 < self.positive_fraction < 1 or self.positive_windows < 1:
             raise config_lib.ConfigValueError(
                 "model.positive_fraction must leave at least one positive and one negative of "

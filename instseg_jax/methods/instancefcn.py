@@ -157,6 +157,10 @@ class InstanceFCNConfig(DetectorConfig):
             raise config_lib.ConfigValueError(
                 "model.pre_nms_topk and model.detections_per_image must be > 0"
             )
+        if not 0.0 <= self.score_threshold <= 1.0:  # compared as a logit in detect
+            raise config_lib.ConfigValueError(
+                f"model.score_threshold must be a probability in [0, 1], got {self.score_threshold}"
+            )
 
     @property
     def output_side(self) -> int:

@@ -6,6 +6,8 @@ experiment's step."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,13 @@ SMOKE = "experiments/deepmask_nuclei.py:smoke"
 CFG = deepmask.DeepMaskConfig(
     num_classes=1, windows_per_image=6, positive_fraction=0.5, negative_tries=3
 )
+
+
+def test_mask_threshold_outside_0_1_names_the_field():
+    from instseg_jax.config import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"model\.mask_threshold must be in \(0, 1\)"):
+        dataclasses.replace(CFG, mask_threshold=1.0)
 
 
 def scene():

@@ -23,6 +23,13 @@ def config(**fields):
     return instancefcn.InstanceFCNConfig(**base)
 
 
+def test_score_threshold_outside_0_1_names_the_field():
+    from instseg_jax.config import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match=r"model\.score_threshold must be a probability"):
+        config(score_threshold=1.5)
+
+
 def layout_of(cfg):
     return instancefcn.window_layout(cfg.canvas_hw, cfg.levels, cfg.window_cells)
 
