@@ -14,7 +14,8 @@ are never sampled as negatives). The paper's k = 5 relative positions, 256 windo
 1 : 1, 128-d branches (the paper's 512 on a 2-core CPU would dominate the step), 13 x 13 output
 masks, 6000 windows assembled at test (each nucleus has tens of high-scoring windows:
 neighbouring positions and sides), NMS at box IoU 0.7, 200 detection slots (up to 101 nuclei
-in a val image); SGD lr 0.01 with 200 warmup steps and cosine decay over 3000 steps.
+in a val image); SGD lr 0.01 with 200 warmup steps and cosine decay over 3000 steps. Results:
+experiments/benchmarks/RESULTS.md, "InstanceFCN nuclei quality run".
 
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
