@@ -40,6 +40,12 @@ Test: scores softmax(class)[:, :C], the best `detections_per_image` (query, clas
 Q x C, each scored class probability x the mean mask probability inside its mask (mask logit >
 0); canvas masks at stride 4 (`canvas_masks` payload, boxes derived by the host).
 
+Initialisation is the reference's, layer for layer (tests/methods/test_head_init.py): Xavier
+on the transformer weights with nn.MultiheadAttention's packed q/k/v rule, torch's nn.Linear
+defaults on the class and mask-embedding heads and on the FFN biases, c2_xavier_fill on the
+pixel decoders' convolutions (until 2026-12-07 those four were Xavier on each [D, D]
+projection, Flax defaults and zero biases, and He-uniform: the nuclei figures predate it).
+
 Known differences from the reference:
   - Ground-truth masks are sampled at the points (bilinearly) from the pipeline's stride-4
     masks (structures.py gt_full_masks: each mask sampled at the stride-4 cell centres and
@@ -70,7 +76,14 @@ from instseg_jax import config as config_lib
 from instseg_jax import structures
 from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
-from instseg_jax.nn.layers import Conv, Dense, GroupNorm
+from instseg_jax.nn.layers import (
+    Conv,
+    Dense,
+    GroupNorm,
+    kaiming_uniform_a1,
+    torch_default_bias,
+    torch_default_kernel,
+)
 from instseg_jax.nn.transformer import (
     Attention,
     FeedForward,
@@ -190,7 +203,7 @@ def _conv(features, kernel, name, use_bias, dtype):
         padding=((pad, pad), (pad, pad)),
         use_bias=use_bias,
         dtype=dtype,
-        kernel_init=nn.initializers.kaiming_uniform(),
+        kernel_init=kaiming_uniform_a1(),  # detectron2's c2_xavier_fill, both pixel decoders
         name=name,
     )
 
@@ -303,12 +316,21 @@ class PredictionHeads(nn.Module):
     def __call__(self, queries, mask_features):
         cfg = self.cfg
         x = layer_norm("decoder_norm", cfg.dtype)(queries)
-        class_logits = Dense(cfg.num_classes + 1, dtype=cfg.dtype, name="class_embed")(x)
+
+        # torch's nn.Linear defaults: the references leave class_embed and the mask MLP as built.
+        def linear(features, name, fan_in):
+            return Dense(
+                features,
+                kernel_init=torch_default_kernel(),
+                bias_init=torch_default_bias(fan_in),
+                dtype=cfg.dtype,
+                name=name,
+            )
+
+        class_logits = linear(cfg.num_classes + 1, "class_embed", x.shape[-1])(x)
         e = x
         for i in range(3):
-            e = Dense(
-                cfg.hidden_dim if i < 2 else cfg.mask_dim, dtype=cfg.dtype, name=f"mask_embed{i}"
-            )(e)
+            e = linear(cfg.hidden_dim if i < 2 else cfg.mask_dim, f"mask_embed{i}", e.shape[-1])(e)
             e = nn.relu(e) if i < 2 else e
         mask_logits = jnp.einsum("bqc,bhwc->bqhw", e, mask_features.astype(e.dtype))
         return class_logits.astype(jnp.float32), mask_logits.astype(jnp.float32)
@@ -389,9 +411,10 @@ class DETRDecoder(nn.Module):
         cfg = self.cfg
         dtype = cfg.dtype
         batch, h, w, _ = res5.shape
-        memory = Conv(cfg.hidden_dim, (1, 1), dtype=dtype, kernel_init=xavier(), name="input_proj")(
-            res5
-        )
+        # maskformer_transformer_decoder.py: c2_xavier_fill on the 1x1 input projection.
+        memory = Conv(
+            cfg.hidden_dim, (1, 1), dtype=dtype, kernel_init=kaiming_uniform_a1(), name="input_proj"
+        )(res5)
         memory = memory.reshape(batch, h * w, cfg.hidden_dim)
         positions = jnp.asarray(sine_positions(h, w, cfg.hidden_dim)).reshape(1, h * w, -1)
         query_pos = nn.Embed(

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instseg_jax.nn.layers import Dense
+from instseg_jax.nn.layers import Dense, torch_default_bias
 from instseg_jax.ops.sampling import deformable_attention
 
 
@@ -53,6 +53,13 @@ def dense_layer(features, name, kernel_init=None, bias_init=nn.initializers.zero
         dtype=dtype,
         name=name,
     )
+
+
+def packed_projection_xavier():
+    """Xavier-uniform of torch's nn.MultiheadAttention, whose q, k and v projections are one
+    packed in_proj_weight [3 D, D] (fan_out 3 D): on each [D, D] third, std sqrt(1 / (2 D)),
+    not the sqrt(1 / D) of Xavier on a [D, D] matrix of its own."""
+    return nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
 
 
 def layer_norm(name, dtype=None):
@@ -123,7 +130,8 @@ class MultiScaleDeformableAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """x + linear2(relu(linear1(x))), then LayerNorm (post-norm)."""
+    """x + linear2(relu(linear1(x))), then LayerNorm (post-norm). Biases as torch's nn.Linear
+    leaves them (the references' _reset_parameters re-draw only the weights, p.dim() > 1)."""
 
     dim: int
     hidden: int
@@ -131,8 +139,14 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        y = nn.relu(dense_layer(self.hidden, "linear1", dtype=self.dtype)(x))
-        y = dense_layer(self.dim, "linear2", dtype=self.dtype)(y)
+        linear1 = dense_layer(
+            self.hidden, "linear1", bias_init=torch_default_bias(self.dim), dtype=self.dtype
+        )
+        y = nn.relu(linear1(x))
+        linear2 = dense_layer(
+            self.dim, "linear2", bias_init=torch_default_bias(self.hidden), dtype=self.dtype
+        )
+        y = linear2(y)
         return layer_norm("norm", self.dtype)(x + y)
 
 
@@ -153,9 +167,14 @@ class Attention(nn.Module):
         def split(x):
             return x.reshape(x.shape[0], x.shape[1], self.heads, per_head)
 
-        q = split(dense_layer(self.dim, "q_proj", dtype=self.dtype)(query_in + query_pos))
-        k = split(dense_layer(self.dim, "k_proj", dtype=self.dtype)(key_in + key_pos))
-        v = split(dense_layer(self.dim, "v_proj", dtype=self.dtype)(key_in))
+        def projection(name):
+            return dense_layer(
+                self.dim, name, kernel_init=packed_projection_xavier(), dtype=self.dtype
+            )
+
+        q = split(projection("q_proj")(query_in + query_pos))
+        k = split(projection("k_proj")(key_in + key_pos))
+        v = split(projection("v_proj")(key_in))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(per_head)
         if blocked is not None:
             logits = jnp.where(blocked[:, None], -1e9, logits)

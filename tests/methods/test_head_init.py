@@ -56,6 +56,27 @@ References, by method:
   R-CNN       KRCNNConvDeconvUpsampleHead.__init__ (kaiming_normal_ fan_out relu on the conv
               weights and on score_lowres, a ConvTranspose2d [in, out, 4, 4] whose torch fan_out
               is in x 16; biases 0).
+  Mask2Former facebookresearch/Mask2Former mask2former/modeling/pixel_decoder/msdeformattn.py
+              MSDeformAttnPixelDecoder.__init__ (input_proj: xavier_uniform_ gain 1, bias 0,
+              then GroupNorm 32; mask_features, adapter_1 and layer_1: fvcore's c2_xavier_fill,
+              kaiming_uniform_(a=1), std 1/sqrt(fan_in), bias 0, the GN convs without one) and
+              MSDeformAttnTransformerEncoderOnly._reset_parameters (xavier_uniform_ on every
+              p.dim() > 1, then each MSDeformAttn's own, then level_embed normal_(0, 1): the
+              encoder layers' linear1 and linear2 biases keep nn.Linear's default
+              U(+-1/sqrt(fan_in))); pixel_decoder/ops/modules/ms_deform_attn.py
+              MSDeformAttn._reset_parameters (sampling_offsets weight 0 and bias the heads'
+              direction grid x (point + 1); attention_weights weight and bias 0; value_proj and
+              output_proj xavier_uniform_, bias 0); transformer_decoder/
+              mask2former_transformer_decoder.py SelfAttentionLayer, CrossAttentionLayer and
+              FFNLayer._reset_parameters (xavier_uniform_ on p.dim() > 1: nn.MultiheadAttention's
+              packed in_proj_weight [3d, d], std sqrt(2 / 4d) for each of its q, k, v slices, and
+              out_proj.weight [d, d]; in_proj_bias and out_proj.bias 0 from torch's
+              nn.MultiheadAttention._reset_parameters; FFN biases nn.Linear's default),
+              MultiScaleMaskedTransformerDecoder.__init__ (query_feat, query_embed, level_embed
+              nn.Embedding: normal(0, 1); input_proj the identity as in_channels == hidden_dim;
+              class_embed and the 3-layer mask_embed MLP plain nn.Linear: torch's default, std
+              1/sqrt(3 fan_in), bias U(+-1/sqrt(fan_in))); LayerNorm and GroupNorm weight 1,
+              bias 0.
 """
 
 from __future__ import annotations
@@ -350,6 +371,60 @@ def expected_keypoint_rcnn(path, shape, cfg, kernel_shape=None):
     raise KeyError(path)
 
 
+def touch_mask2former(model, cfg):
+    """The pixel decoder on zero ResNet-50-wide res2-res5 maps (16 x 16 down to 2 x 2), then the
+    masked transformer decoder on its outputs."""
+    features = {
+        f"res{level}": jnp.zeros((1, 2 ** (6 - level), 2 ** (6 - level), 64 * 2**level))
+        for level in range(2, 6)
+    }
+    mask_features, multi_scale = model.pixel_decoder(features)
+    model.transformer_decoder(multi_scale, mask_features)
+
+
+def offset_grid(heads, levels, points):
+    """MSDeformAttn._reset_parameters' sampling_offsets bias, computed as torch does (float32):
+    head h's direction (cos, sin)(2 pi h / heads) over its larger |component|, x (point + 1),
+    laid out [heads, levels, points, 2]."""
+    thetas = np.arange(heads, dtype=np.float32) * np.float32(2.0 * math.pi / heads)
+    grid = np.stack([np.cos(thetas), np.sin(thetas)], -1)
+    grid = grid / np.abs(grid).max(-1, keepdims=True)
+    grid = np.tile(grid[:, None, None, :], (1, levels, points, 1))
+    grid = grid * (np.arange(points, dtype=np.float32) + 1)[None, None, :, None]
+    return grid.reshape(-1).astype(np.float64)
+
+
+def expected_mask2former(path, shape, cfg, kernel_shape=None):
+    parts = path.split("/")
+    layer, name = parts[-2], parts[-1]
+    if any(p.endswith("norm") or p == "gn" for p in parts):  # LayerNorm and GroupNorm
+        return 1.0 if name == "scale" else 0.0
+    if name == "embedding":  # both level_embeds, query_feat, query_embed
+        return normal(1.0)
+    if layer == "sampling_offsets":
+        if name == "kernel":
+            return 0.0
+        return offset_grid(cfg.encoder_heads, 3, cfg.encoder_points)
+    if layer == "attention_weights":
+        return 0.0
+    if layer.startswith("input_proj") or layer in ("value_proj", "output_proj", "out_proj"):
+        return xavier(shape) if name == "kernel" else 0.0
+    if layer in ("q_proj", "k_proj", "v_proj"):
+        # Slices of nn.MultiheadAttention's in_proj_weight [3d, d]: xavier over d + 3d.
+        return uniform_with_std(math.sqrt(2.0 / (4 * shape[0]))) if name == "kernel" else 0.0
+    if layer in ("linear1", "linear2"):  # xavier on the weight; the bias nn.Linear's default
+        if name == "kernel":
+            return xavier(shape)
+        return ("uniform_bias", 1.0 / math.sqrt(fan_in(kernel_shape)))
+    if layer in ("adapter1", "layer1", "mask_features"):
+        return c2_xavier(shape) if name == "kernel" else 0.0
+    if layer == "class_embed" or layer.startswith("mask_embed"):  # plain nn.Linear
+        if name == "kernel":
+            return torch_default(shape)
+        return ("uniform_bias", 1.0 / math.sqrt(fan_in(kernel_shape)))
+    raise KeyError(path)
+
+
 # The COCO recipes, the widest layers narrowed where drawing their millions of weights would
 # cost seconds (the rules do not depend on the width).
 CASES = {
@@ -407,6 +482,15 @@ CASES = {
         touch_keypoint_rcnn,
         expected_keypoint_rcnn,
     ),
+    # One encoder and one decoder layer (every layer has the same rules) and a narrower decoder
+    # FFN; conv_dim and hidden_dim stay 256 so that each [3, 256] level_embed has the 500
+    # entries a statistic needs.
+    "mask2former": (
+        "experiments/mask2former_r50_coco_50ep.py",
+        ["model.encoder_layers=1", "model.decoder_layers=1", "model.decoder_feedforward=512"],
+        touch_mask2former,
+        expected_mask2former,
+    ),
 }
 
 
@@ -414,6 +498,10 @@ def check(path, value, expected):
     if isinstance(expected, float):
         constant = np.float64(np.float32(expected))  # the parameters are float32
         np.testing.assert_array_equal(value, np.full_like(value, constant), err_msg=path)
+        return
+    if isinstance(expected, np.ndarray):  # a fixed tensor (MSDeformAttn's sampling-offset grid)
+        # torch builds the grid in float32 (-3.9999986 where float64 gives -4): 1e-5 holds both.
+        np.testing.assert_allclose(value, expected.reshape(value.shape), atol=1e-5, err_msg=path)
         return
     kind, std = expected
     n = value.size
@@ -451,6 +539,8 @@ def test_head_initialisation_follows_the_reference(method):
         assert cfg.predictor_init == "xavier"  # the COCO recipe's: mmdetection's rule
     if method == "panet":
         assert cfg.mask_predictor_init == "msra_fill"  # the authors' MRCNN.CONV_INIT
+    if method == "mask2former":
+        assert (cfg.pixel_decoder, cfg.transformer_decoder) == ("msdeform", "masked")
     for path, value in params.items():
         kernel = params.get(path.rsplit("/", 1)[0] + "/kernel")
         check(path, value, expected(path, value.shape, cfg, getattr(kernel, "shape", None)))
