@@ -132,7 +132,13 @@ def test_tpu_compile_of_the_nuclei_mask_rcnn_smoke_step():
     for program in report["programs"].values():
         check_program(program, 16 << 30)
         assert 0 < program["chip_memory_fraction"] < 1
+    # Only gradients (and a few scalars) cross chips on the TPU's own partitioner too: the
+    # training step all-reduces and nothing else, the evaluation step exchanges no activations.
+    assert set(report["programs"]["train_step"]["collectives_by_kind"]) == {"all-reduce"}
     assert report["programs"]["train_step"]["collectives_by_kind"]["all-reduce"]["count"] > 0
+    for name, program in report["programs"].items():
+        moved = set(program["collectives_by_kind"]) - {"all-reduce"}
+        assert not moved, f"{name}: {sorted(moved)} cross chips"
     # v5e's 197 TFLOP/s over XLA's FLOPs per image of the step: an upper bound.
     train = report["programs"]["train_step"]
     assert report["flop_bound_images_per_second_per_chip"] == pytest.approx(
