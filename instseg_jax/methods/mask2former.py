@@ -78,7 +78,6 @@ from instseg_jax.backbones.resnet import normalize
 from instseg_jax.methods.detector import DetectorConfig, build_backbone, smoke_backbone
 from instseg_jax.nn.layers import (
     Conv,
-    Dense,
     GroupNorm,
     kaiming_uniform_a1,
     torch_default_bias,
@@ -89,6 +88,7 @@ from instseg_jax.nn.transformer import (
     FeedForward,
     MultiScaleDeformableAttention,
     attend_everywhere_if_empty,
+    dense_layer,
     layer_norm,
     sine_positions,
     xavier,
@@ -319,12 +319,8 @@ class PredictionHeads(nn.Module):
 
         # torch's nn.Linear defaults: the references leave class_embed and the mask MLP as built.
         def linear(features, name, fan_in):
-            return Dense(
-                features,
-                kernel_init=torch_default_kernel(),
-                bias_init=torch_default_bias(fan_in),
-                dtype=cfg.dtype,
-                name=name,
+            return dense_layer(
+                features, name, torch_default_kernel(), torch_default_bias(fan_in), cfg.dtype
             )
 
         class_logits = linear(cfg.num_classes + 1, "class_embed", x.shape[-1])(x)
