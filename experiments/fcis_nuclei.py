@@ -13,7 +13,8 @@ conv_new_1 and RPN conv (the reference's 1024 and 512 cost most of a CPU step); 
 detection slots and COCOeval at maxDets 200 beside COCO's 100 (up to 101 nuclei in a val
 image); box crops of 42 (twice the mask side) for the mask targets; SGD lr 0.01 with 200
 warmup steps and cosine decay over 2000 steps, gradients clipped at global norm 10; val AP
-every 500 steps, the best checkpoint kept in workdir/best.
+every 500 steps, the best checkpoint kept in workdir/best. Results:
+experiments/benchmarks/RESULTS.md, "FCIS nuclei quality run".
 
 At stride 16 a median nucleus (14 px) spans about one score-map cell, so each of its 21 x 21
 mask bins reads one of the 7 x 7 position groups of that cell or its neighbour: the nuclei set
