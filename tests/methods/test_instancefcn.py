@@ -337,8 +337,8 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="not reached: segm AP 0.534 at pre_nms_topk 200 (AR 0.64), 0.658 re-evaluated at "
-    "4000 (AR 0.86, AP50 = AP75 = 0.72), 400 steps, 2026-12-07; RESULTS.md",
+    reason="not reached: segm AP 0.723 (AP50 = AP75 = 0.80, AR100 0.93) at pre_nms_topk 4000 "
+    "with the logit ranking of dcb998b, 400 steps, 2026-12-07 (0.658 before it); RESULTS.md",
     strict=False,
 )
 def test_overfits_four_scenes(tmp_path):
