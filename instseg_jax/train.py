@@ -408,8 +408,11 @@ def train(
     workdir: str | Path,
     max_steps: int | None = None,
     progress: bool = True,
+    experiment_file: str | None = None,
 ) -> dict:
     """Train until config.schedule.total_steps (or max_steps, for tests); returns the state.
+    experiment_file (the `--config` given) goes into workdir/provenance.json beside the code's
+    checkout and commit.
 
     A run that fails before writing its first checkpoint removes the workdir it created (a
     misspelt model field, an unreadable weights file, an interrupted compilation): nothing was
@@ -421,7 +424,7 @@ def train(
         )
     created = not workdir.exists()
     try:
-        return _train(config, workdir, max_steps, progress)
+        return _train(config, workdir, max_steps, progress, experiment_file)
     except BaseException:
         if created and jax.process_index() == 0 and not _has_checkpoint(workdir):
             shutil.rmtree(workdir, ignore_errors=True)
@@ -433,7 +436,7 @@ def _has_checkpoint(workdir: Path) -> bool:
     return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
-def _train(config, workdir: Path, max_steps, progress) -> dict:
+def _train(config, workdir: Path, max_steps, progress, experiment_file=None) -> dict:
     if not _has_checkpoint(workdir):  # before the data loads: refused in a second
         require_pretrained_frozen_bn(config.model)
         finetune.check_source(config)
@@ -482,7 +485,7 @@ def _train(config, workdir: Path, max_steps, progress) -> dict:
     )
     # Only now, with the checkpoint known to fit the config, is the workdir's record rewritten:
     # a failed resume leaves a trained workdir as it was.
-    _record_run(config, workdir, source)
+    _record_run(config, workdir, source, experiment_file)
     start = int(state["step"])
     total = int(max_steps if max_steps is not None else config.schedule.total_steps)
     if jax.process_index() == 0:
@@ -587,10 +590,18 @@ def _training_source(config, workdir: Path):
     return source, source_names, data_notes
 
 
-def _record_run(config, workdir: Path, source) -> None:
-    """workdir/config.json (with the values chosen from the data) and classes.json, from
-    process 0."""
+def _record_run(config, workdir: Path, source, experiment_file=None) -> None:
+    """workdir/config.json (with the values chosen from the data), classes.json and this
+    start's entry in provenance.json (the code's checkout, commit and uncommitted files, logged
+    too), from process 0."""
     if jax.process_index() == 0:
+        provenance = workdir_lib.code_provenance(experiment_file)
+        workdir_lib.append_provenance(workdir, provenance)
+        info, warnings = workdir_lib.provenance_lines(provenance)
+        for line in info:
+            log.info("%s", line)
+        for line in warnings:
+            log.warning("%s", line)
         workdir_lib.save_config(config, workdir)
         workdir_lib.write_class_map(
             workdir,
@@ -828,7 +839,7 @@ def main(args) -> int:
         args.config, args.overrides, complete_record=workdir_lib.add_new_model_fields
     )
     try:
-        train(config, args.workdir, max_steps=args.max_steps)
+        train(config, args.workdir, max_steps=args.max_steps, experiment_file=args.config)
     except TrainingStopped as stopped:
         print(f"instseg-jax train: {stopped}", file=sys.stderr)
         return 130 if stopped.signal_name == "SIGINT" else 143

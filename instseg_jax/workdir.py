@@ -1,5 +1,6 @@
 """A run's workdir files, read and written in one place: config.json (the config the run used),
-classes.json (its class map), and the checkpoint that evaluation and prediction restore.
+classes.json (its class map), provenance.json (the code each training start ran: its checkout,
+commit and uncommitted files), and the checkpoint that evaluation and prediction restore.
 
 train writes a workdir and checks, before resuming, that its checkpoint fits the config;
 evaluate, predict and demo read one back; import-weights writes one a training run never made.
@@ -8,8 +9,12 @@ evaluate, predict and demo read one back; import-weights writes one a training r
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import importlib.metadata
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -22,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CLASSES_FILE = "classes.json"
+PROVENANCE_FILE = "provenance.json"
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str | Path) -> Path:
@@ -224,3 +230,88 @@ def write_imported_workdir(out: str | Path, config, variables: dict, imported_fr
     checkpointer.save(0, state, {"imported_from": imported_from}, force=True)
     checkpointer.close()
     return out
+
+
+def code_provenance(experiment_file: str | Path | None = None) -> dict:
+    """Where this process's code comes from: the imported instseg_jax package, its checkout's
+    commit and uncommitted tracked files (None where git or a checkout is missing), and, for an
+    experiment file, the checkout it lies in. `shadowed_package` names that checkout's own
+    instseg_jax when it is not the imported one: an editable install of another checkout, run
+    from a worktree without PYTHONPATH=., trains the other checkout's code with this one's
+    experiment files, and the run's figures are not of the worktree's commit."""
+    package = Path(__file__).resolve().parent
+    # Only a package git tracks is a checkout's code: an installed copy inside a checkout's
+    # (ignored) .venv would otherwise report that checkout's commit.
+    tracked = _git(package, "ls-files", "--error-unmatch", "__init__.py") is not None
+    code_repo = _git(package, "rev-parse", "--show-toplevel") if tracked else None
+    status = _git(package, "status", "--porcelain", "--untracked-files=no") if code_repo else None
+    record = {
+        "package": str(package),
+        "code_repo": code_repo,
+        "commit": _git(package, "rev-parse", "HEAD") if code_repo else None,
+        "uncommitted": None if status is None else [line[3:] for line in status.splitlines()],
+        "experiment_file": None,
+        "shadowed_package": None,
+    }
+    path = Path(str(experiment_file).split(":")[0]) if experiment_file else None
+    if path is not None and path.suffix == ".py" and path.is_file():
+        path = path.resolve()
+        record["experiment_file"] = str(path)
+        for folder in path.parents:
+            own = folder / "instseg_jax"
+            if (own / "__init__.py").is_file():
+                if own.resolve() != package:
+                    record["shadowed_package"] = str(own)
+                break
+    return record
+
+
+def append_provenance(workdir: str | Path, record: dict) -> Path:
+    """Add one training start's record (code_provenance, the command, the time, jax's version)
+    to workdir/provenance.json, a list: a resumed run keeps each start's code."""
+    path = Path(workdir) / PROVENANCE_FILE
+    starts = _read_json(path) if path.is_file() else []
+    starts = starts if isinstance(starts, list) else [starts]
+    entry = {
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": list(sys.argv),
+        "jax": importlib.metadata.version("jax"),
+        **record,
+    }
+    path.write_text(json.dumps([*starts, entry], indent=2) + "\n")
+    return path
+
+
+def provenance_lines(record: dict) -> tuple[list[str], list[str]]:
+    """(info, warnings) to log for a code_provenance record."""
+    commit = (record["commit"] or "")[:10]
+    uncommitted = record["uncommitted"] or []
+    where = record["package"] + (f" at commit {commit}" if commit else " (not a git checkout)")
+    if uncommitted:
+        state = f", {len(uncommitted)} uncommitted files"
+    else:
+        state = ", clean" if commit else ""
+    warnings = []
+    if uncommitted:
+        warnings.append(
+            f"the code has uncommitted changes ({_some(uncommitted)}): this run's figures are "
+            f"not those of commit {commit} alone"
+        )
+    if record["shadowed_package"]:
+        warnings.append(
+            f"{record['experiment_file']} lies beside its own {record['shadowed_package']}, but "
+            f"the code running is {record['package']} (an editable install of another "
+            "checkout): run with PYTHONPATH set to the experiment's checkout, or install that one"
+        )
+    return [f"code: {where}{state}"], warnings
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # rstrip only: a porcelain status line starts with a space where the index is unchanged.
+    return done.stdout.rstrip() if done.returncode == 0 else None

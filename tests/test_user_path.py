@@ -114,6 +114,9 @@ def test_a_new_users_path_on_a_coco_dataset_of_photos(tmp_path, capsys):
     assert "Traceback" not in err
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["input"]["category_ids"] == [3, 7, 9]
+    (start,) = json.loads((workdir / "provenance.json").read_text())  # one training start
+    assert start["experiment_file"].endswith("maskrcnn_nuclei.py") and not start["shadowed_package"]
+    assert f"code: {start['package']}" in err
 
     assert cli.main(["eval", "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
