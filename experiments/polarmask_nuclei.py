@@ -18,6 +18,9 @@ nucleus's mass centre: the reference rule leaves 25.4% of the rays at 1e-6 (83% 
 have at least one such ray), the nearest-angle rule none (polarmask.ray_targets under both
 rules over the evaluation pipeline's gt_centers and gt_contours of the first 32 val images).
 
+Results: experiments/benchmarks/RESULTS.md, "PolarMask nuclei quality run" (0.388 after 4000
+steps with the former head; 0.309 after 1700 with the reference's, on a 2.1x slower host).
+
 `:smoke` shrinks everything to synthetic scenes for tests.
 """
 
