@@ -13,10 +13,14 @@ from instseg_jax import workdir as workdir_lib
 PACKAGE = Path(instseg_jax.__file__).resolve().parent
 
 
-def git(*args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(PACKAGE), *args], capture_output=True, text=True, check=True
-    ).stdout.strip()
+def git(*args: str) -> str | None:
+    """git's answer about the package's folder; None where git or a checkout is missing (an
+    exported tree), where the record must say None too."""
+    try:
+        done = subprocess.run(["git", "-C", str(PACKAGE), *args], capture_output=True, text=True)
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def test_the_record_names_the_commit_and_uncommitted_files_git_reports():
@@ -24,7 +28,11 @@ def test_the_record_names_the_commit_and_uncommitted_files_git_reports():
     assert record["package"] == str(PACKAGE)
     assert record["code_repo"] == git("rev-parse", "--show-toplevel")
     assert record["commit"] == git("rev-parse", "HEAD")
-    assert sorted(record["uncommitted"]) == sorted(git("diff", "--name-only", "HEAD").splitlines())
+    changed = git("diff", "--name-only", "HEAD")
+    if changed is None:
+        assert record["uncommitted"] is None
+    else:
+        assert sorted(record["uncommitted"]) == sorted(changed.splitlines())
 
 
 def test_an_experiment_of_this_checkout_is_not_flagged():
