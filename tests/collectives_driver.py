@@ -4,6 +4,9 @@ JSON line of what crosses chips (used by test_sharding_collectives.py on 8 fake 
 XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/collectives_driver.py \
     [--verbose] [--hlo-dir=DIR] EXPERIMENT[:ARG] ...
 
+An experiment argument may carry overrides after it in the same (quoted) argument, e.g.
+"experiments/solo_nuclei.py:smoke --config.model.mask_branch=decoupled" for a method's variant.
+
 --verbose adds every collective to the line; --hlo-dir writes each step's HLO text there.
 
 Each step is built the way train.py builds it (shapes from jax.eval_shape, replicated state,
@@ -33,7 +36,8 @@ from instseg_jax.input.pipeline import padding_example
 def compiled_train_step(spec: str, mesh) -> tuple[str, list]:
     """(HLO text of the compiled training step, its parameters' ShapeDtypeStructs) of an
     experiment on `mesh`, one image per device."""
-    config = config_lib.load(spec, [f"--config.input.global_batch={mesh.size}"])
+    experiment, *overrides = spec.split()
+    config = config_lib.load(experiment, [*overrides, f"--config.input.global_batch={mesh.size}"])
     source = builders.build_source(config.input, train=True)
     builders.defaults_from_data(config, source)
     method, cfg, model = builders.build_model(config, source.num_classes)
@@ -58,7 +62,10 @@ def report(spec: str, mesh, verbose: bool, hlo_dir: str | None = None) -> dict:
     began = time.perf_counter()
     hlo, params = compiled_train_step(spec, mesh)
     if hlo_dir:
-        name = Path(spec.split(":")[0]).stem
+        experiment, *overrides = spec.split()
+        name = "_".join(
+            [Path(experiment.split(":")[0]).stem, *(o.split("=")[-1] for o in overrides)]
+        )
         Path(hlo_dir).mkdir(parents=True, exist_ok=True)
         (Path(hlo_dir) / f"{name}.hlo.txt").write_text(hlo)
     out = {
