@@ -30,7 +30,12 @@ Known differences from the reference: GroupNorm in the bottom module and the sem
 reference uses BatchNorm); mask targets are each instance's box crop (input.mask_size) pooled
 with aligned RoIAlign to 56 x 56 and thresholded at 0.5 (ops.mask_targets), detectron2's
 crop_and_resize of the polygon or bitmap; the semantic targets are the instance masks sampled at
-the centres of the stride-8 cells (the reference takes every 8th pixel of its full map).
+the centres of the stride-8 cells (the reference takes every 8th pixel of its full map); the
+semantic loss pads each image to 32 pixels as if it were alone, where the reference pads each
+GPU's batch to its largest image, so there an image's share of easy background cells (and the
+loss's denominator) depends on the other image it was batched with (a 4:3 beside a 3:4 image
+gains about a third more cells): a per-image rule is the one a static canvas can state, and its
+COCO AP cost is not measured.
 """
 
 from __future__ import annotations
