@@ -248,6 +248,13 @@ def without_ssd_augment(settings: TransformConfig) -> TransformConfig:
     )
 
 
+def resize_words(c) -> str:
+    """The recipe's resize rule as the header states it (a stretch has no short side)."""
+    if c.get("resize", "short_side") == "stretch":
+        return f"stretched to {c.stretch_hw[0]}x{c.stretch_hw[1]}"
+    return f"short side {tuple(c.short_side)}"
+
+
 def measure_recipe(
     recipe: str, workers: int, batch: int, batches: int, write: bool, compare: bool = False
 ) -> None:
@@ -284,7 +291,7 @@ def measure_recipe(
     )
     header = machine_line() + (
         f"; `{recipe}` training transform on 64 COCO-like 640x480 JPEGs: canvas "
-        f"{c.canvas_hw[0]}x{c.canvas_hw[1]}, short side {tuple(c.short_side)}, batch {batch}, "
+        f"{c.canvas_hw[0]}x{c.canvas_hw[1]}, {resize_words(c)}, batch {batch}, "
         f"{batches} batches" + augment
     )
     print(header)
