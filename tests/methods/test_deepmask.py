@@ -425,7 +425,8 @@ def test_class_agnostic_evaluation_matches_any_class(evaluator):
     "windows (experiments/benchmarks/RESULTS.md, DeepMask over-fitting: diagnosis and fixes)",
     strict=False,
 )
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipe's compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import overfit_report
 
     report = overfit_report(
@@ -433,6 +434,7 @@ def test_overfits_four_scenes(tmp_path):
         tmp_path / "overfit",
         steps=600,
         overrides=[
+            f"--config.model.compute_dtype={dtype}",
             "--config.optim.name=adamw",
             "--config.optim.lr=0.002",
             "--config.model.windows_per_image=32",

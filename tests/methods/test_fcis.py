@@ -501,7 +501,8 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
     "0.9: voting lifts the partial-box circles (segm 87.2 -> 94.6); the triangles "
     "stay at 61-66 (experiments/benchmarks/RESULTS.md)",
 )
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipe's compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import CANVAS_4X, overfit_report
 
     # At 4x the scenes' shapes are 32-230 px on 32 x 32 score maps (stride 16): the reference's
@@ -514,6 +515,7 @@ def test_overfits_four_scenes(tmp_path):
         tmp_path / "overfit",
         steps=300,
         overrides=[
+            f"--config.model.compute_dtype={dtype}",
             "--config.optim.name=adamw",
             "--config.optim.lr=0.002",
             "--config.model.anchor_sizes=(32, 64, 128, 256)",

@@ -341,7 +341,8 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
     "with the logit ranking of dcb998b, 400 steps, 2026-12-07 (0.658 before it); RESULTS.md",
     strict=False,
 )
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipe's compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import CANVAS_4X, overfit_report
 
     report = overfit_report(
@@ -349,6 +350,7 @@ def test_overfits_four_scenes(tmp_path):
         tmp_path / "overfit",
         steps=400,
         overrides=[
+            f"--config.model.compute_dtype={dtype}",
             "--config.optim.name=adamw",
             "--config.optim.lr=0.001",
             # Shapes of 32-230 px on the 512 canvas: windows on P2 and P3 whose canonical

@@ -200,14 +200,19 @@ def test_two_program_inference_rescored_as_the_one_program_forward():
 
 
 @pytest.mark.slow
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipe's compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import overfit_report
 
     report = overfit_report(
         SMOKE.split(":")[0],
         tmp_path / "overfit",
         steps=300,
-        overrides=["--config.optim.name=adamw", "--config.optim.lr=0.002"],
+        overrides=[
+            f"--config.model.compute_dtype={dtype}",
+            "--config.optim.name=adamw",
+            "--config.optim.lr=0.002",
+        ],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
 

@@ -277,7 +277,8 @@ VANILLA_SHORT_OF_THE_BAR = pytest.mark.xfail(
 @pytest.mark.parametrize(
     "branch", [pytest.param("vanilla", marks=VANILLA_SHORT_OF_THE_BAR), "decoupled"]
 )
-def test_overfits_four_scenes(tmp_path, branch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipes' compute dtype
+def test_overfits_four_scenes(tmp_path, branch, dtype):
     from tests.methods.overfit import overfit_report
 
     report = overfit_report(
@@ -286,6 +287,7 @@ def test_overfits_four_scenes(tmp_path, branch):
         steps=300,
         overrides=[
             f"--config.model.mask_branch={branch}",
+            f"--config.model.compute_dtype={dtype}",
             *solov2_tests.overfit_overrides(),
         ],
     )

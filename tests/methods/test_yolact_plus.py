@@ -213,7 +213,8 @@ def test_one_step_has_finite_loss_gradients_everywhere_and_static_detections():
 
 
 @pytest.mark.slow
-def test_overfits_four_scenes(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # the COCO recipe's compute dtype
+def test_overfits_four_scenes(tmp_path, dtype):
     from tests.methods.overfit import overfit_report
     from tests.methods.test_yolact import overfit_overrides
 
@@ -221,7 +222,7 @@ def test_overfits_four_scenes(tmp_path):
         "experiments/yolact_plus_nuclei.py",
         tmp_path / "overfit",
         steps=300,
-        overrides=overfit_overrides(),
+        overrides=[f"--config.model.compute_dtype={dtype}", *overfit_overrides()],
     )
     assert report["segm"]["AP"] >= 0.9, report["segm"]
 
