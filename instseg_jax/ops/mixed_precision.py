@@ -12,9 +12,7 @@ Here the cast of the float32 parameter happens inside a custom VJP: the forward 
 same bfloat16 contraction, the input gradient is the same bfloat16 transposed contraction, and
 the weight (and bias) gradient is the transposed contraction of the same bfloat16 operands
 accumulated and returned in float32 (`preferred_element_type`, which the MXU and tensor cores
-accumulate in anyway), so the cross-chip sum is float32 as well. On GPU a convolution's filter
-gradient is cuDNN's bfloat16 result widened to float32 (`_conv_bwd` says why), which is what
-autocast's float32 `param.grad` holds there too. When the compute dtype is the
+accumulate in anyway), so the cross-chip sum is float32 as well. When the compute dtype is the
 parameter's dtype (every float32 experiment) the plain contraction runs and nothing changes;
 `add_bias` is wrapped at every dtype (its docstring says why).
 """
@@ -116,10 +114,9 @@ def _forward_conv(geometry, x, kernel):
     )
 
 
-def conv_kernel_gradient(geometry, x, g, kernel_hw, result_dtype=jnp.float32):
+def conv_kernel_gradient(geometry, x, g, kernel_hw):
     """dL/dkernel [kh, kw, in, out] of _forward_conv(geometry, x, kernel) for the output
-    cotangent g, as one convolution of x with g accumulated in float32 and returned in
-    `result_dtype` (float32 unless a caller asks for the operands' dtype):
+    cotangent g, as one convolution of x with g accumulated and returned in float32:
     dK[a, b, c, o] = sum over n, i, j of x_pad[n, s i + d a, s j + d b, c] g[n, i, j, o]
     (s the stride, d the kernel dilation, x_pad x dilated and padded). JAX's own transpose
     rule converts x to g's dtype and the result to the kernel's, which rounds it."""
@@ -145,7 +142,7 @@ def conv_kernel_gradient(geometry, x, g, kernel_hw, result_dtype=jnp.float32):
         padding=pads,
         rhs_dilation=strides,
         dimension_numbers=("CHWN", "IHWO", "NHWC"),
-        preferred_element_type=result_dtype,
+        preferred_element_type=jnp.float32,
     )  # [in, kh, kw, out]
     return jnp.transpose(gradient, (1, 2, 0, 3))
 
@@ -164,26 +161,7 @@ def _conv_bwd(geometry, dtype, residuals, g):
     x, narrow_kernel = residuals
     _, x_vjp = jax.vjp(lambda a: _forward_conv(geometry, a, narrow_kernel), x)
     (x_gradient,) = x_vjp(g)
-    kernel_hw = narrow_kernel.shape[:2]
-
-    def float32_result(x, g):
-        return conv_kernel_gradient(geometry, x, g, kernel_hw)
-
-    def narrow_result_widened(x, g):
-        return conv_kernel_gradient(geometry, x, g, kernel_hw, result_dtype=dtype).astype(
-            jnp.float32
-        )
-
-    # Chosen when the program is lowered for its platform. XLA:GPU has no cuDNN filter
-    # gradient of bfloat16 operands with a float32 result: it converts both operands to float32
-    # first, a float32 copy of each activation and cotangent (FCOS's COCO step on 8 H100s held
-    # 0.65 GiB more at its peak, and the convolution leaves the bfloat16 tensor cores). There
-    # the gradient is cuDNN's bfloat16 result (accumulated in float32 inside the kernel)
-    # widened to float32, as PyTorch's autocast gives param.grad, so the all-reduce that
-    # follows is float32 all the same. The TPU's MXU and the CPU take the mixed form as is.
-    kernel_gradient = jax.lax.platform_dependent(
-        x, g.astype(dtype), cuda=narrow_result_widened, default=float32_result
-    )
+    kernel_gradient = conv_kernel_gradient(geometry, x, g.astype(dtype), narrow_kernel.shape[:2])
     return x_gradient, kernel_gradient
 
 
