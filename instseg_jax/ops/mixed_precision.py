@@ -12,7 +12,9 @@ Here the cast of the float32 parameter happens inside a custom VJP: the forward 
 same bfloat16 contraction, the input gradient is the same bfloat16 transposed contraction, and
 the weight (and bias) gradient is the transposed contraction of the same bfloat16 operands
 accumulated and returned in float32 (`preferred_element_type`, which the MXU and tensor cores
-accumulate in anyway), so the cross-chip sum is float32 as well. When the compute dtype is the
+accumulate in anyway), so the cross-chip sum is float32 as well. On GPU a convolution's filter
+gradient is each image's bfloat16 result summed over the images in float32 (`_conv_bwd` says
+why); the cross-chip sum is float32 there too. When the compute dtype is the
 parameter's dtype (every float32 experiment) the plain contraction runs and nothing changes;
 `add_bias` is wrapped at every dtype (its docstring says why).
 """
@@ -114,9 +116,10 @@ def _forward_conv(geometry, x, kernel):
     )
 
 
-def conv_kernel_gradient(geometry, x, g, kernel_hw):
+def conv_kernel_gradient(geometry, x, g, kernel_hw, result_dtype=jnp.float32):
     """dL/dkernel [kh, kw, in, out] of _forward_conv(geometry, x, kernel) for the output
-    cotangent g, as one convolution of x with g accumulated and returned in float32:
+    cotangent g, as one convolution of x with g accumulated in float32 and returned in
+    `result_dtype` (float32 unless a caller asks for the operands' dtype):
     dK[a, b, c, o] = sum over n, i, j of x_pad[n, s i + d a, s j + d b, c] g[n, i, j, o]
     (s the stride, d the kernel dilation, x_pad x dilated and padded). JAX's own transpose
     rule converts x to g's dtype and the result to the kernel's, which rounds it."""
@@ -142,9 +145,21 @@ def conv_kernel_gradient(geometry, x, g, kernel_hw):
         padding=pads,
         rhs_dilation=strides,
         dimension_numbers=("CHWN", "IHWO", "NHWC"),
-        preferred_element_type=jnp.float32,
+        preferred_element_type=result_dtype,
     )  # [in, kh, kw, out]
     return jnp.transpose(gradient, (1, 2, 0, 3))
+
+
+def conv_kernel_gradient_per_image(geometry, x, g, kernel_hw):
+    """conv_kernel_gradient as each image's result in x's (narrow) dtype, summed over the
+    images in float32: one grouped convolution (vmap over the images) of narrow operands and
+    result, then a float32 sum over the batch axis (the GPU's form: _conv_bwd says why)."""
+    per_image = jax.vmap(
+        lambda xi, gi: conv_kernel_gradient(
+            geometry, xi[None], gi[None], kernel_hw, result_dtype=x.dtype
+        )
+    )(x, g)  # [B, kh, kw, in, out]
+    return jnp.sum(per_image.astype(jnp.float32), axis=0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -161,7 +176,25 @@ def _conv_bwd(geometry, dtype, residuals, g):
     x, narrow_kernel = residuals
     _, x_vjp = jax.vjp(lambda a: _forward_conv(geometry, a, narrow_kernel), x)
     (x_gradient,) = x_vjp(g)
-    kernel_gradient = conv_kernel_gradient(geometry, x, g.astype(dtype), narrow_kernel.shape[:2])
+    kernel_hw = narrow_kernel.shape[:2]
+
+    def float32_result(x, g):
+        return conv_kernel_gradient(geometry, x, g, kernel_hw)
+
+    def per_image_narrow_results(x, g):
+        return conv_kernel_gradient_per_image(geometry, x, g, kernel_hw)
+
+    # Chosen when the program is lowered for its platform. XLA:GPU has no cuDNN filter
+    # gradient of bfloat16 operands with a float32 result: it converts both operands to float32
+    # first, a float32 copy of each activation and cotangent (FCOS's COCO step on 8 H100s held
+    # 0.65 GiB more at its peak). A bfloat16 result over the whole batch would be summed across
+    # chips in bfloat16 (the partitioner all-reduces right after the contraction over the
+    # sharded batch). So on GPU each image's filter gradient is cuDNN's bfloat16 result (one
+    # grouped convolution; accumulated in float32 inside the kernel) and the images are summed
+    # in float32, which is where the cross-chip sum happens. TPU and CPU take the mixed form.
+    kernel_gradient = jax.lax.platform_dependent(
+        x, g.astype(dtype), cuda=per_image_narrow_results, default=float32_result
+    )
     return x_gradient, kernel_gradient
 
 
