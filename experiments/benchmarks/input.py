@@ -248,9 +248,9 @@ def without_ssd_augment(settings: TransformConfig) -> TransformConfig:
     )
 
 
-def resize_words(c) -> str:
+def resize_words(c: TransformConfig) -> str:
     """The recipe's resize rule as the header states it (a stretch has no short side)."""
-    if c.get("resize", "short_side") == "stretch":
+    if c.resize == "stretch":
         return f"stretched to {c.stretch_hw[0]}x{c.stretch_hw[1]}"
     return f"short side {tuple(c.short_side)}"
 
