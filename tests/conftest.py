@@ -14,6 +14,7 @@ if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402 (after XLA_FLAGS)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
@@ -21,7 +22,28 @@ if _cache:
     jax.config.update("jax_compilation_cache_dir", _cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+# Two CPU devices in each test process, for the smoke steps' two-image "data" mesh
+# (tests/methods/smoke.py checks what crosses devices on the program it runs). Everything else
+# in these processes trains, evaluates and predicts on one device as before: the product's mesh
+# is cut to the first device below. Subprocesses start their own JAX with the device count
+# their XLA_FLAGS give (one unless they say otherwise).
+jax.config.update("jax_num_cpu_devices", 2)
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_device_product_mesh():
+    from jax.sharding import Mesh
+
+    from instseg_jax import sharding
+
+    original = sharding.make_mesh
+    sharding.make_mesh = lambda: Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    yield
+    sharding.make_mesh = original
+
+
 SHARED_NUCLEI = REPO.parent / "shared" / "data" / "dsb2018_nuclei" / "stage1_train"
 
 

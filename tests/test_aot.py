@@ -174,18 +174,18 @@ def test_compile_in_process_takes_config_overrides(tmp_path, capsys, jax_started
     assert jax.config.jax_enable_compilation_cache  # off for the compile only
 
 
-# The nuclei Mask R-CNN's smoke training step compiled for one H100 in a process of its own: XLA's
-# GPU compiler aborted the process on it (triton_tiling_propagation.cc:627, an abort rather than
-# an exception; experiments/repro/xla_gpu_triton_tiling_abort.py), so an abort must fail the test
-# rather than end pytest. "triton_gemm_on" compiles without the package's GPU option
-# (compilation.platform_options): layers.subsample alone must keep the abort away.
+# The nuclei Mask R-CNN's and SOLOv2's smoke training steps compiled for one H100 in a process of
+# their own: XLA's GPU compiler aborted the process on both (triton_tiling_propagation.cc:627, an
+# abort rather than an exception; experiments/repro/xla_gpu_triton_tiling_abort.py), so an abort
+# must fail the test rather than end pytest. "triton_gemm_on" compiles without the package's GPU
+# option (compilation.platform_options): layers.subsample alone must keep the abort away.
 H100_SMOKE = """
 import sys
 from instseg_jax import aot, compilation
 if sys.argv[1] == "triton_gemm_on":
     compilation.platform_options = lambda platform: {}
 aot.prepare_host("h100:1")
-report = aot.compile_experiment("experiments/maskrcnn_nuclei.py:smoke", "h100:1", 2)
+report = aot.compile_experiment(sys.argv[2], "h100:1", 2)
 train = report["programs"]["train_step"]
 print("compiled", report["device_kind"], train["memory_bytes"]["total"], train["collectives"])
 """
@@ -194,9 +194,12 @@ print("compiled", report["device_kind"], train["memory_bytes"]["total"], train["
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="needs jax[cuda12]: make cuda-env")
 @pytest.mark.parametrize("options", ["as_the_cli", "triton_gemm_on"])
-def test_deviceless_h100_compile_of_the_nuclei_mask_rcnn_smoke_step(options):
+@pytest.mark.parametrize(
+    "experiment", ["experiments/maskrcnn_nuclei.py:smoke", "experiments/solov2_nuclei.py:smoke"]
+)
+def test_deviceless_h100_compile_of_the_nuclei_smoke_steps(experiment, options):
     done = subprocess.run(
-        [sys.executable, "-c", H100_SMOKE, options],
+        [sys.executable, "-c", H100_SMOKE, options, experiment],
         cwd=REPO,
         env={**os.environ, "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"},
         capture_output=True,

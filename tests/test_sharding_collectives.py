@@ -6,8 +6,10 @@ Every step is compiled (never run) in one subprocess with 8 fake CPU devices
 (tests/collectives_driver.py), the HLO read by instseg_jax.hlo_collectives. Mask R-CNN (the
 RoIAlign, proposal and mask-target paths every two-stage method shares) is checked in the fast
 suite by tests/test_train_devices.py::test_eight_devices_equal_one, from XLA's dump of the step
-that test trains (no second compile). Every method is checked in the slow suite, in one
-process: 15-30 minutes cold, about 3 warm.
+that test trains (no second compile), and every other method's loss and gradients by its smoke
+test on two devices (tests/methods/smoke.py, on the program the smoke test runs). The whole
+training steps, optimizer included, of every method are checked in the slow suite on eight,
+in one process: 15-30 minutes cold, about 3 warm.
 
 On CPU a weight shared by several pyramid levels (the RPN head, the FCOS-family towers) has its
 gradient all-reduced once per level: XLA's CPU pipeline does not reassociate the sum of the
@@ -117,9 +119,9 @@ def test_every_method_has_a_smoke_experiment_here():
     assert set(SMOKE) - set(METHODS) == {"solo_decoupled"}, "a variant or a removed method?"
 
 
-# Mask R-CNN's step (the RoIAlign, proposal and mask-target paths every two-stage method
-# shares) is checked in the fast tier by test_train_devices.py's test_eight_devices_equal_one,
-# on the program that test compiles anyway.
+# The fast tier checks the programs it compiles anyway: Mask R-CNN's step in
+# test_train_devices.py's test_eight_devices_equal_one, every other method's loss and gradients
+# in its smoke test (tests/methods/smoke.py).
 @pytest.mark.slow
 def test_every_method_step_only_all_reduces_gradients():
     assert_only_gradients_cross(compiled_reports(sorted(SMOKE), timeout=3600))
@@ -222,3 +224,34 @@ def test_bytes_by_element_type_splits_what_each_precision_carries():
         "f32": (3 * 3 * 32 * 64 + 64) * 4,
     }
     assert hlo_collectives.bytes_by_element_type(found, "all-gather") == {"bf16": 32 * 2}
+
+
+# ------------------------------------------------------- the smoke steps' check can fail
+
+
+def test_smoke_check_fails_on_a_loss_that_mixes_images():
+    """tests/methods/smoke.py's two-device check on a toy loss: a per-image loss passes (its
+    only collective is the gradient and loss all-reduce); the same loss against the batch
+    rolled by one image (each image meets its neighbour's features, as the RoIAlign flat table
+    once did) is refused, naming the collective."""
+    import jax
+    import jax.numpy as jnp
+
+    from tests.methods.smoke import loss_and_gradients_over_images
+
+    params = {"w": jnp.ones((16, 8))}
+    batch = {"x": jnp.arange(2 * 4 * 16, dtype=jnp.float32).reshape(2, 4, 16) / 100}
+
+    def per_image(p, b):
+        total = jnp.mean(jnp.tanh(b["x"] @ p["w"]) ** 2)
+        return total, {"total": total}
+
+    def mixed(p, b):
+        features = jnp.tanh(b["x"] @ p["w"])
+        total = jnp.mean(features * jnp.roll(features, 1, axis=0))
+        return total, {"total": total}
+
+    (total, _), grads = loss_and_gradients_over_images(per_image, params, batch)
+    assert jnp.isfinite(total) and jax.tree.leaves(grads)[0].shape == (16, 8)
+    with pytest.raises(AssertionError, match=r"collective-permute|all-gather|all-to-all"):
+        loss_and_gradients_over_images(mixed, params, batch)

@@ -1,6 +1,14 @@
 """One training step and one inference pass of a method's smoke model on its first batch (DESIGN
 "How a method earns its row", step 2), shared by the methods' smoke tests: each test keeps its
-own assertions on what the step returns."""
+own assertions on what the step returns.
+
+The loss and gradients are computed on a "data" mesh of two CPU devices, one image each (the
+smoke batch holds two), and the program's HLO is read on the way: DESIGN "Only gradients cross
+chips" is checked in the fast tier on the program the smoke test compiles anyway, not on a
+second compile per method (a collective that mixes images shows between two devices as between
+eight; tests/test_sharding_collectives.py compiles whole training steps on eight in the slow
+tier). tests/conftest.py gives the test processes their two CPU devices.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +16,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from instseg_jax import builders
+from instseg_jax import builders, hlo_collectives
 from instseg_jax import config as config_lib
 from tests.methods.test_mask_rcnn import first_batch
+from tests.test_sharding_collectives import crossings
+
+MESH_DEVICES = 2
 
 
 @dataclasses.dataclass
@@ -27,7 +40,9 @@ class SmokeStep:
 
 def smoke_step(module, experiment: str, overrides=()) -> SmokeStep:
     """The loss, its metrics and gradients of one step (init, loss and inference each one jit),
-    and the detections of the same batch with the initial weights."""
+    and the detections of the same batch with the initial weights. Fails when the loss and
+    gradient program, sharded over images, moves anything between devices but the gradients and
+    a few scalars."""
     config = config_lib.load(experiment, list(overrides))
     source, batch = first_batch(config)
     cfg = builders.model_config(config, source.num_classes)
@@ -36,13 +51,41 @@ def smoke_step(module, experiment: str, overrides=()) -> SmokeStep:
         lambda b: model.init(jax.random.key(0), b, train=True, key=jax.random.key(1))
     )(batch)
 
-    def loss(p):
-        outputs = model.apply({"params": p}, batch, train=True, key=jax.random.key(2))
-        return module.loss_fn(outputs, batch, cfg)
+    def loss(p, b):
+        outputs = model.apply({"params": p}, b, train=True, key=jax.random.key(2))
+        return module.loss_fn(outputs, b, cfg)
 
-    (total, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    (total, metrics), grads = loss_and_gradients_over_images(loss, variables["params"], batch)
     det = jax.jit(lambda v, b: model.apply(v, b, train=False))(variables, batch)["detections"]
     return SmokeStep(cfg, batch, float(total), metrics, grads, det)
+
+
+def loss_and_gradients_over_images(loss, params, batch):
+    """((loss, metrics), gradients) of `loss(params, batch)` compiled as train.py's step is
+    sharded (parameters replicated, images split over a two-device "data" mesh, outputs
+    replicated, so the gradients are all-reduced here as there), after asserting from the
+    compiled HLO that nothing but the gradients and a few scalars crosses devices."""
+    mesh = Mesh(np.asarray(jax.devices()[:MESH_DEVICES]), ("data",))
+    assert mesh.size == MESH_DEVICES, "tests/conftest.py sets jax_num_cpu_devices"
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_image = NamedSharding(mesh, PartitionSpec("data"))
+    params = jax.device_put(params, replicated)
+    batch = jax.device_put(batch, by_image)
+    program = (
+        jax.jit(
+            jax.value_and_grad(loss, has_aux=True),
+            in_shardings=(replicated, by_image),
+            out_shardings=replicated,
+        )
+        .lower(params, batch)
+        .compile()
+    )
+    leaves = jax.tree.leaves(params)
+    report = hlo_collectives.step_report(
+        program.as_text(), [x.size for x in leaves], sum(x.nbytes for x in leaves)
+    )
+    assert not crossings(report), crossings(report)
+    return program(params, batch)
 
 
 def magnitude(tree) -> float:
