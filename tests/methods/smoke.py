@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from instseg_jax import builders, hlo_collectives
+from instseg_jax import builders, hlo_collectives, sharding
 from instseg_jax import config as config_lib
 from tests.methods.test_mask_rcnn import first_batch
 from tests.test_sharding_collectives import crossings
@@ -67,8 +67,7 @@ def loss_and_gradients_over_images(loss, params, batch):
     compiled HLO that nothing but the gradients and a few scalars crosses devices."""
     mesh = Mesh(np.asarray(jax.devices()[:MESH_DEVICES]), ("data",))
     assert mesh.size == MESH_DEVICES, "tests/conftest.py sets jax_num_cpu_devices"
-    replicated = NamedSharding(mesh, PartitionSpec())
-    by_image = NamedSharding(mesh, PartitionSpec("data"))
+    replicated, by_image = sharding.replicated(mesh), sharding.data_sharded(mesh)
     params = jax.device_put(params, replicated)
     batch = jax.device_put(batch, by_image)
     program = (
